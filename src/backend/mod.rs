@@ -1,0 +1,209 @@
+//! The backend seam: what the NBD server asks of the storage behind an
+//! export. Today that is RAM ([`memory::MemoryBackend`]) or a file or block
+//! device through io_uring ([`file::FileBackend`]); the encrypted,
+//! erasure-coded volume plugs in here next.
+//!
+//! Buffers are owned and move through the call: `write` takes the payload
+//! as [`Bytes`] (often a zero-copy slice of the connection's read buffer),
+//! `read` hands back [`ReadData`] whose segments the server writes straight
+//! to the socket. Holes come back as [`Segment::Zero`] so a structured reply
+//! can say "zeroes here" instead of sending them.
+//!
+//! Every backend must pass the conformance suite in `tests/conformance.rs`.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use meshdisk::backend::{Backend, memory::MemoryBackend};
+//! let disk = MemoryBackend::new(1 << 20);
+//! disk.write(4096, bytes::Bytes::from_static(b"hello"), false).await.unwrap();
+//! let data = disk.read(4096, 5).await.unwrap();
+//! assert_eq!(data.to_vec(), b"hello");
+//! # });
+//! ```
+
+pub mod file;
+pub mod memory;
+
+use std::future::Future;
+use std::io;
+
+use bytes::Bytes;
+
+/// A failed backend operation: what was attempted, where, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} at offset {offset} length {length}: {source}")]
+    Io {
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{op}: the export is read-only")]
+    ReadOnly { op: &'static str },
+    #[error("write zeroes at offset {offset}: no fast way to zero here")]
+    FastZeroUnsupported { offset: u64 },
+    #[error("{op}: backend is poisoned after an earlier I/O error: {cause}")]
+    Poisoned { op: &'static str, cause: String },
+}
+
+impl Error {
+    pub fn io(op: &'static str, offset: u64, length: u64, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            offset,
+            length,
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What a backend can do; the server advertises exactly these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    pub read_only: bool,
+    /// FLUSH and FUA make data durable (memory: trivially).
+    pub flush: bool,
+    pub trim: bool,
+    pub write_zeroes: bool,
+    /// WRITE_ZEROES with FAST_ZERO fails quickly instead of writing zeroes.
+    pub fast_zero: bool,
+    pub cache: bool,
+    /// A flush on one connection covers writes done through every other.
+    pub multi_conn: bool,
+}
+
+/// One piece of a read: bytes, or a run of zeroes not worth sending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Data(Bytes),
+    Zero(u32),
+}
+
+impl Segment {
+    pub fn len(&self) -> usize {
+        match self {
+            Segment::Data(b) => b.len(),
+            Segment::Zero(n) => *n as usize,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The result of a read: consecutive segments covering the requested range.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadData {
+    pub segments: Vec<Segment>,
+}
+
+impl ReadData {
+    pub fn data(b: Bytes) -> Self {
+        Self {
+            segments: vec![Segment::Data(b)],
+        }
+    }
+
+    /// Appends a segment, merging adjacent zero runs and dropping empties.
+    pub fn push(&mut self, seg: Segment) {
+        if seg.is_empty() {
+            return;
+        }
+        if let (Some(Segment::Zero(prev)), Segment::Zero(n)) = (self.segments.last_mut(), &seg) {
+            *prev += n;
+            return;
+        }
+        self.segments.push(seg);
+    }
+
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(Segment::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Flattens into one buffer (tests and tools; the server never copies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in &self.segments {
+            match s {
+                Segment::Data(b) => out.extend_from_slice(b),
+                Segment::Zero(n) => out.resize(out.len() + *n as usize, 0),
+            }
+        }
+        out
+    }
+}
+
+/// Allocation state of a run of the export, as `base:allocation` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    /// Not allocated: reads as zeroes, costs no space.
+    pub hole: bool,
+    /// Known to read as zeroes.
+    pub zero: bool,
+}
+
+/// Appends a run to an extent list, merging it with the previous run when
+/// their state matches.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, length: u64, hole: bool) {
+    match out.last_mut() {
+        Some(last) if last.hole == hole => last.length += length,
+        _ => out.push(Extent {
+            length,
+            hole,
+            zero: hole,
+        }),
+    }
+}
+
+/// Flags of a WRITE_ZEROES.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Persist before replying.
+    pub fua: bool,
+    /// The range may become a hole (the client did not send NO_HOLE).
+    pub may_trim: bool,
+    /// Fail with [`Error::FastZeroUnsupported`] rather than write zeroes slowly.
+    pub fast: bool,
+}
+
+/// The storage behind an export.
+///
+/// Callers guarantee every range lies inside `0..size()` (the protocol
+/// layer validated it); zero-length calls are allowed and do nothing.
+/// Methods may run concurrently from many connections.
+pub trait Backend: Send + Sync + 'static {
+    fn size(&self) -> u64;
+    fn features(&self) -> Features;
+
+    fn read(&self, offset: u64, length: u32) -> impl Future<Output = Result<ReadData>> + Send;
+    fn write(&self, offset: u64, data: Bytes, fua: bool)
+    -> impl Future<Output = Result<()>> + Send;
+    /// Makes every write that completed before this call durable.
+    fn flush(&self) -> impl Future<Output = Result<()>> + Send;
+    /// Forgets a range; later reads may return anything until it is written.
+    fn trim(&self, offset: u64, length: u32, fua: bool) -> impl Future<Output = Result<()>> + Send;
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u32,
+        flags: ZeroFlags,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Allocation state from `offset`: at least one extent, at most `length` bytes.
+    fn block_status(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+    /// Hint: the range will be read soon.
+    fn cache(&self, offset: u64, length: u32) -> impl Future<Output = Result<()>> + Send;
+}

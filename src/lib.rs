@@ -1,0 +1,19 @@
+//! meshdisk turns the spare disk space of a group of ordinary computers
+//! into one encrypted, self-healing virtual disk, served over NBD.
+//!
+//! ```text
+//! nbd-client / qemu / fio / nbdcopy / nbdfuse
+//!   │ NBD (fixed newstyle, structured replies, base:allocation, multi-conn, FUA)
+//!   ▼
+//! nbd::server ──► backend::Backend ──► memory | file (io_uring)
+//!                                 └──► (next) volume: log, cache, stripes on peers
+//! ```
+//!
+//! Modules follow the data: [`nbd`] speaks the protocol, [`backend`] is the
+//! seam the storage plugs into, [`uring`] is the one io_uring driver that
+//! every on-disk component shares, [`size`] parses the sizes people type.
+
+pub mod backend;
+pub mod nbd;
+pub mod size;
+pub mod uring;

@@ -1,0 +1,853 @@
+//! The NBD server: accepts connections on TCP and unix sockets, negotiates,
+//! then runs each connection's transmission phase.
+//!
+//! A connection is two halves that run at once:
+//!
+//! ```text
+//!  socket ──► reader: frame ─► validate ─► (consume payload) ─► execute ──┐
+//!                                          refused: error reply ──────────┤
+//!                                                                          ▼
+//!  socket ◄── writer: drain every finished reply, encode, one writev ◄── channel
+//! ```
+//!
+//! The reader runs each request's backend call at once; when the backend
+//! finishes without waiting (RAM), the reply is ready before the next
+//! header is parsed, and no task is spawned. When it must wait (io_uring,
+//! network), the call moves to its own task, so requests complete out of
+//! order. The writer batches whatever replies are ready into a single
+//! vectored write; read data goes out from the backend's own buffers.
+//!
+//! ## Bounds
+//!
+//! Every request holds permits for its bytes (its payload or read length,
+//! plus [`REQUEST_OVERHEAD`]) from the moment its header is read until its
+//! reply has been written:
+//! - per connection, [`Limits::connection_bytes`] (default 64 MiB): when a
+//!   client has that much in flight, we stop reading its socket;
+//! - per server, [`Limits::server_bytes`] (default 512 MiB), shared by all
+//!   connections;
+//! - at most [`Limits::connections`] connections (default 256); more are
+//!   closed at once.
+//!
+//! Beyond the permits, a connection's read buffer holds at most
+//! [`READ_BUFFER`] bytes that were received but not yet parsed.
+
+use std::future::Future;
+use std::io::IoSlice;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::handshake::{Export, negotiate};
+use super::proto::*;
+use crate::backend::{self, Backend, Extent, ReadData, Segment, ZeroFlags};
+
+/// Bytes each request is charged on top of its payload, so that a flood of
+/// zero-length requests is bounded too.
+pub const REQUEST_OVERHEAD: u32 = 4096;
+/// Receive buffer per connection.
+pub const READ_BUFFER: usize = 256 * 1024;
+/// A client has this long to finish the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a shutdown request, connections get this long to drain.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The writer sends at most this many replies in one vectored write.
+const MAX_BATCH: usize = 256;
+
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// In-flight bounds; see the module docs.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub connection_bytes: u32,
+    pub server_bytes: u32,
+    pub connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connection_bytes: 64 << 20,
+            server_bytes: 512 << 20,
+            connections: 256,
+        }
+    }
+}
+
+/// How the export is presented.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    pub export_name: String,
+    pub description: Option<String>,
+    /// Refuse writes even if the backend could take them.
+    pub read_only: bool,
+    pub limits: Limits,
+}
+
+/// An NBD server for one backend, shareable by any number of listeners.
+pub struct Server<B> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B> Clone for Server<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<B> {
+    backend: Arc<B>,
+    export: Export,
+    limits: Limits,
+    budget: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<B: Backend> Server<B> {
+    pub fn new(backend: Arc<B>, config: ServerConfig) -> Self {
+        let f = backend.features();
+        let read_only = config.read_only || f.read_only;
+        let mut tflags = TFLAG_HAS_FLAGS;
+        let mut set = |on: bool, flag: u16| {
+            if on {
+                tflags |= flag
+            }
+        };
+        set(read_only, TFLAG_READ_ONLY);
+        set(f.flush, TFLAG_SEND_FLUSH | TFLAG_SEND_FUA);
+        set(f.trim && !read_only, TFLAG_SEND_TRIM);
+        set(f.write_zeroes && !read_only, TFLAG_SEND_WRITE_ZEROES);
+        set(
+            f.fast_zero && f.write_zeroes && !read_only,
+            TFLAG_SEND_FAST_ZERO,
+        );
+        set(f.cache, TFLAG_SEND_CACHE);
+        set(f.multi_conn, TFLAG_CAN_MULTI_CONN);
+        let export = Export {
+            name: config.export_name,
+            description: config.description,
+            size: backend.size(),
+            tflags,
+        };
+        let limits = config.limits;
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                export,
+                limits,
+                budget: Arc::new(Semaphore::new(limits.server_bytes as usize)),
+                connections: Arc::new(Semaphore::new(limits.connections)),
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn export(&self) -> &Export {
+        &self.inner.export
+    }
+
+    /// Accepts TCP connections until [`Server::shutdown`].
+    pub async fn serve_tcp(&self, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (rd, wr) = stream.into_split();
+                    self.spawn_connection(rd, wr, addr.to_string());
+                }
+                Err(e) => {
+                    warn!("accept on tcp listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Accepts unix-socket connections until [`Server::shutdown`].
+    pub async fn serve_unix(&self, listener: UnixListener) {
+        let mut n = 0u64;
+        loop {
+            let accepted = tokio::select! {
+                _ = self.inner.stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    n += 1;
+                    let (rd, wr) = stream.into_split();
+                    self.spawn_connection(rd, wr, format!("unix#{n}"));
+                }
+                Err(e) => {
+                    warn!("accept on unix listener: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn spawn_connection<R, W>(&self, rd: R, wr: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(slot) = self.inner.connections.clone().try_acquire_owned() else {
+            warn!(%peer, "refusing connection: {} connections already open", self.inner.limits.connections);
+            return;
+        };
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(async move {
+            inner.connection(rd, wr, &peer).await;
+            drop(slot);
+        });
+    }
+
+    /// Serves one already-connected stream to completion (tests, fuzzing).
+    pub async fn serve_stream<R, W>(&self, rd: R, wr: W, peer: &str)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.inner.clone().connection(rd, wr, peer).await;
+    }
+
+    /// Stops accepting, lets every connection finish the requests it has
+    /// read (up to [`DRAIN_TIMEOUT`]), then flushes the backend.
+    pub async fn shutdown(&self) -> backend::Result<()> {
+        self.inner.stop.cancel();
+        self.inner.tasks.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.inner.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("connections still busy after {DRAIN_TIMEOUT:?}; flushing anyway");
+        }
+        self.inner.backend.flush().await
+    }
+}
+
+/// A reply on its way to the writer, holding its request's permits.
+struct Outgoing {
+    reply: Reply,
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
+enum Reply {
+    Ok {
+        cookie: u64,
+    },
+    Error {
+        cookie: u64,
+        error: NbdError,
+        message: String,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        data: ReadData,
+        df: bool,
+    },
+    BlockStatus {
+        cookie: u64,
+        extents: Vec<(u32, u32)>,
+    },
+}
+
+/// The one table from backend errors to NBD errors.
+pub fn nbd_error(e: &backend::Error) -> NbdError {
+    use backend::Error as E;
+    match e {
+        E::Io { source, .. } => match source.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => NbdError::NoSpc,
+            Some(libc::EROFS | libc::EPERM | libc::EACCES) => NbdError::Perm,
+            _ => NbdError::Io,
+        },
+        E::ReadOnly { .. } => NbdError::Perm,
+        E::FastZeroUnsupported { .. } => NbdError::NotSup,
+        E::Poisoned { .. } => NbdError::Io,
+    }
+}
+
+fn command_name(c: &Command) -> &'static str {
+    match c {
+        Command::Read { .. } => "read",
+        Command::Write { .. } => "write",
+        Command::Disconnect => "disconnect",
+        Command::Flush => "flush",
+        Command::Trim { .. } => "trim",
+        Command::Cache { .. } => "cache",
+        Command::WriteZeroes { .. } => "write zeroes",
+        Command::BlockStatus { .. } => "block status",
+    }
+}
+
+/// Runs one validated command against the backend.
+async fn execute<B: Backend>(
+    backend: Arc<B>,
+    cookie: u64,
+    cmd: Command,
+    payload: Bytes,
+    peer: Arc<str>,
+) -> Reply {
+    let result = match cmd {
+        Command::Read { offset, length, df } => match backend.read(offset, length).await {
+            Ok(data) => {
+                return Reply::Read {
+                    cookie,
+                    offset,
+                    data,
+                    df,
+                };
+            }
+            Err(e) => Err(e),
+        },
+        Command::Write { offset, fua, .. } => backend.write(offset, payload, fua).await,
+        Command::Flush => backend.flush().await,
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => backend.trim(offset, length, fua).await,
+        Command::Cache { offset, length } => backend.cache(offset, length).await,
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+            no_hole,
+            fast,
+        } => {
+            let flags = ZeroFlags {
+                fua,
+                may_trim: !no_hole,
+                fast,
+            };
+            backend.write_zeroes(offset, length, flags).await
+        }
+        Command::BlockStatus {
+            offset,
+            length,
+            req_one,
+        } => match backend.block_status(offset, length).await {
+            Ok(extents) => {
+                return Reply::BlockStatus {
+                    cookie,
+                    extents: descriptors(&extents, length, req_one),
+                };
+            }
+            Err(e) => Err(e),
+        },
+        Command::Disconnect => unreachable!("DISC is handled by the reader"),
+    };
+    match result {
+        Ok(()) => Reply::Ok { cookie },
+        Err(e) => {
+            let error = nbd_error(&e);
+            // Clients that probe FAST_ZERO expect this refusal; it is not a fault.
+            if error == NbdError::NotSup {
+                debug!(%peer, "{} refused: {e}", command_name(&cmd));
+            } else {
+                warn!(%peer, "{} failed: {e}", command_name(&cmd));
+            }
+            Reply::Error {
+                cookie,
+                error,
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Turns extents into `base:allocation` descriptors: at least one, none
+/// longer than the request in total, one only with REQ_ONE.
+fn descriptors(extents: &[Extent], length: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out = Vec::with_capacity(extents.len().max(1));
+    let mut left = u64::from(length);
+    for e in extents {
+        if left == 0 || (req_one && !out.is_empty()) {
+            break;
+        }
+        let n = e.length.min(left);
+        if n == 0 {
+            continue;
+        }
+        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        out.push((n as u32, flags));
+        left -= n;
+    }
+    if out.is_empty() {
+        out.push((length, 0));
+    }
+    out
+}
+
+impl<B: Backend> Inner<B> {
+    async fn connection<R, W>(self: Arc<Self>, mut rd: R, mut wr: W, peer: &str)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let negotiated = tokio::select! {
+            _ = self.stop.cancelled() => return,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut rd, &mut wr, &self.export)) => r,
+        };
+        let session = match negotiated {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return debug!(%peer, "client ended the handshake"),
+            Ok(Err(e)) => return warn!(%peer, "handshake failed: {e}"),
+            Err(_) => return warn!(%peer, "handshake timed out after {HANDSHAKE_TIMEOUT:?}"),
+        };
+        debug!(%peer, structured = session.structured, "transmission phase");
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Cancelled when either half dies, so the other stops too.
+        let conn_stop = self.stop.child_token();
+        let writer = tokio::spawn(writer(wr, rx, session.structured, conn_stop.clone()));
+        let peer: Arc<str> = peer.into();
+        if let Err(why) = self
+            .clone()
+            .reader(rd, &session, tx, &conn_stop, &peer)
+            .await
+        {
+            warn!(%peer, "closing connection: {why}");
+        }
+        // The writer ends once every in-flight request has replied.
+        match writer.await {
+            Ok(Err(e)) => debug!(%peer, "writing replies: {e}"),
+            Err(e) => warn!(%peer, "reply writer panicked: {e}"),
+            Ok(Ok(())) => debug!(%peer, "connection closed"),
+        }
+    }
+
+    /// Reads requests until DISC, end of stream, shutdown, or a framing
+    /// error (returned, so the caller can log why the connection closed).
+    async fn reader<R>(
+        self: Arc<Self>,
+        mut rd: R,
+        session: &Session,
+        tx: mpsc::UnboundedSender<Outgoing>,
+        stop: &CancellationToken,
+        peer: &Arc<str>,
+    ) -> Result<(), String>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let conn_budget = Arc::new(Semaphore::new(self.limits.connection_bytes as usize));
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        loop {
+            while buf.len() < REQUEST_HEADER_LEN {
+                if buf.capacity() - buf.len() < REQUEST_HEADER_LEN * 4 {
+                    buf.reserve(READ_BUFFER);
+                }
+                let n = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return Ok(()),
+                    n = rd.read_buf(&mut buf) => n.map_err(|e| format!("reading request: {e}"))?,
+                };
+                if n == 0 {
+                    return if buf.is_empty() {
+                        Ok(())
+                    } else {
+                        Err("stream ended inside a request header".into())
+                    };
+                }
+            }
+            let raw: &[u8; REQUEST_HEADER_LEN] = buf[..REQUEST_HEADER_LEN].try_into().unwrap();
+            let header = RequestHeader::parse(raw).map_err(|e| e.to_string())?;
+            buf.advance(REQUEST_HEADER_LEN);
+
+            let cmd = match validate(&header, session) {
+                Ok(Command::Disconnect) => return Ok(()),
+                Ok(cmd) => cmd,
+                Err(refusal) => {
+                    debug!(%peer, cookie = header.cookie, kind = header.kind, "refused request: {}", refusal.reason);
+                    discard(&mut rd, &mut buf, header.payload_len()).await?;
+                    let reply = Reply::Error {
+                        cookie: header.cookie,
+                        error: refusal.error,
+                        message: refusal.reason.to_string(),
+                    };
+                    let _ = tx.send(Outgoing {
+                        reply,
+                        _permits: None,
+                    });
+                    continue;
+                }
+            };
+
+            let bytes = match cmd {
+                Command::Read { length, .. } | Command::Write { length, .. } => length,
+                _ => 0,
+            } + REQUEST_OVERHEAD;
+            let permits = (
+                conn_budget
+                    .clone()
+                    .acquire_many_owned(bytes)
+                    .await
+                    .expect("never closed"),
+                self.budget
+                    .clone()
+                    .acquire_many_owned(bytes)
+                    .await
+                    .expect("never closed"),
+            );
+            let payload = match cmd {
+                Command::Write { length, .. } => {
+                    read_payload(&mut rd, &mut buf, length as usize).await?
+                }
+                _ => Bytes::new(),
+            };
+
+            let fut = execute(
+                self.backend.clone(),
+                header.cookie,
+                cmd,
+                payload,
+                peer.clone(),
+            );
+            let mut fut = Box::pin(fut);
+            // Run it here if the backend needs no waiting; otherwise it
+            // continues on its own task. A future polled once with a no-op
+            // waker registers the real waker on its next poll.
+            match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(reply) => {
+                    let _ = tx.send(Outgoing {
+                        reply,
+                        _permits: Some(permits),
+                    });
+                }
+                Poll::Pending => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let reply = fut.await;
+                        let _ = tx.send(Outgoing {
+                            reply,
+                            _permits: Some(permits),
+                        });
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The payload of a WRITE: from the buffer when it is all there (no copy),
+/// otherwise straight from the socket into a buffer of its own.
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<Bytes, String> {
+    if buf.len() >= len {
+        return Ok(buf.split_to(len).freeze());
+    }
+    let mut payload = BytesMut::with_capacity(len);
+    payload.extend_from_slice(buf);
+    buf.clear();
+    while payload.len() < len {
+        let n = rd
+            .read_buf(&mut payload)
+            .await
+            .map_err(|e| format!("reading write payload: {e}"))?;
+        if n == 0 {
+            return Err("stream ended inside a write payload".into());
+        }
+    }
+    Ok(payload.freeze())
+}
+
+/// Consumes the payload of a refused request so the stream stays in sync.
+async fn discard<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    len: u32,
+) -> Result<(), String> {
+    let from_buf = (len as usize).min(buf.len());
+    buf.advance(from_buf);
+    let rest = u64::from(len) - from_buf as u64;
+    if rest > 0 {
+        let copied = tokio::io::copy(&mut rd.take(rest), &mut tokio::io::sink())
+            .await
+            .map_err(|e| format!("skipping refused payload: {e}"))?;
+        if copied < rest {
+            return Err("stream ended inside a refused payload".into());
+        }
+    }
+    Ok(())
+}
+
+/// Encodes replies for the socket, coalescing headers between data buffers.
+struct Encoder {
+    structured: bool,
+    head: BytesMut,
+    parts: Vec<Bytes>,
+}
+
+impl Encoder {
+    fn cut(&mut self) {
+        if !self.head.is_empty() {
+            self.parts.push(self.head.split().freeze());
+        }
+    }
+
+    fn data(&mut self, b: Bytes) {
+        self.cut();
+        self.parts.push(b);
+    }
+
+    fn zeroes(&mut self, mut n: usize) {
+        self.cut();
+        while n > 0 {
+            let k = n.min(ZEROES.len());
+            self.parts.push(Bytes::from_static(&ZEROES[..k]));
+            n -= k;
+        }
+    }
+
+    fn encode(&mut self, reply: Reply) {
+        let h = &mut self.head;
+        match reply {
+            Reply::Ok { cookie } => put_simple_reply(h, cookie, 0),
+            Reply::Error {
+                cookie,
+                error,
+                message,
+            } => {
+                if self.structured {
+                    put_error_chunk(h, cookie, error.code(), &message)
+                } else {
+                    put_simple_reply(h, cookie, error.code())
+                }
+            }
+            Reply::BlockStatus { cookie, extents } => {
+                put_block_status_chunk(h, cookie, BASE_ALLOCATION_ID, &extents)
+            }
+            Reply::Read { cookie, data, .. } if !self.structured => {
+                put_simple_reply(h, cookie, 0);
+                for seg in data.segments {
+                    match seg {
+                        Segment::Data(b) => self.data(b),
+                        Segment::Zero(n) => self.zeroes(n as usize),
+                    }
+                }
+            }
+            Reply::Read { cookie, data, .. } if data.is_empty() => put_done_chunk(h, cookie),
+            Reply::Read {
+                cookie,
+                offset,
+                data,
+                df: true,
+            } => {
+                put_data_chunk_header(h, cookie, true, offset, data.len() as u32);
+                for seg in data.segments {
+                    match seg {
+                        Segment::Data(b) => self.data(b),
+                        Segment::Zero(n) => self.zeroes(n as usize),
+                    }
+                }
+            }
+            Reply::Read {
+                cookie,
+                offset,
+                data,
+                df: false,
+            } => {
+                let mut pos = offset;
+                let last = data.segments.len() - 1;
+                for (i, seg) in data.segments.into_iter().enumerate() {
+                    let n = seg.len() as u32;
+                    match seg {
+                        Segment::Data(b) => {
+                            put_data_chunk_header(&mut self.head, cookie, i == last, pos, n);
+                            self.data(b);
+                        }
+                        Segment::Zero(n) => {
+                            put_hole_chunk(&mut self.head, cookie, i == last, pos, n)
+                        }
+                    }
+                    pos += u64::from(n);
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self) -> Vec<Bytes> {
+        self.cut();
+        std::mem::take(&mut self.parts)
+    }
+}
+
+/// Writes replies until every sender is gone (all requests answered).
+async fn writer<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    structured: bool,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let mut enc = Encoder {
+        structured,
+        head: BytesMut::with_capacity(16 * 1024),
+        parts: Vec::new(),
+    };
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    let result = async {
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            for out in batch.iter_mut() {
+                let reply = std::mem::replace(&mut out.reply, Reply::Ok { cookie: 0 });
+                enc.encode(reply);
+            }
+            let parts = enc.finish();
+            write_all_vectored(&mut wr, &parts).await?;
+            // Permits go back only once the bytes are on the socket.
+            batch.clear();
+        }
+        wr.flush().await?;
+        wr.shutdown().await
+    }
+    .await;
+    if result.is_err() {
+        stop.cancel();
+    }
+    result
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    parts: &[Bytes],
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket file left by a
+/// previous run (but never any other kind of file).
+pub fn bind_unix(path: &PathBuf) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use by another server", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+    }
+    UnixListener::bind(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_respect_request() {
+        let e = |length, hole| Extent {
+            length,
+            hole,
+            zero: hole,
+        };
+        assert_eq!(
+            descriptors(&[e(10, true), e(10, false)], 15, false),
+            vec![(10, 3), (5, 0)]
+        );
+        assert_eq!(
+            descriptors(&[e(10, true), e(10, false)], 15, true),
+            vec![(10, 3)]
+        );
+        assert_eq!(descriptors(&[], 15, false), vec![(15, 0)]);
+        assert_eq!(descriptors(&[e(1 << 40, false)], 7, false), vec![(7, 0)]);
+    }
+
+    #[test]
+    fn structured_read_encoding_marks_last_chunk_done() {
+        let mut enc = Encoder {
+            structured: true,
+            head: BytesMut::new(),
+            parts: Vec::new(),
+        };
+        let data = ReadData {
+            segments: vec![
+                Segment::Data(Bytes::from_static(b"abcd")),
+                Segment::Zero(4096),
+                Segment::Data(Bytes::from_static(b"ef")),
+            ],
+        };
+        enc.encode(Reply::Read {
+            cookie: 9,
+            offset: 100,
+            data,
+            df: false,
+        });
+        let wire: Vec<u8> = enc.finish().concat();
+        // data chunk (20+8+4), hole chunk (20+12), data chunk (20+8+2)
+        assert_eq!(wire.len(), 32 + 32 + 30);
+        let flags = |at: usize| u16::from_be_bytes([wire[at + 4], wire[at + 5]]);
+        assert_eq!(flags(0), 0);
+        assert_eq!(flags(32), 0);
+        assert_eq!(flags(64), REPLY_FLAG_DONE);
+        assert_eq!(
+            u64::from_be_bytes(wire[84..92].try_into().unwrap()),
+            100 + 4 + 4096
+        );
+    }
+
+    #[test]
+    fn df_read_is_one_chunk_with_zeroes() {
+        let mut enc = Encoder {
+            structured: true,
+            head: BytesMut::new(),
+            parts: Vec::new(),
+        };
+        let data = ReadData {
+            segments: vec![
+                Segment::Zero(100_000),
+                Segment::Data(Bytes::from_static(b"x")),
+            ],
+        };
+        enc.encode(Reply::Read {
+            cookie: 1,
+            offset: 0,
+            data,
+            df: true,
+        });
+        let wire: Vec<u8> = enc.finish().concat();
+        assert_eq!(wire.len(), 28 + 100_001);
+        assert_eq!(
+            u32::from_be_bytes(wire[16..20].try_into().unwrap()),
+            100_009
+        );
+        assert!(wire[28..28 + 100_000].iter().all(|&b| b == 0));
+        assert_eq!(wire[28 + 100_000], b'x');
+    }
+}

@@ -1,0 +1,555 @@
+//! The one io_uring driver of the process. The file backend uses it now; the
+//! write-ahead log, the local cache and the peer's shard store share it.
+//!
+//! One thread owns the ring. Callers on any thread (tokio tasks or plain
+//! threads) send it operations over a channel and await a oneshot reply.
+//! Buffers are owned: a read takes a `Vec<u8>` and gives it back filled, a
+//! write takes `Bytes` and gives them back, so no buffer can be freed or
+//! moved while the kernel holds a pointer into it.
+//!
+//! Hygiene, after Firecracker's io_uring module:
+//! - files are registered in a sparse fixed-file table and every operation
+//!   names its file by slot ([`RegisteredFile`]), never by raw fd;
+//! - the ring is created disabled and restricted to the opcodes we use
+//!   (read, write, fsync, fallocate) and to file-table updates, then enabled;
+//! - per-operation state lives in a slab indexed by `user_data`.
+//!
+//! Drop order: when the last [`Uring`] handle goes, the driver thread stops
+//! taking work, waits for every operation already in the kernel to
+//! complete (their buffers stay alive in the slab until then), and only
+//! then drops the ring.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use meshdisk::uring::Uring;
+//! let ring = Uring::new(256)?;
+//! let file = ring.register(std::fs::File::open("/etc/hostname")?)?;
+//! let data = ring.read_exact_at(&file, 0, 4).await?;
+//! assert_eq!(data.len(), 4);
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use io_uring::{IoUring, cqueue, opcode, register::Restriction, squeue, types};
+use tokio::sync::oneshot;
+
+/// Fixed-file slots; slot 0 is the driver's own wake-up eventfd.
+const FILE_SLOTS: u32 = 1024;
+const WAKE_SLOT: u32 = 0;
+const WAKE_TOKEN: u64 = u64::MAX;
+/// `IORING_REGISTER_FILES_UPDATE` from `linux/io_uring.h`.
+const REGISTER_FILES_UPDATE: u8 = 6;
+
+/// Handle to the driver thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Uring {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tx: Sender<Msg>,
+    wake: Arc<OwnedFd>,
+    /// Set by the driver just before it blocks; a submitter that flips it
+    /// back writes the eventfd, so an idle driver costs no syscalls to wake
+    /// only when it is actually asleep.
+    sleeping: Arc<AtomicBool>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        wake(&self.wake);
+    }
+}
+
+fn wake(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+enum Msg {
+    Op(Op, oneshot::Sender<(i32, Buf)>),
+    Register(OwnedFd, std::sync::mpsc::SyncSender<io::Result<u32>>),
+    Unregister(u32),
+    Shutdown,
+}
+
+enum Op {
+    Read {
+        slot: u32,
+        offset: u64,
+        buf: Vec<u8>,
+    },
+    Write {
+        slot: u32,
+        offset: u64,
+        buf: Bytes,
+        rw_flags: i32,
+    },
+    Fsync {
+        slot: u32,
+        datasync: bool,
+    },
+    Fallocate {
+        slot: u32,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+}
+
+/// A buffer owned by an operation while the kernel may touch it.
+enum Buf {
+    None,
+    Vec(Vec<u8>),
+    /// Never read: held only so the kernel's pointer stays valid.
+    Bytes(#[allow(dead_code)] Bytes),
+}
+
+/// A file in the ring's fixed-file table. Unregistered on drop.
+pub struct RegisteredFile {
+    slot: u32,
+    ring: Uring,
+}
+
+impl Drop for RegisteredFile {
+    fn drop(&mut self) {
+        self.ring.send(Msg::Unregister(self.slot));
+    }
+}
+
+impl Uring {
+    /// Starts the driver thread with a ring of `entries` submission slots.
+    pub fn new(entries: u32) -> io::Result<Self> {
+        // SAFETY: plain syscall; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
+        let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(efd) });
+        let ring = build_ring(entries, &wake)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sleeping = Arc::new(AtomicBool::new(false));
+        let driver = Driver {
+            ring,
+            rx,
+            sleeping: sleeping.clone(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            free_slots: (1..FILE_SLOTS).rev().collect(),
+            in_flight: 0,
+            wake_buf: Box::new([0; 8]),
+            wake_armed: false,
+            _wake: wake.clone(),
+        };
+        std::thread::Builder::new()
+            .name("meshdisk-uring".into())
+            .spawn(move || driver.run())?;
+        Ok(Self {
+            shared: Arc::new(Shared { tx, wake, sleeping }),
+        })
+    }
+
+    fn send(&self, msg: Msg) {
+        if self.shared.tx.send(msg).is_ok() && self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            wake(&self.shared.wake);
+        }
+    }
+
+    async fn submit(&self, op: Op) -> (i32, Buf) {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::Op(op, tx));
+        rx.await.unwrap_or((-libc::ECANCELED, Buf::None))
+    }
+
+    /// Puts `file` in the fixed-file table. Blocks briefly (one syscall on
+    /// the driver thread), so it may be called from async code at startup.
+    pub fn register(&self, file: File) -> io::Result<RegisteredFile> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.send(Msg::Register(file.into(), tx));
+        let slot = rx
+            .recv()
+            .map_err(|_| io::Error::other("io_uring driver has stopped"))??;
+        Ok(RegisteredFile {
+            slot,
+            ring: self.clone(),
+        })
+    }
+
+    /// Reads into `buf`'s spare capacity at `offset`; returns bytes read
+    /// (0 at end of file) and the buffer, its length grown by that much.
+    pub async fn read_at(
+        &self,
+        file: &RegisteredFile,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        let (res, buf) = self
+            .submit(Op::Read {
+                slot: file.slot,
+                offset,
+                buf,
+            })
+            .await;
+        match buf {
+            Buf::Vec(v) => (result(res).map(|n| n as usize), v),
+            _ => (Err(io::Error::from_raw_os_error(-res)), Vec::new()),
+        }
+    }
+
+    /// Reads exactly `len` bytes; bytes past the end of the file read as zeroes.
+    pub async fn read_exact_at(
+        &self,
+        file: &RegisteredFile,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let before = buf.len();
+            let (res, b) = self.read_at(file, offset + before as u64, buf).await;
+            buf = b;
+            if res? == 0 {
+                buf.resize(len, 0);
+            }
+        }
+        Ok(buf)
+    }
+
+    /// One write; returns the bytes written. `rw_flags` are `RWF_*` flags.
+    pub async fn write_at(
+        &self,
+        file: &RegisteredFile,
+        offset: u64,
+        buf: Bytes,
+        rw_flags: i32,
+    ) -> io::Result<usize> {
+        let (res, _) = self
+            .submit(Op::Write {
+                slot: file.slot,
+                offset,
+                buf,
+                rw_flags,
+            })
+            .await;
+        result(res).map(|n| n as usize)
+    }
+
+    /// Writes all of `buf`, resubmitting after short writes.
+    pub async fn write_all_at(
+        &self,
+        file: &RegisteredFile,
+        offset: u64,
+        mut buf: Bytes,
+        rw_flags: i32,
+    ) -> io::Result<()> {
+        let mut pos = offset;
+        while !buf.is_empty() {
+            let n = self.write_at(file, pos, buf.clone(), rw_flags).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            buf = buf.slice(n..);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    pub async fn fsync(&self, file: &RegisteredFile, datasync: bool) -> io::Result<()> {
+        let (res, _) = self
+            .submit(Op::Fsync {
+                slot: file.slot,
+                datasync,
+            })
+            .await;
+        result(res).map(drop)
+    }
+
+    /// `fallocate(2)` with `mode` (`FALLOC_FL_*`).
+    pub async fn fallocate(
+        &self,
+        file: &RegisteredFile,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    ) -> io::Result<()> {
+        let (res, _) = self
+            .submit(Op::Fallocate {
+                slot: file.slot,
+                offset,
+                len,
+                mode,
+            })
+            .await;
+        result(res).map(drop)
+    }
+}
+
+fn result(res: i32) -> io::Result<u32> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as u32)
+    }
+}
+
+fn build_ring(entries: u32, wake: &OwnedFd) -> io::Result<IoUring> {
+    let ring = IoUring::builder().setup_r_disabled().build(entries)?;
+    let sub = ring.submitter();
+    sub.register_files_sparse(FILE_SLOTS)?;
+    sub.register_files_update(WAKE_SLOT, &[wake.as_raw_fd()])?;
+    let mut allow = [
+        Restriction::sqe_op(opcode::Read::CODE),
+        Restriction::sqe_op(opcode::Write::CODE),
+        Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_op(opcode::Fallocate::CODE),
+        Restriction::register_op(REGISTER_FILES_UPDATE),
+    ];
+    sub.register_restrictions(&mut allow)?;
+    sub.register_enable_rings()?;
+    Ok(ring)
+}
+
+struct InFlight {
+    buf: Buf,
+    reply: oneshot::Sender<(i32, Buf)>,
+}
+
+struct Driver {
+    ring: IoUring,
+    rx: Receiver<Msg>,
+    sleeping: Arc<AtomicBool>,
+    slab: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Operations received while the submission queue was full.
+    backlog: VecDeque<(Op, oneshot::Sender<(i32, Buf)>)>,
+    free_slots: Vec<u32>,
+    /// Operations in the kernel, not counting the wake read.
+    in_flight: usize,
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+    _wake: Arc<OwnedFd>,
+}
+
+impl Driver {
+    fn run(mut self) {
+        self.arm_wake();
+        let mut stopping = false;
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Msg::Op(op, reply)) => self.backlog.push_back((op, reply)),
+                    Ok(Msg::Register(fd, reply)) => {
+                        let _ = reply.send(self.register(fd));
+                    }
+                    Ok(Msg::Unregister(slot)) => {
+                        if self
+                            .ring
+                            .submitter()
+                            .register_files_update(slot, &[-1])
+                            .is_ok()
+                        {
+                            self.free_slots.push(slot);
+                        }
+                    }
+                    Ok(Msg::Shutdown) | Err(TryRecvError::Disconnected) => stopping = true,
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            while let Some((op, reply)) = self.backlog.pop_front() {
+                if let Err((op, reply)) = self.push(op, reply) {
+                    self.backlog.push_front((op, reply));
+                    break;
+                }
+            }
+            if stopping && self.in_flight == 0 && self.backlog.is_empty() {
+                // Complete our own wake read before the ring (and the
+                // buffer it writes to) goes away.
+                while self.wake_armed {
+                    wake(&self._wake);
+                    let _ = self.ring.submit_and_wait(1);
+                    for cqe in self.ring.completion() {
+                        if cqe.user_data() == WAKE_TOKEN {
+                            self.wake_armed = false;
+                        }
+                    }
+                }
+                return;
+            }
+            self.sleeping.store(true, Ordering::SeqCst);
+            let want = if self.rx.is_empty() { 1 } else { 0 };
+            if want == 0 {
+                self.sleeping.store(false, Ordering::SeqCst);
+            }
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINTR)
+                        || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    tracing::error!("io_uring submit failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            self.sleeping.store(false, Ordering::SeqCst);
+            self.reap();
+        }
+    }
+
+    fn register(&mut self, fd: OwnedFd) -> io::Result<u32> {
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or_else(|| io::Error::other("io_uring fixed-file table is full"))?;
+        // The kernel takes its own reference to the file; ours can close.
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[fd.as_raw_fd()])
+        {
+            self.free_slots.push(slot);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    fn arm_wake(&mut self) {
+        let sqe = opcode::Read::new(types::Fixed(WAKE_SLOT), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_TOKEN);
+        self.wake_armed = true;
+        // SAFETY: `wake_buf` is owned by the driver, which never returns
+        // while the wake read is in flight (see `run`).
+        unsafe { self.push_sqe(&sqe) };
+    }
+
+    /// Queues `sqe`, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every buffer the entry points to must outlive its completion.
+    unsafe fn push_sqe(&mut self, sqe: &squeue::Entry) {
+        loop {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn push(
+        &mut self,
+        op: Op,
+        reply: oneshot::Sender<(i32, Buf)>,
+    ) -> Result<(), (Op, oneshot::Sender<(i32, Buf)>)> {
+        if self.ring.submission().is_full() {
+            let _ = self.ring.submit();
+            if self.ring.submission().is_full() {
+                return Err((op, reply));
+            }
+        }
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.slab.push(None);
+            self.slab.len() - 1
+        });
+        let (sqe, buf) = match op {
+            Op::Read {
+                slot,
+                offset,
+                mut buf,
+            } => {
+                let spare = buf.spare_capacity_mut();
+                let len = spare.len().min(u32::MAX as usize) as u32;
+                let ptr = spare.as_mut_ptr().cast::<u8>();
+                (
+                    opcode::Read::new(types::Fixed(slot), ptr, len)
+                        .offset(offset)
+                        .build(),
+                    Buf::Vec(buf),
+                )
+            }
+            Op::Write {
+                slot,
+                offset,
+                buf,
+                rw_flags,
+            } => {
+                let len = buf.len().min(u32::MAX as usize) as u32;
+                let sqe = opcode::Write::new(types::Fixed(slot), buf.as_ptr(), len)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build();
+                (sqe, Buf::Bytes(buf))
+            }
+            Op::Fsync { slot, datasync } => {
+                let flags = if datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                (
+                    opcode::Fsync::new(types::Fixed(slot)).flags(flags).build(),
+                    Buf::None,
+                )
+            }
+            Op::Fallocate {
+                slot,
+                offset,
+                len,
+                mode,
+            } => (
+                opcode::Fallocate::new(types::Fixed(slot), len)
+                    .offset(offset)
+                    .mode(mode)
+                    .build(),
+                Buf::None,
+            ),
+        };
+        self.slab[idx] = Some(InFlight { buf, reply });
+        self.in_flight += 1;
+        // SAFETY: the buffer (a heap allocation that moving `Buf` does not
+        // move) is kept in the slab until this entry's completion is reaped.
+        unsafe { self.push_sqe(&sqe.user_data(idx as u64)) };
+        Ok(())
+    }
+
+    fn reap(&mut self) {
+        let completions: Vec<cqueue::Entry> = self.ring.completion().collect();
+        for cqe in completions {
+            if cqe.user_data() == WAKE_TOKEN {
+                self.wake_armed = false;
+                self.arm_wake();
+                continue;
+            }
+            let idx = cqe.user_data() as usize;
+            let Some(done) = self.slab[idx].take() else {
+                continue;
+            };
+            self.free.push(idx);
+            self.in_flight -= 1;
+            let buf = match done.buf {
+                Buf::Vec(mut v) => {
+                    if cqe.result() > 0 {
+                        // SAFETY: the kernel initialised `result` bytes of
+                        // the spare capacity handed to it.
+                        unsafe { v.set_len(v.len() + cqe.result() as usize) };
+                    }
+                    Buf::Vec(v)
+                }
+                other => other,
+            };
+            let _ = done.reply.send((cqe.result(), buf));
+        }
+    }
+}
