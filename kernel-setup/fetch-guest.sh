@@ -55,7 +55,8 @@ die() {
     echo "fetch-guest: ERROR: $*" >&2
     exit 1
 }
-trap 'rc=$?; [ $rc -eq 0 ] || echo "fetch-guest: FAILED (exit $rc) at line $LINENO; cache: $CACHE" >&2' EXIT
+# shellcheck disable=SC2154 # rc is assigned inside the trap
+trap 'rc=$?; [ "$rc" -eq 0 ] || echo "fetch-guest: FAILED (exit $rc); cache: $CACHE" >&2' EXIT
 
 for tool in apt-get apt-cache dpkg dpkg-query dpkg-deb gzip sha256sum find sort awk; do
     command -v "$tool" >/dev/null 2>&1 || die "required host tool '$tool' not found (this script needs a Debian/Ubuntu host with apt)"

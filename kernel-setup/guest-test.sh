@@ -124,6 +124,7 @@ LDATA=()
 IFS=: read -r -a _dirs <<<"$QEMU_DATA_DIRS"
 for d in "${_dirs[@]}"; do LDATA+=(-L "$d"); done
 
+# shellcheck disable=SC2054 # commas are QEMU option syntax
 QEMU_ARGS=(
     -accel tcg
     -machine pc

@@ -188,6 +188,38 @@ fn wait_for_server(server: &mut Child, sock: &Path, dir: &Path) {
     );
 }
 
+/// Asks the server to stop with SIGTERM (via kill(1): the test uses no libc
+/// crate) and expects a clean exit within 30 s.
+fn stop_server(mut server: KillOnDrop, dir: &Path) {
+    let pid = server.0.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !sent {
+        eprintln!("kernel_guest: could not send SIGTERM to {pid}; killing the server");
+        return; // KillOnDrop
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match server.0.try_wait() {
+            Ok(Some(st)) => {
+                assert!(
+                    st.success(),
+                    "server did not stop cleanly on SIGTERM ({st})\n{}",
+                    server_logs(dir)
+                );
+                return;
+            }
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            _ => panic!(
+                "server did not exit within 30 s of SIGTERM\n{}",
+                server_logs(dir)
+            ),
+        }
+    }
+}
+
 /// Value of `key=` in the guest's result line.
 fn result_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -359,6 +391,6 @@ fn kernel_nbd_client_ext4_roundtrip() {
         "raw pattern written by the guest at offset {raw_off} is not in the export"
     );
 
-    drop(server);
+    stop_server(server, dir);
     println!("kernel_guest: OK ({result})");
 }

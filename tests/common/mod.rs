@@ -1,0 +1,219 @@
+//! Shared harness for the integration tests: start `meshdisk serve` as a
+//! real process, find the external tools, run them, and a minimal raw NBD
+//! client for the protocol-abuse tests.
+//!
+//! Tools that are missing make a test skip with a message, unless
+//! `MESHDISK_REQUIRE_E2E=1` (CI), where they make it fail.
+
+#![allow(dead_code)]
+
+pub mod rawclient;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The binary under test: `$MESHDISK_BIN` (tools/test points it at the
+/// release build) or the one cargo built for this test run.
+pub fn meshdisk_bin() -> PathBuf {
+    std::env::var_os("MESHDISK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshdisk")))
+}
+
+pub fn require_e2e() -> bool {
+    std::env::var("MESHDISK_REQUIRE_E2E").is_ok_and(|v| v == "1")
+}
+
+/// True if every tool is on PATH. Otherwise skips (returns false) or, in
+/// CI, fails the test.
+pub fn have_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("missing tools {missing:?}: run tools/test, which installs them");
+    if require_e2e() {
+        panic!("{msg} (MESHDISK_REQUIRE_E2E=1)");
+    }
+    eprintln!("SKIP: {msg}");
+    false
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// PATH with /usr/bin first, so Debian's python3 (which has the libnbd
+/// bindings `nbdsh` needs) wins over any other python3.
+pub fn system_path() -> String {
+    format!("/usr/bin:/usr/sbin:/sbin:{}", std::env::var("PATH").unwrap_or_default())
+}
+
+/// Runs a command, failing the test with its output if it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+pub fn stdout_of(cmd: &mut Command) -> String {
+    String::from_utf8(run(cmd).stdout).expect("utf-8 output")
+}
+
+/// Runs an `nbdsh` script with the handle `h` already connected to `uri`
+/// (libnbd's strict client-side checks off, so the server sees bad input).
+pub fn nbdsh(uri: &str, script: &str) -> String {
+    let prelude = format!("h.set_strict_mode(0)\nh.connect_uri({uri:?})\n");
+    stdout_of(Command::new("nbdsh").env("PATH", system_path()).arg("-c").arg(format!("{prelude}{script}")))
+}
+
+/// A running `meshdisk serve`, stopped with SIGTERM on drop.
+pub struct Served {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub tcp_uri: String,
+    pub unix_uri: String,
+    pub socket: PathBuf,
+    pub tcp_addr: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// `meshdisk serve --listen 127.0.0.1:0 --socket DIR/nbd.sock EXTRA...`
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, extra)
+    }
+
+    pub fn memory(size: &str) -> Self {
+        Self::start(&["--memory", size])
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let socket = dir.path().join("nbd.sock");
+        let mut child = Command::new(meshdisk_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn meshdisk serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = child.stderr.take().unwrap();
+        let (etx, erx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[meshdisk] {line}");
+                let _ = etx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut tcp_uri, mut unix_uri) = (String::new(), String::new());
+        while tcp_uri.is_empty() || unix_uri.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.starts_with("nbd://") => tcp_uri = line,
+                Ok(line) if line.starts_with("nbd+unix://") => unix_uri = line,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait();
+                    panic!("meshdisk serve did not print its URIs ({status:?})");
+                }
+            }
+        }
+        let tcp_addr = tcp_uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
+        Self { child: Some(child), dir, tcp_uri, unix_uri, socket, tcp_addr, stderr: erx }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Log lines the server has written so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        signal(child.id(), libc_sigterm());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("meshdisk serve did not exit within 40 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn libc_sigterm() -> &'static str {
+    "TERM"
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let out = stdout_of(Command::new("sha256sum").arg(path));
+    out.split_whitespace().next().unwrap().to_string()
+}
