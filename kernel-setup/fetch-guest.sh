@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1 ;;
     --refresh) REFRESH=1 ;;
     -h | --help)
-        sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
         exit 0
         ;;
     -*)
@@ -170,11 +170,11 @@ download() {
     local dest=$1
     shift
     mkdir -p "$dest"
-    (cd "$dest" && apt-get download -qq "$@" >&2 2>"$dest/.apt-download.log") ||
-        {
-            cat "$dest/.apt-download.log" >&2
-            die "apt-get download failed for: $*"
-        }
+    if ! (cd "$dest" && apt-get download -qq "$@" >&2 2>"$dest/.apt-download.log"); then
+        cat "$dest/.apt-download.log" >&2
+        log "apt-get download failed for: $*"
+        return 1
+    fi
 }
 
 # ---------------------------------------------------------------------------
@@ -204,36 +204,54 @@ deb_versions() {
 # instead of asking apt again (no apt lists or network needed). --refresh
 # (or MESHDISK_GUEST_REFRESH=1) re-resolves and picks up newer packages.
 PKGFILE="$CACHE/packages.env"
-if [ "$REFRESH" = 0 ] && [ -f "$PKGFILE" ] && [ -f "$CACHE/.stamp-fetch" ]; then
-    # shellcheck disable=SC1090
-    . "$PKGFILE"
-else
-    ensure_apt_lists
+resolve_and_record() {
     resolve_packages
     {
         echo "# package set resolved by fetch-guest.sh; delete or use --refresh to re-resolve"
         printf "KPKG='%s'\nQPKGS='%s'\nQLIBS='%s'\nGTOP='%s'\nGLIBS='%s'\n" "$KPKG" "$QPKGS" "$QLIBS" "$GTOP" "$GLIBS"
     } >"$PKGFILE"
-fi
+    pkg_hash
+}
+pkg_hash() {
+    PKGSPEC="format=$FETCH_FORMAT kernel=$KPKG qemu=$QPKGS qlibs=$QLIBS guest=$GTOP glibs=$GLIBS"
+    PKGHASH=$(printf '%s' "$PKGSPEC" | sha256sum | cut -c1-16)
+}
+download_all() {
+    log "downloading into $DEBS"
+    rm -rf "$DEBS"
+    log "  kernel: $KPKG"
+    download "$DEBS/kernel" "$KPKG" || return 1
+    log "  qemu: $QPKGS"
+    download "$DEBS/qemu" $QPKGS || return 1
+    if [ -n "${QLIBS// /}" ]; then
+        log "  qemu libraries missing on host: $QLIBS"
+        download "$DEBS/qemu" $QLIBS || return 1
+    fi
+    log "  guest: $GTOP (+ libraries)"
+    download "$DEBS/guest" $GTOP $GLIBS || return 1
+}
 
-PKGSPEC="format=$FETCH_FORMAT kernel=$KPKG qemu=$QPKGS qlibs=$QLIBS guest=$GTOP glibs=$GLIBS"
-PKGHASH=$(printf '%s' "$PKGSPEC" | sha256sum | cut -c1-16)
+if [ "$REFRESH" = 0 ] && [ -f "$PKGFILE" ] && [ -f "$CACHE/.stamp-fetch" ]; then
+    # shellcheck disable=SC1090
+    . "$PKGFILE"
+    pkg_hash
+else
+    ensure_apt_lists
+    resolve_and_record
+fi
 
 if stamp_ok fetch "$PKGHASH" && [ -d "$QROOT" ] && [ -d "$KROOT" ] && [ -d "$GROOT" ]; then
     log "packages already downloaded and unpacked ($PKGHASH)"
 else
-    log "downloading into $DEBS"
-    rm -rf "$DEBS"
-    log "  kernel: $KPKG"
-    download "$DEBS/kernel" "$KPKG"
-    log "  qemu: $QPKGS"
-    download "$DEBS/qemu" $QPKGS
-    if [ -n "${QLIBS// /}" ]; then
-        log "  qemu libraries missing on host: $QLIBS"
-        download "$DEBS/qemu" $QLIBS
+    if ! download_all; then
+        # Stale apt lists name versions the mirror no longer has (kernel ABI
+        # bumps, security updates): refresh the lists once and re-resolve.
+        [ "$(id -u)" = 0 ] || die "download failed; 'sudo apt-get update' and re-run with --refresh"
+        log "download failed; running apt-get update and re-resolving the package set"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        resolve_and_record
+        download_all || die "downloading the guest packages failed (see the apt messages above)"
     fi
-    log "  guest: $GTOP (+ libraries)"
-    download "$DEBS/guest" $GTOP $GLIBS
 
     log "unpacking"
     unpack_all "$DEBS/kernel" "$KROOT"

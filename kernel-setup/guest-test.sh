@@ -17,7 +17,7 @@
 #   --data-mib N      MiB of file data the guest writes (default 4)
 #   --log FILE        keep the guest console log in FILE (default: temp file)
 #   --memory MIB      guest RAM (default 512)
-#   --fetch           run fetch-guest.sh first if the cache is not ready
+#   --fetch           run fetch-guest.sh first (cheap when the cache is ready)
 #   --quiet           do not stream the console; print it only on failure
 #
 # Exit status: 0 only if the guest printed "MESHDISK-GUEST-RESULT: ok",
@@ -36,7 +36,7 @@ FETCH=0
 QUIET=0
 
 usage() {
-    sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "${BASH_SOURCE[0]}"
     exit "${1:-2}"
 }
 while [ $# -gt 0 ]; do

@@ -11,9 +11,10 @@
 //!
 //! Modules follow the data: [`nbd`] speaks the protocol, [`backend`] is the
 //! seam the storage plugs into, [`uring`] is the one io_uring driver that
-//! every on-disk component shares, [`size`] parses the sizes people type.
+//! every on-disk component shares, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
 
 pub mod backend;
 pub mod nbd;
+pub mod pool;
 pub mod size;
 pub mod uring;

@@ -68,14 +68,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("starting the async runtime: {e}")),
     };
@@ -101,13 +95,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         let backend = Arc::new(MemoryBackend::new(size));
         run(backend, &args, format!("memory ({})", human(size))).await
     } else {
-        let path = args
-            .file
-            .clone()
-            .expect("clap requires --file without --memory");
+        let path = args.file.clone().expect("clap requires --file without --memory");
         let ring = Uring::new(256).map_err(|e| format!("setting up io_uring: {e}"))?;
-        let backend = FileBackend::open(&ring, &path, args.size, args.read_only)
-            .map_err(|e| e.to_string())?;
+        let backend =
+            FileBackend::open(&ring, &path, args.size, args.read_only).map_err(|e| e.to_string())?;
         let what = format!("file {} ({})", path.display(), human(backend.size()));
         run(Arc::new(backend), &args, what).await
     }
@@ -125,27 +116,17 @@ async fn run<B: Backend>(backend: Arc<B>, args: &ServeArgs, what: String) -> Res
     let mut listeners = tokio::task::JoinSet::new();
 
     if args.listen != "none" {
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .map_err(|e| {
-                format!(
-                    "listening on {}: {e} (choose another with --listen, or --listen none)",
-                    args.listen
-                )
-            })?;
+        let listener = tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| {
+            format!("listening on {}: {e} (choose another with --listen, or --listen none)", args.listen)
+        })?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         uris.push(format!("nbd://{addr}/{}", uri_escape(&args.export)));
         let s = server.clone();
         listeners.spawn(async move { s.serve_tcp(listener).await });
     }
     if let Some(path) = &args.socket {
-        let listener =
-            bind_unix(path).map_err(|e| format!("listening on {}: {e}", path.display()))?;
-        uris.push(format!(
-            "nbd+unix:///{}?socket={}",
-            uri_escape(&args.export),
-            path.display()
-        ));
+        let listener = bind_unix(path).map_err(|e| format!("listening on {}: {e}", path.display()))?;
+        uris.push(format!("nbd+unix:///{}?socket={}", uri_escape(&args.export), path.display()));
         let s = server.clone();
         listeners.spawn(async move { s.serve_unix(listener).await });
     }
@@ -198,9 +179,5 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

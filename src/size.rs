@@ -5,16 +5,9 @@
 /// Parses a size; the error says what was wrong and what is accepted.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let shift = match unit
-        .trim()
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
         "" => 0,
         "K" => 10,
         "M" => 20,
@@ -22,9 +15,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "T" => 40,
         "P" => 50,
         _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?} (use K, M, G, T or P)"
-            ));
+            return Err(format!("{text:?}: unknown unit {unit:?} (use K, M, G, T or P)"));
         }
     };
     let bad = || format!("{text:?} is not a size (examples: 4096, 512K, 1G, 1.5T)");
@@ -32,11 +23,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(bad());
     }
     let value = if let Some((whole, frac)) = num.split_once('.') {
-        let whole: u64 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| bad())?
-        };
+        let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
         if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
@@ -49,9 +36,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         u64::try_from(total / scale).map_err(|_| format!("{text:?} is too large"))?
     } else {
         let n: u64 = num.parse().map_err(|_| bad())?;
-        n.checked_shl(shift)
-            .filter(|v| v >> shift == n)
-            .ok_or_else(|| format!("{text:?} is too large"))?
+        n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("{text:?} is too large"))?
     };
     Ok(value)
 }

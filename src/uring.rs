@@ -84,27 +84,10 @@ enum Msg {
 }
 
 enum Op {
-    Read {
-        slot: u32,
-        offset: u64,
-        buf: Vec<u8>,
-    },
-    Write {
-        slot: u32,
-        offset: u64,
-        buf: Bytes,
-        rw_flags: i32,
-    },
-    Fsync {
-        slot: u32,
-        datasync: bool,
-    },
-    Fallocate {
-        slot: u32,
-        offset: u64,
-        len: u64,
-        mode: i32,
-    },
+    Read { slot: u32, offset: u64, buf: Vec<u8> },
+    Write { slot: u32, offset: u64, buf: Bytes, rw_flags: i32 },
+    Fsync { slot: u32, datasync: bool },
+    Fallocate { slot: u32, offset: u64, len: u64, mode: i32 },
 }
 
 /// A buffer owned by an operation while the kernel may touch it.
@@ -153,12 +136,8 @@ impl Uring {
             wake_armed: false,
             _wake: wake.clone(),
         };
-        std::thread::Builder::new()
-            .name("meshdisk-uring".into())
-            .spawn(move || driver.run())?;
-        Ok(Self {
-            shared: Arc::new(Shared { tx, wake, sleeping }),
-        })
+        std::thread::Builder::new().name("meshdisk-uring".into()).spawn(move || driver.run())?;
+        Ok(Self { shared: Arc::new(Shared { tx, wake, sleeping }) })
     }
 
     fn send(&self, msg: Msg) {
@@ -178,13 +157,8 @@ impl Uring {
     pub fn register(&self, file: File) -> io::Result<RegisteredFile> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.send(Msg::Register(file.into(), tx));
-        let slot = rx
-            .recv()
-            .map_err(|_| io::Error::other("io_uring driver has stopped"))??;
-        Ok(RegisteredFile {
-            slot,
-            ring: self.clone(),
-        })
+        let slot = rx.recv().map_err(|_| io::Error::other("io_uring driver has stopped"))??;
+        Ok(RegisteredFile { slot, ring: self.clone() })
     }
 
     /// Reads into `buf`'s spare capacity at `offset`; returns bytes read
@@ -195,13 +169,7 @@ impl Uring {
         offset: u64,
         buf: Vec<u8>,
     ) -> (io::Result<usize>, Vec<u8>) {
-        let (res, buf) = self
-            .submit(Op::Read {
-                slot: file.slot,
-                offset,
-                buf,
-            })
-            .await;
+        let (res, buf) = self.submit(Op::Read { slot: file.slot, offset, buf }).await;
         match buf {
             Buf::Vec(v) => (result(res).map(|n| n as usize), v),
             _ => (Err(io::Error::from_raw_os_error(-res)), Vec::new()),
@@ -209,12 +177,7 @@ impl Uring {
     }
 
     /// Reads exactly `len` bytes; bytes past the end of the file read as zeroes.
-    pub async fn read_exact_at(
-        &self,
-        file: &RegisteredFile,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<Vec<u8>> {
+    pub async fn read_exact_at(&self, file: &RegisteredFile, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(len);
         while buf.len() < len {
             let before = buf.len();
@@ -235,14 +198,7 @@ impl Uring {
         buf: Bytes,
         rw_flags: i32,
     ) -> io::Result<usize> {
-        let (res, _) = self
-            .submit(Op::Write {
-                slot: file.slot,
-                offset,
-                buf,
-                rw_flags,
-            })
-            .await;
+        let (res, _) = self.submit(Op::Write { slot: file.slot, offset, buf, rw_flags }).await;
         result(res).map(|n| n as usize)
     }
 
@@ -267,41 +223,19 @@ impl Uring {
     }
 
     pub async fn fsync(&self, file: &RegisteredFile, datasync: bool) -> io::Result<()> {
-        let (res, _) = self
-            .submit(Op::Fsync {
-                slot: file.slot,
-                datasync,
-            })
-            .await;
+        let (res, _) = self.submit(Op::Fsync { slot: file.slot, datasync }).await;
         result(res).map(drop)
     }
 
     /// `fallocate(2)` with `mode` (`FALLOC_FL_*`).
-    pub async fn fallocate(
-        &self,
-        file: &RegisteredFile,
-        offset: u64,
-        len: u64,
-        mode: i32,
-    ) -> io::Result<()> {
-        let (res, _) = self
-            .submit(Op::Fallocate {
-                slot: file.slot,
-                offset,
-                len,
-                mode,
-            })
-            .await;
+    pub async fn fallocate(&self, file: &RegisteredFile, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let (res, _) = self.submit(Op::Fallocate { slot: file.slot, offset, len, mode }).await;
         result(res).map(drop)
     }
 }
 
 fn result(res: i32) -> io::Result<u32> {
-    if res < 0 {
-        Err(io::Error::from_raw_os_error(-res))
-    } else {
-        Ok(res as u32)
-    }
+    if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as u32) }
 }
 
 fn build_ring(entries: u32, wake: &OwnedFd) -> io::Result<IoUring> {
@@ -354,12 +288,7 @@ impl Driver {
                         let _ = reply.send(self.register(fd));
                     }
                     Ok(Msg::Unregister(slot)) => {
-                        if self
-                            .ring
-                            .submitter()
-                            .register_files_update(slot, &[-1])
-                            .is_ok()
-                        {
+                        if self.ring.submitter().register_files_update(slot, &[-1]).is_ok() {
                             self.free_slots.push(slot);
                         }
                     }
@@ -394,9 +323,7 @@ impl Driver {
             }
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EINTR)
-                        || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(e) => {
                     tracing::error!("io_uring submit failed: {e}");
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -408,16 +335,10 @@ impl Driver {
     }
 
     fn register(&mut self, fd: OwnedFd) -> io::Result<u32> {
-        let slot = self
-            .free_slots
-            .pop()
-            .ok_or_else(|| io::Error::other("io_uring fixed-file table is full"))?;
+        let slot =
+            self.free_slots.pop().ok_or_else(|| io::Error::other("io_uring fixed-file table is full"))?;
         // The kernel takes its own reference to the file; ours can close.
-        if let Err(e) = self
-            .ring
-            .submitter()
-            .register_files_update(slot, &[fd.as_raw_fd()])
-        {
+        if let Err(e) = self.ring.submitter().register_files_update(slot, &[fd.as_raw_fd()]) {
             self.free_slots.push(slot);
             return Err(e);
         }
@@ -464,27 +385,13 @@ impl Driver {
             self.slab.len() - 1
         });
         let (sqe, buf) = match op {
-            Op::Read {
-                slot,
-                offset,
-                mut buf,
-            } => {
+            Op::Read { slot, offset, mut buf } => {
                 let spare = buf.spare_capacity_mut();
                 let len = spare.len().min(u32::MAX as usize) as u32;
                 let ptr = spare.as_mut_ptr().cast::<u8>();
-                (
-                    opcode::Read::new(types::Fixed(slot), ptr, len)
-                        .offset(offset)
-                        .build(),
-                    Buf::Vec(buf),
-                )
+                (opcode::Read::new(types::Fixed(slot), ptr, len).offset(offset).build(), Buf::Vec(buf))
             }
-            Op::Write {
-                slot,
-                offset,
-                buf,
-                rw_flags,
-            } => {
+            Op::Write { slot, offset, buf, rw_flags } => {
                 let len = buf.len().min(u32::MAX as usize) as u32;
                 let sqe = opcode::Write::new(types::Fixed(slot), buf.as_ptr(), len)
                     .offset(offset)
@@ -493,28 +400,12 @@ impl Driver {
                 (sqe, Buf::Bytes(buf))
             }
             Op::Fsync { slot, datasync } => {
-                let flags = if datasync {
-                    types::FsyncFlags::DATASYNC
-                } else {
-                    types::FsyncFlags::empty()
-                };
-                (
-                    opcode::Fsync::new(types::Fixed(slot)).flags(flags).build(),
-                    Buf::None,
-                )
+                let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                (opcode::Fsync::new(types::Fixed(slot)).flags(flags).build(), Buf::None)
             }
-            Op::Fallocate {
-                slot,
-                offset,
-                len,
-                mode,
-            } => (
-                opcode::Fallocate::new(types::Fixed(slot), len)
-                    .offset(offset)
-                    .mode(mode)
-                    .build(),
-                Buf::None,
-            ),
+            Op::Fallocate { slot, offset, len, mode } => {
+                (opcode::Fallocate::new(types::Fixed(slot), len).offset(offset).mode(mode).build(), Buf::None)
+            }
         };
         self.slab[idx] = Some(InFlight { buf, reply });
         self.in_flight += 1;

@@ -62,12 +62,8 @@ fn guest_cache() -> PathBuf {
 /// (kernel, initramfs, qemu) is present.
 fn guest_cache_ready(cache: &Path) -> Result<(), String> {
     let envfile = cache.join("guest.env");
-    let text = fs::read_to_string(&envfile).map_err(|e| {
-        format!(
-            "guest cache not ready: cannot read {}: {e}",
-            envfile.display()
-        )
-    })?;
+    let text = fs::read_to_string(&envfile)
+        .map_err(|e| format!("guest cache not ready: cannot read {}: {e}", envfile.display()))?;
     for key in ["GUEST_KERNEL", "GUEST_INITRD", "QEMU_BIN"] {
         let val = text
             .lines()
@@ -84,9 +80,8 @@ fn guest_cache_ready(cache: &Path) -> Result<(), String> {
 /// Finds an executable on PATH, also looking in the sbin folders that a
 /// non-root PATH often lacks (e2fsck lives in /sbin).
 fn find_tool(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|p| env::split_paths(&p).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        env::var_os("PATH").map(|p| env::split_paths(&p).collect()).unwrap_or_default();
     dirs.extend(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
@@ -136,11 +131,7 @@ fn run_with_timeout(cmd: &mut Command, limit: Duration) -> Result<Output, String
             Err(e) => return Err(format!("waiting for {desc}: {e}")),
         }
     };
-    Ok(Output {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-    })
+    Ok(Output { status, stdout: out_t.join().unwrap_or_default(), stderr: err_t.join().unwrap_or_default() })
 }
 
 fn server_logs(dir: &Path) -> String {
@@ -156,10 +147,7 @@ fn wait_for_server(server: &mut Child, sock: &Path, dir: &Path) {
     let mut last_err = String::from("socket file not created");
     while Instant::now() < deadline {
         if let Ok(Some(st)) = server.try_wait() {
-            panic!(
-                "meshdisk server exited early with {st}\n{}",
-                server_logs(dir)
-            );
+            panic!("meshdisk server exited early with {st}\n{}", server_logs(dir));
         }
         if sock.exists() {
             match UnixStream::connect(sock) {
@@ -192,10 +180,7 @@ fn wait_for_server(server: &mut Child, sock: &Path, dir: &Path) {
 /// crate) and expects a clean exit within 30 s.
 fn stop_server(mut server: KillOnDrop, dir: &Path) {
     let pid = server.0.id().to_string();
-    let sent = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .is_ok_and(|s| s.success());
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().is_ok_and(|s| s.success());
     if !sent {
         eprintln!("kernel_guest: could not send SIGTERM to {pid}; killing the server");
         return; // KillOnDrop
@@ -204,26 +189,18 @@ fn stop_server(mut server: KillOnDrop, dir: &Path) {
     loop {
         match server.0.try_wait() {
             Ok(Some(st)) => {
-                assert!(
-                    st.success(),
-                    "server did not stop cleanly on SIGTERM ({st})\n{}",
-                    server_logs(dir)
-                );
+                assert!(st.success(), "server did not stop cleanly on SIGTERM ({st})\n{}", server_logs(dir));
                 return;
             }
             Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
-            _ => panic!(
-                "server did not exit within 30 s of SIGTERM\n{}",
-                server_logs(dir)
-            ),
+            _ => panic!("server did not exit within 30 s of SIGTERM\n{}", server_logs(dir)),
         }
     }
 }
 
 /// Value of `key=` in the guest's result line.
 fn result_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 /// The guest writes `raw_len` bytes of 32-byte records
@@ -269,10 +246,7 @@ fn kernel_nbd_client_ext4_roundtrip() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshdisk")));
     assert!(bin.is_file(), "server binary {} not found", bin.display());
 
-    let tmp = tempfile::Builder::new()
-        .prefix("meshdisk-kguest")
-        .tempdir()
-        .expect("tempdir");
+    let tmp = tempfile::Builder::new().prefix("meshdisk-kguest").tempdir().expect("tempdir");
     let dir = tmp.path();
     let sock = dir.join("nbd.sock");
 
@@ -288,11 +262,7 @@ fn kernel_nbd_client_ext4_roundtrip() {
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
     let mut server = KillOnDrop(child);
     wait_for_server(&mut server.0, &sock, dir);
-    eprintln!(
-        "kernel_guest: server {} up on {}",
-        bin.display(),
-        sock.display()
-    );
+    eprintln!("kernel_guest: server {} up on {}", bin.display(), sock.display());
 
     // --- guest --------------------------------------------------------------
     let started = Instant::now();
@@ -314,10 +284,7 @@ fn kernel_nbd_client_ext4_roundtrip() {
     println!("kernel_guest: guest run took {:.1?}", started.elapsed());
 
     if let Ok(Some(st)) = server.0.try_wait() {
-        panic!(
-            "meshdisk server died during the guest run ({st})\n{}",
-            server_logs(dir)
-        );
+        panic!("meshdisk server died during the guest run ({st})\n{}", server_logs(dir));
     }
     let result = stdout
         .lines()
@@ -325,10 +292,7 @@ fn kernel_nbd_client_ext4_roundtrip() {
         .rfind(|l| l.starts_with("MESHDISK-GUEST-RESULT:"))
         .map(str::to_owned);
     assert!(
-        out.status.success()
-            && result
-                .as_deref()
-                .is_some_and(|l| l.starts_with("MESHDISK-GUEST-RESULT: ok")),
+        out.status.success() && result.as_deref().is_some_and(|l| l.starts_with("MESHDISK-GUEST-RESULT: ok")),
         "guest test failed (exit {}): result line {:?}\n{}",
         out.status,
         result,
@@ -356,32 +320,18 @@ fn kernel_nbd_client_ext4_roundtrip() {
     let size = fs::metadata(&img).expect("export.img").len();
     assert_eq!(size, 1 << 30, "exported image should be 1 GiB");
     if let Some(guest_size) = result_field(&result, "size") {
-        assert_eq!(
-            guest_size,
-            size.to_string(),
-            "guest and host disagree on the size"
-        );
+        assert_eq!(guest_size, size.to_string(), "guest and host disagree on the size");
     }
 
     let fsck = run_with_timeout(Command::new(&e2fsck).arg("-fn").arg(&img), TOOL_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
-    println!(
-        "--- host e2fsck -fn ---\n{}{}",
-        text(&fsck.stdout),
-        text(&fsck.stderr)
-    );
-    assert!(
-        fsck.status.success(),
-        "host e2fsck -fn reports problems ({})",
-        fsck.status
-    );
+    println!("--- host e2fsck -fn ---\n{}{}", text(&fsck.stdout), text(&fsck.stderr));
+    assert!(fsck.status.success(), "host e2fsck -fn reports problems ({})", fsck.status);
 
-    let raw_off: u64 = result_field(&result, "raw_offset")
-        .and_then(|v| v.parse().ok())
-        .expect("raw_offset in result line");
-    let raw_len: usize = result_field(&result, "raw_len")
-        .and_then(|v| v.parse().ok())
-        .expect("raw_len in result line");
+    let raw_off: u64 =
+        result_field(&result, "raw_offset").and_then(|v| v.parse().ok()).expect("raw_offset in result line");
+    let raw_len: usize =
+        result_field(&result, "raw_len").and_then(|v| v.parse().ok()).expect("raw_len in result line");
     let mut f = fs::File::open(&img).expect("open export.img");
     f.seek(SeekFrom::Start(raw_off)).expect("seek");
     let mut got = vec![0u8; raw_len];

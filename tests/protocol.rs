@@ -132,7 +132,13 @@ fn pipelined_requests_all_complete() {
         let off = i as usize * 65536;
         c.request(0, 1, 1000 + i, off as u64, 65536, &data[off..off + 65536]);
     }
-    let mut seen: Vec<u64> = (0..64).map(|_| c.any_reply()).map(|(k, e)| { assert_eq!(e, 0); k }).collect();
+    let mut seen: Vec<u64> = (0..64)
+        .map(|_| c.any_reply())
+        .map(|(k, e)| {
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
     seen.sort();
     assert_eq!(seen, (1000..1064).collect::<Vec<_>>());
     for i in 0..64u64 {
@@ -190,7 +196,10 @@ fn handshake_refusals_keep_haggling() {
     let mut kinds = Vec::new();
     loop {
         let (_, kind, data) = c.option_reply();
-        kinds.push((kind, u16::from_be_bytes([data.first().copied().unwrap_or(0), data.get(1).copied().unwrap_or(0)])));
+        kinds.push((
+            kind,
+            u16::from_be_bytes([data.first().copied().unwrap_or(0), data.get(1).copied().unwrap_or(0)]),
+        ));
         if kind == 1 {
             break;
         }

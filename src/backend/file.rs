@@ -85,22 +85,12 @@ impl FileBackend {
             )));
         }
         let file = ring.register(raw.try_clone()?)?;
-        Ok(Self {
-            ring: ring.clone(),
-            file,
-            raw,
-            size,
-            read_only,
-            poisoned: OnceLock::new(),
-        })
+        Ok(Self { ring: ring.clone(), file, raw, size, read_only, poisoned: OnceLock::new() })
     }
 
     fn check(&self, op: &'static str) -> Result<()> {
         match self.poisoned.get() {
-            Some(cause) => Err(Error::Poisoned {
-                op,
-                cause: cause.clone(),
-            }),
+            Some(cause) => Err(Error::Poisoned { op, cause: cause.clone() }),
             None => Ok(()),
         }
     }
@@ -113,10 +103,7 @@ impl FileBackend {
     }
 
     async fn datasync(&self, op: &'static str, offset: u64, length: u64) -> Result<()> {
-        self.ring
-            .fsync(&self.file, true)
-            .await
-            .map_err(|e| self.poison(Error::io(op, offset, length, e)))
+        self.ring.fsync(&self.file, true).await.map_err(|e| self.poison(Error::io(op, offset, length, e)))
     }
 
     async fn write_zero_bytes(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
@@ -130,11 +117,7 @@ impl FileBackend {
                 .map_err(|e| self.poison(Error::io("write zeroes", pos, n as u64, e)))?;
             pos += n as u64;
         }
-        if fua {
-            self.datasync("write zeroes", offset, length).await
-        } else {
-            Ok(())
-        }
+        if fua { self.datasync("write zeroes", offset, length).await } else { Ok(()) }
     }
 
     fn seek(&self, pos: u64, whence: i32) -> io::Result<Option<u64>> {
@@ -144,11 +127,7 @@ impl FileBackend {
             return Ok(Some(r as u64));
         }
         let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        }
+        if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
     }
 }
 
@@ -214,11 +193,7 @@ impl Backend for FileBackend {
             return Ok(());
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        match self
-            .ring
-            .fallocate(&self.file, offset, length.into(), mode)
-            .await
-        {
+        match self.ring.fallocate(&self.file, offset, length.into(), mode).await {
             Ok(()) if fua => self.datasync("trim", offset, length.into()).await,
             Ok(()) => Ok(()),
             Err(e) if unsupported(&e) => Ok(()),
@@ -275,11 +250,7 @@ impl Backend for FileBackend {
                     pos = d;
                 }
                 Some(_) => {
-                    let hole = self
-                        .seek(pos, libc::SEEK_HOLE)
-                        .ok()
-                        .flatten()
-                        .unwrap_or(end);
+                    let hole = self.seek(pos, libc::SEEK_HOLE).ok().flatten().unwrap_or(end);
                     let next = hole.max(pos + 1).min(end);
                     push_extent(&mut out, next - pos, false);
                     pos = next;

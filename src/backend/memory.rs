@@ -7,8 +7,12 @@
 //! and BLOCK_STATUS reports them. Each chunk has its own lock, so requests
 //! on different chunks never wait for each other. Metadata costs 32 bytes
 //! per chunk (1 MiB per GiB of export), whether or not it is allocated.
+//!
+//! Reads copy nothing: a read's [`Bytes`] share the chunk (`Arc`), and a
+//! write to a chunk that a reply is still sending copies the chunk first
+//! (copy-on-write), so data on its way out never changes under it.
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
@@ -19,7 +23,20 @@ const CHUNK: usize = 32 * 1024;
 /// asks again for the rest.
 const MAX_EXTENTS: usize = 4096;
 
-type Chunk = RwLock<Option<Box<[u8]>>>;
+type Chunk = RwLock<Option<Arc<Vec<u8>>>>;
+
+/// A window into a chunk, owned by the [`Bytes`] of a read.
+struct ChunkSlice {
+    chunk: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for ChunkSlice {
+    fn as_ref(&self) -> &[u8] {
+        &self.chunk[self.start..self.end]
+    }
+}
 
 pub struct MemoryBackend {
     size: u64,
@@ -29,18 +46,12 @@ pub struct MemoryBackend {
 impl MemoryBackend {
     pub fn new(size: u64) -> Self {
         let n = size.div_ceil(CHUNK as u64) as usize;
-        Self {
-            size,
-            chunks: (0..n).map(|_| RwLock::new(None)).collect(),
-        }
+        Self { size, chunks: (0..n).map(|_| RwLock::new(None)).collect() }
     }
 
     /// Bytes of RAM holding data (allocated chunks).
     pub fn allocated(&self) -> u64 {
-        self.chunks
-            .iter()
-            .map(|c| c.read().unwrap().as_ref().map_or(0, |b| b.len() as u64))
-            .sum()
+        self.chunks.iter().map(|c| c.read().unwrap().as_ref().map_or(0, |b| b.len() as u64)).sum()
     }
 
     fn chunk_len(&self, idx: usize) -> usize {
@@ -71,9 +82,9 @@ impl MemoryBackend {
             if n == self.chunk_len(idx) && !keep_allocated {
                 *chunk = None;
             } else if let Some(buf) = chunk.as_mut() {
-                buf[within..within + n].fill(0);
+                Arc::make_mut(buf)[within..within + n].fill(0);
             } else if keep_allocated {
-                *chunk = Some(vec![0; self.chunk_len(idx)].into_boxed_slice());
+                *chunk = Some(Arc::new(vec![0; self.chunk_len(idx)]));
             }
         }
     }
@@ -97,31 +108,15 @@ impl Backend for MemoryBackend {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<ReadData> {
-        let mut out = ReadData {
-            segments: Vec::with_capacity(1),
-        };
-        let mut buf: Vec<u8> = Vec::new();
+        let mut out = ReadData { segments: Vec::with_capacity((length as usize).div_ceil(CHUNK) + 1) };
         for (idx, within, n) in Self::pieces(offset, length.into()) {
-            let chunk = self.chunks[idx].read().unwrap();
-            match chunk.as_ref() {
-                Some(data) => {
-                    if buf.capacity() == 0 {
-                        buf.reserve_exact(length as usize);
-                    }
-                    buf.extend_from_slice(&data[within..within + n]);
+            match self.chunks[idx].read().unwrap().as_ref() {
+                Some(chunk) => {
+                    let slice = ChunkSlice { chunk: chunk.clone(), start: within, end: within + n };
+                    out.push(Segment::Data(Bytes::from_owner(slice)));
                 }
-                None => {
-                    if !buf.is_empty() {
-                        let rest = buf.capacity() - buf.len();
-                        out.push(Segment::Data(Bytes::from(std::mem::take(&mut buf))));
-                        buf.reserve_exact(rest);
-                    }
-                    out.push(Segment::Zero(n as u32));
-                }
+                None => out.push(Segment::Zero(n as u32)),
             }
-        }
-        if !buf.is_empty() {
-            out.push(Segment::Data(Bytes::from(buf)));
         }
         Ok(out)
     }
@@ -130,8 +125,8 @@ impl Backend for MemoryBackend {
         let mut src = &data[..];
         for (idx, within, n) in Self::pieces(offset, data.len() as u64) {
             let mut chunk = self.chunks[idx].write().unwrap();
-            let buf = chunk.get_or_insert_with(|| vec![0; self.chunk_len(idx)].into_boxed_slice());
-            buf[within..within + n].copy_from_slice(&src[..n]);
+            let buf = chunk.get_or_insert_with(|| Arc::new(vec![0; self.chunk_len(idx)]));
+            Arc::make_mut(buf)[within..within + n].copy_from_slice(&src[..n]);
             src = &src[n..];
         }
         Ok(())

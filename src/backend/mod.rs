@@ -50,12 +50,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(op: &'static str, offset: u64, length: u64, source: io::Error) -> Self {
-        Error::Io {
-            op,
-            offset,
-            length,
-            source,
-        }
+        Error::Io { op, offset, length, source }
     }
 }
 
@@ -104,9 +99,7 @@ pub struct ReadData {
 
 impl ReadData {
     pub fn data(b: Bytes) -> Self {
-        Self {
-            segments: vec![Segment::Data(b)],
-        }
+        Self { segments: vec![Segment::Data(b)] }
     }
 
     /// Appends a segment, merging adjacent zero runs and dropping empties.
@@ -157,11 +150,7 @@ pub struct Extent {
 pub(crate) fn push_extent(out: &mut Vec<Extent>, length: u64, hole: bool) {
     match out.last_mut() {
         Some(last) if last.hole == hole => last.length += length,
-        _ => out.push(Extent {
-            length,
-            hole,
-            zero: hole,
-        }),
+        _ => out.push(Extent { length, hole, zero: hole }),
     }
 }
 
@@ -186,8 +175,7 @@ pub trait Backend: Send + Sync + 'static {
     fn features(&self) -> Features;
 
     fn read(&self, offset: u64, length: u32) -> impl Future<Output = Result<ReadData>> + Send;
-    fn write(&self, offset: u64, data: Bytes, fua: bool)
-    -> impl Future<Output = Result<()>> + Send;
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = Result<()>> + Send;
     /// Makes every write that completed before this call durable.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
     /// Forgets a range; later reads may return anything until it is written.
@@ -199,11 +187,7 @@ pub trait Backend: Send + Sync + 'static {
         flags: ZeroFlags,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Allocation state from `offset`: at least one extent, at most `length` bytes.
-    fn block_status(
-        &self,
-        offset: u64,
-        length: u32,
-    ) -> impl Future<Output = Result<Vec<Extent>>> + Send;
+    fn block_status(&self, offset: u64, length: u32) -> impl Future<Output = Result<Vec<Extent>>> + Send;
     /// Hint: the range will be read soon.
     fn cache(&self, offset: u64, length: u32) -> impl Future<Output = Result<()>> + Send;
 }

@@ -94,11 +94,7 @@ impl<'a> Cursor<'a> {
         self.take(len)
     }
     fn finish(&self) -> Result<(), &'static str> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err("trailing bytes after option payload")
-        }
+        if self.0.is_empty() { Ok(()) } else { Err("trailing bytes after option payload") }
     }
 }
 
@@ -129,9 +125,7 @@ pub fn matching_contexts(queries: &[Vec<u8>], listing: bool) -> bool {
     if queries.is_empty() {
         return listing;
     }
-    queries
-        .iter()
-        .any(|q| q == BASE_ALLOCATION.as_bytes() || (listing && q == b"base:"))
+    queries.iter().any(|q| q == BASE_ALLOCATION.as_bytes() || (listing && q == b"base:"))
 }
 
 /// Option replies for one option, built in memory and sent in one write.
@@ -142,10 +136,7 @@ struct Replies {
 
 impl Replies {
     fn new(option: u32) -> Self {
-        Self {
-            out: BytesMut::with_capacity(256),
-            option,
-        }
+        Self { out: BytesMut::with_capacity(256), option }
     }
     fn reply(&mut self, kind: u32, data: &[u8]) {
         put_option_reply(&mut self.out, self.option, kind, data.len() as u32);
@@ -246,19 +237,12 @@ where
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         let tflags = export.tflags | if structured { TFLAG_SEND_DF } else { 0 };
-        let session = |base_allocation| Session {
-            size: export.size,
-            tflags,
-            structured,
-            base_allocation,
-        };
+        let session = |base_allocation| Session { size: export.size, tflags, structured, base_allocation };
 
         match option {
             OPT_EXPORT_NAME => {
                 if !export.answers_to(&data) {
-                    return Err(HandshakeError::UnknownExport(
-                        String::from_utf8_lossy(&data).into(),
-                    ));
+                    return Err(HandshakeError::UnknownExport(String::from_utf8_lossy(&data).into()));
                 }
                 let mut out = BytesMut::with_capacity(10 + 124);
                 out.put_slice(&export_info(export, tflags));
@@ -301,10 +285,7 @@ where
                     if req.requests.contains(&INFO_NAME) {
                         r.info(INFO_NAME, export.name.as_bytes());
                     }
-                    if let (true, Some(d)) = (
-                        req.requests.contains(&INFO_DESCRIPTION),
-                        &export.description,
-                    ) {
+                    if let (true, Some(d)) = (req.requests.contains(&INFO_DESCRIPTION), &export.description) {
                         r.info(INFO_DESCRIPTION, d.as_bytes());
                     }
                     r.info(INFO_BLOCK_SIZE, &block_size_info());
@@ -329,10 +310,9 @@ where
                 let setting = option == OPT_SET_META_CONTEXT;
                 match parse_meta_context_request(&data) {
                     Err(why) => r.error(REP_ERR_INVALID, why),
-                    Ok(_) if !structured => r.error(
-                        REP_ERR_INVALID,
-                        "negotiate structured replies before metadata contexts",
-                    ),
+                    Ok(_) if !structured => {
+                        r.error(REP_ERR_INVALID, "negotiate structured replies before metadata contexts")
+                    }
                     Ok(req) if !export.answers_to(&req.export) => {
                         if setting {
                             base_allocation = false;

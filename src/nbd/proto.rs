@@ -188,11 +188,7 @@ impl RequestHeader {
     /// Bytes of payload that follow this header on the wire, whether or not
     /// the request turns out to be valid.
     pub fn payload_len(&self) -> u32 {
-        if self.kind == CMD_WRITE {
-            self.length
-        } else {
-            0
-        }
+        if self.kind == CMD_WRITE { self.length } else { 0 }
     }
 
     /// Encodes the header (used by tests, fuzzers and benchmarks as a client).
@@ -228,39 +224,14 @@ impl Session {
 /// every flag is one this command and this session allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    Read {
-        offset: u64,
-        length: u32,
-        df: bool,
-    },
-    Write {
-        offset: u64,
-        length: u32,
-        fua: bool,
-    },
+    Read { offset: u64, length: u32, df: bool },
+    Write { offset: u64, length: u32, fua: bool },
     Disconnect,
     Flush,
-    Trim {
-        offset: u64,
-        length: u32,
-        fua: bool,
-    },
-    Cache {
-        offset: u64,
-        length: u32,
-    },
-    WriteZeroes {
-        offset: u64,
-        length: u32,
-        fua: bool,
-        no_hole: bool,
-        fast: bool,
-    },
-    BlockStatus {
-        offset: u64,
-        length: u32,
-        req_one: bool,
-    },
+    Trim { offset: u64, length: u32, fua: bool },
+    Cache { offset: u64, length: u32 },
+    WriteZeroes { offset: u64, length: u32, fua: bool, no_hole: bool, fast: bool },
+    BlockStatus { offset: u64, length: u32, req_one: bool },
 }
 
 /// Why a framed request may not run: the error to send and the cause to log.
@@ -340,29 +311,13 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
         return refuse(Overflow, "request larger than the maximum block size");
     }
     if !in_range {
-        let error = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
-            NoSpc
-        } else {
-            Inval
-        };
+        let error = if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { NoSpc } else { Inval };
         return refuse(error, "request beyond the end of the export");
     }
     Ok(match h.kind {
-        CMD_READ => Command::Read {
-            offset,
-            length,
-            df: h.flags & CMD_FLAG_DF != 0,
-        },
-        CMD_WRITE => Command::Write {
-            offset,
-            length,
-            fua,
-        },
-        CMD_TRIM => Command::Trim {
-            offset,
-            length,
-            fua,
-        },
+        CMD_READ => Command::Read { offset, length, df: h.flags & CMD_FLAG_DF != 0 },
+        CMD_WRITE => Command::Write { offset, length, fua },
+        CMD_TRIM => Command::Trim { offset, length, fua },
         CMD_CACHE => Command::Cache { offset, length },
         CMD_WRITE_ZEROES => Command::WriteZeroes {
             offset,
@@ -375,11 +330,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             if length == 0 {
                 return refuse(Inval, "BLOCK_STATUS of zero length");
             }
-            Command::BlockStatus {
-                offset,
-                length,
-                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-            }
+            Command::BlockStatus { offset, length, req_one: h.flags & CMD_FLAG_REQ_ONE != 0 }
         }
         _ => unreachable!("every other command returned above"),
     })
@@ -404,13 +355,7 @@ pub fn put_chunk_header(out: &mut BytesMut, cookie: u64, flags: u16, kind: u16, 
 }
 
 /// `NBD_REPLY_TYPE_OFFSET_DATA` header and offset; `data_len` bytes follow.
-pub fn put_data_chunk_header(
-    out: &mut BytesMut,
-    cookie: u64,
-    done: bool,
-    offset: u64,
-    data_len: u32,
-) {
+pub fn put_data_chunk_header(out: &mut BytesMut, cookie: u64, done: bool, offset: u64, data_len: u32) {
     let flags = if done { REPLY_FLAG_DONE } else { 0 };
     put_chunk_header(out, cookie, flags, REPLY_TYPE_OFFSET_DATA, data_len + 8);
     out.put_u64(offset);
@@ -432,25 +377,14 @@ pub fn put_done_chunk(out: &mut BytesMut, cookie: u64) {
 /// `NBD_REPLY_TYPE_ERROR` with DONE and a message for people.
 pub fn put_error_chunk(out: &mut BytesMut, cookie: u64, error: u32, message: &str) {
     let msg = truncate_utf8(message, 4096);
-    put_chunk_header(
-        out,
-        cookie,
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        6 + msg.len() as u32,
-    );
+    put_chunk_header(out, cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 6 + msg.len() as u32);
     out.put_u32(error);
     out.put_u16(msg.len() as u16);
     out.put_slice(msg.as_bytes());
 }
 
 /// `NBD_REPLY_TYPE_BLOCK_STATUS` with DONE: `(length, flags)` descriptors.
-pub fn put_block_status_chunk(
-    out: &mut BytesMut,
-    cookie: u64,
-    context: u32,
-    extents: &[(u32, u32)],
-) {
+pub fn put_block_status_chunk(out: &mut BytesMut, cookie: u64, context: u32, extents: &[(u32, u32)]) {
     let len = 4 + 8 * extents.len() as u32;
     put_chunk_header(out, cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len);
     out.put_u32(context);
@@ -503,13 +437,7 @@ mod tests {
     }
 
     fn req(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
-        RequestHeader {
-            flags,
-            kind,
-            cookie: 7,
-            offset,
-            length,
-        }
+        RequestHeader { flags, kind, cookie: 7, offset, length }
     }
 
     fn encode(h: &RequestHeader) -> [u8; 28] {
@@ -530,10 +458,7 @@ mod tests {
     fn bad_magic_is_a_framing_error() {
         let mut raw = encode(&req(CMD_READ, 0, 0, 1));
         raw[0] ^= 0xff;
-        assert!(matches!(
-            RequestHeader::parse(&raw),
-            Err(FramingError::BadMagic(_))
-        ));
+        assert!(matches!(RequestHeader::parse(&raw), Err(FramingError::BadMagic(_))));
     }
 
     #[test]
@@ -580,22 +505,14 @@ mod tests {
         assert_eq!(e(req(CMD_READ, CMD_FLAG_FUA, 0, 1)), NbdError::Inval);
         assert_eq!(e(req(CMD_BLOCK_STATUS, 0, 0, 1)), NbdError::Inval);
         assert!(validate(&req(CMD_READ, 0, 0, 1), &s).is_ok());
-        assert_eq!(
-            validate(&req(CMD_DISC, 0, 0, 0), &s),
-            Ok(Command::Disconnect)
-        );
+        assert_eq!(validate(&req(CMD_DISC, 0, 0, 0), &s), Ok(Command::Disconnect));
     }
 
     #[test]
     fn reply_encodings() {
         let mut b = BytesMut::new();
         put_simple_reply(&mut b, 0x1122, 22);
-        assert_eq!(
-            &b[..],
-            &[
-                0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0x11, 0x22
-            ]
-        );
+        assert_eq!(&b[..], &[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0x11, 0x22]);
         b.clear();
         put_hole_chunk(&mut b, 1, true, 4096, 512);
         assert_eq!(b.len(), 20 + 12);

@@ -50,6 +50,7 @@ use tracing::{debug, warn};
 use super::handshake::{Export, negotiate};
 use super::proto::*;
 use crate::backend::{self, Backend, Extent, ReadData, Segment, ZeroFlags};
+use crate::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
 /// zero-length requests is bounded too.
@@ -60,6 +61,8 @@ pub const READ_BUFFER: usize = 256 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a shutdown request, connections get this long to drain.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Write payloads up to this size are copied out of the receive buffer.
+const SMALL_PAYLOAD: usize = 64 * 1024;
 /// The writer sends at most this many replies in one vectored write.
 const MAX_BATCH: usize = 256;
 
@@ -75,11 +78,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            connection_bytes: 64 << 20,
-            server_bytes: 512 << 20,
-            connections: 256,
-        }
+        Self { connection_bytes: 64 << 20, server_bytes: 512 << 20, connections: 256 }
     }
 }
 
@@ -100,9 +99,7 @@ pub struct Server<B> {
 
 impl<B> Clone for Server<B> {
     fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
+        Self { inner: self.inner.clone() }
     }
 }
 
@@ -114,6 +111,7 @@ struct Inner<B> {
     connections: Arc<Semaphore>,
     stop: CancellationToken,
     tasks: TaskTracker,
+    pool: Arc<BufferPool>,
 }
 
 impl<B: Backend> Server<B> {
@@ -130,10 +128,7 @@ impl<B: Backend> Server<B> {
         set(f.flush, TFLAG_SEND_FLUSH | TFLAG_SEND_FUA);
         set(f.trim && !read_only, TFLAG_SEND_TRIM);
         set(f.write_zeroes && !read_only, TFLAG_SEND_WRITE_ZEROES);
-        set(
-            f.fast_zero && f.write_zeroes && !read_only,
-            TFLAG_SEND_FAST_ZERO,
-        );
+        set(f.fast_zero && f.write_zeroes && !read_only, TFLAG_SEND_FAST_ZERO);
         set(f.cache, TFLAG_SEND_CACHE);
         set(f.multi_conn, TFLAG_CAN_MULTI_CONN);
         let export = Export {
@@ -152,6 +147,7 @@ impl<B: Backend> Server<B> {
                 connections: Arc::new(Semaphore::new(limits.connections)),
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                pool: BufferPool::new(),
             }),
         }
     }
@@ -233,10 +229,7 @@ impl<B: Backend> Server<B> {
     pub async fn shutdown(&self) -> backend::Result<()> {
         self.inner.stop.cancel();
         self.inner.tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.inner.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.inner.tasks.wait()).await.is_err() {
             warn!("connections still busy after {DRAIN_TIMEOUT:?}; flushing anyway");
         }
         self.inner.backend.flush().await
@@ -250,24 +243,10 @@ struct Outgoing {
 }
 
 enum Reply {
-    Ok {
-        cookie: u64,
-    },
-    Error {
-        cookie: u64,
-        error: NbdError,
-        message: String,
-    },
-    Read {
-        cookie: u64,
-        offset: u64,
-        data: ReadData,
-        df: bool,
-    },
-    BlockStatus {
-        cookie: u64,
-        extents: Vec<(u32, u32)>,
-    },
+    Ok { cookie: u64 },
+    Error { cookie: u64, error: NbdError, message: String },
+    Read { cookie: u64, offset: u64, data: ReadData, df: bool },
+    BlockStatus { cookie: u64, extents: Vec<(u32, u32)> },
 }
 
 /// The one table from backend errors to NBD errors.
@@ -309,50 +288,26 @@ async fn execute<B: Backend>(
     let result = match cmd {
         Command::Read { offset, length, df } => match backend.read(offset, length).await {
             Ok(data) => {
-                return Reply::Read {
-                    cookie,
-                    offset,
-                    data,
-                    df,
-                };
+                return Reply::Read { cookie, offset, data, df };
             }
             Err(e) => Err(e),
         },
         Command::Write { offset, fua, .. } => backend.write(offset, payload, fua).await,
         Command::Flush => backend.flush().await,
-        Command::Trim {
-            offset,
-            length,
-            fua,
-        } => backend.trim(offset, length, fua).await,
+        Command::Trim { offset, length, fua } => backend.trim(offset, length, fua).await,
         Command::Cache { offset, length } => backend.cache(offset, length).await,
-        Command::WriteZeroes {
-            offset,
-            length,
-            fua,
-            no_hole,
-            fast,
-        } => {
-            let flags = ZeroFlags {
-                fua,
-                may_trim: !no_hole,
-                fast,
-            };
+        Command::WriteZeroes { offset, length, fua, no_hole, fast } => {
+            let flags = ZeroFlags { fua, may_trim: !no_hole, fast };
             backend.write_zeroes(offset, length, flags).await
         }
-        Command::BlockStatus {
-            offset,
-            length,
-            req_one,
-        } => match backend.block_status(offset, length).await {
-            Ok(extents) => {
-                return Reply::BlockStatus {
-                    cookie,
-                    extents: descriptors(&extents, length, req_one),
-                };
+        Command::BlockStatus { offset, length, req_one } => {
+            match backend.block_status(offset, length).await {
+                Ok(extents) => {
+                    return Reply::BlockStatus { cookie, extents: descriptors(&extents, length, req_one) };
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         Command::Disconnect => unreachable!("DISC is handled by the reader"),
     };
     match result {
@@ -365,11 +320,7 @@ async fn execute<B: Backend>(
             } else {
                 warn!(%peer, "{} failed: {e}", command_name(&cmd));
             }
-            Reply::Error {
-                cookie,
-                error,
-                message: e.to_string(),
-            }
+            Reply::Error { cookie, error, message: e.to_string() }
         }
     }
 }
@@ -420,11 +371,7 @@ impl<B: Backend> Inner<B> {
         let conn_stop = self.stop.child_token();
         let writer = tokio::spawn(writer(wr, rx, session.structured, conn_stop.clone()));
         let peer: Arc<str> = peer.into();
-        if let Err(why) = self
-            .clone()
-            .reader(rd, &session, tx, &conn_stop, &peer)
-            .await
-        {
+        if let Err(why) = self.clone().reader(rd, &session, tx, &conn_stop, &peer).await {
             warn!(%peer, "closing connection: {why}");
         }
         // The writer ends once every in-flight request has replied.
@@ -483,10 +430,7 @@ impl<B: Backend> Inner<B> {
                         error: refusal.error,
                         message: refusal.reason.to_string(),
                     };
-                    let _ = tx.send(Outgoing {
-                        reply,
-                        _permits: None,
-                    });
+                    let _ = tx.send(Outgoing { reply, _permits: None });
                     continue;
                 }
             };
@@ -496,50 +440,30 @@ impl<B: Backend> Inner<B> {
                 _ => 0,
             } + REQUEST_OVERHEAD;
             let permits = (
-                conn_budget
-                    .clone()
-                    .acquire_many_owned(bytes)
-                    .await
-                    .expect("never closed"),
-                self.budget
-                    .clone()
-                    .acquire_many_owned(bytes)
-                    .await
-                    .expect("never closed"),
+                conn_budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
+                self.budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
             );
             let payload = match cmd {
                 Command::Write { length, .. } => {
-                    read_payload(&mut rd, &mut buf, length as usize).await?
+                    read_payload(&mut rd, &mut buf, length as usize, &self.pool).await?
                 }
                 _ => Bytes::new(),
             };
 
-            let fut = execute(
-                self.backend.clone(),
-                header.cookie,
-                cmd,
-                payload,
-                peer.clone(),
-            );
+            let fut = execute(self.backend.clone(), header.cookie, cmd, payload, peer.clone());
             let mut fut = Box::pin(fut);
             // Run it here if the backend needs no waiting; otherwise it
             // continues on its own task. A future polled once with a no-op
             // waker registers the real waker on its next poll.
             match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(reply) => {
-                    let _ = tx.send(Outgoing {
-                        reply,
-                        _permits: Some(permits),
-                    });
+                    let _ = tx.send(Outgoing { reply, _permits: Some(permits) });
                 }
                 Poll::Pending => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let reply = fut.await;
-                        let _ = tx.send(Outgoing {
-                            reply,
-                            _permits: Some(permits),
-                        });
+                        let _ = tx.send(Outgoing { reply, _permits: Some(permits) });
                     });
                 }
             }
@@ -547,21 +471,29 @@ impl<B: Backend> Inner<B> {
     }
 }
 
-/// The payload of a WRITE: from the buffer when it is all there (no copy),
-/// otherwise straight from the socket into a buffer of its own.
+/// The payload of a WRITE. Small payloads are copied out of the receive
+/// buffer (so that buffer is never pinned by in-flight requests and is
+/// reused as is); large ones are read from the socket straight into a
+/// pooled buffer.
 async fn read_payload<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     len: usize,
+    pool: &Arc<BufferPool>,
 ) -> Result<Bytes, String> {
-    if buf.len() >= len {
-        return Ok(buf.split_to(len).freeze());
+    if len <= SMALL_PAYLOAD && buf.len() >= len {
+        let payload = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
+        return Ok(payload);
     }
-    let mut payload = BytesMut::with_capacity(len);
-    payload.extend_from_slice(buf);
-    buf.clear();
+    let mut payload = pool.take(len);
+    let from_buf = len.min(buf.len());
+    payload.extend_from_slice(&buf[..from_buf]);
+    buf.advance(from_buf);
     while payload.len() < len {
-        let n = rd
+        let want = (len - payload.len()) as u64;
+        let n = (&mut *rd)
+            .take(want)
             .read_buf(&mut payload)
             .await
             .map_err(|e| format!("reading write payload: {e}"))?;
@@ -569,15 +501,11 @@ async fn read_payload<R: AsyncRead + Unpin>(
             return Err("stream ended inside a write payload".into());
         }
     }
-    Ok(payload.freeze())
+    Ok(pool.freeze(payload))
 }
 
 /// Consumes the payload of a refused request so the stream stays in sync.
-async fn discard<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    len: u32,
-) -> Result<(), String> {
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, len: u32) -> Result<(), String> {
     let from_buf = (len as usize).min(buf.len());
     buf.advance(from_buf);
     let rest = u64::from(len) - from_buf as u64;
@@ -624,11 +552,7 @@ impl Encoder {
         let h = &mut self.head;
         match reply {
             Reply::Ok { cookie } => put_simple_reply(h, cookie, 0),
-            Reply::Error {
-                cookie,
-                error,
-                message,
-            } => {
+            Reply::Error { cookie, error, message } => {
                 if self.structured {
                     put_error_chunk(h, cookie, error.code(), &message)
                 } else {
@@ -648,12 +572,7 @@ impl Encoder {
                 }
             }
             Reply::Read { cookie, data, .. } if data.is_empty() => put_done_chunk(h, cookie),
-            Reply::Read {
-                cookie,
-                offset,
-                data,
-                df: true,
-            } => {
+            Reply::Read { cookie, offset, data, df: true } => {
                 put_data_chunk_header(h, cookie, true, offset, data.len() as u32);
                 for seg in data.segments {
                     match seg {
@@ -662,26 +581,37 @@ impl Encoder {
                     }
                 }
             }
-            Reply::Read {
-                cookie,
-                offset,
-                data,
-                df: false,
-            } => {
+            Reply::Read { cookie, offset, data, df: false } => {
+                // One OFFSET_DATA chunk per run of data, one OFFSET_HOLE per
+                // run of zeroes; the last chunk carries DONE.
                 let mut pos = offset;
-                let last = data.segments.len() - 1;
-                for (i, seg) in data.segments.into_iter().enumerate() {
-                    let n = seg.len() as u32;
+                let mut segs = data.segments.into_iter().peekable();
+                while let Some(seg) = segs.next() {
                     match seg {
-                        Segment::Data(b) => {
-                            put_data_chunk_header(&mut self.head, cookie, i == last, pos, n);
-                            self.data(b);
-                        }
                         Segment::Zero(n) => {
-                            put_hole_chunk(&mut self.head, cookie, i == last, pos, n)
+                            put_hole_chunk(&mut self.head, cookie, segs.peek().is_none(), pos, n);
+                            pos += u64::from(n);
+                        }
+                        Segment::Data(first) => {
+                            let mut run = vec![first];
+                            while let Some(Segment::Data(_)) = segs.peek() {
+                                let Some(Segment::Data(b)) = segs.next() else { unreachable!() };
+                                run.push(b);
+                            }
+                            let n: usize = run.iter().map(Bytes::len).sum();
+                            put_data_chunk_header(
+                                &mut self.head,
+                                cookie,
+                                segs.peek().is_none(),
+                                pos,
+                                n as u32,
+                            );
+                            for b in run {
+                                self.data(b);
+                            }
+                            pos += n as u64;
                         }
                     }
-                    pos += u64::from(n);
                 }
             }
         }
@@ -700,11 +630,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     structured: bool,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut enc = Encoder {
-        structured,
-        head: BytesMut::with_capacity(16 * 1024),
-        parts: Vec::new(),
-    };
+    let mut enc = Encoder { structured, head: BytesMut::with_capacity(16 * 1024), parts: Vec::new() };
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let result = async {
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -727,10 +653,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     result
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    parts: &[Bytes],
-) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, parts: &[Bytes]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|b| IoSlice::new(b)).collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
@@ -772,30 +695,16 @@ mod tests {
 
     #[test]
     fn descriptors_respect_request() {
-        let e = |length, hole| Extent {
-            length,
-            hole,
-            zero: hole,
-        };
-        assert_eq!(
-            descriptors(&[e(10, true), e(10, false)], 15, false),
-            vec![(10, 3), (5, 0)]
-        );
-        assert_eq!(
-            descriptors(&[e(10, true), e(10, false)], 15, true),
-            vec![(10, 3)]
-        );
+        let e = |length, hole| Extent { length, hole, zero: hole };
+        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, false), vec![(10, 3), (5, 0)]);
+        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, true), vec![(10, 3)]);
         assert_eq!(descriptors(&[], 15, false), vec![(15, 0)]);
         assert_eq!(descriptors(&[e(1 << 40, false)], 7, false), vec![(7, 0)]);
     }
 
     #[test]
     fn structured_read_encoding_marks_last_chunk_done() {
-        let mut enc = Encoder {
-            structured: true,
-            head: BytesMut::new(),
-            parts: Vec::new(),
-        };
+        let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
         let data = ReadData {
             segments: vec![
                 Segment::Data(Bytes::from_static(b"abcd")),
@@ -803,12 +712,7 @@ mod tests {
                 Segment::Data(Bytes::from_static(b"ef")),
             ],
         };
-        enc.encode(Reply::Read {
-            cookie: 9,
-            offset: 100,
-            data,
-            df: false,
-        });
+        enc.encode(Reply::Read { cookie: 9, offset: 100, data, df: false });
         let wire: Vec<u8> = enc.finish().concat();
         // data chunk (20+8+4), hole chunk (20+12), data chunk (20+8+2)
         assert_eq!(wire.len(), 32 + 32 + 30);
@@ -816,37 +720,18 @@ mod tests {
         assert_eq!(flags(0), 0);
         assert_eq!(flags(32), 0);
         assert_eq!(flags(64), REPLY_FLAG_DONE);
-        assert_eq!(
-            u64::from_be_bytes(wire[84..92].try_into().unwrap()),
-            100 + 4 + 4096
-        );
+        assert_eq!(u64::from_be_bytes(wire[84..92].try_into().unwrap()), 100 + 4 + 4096);
     }
 
     #[test]
     fn df_read_is_one_chunk_with_zeroes() {
-        let mut enc = Encoder {
-            structured: true,
-            head: BytesMut::new(),
-            parts: Vec::new(),
-        };
-        let data = ReadData {
-            segments: vec![
-                Segment::Zero(100_000),
-                Segment::Data(Bytes::from_static(b"x")),
-            ],
-        };
-        enc.encode(Reply::Read {
-            cookie: 1,
-            offset: 0,
-            data,
-            df: true,
-        });
+        let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
+        let data =
+            ReadData { segments: vec![Segment::Zero(100_000), Segment::Data(Bytes::from_static(b"x"))] };
+        enc.encode(Reply::Read { cookie: 1, offset: 0, data, df: true });
         let wire: Vec<u8> = enc.finish().concat();
         assert_eq!(wire.len(), 28 + 100_001);
-        assert_eq!(
-            u32::from_be_bytes(wire[16..20].try_into().unwrap()),
-            100_009
-        );
+        assert_eq!(u32::from_be_bytes(wire[16..20].try_into().unwrap()), 100_009);
         assert!(wire[28..28 + 100_000].iter().all(|&b| b == 0));
         assert_eq!(wire[28 + 100_000], b'x');
     }
