@@ -249,6 +249,8 @@ fn build_ring(entries: u32, wake: &OwnedFd) -> io::Result<IoUring> {
         Restriction::sqe_op(opcode::Fsync::CODE),
         Restriction::sqe_op(opcode::Fallocate::CODE),
         Restriction::register_op(REGISTER_FILES_UPDATE),
+        // Every operation names its file by fixed slot.
+        Restriction::sqe_flags_allowed(squeue::Flags::FIXED_FILE.bits()),
     ];
     sub.register_restrictions(&mut allow)?;
     sub.register_enable_rings()?;

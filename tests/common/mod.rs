@@ -77,7 +77,8 @@ pub fn stdout_of(cmd: &mut Command) -> String {
 /// Runs an `nbdsh` script with the handle `h` already connected to `uri`
 /// (libnbd's strict client-side checks off, so the server sees bad input).
 pub fn nbdsh(uri: &str, script: &str) -> String {
-    let prelude = format!("h.set_strict_mode(0)\nh.connect_uri({uri:?})\n");
+    let prelude =
+        format!("h.set_strict_mode(0)\nh.add_meta_context(\"base:allocation\")\nh.connect_uri({uri:?})\n");
     stdout_of(Command::new("nbdsh").env("PATH", system_path()).arg("-c").arg(format!("{prelude}{script}")))
 }
 
