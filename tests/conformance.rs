@@ -1,0 +1,205 @@
+//! One conformance suite, run against every backend: whatever sits behind
+//! the NBD server must behave like a disk. A seeded random sequence of
+//! operations runs against the backend and a plain byte-array model at
+//! once; every read must match the model, every hole must read as zeroes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use meshdisk::backend::file::FileBackend;
+use meshdisk::backend::memory::MemoryBackend;
+use meshdisk::backend::{Backend, Segment, ZeroFlags};
+use meshdisk::uring::Uring;
+
+const SIZE: u64 = 8 << 20;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The model: the bytes we expect, and which of them are defined (a TRIM
+/// leaves its range undefined until it is written again).
+struct Model {
+    data: Vec<u8>,
+    defined: Vec<bool>,
+}
+
+fn random_range(rng: &mut Rng) -> (u64, u32) {
+    // Mostly small and unaligned, sometimes large and aligned, often
+    // crossing the backends' internal chunk boundaries.
+    let len = match rng.below(4) {
+        0 => rng.below(100) + 1,
+        1 => rng.below(70_000) + 1,
+        2 => 4096 * (rng.below(64) + 1),
+        _ => 1 << 20,
+    };
+    let offset = match rng.below(3) {
+        0 => rng.below(SIZE - len),
+        _ => (rng.below(SIZE - len) / 4096) * 4096,
+    };
+    (offset, len as u32)
+}
+
+async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, len: u32) {
+    let data = b.read(offset, len).await.expect("read");
+    assert_eq!(data.len(), len as usize, "read length at {offset}+{len}");
+    let got = data.to_vec();
+    for (i, (&g, (&want, &defined))) in
+        got.iter().zip(m.data[offset as usize..].iter().zip(&m.defined[offset as usize..])).enumerate()
+    {
+        if defined && g != want {
+            panic!("byte {} differs: got {g:#x}, want {want:#x} (read {offset}+{len})", offset + i as u64);
+        }
+    }
+    for seg in &data.segments {
+        if let Segment::Data(d) = seg {
+            assert!(!d.is_empty(), "empty data segment");
+        }
+    }
+}
+
+async fn model_run<B: Backend>(b: Arc<B>, seed: u64, ops: usize) {
+    assert_eq!(b.size(), SIZE);
+    let mut m = Model { data: vec![0; SIZE as usize], defined: vec![true; SIZE as usize] };
+    let mut rng = Rng(seed | 1);
+    for step in 0..ops {
+        let (offset, len) = random_range(&mut rng);
+        let (o, l) = (offset as usize, len as usize);
+        match rng.below(10) {
+            0..=3 => {
+                let data: Vec<u8> = (0..len).map(|i| (seed as u8) ^ (step as u8) ^ (i as u8)).collect();
+                b.write(offset, Bytes::from(data.clone()), rng.below(4) == 0).await.expect("write");
+                m.data[o..o + l].copy_from_slice(&data);
+                m.defined[o..o + l].fill(true);
+            }
+            4..=6 => check_read(&*b, &m, offset, len).await,
+            7 => {
+                b.trim(offset, len, false).await.expect("trim");
+                m.defined[o..o + l].fill(false);
+            }
+            8 => {
+                let flags = ZeroFlags { fua: false, may_trim: rng.below(2) == 0, fast: false };
+                b.write_zeroes(offset, len, flags).await.expect("write zeroes");
+                m.data[o..o + l].fill(0);
+                m.defined[o..o + l].fill(true);
+            }
+            _ => {
+                let extents = b.block_status(offset, len).await.expect("block status");
+                assert!(!extents.is_empty(), "at least one extent");
+                let mut pos = offset;
+                for e in &extents {
+                    assert!(e.length > 0);
+                    if e.zero {
+                        let n = e.length.min(offset + u64::from(len) - pos) as u32;
+                        let got = b.read(pos, n).await.unwrap().to_vec();
+                        assert!(got.iter().all(|&x| x == 0), "extent at {pos} claims zeroes");
+                    }
+                    pos += e.length;
+                }
+                b.flush().await.expect("flush");
+            }
+        }
+    }
+    // Finally, the whole disk.
+    for off in (0..SIZE).step_by(1 << 20) {
+        check_read(&*b, &m, off, 1 << 20).await;
+    }
+}
+
+async fn concurrent_writers<B: Backend>(b: Arc<B>) {
+    // 32 tasks write interleaved 4 KiB blocks at once; none may lose another's.
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..32u64 {
+                let off = (i * 32 + t) * 4096;
+                b.write(off, Bytes::from(vec![t as u8 + 1; 4096]), false).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    b.flush().await.unwrap();
+    let all = b.read(0, 32 * 32 * 4096).await.unwrap().to_vec();
+    for (block, chunk) in all.chunks(4096).enumerate() {
+        let want = (block as u64 % 32) as u8 + 1;
+        assert!(chunk.iter().all(|&x| x == want), "block {block}");
+    }
+}
+
+async fn edges<B: Backend>(b: Arc<B>) {
+    // Zero-length calls do nothing; the last byte is reachable.
+    b.write(SIZE, Bytes::new(), false).await.unwrap();
+    assert!(b.read(SIZE, 0).await.unwrap().is_empty());
+    b.trim(SIZE, 0, false).await.unwrap();
+    b.write(SIZE - 1, Bytes::from_static(b"z"), true).await.unwrap();
+    assert_eq!(b.read(SIZE - 1, 1).await.unwrap().to_vec(), b"z");
+    // A fresh disk reads as zeroes and says so.
+    let ext = b.block_status(0, 1 << 20).await.unwrap();
+    assert!(ext.iter().map(|e| e.length).sum::<u64>() <= 1 << 20);
+    // FAST_ZERO either zeroes or refuses, never half-does.
+    b.write(0, Bytes::from(vec![7; 8192]), false).await.unwrap();
+    match b.write_zeroes(0, 8192, ZeroFlags { fast: true, ..Default::default() }).await {
+        Ok(()) => assert_eq!(b.read(0, 8192).await.unwrap().to_vec(), vec![0; 8192]),
+        Err(_) => assert_eq!(b.read(0, 8192).await.unwrap().to_vec(), vec![7; 8192]),
+    }
+    assert!(b.features().flush && b.features().multi_conn);
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn file_backend(dir: &tempfile::TempDir) -> Arc<FileBackend> {
+    let ring = Uring::new(64).unwrap();
+    Arc::new(FileBackend::open(&ring, &dir.path().join("disk.img"), Some(SIZE), false).unwrap())
+}
+
+#[test]
+fn memory_backend_conforms() {
+    let rt = runtime();
+    for seed in [1, 2, 3] {
+        rt.block_on(model_run(Arc::new(MemoryBackend::new(SIZE)), seed, 600));
+    }
+    rt.block_on(concurrent_writers(Arc::new(MemoryBackend::new(SIZE))));
+    rt.block_on(edges(Arc::new(MemoryBackend::new(SIZE))));
+}
+
+#[test]
+fn file_backend_conforms() {
+    let rt = runtime();
+    for seed in [1, 2, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        rt.block_on(async { model_run(file_backend(&dir), seed, 600).await });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async { concurrent_writers(file_backend(&dir)).await });
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async { edges(file_backend(&dir)).await });
+}
+
+#[test]
+fn file_backend_refuses_bad_opens() {
+    let ring = Uring::new(8).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.img");
+    let err = FileBackend::open(&ring, &missing, None, false).err().expect("missing file without size");
+    assert!(err.to_string().contains("nope.img"), "{err}");
+    std::fs::write(&missing, b"").unwrap();
+    let err = FileBackend::open(&ring, &missing, None, false).err().expect("empty file");
+    assert!(err.to_string().contains("give a size"), "{err}");
+    let ro = FileBackend::open(&ring, &missing, Some(4096), true).err().expect("read-only cannot grow");
+    assert!(ro.to_string().contains("less than"), "{ro}");
+}
