@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshdisk::nbd::handshake::{parse_info_request, parse_meta_context_request};
-use meshdisk::nbd::proto::{validate, Command, RequestHeader, Session, MAX_PAYLOAD, TFLAG_HAS_FLAGS};
+use meshdisk::nbd::proto::{Command, MAX_PAYLOAD, RequestHeader, Session, TFLAG_HAS_FLAGS, validate};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_info_request(data);
@@ -27,10 +27,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(length <= MAX_PAYLOAD);
             assert!(offset.checked_add(u64::from(length)).is_some_and(|end| end <= size));
         }
-        Ok(Command::Trim { offset, length, .. }
-        | Command::Cache { offset, length }
-        | Command::WriteZeroes { offset, length, .. }
-        | Command::BlockStatus { offset, length, .. }) => {
+        Ok(
+            Command::Trim { offset, length, .. }
+            | Command::Cache { offset, length }
+            | Command::WriteZeroes { offset, length, .. }
+            | Command::BlockStatus { offset, length, .. },
+        ) => {
             assert!(offset.checked_add(u64::from(length)).is_some_and(|end| end <= size));
         }
         _ => {}
