@@ -20,8 +20,14 @@ fn requests(c: &mut Criterion) {
     let mut raw = Vec::new();
     for i in 0..1024u64 {
         let mut b = BytesMut::new();
-        RequestHeader { flags: 0, kind: (i % 2) as u16, cookie: i, offset: (i * 4096) % (4 << 30), length: 4096 }
-            .encode(&mut b);
+        RequestHeader {
+            flags: 0,
+            kind: (i % 2) as u16,
+            cookie: i,
+            offset: (i * 4096) % (4 << 30),
+            length: 4096,
+        }
+        .encode(&mut b);
         raw.push(<[u8; 28]>::try_from(&b[..]).unwrap());
     }
     let s = session();
