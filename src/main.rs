@@ -26,6 +26,11 @@ struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `debug` or `meshdisk=trace`.
     #[arg(long, global = true, env = "MESHDISK_LOG", default_value = "info")]
     log: String,
+    /// Worker threads for network and protocol work: 0 means one per core;
+    /// 1 runs everything on one thread (no cross-thread wake-ups, which
+    /// can be faster on very small machines). Disk I/O has its own thread.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,7 +74,17 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let threads = cli.threads;
+    let built = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("starting the async runtime: {e}")),
     };
