@@ -252,3 +252,36 @@ fn bytes_in_flight_per_connection_are_bounded() {
     }
     flood.join().unwrap();
 }
+
+#[test]
+fn refused_requests_are_bounded_too() {
+    // 200k out-of-range reads, no replies read: error replies are charged
+    // against the budget like any other, so the server stops reading.
+    let s = Served::memory("1M");
+    let mut c = RawClient::handshake(&s.socket, true);
+    let n = 200_000u64;
+    let mut sender = RawClient { s: c.s.try_clone().unwrap(), size: 0, tflags: 0, structured: true };
+    let flood = std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        for i in 0..n {
+            batch.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+            batch.extend_from_slice(&0u16.to_be_bytes());
+            batch.extend_from_slice(&0u16.to_be_bytes());
+            batch.extend_from_slice(&i.to_be_bytes());
+            batch.extend_from_slice(&(2u64 << 20).to_be_bytes());
+            batch.extend_from_slice(&1u32.to_be_bytes());
+            if batch.len() > 64 * 1024 {
+                sender.s.write_all(&batch).unwrap();
+                batch.clear();
+            }
+        }
+        sender.s.write_all(&batch).unwrap();
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!flood.is_finished(), "the server read 200k bad requests with no replies read");
+    for _ in 0..n {
+        let (_, err) = c.any_reply();
+        assert_eq!(err, EINVAL);
+    }
+    flood.join().unwrap();
+}

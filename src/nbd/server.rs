@@ -239,8 +239,11 @@ impl<B: Backend> Server<B> {
 /// A reply on its way to the writer, holding its request's permits.
 struct Outgoing {
     reply: Reply,
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _permits: Permits,
 }
+
+/// Bytes a request holds from the connection's and the server's budgets.
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 enum Reply {
     Ok { cookie: u64 },
@@ -349,6 +352,14 @@ fn descriptors(extents: &[Extent], length: u32, req_one: bool) -> Vec<(u32, u32)
 }
 
 impl<B: Backend> Inner<B> {
+    /// Waits until `bytes` fit in both the connection's and the server's budget.
+    async fn permits(&self, conn_budget: &Arc<Semaphore>, bytes: u32) -> Permits {
+        (
+            conn_budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
+            self.budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
+        )
+    }
+
     async fn connection<R, W>(self: Arc<Self>, mut rd: R, mut wr: W, peer: &str)
     where
         R: AsyncRead + Unpin + Send + 'static,
@@ -424,13 +435,16 @@ impl<B: Backend> Inner<B> {
                 Ok(cmd) => cmd,
                 Err(refusal) => {
                     debug!(%peer, cookie = header.cookie, kind = header.kind, "refused request: {}", refusal.reason);
+                    // Error replies count against the budget too, so a client
+                    // that floods bad requests and reads no replies is bounded.
+                    let permits = self.permits(&conn_budget, REQUEST_OVERHEAD).await;
                     discard(&mut rd, &mut buf, header.payload_len()).await?;
                     let reply = Reply::Error {
                         cookie: header.cookie,
                         error: refusal.error,
                         message: refusal.reason.to_string(),
                     };
-                    let _ = tx.send(Outgoing { reply, _permits: None });
+                    let _ = tx.send(Outgoing { reply, _permits: permits });
                     continue;
                 }
             };
@@ -439,10 +453,7 @@ impl<B: Backend> Inner<B> {
                 Command::Read { length, .. } | Command::Write { length, .. } => length,
                 _ => 0,
             } + REQUEST_OVERHEAD;
-            let permits = (
-                conn_budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
-                self.budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
-            );
+            let permits = self.permits(&conn_budget, bytes).await;
             let payload = match cmd {
                 Command::Write { length, .. } => {
                     read_payload(&mut rd, &mut buf, length as usize, &self.pool).await?
@@ -457,13 +468,13 @@ impl<B: Backend> Inner<B> {
             // waker registers the real waker on its next poll.
             match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(reply) => {
-                    let _ = tx.send(Outgoing { reply, _permits: Some(permits) });
+                    let _ = tx.send(Outgoing { reply, _permits: permits });
                 }
                 Poll::Pending => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let reply = fut.await;
-                        let _ = tx.send(Outgoing { reply, _permits: Some(permits) });
+                        let _ = tx.send(Outgoing { reply, _permits: permits });
                     });
                 }
             }
