@@ -20,23 +20,26 @@ fn fio(uri: &str, args: &[&str]) -> String {
     text
 }
 
+/// Random 4 KiB writes at queue depth 32 from 4 jobs, each on its own
+/// connection and its own 64 MiB stretch; seeded, so a later
+/// `--verify_only` run regenerates the same blocks.
+const RANDOM_JOBS: &[&str] = &[
+    "--name=rand",
+    "--rw=randwrite",
+    "--bs=4k",
+    "--iodepth=32",
+    "--numjobs=4",
+    "--size=32M",
+    "--offset_increment=64M",
+    "--randseed=42",
+];
+
 fn verify_jobs(uri: &str) {
     // Sequential 1 MiB writes, queue depth 32, then read back and verified.
     fio(uri, &["--name=seq", "--rw=write", "--bs=1M", "--iodepth=32", "--size=256M"]);
     // Random 4 KiB writes from 4 jobs at once, each its own connection and
     // its own quarter of the disk.
-    fio(
-        uri,
-        &[
-            "--name=rand",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--numjobs=4",
-            "--size=32M",
-            "--offset_increment=64M",
-        ],
-    );
+    fio(uri, RANDOM_JOBS);
     // Mixed random reads and writes with varied block sizes.
     fio(
         uri,
@@ -64,20 +67,10 @@ fn fio_verify_on_file_backend_survives_restart() {
     verify_jobs(&s.unix_uri);
     // Written through 4 connections; after a clean restart, the same
     // blocks verify from the file.
-    let job = [
-        "--name=rand",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        "--numjobs=4",
-        "--size=32M",
-        "--offset_increment=64M",
-        "--randseed=42",
-    ];
-    fio(&s.tcp_uri, &job);
+    fio(&s.tcp_uri, RANDOM_JOBS);
     assert!(s.stop().success());
     let s = Served::start(&["--file", &file]);
-    let mut verify_only: Vec<&str> = job.to_vec();
+    let mut verify_only: Vec<&str> = RANDOM_JOBS.to_vec();
     verify_only.push("--verify_only");
     let out = fio(&s.tcp_uri, &verify_only);
     assert!(out.contains("READ:"), "verification read the data back:\n{out}");

@@ -148,15 +148,7 @@ impl Backend for FileBackend {
     }
 
     fn features(&self) -> Features {
-        Features {
-            read_only: self.read_only,
-            flush: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-        }
+        Features::all(self.read_only)
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<ReadData> {

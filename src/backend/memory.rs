@@ -96,15 +96,7 @@ impl Backend for MemoryBackend {
     }
 
     fn features(&self) -> Features {
-        Features {
-            read_only: false,
-            flush: true,
-            trim: true,
-            write_zeroes: true,
-            fast_zero: true,
-            cache: true,
-            multi_conn: true,
-        }
+        Features::all(false)
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<ReadData> {

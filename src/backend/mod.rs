@@ -71,6 +71,21 @@ pub struct Features {
     pub multi_conn: bool,
 }
 
+impl Features {
+    /// Every operation supported, durable flush shared by all connections.
+    pub const fn all(read_only: bool) -> Self {
+        Self {
+            read_only,
+            flush: true,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: true,
+            cache: true,
+            multi_conn: true,
+        }
+    }
+}
+
 /// One piece of a read: bytes, or a run of zeroes not worth sending.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Segment {
