@@ -49,11 +49,6 @@ impl MemoryBackend {
         Self { size, chunks: (0..n).map(|_| RwLock::new(None)).collect() }
     }
 
-    /// Bytes of RAM holding data (allocated chunks).
-    pub fn allocated(&self) -> u64 {
-        self.chunks.iter().map(|c| c.read().unwrap().as_ref().map_or(0, |b| b.len() as u64)).sum()
-    }
-
     fn chunk_len(&self, idx: usize) -> usize {
         (self.size - (idx * CHUNK) as u64).min(CHUNK as u64) as usize
     }

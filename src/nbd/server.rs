@@ -152,10 +152,6 @@ impl<B: Backend> Server<B> {
         }
     }
 
-    pub fn export(&self) -> &Export {
-        &self.inner.export
-    }
-
     /// Accepts TCP connections until [`Server::shutdown`].
     pub async fn serve_tcp(&self, listener: TcpListener) {
         loop {
@@ -559,6 +555,16 @@ impl Encoder {
         }
     }
 
+    /// Read data as plain bytes, holes written out as zeroes.
+    fn flat(&mut self, data: ReadData) {
+        for seg in data.segments {
+            match seg {
+                Segment::Data(b) => self.data(b),
+                Segment::Zero(n) => self.zeroes(n as usize),
+            }
+        }
+    }
+
     fn encode(&mut self, reply: Reply) {
         let h = &mut self.head;
         match reply {
@@ -575,22 +581,12 @@ impl Encoder {
             }
             Reply::Read { cookie, data, .. } if !self.structured => {
                 put_simple_reply(h, cookie, 0);
-                for seg in data.segments {
-                    match seg {
-                        Segment::Data(b) => self.data(b),
-                        Segment::Zero(n) => self.zeroes(n as usize),
-                    }
-                }
+                self.flat(data);
             }
             Reply::Read { cookie, data, .. } if data.is_empty() => put_done_chunk(h, cookie),
             Reply::Read { cookie, offset, data, df: true } => {
                 put_data_chunk_header(h, cookie, true, offset, data.len() as u32);
-                for seg in data.segments {
-                    match seg {
-                        Segment::Data(b) => self.data(b),
-                        Segment::Zero(n) => self.zeroes(n as usize),
-                    }
-                }
+                self.flat(data);
             }
             Reply::Read { cookie, offset, data, df: false } => {
                 // One OFFSET_DATA chunk per run of data, one OFFSET_HOLE per

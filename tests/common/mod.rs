@@ -90,7 +90,6 @@ pub struct Served {
     pub unix_uri: String,
     pub socket: PathBuf,
     pub tcp_addr: String,
-    stderr: mpsc::Receiver<String>,
 }
 
 impl Served {
@@ -122,11 +121,9 @@ impl Served {
             }
         });
         let stderr = child.stderr.take().unwrap();
-        let (etx, erx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[meshdisk] {line}");
-                let _ = etx.send(line);
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -145,7 +142,7 @@ impl Served {
             }
         }
         let tcp_addr = tcp_uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
-        Self { child: Some(child), dir, tcp_uri, unix_uri, socket, tcp_addr, stderr: erx }
+        Self { child: Some(child), dir, tcp_uri, unix_uri, socket, tcp_addr }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -156,15 +153,10 @@ impl Served {
         self.child.as_ref().unwrap().id()
     }
 
-    /// Log lines the server has written so far.
-    pub fn log(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
-    }
-
     /// SIGTERM, then wait for exit; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("already stopped");
-        signal(child.id(), libc_sigterm());
+        signal(child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -177,10 +169,6 @@ impl Served {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
 }
 
 impl Drop for Served {
@@ -190,10 +178,6 @@ impl Drop for Served {
             let _ = child.wait();
         }
     }
-}
-
-fn libc_sigterm() -> &'static str {
-    "TERM"
 }
 
 pub fn signal(pid: u32, sig: &str) {
