@@ -7,13 +7,17 @@
 //!   ▼
 //! nbd::server ──► backend::Backend ──► memory | file (io_uring)
 //!                                 └──► (next) volume: log, cache, stripes on peers
+//!                                                     │
+//!                                         codec: AES-256-XTS → Reed-Solomon → blake3 → shards
 //! ```
 //!
 //! Modules follow the data: [`nbd`] speaks the protocol, [`backend`] is the
-//! seam the storage plugs into, [`uring`] is the one io_uring driver that
+//! seam the storage plugs into, [`codec`] turns plaintext stripes into
+//! encrypted, erasure-coded, hashed shards and back, [`uring`] is the one io_uring driver that
 //! every on-disk component shares, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
 
 pub mod backend;
+pub mod codec;
 pub mod nbd;
 pub mod pool;
 pub mod size;

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use meshdisk::backend::Backend;
 use meshdisk::backend::file::FileBackend;
 use meshdisk::backend::memory::MemoryBackend;
+use meshdisk::codec::bench::{self, BenchConfig};
+use meshdisk::codec::{Geometry, SECTOR_SIZE, VolumeKey};
 use meshdisk::nbd::server::bind_unix;
 use meshdisk::nbd::{Server, ServerConfig};
 use meshdisk::size::parse_size;
@@ -29,6 +31,7 @@ struct Cli {
     /// Worker threads for network and protocol work: 0 means one per core;
     /// 1 runs everything on one thread (no cross-thread wake-ups, which
     /// can be faster on very small machines). Disk I/O has its own thread.
+    /// For `bench codec`: threads of the all-cores stages.
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
     #[command(subcommand)]
@@ -39,6 +42,47 @@ struct Cli {
 enum Command {
     /// Serve a RAM disk or a file over NBD (no cluster, no encryption).
     Serve(ServeArgs),
+    /// Volume keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Measure this machine.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Write a new random 512-bit volume key to FILE (mode 0600; never overwrites).
+    Generate {
+        /// Where to write the key. Keep it safe: without it the volume's data is gone.
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Throughput of each codec stage (encrypt, erasure code, hash) and of
+    /// the whole write and read pipelines, per core and on every core.
+    Codec(BenchCodecArgs),
+}
+
+#[derive(Args)]
+struct BenchCodecArgs {
+    /// Data shards per stripe.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Parity shards per stripe.
+    #[arg(long, default_value_t = 2)]
+    m: usize,
+    /// Bytes per shard (a multiple of 4 KiB).
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    shard_size: u64,
+    /// Seconds to measure each stage.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -71,6 +115,12 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that need no async runtime.
+    match &cli.command {
+        Command::Key(KeyCommand::Generate { file }) => return finish(key_generate(file)),
+        Command::Bench(BenchCommand::Codec(args)) => return finish(bench_codec(args, cli.threads)),
+        Command::Serve(_) => {}
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -90,11 +140,64 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Key(_) | Command::Bench(_) => unreachable!("handled before the runtime starts"),
     };
+    finish(result)
+}
+
+fn finish(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
+}
+
+fn key_generate(file: &std::path::Path) -> Result<(), String> {
+    let key = VolumeKey::generate().map_err(|e| e.to_string())?;
+    key.write_new_file(file).map_err(|e| e.to_string())?;
+    eprintln!(
+        "wrote a new 512-bit volume key to {} (mode 0600). Back it up: without it the volume cannot be read.",
+        file.display()
+    );
+    Ok(())
+}
+
+/// `threads` is the global `--threads`: how many threads the all-cores
+/// stages use (0: one per core).
+fn bench_codec(args: &BenchCodecArgs, threads: usize) -> Result<(), String> {
+    let shard_size = usize::try_from(args.shard_size).map_err(|_| "--shard-size is too large".to_string())?;
+    let geometry = Geometry::new(args.k, args.m, shard_size).map_err(|e| e.to_string())?;
+    if shard_size % SECTOR_SIZE != 0 {
+        return Err(format!(
+            "--shard-size must be a multiple of {SECTOR_SIZE} (one sector), got {shard_size}"
+        ));
+    }
+    if !(args.seconds > 0.0 && args.seconds <= 600.0) {
+        return Err("--seconds must be more than 0 and at most 600".into());
+    }
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let config =
+        BenchConfig { geometry, duration: std::time::Duration::from_secs_f64(args.seconds), threads };
+    let json = args.json;
+    let results = bench::run(&config, |r| {
+        if !json {
+            eprintln!(
+                "  {} ({} thread{}): {:.2} GiB/s",
+                r.stage,
+                r.threads,
+                if r.threads == 1 { "" } else { "s" },
+                r.gib_per_s()
+            );
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    let out =
+        if json { bench::render_json(&config, &results) } else { bench::render_table(&config, &results) };
+    println!("{}", out.trim_end());
+    Ok(())
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -30,7 +30,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         let scale = 10u128.pow(frac.len() as u32);
         let frac: u128 = frac.parse().map_err(|_| bad())?;
         let total = (u128::from(whole) * scale + frac) << shift;
-        if total % scale != 0 {
+        if !total.is_multiple_of(scale) {
             return Err(format!("{text:?} is not a whole number of bytes"));
         }
         u64::try_from(total / scale).map_err(|_| format!("{text:?} is too large"))?
