@@ -124,6 +124,19 @@ impl Erasure {
         data: &[D],
         parity: &mut [P],
     ) -> Result<(), ErasureError> {
+        self.encode_range(data, parity, 0..self.geometry.shard_size())
+    }
+
+    /// Computes bytes `range` of every parity shard from the same bytes of
+    /// the data shards (Reed-Solomon works column by column, so a stripe
+    /// can be encoded in slices that stay in the CPU's caches). `range`
+    /// must start and end on multiples of [`SHARD_ALIGN`].
+    pub fn encode_range<D: AsRef<[u8]>, P: AsMut<[u8]>>(
+        &mut self,
+        data: &[D],
+        parity: &mut [P],
+        range: std::ops::Range<usize>,
+    ) -> Result<(), ErasureError> {
         let g = self.geometry;
         check_count(data.len(), g.k())?;
         check_count(parity.len(), g.m())?;
@@ -133,22 +146,30 @@ impl Erasure {
         for (i, p) in parity.iter_mut().enumerate() {
             check_len(g.k() + i, p.as_mut().len(), g.shard_size())?;
         }
+        assert!(
+            range.start < range.end
+                && range.end <= g.shard_size()
+                && range.start.is_multiple_of(SHARD_ALIGN)
+                && range.end.is_multiple_of(SHARD_ALIGN),
+            "bad shard range {range:?}"
+        );
         if g.m() == 0 {
             return Ok(());
         }
+        let len = range.end - range.start;
         let encoder = match &mut self.encoder {
             Some(e) => {
-                e.reset(g.k(), g.m(), g.shard_size())?;
+                e.reset(g.k(), g.m(), len)?;
                 e
             }
-            none => none.insert(ReedSolomonEncoder::new(g.k(), g.m(), g.shard_size())?),
+            none => none.insert(ReedSolomonEncoder::new(g.k(), g.m(), len)?),
         };
         for d in data {
-            encoder.add_original_shard(d.as_ref())?;
+            encoder.add_original_shard(&d.as_ref()[range.clone()])?;
         }
         let result = encoder.encode()?;
         for (p, recovery) in parity.iter_mut().zip(result.recovery_iter()) {
-            p.as_mut().copy_from_slice(recovery);
+            p.as_mut()[range.clone()].copy_from_slice(recovery);
         }
         Ok(())
     }
@@ -298,6 +319,20 @@ mod tests {
         assert!(matches!(e.reconstruct(&view[..4], |_, _| ()), Err(ErasureError::ShardCount { .. })));
         let mut parity = vec![vec![0u8; 64]; 1];
         assert!(matches!(e.encode(&shards[..3], &mut parity), Err(ErasureError::ShardCount { .. })));
+    }
+
+    #[test]
+    fn encoding_in_column_slices_equals_encoding_whole_shards() {
+        let g = Geometry::new(5, 3, 64 * 10).unwrap();
+        let mut e = Erasure::new(g);
+        let mut whole = shards_for(g, 7);
+        encode_all(&mut e, &mut whole);
+        let mut sliced = shards_for(g, 7);
+        let (data, parity) = sliced.split_at_mut(5);
+        for (start, end) in [(0, 192), (192, 256), (256, 640)] {
+            e.encode_range(data, parity, start..end).unwrap();
+        }
+        assert_eq!(sliced, whole);
     }
 
     #[test]

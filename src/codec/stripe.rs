@@ -80,7 +80,12 @@ pub struct StripeCodec {
     geometry: Geometry,
     cipher: SectorCipher,
     erasure: Erasure,
+    hashers: Vec<blake3::Hasher>,
 }
+
+/// Bytes of each shard encoded per pass: k + m slices of this size (about
+/// 100 KiB for k=4 m=2) stay in the L2 cache from encryption to hashing.
+const ENCODE_COLUMN: usize = 16 * 1024;
 
 impl StripeCodec {
     /// A codec for stripes of `geometry`, whose shard size must be a whole
@@ -94,7 +99,7 @@ impl StripeCodec {
         if !geometry.shard_size().is_multiple_of(SECTOR_SIZE) {
             return Err(StripeError::ShardNotSectors(geometry.shard_size()));
         }
-        Ok(Self { geometry, cipher, erasure: Erasure::new(geometry) })
+        Ok(Self { geometry, cipher, erasure: Erasure::new(geometry), hashers: Vec::new() })
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -145,15 +150,34 @@ impl StripeCodec {
                 return Err(ErasureError::ShardLength { index, len, expected: size }.into());
             }
         }
+        // Column by column: encrypt a slice of every data shard, erasure-code
+        // those slices, and hash everything written while it is still in
+        // the CPU's caches. The whole stripe never has to come back from
+        // memory for a later stage.
         let per_shard = self.sectors_per_shard();
-        for (i, (plain, shard)) in plaintext.chunks_exact(size).zip(shards.iter_mut()).enumerate() {
-            self.cipher.encrypt(first_sector + i as u64 * per_shard, generation, plain, shard.as_mut());
+        for h in self.hashers.iter_mut() {
+            h.reset();
         }
-        let (data, parity) = shards.split_at_mut(g.k());
-        let data: Vec<&[u8]> = data.iter_mut().map(|s| &*s.as_mut()).collect();
-        self.erasure.encode(&data, parity)?;
-        for (hash, shard) in hashes.iter_mut().zip(shards.iter_mut()) {
-            *hash = ShardHash::of(shard.as_mut());
+        self.hashers.resize_with(g.shards(), blake3::Hasher::new);
+        let mut start = 0;
+        while start < size {
+            let end = (start + ENCODE_COLUMN).min(size);
+            for (i, shard) in shards.iter_mut().enumerate().take(g.k()) {
+                let slice = &mut shard.as_mut()[start..end];
+                let first = first_sector + i as u64 * per_shard + (start / SECTOR_SIZE) as u64;
+                self.cipher.encrypt(first, generation, &plaintext[i * size + start..i * size + end], slice);
+                self.hashers[i].update(slice);
+            }
+            let (data, parity) = shards.split_at_mut(g.k());
+            let data: Vec<&[u8]> = data.iter_mut().map(|s| &*s.as_mut()).collect();
+            self.erasure.encode_range(&data, parity, start..end)?;
+            for (p, shard) in parity.iter_mut().enumerate() {
+                self.hashers[g.k() + p].update(&shard.as_mut()[start..end]);
+            }
+            start = end;
+        }
+        for (hash, hasher) in hashes.iter_mut().zip(&self.hashers) {
+            *hash = ShardHash(*hasher.finalize().as_bytes());
         }
         Ok(())
     }
