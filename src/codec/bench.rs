@@ -174,6 +174,54 @@ fn measure(
     StageResult { stage, threads: 1, bytes: rounds * bytes_per_round, seconds: start.elapsed().as_secs_f64() }
 }
 
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most
+    // size_of::<cpu_set_t>() bytes into it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+    }
+}
+
+/// Pins the calling thread to one CPU until dropped, then restores the
+/// thread's previous CPU set. Pinning is best effort: without it the
+/// numbers are only noisier.
+struct Pinned(Option<libc::cpu_set_t>);
+
+impl Pinned {
+    fn to(cpu: Option<usize>) -> Self {
+        let Some(cpu) = cpu else { return Self(None) };
+        // SAFETY: as in `allowed_cpus`; sched_setaffinity reads the set.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
+                return Self(None);
+            }
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+                return Self(None);
+            }
+            Self(Some(old))
+        }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            // SAFETY: restores the set read in `Pinned::to`.
+            unsafe {
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), old);
+            }
+        }
+    }
+}
+
 fn measure_threads<F: FnMut() + Send>(
     stage: &'static str,
     duration: Duration,
@@ -183,12 +231,17 @@ fn measure_threads<F: FnMut() + Send>(
 ) -> StageResult {
     let workers: Vec<F> = (0..threads).map(|_| make()).collect();
     let barrier = std::sync::Barrier::new(threads);
+    let cpus = allowed_cpus();
     let (rounds, seconds) = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .into_iter()
-            .map(|mut round| {
+            .enumerate()
+            .map(|(i, mut round)| {
                 let barrier = &barrier;
+                // Distinct CPUs while there are enough; otherwise unpinned.
+                let cpu = if threads <= cpus.len() { cpus.get(i).copied() } else { None };
                 scope.spawn(move || {
+                    let _pin = Pinned::to(cpu);
                     round();
                     barrier.wait();
                     let start = Instant::now();
