@@ -141,6 +141,17 @@ pub fn run(
             codec.decode(&degraded, &hashes, 0, 1, &mut buf).expect("enough shards");
             black_box(&buf);
         }));
+        if config.threads > 1 {
+            record(measure_threads("degraded read", config.duration, stripe, config.threads, || {
+                let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
+                let mut buf = vec![0u8; g.stripe_size()];
+                let (degraded, hashes) = (&degraded, &hashes);
+                move || {
+                    codec.decode(degraded, hashes, 0, 1, &mut buf).expect("enough shards");
+                    black_box(&buf);
+                }
+            }));
+        }
     }
     debug_assert_eq!(buf, plain);
     Ok(results)
@@ -373,6 +384,7 @@ mod tests {
                 ("read pipeline", 1),
                 ("read pipeline", 2),
                 ("degraded read", 1),
+                ("degraded read", 2),
             ]
         );
         assert_eq!(seen, results.len());

@@ -87,6 +87,9 @@ pub struct StripeCodec {
 /// 100 KiB for k=4 m=2) stay in the L2 cache from encryption to hashing.
 const ENCODE_COLUMN: usize = 16 * 1024;
 
+/// Bytes of a data shard hashed and decrypted per pass when reading.
+const DECODE_COLUMN: usize = 16 * 1024;
+
 impl StripeCodec {
     /// A codec for stripes of `geometry`, whose shard size must be a whole
     /// number of sectors.
@@ -99,7 +102,7 @@ impl StripeCodec {
         if !geometry.shard_size().is_multiple_of(SECTOR_SIZE) {
             return Err(StripeError::ShardNotSectors(geometry.shard_size()));
         }
-        Ok(Self { geometry, cipher, erasure: Erasure::new(geometry), hashers: Vec::new() })
+        Ok(Self { geometry, cipher, erasure: Erasure::new(geometry), hashers: vec![blake3::Hasher::new()] })
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -187,7 +190,7 @@ impl StripeCodec {
     /// against `expected` hashes (from the stripe map); a shard that fails
     /// is treated as missing and reported in [`DecodeReport::corrupt`].
     /// Parity shards are hashed and decoded only when a data shard is
-    /// missing or bad.
+    /// missing or bad. On error, `out` holds unspecified bytes.
     pub fn decode(
         &mut self,
         shards: &[Option<&[u8]>],
@@ -209,27 +212,47 @@ impl StripeCodec {
 
         let mut report = DecodeReport::default();
         let mut usable: Vec<Option<&[u8]>> = vec![None; g.shards()];
-        let good = |index: usize, report: &mut DecodeReport| -> Option<&[u8]> {
-            let shard = shards[index]?;
-            if shard.len() == size && expected[index].matches(shard) {
-                Some(shard)
-            } else {
-                report.corrupt.insert(index);
-                None
-            }
-        };
+        let per_shard = self.sectors_per_shard();
+        let cipher = &self.cipher;
+        let mut outs: Vec<&mut [u8]> = out.chunks_exact_mut(size).collect();
         let mut count = 0;
-        for (index, slot) in usable.iter_mut().enumerate().take(g.k()) {
-            *slot = good(index, &mut report);
-            count += usize::from(slot.is_some());
+        // Data shards: hash and decrypt column by column, so each byte is
+        // read from memory once; a shard whose hash then fails is dropped
+        // and its output slice rebuilt below.
+        for (i, slot) in usable.iter_mut().enumerate().take(g.k()) {
+            let Some(shard) = shards[i] else { continue };
+            if shard.len() != size {
+                report.corrupt.insert(i);
+                continue;
+            }
+            let hasher = &mut self.hashers[0];
+            hasher.reset();
+            let first = first_sector + i as u64 * per_shard;
+            for (c, (piece, out)) in
+                shard.chunks(DECODE_COLUMN).zip(outs[i].chunks_mut(DECODE_COLUMN)).enumerate()
+            {
+                hasher.update(piece);
+                cipher.decrypt(first + (c * DECODE_COLUMN / SECTOR_SIZE) as u64, generation, piece, out);
+            }
+            if blake3::Hash::from_bytes(expected[i].0) == hasher.finalize() {
+                *slot = Some(shard);
+                count += 1;
+            } else {
+                report.corrupt.insert(i);
+            }
         }
-        // Only as many parity shards as there are data shards to replace.
+        // Parity shards: only as many as there are data shards to replace.
         for (index, slot) in usable.iter_mut().enumerate().skip(g.k()) {
             if count == g.k() {
                 break;
             }
-            *slot = good(index, &mut report);
-            count += usize::from(slot.is_some());
+            let Some(shard) = shards[index] else { continue };
+            if shard.len() == size && expected[index].matches(shard) {
+                *slot = Some(shard);
+                count += 1;
+            } else {
+                report.corrupt.insert(index);
+            }
         }
         if count < g.k() {
             let given = shards.iter().filter(|s| s.is_some()).count();
@@ -239,15 +262,6 @@ impl StripeCodec {
                 corrupt: report.corrupt.len(),
                 missing: g.shards() - given,
             });
-        }
-
-        let per_shard = self.sectors_per_shard();
-        let cipher = &self.cipher;
-        let mut outs: Vec<&mut [u8]> = out.chunks_exact_mut(size).collect();
-        for (i, shard) in usable.iter().enumerate().take(g.k()) {
-            if let Some(shard) = shard {
-                cipher.decrypt(first_sector + i as u64 * per_shard, generation, shard, outs[i]);
-            }
         }
         let rebuilt = &mut report.rebuilt;
         self.erasure.reconstruct(&usable, |i, bytes| {

@@ -337,7 +337,6 @@ mod x86 {
                 for (c, tc) in t.iter_mut().enumerate() {
                     let at = c * QUARTER + i;
                     _mm512_store_si512(tp.add(at), *tc);
-                    _mm512_storeu_si512(dp.add(at), _mm512_xor_si512(_mm512_loadu_si512(sp.add(at)), *tc));
                     let top = _mm512_shuffle_epi32(_mm512_srli_epi64(*tc, 60), _MM_PERM_BADC);
                     let fold = _mm512_xor_si512(
                         _mm512_xor_si512(_mm512_slli_epi64(top, 1), _mm512_slli_epi64(top, 2)),
@@ -346,6 +345,13 @@ mod x86 {
                     let carry = _mm512_xor_si512(top, _mm512_and_si512(fold, lo_half));
                     *tc = _mm512_xor_si512(_mm512_slli_epi64(*tc, 4), carry);
                 }
+            }
+            // Then one sequential pass over the data.
+            for at in 0..SECTOR_SIZE / 64 {
+                _mm512_storeu_si512(
+                    dp.add(at),
+                    _mm512_xor_si512(_mm512_loadu_si512(sp.add(at)), _mm512_load_si512(tp.add(at))),
+                );
             }
         }
     }
