@@ -51,7 +51,7 @@ pub fn run(
     let key = VolumeKey::generate().expect("the OS random number generator works");
     let cipher = SectorCipher::new(&key);
     let mut codec = StripeCodec::with_cipher(cipher.clone(), g)?;
-    let plain = pattern(g.stripe_size());
+    let plain = pattern(g.stripe_size(), 0x9e37_79b9_7f4a_7c15);
     let mut shards = vec![vec![0u8; g.shard_size()]; g.shards()];
     let mut hashes = vec![ShardHash::default(); g.shards()];
     codec.encode(&plain, 0, 1, &mut shards, &mut hashes)?;
@@ -157,8 +157,10 @@ pub fn run(
     Ok(results)
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+/// `len` pseudo-random bytes (xorshift64 from `seed`): test and benchmark
+/// data that compresses and repeats nowhere.
+pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;

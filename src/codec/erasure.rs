@@ -245,6 +245,7 @@ fn check_len(index: usize, len: usize, expected: usize) -> Result<(), ErasureErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::bench::pattern;
     use proptest::prelude::*;
 
     #[test]
@@ -264,22 +265,14 @@ mod tests {
         assert_eq!((g.k(), g.m(), g.shards(), g.shard_size(), g.stripe_size()), (4, 2, 6, 1024, 4096));
     }
 
+    /// Random data shards, zeroed parity shards.
     fn shards_for(g: Geometry, seed: u64) -> Vec<Vec<u8>> {
-        let mut x = seed | 1;
         (0..g.shards())
-            .map(|i| {
-                if i >= g.k() {
-                    return vec![0; g.shard_size()];
-                }
-                (0..g.shard_size())
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect()
-            })
+            .map(
+                |i| {
+                    if i < g.k() { pattern(g.shard_size(), seed ^ i as u64) } else { vec![0; g.shard_size()] }
+                },
+            )
             .collect()
     }
 

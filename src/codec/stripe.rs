@@ -282,17 +282,7 @@ mod tests {
         VolumeKey::from_bytes(&b).unwrap()
     }
 
-    fn plaintext(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::codec::bench::pattern as plaintext;
 
     fn encode(c: &mut StripeCodec, plain: &[u8], first: u64, gen_: u64) -> (Vec<Vec<u8>>, Vec<ShardHash>) {
         let g = c.geometry();
