@@ -118,11 +118,28 @@ impl StripeCodec {
         (self.geometry.shard_size() / SECTOR_SIZE) as u64
     }
 
-    fn check_sectors(&self, first_sector: u64) -> Result<(), StripeError> {
-        match first_sector.checked_add(self.sectors_per_stripe()) {
-            Some(_) => Ok(()),
-            None => Err(StripeError::SectorOverflow { first_sector }),
+    /// Checks a call's buffers against the geometry: the stripe buffer's
+    /// length, the sector range, and the number of shards and hashes.
+    fn check_shape(
+        &self,
+        stripe: usize,
+        first_sector: u64,
+        shards: usize,
+        hashes: usize,
+    ) -> Result<(), StripeError> {
+        let g = self.geometry;
+        if stripe != g.stripe_size() {
+            return Err(StripeError::StripeLength { expected: g.stripe_size(), got: stripe });
         }
+        if first_sector.checked_add(self.sectors_per_stripe()).is_none() {
+            return Err(StripeError::SectorOverflow { first_sector });
+        }
+        for got in [shards, hashes] {
+            if got != g.shards() {
+                return Err(ErasureError::ShardCount { expected: g.shards(), got }.into());
+            }
+        }
+        Ok(())
     }
 
     /// Encrypts `plaintext` (one whole stripe whose first sector is
@@ -139,14 +156,7 @@ impl StripeCodec {
     ) -> Result<(), StripeError> {
         let g = self.geometry;
         let size = g.shard_size();
-        if plaintext.len() != g.stripe_size() {
-            return Err(StripeError::StripeLength { expected: g.stripe_size(), got: plaintext.len() });
-        }
-        self.check_sectors(first_sector)?;
-        if shards.len() != g.shards() || hashes.len() != g.shards() {
-            let got = if shards.len() != g.shards() { shards.len() } else { hashes.len() };
-            return Err(ErasureError::ShardCount { expected: g.shards(), got }.into());
-        }
+        self.check_shape(plaintext.len(), first_sector, shards.len(), hashes.len())?;
         for (index, s) in shards.iter_mut().enumerate() {
             let len = s.as_mut().len();
             if len != size {
@@ -201,14 +211,7 @@ impl StripeCodec {
     ) -> Result<DecodeReport, StripeError> {
         let g = self.geometry;
         let size = g.shard_size();
-        if out.len() != g.stripe_size() {
-            return Err(StripeError::StripeLength { expected: g.stripe_size(), got: out.len() });
-        }
-        self.check_sectors(first_sector)?;
-        if shards.len() != g.shards() || expected.len() != g.shards() {
-            let got = if shards.len() != g.shards() { shards.len() } else { expected.len() };
-            return Err(ErasureError::ShardCount { expected: g.shards(), got }.into());
-        }
+        self.check_shape(out.len(), first_sector, shards.len(), expected.len())?;
 
         let mut report = DecodeReport::default();
         let mut usable: Vec<Option<&[u8]>> = vec![None; g.shards()];
