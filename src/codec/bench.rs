@@ -12,7 +12,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use super::erasure::{Erasure, Geometry};
-use super::key::VolumeKey;
+use super::key::{KeyError, VolumeKey};
 use super::shard::ShardHash;
 use super::stripe::{StripeCodec, StripeError};
 use super::xts::{SECTOR_SIZE, SectorCipher};
@@ -25,6 +25,14 @@ pub struct BenchConfig {
     pub duration: Duration,
     /// Threads for the all-cores pipeline stages.
     pub threads: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Stripe(#[from] StripeError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// One measured stage.
@@ -46,9 +54,12 @@ impl StageResult {
 pub fn run(
     config: &BenchConfig,
     mut progress: impl FnMut(&StageResult),
-) -> Result<Vec<StageResult>, StripeError> {
+) -> Result<Vec<StageResult>, BenchError> {
+    // Read the CPU set before pinning this thread to the first of them.
+    let cpus = allowed_cpus();
+    let _pin = Pinned::to(cpus.first().copied());
     let g = config.geometry;
-    let key = VolumeKey::generate().expect("the OS random number generator works");
+    let key = VolumeKey::generate()?;
     let cipher = SectorCipher::new(&key);
     let mut codec = StripeCodec::with_cipher(cipher.clone(), g)?;
     let plain = pattern(g.stripe_size(), 0x9e37_79b9_7f4a_7c15);
@@ -106,7 +117,7 @@ pub fn run(
         black_box(&out_shards);
     }));
     if config.threads > 1 {
-        record(measure_threads("encode pipeline", config.duration, stripe, config.threads, || {
+        record(measure_threads("encode pipeline", config.duration, stripe, config.threads, &cpus, || {
             let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
             let mut shards = vec![vec![0u8; g.shard_size()]; g.shards()];
             let mut hashes = vec![ShardHash::default(); g.shards()];
@@ -124,7 +135,7 @@ pub fn run(
         black_box(&buf);
     }));
     if config.threads > 1 {
-        record(measure_threads("read pipeline", config.duration, stripe, config.threads, || {
+        record(measure_threads("read pipeline", config.duration, stripe, config.threads, &cpus, || {
             let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
             let mut buf = vec![0u8; g.stripe_size()];
             let (whole, hashes) = (&whole, &hashes);
@@ -142,7 +153,7 @@ pub fn run(
             black_box(&buf);
         }));
         if config.threads > 1 {
-            record(measure_threads("degraded read", config.duration, stripe, config.threads, || {
+            record(measure_threads("degraded read", config.duration, stripe, config.threads, &cpus, || {
                 let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
                 let mut buf = vec![0u8; g.stripe_size()];
                 let (degraded, hashes) = (&degraded, &hashes);
@@ -207,16 +218,29 @@ struct Pinned(Option<libc::cpu_set_t>);
 
 impl Pinned {
     fn to(cpu: Option<usize>) -> Self {
-        let Some(cpu) = cpu else { return Self(None) };
+        match cpu {
+            Some(cpu) => Self::to_set(&[cpu]),
+            None => Self(None),
+        }
+    }
+
+    /// Restricts the calling thread to `cpus` (threads start with their
+    /// creator's set, which here is the one pinned CPU).
+    fn to_set(cpus: &[usize]) -> Self {
+        if cpus.is_empty() {
+            return Self(None);
+        }
         // SAFETY: as in `allowed_cpus`; sched_setaffinity reads the set.
         unsafe {
             let mut old: libc::cpu_set_t = std::mem::zeroed();
             if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) != 0 {
                 return Self(None);
             }
-            let mut one: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut one);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one) != 0 {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for &cpu in cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
                 return Self(None);
             }
             Self(Some(old))
@@ -240,22 +264,29 @@ fn measure_threads<F: FnMut() + Send>(
     duration: Duration,
     bytes_per_round: u64,
     threads: usize,
+    cpus: &[usize],
     make: impl Fn() -> F,
 ) -> StageResult {
-    let workers: Vec<F> = (0..threads).map(|_| make()).collect();
+    let mut workers: Vec<F> = (0..threads).map(|_| make()).collect();
+    // Warm up here, before any thread waits on the barrier: a round that
+    // panics must not leave the others waiting for ever.
+    for round in &mut workers {
+        round();
+    }
     let barrier = std::sync::Barrier::new(threads);
-    let cpus = allowed_cpus();
     let (rounds, seconds) = std::thread::scope(|scope| {
         let handles: Vec<_> = workers
             .into_iter()
             .enumerate()
             .map(|(i, mut round)| {
                 let barrier = &barrier;
-                // Distinct CPUs while there are enough; otherwise unpinned.
+                // Distinct CPUs while there are enough; otherwise any of them.
                 let cpu = if threads <= cpus.len() { cpus.get(i).copied() } else { None };
                 scope.spawn(move || {
-                    let _pin = Pinned::to(cpu);
-                    round();
+                    let _pin = match cpu {
+                        Some(cpu) => Pinned::to(Some(cpu)),
+                        None => Pinned::to_set(cpus),
+                    };
                     barrier.wait();
                     let start = Instant::now();
                     let mut rounds = 0u64;

@@ -152,9 +152,13 @@ impl VolumeKey {
                     KeyError::Write { path: path.to_owned(), source }
                 }
             })?;
-        let write_err = |source| KeyError::Write { path: path.to_owned(), source };
-        file.write_all(&self.bytes[..]).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
+        let written = file.write_all(&self.bytes[..]).and_then(|()| file.sync_all());
+        if let Err(source) = written {
+            // A partial key file is useless and would block the next try.
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(KeyError::Write { path: path.to_owned(), source });
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Ok(d) = std::fs::File::open(dir)
         {
@@ -235,8 +239,10 @@ impl KdfParams {
     /// Lowest memory cost accepted from a stored volume: 8 MiB. Anything
     /// cheaper is a sign of tampering or a mistake, not a choice.
     pub const MIN_MEMORY_KIB: u32 = 8 * 1024;
-    /// Highest memory cost accepted: 4 GiB.
-    pub const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    /// Highest memory cost accepted: 1 GiB (Argon2 aborts the process if
+    /// its memory cannot be allocated, so stored parameters must not be able
+    /// to ask for more than an ordinary machine has).
+    pub const MAX_MEMORY_KIB: u32 = 1024 * 1024;
 
     /// Fresh parameters with a random salt and the default cost.
     pub fn generate() -> Result<Self, KeyError> {
@@ -259,8 +265,8 @@ impl KdfParams {
                 Self::MAX_MEMORY_KIB
             )));
         }
-        if !(1..=64).contains(&self.iterations) {
-            return Err(KeyError::KdfParams(format!("{} iterations is outside 1..=64", self.iterations)));
+        if !(1..=16).contains(&self.iterations) {
+            return Err(KeyError::KdfParams(format!("{} iterations is outside 1..=16", self.iterations)));
         }
         if !(1..=16).contains(&self.parallelism) {
             return Err(KeyError::KdfParams(format!("parallelism {} is outside 1..=16", self.parallelism)));

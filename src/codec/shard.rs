@@ -28,7 +28,9 @@
 
 use std::fmt;
 
-use super::erasure::{Geometry, GeometryError, MAX_SHARD_SIZE, SHARD_ALIGN};
+use super::erasure::{
+    Geometry, GeometryError, MAX_DATA_SHARDS, MAX_PARITY_SHARDS, MAX_SHARD_SIZE, SHARD_ALIGN,
+};
 use super::key::VOLUME_ID_LEN;
 
 /// The first four bytes of every shard.
@@ -99,8 +101,10 @@ pub enum ShardError {
     HeaderLength(u16),
     #[error("shard header is damaged (header check mismatch)")]
     HeaderCheck,
-    #[error("shard header has non-zero reserved bits (flags {flags:#04x})")]
-    Reserved { flags: u8 },
+    #[error("shard header has unknown flags {0:#04x}")]
+    Flags(u8),
+    #[error("shard header has non-zero reserved bytes (offsets 80..88)")]
+    ReservedBytes,
     #[error("shard header geometry: {0}")]
     Geometry(#[from] GeometryError),
     #[error("shard index {index} is out of range for k={k} m={m}")]
@@ -121,15 +125,20 @@ impl ShardHeader {
 
     /// Checks the fields' ranges (everything except the payload).
     pub fn validate(&self) -> Result<(), ShardError> {
-        if self.payload_len == 0 || !(self.payload_len as usize).is_multiple_of(SHARD_ALIGN) {
-            return Err(ShardError::PayloadLength(self.payload_len));
+        // In the order docs/formats.md gives: k and m, index, payload length.
+        let (k, m) = (usize::from(self.k), usize::from(self.m));
+        if !(1..=MAX_DATA_SHARDS).contains(&k) {
+            return Err(GeometryError::DataShards(k).into());
         }
-        if self.payload_len as usize > MAX_SHARD_SIZE {
-            return Err(ShardError::PayloadLength(self.payload_len));
+        if m > MAX_PARITY_SHARDS {
+            return Err(GeometryError::ParityShards(m).into());
         }
-        let g = self.geometry()?;
-        if usize::from(self.index) >= g.shards() {
+        if usize::from(self.index) >= k + m {
             return Err(ShardError::Index { index: self.index, k: self.k, m: self.m });
+        }
+        let len = self.payload_len as usize;
+        if len == 0 || !len.is_multiple_of(SHARD_ALIGN) || len > MAX_SHARD_SIZE {
+            return Err(ShardError::PayloadLength(self.payload_len));
         }
         Ok(())
     }
@@ -187,9 +196,11 @@ impl ShardHeader {
         if header_check(&b[..CHECKED_LEN]) != b[CHECKED_LEN..HEADER_LEN] {
             return Err(ShardError::HeaderCheck);
         }
-        let flags = b[43];
-        if flags != 0 || b[80..88].iter().any(|&x| x != 0) {
-            return Err(ShardError::Reserved { flags });
+        if b[43] != 0 {
+            return Err(ShardError::Flags(b[43]));
+        }
+        if b[80..88].iter().any(|&x| x != 0) {
+            return Err(ShardError::ReservedBytes);
         }
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
         let header = Self {
@@ -301,12 +312,33 @@ mod tests {
         assert_eq!(edit(&|b| b[4] = 2, false), ShardError::UnsupportedVersion(2));
         assert_eq!(edit(&|b| b[6] = 64, false), ShardError::HeaderLength(64));
         assert_eq!(edit(&|b| b[30] ^= 1, false), ShardError::HeaderCheck);
-        assert_eq!(edit(&|b| b[43] = 1, true), ShardError::Reserved { flags: 1 });
-        assert_eq!(edit(&|b| b[85] = 1, true), ShardError::Reserved { flags: 0 });
+        assert_eq!(edit(&|b| b[43] = 1, true), ShardError::Flags(1));
+        assert_eq!(edit(&|b| b[85] = 1, true), ShardError::ReservedBytes);
         assert_eq!(edit(&|b| b[41] = 0, true), ShardError::Geometry(GeometryError::DataShards(0)));
         assert_eq!(edit(&|b| b[42] = 33, true), ShardError::Geometry(GeometryError::ParityShards(33)));
         assert_eq!(edit(&|b| b[40] = 6, true), ShardError::Index { index: 6, k: 4, m: 2 });
         assert_eq!(edit(&|b| b[44] = 65, true), ShardError::PayloadLength(65));
+        // Several faults at once: the first in the documented order wins.
+        assert_eq!(
+            edit(
+                &|b| {
+                    b[41] = 0;
+                    b[44] = 65
+                },
+                true
+            ),
+            ShardError::Geometry(GeometryError::DataShards(0))
+        );
+        assert_eq!(
+            edit(
+                &|b| {
+                    b[40] = 9;
+                    b[44] = 65
+                },
+                true
+            ),
+            ShardError::Index { index: 9, k: 4, m: 2 }
+        );
         assert_eq!(
             edit(&|b| b[44..48].copy_from_slice(&0u32.to_le_bytes()), true),
             ShardError::PayloadLength(0)

@@ -37,12 +37,15 @@ pub enum StripeError {
 pub struct ShardSet(u128);
 
 impl ShardSet {
+    /// # Panics
+    /// If `index` is 128 or more (no stripe has that many shards).
     pub fn insert(&mut self, index: usize) {
+        assert!(index < 128, "shard index {index} out of range");
         self.0 |= 1 << index;
     }
 
     pub fn contains(&self, index: usize) -> bool {
-        self.0 & (1 << index) != 0
+        index < 128 && self.0 & (1 << index) != 0
     }
 
     pub fn len(&self) -> usize {
@@ -200,8 +203,25 @@ impl StripeCodec {
     /// against `expected` hashes (from the stripe map); a shard that fails
     /// is treated as missing and reported in [`DecodeReport::corrupt`].
     /// Parity shards are hashed and decoded only when a data shard is
-    /// missing or bad. On error, `out` holds unspecified bytes.
+    /// missing or bad. On error, `out` is zeroed.
     pub fn decode(
+        &mut self,
+        shards: &[Option<&[u8]>],
+        expected: &[ShardHash],
+        first_sector: u64,
+        generation: u64,
+        out: &mut [u8],
+    ) -> Result<DecodeReport, StripeError> {
+        let result = self.decode_into(shards, expected, first_sector, generation, out);
+        if result.is_err() {
+            // Data shards are decrypted before their hash is known good; never
+            // leave a caller holding plaintext of shards that failed.
+            out.fill(0);
+        }
+        result
+    }
+
+    fn decode_into(
         &mut self,
         shards: &[Option<&[u8]>],
         expected: &[ShardHash],
@@ -362,6 +382,24 @@ mod tests {
         assert_ne!(out, plain);
         StripeCodec::new(&key(2), g).unwrap().decode(&view, &hashes, 0, 5, &mut out).unwrap();
         assert_ne!(out, plain);
+    }
+
+    #[test]
+    fn a_failed_decode_leaves_no_plaintext_behind() {
+        let g = Geometry::new(2, 1, SECTOR_SIZE).unwrap();
+        let mut c = StripeCodec::new(&key(6), g).unwrap();
+        let plain = plaintext(g.stripe_size(), 6);
+        let (mut shards, hashes) = encode(&mut c, &plain, 0, 1);
+        shards[1][7] ^= 1; // data shard 1 corrupt, parity missing: unrecoverable
+        let view = [Some(shards[0].as_slice()), Some(shards[1].as_slice()), None];
+        let mut out = vec![0xeeu8; g.stripe_size()];
+        let err = c.decode(&view, &hashes, 0, 1, &mut out).unwrap_err();
+        assert!(
+            matches!(err, StripeError::Unrecoverable { usable: 1, needed: 2, corrupt: 1, missing: 1 }),
+            "{err}"
+        );
+        assert!(out.iter().all(|&b| b == 0), "data shard 0 was decrypted into out and must be wiped");
+        assert!(!ShardSet::default().contains(500));
     }
 
     #[test]

@@ -120,7 +120,9 @@ impl SectorCipher {
     /// number `first_sector`, the next `first_sector + 1`, and so on.
     ///
     /// # Panics
-    /// If the lengths differ or are not a multiple of [`SECTOR_SIZE`].
+    /// If the lengths differ or are not a multiple of [`SECTOR_SIZE`], or if
+    /// the sector numbers would pass `u64::MAX` (callers check the range:
+    /// `StripeCodec` returns `SectorOverflow`).
     pub fn encrypt(&self, first_sector: u64, generation: u64, plain: &[u8], out: &mut [u8]) {
         self.sectors(Direction::Encrypt, first_sector, generation, Some(plain), out);
     }
