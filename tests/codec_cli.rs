@@ -49,6 +49,7 @@ fn bench_codec_json_reports_every_stage() {
     for stage in [
         "encrypt",
         "decrypt",
+        "aes-256 without xts",
         "erasure encode",
         "erasure decode (degraded)",
         "hash (blake3)",
