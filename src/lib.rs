@@ -13,11 +13,13 @@
 //!
 //! Modules follow the data: [`nbd`] speaks the protocol, [`backend`] is the
 //! seam the storage plugs into, [`codec`] turns plaintext stripes into
-//! encrypted, erasure-coded, hashed shards and back, [`uring`] is the one io_uring driver that
+//! encrypted, erasure-coded, hashed shards and back, [`meta`] is the
+//! directory's versioned key-value store (compare-and-set, leases), [`uring`] is the one io_uring driver that
 //! every on-disk component shares, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
 
 pub mod backend;
 pub mod codec;
+pub mod meta;
 pub mod nbd;
 pub mod pool;
 pub mod size;
