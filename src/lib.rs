@@ -15,7 +15,7 @@
 //! seam the storage plugs into, [`codec`] turns plaintext stripes into
 //! encrypted, erasure-coded, hashed shards and back, [`meta`] is the
 //! directory's versioned key-value store (compare-and-set, leases), [`uring`] is the one io_uring driver that
-//! every on-disk component shares, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
+//! every on-disk component shares, [`store`] is a peer's shard store, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
 
 pub mod backend;
 pub mod codec;
@@ -23,4 +23,5 @@ pub mod meta;
 pub mod nbd;
 pub mod pool;
 pub mod size;
+pub mod store;
 pub mod uring;

@@ -1,0 +1,563 @@
+//! The peer's shard store: shards kept on this machine's disk for others.
+//!
+//! Layout under the store's folder (drawn in docs/formats.md):
+//!
+//! ```text
+//! segments/00000001.seg   shards appended back to back, each exactly as
+//! segments/00000002.seg   sent (96-byte header + payload); a new segment
+//! ...                     starts when one passes SEGMENT_LIMIT
+//! index.redb              shard key → (segment, offset, length);
+//!                         per volume the newest fencing epoch; bytes used
+//! ```
+//!
+//! **Durability, written once** ([`ShardStore::put`]): verify the shard (its
+//! header and payload hash), append it to the current segment through the
+//! io_uring driver, `fdatasync` the segment, then commit the index entry
+//! (redb commits are durable); only then is the put acknowledged. A crash
+//! before the index commit leaves unindexed bytes in a segment and nothing
+//! else: the shard was never acknowledged.
+//!
+//! **Deleting** removes the index entry and punches a hole over the shard's
+//! bytes, so the space returns to the filesystem at once.
+//!
+//! **Trust**: every read verifies the shard again (header check, payload
+//! hash, and that it is the shard asked for); a shard that fails is
+//! reported as corrupt, never returned. A store that hits an I/O error on a
+//! write or sync is poisoned: every later call fails, because what reached
+//! the disk is no longer known.
+//!
+//! **Fencing**: a put carries the volume's fencing epoch; the store keeps
+//! the newest epoch it has seen per volume and refuses older ones, so a
+//! writer whose volume lease was taken over cannot write any more.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::Mutex;
+
+use crate::codec::key::VOLUME_ID_LEN;
+use crate::codec::shard::{ShardError, ShardHeader, parse_shard};
+use crate::uring::{RegisteredFile, Uring};
+
+/// A segment is closed and a new one started once it reaches this size.
+pub const SEGMENT_LIMIT: u64 = 1 << 30;
+
+const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
+const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// Which shard: volume, stripe, generation, index in the stripe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardKey {
+    pub volume: [u8; VOLUME_ID_LEN],
+    pub stripe: u64,
+    pub generation: u64,
+    pub index: u8,
+}
+
+impl ShardKey {
+    pub fn of(h: &ShardHeader) -> Self {
+        Self { volume: h.volume_id, stripe: h.stripe, generation: h.generation, index: h.index }
+    }
+
+    /// Big-endian, so the index sorts by volume, stripe, generation, index.
+    fn encode(&self) -> [u8; 33] {
+        let mut b = [0u8; 33];
+        b[..16].copy_from_slice(&self.volume);
+        b[16..24].copy_from_slice(&self.stripe.to_be_bytes());
+        b[24..32].copy_from_slice(&self.generation.to_be_bytes());
+        b[32] = self.index;
+        b
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        Self {
+            volume: b[..16].try_into().expect("16 bytes"),
+            stripe: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
+            generation: u64::from_be_bytes(b[24..32].try_into().expect("8 bytes")),
+            index: b[32],
+        }
+    }
+}
+
+/// Where a shard's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Location {
+    segment: u32,
+    offset: u64,
+    len: u32,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.segment.to_le_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        b[12..16].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        Self {
+            segment: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
+            offset: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("shard refused: {0}")]
+    BadShard(#[from] ShardError),
+    #[error("store is full: {used} of {capacity} bytes used, this shard needs {need} more")]
+    Full { used: u64, capacity: u64, need: u64 },
+    #[error(
+        "fenced: epoch {got} is older than epoch {newest} already seen for this volume (another writer took the volume over)"
+    )]
+    Fenced { got: u64, newest: u64 },
+    #[error("no such shard {0:?}")]
+    NotFound(ShardKey),
+    #[error("stored shard {key:?} is corrupt: {source}")]
+    Corrupt { key: ShardKey, source: ShardError },
+    #[error(
+        "store at {path} is poisoned by an earlier I/O error ({first}); it serves nothing until restarted and checked"
+    )]
+    Poisoned { path: PathBuf, first: String },
+    #[error("store I/O at {path}: {message}")]
+    Io { path: PathBuf, message: String },
+}
+
+/// The shard store. Cheap to clone.
+#[derive(Clone)]
+pub struct ShardStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    ring: Uring,
+    db: Database,
+    capacity: u64,
+    segment_limit: u64,
+    /// Appends are serialised (one segment tail).
+    tail: Mutex<Tail>,
+    /// Open segments for reads and hole punching.
+    segments: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
+    poisoned: AtomicBool,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+struct Tail {
+    segment: u32,
+    file: Arc<RegisteredFile>,
+    end: u64,
+}
+
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ShardStore({})", self.inner.dir.display())
+    }
+}
+
+fn segment_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join("segments").join(format!("{id:08}.seg"))
+}
+
+impl ShardStore {
+    /// Opens (or creates) the store in `dir`, holding at most `capacity`
+    /// bytes of shards (headers included).
+    pub fn open(ring: &Uring, dir: &Path, capacity: u64) -> Result<Self, StoreError> {
+        Self::open_with_segment_limit(ring, dir, capacity, SEGMENT_LIMIT)
+    }
+
+    fn open_with_segment_limit(
+        ring: &Uring,
+        dir: &Path,
+        capacity: u64,
+        segment_limit: u64,
+    ) -> Result<Self, StoreError> {
+        let io = |e: &dyn std::fmt::Display| StoreError::Io { path: dir.to_owned(), message: e.to_string() };
+        std::fs::create_dir_all(dir.join("segments")).map_err(|e| io(&e))?;
+        let db = Database::create(dir.join("index.redb")).map_err(|e| io(&e))?;
+        let txn = db.begin_write().map_err(|e| io(&e))?;
+        let segment = {
+            txn.open_table(INDEX).map_err(|e| io(&e))?;
+            txn.open_table(EPOCHS).map_err(|e| io(&e))?;
+            let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
+            let seg = c.get("segment").map_err(|e| io(&e))?.map(|v| v.value());
+            match seg {
+                Some(s) => s as u32,
+                None => {
+                    c.insert("segment", 1).map_err(|e| io(&e))?;
+                    1
+                }
+            }
+        };
+        txn.commit().map_err(|e| io(&e))?;
+        let (file, end) = open_segment(ring, dir, segment)?;
+        let file = Arc::new(file);
+        let mut segments = HashMap::new();
+        segments.insert(segment, file.clone());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                ring: ring.clone(),
+                db,
+                capacity,
+                segment_limit,
+                tail: Mutex::new(Tail { segment, file, end }),
+                segments: std::sync::Mutex::new(segments),
+                poisoned: AtomicBool::new(false),
+                first_error: std::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// Bytes of shards stored (headers included).
+    pub fn used(&self) -> Result<u64, StoreError> {
+        self.check()?;
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
+        Ok(c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value()))
+    }
+
+    fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io { path: self.inner.dir.clone(), message: e.to_string() }
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.inner.poisoned.load(Ordering::SeqCst) {
+            let first = self.inner.first_error.lock().expect("not poisoned").clone().unwrap_or_default();
+            return Err(StoreError::Poisoned { path: self.inner.dir.clone(), first });
+        }
+        Ok(())
+    }
+
+    /// Marks the store untrustworthy after a failed write or sync.
+    fn poison(&self, what: &str, e: impl std::fmt::Display) -> StoreError {
+        let message = format!("{what}: {e}");
+        tracing::error!("shard store {} poisoned: {message}", self.inner.dir.display());
+        self.inner.first_error.lock().expect("not poisoned").get_or_insert(message.clone());
+        self.inner.poisoned.store(true, Ordering::SeqCst);
+        StoreError::Io { path: self.inner.dir.clone(), message }
+    }
+
+    /// Stores one shard (header + payload, as produced by the codec), durably,
+    /// for a writer holding fencing `epoch` on the shard's volume.
+    pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<ShardKey, StoreError> {
+        self.check()?;
+        let (header, _) = parse_shard(&shard)?;
+        let key = ShardKey::of(&header);
+        let len = shard.len() as u64;
+        let mut tail = self.inner.tail.lock().await;
+        // Fencing and capacity are checked (and the epoch recorded) in the
+        // same index transaction that commits the shard; check them here
+        // too so that a refused shard costs no disk write.
+        self.admit(&key, epoch, len)?;
+        if tail.end + len > self.inner.segment_limit && tail.end > 0 {
+            self.roll(&mut tail)?;
+        }
+        let offset = tail.end;
+        if let Err(e) = self.inner.ring.write_all_at(&tail.file, offset, shard, 0).await {
+            return Err(self.poison("writing a shard", e));
+        }
+        tail.end += len;
+        if let Err(e) = self.inner.ring.fsync(&tail.file, true).await {
+            return Err(self.poison("syncing a segment", e));
+        }
+        let loc = Location { segment: tail.segment, offset, len: len as u32 };
+        self.commit_put(&key, epoch, loc).map_err(|e| self.poison("committing the index", e))?;
+        Ok(key)
+    }
+
+    /// Refuses an older epoch or a shard that does not fit.
+    fn admit(&self, key: &ShardKey, epoch: u64, len: u64) -> Result<(), StoreError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let epochs = txn.open_table(EPOCHS).map_err(|e| self.io(e))?;
+        let newest = epochs.get(&key.volume[..]).map_err(|e| self.io(e))?.map_or(0, |v| v.value());
+        if epoch < newest {
+            return Err(StoreError::Fenced { got: epoch, newest });
+        }
+        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
+        let replaced = index
+            .get(&key.encode()[..])
+            .map_err(|e| self.io(e))?
+            .map_or(0, |v| Location::decode(v.value()).len as u64);
+        let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
+        let used = c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value());
+        if used - replaced + len > self.inner.capacity {
+            return Err(StoreError::Full { used, capacity: self.inner.capacity, need: len });
+        }
+        Ok(())
+    }
+
+    fn commit_put(&self, key: &ShardKey, epoch: u64, loc: Location) -> Result<(), String> {
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
+        let old = {
+            let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
+
+            index
+                .insert(&key.encode()[..], &loc.encode()[..])
+                .map_err(|x| e(&x))?
+                .map(|v| Location::decode(v.value()))
+        };
+        {
+            let mut epochs = txn.open_table(EPOCHS).map_err(|x| e(&x))?;
+            let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
+            if epoch > newest {
+                epochs.insert(&key.volume[..], epoch).map_err(|x| e(&x))?;
+            }
+            let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
+            let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
+            let used = used - old.map_or(0, |o| u64::from(o.len)) + u64::from(loc.len);
+            c.insert("used", used).map_err(|x| e(&x))?;
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        Ok(())
+    }
+
+    /// Starts a new segment.
+    fn roll(&self, tail: &mut Tail) -> Result<(), StoreError> {
+        let next = tail.segment + 1;
+        let (file, end) = open_segment(&self.inner.ring, &self.inner.dir, next)?;
+        let txn = self.inner.db.begin_write().map_err(|e| self.io(e))?;
+        txn.open_table(COUNTERS)
+            .map_err(|e| self.io(e))?
+            .insert("segment", u64::from(next))
+            .map_err(|e| self.io(e))?;
+        txn.commit().map_err(|e| self.io(e))?;
+        let file = Arc::new(file);
+        self.inner.segments.lock().expect("not poisoned").insert(next, file.clone());
+        *tail = Tail { segment: next, file, end };
+        Ok(())
+    }
+
+    fn segment(&self, id: u32) -> Result<Arc<RegisteredFile>, StoreError> {
+        if let Some(f) = self.inner.segments.lock().expect("not poisoned").get(&id) {
+            return Ok(f.clone());
+        }
+        let (file, _) = open_segment(&self.inner.ring, &self.inner.dir, id)?;
+        let file = Arc::new(file);
+        self.inner.segments.lock().expect("not poisoned").insert(id, file.clone());
+        Ok(file)
+    }
+
+    fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
+        Ok(index.get(&key.encode()[..]).map_err(|e| self.io(e))?.map(|v| Location::decode(v.value())))
+    }
+
+    /// Reads a shard back, verified: the whole shard (header + payload).
+    pub async fn get(&self, key: &ShardKey) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let loc = self.locate(key)?.ok_or(StoreError::NotFound(*key))?;
+        let file = self.segment(loc.segment)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, loc.offset, loc.len as usize)
+            .await
+            .map_err(|e| self.io(format!("reading a shard: {e}")))?;
+        let header = parse_shard(&bytes).map_err(|source| StoreError::Corrupt { key: *key, source })?.0;
+        if ShardKey::of(&header) != *key {
+            return Err(StoreError::Corrupt { key: *key, source: ShardError::HeaderCheck });
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Removes a shard; its space is returned at once. False if it was not there.
+    pub async fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
+        self.check()?;
+        let _tail = self.inner.tail.lock().await;
+        let Some(loc) = self.locate(key)? else { return Ok(false) };
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+        let committed = (|| -> Result<(), String> {
+            let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
+            txn.open_table(INDEX).map_err(|x| e(&x))?.remove(&key.encode()[..]).map_err(|x| e(&x))?;
+            {
+                let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
+                let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
+                c.insert("used", used.saturating_sub(u64::from(loc.len))).map_err(|x| e(&x))?;
+            }
+            txn.commit().map_err(|x| e(&x))
+        })();
+        committed.map_err(|m| self.poison("committing a delete", m))?;
+        let file = self.segment(loc.segment)?;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if let Err(err) = self.inner.ring.fallocate(&file, loc.offset, u64::from(loc.len), punch).await {
+            // The index no longer points there; the bytes are just not freed.
+            tracing::warn!("shard store {}: punching a hole failed: {err}", self.inner.dir.display());
+        }
+        Ok(true)
+    }
+
+    /// Every shard stored for `volume`, in order.
+    pub fn list(&self, volume: &[u8; VOLUME_ID_LEN]) -> Result<Vec<ShardKey>, StoreError> {
+        self.check()?;
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
+        let lo = ShardKey { volume: *volume, stripe: 0, generation: 0, index: 0 }.encode();
+        let hi =
+            ShardKey { volume: *volume, stripe: u64::MAX, generation: u64::MAX, index: u8::MAX }.encode();
+        let mut out = Vec::new();
+        for item in index.range::<&[u8]>(&lo[..]..=&hi[..]).map_err(|e| self.io(e))? {
+            out.push(ShardKey::decode(item.map_err(|e| self.io(e))?.0.value()));
+        }
+        Ok(out)
+    }
+}
+
+fn open_segment(ring: &Uring, dir: &Path, id: u32) -> Result<(RegisteredFile, u64), StoreError> {
+    let path = segment_path(dir, id);
+    let io = |e: std::io::Error| StoreError::Io { path: path.clone(), message: e.to_string() };
+    let file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let end = file.metadata().map_err(io)?.len();
+    if let Ok(d) = std::fs::File::open(dir.join("segments")) {
+        let _ = d.sync_all();
+    }
+    let file = ring.register(file).map_err(io)?;
+    Ok((file, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::shard::ShardHash;
+
+    fn shard(volume: u8, stripe: u64, generation: u64, index: u8, fill: u8, units: u32) -> Bytes {
+        let payload = vec![fill; units as usize * 64];
+        let header = ShardHeader {
+            volume_id: [volume; 16],
+            stripe,
+            generation,
+            index,
+            k: 4,
+            m: 2,
+            payload_len: units * 64,
+            payload_hash: ShardHash::of(&payload),
+        };
+        let mut b = header.encode().to_vec();
+        b.extend_from_slice(&payload);
+        Bytes::from(b)
+    }
+
+    fn open(ring: &Uring, dir: &Path, capacity: u64) -> ShardStore {
+        ShardStore::open_with_segment_limit(ring, dir, capacity, 4096).unwrap()
+    }
+
+    #[tokio::test]
+    async fn put_get_list_delete_and_space_accounting() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&ring, dir.path(), 1 << 20);
+        let a = shard(1, 7, 1, 0, 0xaa, 4);
+        let b = shard(1, 7, 1, 1, 0xbb, 4);
+        let other = shard(2, 0, 1, 0, 0xcc, 1);
+        let ka = store.put(a.clone(), 1).await.unwrap();
+        let kb = store.put(b.clone(), 1).await.unwrap();
+        store.put(other.clone(), 1).await.unwrap();
+        assert_eq!(store.get(&ka).await.unwrap(), a);
+        assert_eq!(store.get(&kb).await.unwrap(), b);
+        assert_eq!(store.list(&[1; 16]).unwrap(), vec![ka, kb]);
+        assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
+        // Writing the same shard again replaces it; space is not counted twice.
+        store.put(a.clone(), 1).await.unwrap();
+        assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
+        assert!(store.delete(&ka).await.unwrap());
+        assert!(!store.delete(&ka).await.unwrap());
+        assert!(matches!(store.get(&ka).await, Err(StoreError::NotFound(_))));
+        assert_eq!(store.used().unwrap(), (b.len() + other.len()) as u64);
+        assert_eq!(store.list(&[1; 16]).unwrap(), vec![kb]);
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart_across_segments() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Vec::new();
+        {
+            let store = open(&ring, dir.path(), 1 << 20);
+            // 4096-byte segments and 1120-byte shards: several segments.
+            for i in 0..10u8 {
+                let s = shard(3, u64::from(i), 1, 0, i, 16);
+                kept.push((store.put(s.clone(), 1).await.unwrap(), s));
+            }
+        }
+        let segments = std::fs::read_dir(dir.path().join("segments")).unwrap().count();
+        assert!(segments >= 3, "{segments} segments");
+        let store = open(&ring, dir.path(), 1 << 20);
+        for (key, bytes) in &kept {
+            assert_eq!(&store.get(key).await.unwrap(), bytes);
+        }
+        assert_eq!(store.used().unwrap(), kept.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+        // New writes go on after the last segment's end.
+        let more = shard(3, 99, 1, 0, 9, 2);
+        let k = store.put(more.clone(), 1).await.unwrap();
+        assert_eq!(store.get(&k).await.unwrap(), more);
+        assert_eq!(store.get(&kept[0].0).await.unwrap(), kept[0].1);
+    }
+
+    #[tokio::test]
+    async fn full_stores_and_older_epochs_are_refused_clearly() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let one = shard(4, 0, 1, 0, 1, 4).len() as u64;
+        let store = open(&ring, dir.path(), 2 * one);
+        store.put(shard(4, 0, 1, 0, 1, 4), 5).await.unwrap();
+        store.put(shard(4, 1, 1, 0, 1, 4), 5).await.unwrap();
+        let err = store.put(shard(4, 2, 1, 0, 1, 4), 5).await.unwrap_err();
+        assert!(matches!(err, StoreError::Full { need, .. } if need == one), "{err}");
+        assert!(err.to_string().contains("store is full"), "{err}");
+        store.delete(&ShardKey { volume: [4; 16], stripe: 0, generation: 1, index: 0 }).await.unwrap();
+        // Epoch 5 was seen for volume 4: 4 is fenced, 5 and 6 are fine, then 5 is fenced.
+        let err = store.put(shard(4, 2, 1, 0, 1, 4), 4).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { got: 4, newest: 5 }), "{err}");
+        assert!(err.to_string().contains("took the volume over"), "{err}");
+        store.put(shard(4, 2, 1, 0, 1, 4), 6).await.unwrap();
+        store.delete(&ShardKey { volume: [4; 16], stripe: 2, generation: 1, index: 0 }).await.unwrap();
+        assert!(matches!(
+            store.put(shard(4, 2, 1, 0, 1, 4), 5).await,
+            Err(StoreError::Fenced { got: 5, newest: 6 })
+        ));
+        // Another volume has its own epochs.
+        store.put(shard(5, 0, 1, 0, 1, 4), 1).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_shards_are_refused_and_rot_on_disk_is_caught() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&ring, dir.path(), 1 << 20);
+        let mut bad = shard(6, 0, 1, 0, 7, 2).to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            store.put(Bytes::from(bad), 1).await,
+            Err(StoreError::BadShard(ShardError::HashMismatch))
+        ));
+        assert_eq!(store.used().unwrap(), 0, "a refused shard takes no space");
+        let good = shard(6, 0, 1, 0, 7, 2);
+        let key = store.put(good, 1).await.unwrap();
+        // Flip a payload byte in the segment file behind the store's back.
+        let seg = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x10;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = store.get(&key).await.unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { source: ShardError::HashMismatch, .. }), "{err}");
+    }
+}
