@@ -1,0 +1,99 @@
+//! Faults in the peer's shard store: a disk that fills up under it (a
+//! write fails) poisons the store, and everything acknowledged before the
+//! fault is still there after a restart. The small disk is a tmpfs mounted
+//! for the test (needs root, as the filesystem tests do).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use bytes::Bytes;
+use meshdisk::codec::shard::{ShardHash, ShardHeader};
+use meshdisk::store::{ShardStore, StoreError};
+use meshdisk::uring::Uring;
+
+fn shard(stripe: u64, fill: u8) -> Bytes {
+    let payload = vec![fill; 16 * 1024];
+    let header = ShardHeader {
+        volume_id: [9; 16],
+        stripe,
+        generation: 1,
+        index: 0,
+        k: 4,
+        m: 2,
+        payload_len: payload.len() as u32,
+        payload_hash: ShardHash::of(&payload),
+    };
+    let mut b = header.encode().to_vec();
+    b.extend_from_slice(&payload);
+    Bytes::from(b)
+}
+
+/// A tmpfs of `size` at `dir`, unmounted on drop.
+struct SmallDisk<'a>(&'a Path);
+
+impl<'a> SmallDisk<'a> {
+    fn mount(dir: &'a Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(Self(dir));
+        }
+        let msg = "cannot mount a tmpfs (the shard-store fault test needs root)";
+        if common::require_e2e() {
+            panic!("{msg} (MESHDISK_REQUIRE_E2E=1)");
+        }
+        eprintln!("SKIP: {msg}");
+        None
+    }
+}
+
+impl Drop for SmallDisk<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("store");
+    // The segments live on a 64 KiB disk; the index stays on the big one.
+    let segments = data.join("segments");
+    let Some(_disk) = SmallDisk::mount(&segments, "64k") else { return };
+    let ring = Uring::new(64).unwrap();
+    let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
+    let mut acked = Vec::new();
+    let mut failure = None;
+    for stripe in 0..16 {
+        let s = shard(stripe, stripe as u8);
+        match store.put(s.clone(), 1).await {
+            Ok(key) => acked.push((key, s)),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let failure = failure.expect("a 64 KiB disk cannot hold 16 shards of 16 KiB");
+    assert!(matches!(failure, StoreError::Io { .. }), "{failure}");
+    assert!(!acked.is_empty(), "some shards fit before the disk filled");
+    // Poisoned: nothing more is served or accepted, and the error says why.
+    let err = store.get(&acked[0].0).await.unwrap_err();
+    assert!(matches!(err, StoreError::Poisoned { .. }), "{err}");
+    assert!(err.to_string().contains("No space left"), "{err}");
+    assert!(matches!(store.put(shard(99, 0), 1).await, Err(StoreError::Poisoned { .. })));
+    drop(store);
+
+    // A restart (after the operator freed space) serves every acknowledged shard.
+    let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
+    for (key, bytes) in &acked {
+        assert_eq!(&store.get(key).await.unwrap(), bytes);
+    }
+    assert_eq!(store.list(&[9; 16]).unwrap().len(), acked.len());
+}
