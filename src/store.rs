@@ -75,13 +75,16 @@ impl ShardKey {
         b
     }
 
-    fn decode(b: &[u8]) -> Self {
-        Self {
+    fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() != 33 {
+            return Err(format!("corrupt index key of {} bytes", b.len()));
+        }
+        Ok(Self {
             volume: b[..16].try_into().expect("16 bytes"),
             stripe: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
             generation: u64::from_be_bytes(b[24..32].try_into().expect("8 bytes")),
             index: b[32],
-        }
+        })
     }
 }
 
@@ -102,12 +105,15 @@ impl Location {
         b
     }
 
-    fn decode(b: &[u8]) -> Self {
-        Self {
+    fn decode(b: &[u8]) -> Result<Self, String> {
+        if b.len() != 16 {
+            return Err(format!("corrupt index entry of {} bytes", b.len()));
+        }
+        Ok(Self {
             segment: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
             offset: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
             len: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
-        }
+        })
     }
 }
 
@@ -125,6 +131,8 @@ pub enum StoreError {
     NotFound(ShardKey),
     #[error("stored shard {key:?} is corrupt: {source}")]
     Corrupt { key: ShardKey, source: ShardError },
+    #[error("the index points shard {key:?} at the bytes of shard {found:?}")]
+    Misplaced { key: ShardKey, found: ShardKey },
     #[error(
         "store at {path} is poisoned by an earlier I/O error ({first}); it serves nothing until restarted and checked"
     )]
@@ -259,25 +267,41 @@ impl ShardStore {
         let (header, _) = parse_shard(&shard)?;
         let key = ShardKey::of(&header);
         let len = shard.len() as u64;
+        // Every index writer holds the tail lock, so what `admit` checks
+        // (fencing, capacity) still holds when `commit_put` commits.
         let mut tail = self.inner.tail.lock().await;
-        // Fencing and capacity are checked (and the epoch recorded) in the
-        // same index transaction that commits the shard; check them here
-        // too so that a refused shard costs no disk write.
+        self.check()?;
         self.admit(&key, epoch, len)?;
         if tail.end + len > self.inner.segment_limit && tail.end > 0 {
             self.roll(&mut tail)?;
         }
+        // Claim the range before writing: if this future is dropped while
+        // the kernel still writes, the next put must not reuse the range.
         let offset = tail.end;
+        tail.end += len;
         if let Err(e) = self.inner.ring.write_all_at(&tail.file, offset, shard, 0).await {
             return Err(self.poison("writing a shard", e));
         }
-        tail.end += len;
         if let Err(e) = self.inner.ring.fsync(&tail.file, true).await {
             return Err(self.poison("syncing a segment", e));
         }
         let loc = Location { segment: tail.segment, offset, len: len as u32 };
-        self.commit_put(&key, epoch, loc).map_err(|e| self.poison("committing the index", e))?;
+        let replaced =
+            self.commit_put(&key, epoch, loc).map_err(|e| self.poison("committing the index", e))?;
+        if let Some(old) = replaced {
+            self.punch(old).await;
+        }
         Ok(key)
+    }
+
+    /// Returns a location's bytes to the filesystem (best effort: the index
+    /// no longer points there either way).
+    async fn punch(&self, loc: Location) {
+        let Ok(file) = self.segment(loc.segment) else { return };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if let Err(err) = self.inner.ring.fallocate(&file, loc.offset, u64::from(loc.len), mode).await {
+            tracing::warn!("shard store {}: punching a hole failed: {err}", self.inner.dir.display());
+        }
     }
 
     /// Refuses an older epoch or a shard that does not fit.
@@ -289,28 +313,32 @@ impl ShardStore {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let replaced = index
-            .get(&key.encode()[..])
-            .map_err(|e| self.io(e))?
-            .map_or(0, |v| Location::decode(v.value()).len as u64);
+        let replaced = match index.get(&key.encode()[..]).map_err(|e| self.io(e))? {
+            Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),
+            None => 0,
+        };
         let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
         let used = c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value());
-        if used - replaced + len > self.inner.capacity {
+        let after = used
+            .checked_sub(replaced)
+            .ok_or_else(|| self.io("index accounting is corrupt (used < a stored shard)"))?
+            + len;
+        if after > self.inner.capacity {
             return Err(StoreError::Full { used, capacity: self.inner.capacity, need: len });
         }
         Ok(())
     }
 
-    fn commit_put(&self, key: &ShardKey, epoch: u64, loc: Location) -> Result<(), String> {
+    /// Commits a put; returns the location of the shard it replaced.
+    fn commit_put(&self, key: &ShardKey, epoch: u64, loc: Location) -> Result<Option<Location>, String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
         let old = {
             let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
-
-            index
-                .insert(&key.encode()[..], &loc.encode()[..])
-                .map_err(|x| e(&x))?
-                .map(|v| Location::decode(v.value()))
+            match index.insert(&key.encode()[..], &loc.encode()[..]).map_err(|x| e(&x))? {
+                Some(v) => Some(Location::decode(v.value())?),
+                None => None,
+            }
         };
         {
             let mut epochs = txn.open_table(EPOCHS).map_err(|x| e(&x))?;
@@ -320,11 +348,14 @@ impl ShardStore {
             }
             let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
             let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
-            let used = used - old.map_or(0, |o| u64::from(o.len)) + u64::from(loc.len);
+            let used = used
+                .checked_sub(old.map_or(0, |o| u64::from(o.len)))
+                .ok_or("index accounting is corrupt (used < a stored shard)")?
+                + u64::from(loc.len);
             c.insert("used", used).map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
-        Ok(())
+        Ok(old)
     }
 
     /// Starts a new segment.
@@ -347,7 +378,7 @@ impl ShardStore {
         if let Some(f) = self.inner.segments.lock().expect("not poisoned").get(&id) {
             return Ok(f.clone());
         }
-        let (file, _) = open_segment(&self.inner.ring, &self.inner.dir, id)?;
+        let (file, _) = open_segment_with(&self.inner.ring, &self.inner.dir, id, false)?;
         let file = Arc::new(file);
         self.inner.segments.lock().expect("not poisoned").insert(id, file.clone());
         Ok(file)
@@ -356,7 +387,10 @@ impl ShardStore {
     fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        Ok(index.get(&key.encode()[..]).map_err(|e| self.io(e))?.map(|v| Location::decode(v.value())))
+        match index.get(&key.encode()[..]).map_err(|e| self.io(e))? {
+            Some(v) => Ok(Some(Location::decode(v.value()).map_err(|e| self.io(e))?)),
+            None => Ok(None),
+        }
     }
 
     /// Reads a shard back, verified: the whole shard (header + payload).
@@ -370,17 +404,34 @@ impl ShardStore {
             .read_exact_at(&file, loc.offset, loc.len as usize)
             .await
             .map_err(|e| self.io(format!("reading a shard: {e}")))?;
-        let header = parse_shard(&bytes).map_err(|source| StoreError::Corrupt { key: *key, source })?.0;
-        if ShardKey::of(&header) != *key {
-            return Err(StoreError::Corrupt { key: *key, source: ShardError::HeaderCheck });
+        let checked = match parse_shard(&bytes) {
+            Ok((header, _)) if ShardKey::of(&header) == *key => Ok(()),
+            Ok((header, _)) => Err(StoreError::Misplaced { key: *key, found: ShardKey::of(&header) }),
+            Err(source) => Err(StoreError::Corrupt { key: *key, source }),
+        };
+        if let Err(e) = checked {
+            // A delete or replacement may have moved the shard while it was
+            // being read; only a shard still indexed there is corrupt.
+            return match self.locate(key)? {
+                None => Err(StoreError::NotFound(*key)),
+                Some(now) if now != loc => Box::pin(self.get(key)).await,
+                Some(_) => Err(e),
+            };
         }
         Ok(Bytes::from(bytes))
     }
 
-    /// Removes a shard; its space is returned at once. False if it was not there.
-    pub async fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
+    /// Removes a shard, for a writer (or the directory's garbage
+    /// collection) holding fencing `epoch` on its volume; its space is
+    /// returned at once. False if it was not there.
+    pub async fn delete(&self, key: &ShardKey, epoch: u64) -> Result<bool, StoreError> {
         self.check()?;
         let _tail = self.inner.tail.lock().await;
+        self.check()?;
+        let newest = self.newest_epoch(&key.volume)?;
+        if epoch < newest {
+            return Err(StoreError::Fenced { got: epoch, newest });
+        }
         let Some(loc) = self.locate(key)? else { return Ok(false) };
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let committed = (|| -> Result<(), String> {
@@ -394,13 +445,14 @@ impl ShardStore {
             txn.commit().map_err(|x| e(&x))
         })();
         committed.map_err(|m| self.poison("committing a delete", m))?;
-        let file = self.segment(loc.segment)?;
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        if let Err(err) = self.inner.ring.fallocate(&file, loc.offset, u64::from(loc.len), punch).await {
-            // The index no longer points there; the bytes are just not freed.
-            tracing::warn!("shard store {}: punching a hole failed: {err}", self.inner.dir.display());
-        }
+        self.punch(loc).await;
         Ok(true)
+    }
+
+    fn newest_epoch(&self, volume: &[u8; VOLUME_ID_LEN]) -> Result<u64, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let epochs = txn.open_table(EPOCHS).map_err(|e| self.io(e))?;
+        Ok(epochs.get(&volume[..]).map_err(|e| self.io(e))?.map_or(0, |v| v.value()))
     }
 
     /// Every shard stored for `volume`, in order.
@@ -413,17 +465,28 @@ impl ShardStore {
             ShardKey { volume: *volume, stripe: u64::MAX, generation: u64::MAX, index: u8::MAX }.encode();
         let mut out = Vec::new();
         for item in index.range::<&[u8]>(&lo[..]..=&hi[..]).map_err(|e| self.io(e))? {
-            out.push(ShardKey::decode(item.map_err(|e| self.io(e))?.0.value()));
+            out.push(ShardKey::decode(item.map_err(|e| self.io(e))?.0.value()).map_err(|e| self.io(e))?);
         }
         Ok(out)
     }
 }
 
 fn open_segment(ring: &Uring, dir: &Path, id: u32) -> Result<(RegisteredFile, u64), StoreError> {
+    open_segment_with(ring, dir, id, true)
+}
+
+/// Opens segment `id`, creating it only for the tail: an index entry that
+/// names a missing segment is an error, not an empty file.
+fn open_segment_with(
+    ring: &Uring,
+    dir: &Path,
+    id: u32,
+    create: bool,
+) -> Result<(RegisteredFile, u64), StoreError> {
     let path = segment_path(dir, id);
     let io = |e: std::io::Error| StoreError::Io { path: path.clone(), message: e.to_string() };
     let file =
-        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path).map_err(io)?;
     let end = file.metadata().map_err(io)?.len();
     if let Ok(d) = std::fs::File::open(dir.join("segments")) {
         let _ = d.sync_all();
@@ -473,11 +536,18 @@ mod tests {
         assert_eq!(store.get(&kb).await.unwrap(), b);
         assert_eq!(store.list(&[1; 16]).unwrap(), vec![ka, kb]);
         assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
-        // Writing the same shard again replaces it; space is not counted twice.
+        // Writing the same shard again replaces it: space is not counted
+        // twice, and the old copy's bytes are punched out of its segment.
+        let before = store.locate(&ka).unwrap().unwrap();
         store.put(a.clone(), 1).await.unwrap();
         assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
-        assert!(store.delete(&ka).await.unwrap());
-        assert!(!store.delete(&ka).await.unwrap());
+        let after = store.locate(&ka).unwrap().unwrap();
+        assert_ne!(before, after);
+        let seg = std::fs::read(segment_path(dir.path(), before.segment)).unwrap();
+        let old = &seg[before.offset as usize..][..before.len as usize];
+        assert!(old.iter().all(|&x| x == 0), "the replaced copy was not punched");
+        assert!(store.delete(&ka, 1).await.unwrap());
+        assert!(!store.delete(&ka, 1).await.unwrap());
         assert!(matches!(store.get(&ka).await, Err(StoreError::NotFound(_))));
         assert_eq!(store.used().unwrap(), (b.len() + other.len()) as u64);
         assert_eq!(store.list(&[1; 16]).unwrap(), vec![kb]);
@@ -521,13 +591,16 @@ mod tests {
         let err = store.put(shard(4, 2, 1, 0, 1, 4), 5).await.unwrap_err();
         assert!(matches!(err, StoreError::Full { need, .. } if need == one), "{err}");
         assert!(err.to_string().contains("store is full"), "{err}");
-        store.delete(&ShardKey { volume: [4; 16], stripe: 0, generation: 1, index: 0 }).await.unwrap();
+        store.delete(&ShardKey { volume: [4; 16], stripe: 0, generation: 1, index: 0 }, 5).await.unwrap();
         // Epoch 5 was seen for volume 4: 4 is fenced, 5 and 6 are fine, then 5 is fenced.
         let err = store.put(shard(4, 2, 1, 0, 1, 4), 4).await.unwrap_err();
         assert!(matches!(err, StoreError::Fenced { got: 4, newest: 5 }), "{err}");
         assert!(err.to_string().contains("took the volume over"), "{err}");
         store.put(shard(4, 2, 1, 0, 1, 4), 6).await.unwrap();
-        store.delete(&ShardKey { volume: [4; 16], stripe: 2, generation: 1, index: 0 }).await.unwrap();
+        // A fenced writer cannot delete either.
+        let k2 = ShardKey { volume: [4; 16], stripe: 2, generation: 1, index: 0 };
+        assert!(matches!(store.delete(&k2, 5).await, Err(StoreError::Fenced { got: 5, newest: 6 })));
+        store.delete(&k2, 6).await.unwrap();
         assert!(matches!(
             store.put(shard(4, 2, 1, 0, 1, 4), 5).await,
             Err(StoreError::Fenced { got: 5, newest: 6 })

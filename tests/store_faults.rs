@@ -90,7 +90,7 @@ async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
     assert!(matches!(store.put(shard(99, 0), 1).await, Err(StoreError::Poisoned { .. })));
     drop(store);
 
-    // A restart (after the operator freed space) serves every acknowledged shard.
+    // A restart (on the same, still full disk) serves every acknowledged shard.
     let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
     for (key, bytes) in &acked {
         assert_eq!(&store.get(key).await.unwrap(), bytes);

@@ -193,14 +193,20 @@ impl Inner {
             leases.remove(*id).map_err(storage)?;
         }
         drop(leases);
+        let mut deleted = 0;
         for id in &expired {
-            Self::drop_lease_keys(txn, *id)?;
+            deleted += Self::drop_lease_keys(txn, *id)?;
+        }
+        // Keys vanishing is a change like any other: it gets a revision.
+        if deleted > 0 {
+            Self::bump(txn, "revision")?;
         }
         Ok(!expired.is_empty())
     }
 
-    /// Deletes every key attached to lease `id` (and the index rows).
-    fn drop_lease_keys(txn: &WriteTransaction, id: u64) -> Result<(), MetaError> {
+    /// Deletes every key attached to lease `id` (and the index rows);
+    /// returns how many keys went.
+    fn drop_lease_keys(txn: &WriteTransaction, id: u64) -> Result<usize, MetaError> {
         let mut index = txn.open_table(LEASE_KEYS).map_err(storage)?;
         let mut keys = Vec::new();
         for item in index.range((id, &[][..])..).map_err(storage)? {
@@ -212,6 +218,7 @@ impl Inner {
             keys.push(key.to_vec());
         }
         let mut kv = txn.open_table(KV).map_err(storage)?;
+        let mut deleted = 0;
         for key in &keys {
             index.remove((id, key.as_slice())).map_err(storage)?;
             // Only if the key still belongs to this lease.
@@ -221,9 +228,10 @@ impl Inner {
             };
             if owned {
                 kv.remove(key.as_slice()).map_err(storage)?;
+                deleted += 1;
             }
         }
-        Ok(())
+        Ok(deleted)
     }
 
     fn bump(txn: &WriteTransaction, name: &str) -> Result<u64, MetaError> {
@@ -239,11 +247,20 @@ impl Inner {
     }
 
     fn txn(&self, t: Txn) -> Result<TxnOutcome, MetaError> {
+        let mut total = 0;
+        let mut seen = std::collections::HashSet::new();
         for op in &t.ops {
-            if let Op::Put { key, value, .. } = op
-                && key.len() + value.len() > MAX_VALUE
-            {
-                return Err(MetaError::TooLarge(key.len() + value.len()));
+            let (key, size) = match op {
+                Op::Put { key, value, .. } => (key, key.len() + value.len()),
+                Op::Delete { key } => (key, key.len()),
+                Op::DeletePrefix { prefix } => (prefix, prefix.len()),
+            };
+            if !seen.insert(key.as_slice()) {
+                return Err(MetaError::DuplicateKey(key.clone()));
+            }
+            total += size;
+            if total > MAX_VALUE {
+                return Err(MetaError::TooLarge(total));
             }
         }
         let now = (self.clock)();
@@ -392,8 +409,7 @@ impl Inner {
         let txn = self.db.begin_write().map_err(storage)?;
         Self::sweep(&txn, now)?;
         let existed = txn.open_table(LEASES).map_err(storage)?.remove(lease.0).map_err(storage)?.is_some();
-        if existed {
-            Self::drop_lease_keys(&txn, lease.0)?;
+        if existed && Self::drop_lease_keys(&txn, lease.0)? > 0 {
             Self::bump(&txn, "revision")?;
         }
         txn.commit().map_err(storage)?;
@@ -433,6 +449,7 @@ impl MetaStore for RedbStore {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use redb::ReadableTableMetadata;
     use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -573,6 +590,33 @@ mod tests {
         assert!(matches!(s.grant_lease(Duration::ZERO).await, Err(MetaError::LeaseTtl(_))));
         let big = s.txn(Txn::new().then(put(b"big", &vec![0u8; MAX_VALUE]))).await.unwrap_err();
         assert!(matches!(big, MetaError::TooLarge(_)), "{big}");
+    }
+
+    #[tokio::test]
+    async fn keys_move_between_leases_and_expiry_is_a_revision() {
+        let f = fixture();
+        let s = &f.store;
+        let a = s.grant_lease(Duration::from_secs(5)).await.unwrap();
+        let b = s.grant_lease(Duration::from_secs(60)).await.unwrap();
+        let on = |l: LeaseId, k: &[u8]| Op::Put { key: k.to_vec(), value: vec![1], lease: Some(l) };
+        s.txn(Txn::new().then(on(a, b"moves")).then(on(a, b"stays"))).await.unwrap();
+        s.txn(Txn::new().then(on(b, b"moves"))).await.unwrap();
+        let before = f.store.revision().unwrap();
+        f.now.fetch_add(6_000, Ordering::SeqCst);
+        // A write sweeps lease a: "stays" goes (a revision of its own), "moves" is b's now.
+        let out = s.txn(Txn::new().then(put(b"x", b"1"))).await.unwrap();
+        assert_eq!(out.revision, before + 2, "expiry that deleted a key took a revision");
+        assert!(s.get(b"stays").await.unwrap().is_none());
+        assert_eq!(s.get(b"moves").await.unwrap().unwrap().lease, Some(b));
+        s.revoke(b).await.unwrap();
+        assert!(s.get(b"moves").await.unwrap().is_none());
+        // No index rows are left behind.
+        let txn = f.store.inner.db.begin_read().unwrap();
+        assert_eq!(txn.open_table(LEASE_KEYS).unwrap().len().unwrap(), 0);
+        assert_eq!(txn.open_table(LEASES).unwrap().len().unwrap(), 0);
+        // One transaction may not name a key twice.
+        let dup = s.txn(Txn::new().then(put(b"d", b"1")).then(put(b"d", b"2"))).await.unwrap_err();
+        assert!(matches!(dup, MetaError::DuplicateKey(ref k) if k == b"d"), "{dup}");
     }
 
     #[tokio::test]

@@ -106,12 +106,14 @@ pub enum MetaError {
     LeaseNotFound(LeaseId),
     #[error("lease time to live must be 1 ms to 1 day, got {0:?}")]
     LeaseTtl(Duration),
-    #[error("metadata value too large: {0} bytes (at most {MAX_VALUE} per key)")]
+    #[error("metadata transaction too large: {0} bytes (at most {MAX_VALUE})")]
     TooLarge(usize),
+    #[error("a transaction names key {0:?} twice")]
+    DuplicateKey(Vec<u8>),
 }
 
-/// Largest key plus value the store accepts (etcd's default limit is 1.5 MiB
-/// per request).
+/// Largest transaction (keys plus values) the store accepts (etcd's default
+/// limit is 1.5 MiB per request).
 pub const MAX_VALUE: usize = 1 << 20;
 
 /// The metadata store. Every method is one atomic, durable step.
