@@ -18,6 +18,7 @@
 //! every on-disk component shares, [`store`] is a peer's shard store, [`pool`] recycles large buffers, [`size`] parses the sizes people type.
 
 pub mod backend;
+pub mod cluster;
 pub mod codec;
 pub mod meta;
 pub mod nbd;
