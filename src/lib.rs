@@ -22,6 +22,7 @@ pub mod cluster;
 pub mod codec;
 pub mod meta;
 pub mod nbd;
+pub mod net;
 pub mod pool;
 pub mod size;
 pub mod store;
