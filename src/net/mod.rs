@@ -8,3 +8,4 @@
 //! trusting another member at the same address.
 
 pub mod tls;
+pub mod wire;
