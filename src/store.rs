@@ -34,7 +34,6 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -157,7 +156,7 @@ struct Inner {
     tail: Mutex<Tail>,
     /// Open segments for reads and hole punching.
     segments: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
-    poisoned: AtomicBool,
+    /// Set by the first failed write, sync or commit: the store is poisoned.
     first_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -221,7 +220,6 @@ impl ShardStore {
                 segment_limit,
                 tail: Mutex::new(Tail { segment, file, end }),
                 segments: std::sync::Mutex::new(segments),
-                poisoned: AtomicBool::new(false),
                 first_error: std::sync::Mutex::new(None),
             }),
         })
@@ -244,8 +242,7 @@ impl ShardStore {
     }
 
     fn check(&self) -> Result<(), StoreError> {
-        if self.inner.poisoned.load(Ordering::SeqCst) {
-            let first = self.inner.first_error.lock().expect("not poisoned").clone().unwrap_or_default();
+        if let Some(first) = self.inner.first_error.lock().expect("not poisoned").clone() {
             return Err(StoreError::Poisoned { path: self.inner.dir.clone(), first });
         }
         Ok(())
@@ -256,7 +253,6 @@ impl ShardStore {
         let message = format!("{what}: {e}");
         tracing::error!("shard store {} poisoned: {message}", self.inner.dir.display());
         self.inner.first_error.lock().expect("not poisoned").get_or_insert(message.clone());
-        self.inner.poisoned.store(true, Ordering::SeqCst);
         StoreError::Io { path: self.inner.dir.clone(), message }
     }
 
@@ -306,12 +302,11 @@ impl ShardStore {
 
     /// Refuses an older epoch or a shard that does not fit.
     fn admit(&self, key: &ShardKey, epoch: u64, len: u64) -> Result<(), StoreError> {
-        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let epochs = txn.open_table(EPOCHS).map_err(|e| self.io(e))?;
-        let newest = epochs.get(&key.volume[..]).map_err(|e| self.io(e))?.map_or(0, |v| v.value());
+        let newest = self.newest_epoch(&key.volume)?;
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
         let replaced = match index.get(&key.encode()[..]).map_err(|e| self.io(e))? {
             Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),

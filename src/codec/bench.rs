@@ -57,7 +57,7 @@ pub fn run(
 ) -> Result<Vec<StageResult>, BenchError> {
     // Read the CPU set before pinning this thread to the first of them.
     let cpus = allowed_cpus();
-    let _pin = Pinned::to(cpus.first().copied());
+    let _pin = Pinned::to(&cpus[..cpus.len().min(1)]);
     let g = config.geometry;
     let key = VolumeKey::generate()?;
     let cipher = SectorCipher::new(&key);
@@ -230,16 +230,9 @@ fn allowed_cpus() -> Vec<usize> {
 struct Pinned(Option<libc::cpu_set_t>);
 
 impl Pinned {
-    fn to(cpu: Option<usize>) -> Self {
-        match cpu {
-            Some(cpu) => Self::to_set(&[cpu]),
-            None => Self(None),
-        }
-    }
-
     /// Restricts the calling thread to `cpus` (threads start with their
-    /// creator's set, which here is the one pinned CPU).
-    fn to_set(cpus: &[usize]) -> Self {
+    /// creator's set, which here is the one pinned CPU); nothing if empty.
+    fn to(cpus: &[usize]) -> Self {
         if cpus.is_empty() {
             return Self(None);
         }
@@ -294,12 +287,9 @@ fn measure_threads<F: FnMut() + Send>(
             .map(|(i, mut round)| {
                 let barrier = &barrier;
                 // Distinct CPUs while there are enough; otherwise any of them.
-                let cpu = if threads <= cpus.len() { cpus.get(i).copied() } else { None };
+                let allowed = if threads <= cpus.len() { &cpus[i..=i] } else { cpus };
                 scope.spawn(move || {
-                    let _pin = match cpu {
-                        Some(cpu) => Pinned::to(Some(cpu)),
-                        None => Pinned::to_set(cpus),
-                    };
+                    let _pin = Pinned::to(allowed);
                     barrier.wait();
                     let start = Instant::now();
                     let mut rounds = 0u64;

@@ -28,9 +28,7 @@
 
 use std::fmt;
 
-use super::erasure::{
-    Geometry, GeometryError, MAX_DATA_SHARDS, MAX_PARITY_SHARDS, MAX_SHARD_SIZE, SHARD_ALIGN,
-};
+use super::erasure::{GeometryError, MAX_DATA_SHARDS, MAX_PARITY_SHARDS, MAX_SHARD_SIZE, SHARD_ALIGN};
 use super::key::VOLUME_ID_LEN;
 
 /// The first four bytes of every shard.
@@ -118,11 +116,6 @@ pub enum ShardError {
 }
 
 impl ShardHeader {
-    /// The stripe geometry this header claims.
-    pub fn geometry(&self) -> Result<Geometry, ShardError> {
-        Ok(Geometry::new(usize::from(self.k), usize::from(self.m), self.payload_len as usize)?)
-    }
-
     /// Checks the fields' ranges (everything except the payload).
     pub fn validate(&self) -> Result<(), ShardError> {
         // In the order docs/formats.md gives: k and m, index, payload length.

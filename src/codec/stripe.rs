@@ -86,12 +86,10 @@ pub struct StripeCodec {
     hashers: Vec<blake3::Hasher>,
 }
 
-/// Bytes of each shard encoded per pass: k + m slices of this size (about
-/// 100 KiB for k=4 m=2) stay in the L2 cache from encryption to hashing.
-const ENCODE_COLUMN: usize = 16 * 1024;
-
-/// Bytes of a data shard hashed and decrypted per pass when reading.
-const DECODE_COLUMN: usize = 16 * 1024;
+/// Bytes of each shard handled per pass, encoding and decoding: k + m
+/// slices of this size (about 100 KiB for k=4 m=2) stay in the L2 cache
+/// from encryption to hashing.
+const COLUMN: usize = 16 * 1024;
 
 impl StripeCodec {
     /// A codec for stripes of `geometry`, whose shard size must be a whole
@@ -105,7 +103,12 @@ impl StripeCodec {
         if !geometry.shard_size().is_multiple_of(SECTOR_SIZE) {
             return Err(StripeError::ShardNotSectors(geometry.shard_size()));
         }
-        Ok(Self { geometry, cipher, erasure: Erasure::new(geometry), hashers: vec![blake3::Hasher::new()] })
+        Ok(Self {
+            geometry,
+            cipher,
+            erasure: Erasure::new(geometry),
+            hashers: vec![blake3::Hasher::new(); geometry.shards()],
+        })
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -174,10 +177,9 @@ impl StripeCodec {
         for h in self.hashers.iter_mut() {
             h.reset();
         }
-        self.hashers.resize_with(g.shards(), blake3::Hasher::new);
         let mut start = 0;
         while start < size {
-            let end = (start + ENCODE_COLUMN).min(size);
+            let end = (start + COLUMN).min(size);
             for (i, shard) in shards.iter_mut().enumerate().take(g.k()) {
                 let slice = &mut shard.as_mut()[start..end];
                 let first = first_sector + i as u64 * per_shard + (start / SECTOR_SIZE) as u64;
@@ -251,11 +253,9 @@ impl StripeCodec {
             let hasher = &mut self.hashers[0];
             hasher.reset();
             let first = first_sector + i as u64 * per_shard;
-            for (c, (piece, out)) in
-                shard.chunks(DECODE_COLUMN).zip(outs[i].chunks_mut(DECODE_COLUMN)).enumerate()
-            {
+            for (c, (piece, out)) in shard.chunks(COLUMN).zip(outs[i].chunks_mut(COLUMN)).enumerate() {
                 hasher.update(piece);
-                cipher.decrypt(first + (c * DECODE_COLUMN / SECTOR_SIZE) as u64, generation, piece, out);
+                cipher.decrypt(first + (c * COLUMN / SECTOR_SIZE) as u64, generation, piece, out);
             }
             if blake3::Hash::from_bytes(expected[i].0) == hasher.finalize() {
                 *slot = Some(shard);

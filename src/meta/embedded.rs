@@ -136,8 +136,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-fn prefix_bounds(prefix: &[u8]) -> (Bound<&[u8]>, Bound<Vec<u8>>) {
-    (Bound::Included(prefix), prefix_end(prefix).map_or(Bound::Unbounded, Bound::Excluded))
+/// The key range of `prefix`, given `end = prefix_end(prefix)`.
+fn prefix_range<'a>(prefix: &'a [u8], end: Option<&'a [u8]>) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    (Bound::Included(prefix), end.map_or(Bound::Unbounded, Bound::Excluded))
 }
 
 /// Is this entry's lease (if any) alive at `now`, per the leases table?
@@ -162,13 +163,9 @@ impl Inner {
         let txn = self.db.begin_read().map_err(storage)?;
         let kv = txn.open_table(KV).map_err(storage)?;
         let leases = txn.open_table(LEASES).map_err(storage)?;
-        let (lo, hi) = prefix_bounds(prefix);
-        let hi = match &hi {
-            Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
-            _ => Bound::Unbounded,
-        };
+        let end = prefix_end(prefix);
         let mut out = Vec::new();
-        for item in kv.range::<&[u8]>((lo, hi)).map_err(storage)? {
+        for item in kv.range::<&[u8]>(prefix_range(prefix, end.as_deref())).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
             let e = decode_entry(k.value(), v.value())?;
             if lease_alive(&leases, &e, now)? {
@@ -337,13 +334,11 @@ impl Inner {
                         Self::delete(&mut kv, &mut index, &key)?;
                     }
                     Op::DeletePrefix { prefix } => {
-                        let (lo, hi) = prefix_bounds(&prefix);
-                        let hi = match &hi {
-                            Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
-                            _ => Bound::Unbounded,
-                        };
+                        let end = prefix_end(&prefix);
                         let mut keys = Vec::new();
-                        for item in kv.range::<&[u8]>((lo, hi)).map_err(storage)? {
+                        for item in
+                            kv.range::<&[u8]>(prefix_range(&prefix, end.as_deref())).map_err(storage)?
+                        {
                             keys.push(item.map_err(storage)?.0.value().to_vec());
                         }
                         for key in keys {
