@@ -9,11 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use meshdisk::backend::Backend;
 use meshdisk::backend::file::FileBackend;
 use meshdisk::backend::memory::MemoryBackend;
+use meshdisk::cluster::ca::Role;
 use meshdisk::codec::bench::{self, BenchConfig};
 use meshdisk::codec::{Geometry, SECTOR_SIZE, VolumeKey};
 use meshdisk::nbd::server::bind_unix;
 use meshdisk::nbd::{Server, ServerConfig};
-use meshdisk::size::parse_size;
+use meshdisk::size::{human, parse_duration, parse_size};
 use meshdisk::uring::Uring;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -40,6 +41,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the cluster's directory (first start creates the cluster).
+    Directory(DirectoryArgs),
+    /// Lend disk space to a cluster.
+    Peer(PeerArgs),
+    /// Join a cluster as a client (or admin) and save the credential.
+    Join(JoinArgs),
+    /// Join tokens (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Peers, capacity and volumes at a glance.
+    Status(StatusArgs),
     /// Serve a RAM disk or a file over NBD (no cluster, no encryption).
     Serve(ServeArgs),
     /// Volume keys.
@@ -64,6 +76,128 @@ enum BenchCommand {
     /// Throughput of each codec stage (encrypt, erasure code, hash) and of
     /// the whole write and read pipelines, per core and on every core.
     Codec(BenchCodecArgs),
+    /// Shard put and get throughput from this client to every peer.
+    Cluster(BenchClusterArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a one-time join token.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Args)]
+struct CredentialArg {
+    /// A member's credential file (the admin's is DIRECTORY-DATA/admin.cred).
+    #[arg(long, env = "MESHDISK_CREDENTIAL")]
+    credential: PathBuf,
+}
+
+#[derive(Args)]
+struct DirectoryArgs {
+    /// Where the directory keeps its state, CA and credentials.
+    #[arg(long)]
+    data: PathBuf,
+    /// UDP address to serve QUIC on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: std::net::SocketAddr,
+    /// The address members should use (host:port), if not --listen.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The cluster's name (first start only).
+    #[arg(long, default_value = "meshdisk")]
+    cluster: String,
+    /// A peer silent this long is down.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    peer_timeout: std::time::Duration,
+    /// Space reserved for a stripe being written is released after this.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    reservation_ttl: std::time::Duration,
+}
+
+#[derive(Args)]
+struct PeerArgs {
+    /// Where the peer keeps its identity and shards.
+    #[arg(long)]
+    data: PathBuf,
+    /// The directory's address (host:port); needed to join.
+    #[arg(long)]
+    directory: Option<String>,
+    /// A join token (first start only).
+    #[arg(long, env = "MESHDISK_JOIN_TOKEN", hide_env_values = true)]
+    join: Option<String>,
+    /// The name to join under (default: peer-N, chosen by the directory).
+    #[arg(long)]
+    name: Option<String>,
+    /// How much space to lend: 500G, 2T, ...
+    #[arg(long, value_parser = parse_size)]
+    capacity: u64,
+    /// Peers in one failure domain (a machine, a house) never hold two
+    /// shards of a stripe while there are other domains.
+    #[arg(long)]
+    failure_domain: Option<String>,
+    /// UDP address to serve QUIC on.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: std::net::SocketAddr,
+    /// The address clients should use, if not --listen.
+    #[arg(long)]
+    advertise: Option<std::net::SocketAddr>,
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    heartbeat: std::time::Duration,
+}
+
+#[derive(Args)]
+struct JoinArgs {
+    /// The directory's address (host:port).
+    #[arg(long)]
+    directory: String,
+    #[arg(long, env = "MESHDISK_JOIN_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where to save the credential (never overwritten).
+    #[arg(long)]
+    credential: PathBuf,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, default_value = "client")]
+    role: Role,
+}
+
+#[derive(Args)]
+struct TokenCreateArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    /// What the token lets a machine join as: peer, client or admin.
+    #[arg(long, default_value = "peer")]
+    role: Role,
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    ttl: std::time::Duration,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchClusterArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    shard_size: u64,
+    /// Seconds per phase.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Calls in flight per peer.
+    #[arg(long, default_value_t = 8)]
+    depth: usize,
+    /// Phases, in order: put, get, clean.
+    #[arg(long, value_delimiter = ',', default_value = "put,get,clean")]
+    phases: Vec<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -119,7 +253,13 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Key(KeyCommand::Generate { file }) => return finish(key_generate(file)),
         Command::Bench(BenchCommand::Codec(args)) => return finish(bench_codec(args, cli.threads)),
-        Command::Serve(_) => {}
+        Command::Serve(_)
+        | Command::Directory(_)
+        | Command::Peer(_)
+        | Command::Join(_)
+        | Command::Token(_)
+        | Command::Status(_)
+        | Command::Bench(BenchCommand::Cluster(_)) => {}
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -140,7 +280,15 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
-        Command::Key(_) | Command::Bench(_) => unreachable!("handled before the runtime starts"),
+        Command::Directory(args) => runtime.block_on(directory(args)),
+        Command::Peer(args) => runtime.block_on(peer(args)),
+        Command::Join(args) => runtime.block_on(join(args)),
+        Command::Token(TokenCommand::Create(args)) => runtime.block_on(token_create(args)),
+        Command::Status(args) => runtime.block_on(status(args)),
+        Command::Bench(BenchCommand::Cluster(args)) => runtime.block_on(bench_cluster(args)),
+        Command::Key(_) | Command::Bench(BenchCommand::Codec(_)) => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     finish(result)
 }
@@ -197,6 +345,171 @@ fn bench_codec(args: &BenchCodecArgs, threads: usize) -> Result<(), String> {
     let out =
         if json { bench::render_json(&config, &results) } else { bench::render_table(&config, &results) };
     println!("{}", out.trim_end());
+    Ok(())
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM.
+fn stop_on_signals() -> Result<tokio_util::sync::CancellationToken, String> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+        }
+        s.cancel();
+    });
+    Ok(stop)
+}
+
+async fn directory(args: DirectoryArgs) -> Result<(), String> {
+    let config = meshdisk::cluster::directory::DirectoryConfig {
+        data: args.data,
+        listen: args.listen,
+        advertise: args.advertise,
+        cluster: args.cluster,
+        peer_timeout: args.peer_timeout,
+        reservation_ttl: args.reservation_ttl,
+    };
+    let stop = stop_on_signals()?;
+    meshdisk::cluster::directory::run(config, stop).await.map_err(|e| e.to_string())
+}
+
+async fn peer(args: PeerArgs) -> Result<(), String> {
+    if args.capacity == 0 {
+        return Err("--capacity must be more than 0".into());
+    }
+    let config = meshdisk::cluster::peer::PeerConfig {
+        data: args.data,
+        directory: args.directory,
+        join: args.join,
+        name: args.name,
+        capacity: args.capacity,
+        failure_domain: args.failure_domain,
+        listen: args.listen,
+        advertise: args.advertise,
+        heartbeat: args.heartbeat,
+    };
+    let stop = stop_on_signals()?;
+    meshdisk::cluster::peer::run(config, stop).await
+}
+
+async fn join(args: JoinArgs) -> Result<(), String> {
+    if args.credential.exists() {
+        return Err(format!(
+            "{} exists already: this machine has joined (remove the file to join again)",
+            args.credential.display()
+        ));
+    }
+    let cred = meshdisk::cluster::credential::join(&args.directory, &args.token, args.role, args.name)
+        .await
+        .map_err(|e| e.to_string())?;
+    cred.save(&args.credential).map_err(|e| e.to_string())?;
+    eprintln!(
+        "joined cluster {} as {} {}; credential saved to {} (mode 0600)",
+        cred.cluster,
+        cred.role.as_str(),
+        cred.node,
+        args.credential.display()
+    );
+    Ok(())
+}
+
+fn client(arg: &CredentialArg) -> Result<meshdisk::cluster::client::Client, String> {
+    let cred = meshdisk::cluster::credential::Credential::load(&arg.credential).map_err(|e| e.to_string())?;
+    meshdisk::cluster::client::Client::new(cred).map_err(|e| e.to_string())
+}
+
+async fn token_create(args: TokenCreateArgs) -> Result<(), String> {
+    let c = client(&args.credential)?;
+    let (token, _) = c.create_token(args.role, args.ttl).await.map_err(|e| e.to_string())?;
+    println!("{token}");
+    let dir = &c.credential().directory;
+    let how = match args.role {
+        Role::Peer => format!("meshdisk peer --directory {dir} --join TOKEN --data DIR --capacity SIZE"),
+        _ => format!(
+            "meshdisk join --directory {dir} --token TOKEN --credential FILE --role {}",
+            args.role.as_str()
+        ),
+    };
+    eprintln!("one-time token for a {}, valid {:?}; use it as:\n  {how}", args.role.as_str(), args.ttl);
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> Result<(), String> {
+    let c = client(&args.credential)?;
+    let s = c.status().await.map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", meshdisk::cluster::status::render(&s));
+    }
+    Ok(())
+}
+
+async fn bench_cluster(args: BenchClusterArgs) -> Result<(), String> {
+    use meshdisk::cluster::bench::{ClusterBench, Phase};
+    let shard_size = usize::try_from(args.shard_size).map_err(|_| "--shard-size is too large".to_string())?;
+    if shard_size == 0 || shard_size % 64 != 0 || shard_size > 16 << 20 {
+        return Err("--shard-size must be a multiple of 64 bytes, at most 16M".into());
+    }
+    if !(args.seconds > 0.0 && args.seconds <= 600.0) {
+        return Err("--seconds must be more than 0 and at most 600".into());
+    }
+    if !(1..=256).contains(&args.depth) {
+        return Err("--depth must be 1 to 256".into());
+    }
+    let phases = args
+        .phases
+        .iter()
+        .map(|p| match p.as_str() {
+            "put" => Ok(Phase::Put),
+            "get" => Ok(Phase::Get),
+            "clean" => Ok(Phase::Clean),
+            other => Err(format!("unknown phase {other:?} (put, get, clean)")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = ClusterBench {
+        shard_size,
+        duration: std::time::Duration::from_secs_f64(args.seconds),
+        depth: args.depth,
+        phases,
+    };
+    let c = client(&args.credential)?;
+    let json = args.json;
+    let results = meshdisk::cluster::bench::run(&c, &config, |r| {
+        if !json {
+            println!(
+                "{:<6} {} peers {:>8} shards {:>8.3} GiB/s {:>6.2} CPU-s/GiB (this process) {:>6.1} s",
+                r.phase.as_str(),
+                r.peers,
+                r.shards,
+                r.gib_per_s(),
+                r.cpu_s_per_gib(),
+                r.seconds
+            );
+        }
+    })
+    .await?;
+    if json {
+        let rows: Vec<serde_json::Value> = results
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "phase": r.phase.as_str(),
+                    "peers": r.peers,
+                    "shards": r.shards,
+                    "bytes": r.bytes,
+                    "seconds": r.seconds,
+                    "gib_per_s": r.gib_per_s(),
+                    "cpu_seconds": r.cpu_seconds,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    }
     Ok(())
 }
 
@@ -287,15 +600,4 @@ fn uri_escape(name: &str) -> String {
         }
     }
     out
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
 }

@@ -51,7 +51,7 @@ const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Which shard: volume, stripe, generation, index in the stripe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct ShardKey {
     pub volume: [u8; VOLUME_ID_LEN],
     pub stripe: u64,

@@ -51,7 +51,7 @@ pub enum CaError {
 }
 
 /// What a certificate holder is allowed to be.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     Directory,
     Peer,
@@ -68,6 +68,67 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "directory" => Role::Directory,
+            "peer" => Role::Peer,
+            "client" => Role::Client,
+            "admin" => Role::Admin,
+            _ => return Err(format!("unknown role {s:?} (peer, client or admin)")),
+        })
+    }
+}
+
+/// Who a certificate names: node, role and cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertName {
+    pub node: String,
+    pub role: Role,
+    pub cluster: String,
+}
+
+impl std::fmt::Display for CertName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} of cluster {}", self.role.as_str(), self.node, self.cluster)
+    }
+}
+
+impl CertName {
+    /// Parses `<node>.<role>.<cluster>.meshdisk.invalid`.
+    pub fn parse(name: &str) -> Option<Self> {
+        let rest = name.strip_suffix(NAME_SUFFIX)?.strip_suffix('.')?;
+        let mut parts = rest.split('.');
+        let (node, role, cluster) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() || check_label(node).is_err() || check_label(cluster).is_err() {
+            return None;
+        }
+        Some(Self { node: node.to_owned(), role: role.parse().ok()?, cluster: cluster.to_owned() })
+    }
+
+    /// The name in a (verified) certificate's subject alternative names.
+    pub fn of_cert(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Self::parse(d),
+            _ => None,
+        })
+    }
+
+    /// The name to dial this node by.
+    pub fn dns(&self) -> String {
+        node_name(&self.node, self.role, &self.cluster)
+    }
+}
+
+/// The fingerprint a join token pins the CA with: blake3 of the CA
+/// certificate (DER), first 16 bytes, hex.
+pub fn ca_pin(der: &[u8]) -> String {
+    blake3::hash(der).as_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A DNS label: what node and cluster ids must look like.
@@ -138,6 +199,13 @@ impl ClusterCa {
         &self.cert_pem
     }
 
+    /// The CA's pin (see [`ca_pin`]).
+    pub fn pin(&self) -> Result<String, CaError> {
+        let der = pem_certs(&self.cert_pem)?;
+        let first = der.first().ok_or_else(|| CaError::Verifier("ca.crt holds no certificate".into()))?;
+        Ok(ca_pin(first))
+    }
+
     /// Issues a certificate for `node` in `role` over the public key of
     /// `csr_pem`. Only the key is taken from the request.
     pub fn issue(&self, csr_pem: &str, node: &str, role: Role) -> Result<String, CaError> {
@@ -195,14 +263,21 @@ pub fn new_key_and_csr() -> Result<(KeyPair, String), CaError> {
 /// The verifier every meshdisk endpoint uses for its peers' certificates:
 /// chains to `ca_pem` only, client and server authentication both.
 pub fn verifier(ca_pem: &str) -> Result<Arc<dyn ClientCertVerifier>, CaError> {
+    verifier_with(ca_pem, false)
+}
+
+/// As [`verifier`]; with `optional`, a client may also come without any
+/// certificate (the directory's join path), but one it presents must still
+/// chain to `ca_pem`.
+pub fn verifier_with(ca_pem: &str, optional: bool) -> Result<Arc<dyn ClientCertVerifier>, CaError> {
     let mut roots = RootCertStore::empty();
     for der in pem_certs(ca_pem)? {
         roots.add(der).map_err(|e| CaError::Verifier(e.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .build()
-        .map_err(|e| CaError::Verifier(e.to_string()))
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if optional { builder.allow_unauthenticated() } else { builder };
+    builder.build().map_err(|e| CaError::Verifier(e.to_string()))
 }
 
 /// The certificates in a PEM text, DER-encoded.

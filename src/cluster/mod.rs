@@ -7,5 +7,13 @@
 //! certificate over the machine's own key (a CSR, so private keys never
 //! leave the machine that uses them).
 
+pub mod bench;
 pub mod ca;
+pub mod client;
+pub mod credential;
+pub mod directory;
+pub mod msg;
+pub mod peer;
+pub mod placement;
+pub mod status;
 pub mod token;

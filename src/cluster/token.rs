@@ -1,11 +1,16 @@
 //! One-time join tokens: `meshdisk token create` makes one, a joining
 //! machine spends it once to get its certificate.
 //!
-//! A token is `mdjoin-` and 64 hex digits (256 random bits). The directory
-//! stores only its blake3 hash (key `tokens/<hash>`), with its expiry and
-//! the role it grants, so a copy of the directory's database cannot be used
-//! to join. Spending is a compare-and-set delete: of two machines racing
-//! with the same token, exactly one wins.
+//! A token is `mdjoin-<cluster>-<CA pin>-<secret>`: the cluster's name, the
+//! first 128 bits of the blake3 hash of the cluster CA's certificate (32 hex
+//! digits) and 256 random bits (64 hex digits). The joining machine trusts
+//! the directory only if it presents a chain to the pinned CA, so one string
+//! carries both what proves the newcomer and what proves the directory (as
+//! kubeadm's token and CA hash do). The directory stores only the blake3
+//! hash of the secret (key `tokens/<hash>`), with its expiry and the role it
+//! grants, so a copy of the directory's database cannot be used to join.
+//! Spending is a compare-and-set delete: of two machines racing with the
+//! same token, exactly one wins.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,8 +40,14 @@ impl JoinToken {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("that is not a meshdisk join token (they look like mdjoin-<64 hex digits>)")]
+    #[error(
+        "that is not a meshdisk join token (they look like mdjoin-<cluster>-<32 hex digits>-<64 hex digits>, as `meshdisk token create` prints them)"
+    )]
     Malformed,
+    #[error(
+        "this join token is for cluster {token_cluster}, but this directory serves cluster {ours}: use a token from this cluster's admin"
+    )]
+    OtherCluster { token_cluster: String, ours: String },
     #[error(
         "unknown or already used join token: ask the cluster admin for a new one (`meshdisk token create`)"
     )]
@@ -45,6 +56,11 @@ pub enum TokenError {
         "this join token expired {0} s ago: ask the cluster admin for a new one (`meshdisk token create`)"
     )]
     Expired(u64),
+    #[error(
+        "this join token is for a {} but this node joins as a {}: ask for one made with `meshdisk token create --role {}`",
+        token.as_str(), want.as_str(), want.as_str()
+    )]
+    WrongRole { token: Role, want: Role },
     #[error("a join token must live 1 s to 30 days, got {0:?}")]
     Ttl(Duration),
     #[error("the operating system's random number generator failed: {0}")]
@@ -76,28 +92,69 @@ fn role_of(b: u8) -> Option<Role> {
     })
 }
 
-fn store_key(token: &str) -> Result<Vec<u8>, TokenError> {
-    let secret = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
-    if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+fn lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A token's parts, as the joining machine reads them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    pub cluster: &'a str,
+    pub ca_pin: &'a str,
+    secret: &'a str,
+}
+
+/// Splits a token into its parts; `Malformed` unless all are well formed.
+pub fn parse(token: &str) -> Result<Parsed<'_>, TokenError> {
+    let rest = token.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
+    let mut parts = rest.rsplitn(3, '-');
+    let (secret, ca_pin, cluster) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(s), Some(p), Some(c)) => (s, p, c),
+        _ => return Err(TokenError::Malformed),
+    };
+    if !lower_hex(secret, 64) || !lower_hex(ca_pin, 32) || super::ca::check_label(cluster).is_err() {
         return Err(TokenError::Malformed);
     }
+    Ok(Parsed { cluster, ca_pin, secret })
+}
+
+fn store_key(secret: &str) -> Vec<u8> {
     let mut key = KEY_PREFIX.to_vec();
-    key.extend_from_slice(blake3::hash(token.as_bytes()).to_hex().as_bytes());
-    Ok(key)
+    key.extend_from_slice(blake3::hash(secret.as_bytes()).to_hex().as_bytes());
+    key
+}
+
+/// This directory's cluster and CA pin, which every token it makes names.
+#[derive(Clone, Debug)]
+pub struct Issuer {
+    pub cluster: String,
+    pub ca_pin: String,
 }
 
 /// Creates a token granting `role`, valid for `ttl`.
-pub async fn create(store: &impl MetaStore, role: Role, ttl: Duration) -> Result<JoinToken, TokenError> {
-    create_at(store, role, ttl, now_ms()).await
+pub async fn create(
+    store: &impl MetaStore,
+    issuer: &Issuer,
+    role: Role,
+    ttl: Duration,
+) -> Result<JoinToken, TokenError> {
+    create_at(store, issuer, role, ttl, now_ms()).await
 }
 
-/// Spends a token: returns the role it grants, once.
-pub async fn redeem(store: &impl MetaStore, token: &str) -> Result<Role, TokenError> {
-    redeem_at(store, token, now_ms()).await
+/// Spends a token for a node that wants to be `want`: once, and only if
+/// the token grants that role (a token for another role is left unspent).
+pub async fn redeem(
+    store: &impl MetaStore,
+    issuer: &Issuer,
+    token: &str,
+    want: Role,
+) -> Result<(), TokenError> {
+    redeem_at(store, issuer, token, want, now_ms()).await
 }
 
 async fn create_at(
     store: &impl MetaStore,
+    issuer: &Issuer,
     role: Role,
     ttl: Duration,
     now: u64,
@@ -108,8 +165,8 @@ async fn create_at(
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| TokenError::Random(e.to_string()))?;
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    let token = format!("{PREFIX}{hex}");
-    let key = store_key(&token)?;
+    let token = format!("{PREFIX}{}-{}-{hex}", issuer.cluster, issuer.ca_pin);
+    let key = store_key(&hex);
     let mut value = (now + ttl.as_millis() as u64).to_le_bytes().to_vec();
     value.push(role_byte(role));
     let out = store
@@ -121,8 +178,21 @@ async fn create_at(
     Ok(JoinToken(token))
 }
 
-async fn redeem_at(store: &impl MetaStore, token: &str, now: u64) -> Result<Role, TokenError> {
-    let key = store_key(token.trim())?;
+async fn redeem_at(
+    store: &impl MetaStore,
+    issuer: &Issuer,
+    token: &str,
+    want: Role,
+    now: u64,
+) -> Result<(), TokenError> {
+    let parsed = parse(token)?;
+    if parsed.cluster != issuer.cluster || parsed.ca_pin != issuer.ca_pin {
+        return Err(TokenError::OtherCluster {
+            token_cluster: parsed.cluster.to_owned(),
+            ours: issuer.cluster.clone(),
+        });
+    }
+    let key = store_key(parsed.secret);
     let entry = store.get(&key).await?.ok_or(TokenError::Unknown)?;
     let (expiry, role) = match entry.value.as_slice() {
         [e @ .., r] if e.len() == 8 => {
@@ -130,6 +200,9 @@ async fn redeem_at(store: &impl MetaStore, token: &str, now: u64) -> Result<Role
         }
         _ => return Err(TokenError::Unknown),
     };
+    if role != want && expiry > now {
+        return Err(TokenError::WrongRole { token: role, want });
+    }
     // Spent either way: an expired token is deleted too.
     let spent = store
         .txn(Txn::new().when(Compare::ModRevision(key.clone(), entry.mod_revision)).then(Op::Delete { key }))
@@ -140,7 +213,7 @@ async fn redeem_at(store: &impl MetaStore, token: &str, now: u64) -> Result<Role
     if expiry <= now {
         return Err(TokenError::Expired((now - expiry) / 1000));
     }
-    Ok(role)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,34 +221,79 @@ mod tests {
     use super::*;
     use crate::meta::embedded::RedbStore;
 
+    fn issuer() -> Issuer {
+        Issuer { cluster: "home".into(), ca_pin: "00112233445566778899aabbccddeeff".into() }
+    }
+
     #[tokio::test]
     async fn a_token_works_once_and_only_before_it_expires() {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
-        let t = create_at(&store, Role::Peer, Duration::from_secs(60), 1_000_000).await.unwrap();
-        assert!(t.reveal().starts_with("mdjoin-") && t.reveal().len() == 71);
+        let home = issuer();
+        let t = create_at(&store, &home, Role::Peer, Duration::from_secs(60), 1_000_000).await.unwrap();
+        assert!(t.reveal().starts_with("mdjoin-home-00112233445566778899aabbccddeeff-"), "{}", t.reveal());
+        assert_eq!(t.reveal().len(), 7 + 5 + 33 + 64);
+        let parsed = parse(t.reveal()).unwrap();
+        assert_eq!((parsed.cluster, parsed.ca_pin), ("home", home.ca_pin.as_str()));
         assert_eq!(format!("{t:?}"), "JoinToken(<redacted>)");
         // Only the hash is stored.
         let stored = store.list(KEY_PREFIX).await.unwrap();
         assert_eq!(stored.len(), 1);
-        assert!(!String::from_utf8_lossy(&stored[0].key).contains(&t.reveal()[7..]));
+        assert!(!String::from_utf8_lossy(&stored[0].key).contains(parsed.secret));
 
-        assert_eq!(redeem_at(&store, t.reveal(), 1_030_000).await.unwrap(), Role::Peer);
-        let again = redeem_at(&store, t.reveal(), 1_030_000).await.unwrap_err();
+        let wrong = redeem_at(&store, &home, t.reveal(), Role::Client, 1_030_000).await.unwrap_err();
+        assert!(matches!(wrong, TokenError::WrongRole { token: Role::Peer, want: Role::Client }), "{wrong}");
+        assert!(wrong.to_string().contains("--role client"), "{wrong}");
+        // A wrong-role attempt leaves the token unspent.
+        redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap();
+        let again = redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap_err();
         assert!(matches!(again, TokenError::Unknown), "{again}");
         assert!(again.to_string().contains("meshdisk token create"));
 
-        let late = create_at(&store, Role::Client, Duration::from_secs(60), 1_000_000).await.unwrap();
-        let err = redeem_at(&store, late.reveal(), 1_090_000).await.unwrap_err();
+        let late = create_at(&store, &home, Role::Client, Duration::from_secs(60), 1_000_000).await.unwrap();
+        let err = redeem_at(&store, &home, late.reveal(), Role::Client, 1_090_000).await.unwrap_err();
         assert!(matches!(err, TokenError::Expired(30)), "{err}");
-        assert!(matches!(redeem_at(&store, late.reveal(), 1_000_000).await, Err(TokenError::Unknown)));
+        assert!(matches!(
+            redeem_at(&store, &home, late.reveal(), Role::Client, 1_000_000).await,
+            Err(TokenError::Unknown)
+        ));
 
-        for bad in ["", "mdjoin-", "mdjoin-xyz", &format!("mdjoin-{}", "A".repeat(64)), &t.reveal()[1..]] {
-            assert!(matches!(redeem_at(&store, bad, 0).await, Err(TokenError::Malformed)), "{bad:?}");
+        let pin = &home.ca_pin;
+        let secret = "0".repeat(64);
+        for bad in [
+            "",
+            "mdjoin-",
+            "mdjoin-xyz",
+            &format!("mdjoin-{}", "a".repeat(64)),
+            &format!("mdjoin-home-{pin}-{}", "A".repeat(64)),
+            &format!("mdjoin-Home-{pin}-{secret}"),
+            &format!("mdjoin-home-{}-{secret}", &pin[1..]),
+            &format!("mdjoin--{pin}-{secret}"),
+            &t.reveal()[1..],
+        ] {
+            assert!(
+                matches!(redeem_at(&store, &home, bad, Role::Peer, 0).await, Err(TokenError::Malformed)),
+                "{bad:?}"
+            );
         }
-        let unknown = format!("mdjoin-{}", "0".repeat(64));
-        assert!(matches!(redeem_at(&store, &unknown, 0).await, Err(TokenError::Unknown)));
-        assert!(matches!(create(&store, Role::Peer, Duration::ZERO).await, Err(TokenError::Ttl(_))));
+        let unknown = format!("mdjoin-home-{pin}-{secret}");
+        assert!(matches!(redeem_at(&store, &home, &unknown, Role::Peer, 0).await, Err(TokenError::Unknown)));
+        // A cluster name with dashes parses from the right.
+        let dashed = Issuer { cluster: "my-home-lab".into(), ca_pin: home.ca_pin.clone() };
+        let d = create(&store, &dashed, Role::Client, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(parse(d.reveal()).unwrap().cluster, "my-home-lab");
+        // A token of another cluster, or of another CA with the same name.
+        let err = redeem_at(&store, &home, d.reveal(), Role::Client, 0).await.unwrap_err();
+        assert!(
+            err.to_string().contains("for cluster my-home-lab, but this directory serves cluster home"),
+            "{err}"
+        );
+        let forged = Issuer { cluster: "home".into(), ca_pin: "f".repeat(32) };
+        assert!(matches!(
+            redeem_at(&store, &forged, t.reveal(), Role::Peer, 0).await,
+            Err(TokenError::OtherCluster { .. })
+        ));
+        assert!(matches!(create(&store, &home, Role::Peer, Duration::ZERO).await, Err(TokenError::Ttl(_))));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,12 +301,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
         for _ in 0..10 {
-            let t = create(&store, Role::Peer, Duration::from_secs(60)).await.unwrap();
+            let t = create(&store, &issuer(), Role::Peer, Duration::from_secs(60)).await.unwrap();
             let (a, b) = (store.clone(), store.clone());
             let (ta, tb) = (t.reveal().to_owned(), t.reveal().to_owned());
             let (ra, rb) = tokio::join!(
-                tokio::spawn(async move { redeem(&a, &ta).await.is_ok() }),
-                tokio::spawn(async move { redeem(&b, &tb).await.is_ok() })
+                tokio::spawn(async move { redeem(&a, &issuer(), &ta, Role::Peer).await.is_ok() }),
+                tokio::spawn(async move { redeem(&b, &issuer(), &tb, Role::Peer).await.is_ok() })
             );
             assert_eq!(u8::from(ra.unwrap()) + u8::from(rb.unwrap()), 1);
         }

@@ -7,5 +7,6 @@
 //! (`<node>.<role>.<cluster>.meshdisk.invalid`), so it cannot be talked into
 //! trusting another member at the same address.
 
+pub mod rpc;
 pub mod tls;
 pub mod wire;

@@ -8,7 +8,12 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::cluster::ca::{CaError, pem_certs, verifier};
+use rustls::DigitallySignedStruct;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{ServerName, UnixTime};
+
+use crate::cluster::ca::{CaError, CertName, ca_pin, pem_certs, verifier_with};
 
 /// The application protocol every meshdisk connection speaks (versioned).
 pub const ALPN: &[u8] = b"meshdisk/1";
@@ -50,13 +55,23 @@ fn chain(id: &Identity) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(pem_certs(&id.cert_pem)?)
 }
 
-/// A QUIC server configuration that requires a client certificate from the
+/// Whether a server lets clients in without a certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client must present a certificate from the cluster CA.
+    Required,
+    /// Clients may come without one (the directory, for joining); one that
+    /// is presented must still be from the cluster CA.
+    Optional,
+}
+
+/// A QUIC server configuration that checks client certificates against the
 /// cluster CA.
-pub fn server_config(id: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(id: &Identity, auth: ClientAuth) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier(&id.ca_pem)?)
+        .with_client_cert_verifier(verifier_with(&id.ca_pem, auth == ClientAuth::Optional)?)
         .with_single_cert(chain(id)?, key(id)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -82,6 +97,117 @@ pub fn client_config(id: &Identity) -> Result<quinn::ClientConfig, TlsError> {
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
 
+/// The client configuration of a machine joining with a token: no client
+/// certificate yet, and the directory is trusted only if its chain includes
+/// the CA whose pin the token carries.
+pub fn join_client_config(pin: &str) -> Result<quinn::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCa { pin: pin.to_owned(), provider: provider() });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// Who is on the other end of `conn`, from its verified certificate; `None`
+/// for a client that presented none.
+pub fn remote_name(conn: &quinn::Connection) -> Option<CertName> {
+    let any = conn.peer_identity()?;
+    let certs = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    CertName::of_cert(certs.first()?)
+}
+
+/// Trusts a server whose chain contains the pinned CA and whose certificate
+/// that CA signed for the name dialled.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| ca_pin(c) == self.pin).ok_or_else(|| {
+            rustls::Error::General(
+                "the directory's CA is not the one the join token names: the token is for another cluster, or something is in between"
+                    .into(),
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?
+            .verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A refused connection, said so that the refused side knows what to do.
+pub fn explain(e: &quinn::ConnectionError) -> String {
+    let raw = e.to_string();
+    let hint = if raw.contains("CertificateRequired") || raw.contains("certificate required") {
+        "the other side wants a certificate from its cluster and this node has none: join first (`--join TOKEN`)"
+    } else if raw.contains("UnknownCA")
+        || raw.contains("unknown ca")
+        || raw.contains("BadCertificate")
+        || raw.contains("bad certificate")
+    {
+        "the other side does not accept this node's certificate: it was not issued by its cluster's CA (another cluster, or self-made); join this cluster with a token from its admin"
+    } else if raw.contains("UnknownIssuer") {
+        "the other side's certificate is not from this node's cluster CA: it belongs to another cluster (check the address)"
+    } else if raw.contains("not valid for name") || raw.contains("NotValidForName") {
+        "the other side's certificate names another node: the address now belongs to someone else"
+    } else if raw.contains("timed out") {
+        "no answer: is it running, and is the address and UDP port reachable?"
+    } else {
+        return raw;
+    };
+    format!("{raw}: {hint}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,7 +228,11 @@ mod tests {
     /// A server that echoes one stream per connection; returns its address
     /// and the handshakes it refused.
     fn echo_server(id: &Identity) -> (quinn::Endpoint, SocketAddr, Refusals) {
-        let ep = quinn::Endpoint::server(server_config(id).unwrap(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        let ep = quinn::Endpoint::server(
+            server_config(id, ClientAuth::Required).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
         let addr = ep.local_addr().unwrap();
         let accept = ep.clone();
         let refusals = Refusals::default();

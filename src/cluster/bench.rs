@@ -1,0 +1,250 @@
+//! `meshdisk bench cluster`: shard put and get throughput from this client
+//! to every peer that is up, with `depth` calls in flight per peer.
+//!
+//! Shards belong to a benchmark volume id that no real volume has (the
+//! first 16 bytes of blake3("meshdisk bench cluster")); each put is a new
+//! shard key, so nothing is replaced. `get` reads back what the peers list
+//! for that volume; `clean` deletes it. CPU time is this process's own
+//! (user + system); `tools/bench cluster` adds the peers'.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::client::Client;
+use super::msg::{PeerAddr, PeerState, VOLUME_ID_LEN};
+use crate::codec::shard::{ShardHash, ShardHeader};
+use crate::store::ShardKey;
+
+/// Which phases to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Put,
+    Get,
+    Clean,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Put => "put",
+            Phase::Get => "get",
+            Phase::Clean => "clean",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterBench {
+    pub shard_size: usize,
+    pub duration: Duration,
+    pub depth: usize,
+    pub phases: Vec<Phase>,
+}
+
+#[derive(Clone, Debug)]
+pub struct PhaseResult {
+    pub phase: Phase,
+    pub peers: usize,
+    pub shards: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub cpu_seconds: f64,
+}
+
+impl PhaseResult {
+    pub fn gib_per_s(&self) -> f64 {
+        self.bytes as f64 / self.seconds / f64::from(1u32 << 30)
+    }
+
+    pub fn cpu_s_per_gib(&self) -> f64 {
+        if self.bytes == 0 { 0.0 } else { self.cpu_seconds / (self.bytes as f64 / f64::from(1u32 << 30)) }
+    }
+}
+
+/// The benchmark's volume id.
+pub fn bench_volume() -> [u8; VOLUME_ID_LEN] {
+    blake3::hash(b"meshdisk bench cluster").as_bytes()[..VOLUME_ID_LEN].try_into().expect("16 bytes")
+}
+
+/// This process's CPU time so far.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed struct we own.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+async fn up_peers(client: &Client) -> Result<Vec<PeerAddr>, String> {
+    let status = client.status().await.map_err(|e| e.to_string())?;
+    let peers: Vec<PeerAddr> = status
+        .peers
+        .into_iter()
+        .filter(|p| p.state == PeerState::Up)
+        .map(|p| PeerAddr { name: p.name, addr: p.addr })
+        .collect();
+    if peers.is_empty() {
+        return Err("no peer is up: start some (`meshdisk peer`) and try again".into());
+    }
+    Ok(peers)
+}
+
+/// Runs the phases in order; reports each as it ends.
+pub async fn run(
+    client: &Client,
+    config: &ClusterBench,
+    mut report: impl FnMut(&PhaseResult),
+) -> Result<Vec<PhaseResult>, String> {
+    let peers = up_peers(client).await?;
+    // Warm the connections so the first phase measures transfer, not handshakes.
+    client.measure(&peers, Duration::from_secs(5)).await;
+    let mut out = Vec::new();
+    for &phase in &config.phases {
+        let r = match phase {
+            Phase::Put => put(client, &peers, config).await?,
+            Phase::Get => get(client, &peers, config).await?,
+            Phase::Clean => clean(client, &peers).await?,
+        };
+        report(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, String> {
+    let mut payload = vec![0u8; config.shard_size];
+    getrandom::fill(&mut payload).map_err(|e| e.to_string())?;
+    let hash = ShardHash::of(&payload);
+    let payload = Bytes::from(payload);
+    // Stripe numbers start past anything an earlier run left.
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+        << 16;
+    let next = Arc::new(AtomicU64::new(base));
+    let deadline = Instant::now() + config.duration;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut tasks = tokio::task::JoinSet::new();
+    for peer in peers {
+        for _ in 0..config.depth {
+            let (client, peer, payload, next) = (client.clone(), peer.clone(), payload.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let header = ShardHeader {
+                        volume_id: bench_volume(),
+                        stripe: next.fetch_add(1, Ordering::Relaxed),
+                        generation: 1,
+                        index: 0,
+                        k: 1,
+                        m: 0,
+                        payload_len: payload.len() as u32,
+                        payload_hash: hash,
+                    };
+                    client
+                        .put_shard(&peer, &header, payload.clone(), 1)
+                        .await
+                        .map_err(|e| format!("put to {}: {e}", peer.name))?;
+                    n += 1;
+                }
+                Ok::<u64, String>(n)
+            });
+        }
+    }
+    let mut shards = 0;
+    for r in tasks.join_all().await {
+        shards += r?;
+    }
+    let shard_len = (config.shard_size + crate::codec::shard::HEADER_LEN) as u64;
+    Ok(PhaseResult {
+        phase: Phase::Put,
+        peers: peers.len(),
+        shards,
+        bytes: shards * shard_len,
+        seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds() - cpu0,
+    })
+}
+
+async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, String> {
+    let mut lists = Vec::new();
+    for p in peers {
+        let keys =
+            client.list_shards(p, bench_volume()).await.map_err(|e| format!("listing {}: {e}", p.name))?;
+        if !keys.is_empty() {
+            lists.push((p.clone(), Arc::new(keys)));
+        }
+    }
+    if lists.is_empty() {
+        return Err("no benchmark shards on any peer: run the put phase first".into());
+    }
+    let deadline = Instant::now() + config.duration;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (peer, keys) in &lists {
+        for worker in 0..config.depth {
+            let (client, peer, keys) = (client.clone(), peer.clone(), keys.clone());
+            tasks.spawn(async move {
+                let (mut n, mut bytes) = (0u64, 0u64);
+                let mut i = worker;
+                while Instant::now() < deadline {
+                    let key: ShardKey = keys[i % keys.len()];
+                    let shard = client
+                        .get_shard(&peer, key)
+                        .await
+                        .map_err(|e| format!("get from {}: {e}", peer.name))?;
+                    let (header, body) = crate::codec::shard::parse_shard(&shard)
+                        .map_err(|e| format!("{} returned a bad shard: {e}", peer.name))?;
+                    header
+                        .verify_payload(body)
+                        .map_err(|e| format!("{} returned a bad shard: {e}", peer.name))?;
+                    n += 1;
+                    bytes += shard.len() as u64;
+                    i += 7919;
+                }
+                Ok::<(u64, u64), String>((n, bytes))
+            });
+        }
+    }
+    let (mut shards, mut bytes) = (0, 0);
+    for r in tasks.join_all().await {
+        let (n, b) = r?;
+        shards += n;
+        bytes += b;
+    }
+    Ok(PhaseResult {
+        phase: Phase::Get,
+        peers: lists.len(),
+        shards,
+        bytes,
+        seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds() - cpu0,
+    })
+}
+
+async fn clean(client: &Client, peers: &[PeerAddr]) -> Result<PhaseResult, String> {
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let mut shards = 0;
+    for p in peers {
+        let keys =
+            client.list_shards(p, bench_volume()).await.map_err(|e| format!("listing {}: {e}", p.name))?;
+        for k in keys {
+            client.delete_shard(p, k, 1).await.map_err(|e| format!("delete on {}: {e}", p.name))?;
+            shards += 1;
+        }
+    }
+    Ok(PhaseResult {
+        phase: Phase::Clean,
+        peers: peers.len(),
+        shards,
+        bytes: 0,
+        seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: cpu_seconds() - cpu0,
+    })
+}

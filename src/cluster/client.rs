@@ -1,0 +1,264 @@
+//! Talking to the cluster as a member: the directory's calls and the peers'
+//! shard calls over one QUIC endpoint and its connection pool. Used by the
+//! CLI (`status`, `token create`), by peers (heartbeats, probes), by the
+//! cluster benchmark and, next, by `attach`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::ca::{Role, node_name};
+use super::credential::{Credential, CredentialError};
+use super::msg::*;
+use crate::codec::shard::ShardHeader;
+use crate::net::rpc::{Pool, RpcError, endpoint};
+use crate::net::tls::{TlsError, client_config};
+use crate::store::ShardKey;
+
+/// How long a directory call may take.
+const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a shard call may take (a 16 MiB shard over a slow link).
+const SHARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("{0}")]
+    Remote(#[from] Remote),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    /// The remote error's kind, if the other side answered with one.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Remote(r) => Some(r.kind),
+            _ => None,
+        }
+    }
+}
+
+fn unexpected(what: impl std::fmt::Debug) -> ClientError {
+    ClientError::Unexpected(format!("{what:?}"))
+}
+
+/// A member's view of the cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cred: Credential,
+    pool: Pool,
+    dir_addr: SocketAddr,
+}
+
+impl Client {
+    /// A client on its own endpoint (an ephemeral UDP port).
+    pub fn new(cred: Credential) -> Result<Self, ClientError> {
+        let dir_addr = cred.directory_addr()?;
+        let bind: SocketAddr =
+            if dir_addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
+        let ep = endpoint(bind, None, client_config(&cred.identity())?)?;
+        Ok(Self::on(cred, ep, dir_addr))
+    }
+
+    /// A client that dials from `ep` (a peer's own server endpoint).
+    pub fn on(cred: Credential, ep: quinn::Endpoint, dir_addr: SocketAddr) -> Self {
+        Self { inner: Arc::new(Inner { cred, pool: Pool::new(ep), dir_addr }) }
+    }
+
+    pub fn credential(&self) -> &Credential {
+        &self.inner.cred
+    }
+
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        self.inner.pool.endpoint()
+    }
+
+    fn peer_name(&self, peer: &str) -> String {
+        node_name(peer, Role::Peer, &self.inner.cred.cluster)
+    }
+
+    /// One call to the directory; its error answers become `Remote`.
+    pub async fn directory(&self, req: &DirRequest) -> Result<DirResponse, ClientError> {
+        let name = self.inner.cred.directory_name();
+        let (resp, _) =
+            self.inner.pool.call(self.inner.dir_addr, &name, req, Vec::new(), DIRECTORY_TIMEOUT).await?;
+        match resp {
+            DirResponse::Error(e) => Err(e.into()),
+            r => Ok(r),
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.directory(&DirRequest::Status).await? {
+            DirResponse::Status(s) => Ok(*s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A join token for `role`, valid `ttl`; admin only.
+    pub async fn create_token(&self, role: Role, ttl: Duration) -> Result<(String, u64), ClientError> {
+        match self.directory(&DirRequest::CreateToken { role, ttl_secs: ttl.as_secs() }).await? {
+            DirResponse::Token { token, expires_ms } => Ok((token, expires_ms)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeRecord, ClientError> {
+        match self.directory(&DirRequest::CreateVolume(spec)).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Where the next generation of `stripe` goes, space reserved.
+    pub async fn place(&self, volume: &str, stripe: u64) -> Result<Placement, ClientError> {
+        match self.directory(&DirRequest::Place { volume: volume.into(), stripe }).await? {
+            DirResponse::Placement(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records a stored generation; returns the one it replaces.
+    pub async fn commit(
+        &self,
+        volume: &str,
+        placement: &Placement,
+        hashes: Vec<Option<[u8; 32]>>,
+    ) -> Result<Option<StripeRecord>, ClientError> {
+        let req = DirRequest::Commit {
+            reservation: placement.reservation,
+            volume: volume.into(),
+            stripe: placement.stripe,
+            generation: placement.generation,
+            hashes,
+        };
+        match self.directory(&req).await? {
+            DirResponse::Stripe(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn release(&self, reservation: u64) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::Release { reservation }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn stripe(&self, volume: &str, stripe: u64) -> Result<Option<StripeRecord>, ClientError> {
+        match self.directory(&DirRequest::Stripe { volume: volume.into(), stripe }).await? {
+            DirResponse::Stripe(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Tells the directory how far each peer is from this client.
+    pub async fn report_hints(&self, rtts: Vec<Rtt>) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::Hints { rtts }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn peer_call(
+        &self,
+        peer: &PeerAddr,
+        req: &PeerRequest,
+        payload: Vec<Bytes>,
+    ) -> Result<(PeerResponse, Bytes), ClientError> {
+        let name = self.peer_name(&peer.name);
+        let (resp, data) = self.inner.pool.call(peer.addr, &name, req, payload, SHARD_TIMEOUT).await?;
+        match resp {
+            PeerResponse::Error(e) => Err(e.into()),
+            r => Ok((r, data)),
+        }
+    }
+
+    /// Stores a shard on `peer`; durable when this returns. The payload is
+    /// sent as it is, without a copy.
+    pub async fn put_shard(
+        &self,
+        peer: &PeerAddr,
+        header: &ShardHeader,
+        payload: Bytes,
+        epoch: u64,
+    ) -> Result<(), ClientError> {
+        let parts = vec![Bytes::copy_from_slice(&header.encode()), payload];
+        match self.peer_call(peer, &PeerRequest::Put { epoch }, parts).await? {
+            (PeerResponse::Stored, _) => Ok(()),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// A shard (header + payload) as the peer has it; the caller checks it.
+    pub async fn get_shard(&self, peer: &PeerAddr, key: ShardKey) -> Result<Bytes, ClientError> {
+        match self.peer_call(peer, &PeerRequest::Get(key), Vec::new()).await? {
+            (PeerResponse::Shard, data) => Ok(data),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn delete_shard(
+        &self,
+        peer: &PeerAddr,
+        key: ShardKey,
+        epoch: u64,
+    ) -> Result<bool, ClientError> {
+        match self.peer_call(peer, &PeerRequest::Delete { shard: key, epoch }, Vec::new()).await? {
+            (PeerResponse::Deleted { existed }, _) => Ok(existed),
+            (other, _) => Err(unexpected(other)),
+        }
+    }
+
+    /// Every shard of `volume` on `peer`.
+    pub async fn list_shards(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+    ) -> Result<Vec<ShardKey>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let req = PeerRequest::List { volume, after: out.last().copied(), limit: 1000 };
+            match self.peer_call(peer, &req, Vec::new()).await? {
+                (PeerResponse::Shards(s), _) if s.is_empty() => return Ok(out),
+                (PeerResponse::Shards(s), _) => out.extend(s),
+                (other, _) => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Pings `peer`; returns the connection's smoothed round-trip time.
+    pub async fn ping(&self, peer: &PeerAddr) -> Result<Duration, ClientError> {
+        self.peer_call(peer, &PeerRequest::Ping, Vec::new()).await?;
+        let name = self.peer_name(&peer.name);
+        self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| unexpected("no connection after a ping"))
+    }
+
+    /// Pings every peer at once (each within `timeout`); the round trips of
+    /// those that answered.
+    pub async fn measure(&self, peers: &[PeerAddr], timeout: Duration) -> Vec<Rtt> {
+        let mut probes = tokio::task::JoinSet::new();
+        for p in peers {
+            let (me, p) = (self.clone(), p.clone());
+            probes.spawn(async move {
+                let rtt = tokio::time::timeout(timeout, me.ping(&p)).await.ok()?.ok()?;
+                Some(Rtt { node: p.name, micros: rtt.as_micros().min(u128::from(u32::MAX)) as u32 })
+            });
+        }
+        let mut out: Vec<Rtt> = probes.join_all().await.into_iter().flatten().collect();
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        out
+    }
+}

@@ -1,0 +1,166 @@
+//! A member's saved identity: which cluster, which node and role, where the
+//! directory is, and its TLS credentials. One TOML file, mode 0600, written
+//! by joining (or by the directory's first start for the admin) and read on
+//! every start after, so a node keeps its identity across restarts.
+//!
+//! Joining: the node makes a key and a CSR, dials the directory with the
+//! join-token client configuration (no certificate; the directory must
+//! chain to the CA the token pins) and spends the token for a certificate.
+
+use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::ca::{CaError, Role, new_key_and_csr, node_name};
+use super::msg::{DirRequest, DirResponse};
+use super::token;
+use crate::net::rpc::{Pool, RpcError, endpoint};
+use crate::net::tls::{Identity, TlsError, join_client_config};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error(transparent)]
+    Token(#[from] token::TokenError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("joining: {0}")]
+    Rpc(#[from] RpcError),
+    #[error("the directory refused to let this node join: {0}")]
+    Refused(String),
+    #[error("the directory address {0:?} does not resolve to an address")]
+    Address(String),
+    #[error("the directory answered something unexpected: {0}")]
+    Unexpected(String),
+}
+
+/// What a member keeps: see the module documentation.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Credential {
+    pub cluster: String,
+    pub node: String,
+    pub role: Role,
+    /// The directory's address, as given (host:port).
+    pub directory: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .field("role", &self.role)
+            .field("directory", &self.directory)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> CredentialError {
+    CredentialError::File { path: path.to_owned(), message: e.to_string() }
+}
+
+impl Credential {
+    /// Reads a credential file.
+    pub fn load(path: &Path) -> Result<Self, CredentialError> {
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+        toml::from_str(&text).map_err(|e| file_err(path, format!("not a meshdisk credential: {e}")))
+    }
+
+    /// Writes it to `path` (mode 0600), replacing an older one atomically.
+    pub fn save(&self, path: &Path) -> Result<(), CredentialError> {
+        let text = toml::to_string(self).map_err(|e| file_err(path, e))?;
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| file_err(&tmp, e))?;
+        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))?;
+        if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    pub fn identity(&self) -> Identity {
+        Identity {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            ca_pem: self.ca_pem.clone(),
+        }
+    }
+
+    /// The directory's certificate name.
+    pub fn directory_name(&self) -> String {
+        node_name("directory", Role::Directory, &self.cluster)
+    }
+
+    /// The directory's address, resolved.
+    pub fn directory_addr(&self) -> Result<SocketAddr, CredentialError> {
+        resolve(&self.directory)
+    }
+}
+
+/// Resolves `host:port` to its first address.
+pub fn resolve(addr: &str) -> Result<SocketAddr, CredentialError> {
+    addr.to_socket_addrs()
+        .map_err(|_| CredentialError::Address(addr.to_owned()))?
+        .next()
+        .ok_or_else(|| CredentialError::Address(addr.to_owned()))
+}
+
+/// Joins the cluster whose directory is at `directory` with `token`, as a
+/// node that expects `role`; returns the new credential (not yet saved).
+pub async fn join(
+    directory: &str,
+    token_text: &str,
+    role: Role,
+    name: Option<String>,
+) -> Result<Credential, CredentialError> {
+    let parsed = token::parse(token_text)?;
+    let addr = resolve(directory)?;
+    let (key, csr_pem) = new_key_and_csr()?;
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
+    let ep = endpoint(bind, None, join_client_config(parsed.ca_pin)?)?;
+    let pool = Pool::new(ep.clone());
+    let dir_name = node_name("directory", Role::Directory, parsed.cluster);
+    let req = DirRequest::Join { token: token_text.trim().to_owned(), role, csr_pem, name };
+    let answer = pool.call(addr, &dir_name, &req, Vec::new(), Duration::from_secs(15)).await;
+    ep.close(0u32.into(), b"joined");
+    let (resp, _): (DirResponse, _) = answer?;
+    match resp {
+        DirResponse::Joined { node, cluster, cert_pem, ca_pem } => {
+            let got = super::ca::pem_certs(&cert_pem)?.first().and_then(|c| super::ca::CertName::of_cert(c));
+            if got.is_none_or(|n| n.role != role || n.node != node || n.cluster != cluster) {
+                return Err(CredentialError::Unexpected(format!(
+                    "a certificate that does not name {} {node} of cluster {cluster}",
+                    role.as_str()
+                )));
+            }
+            Ok(Credential {
+                cluster,
+                node,
+                role,
+                directory: directory.to_owned(),
+                ca_pem,
+                cert_pem,
+                key_pem: key.serialize_pem(),
+            })
+        }
+        DirResponse::Error(e) => Err(CredentialError::Refused(e.message)),
+        other => Err(CredentialError::Unexpected(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,761 @@
+//! The directory: the cluster's memory and its certificate authority.
+//!
+//! Everything it knows lives in a [`MetaStore`] (redb here; etcd later),
+//! under these keys (values postcard-encoded):
+//!
+//! ```text
+//! config/cluster              the cluster's name
+//! nodes/<name>                every member that joined: role, when
+//! peers/<name>                a peer's last report and when it came
+//! hints/<name>                a client's measured round trips to peers
+//! volumes/<name>              geometry, key check, lease holder, fencing epoch
+//! stripes/<volume id>/<n>     a stripe's committed generation: peers, hashes
+//! reservations/<id>           space held for a stripe being written; the key
+//!                             lives on a store lease, so it vanishes when
+//!                             the reservation expires
+//! tokens/<hash>               unspent join tokens (see token.rs)
+//! ```
+//!
+//! A peer is up while its last heartbeat is younger than `peer_timeout`, so
+//! liveness needs no timer and survives a directory restart (a peer is down
+//! until it reports again).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::ca::{CaError, ClusterCa, Role, check_label, new_key_and_csr};
+use super::credential::Credential;
+use super::msg::*;
+use super::placement::{Candidate, choose};
+use super::token::{self, Issuer, TokenError};
+use crate::meta::embedded::RedbStore;
+use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
+use crate::net::rpc::{self, Caller, Handler};
+use crate::net::tls::{ClientAuth, client_config, server_config};
+
+/// Settings of a directory process.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    /// The address members are told to use (defaults to `listen`).
+    pub advertise: Option<String>,
+    /// The cluster's name, used on first start only.
+    pub cluster: String,
+    pub peer_timeout: Duration,
+    pub reservation_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("records always encode")
+}
+
+fn dec<T: DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, Remote> {
+    postcard::from_bytes(b).map_err(|e| internal(format!("corrupt {what} record: {e}")))
+}
+
+fn internal(message: impl Into<String>) -> Remote {
+    Remote::new(ErrorKind::Internal, message)
+}
+
+impl From<MetaError> for Remote {
+    fn from(e: MetaError) -> Self {
+        internal(format!("directory store: {e}"))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct NodeRecord {
+    role: Role,
+    joined_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct PeerRecord {
+    report: PeerReport,
+    last_seen_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HintRecord {
+    rtts: Vec<Rtt>,
+    at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct ReservationRecord {
+    volume: String,
+    stripe: u64,
+    generation: u64,
+    peers: Vec<String>,
+    shard_bytes: u64,
+    expires_ms: u64,
+}
+
+fn key(prefix: &str, name: &str) -> Vec<u8> {
+    format!("{prefix}/{name}").into_bytes()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn stripe_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("stripes/{}/", hex(volume)).into_bytes()
+}
+
+fn stripe_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64) -> Vec<u8> {
+    let mut k = stripe_prefix(volume);
+    k.extend_from_slice(&stripe.to_be_bytes());
+    k
+}
+
+fn reservation_key(id: u64) -> Vec<u8> {
+    let mut k = b"reservations/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Bytes a shard of `shard_size` payload takes on a peer.
+pub fn shard_bytes(shard_size: u32) -> u64 {
+    u64::from(shard_size) + crate::codec::shard::HEADER_LEN as u64
+}
+
+/// The directory's state and logic, over a metadata store.
+pub struct Directory<S: MetaStore> {
+    meta: S,
+    ca: ClusterCa,
+    issuer: Issuer,
+    peer_timeout: Duration,
+    reservation_ttl: Duration,
+    seed: std::sync::Mutex<u64>,
+}
+
+/// Opens (on first start: creates) the directory in `config.data`: the
+/// metadata store, the CA, the directory's own credential and the admin's.
+pub async fn open(config: &DirectoryConfig) -> Result<(Directory<RedbStore>, Credential), DirectoryError> {
+    let data = &config.data;
+    std::fs::create_dir_all(data).map_err(|e| DirectoryError::Other(format!("{}: {e}", data.display())))?;
+    let meta = RedbStore::open(&data.join("directory.redb"))?;
+    let cluster = match meta.get(b"config/cluster").await? {
+        Some(e) => String::from_utf8_lossy(&e.value).into_owned(),
+        None => {
+            check_label(&config.cluster)?;
+            meta.txn(Txn::new().when(Compare::Absent(b"config/cluster".to_vec())).then(Op::Put {
+                key: b"config/cluster".to_vec(),
+                value: config.cluster.as_bytes().to_vec(),
+                lease: None,
+            }))
+            .await?;
+            tracing::info!("created cluster {}", config.cluster);
+            config.cluster.clone()
+        }
+    };
+    let ca = if data.join("ca.key").exists() {
+        ClusterCa::load(data, &cluster)?
+    } else {
+        ClusterCa::create(data, &cluster)?
+    };
+    let pin = ca.pin()?;
+    let advertise = config.advertise.clone().unwrap_or_else(|| {
+        let mut a = config.listen;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        a.to_string()
+    });
+    let own = node_credential(&ca, data, "directory.cred", "directory", Role::Directory, &advertise)?;
+    node_credential(&ca, data, "admin.cred", "admin", Role::Admin, &advertise)?;
+    let dir = Directory {
+        meta,
+        issuer: Issuer { cluster: cluster.clone(), ca_pin: pin },
+        ca,
+        peer_timeout: config.peer_timeout,
+        reservation_ttl: config.reservation_ttl,
+        seed: std::sync::Mutex::new(now_ms() | 1),
+    };
+    Ok((dir, own))
+}
+
+/// Loads `file` in `data`, or issues it; keeps its directory address current.
+fn node_credential(
+    ca: &ClusterCa,
+    data: &Path,
+    file: &str,
+    node: &str,
+    role: Role,
+    advertise: &str,
+) -> Result<Credential, DirectoryError> {
+    let path = data.join(file);
+    let other = |e: super::credential::CredentialError| DirectoryError::Other(e.to_string());
+    let mut cred = if path.exists() {
+        Credential::load(&path).map_err(other)?
+    } else {
+        let (key, csr) = new_key_and_csr()?;
+        let cert = ca.issue(&csr, node, role)?;
+        Credential {
+            cluster: ca.cluster().to_owned(),
+            node: node.to_owned(),
+            role,
+            directory: advertise.to_owned(),
+            ca_pem: ca.cert_pem().to_owned(),
+            cert_pem: format!("{cert}{}", ca.cert_pem()),
+            key_pem: key.serialize_pem(),
+        }
+    };
+    if cred.directory != advertise || !path.exists() {
+        cred.directory = advertise.to_owned();
+        cred.save(&path).map_err(other)?;
+    }
+    Ok(cred)
+}
+
+/// Runs a directory until `stop`.
+pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(), DirectoryError> {
+    let (dir, own) = open(&config).await?;
+    let id = own.identity();
+    let tls = |e: crate::net::tls::TlsError| DirectoryError::Other(e.to_string());
+    let ep = rpc::endpoint(
+        config.listen,
+        Some(server_config(&id, ClientAuth::Optional).map_err(tls)?),
+        client_config(&id).map_err(tls)?,
+    )
+    .map_err(|e| DirectoryError::Other(format!("listening on {}: {e}", config.listen)))?;
+    let addr = ep.local_addr().map_err(|e| DirectoryError::Other(e.to_string()))?;
+    tracing::info!(
+        "directory of cluster {} listening on {addr} (QUIC); admin credential: {}",
+        dir.issuer.cluster,
+        config.data.join("admin.cred").display()
+    );
+    // Tests and scripts read this line.
+    println!("directory listening on {addr}");
+    rpc::serve(ep, Arc::new(dir), stop).await;
+    Ok(())
+}
+
+impl<S: MetaStore> Directory<S> {
+    fn random(&self) -> f64 {
+        let mut x = self.seed.lock().expect("not poisoned");
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    async fn get<T: DeserializeOwned>(&self, what: &str, k: &[u8]) -> Result<Option<(T, u64)>, Remote> {
+        match self.meta.get(k).await? {
+            Some(e) => Ok(Some((dec(what, &e.value)?, e.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    async fn list<T: DeserializeOwned>(&self, what: &str, prefix: &[u8]) -> Result<Vec<T>, Remote> {
+        self.meta.list(prefix).await?.iter().map(|e| dec(what, &e.value)).collect()
+    }
+
+    async fn join(
+        &self,
+        token_text: &str,
+        role: Role,
+        csr: &str,
+        name: Option<String>,
+    ) -> Result<DirResponse, Remote> {
+        if !matches!(role, Role::Peer | Role::Client | Role::Admin) {
+            return Err(Remote::new(ErrorKind::Invalid, "only peers, clients and admins can join"));
+        }
+        if let Some(n) = &name {
+            check_label(n).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+            if n == "directory" {
+                return Err(Remote::new(
+                    ErrorKind::Invalid,
+                    "the name \"directory\" is taken by the directory",
+                ));
+            }
+            if self.meta.get(&key("nodes", n)).await?.is_some() {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!("a node named {n} already joined this cluster: pick another --name"),
+                ));
+            }
+        }
+        token::redeem(&self.meta, &self.issuer, token_text, role).await.map_err(|e| match e {
+            TokenError::Meta(m) => Remote::from(m),
+            other => Remote::new(ErrorKind::Refused, other.to_string()),
+        })?;
+        let record = enc(&NodeRecord { role, joined_ms: now_ms() });
+        let node = match name {
+            Some(n) => {
+                let k = key("nodes", &n);
+                let out = self
+                    .meta
+                    .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
+                        key: k,
+                        value: record,
+                        lease: None,
+                    }))
+                    .await?;
+                if !out.succeeded {
+                    return Err(Remote::new(
+                        ErrorKind::Conflict,
+                        format!("a node named {n} joined just now"),
+                    ));
+                }
+                n
+            }
+            None => {
+                let mut n = self.meta.list(b"nodes/").await?.len() + 1;
+                loop {
+                    let candidate = format!("{}-{n}", role.as_str());
+                    let k = key("nodes", &candidate);
+                    let out = self
+                        .meta
+                        .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
+                            key: k,
+                            value: record.clone(),
+                            lease: None,
+                        }))
+                        .await?;
+                    if out.succeeded {
+                        break candidate;
+                    }
+                    n += 1;
+                }
+            }
+        };
+        let cert =
+            self.ca.issue(csr, &node, role).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+        tracing::info!("{} {node} joined", role.as_str());
+        Ok(DirResponse::Joined {
+            node,
+            cluster: self.issuer.cluster.clone(),
+            cert_pem: format!("{cert}{}", self.ca.cert_pem()),
+            ca_pem: self.ca.cert_pem().to_owned(),
+        })
+    }
+
+    fn state(&self, rec: &PeerRecord, now: u64) -> PeerState {
+        if now.saturating_sub(rec.last_seen_ms) > self.peer_timeout.as_millis() as u64 {
+            PeerState::Down
+        } else if rec.report.problem.is_some() {
+            PeerState::Failed
+        } else {
+            PeerState::Up
+        }
+    }
+
+    async fn peers(&self) -> Result<Vec<(String, PeerRecord)>, Remote> {
+        let mut out = Vec::new();
+        for e in self.meta.list(b"peers/").await? {
+            let name = String::from_utf8_lossy(&e.key[b"peers/".len()..]).into_owned();
+            out.push((name, dec("peer", &e.value)?));
+        }
+        Ok(out)
+    }
+
+    async fn heartbeat(&self, node: &str, report: PeerReport) -> Result<DirResponse, Remote> {
+        let was = self.get::<PeerRecord>("peer", &key("peers", node)).await?;
+        let now = now_ms();
+        match &was {
+            None => tracing::info!("peer {node} registered at {}", report.addr),
+            Some((old, _)) if self.state(old, now) == PeerState::Down => {
+                tracing::info!("peer {node} is back at {}", report.addr)
+            }
+            _ => {}
+        }
+        let rec = PeerRecord { report, last_seen_ms: now };
+        self.meta
+            .txn(Txn::new().then(Op::Put { key: key("peers", node), value: enc(&rec), lease: None }))
+            .await?;
+        let peers = self
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|(n, r)| n != node && self.state(r, now) != PeerState::Down)
+            .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
+            .collect();
+        Ok(DirResponse::Heartbeat { peers, peer_timeout_ms: self.peer_timeout.as_millis() as u64 })
+    }
+
+    async fn hints(&self, node: &str, rtts: Vec<Rtt>) -> Result<DirResponse, Remote> {
+        let rec = HintRecord { rtts, at_ms: now_ms() };
+        self.meta
+            .txn(Txn::new().then(Op::Put { key: key("hints", node), value: enc(&rec), lease: None }))
+            .await?;
+        Ok(DirResponse::Done)
+    }
+
+    async fn reservations(&self) -> Result<Vec<ReservationRecord>, Remote> {
+        self.list("reservation", b"reservations/").await
+    }
+
+    async fn status(&self) -> Result<DirResponse, Remote> {
+        let now = now_ms();
+        let mut reserved: HashMap<String, u64> = HashMap::new();
+        for r in self.reservations().await? {
+            for p in &r.peers {
+                *reserved.entry(p.clone()).or_default() += r.shard_bytes;
+            }
+        }
+        let peers = self
+            .peers()
+            .await?
+            .into_iter()
+            .map(|(name, r)| PeerStatus {
+                state: self.state(&r, now),
+                reserved: reserved.get(&name).copied().unwrap_or(0),
+                addr: r.report.addr,
+                failure_domain: r.report.failure_domain,
+                capacity: r.report.capacity,
+                used: r.report.used,
+                load: r.report.load,
+                last_seen_ms: r.last_seen_ms,
+                problem: r.report.problem,
+                rtts: r.report.rtts,
+                name,
+            })
+            .collect();
+        let mut volumes = Vec::new();
+        for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
+            let stripes = self.meta.list(&stripe_prefix(&record.spec.id)).await?.len() as u64;
+            volumes.push(VolumeStatus { record, stripes });
+        }
+        Ok(DirResponse::Status(Box::new(ClusterStatus {
+            cluster: self.issuer.cluster.clone(),
+            now_ms: now,
+            peer_timeout_ms: self.peer_timeout.as_millis() as u64,
+            peers,
+            volumes,
+        })))
+    }
+
+    async fn create_token(&self, role: Role, ttl_secs: u64) -> Result<DirResponse, Remote> {
+        if !matches!(role, Role::Peer | Role::Client | Role::Admin) {
+            return Err(Remote::new(ErrorKind::Invalid, "tokens are for peers, clients and admins"));
+        }
+        let ttl = Duration::from_secs(ttl_secs);
+        let t = token::create(&self.meta, &self.issuer, role, ttl)
+            .await
+            .map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+        tracing::info!("made a join token for a {} valid {ttl_secs} s", role.as_str());
+        Ok(DirResponse::Token { token: t.reveal().to_owned(), expires_ms: now_ms() + ttl_secs * 1000 })
+    }
+
+    async fn create_volume(&self, spec: VolumeSpec) -> Result<DirResponse, Remote> {
+        let invalid = |m: String| Remote::new(ErrorKind::Invalid, m);
+        check_label(&spec.name).map_err(|e| invalid(e.to_string()))?;
+        crate::codec::Geometry::new(usize::from(spec.k), usize::from(spec.m), spec.shard_size as usize)
+            .map_err(|e| invalid(e.to_string()))?;
+        if !(spec.shard_size as usize).is_multiple_of(crate::codec::SECTOR_SIZE) {
+            return Err(invalid(format!(
+                "the shard size must be a multiple of {} bytes",
+                crate::codec::SECTOR_SIZE
+            )));
+        }
+        if spec.size == 0 || !spec.size.is_multiple_of(crate::codec::SECTOR_SIZE as u64) {
+            return Err(invalid("the size must be a positive multiple of 4 KiB".into()));
+        }
+        if spec.repair_threshold < spec.k || spec.repair_threshold > spec.k + spec.m {
+            return Err(invalid(format!(
+                "the repair threshold must be between k={} and k+m={}",
+                spec.k,
+                spec.k + spec.m
+            )));
+        }
+        let k = key("volumes", &spec.name);
+        let name = spec.name.clone();
+        let record = VolumeRecord { spec, epoch: 0, holder: None, created_ms: now_ms() };
+        let out = self
+            .meta
+            .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
+                key: k,
+                value: enc(&record),
+                lease: None,
+            }))
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(ErrorKind::Conflict, format!("a volume named {name} exists already")));
+        }
+        tracing::info!("volume {name} created");
+        Ok(DirResponse::Volume(record))
+    }
+
+    async fn volume(&self, name: &str) -> Result<VolumeRecord, Remote> {
+        match self.get::<VolumeRecord>("volume", &key("volumes", name)).await? {
+            Some((v, _)) => Ok(v),
+            None => Err(Remote::new(ErrorKind::NotFound, format!("no volume named {name}"))),
+        }
+    }
+
+    async fn place(&self, client: &str, volume: &str, stripe: u64) -> Result<DirResponse, Remote> {
+        let v = self.volume(volume).await?;
+        let stripe_data = u64::from(v.spec.k) * u64::from(v.spec.shard_size);
+        let stripes = v.spec.size.div_ceil(stripe_data);
+        if stripe >= stripes {
+            return Err(Remote::new(
+                ErrorKind::Invalid,
+                format!("volume {volume} has {stripes} stripes, not {}", stripe + 1),
+            ));
+        }
+        let current = self.get::<StripeRecord>("stripe", &stripe_key(&v.spec.id, stripe)).await?;
+        let generation = current.map_or(0, |(r, _)| r.generation) + 1;
+        let now = now_ms();
+        let hints: HashMap<String, u32> = self
+            .get::<HintRecord>("hints", &key("hints", client))
+            .await?
+            .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
+            .unwrap_or_default();
+        let mut reserved: HashMap<String, u64> = HashMap::new();
+        for r in self.reservations().await? {
+            for p in &r.peers {
+                *reserved.entry(p.clone()).or_default() += r.shard_bytes;
+            }
+        }
+        let up: Vec<(String, PeerRecord)> =
+            self.peers().await?.into_iter().filter(|(_, r)| self.state(r, now) == PeerState::Up).collect();
+        let candidates: Vec<Candidate> = up
+            .iter()
+            .map(|(name, r)| Candidate {
+                name: name.clone(),
+                domain: r.report.failure_domain.clone(),
+                capacity: r.report.capacity,
+                free: r
+                    .report
+                    .capacity
+                    .saturating_sub(r.report.used)
+                    .saturating_sub(reserved.get(name).copied().unwrap_or(0)),
+                load: r.report.load,
+                rtt_micros: hints.get(name).copied(),
+            })
+            .collect();
+        let bytes = shard_bytes(v.spec.shard_size);
+        let n = usize::from(v.spec.k + v.spec.m);
+        let picked = choose(&candidates, n, bytes, || self.random())
+            .map_err(|e| Remote::new(ErrorKind::Full, e.to_string()))?;
+        let lease = self.meta.grant_lease(self.reservation_ttl).await?;
+        let expires_ms = now + self.reservation_ttl.as_millis() as u64;
+        let rec = ReservationRecord {
+            volume: volume.to_owned(),
+            stripe,
+            generation,
+            peers: picked.iter().map(|&i| up[i].0.clone()).collect(),
+            shard_bytes: bytes,
+            expires_ms,
+        };
+        self.meta
+            .txn(Txn::new().then(Op::Put {
+                key: reservation_key(lease.0),
+                value: enc(&rec),
+                lease: Some(lease),
+            }))
+            .await?;
+        Ok(DirResponse::Placement(Placement {
+            reservation: lease.0,
+            stripe,
+            generation,
+            peers: picked
+                .iter()
+                .map(|&i| PeerAddr { name: up[i].0.clone(), addr: up[i].1.report.addr })
+                .collect(),
+            shard_bytes: bytes,
+            expires_ms,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        reservation: u64,
+        volume: &str,
+        stripe: u64,
+        generation: u64,
+        hashes: Vec<Option<[u8; 32]>>,
+    ) -> Result<DirResponse, Remote> {
+        let v = self.volume(volume).await?;
+        let rkey = reservation_key(reservation);
+        let Some((res, res_rev)) = self.get::<ReservationRecord>("reservation", &rkey).await? else {
+            return Err(Remote::new(
+                ErrorKind::NotFound,
+                format!("reservation {reservation} expired or was never made: ask for a new placement"),
+            ));
+        };
+        if res.volume != volume || res.stripe != stripe || res.generation != generation {
+            return Err(Remote::new(ErrorKind::Invalid, "the commit does not match its reservation"));
+        }
+        if hashes.len() != res.peers.len() {
+            return Err(Remote::new(
+                ErrorKind::Invalid,
+                format!("{} shard hashes for {} shards", hashes.len(), res.peers.len()),
+            ));
+        }
+        let stored = hashes.iter().filter(|h| h.is_some()).count();
+        if stored < usize::from(v.spec.k) {
+            return Err(Remote::new(
+                ErrorKind::Invalid,
+                format!("only {stored} shards stored; a stripe needs at least k={}", v.spec.k),
+            ));
+        }
+        let skey = stripe_key(&v.spec.id, stripe);
+        let current = self.get::<StripeRecord>("stripe", &skey).await?;
+        let compare = match &current {
+            Some((r, _)) if r.generation >= generation => {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "stripe {stripe} is already at generation {} (this commit is {generation})",
+                        r.generation
+                    ),
+                ));
+            }
+            Some((_, rev)) => Compare::ModRevision(skey.clone(), *rev),
+            None => Compare::Absent(skey.clone()),
+        };
+        let record = StripeRecord { generation, peers: res.peers.clone(), hashes, committed_ms: now_ms() };
+        let out = self
+            .meta
+            .txn(
+                Txn::new()
+                    .when(compare)
+                    .when(Compare::ModRevision(rkey.clone(), res_rev))
+                    .then(Op::Put { key: skey, value: enc(&record), lease: None })
+                    .then(Op::Delete { key: rkey }),
+            )
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("stripe {stripe} changed during the commit: retry"),
+            ));
+        }
+        // The reserved space is now used: count it until the peers' next
+        // reports say the same.
+        for (i, p) in res.peers.iter().enumerate() {
+            if record.hashes[i].is_none() {
+                continue;
+            }
+            for _ in 0..8 {
+                let Some((mut rec, rev)) = self.get::<PeerRecord>("peer", &key("peers", p)).await? else {
+                    break;
+                };
+                rec.report.used += res.shard_bytes;
+                let k = key("peers", p);
+                let done = self
+                    .meta
+                    .txn(Txn::new().when(Compare::ModRevision(k.clone(), rev)).then(Op::Put {
+                        key: k,
+                        value: enc(&rec),
+                        lease: None,
+                    }))
+                    .await?;
+                if done.succeeded {
+                    break;
+                }
+            }
+        }
+        Ok(DirResponse::Stripe(current.map(|(r, _)| r)))
+    }
+
+    async fn release(&self, reservation: u64) -> Result<DirResponse, Remote> {
+        match self.meta.revoke(crate::meta::LeaseId(reservation)).await {
+            Ok(()) | Err(MetaError::LeaseNotFound(_)) => Ok(DirResponse::Done),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn stripe(&self, volume: &str, stripe: u64) -> Result<DirResponse, Remote> {
+        let v = self.volume(volume).await?;
+        Ok(DirResponse::Stripe(
+            self.get::<StripeRecord>("stripe", &stripe_key(&v.spec.id, stripe)).await?.map(|(r, _)| r),
+        ))
+    }
+
+    async fn dispatch(&self, caller: &Caller, req: DirRequest) -> Result<DirResponse, Remote> {
+        if let DirRequest::Join { token, role, csr_pem, name } = req {
+            return self.join(&token, role, &csr_pem, name).await;
+        }
+        let Some(who) = &caller.name else {
+            return Err(Remote::new(
+                ErrorKind::Refused,
+                "this connection has no certificate from this cluster: join first with a token (`meshdisk token create` on the admin side)",
+            ));
+        };
+        let needs = |ok: &[Role]| {
+            if ok.contains(&who.role) {
+                Ok(())
+            } else {
+                Err(Remote::new(ErrorKind::Refused, format!("a {} may not do that", who.role.as_str())))
+            }
+        };
+        match req {
+            DirRequest::Join { .. } => unreachable!("handled above"),
+            DirRequest::Heartbeat(report) => {
+                needs(&[Role::Peer])?;
+                self.heartbeat(&who.node, report).await
+            }
+            DirRequest::Hints { rtts } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.hints(&who.node, rtts).await
+            }
+            DirRequest::Status => self.status().await,
+            DirRequest::CreateToken { role, ttl_secs } => {
+                needs(&[Role::Admin])?;
+                self.create_token(role, ttl_secs).await
+            }
+            DirRequest::CreateVolume(spec) => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.create_volume(spec).await
+            }
+            DirRequest::Place { volume, stripe } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.place(&who.node, &volume, stripe).await
+            }
+            DirRequest::Commit { reservation, volume, stripe, generation, hashes } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.commit(reservation, &volume, stripe, generation, hashes).await
+            }
+            DirRequest::Release { reservation } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.release(reservation).await
+            }
+            DirRequest::Stripe { volume, stripe } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.stripe(&volume, stripe).await
+            }
+        }
+    }
+}
+
+impl<S: MetaStore> Handler for Directory<S> {
+    type Request = DirRequest;
+    type Response = DirResponse;
+
+    async fn handle(&self, caller: Caller, req: DirRequest, _payload: Bytes) -> (DirResponse, Bytes) {
+        let answer = self.dispatch(&caller, req).await.unwrap_or_else(|e| {
+            if e.kind == ErrorKind::Internal {
+                tracing::error!("{e}");
+            }
+            DirResponse::Error(e)
+        });
+        (answer, Bytes::new())
+    }
+}

@@ -1,0 +1,357 @@
+//! The cluster's messages: what a node asks the directory or a peer, and the
+//! answers. Framed by [`crate::net::wire`] (versioned, size-limited) and
+//! carried by [`crate::net::rpc`]; shard bytes travel beside them, never
+//! inside.
+//!
+//! Every answer can be an [`Remote`] error: a kind for programs and a
+//! message for people that says what to do.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::ca::Role;
+use crate::store::ShardKey;
+
+/// Length of a volume id.
+pub const VOLUME_ID_LEN: usize = crate::codec::key::VOLUME_ID_LEN;
+
+/// What went wrong on the other side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Not allowed: no certificate, wrong role, bad token.
+    Refused,
+    NotFound,
+    /// No space (a peer's store, or not enough peers with space).
+    Full,
+    /// An older fencing epoch than the peer has seen.
+    Fenced,
+    /// A stored shard failed its check.
+    Corrupt,
+    /// A shard sent for storing failed its check.
+    BadShard,
+    /// The peer's store hit an I/O error and serves nothing.
+    Poisoned,
+    /// Someone else changed it first (compare-and-set lost), or it exists.
+    Conflict,
+    /// Not enough peers are up.
+    Unavailable,
+    /// The request makes no sense (bad geometry, bad name, ...).
+    Invalid,
+    Internal,
+}
+
+/// An error reported by the other side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Remote {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Remote {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+/// A measured round-trip time to another node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rtt {
+    pub node: String,
+    pub micros: u32,
+}
+
+/// A peer and where to reach it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddr {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// What a peer tells the directory every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// Where clients reach it.
+    pub addr: SocketAddr,
+    pub failure_domain: String,
+    pub capacity: u64,
+    pub used: u64,
+    /// Calls in progress when the report was made.
+    pub load: u32,
+    /// Set when its store is poisoned or otherwise unusable.
+    pub problem: Option<String>,
+    /// Round trips to the other peers it talks to.
+    pub rtts: Vec<Rtt>,
+}
+
+/// A volume's fixed properties, chosen at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub id: [u8; VOLUME_ID_LEN],
+    pub size: u64,
+    pub k: u8,
+    pub m: u8,
+    pub shard_size: u32,
+    /// Repair when a stripe has fewer healthy shards than this.
+    pub repair_threshold: u8,
+    /// Proves a key is the volume's without revealing it.
+    pub key_check: [u8; 32],
+}
+
+/// A volume as the directory records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub spec: VolumeSpec,
+    /// The fencing epoch of the newest writer's lease.
+    pub epoch: u64,
+    /// Who holds the write lease, if anyone.
+    pub holder: Option<String>,
+    pub created_ms: u64,
+}
+
+/// Where a stripe's next generation goes; its space is reserved until
+/// `expires_ms` or until committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub reservation: u64,
+    pub stripe: u64,
+    pub generation: u64,
+    /// Shard `i` goes to `peers[i]`; k + m distinct peers.
+    pub peers: Vec<PeerAddr>,
+    /// Bytes reserved on each (header included).
+    pub shard_bytes: u64,
+    pub expires_ms: u64,
+}
+
+/// A stripe's committed generation: where each shard is and its hash
+/// (`None`: that shard was not stored, the stripe is degraded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeRecord {
+    pub generation: u64,
+    pub peers: Vec<String>,
+    pub hashes: Vec<Option<[u8; 32]>>,
+    pub committed_ms: u64,
+}
+
+/// A peer in `meshdisk status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    /// Heartbeating and healthy.
+    Up,
+    /// Silent for longer than the peer timeout.
+    Down,
+    /// Heartbeating, but reports a problem (its store is poisoned).
+    Failed,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Up => "up",
+            PeerState::Down => "down",
+            PeerState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub state: PeerState,
+    pub addr: SocketAddr,
+    pub failure_domain: String,
+    pub capacity: u64,
+    pub used: u64,
+    pub reserved: u64,
+    pub load: u32,
+    pub last_seen_ms: u64,
+    pub problem: Option<String>,
+    pub rtts: Vec<Rtt>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub record: VolumeRecord,
+    pub stripes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    pub now_ms: u64,
+    pub peer_timeout_ms: u64,
+    pub peers: Vec<PeerStatus>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// Calls to the directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirRequest {
+    /// Spend a join token for a certificate over the CSR's key. The only
+    /// call a node without a certificate may make.
+    Join {
+        token: String,
+        role: Role,
+        csr_pem: String,
+        name: Option<String>,
+    },
+    /// A peer's periodic report.
+    Heartbeat(PeerReport),
+    /// A client's round trips to peers (latency hints for placement).
+    Hints {
+        rtts: Vec<Rtt>,
+    },
+    Status,
+    /// Admin only.
+    CreateToken {
+        role: Role,
+        ttl_secs: u64,
+    },
+    CreateVolume(VolumeSpec),
+    /// k + m peers for the next generation of a stripe, space reserved.
+    Place {
+        volume: String,
+        stripe: u64,
+    },
+    /// The new generation is stored: record it, turn the reservation into
+    /// used space.
+    Commit {
+        reservation: u64,
+        volume: String,
+        stripe: u64,
+        generation: u64,
+        hashes: Vec<Option<[u8; 32]>>,
+    },
+    /// Give a reservation's space back (the write failed).
+    Release {
+        reservation: u64,
+    },
+    /// A stripe's committed generation.
+    Stripe {
+        volume: String,
+        stripe: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DirResponse {
+    Joined {
+        node: String,
+        cluster: String,
+        cert_pem: String,
+        ca_pem: String,
+    },
+    /// The peers the reporting peer should measure; how long until a
+    /// silent peer counts as down.
+    Heartbeat {
+        peers: Vec<PeerAddr>,
+        peer_timeout_ms: u64,
+    },
+    Status(Box<ClusterStatus>),
+    Token {
+        token: String,
+        expires_ms: u64,
+    },
+    Volume(VolumeRecord),
+    Placement(Placement),
+    Stripe(Option<StripeRecord>),
+    Done,
+    Error(Remote),
+}
+
+/// Calls to a peer. Shard bytes (header + payload) follow `Put` and
+/// `Shard` raw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Store the shard that follows, for a writer holding `epoch`.
+    Put {
+        epoch: u64,
+    },
+    Get(ShardKey),
+    Delete {
+        shard: ShardKey,
+        epoch: u64,
+    },
+    /// Up to `limit` shards of a volume, after `after`.
+    List {
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<ShardKey>,
+        limit: u32,
+    },
+    Ping,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Stored,
+    /// The shard follows.
+    Shard,
+    Deleted {
+        existed: bool,
+    },
+    Shards(Vec<ShardKey>),
+    Pong {
+        load: u32,
+    },
+    Error(Remote),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::wire;
+    use proptest::prelude::*;
+
+    fn roundtrip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {
+        let frame = wire::encode(&msg).unwrap();
+        assert!(frame.len() < wire::MAX_MESSAGE);
+        assert_eq!(wire::decode::<T>(&frame[4..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let shard = ShardKey { volume: [7; 16], stripe: 9, generation: 3, index: 5 };
+        roundtrip(PeerRequest::Put { epoch: 4 });
+        roundtrip(PeerRequest::Get(shard));
+        roundtrip(PeerRequest::List { volume: [1; 16], after: Some(shard), limit: 100 });
+        roundtrip(PeerResponse::Error(Remote::new(ErrorKind::Full, "full")));
+        roundtrip(DirRequest::Heartbeat(PeerReport {
+            addr: "127.0.0.1:7000".parse().unwrap(),
+            failure_domain: "rack-1".into(),
+            capacity: 1 << 40,
+            used: 12345,
+            load: 3,
+            problem: None,
+            rtts: vec![Rtt { node: "peer-2".into(), micros: 120 }],
+        }));
+        roundtrip(DirRequest::Commit {
+            reservation: 1,
+            volume: "v".into(),
+            stripe: 2,
+            generation: 3,
+            hashes: vec![Some([9; 32]), None],
+        });
+        roundtrip(DirResponse::Placement(Placement {
+            reservation: 1,
+            stripe: 2,
+            generation: 3,
+            peers: vec![PeerAddr { name: "peer-1".into(), addr: "[::1]:9".parse().unwrap() }],
+            shard_bytes: 262_240,
+            expires_ms: 5,
+        }));
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic the decoders.
+        #[test]
+        fn garbage_is_an_error_not_a_panic(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = wire::decode::<DirRequest>(&body);
+            let _ = wire::decode::<DirResponse>(&body);
+            let _ = wire::decode::<PeerRequest>(&body);
+            let _ = wire::decode::<PeerResponse>(&body);
+        }
+    }
+}

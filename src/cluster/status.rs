@@ -1,0 +1,162 @@
+//! `meshdisk status` for people: a summary line, then peers and volumes as
+//! aligned tables. (`--json` prints [`ClusterStatus`] as it is.)
+
+use super::msg::{ClusterStatus, PeerState};
+use crate::size::human;
+
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) as f64 / 1000.0;
+    if s < 60.0 {
+        format!("{s:.1}s ago")
+    } else if s < 3600.0 {
+        format!("{:.0}m ago", s / 60.0)
+    } else if s < 86_400.0 {
+        format!("{:.1}h ago", s / 3600.0)
+    } else {
+        format!("{:.1}d ago", s / 86_400.0)
+    }
+}
+
+/// Aligns rows into columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> =
+            r.iter().enumerate().map(|(c, s)| format!("{s:<w$}", w = widths[c])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn render(s: &ClusterStatus) -> String {
+    let up = s.peers.iter().filter(|p| p.state == PeerState::Up).count();
+    let capacity: u64 = s.peers.iter().filter(|p| p.state == PeerState::Up).map(|p| p.capacity).sum();
+    let used: u64 = s.peers.iter().map(|p| p.used).sum();
+    let mut out = format!(
+        "cluster {}: {} peers ({up} up), {} lent by peers that are up, {} used, {} volume{}\n",
+        s.cluster,
+        s.peers.len(),
+        human(capacity),
+        human(used),
+        s.volumes.len(),
+        if s.volumes.len() == 1 { "" } else { "s" }
+    );
+    if !s.peers.is_empty() {
+        out.push('\n');
+        let mut rows = vec![
+            ["PEER", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "RESERVED", "LOAD", "LAST SEEN"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for p in &s.peers {
+            let mut state = p.state.as_str().to_owned();
+            if let Some(problem) = &p.problem {
+                state = format!("{state} ({problem})");
+            }
+            rows.push(vec![
+                p.name.clone(),
+                state,
+                p.addr.to_string(),
+                p.failure_domain.clone(),
+                human(p.capacity),
+                human(p.used),
+                human(p.reserved),
+                p.load.to_string(),
+                ago(s.now_ms, p.last_seen_ms),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    if !s.volumes.is_empty() {
+        out.push('\n');
+        let mut rows =
+            vec![["VOLUME", "SIZE", "k+m", "SHARD", "STRIPES", "EPOCH", "WRITER"].map(String::from).to_vec()];
+        for v in &s.volumes {
+            let spec = &v.record.spec;
+            rows.push(vec![
+                spec.name.clone(),
+                human(spec.size),
+                format!("{}+{}", spec.k, spec.m),
+                human(u64::from(spec.shard_size)),
+                v.stripes.to_string(),
+                v.record.epoch.to_string(),
+                v.record.holder.clone().unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::msg::*;
+
+    #[test]
+    fn renders_peers_and_volumes() {
+        let s = ClusterStatus {
+            cluster: "home".into(),
+            now_ms: 100_000,
+            peer_timeout_ms: 5000,
+            peers: vec![
+                PeerStatus {
+                    name: "peer-1".into(),
+                    state: PeerState::Up,
+                    addr: "127.0.0.1:7401".parse().unwrap(),
+                    failure_domain: "attic".into(),
+                    capacity: 1 << 30,
+                    used: 1 << 20,
+                    reserved: 0,
+                    load: 2,
+                    last_seen_ms: 99_600,
+                    problem: None,
+                    rtts: vec![],
+                },
+                PeerStatus {
+                    name: "peer-2".into(),
+                    state: PeerState::Down,
+                    addr: "127.0.0.1:7402".parse().unwrap(),
+                    failure_domain: "cellar".into(),
+                    capacity: 1 << 30,
+                    used: 0,
+                    reserved: 0,
+                    load: 0,
+                    last_seen_ms: 10_000,
+                    problem: None,
+                    rtts: vec![],
+                },
+            ],
+            volumes: vec![VolumeStatus {
+                record: VolumeRecord {
+                    spec: VolumeSpec {
+                        name: "demo".into(),
+                        id: [0; 16],
+                        size: 8 << 30,
+                        k: 4,
+                        m: 2,
+                        shard_size: 256 << 10,
+                        repair_threshold: 5,
+                        key_check: [0; 32],
+                    },
+                    epoch: 3,
+                    holder: None,
+                    created_ms: 0,
+                },
+                stripes: 12,
+            }],
+        };
+        let text = render(&s);
+        assert!(text.starts_with("cluster home: 2 peers (1 up), 1.0 GiB lent"), "{text}");
+        assert!(text.contains("peer-1  up     127.0.0.1:7401  attic"), "{text}");
+        assert!(text.contains("0.4s ago"), "{text}");
+        assert!(text.contains("peer-2  down"), "{text}");
+        assert!(text.contains("1.5m ago") || text.contains("2m ago"), "{text}");
+        assert!(text.contains("demo    8.0 GiB  4+2  256.0 KiB  12       3      -"), "{text}");
+    }
+}

@@ -1,0 +1,386 @@
+//! Request and response over QUIC: one bidirectional stream per call.
+//!
+//! ```text
+//! caller ── frame(Head { msg: request,  payload: n }) ── n raw bytes ── FIN ─►
+//!        ◄─ frame(Head { msg: response, payload: m }) ── m raw bytes ── FIN ──
+//! ```
+//!
+//! Frames are [`wire`] frames (size-limited before allocating). Payloads
+//! (shards) travel outside postcard: the caller hands over `Bytes` that go
+//! to quinn without a copy, the receiver reads them into one buffer of the
+//! announced length, which is checked against [`MAX_PAYLOAD`] and paid for
+//! from the server's byte budget first. A server that runs out of budget
+//! stops reading the stream, and QUIC flow control pushes back on the
+//! sender: that is the backpressure.
+//!
+//! Endpoints are tuned as measured on loopback (docs/performance.md):
+//! 16 MiB socket buffers (no drops under load), path MTU discovery up to
+//! 6,000 bytes with the endpoint's UDP payload limit raised to match, and
+//! payloads written as `Bytes` chunks.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::tls::{explain, remote_name};
+use super::wire::{self, MAX_MESSAGE, WireError};
+use crate::cluster::ca::CertName;
+
+/// Largest payload a call may carry: a 16 MiB shard and its header.
+pub const MAX_PAYLOAD: usize = (16 << 20) + 4096;
+
+/// Bytes of request payloads a server holds at once, over all streams.
+const SERVER_BUDGET: usize = 512 << 20;
+
+/// Concurrent calls per connection (QUIC stream credit).
+const STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The largest UDP payload we send once the path allows it.
+const MAX_UDP_PAYLOAD: u16 = 6000;
+
+/// Socket buffers; without them loopback drops thousands of packets per GiB.
+const SOCKET_BUFFER: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot reach {name} at {addr}: {message}")]
+    Connect { addr: SocketAddr, name: String, message: String },
+    #[error("connection to {name} lost: {message}")]
+    Lost { name: String, message: String },
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("payload of {len} bytes is over the limit of {limit}")]
+    TooLarge { len: usize, limit: usize },
+    #[error("the other side closed the call without answering")]
+    NoAnswer,
+    #[error("socket: {0}")]
+    Socket(#[from] std::io::Error),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head<M> {
+    msg: M,
+    payload: u32,
+}
+
+/// The QUIC settings every meshdisk connection uses.
+pub fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(10_000))));
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD).interval(Duration::from_secs(60));
+    t.mtu_discovery_config(Some(mtu));
+    Arc::new(t)
+}
+
+fn set_buffer(fd: i32, force: i32, normal: i32, size: usize) {
+    let size = size as libc::c_int;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let ptr = (&size as *const libc::c_int).cast();
+    // SAFETY: `fd` is an open socket, `ptr` points at a c_int of `len` bytes.
+    let forced = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, force, ptr, len) } == 0;
+    if !forced {
+        // Without CAP_NET_ADMIN the kernel caps this at net.core.*mem_max.
+        // SAFETY: as above.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, normal, ptr, len) };
+    }
+}
+
+/// A QUIC endpoint bound to `bind`, serving `server` if given, dialling
+/// with `client`.
+pub fn endpoint(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    client: quinn::ClientConfig,
+) -> Result<Endpoint, RpcError> {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let fd = socket.as_raw_fd();
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, SOCKET_BUFFER);
+    set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SOCKET_BUFFER);
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| std::io::Error::other(format!("QUIC endpoint: {e}")))?;
+    let server = server.map(|mut s| {
+        s.transport_config(transport_config());
+        s
+    });
+    let mut ep = Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))?;
+    let mut client = client;
+    client.transport_config(transport_config());
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// One connection, made once by whoever asks first.
+type Slot = Arc<tokio::sync::OnceCell<Connection>>;
+
+/// Connections to other nodes, one per (address, name), made on first use
+/// and remade when lost.
+pub struct Pool {
+    endpoint: Endpoint,
+    conns: tokio::sync::Mutex<HashMap<(SocketAddr, String), Slot>>,
+    connect_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint, conns: Default::default(), connect_timeout: Duration::from_secs(5) }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The connection to `name` at `addr`, connecting if there is none.
+    pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Connection, RpcError> {
+        let key = (addr, name.to_owned());
+        loop {
+            let cell = self.conns.lock().await.entry(key.clone()).or_default().clone();
+            let conn = cell
+                .get_or_try_init(|| async {
+                    let connecting = self.endpoint.connect(addr, name).map_err(|e| RpcError::Connect {
+                        addr,
+                        name: name.to_owned(),
+                        message: e.to_string(),
+                    })?;
+                    match tokio::time::timeout(self.connect_timeout, connecting).await {
+                        Ok(Ok(c)) => Ok(c),
+                        Ok(Err(e)) => {
+                            Err(RpcError::Connect { addr, name: name.to_owned(), message: explain(&e) })
+                        }
+                        Err(_) => Err(RpcError::Connect {
+                            addr,
+                            name: name.to_owned(),
+                            message: format!(
+                                "no answer within {:?}: is it running, and is its UDP port reachable?",
+                                self.connect_timeout
+                            ),
+                        }),
+                    }
+                })
+                .await;
+            let conn = match conn {
+                Ok(c) => c.clone(),
+                Err(e) => {
+                    self.forget(&key, &cell).await;
+                    return Err(e);
+                }
+            };
+            if conn.close_reason().is_none() {
+                return Ok(conn);
+            }
+            self.forget(&key, &cell).await;
+        }
+    }
+
+    async fn forget(&self, key: &(SocketAddr, String), cell: &Slot) {
+        let mut conns = self.conns.lock().await;
+        if conns.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            conns.remove(key);
+        }
+    }
+
+    /// One call to `name` at `addr`, within `timeout` (connecting included).
+    /// The payload is the concatenation of `payload`'s pieces.
+    pub async fn call<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+        req: &Q,
+        payload: Vec<Bytes>,
+        timeout: Duration,
+    ) -> Result<(R, Bytes), RpcError> {
+        tokio::time::timeout(timeout, async {
+            let conn = self.connect(addr, name).await?;
+            call(&conn, name, req, payload).await
+        })
+        .await
+        .map_err(|_| RpcError::Timeout(timeout))?
+    }
+
+    /// The smoothed round-trip time to a node we are connected to.
+    pub async fn rtt(&self, addr: SocketAddr, name: &str) -> Option<Duration> {
+        let cell = self.conns.lock().await.get(&(addr, name.to_owned())).cloned()?;
+        cell.get().filter(|c| c.close_reason().is_none()).map(Connection::rtt)
+    }
+}
+
+/// One call on an open connection; the payload is the concatenation of
+/// `payload`'s pieces, each handed to quinn without a copy.
+pub async fn call<Q: Serialize, R: DeserializeOwned>(
+    conn: &Connection,
+    name: &str,
+    req: &Q,
+    payload: Vec<Bytes>,
+) -> Result<(R, Bytes), RpcError> {
+    let lost = |e: &dyn std::fmt::Display| RpcError::Lost { name: name.to_owned(), message: e.to_string() };
+    let len: usize = payload.iter().map(Bytes::len).sum();
+    if len > MAX_PAYLOAD {
+        return Err(RpcError::TooLarge { len, limit: MAX_PAYLOAD });
+    }
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&explain(&e)))?;
+    let head = wire::encode(&Head { msg: req, payload: len as u32 })?;
+    let mut chunks = Vec::with_capacity(1 + payload.len());
+    chunks.push(Bytes::from(head));
+    chunks.extend(payload);
+    send.write_all_chunks(&mut chunks).await.map_err(|e| lost(&e))?;
+    send.finish().map_err(|e| lost(&e))?;
+    let head: Head<R> = wire::read(&mut recv, MAX_MESSAGE).await?.ok_or(RpcError::NoAnswer)?;
+    let payload = read_payload(&mut recv, head.payload as usize).await.map_err(|e| lost(&e))?;
+    Ok((head.msg, payload))
+}
+
+async fn read_payload(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, String> {
+    if len > MAX_PAYLOAD {
+        return Err(format!("payload of {len} bytes is over the limit of {MAX_PAYLOAD}"));
+    }
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await.map_err(|e| e.to_string())? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Err(format!("stream ended after {} of {len} payload bytes", buf.len())),
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// Who made a call: the certificate's name, if the client presented one
+/// (only the directory lets clients in without).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub name: Option<CertName>,
+    pub addr: SocketAddr,
+    pub rtt: Duration,
+}
+
+/// What a server does with calls.
+pub trait Handler: Send + Sync + 'static {
+    type Request: DeserializeOwned + Send;
+    type Response: Serialize + Send;
+
+    /// Answers one call.
+    fn handle(
+        &self,
+        caller: Caller,
+        req: Self::Request,
+        payload: Bytes,
+    ) -> impl Future<Output = (Self::Response, Bytes)> + Send;
+}
+
+/// How long one call may take to arrive, from its first byte to its last.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serves calls on `endpoint` until `stop` is cancelled.
+pub async fn serve<H: Handler>(endpoint: Endpoint, handler: Arc<H>, stop: CancellationToken) {
+    let budget = Arc::new(Semaphore::new(SERVER_BUDGET));
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            () = stop.cancelled() => break,
+        };
+        let (handler, budget, stop) = (handler.clone(), budget.clone(), stop.clone());
+        tasks.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!("refused a connection: {}", explain(&e));
+                    return;
+                }
+            };
+            connection(conn, handler, budget, stop).await;
+        });
+    }
+    tasks.close();
+    endpoint.close(VarInt::from_u32(0), b"shutting down");
+}
+
+async fn connection<H: Handler>(
+    conn: Connection,
+    handler: Arc<H>,
+    budget: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    let name = remote_name(&conn);
+    let addr = conn.remote_address();
+    tracing::debug!("connection from {addr} ({name:?})");
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!("connection from {addr} ended: {e}");
+                    return;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let caller = Caller { name: name.clone(), addr, rtt: conn.rtt() };
+        let (handler, budget, conn) = (handler.clone(), budget.clone(), conn.clone());
+        tokio::spawn(async move {
+            if let Err(e) = stream(handler, caller.clone(), send, recv, budget).await {
+                // A malformed call ends its connection, and only that.
+                tracing::info!("closing the connection from {} ({:?}): {e}", caller.addr, caller.name);
+                let reason = e.as_bytes();
+                conn.close(VarInt::from_u32(2), &reason[..reason.len().min(200)]);
+            }
+        });
+    }
+}
+
+async fn stream<H: Handler>(
+    handler: Arc<H>,
+    caller: Caller,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    budget: Arc<Semaphore>,
+) -> Result<(), String> {
+    let arrived = tokio::time::timeout(REQUEST_DEADLINE, async {
+        let head: Head<H::Request> = match wire::read(&mut recv, MAX_MESSAGE).await {
+            Ok(Some(h)) => h,
+            Ok(None) => return Err(None),
+            Err(e) => return Err(Some(e.to_string())),
+        };
+        let len = head.payload as usize;
+        if len > MAX_PAYLOAD {
+            return Err(Some(format!("payload of {len} bytes is over the limit of {MAX_PAYLOAD}")));
+        }
+        let permit = budget.acquire_many_owned(len as u32).await.map_err(|e| Some(e.to_string()))?;
+        let payload = read_payload(&mut recv, len).await.map_err(Some)?;
+        Ok((head.msg, payload, permit))
+    })
+    .await;
+    let (resp, out) = match arrived {
+        Ok(Ok((req, payload, permit))) => {
+            let answer = handler.handle(caller, req, payload).await;
+            drop(permit);
+            answer
+        }
+        Ok(Err(None)) => return Ok(()),
+        Ok(Err(Some(why))) => return Err(format!("malformed call: {why}")),
+        Err(_) => return Err(format!("call not received within {REQUEST_DEADLINE:?}")),
+    };
+    let head = wire::encode(&Head { msg: resp, payload: out.len() as u32 }).map_err(|e| e.to_string())?;
+    let mut chunks = [Bytes::from(head), out];
+    send.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
