@@ -111,6 +111,9 @@ pub async fn run(
             Phase::Get => get(client, &peers, config).await?,
             Phase::Clean => clean(client, &peers).await?,
         };
+        for (name, mtu, lost, sent) in client.path_stats().await {
+            tracing::info!("after {}: {name}: MTU {mtu}, {lost} of {sent} packets lost", phase.as_str());
+        }
         report(&r);
         out.push(r);
     }

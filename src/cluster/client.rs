@@ -246,6 +246,12 @@ impl Client {
         self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| unexpected("no connection after a ping"))
     }
 
+    /// Path statistics of this client's connections: (name, MTU, lost
+    /// packets, sent packets).
+    pub async fn path_stats(&self) -> Vec<(String, u16, u64, u64)> {
+        self.inner.pool.path_stats().await
+    }
+
     /// Pings every peer at once (each within `timeout`); the round trips of
     /// those that answered.
     pub async fn measure(&self, peers: &[PeerAddr], timeout: Duration) -> Vec<Rtt> {

@@ -207,10 +207,33 @@ impl Pool {
     ) -> Result<(R, Bytes), RpcError> {
         tokio::time::timeout(timeout, async {
             let conn = self.connect(addr, name).await?;
-            call(&conn, name, req, payload).await
+            match call(&conn, name, req, payload.clone()).await {
+                // The other side restarted (its new endpoint reset our old
+                // connection): once more on a fresh connection. Every call
+                // is idempotent.
+                Err(RpcError::Lost { .. }) if conn.close_reason().is_some() => {
+                    let conn = self.connect(addr, name).await?;
+                    call(&conn, name, req, payload).await
+                }
+                other => other,
+            }
         })
         .await
         .map_err(|_| RpcError::Timeout(timeout))?
+    }
+
+    /// Path statistics of every open connection: (name, MTU, lost packets,
+    /// sent packets).
+    pub async fn path_stats(&self) -> Vec<(String, u16, u64, u64)> {
+        let conns = self.conns.lock().await;
+        conns
+            .iter()
+            .filter_map(|((_, name), cell)| {
+                let c = cell.get()?;
+                let p = c.stats().path;
+                Some((name.clone(), p.current_mtu, p.lost_packets, p.sent_packets))
+            })
+            .collect()
     }
 
     /// The smoothed round-trip time to a node we are connected to.
@@ -223,6 +246,21 @@ impl Pool {
 /// One call on an open connection; the payload is the concatenation of
 /// `payload`'s pieces, each handed to quinn without a copy.
 pub async fn call<Q: Serialize, R: DeserializeOwned>(
+    conn: &Connection,
+    name: &str,
+    req: &Q,
+    payload: Vec<Bytes>,
+) -> Result<(R, Bytes), RpcError> {
+    let result = call_inner(conn, name, req, payload).await;
+    // When the connection itself ended, its reason (a refused certificate,
+    // a malformed message, a restart) says more than the stream's error.
+    match (result, conn.close_reason()) {
+        (Err(_), Some(reason)) => Err(RpcError::Lost { name: name.to_owned(), message: explain(&reason) }),
+        (result, _) => result,
+    }
+}
+
+async fn call_inner<Q: Serialize, R: DeserializeOwned>(
     conn: &Connection,
     name: &str,
     req: &Q,

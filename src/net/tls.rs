@@ -188,19 +188,18 @@ impl ServerCertVerifier for PinnedCa {
 /// A refused connection, said so that the refused side knows what to do.
 pub fn explain(e: &quinn::ConnectionError) -> String {
     let raw = e.to_string();
-    let hint = if raw.contains("CertificateRequired") || raw.contains("certificate required") {
+    let has = |needles: &[&str]| needles.iter().any(|n| raw.contains(n));
+    // The other side closed the handshake because of what we presented.
+    let by_them = raw.contains("aborted by peer");
+    let hint = if has(&["CertificateRequired", "certificate required", "error 116"]) {
         "the other side wants a certificate from its cluster and this node has none: join first (`--join TOKEN`)"
-    } else if raw.contains("UnknownCA")
-        || raw.contains("unknown ca")
-        || raw.contains("BadCertificate")
-        || raw.contains("bad certificate")
-    {
+    } else if by_them && has(&["UnknownIssuer", "UnknownCA", "BadCertificate", "error 42", "error 48"]) {
         "the other side does not accept this node's certificate: it was not issued by its cluster's CA (another cluster, or self-made); join this cluster with a token from its admin"
-    } else if raw.contains("UnknownIssuer") {
+    } else if has(&["UnknownIssuer", "UnknownCA"]) {
         "the other side's certificate is not from this node's cluster CA: it belongs to another cluster (check the address)"
-    } else if raw.contains("not valid for name") || raw.contains("NotValidForName") {
+    } else if has(&["not valid for name", "NotValidForName"]) {
         "the other side's certificate names another node: the address now belongs to someone else"
-    } else if raw.contains("timed out") {
+    } else if has(&["timed out"]) {
         "no answer: is it running, and is the address and UDP port reachable?"
     } else {
         return raw;

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod rawclient;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,380 @@
+//! Multi-process clusters on loopback: a directory and peers started by the
+//! test, joined with tokens, restarted, killed, corrupted and filled.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::cluster::{Cluster, Proc};
+use meshdisk::cluster::msg::{ErrorKind, PeerAddr, PeerState, VolumeSpec};
+use meshdisk::codec::shard::{ShardHash, ShardHeader};
+use meshdisk::store::ShardKey;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn shard(volume: [u8; 16], stripe: u64, index: u8, fill: u8, len: usize) -> (ShardHeader, Bytes) {
+    let payload: Vec<u8> = (0..len).map(|i| fill ^ (i as u8)).collect();
+    let header = ShardHeader {
+        volume_id: volume,
+        stripe,
+        generation: 1,
+        index,
+        k: 4,
+        m: 2,
+        payload_len: len as u32,
+        payload_hash: ShardHash::of(&payload),
+    };
+    (header, Bytes::from(payload))
+}
+
+fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
+    let mut id = [0u8; 16];
+    id[..name.len().min(16)].copy_from_slice(&name.as_bytes()[..name.len().min(16)]);
+    VolumeSpec {
+        name: name.into(),
+        id,
+        size: 64 << 20,
+        k,
+        m,
+        shard_size: 64 << 10,
+        repair_threshold: k + 1.min(m),
+        key_check: [0; 32],
+    }
+}
+
+fn addr_of(c: &Cluster, name: &str) -> PeerAddr {
+    let s = c.status();
+    let p = s.peers.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no peer {name}: {s:#?}"));
+    PeerAddr { name: p.name.clone(), addr: p.addr }
+}
+
+#[test]
+fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
+    let mut c = Cluster::start("home", &[]);
+    let mut names: Vec<String> = (0..6).map(|i| c.add_peer("64M", &format!("room{i}"))).collect();
+    names.sort();
+    let s = c.wait_all_up(6);
+    let mut seen: Vec<String> = s.peers.iter().map(|p| p.name.clone()).collect();
+    seen.sort();
+    assert_eq!(seen, names);
+    assert!(s.peers.iter().all(|p| p.capacity == 64 << 20 && p.used == 0));
+
+    // Store one stripe's six shards where the directory says, and commit.
+    let rt = runtime();
+    let spec = volume("photos", 4, 2);
+    let (placement, sent) = rt.block_on(async {
+        let client = c.client();
+        client.create_volume(spec.clone()).await.unwrap();
+        let placement = client.place("photos", 0).await.unwrap();
+        assert_eq!(placement.generation, 1);
+        let mut sent = Vec::new();
+        for (i, peer) in placement.peers.iter().enumerate() {
+            let (h, payload) = shard(spec.id, 0, i as u8, i as u8 * 31, 64 << 10);
+            client.put_shard(peer, &h, payload.clone(), 1).await.unwrap();
+            sent.push((peer.name.clone(), h, payload));
+        }
+        let hashes = sent.iter().map(|(_, h, _)| Some(h.payload_hash.0)).collect();
+        assert_eq!(client.commit("photos", &placement, hashes).await.unwrap(), None);
+        (placement, sent)
+    });
+
+    // Peers restart from their saved identities, without tokens.
+    for i in 0..6 {
+        let name = c.restart_peer(i, "64M", &format!("room{i}"));
+        assert!(names.contains(&name), "peer {i} came back as {name}");
+    }
+    let s = c.wait_all_up(6);
+    assert!(s.peers.iter().all(|p| p.used == (64 << 10) + 96), "{s:#?}");
+    rt.block_on(async {
+        let client = c.client();
+        for (name, h, payload) in &sent {
+            let got = client.get_shard(&addr_of(&c, name), ShardKey::of(h)).await.unwrap();
+            assert_eq!(&got[..96], &h.encode()[..]);
+            assert_eq!(&got[96..], &payload[..]);
+        }
+    });
+
+    // The directory restarts with its state: peers, volume, stripe map.
+    c.restart_directory();
+    let s = c.wait_all_up(6);
+    assert_eq!(s.volumes.len(), 1);
+    assert_eq!(s.volumes[0].record.spec, spec);
+    assert_eq!(s.volumes[0].stripes, 1);
+    rt.block_on(async {
+        let client = c.client();
+        let stripe = client.stripe("photos", 0).await.unwrap().expect("stripe 0 committed");
+        assert_eq!(stripe.generation, 1);
+        let placed: Vec<String> = placement.peers.iter().map(|p| p.name.clone()).collect();
+        assert_eq!(stripe.peers, placed);
+        assert_eq!(stripe.hashes, sent.iter().map(|(_, h, _)| Some(h.payload_hash.0)).collect::<Vec<_>>());
+        // The next generation of the stripe.
+        assert_eq!(client.place("photos", 0).await.unwrap().generation, 2);
+    });
+
+    // The table for people names every peer.
+    let cred = c.admin_cred();
+    let (ok, table, err) = c.cli(&["status", "--credential", cred.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("cluster home: 6 peers (6 up)"), "{table}");
+    for n in &names {
+        assert!(table.contains(n), "{table}");
+    }
+    assert!(table.contains("photos") && table.contains("4+2"), "{table}");
+}
+
+#[test]
+fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() {
+    let mut c = Cluster::start("home", &[]);
+    let first = c.add_peer("16M", "a");
+
+    let refused = |c: &Cluster, i: usize, token: &str| -> String {
+        let mut p = Proc::spawn("refused peer", &mut c.peer_command(i, Some(token), "16M", "b"));
+        let (status, out) = p.wait_exit(Duration::from_secs(30));
+        assert!(!status.success(), "peer {i} was let in:\n{out}");
+        out
+    };
+
+    // A used token.
+    let token = c.token("peer", "10m");
+    let mut p = Proc::spawn("peer", &mut c.peer_command(10, Some(&token), "16M", "b"));
+    p.wait_for(" listening on ", Duration::from_secs(20));
+    let out = refused(&c, 11, &token);
+    assert!(out.contains("unknown or already used join token"), "{out}");
+    // An expired one.
+    let expired = c.token("peer", "1s");
+    std::thread::sleep(Duration::from_millis(2500));
+    let out = refused(&c, 12, &expired);
+    assert!(out.contains("expired"), "{out}");
+    // One made for a client.
+    let out = refused(&c, 13, &c.token("client", "10m"));
+    assert!(out.contains("this join token is for a client"), "{out}");
+    // A malformed one.
+    let out = refused(&c, 14, "mdjoin-home-123");
+    assert!(out.contains("not a meshdisk join token"), "{out}");
+    // No identity and no token at all.
+    let mut p2 =
+        Proc::spawn("no token", c.peer_command(15, None, "16M", "b").env_remove("MESHDISK_JOIN_TOKEN"));
+    let (status, out) = p2.wait_exit(Duration::from_secs(20));
+    assert!(!status.success() && out.contains("has no peer identity yet"), "{out}");
+
+    // Another cluster: its token does not fit this directory (the CA pin),
+    // and its members are strangers here.
+    let mut other = Cluster::start("work", &[]);
+    let foreign = other.token("peer", "10m");
+    let out = refused(&c, 16, &foreign);
+    assert!(out.contains("the directory's CA is not the one the join token names"), "{out}");
+    other.add_peer("16M", "x");
+    let stranger_dir = other.peer_dir(0);
+    other.peers[0].stop();
+    let mut stranger = Proc::spawn(
+        "stranger",
+        std::process::Command::new(common::meshdisk_bin())
+            .args([
+                "peer",
+                "--directory",
+                &c.dir_addr,
+                "--capacity",
+                "16M",
+                "--listen",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(&stranger_dir),
+    );
+    let (status, out) = stranger.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("refused this peer") && out.contains("another cluster"), "{out}");
+
+    // The other cluster's admin credential against this directory.
+    let mut foreign_admin = other.credential();
+    foreign_admin.directory = c.dir_addr.clone();
+    let path = c.root.path().join("foreign.cred");
+    foreign_admin.save(&path).unwrap();
+    let (ok, _, err) = c.cli(&["status", "--credential", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("belongs to another cluster"), "{err}");
+
+    // A self-made certificate with an admin's name, and our CA as trust.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["admin.admin.home.meshdisk.invalid".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let mut forged = c.credential();
+    forged.cert_pem = cert.pem();
+    forged.key_pem = key.serialize_pem();
+    let path = c.root.path().join("forged.cred");
+    forged.save(&path).unwrap();
+    let (ok, _, err) = c.cli(&["status", "--credential", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not accept this node's certificate"), "{err}");
+    let dir_log = c.directory.output();
+    assert!(dir_log.contains("refused a connection"), "{dir_log}");
+
+    // No certificate at all: the directory answers only joins, peers
+    // nothing.
+    let rt = runtime();
+    rt.block_on(async {
+        use meshdisk::cluster::msg::{DirRequest, DirResponse};
+        use meshdisk::net::rpc::{Pool, endpoint};
+        use meshdisk::net::tls::join_client_config;
+        let cred = c.credential();
+        let pin = meshdisk::cluster::ca::ca_pin(&meshdisk::cluster::ca::pem_certs(&cred.ca_pem).unwrap()[0]);
+        let ep = endpoint("127.0.0.1:0".parse().unwrap(), None, join_client_config(&pin).unwrap()).unwrap();
+        let pool = Pool::new(ep);
+        let (resp, _): (DirResponse, _) = pool
+            .call(
+                cred.directory_addr().unwrap(),
+                &cred.directory_name(),
+                &DirRequest::Status,
+                vec![],
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        match resp {
+            DirResponse::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::Refused);
+                assert!(e.message.contains("no certificate from this cluster"), "{}", e.message);
+            }
+            other => panic!("a node without a certificate got {other:?}"),
+        }
+        let peer = addr_of(&c, &first);
+        let err = pool
+            .call::<_, DirResponse>(
+                peer.addr,
+                &meshdisk::cluster::ca::node_name(&peer.name, meshdisk::cluster::ca::Role::Peer, "home"),
+                &DirRequest::Status,
+                vec![],
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+    });
+    // Through all of it, the members kept working.
+    c.wait_status("2 peers up", Duration::from_secs(10), |s| {
+        s.peers.len() == 2 && s.peers.iter().all(|p| p.state == PeerState::Up)
+    });
+}
+
+#[test]
+fn corrupt_shards_on_disk_are_detected_and_a_full_peer_refuses_clearly() {
+    let mut c = Cluster::start("home", &[]);
+    let name = c.add_peer("300K", "a");
+    c.wait_all_up(1);
+    let rt = runtime();
+    let peer = addr_of(&c, &name);
+    let id = [5u8; 16];
+    rt.block_on(async {
+        let client = c.client();
+        let mut stored = Vec::new();
+        for stripe in 0..4 {
+            let (h, payload) = shard(id, stripe, 0, 0x40 + stripe as u8, 64 << 10);
+            client.put_shard(&peer, &h, payload, 1).await.unwrap();
+            stored.push(h);
+        }
+        // 4 × (64 KiB + 96) are stored; a fifth does not fit in 300 KiB.
+        let (h, payload) = shard(id, 9, 0, 1, 64 << 10);
+        let err = client.put_shard(&peer, &h, payload, 1).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Full), "{err}");
+        assert!(err.to_string().contains("store is full"), "{err}");
+
+        // Flip one payload byte of the first shard on the peer's disk.
+        let seg = c.peer_dir(0).join("store/segments/00000001.seg");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        assert_eq!(&bytes[..96], &stored[0].encode()[..], "the first shard starts the segment");
+        bytes[96 + 1000] ^= 0x01;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = client.get_shard(&peer, ShardKey::of(&stored[0])).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        // The others still read.
+        client.get_shard(&peer, ShardKey::of(&stored[1])).await.unwrap();
+    });
+    let s = c.wait_status("used space reported", Duration::from_secs(10), |s| {
+        s.peers[0].used == 4 * ((64 << 10) + 96)
+    });
+    assert_eq!(s.peers[0].capacity, 300 << 10);
+}
+
+#[test]
+fn placement_spreads_over_peers_and_failure_domains_and_reservations_expire() {
+    let mut c = Cluster::start("home", &["--reservation-ttl", "2s"]);
+    for i in 0..6 {
+        c.add_peer("64M", &format!("house{}", i / 2));
+    }
+    c.wait_all_up(6);
+    let domain_of: std::collections::HashMap<String, String> =
+        c.status().peers.into_iter().map(|p| (p.name, p.failure_domain)).collect();
+    let rt = runtime();
+    rt.block_on(async {
+        let client = c.client();
+        client.create_volume(volume("wide", 4, 2)).await.unwrap();
+        client.create_volume(volume("narrow", 2, 1)).await.unwrap();
+        for stripe in 0..40 {
+            let p = client.place("wide", stripe).await.unwrap();
+            let mut peers: Vec<&str> = p.peers.iter().map(|p| p.name.as_str()).collect();
+            peers.sort_unstable();
+            peers.dedup();
+            assert_eq!(peers.len(), 6, "two shards of a stripe on one peer: {p:?}");
+            let mut per_domain = std::collections::HashMap::new();
+            for peer in &p.peers {
+                *per_domain.entry(domain_of[&peer.name].clone()).or_insert(0) += 1;
+            }
+            assert!(per_domain.values().all(|&n| n == 2), "uneven domains: {per_domain:?}");
+            client.release(p.reservation).await.unwrap();
+
+            let p = client.place("narrow", stripe).await.unwrap();
+            let mut domains: Vec<&str> = p.peers.iter().map(|p| domain_of[&p.name].as_str()).collect();
+            domains.sort_unstable();
+            domains.dedup();
+            assert_eq!(domains.len(), 3, "three shards, three domains: {p:?}");
+            client.release(p.reservation).await.unwrap();
+        }
+        assert!(c.status().peers.iter().all(|p| p.reserved == 0));
+
+        // Reserved space shows, and is given back when unused.
+        let p = client.place("wide", 1).await.unwrap();
+        let s = c.status();
+        assert!(s.peers.iter().all(|peer| peer.reserved == p.shard_bytes), "{s:#?}");
+        std::thread::sleep(Duration::from_millis(2500));
+        let s = c.status();
+        assert!(s.peers.iter().all(|peer| peer.reserved == 0), "reservations did not expire: {s:#?}");
+        let err = client.commit("wide", &p, vec![Some([0; 32]); 6]).await.unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        // Seven shards cannot go to six peers.
+        let mut too_wide = volume("toowide", 5, 2);
+        too_wide.id[15] = 1;
+        client.create_volume(too_wide).await.unwrap();
+        let err = client.place("toowide", 0).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Full));
+        assert!(err.to_string().contains("needs 7 peers"), "{err}");
+    });
+}
+
+#[test]
+fn a_killed_peer_is_down_within_the_timeout_and_up_when_restarted() {
+    let mut c = Cluster::start("home", &["--peer-timeout", "2s"]);
+    for i in 0..3 {
+        c.add_peer("16M", &format!("d{i}"));
+    }
+    let s = c.wait_all_up(3);
+    let victim = s.peers[0].name.clone();
+    let i = (0..3).find(|&i| c.peers[i].output().contains(&format!("peer {victim} listening"))).unwrap();
+    c.peers[i].signal(libc::SIGKILL);
+    let killed = Instant::now();
+    c.wait_status("the killed peer is down", Duration::from_secs(6), |s| {
+        s.peers.iter().any(|p| p.name == victim && p.state == PeerState::Down)
+    });
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_millis(3500), "reported down after {took:?} (timeout 2 s)");
+    let s = c.status();
+    assert_eq!(s.peers.iter().filter(|p| p.state == PeerState::Up).count(), 2);
+
+    let name = c.restart_peer(i, "16M", &format!("d{i}"));
+    assert_eq!(name, victim);
+    c.wait_all_up(3);
+}

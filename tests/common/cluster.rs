@@ -1,0 +1,276 @@
+//! A real cluster for tests: a `meshdisk directory` process and `meshdisk
+//! peer` processes on loopback, each in its own folder under one temporary
+//! directory, talked to through the CLI and the library's client.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshdisk::cluster::client::Client;
+use meshdisk::cluster::credential::Credential;
+use meshdisk::cluster::msg::{ClusterStatus, PeerState};
+
+use super::meshdisk_bin;
+
+/// A process whose stdout and stderr are collected as they come.
+pub struct Proc {
+    pub child: Child,
+    pub out: Arc<Mutex<String>>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("MESHDISK_LOG", "info")
+            .env("NO_COLOR", "1")
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let out = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let out = out.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut o = out.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        Self { child, out, name: name.to_owned() }
+    }
+
+    pub fn output(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing `needle`; returns that line.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(line) = self.output().lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Let the reader threads catch up.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("{} exited ({status}) before printing {needle:?}:\n{}", self.name, self.output());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} did not print {needle:?} in {timeout:?}:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit by itself; its status and output.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (status, self.output());
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} still running after {timeout:?}:\n{}",
+                self.name,
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then wait; SIGKILL if it does not stop within 10 s.
+    pub fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A UDP port that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub directory: Proc,
+    pub dir_addr: String,
+    pub peers: Vec<Proc>,
+    /// Extra arguments every directory start gets.
+    pub dir_args: Vec<String>,
+    pub heartbeat: &'static str,
+}
+
+impl Cluster {
+    /// A directory of cluster `name` on a fixed loopback port.
+    pub fn start(name: &str, dir_args: &[&str]) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let dir_addr = format!("127.0.0.1:{}", free_udp_port());
+        let dir_args: Vec<String> = dir_args.iter().map(|s| s.to_string()).collect();
+        let directory = Self::spawn_directory(root.path(), name, &dir_addr, &dir_args);
+        let mut c = Self { root, directory, dir_addr, peers: Vec::new(), dir_args, heartbeat: "200ms" };
+        c.directory.wait_for("directory listening on", Duration::from_secs(20));
+        c
+    }
+
+    fn spawn_directory(root: &Path, name: &str, addr: &str, extra: &[String]) -> Proc {
+        let mut cmd = Command::new(meshdisk_bin());
+        cmd.args(["directory", "--cluster", name, "--listen", addr, "--data"])
+            .arg(root.join("directory"))
+            .args(extra);
+        Proc::spawn("directory", &mut cmd)
+    }
+
+    pub fn restart_directory(&mut self) {
+        self.directory.stop();
+        let name = self.credential().cluster;
+        self.directory = Self::spawn_directory(self.root.path(), &name, &self.dir_addr, &self.dir_args);
+        self.directory.wait_for("directory listening on", Duration::from_secs(20));
+    }
+
+    pub fn admin_cred(&self) -> PathBuf {
+        self.root.path().join("directory/admin.cred")
+    }
+
+    pub fn credential(&self) -> Credential {
+        Credential::load(&self.admin_cred()).unwrap()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.credential()).unwrap()
+    }
+
+    /// Runs the CLI; (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(meshdisk_bin()).args(args).env("NO_COLOR", "1").output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn token(&self, role: &str, ttl: &str) -> String {
+        let cred = self.admin_cred();
+        let (ok, out, err) = self.cli(&[
+            "token",
+            "create",
+            "--credential",
+            cred.to_str().unwrap(),
+            "--role",
+            role,
+            "--ttl",
+            ttl,
+        ]);
+        assert!(ok, "token create failed: {err}");
+        out.trim().to_owned()
+    }
+
+    pub fn peer_dir(&self, i: usize) -> PathBuf {
+        self.root.path().join(format!("peer{i}"))
+    }
+
+    /// The command that starts peer `i` (joining with `token` if given).
+    pub fn peer_command(&self, i: usize, token: Option<&str>, capacity: &str, domain: &str) -> Command {
+        let mut cmd = Command::new(meshdisk_bin());
+        cmd.args(["peer", "--directory", &self.dir_addr, "--capacity", capacity, "--listen", "127.0.0.1:0"])
+            .args(["--failure-domain", domain, "--heartbeat", self.heartbeat, "--data"])
+            .arg(self.peer_dir(i));
+        if let Some(t) = token {
+            cmd.args(["--join", t]);
+        }
+        cmd
+    }
+
+    /// Joins and starts peer `i`; returns its name.
+    pub fn add_peer(&mut self, capacity: &str, domain: &str) -> String {
+        let i = self.peers.len();
+        let token = self.token("peer", "10m");
+        let mut p =
+            Proc::spawn(&format!("peer{i}"), &mut self.peer_command(i, Some(&token), capacity, domain));
+        let line = p.wait_for(" listening on ", Duration::from_secs(20));
+        self.peers.push(p);
+        line.split_whitespace().nth(1).unwrap().to_owned()
+    }
+
+    /// Restarts peer `i` from its saved identity (no token).
+    pub fn restart_peer(&mut self, i: usize, capacity: &str, domain: &str) -> String {
+        self.peers[i].stop();
+        let mut p = Proc::spawn(&format!("peer{i}"), &mut self.peer_command(i, None, capacity, domain));
+        let line = p.wait_for(" listening on ", Duration::from_secs(20));
+        self.peers[i] = p;
+        line.split_whitespace().nth(1).unwrap().to_owned()
+    }
+
+    /// `meshdisk status --json`, parsed.
+    pub fn status(&self) -> ClusterStatus {
+        let cred = self.admin_cred();
+        let (ok, out, err) = self.cli(&["status", "--json", "--credential", cred.to_str().unwrap()]);
+        assert!(ok, "status failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not valid: {e}\n{out}"))
+    }
+
+    /// Waits until `pred` holds for the status; returns that status.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&ClusterStatus) -> bool,
+    ) -> ClusterStatus {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < timeout, "{what} did not happen within {timeout:?}: {s:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_all_up(&self, n: usize) -> ClusterStatus {
+        self.wait_status(&format!("{n} peers up"), Duration::from_secs(20), |s| {
+            s.peers.len() == n && s.peers.iter().all(|p| p.state == PeerState::Up)
+        })
+    }
+}
