@@ -246,6 +246,112 @@ impl Client {
         self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| unexpected("no connection after a ping"))
     }
 
+    /// Measures the round trip to every peer that is up and tells the
+    /// directory, which weighs placements for this client by them.
+    pub async fn refresh_hints(&self) -> Result<Vec<Rtt>, ClientError> {
+        let peers: Vec<PeerAddr> = self
+            .status()
+            .await?
+            .peers
+            .into_iter()
+            .filter(|p| p.state == PeerState::Up)
+            .map(|p| PeerAddr { name: p.name, addr: p.addr })
+            .collect();
+        let rtts = self.measure(&peers, Duration::from_secs(2)).await;
+        self.report_hints(rtts.clone()).await?;
+        Ok(rtts)
+    }
+
+    /// Fetches `need` verified shards of a committed stripe, nearest peers
+    /// first: the `need` holders with the lowest round trip are asked at
+    /// once; when one fails, returns a bad shard or is slower than
+    /// `hedge`, the next nearest is asked too. Returns (shard index, shard)
+    /// in the order they arrived; every shard matches its hash in `record`.
+    pub async fn fetch_shards(
+        &self,
+        volume: [u8; VOLUME_ID_LEN],
+        stripe: u64,
+        record: &StripeRecord,
+        peers: &[PeerAddr],
+        need: usize,
+        hedge: Duration,
+    ) -> Result<Vec<(u8, Bytes)>, ClientError> {
+        let mut holders = Vec::new();
+        for (i, (name, hash)) in record.peers.iter().zip(&record.hashes).enumerate() {
+            let (Some(hash), Some(peer)) = (hash, peers.iter().find(|p| &p.name == name)) else { continue };
+            let rtt =
+                self.inner.pool.rtt(peer.addr, &self.peer_name(name)).await.unwrap_or(Duration::from_secs(1));
+            holders.push((rtt, i as u8, *hash, peer.clone()));
+        }
+        holders.sort_by_key(|h| h.0);
+        let mut next = holders.into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        let spawn = |running: &mut tokio::task::JoinSet<_>,
+                     (_, index, hash, peer): (Duration, u8, [u8; 32], PeerAddr)| {
+            let me = self.clone();
+            let key = ShardKey { volume, stripe, generation: record.generation, index };
+            running.spawn(async move {
+                let got = me.get_shard(&peer, key).await;
+                let checked = got.and_then(|bytes| {
+                    let (header, _) = crate::codec::shard::parse_shard(&bytes)
+                        .map_err(|e| Remote::new(ErrorKind::Corrupt, format!("{}: {e}", peer.name)))?;
+                    if ShardKey::of(&header) != key || header.payload_hash.0 != hash {
+                        return Err(Remote::new(
+                            ErrorKind::Corrupt,
+                            format!("{} returned another shard than the stripe map records", peer.name),
+                        )
+                        .into());
+                    }
+                    Ok(bytes)
+                });
+                (index, peer.name, checked)
+            });
+        };
+        for _ in 0..need {
+            match next.next() {
+                Some(h) => spawn(&mut running, h),
+                None => break,
+            }
+        }
+        let mut got = Vec::new();
+        let mut errors = Vec::new();
+        while got.len() < need {
+            let joined = tokio::select! {
+                j = running.join_next() => j,
+                () = tokio::time::sleep(hedge) => {
+                    // Slow: ask one more holder as well.
+                    if let Some(h) = next.next() {
+                        spawn(&mut running, h);
+                    }
+                    continue;
+                }
+            };
+            match joined {
+                Some(Ok((index, _, Ok(bytes)))) => got.push((index, bytes)),
+                Some(Ok((_, name, Err(e)))) => {
+                    errors.push(format!("{name}: {e}"));
+                    if let Some(h) = next.next() {
+                        spawn(&mut running, h);
+                    }
+                }
+                Some(Err(e)) => errors.push(e.to_string()),
+                None => {
+                    return Err(Remote::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "stripe {stripe}: only {} of the {need} shards needed could be read ({})",
+                            got.len(),
+                            errors.join("; ")
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        running.abort_all();
+        Ok(got)
+    }
+
     /// Path statistics of this client's connections: (name, MTU, lost
     /// packets, sent packets).
     pub async fn path_stats(&self) -> Vec<(String, u16, u64, u64)> {

@@ -144,27 +144,33 @@ pub struct Cluster {
 impl Cluster {
     /// A directory of cluster `name` on a fixed loopback port.
     pub fn start(name: &str, dir_args: &[&str]) -> Self {
+        Self::start_on(name, "127.0.0.1", dir_args)
+    }
+
+    /// As [`start`], listening on `ip` (0.0.0.0 to be reachable from
+    /// network namespaces); members on this host use 127.0.0.1.
+    pub fn start_on(name: &str, ip: &str, dir_args: &[&str]) -> Self {
         let root = tempfile::tempdir().unwrap();
-        let dir_addr = format!("127.0.0.1:{}", free_udp_port());
-        let dir_args: Vec<String> = dir_args.iter().map(|s| s.to_string()).collect();
-        let directory = Self::spawn_directory(root.path(), name, &dir_addr, &dir_args);
+        let port = free_udp_port();
+        let dir_addr = format!("127.0.0.1:{port}");
+        let mut dir_args: Vec<String> = dir_args.iter().map(|s| s.to_string()).collect();
+        dir_args.extend(["--listen".to_string(), format!("{ip}:{port}")]);
+        let directory = Self::spawn_directory(root.path(), name, &dir_args);
         let mut c = Self { root, directory, dir_addr, peers: Vec::new(), dir_args, heartbeat: "200ms" };
         c.directory.wait_for("directory listening on", Duration::from_secs(20));
         c
     }
 
-    fn spawn_directory(root: &Path, name: &str, addr: &str, extra: &[String]) -> Proc {
+    fn spawn_directory(root: &Path, name: &str, extra: &[String]) -> Proc {
         let mut cmd = Command::new(meshdisk_bin());
-        cmd.args(["directory", "--cluster", name, "--listen", addr, "--data"])
-            .arg(root.join("directory"))
-            .args(extra);
+        cmd.args(["directory", "--cluster", name, "--data"]).arg(root.join("directory")).args(extra);
         Proc::spawn("directory", &mut cmd)
     }
 
     pub fn restart_directory(&mut self) {
         self.directory.stop();
         let name = self.credential().cluster;
-        self.directory = Self::spawn_directory(self.root.path(), &name, &self.dir_addr, &self.dir_args);
+        self.directory = Self::spawn_directory(self.root.path(), &name, &self.dir_args);
         self.directory.wait_for("directory listening on", Duration::from_secs(20));
     }
 
