@@ -191,7 +191,7 @@ struct BenchClusterArgs {
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// Calls in flight per peer.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 32)]
     depth: usize,
     /// Phases, in order: put, get, clean.
     #[arg(long, value_delimiter = ',', default_value = "put,get,clean")]

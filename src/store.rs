@@ -10,12 +10,17 @@
 //!                         per volume the newest fencing epoch; bytes used
 //! ```
 //!
-//! **Durability, written once** ([`ShardStore::put`]): verify the shard (its
-//! header and payload hash), append it to the current segment through the
-//! io_uring driver, `fdatasync` the segment, then commit the index entry
-//! (redb commits are durable); only then is the put acknowledged. A crash
-//! before the index commit leaves unindexed bytes in a segment and nothing
-//! else: the shard was never acknowledged.
+//! **Durability, written once** ([`ShardStore::put`] and the group commit
+//! behind it): verify the shard (its header and payload hash), append it to
+//! the current segment through the io_uring driver, `fdatasync` the
+//! segment, then commit the index entry (redb commits are durable); only
+//! then is the put acknowledged. Puts that arrive together share one
+//! `fdatasync` and one index commit (group commit): a put queues its entry
+//! once its bytes are written, and one committer task at a time syncs every
+//! segment the queued entries touch, commits them all in one redb
+//! transaction, and answers each. A crash before the index commit leaves
+//! unindexed bytes in a segment and nothing else: no shard in it was
+//! acknowledged.
 //!
 //! **Deleting** removes the index entry and punches a hole over the shard's
 //! bytes, so the space returns to the filesystem at once.
@@ -158,6 +163,26 @@ struct Inner {
     segments: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
     /// Set by the first failed write, sync or commit: the store is poisoned.
     first_error: std::sync::Mutex<Option<String>>,
+    /// Bytes of puts admitted but not yet committed (capacity counts them).
+    inflight: std::sync::atomic::AtomicU64,
+    /// Written puts waiting for the group commit.
+    commits: std::sync::Mutex<CommitQueue>,
+}
+
+#[derive(Default)]
+struct CommitQueue {
+    pending: Vec<Pending>,
+    /// A committer task is running and will take what is queued.
+    committing: bool,
+}
+
+/// A written shard waiting for its sync and index commit.
+struct Pending {
+    key: ShardKey,
+    epoch: u64,
+    loc: Location,
+    file: Arc<RegisteredFile>,
+    done: tokio::sync::oneshot::Sender<Result<Option<Location>, String>>,
 }
 
 struct Tail {
@@ -221,6 +246,8 @@ impl ShardStore {
                 tail: Mutex::new(Tail { segment, file, end }),
                 segments: std::sync::Mutex::new(segments),
                 first_error: std::sync::Mutex::new(None),
+                inflight: std::sync::atomic::AtomicU64::new(0),
+                commits: std::sync::Mutex::new(CommitQueue::default()),
             }),
         })
     }
@@ -259,35 +286,101 @@ impl ShardStore {
     /// Stores one shard (header + payload, as produced by the codec), durably,
     /// for a writer holding fencing `epoch` on the shard's volume.
     pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<ShardKey, StoreError> {
+        use std::sync::atomic::Ordering;
         self.check()?;
         let (header, _) = parse_shard(&shard)?;
         let key = ShardKey::of(&header);
         let len = shard.len() as u64;
-        // Every index writer holds the tail lock, so what `admit` checks
-        // (fencing, capacity) still holds when `commit_put` commits.
-        let mut tail = self.inner.tail.lock().await;
-        self.check()?;
-        self.admit(&key, epoch, len)?;
-        if tail.end + len > self.inner.segment_limit && tail.end > 0 {
-            self.roll(&mut tail)?;
-        }
-        // Claim the range before writing: if this future is dropped while
-        // the kernel still writes, the next put must not reuse the range.
-        let offset = tail.end;
-        tail.end += len;
-        if let Err(e) = self.inner.ring.write_all_at(&tail.file, offset, shard, 0).await {
+        // Admission and the claim of a range happen under the tail lock;
+        // the bytes count as in flight until their commit.
+        let (file, loc) = {
+            let mut tail = self.inner.tail.lock().await;
+            self.check()?;
+            self.admit(&key, epoch, len)?;
+            if tail.end + len > self.inner.segment_limit && tail.end > 0 {
+                self.roll(&mut tail)?;
+            }
+            // Claim the range before writing: if this future is dropped
+            // while the kernel still writes, no later put reuses the range.
+            let loc = Location { segment: tail.segment, offset: tail.end, len: len as u32 };
+            tail.end += len;
+            self.inner.inflight.fetch_add(len, Ordering::SeqCst);
+            (tail.file.clone(), loc)
+        };
+        let written = self.inner.ring.write_all_at(&file, loc.offset, shard, 0).await;
+        if let Err(e) = written {
+            self.inner.inflight.fetch_sub(len, Ordering::SeqCst);
             return Err(self.poison("writing a shard", e));
         }
-        if let Err(e) = self.inner.ring.fsync(&tail.file, true).await {
-            return Err(self.poison("syncing a segment", e));
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self.inner.commits.lock().expect("not poisoned");
+            q.pending.push(Pending { key, epoch, loc, file, done });
+            !std::mem::replace(&mut q.committing, true)
+        };
+        if start {
+            // Its own task: a caller giving up must not stop the commits of
+            // the others.
+            tokio::spawn(self.clone().commit_loop());
         }
-        let loc = Location { segment: tail.segment, offset, len: len as u32 };
-        let replaced =
-            self.commit_put(&key, epoch, loc).map_err(|e| self.poison("committing the index", e))?;
-        if let Some(old) = replaced {
-            self.punch(old).await;
+        let committed = answer.await.unwrap_or_else(|_| Err("the committer stopped".into()));
+        match committed {
+            Ok(Some(old)) => self.punch(old).await,
+            Ok(None) => {}
+            Err(e) => return Err(self.poison("committing a shard", e)),
         }
         Ok(key)
+    }
+
+    /// Syncs and commits what is queued, batch after batch, until the queue
+    /// is empty.
+    async fn commit_loop(self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let batch = {
+                let mut q = self.inner.commits.lock().expect("not poisoned");
+                if q.pending.is_empty() {
+                    q.committing = false;
+                    return;
+                }
+                std::mem::take(&mut q.pending)
+            };
+            let mut synced: Vec<u32> = Vec::new();
+            let mut failed = self.check().err().map(|e| e.to_string());
+            for p in &batch {
+                if failed.is_some() || synced.contains(&p.loc.segment) {
+                    continue;
+                }
+                match self.inner.ring.fsync(&p.file, true).await {
+                    Ok(()) => synced.push(p.loc.segment),
+                    Err(e) => failed = Some(format!("syncing a segment: {e}")),
+                }
+            }
+            let entries: Vec<(ShardKey, u64, Location)> = batch.iter().map(|p| (p.key, p.epoch, p.loc)).collect();
+            let results = match failed {
+                Some(e) => Err(e),
+                None => {
+                    let me = self.clone();
+                    tokio::task::spawn_blocking(move || me.commit_puts(&entries))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("index commit task: {e}")))
+                }
+            };
+            let bytes: u64 = batch.iter().map(|p| u64::from(p.loc.len)).sum();
+            self.inner.inflight.fetch_sub(bytes, Ordering::SeqCst);
+            match results {
+                Ok(olds) => {
+                    for (p, old) in batch.into_iter().zip(olds) {
+                        let _ = p.done.send(Ok(old));
+                    }
+                }
+                Err(e) => {
+                    for p in batch {
+                        let _ = p.done.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
     }
 
     /// Returns a location's bytes to the filesystem (best effort: the index
@@ -313,7 +406,8 @@ impl ShardStore {
             None => 0,
         };
         let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
-        let used = c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value());
+        let used = c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value())
+            + self.inner.inflight.load(std::sync::atomic::Ordering::SeqCst);
         let after = used
             .checked_sub(replaced)
             .ok_or_else(|| self.io("index accounting is corrupt (used < a stored shard)"))?
@@ -324,33 +418,36 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Commits a put; returns the location of the shard it replaced.
-    fn commit_put(&self, key: &ShardKey, epoch: u64, loc: Location) -> Result<Option<Location>, String> {
+    /// Commits written puts in one transaction; for each, the location of
+    /// the shard it replaced.
+    fn commit_puts(&self, puts: &[(ShardKey, u64, Location)]) -> Result<Vec<Option<Location>>, String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
-        let old = {
-            let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
-            match index.insert(&key.encode()[..], &loc.encode()[..]).map_err(|x| e(&x))? {
-                Some(v) => Some(Location::decode(v.value())?),
-                None => None,
-            }
-        };
+        let mut olds = Vec::with_capacity(puts.len());
         {
+            let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
             let mut epochs = txn.open_table(EPOCHS).map_err(|x| e(&x))?;
-            let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
-            if epoch > newest {
-                epochs.insert(&key.volume[..], epoch).map_err(|x| e(&x))?;
-            }
             let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
-            let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
-            let used = used
-                .checked_sub(old.map_or(0, |o| u64::from(o.len)))
-                .ok_or("index accounting is corrupt (used < a stored shard)")?
-                + u64::from(loc.len);
+            let mut used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
+            for (key, epoch, loc) in puts {
+                let old = match index.insert(&key.encode()[..], &loc.encode()[..]).map_err(|x| e(&x))? {
+                    Some(v) => Some(Location::decode(v.value())?),
+                    None => None,
+                };
+                let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
+                if *epoch > newest {
+                    epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
+                }
+                used = used
+                    .checked_sub(old.map_or(0, |o| u64::from(o.len)))
+                    .ok_or("index accounting is corrupt (used < a stored shard)")?
+                    + u64::from(loc.len);
+                olds.push(old);
+            }
             c.insert("used", used).map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
-        Ok(old)
+        Ok(olds)
     }
 
     /// Starts a new segment.
@@ -573,6 +670,36 @@ mod tests {
         let k = store.put(more.clone(), 1).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap(), more);
         assert_eq!(store.get(&kept[0].0).await.unwrap(), kept[0].1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_puts_share_commits_and_respect_capacity() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let one = shard(1, 0, 1, 0, 0, 16).len() as u64;
+        // Room for exactly 40 of the 64 shards put at once.
+        let store = ShardStore::open_with_segment_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64u64 {
+            let store = store.clone();
+            tasks.spawn(async move { store.put(shard(1, i, 1, 0, i as u8, 16), 1).await });
+        }
+        let results = tasks.join_all().await;
+        let stored: Vec<ShardKey> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        assert_eq!(stored.len(), 40, "{results:?}");
+        assert!(results.iter().filter_map(|r| r.as_ref().err()).all(|e| matches!(e, StoreError::Full { .. })));
+        assert_eq!(store.used().unwrap(), 40 * one);
+        drop(store);
+        let store = ShardStore::open_with_segment_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
+        for key in &stored {
+            let got = store.get(key).await.unwrap();
+            assert_eq!(got, shard(1, key.stripe, 1, 0, key.stripe as u8, 16));
+        }
+        assert_eq!(store.list(&[1; 16]).unwrap(), {
+            let mut s = stored.clone();
+            s.sort();
+            s
+        });
     }
 
     #[tokio::test]
