@@ -85,6 +85,7 @@ pub fn transport_config() -> Arc<TransportConfig> {
     let mut mtu = MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_UDP_PAYLOAD).interval(Duration::from_secs(60));
     t.mtu_discovery_config(Some(mtu));
+
     Arc::new(t)
 }
 
