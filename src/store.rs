@@ -356,7 +356,8 @@ impl ShardStore {
                     Err(e) => failed = Some(format!("syncing a segment: {e}")),
                 }
             }
-            let entries: Vec<(ShardKey, u64, Location)> = batch.iter().map(|p| (p.key, p.epoch, p.loc)).collect();
+            let entries: Vec<(ShardKey, u64, Location)> =
+                batch.iter().map(|p| (p.key, p.epoch, p.loc)).collect();
             let results = match failed {
                 Some(e) => Err(e),
                 None => {
@@ -687,7 +688,9 @@ mod tests {
         let results = tasks.join_all().await;
         let stored: Vec<ShardKey> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
         assert_eq!(stored.len(), 40, "{results:?}");
-        assert!(results.iter().filter_map(|r| r.as_ref().err()).all(|e| matches!(e, StoreError::Full { .. })));
+        assert!(
+            results.iter().filter_map(|r| r.as_ref().err()).all(|e| matches!(e, StoreError::Full { .. }))
+        );
         assert_eq!(store.used().unwrap(), 40 * one);
         drop(store);
         let store = ShardStore::open_with_segment_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
