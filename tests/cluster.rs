@@ -253,6 +253,41 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
             .unwrap_err();
         assert!(err.to_string().contains("certificate"), "{err}");
     });
+    // A client joins with a client token and can then ask for the status;
+    // its credential is private and never overwritten.
+    let path = c.root.path().join("laptop.cred");
+    let token = c.token("client", "10m");
+    let (ok, _, err) = c.cli(&[
+        "join",
+        "--directory",
+        &c.dir_addr,
+        "--token",
+        &token,
+        "--credential",
+        path.to_str().unwrap(),
+        "--name",
+        "laptop",
+    ]);
+    assert!(ok && err.contains("joined cluster home as client laptop"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let (ok, out, err) = c.cli(&["status", "--json", "--credential", path.to_str().unwrap()]);
+    assert!(ok && out.contains("\"cluster\": \"home\""), "{err}");
+    let again = c.token("client", "10m");
+    let (ok, _, err) = c.cli(&[
+        "join",
+        "--directory",
+        &c.dir_addr,
+        "--token",
+        &again,
+        "--credential",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+    // A client may not make tokens.
+    let (ok, _, err) = c.cli(&["token", "create", "--credential", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("a client may not do that"), "{err}");
+
     // Through all of it, the members kept working.
     c.wait_status("2 peers up", Duration::from_secs(10), |s| {
         s.peers.len() == 2 && s.peers.iter().all(|p| p.state == PeerState::Up)

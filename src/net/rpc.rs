@@ -425,3 +425,95 @@ async fn stream<H: Handler>(
     send.finish().map_err(|e| e.to_string())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::ca::{ClusterCa, Role, new_key_and_csr, node_name};
+    use crate::net::tls::{ClientAuth, Identity, client_config, server_config};
+
+    fn member(ca: &ClusterCa, node: &str, role: Role) -> Identity {
+        let (key, csr) = new_key_and_csr().unwrap();
+        Identity {
+            cert_pem: format!("{}{}", ca.issue(&csr, node, role).unwrap(), ca.cert_pem()),
+            key_pem: key.serialize_pem(),
+            ca_pem: ca.cert_pem().into(),
+        }
+    }
+
+    /// Answers with the caller's node name and the payload reversed.
+    struct Echo;
+
+    impl Handler for Echo {
+        type Request = String;
+        type Response = String;
+
+        async fn handle(&self, caller: Caller, req: String, payload: Bytes) -> (String, Bytes) {
+            let who = caller.name.map_or("nobody".into(), |n| n.node);
+            let mut back = payload.to_vec();
+            back.reverse();
+            (format!("{req} from {who}"), Bytes::from(back))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_carry_payloads_and_a_malformed_call_closes_only_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(dir.path(), "home").unwrap();
+        let server_id = member(&ca, "peer-1", Role::Peer);
+        let client_id = member(&ca, "laptop", Role::Client);
+        let ep = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(server_config(&server_id, ClientAuth::Required).unwrap()),
+            client_config(&server_id).unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
+        let name = node_name("peer-1", Role::Peer, "home");
+        let pool = Pool::new(
+            endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap(),
+        );
+
+        // A payload in pieces arrives whole; the answer's payload too.
+        let payload =
+            vec![Bytes::from_static(b"abc"), Bytes::from(vec![7u8; 1 << 20]), Bytes::from_static(b"xyz")];
+        let (resp, back): (String, Bytes) =
+            pool.call(addr, &name, &"hello".to_string(), payload, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(resp, "hello from laptop");
+        assert_eq!(back.len(), 3 + (1 << 20) + 3);
+        assert_eq!(&back[..3], b"zyx");
+
+        // Too large is refused before anything is sent.
+        let big = vec![Bytes::from(vec![0u8; MAX_PAYLOAD + 1])];
+        let err = pool
+            .call::<_, String>(addr, &name, &"x".to_string(), big, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RpcError::TooLarge { .. }), "{err}");
+
+        // A second connection sends garbage: it is closed, with the reason.
+        let other =
+            endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap();
+        let conn = other.connect(addr, &name).unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[5, 0, 0, 0, 1, 0, 0xff, 0xff, 0xff]).await.unwrap();
+        send.finish().unwrap();
+        let _ = recv.read_to_end(1024).await;
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap();
+        assert!(reason.to_string().contains("malformed call"), "{reason}");
+        // A frame announcing more than the limit: refused from its length.
+        let conn = other.connect(addr, &name).unwrap().await.unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let reason = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap();
+        assert!(reason.to_string().contains("over the limit"), "{reason}");
+
+        // The first connection is untouched.
+        let (resp, _): (String, Bytes) =
+            pool.call(addr, &name, &"again".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
+        assert_eq!(resp, "again from laptop");
+        stop.cancel();
+    }
+}
