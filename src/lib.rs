@@ -23,6 +23,7 @@ pub mod codec;
 pub mod meta;
 pub mod nbd;
 pub mod net;
+pub mod passphrase;
 pub mod pool;
 pub mod size;
 pub mod store;

@@ -52,6 +52,9 @@ enum Command {
     Token(TokenCommand),
     /// Peers, capacity and volumes at a glance.
     Status(StatusArgs),
+    /// Create, list, inspect and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Serve a RAM disk or a file over NBD (no cluster, no encryption).
     Serve(ServeArgs),
     /// Volume keys.
@@ -78,6 +81,77 @@ enum BenchCommand {
     Codec(BenchCodecArgs),
     /// Shard put and get throughput from this client to every peer.
     Cluster(BenchClusterArgs),
+}
+
+#[derive(Subcommand)]
+enum VolumeCommand {
+    /// Create a volume; its key comes from a key file (made if missing) or
+    /// a passphrase.
+    Create(VolumeCreateArgs),
+    /// Every volume.
+    List(VolumeListArgs),
+    /// A volume's geometry, lease, allocated size and stripe health.
+    Info(VolumeNameArgs),
+    /// Delete a volume; peers erase its shards.
+    Delete(VolumeDeleteArgs),
+}
+
+#[derive(Args)]
+struct VolumeCreateArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    name: String,
+    /// The disk's size (a multiple of 4 KiB): 100G, 2T, ...
+    #[arg(long, value_parser = parse_size)]
+    size: u64,
+    /// Data shards per stripe.
+    #[arg(long, default_value_t = 4)]
+    k: u8,
+    /// Parity shards per stripe: this many peers may be lost.
+    #[arg(long, default_value_t = 2)]
+    m: u8,
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    shard_size: u64,
+    /// Repair a stripe when fewer shards than this are healthy (default k+1).
+    #[arg(long)]
+    repair_threshold: Option<u8>,
+    /// What FLUSH waits for: remote (peers and the stripe map) or local
+    /// (this machine's log only).
+    #[arg(long, default_value = "remote")]
+    durability: String,
+    /// The volume key file; a new key is written there if it does not exist.
+    #[arg(long, conflicts_with = "passphrase", required_unless_present = "passphrase")]
+    key_file: Option<PathBuf>,
+    /// Derive the key from a passphrase (asked for, or MESHDISK_PASSPHRASE).
+    #[arg(long)]
+    passphrase: bool,
+}
+
+#[derive(Args)]
+struct VolumeListArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VolumeNameArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    name: String,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VolumeDeleteArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    name: String,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +187,9 @@ struct DirectoryArgs {
     /// Space reserved for a stripe being written is released after this.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     reservation_ttl: std::time::Duration,
+    /// A volume's write lease lapses this long after its holder's last renewal.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    lease_ttl: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -259,6 +336,7 @@ fn main() -> ExitCode {
         | Command::Join(_)
         | Command::Token(_)
         | Command::Status(_)
+        | Command::Volume(_)
         | Command::Bench(BenchCommand::Cluster(_)) => {}
     }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -285,6 +363,7 @@ fn main() -> ExitCode {
         Command::Join(args) => runtime.block_on(join(args)),
         Command::Token(TokenCommand::Create(args)) => runtime.block_on(token_create(args)),
         Command::Status(args) => runtime.block_on(status(args)),
+        Command::Volume(cmd) => runtime.block_on(volume(cmd)),
         Command::Bench(BenchCommand::Cluster(args)) => runtime.block_on(bench_cluster(args)),
         Command::Key(_) | Command::Bench(BenchCommand::Codec(_)) => {
             unreachable!("handled before the runtime starts")
@@ -372,6 +451,7 @@ async fn directory(args: DirectoryArgs) -> Result<(), String> {
         cluster: args.cluster,
         peer_timeout: args.peer_timeout,
         reservation_ttl: args.reservation_ttl,
+        lease_ttl: args.lease_ttl,
     };
     let stop = stop_on_signals()?;
     meshdisk::cluster::directory::run(config, stop).await.map_err(|e| e.to_string())
@@ -447,6 +527,106 @@ async fn status(args: StatusArgs) -> Result<(), String> {
         print!("{}", meshdisk::cluster::status::render(&s));
     }
     Ok(())
+}
+
+async fn volume(cmd: VolumeCommand) -> Result<(), String> {
+    use meshdisk::cluster::msg::{Durability, VolumeSpec};
+    use meshdisk::codec::key::KdfParams;
+    match cmd {
+        VolumeCommand::Create(a) => {
+            let durability = match a.durability.as_str() {
+                "remote" => Durability::Remote,
+                "local" => Durability::Local,
+                other => return Err(format!("--durability must be remote or local, not {other:?}")),
+            };
+            let shard_size =
+                u32::try_from(a.shard_size).map_err(|_| "--shard-size is too large".to_string())?;
+            let threshold = a.repair_threshold.unwrap_or((a.k + 1).min(a.k.saturating_add(a.m)));
+            let mut id = [0u8; 16];
+            getrandom::fill(&mut id).map_err(|e| e.to_string())?;
+            let (key, kdf, made) = if a.passphrase {
+                let kdf = KdfParams::generate().map_err(|e| e.to_string())?;
+                let pass = meshdisk::passphrase::read("passphrase for the new volume: ", true)?;
+                (
+                    VolumeKey::from_passphrase(pass.as_bytes(), &kdf).map_err(|e| e.to_string())?,
+                    Some(kdf),
+                    false,
+                )
+            } else {
+                let path = a.key_file.clone().expect("clap requires --key-file without --passphrase");
+                if path.exists() {
+                    (VolumeKey::read_file(&path).map_err(|e| e.to_string())?, None, false)
+                } else {
+                    let key = VolumeKey::generate().map_err(|e| e.to_string())?;
+                    key.write_new_file(&path).map_err(|e| e.to_string())?;
+                    (key, None, true)
+                }
+            };
+            let spec = VolumeSpec {
+                name: a.name.clone(),
+                id,
+                size: a.size,
+                k: a.k,
+                m: a.m,
+                shard_size,
+                repair_threshold: threshold,
+                key_check: key.check_value(&id).0,
+                kdf,
+                durability,
+            };
+            let c = client(&a.credential)?;
+            c.create_volume(spec).await.map_err(|e| e.to_string())?;
+            if made {
+                eprintln!(
+                    "wrote a new volume key to {} (mode 0600). Back it up: without it the volume cannot be read.",
+                    a.key_file.as_ref().expect("a key file").display()
+                );
+            }
+            eprintln!(
+                "created volume {}: {}, k={} m={}, {} shards, repair below {} healthy shards, durability {}",
+                a.name,
+                human(a.size),
+                a.k,
+                a.m,
+                human(a.shard_size),
+                threshold,
+                durability.as_str()
+            );
+            Ok(())
+        }
+        VolumeCommand::List(a) => {
+            let s = client(&a.credential)?.status().await.map_err(|e| e.to_string())?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s.volumes).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", meshdisk::cluster::status::render_volumes(&s.volumes));
+            }
+            Ok(())
+        }
+        VolumeCommand::Info(a) => {
+            let info = client(&a.credential)?.volume_info(&a.name).await.map_err(|e| e.to_string())?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?);
+            } else {
+                print!("{}", meshdisk::cluster::status::render_volume_info(&info));
+            }
+            Ok(())
+        }
+        VolumeCommand::Delete(a) => {
+            if !a.yes {
+                use std::io::BufRead;
+                eprint!("delete volume {} and all its data? type its name to confirm: ", a.name);
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+                if line.trim() != a.name {
+                    return Err("not confirmed; nothing was deleted".into());
+                }
+            }
+            client(&a.credential)?.delete_volume(&a.name).await.map_err(|e| e.to_string())?;
+            eprintln!("deleted volume {}; the directory erases its shards from the peers", a.name);
+            Ok(())
+        }
+    }
 }
 
 async fn bench_cluster(args: BenchClusterArgs) -> Result<(), String> {

@@ -42,6 +42,8 @@ fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
         shard_size: 64 << 10,
         repair_threshold: k + 1.min(m),
         key_check: [0; 32],
+        kdf: None,
+        durability: meshdisk::cluster::msg::Durability::Remote,
     }
 }
 

@@ -213,6 +213,8 @@ fn placement_and_reads_prefer_the_nearest_peers() {
             shard_size: 64 << 10,
             repair_threshold: k,
             key_check: [0; 32],
+            kdf: None,
+            durability: meshdisk::cluster::msg::Durability::Remote,
         };
         client.create_volume(spec("three", 2, 1, 1)).await.unwrap();
         for stripe in 0..40 {

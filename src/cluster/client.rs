@@ -150,6 +150,52 @@ impl Client {
         }
     }
 
+    pub async fn volume(&self, volume: &str) -> Result<VolumeRecord, ClientError> {
+        match self.directory(&DirRequest::Volume { volume: volume.into() }).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn volume_info(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
+        match self.directory(&DirRequest::VolumeInfo { volume: volume.into() }).await? {
+            DirResponse::VolumeInfo(v) => Ok(*v),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a volume that nobody has attached; the directory erases its
+    /// shards from the peers.
+    pub async fn delete_volume(&self, volume: &str) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::DeleteVolume { volume: volume.into() }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The volume's write lease with a new fencing epoch.
+    pub async fn acquire_lease(&self, volume: &str, force: bool) -> Result<VolumeLease, ClientError> {
+        match self.directory(&DirRequest::AcquireLease { volume: volume.into(), force }).await? {
+            DirResponse::Lease(l) => Ok(l),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Keeps the lease; `Fenced` once another node took it or it lapsed.
+    pub async fn renew_lease(&self, volume: &str, epoch: u64) -> Result<VolumeLease, ClientError> {
+        match self.directory(&DirRequest::RenewLease { volume: volume.into(), epoch }).await? {
+            DirResponse::Lease(l) => Ok(l),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn release_lease(&self, volume: &str, epoch: u64) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::ReleaseLease { volume: volume.into(), epoch }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn release(&self, reservation: u64) -> Result<(), ClientError> {
         match self.directory(&DirRequest::Release { reservation }).await? {
             DirResponse::Done => Ok(()),

@@ -8,7 +8,10 @@
 //! nodes/<name>                every member that joined: role, when
 //! peers/<name>                a peer's last report and when it came
 //! hints/<name>                a client's measured round trips to peers
-//! volumes/<name>              geometry, key check, lease holder, fencing epoch
+//! volumes/<name>              geometry, key check, KDF, fencing epoch
+//! leases/<name>               a volume's write lease (holder, epoch), on a
+//!                             store lease renewed by its holder
+//! gc/<volume id>              a deleted volume whose shards peers still hold
 //! stripes/<volume id>/<n>     a stripe's committed generation: peers, hashes
 //! reservations/<id>           space held for a stripe being written; the key
 //!                             lives on a store lease, so it vanishes when
@@ -52,6 +55,8 @@ pub struct DirectoryConfig {
     pub cluster: String,
     pub peer_timeout: Duration,
     pub reservation_ttl: Duration,
+    /// A volume's write lease lapses this long after its last renewal.
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +155,10 @@ pub struct Directory<S: MetaStore> {
     issuer: Issuer,
     peer_timeout: Duration,
     reservation_ttl: Duration,
+    lease_ttl: Duration,
     seed: std::sync::Mutex<u64>,
+    /// Wakes the garbage collector (a volume was deleted).
+    gc: tokio::sync::Notify,
 }
 
 /// Opens (on first start: creates) the directory in `config.data`: the
@@ -194,7 +202,9 @@ pub async fn open(config: &DirectoryConfig) -> Result<(Directory<RedbStore>, Cre
         ca,
         peer_timeout: config.peer_timeout,
         reservation_ttl: config.reservation_ttl,
+        lease_ttl: config.lease_ttl,
         seed: std::sync::Mutex::new(now_ms() | 1),
+        gc: tokio::sync::Notify::new(),
     };
     Ok((dir, own))
 }
@@ -251,8 +261,31 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     );
     // Tests and scripts read this line.
     println!("directory listening on {addr}");
-    rpc::serve(ep, Arc::new(dir), stop).await;
+    let dir = Arc::new(dir);
+    let peers = super::client::Client::on(own, ep.clone(), addr);
+    let gc = tokio::spawn(collect_garbage(dir.clone(), peers, stop.clone()));
+    rpc::serve(ep, dir, stop).await;
+    let _ = gc.await;
     Ok(())
+}
+
+/// Erases the shards of deleted volumes from the peers, every few seconds
+/// and whenever a volume is deleted, until no peer holds any.
+async fn collect_garbage<S: MetaStore>(
+    dir: Arc<Directory<S>>,
+    peers: super::client::Client,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = dir.gc.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = stop.cancelled() => return,
+        }
+        if let Err(e) = dir.collect_once(&peers).await {
+            tracing::warn!("garbage collection: {e}");
+        }
+    }
 }
 
 impl<S: MetaStore> Directory<S> {
@@ -439,7 +472,8 @@ impl<S: MetaStore> Directory<S> {
         let mut volumes = Vec::new();
         for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
             let stripes = self.meta.list(&stripe_prefix(&record.spec.id)).await?.len() as u64;
-            volumes.push(VolumeStatus { record, stripes });
+            let holder = self.lease_of(&record.spec.name).await?.map(|(l, _)| l.holder);
+            volumes.push(VolumeStatus { record, stripes, holder });
         }
         Ok(DirResponse::Status(Box::new(ClusterStatus {
             cluster: self.issuer.cluster.clone(),
@@ -485,7 +519,13 @@ impl<S: MetaStore> Directory<S> {
         }
         let k = key("volumes", &spec.name);
         let name = spec.name.clone();
-        let record = VolumeRecord { spec, epoch: 0, holder: None, created_ms: now_ms() };
+        if let Some(kdf) = &spec.kdf
+            && !(crate::codec::key::KdfParams::MIN_MEMORY_KIB..=crate::codec::key::KdfParams::MAX_MEMORY_KIB)
+                .contains(&kdf.memory_kib)
+        {
+            return Err(invalid("the passphrase's Argon2 memory cost is out of range".into()));
+        }
+        let record = VolumeRecord { spec, epoch: 0, created_ms: now_ms() };
         let out = self
             .meta
             .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
@@ -585,6 +625,7 @@ impl<S: MetaStore> Directory<S> {
 
     async fn commit(
         &self,
+        who: &str,
         reservation: u64,
         volume: &str,
         stripe: u64,
@@ -592,6 +633,7 @@ impl<S: MetaStore> Directory<S> {
         hashes: Vec<Option<[u8; 32]>>,
     ) -> Result<DirResponse, Remote> {
         let v = self.volume(volume).await?;
+        self.check_writer(who, &v).await?;
         let rkey = reservation_key(reservation);
         let Some((res, res_rev)) = self.get::<ReservationRecord>("reservation", &rkey).await? else {
             return Err(Remote::new(
@@ -689,6 +731,266 @@ impl<S: MetaStore> Directory<S> {
         ))
     }
 
+    /// A volume's live write lease and its store entry.
+    async fn lease_of(&self, volume: &str) -> Result<Option<(VolumeLease, crate::meta::Entry)>, Remote> {
+        match self.meta.get(&key("leases", volume)).await? {
+            Some(e) => Ok(Some((dec("lease", &e.value)?, e))),
+            None => Ok(None),
+        }
+    }
+
+    /// Only the lease holder commits stripes of a volume that has ever been
+    /// attached (epoch > 0); a writer that was taken over is fenced here as
+    /// it is on the peers.
+    async fn check_writer(&self, who: &str, v: &VolumeRecord) -> Result<(), Remote> {
+        if v.epoch == 0 {
+            return Ok(());
+        }
+        match self.lease_of(&v.spec.name).await? {
+            Some((l, _)) if l.holder == who && l.epoch == v.epoch => Ok(()),
+            Some((l, _)) => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!(
+                    "volume {} is now written by {} (epoch {}): this writer was taken over and must stop",
+                    v.spec.name, l.holder, l.epoch
+                ),
+            )),
+            None => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!("the write lease on volume {} lapsed: attach again", v.spec.name),
+            )),
+        }
+    }
+
+    async fn acquire(&self, who: &str, volume: &str, force: bool) -> Result<DirResponse, Remote> {
+        let vkey = key("volumes", volume);
+        let lkey = key("leases", volume);
+        for _ in 0..16 {
+            let Some((mut v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+                return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+            };
+            let current = self.lease_of(volume).await?;
+            if let Some((l, _)) = &current
+                && l.holder != who
+                && !force
+            {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume {volume} is attached by {} (for {:.0} s, epoch {}): detach it there, or attach with --force to take it over (its writes are then refused)",
+                        l.holder,
+                        now_ms().saturating_sub(l.since_ms) as f64 / 1000.0,
+                        l.epoch
+                    ),
+                ));
+            }
+            v.epoch += 1;
+            let lease = self.meta.grant_lease(self.lease_ttl).await?;
+            let rec = VolumeLease {
+                holder: who.to_owned(),
+                epoch: v.epoch,
+                since_ms: now_ms(),
+                ttl_ms: self.lease_ttl.as_millis() as u64,
+            };
+            let held = match &current {
+                Some((_, e)) => Compare::ModRevision(lkey.clone(), e.mod_revision),
+                None => Compare::Absent(lkey.clone()),
+            };
+            let out = self
+                .meta
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(vkey.clone(), vrev))
+                        .when(held)
+                        .then(Op::Put { key: vkey.clone(), value: enc(&v), lease: None })
+                        .then(Op::Put { key: lkey.clone(), value: enc(&rec), lease: Some(lease) }),
+                )
+                .await?;
+            if !out.succeeded {
+                let _ = self.meta.revoke(lease).await;
+                continue;
+            }
+            if let Some((old, e)) = current {
+                if let Some(l) = e.lease {
+                    let _ = self.meta.revoke(l).await;
+                }
+                tracing::warn!(
+                    "volume {volume}: {who} took the write lease over from {} (epoch {})",
+                    old.holder,
+                    v.epoch
+                );
+            } else {
+                tracing::info!("volume {volume}: write lease to {who}, epoch {}", v.epoch);
+            }
+            return Ok(DirResponse::Lease(rec));
+        }
+        Err(Remote::new(ErrorKind::Conflict, format!("volume {volume}: the lease kept changing; try again")))
+    }
+
+    async fn renew(&self, who: &str, volume: &str, epoch: u64) -> Result<DirResponse, Remote> {
+        match self.lease_of(volume).await? {
+            Some((l, e)) if l.holder == who && l.epoch == epoch => {
+                let id = e.lease.ok_or_else(|| internal("a volume lease without a store lease"))?;
+                match self.meta.keep_alive(id).await {
+                    Ok(()) => Ok(DirResponse::Lease(l)),
+                    Err(MetaError::LeaseNotFound(_)) => Err(Remote::new(
+                        ErrorKind::Fenced,
+                        format!("the write lease on volume {volume} lapsed: attach again"),
+                    )),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some((l, _)) => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!(
+                    "volume {volume} was taken over by {} (epoch {}; yours was {epoch}): stop writing",
+                    l.holder, l.epoch
+                ),
+            )),
+            None => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!("the write lease on volume {volume} lapsed: attach again"),
+            )),
+        }
+    }
+
+    async fn release_lease(&self, who: &str, volume: &str, epoch: u64) -> Result<DirResponse, Remote> {
+        if let Some((l, e)) = self.lease_of(volume).await?
+            && l.holder == who
+            && l.epoch == epoch
+            && let Some(id) = e.lease
+        {
+            match self.meta.revoke(id).await {
+                Ok(()) | Err(MetaError::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!("volume {volume}: {who} released the write lease");
+        }
+        Ok(DirResponse::Done)
+    }
+
+    async fn volume_info(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let record = self.volume(volume).await?;
+        let lease = self.lease_of(volume).await?.map(|(l, _)| l);
+        let now = now_ms();
+        let up: std::collections::HashSet<String> = self
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|(_, r)| self.state(r, now) == PeerState::Up)
+            .map(|(n, _)| n)
+            .collect();
+        let (k, threshold, all) = (
+            usize::from(record.spec.k),
+            usize::from(record.spec.repair_threshold),
+            usize::from(record.spec.k + record.spec.m),
+        );
+        let per_shard = shard_bytes(record.spec.shard_size);
+        let mut health = StripeHealth::default();
+        let mut allocated = 0;
+        for s in self.list::<StripeRecord>("stripe", &stripe_prefix(&record.spec.id)).await? {
+            let stored = s.hashes.iter().filter(|h| h.is_some()).count();
+            let healthy =
+                s.peers.iter().zip(&s.hashes).filter(|(p, h)| h.is_some() && up.contains(*p)).count();
+            allocated += stored as u64 * per_shard;
+            health.stripes += 1;
+            if healthy >= all {
+                health.whole += 1;
+            } else if healthy >= threshold {
+                health.degraded += 1;
+            } else if healthy >= k {
+                health.needs_repair += 1;
+            } else {
+                health.unavailable += 1;
+            }
+        }
+        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health })))
+    }
+
+    async fn delete_volume(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let vkey = key("volumes", volume);
+        let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+            return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+        };
+        if let Some((l, _)) = self.lease_of(volume).await? {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("volume {volume} is attached by {}: detach it first", l.holder),
+            ));
+        }
+        let out = self
+            .meta
+            .txn(
+                Txn::new()
+                    .when(Compare::ModRevision(vkey.clone(), vrev))
+                    .when(Compare::Absent(key("leases", volume)))
+                    .then(Op::Delete { key: vkey })
+                    .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
+                    .then(Op::Put {
+                        key: key("gc", &hex(&v.spec.id)),
+                        value: v.spec.id.to_vec(),
+                        lease: None,
+                    }),
+            )
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("volume {volume} changed meanwhile: try again"),
+            ));
+        }
+        tracing::info!("volume {volume} deleted; its shards are being erased from the peers");
+        self.gc.notify_one();
+        Ok(DirResponse::Done)
+    }
+
+    /// One garbage-collection pass over deleted volumes.
+    async fn collect_once(&self, client: &super::client::Client) -> Result<(), Remote> {
+        let deleted = self.meta.list(b"gc/").await?;
+        if deleted.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let peers = self.peers().await?;
+        for entry in deleted {
+            let Ok(id) = <[u8; VOLUME_ID_LEN]>::try_from(entry.value.as_slice()) else { continue };
+            let mut clean = true;
+            for (name, rec) in &peers {
+                if self.state(rec, now) != PeerState::Up {
+                    clean = false;
+                    continue;
+                }
+                let peer = PeerAddr { name: name.clone(), addr: rec.report.addr };
+                let erased = async {
+                    let keys = client.list_shards(&peer, id).await?;
+                    for k in &keys {
+                        // The largest epoch: nobody writes this volume again.
+                        client.delete_shard(&peer, *k, u64::MAX).await?;
+                    }
+                    Ok::<usize, super::client::ClientError>(keys.len())
+                };
+                match erased.await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("erased {n} shards of a deleted volume from {name}"),
+                    Err(e) => {
+                        clean = false;
+                        tracing::info!("erasing a deleted volume's shards from {name}: {e}");
+                    }
+                }
+            }
+            if clean {
+                self.meta
+                    .txn(
+                        Txn::new()
+                            .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
+                            .then(Op::Delete { key: entry.key }),
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn dispatch(&self, caller: &Caller, req: DirRequest) -> Result<DirResponse, Remote> {
         if let DirRequest::Join { token, role, csr_pem, name } = req {
             return self.join(&token, role, &csr_pem, name).await;
@@ -731,7 +1033,7 @@ impl<S: MetaStore> Directory<S> {
             }
             DirRequest::Commit { reservation, volume, stripe, generation, hashes } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.commit(reservation, &volume, stripe, generation, hashes).await
+                self.commit(&who.node, reservation, &volume, stripe, generation, hashes).await
             }
             DirRequest::Release { reservation } => {
                 needs(&[Role::Client, Role::Admin])?;
@@ -740,6 +1042,30 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::Stripe { volume, stripe } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.stripe(&volume, stripe).await
+            }
+            DirRequest::Volume { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                Ok(DirResponse::Volume(self.volume(&volume).await?))
+            }
+            DirRequest::VolumeInfo { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.volume_info(&volume).await
+            }
+            DirRequest::DeleteVolume { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.delete_volume(&volume).await
+            }
+            DirRequest::AcquireLease { volume, force } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.acquire(&who.node, &volume, force).await
+            }
+            DirRequest::RenewLease { volume, epoch } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.renew(&who.node, &volume, epoch).await
+            }
+            DirRequest::ReleaseLease { volume, epoch } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.release_lease(&who.node, &volume, epoch).await
             }
         }
     }

@@ -85,6 +85,25 @@ pub struct PeerReport {
     pub rtts: Vec<Rtt>,
 }
 
+/// What FLUSH waits for (see the README's volume section).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Committed on peers and in the stripe map.
+    Remote,
+    /// Synced in the attaching machine's local log only.
+    Local,
+}
+
+impl Durability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Remote => "remote",
+            Durability::Local => "local",
+        }
+    }
+}
+
 /// A volume's fixed properties, chosen at creation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
@@ -98,6 +117,9 @@ pub struct VolumeSpec {
     pub repair_threshold: u8,
     /// Proves a key is the volume's without revealing it.
     pub key_check: [u8; 32],
+    /// Set when the key comes from a passphrase: how to derive it.
+    pub kdf: Option<crate::codec::key::KdfParams>,
+    pub durability: Durability,
 }
 
 /// A volume as the directory records it.
@@ -106,9 +128,43 @@ pub struct VolumeRecord {
     pub spec: VolumeSpec,
     /// The fencing epoch of the newest writer's lease.
     pub epoch: u64,
-    /// Who holds the write lease, if anyone.
-    pub holder: Option<String>,
     pub created_ms: u64,
+}
+
+/// A volume's write lease as granted: writes carry `epoch`; it lapses
+/// unless renewed within `ttl_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeLease {
+    pub holder: String,
+    pub epoch: u64,
+    pub since_ms: u64,
+    pub ttl_ms: u64,
+}
+
+/// How many stripes have how many healthy shards (on a peer that is up,
+/// with a recorded hash).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StripeHealth {
+    /// Stripes ever written.
+    pub stripes: u64,
+    /// All k + m shards healthy.
+    pub whole: u64,
+    /// At least the repair threshold, fewer than k + m.
+    pub degraded: u64,
+    /// Below the repair threshold but still readable (≥ k).
+    pub needs_repair: u64,
+    /// Fewer than k: unreadable until peers return.
+    pub unavailable: u64,
+}
+
+/// `meshdisk volume info`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub record: VolumeRecord,
+    pub lease: Option<VolumeLease>,
+    /// Bytes of shards stored for the volume's committed stripes.
+    pub allocated: u64,
+    pub health: StripeHealth,
 }
 
 /// Where a stripe's next generation goes; its space is reserved until
@@ -176,6 +232,8 @@ pub struct PeerStatus {
 pub struct VolumeStatus {
     pub record: VolumeRecord,
     pub stripes: u64,
+    /// Who holds the write lease now, if anyone.
+    pub holder: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -234,6 +292,30 @@ pub enum DirRequest {
         volume: String,
         stripe: u64,
     },
+    Volume {
+        volume: String,
+    },
+    VolumeInfo {
+        volume: String,
+    },
+    /// Deletes the volume's record and stripe map; peers erase its shards.
+    DeleteVolume {
+        volume: String,
+    },
+    /// The write lease, with a new fencing epoch. Refused while another
+    /// node holds it, unless `force` (its later writes are then fenced).
+    AcquireLease {
+        volume: String,
+        force: bool,
+    },
+    RenewLease {
+        volume: String,
+        epoch: u64,
+    },
+    ReleaseLease {
+        volume: String,
+        epoch: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +338,8 @@ pub enum DirResponse {
         expires_ms: u64,
     },
     Volume(VolumeRecord),
+    VolumeInfo(Box<VolumeInfo>),
+    Lease(VolumeLease),
     Placement(Placement),
     Stripe(Option<StripeRecord>),
     Done,

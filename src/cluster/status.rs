@@ -1,7 +1,7 @@
 //! `meshdisk status` for people: a summary line, then peers and volumes as
 //! aligned tables. (`--json` prints [`ClusterStatus`] as it is.)
 
-use super::msg::{ClusterStatus, PeerState};
+use super::msg::{ClusterStatus, PeerState, VolumeInfo, VolumeStatus};
 use crate::size::human;
 
 fn ago(now_ms: u64, then_ms: u64) -> String {
@@ -74,23 +74,79 @@ pub fn render(s: &ClusterStatus) -> String {
     }
     if !s.volumes.is_empty() {
         out.push('\n');
-        let mut rows =
-            vec![["VOLUME", "SIZE", "k+m", "SHARD", "STRIPES", "EPOCH", "WRITER"].map(String::from).to_vec()];
-        for v in &s.volumes {
-            let spec = &v.record.spec;
-            rows.push(vec![
-                spec.name.clone(),
-                human(spec.size),
-                format!("{}+{}", spec.k, spec.m),
-                human(u64::from(spec.shard_size)),
-                v.stripes.to_string(),
-                v.record.epoch.to_string(),
-                v.record.holder.clone().unwrap_or_else(|| "-".into()),
-            ]);
-        }
-        out.push_str(&table(&rows));
+        out.push_str(&render_volumes(&s.volumes));
     }
     out
+}
+
+/// The volumes table (`meshdisk volume list`, and in `status`).
+pub fn render_volumes(volumes: &[VolumeStatus]) -> String {
+    if volumes.is_empty() {
+        return "no volumes (create one with `meshdisk volume create`)\n".into();
+    }
+    let mut rows =
+        vec![["VOLUME", "SIZE", "k+m", "SHARD", "STRIPES", "EPOCH", "WRITER"].map(String::from).to_vec()];
+    for v in volumes {
+        let spec = &v.record.spec;
+        rows.push(vec![
+            spec.name.clone(),
+            human(spec.size),
+            format!("{}+{}", spec.k, spec.m),
+            human(u64::from(spec.shard_size)),
+            v.stripes.to_string(),
+            v.record.epoch.to_string(),
+            v.holder.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `meshdisk volume info`.
+pub fn render_volume_info(v: &VolumeInfo) -> String {
+    let spec = &v.record.spec;
+    let stripe_data = u64::from(spec.k) * u64::from(spec.shard_size);
+    let h = &v.health;
+    let writer = match &v.lease {
+        Some(l) => format!("{} (epoch {})", l.holder, l.epoch),
+        None => format!("nobody (last epoch {})", v.record.epoch),
+    };
+    let rows = vec![
+        vec!["volume".to_string(), spec.name.clone()],
+        vec![
+            "size".into(),
+            format!(
+                "{} ({} stripes of {})",
+                human(spec.size),
+                spec.size.div_ceil(stripe_data),
+                human(stripe_data)
+            ),
+        ],
+        vec![
+            "geometry".into(),
+            format!(
+                "k={} data + m={} parity shards of {}",
+                spec.k,
+                spec.m,
+                human(u64::from(spec.shard_size))
+            ),
+        ],
+        vec!["repair below".into(), format!("{} healthy shards", spec.repair_threshold)],
+        vec![
+            "key".into(),
+            if spec.kdf.is_some() { "passphrase (Argon2id)".into() } else { "key file".into() },
+        ],
+        vec!["durability".into(), spec.durability.as_str().into()],
+        vec!["writer".into(), writer],
+        vec!["allocated".into(), format!("{} on peers", human(v.allocated))],
+        vec![
+            "stripes".into(),
+            format!(
+                "{} written: {} whole, {} degraded, {} need repair, {} unavailable",
+                h.stripes, h.whole, h.degraded, h.needs_repair, h.unavailable
+            ),
+        ],
+    ];
+    table(&rows)
 }
 
 #[cfg(test)]
@@ -143,12 +199,14 @@ mod tests {
                         shard_size: 256 << 10,
                         repair_threshold: 5,
                         key_check: [0; 32],
+                        kdf: None,
+                        durability: Durability::Remote,
                     },
                     epoch: 3,
-                    holder: None,
                     created_ms: 0,
                 },
                 stripes: 12,
+                holder: None,
             }],
         };
         let text = render(&s);

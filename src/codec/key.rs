@@ -217,7 +217,7 @@ impl VolumeKey {
 pub struct KeyCheck(pub [u8; 32]);
 
 /// Argon2id salt and cost, stored with a passphrase-protected volume.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KdfParams {
     /// Random, per volume.
     pub salt: [u8; SALT_LEN],

@@ -1,0 +1,64 @@
+//! Reading a passphrase: from `MESHDISK_PASSPHRASE`, else from the
+//! terminal with echo off. Never from the command line, where other users
+//! could read it in the process list.
+
+use zeroize::Zeroizing;
+
+/// The environment variable scripts use to pass a passphrase.
+pub const ENV: &str = "MESHDISK_PASSPHRASE";
+
+/// Reads a passphrase; with `confirm`, asks twice and requires a match.
+pub fn read(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, String> {
+    if let Ok(p) = std::env::var(ENV) {
+        return check(Zeroizing::new(p));
+    }
+    let first = prompt_tty(prompt)?;
+    if confirm {
+        let again = prompt_tty("again: ")?;
+        if *first != *again {
+            return Err("the two passphrases differ; nothing was changed".into());
+        }
+    }
+    check(first)
+}
+
+fn check(p: Zeroizing<String>) -> Result<Zeroizing<String>, String> {
+    if p.is_empty() {
+        return Err("the passphrase is empty".into());
+    }
+    Ok(p)
+}
+
+fn prompt_tty(prompt: &str) -> Result<Zeroizing<String>, String> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|_| format!("no terminal to ask for the passphrase: set {ENV}"))?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data; tcgetattr fills it for an open fd.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open and `saved` is a valid termios to fill.
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        return Err(format!("cannot turn off echo on the terminal: set {ENV}"));
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    // SAFETY: as above, with a termios derived from the saved one.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    let mut out = &tty;
+    let _ = write!(out, "{prompt}");
+    let _ = out.flush();
+    let mut line = Zeroizing::new(String::new());
+    let read = std::io::BufReader::new(&tty).read_line(&mut line);
+    // SAFETY: restores the settings read above.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    read.map_err(|e| format!("reading the passphrase: {e}"))?;
+    while line.ends_with('\n') || line.ends_with('\r') {
+        line.pop();
+    }
+    Ok(line)
+}

@@ -1,0 +1,260 @@
+//! Volumes at the directory: the `meshdisk volume` commands, write leases
+//! with fencing epochs, and deletion that erases shards from the peers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use meshdisk::cluster::client::Client;
+use meshdisk::cluster::credential::Credential;
+use meshdisk::cluster::msg::ErrorKind;
+use meshdisk::codec::shard::{ShardHash, ShardHeader};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn cred(c: &Cluster) -> String {
+    c.admin_cred().to_str().unwrap().to_owned()
+}
+
+/// Joins a client named `name`; its credential file.
+fn join_client(c: &Cluster, name: &str) -> std::path::PathBuf {
+    let path = c.root.path().join(format!("{name}.cred"));
+    let token = c.token("client", "10m");
+    let (ok, _, err) = c.cli(&[
+        "join",
+        "--directory",
+        &c.dir_addr,
+        "--token",
+        &token,
+        "--credential",
+        path.to_str().unwrap(),
+        "--name",
+        name,
+    ]);
+    assert!(ok, "{err}");
+    path
+}
+
+#[test]
+fn volumes_are_created_listed_inspected_and_checked() {
+    let c = Cluster::start("home", &[]);
+    let key = c.root.path().join("photos.key");
+    let (ok, _, err) = c.cli(&[
+        "volume",
+        "create",
+        "photos",
+        "--size",
+        "1G",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--credential",
+        &cred(&c),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("wrote a new volume key") && err.contains("created volume photos"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&key).unwrap().len(), 64);
+
+    // A passphrase volume stores its Argon2 parameters, never the passphrase.
+    let out = std::process::Command::new(common::meshdisk_bin())
+        .args(["volume", "create", "notes", "--size", "64M", "--k", "2", "--m", "1", "--shard-size", "64K"])
+        .args(["--durability", "local", "--passphrase", "--credential", &cred(&c)])
+        .env("MESHDISK_PASSPHRASE", "correct horse battery staple")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (ok, table, err) = c.cli(&["volume", "list", "--credential", &cred(&c)]);
+    assert!(ok, "{err}");
+    assert!(table.contains("photos") && table.contains("4+2") && table.contains("notes"), "{table}");
+    let (ok, info, err) = c.cli(&["volume", "info", "notes", "--credential", &cred(&c)]);
+    assert!(ok, "{err}");
+    for want in [
+        "k=2 data + m=1 parity",
+        "passphrase (Argon2id)",
+        "durability    local",
+        "writer        nobody",
+        "0 written",
+    ] {
+        assert!(info.contains(want), "{want:?} missing:\n{info}");
+    }
+    let (ok, json, _) = c.cli(&["volume", "info", "photos", "--json", "--credential", &cred(&c)]);
+    assert!(ok);
+    let v: meshdisk::cluster::msg::VolumeInfo = serde_json::from_str(&json).unwrap();
+    assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 5));
+    assert_eq!(v.record.spec.size, 1 << 30);
+    // The stored key check matches the key file, and only it.
+    let k = meshdisk::codec::VolumeKey::read_file(&key).unwrap();
+    k.verify(&v.record.spec.id, &meshdisk::codec::key::KeyCheck(v.record.spec.key_check)).unwrap();
+    let dir_db = std::fs::read(c.root.path().join("directory/directory.redb")).unwrap();
+    assert!(!dir_db.windows(13).any(|w| w == b"correct horse"), "the passphrase reached the directory");
+
+    // Clear refusals.
+    for (args, want) in [
+        (vec!["photos", "--size", "1G", "--key-file", key.to_str().unwrap()], "exists already"),
+        (vec!["odd", "--size", "1000", "--key-file", key.to_str().unwrap()], "multiple of 4 KiB"),
+        (vec!["wide", "--size", "1G", "--k", "0", "--key-file", key.to_str().unwrap()], "k"),
+        (vec!["Bad_Name", "--size", "1G", "--key-file", key.to_str().unwrap()], "must be 1 to 63 characters"),
+        (
+            vec!["t", "--size", "1G", "--repair-threshold", "9", "--key-file", key.to_str().unwrap()],
+            "repair threshold",
+        ),
+        (
+            vec!["d", "--size", "1G", "--durability", "maybe", "--key-file", key.to_str().unwrap()],
+            "remote or local",
+        ),
+    ] {
+        let mut full = vec!["volume", "create"];
+        full.extend(args);
+        let credential = cred(&c);
+        full.extend(["--credential", credential.as_str()]);
+        let (ok, _, err) = c.cli(&full);
+        assert!(!ok && err.contains(want), "{full:?}: {err}");
+    }
+    let (ok, _, err) = c.cli(&["volume", "info", "nothing", "--credential", &cred(&c)]);
+    assert!(!ok && err.contains("no volume named nothing"), "{err}");
+}
+
+#[test]
+fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
+    let c = Cluster::start("home", &["--lease-ttl", "2s"]);
+    let key = c.root.path().join("disk.key");
+    let (ok, _, err) = c.cli(&[
+        "volume",
+        "create",
+        "disk",
+        "--size",
+        "64M",
+        "--k",
+        "2",
+        "--m",
+        "1",
+        "--shard-size",
+        "64K",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--credential",
+        &cred(&c),
+    ]);
+    assert!(ok, "{err}");
+    let laptop = join_client(&c, "laptop");
+    let desktop = join_client(&c, "desktop");
+    let rt = runtime();
+    rt.block_on(async {
+        let a = Client::new(Credential::load(&laptop).unwrap()).unwrap();
+        let b = Client::new(Credential::load(&desktop).unwrap()).unwrap();
+        let la = a.acquire_lease("disk", false).await.unwrap();
+        assert_eq!((la.holder.as_str(), la.epoch), ("laptop", 1));
+        // The same holder renews; another is refused with the holder named.
+        a.renew_lease("disk", 1).await.unwrap();
+        let err = b.acquire_lease("disk", false).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Conflict));
+        assert!(
+            err.to_string().contains("attached by laptop") && err.to_string().contains("--force"),
+            "{err}"
+        );
+        assert_eq!(c.status().volumes[0].holder.as_deref(), Some("laptop"));
+        // Deleting an attached volume is refused.
+        let err = b.delete_volume("disk").await.unwrap_err();
+        assert!(err.to_string().contains("attached by laptop"), "{err}");
+
+        // --force: a new epoch; the old writer's renewals and commits fail.
+        let lb = b.acquire_lease("disk", true).await.unwrap();
+        assert_eq!((lb.holder.as_str(), lb.epoch), ("desktop", 2));
+        let err = a.renew_lease("disk", 1).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Fenced));
+        assert!(err.to_string().contains("taken over by desktop"), "{err}");
+        let fake = meshdisk::cluster::msg::Placement {
+            reservation: 1,
+            stripe: 0,
+            generation: 1,
+            peers: vec![],
+            shard_bytes: 0,
+            expires_ms: 0,
+        };
+        let err = a.commit("disk", &fake, vec![]).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
+
+        // Released: free for anyone, with a new epoch.
+        b.release_lease("disk", 2).await.unwrap();
+        assert_eq!(c.status().volumes[0].holder, None);
+        let l = a.acquire_lease("disk", false).await.unwrap();
+        assert_eq!(l.epoch, 3);
+        // Not renewed: it lapses after the lease TTL.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        assert_eq!(c.status().volumes[0].holder, None);
+        let err = a.renew_lease("disk", 3).await.unwrap_err();
+        assert!(err.to_string().contains("lapsed"), "{err}");
+        assert_eq!(b.acquire_lease("disk", false).await.unwrap().epoch, 4);
+    });
+}
+
+#[test]
+fn deleting_a_volume_erases_its_shards_from_the_peers() {
+    let mut c = Cluster::start("home", &[]);
+    for i in 0..3 {
+        c.add_peer("64M", &format!("d{i}"));
+    }
+    c.wait_all_up(3);
+    let key = c.root.path().join("gone.key");
+    let (ok, _, err) = c.cli(&[
+        "volume",
+        "create",
+        "gone",
+        "--size",
+        "64M",
+        "--k",
+        "2",
+        "--m",
+        "1",
+        "--shard-size",
+        "64K",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--credential",
+        &cred(&c),
+    ]);
+    assert!(ok, "{err}");
+    let rt = runtime();
+    rt.block_on(async {
+        let client = c.client();
+        let v = client.volume("gone").await.unwrap();
+        for stripe in 0..4 {
+            let p = client.place("gone", stripe).await.unwrap();
+            let mut hashes = Vec::new();
+            for (i, peer) in p.peers.iter().enumerate() {
+                let payload = vec![i as u8 ^ stripe as u8; 64 << 10];
+                let h = ShardHeader {
+                    volume_id: v.spec.id,
+                    stripe,
+                    generation: p.generation,
+                    index: i as u8,
+                    k: 2,
+                    m: 1,
+                    payload_len: payload.len() as u32,
+                    payload_hash: ShardHash::of(&payload),
+                };
+                client.put_shard(peer, &h, payload.into(), 0).await.unwrap();
+                hashes.push(Some(h.payload_hash.0));
+            }
+            client.commit("gone", &p, hashes).await.unwrap();
+        }
+        let info = client.volume_info("gone").await.unwrap();
+        assert_eq!((info.health.stripes, info.health.whole), (4, 4));
+        assert_eq!(info.allocated, 12 * ((64 << 10) + 96));
+    });
+    c.wait_status("shards counted", Duration::from_secs(10), |s| {
+        s.peers.iter().all(|p| p.used == 4 * ((64 << 10) + 96))
+    });
+    let (ok, _, err) = c.cli(&["volume", "delete", "gone", "--yes", "--credential", &cred(&c)]);
+    assert!(ok, "{err}");
+    c.wait_status("shards erased", Duration::from_secs(15), |s| {
+        s.volumes.is_empty() && s.peers.iter().all(|p| p.used == 0)
+    });
+    let (ok, _, err) = c.cli(&["volume", "info", "gone", "--credential", &cred(&c)]);
+    assert!(!ok && err.contains("no volume named gone"), "{err}");
+}
