@@ -28,3 +28,4 @@ pub mod pool;
 pub mod size;
 pub mod store;
 pub mod uring;
+pub mod volume;

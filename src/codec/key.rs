@@ -201,6 +201,22 @@ impl VolumeKey {
     }
 
     /// The data-encryption half (IEEE 1619 "Key1").
+    /// An independent key for another use of the same secret (the local
+    /// log's encryption, say): blake3 in key-derivation mode with
+    /// `context`, 64 bytes of output. Different contexts give unrelated keys.
+    pub fn derive(&self, context: &str) -> Result<VolumeKey, KeyError> {
+        let mut bytes = Box::new([0u8; KEY_LEN]);
+        let mut hasher = blake3::Hasher::new_derive_key(context);
+        hasher.update(&self.bytes[..]);
+        hasher.finalize_xof().fill(&mut bytes[..]);
+        Self::checked(bytes)
+    }
+
+    /// A 256-bit MAC key for another use of the same secret, as [`derive`].
+    pub fn derive_mac_key(&self, context: &str) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(context, &self.bytes[..]))
+    }
+
     pub(crate) fn data_key(&self) -> &[u8; 32] {
         self.bytes[..32].try_into().expect("32 of 64 bytes")
     }
