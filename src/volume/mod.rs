@@ -1,5 +1,6 @@
 //! A volume as the attaching machine serves it: its write-ahead log
-//! ([`wal`]) first; the cache, destaging of copy-on-write stripes and the
-//! NBD backend follow.
+//! ([`wal`]) and its stripe cache ([`cache`]); destaging of copy-on-write
+//! stripes and the NBD backend follow.
 
+pub mod cache;
 pub mod wal;
