@@ -182,7 +182,23 @@ struct Pending {
     epoch: u64,
     loc: Location,
     file: Arc<RegisteredFile>,
-    done: tokio::sync::oneshot::Sender<Result<Option<Location>, String>>,
+    /// The replaced location, `Err(newest epoch)` if fenced meanwhile; the
+    /// outer error is a failed sync or commit.
+    done: tokio::sync::oneshot::Sender<Result<Result<Option<Location>, u64>, String>>,
+}
+
+/// Gives back a put's in-flight bytes unless disarmed (`len = 0`).
+struct InflightGuard<'a> {
+    store: &'a ShardStore,
+    len: u64,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            self.store.inner.inflight.fetch_sub(self.len, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 struct Tail {
@@ -307,11 +323,14 @@ impl ShardStore {
             self.inner.inflight.fetch_add(len, Ordering::SeqCst);
             (tail.file.clone(), loc)
         };
+        // Until the committer takes it over, the in-flight count is ours to
+        // give back, also when this future is dropped.
+        let mut inflight = InflightGuard { store: self, len };
         let written = self.inner.ring.write_all_at(&file, loc.offset, shard, 0).await;
         if let Err(e) = written {
-            self.inner.inflight.fetch_sub(len, Ordering::SeqCst);
             return Err(self.poison("writing a shard", e));
         }
+        inflight.len = 0;
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.inner.commits.lock().expect("not poisoned");
@@ -325,8 +344,13 @@ impl ShardStore {
         }
         let committed = answer.await.unwrap_or_else(|_| Err("the committer stopped".into()));
         match committed {
-            Ok(Some(old)) => self.punch(old).await,
-            Ok(None) => {}
+            Ok(Ok(Some(old))) => self.punch(old).await,
+            Ok(Ok(None)) => {}
+            Ok(Err(newest)) => {
+                // Fenced while it was written: its bytes are not indexed.
+                self.punch(loc).await;
+                return Err(StoreError::Fenced { got: epoch, newest });
+            }
             Err(e) => return Err(self.poison("committing a shard", e)),
         }
         Ok(key)
@@ -420,8 +444,12 @@ impl ShardStore {
     }
 
     /// Commits written puts in one transaction; for each, the location of
-    /// the shard it replaced.
-    fn commit_puts(&self, puts: &[(ShardKey, u64, Location)]) -> Result<Vec<Option<Location>>, String> {
+    /// the shard it replaced, or `Err(newest epoch)` for a put whose epoch
+    /// was overtaken while it was written (not indexed).
+    fn commit_puts(
+        &self,
+        puts: &[(ShardKey, u64, Location)],
+    ) -> Result<Vec<Result<Option<Location>, u64>>, String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
         let mut olds = Vec::with_capacity(puts.len());
@@ -431,19 +459,23 @@ impl ShardStore {
             let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
             let mut used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
             for (key, epoch, loc) in puts {
+                let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
+                if *epoch < newest {
+                    olds.push(Err(newest));
+                    continue;
+                }
+                if *epoch > newest {
+                    epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
+                }
                 let old = match index.insert(&key.encode()[..], &loc.encode()[..]).map_err(|x| e(&x))? {
                     Some(v) => Some(Location::decode(v.value())?),
                     None => None,
                 };
-                let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
-                if *epoch > newest {
-                    epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
-                }
                 used = used
                     .checked_sub(old.map_or(0, |o| u64::from(o.len)))
                     .ok_or("index accounting is corrupt (used < a stored shard)")?
                     + u64::from(loc.len);
-                olds.push(old);
+                olds.push(Ok(old));
             }
             c.insert("used", used).map_err(|x| e(&x))?;
         }
@@ -525,12 +557,23 @@ impl ShardStore {
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
-        let Some(loc) = self.locate(key)? else { return Ok(false) };
+        let loc = self.locate(key)?;
+        if loc.is_none() && epoch == newest {
+            return Ok(false);
+        }
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let committed = (|| -> Result<(), String> {
             let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
-            txn.open_table(INDEX).map_err(|x| e(&x))?.remove(&key.encode()[..]).map_err(|x| e(&x))?;
-            {
+            // A delete raises the volume's epoch like a put: a writer
+            // older than the deleter cannot bring the shard back.
+            if epoch > newest {
+                txn.open_table(EPOCHS)
+                    .map_err(|x| e(&x))?
+                    .insert(&key.volume[..], epoch)
+                    .map_err(|x| e(&x))?;
+            }
+            if let Some(loc) = loc {
+                txn.open_table(INDEX).map_err(|x| e(&x))?.remove(&key.encode()[..]).map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
                 c.insert("used", used.saturating_sub(u64::from(loc.len))).map_err(|x| e(&x))?;
@@ -538,8 +581,13 @@ impl ShardStore {
             txn.commit().map_err(|x| e(&x))
         })();
         committed.map_err(|m| self.poison("committing a delete", m))?;
-        self.punch(loc).await;
-        Ok(true)
+        match loc {
+            Some(loc) => {
+                self.punch(loc).await;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn newest_epoch(&self, volume: &[u8; VOLUME_ID_LEN]) -> Result<u64, StoreError> {
@@ -671,6 +719,28 @@ mod tests {
         let k = store.put(more.clone(), 1).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap(), more);
         assert_eq!(store.get(&kept[0].0).await.unwrap(), kept[0].1);
+    }
+
+    #[tokio::test]
+    async fn a_delete_fences_older_writers_of_the_volume() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&ring, dir.path(), 1 << 20);
+        let a = shard(4, 0, 1, 0, 1, 4);
+        let key = store.put(a.clone(), 3).await.unwrap();
+        // The collector erases at the largest epoch; nothing older writes
+        // the volume again, and deleting what is gone is no error.
+        assert!(store.delete(&key, u64::MAX).await.unwrap());
+        assert!(!store.delete(&key, u64::MAX).await.unwrap());
+        assert!(matches!(
+            store.put(a.clone(), 3).await,
+            Err(StoreError::Fenced { got: 3, newest: u64::MAX })
+        ));
+        // Even a delete of a shard that was never stored raises the epoch.
+        let other = ShardKey { volume: [8; 16], stripe: 0, generation: 1, index: 0 };
+        assert!(!store.delete(&other, 5).await.unwrap());
+        assert!(matches!(store.put(shard(8, 0, 1, 0, 1, 4), 4).await, Err(StoreError::Fenced { .. })));
+        assert_eq!(store.used().unwrap(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

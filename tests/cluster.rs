@@ -290,6 +290,25 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
     let (ok, _, err) = c.cli(&["token", "create", "--credential", path.to_str().unwrap()]);
     assert!(!ok && err.contains("a client may not do that"), "{err}");
 
+    // A peer's credential may read shards but not write or erase them,
+    // and may not see volumes.
+    let peer_cred =
+        meshdisk::cluster::credential::Credential::load(&c.peer_dir(0).join("identity.cred")).unwrap();
+    rt.block_on(async {
+        let as_peer = meshdisk::cluster::client::Client::new(peer_cred).unwrap();
+        let target = addr_of(&c, &first);
+        let (h, payload) = shard([6; 16], 0, 0, 1, 4096);
+        let err = as_peer.put_shard(&target, &h, payload, 1).await.unwrap_err();
+        assert!(
+            err.kind() == Some(ErrorKind::Refused) && err.to_string().contains("a peer may not do that"),
+            "{err}"
+        );
+        let err = as_peer.delete_shard(&target, ShardKey::of(&h), u64::MAX).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Refused), "{err}");
+        let err = as_peer.status().await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Refused), "{err}");
+    });
+
     // Through all of it, the members kept working.
     c.wait_status("2 peers up", Duration::from_secs(10), |s| {
         s.peers.len() == 2 && s.peers.iter().all(|p| p.state == PeerState::Up)

@@ -115,6 +115,15 @@ fn volumes_are_created_listed_inspected_and_checked() {
         let (ok, _, err) = c.cli(&full);
         assert!(!ok && err.contains(want), "{full:?}: {err}");
     }
+    // A volume id is never reused, even under another name.
+    let rt = runtime();
+    rt.block_on(async {
+        let client = c.client();
+        let mut copy = client.volume("photos").await.unwrap().spec;
+        copy.name = "impostor".into();
+        let err = client.create_volume(copy).await.unwrap_err();
+        assert!(err.to_string().contains("volume id is taken"), "{err}");
+    });
     let (ok, _, err) = c.cli(&["volume", "info", "nothing", "--credential", &cred(&c)]);
     assert!(!ok && err.contains("no volume named nothing"), "{err}");
 }

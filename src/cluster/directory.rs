@@ -159,6 +159,8 @@ pub struct Directory<S: MetaStore> {
     seed: std::sync::Mutex<u64>,
     /// Wakes the garbage collector (a volume was deleted).
     gc: tokio::sync::Notify,
+    /// One placement at a time, so two cannot reserve the same free space.
+    placing: tokio::sync::Mutex<()>,
 }
 
 /// Opens (on first start: creates) the directory in `config.data`: the
@@ -205,6 +207,7 @@ pub async fn open(config: &DirectoryConfig) -> Result<(Directory<RedbStore>, Cre
         lease_ttl: config.lease_ttl,
         seed: std::sync::Mutex::new(now_ms() | 1),
         gc: tokio::sync::Notify::new(),
+        placing: tokio::sync::Mutex::new(()),
     };
     Ok((dir, own))
 }
@@ -320,11 +323,8 @@ impl<S: MetaStore> Directory<S> {
         }
         if let Some(n) = &name {
             check_label(n).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
-            if n == "directory" {
-                return Err(Remote::new(
-                    ErrorKind::Invalid,
-                    "the name \"directory\" is taken by the directory",
-                ));
+            if n == "directory" || n == "admin" {
+                return Err(Remote::new(ErrorKind::Invalid, format!("the name {n:?} is reserved")));
             }
             if self.meta.get(&key("nodes", n)).await?.is_some() {
                 return Err(Remote::new(
@@ -518,6 +518,7 @@ impl<S: MetaStore> Directory<S> {
             )));
         }
         let k = key("volumes", &spec.name);
+        let id_key = key("ids", &hex(&spec.id));
         let name = spec.name.clone();
         if let Some(kdf) = &spec.kdf
             && !(crate::codec::key::KdfParams::MIN_MEMORY_KIB..=crate::codec::key::KdfParams::MAX_MEMORY_KIB)
@@ -528,14 +529,22 @@ impl<S: MetaStore> Directory<S> {
         let record = VolumeRecord { spec, epoch: 0, created_ms: now_ms() };
         let out = self
             .meta
-            .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
-                key: k,
-                value: enc(&record),
-                lease: None,
-            }))
+            .txn(
+                Txn::new()
+                    .when(Compare::Absent(k.clone()))
+                    .when(Compare::Absent(id_key.clone()))
+                    .when(Compare::Absent(key("gc", &hex(&record.spec.id))))
+                    .then(Op::Put { key: k.clone(), value: enc(&record), lease: None })
+                    .then(Op::Put { key: id_key, value: name.as_bytes().to_vec(), lease: None }),
+            )
             .await?;
         if !out.succeeded {
-            return Err(Remote::new(ErrorKind::Conflict, format!("a volume named {name} exists already")));
+            let why = if self.meta.get(&k).await?.is_some() {
+                format!("a volume named {name} exists already")
+            } else {
+                "that volume id is taken: volume ids must be new random numbers".to_string()
+            };
+            return Err(Remote::new(ErrorKind::Conflict, why));
         }
         tracing::info!("volume {name} created");
         Ok(DirResponse::Volume(record))
@@ -549,6 +558,7 @@ impl<S: MetaStore> Directory<S> {
     }
 
     async fn place(&self, client: &str, volume: &str, stripe: u64) -> Result<DirResponse, Remote> {
+        let _one_at_a_time = self.placing.lock().await;
         let v = self.volume(volume).await?;
         let stripe_data = u64::from(v.spec.k) * u64::from(v.spec.shard_size);
         let stripes = v.spec.size.div_ceil(stripe_data);
@@ -632,8 +642,13 @@ impl<S: MetaStore> Directory<S> {
         generation: u64,
         hashes: Vec<Option<[u8; 32]>>,
     ) -> Result<DirResponse, Remote> {
-        let v = self.volume(volume).await?;
-        self.check_writer(who, &v).await?;
+        let vkey = key("volumes", volume);
+        let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+            return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+        };
+        // The writer's right to commit, checked again by the transaction:
+        // a takeover (or a first attach, or a delete) in between fails it.
+        let lease_unchanged = self.check_writer(who, &v).await?;
         let rkey = reservation_key(reservation);
         let Some((res, res_rev)) = self.get::<ReservationRecord>("reservation", &rkey).await? else {
             return Err(Remote::new(
@@ -678,6 +693,8 @@ impl<S: MetaStore> Directory<S> {
             .txn(
                 Txn::new()
                     .when(compare)
+                    .when(Compare::ModRevision(vkey, vrev))
+                    .when(lease_unchanged)
                     .when(Compare::ModRevision(rkey.clone(), res_rev))
                     .then(Op::Put { key: skey, value: enc(&record), lease: None })
                     .then(Op::Delete { key: rkey }),
@@ -718,6 +735,11 @@ impl<S: MetaStore> Directory<S> {
     }
 
     async fn release(&self, reservation: u64) -> Result<DirResponse, Remote> {
+        // Only a reservation's own lease: lease ids are shared with volume
+        // write leases, which this must never end.
+        if self.meta.get(&reservation_key(reservation)).await?.is_none() {
+            return Ok(DirResponse::Done);
+        }
         match self.meta.revoke(crate::meta::LeaseId(reservation)).await {
             Ok(()) | Err(MetaError::LeaseNotFound(_)) => Ok(DirResponse::Done),
             Err(e) => Err(e.into()),
@@ -742,12 +764,16 @@ impl<S: MetaStore> Directory<S> {
     /// Only the lease holder commits stripes of a volume that has ever been
     /// attached (epoch > 0); a writer that was taken over is fenced here as
     /// it is on the peers.
-    async fn check_writer(&self, who: &str, v: &VolumeRecord) -> Result<(), Remote> {
+    /// Returns the compare that keeps the lease as it was seen.
+    async fn check_writer(&self, who: &str, v: &VolumeRecord) -> Result<Compare, Remote> {
+        let lkey = key("leases", &v.spec.name);
         if v.epoch == 0 {
-            return Ok(());
+            return Ok(Compare::Absent(lkey));
         }
         match self.lease_of(&v.spec.name).await? {
-            Some((l, _)) if l.holder == who && l.epoch == v.epoch => Ok(()),
+            Some((l, e)) if l.holder == who && l.epoch == v.epoch => {
+                Ok(Compare::ModRevision(lkey, e.mod_revision))
+            }
             Some((l, _)) => Err(Remote::new(
                 ErrorKind::Fenced,
                 format!(
@@ -925,6 +951,7 @@ impl<S: MetaStore> Directory<S> {
                     .when(Compare::ModRevision(vkey.clone(), vrev))
                     .when(Compare::Absent(key("leases", volume)))
                     .then(Op::Delete { key: vkey })
+                    .then(Op::Delete { key: key("ids", &hex(&v.spec.id)) })
                     .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
                     .then(Op::Put {
                         key: key("gc", &hex(&v.spec.id)),
@@ -971,7 +998,12 @@ impl<S: MetaStore> Directory<S> {
                 };
                 match erased.await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!("erased {n} shards of a deleted volume from {name}"),
+                    Ok(n) => {
+                        // Another pass must find nothing (a put admitted
+                        // before the erase may still have been committed).
+                        clean = false;
+                        tracing::info!("erased {n} shards of a deleted volume from {name}");
+                    }
                     Err(e) => {
                         clean = false;
                         tracing::info!("erasing a deleted volume's shards from {name}: {e}");
@@ -1018,7 +1050,12 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.hints(&who.node, rtts).await
             }
-            DirRequest::Status => self.status().await,
+            DirRequest::Status => {
+                // Not for peers: volumes' key checks and passphrase
+                // parameters are for those who may hold the keys.
+                needs(&[Role::Client, Role::Admin])?;
+                self.status().await
+            }
             DirRequest::CreateToken { role, ttl_secs } => {
                 needs(&[Role::Admin])?;
                 self.create_token(role, ttl_secs).await

@@ -95,8 +95,19 @@ impl Handler for PeerService {
     type Response = PeerResponse;
 
     async fn handle(&self, caller: Caller, req: PeerRequest, payload: Bytes) -> (PeerResponse, Bytes) {
-        if caller.name.is_none() {
+        let Some(who) = &caller.name else {
             let e = Remote::new(ErrorKind::Refused, "no certificate from this cluster");
+            return (PeerResponse::Error(e), Bytes::new());
+        };
+        // Peers are not trusted with others' data: only clients (and
+        // admins) write, and erasing also the directory's collector.
+        let allowed = match &req {
+            PeerRequest::Put { .. } => matches!(who.role, Role::Client | Role::Admin),
+            PeerRequest::Delete { .. } => matches!(who.role, Role::Client | Role::Admin | Role::Directory),
+            PeerRequest::Get(_) | PeerRequest::List { .. } | PeerRequest::Ping => true,
+        };
+        if !allowed {
+            let e = Remote::new(ErrorKind::Refused, format!("a {} may not do that", who.role.as_str()));
             return (PeerResponse::Error(e), Bytes::new());
         }
         self.load.fetch_add(1, Ordering::Relaxed);

@@ -37,6 +37,20 @@ use crate::cluster::ca::CertName;
 /// Largest payload a call may carry: a 16 MiB shard and its header.
 pub const MAX_PAYLOAD: usize = (16 << 20) + 4096;
 
+/// Largest response frame a caller reads (a cluster's status grows with its
+/// peers); requests stay within [`MAX_MESSAGE`].
+const MAX_RESPONSE: usize = 4 << 20;
+
+/// Largest request frame from a caller without a certificate (a join: a
+/// token and a CSR), which may also send no payload.
+const ANONYMOUS_MESSAGE: usize = 8 << 10;
+
+/// Most connections a server keeps at once.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// How long writing a response may take before the call is dropped.
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Bytes of request payloads a server holds at once, over all streams.
 const SERVER_BUDGET: usize = 512 << 20;
 
@@ -211,10 +225,12 @@ impl Pool {
         tokio::time::timeout(timeout, async {
             let conn = self.connect(addr, name).await?;
             match call(&conn, name, req, payload.clone()).await {
-                // The other side restarted (its new endpoint reset our old
-                // connection): once more on a fresh connection. Every call
-                // is idempotent.
-                Err(RpcError::Lost { .. }) if conn.close_reason().is_some() => {
+                // The other side restarted and its new endpoint reset our
+                // old connection: the request reached no application, so
+                // it is sent once more on a fresh connection.
+                Err(RpcError::Lost { .. })
+                    if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) =>
+                {
                     let conn = self.connect(addr, name).await?;
                     call(&conn, name, req, payload).await
                 }
@@ -281,7 +297,7 @@ async fn call_inner<Q: Serialize, R: DeserializeOwned>(
     chunks.extend(payload);
     send.write_all_chunks(&mut chunks).await.map_err(|e| lost(&e))?;
     send.finish().map_err(|e| lost(&e))?;
-    let head: Head<R> = wire::read(&mut recv, MAX_MESSAGE).await?.ok_or(RpcError::NoAnswer)?;
+    let head: Head<R> = wire::read(&mut recv, MAX_RESPONSE).await?.ok_or(RpcError::NoAnswer)?;
     let payload = read_payload(&mut recv, head.payload as usize).await.map_err(|e| lost(&e))?;
     Ok((head.msg, payload))
 }
@@ -338,6 +354,10 @@ pub async fn serve<H: Handler>(endpoint: Endpoint, handler: Arc<H>, stop: Cancel
             i = endpoint.accept() => match i { Some(i) => i, None => break },
             () = stop.cancelled() => break,
         };
+        if endpoint.open_connections() > MAX_CONNECTIONS {
+            incoming.refuse();
+            continue;
+        }
         let (handler, budget, stop) = (handler.clone(), budget.clone(), stop.clone());
         tasks.spawn(async move {
             let conn = match incoming.await {
@@ -394,13 +414,19 @@ async fn stream<H: Handler>(
     mut recv: quinn::RecvStream,
     budget: Arc<Semaphore>,
 ) -> Result<(), String> {
+    let anonymous = caller.name.is_none();
+    let from = caller.addr;
+    let limit = if anonymous { ANONYMOUS_MESSAGE } else { MAX_MESSAGE };
     let arrived = tokio::time::timeout(REQUEST_DEADLINE, async {
-        let head: Head<H::Request> = match wire::read(&mut recv, MAX_MESSAGE).await {
+        let head: Head<H::Request> = match wire::read(&mut recv, limit).await {
             Ok(Some(h)) => h,
             Ok(None) => return Err(None),
             Err(e) => return Err(Some(e.to_string())),
         };
         let len = head.payload as usize;
+        if anonymous && len > 0 {
+            return Err(Some("a caller without a certificate may send no payload".to_string()));
+        }
         if len > MAX_PAYLOAD {
             return Err(Some(format!("payload of {len} bytes is over the limit of {MAX_PAYLOAD}")));
         }
@@ -421,8 +447,20 @@ async fn stream<H: Handler>(
     };
     let head = wire::encode(&Head { msg: resp, payload: out.len() as u32 }).map_err(|e| e.to_string())?;
     let mut chunks = [Bytes::from(head), out];
-    send.write_all_chunks(&mut chunks).await.map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
+    // A caller that does not read its answers must not pin them forever.
+    match tokio::time::timeout(RESPONSE_DEADLINE, send.write_all_chunks(&mut chunks)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!("answering {from}: {e}");
+            return Ok(());
+        }
+        Err(_) => {
+            let _ = send.reset(VarInt::from_u32(3));
+            tracing::info!("{from} did not read its answer within {RESPONSE_DEADLINE:?}");
+            return Ok(());
+        }
+    }
+    let _ = send.finish();
     Ok(())
 }
 
@@ -514,6 +552,53 @@ mod tests {
         let (resp, _): (String, Bytes) =
             pool.call(addr, &name, &"again".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
         assert_eq!(resp, "again from laptop");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_without_a_certificate_may_send_small_messages_and_no_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(dir.path(), "home").unwrap();
+        let server_id = member(&ca, "directory", Role::Directory);
+        let ep = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(server_config(&server_id, ClientAuth::Optional).unwrap()),
+            client_config(&server_id).unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
+        let name = node_name("directory", Role::Directory, "home");
+        let pin = crate::cluster::ca::ca_pin(&crate::cluster::ca::pem_certs(ca.cert_pem()).unwrap()[0]);
+        let join = || {
+            let ep = endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                None,
+                crate::net::tls::join_client_config(&pin).unwrap(),
+            );
+            Pool::new(ep.unwrap())
+        };
+        let pool = join();
+        let (resp, _): (String, Bytes) =
+            pool.call(addr, &name, &"join".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
+        assert_eq!(resp, "join from nobody");
+        let err = join()
+            .call::<_, String>(
+                addr,
+                &name,
+                &"x".to_string(),
+                vec![Bytes::from_static(b"data")],
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("may send no payload"), "{err}");
+        let err = join()
+            .call::<_, String>(addr, &name, &"y".repeat(9000), vec![], Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("over the limit"), "{err}");
         stop.cancel();
     }
 }

@@ -343,23 +343,37 @@ impl Wal {
         buf[..40].copy_from_slice(&unsealed[..40]);
         buf[40..72].copy_from_slice(&header.mac);
         if tail.end >= self.inner.segment_limit {
+            // The old segment is synced before the next one exists: only
+            // the last segment may ever end in a torn record.
+            let old = tail.segments.values_mut().next_back().expect("a tail segment");
+            if std::mem::replace(&mut old.dirty, false) {
+                let file = old.file.clone();
+                if let Err(e) = self.inner.ring.fsync(&file, true).await {
+                    return Err(self.poison("syncing a full segment", e));
+                }
+            }
             let n = tail.segments.keys().next_back().copied().unwrap_or(0) + 1;
             let file = open_segment(&self.inner.ring, &self.inner.dir, n)?;
             sync_dir(&self.inner.dir);
             tail.segments.insert(n, Segment { file: Arc::new(file), last_lsn: 0, dirty: false });
             tail.end = 0;
         }
+        // Claim the range and the LSN first: if this future is dropped while
+        // the kernel still writes, nothing may reuse them; the guard poisons
+        // the log, since a hole before later records would cut them off.
         let offset = tail.end;
+        tail.end = offset + (HEADER_LEN + payload_len) as u64;
+        tail.next_lsn = lsn + 1;
         let seg = tail.segments.values_mut().next_back().expect("a tail segment");
         let file = seg.file.clone();
         seg.dirty = true;
-        if let Err(e) = self.inner.ring.write_all_at(&file, offset, bytes::Bytes::from(buf), 0).await {
+        seg.last_lsn = lsn;
+        let mut unfinished = Unfinished(Some(self));
+        let written = self.inner.ring.write_all_at(&file, offset, bytes::Bytes::from(buf), 0).await;
+        unfinished.0 = None;
+        if let Err(e) = written {
             return Err(self.poison("appending a record", e));
         }
-        let seg = tail.segments.values_mut().next_back().expect("a tail segment");
-        seg.last_lsn = lsn;
-        tail.end = offset + (HEADER_LEN + payload_len) as u64;
-        tail.next_lsn = lsn + 1;
         Ok(lsn)
     }
 
@@ -433,6 +447,17 @@ impl Wal {
     pub async fn size(&self) -> u64 {
         let tail = self.inner.tail.lock().await;
         (tail.segments.len().saturating_sub(1)) as u64 * self.inner.segment_limit + tail.end
+    }
+}
+
+/// Poisons the log if an append is dropped before its write completed.
+struct Unfinished<'a>(Option<&'a Wal>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(wal) = self.0 {
+            wal.poison("appending a record", "the append was cancelled before its write completed");
+        }
     }
 }
 
