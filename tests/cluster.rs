@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cluster::{Cluster, Proc};
 use meshdisk::cluster::msg::{ErrorKind, PeerAddr, PeerState, VolumeSpec};
-use meshdisk::codec::shard::{ShardHash, ShardHeader};
+use meshdisk::codec::shard::ShardHeader;
 use meshdisk::store::ShardKey;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -16,18 +16,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn shard(volume: [u8; 16], stripe: u64, index: u8, fill: u8, len: usize) -> (ShardHeader, Bytes) {
-    let payload: Vec<u8> = (0..len).map(|i| fill ^ (i as u8)).collect();
-    let header = ShardHeader {
-        volume_id: volume,
-        stripe,
-        generation: 1,
-        index,
-        k: 4,
-        m: 2,
-        payload_len: len as u32,
-        payload_hash: ShardHash::of(&payload),
-    };
-    (header, Bytes::from(payload))
+    common::cluster::shard_of(volume, stripe, 1, index, (4, 2), (0..len).map(|i| fill ^ (i as u8)).collect())
 }
 
 fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
@@ -257,20 +246,8 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
     });
     // A client joins with a client token and can then ask for the status;
     // its credential is private and never overwritten.
-    let path = c.root.path().join("laptop.cred");
-    let token = c.token("client", "10m");
-    let (ok, _, err) = c.cli(&[
-        "join",
-        "--directory",
-        &c.dir_addr,
-        "--token",
-        &token,
-        "--credential",
-        path.to_str().unwrap(),
-        "--name",
-        "laptop",
-    ]);
-    assert!(ok && err.contains("joined cluster home as client laptop"), "{err}");
+    let (path, said) = c.join_client("laptop");
+    assert!(said.contains("joined cluster home as client laptop"), "{said}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     let (ok, out, err) = c.cli(&["status", "--json", "--credential", path.to_str().unwrap()]);

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Proc};
 use meshdisk::cluster::msg::{PeerAddr, VolumeSpec};
-use meshdisk::codec::shard::{ShardHash, ShardHeader};
 
 const DELAY: Duration = Duration::from_millis(20);
 
@@ -230,22 +229,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
         let four = spec("four", 2, 2, 2);
         client.create_volume(four.clone()).await.unwrap();
         let p = client.place("four", 0).await.unwrap();
-        let mut hashes = Vec::new();
-        for (i, peer) in p.peers.iter().enumerate() {
-            let payload = vec![i as u8; 64 << 10];
-            let h = ShardHeader {
-                volume_id: four.id,
-                stripe: 0,
-                generation: p.generation,
-                index: i as u8,
-                k: 2,
-                m: 2,
-                payload_len: payload.len() as u32,
-                payload_hash: ShardHash::of(&payload),
-            };
-            client.put_shard(peer, &h, payload.into(), 1).await.unwrap();
-            hashes.push(Some(h.payload_hash.0));
-        }
+        let hashes = common::cluster::put_placement(&client, four.id, (2, 2), &p, 1, 64 << 10, 0).await;
         client.commit("four", &p, hashes).await.unwrap();
         let record = client.stripe("four", 0).await.unwrap().unwrap();
         let peers: Vec<PeerAddr> =

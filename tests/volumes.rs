@@ -5,11 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{Cluster, put_placement};
 use meshdisk::cluster::client::Client;
 use meshdisk::cluster::credential::Credential;
 use meshdisk::cluster::msg::ErrorKind;
-use meshdisk::codec::shard::{ShardHash, ShardHeader};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -17,25 +16,6 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn cred(c: &Cluster) -> String {
     c.admin_cred().to_str().unwrap().to_owned()
-}
-
-/// Joins a client named `name`; its credential file.
-fn join_client(c: &Cluster, name: &str) -> std::path::PathBuf {
-    let path = c.root.path().join(format!("{name}.cred"));
-    let token = c.token("client", "10m");
-    let (ok, _, err) = c.cli(&[
-        "join",
-        "--directory",
-        &c.dir_addr,
-        "--token",
-        &token,
-        "--credential",
-        path.to_str().unwrap(),
-        "--name",
-        name,
-    ]);
-    assert!(ok, "{err}");
-    path
 }
 
 #[test]
@@ -131,27 +111,9 @@ fn volumes_are_created_listed_inspected_and_checked() {
 #[test]
 fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
     let c = Cluster::start("home", &["--lease-ttl", "2s"]);
-    let key = c.root.path().join("disk.key");
-    let (ok, _, err) = c.cli(&[
-        "volume",
-        "create",
-        "disk",
-        "--size",
-        "64M",
-        "--k",
-        "2",
-        "--m",
-        "1",
-        "--shard-size",
-        "64K",
-        "--key-file",
-        key.to_str().unwrap(),
-        "--credential",
-        &cred(&c),
-    ]);
-    assert!(ok, "{err}");
-    let laptop = join_client(&c, "laptop");
-    let desktop = join_client(&c, "desktop");
+    c.create_volume("disk", "64M", 2, 1);
+    let (laptop, _) = c.join_client("laptop");
+    let (desktop, _) = c.join_client("desktop");
     let rt = runtime();
     rt.block_on(async {
         let a = Client::new(Credential::load(&laptop).unwrap()).unwrap();
@@ -209,47 +171,14 @@ fn deleting_a_volume_erases_its_shards_from_the_peers() {
         c.add_peer("64M", &format!("d{i}"));
     }
     c.wait_all_up(3);
-    let key = c.root.path().join("gone.key");
-    let (ok, _, err) = c.cli(&[
-        "volume",
-        "create",
-        "gone",
-        "--size",
-        "64M",
-        "--k",
-        "2",
-        "--m",
-        "1",
-        "--shard-size",
-        "64K",
-        "--key-file",
-        key.to_str().unwrap(),
-        "--credential",
-        &cred(&c),
-    ]);
-    assert!(ok, "{err}");
+    c.create_volume("gone", "64M", 2, 1);
     let rt = runtime();
     rt.block_on(async {
         let client = c.client();
         let v = client.volume("gone").await.unwrap();
         for stripe in 0..4 {
             let p = client.place("gone", stripe).await.unwrap();
-            let mut hashes = Vec::new();
-            for (i, peer) in p.peers.iter().enumerate() {
-                let payload = vec![i as u8 ^ stripe as u8; 64 << 10];
-                let h = ShardHeader {
-                    volume_id: v.spec.id,
-                    stripe,
-                    generation: p.generation,
-                    index: i as u8,
-                    k: 2,
-                    m: 1,
-                    payload_len: payload.len() as u32,
-                    payload_hash: ShardHash::of(&payload),
-                };
-                client.put_shard(peer, &h, payload.into(), 0).await.unwrap();
-                hashes.push(Some(h.payload_hash.0));
-            }
+            let hashes = put_placement(&client, v.spec.id, (2, 1), &p, 0, 64 << 10, stripe as u8).await;
             client.commit("gone", &p, hashes).await.unwrap();
         }
         let info = client.volume_info("gone").await.unwrap();

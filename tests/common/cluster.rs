@@ -280,3 +280,94 @@ impl Cluster {
         })
     }
 }
+
+impl Cluster {
+    /// Joins a client named `name` with `meshdisk join`; its credential
+    /// file and what the command said.
+    pub fn join_client(&self, name: &str) -> (PathBuf, String) {
+        let path = self.root.path().join(format!("{name}.cred"));
+        let token = self.token("client", "10m");
+        let (ok, _, err) = self.cli(&[
+            "join",
+            "--directory",
+            &self.dir_addr,
+            "--token",
+            &token,
+            "--credential",
+            path.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+        assert!(ok, "join failed: {err}");
+        (path, err)
+    }
+
+    /// `meshdisk volume create NAME` with a new key file, 64 KiB shards.
+    pub fn create_volume(&self, name: &str, size: &str, k: u8, m: u8) {
+        let key = self.root.path().join(format!("{name}.key"));
+        let cred = self.admin_cred();
+        let (k, m) = (k.to_string(), m.to_string());
+        let (ok, _, err) = self.cli(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            size,
+            "--k",
+            &k,
+            "--m",
+            &m,
+            "--shard-size",
+            "64K",
+            "--key-file",
+            key.to_str().unwrap(),
+            "--credential",
+            cred.to_str().unwrap(),
+        ]);
+        assert!(ok, "volume create failed: {err}");
+    }
+}
+
+/// A shard of `payload` with a header for it.
+pub fn shard_of(
+    volume: [u8; 16],
+    stripe: u64,
+    generation: u64,
+    index: u8,
+    (k, m): (u8, u8),
+    payload: Vec<u8>,
+) -> (meshdisk::codec::shard::ShardHeader, bytes::Bytes) {
+    let header = meshdisk::codec::shard::ShardHeader {
+        volume_id: volume,
+        stripe,
+        generation,
+        index,
+        k,
+        m,
+        payload_len: payload.len() as u32,
+        payload_hash: meshdisk::codec::shard::ShardHash::of(&payload),
+    };
+    (header, bytes::Bytes::from(payload))
+}
+
+/// Puts one shard of `len` bytes (filled from its index and `seed`) on
+/// each peer of placement `p`, at fencing `epoch`; returns the hashes to
+/// commit.
+pub async fn put_placement(
+    client: &Client,
+    volume: [u8; 16],
+    geometry: (u8, u8),
+    p: &meshdisk::cluster::msg::Placement,
+    epoch: u64,
+    len: usize,
+    seed: u8,
+) -> Vec<Option<[u8; 32]>> {
+    let mut hashes = Vec::new();
+    for (i, peer) in p.peers.iter().enumerate() {
+        let (h, payload) =
+            shard_of(volume, p.stripe, p.generation, i as u8, geometry, vec![i as u8 ^ seed; len]);
+        client.put_shard(peer, &h, payload, epoch).await.unwrap();
+        hashes.push(Some(h.payload_hash.0));
+    }
+    hashes
+}
