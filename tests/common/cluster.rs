@@ -239,13 +239,21 @@ impl Cluster {
         line.split_whitespace().nth(1).unwrap().to_owned()
     }
 
-    /// Restarts peer `i` from its saved identity (no token).
+    /// Restarts peer `i` from its saved identity (no token); returns its
+    /// name once the directory knows its new address.
     pub fn restart_peer(&mut self, i: usize, capacity: &str, domain: &str) -> String {
         self.peers[i].stop();
         let mut p = Proc::spawn(&format!("peer{i}"), &mut self.peer_command(i, None, capacity, domain));
         let line = p.wait_for(" listening on ", Duration::from_secs(20));
         self.peers[i] = p;
-        line.split_whitespace().nth(1).unwrap().to_owned()
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let (name, addr) = (words[1].to_owned(), words[4].to_owned());
+        // Until its first heartbeat lands, the directory still lists the
+        // old process's address (and, within the timeout, as up).
+        self.wait_status(&format!("{name} reported from {addr}"), Duration::from_secs(20), |s| {
+            s.peers.iter().any(|p| p.name == name && p.addr.to_string() == addr && p.state == PeerState::Up)
+        });
+        name
     }
 
     /// `meshdisk status --json`, parsed.
