@@ -271,11 +271,19 @@ pub async fn call<Q: Serialize, R: DeserializeOwned>(
     payload: Vec<Bytes>,
 ) -> Result<(R, Bytes), RpcError> {
     let result = call_inner(conn, name, req, payload).await;
+    if result.is_ok() {
+        return result;
+    }
     // When the connection itself ended, its reason (a refused certificate,
-    // a malformed message, a restart) says more than the stream's error.
-    match (result, conn.close_reason()) {
-        (Err(_), Some(reason)) => Err(RpcError::Lost { name: name.to_owned(), message: explain(&reason) }),
-        (result, _) => result,
+    // a malformed message, a restart) says more than the stream's error;
+    // it may arrive a moment after the stream's end.
+    let reason = match conn.close_reason() {
+        Some(r) => Some(r),
+        None => tokio::time::timeout(Duration::from_millis(250), conn.closed()).await.ok(),
+    };
+    match reason {
+        Some(reason) => Err(RpcError::Lost { name: name.to_owned(), message: explain(&reason) }),
+        None => result,
     }
 }
 
@@ -442,8 +450,16 @@ async fn stream<H: Handler>(
             answer
         }
         Ok(Err(None)) => return Ok(()),
-        Ok(Err(Some(why))) => return Err(format!("malformed call: {why}")),
-        Err(_) => return Err(format!("call not received within {REQUEST_DEADLINE:?}")),
+        Ok(Err(Some(why))) => {
+            // Reset, not finish: the caller must not take the end of the
+            // stream for an empty answer before the connection closes.
+            let _ = send.reset(VarInt::from_u32(2));
+            return Err(format!("malformed call: {why}"));
+        }
+        Err(_) => {
+            let _ = send.reset(VarInt::from_u32(2));
+            return Err(format!("call not received within {REQUEST_DEADLINE:?}"));
+        }
     };
     let head = wire::encode(&Head { msg: resp, payload: out.len() as u32 }).map_err(|e| e.to_string())?;
     let mut chunks = [Bytes::from(head), out];
