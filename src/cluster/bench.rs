@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::client::Client;
-use super::msg::{PeerAddr, PeerState, VOLUME_ID_LEN};
+use super::msg::{PeerAddr, VOLUME_ID_LEN};
 use crate::codec::shard::{ShardHash, ShardHeader};
 use crate::store::ShardKey;
 
@@ -82,13 +82,7 @@ pub fn cpu_seconds() -> f64 {
 }
 
 async fn up_peers(client: &Client) -> Result<Vec<PeerAddr>, String> {
-    let status = client.status().await.map_err(|e| e.to_string())?;
-    let peers: Vec<PeerAddr> = status
-        .peers
-        .into_iter()
-        .filter(|p| p.state == PeerState::Up)
-        .map(|p| PeerAddr { name: p.name, addr: p.addr })
-        .collect();
+    let peers = client.up_peers().await.map_err(|e| e.to_string())?;
     if peers.is_empty() {
         return Err("no peer is up: start some (`meshdisk peer`) and try again".into());
     }

@@ -292,17 +292,21 @@ impl Client {
         self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| unexpected("no connection after a ping"))
     }
 
-    /// Measures the round trip to every peer that is up and tells the
-    /// directory, which weighs placements for this client by them.
-    pub async fn refresh_hints(&self) -> Result<Vec<Rtt>, ClientError> {
-        let peers: Vec<PeerAddr> = self
-            .status()
-            .await?
+    /// The peers that are up, as the directory sees them.
+    pub async fn up_peers(&self) -> Result<Vec<PeerAddr>, ClientError> {
+        let status = self.status().await?;
+        Ok(status
             .peers
             .into_iter()
             .filter(|p| p.state == PeerState::Up)
             .map(|p| PeerAddr { name: p.name, addr: p.addr })
-            .collect();
+            .collect())
+    }
+
+    /// Measures the round trip to every peer that is up and tells the
+    /// directory, which weighs placements for this client by them.
+    pub async fn refresh_hints(&self) -> Result<Vec<Rtt>, ClientError> {
+        let peers = self.up_peers().await?;
         let rtts = self.measure(&peers, Duration::from_secs(2)).await;
         self.report_hints(rtts.clone()).await?;
         Ok(rtts)

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::ca::{CaError, ClusterCa, Role, check_label, new_key_and_csr};
 use super::credential::Credential;
 use super::msg::*;
+use super::now_ms;
 use super::placement::{Candidate, choose};
 use super::token::{self, Issuer, TokenError};
 use crate::meta::embedded::RedbStore;
@@ -67,10 +68,6 @@ pub enum DirectoryError {
     Meta(#[from] MetaError),
     #[error("{0}")]
     Other(String),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -439,18 +436,26 @@ impl<S: MetaStore> Directory<S> {
         Ok(DirResponse::Done)
     }
 
-    async fn reservations(&self) -> Result<Vec<ReservationRecord>, Remote> {
-        self.list("reservation", b"reservations/").await
-    }
-
-    async fn status(&self) -> Result<DirResponse, Remote> {
-        let now = now_ms();
+    /// Bytes held by live reservations, per peer.
+    async fn reserved_by_peer(&self) -> Result<HashMap<String, u64>, Remote> {
         let mut reserved: HashMap<String, u64> = HashMap::new();
-        for r in self.reservations().await? {
+        for r in self.list::<ReservationRecord>("reservation", b"reservations/").await? {
             for p in &r.peers {
                 *reserved.entry(p.clone()).or_default() += r.shard_bytes;
             }
         }
+        Ok(reserved)
+    }
+
+    /// The peers that are up now.
+    async fn up_peers(&self) -> Result<Vec<(String, PeerRecord)>, Remote> {
+        let now = now_ms();
+        Ok(self.peers().await?.into_iter().filter(|(_, r)| self.state(r, now) == PeerState::Up).collect())
+    }
+
+    async fn status(&self) -> Result<DirResponse, Remote> {
+        let now = now_ms();
+        let reserved = self.reserved_by_peer().await?;
         let peers = self
             .peers()
             .await?
@@ -576,14 +581,8 @@ impl<S: MetaStore> Directory<S> {
             .await?
             .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
             .unwrap_or_default();
-        let mut reserved: HashMap<String, u64> = HashMap::new();
-        for r in self.reservations().await? {
-            for p in &r.peers {
-                *reserved.entry(p.clone()).or_default() += r.shard_bytes;
-            }
-        }
-        let up: Vec<(String, PeerRecord)> =
-            self.peers().await?.into_iter().filter(|(_, r)| self.state(r, now) == PeerState::Up).collect();
+        let reserved = self.reserved_by_peer().await?;
+        let up = self.up_peers().await?;
         let candidates: Vec<Candidate> = up
             .iter()
             .map(|(name, r)| Candidate {
@@ -707,28 +706,24 @@ impl<S: MetaStore> Directory<S> {
             ));
         }
         // The reserved space is now used: count it until the peers' next
-        // reports say the same.
-        for (i, p) in res.peers.iter().enumerate() {
-            if record.hashes[i].is_none() {
-                continue;
-            }
-            for _ in 0..8 {
-                let Some((mut rec, rev)) = self.get::<PeerRecord>("peer", &key("peers", p)).await? else {
-                    break;
-                };
-                rec.report.used += res.shard_bytes;
+        // reports say the same. One transaction for all the stripe's peers,
+        // redone if a heartbeat changed one of them meanwhile.
+        let stored: Vec<&String> =
+            res.peers.iter().zip(&record.hashes).filter(|(_, h)| h.is_some()).map(|(p, _)| p).collect();
+        for _ in 0..8 {
+            let mut txn = Txn::new();
+            for p in &stored {
                 let k = key("peers", p);
-                let done = self
-                    .meta
-                    .txn(Txn::new().when(Compare::ModRevision(k.clone(), rev)).then(Op::Put {
-                        key: k,
-                        value: enc(&rec),
-                        lease: None,
-                    }))
-                    .await?;
-                if done.succeeded {
-                    break;
-                }
+                let Some((mut rec, rev)) = self.get::<PeerRecord>("peer", &k).await? else { continue };
+                rec.report.used += res.shard_bytes;
+                txn = txn.when(Compare::ModRevision(k.clone(), rev)).then(Op::Put {
+                    key: k,
+                    value: enc(&rec),
+                    lease: None,
+                });
+            }
+            if self.meta.txn(txn).await?.succeeded {
+                break;
             }
         }
         Ok(DirResponse::Stripe(current.map(|(r, _)| r)))
@@ -898,14 +893,8 @@ impl<S: MetaStore> Directory<S> {
     async fn volume_info(&self, volume: &str) -> Result<DirResponse, Remote> {
         let record = self.volume(volume).await?;
         let lease = self.lease_of(volume).await?.map(|(l, _)| l);
-        let now = now_ms();
-        let up: std::collections::HashSet<String> = self
-            .peers()
-            .await?
-            .into_iter()
-            .filter(|(_, r)| self.state(r, now) == PeerState::Up)
-            .map(|(n, _)| n)
-            .collect();
+        let up: std::collections::HashSet<String> =
+            self.up_peers().await?.into_iter().map(|(n, _)| n).collect();
         let (k, threshold, all) = (
             usize::from(record.spec.k),
             usize::from(record.spec.repair_threshold),

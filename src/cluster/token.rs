@@ -12,7 +12,9 @@
 //! Spending is a compare-and-set delete: of two machines racing with the
 //! same token, exactly one wins.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use super::now_ms;
 
 use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
 
@@ -67,10 +69,6 @@ pub enum TokenError {
     Random(String),
     #[error(transparent)]
     Meta(#[from] MetaError),
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 fn role_byte(role: Role) -> u8 {
