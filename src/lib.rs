@@ -20,6 +20,7 @@
 pub mod backend;
 pub mod cluster;
 pub mod codec;
+pub mod demo;
 pub mod meta;
 pub mod nbd;
 pub mod net;

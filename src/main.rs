@@ -55,6 +55,15 @@ enum Command {
     /// Create, list, inspect and delete volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// A whole cluster on this machine: a directory, 6 peers and volume
+    /// `demo`, attached and served over NBD. Start here.
+    Demo(DemoArgs),
+    /// Serve a volume over NBD: take its lease, replay its log, serve
+    /// until SIGINT/SIGTERM or `meshdisk detach`.
+    Attach(AttachArgs),
+    /// Stop the `meshdisk attach` of a volume on this machine: it flushes,
+    /// releases the lease and exits.
+    Detach(DetachArgs),
     /// Serve a RAM disk or a file over NBD (no cluster, no encryption).
     Serve(ServeArgs),
     /// Volume keys.
@@ -297,6 +306,67 @@ struct BenchCodecArgs {
 }
 
 #[derive(Args)]
+struct AttachArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    /// The volume.
+    name: String,
+    /// The volume's key file.
+    #[arg(long, conflicts_with = "passphrase", required_unless_present = "passphrase")]
+    key_file: Option<PathBuf>,
+    /// The volume's passphrase (asked for, or MESHDISK_PASSPHRASE).
+    #[arg(long)]
+    passphrase: bool,
+    /// Serve NBD on this unix socket (default: CACHE-DIR/nbd.sock when
+    /// there is no --listen).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Serve NBD on this TCP address too (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    listen: Option<String>,
+    /// This attach's state: write-ahead log, cache, lease note
+    /// (default: ~/.local/state/meshdisk/NAME).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Local cache size (whole stripes).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    cache_size: u64,
+    /// Take the volume over from its current holder (its writes are then refused).
+    #[arg(long)]
+    force: bool,
+    /// Export name clients ask for (the empty name always works too).
+    #[arg(long, default_value = "")]
+    export: String,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where the demo keeps everything (reused by the next run).
+    #[arg(long, default_value = "./meshdisk-demo")]
+    state: PathBuf,
+    /// The demo volume's size (first run only).
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    size: u64,
+    /// Space each of the 6 peers lends.
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    capacity: u64,
+    #[arg(long, value_parser = parse_size, default_value = "512M")]
+    cache_size: u64,
+    /// Also serve NBD over TCP on this address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[derive(Args)]
+struct DetachArgs {
+    /// The volume.
+    name: String,
+    /// The attach's state folder, if not the default.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct ServeArgs {
     /// Serve a sparse disk of this size held in RAM (e.g. 1G).
     #[arg(long, value_parser = parse_size, conflicts_with = "file", required_unless_present = "file")]
@@ -330,7 +400,10 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Key(KeyCommand::Generate { file }) => return finish(key_generate(file)),
         Command::Bench(BenchCommand::Codec(args)) => return finish(bench_codec(args, cli.threads)),
+        Command::Detach(args) => return finish(detach(args)),
         Command::Serve(_)
+        | Command::Attach(_)
+        | Command::Demo(_)
         | Command::Directory(_)
         | Command::Peer(_)
         | Command::Join(_)
@@ -358,6 +431,18 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Attach(args) => runtime.block_on(attach(args)),
+        Command::Demo(a) => runtime.block_on(async {
+            let config = meshdisk::demo::DemoConfig {
+                state: a.state,
+                size: a.size,
+                peers: 6,
+                capacity: a.capacity,
+                cache_size: a.cache_size,
+                listen: a.listen,
+            };
+            meshdisk::demo::run(config, stop_on_signals()?).await
+        }),
         Command::Directory(args) => runtime.block_on(directory(args)),
         Command::Peer(args) => runtime.block_on(peer(args)),
         Command::Join(args) => runtime.block_on(join(args)),
@@ -365,7 +450,7 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime.block_on(status(args)),
         Command::Volume(cmd) => runtime.block_on(volume(cmd)),
         Command::Bench(BenchCommand::Cluster(args)) => runtime.block_on(bench_cluster(args)),
-        Command::Key(_) | Command::Bench(BenchCommand::Codec(_)) => {
+        Command::Key(_) | Command::Detach(_) | Command::Bench(BenchCommand::Codec(_)) => {
             unreachable!("handled before the runtime starts")
         }
     };
@@ -704,18 +789,155 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             return Err("--memory must be larger than 0".into());
         }
         let backend = Arc::new(MemoryBackend::new(size));
-        run(backend, &args, format!("memory ({})", human(size))).await
+        run(backend, &Listen::of(&args), format!("memory ({})", human(size)), stop_on_signals()?).await
     } else {
         let path = args.file.clone().expect("clap requires --file without --memory");
         let ring = Uring::new(256).map_err(|e| format!("setting up io_uring: {e}"))?;
         let backend =
             FileBackend::open(&ring, &path, args.size, args.read_only).map_err(|e| e.to_string())?;
         let what = format!("file {} ({})", path.display(), human(backend.size()));
-        run(Arc::new(backend), &args, what).await
+        run(Arc::new(backend), &Listen::of(&args), what, stop_on_signals()?).await
     }
 }
 
-async fn run<B: Backend>(backend: Arc<B>, args: &ServeArgs, what: String) -> Result<(), String> {
+/// Where an NBD server listens and what it calls its export.
+struct Listen {
+    listen: String,
+    socket: Option<PathBuf>,
+    export: String,
+    description: Option<String>,
+    read_only: bool,
+}
+
+impl Listen {
+    fn of(args: &ServeArgs) -> Self {
+        Self {
+            listen: args.listen.clone(),
+            socket: args.socket.clone(),
+            export: args.export.clone(),
+            description: args.description.clone(),
+            read_only: args.read_only,
+        }
+    }
+}
+
+/// The default state folder of an attach of `volume`.
+fn default_state_dir(volume: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("meshdisk").join(volume)
+}
+
+async fn attach(a: AttachArgs) -> Result<(), String> {
+    use meshdisk::volume::{Volume, VolumeConfig};
+    let c = client(&a.credential)?;
+    let record = c.volume(&a.name).await.map_err(|e| e.to_string())?;
+    let key = match &a.key_file {
+        Some(path) => VolumeKey::read_file(path).map_err(|e| e.to_string())?,
+        None => {
+            let Some(kdf) = &record.spec.kdf else {
+                return Err(format!(
+                    "volume {} was created with a key file, not a passphrase: give --key-file",
+                    a.name
+                ));
+            };
+            let pass = meshdisk::passphrase::read(&format!("passphrase of volume {}: ", a.name), false)?;
+            VolumeKey::from_passphrase(pass.as_bytes(), kdf).map_err(|e| e.to_string())?
+        }
+    };
+    let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
+    let pidfile = state.join("attach.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pidfile)
+        && let Ok(pid) = pid.trim().parse::<i32>()
+        && pid != std::process::id() as i32
+        && alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "meshdisk")
+    {
+        return Err(format!(
+            "{} is in use by meshdisk attach (pid {pid}): run `meshdisk detach {}` first, or give another --cache-dir",
+            state.display(),
+            a.name
+        ));
+    }
+    let mut config = VolumeConfig::new(state.clone(), a.cache_size);
+    config.force = a.force;
+    let volume = Volume::open(c, &a.name, &key, config).await.map_err(|e| e.to_string())?;
+    drop(key);
+    std::fs::write(&pidfile, format!("{}\n", std::process::id()))
+        .map_err(|e| format!("{}: {e}", pidfile.display()))?;
+    let spec = &volume.record().spec;
+    info!(
+        "attached volume {} ({}, k={} m={}, durability {}) with lease epoch {}; state in {}",
+        spec.name,
+        human(spec.size),
+        spec.k,
+        spec.m,
+        spec.durability.as_str(),
+        volume.epoch(),
+        state.display()
+    );
+    let socket = match (&a.socket, &a.listen) {
+        (Some(s), _) => Some(s.clone()),
+        (None, None) => Some(state.join("nbd.sock")),
+        (None, Some(_)) => None,
+    };
+    let listen = Listen {
+        listen: a.listen.clone().unwrap_or_else(|| "none".into()),
+        socket,
+        export: a.export.clone(),
+        description: Some(format!("meshdisk volume {}", spec.name)),
+        read_only: false,
+    };
+    let what = format!("volume {}", spec.name);
+    let served = run(Arc::new(volume.clone()), &listen, what, stop_on_signals()?).await;
+    let closed = volume.close().await.map_err(|e| format!("detaching: {e}"));
+    let _ = std::fs::remove_file(&pidfile);
+    served?;
+    closed?;
+    info!("volume {} detached: everything is on the peers and the lease is released", a.name);
+    Ok(())
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn detach(a: &DetachArgs) -> Result<(), String> {
+    let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
+    let pidfile = state.join("attach.pid");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .ok_or_else(|| format!("volume {} is not attached from {}", a.name, state.display()))?;
+    // SAFETY: kill(2) with a pid read from our own pid file and SIGTERM.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let _ = std::fs::remove_file(&pidfile);
+        return Err(format!("volume {} is not attached (its attach process {pid} is gone)", a.name));
+    }
+    eprintln!("detaching volume {} (pid {pid}): flushing to the peers…", a.name);
+    let start = std::time::Instant::now();
+    while alive(pid) {
+        if start.elapsed() > std::time::Duration::from_secs(300) {
+            return Err(format!("attach (pid {pid}) is still flushing after 5 minutes"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("detached volume {}", a.name);
+    Ok(())
+}
+
+async fn run<B: Backend>(
+    backend: Arc<B>,
+    args: &Listen,
+    what: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
     let config = ServerConfig {
         export_name: args.export.clone(),
         description: args.description.clone(),
@@ -753,12 +975,8 @@ async fn run<B: Backend>(backend: Arc<B>, args: &ServeArgs, what: String) -> Res
     let _ = stdout.flush();
     drop(stdout);
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: finishing in-flight requests"),
-        _ = sigint.recv() => info!("SIGINT: finishing in-flight requests"),
-    }
+    stop.cancelled().await;
+    info!("finishing in-flight requests");
     let flushed = server.shutdown().await;
     while listeners.join_next().await.is_some() {}
     if let Some(path) = &args.socket {

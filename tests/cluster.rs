@@ -68,7 +68,7 @@ fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
             sent.push((peer.name.clone(), h, payload));
         }
         let hashes = sent.iter().map(|(_, h, _)| Some(h.payload_hash.0)).collect();
-        assert_eq!(client.commit("photos", &placement, hashes).await.unwrap(), None);
+        assert_eq!(client.commit("photos", &placement, 0, hashes).await.unwrap(), None);
         (placement, sent)
     });
 
@@ -375,7 +375,7 @@ fn placement_spreads_over_peers_and_failure_domains_and_reservations_expire() {
         std::thread::sleep(Duration::from_millis(2500));
         let s = c.status();
         assert!(s.peers.iter().all(|peer| peer.reserved == 0), "reservations did not expire: {s:#?}");
-        let err = client.commit("wide", &p, vec![Some([0; 32]); 6]).await.unwrap_err();
+        let err = client.commit("wide", &p, 0, vec![Some([0; 32]); 6]).await.unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
 
         // Seven shards cannot go to six peers.

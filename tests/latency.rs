@@ -230,7 +230,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
         client.create_volume(four.clone()).await.unwrap();
         let p = client.place("four", 0).await.unwrap();
         let hashes = common::cluster::put_placement(&client, four.id, (2, 2), &p, 1, 64 << 10, 0).await;
-        client.commit("four", &p, hashes).await.unwrap();
+        client.commit("four", &p, 0, hashes).await.unwrap();
         let record = client.stripe("four", 0).await.unwrap().unwrap();
         let peers: Vec<PeerAddr> =
             c.status().peers.iter().map(|s| PeerAddr { name: s.name.clone(), addr: s.addr }).collect();

@@ -118,11 +118,11 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
     rt.block_on(async {
         let a = Client::new(Credential::load(&laptop).unwrap()).unwrap();
         let b = Client::new(Credential::load(&desktop).unwrap()).unwrap();
-        let la = a.acquire_lease("disk", false).await.unwrap();
+        let la = a.acquire_lease("disk", false, None).await.unwrap();
         assert_eq!((la.holder.as_str(), la.epoch), ("laptop", 1));
         // The same holder renews; another is refused with the holder named.
         a.renew_lease("disk", 1).await.unwrap();
-        let err = b.acquire_lease("disk", false).await.unwrap_err();
+        let err = b.acquire_lease("disk", false, None).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Conflict));
         assert!(
             err.to_string().contains("attached by laptop") && err.to_string().contains("--force"),
@@ -134,7 +134,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         assert!(err.to_string().contains("attached by laptop"), "{err}");
 
         // --force: a new epoch; the old writer's renewals and commits fail.
-        let lb = b.acquire_lease("disk", true).await.unwrap();
+        let lb = b.acquire_lease("disk", true, None).await.unwrap();
         assert_eq!((lb.holder.as_str(), lb.epoch), ("desktop", 2));
         let err = a.renew_lease("disk", 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced));
@@ -147,20 +147,20 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
             shard_bytes: 0,
             expires_ms: 0,
         };
-        let err = a.commit("disk", &fake, vec![]).await.unwrap_err();
+        let err = a.commit("disk", &fake, la.epoch, vec![]).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
 
         // Released: free for anyone, with a new epoch.
         b.release_lease("disk", 2).await.unwrap();
         assert_eq!(c.status().volumes[0].holder, None);
-        let l = a.acquire_lease("disk", false).await.unwrap();
+        let l = a.acquire_lease("disk", false, None).await.unwrap();
         assert_eq!(l.epoch, 3);
         // Not renewed: it lapses after the lease TTL.
         tokio::time::sleep(Duration::from_millis(3000)).await;
         assert_eq!(c.status().volumes[0].holder, None);
         let err = a.renew_lease("disk", 3).await.unwrap_err();
         assert!(err.to_string().contains("lapsed"), "{err}");
-        assert_eq!(b.acquire_lease("disk", false).await.unwrap().epoch, 4);
+        assert_eq!(b.acquire_lease("disk", false, None).await.unwrap().epoch, 4);
     });
 }
 
@@ -179,7 +179,7 @@ fn deleting_a_volume_erases_its_shards_from_the_peers() {
         for stripe in 0..4 {
             let p = client.place("gone", stripe).await.unwrap();
             let hashes = put_placement(&client, v.spec.id, (2, 1), &p, 0, 64 << 10, stripe as u8).await;
-            client.commit("gone", &p, hashes).await.unwrap();
+            client.commit("gone", &p, 0, hashes).await.unwrap();
         }
         let info = client.volume_info("gone").await.unwrap();
         assert_eq!((info.health.stripes, info.health.whole), (4, 4));

@@ -131,10 +131,12 @@ impl Client {
     }
 
     /// Records a stored generation; returns the one it replaces.
+    /// `epoch` is the writer's lease epoch (0 if the volume was never attached).
     pub async fn commit(
         &self,
         volume: &str,
         placement: &Placement,
+        epoch: u64,
         hashes: Vec<Option<[u8; 32]>>,
     ) -> Result<Option<StripeRecord>, ClientError> {
         let req = DirRequest::Commit {
@@ -142,6 +144,7 @@ impl Client {
             volume: volume.into(),
             stripe: placement.stripe,
             generation: placement.generation,
+            epoch,
             hashes,
         };
         match self.directory(&req).await? {
@@ -173,9 +176,19 @@ impl Client {
         }
     }
 
-    /// The volume's write lease with a new fencing epoch.
-    pub async fn acquire_lease(&self, volume: &str, force: bool) -> Result<VolumeLease, ClientError> {
-        match self.directory(&DirRequest::AcquireLease { volume: volume.into(), force }).await? {
+    /// The volume's write lease with a new fencing epoch. `resume`: the
+    /// epoch this node held when it stopped without releasing it.
+    pub async fn acquire_lease(
+        &self,
+        volume: &str,
+        force: bool,
+        resume: Option<u64>,
+    ) -> Result<VolumeLease, ClientError> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "an unknown host".into());
+        let req = DirRequest::AcquireLease { volume: volume.into(), force, resume, host };
+        match self.directory(&req).await? {
             DirResponse::Lease(l) => Ok(l),
             other => Err(unexpected(other)),
         }
@@ -200,6 +213,28 @@ impl Client {
         match self.directory(&DirRequest::Release { reservation }).await? {
             DirResponse::Done => Ok(()),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Forgets a stripe: it reads as zeroes, the directory erases its shards.
+    pub async fn drop_stripe(&self, volume: &str, stripe: u64, epoch: u64) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::DropStripe { volume: volume.into(), stripe, epoch }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The volume's whole stripe map, page by page.
+    pub async fn stripes(&self, volume: &str) -> Result<Vec<(u64, StripeRecord)>, ClientError> {
+        let mut out: Vec<(u64, StripeRecord)> = Vec::new();
+        loop {
+            let req =
+                DirRequest::Stripes { volume: volume.into(), after: out.last().map(|s| s.0), limit: 4096 };
+            match self.directory(&req).await? {
+                DirResponse::Stripes(s) if s.is_empty() => return Ok(out),
+                DirResponse::Stripes(s) => out.extend(s),
+                other => return Err(unexpected(other)),
+            }
         }
     }
 
@@ -312,10 +347,9 @@ impl Client {
         Ok(rtts)
     }
 
-    /// Fetches `need` verified shards of a committed stripe, nearest peers
-    /// first: the `need` holders with the lowest round trip are asked at
-    /// once; when one fails, returns a bad shard or is slower than
-    /// `hedge`, the next nearest is asked too. Returns (shard index, shard)
+    /// Fetches `need` (= k) verified shards of a committed stripe: the
+    /// data shards first, nearest first; when one fails, returns a bad
+    /// shard or is slower than `hedge`, the next holder is asked too. Returns (shard index, shard)
     /// in the order they arrived; every shard matches its hash in `record`.
     pub async fn fetch_shards(
         &self,
@@ -333,7 +367,9 @@ impl Client {
                 self.inner.pool.rtt(peer.addr, &self.peer_name(name)).await.unwrap_or(Duration::from_secs(1));
             holders.push((rtt, i as u8, *hash, peer.clone()));
         }
-        holders.sort_by_key(|h| h.0);
+        // Data shards first (no decoding), nearest first; parity only as
+        // a hedge or a replacement.
+        holders.sort_by_key(|h| (usize::from(h.1) >= need, h.0));
         let mut next = holders.into_iter();
         let mut running = tokio::task::JoinSet::new();
         let spawn = |running: &mut tokio::task::JoinSet<_>,

@@ -44,6 +44,7 @@ use crate::meta::embedded::RedbStore;
 use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
 use crate::net::rpc::{self, Caller, Handler};
 use crate::net::tls::{ClientAuth, client_config, server_config};
+use crate::store::ShardKey;
 
 /// Settings of a directory process.
 #[derive(Clone, Debug)]
@@ -124,6 +125,15 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+fn unhex(h: &[u8]) -> Option<[u8; VOLUME_ID_LEN]> {
+    let s = std::str::from_utf8(h).ok()?;
+    let mut out = [0u8; VOLUME_ID_LEN];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 fn stripe_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
     format!("stripes/{}/", hex(volume)).into_bytes()
 }
@@ -131,6 +141,19 @@ fn stripe_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
 fn stripe_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64) -> Vec<u8> {
     let mut k = stripe_prefix(volume);
     k.extend_from_slice(&stripe.to_be_bytes());
+    k
+}
+
+/// A superseded generation waiting for its shards to be erased:
+/// `old/<volume hex>/<stripe be64><generation be64>` → its record.
+fn old_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("old/{}/", hex(volume)).into_bytes()
+}
+
+fn old_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64, generation: u64) -> Vec<u8> {
+    let mut k = old_prefix(volume);
+    k.extend_from_slice(&stripe.to_be_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
     k
 }
 
@@ -639,6 +662,7 @@ impl<S: MetaStore> Directory<S> {
         volume: &str,
         stripe: u64,
         generation: u64,
+        epoch: u64,
         hashes: Vec<Option<[u8; 32]>>,
     ) -> Result<DirResponse, Remote> {
         let vkey = key("volumes", volume);
@@ -647,7 +671,7 @@ impl<S: MetaStore> Directory<S> {
         };
         // The writer's right to commit, checked again by the transaction:
         // a takeover (or a first attach, or a delete) in between fails it.
-        let lease_unchanged = self.check_writer(who, &v).await?;
+        let lease_unchanged = self.check_writer(who, &v, epoch).await?;
         let rkey = reservation_key(reservation);
         let Some((res, res_rev)) = self.get::<ReservationRecord>("reservation", &rkey).await? else {
             return Err(Remote::new(
@@ -687,18 +711,23 @@ impl<S: MetaStore> Directory<S> {
             None => Compare::Absent(skey.clone()),
         };
         let record = StripeRecord { generation, peers: res.peers.clone(), hashes, committed_ms: now_ms() };
-        let out = self
-            .meta
-            .txn(
-                Txn::new()
-                    .when(compare)
-                    .when(Compare::ModRevision(vkey, vrev))
-                    .when(lease_unchanged)
-                    .when(Compare::ModRevision(rkey.clone(), res_rev))
-                    .then(Op::Put { key: skey, value: enc(&record), lease: None })
-                    .then(Op::Delete { key: rkey }),
-            )
-            .await?;
+        let mut txn = Txn::new()
+            .when(compare)
+            .when(Compare::ModRevision(vkey, vrev))
+            .when(lease_unchanged)
+            .when(Compare::ModRevision(rkey.clone(), res_rev))
+            .then(Op::Put { key: skey, value: enc(&record), lease: None })
+            .then(Op::Delete { key: rkey });
+        if let Some((old, _)) = &current {
+            // The old generation's shards are erased once this commit is
+            // durable, by the collector.
+            txn = txn.then(Op::Put {
+                key: old_key(&v.spec.id, stripe, old.generation),
+                value: enc(old),
+                lease: None,
+            });
+        }
+        let out = self.meta.txn(txn).await?;
         if !out.succeeded {
             return Err(Remote::new(
                 ErrorKind::Conflict,
@@ -726,7 +755,74 @@ impl<S: MetaStore> Directory<S> {
                 break;
             }
         }
+        if current.is_some() {
+            self.gc.notify_one();
+        }
         Ok(DirResponse::Stripe(current.map(|(r, _)| r)))
+    }
+
+    /// Forgets a stripe (it reads as zeroes); its shards go to the collector.
+    async fn drop_stripe(
+        &self,
+        who: &str,
+        volume: &str,
+        stripe: u64,
+        epoch: u64,
+    ) -> Result<DirResponse, Remote> {
+        let vkey = key("volumes", volume);
+        let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+            return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+        };
+        let lease_unchanged = self.check_writer(who, &v, epoch).await?;
+        let skey = stripe_key(&v.spec.id, stripe);
+        let Some((old, rev)) = self.get::<StripeRecord>("stripe", &skey).await? else {
+            return Ok(DirResponse::Done);
+        };
+        let out = self
+            .meta
+            .txn(
+                Txn::new()
+                    .when(Compare::ModRevision(skey.clone(), rev))
+                    .when(Compare::ModRevision(vkey, vrev))
+                    .when(lease_unchanged)
+                    .then(Op::Delete { key: skey })
+                    .then(Op::Put {
+                        key: old_key(&v.spec.id, stripe, old.generation),
+                        value: enc(&old),
+                        lease: None,
+                    }),
+            )
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("stripe {stripe} changed meanwhile: retry"),
+            ));
+        }
+        self.gc.notify_one();
+        Ok(DirResponse::Done)
+    }
+
+    /// A page of a volume's stripe map.
+    async fn stripes(&self, volume: &str, after: Option<u64>, limit: u32) -> Result<DirResponse, Remote> {
+        let v = self.volume(volume).await?;
+        let prefix = stripe_prefix(&v.spec.id);
+        let limit = limit.clamp(1, 4096) as usize;
+        let mut out = Vec::new();
+        // The store lists whole prefixes; a volume's map is at most a few
+        // hundred thousand small records.
+        for e in self.meta.list(&prefix).await? {
+            let Ok(s) = <[u8; 8]>::try_from(&e.key[prefix.len()..]) else { continue };
+            let s = u64::from_be_bytes(s);
+            if after.is_some_and(|a| s <= a) {
+                continue;
+            }
+            out.push((s, dec("stripe", &e.value)?));
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(DirResponse::Stripes(out))
     }
 
     async fn release(&self, reservation: u64) -> Result<DirResponse, Remote> {
@@ -760,13 +856,13 @@ impl<S: MetaStore> Directory<S> {
     /// attached (epoch > 0); a writer that was taken over is fenced here as
     /// it is on the peers.
     /// Returns the compare that keeps the lease as it was seen.
-    async fn check_writer(&self, who: &str, v: &VolumeRecord) -> Result<Compare, Remote> {
+    async fn check_writer(&self, who: &str, v: &VolumeRecord, epoch: u64) -> Result<Compare, Remote> {
         let lkey = key("leases", &v.spec.name);
-        if v.epoch == 0 {
+        if v.epoch == 0 && epoch == 0 {
             return Ok(Compare::Absent(lkey));
         }
         match self.lease_of(&v.spec.name).await? {
-            Some((l, e)) if l.holder == who && l.epoch == v.epoch => {
+            Some((l, e)) if l.holder == who && l.epoch == v.epoch && l.epoch == epoch => {
                 Ok(Compare::ModRevision(lkey, e.mod_revision))
             }
             Some((l, _)) => Err(Remote::new(
@@ -783,7 +879,14 @@ impl<S: MetaStore> Directory<S> {
         }
     }
 
-    async fn acquire(&self, who: &str, volume: &str, force: bool) -> Result<DirResponse, Remote> {
+    async fn acquire(
+        &self,
+        who: &str,
+        volume: &str,
+        force: bool,
+        resume: Option<u64>,
+        host: &str,
+    ) -> Result<DirResponse, Remote> {
         let vkey = key("volumes", volume);
         let lkey = key("leases", volume);
         for _ in 0..16 {
@@ -792,14 +895,15 @@ impl<S: MetaStore> Directory<S> {
             };
             let current = self.lease_of(volume).await?;
             if let Some((l, _)) = &current
-                && l.holder != who
+                && !(l.holder == who && resume == Some(l.epoch))
                 && !force
             {
                 return Err(Remote::new(
                     ErrorKind::Conflict,
                     format!(
-                        "volume {volume} is attached by {} (for {:.0} s, epoch {}): detach it there, or attach with --force to take it over (its writes are then refused)",
+                        "volume {volume} is attached by {} on {} (for {:.0} s, epoch {}): detach it there, or attach with --force to take it over (its writes are then refused)",
                         l.holder,
+                        l.host,
                         now_ms().saturating_sub(l.since_ms) as f64 / 1000.0,
                         l.epoch
                     ),
@@ -809,6 +913,7 @@ impl<S: MetaStore> Directory<S> {
             let lease = self.meta.grant_lease(self.lease_ttl).await?;
             let rec = VolumeLease {
                 holder: who.to_owned(),
+                host: host.to_owned(),
                 epoch: v.epoch,
                 since_ms: now_ms(),
                 ttl_ms: self.lease_ttl.as_millis() as u64,
@@ -942,6 +1047,7 @@ impl<S: MetaStore> Directory<S> {
                     .then(Op::Delete { key: vkey })
                     .then(Op::Delete { key: key("ids", &hex(&v.spec.id)) })
                     .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
+                    .then(Op::DeletePrefix { prefix: old_prefix(&v.spec.id) })
                     .then(Op::Put {
                         key: key("gc", &hex(&v.spec.id)),
                         value: v.spec.id.to_vec(),
@@ -960,8 +1066,103 @@ impl<S: MetaStore> Directory<S> {
         Ok(DirResponse::Done)
     }
 
+    /// Erases the shards of superseded and dropped generations. A shard
+    /// on a peer that is down or fails stays queued for the next pass.
+    async fn collect_old(&self, client: &super::client::Client) -> Result<(), Remote> {
+        let old = self.meta.list(b"old/").await?;
+        if old.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let peers: HashMap<String, PeerRecord> = self.peers().await?.into_iter().collect();
+        let mut epochs: HashMap<Vec<u8>, Option<u64>> = HashMap::new();
+        let mut erasing = tokio::task::JoinSet::new();
+        for entry in old {
+            // old/<32 hex>/<stripe be64><generation be64>
+            let rest = &entry.key[b"old/".len()..];
+            if rest.len() != 2 * VOLUME_ID_LEN + 1 + 16 {
+                continue;
+            }
+            let id_hex = rest[..2 * VOLUME_ID_LEN].to_vec();
+            let Some(id) = unhex(&id_hex) else { continue };
+            let stripe = u64::from_be_bytes(rest[2 * VOLUME_ID_LEN + 1..][..8].try_into().expect("8 bytes"));
+            let epoch = match epochs.get(&id_hex) {
+                Some(e) => *e,
+                None => {
+                    let name = self.meta.get(&[b"ids/".as_slice(), &id_hex].concat()).await?;
+                    let e = match name {
+                        Some(n) => self
+                            .get::<VolumeRecord>("volume", &[b"volumes/".as_slice(), &n.value].concat())
+                            .await?
+                            .map(|(v, _)| v.epoch),
+                        None => None,
+                    };
+                    epochs.insert(id_hex.clone(), e);
+                    e
+                }
+            };
+            let Some(epoch) = epoch else {
+                // The volume is gone; its whole-volume collection erases these.
+                self.meta.txn(Txn::new().then(Op::Delete { key: entry.key })).await?;
+                continue;
+            };
+            let rec: StripeRecord = dec("stripe", &entry.value)?;
+            let mut targets = Vec::new();
+            let mut reachable = true;
+            for (index, (name, hash)) in rec.peers.iter().zip(&rec.hashes).enumerate() {
+                if hash.is_none() {
+                    continue;
+                }
+                match peers.get(name) {
+                    Some(p) if self.state(p, now) == PeerState::Up => targets.push((
+                        PeerAddr { name: name.clone(), addr: p.report.addr },
+                        ShardKey { volume: id, stripe, generation: rec.generation, index: index as u8 },
+                    )),
+                    // A peer that left the cluster holds nothing we can reach.
+                    None => {}
+                    Some(_) => reachable = false,
+                }
+            }
+            let (client, meta_entry) = (client.clone(), entry);
+            erasing.spawn(async move {
+                let mut all = reachable;
+                for (peer, key) in targets {
+                    if let Err(e) = client.delete_shard(&peer, key, epoch).await {
+                        tracing::debug!("erasing an old shard from {}: {e}", peer.name);
+                        all = false;
+                    }
+                }
+                all.then_some(meta_entry)
+            });
+            if erasing.len() >= 32 {
+                self.finish_old(erasing.join_next().await).await?;
+            }
+        }
+        while let Some(done) = erasing.join_next().await {
+            self.finish_old(Some(done)).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_old(
+        &self,
+        done: Option<Result<Option<crate::meta::Entry>, tokio::task::JoinError>>,
+    ) -> Result<(), Remote> {
+        if let Some(Ok(Some(entry))) = done {
+            self.meta
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
+                        .then(Op::Delete { key: entry.key }),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// One garbage-collection pass over deleted volumes.
     async fn collect_once(&self, client: &super::client::Client) -> Result<(), Remote> {
+        self.collect_old(client).await?;
         let deleted = self.meta.list(b"gc/").await?;
         if deleted.is_empty() {
             return Ok(());
@@ -1057,9 +1258,17 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.place(&who.node, &volume, stripe).await
             }
-            DirRequest::Commit { reservation, volume, stripe, generation, hashes } => {
+            DirRequest::Commit { reservation, volume, stripe, generation, epoch, hashes } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.commit(&who.node, reservation, &volume, stripe, generation, hashes).await
+                self.commit(&who.node, reservation, &volume, stripe, generation, epoch, hashes).await
+            }
+            DirRequest::DropStripe { volume, stripe, epoch } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.drop_stripe(&who.node, &volume, stripe, epoch).await
+            }
+            DirRequest::Stripes { volume, after, limit } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.stripes(&volume, after, limit).await
             }
             DirRequest::Release { reservation } => {
                 needs(&[Role::Client, Role::Admin])?;
@@ -1081,9 +1290,9 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.delete_volume(&volume).await
             }
-            DirRequest::AcquireLease { volume, force } => {
+            DirRequest::AcquireLease { volume, force, resume, host } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.acquire(&who.node, &volume, force).await
+                self.acquire(&who.node, &volume, force, resume, &host).await
             }
             DirRequest::RenewLease { volume, epoch } => {
                 needs(&[Role::Client, Role::Admin])?;

@@ -20,7 +20,7 @@ pub mod token;
 
 /// Wall-clock milliseconds since the Unix epoch: expiries and last-seen
 /// times that must mean the same after a restart.
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     use std::time::{SystemTime, UNIX_EPOCH};
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -136,6 +136,8 @@ pub struct VolumeRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeLease {
     pub holder: String,
+    /// The holder's machine, as it told (for messages naming the holder).
+    pub host: String,
     pub epoch: u64,
     pub since_ms: u64,
     pub ttl_ms: u64,
@@ -276,12 +278,30 @@ pub enum DirRequest {
     },
     /// The new generation is stored: record it, turn the reservation into
     /// used space.
+    /// `epoch` is the writer's lease epoch (0 for a volume never attached);
+    /// a writer that was taken over is refused.
     Commit {
         reservation: u64,
         volume: String,
         stripe: u64,
         generation: u64,
+        epoch: u64,
         hashes: Vec<Option<[u8; 32]>>,
+    },
+    /// The stripe reads as zeroes from now on: its record goes, its shards
+    /// are erased (TRIM, WRITE_ZEROES of a whole stripe, a stripe destaged
+    /// as all zeroes).
+    DropStripe {
+        volume: String,
+        stripe: u64,
+        epoch: u64,
+    },
+    /// The committed stripes of a volume, in order, up to `limit` after
+    /// `after` (the attaching machine loads the stripe map with this).
+    Stripes {
+        volume: String,
+        after: Option<u64>,
+        limit: u32,
     },
     /// Give a reservation's space back (the write failed).
     Release {
@@ -304,9 +324,13 @@ pub enum DirRequest {
     },
     /// The write lease, with a new fencing epoch. Refused while another
     /// node holds it, unless `force` (its later writes are then fenced).
+    /// `resume`: the epoch this node held before a crash, from its own
+    /// state; it gets the lease back without waiting for it to lapse.
     AcquireLease {
         volume: String,
         force: bool,
+        resume: Option<u64>,
+        host: String,
     },
     RenewLease {
         volume: String,
@@ -342,6 +366,7 @@ pub enum DirResponse {
     Lease(VolumeLease),
     Placement(Placement),
     Stripe(Option<StripeRecord>),
+    Stripes(Vec<(u64, StripeRecord)>),
     Done,
     Error(Remote),
 }
@@ -416,8 +441,15 @@ mod tests {
             volume: "v".into(),
             stripe: 2,
             generation: 3,
+            epoch: 4,
             hashes: vec![Some([9; 32]), None],
         });
+        roundtrip(DirRequest::DropStripe { volume: "v".into(), stripe: 7, epoch: 2 });
+        roundtrip(DirRequest::Stripes { volume: "v".into(), after: Some(3), limit: 100 });
+        roundtrip(DirResponse::Stripes(vec![(
+            5,
+            StripeRecord { generation: 2, peers: vec!["p".into()], hashes: vec![None], committed_ms: 9 },
+        )]));
         roundtrip(DirResponse::Placement(Placement {
             reservation: 1,
             stripe: 2,

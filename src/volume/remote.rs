@@ -1,0 +1,275 @@
+//! The volume's traffic with the peers: reading a committed stripe back
+//! (shards, hedged, verified, decoded) and destaging a dirty one as a new
+//! copy-on-write generation.
+
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::Inner;
+use crate::cluster::msg::{ErrorKind, StripeRecord};
+use crate::codec::key::VolumeKey;
+use crate::codec::shard::HEADER_LEN;
+use crate::codec::{Geometry, SectorCipher, ShardHash, ShardHeader, StripeCodec, StripeError};
+
+/// Stripe codecs for the blocking pool, one per concurrent use.
+pub(super) struct Codecs {
+    cipher: SectorCipher,
+    geometry: Geometry,
+    idle: Mutex<Vec<StripeCodec>>,
+}
+
+impl Codecs {
+    pub fn new(key: &VolumeKey, geometry: Geometry) -> Result<Self, StripeError> {
+        let cipher = SectorCipher::new(key);
+        let first = StripeCodec::with_cipher(cipher.clone(), geometry)?;
+        Ok(Self { cipher, geometry, idle: Mutex::new(vec![first]) })
+    }
+
+    fn take(&self) -> StripeCodec {
+        if let Some(c) = self.idle.lock().expect("not poisoned").pop() {
+            return c;
+        }
+        StripeCodec::with_cipher(self.cipher.clone(), self.geometry).expect("geometry checked at open")
+    }
+
+    fn give(&self, c: StripeCodec) {
+        self.idle.lock().expect("not poisoned").push(c);
+    }
+}
+
+impl Inner {
+    /// The plaintext of committed generation `rec` of `stripe`: k shards
+    /// from the peers (data shards first, parity when one is slow, down
+    /// or bad), each checked against the stripe map, decoded if needed.
+    /// A second try re-reads the peer list and the record.
+    pub(super) async fn fetch(&self, stripe: u64, mut rec: StripeRecord) -> Result<Vec<u8>, String> {
+        let k = self.geometry.k();
+        let id = self.record.spec.id;
+        let mut last_error = String::new();
+        for attempt in 0..2 {
+            if attempt > 0 {
+                if let Ok(p) = self.client.up_peers().await {
+                    *self.peers.write().expect("not poisoned") = p;
+                }
+                match self.record_of(stripe) {
+                    Some(r) => rec = r,
+                    None => return Ok(vec![0; self.stripe_bytes]),
+                }
+            }
+            let peers = self.peers.read().expect("not poisoned").clone();
+            let got = match self.client.fetch_shards(id, stripe, &rec, &peers, k, self.config.hedge).await {
+                Ok(g) => g,
+                Err(e) => {
+                    last_error = e.to_string();
+                    continue;
+                }
+            };
+            let mut shards: Vec<Option<Bytes>> = vec![None; self.geometry.shards()];
+            for (i, bytes) in got {
+                shards[usize::from(i)] = Some(bytes.slice(HEADER_LEN..));
+            }
+            let expected: Vec<ShardHash> =
+                rec.hashes.iter().map(|h| ShardHash(h.unwrap_or([0; 32]))).collect();
+            let mut codec = self.codecs.take();
+            let (first_sector, generation, len) = (stripe * self.sectors, rec.generation, self.stripe_bytes);
+            let (codec, decoded) = tokio::task::spawn_blocking(move || {
+                let views: Vec<Option<&[u8]>> = shards.iter().map(|s| s.as_deref()).collect();
+                let mut out = vec![0u8; len];
+                let r = codec.decode(&views, &expected, first_sector, generation, &mut out);
+                (codec, r.map(|report| (out, report)))
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            self.codecs.give(codec);
+            match decoded {
+                Ok((out, report)) => {
+                    if !report.corrupt.is_empty() {
+                        tracing::warn!("stripe {stripe}: shards {:?} failed their hash", report.corrupt);
+                    }
+                    self.stats.fetched.fetch_add(1, Ordering::Relaxed);
+                    return Ok(out);
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(format!("stripe {stripe} of volume {}: {last_error}", self.name()))
+    }
+
+    /// Destages `stripe` if it is dirty: snapshot under the stripe's lock,
+    /// then a new generation on the peers, committed, then clean.
+    pub(super) async fn destage(&self, stripe: u64) -> Result<(), String> {
+        let lock = self.lock_of(stripe);
+        let held = lock.lock().await;
+        let Some(snap) = self.dirty.lock().expect("not poisoned").start(stripe) else { return Ok(()) };
+        let result = self.destage_from(stripe, snap, held, &lock).await;
+        let mut d = self.dirty.lock().expect("not poisoned");
+        match &result {
+            Ok(()) => {
+                d.finished(stripe);
+                self.stats.destaged.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => d.failed(stripe),
+        }
+        result
+    }
+
+    async fn destage_from(
+        &self,
+        stripe: u64,
+        snap: u64,
+        held: tokio::sync::MutexGuard<'_, ()>,
+        lock: &tokio::sync::Mutex<()>,
+    ) -> Result<(), String> {
+        let sectors = self.sectors as usize;
+        let plain = match self.cache.lookup(stripe) {
+            None => None,
+            Some(slot) => {
+                if !slot.complete(sectors) {
+                    let old = self.stripe_plain(stripe).await?;
+                    self.cache.fill(stripe, &old).await.map_err(|e| e.to_string())?;
+                }
+                let p = self.cache.read(stripe, 0, sectors).await.map_err(|e| e.to_string())?;
+                Some(p.ok_or_else(|| format!("stripe {stripe} left the cache while being destaged"))?)
+            }
+        };
+        drop(held);
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let name = self.name().to_owned();
+        let committed = match plain {
+            Some(p) if p.iter().any(|&b| b != 0) => Some(self.store_generation(stripe, p, epoch).await?),
+            // Nothing but zeroes: no shards at all.
+            _ => {
+                self.client.drop_stripe(&name, stripe, epoch).await.map_err(|e| self.fenced_by(e))?;
+                None
+            }
+        };
+        let _held = lock.lock().await;
+        let zeroed_since = self.zeroed.lock().expect("not poisoned").get(&stripe).is_some_and(|&z| z > snap);
+        let mut map = self.map.lock().expect("not poisoned");
+        match committed {
+            // A whole-stripe zero after the snapshot: the stripe reads as
+            // zeroes until the destager drops the record just committed.
+            Some(_) if zeroed_since => {}
+            Some(rec) => {
+                map.insert(stripe, rec);
+            }
+            None if zeroed_since => {}
+            None => {
+                map.remove(&stripe);
+            }
+        }
+        drop(map);
+        self.cache.mark_clean(stripe, snap);
+        Ok(())
+    }
+
+    fn fenced_by(&self, e: crate::cluster::client::ClientError) -> String {
+        if e.kind() == Some(ErrorKind::Fenced) {
+            self.fence(e.to_string());
+        }
+        e.to_string()
+    }
+
+    /// Encodes `plain` as the next generation, stores its shards where the
+    /// directory places them and commits it once a write quorum (k + 1)
+    /// is stored; shards still missing after a grace period are left out
+    /// (the stripe is degraded, and repair rebuilds them).
+    async fn store_generation(
+        &self,
+        stripe: u64,
+        plain: Vec<u8>,
+        epoch: u64,
+    ) -> Result<StripeRecord, String> {
+        let g = self.geometry;
+        let name = self.name().to_owned();
+        let placement = self.client.place(&name, stripe).await.map_err(|e| e.to_string())?;
+        let mut codec = self.codecs.take();
+        let (first_sector, generation, size, n) =
+            (stripe * self.sectors, placement.generation, g.shard_size(), g.shards());
+        let (codec, encoded) = tokio::task::spawn_blocking(move || {
+            let mut shards = vec![vec![0u8; size]; n];
+            let mut hashes = vec![ShardHash([0; 32]); n];
+            let r = codec.encode(&plain, first_sector, generation, &mut shards, &mut hashes);
+            (codec, r.map(|()| (shards, hashes)))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.codecs.give(codec);
+        let (shards, hashes) = encoded.map_err(|e| e.to_string())?;
+
+        let mut puts = tokio::task::JoinSet::new();
+        for (i, (payload, hash)) in shards.into_iter().zip(&hashes).enumerate() {
+            let header = ShardHeader {
+                volume_id: self.record.spec.id,
+                stripe,
+                generation,
+                index: i as u8,
+                k: g.k() as u8,
+                m: (g.shards() - g.k()) as u8,
+                payload_len: size as u32,
+                payload_hash: *hash,
+            };
+            let (client, peer) = (self.client.clone(), placement.peers[i].clone());
+            puts.spawn(async move {
+                let r = client.put_shard(&peer, &header, Bytes::from(payload), epoch).await;
+                (i, peer.name, r)
+            });
+        }
+        let quorum = (g.k() + 1).min(n);
+        let started = Instant::now();
+        let mut stored: Vec<Option<[u8; 32]>> = vec![None; n];
+        let mut count = 0;
+        let mut errors = Vec::new();
+        let mut grace: Option<tokio::time::Instant> = None;
+        let hard = tokio::time::Instant::now() + self.config.io_timeout;
+        loop {
+            let until = grace.unwrap_or(hard);
+            let next = match tokio::time::timeout_at(until, puts.join_next()).await {
+                Ok(Some(j)) => j,
+                Ok(None) | Err(_) => break,
+            };
+            match next {
+                Ok((i, _, Ok(()))) => {
+                    stored[i] = Some(hashes[i].0);
+                    count += 1;
+                    if count == quorum {
+                        // The long tail gets as long again as the quorum took.
+                        let wait = started.elapsed().max(self.config.put_grace);
+                        grace = Some(tokio::time::Instant::now() + wait);
+                    }
+                }
+                Ok((_, peer, Err(e))) => {
+                    if e.kind() == Some(ErrorKind::Fenced) {
+                        puts.abort_all();
+                        let _ = self.client.release(placement.reservation).await;
+                        self.fence(e.to_string());
+                        return Err(e.to_string());
+                    }
+                    errors.push(format!("{peer}: {e}"));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        puts.abort_all();
+        if count < quorum {
+            let _ = self.client.release(placement.reservation).await;
+            return Err(format!(
+                "stripe {stripe}: only {count} of the {quorum} shards needed were stored ({})",
+                errors.join("; ")
+            ));
+        }
+        if count < n {
+            tracing::info!("stripe {stripe} generation {generation} committed with {count} of {n} shards");
+        }
+        self.client.commit(&name, &placement, epoch, stored.clone()).await.map_err(|e| self.fenced_by(e))?;
+        Ok(StripeRecord {
+            generation,
+            peers: placement.peers.iter().map(|p| p.name.clone()).collect(),
+            hashes: stored,
+            committed_ms: crate::cluster::now_ms(),
+        })
+    }
+}
