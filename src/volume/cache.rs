@@ -75,6 +75,9 @@ struct Table {
     by_stripe: HashMap<u64, u32>,
     /// Last use per slot, for LRU.
     used: Vec<u64>,
+    /// Reads and fills in flight per slot: a pinned slot is not evicted
+    /// (a fill landing in a slot reused by another stripe would corrupt it).
+    pins: Vec<u32>,
     tick: u64,
 }
 
@@ -180,7 +183,13 @@ impl Cache {
             sectors,
             slots,
             entry_len,
-            table: Mutex::new(Table { map, by_stripe, used: vec![0; slots as usize], tick: 0 }),
+            table: Mutex::new(Table {
+                map,
+                by_stripe,
+                used: vec![0; slots as usize],
+                pins: vec![0; slots as usize],
+                tick: 0,
+            }),
         })
     }
 
@@ -236,7 +245,7 @@ impl Cache {
             return Ok(s);
         }
         let victim = (0..self.slots)
-            .filter(|&s| self.entry(t, s)[8] != STATE_DIRTY)
+            .filter(|&s| self.entry(t, s)[8] != STATE_DIRTY && t.pins[s as usize] == 0)
             .min_by_key(|&s| (self.entry(t, s)[8] != STATE_FREE, t.used[s as usize]))
             .ok_or(CacheError::Full)?;
         let old = self.slot_of(t, victim);
@@ -297,8 +306,10 @@ impl Cache {
                 Err(e) => return Err(e),
             };
             let s = self.slot_of(&t, slot);
+            t.pins[slot as usize] += 1;
             (slot, (0..self.sectors).filter(|&i| !s.has(i)).collect::<Vec<_>>())
         };
+        let _pin = Pin { cache: self, slot };
         // Runs of missing sectors, one write each.
         let mut i = 0;
         while i < missing.len() {
@@ -325,6 +336,11 @@ impl Cache {
         Ok(())
     }
 
+    fn unpin(&self, slot: u32) {
+        let mut t = self.table.lock().expect("not poisoned");
+        t.pins[slot as usize] -= 1;
+    }
+
     async fn store(&self, slot: u32, stripe: u64, first: usize, data: &[u8]) -> Result<(), CacheError> {
         let mut buf = vec![0u8; data.len()];
         let sector = stripe * self.sectors as u64 + first as u64;
@@ -349,8 +365,10 @@ impl Cache {
             t.tick += 1;
             let tick = t.tick;
             t.used[slot as usize] = tick;
+            t.pins[slot as usize] += 1;
             slot
         };
+        let _pin = Pin { cache: self, slot };
         let offset = u64::from(slot) * self.stripe_bytes as u64 + (first * SECTOR_SIZE) as u64;
         let mut data = self
             .ring
@@ -396,6 +414,18 @@ impl Cache {
         t.map.flush().map_err(|e| io_err(&path, e))?;
         t.map[68] = 1;
         t.map.flush().map_err(|e| io_err(&path, e))
+    }
+}
+
+/// A slot pinned for the life of a read or fill (also when cancelled).
+struct Pin<'a> {
+    cache: &'a Cache,
+    slot: u32,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        self.cache.unpin(self.slot);
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod fs;
 pub mod rawclient;
 
 use std::io::{BufRead, BufReader};

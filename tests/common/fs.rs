@@ -1,0 +1,89 @@
+//! Filesystems on an export: `nbdfuse` exposes it as a file, the kernel
+//! mounts that file through a loop device.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use super::{pattern, run};
+
+/// `nbdfuse MOUNTPOINT/disk URI`, unmounted on drop.
+pub struct Fuse {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Fuse {
+    pub fn mount(dir: &Path, uri: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let pidfile = dir.with_extension("pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(dir.join("disk"))
+            .arg(uri)
+            .spawn()
+            .expect("spawn nbdfuse");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !pidfile.exists() {
+            assert!(Instant::now() < deadline, "nbdfuse did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, dir: dir.to_path_buf() }
+    }
+
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+}
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.dir).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Loop-mounted filesystem, unmounted on drop.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    pub fn new(image: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        run(Command::new("mount").args(["-o", "loop"]).arg(image).arg(at));
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A tree of files from 1 byte to 3 MiB, some in nested folders.
+pub fn make_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    for i in 0..40u64 {
+        let dir = root.join(format!("d{}/e{}", i % 4, i % 3));
+        std::fs::create_dir_all(&dir).unwrap();
+        let len = match i % 5 {
+            0 => 1,
+            1 => 4095,
+            2 => 65537,
+            3 => 1 << 20,
+            _ => 3 << 20,
+        } as usize;
+        let rel = PathBuf::from(format!("d{}/e{}/f{i}.bin", i % 4, i % 3));
+        let data = pattern(100 + i, len);
+        std::fs::write(root.join(&rel), &data).unwrap();
+        files.push((rel, data));
+    }
+    files
+}
