@@ -57,9 +57,11 @@ impl Setup {
             .arg("--cache-dir")
             .arg(state)
             .arg("--socket")
-            .arg(state.join("nbd.sock"))
-            .args(["--cache-size", "16M"])
-            .args(extra);
+            .arg(state.join("nbd.sock"));
+        if !extra.contains(&"--cache-size") {
+            cmd.args(["--cache-size", "16M"]);
+        }
+        cmd.args(extra);
         cmd
     }
 
@@ -272,6 +274,8 @@ struct Writer {
     /// Per block: versions written since (any may have landed).
     since: Vec<Vec<u32>>,
     flushes: u32,
+    /// Flushes completed, for a killer thread to watch.
+    flushed: std::sync::Arc<std::sync::atomic::AtomicU32>,
     next: u32,
 }
 
@@ -286,7 +290,13 @@ fn block(b: usize, version: u32) -> Vec<u8> {
 
 impl Writer {
     fn new() -> Self {
-        Self { durable: vec![0; BLOCKS], since: vec![Vec::new(); BLOCKS], flushes: 0, next: 1 }
+        Self {
+            durable: vec![0; BLOCKS],
+            since: vec![Vec::new(); BLOCKS],
+            flushes: 0,
+            flushed: Default::default(),
+            next: 1,
+        }
     }
 
     fn run(&mut self, socket: &Path, seed: u64) {
@@ -313,6 +323,7 @@ impl Writer {
                 return;
             }
             self.flushes += 1;
+            self.flushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for (d, s) in self.durable.iter_mut().zip(self.since.iter_mut()) {
                 if let Some(&last) = s.last() {
                     *d = last;
@@ -323,13 +334,15 @@ impl Writer {
     }
 
     /// Every block holds its durable version or one written after it.
-    fn check(&self, socket: &Path) {
-        let mut sock = UnixStream::connect(socket).unwrap();
+    fn check(&self, a: &Attached) {
+        let mut sock = UnixStream::connect(&a.socket).unwrap();
         let export = nbd::client::handshake(&mut sock, b"").unwrap();
         let mut c = nbd::client::NbdClient::new(&mut sock, &export);
         let mut buf = vec![0u8; BLOCKS * 4096];
         c.seek(SeekFrom::Start(0)).unwrap();
-        c.read_exact(&mut buf).unwrap();
+        if let Err(e) = c.read_exact(&mut buf) {
+            panic!("reading the volume back: {e}\nattach said:\n{}", a.proc.output());
+        }
         for (b, got) in buf.chunks(4096).enumerate() {
             let version = u32::from_le_bytes(got[4..8].try_into().unwrap());
             let ok_versions: Vec<u32> =
@@ -375,14 +388,21 @@ fn sigkill_of_attach_never_loses_a_flushed_write() {
     for i in 0..iterations {
         let a = s.attach("crash", &[]);
         if i > 0 {
-            w.check(&a.socket);
+            w.check(&a);
             w.settle(&a.socket);
         }
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let kill_after = Duration::from_millis(100 + (seed >> 33) % 700);
+        // At a random moment after this round's first completed flush.
+        let kill_after = Duration::from_millis((seed >> 33) % 500);
         let socket = a.socket.clone();
         let pid = a.proc.child.id();
+        let flushed = w.flushed.clone();
+        let start = flushed.load(std::sync::atomic::Ordering::Relaxed);
         let killer = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while flushed.load(std::sync::atomic::Ordering::Relaxed) == start && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             std::thread::sleep(kill_after);
             // SAFETY: kill(2) on the attach process this test started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -393,14 +413,14 @@ fn sigkill_of_attach_never_loses_a_flushed_write() {
         let _ = a.proc.child.wait();
     }
     let a = s.attach("crash", &[]);
-    w.check(&a.socket);
+    w.check(&a);
     eprintln!(
         "{iterations} SIGKILLs of attach in {:.0?}: {} flushes completed, {} writes",
         started.elapsed(),
         w.flushes,
         w.next - 1
     );
-    assert!(w.flushes > iterations as u32, "the writer must have flushed in most iterations");
+    assert!(w.flushes >= iterations as u32, "every round must have completed a flush before its SIGKILL");
     s.detach(a);
 }
 
@@ -509,4 +529,113 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+fn filesystem_on_a_volume(mkfs: &[&str], fsck: &[&str]) {
+    use common::fs::{Fuse, Mounted, make_tree};
+    use common::system_path;
+    let s = Setup::new("512M");
+    let dir = s.c.root.path();
+    let src = dir.join("src");
+    let files = make_tree(&src);
+    let a = s.attach("a", &["--cache-size", "64M"]);
+    {
+        let fuse = Fuse::mount(&dir.join("fuse"), &a.uri);
+        run(Command::new(mkfs[0]).env("PATH", system_path()).args(&mkfs[1..]).arg(fuse.disk()));
+        let m = Mounted::new(&fuse.disk(), &dir.join("mnt"));
+        run(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.0));
+        run(Command::new("sync").arg("-f").arg(&m.0));
+    }
+    // Detach, and attach again from another folder: everything from the peers.
+    s.detach(a);
+    let b = s.attach("b", &["--cache-size", "64M"]);
+    let fuse = Fuse::mount(&dir.join("fuse2"), &b.uri);
+    let out =
+        Command::new(fsck[0]).env("PATH", system_path()).args(&fsck[1..]).arg(fuse.disk()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{fsck:?} found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        let m = Mounted::new(&fuse.disk(), &dir.join("mnt2"));
+        for (rel, data) in &files {
+            let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+            assert!(&got == data, "{} differs after moving the volume", rel.display());
+        }
+    }
+    drop(fuse);
+    s.detach(b);
+}
+
+#[test]
+fn ext4_on_a_volume_survives_detach_and_attach_elsewhere() {
+    if !have_tools(&["nbdfuse", "fusermount3", "mkfs.ext4", "e2fsck", "mount"]) {
+        return;
+    }
+    filesystem_on_a_volume(&["mkfs.ext4", "-q", "-F"], &["e2fsck", "-fn"]);
+}
+
+#[test]
+fn xfs_on_a_volume_survives_detach_and_attach_elsewhere() {
+    if !have_tools(&["nbdfuse", "fusermount3", "mkfs.xfs", "xfs_repair", "mount"]) {
+        return;
+    }
+    filesystem_on_a_volume(&["mkfs.xfs", "-q", "-f"], &["xfs_repair", "-n"]);
+}
+
+#[test]
+fn sigkill_of_peers_and_of_the_directory_never_loses_a_flushed_write() {
+    let iterations: usize =
+        std::env::var("MESHDISK_CRASH_CLUSTER_ITERATIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(9);
+    let mut s = Setup::new("16M");
+    let mut w = Writer::new();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..iterations {
+        let a = s.attach("crash", &[]);
+        if i > 0 {
+            w.check(&a);
+            w.settle(&a.socket);
+        }
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let socket = a.socket.clone();
+        let writer_seed = seed;
+        let mut writer = std::mem::replace(&mut w, Writer::new());
+        let running = std::thread::spawn(move || {
+            writer.run(&socket, writer_seed);
+            writer
+        });
+        std::thread::sleep(Duration::from_millis(100 + (seed >> 33) % 400));
+        let victim = (seed >> 20) as usize % 6;
+        match i % 3 {
+            0 => {
+                s.c.peers[victim].kill();
+                std::thread::sleep(Duration::from_millis(300));
+                s.c.restart_peer(victim, "2G", &format!("disk{victim}"));
+            }
+            1 => {
+                s.c.directory.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                s.c.restart_directory();
+            }
+            _ => {
+                s.c.peers[victim].kill();
+                s.c.directory.kill();
+                std::thread::sleep(Duration::from_millis(300));
+                s.c.restart_directory();
+                s.c.restart_peer(victim, "2G", &format!("disk{victim}"));
+            }
+        }
+        // Let the writer go on against the recovered cluster, then end it
+        // with a SIGKILL of attach too.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut a = a;
+        a.proc.kill();
+        w = running.join().unwrap();
+    }
+    let a = s.attach("crash", &[]);
+    w.check(&a);
+    assert!(w.flushes > 0, "the writer never completed a flush");
+    s.detach(a);
 }

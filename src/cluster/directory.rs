@@ -38,7 +38,7 @@ use super::ca::{CaError, ClusterCa, Role, check_label, new_key_and_csr};
 use super::credential::Credential;
 use super::msg::*;
 use super::now_ms;
-use super::placement::{Candidate, choose};
+use super::placement::{Candidate, choose_spread};
 use super::token::{self, Issuer, TokenError};
 use crate::meta::embedded::RedbStore;
 use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
@@ -115,6 +115,16 @@ struct ReservationRecord {
     peers: Vec<String>,
     shard_bytes: u64,
     expires_ms: u64,
+}
+
+/// A `DirRequest::Commit`'s fields.
+struct CommitCall {
+    reservation: u64,
+    volume: String,
+    stripe: u64,
+    generation: u64,
+    epoch: u64,
+    hashes: Vec<Option<[u8; 32]>>,
 }
 
 fn key(prefix: &str, name: &str) -> Vec<u8> {
@@ -270,10 +280,11 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     let (dir, own) = open(&config).await?;
     let id = own.identity();
     let tls = |e: crate::net::tls::TlsError| DirectoryError::Other(e.to_string());
-    let ep = rpc::endpoint(
+    let ep = rpc::server_endpoint(
         config.listen,
-        Some(server_config(&id, ClientAuth::Optional).map_err(tls)?),
+        server_config(&id, ClientAuth::Optional).map_err(tls)?,
         client_config(&id).map_err(tls)?,
+        own.key_pem.as_bytes(),
     )
     .map_err(|e| DirectoryError::Other(format!("listening on {}: {e}", config.listen)))?;
     let addr = ep.local_addr().map_err(|e| DirectoryError::Other(e.to_string()))?;
@@ -623,7 +634,7 @@ impl<S: MetaStore> Directory<S> {
             .collect();
         let bytes = shard_bytes(v.spec.shard_size);
         let n = usize::from(v.spec.k + v.spec.m);
-        let picked = choose(&candidates, n, bytes, || self.random())
+        let picked = choose_spread(&candidates, n, usize::from(v.spec.m), bytes, || self.random())
             .map_err(|e| Remote::new(ErrorKind::Full, e.to_string()))?;
         let lease = self.meta.grant_lease(self.reservation_ttl).await?;
         let expires_ms = now + self.reservation_ttl.as_millis() as u64;
@@ -655,16 +666,9 @@ impl<S: MetaStore> Directory<S> {
         }))
     }
 
-    async fn commit(
-        &self,
-        who: &str,
-        reservation: u64,
-        volume: &str,
-        stripe: u64,
-        generation: u64,
-        epoch: u64,
-        hashes: Vec<Option<[u8; 32]>>,
-    ) -> Result<DirResponse, Remote> {
+    async fn commit(&self, who: &str, c: CommitCall) -> Result<DirResponse, Remote> {
+        let CommitCall { reservation, volume, stripe, generation, epoch, hashes } = c;
+        let volume = volume.as_str();
         let vkey = key("volumes", volume);
         let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
             return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
@@ -737,14 +741,16 @@ impl<S: MetaStore> Directory<S> {
         // The reserved space is now used: count it until the peers' next
         // reports say the same. One transaction for all the stripe's peers,
         // redone if a heartbeat changed one of them meanwhile.
-        let stored: Vec<&String> =
-            res.peers.iter().zip(&record.hashes).filter(|(_, h)| h.is_some()).map(|(p, _)| p).collect();
+        let mut stored: HashMap<&String, u64> = HashMap::new();
+        for (p, _) in res.peers.iter().zip(&record.hashes).filter(|(_, h)| h.is_some()) {
+            *stored.entry(p).or_default() += 1;
+        }
         for _ in 0..8 {
             let mut txn = Txn::new();
-            for p in &stored {
+            for (p, shards) in &stored {
                 let k = key("peers", p);
                 let Some((mut rec, rev)) = self.get::<PeerRecord>("peer", &k).await? else { continue };
-                rec.report.used += res.shard_bytes;
+                rec.report.used += shards * res.shard_bytes;
                 txn = txn.when(Compare::ModRevision(k.clone(), rev)).then(Op::Put {
                     key: k,
                     value: enc(&rec),
@@ -1260,7 +1266,8 @@ impl<S: MetaStore> Directory<S> {
             }
             DirRequest::Commit { reservation, volume, stripe, generation, epoch, hashes } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.commit(&who.node, reservation, &volume, stripe, generation, epoch, hashes).await
+                let call = CommitCall { reservation, volume, stripe, generation, epoch, hashes };
+                self.commit(&who.node, call).await
             }
             DirRequest::DropStripe { volume, stripe, epoch } => {
                 needs(&[Role::Client, Role::Admin])?;

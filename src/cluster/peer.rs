@@ -201,10 +201,11 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Stri
     let store =
         ShardStore::open(&ring, &config.data.join("store"), config.capacity).map_err(|e| e.to_string())?;
     let id = cred.identity();
-    let ep = rpc::endpoint(
+    let ep = rpc::server_endpoint(
         config.listen,
-        Some(server_config(&id, ClientAuth::Required).map_err(|e| e.to_string())?),
+        server_config(&id, ClientAuth::Required).map_err(|e| e.to_string())?,
         client_config(&id).map_err(|e| e.to_string())?,
+        cred.key_pem.as_bytes(),
     )
     .map_err(|e| format!("listening on {}: {e}", config.listen))?;
     let bound = ep.local_addr().map_err(|e| e.to_string())?;

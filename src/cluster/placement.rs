@@ -83,6 +83,47 @@ pub fn choose(
     Ok(chosen)
 }
 
+/// Like [`choose`], but when fewer than `n` peers can take a shard (peers
+/// are down), a peer may take up to `max_per_peer` shards of the stripe
+/// (the parity count m: losing any one peer still leaves k shards), the
+/// freest first. Below that, the same error as [`choose`].
+pub fn choose_spread(
+    candidates: &[Candidate],
+    n: usize,
+    max_per_peer: usize,
+    shard_bytes: u64,
+    mut random: impl FnMut() -> f64,
+) -> Result<Vec<usize>, PlaceError> {
+    let eligible = candidates.iter().filter(|c| c.free >= shard_bytes).count();
+    if eligible >= n || max_per_peer <= 1 {
+        return choose(candidates, n, shard_bytes, random);
+    }
+    let mut chosen = choose(candidates, eligible, shard_bytes, &mut random)?;
+    let mut count: Vec<usize> = vec![0; candidates.len()];
+    for &i in &chosen {
+        count[i] += 1;
+    }
+    while chosen.len() < n {
+        let next = chosen[..eligible]
+            .iter()
+            .copied()
+            .filter(|&i| count[i] < max_per_peer && candidates[i].free >= (count[i] as u64 + 1) * shard_bytes)
+            .min_by(|&a, &b| {
+                count[a].cmp(&count[b]).then(weight(&candidates[b]).total_cmp(&weight(&candidates[a])))
+            });
+        let Some(i) = next else {
+            return Err(PlaceError::NotEnough {
+                need: n.div_ceil(max_per_peer),
+                have: eligible,
+                shard_bytes,
+            });
+        };
+        count[i] += 1;
+        chosen.push(i);
+    }
+    Ok(chosen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +149,24 @@ mod tests {
         let err = choose(&peers, 3, 100, rng(1)).unwrap_err();
         assert_eq!(err, PlaceError::NotEnough { need: 3, have: 2, shard_bytes: 100 });
         assert!(err.to_string().contains("start more peers"));
+    }
+
+    #[test]
+    fn with_peers_down_a_peer_takes_at_most_m_shards() {
+        let peers: Vec<_> = (0..4).map(|i| peer(&format!("p{i}"), &format!("d{i}"), 1000, None)).collect();
+        let picked = choose_spread(&peers, 6, 2, 100, rng(3)).unwrap();
+        assert_eq!(picked.len(), 6);
+        for i in 0..4 {
+            let n = picked.iter().filter(|&&p| p == i).count();
+            assert!((1..=2).contains(&n), "peer {i} got {n} shards: {picked:?}");
+        }
+        // Two peers cannot hold 6 shards at 2 each.
+        assert!(choose_spread(&peers[..2], 6, 2, 100, rng(3)).is_err());
+        // Enough peers: all distinct, as `choose` does.
+        let six: Vec<_> = (0..6).map(|i| peer(&format!("p{i}"), "d", 1000, None)).collect();
+        let mut all = choose_spread(&six, 6, 2, 100, rng(4)).unwrap();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

@@ -116,6 +116,31 @@ fn set_buffer(fd: i32, force: i32, normal: i32, size: usize) {
     }
 }
 
+/// Stateless-reset tokens keyed by a secret that survives restarts: a
+/// node that comes back on the same address resets its callers' old
+/// connections at their first packet (they reconnect at once) instead of
+/// leaving them to time out.
+struct ResetKey([u8; 32]);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], out: &mut [u8]) {
+        out.copy_from_slice(blake3::keyed_hash(&self.0, data).as_bytes());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let expected = blake3::keyed_hash(&self.0, data);
+        // blake3::Hash compares in constant time.
+        match <[u8; 32]>::try_from(signature) {
+            Ok(s) if expected == blake3::Hash::from_bytes(s) => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
+    }
+}
+
 /// A QUIC endpoint bound to `bind`, serving `server` if given, dialling
 /// with `client`.
 pub fn endpoint(
@@ -123,12 +148,44 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     client: quinn::ClientConfig,
 ) -> Result<Endpoint, RpcError> {
+    endpoint_with(bind, server, client, None)
+}
+
+/// Like [`endpoint`] for a long-lived server (directory, peer): its
+/// stateless resets are keyed by `secret` (derived from its private key),
+/// so they stay valid across restarts.
+pub fn server_endpoint(
+    bind: SocketAddr,
+    server: quinn::ServerConfig,
+    client: quinn::ClientConfig,
+    secret: &[u8],
+) -> Result<Endpoint, RpcError> {
+    let key = blake3::derive_key("meshdisk 2026 quic stateless reset", secret);
+    endpoint_with(bind, Some(server), client, Some(key))
+}
+
+fn endpoint_with(
+    bind: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    client: quinn::ClientConfig,
+    reset_key: Option<[u8; 32]>,
+) -> Result<Endpoint, RpcError> {
     use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind(bind)?;
     let fd = socket.as_raw_fd();
     set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, SOCKET_BUFFER);
     set_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SOCKET_BUFFER);
     let mut config = EndpointConfig::default();
+    if let Some(k) = reset_key {
+        config.reset_key(Arc::new(ResetKey(k)));
+        // Connection IDs carry a check keyed the same way: without it a
+        // restarted node drops its callers' packets as foreign instead of
+        // answering them with a reset.
+        let cid_key = u64::from_le_bytes(
+            blake3::keyed_hash(&k, b"connection ids").as_bytes()[..8].try_into().expect("8 bytes"),
+        );
+        config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    }
     config
         .max_udp_payload_size(MAX_UDP_PAYLOAD)
         .map_err(|e| std::io::Error::other(format!("QUIC endpoint: {e}")))?;

@@ -611,7 +611,7 @@ impl Backend for Volume {
         let first = offset / ss;
         let end = (offset + u64::from(length)).div_ceil(ss);
         let data = inner.read_sectors(first, end - first).await?;
-        if offset % ss == 0 && u64::from(length) % ss == 0 {
+        if offset.is_multiple_of(ss) && u64::from(length).is_multiple_of(ss) {
             return Ok(data);
         }
         let skip = (offset - first * ss) as usize;
@@ -627,7 +627,7 @@ impl Backend for Volume {
             return Ok(());
         }
         let ss = SECTOR_SIZE as u64;
-        if offset % ss != 0 || len % ss != 0 {
+        if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
             // Read-modify-write of the sectors the write touches.
             let _one = inner.rmw.lock().await;
             let first = offset / ss;
@@ -673,7 +673,7 @@ impl Backend for Volume {
         if length == 0 {
             return Ok(());
         }
-        if offset % ss != 0 || len % ss != 0 {
+        if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
             return self.write(offset, Bytes::from(vec![0u8; length as usize]), flags.fua).await;
         }
         self.zero_sectors(offset / ss, len / ss, flags.fua, offset, length).await

@@ -44,20 +44,25 @@ impl Inner {
     /// The plaintext of committed generation `rec` of `stripe`: k shards
     /// from the peers (data shards first, parity when one is slow, down
     /// or bad), each checked against the stripe map, decoded if needed.
-    /// A second try re-reads the peer list and the record.
+    /// A second try, if the peers that are up or the record changed
+    /// meanwhile (a peer came back, or moved).
     pub(super) async fn fetch(&self, stripe: u64, mut rec: StripeRecord) -> Result<Vec<u8>, String> {
         let k = self.geometry.k();
         let id = self.record.spec.id;
         let mut last_error = String::new();
         for attempt in 0..2 {
             if attempt > 0 {
-                if let Ok(p) = self.client.up_peers().await {
-                    *self.peers.write().expect("not poisoned") = p;
-                }
-                match self.record_of(stripe) {
-                    Some(r) => rec = r,
+                let before = self.peers.read().expect("not poisoned").clone();
+                let now = self.client.up_peers().await.unwrap_or_else(|_| before.clone());
+                *self.peers.write().expect("not poisoned") = now.clone();
+                let newer = match self.record_of(stripe) {
+                    Some(r) => r,
                     None => return Ok(vec![0; self.stripe_bytes]),
+                };
+                if now == before && newer == rec {
+                    break;
                 }
+                rec = newer;
             }
             let peers = self.peers.read().expect("not poisoned").clone();
             let got = match self.client.fetch_shards(id, stripe, &rec, &peers, k, self.config.hedge).await {
