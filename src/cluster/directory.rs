@@ -634,7 +634,11 @@ impl<S: MetaStore> Directory<S> {
             .collect();
         let bytes = shard_bytes(v.spec.shard_size);
         let n = usize::from(v.spec.k + v.spec.m);
-        let picked = choose_spread(&candidates, n, usize::from(v.spec.m), bytes, || self.random())
+        // Doubling up is for peers that are down for now; a cluster with
+        // fewer peers than a stripe has shards is told to grow instead.
+        let known = self.meta.list(b"peers/").await?.len();
+        let max_per_peer = if known >= n { usize::from(v.spec.m) } else { 1 };
+        let picked = choose_spread(&candidates, n, max_per_peer, bytes, || self.random())
             .map_err(|e| Remote::new(ErrorKind::Full, e.to_string()))?;
         let lease = self.meta.grant_lease(self.reservation_ttl).await?;
         let expires_ms = now + self.reservation_ttl.as_millis() as u64;
