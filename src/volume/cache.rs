@@ -66,7 +66,8 @@ impl Slot {
     }
 
     pub fn complete(&self, sectors: usize) -> bool {
-        (0..sectors).all(|s| self.has(s))
+        let whole = sectors / 8;
+        self.present[..whole].iter().all(|&b| b == 0xff) && (whole * 8..sectors).all(|s| self.has(s))
     }
 }
 

@@ -73,7 +73,7 @@ impl VolumeConfig {
             hedge: Duration::from_millis(30),
             put_grace: Duration::from_millis(300),
             destage_age: Duration::from_secs(2),
-            destage_parallel: 8,
+            destage_parallel: 32,
             io_timeout: Duration::from_secs(30),
         }
     }
@@ -635,9 +635,9 @@ impl Backend for Volume {
             let mut whole = inner.read_sectors(first, end - first).await?.to_vec();
             let skip = (offset - first * ss) as usize;
             whole[skip..skip + data.len()].copy_from_slice(&data);
-            return self.write_sectors(first, whole, fua, offset, len).await;
+            return self.write_sectors(first, Bytes::from(whole), fua, offset, len).await;
         }
-        self.write_sectors(offset / ss, data.to_vec(), fua, offset, len).await
+        self.write_sectors(offset / ss, data, fua, offset, len).await
     }
 
     async fn flush(&self) -> backend::Result<()> {
@@ -707,7 +707,7 @@ impl Volume {
     async fn write_sectors(
         &self,
         sector: u64,
-        data: Vec<u8>,
+        data: Bytes,
         fua: bool,
         offset: u64,
         len: u64,
