@@ -20,8 +20,9 @@ struct Entry {
     destaging: Option<u64>,
     /// First record after that snapshot.
     after: Option<u64>,
-    /// `last_write` when the slot was last found incomplete.
-    checked: Option<Instant>,
+    /// Sectors written since the stripe was last clean (repeats count):
+    /// a stripe written whole is worth destaging at once.
+    written: u64,
 }
 
 #[derive(Debug, Default)]
@@ -53,8 +54,8 @@ impl Dirty {
         }
     }
 
-    /// Record `lsn` was applied to `stripe`.
-    pub fn mark(&mut self, stripe: u64, lsn: u64) {
+    /// Record `lsn` (`sectors` of `stripe`) was applied.
+    pub fn mark(&mut self, stripe: u64, lsn: u64, sectors: u64) {
         let now = Instant::now();
         let e = self.stripes.entry(stripe).or_insert(Entry {
             first: lsn,
@@ -62,8 +63,9 @@ impl Dirty {
             last_write: now,
             destaging: None,
             after: None,
-            checked: None,
+            written: 0,
         });
+        e.written += sectors;
         e.first = e.first.min(lsn);
         e.last = e.last.max(lsn);
         e.last_write = now;
@@ -98,7 +100,10 @@ impl Dirty {
         let Some(e) = self.stripes.get_mut(&stripe) else { return };
         let Some(snap) = e.destaging.take() else { return };
         match e.after.take() {
-            Some(after) if e.last > snap => e.first = after,
+            Some(after) if e.last > snap => {
+                e.first = after;
+                e.written = 0;
+            }
             _ => {
                 self.stripes.remove(&stripe);
             }
@@ -130,8 +135,8 @@ impl Dirty {
 
     /// Stripes to destage now, most urgent first: those a flush waits for
     /// (records ≤ `flush`), the oldest ones while over the `pressure`
-    /// limit, those idle for `age`, and those `complete` says are whole
-    /// (after `settle` without writes).
+    /// limit, those idle for `age`, and those written whole (at least
+    /// `whole` sectors) and then left alone for `settle`.
     pub fn pick(
         &mut self,
         flush: u64,
@@ -139,13 +144,13 @@ impl Dirty {
         age: std::time::Duration,
         settle: std::time::Duration,
         max: usize,
-        mut complete: impl FnMut(u64) -> bool,
+        whole: u64,
     ) -> Vec<(u64, Reason)> {
         let now = Instant::now();
         let mut out: Vec<(u64, u64, Reason)> = Vec::new();
         let over = self.stripes.len().saturating_sub(pressure);
         let mut by_age: Vec<(u64, u64)> = Vec::new();
-        for (&s, e) in self.stripes.iter_mut() {
+        for (&s, e) in self.stripes.iter() {
             if e.destaging.is_some() {
                 continue;
             }
@@ -154,13 +159,8 @@ impl Dirty {
                 Some(Reason::Flush)
             } else if idle >= age {
                 Some(Reason::Age)
-            } else if idle >= settle && e.checked != Some(e.last_write) {
-                if complete(s) {
-                    Some(Reason::Candidate)
-                } else {
-                    e.checked = Some(e.last_write);
-                    None
-                }
+            } else if idle >= settle && e.written >= whole {
+                Some(Reason::Candidate)
             } else {
                 None
             };
@@ -191,13 +191,13 @@ mod tests {
         assert_eq!(d.trim_point(10), 10);
         d.begin_append(11);
         assert_eq!(d.trim_point(10), 10);
-        d.mark(3, 11);
+        d.mark(3, 11, 1);
         d.end_append(11);
-        d.mark(4, 12);
+        d.mark(4, 12, 1);
         assert_eq!(d.trim_point(12), 10);
         assert!(!d.covered(11));
         assert_eq!(d.start(3), Some(11));
-        d.mark(3, 13); // written during the destage
+        d.mark(3, 13, 1); // written during the destage
         d.finished(3);
         assert!(d.is_dirty(3));
         assert_eq!(d.trim_point(13), 11);
@@ -219,25 +219,21 @@ mod tests {
     fn flush_targets_come_first_then_pressure_oldest_first() {
         let mut d = Dirty::default();
         for s in 0..6 {
-            d.mark(s, 10 + s);
+            d.mark(s, 10 + s, 1);
         }
         let long = Duration::from_secs(60);
-        let none = d.pick(0, 100, long, long, 10, |_| true);
+        let none = d.pick(0, 100, long, long, 10, 4);
         assert!(none.is_empty());
-        let flush = d.pick(12, 100, long, long, 10, |_| false);
+        let flush = d.pick(12, 100, long, long, 10, 4);
         assert_eq!(flush, vec![(0, Reason::Flush), (1, Reason::Flush), (2, Reason::Flush)]);
-        let pressure = d.pick(0, 4, long, long, 10, |_| false);
+        let pressure = d.pick(0, 4, long, long, 10, 4);
         assert_eq!(pressure, vec![(0, Reason::Pressure), (1, Reason::Pressure)]);
-        let whole = d.pick(0, 100, long, Duration::ZERO, 10, |s| s == 5);
+        // Stripe 5 written whole (4 sectors): destaged once writes settle.
+        d.mark(5, 20, 3);
+        let whole = d.pick(0, 100, long, Duration::ZERO, 10, 4);
         assert_eq!(whole, vec![(5, Reason::Candidate)]);
-        // An incomplete stripe is not looked at again until written again.
-        let mut asked = 0;
-        d.pick(0, 100, long, Duration::ZERO, 10, |_| {
-            asked += 1;
-            false
-        });
-        assert_eq!(asked, 1, "only stripe 5 was unchecked");
-        let aged = d.pick(0, 100, Duration::ZERO, long, 2, |_| false);
+        assert!(d.pick(0, 100, long, long, 10, 4).is_empty(), "not before it settled");
+        let aged = d.pick(0, 100, Duration::ZERO, long, 2, 4);
         assert_eq!(aged.len(), 2);
     }
 }

@@ -300,11 +300,14 @@ impl Volume {
                 let flush = inner.flush_target.load(Ordering::Acquire);
                 let room = inner.config.destage_parallel.saturating_sub(running.len());
                 let mut d = inner.dirty.lock().expect("not poisoned");
-                let cache = &inner.cache;
-                let sectors = inner.sectors as usize;
-                d.pick(flush, pressure, inner.config.destage_age, Duration::from_millis(20), room, |s| {
-                    cache.lookup(s).is_some_and(|slot| slot.complete(sectors))
-                })
+                d.pick(
+                    flush,
+                    pressure,
+                    inner.config.destage_age,
+                    Duration::from_millis(20),
+                    room,
+                    inner.sectors,
+                )
             };
             for (stripe, _why) in picks {
                 let v = self.clone();
@@ -440,7 +443,7 @@ impl Inner {
                         self.cache.forget(stripe);
                         self.map.lock().expect("not poisoned").remove(&stripe);
                         self.zeroed.lock().expect("not poisoned").insert(stripe, lsn);
-                        self.dirty.lock().expect("not poisoned").mark(stripe, lsn);
+                        self.dirty.lock().expect("not poisoned").mark(stripe, lsn, self.sectors);
                         self.wake.notify_one();
                     } else {
                         let zeros = vec![0u8; n * SECTOR_SIZE];
@@ -478,7 +481,7 @@ impl Inner {
         }
         let many = {
             let mut d = self.dirty.lock().expect("not poisoned");
-            d.mark(stripe, lsn);
+            d.mark(stripe, lsn, (data.len() / SECTOR_SIZE) as u64);
             d.len() > self.cache.slots() as usize / 2
         };
         if many {
