@@ -639,3 +639,31 @@ fn sigkill_of_peers_and_of_the_directory_never_loses_a_flushed_write() {
     assert!(w.flushes > 0, "the writer never completed a flush");
     s.detach(a);
 }
+
+#[test]
+fn a_stalled_peer_loses_its_shards_to_another_one_long_tail() {
+    if !have_tools(&["nbdsh"]) {
+        return;
+    }
+    let mut s = Setup::new("16M");
+    s.c.add_peer("2G", "disk6");
+    s.c.wait_all_up(7);
+    let a = s.attach("a", &[]);
+    // One peer stops answering (but its heartbeats stop too only later):
+    // every put to it times out and goes to the spare peer instead.
+    s.c.peers[0].signal(libc::SIGSTOP);
+    let started = Instant::now();
+    let out = nbdsh(&a.uri, "h.pwrite(b'q' * (4 << 20), 0)\nh.flush()\nprint('FLUSHED')");
+    assert!(out.contains("FLUSHED"), "{out}");
+    let took = started.elapsed();
+    s.c.peers[0].signal(libc::SIGCONT);
+    assert!(took < Duration::from_secs(20), "the flush waited {took:?} for a stalled peer");
+    // Every stripe written has all k + m shards stored (none left out).
+    let info =
+        s.c.cli(&["volume", "info", VOLUME, "--json", "--credential", s.c.admin_cred().to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&info.1).unwrap();
+    assert_eq!(v["health"]["stripes"].as_u64(), Some(16), "{}", info.1);
+    assert_eq!(v["health"]["whole"].as_u64(), Some(16), "no shard may be missing: {}", info.1);
+    assert!(a.proc.output().contains("sending it to"), "{}", a.proc.output());
+    s.detach(a);
+}

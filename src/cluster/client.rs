@@ -209,6 +209,14 @@ impl Client {
         }
     }
 
+    /// Another peer for shard `index` of a reservation (long-tail cancellation).
+    pub async fn replace(&self, reservation: u64, index: u8) -> Result<PeerAddr, ClientError> {
+        match self.directory(&DirRequest::Replace { reservation, index }).await? {
+            DirResponse::Peer(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
     pub async fn release(&self, reservation: u64) -> Result<(), ClientError> {
         match self.directory(&DirRequest::Release { reservation }).await? {
             DirResponse::Done => Ok(()),

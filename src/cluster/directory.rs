@@ -610,28 +610,7 @@ impl<S: MetaStore> Directory<S> {
         let current = self.get::<StripeRecord>("stripe", &stripe_key(&v.spec.id, stripe)).await?;
         let generation = current.map_or(0, |(r, _)| r.generation) + 1;
         let now = now_ms();
-        let hints: HashMap<String, u32> = self
-            .get::<HintRecord>("hints", &key("hints", client))
-            .await?
-            .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
-            .unwrap_or_default();
-        let reserved = self.reserved_by_peer().await?;
-        let up = self.up_peers().await?;
-        let candidates: Vec<Candidate> = up
-            .iter()
-            .map(|(name, r)| Candidate {
-                name: name.clone(),
-                domain: r.report.failure_domain.clone(),
-                capacity: r.report.capacity,
-                free: r
-                    .report
-                    .capacity
-                    .saturating_sub(r.report.used)
-                    .saturating_sub(reserved.get(name).copied().unwrap_or(0)),
-                load: r.report.load,
-                rtt_micros: hints.get(name).copied(),
-            })
-            .collect();
+        let (up, candidates) = self.candidates(client).await?;
         let bytes = shard_bytes(v.spec.shard_size);
         let n = usize::from(v.spec.k + v.spec.m);
         // Doubling up is for peers that are down for now; a cluster with
@@ -833,6 +812,75 @@ impl<S: MetaStore> Directory<S> {
             }
         }
         Ok(DirResponse::Stripes(out))
+    }
+
+    /// The peers that are up, as placement candidates for `client`.
+    async fn candidates(&self, client: &str) -> Result<(Vec<(String, PeerRecord)>, Vec<Candidate>), Remote> {
+        let hints: HashMap<String, u32> = self
+            .get::<HintRecord>("hints", &key("hints", client))
+            .await?
+            .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
+            .unwrap_or_default();
+        let reserved = self.reserved_by_peer().await?;
+        let up = self.up_peers().await?;
+        let candidates = up
+            .iter()
+            .map(|(name, r)| Candidate {
+                name: name.clone(),
+                domain: r.report.failure_domain.clone(),
+                capacity: r.report.capacity,
+                free: r
+                    .report
+                    .capacity
+                    .saturating_sub(r.report.used)
+                    .saturating_sub(reserved.get(name).copied().unwrap_or(0)),
+                load: r.report.load,
+                rtt_micros: hints.get(name).copied(),
+            })
+            .collect();
+        Ok((up, candidates))
+    }
+
+    /// Another peer for shard `index` of a reservation whose peer is slow
+    /// or failing (long-tail cancellation): one that holds no other shard
+    /// of the stripe, weighted as placement weighs.
+    async fn replace(&self, client: &str, reservation: u64, index: u8) -> Result<DirResponse, Remote> {
+        let _one_at_a_time = self.placing.lock().await;
+        let rkey = reservation_key(reservation);
+        let Some((mut res, rev)) = self.get::<ReservationRecord>("reservation", &rkey).await? else {
+            return Err(Remote::new(
+                ErrorKind::NotFound,
+                format!("reservation {reservation} expired or was never made: ask for a new placement"),
+            ));
+        };
+        let i = usize::from(index);
+        if i >= res.peers.len() {
+            return Err(Remote::new(ErrorKind::Invalid, format!("the stripe has no shard {index}")));
+        }
+        let (up, candidates) = self.candidates(client).await?;
+        let open: Vec<Candidate> = candidates.into_iter().filter(|c| !res.peers.contains(&c.name)).collect();
+        let picked = choose_spread(&open, 1, 1, res.shard_bytes, || self.random())
+            .map_err(|e| Remote::new(ErrorKind::Full, format!("no other peer for shard {index}: {e}")))?;
+        let name = open[picked[0]].name.clone();
+        let addr = up
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| r.report.addr)
+            .ok_or_else(|| internal("a candidate vanished"))?;
+        res.peers[i] = name.clone();
+        let lease = self.meta.get(&rkey).await?.and_then(|e| e.lease);
+        let out = self
+            .meta
+            .txn(Txn::new().when(Compare::ModRevision(rkey.clone(), rev)).then(Op::Put {
+                key: rkey,
+                value: enc(&res),
+                lease,
+            }))
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(ErrorKind::Conflict, "the reservation changed meanwhile: retry"));
+        }
+        Ok(DirResponse::Peer(PeerAddr { name, addr }))
     }
 
     async fn release(&self, reservation: u64) -> Result<DirResponse, Remote> {
@@ -1280,6 +1328,10 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::Stripes { volume, after, limit } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.stripes(&volume, after, limit).await
+            }
+            DirRequest::Replace { reservation, index } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.replace(&who.node, reservation, index).await
             }
             DirRequest::Release { reservation } => {
                 needs(&[Role::Client, Role::Admin])?;

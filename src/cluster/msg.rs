@@ -303,6 +303,12 @@ pub enum DirRequest {
         after: Option<u64>,
         limit: u32,
     },
+    /// Another peer for one shard of a reservation (its peer is slow or
+    /// failing); the reservation is updated and the commit records it.
+    Replace {
+        reservation: u64,
+        index: u8,
+    },
     /// Give a reservation's space back (the write failed).
     Release {
         reservation: u64,
@@ -367,6 +373,7 @@ pub enum DirResponse {
     Placement(Placement),
     Stripe(Option<StripeRecord>),
     Stripes(Vec<(u64, StripeRecord)>),
+    Peer(PeerAddr),
     Done,
     Error(Remote),
 }
@@ -445,6 +452,11 @@ mod tests {
             hashes: vec![Some([9; 32]), None],
         });
         roundtrip(DirRequest::DropStripe { volume: "v".into(), stripe: 7, epoch: 2 });
+        roundtrip(DirRequest::Replace { reservation: 9, index: 3 });
+        roundtrip(DirResponse::Peer(PeerAddr {
+            name: "peer-2".into(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+        }));
         roundtrip(DirRequest::Stripes { volume: "v".into(), after: Some(3), limit: 100 });
         roundtrip(DirResponse::Stripes(vec![(
             5,

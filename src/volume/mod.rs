@@ -56,6 +56,8 @@ pub struct VolumeConfig {
     pub hedge: Duration,
     /// After a write quorum is stored, wait this long for the rest.
     pub put_grace: Duration,
+    /// A shard put slower than this is sent to another peer.
+    pub put_deadline: Duration,
     /// A dirty stripe not written for this long is destaged.
     pub destage_age: Duration,
     /// Stripes destaged at once.
@@ -72,6 +74,7 @@ impl VolumeConfig {
             force: false,
             hedge: Duration::from_millis(30),
             put_grace: Duration::from_millis(300),
+            put_deadline: Duration::from_secs(2),
             destage_age: Duration::from_secs(2),
             destage_parallel: 32,
             io_timeout: Duration::from_secs(30),

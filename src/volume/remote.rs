@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Inner;
-use crate::cluster::msg::{ErrorKind, StripeRecord};
+use crate::cluster::msg::{ErrorKind, PeerAddr, StripeRecord};
 use crate::codec::key::VolumeKey;
 use crate::codec::shard::HEADER_LEN;
 use crate::codec::{Geometry, SectorCipher, ShardHash, ShardHeader, StripeCodec, StripeError};
@@ -171,6 +171,31 @@ impl Inner {
         Ok(())
     }
 
+    /// Asks the directory for another peer for shard `index` (its put to
+    /// `from` failed or is slow); `None` if there is none.
+    async fn replacement(
+        &self,
+        reservation: u64,
+        stripe: u64,
+        index: usize,
+        from: &str,
+        why: &str,
+    ) -> Option<PeerAddr> {
+        match self.client.replace(reservation, index as u8).await {
+            Ok(p) => {
+                tracing::info!(
+                    "stripe {stripe} shard {index}: {from}: {why}; sending it to {} instead",
+                    p.name
+                );
+                Some(p)
+            }
+            Err(e) => {
+                tracing::info!("stripe {stripe} shard {index}: {from}: {why}; no other peer ({e})");
+                None
+            }
+        }
+    }
+
     fn fenced_by(&self, e: crate::cluster::client::ClientError) -> String {
         if e.kind() == Some(ErrorKind::Fenced) {
             self.fence(e.to_string());
@@ -180,8 +205,9 @@ impl Inner {
 
     /// Encodes `plain` as the next generation, stores its shards where the
     /// directory places them and commits it once a write quorum (k + 1)
-    /// is stored; shards still missing after a grace period are left out
-    /// (the stripe is degraded, and repair rebuilds them).
+    /// is stored. A slow or failed put is sent to another peer once; a
+    /// shard still missing after that is left out (the stripe is
+    /// degraded, and repair rebuilds it).
     async fn store_generation(
         &self,
         stripe: u64,
@@ -205,9 +231,8 @@ impl Inner {
         self.codecs.give(codec);
         let (shards, hashes) = encoded.map_err(|e| e.to_string())?;
 
-        let mut puts = tokio::task::JoinSet::new();
-        for (i, (payload, hash)) in shards.into_iter().zip(&hashes).enumerate() {
-            let header = ShardHeader {
+        let headers: Vec<ShardHeader> = (0..n)
+            .map(|i| ShardHeader {
                 volume_id: self.record.spec.id,
                 stripe,
                 generation,
@@ -215,38 +240,74 @@ impl Inner {
                 k: g.k() as u8,
                 m: (g.shards() - g.k()) as u8,
                 payload_len: size as u32,
-                payload_hash: *hash,
-            };
-            let (client, peer) = (self.client.clone(), placement.peers[i].clone());
+                payload_hash: hashes[i],
+            })
+            .collect();
+        let payloads: Vec<Bytes> = shards.into_iter().map(Bytes::from).collect();
+        let mut puts = tokio::task::JoinSet::new();
+        let mut handles: Vec<Option<tokio::task::AbortHandle>> = vec![None; n];
+        let spawn = |puts: &mut tokio::task::JoinSet<_>, i: usize, peer: PeerAddr| {
+            let (client, header, payload) = (self.client.clone(), headers[i], payloads[i].clone());
             puts.spawn(async move {
-                let r = client.put_shard(&peer, &header, Bytes::from(payload), epoch).await;
+                let r = client.put_shard(&peer, &header, payload, epoch).await;
                 (i, peer.name, r)
-            });
+            })
+        };
+        for (i, peer) in placement.peers.iter().enumerate() {
+            handles[i] = Some(spawn(&mut puts, i, peer.clone()));
         }
+        let mut names: Vec<String> = placement.peers.iter().map(|p| p.name.clone()).collect();
         let quorum = (g.k() + 1).min(n);
         let started = Instant::now();
         let mut stored: Vec<Option<[u8; 32]>> = vec![None; n];
+        let mut replaced = vec![false; n];
         let mut count = 0;
         let mut errors = Vec::new();
-        let mut grace: Option<tokio::time::Instant> = None;
-        let hard = tokio::time::Instant::now() + self.config.io_timeout;
+        // Long-tail cancellation: a shard whose put failed, or is still
+        // running when the quorum has had its grace (or, before a quorum,
+        // at the put deadline), goes to another peer the directory picks;
+        // a replacement gets one more deadline, then the shard is left out.
+        let mut turn = tokio::time::Instant::now() + self.config.put_deadline;
+        let mut last_turn = false;
         loop {
-            let until = grace.unwrap_or(hard);
-            let next = match tokio::time::timeout_at(until, puts.join_next()).await {
+            if count == n {
+                break;
+            }
+            let next = match tokio::time::timeout_at(turn, puts.join_next()).await {
                 Ok(Some(j)) => j,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(_) if last_turn => break,
+                Err(_) => {
+                    let slow: Vec<usize> = (0..n).filter(|&i| stored[i].is_none() && !replaced[i]).collect();
+                    for i in slow {
+                        if let Some(h) = handles[i].take() {
+                            h.abort();
+                        }
+                        if let Some(p) =
+                            self.replacement(placement.reservation, stripe, i, &names[i], "too slow").await
+                        {
+                            names[i] = p.name.clone();
+                            handles[i] = Some(spawn(&mut puts, i, p));
+                        }
+                        replaced[i] = true;
+                    }
+                    turn = tokio::time::Instant::now() + self.config.put_deadline;
+                    last_turn = true;
+                    continue;
+                }
             };
             match next {
                 Ok((i, _, Ok(()))) => {
                     stored[i] = Some(hashes[i].0);
+                    handles[i] = None;
                     count += 1;
-                    if count == quorum {
-                        // The long tail gets as long again as the quorum took.
+                    if count == quorum && !last_turn {
+                        // The tail gets as long again as the quorum took.
                         let wait = started.elapsed().max(self.config.put_grace);
-                        grace = Some(tokio::time::Instant::now() + wait);
+                        turn = turn.min(tokio::time::Instant::now() + wait);
                     }
                 }
-                Ok((_, peer, Err(e))) => {
+                Ok((i, peer, Err(e))) => {
                     if e.kind() == Some(ErrorKind::Fenced) {
                         puts.abort_all();
                         let _ = self.client.release(placement.reservation).await;
@@ -254,8 +315,19 @@ impl Inner {
                         return Err(e.to_string());
                     }
                     errors.push(format!("{peer}: {e}"));
+                    handles[i] = None;
+                    if !replaced[i] {
+                        replaced[i] = true;
+                        if let Some(p) =
+                            self.replacement(placement.reservation, stripe, i, &peer, &e.to_string()).await
+                        {
+                            names[i] = p.name.clone();
+                            handles[i] = Some(spawn(&mut puts, i, p));
+                        }
+                    }
                 }
-                Err(e) => errors.push(e.to_string()),
+                // Aborted (replaced) puts.
+                Err(_) => {}
             }
         }
         puts.abort_all();
@@ -270,11 +342,6 @@ impl Inner {
             tracing::info!("stripe {stripe} generation {generation} committed with {count} of {n} shards");
         }
         self.client.commit(&name, &placement, epoch, stored.clone()).await.map_err(|e| self.fenced_by(e))?;
-        Ok(StripeRecord {
-            generation,
-            peers: placement.peers.iter().map(|p| p.name.clone()).collect(),
-            hashes: stored,
-            committed_ms: crate::cluster::now_ms(),
-        })
+        Ok(StripeRecord { generation, peers: names, hashes: stored, committed_ms: crate::cluster::now_ms() })
     }
 }
