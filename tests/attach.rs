@@ -532,40 +532,17 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn filesystem_on_a_volume(mkfs: &[&str], fsck: &[&str]) {
-    use common::fs::{Fuse, Mounted, make_tree};
-    use common::system_path;
+    use common::fs::{check_filesystem, fill_filesystem, make_tree};
     let s = Setup::new("512M");
     let dir = s.c.root.path();
     let src = dir.join("src");
     let files = make_tree(&src);
     let a = s.attach("a", &["--cache-size", "64M"]);
-    {
-        let fuse = Fuse::mount(&dir.join("fuse"), &a.uri);
-        run(Command::new(mkfs[0]).env("PATH", system_path()).args(&mkfs[1..]).arg(fuse.disk()));
-        let m = Mounted::new(&fuse.disk(), &dir.join("mnt"));
-        run(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.0));
-        run(Command::new("sync").arg("-f").arg(&m.0));
-    }
+    fill_filesystem(dir, &a.uri, mkfs, &src);
     // Detach, and attach again from another folder: everything from the peers.
     s.detach(a);
     let b = s.attach("b", &["--cache-size", "64M"]);
-    let fuse = Fuse::mount(&dir.join("fuse2"), &b.uri);
-    let out =
-        Command::new(fsck[0]).env("PATH", system_path()).args(&fsck[1..]).arg(fuse.disk()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{fsck:?} found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    {
-        let m = Mounted::new(&fuse.disk(), &dir.join("mnt2"));
-        for (rel, data) in &files {
-            let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
-            assert!(&got == data, "{} differs after moving the volume", rel.display());
-        }
-    }
-    drop(fuse);
+    check_filesystem(dir, &b.uri, fsck, &files);
     s.detach(b);
 }
 

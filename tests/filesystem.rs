@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::fs::{Fuse, Mounted, make_tree};
-use common::{Served, have_tools, run, system_path};
+use common::fs::{check_filesystem, fill_filesystem, make_tree};
+use common::{Served, have_tools};
 
 fn filesystem_round_trip(mkfs: &[&str], fsck: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
@@ -16,30 +14,11 @@ fn filesystem_round_trip(mkfs: &[&str], fsck: &[&str]) {
     let mut s = Served::start(&["--file", &image, "--size", "512M"]);
     let src = dir.path().join("src");
     let files = make_tree(&src);
-    {
-        let fuse = Fuse::mount(&dir.path().join("fuse"), &s.unix_uri);
-        run(Command::new(mkfs[0]).env("PATH", system_path()).args(&mkfs[1..]).arg(fuse.disk()));
-        let m = Mounted::new(&fuse.disk(), &dir.path().join("mnt"));
-        run(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.0));
-        run(Command::new("sync").arg("-f").arg(&m.0));
-    }
+    fill_filesystem(dir.path(), &s.unix_uri, mkfs, &src);
     // Clean server restart: everything must have reached the file.
     assert!(s.stop().success());
     let s = Served::start(&["--file", &image]);
-    let fuse = Fuse::mount(&dir.path().join("fuse2"), &s.tcp_uri);
-    let out =
-        Command::new(fsck[0]).env("PATH", system_path()).args(&fsck[1..]).arg(fuse.disk()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{fsck:?} found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let m = Mounted::new(&fuse.disk(), &dir.path().join("mnt2"));
-    for (rel, data) in &files {
-        let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
-        assert!(&got == data, "{} differs after remount", rel.display());
-    }
+    check_filesystem(dir.path(), &s.tcp_uri, fsck, &files);
 }
 
 #[test]

@@ -139,14 +139,14 @@ impl Client {
         epoch: u64,
         hashes: Vec<Option<[u8; 32]>>,
     ) -> Result<Option<StripeRecord>, ClientError> {
-        let req = DirRequest::Commit {
+        let req = DirRequest::Commit(Commit {
             reservation: placement.reservation,
             volume: volume.into(),
             stripe: placement.stripe,
             generation: placement.generation,
             epoch,
             hashes,
-        };
+        });
         match self.directory(&req).await? {
             DirResponse::Stripe(s) => Ok(s),
             other => Err(unexpected(other)),

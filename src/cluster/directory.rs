@@ -117,16 +117,6 @@ struct ReservationRecord {
     expires_ms: u64,
 }
 
-/// A `DirRequest::Commit`'s fields.
-struct CommitCall {
-    reservation: u64,
-    volume: String,
-    stripe: u64,
-    generation: u64,
-    epoch: u64,
-    hashes: Vec<Option<[u8; 32]>>,
-}
-
 fn key(prefix: &str, name: &str) -> Vec<u8> {
     format!("{prefix}/{name}").into_bytes()
 }
@@ -649,8 +639,8 @@ impl<S: MetaStore> Directory<S> {
         }))
     }
 
-    async fn commit(&self, who: &str, c: CommitCall) -> Result<DirResponse, Remote> {
-        let CommitCall { reservation, volume, stripe, generation, epoch, hashes } = c;
+    async fn commit(&self, who: &str, c: Commit) -> Result<DirResponse, Remote> {
+        let Commit { reservation, volume, stripe, generation, epoch, hashes } = c;
         let volume = volume.as_str();
         let vkey = key("volumes", volume);
         let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
@@ -1206,15 +1196,21 @@ impl<S: MetaStore> Directory<S> {
         &self,
         done: Option<Result<Option<crate::meta::Entry>, tokio::task::JoinError>>,
     ) -> Result<(), Remote> {
-        if let Some(Ok(Some(entry))) = done {
-            self.meta
-                .txn(
-                    Txn::new()
-                        .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
-                        .then(Op::Delete { key: entry.key }),
-                )
-                .await?;
+        match done {
+            Some(Ok(Some(entry))) => self.dequeue(entry).await,
+            _ => Ok(()),
         }
+    }
+
+    /// Removes a collector's queue entry, unless it changed since it was read.
+    async fn dequeue(&self, entry: crate::meta::Entry) -> Result<(), Remote> {
+        self.meta
+            .txn(
+                Txn::new()
+                    .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
+                    .then(Op::Delete { key: entry.key }),
+            )
+            .await?;
         Ok(())
     }
 
@@ -1259,13 +1255,7 @@ impl<S: MetaStore> Directory<S> {
                 }
             }
             if clean {
-                self.meta
-                    .txn(
-                        Txn::new()
-                            .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
-                            .then(Op::Delete { key: entry.key }),
-                    )
-                    .await?;
+                self.dequeue(entry).await?;
             }
         }
         Ok(())
@@ -1316,10 +1306,9 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.place(&who.node, &volume, stripe).await
             }
-            DirRequest::Commit { reservation, volume, stripe, generation, epoch, hashes } => {
+            DirRequest::Commit(c) => {
                 needs(&[Role::Client, Role::Admin])?;
-                let call = CommitCall { reservation, volume, stripe, generation, epoch, hashes };
-                self.commit(&who.node, call).await
+                self.commit(&who.node, c).await
             }
             DirRequest::DropStripe { volume, stripe, epoch } => {
                 needs(&[Role::Client, Role::Admin])?;

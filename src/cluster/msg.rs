@@ -247,6 +247,19 @@ pub struct ClusterStatus {
     pub volumes: Vec<VolumeStatus>,
 }
 
+/// The new generation of a stripe is stored: record it, turn the
+/// reservation into used space. `epoch` is the writer's lease epoch (0 for
+/// a volume never attached); a writer that was taken over is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    pub reservation: u64,
+    pub volume: String,
+    pub stripe: u64,
+    pub generation: u64,
+    pub epoch: u64,
+    pub hashes: Vec<Option<[u8; 32]>>,
+}
+
 /// Calls to the directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DirRequest {
@@ -278,16 +291,7 @@ pub enum DirRequest {
     },
     /// The new generation is stored: record it, turn the reservation into
     /// used space.
-    /// `epoch` is the writer's lease epoch (0 for a volume never attached);
-    /// a writer that was taken over is refused.
-    Commit {
-        reservation: u64,
-        volume: String,
-        stripe: u64,
-        generation: u64,
-        epoch: u64,
-        hashes: Vec<Option<[u8; 32]>>,
-    },
+    Commit(Commit),
     /// The stripe reads as zeroes from now on: its record goes, its shards
     /// are erased (TRIM, WRITE_ZEROES of a whole stripe, a stripe destaged
     /// as all zeroes).
@@ -443,14 +447,14 @@ mod tests {
             problem: None,
             rtts: vec![Rtt { node: "peer-2".into(), micros: 120 }],
         }));
-        roundtrip(DirRequest::Commit {
+        roundtrip(DirRequest::Commit(Commit {
             reservation: 1,
             volume: "v".into(),
             stripe: 2,
             generation: 3,
             epoch: 4,
             hashes: vec![Some([9; 32]), None],
-        });
+        }));
         roundtrip(DirRequest::DropStripe { volume: "v".into(), stripe: 7, epoch: 2 });
         roundtrip(DirRequest::Replace { reservation: 9, index: 3 });
         roundtrip(DirResponse::Peer(PeerAddr {

@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -132,14 +132,6 @@ struct Inner {
     flush_target: AtomicU64,
     peers: std::sync::RwLock<Vec<PeerAddr>>,
     stop: CancellationToken,
-    destaging: AtomicBool,
-    stats: Stats,
-}
-
-#[derive(Default)]
-struct Stats {
-    destaged: AtomicU64,
-    fetched: AtomicU64,
 }
 
 fn eio(op: &'static str, offset: u64, length: u64, why: impl std::fmt::Display) -> backend::Error {
@@ -227,8 +219,6 @@ impl Volume {
             flush_target: AtomicU64::new(0),
             peers: std::sync::RwLock::new(peers),
             stop: CancellationToken::new(),
-            destaging: AtomicBool::new(false),
-            stats: Stats::default(),
             record,
             client,
             config,
@@ -253,11 +243,6 @@ impl Volume {
 
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Relaxed)
-    }
-
-    /// Stripes destaged and stripes fetched from peers so far.
-    pub fn counters(&self) -> (u64, u64) {
-        (self.inner.stats.destaged.load(Ordering::Relaxed), self.inner.stats.fetched.load(Ordering::Relaxed))
     }
 
     /// Destages everything, closes the cache cleanly and releases the
@@ -297,6 +282,9 @@ impl Volume {
         let inner = &self.inner;
         let slots = inner.cache.slots() as usize;
         let mut running = tokio::task::JoinSet::new();
+        // Trimming syncs a file and the folder: once a second is plenty
+        // (records kept a little longer only replay again, harmlessly).
+        let mut trimmed = tokio::time::Instant::now();
         loop {
             let pressure = slots / 2;
             let picks = {
@@ -316,7 +304,6 @@ impl Volume {
                 let v = self.clone();
                 running.spawn(async move { v.inner.destage(stripe).await });
             }
-            inner.destaging.store(!running.is_empty(), Ordering::Relaxed);
             tokio::select! {
                 Some(done) = running.join_next(), if !running.is_empty() => {
                     if let Ok(Err(e)) = done {
@@ -324,8 +311,11 @@ impl Volume {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     inner.progress.notify_waiters();
-                    if let Err(e) = inner.trim_log().await {
-                        tracing::warn!("trimming the log: {e}");
+                    if trimmed.elapsed() >= Duration::from_secs(1) {
+                        trimmed = tokio::time::Instant::now();
+                        if let Err(e) = inner.trim_log().await {
+                            tracing::warn!("trimming the log: {e}");
+                        }
                     }
                 }
                 () = inner.wake.notified() => {}

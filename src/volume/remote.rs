@@ -94,7 +94,6 @@ impl Inner {
                     if !report.corrupt.is_empty() {
                         tracing::warn!("stripe {stripe}: shards {:?} failed their hash", report.corrupt);
                     }
-                    self.stats.fetched.fetch_add(1, Ordering::Relaxed);
                     return Ok(out);
                 }
                 Err(e) => last_error = e.to_string(),
@@ -112,10 +111,7 @@ impl Inner {
         let result = self.destage_from(stripe, snap, held, &lock).await;
         let mut d = self.dirty.lock().expect("not poisoned");
         match &result {
-            Ok(()) => {
-                d.finished(stripe);
-                self.stats.destaged.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => d.finished(stripe),
             Err(_) => d.failed(stripe),
         }
         result

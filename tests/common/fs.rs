@@ -87,3 +87,36 @@ pub fn make_tree(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     files
 }
+
+/// Makes a filesystem (`mkfs` and its options) on the export at `uri`
+/// through nbdfuse under `dir`, copies `src` into it and syncs it.
+pub fn fill_filesystem(dir: &Path, uri: &str, mkfs: &[&str], src: &Path) {
+    let fuse = Fuse::mount(&dir.join("fuse"), uri);
+    run(Command::new(mkfs[0]).env("PATH", super::system_path()).args(&mkfs[1..]).arg(fuse.disk()));
+    let m = Mounted::new(&fuse.disk(), &dir.join("mnt"));
+    run(Command::new("cp").arg("-a").arg(format!("{}/.", src.display())).arg(&m.0));
+    run(Command::new("sync").arg("-f").arg(&m.0));
+}
+
+/// Checks the filesystem on the export at `uri` with `fsck` (it must be
+/// clean), mounts it and compares every file of `files`.
+pub fn check_filesystem(dir: &Path, uri: &str, fsck: &[&str], files: &[(PathBuf, Vec<u8>)]) {
+    let fuse = Fuse::mount(&dir.join("fuse2"), uri);
+    let out = Command::new(fsck[0])
+        .env("PATH", super::system_path())
+        .args(&fsck[1..])
+        .arg(fuse.disk())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{fsck:?} found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = Mounted::new(&fuse.disk(), &dir.join("mnt2"));
+    for (rel, data) in files {
+        let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{}: {e}", rel.display()));
+        assert!(&got == data, "{} differs", rel.display());
+    }
+}
