@@ -9,13 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use meshdisk::backend::Backend;
 use meshdisk::backend::file::FileBackend;
 use meshdisk::backend::memory::MemoryBackend;
-use meshdisk::cluster::ca::Role;
 use meshdisk::codec::bench::{self, BenchConfig};
 use meshdisk::codec::{Geometry, SECTOR_SIZE, VolumeKey};
+use meshdisk::membership::ca::Role;
 use meshdisk::nbd::server::bind_unix;
 use meshdisk::nbd::{Server, ServerConfig};
 use meshdisk::size::{human, parse_duration, parse_size};
-use meshdisk::uring::Uring;
+use meshdisk::sys::uring::Uring;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
@@ -433,7 +433,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Attach(args) => runtime.block_on(attach(args)),
         Command::Demo(a) => runtime.block_on(async {
-            let config = meshdisk::demo::DemoConfig {
+            let config = meshdisk::cli::demo::DemoConfig {
                 state: a.state,
                 size: a.size,
                 peers: 6,
@@ -441,7 +441,7 @@ fn main() -> ExitCode {
                 cache_size: a.cache_size,
                 listen: a.listen,
             };
-            meshdisk::demo::run(config, stop_on_signals()?).await
+            meshdisk::cli::demo::run(config, stop_on_signals()?).await
         }),
         Command::Directory(args) => runtime.block_on(directory(args)),
         Command::Peer(args) => runtime.block_on(peer(args)),
@@ -529,7 +529,7 @@ fn stop_on_signals() -> Result<tokio_util::sync::CancellationToken, String> {
 }
 
 async fn directory(args: DirectoryArgs) -> Result<(), String> {
-    let config = meshdisk::cluster::directory::DirectoryConfig {
+    let config = meshdisk::directory::DirectoryConfig {
         data: args.data,
         listen: args.listen,
         advertise: args.advertise,
@@ -539,14 +539,14 @@ async fn directory(args: DirectoryArgs) -> Result<(), String> {
         lease_ttl: args.lease_ttl,
     };
     let stop = stop_on_signals()?;
-    meshdisk::cluster::directory::run(config, stop).await.map_err(|e| e.to_string())
+    meshdisk::directory::run(config, stop).await.map_err(|e| e.to_string())
 }
 
 async fn peer(args: PeerArgs) -> Result<(), String> {
     if args.capacity == 0 {
         return Err("--capacity must be more than 0".into());
     }
-    let config = meshdisk::cluster::peer::PeerConfig {
+    let config = meshdisk::peer::PeerConfig {
         data: args.data,
         directory: args.directory,
         join: args.join,
@@ -558,7 +558,7 @@ async fn peer(args: PeerArgs) -> Result<(), String> {
         heartbeat: args.heartbeat,
     };
     let stop = stop_on_signals()?;
-    meshdisk::cluster::peer::run(config, stop).await
+    meshdisk::peer::run(config, stop).await
 }
 
 async fn join(args: JoinArgs) -> Result<(), String> {
@@ -568,7 +568,7 @@ async fn join(args: JoinArgs) -> Result<(), String> {
             args.credential.display()
         ));
     }
-    let cred = meshdisk::cluster::credential::join(&args.directory, &args.token, args.role, args.name)
+    let cred = meshdisk::client::join::join(&args.directory, &args.token, args.role, args.name)
         .await
         .map_err(|e| e.to_string())?;
     cred.save(&args.credential).map_err(|e| e.to_string())?;
@@ -582,9 +582,10 @@ async fn join(args: JoinArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn client(arg: &CredentialArg) -> Result<meshdisk::cluster::client::Client, String> {
-    let cred = meshdisk::cluster::credential::Credential::load(&arg.credential).map_err(|e| e.to_string())?;
-    meshdisk::cluster::client::Client::new(cred).map_err(|e| e.to_string())
+fn client(arg: &CredentialArg) -> Result<meshdisk::client::Client, String> {
+    let cred =
+        meshdisk::membership::credential::Credential::load(&arg.credential).map_err(|e| e.to_string())?;
+    meshdisk::client::Client::new(cred).map_err(|e| e.to_string())
 }
 
 async fn token_create(args: TokenCreateArgs) -> Result<(), String> {
@@ -609,13 +610,13 @@ async fn status(args: StatusArgs) -> Result<(), String> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
     } else {
-        print!("{}", meshdisk::cluster::status::render(&s));
+        print!("{}", meshdisk::cli::status::render(&s));
     }
     Ok(())
 }
 
 async fn volume(cmd: VolumeCommand) -> Result<(), String> {
-    use meshdisk::cluster::msg::{Durability, VolumeSpec};
+    use meshdisk::api::{Durability, VolumeSpec};
     use meshdisk::codec::key::KdfParams;
     match cmd {
         VolumeCommand::Create(a) => {
@@ -631,7 +632,7 @@ async fn volume(cmd: VolumeCommand) -> Result<(), String> {
             getrandom::fill(&mut id).map_err(|e| e.to_string())?;
             let (key, kdf, made) = if a.passphrase {
                 let kdf = KdfParams::generate().map_err(|e| e.to_string())?;
-                let pass = meshdisk::passphrase::read("passphrase for the new volume: ", true)?;
+                let pass = meshdisk::cli::passphrase::read("passphrase for the new volume: ", true)?;
                 (
                     VolumeKey::from_passphrase(pass.as_bytes(), &kdf).map_err(|e| e.to_string())?,
                     Some(kdf),
@@ -684,7 +685,7 @@ async fn volume(cmd: VolumeCommand) -> Result<(), String> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s.volumes).map_err(|e| e.to_string())?);
             } else {
-                print!("{}", meshdisk::cluster::status::render_volumes(&s.volumes));
+                print!("{}", meshdisk::cli::status::render_volumes(&s.volumes));
             }
             Ok(())
         }
@@ -693,7 +694,7 @@ async fn volume(cmd: VolumeCommand) -> Result<(), String> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&info).map_err(|e| e.to_string())?);
             } else {
-                print!("{}", meshdisk::cluster::status::render_volume_info(&info));
+                print!("{}", meshdisk::cli::status::render_volume_info(&info));
             }
             Ok(())
         }
@@ -715,7 +716,7 @@ async fn volume(cmd: VolumeCommand) -> Result<(), String> {
 }
 
 async fn bench_cluster(args: BenchClusterArgs) -> Result<(), String> {
-    use meshdisk::cluster::bench::{ClusterBench, Phase};
+    use meshdisk::cli::bench_cluster::{ClusterBench, Phase};
     let shard_size = usize::try_from(args.shard_size).map_err(|_| "--shard-size is too large".to_string())?;
     if shard_size == 0 || shard_size % 64 != 0 || shard_size > 16 << 20 {
         return Err("--shard-size must be a multiple of 64 bytes, at most 16M".into());
@@ -744,7 +745,7 @@ async fn bench_cluster(args: BenchClusterArgs) -> Result<(), String> {
     };
     let c = client(&args.credential)?;
     let json = args.json;
-    let results = meshdisk::cluster::bench::run(&c, &config, |r| {
+    let results = meshdisk::cli::bench_cluster::run(&c, &config, |r| {
         if !json {
             println!(
                 "{:<6} {} peers {:>8} shards {:>8.3} GiB/s {:>6.2} CPU-s/GiB (this process) {:>6.1} s",
@@ -843,7 +844,7 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
                     a.name
                 ));
             };
-            let pass = meshdisk::passphrase::read(&format!("passphrase of volume {}: ", a.name), false)?;
+            let pass = meshdisk::cli::passphrase::read(&format!("passphrase of volume {}: ", a.name), false)?;
             VolumeKey::from_passphrase(pass.as_bytes(), kdf).map_err(|e| e.to_string())?
         }
     };

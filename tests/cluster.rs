@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::cluster::{Cluster, Proc};
-use meshdisk::cluster::msg::{ErrorKind, PeerAddr, PeerState, VolumeSpec};
+use meshdisk::api::{ErrorKind, PeerAddr, PeerState, VolumeSpec};
 use meshdisk::codec::shard::ShardHeader;
-use meshdisk::store::ShardKey;
+use meshdisk::codec::shard::ShardKey;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -32,7 +32,7 @@ fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
         repair_threshold: k + 1.min(m),
         key_check: [0; 32],
         kdf: None,
-        durability: meshdisk::cluster::msg::Durability::Remote,
+        durability: meshdisk::api::Durability::Remote,
     }
 }
 
@@ -207,11 +207,12 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
     // nothing.
     let rt = runtime();
     rt.block_on(async {
-        use meshdisk::cluster::msg::{DirRequest, DirResponse};
-        use meshdisk::net::rpc::{Pool, endpoint};
-        use meshdisk::net::tls::join_client_config;
+        use meshdisk::api::{DirRequest, DirResponse};
+        use meshdisk::transport::rpc::{Pool, endpoint};
+        use meshdisk::transport::tls::join_client_config;
         let cred = c.credential();
-        let pin = meshdisk::cluster::ca::ca_pin(&meshdisk::cluster::ca::pem_certs(&cred.ca_pem).unwrap()[0]);
+        let pin =
+            meshdisk::membership::ca::ca_pin(&meshdisk::membership::ca::pem_certs(&cred.ca_pem).unwrap()[0]);
         let ep = endpoint("127.0.0.1:0".parse().unwrap(), None, join_client_config(&pin).unwrap()).unwrap();
         let pool = Pool::new(ep);
         let (resp, _): (DirResponse, _) = pool
@@ -235,7 +236,11 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
         let err = pool
             .call::<_, DirResponse>(
                 peer.addr,
-                &meshdisk::cluster::ca::node_name(&peer.name, meshdisk::cluster::ca::Role::Peer, "home"),
+                &meshdisk::membership::ca::node_name(
+                    &peer.name,
+                    meshdisk::membership::ca::Role::Peer,
+                    "home",
+                ),
                 &DirRequest::Status,
                 vec![],
                 Duration::from_secs(10),
@@ -270,9 +275,9 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
     // A peer's credential may read shards but not write or erase them,
     // and may not see volumes.
     let peer_cred =
-        meshdisk::cluster::credential::Credential::load(&c.peer_dir(0).join("identity.cred")).unwrap();
+        meshdisk::membership::credential::Credential::load(&c.peer_dir(0).join("identity.cred")).unwrap();
     rt.block_on(async {
-        let as_peer = meshdisk::cluster::client::Client::new(peer_cred).unwrap();
+        let as_peer = meshdisk::client::Client::new(peer_cred).unwrap();
         let target = addr_of(&c, &first);
         let (h, payload) = shard([6; 16], 0, 0, 1, 4096);
         let err = as_peer.put_shard(&target, &h, payload, 1).await.unwrap_err();

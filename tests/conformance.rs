@@ -9,7 +9,7 @@ use bytes::Bytes;
 use meshdisk::backend::file::FileBackend;
 use meshdisk::backend::memory::MemoryBackend;
 use meshdisk::backend::{Backend, Segment, ZeroFlags};
-use meshdisk::uring::Uring;
+use meshdisk::sys::uring::Uring;
 
 const SIZE: u64 = 8 << 20;
 

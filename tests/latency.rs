@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Proc};
-use meshdisk::cluster::msg::{PeerAddr, VolumeSpec};
+use meshdisk::api::{PeerAddr, VolumeSpec};
 
 const DELAY: Duration = Duration::from_millis(20);
 
@@ -215,7 +215,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
             repair_threshold: k,
             key_check: [0; 32],
             kdf: None,
-            durability: meshdisk::cluster::msg::Durability::Remote,
+            durability: meshdisk::api::Durability::Remote,
         };
         client.create_volume(spec("three", 2, 1, 1)).await.unwrap();
         for stripe in 0..40 {

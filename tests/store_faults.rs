@@ -10,8 +10,8 @@ use std::process::Command;
 
 use bytes::Bytes;
 use meshdisk::codec::shard::{ShardHash, ShardHeader};
-use meshdisk::store::{ShardStore, StoreError};
-use meshdisk::uring::Uring;
+use meshdisk::peer::store::{ShardStore, StoreError};
+use meshdisk::sys::uring::Uring;
 
 fn shard(stripe: u64, fill: u8) -> Bytes {
     let payload = vec![fill; 16 * 1024];

@@ -6,9 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{Cluster, put_placement};
-use meshdisk::cluster::client::Client;
-use meshdisk::cluster::credential::Credential;
-use meshdisk::cluster::msg::ErrorKind;
+use meshdisk::api::ErrorKind;
+use meshdisk::client::Client;
+use meshdisk::membership::credential::Credential;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -64,7 +64,7 @@ fn volumes_are_created_listed_inspected_and_checked() {
     }
     let (ok, json, _) = c.cli(&["volume", "info", "photos", "--json", "--credential", &cred(&c)]);
     assert!(ok);
-    let v: meshdisk::cluster::msg::VolumeInfo = serde_json::from_str(&json).unwrap();
+    let v: meshdisk::api::VolumeInfo = serde_json::from_str(&json).unwrap();
     assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 5));
     assert_eq!(v.record.spec.size, 1 << 30);
     // The stored key check matches the key file, and only it.
@@ -139,7 +139,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         let err = a.renew_lease("disk", 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced));
         assert!(err.to_string().contains("taken over by desktop"), "{err}");
-        let fake = meshdisk::cluster::msg::Placement {
+        let fake = meshdisk::api::Placement {
             reservation: 1,
             stripe: 0,
             generation: 1,

@@ -5,8 +5,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshdisk::cluster::msg::{DirRequest, DirResponse, PeerRequest, PeerResponse};
-use meshdisk::net::wire;
+use meshdisk::api::{DirRequest, DirResponse, PeerRequest, PeerResponse};
+use meshdisk::transport::wire;
 
 fn check<T>(body: &[u8])
 where

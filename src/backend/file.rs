@@ -24,7 +24,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 
 use super::{Backend, Error, Extent, Features, ReadData, Result, ZeroFlags, push_extent};
-use crate::uring::{RegisteredFile, Uring};
+use crate::sys::uring::{RegisteredFile, Uring};
 
 const MAX_EXTENTS: usize = 4096;
 /// Zeroes written per request when no faster way to zero exists.

@@ -235,6 +235,21 @@ fn header_check(bytes: &[u8]) -> [u8; 8] {
     blake3::hash(bytes).as_bytes()[..8].try_into().expect("8 of 32 bytes")
 }
 
+/// Which shard: volume, stripe, generation, index in the stripe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ShardKey {
+    pub volume: [u8; VOLUME_ID_LEN],
+    pub stripe: u64,
+    pub generation: u64,
+    pub index: u8,
+}
+
+impl ShardKey {
+    pub fn of(h: &ShardHeader) -> Self {
+        Self { volume: h.volume_id, stripe: h.stripe, generation: h.generation, index: h.index }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

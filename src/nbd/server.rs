@@ -50,7 +50,7 @@ use tracing::{debug, warn};
 use super::handshake::{Export, negotiate};
 use super::proto::*;
 use crate::backend::{self, Backend, Extent, ReadData, Segment, ZeroFlags};
-use crate::pool::BufferPool;
+use crate::sys::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
 /// zero-length requests is bounded too.

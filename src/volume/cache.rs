@@ -25,7 +25,7 @@ use memmap2::MmapMut;
 
 use crate::codec::key::{VOLUME_ID_LEN, VolumeKey};
 use crate::codec::{SECTOR_SIZE, SectorCipher};
-use crate::uring::{RegisteredFile, Uring};
+use crate::sys::uring::{RegisteredFile, Uring};
 
 const MAGIC: &[u8; 8] = b"MDCACHE1";
 const HEADER_LEN: usize = 128;

@@ -33,12 +33,12 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::{Durability, ErrorKind, PeerAddr, StripeRecord, VolumeRecord};
 use crate::backend::{self, Backend, Extent, Features, ReadData, Segment, ZeroFlags};
-use crate::cluster::client::Client;
-use crate::cluster::msg::{Durability, ErrorKind, PeerAddr, StripeRecord, VolumeRecord};
+use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::codec::{SECTOR_SIZE, erasure::Geometry};
-use crate::uring::Uring;
+use crate::sys::uring::Uring;
 use cache::{Cache, CacheError};
 use dirty::Dirty;
 use wal::{Entry, Wal, WalError};
@@ -85,7 +85,7 @@ impl VolumeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("{0}")]
-    Cluster(#[from] crate::cluster::client::ClientError),
+    Cluster(#[from] crate::client::ClientError),
     #[error("the key does not open volume {0}: use the key file or passphrase it was created with")]
     WrongKey(String),
     #[error(transparent)]

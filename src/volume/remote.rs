@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Inner;
-use crate::cluster::msg::{ErrorKind, PeerAddr, StripeRecord};
+use crate::api::{ErrorKind, PeerAddr, StripeRecord};
 use crate::codec::key::VolumeKey;
 use crate::codec::shard::HEADER_LEN;
 use crate::codec::{Geometry, SectorCipher, ShardHash, ShardHeader, StripeCodec, StripeError};
@@ -192,7 +192,7 @@ impl Inner {
         }
     }
 
-    fn fenced_by(&self, e: crate::cluster::client::ClientError) -> String {
+    fn fenced_by(&self, e: crate::client::ClientError) -> String {
         if e.kind() == Some(ErrorKind::Fenced) {
             self.fence(e.to_string());
         }
@@ -338,6 +338,11 @@ impl Inner {
             tracing::info!("stripe {stripe} generation {generation} committed with {count} of {n} shards");
         }
         self.client.commit(&name, &placement, epoch, stored.clone()).await.map_err(|e| self.fenced_by(e))?;
-        Ok(StripeRecord { generation, peers: names, hashes: stored, committed_ms: crate::cluster::now_ms() })
+        Ok(StripeRecord {
+            generation,
+            peers: names,
+            hashes: stored,
+            committed_ms: crate::sys::clock::now_ms(),
+        })
     }
 }

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 
 use crate::codec::key::{VOLUME_ID_LEN, VolumeKey};
 use crate::codec::{SECTOR_SIZE, SectorCipher};
-use crate::uring::{RegisteredFile, Uring};
+use crate::sys::uring::{RegisteredFile, Uring};
 
 /// A segment is closed once it passes this size.
 pub const SEGMENT_LIMIT: u64 = 64 << 20;

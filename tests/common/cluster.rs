@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshdisk::cluster::client::Client;
-use meshdisk::cluster::credential::Credential;
-use meshdisk::cluster::msg::{ClusterStatus, PeerState};
+use meshdisk::api::{ClusterStatus, PeerState};
+use meshdisk::client::Client;
+use meshdisk::membership::credential::Credential;
 
 use super::meshdisk_bin;
 
@@ -365,7 +365,7 @@ pub async fn put_placement(
     client: &Client,
     volume: [u8; 16],
     geometry: (u8, u8),
-    p: &meshdisk::cluster::msg::Placement,
+    p: &meshdisk::api::Placement,
     epoch: u64,
     len: usize,
     seed: u8,

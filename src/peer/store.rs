@@ -45,8 +45,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Mutex;
 
 use crate::codec::key::VOLUME_ID_LEN;
-use crate::codec::shard::{ShardError, ShardHeader, parse_shard};
-use crate::uring::{RegisteredFile, Uring};
+use crate::codec::shard::{ShardError, ShardKey, parse_shard};
+use crate::sys::uring::{RegisteredFile, Uring};
 
 /// A segment is closed and a new one started once it reaches this size.
 pub const SEGMENT_LIMIT: u64 = 1 << 30;
@@ -55,35 +55,25 @@ const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
-/// Which shard: volume, stripe, generation, index in the stripe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub struct ShardKey {
-    pub volume: [u8; VOLUME_ID_LEN],
-    pub stripe: u64,
-    pub generation: u64,
-    pub index: u8,
-}
+/// The store's index key of a shard.
+struct IndexKey;
 
-impl ShardKey {
-    pub fn of(h: &ShardHeader) -> Self {
-        Self { volume: h.volume_id, stripe: h.stripe, generation: h.generation, index: h.index }
-    }
-
+impl IndexKey {
     /// Big-endian, so the index sorts by volume, stripe, generation, index.
-    fn encode(&self) -> [u8; 33] {
+    fn encode(key: &ShardKey) -> [u8; 33] {
         let mut b = [0u8; 33];
-        b[..16].copy_from_slice(&self.volume);
-        b[16..24].copy_from_slice(&self.stripe.to_be_bytes());
-        b[24..32].copy_from_slice(&self.generation.to_be_bytes());
-        b[32] = self.index;
+        b[..16].copy_from_slice(&key.volume);
+        b[16..24].copy_from_slice(&key.stripe.to_be_bytes());
+        b[24..32].copy_from_slice(&key.generation.to_be_bytes());
+        b[32] = key.index;
         b
     }
 
-    fn decode(b: &[u8]) -> Result<Self, String> {
+    fn decode(b: &[u8]) -> Result<ShardKey, String> {
         if b.len() != 33 {
             return Err(format!("corrupt index key of {} bytes", b.len()));
         }
-        Ok(Self {
+        Ok(ShardKey {
             volume: b[..16].try_into().expect("16 bytes"),
             stripe: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
             generation: u64::from_be_bytes(b[24..32].try_into().expect("8 bytes")),
@@ -426,7 +416,7 @@ impl ShardStore {
         }
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let replaced = match index.get(&key.encode()[..]).map_err(|e| self.io(e))? {
+        let replaced = match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
             Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),
             None => 0,
         };
@@ -467,10 +457,11 @@ impl ShardStore {
                 if *epoch > newest {
                     epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
                 }
-                let old = match index.insert(&key.encode()[..], &loc.encode()[..]).map_err(|x| e(&x))? {
-                    Some(v) => Some(Location::decode(v.value())?),
-                    None => None,
-                };
+                let old =
+                    match index.insert(&IndexKey::encode(&key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
+                        Some(v) => Some(Location::decode(v.value())?),
+                        None => None,
+                    };
                 used = used
                     .checked_sub(old.map_or(0, |o| u64::from(o.len)))
                     .ok_or("index accounting is corrupt (used < a stored shard)")?
@@ -512,7 +503,7 @@ impl ShardStore {
     fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        match index.get(&key.encode()[..]).map_err(|e| self.io(e))? {
+        match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
             Some(v) => Ok(Some(Location::decode(v.value()).map_err(|e| self.io(e))?)),
             None => Ok(None),
         }
@@ -573,7 +564,10 @@ impl ShardStore {
                     .map_err(|x| e(&x))?;
             }
             if let Some(loc) = loc {
-                txn.open_table(INDEX).map_err(|x| e(&x))?.remove(&key.encode()[..]).map_err(|x| e(&x))?;
+                txn.open_table(INDEX)
+                    .map_err(|x| e(&x))?
+                    .remove(&IndexKey::encode(&key)[..])
+                    .map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
                 c.insert("used", used.saturating_sub(u64::from(loc.len))).map_err(|x| e(&x))?;
@@ -601,12 +595,16 @@ impl ShardStore {
         self.check()?;
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let lo = ShardKey { volume: *volume, stripe: 0, generation: 0, index: 0 }.encode();
-        let hi =
-            ShardKey { volume: *volume, stripe: u64::MAX, generation: u64::MAX, index: u8::MAX }.encode();
+        let lo = IndexKey::encode(&ShardKey { volume: *volume, stripe: 0, generation: 0, index: 0 });
+        let hi = IndexKey::encode(&ShardKey {
+            volume: *volume,
+            stripe: u64::MAX,
+            generation: u64::MAX,
+            index: u8::MAX,
+        });
         let mut out = Vec::new();
         for item in index.range::<&[u8]>(&lo[..]..=&hi[..]).map_err(|e| self.io(e))? {
-            out.push(ShardKey::decode(item.map_err(|e| self.io(e))?.0.value()).map_err(|e| self.io(e))?);
+            out.push(IndexKey::decode(item.map_err(|e| self.io(e))?.0.value()).map_err(|e| self.io(e))?);
         }
         Ok(out)
     }
@@ -639,7 +637,7 @@ fn open_segment_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::shard::ShardHash;
+    use crate::codec::shard::{ShardHash, ShardHeader};
 
     fn shard(volume: u8, stripe: u64, generation: u64, index: u8, fill: u8, units: u32) -> Bytes {
         let payload = vec![fill; units as usize * 64];

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::tls::{explain, remote_name};
 use super::wire::{self, MAX_MESSAGE, WireError};
-use crate::cluster::ca::CertName;
+use crate::membership::ca::CertName;
 
 /// Largest payload a call may carry: a 16 MiB shard and its header.
 pub const MAX_PAYLOAD: usize = (16 << 20) + 4096;
@@ -540,8 +540,9 @@ async fn stream<H: Handler>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ca::{ClusterCa, Role, new_key_and_csr, node_name};
-    use crate::net::tls::{ClientAuth, Identity, client_config, server_config};
+    use crate::membership::ca::Identity;
+    use crate::membership::ca::{ClusterCa, Role, new_key_and_csr, node_name};
+    use crate::transport::tls::{ClientAuth, client_config, server_config};
 
     fn member(ca: &ClusterCa, node: &str, role: Role) -> Identity {
         let (key, csr) = new_key_and_csr().unwrap();
@@ -643,12 +644,12 @@ mod tests {
         let stop = CancellationToken::new();
         tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
         let name = node_name("directory", Role::Directory, "home");
-        let pin = crate::cluster::ca::ca_pin(&crate::cluster::ca::pem_certs(ca.cert_pem()).unwrap()[0]);
+        let pin = crate::membership::ca::ca_pin(&crate::membership::ca::pem_certs(ca.cert_pem()).unwrap()[0]);
         let join = || {
             let ep = endpoint(
                 "127.0.0.1:0".parse().unwrap(),
                 None,
-                crate::net::tls::join_client_config(&pin).unwrap(),
+                crate::transport::tls::join_client_config(&pin).unwrap(),
             );
             Pool::new(ep.unwrap())
         };

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::client::Client;
-use super::msg::{PeerAddr, VOLUME_ID_LEN};
+use crate::api::{PeerAddr, VOLUME_ID_LEN};
+use crate::client::Client;
+use crate::codec::shard::ShardKey;
 use crate::codec::shard::{ShardHash, ShardHeader};
-use crate::store::ShardKey;
 
 /// Which phases to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

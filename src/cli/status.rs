@@ -1,7 +1,7 @@
 //! `meshdisk status` for people: a summary line, then peers and volumes as
 //! aligned tables. (`--json` prints [`ClusterStatus`] as it is.)
 
-use super::msg::{ClusterStatus, PeerState, VolumeInfo, VolumeStatus};
+use crate::api::{ClusterStatus, PeerState, VolumeInfo, VolumeStatus};
 use crate::size::human;
 
 fn ago(now_ms: u64, then_ms: u64) -> String {
@@ -152,7 +152,7 @@ pub fn render_volume_info(v: &VolumeInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::msg::*;
+    use crate::api::*;
 
     #[test]
     fn renders_peers_and_volumes() {

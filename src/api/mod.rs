@@ -1,6 +1,6 @@
 //! The cluster's messages: what a node asks the directory or a peer, and the
-//! answers. Framed by [`crate::net::wire`] (versioned, size-limited) and
-//! carried by [`crate::net::rpc`]; shard bytes travel beside them, never
+//! answers. Framed by [`crate::transport::wire`] (versioned, size-limited) and
+//! carried by [`crate::transport::rpc`]; shard bytes travel beside them, never
 //! inside.
 //!
 //! Every answer can be an [`Remote`] error: a kind for programs and a
@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::ca::Role;
-use crate::store::ShardKey;
+use crate::codec::shard::ShardKey;
+use crate::membership::ca::Role;
 
 /// Length of a volume id.
 pub const VOLUME_ID_LEN: usize = crate::codec::key::VOLUME_ID_LEN;
@@ -422,7 +422,7 @@ pub enum PeerResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::net::wire;
+    use crate::transport::wire;
     use proptest::prelude::*;
 
     fn roundtrip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T) {

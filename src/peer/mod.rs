@@ -9,6 +9,8 @@
 //! store/          the shard store (segments and index; docs/formats.md)
 //! ```
 
+pub mod store;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,14 +20,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::ca::Role;
-use super::client::{Client, ClientError};
-use super::credential::{Credential, join, resolve};
-use super::msg::*;
-use crate::net::rpc::{self, Caller, Handler, RpcError};
-use crate::net::tls::{ClientAuth, client_config, server_config};
-use crate::store::{ShardStore, StoreError};
-use crate::uring::Uring;
+use crate::api::*;
+use crate::client::join::join;
+use crate::client::{Client, ClientError};
+use crate::membership::ca::Role;
+use crate::membership::credential::{Credential, resolve};
+use crate::sys::uring::Uring;
+use crate::transport::rpc::{self, Caller, Handler, RpcError};
+use crate::transport::tls::{ClientAuth, client_config, server_config};
+use store::{ShardStore, StoreError};
 
 /// Settings of a peer process.
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@
 //! least two buffers); anything beyond is freed normally.
 //!
 //! ```
-//! use meshdisk::pool::BufferPool;
+//! use meshdisk::sys::pool::BufferPool;
 //! let pool = BufferPool::new();
 //! let mut v = pool.take(100_000);
 //! v.extend_from_slice(&[1, 2, 3]);

@@ -21,7 +21,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use meshdisk::uring::Uring;
+//! use meshdisk::sys::uring::Uring;
 //! let ring = Uring::new(256)?;
 //! let file = ring.register(std::fs::File::open("/etc/hostname")?)?;
 //! let data = ring.read_exact_at(&file, 0, 4).await?;

@@ -13,7 +13,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{ServerName, UnixTime};
 
-use crate::cluster::ca::{CaError, CertName, ca_pin, pem_certs, verifier_with};
+use crate::membership::ca::{CaError, CertName, Identity, ca_pin, pem_certs, verifier_with};
 
 /// The application protocol every meshdisk connection speaks (versioned).
 pub const ALPN: &[u8] = b"meshdisk/1";
@@ -26,21 +26,6 @@ pub enum TlsError {
     Key(String),
     #[error("TLS configuration: {0}")]
     Config(String),
-}
-
-/// A member's credentials: its certificate chain and key, and the CA it
-/// trusts.
-#[derive(Clone)]
-pub struct Identity {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub ca_pem: String,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Identity(<key redacted>)")
-    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -210,7 +195,7 @@ pub fn explain(e: &quinn::ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ca::{ClusterCa, Role, new_key_and_csr, node_name};
+    use crate::membership::ca::{ClusterCa, Role, new_key_and_csr, node_name};
     use std::net::SocketAddr;
 
     fn member(ca: &ClusterCa, node: &str, role: Role) -> Identity {

@@ -2,43 +2,23 @@
 //! directory is, and its TLS credentials. One TOML file, mode 0600, written
 //! by joining (or by the directory's first start for the admin) and read on
 //! every start after, so a node keeps its identity across restarts.
-//!
-//! Joining: the node makes a key and a CSR, dials the directory with the
-//! join-token client configuration (no certificate; the directory must
-//! chain to the CA the token pins) and spends the token for a certificate.
+//! Joining, which writes one, is the client's (`client::join`).
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::ca::{CaError, Role, new_key_and_csr, node_name};
-use super::msg::{DirRequest, DirResponse};
-use super::token;
-use crate::net::rpc::{Pool, RpcError, endpoint};
-use crate::net::tls::{Identity, TlsError, join_client_config};
+use super::ca::{Identity, Role, node_name};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-    #[error(transparent)]
-    Token(#[from] token::TokenError),
-    #[error(transparent)]
-    Ca(#[from] CaError),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error("joining: {0}")]
-    Rpc(#[from] RpcError),
-    #[error("the directory refused to let this node join: {0}")]
-    Refused(String),
     #[error("the directory address {0:?} does not resolve to an address")]
     Address(String),
-    #[error("the directory answered something unexpected: {0}")]
-    Unexpected(String),
 }
 
 /// What a member keeps: see the module documentation.
@@ -120,47 +100,4 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, CredentialError> {
         .map_err(|_| CredentialError::Address(addr.to_owned()))?
         .next()
         .ok_or_else(|| CredentialError::Address(addr.to_owned()))
-}
-
-/// Joins the cluster whose directory is at `directory` with `token`, as a
-/// node that expects `role`; returns the new credential (not yet saved).
-pub async fn join(
-    directory: &str,
-    token_text: &str,
-    role: Role,
-    name: Option<String>,
-) -> Result<Credential, CredentialError> {
-    let parsed = token::parse(token_text)?;
-    let addr = resolve(directory)?;
-    let (key, csr_pem) = new_key_and_csr()?;
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("valid");
-    let ep = endpoint(bind, None, join_client_config(parsed.ca_pin)?)?;
-    let pool = Pool::new(ep.clone());
-    let dir_name = node_name("directory", Role::Directory, parsed.cluster);
-    let req = DirRequest::Join { token: token_text.trim().to_owned(), role, csr_pem, name };
-    let answer = pool.call(addr, &dir_name, &req, Vec::new(), Duration::from_secs(15)).await;
-    ep.close(0u32.into(), b"joined");
-    let (resp, _): (DirResponse, _) = answer?;
-    match resp {
-        DirResponse::Joined { node, cluster, cert_pem, ca_pem } => {
-            let got = super::ca::pem_certs(&cert_pem)?.first().and_then(|c| super::ca::CertName::of_cert(c));
-            if got.is_none_or(|n| n.role != role || n.node != node || n.cluster != cluster) {
-                return Err(CredentialError::Unexpected(format!(
-                    "a certificate that does not name {} {node} of cluster {cluster}",
-                    role.as_str()
-                )));
-            }
-            Ok(Credential {
-                cluster,
-                node,
-                role,
-                directory: directory.to_owned(),
-                ca_pem,
-                cert_pem,
-                key_pem: key.serialize_pem(),
-            })
-        }
-        DirResponse::Error(e) => Err(CredentialError::Refused(e.message)),
-        other => Err(CredentialError::Unexpected(format!("{other:?}"))),
-    }
 }

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::ca::Role;
-use crate::cluster::client::Client;
-use crate::cluster::credential::Credential;
-use crate::cluster::msg::{Durability, ErrorKind, PeerState, VolumeSpec};
+use crate::api::{Durability, ErrorKind, PeerState, VolumeSpec};
+use crate::client::Client;
 use crate::codec::key::VolumeKey;
+use crate::membership::ca::Role;
+use crate::membership::credential::Credential;
 use crate::size::human;
 use crate::volume::{Volume, VolumeConfig};
 

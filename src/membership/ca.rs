@@ -32,6 +32,21 @@ const NAME_SUFFIX: &str = "meshdisk.invalid";
 const NODE_VALIDITY_DAYS: i64 = 365;
 const CA_VALIDITY_DAYS: i64 = 20 * 365;
 
+/// A member's credentials: its certificate chain and key, and the CA it
+/// trusts.
+#[derive(Clone)]
+pub struct Identity {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Identity(<key redacted>)")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{path}: {source}")]

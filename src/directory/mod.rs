@@ -16,12 +16,16 @@
 //! reservations/<id>           space held for a stripe being written; the key
 //!                             lives on a store lease, so it vanishes when
 //!                             the reservation expires
-//! tokens/<hash>               unspent join tokens (see token.rs)
+//! tokens/<hash>               unspent join tokens (see tokens.rs)
 //! ```
 //!
 //! A peer is up while its last heartbeat is younger than `peer_timeout`, so
 //! liveness needs no timer and survives a directory restart (a peer is down
 //! until it reports again).
+
+pub mod meta;
+pub mod placement;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,17 +38,17 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::ca::{CaError, ClusterCa, Role, check_label, new_key_and_csr};
-use super::credential::Credential;
-use super::msg::*;
-use super::now_ms;
-use super::placement::{Candidate, choose_spread};
-use super::token::{self, Issuer, TokenError};
-use crate::meta::embedded::RedbStore;
-use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
-use crate::net::rpc::{self, Caller, Handler};
-use crate::net::tls::{ClientAuth, client_config, server_config};
-use crate::store::ShardKey;
+use crate::api::*;
+use crate::codec::shard::ShardKey;
+use crate::membership::ca::{CaError, ClusterCa, Role, check_label, new_key_and_csr};
+use crate::membership::credential::Credential;
+use crate::sys::clock::now_ms;
+use crate::transport::rpc::{self, Caller, Handler};
+use crate::transport::tls::{ClientAuth, client_config, server_config};
+use meta::embedded::RedbStore;
+use meta::{Compare, MetaError, MetaStore, Op, Txn};
+use placement::{Candidate, choose_spread};
+use tokens::{Issuer, SpendError};
 
 /// Settings of a directory process.
 #[derive(Clone, Debug)]
@@ -242,7 +246,7 @@ fn node_credential(
     advertise: &str,
 ) -> Result<Credential, DirectoryError> {
     let path = data.join(file);
-    let other = |e: super::credential::CredentialError| DirectoryError::Other(e.to_string());
+    let other = |e: crate::membership::credential::CredentialError| DirectoryError::Other(e.to_string());
     let mut cred = if path.exists() {
         Credential::load(&path).map_err(other)?
     } else {
@@ -269,7 +273,7 @@ fn node_credential(
 pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(), DirectoryError> {
     let (dir, own) = open(&config).await?;
     let id = own.identity();
-    let tls = |e: crate::net::tls::TlsError| DirectoryError::Other(e.to_string());
+    let tls = |e: crate::transport::tls::TlsError| DirectoryError::Other(e.to_string());
     let ep = rpc::server_endpoint(
         config.listen,
         server_config(&id, ClientAuth::Optional).map_err(tls)?,
@@ -286,7 +290,7 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     // Tests and scripts read this line.
     println!("directory listening on {addr}");
     let dir = Arc::new(dir);
-    let peers = super::client::Client::on(own, ep.clone(), addr);
+    let peers = crate::client::Client::on(own, ep.clone(), addr);
     let gc = tokio::spawn(collect_garbage(dir.clone(), peers, stop.clone()));
     rpc::serve(ep, dir, stop).await;
     let _ = gc.await;
@@ -297,7 +301,7 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
 /// and whenever a volume is deleted, until no peer holds any.
 async fn collect_garbage<S: MetaStore>(
     dir: Arc<Directory<S>>,
-    peers: super::client::Client,
+    peers: crate::client::Client,
     stop: CancellationToken,
 ) {
     loop {
@@ -354,8 +358,8 @@ impl<S: MetaStore> Directory<S> {
                 ));
             }
         }
-        token::redeem(&self.meta, &self.issuer, token_text, role).await.map_err(|e| match e {
-            TokenError::Meta(m) => Remote::from(m),
+        tokens::redeem(&self.meta, &self.issuer, token_text, role).await.map_err(|e| match e {
+            SpendError::Meta(m) => Remote::from(m),
             other => Remote::new(ErrorKind::Refused, other.to_string()),
         })?;
         let record = enc(&NodeRecord { role, joined_ms: now_ms() });
@@ -518,7 +522,7 @@ impl<S: MetaStore> Directory<S> {
             return Err(Remote::new(ErrorKind::Invalid, "tokens are for peers, clients and admins"));
         }
         let ttl = Duration::from_secs(ttl_secs);
-        let t = token::create(&self.meta, &self.issuer, role, ttl)
+        let t = tokens::create(&self.meta, &self.issuer, role, ttl)
             .await
             .map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
         tracing::info!("made a join token for a {} valid {ttl_secs} s", role.as_str());
@@ -879,7 +883,7 @@ impl<S: MetaStore> Directory<S> {
         if self.meta.get(&reservation_key(reservation)).await?.is_none() {
             return Ok(DirResponse::Done);
         }
-        match self.meta.revoke(crate::meta::LeaseId(reservation)).await {
+        match self.meta.revoke(meta::LeaseId(reservation)).await {
             Ok(()) | Err(MetaError::LeaseNotFound(_)) => Ok(DirResponse::Done),
             Err(e) => Err(e.into()),
         }
@@ -893,7 +897,7 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// A volume's live write lease and its store entry.
-    async fn lease_of(&self, volume: &str) -> Result<Option<(VolumeLease, crate::meta::Entry)>, Remote> {
+    async fn lease_of(&self, volume: &str) -> Result<Option<(VolumeLease, meta::Entry)>, Remote> {
         match self.meta.get(&key("leases", volume)).await? {
             Some(e) => Ok(Some((dec("lease", &e.value)?, e))),
             None => Ok(None),
@@ -1116,7 +1120,7 @@ impl<S: MetaStore> Directory<S> {
 
     /// Erases the shards of superseded and dropped generations. A shard
     /// on a peer that is down or fails stays queued for the next pass.
-    async fn collect_old(&self, client: &super::client::Client) -> Result<(), Remote> {
+    async fn collect_old(&self, client: &crate::client::Client) -> Result<(), Remote> {
         let old = self.meta.list(b"old/").await?;
         if old.is_empty() {
             return Ok(());
@@ -1194,7 +1198,7 @@ impl<S: MetaStore> Directory<S> {
 
     async fn finish_old(
         &self,
-        done: Option<Result<Option<crate::meta::Entry>, tokio::task::JoinError>>,
+        done: Option<Result<Option<meta::Entry>, tokio::task::JoinError>>,
     ) -> Result<(), Remote> {
         match done {
             Some(Ok(Some(entry))) => self.dequeue(entry).await,
@@ -1203,7 +1207,7 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// Removes a collector's queue entry, unless it changed since it was read.
-    async fn dequeue(&self, entry: crate::meta::Entry) -> Result<(), Remote> {
+    async fn dequeue(&self, entry: meta::Entry) -> Result<(), Remote> {
         self.meta
             .txn(
                 Txn::new()
@@ -1215,7 +1219,7 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// One garbage-collection pass over deleted volumes.
-    async fn collect_once(&self, client: &super::client::Client) -> Result<(), Remote> {
+    async fn collect_once(&self, client: &crate::client::Client) -> Result<(), Remote> {
         self.collect_old(client).await?;
         let deleted = self.meta.list(b"gc/").await?;
         if deleted.is_empty() {
@@ -1238,7 +1242,7 @@ impl<S: MetaStore> Directory<S> {
                         // The largest epoch: nobody writes this volume again.
                         client.delete_shard(&peer, *k, u64::MAX).await?;
                     }
-                    Ok::<usize, super::client::ClientError>(keys.len())
+                    Ok::<usize, crate::client::ClientError>(keys.len())
                 };
                 match erased.await {
                     Ok(0) => {}

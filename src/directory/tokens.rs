@@ -1,119 +1,26 @@
-//! One-time join tokens: `meshdisk token create` makes one, a joining
-//! machine spends it once to get its certificate.
-//!
-//! A token is `mdjoin-<cluster>-<CA pin>-<secret>`: the cluster's name, the
-//! first 128 bits of the blake3 hash of the cluster CA's certificate (32 hex
-//! digits) and 256 random bits (64 hex digits). The joining machine trusts
-//! the directory only if it presents a chain to the pinned CA, so one string
-//! carries both what proves the newcomer and what proves the directory (as
-//! kubeadm's token and CA hash do). The directory stores only the blake3
-//! hash of the secret (key `tokens/<hash>`), with its expiry and the role it
-//! grants, so a copy of the directory's database cannot be used to join.
-//! Spending is a compare-and-set delete: of two machines racing with the
-//! same token, exactly one wins.
+//! The directory's side of join tokens (the format is
+//! [`crate::membership::token`]): it stores only the blake3 hash of the
+//! secret (key `tokens/<hash>`), with its expiry and the role it grants, so a
+//! copy of the directory's database cannot be used to join. Spending is a
+//! compare-and-set delete: of two machines racing with the same token,
+//! exactly one wins.
 
 use std::time::Duration;
 
-use super::now_ms;
+use super::meta::{Compare, MetaError, MetaStore, Op, Txn};
+use crate::membership::ca::Role;
+use crate::membership::token::{JoinToken, PREFIX, TokenError, parse, role_byte, role_of};
+use crate::sys::clock::now_ms;
 
-use crate::meta::{Compare, MetaError, MetaStore, Op, Txn};
-
-use super::ca::Role;
-
-const PREFIX: &str = "mdjoin-";
 const KEY_PREFIX: &[u8] = b"tokens/";
 
-/// A join token. Its `Debug` hides the secret part.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JoinToken(String);
-
-impl std::fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JoinToken(<redacted>)")
-    }
-}
-
-impl JoinToken {
-    /// The token as the admin passes it on.
-    pub fn reveal(&self) -> &str {
-        &self.0
-    }
-}
-
+/// Why a token could not be made or spent: the token itself, or the store.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error(
-        "that is not a meshdisk join token (they look like mdjoin-<cluster>-<32 hex digits>-<64 hex digits>, as `meshdisk token create` prints them)"
-    )]
-    Malformed,
-    #[error(
-        "this join token is for cluster {token_cluster}, but this directory serves cluster {ours}: use a token from this cluster's admin"
-    )]
-    OtherCluster { token_cluster: String, ours: String },
-    #[error(
-        "unknown or already used join token: ask the cluster admin for a new one (`meshdisk token create`)"
-    )]
-    Unknown,
-    #[error(
-        "this join token expired {0} s ago: ask the cluster admin for a new one (`meshdisk token create`)"
-    )]
-    Expired(u64),
-    #[error(
-        "this join token is for a {} but this node joins as a {}: ask for one made with `meshdisk token create --role {}`",
-        token.as_str(), want.as_str(), want.as_str()
-    )]
-    WrongRole { token: Role, want: Role },
-    #[error("a join token must live 1 s to 30 days, got {0:?}")]
-    Ttl(Duration),
-    #[error("the operating system's random number generator failed: {0}")]
-    Random(String),
+pub enum SpendError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error(transparent)]
     Meta(#[from] MetaError),
-}
-
-fn role_byte(role: Role) -> u8 {
-    match role {
-        Role::Directory => 0,
-        Role::Peer => 1,
-        Role::Client => 2,
-        Role::Admin => 3,
-    }
-}
-
-fn role_of(b: u8) -> Option<Role> {
-    Some(match b {
-        0 => Role::Directory,
-        1 => Role::Peer,
-        2 => Role::Client,
-        3 => Role::Admin,
-        _ => return None,
-    })
-}
-
-fn lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-}
-
-/// A token's parts, as the joining machine reads them.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Parsed<'a> {
-    pub cluster: &'a str,
-    pub ca_pin: &'a str,
-    secret: &'a str,
-}
-
-/// Splits a token into its parts; `Malformed` unless all are well formed.
-pub fn parse(token: &str) -> Result<Parsed<'_>, TokenError> {
-    let rest = token.trim().strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
-    let mut parts = rest.rsplitn(3, '-');
-    let (secret, ca_pin, cluster) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(s), Some(p), Some(c)) => (s, p, c),
-        _ => return Err(TokenError::Malformed),
-    };
-    if !lower_hex(secret, 64) || !lower_hex(ca_pin, 32) || super::ca::check_label(cluster).is_err() {
-        return Err(TokenError::Malformed);
-    }
-    Ok(Parsed { cluster, ca_pin, secret })
 }
 
 fn store_key(secret: &str) -> Vec<u8> {
@@ -135,7 +42,7 @@ pub async fn create(
     issuer: &Issuer,
     role: Role,
     ttl: Duration,
-) -> Result<JoinToken, TokenError> {
+) -> Result<JoinToken, SpendError> {
     create_at(store, issuer, role, ttl, now_ms()).await
 }
 
@@ -146,7 +53,7 @@ pub async fn redeem(
     issuer: &Issuer,
     token: &str,
     want: Role,
-) -> Result<(), TokenError> {
+) -> Result<(), SpendError> {
     redeem_at(store, issuer, token, want, now_ms()).await
 }
 
@@ -156,9 +63,9 @@ async fn create_at(
     role: Role,
     ttl: Duration,
     now: u64,
-) -> Result<JoinToken, TokenError> {
+) -> Result<JoinToken, SpendError> {
     if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(30 * 86_400) {
-        return Err(TokenError::Ttl(ttl));
+        return Err(TokenError::Ttl(ttl).into());
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| TokenError::Random(e.to_string()))?;
@@ -171,7 +78,7 @@ async fn create_at(
         .txn(Txn::new().when(Compare::Absent(key.clone())).then(Op::Put { key, value, lease: None }))
         .await?;
     if !out.succeeded {
-        return Err(TokenError::Random("a fresh token collided with an existing one".into()));
+        return Err(TokenError::Random("a fresh token collided with an existing one".into()).into());
     }
     Ok(JoinToken(token))
 }
@@ -182,13 +89,14 @@ async fn redeem_at(
     token: &str,
     want: Role,
     now: u64,
-) -> Result<(), TokenError> {
+) -> Result<(), SpendError> {
     let parsed = parse(token)?;
     if parsed.cluster != issuer.cluster || parsed.ca_pin != issuer.ca_pin {
         return Err(TokenError::OtherCluster {
             token_cluster: parsed.cluster.to_owned(),
             ours: issuer.cluster.clone(),
-        });
+        }
+        .into());
     }
     let key = store_key(parsed.secret);
     let entry = store.get(&key).await?.ok_or(TokenError::Unknown)?;
@@ -196,20 +104,20 @@ async fn redeem_at(
         [e @ .., r] if e.len() == 8 => {
             (u64::from_le_bytes(e.try_into().expect("8 bytes")), role_of(*r).ok_or(TokenError::Unknown)?)
         }
-        _ => return Err(TokenError::Unknown),
+        _ => return Err(TokenError::Unknown.into()),
     };
     if role != want && expiry > now {
-        return Err(TokenError::WrongRole { token: role, want });
+        return Err(TokenError::WrongRole { token: role, want }.into());
     }
     // Spent either way: an expired token is deleted too.
     let spent = store
         .txn(Txn::new().when(Compare::ModRevision(key.clone(), entry.mod_revision)).then(Op::Delete { key }))
         .await?;
     if !spent.succeeded {
-        return Err(TokenError::Unknown);
+        return Err(TokenError::Unknown.into());
     }
     if expiry <= now {
-        return Err(TokenError::Expired((now - expiry) / 1000));
+        return Err(TokenError::Expired((now - expiry) / 1000).into());
     }
     Ok(())
 }
@@ -217,7 +125,8 @@ async fn redeem_at(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::embedded::RedbStore;
+    use crate::directory::meta::embedded::RedbStore;
+    use crate::membership::token::parse;
 
     fn issuer() -> Issuer {
         Issuer { cluster: "home".into(), ca_pin: "00112233445566778899aabbccddeeff".into() }
@@ -240,20 +149,26 @@ mod tests {
         assert!(!String::from_utf8_lossy(&stored[0].key).contains(parsed.secret));
 
         let wrong = redeem_at(&store, &home, t.reveal(), Role::Client, 1_030_000).await.unwrap_err();
-        assert!(matches!(wrong, TokenError::WrongRole { token: Role::Peer, want: Role::Client }), "{wrong}");
+        assert!(
+            matches!(
+                wrong,
+                SpendError::Token(TokenError::WrongRole { token: Role::Peer, want: Role::Client })
+            ),
+            "{wrong}"
+        );
         assert!(wrong.to_string().contains("--role client"), "{wrong}");
         // A wrong-role attempt leaves the token unspent.
         redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap();
         let again = redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap_err();
-        assert!(matches!(again, TokenError::Unknown), "{again}");
+        assert!(matches!(again, SpendError::Token(TokenError::Unknown)), "{again}");
         assert!(again.to_string().contains("meshdisk token create"));
 
         let late = create_at(&store, &home, Role::Client, Duration::from_secs(60), 1_000_000).await.unwrap();
         let err = redeem_at(&store, &home, late.reveal(), Role::Client, 1_090_000).await.unwrap_err();
-        assert!(matches!(err, TokenError::Expired(30)), "{err}");
+        assert!(matches!(err, SpendError::Token(TokenError::Expired(30))), "{err}");
         assert!(matches!(
             redeem_at(&store, &home, late.reveal(), Role::Client, 1_000_000).await,
-            Err(TokenError::Unknown)
+            Err(SpendError::Token(TokenError::Unknown))
         ));
 
         let pin = &home.ca_pin;
@@ -270,12 +185,18 @@ mod tests {
             &t.reveal()[1..],
         ] {
             assert!(
-                matches!(redeem_at(&store, &home, bad, Role::Peer, 0).await, Err(TokenError::Malformed)),
+                matches!(
+                    redeem_at(&store, &home, bad, Role::Peer, 0).await,
+                    Err(SpendError::Token(TokenError::Malformed))
+                ),
                 "{bad:?}"
             );
         }
         let unknown = format!("mdjoin-home-{pin}-{secret}");
-        assert!(matches!(redeem_at(&store, &home, &unknown, Role::Peer, 0).await, Err(TokenError::Unknown)));
+        assert!(matches!(
+            redeem_at(&store, &home, &unknown, Role::Peer, 0).await,
+            Err(SpendError::Token(TokenError::Unknown))
+        ));
         // A cluster name with dashes parses from the right.
         let dashed = Issuer { cluster: "my-home-lab".into(), ca_pin: home.ca_pin.clone() };
         let d = create(&store, &dashed, Role::Client, Duration::from_secs(60)).await.unwrap();
@@ -289,9 +210,12 @@ mod tests {
         let forged = Issuer { cluster: "home".into(), ca_pin: "f".repeat(32) };
         assert!(matches!(
             redeem_at(&store, &forged, t.reveal(), Role::Peer, 0).await,
-            Err(TokenError::OtherCluster { .. })
+            Err(SpendError::Token(TokenError::OtherCluster { .. }))
         ));
-        assert!(matches!(create(&store, &home, Role::Peer, Duration::ZERO).await, Err(TokenError::Ttl(_))));
+        assert!(matches!(
+            create(&store, &home, Role::Peer, Duration::ZERO).await,
+            Err(SpendError::Token(TokenError::Ttl(_)))
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

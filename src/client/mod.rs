@@ -3,19 +3,21 @@
 //! CLI (`status`, `token create`), by peers (heartbeats, probes), by the
 //! cluster benchmark and, next, by `attach`.
 
+pub mod join;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::ca::{Role, node_name};
-use super::credential::{Credential, CredentialError};
-use super::msg::*;
+use crate::api::*;
 use crate::codec::shard::ShardHeader;
-use crate::net::rpc::{Pool, RpcError, endpoint};
-use crate::net::tls::{TlsError, client_config};
-use crate::store::ShardKey;
+use crate::codec::shard::ShardKey;
+use crate::membership::ca::{Role, node_name};
+use crate::membership::credential::{Credential, CredentialError};
+use crate::transport::rpc::{Pool, RpcError, endpoint};
+use crate::transport::tls::{TlsError, client_config};
 
 /// How long a directory call may take.
 const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
