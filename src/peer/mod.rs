@@ -186,7 +186,7 @@ fn advertised(config: &PeerConfig, bound: SocketAddr, directory: SocketAddr) -> 
 /// True for refusals that retrying will not fix.
 fn fatal(e: &ClientError) -> bool {
     match e {
-        ClientError::Remote(r) => r.kind == ErrorKind::Refused,
+        ClientError::Directory(r) => r.kind == ErrorKind::Refused,
         ClientError::Rpc(RpcError::Connect { message, .. }) => {
             message.contains("certificate")
                 || message.contains("UnknownIssuer")
