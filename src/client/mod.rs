@@ -38,6 +38,13 @@ pub enum ClientError {
     /// A peer answered with an error.
     #[error("peer {peer}: {error}")]
     Peer { peer: String, error: Remote },
+    /// A call to a peer did not get through, or got no answer.
+    #[error("peer {peer}: {source}")]
+    PeerUnreachable {
+        peer: String,
+        #[source]
+        source: RpcError,
+    },
     /// A peer returned a shard that is not what the stripe map records.
     #[error("peer {peer}: stripe {stripe} generation {generation} shard {index}: {why}", stripe = key.stripe, generation = key.generation, index = key.index)]
     BadShard { peer: String, key: ShardKey, why: String },
@@ -289,7 +296,12 @@ impl Client {
         payload: Vec<Bytes>,
     ) -> Result<(PeerResponse, Bytes), ClientError> {
         let name = self.peer_name(&peer.name);
-        let (resp, data) = self.inner.pool.call(peer.addr, &name, req, payload, SHARD_TIMEOUT).await?;
+        let (resp, data) = self
+            .inner
+            .pool
+            .call(peer.addr, &name, req, payload, SHARD_TIMEOUT)
+            .await
+            .map_err(|source| ClientError::PeerUnreachable { peer: peer.name.clone(), source })?;
         match resp {
             PeerResponse::Error(error) => Err(ClientError::Peer { peer: peer.name.clone(), error }),
             r => Ok((r, data)),
