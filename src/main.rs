@@ -558,7 +558,7 @@ async fn peer(args: PeerArgs) -> Result<(), String> {
         heartbeat: args.heartbeat,
     };
     let stop = stop_on_signals()?;
-    meshdisk::peer::run(config, stop).await
+    meshdisk::peer::run(config, stop).await.map_err(|e| e.to_string())
 }
 
 async fn join(args: JoinArgs) -> Result<(), String> {

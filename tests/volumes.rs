@@ -7,8 +7,13 @@ use std::time::Duration;
 
 use common::cluster::{Cluster, put_placement};
 use meshdisk::api::ErrorKind;
+use meshdisk::backend::{self, Backend};
 use meshdisk::client::Client;
+use meshdisk::codec::key::VolumeKey;
 use meshdisk::membership::credential::Credential;
+use meshdisk::nbd::proto::NbdError;
+use meshdisk::nbd::server::nbd_error;
+use meshdisk::volume::{Volume, VolumeConfig};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -161,6 +166,62 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         let err = a.renew_lease("disk", 3).await.unwrap_err();
         assert!(err.to_string().contains("lapsed"), "{err}");
         assert_eq!(b.acquire_lease("disk", false, None).await.unwrap().epoch, 4);
+    });
+}
+
+/// An attached volume (in this process) with its state under `state`.
+async fn attach(c: &Cluster, name: &str, state: &str, force: bool) -> Volume {
+    let key = VolumeKey::read_file(&c.root.path().join(format!("{name}.key"))).unwrap();
+    let mut config = VolumeConfig::new(c.root.path().join(state), 8 << 20);
+    config.force = force;
+    config.io_timeout = Duration::from_secs(3);
+    Volume::open(c.client(), name, &key, config).await.unwrap()
+}
+
+#[test]
+fn a_fenced_writer_fails_with_the_fenced_kind() {
+    let mut c = Cluster::start("home", &[]);
+    for i in 0..3 {
+        c.add_peer("1G", &format!("d{i}"));
+    }
+    c.wait_all_up(3);
+    c.create_volume("disk", "16M", 2, 1);
+    let rt = runtime();
+    rt.block_on(async {
+        let first = attach(&c, "disk", "first", false).await;
+        first.write(0, bytes::Bytes::from(vec![b'a'; 4096]), false).await.unwrap();
+        first.flush().await.unwrap();
+        // Another machine takes the volume over: the first one's next
+        // destage is refused, and from then on so is every write.
+        let _second = attach(&c, "disk", "second", true).await;
+        first.write(0, bytes::Bytes::from(vec![b'b'; 4096]), false).await.unwrap();
+        let err = first.flush().await.unwrap_err();
+        assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
+        let err = first.write(4096, bytes::Bytes::from(vec![b'c'; 4096]), false).await.unwrap_err();
+        assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
+        assert!(err.to_string().contains("fenced") || err.to_string().contains("taken over"), "{err}");
+        assert_eq!(nbd_error(&err), NbdError::Io);
+    });
+}
+
+#[test]
+fn a_full_cluster_fails_a_flush_with_no_space() {
+    let mut c = Cluster::start("home", &[]);
+    for i in 0..3 {
+        c.add_peer("1M", &format!("d{i}"));
+    }
+    c.wait_all_up(3);
+    c.create_volume("disk", "16M", 2, 1);
+    let rt = runtime();
+    rt.block_on(async {
+        let v = attach(&c, "disk", "state", false).await;
+        // 4 MiB of data, 32 stripes of 64 KiB shards: more than three
+        // peers of 1 MiB hold.
+        v.write(0, bytes::Bytes::from(vec![b'x'; 4 << 20]), false).await.unwrap();
+        let err = v.flush().await.unwrap_err();
+        assert_eq!(err.kind(), backend::ErrorKind::Full, "{err}");
+        assert_eq!(nbd_error(&err), NbdError::NoSpc);
+        assert!(err.to_string().contains("the last destage failed"), "{err}");
     });
 }
 

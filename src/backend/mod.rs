@@ -29,6 +29,31 @@ use std::io;
 
 use bytes::Bytes;
 
+/// What kind of failure a backend operation met. It decides the NBD
+/// error the export's client sees (one table, in the NBD server) while the
+/// message says what happened; a backend with its own errors (the volume:
+/// fencing, peers out of reach, ...) says which kind each one is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Reading or writing the storage failed.
+    Io,
+    /// This writer may no longer write: another machine took the export
+    /// over, or the right to write lapsed.
+    Fenced,
+    /// Too little of the storage behind the export can be reached.
+    Unavailable,
+    /// The data came back damaged beyond repair.
+    Corrupt,
+    /// No space left.
+    Full,
+    /// Not permitted: a read-only export, or no access to the storage.
+    Denied,
+    /// The request makes no sense for this backend.
+    Invalid,
+    /// The backend cannot do that (e.g. zero quickly).
+    NotSupported,
+}
+
 /// A failed backend operation: what was attempted, where, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,11 +71,46 @@ pub enum Error {
     FastZeroUnsupported { offset: u64 },
     #[error("{op}: backend is poisoned after an earlier I/O error: {cause}")]
     Poisoned { op: &'static str, cause: String },
+    /// A failure the backend classified itself.
+    #[error("{op} at offset {offset} length {length}: {source}")]
+    Failed {
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        kind: ErrorKind,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
     pub fn io(op: &'static str, offset: u64, length: u64, source: io::Error) -> Self {
         Error::Io { op, offset, length, source }
+    }
+
+    /// A failure of `kind`; `source` says what happened.
+    pub fn failed(
+        kind: ErrorKind,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Failed { op, offset, length, kind, source: source.into() }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ErrorKind::Full,
+                Some(libc::EROFS | libc::EPERM | libc::EACCES) => ErrorKind::Denied,
+                _ => ErrorKind::Io,
+            },
+            Error::ReadOnly { .. } => ErrorKind::Denied,
+            Error::FastZeroUnsupported { .. } => ErrorKind::NotSupported,
+            Error::Poisoned { .. } => ErrorKind::Io,
+            Error::Failed { kind, .. } => *kind,
+        }
     }
 }
 

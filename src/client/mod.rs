@@ -24,32 +24,58 @@ const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a shard call may take (a 16 MiB shard over a slow link).
 const SHARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A failed call to the cluster: what failed and where. When the other
+/// side answered with an error, its [`ErrorKind`] is kept ([`ClientError::kind`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The call did not get through, or got no answer.
     #[error(transparent)]
     Rpc(#[from] RpcError),
+    /// The directory answered with an error (its message says what and
+    /// why, for the user to read as it is).
     #[error("{0}")]
-    Remote(#[from] Remote),
+    Directory(Remote),
+    /// A peer answered with an error.
+    #[error("peer {peer}: {error}")]
+    Peer { peer: String, error: Remote },
+    /// A call to a peer did not get through, or got no answer.
+    #[error("peer {peer}: {source}")]
+    PeerUnreachable {
+        peer: String,
+        #[source]
+        source: RpcError,
+    },
+    /// A peer returned a shard that is not what the stripe map records.
+    #[error("peer {peer}: stripe {stripe} generation {generation} shard {index}: {why}", stripe = key.stripe, generation = key.generation, index = key.index)]
+    BadShard { peer: String, key: ShardKey, why: String },
+    /// Too few verified shards of a stripe could be read.
+    #[error("stripe {stripe}: only {got} of the {need} shards needed could be read ({})", failures.join("; "))]
+    Unavailable { stripe: u64, got: usize, need: usize, failures: Vec<String> },
     #[error(transparent)]
     Credential(#[from] CredentialError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("unexpected answer: {0}")]
-    Unexpected(String),
+    /// The other side answered with a message that does not fit the call.
+    #[error("unexpected answer to {call}: {answer}")]
+    Unexpected { call: &'static str, answer: String },
 }
 
 impl ClientError {
-    /// The remote error's kind, if the other side answered with one.
+    /// What kind of refusal this is, if the other side refused (or the
+    /// shards it returned were bad or too few); `None` when the call
+    /// itself failed.
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
-            ClientError::Remote(r) => Some(r.kind),
+            ClientError::Directory(r) | ClientError::Peer { error: r, .. } => Some(r.kind),
+            ClientError::BadShard { .. } => Some(ErrorKind::Corrupt),
+            ClientError::Unavailable { .. } => Some(ErrorKind::Unavailable),
             _ => None,
         }
     }
 }
 
-fn unexpected(what: impl std::fmt::Debug) -> ClientError {
-    ClientError::Unexpected(format!("{what:?}"))
+fn unexpected(call: &'static str, answer: impl std::fmt::Debug) -> ClientError {
+    ClientError::Unexpected { call, answer: format!("{answer:?}") }
 }
 
 /// A member's view of the cluster. Cheap to clone.
@@ -97,7 +123,7 @@ impl Client {
         let (resp, _) =
             self.inner.pool.call(self.inner.dir_addr, &name, req, Vec::new(), DIRECTORY_TIMEOUT).await?;
         match resp {
-            DirResponse::Error(e) => Err(e.into()),
+            DirResponse::Error(e) => Err(ClientError::Directory(e)),
             r => Ok(r),
         }
     }
@@ -105,7 +131,7 @@ impl Client {
     pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
         match self.directory(&DirRequest::Status).await? {
             DirResponse::Status(s) => Ok(*s),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("status", other)),
         }
     }
 
@@ -113,14 +139,14 @@ impl Client {
     pub async fn create_token(&self, role: Role, ttl: Duration) -> Result<(String, u64), ClientError> {
         match self.directory(&DirRequest::CreateToken { role, ttl_secs: ttl.as_secs() }).await? {
             DirResponse::Token { token, expires_ms } => Ok((token, expires_ms)),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("create token", other)),
         }
     }
 
     pub async fn create_volume(&self, spec: VolumeSpec) -> Result<VolumeRecord, ClientError> {
         match self.directory(&DirRequest::CreateVolume(spec)).await? {
             DirResponse::Volume(v) => Ok(v),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("create volume", other)),
         }
     }
 
@@ -128,7 +154,7 @@ impl Client {
     pub async fn place(&self, volume: &str, stripe: u64) -> Result<Placement, ClientError> {
         match self.directory(&DirRequest::Place { volume: volume.into(), stripe }).await? {
             DirResponse::Placement(p) => Ok(p),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("place", other)),
         }
     }
 
@@ -151,21 +177,21 @@ impl Client {
         });
         match self.directory(&req).await? {
             DirResponse::Stripe(s) => Ok(s),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("commit", other)),
         }
     }
 
     pub async fn volume(&self, volume: &str) -> Result<VolumeRecord, ClientError> {
         match self.directory(&DirRequest::Volume { volume: volume.into() }).await? {
             DirResponse::Volume(v) => Ok(v),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("volume", other)),
         }
     }
 
     pub async fn volume_info(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
         match self.directory(&DirRequest::VolumeInfo { volume: volume.into() }).await? {
             DirResponse::VolumeInfo(v) => Ok(*v),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("volume info", other)),
         }
     }
 
@@ -174,7 +200,7 @@ impl Client {
     pub async fn delete_volume(&self, volume: &str) -> Result<(), ClientError> {
         match self.directory(&DirRequest::DeleteVolume { volume: volume.into() }).await? {
             DirResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("delete volume", other)),
         }
     }
 
@@ -192,7 +218,7 @@ impl Client {
         let req = DirRequest::AcquireLease { volume: volume.into(), force, resume, host };
         match self.directory(&req).await? {
             DirResponse::Lease(l) => Ok(l),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("acquire lease", other)),
         }
     }
 
@@ -200,14 +226,14 @@ impl Client {
     pub async fn renew_lease(&self, volume: &str, epoch: u64) -> Result<VolumeLease, ClientError> {
         match self.directory(&DirRequest::RenewLease { volume: volume.into(), epoch }).await? {
             DirResponse::Lease(l) => Ok(l),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("renew lease", other)),
         }
     }
 
     pub async fn release_lease(&self, volume: &str, epoch: u64) -> Result<(), ClientError> {
         match self.directory(&DirRequest::ReleaseLease { volume: volume.into(), epoch }).await? {
             DirResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("release lease", other)),
         }
     }
 
@@ -215,14 +241,14 @@ impl Client {
     pub async fn replace(&self, reservation: u64, index: u8) -> Result<PeerAddr, ClientError> {
         match self.directory(&DirRequest::Replace { reservation, index }).await? {
             DirResponse::Peer(p) => Ok(p),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("replace", other)),
         }
     }
 
     pub async fn release(&self, reservation: u64) -> Result<(), ClientError> {
         match self.directory(&DirRequest::Release { reservation }).await? {
             DirResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("release", other)),
         }
     }
 
@@ -230,7 +256,7 @@ impl Client {
     pub async fn drop_stripe(&self, volume: &str, stripe: u64, epoch: u64) -> Result<(), ClientError> {
         match self.directory(&DirRequest::DropStripe { volume: volume.into(), stripe, epoch }).await? {
             DirResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("drop stripe", other)),
         }
     }
 
@@ -243,7 +269,7 @@ impl Client {
             match self.directory(&req).await? {
                 DirResponse::Stripes(s) if s.is_empty() => return Ok(out),
                 DirResponse::Stripes(s) => out.extend(s),
-                other => return Err(unexpected(other)),
+                other => return Err(unexpected("stripes", other)),
             }
         }
     }
@@ -251,7 +277,7 @@ impl Client {
     pub async fn stripe(&self, volume: &str, stripe: u64) -> Result<Option<StripeRecord>, ClientError> {
         match self.directory(&DirRequest::Stripe { volume: volume.into(), stripe }).await? {
             DirResponse::Stripe(s) => Ok(s),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("stripe", other)),
         }
     }
 
@@ -259,7 +285,7 @@ impl Client {
     pub async fn report_hints(&self, rtts: Vec<Rtt>) -> Result<(), ClientError> {
         match self.directory(&DirRequest::Hints { rtts }).await? {
             DirResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
+            other => Err(unexpected("report hints", other)),
         }
     }
 
@@ -270,9 +296,14 @@ impl Client {
         payload: Vec<Bytes>,
     ) -> Result<(PeerResponse, Bytes), ClientError> {
         let name = self.peer_name(&peer.name);
-        let (resp, data) = self.inner.pool.call(peer.addr, &name, req, payload, SHARD_TIMEOUT).await?;
+        let (resp, data) = self
+            .inner
+            .pool
+            .call(peer.addr, &name, req, payload, SHARD_TIMEOUT)
+            .await
+            .map_err(|source| ClientError::PeerUnreachable { peer: peer.name.clone(), source })?;
         match resp {
-            PeerResponse::Error(e) => Err(e.into()),
+            PeerResponse::Error(error) => Err(ClientError::Peer { peer: peer.name.clone(), error }),
             r => Ok((r, data)),
         }
     }
@@ -289,7 +320,7 @@ impl Client {
         let parts = vec![Bytes::copy_from_slice(&header.encode()), payload];
         match self.peer_call(peer, &PeerRequest::Put { epoch }, parts).await? {
             (PeerResponse::Stored, _) => Ok(()),
-            (other, _) => Err(unexpected(other)),
+            (other, _) => Err(unexpected("put shard", other)),
         }
     }
 
@@ -297,7 +328,7 @@ impl Client {
     pub async fn get_shard(&self, peer: &PeerAddr, key: ShardKey) -> Result<Bytes, ClientError> {
         match self.peer_call(peer, &PeerRequest::Get(key), Vec::new()).await? {
             (PeerResponse::Shard, data) => Ok(data),
-            (other, _) => Err(unexpected(other)),
+            (other, _) => Err(unexpected("get shard", other)),
         }
     }
 
@@ -309,7 +340,7 @@ impl Client {
     ) -> Result<bool, ClientError> {
         match self.peer_call(peer, &PeerRequest::Delete { shard: key, epoch }, Vec::new()).await? {
             (PeerResponse::Deleted { existed }, _) => Ok(existed),
-            (other, _) => Err(unexpected(other)),
+            (other, _) => Err(unexpected("delete shard", other)),
         }
     }
 
@@ -325,7 +356,7 @@ impl Client {
             match self.peer_call(peer, &req, Vec::new()).await? {
                 (PeerResponse::Shards(s), _) if s.is_empty() => return Ok(out),
                 (PeerResponse::Shards(s), _) => out.extend(s),
-                (other, _) => return Err(unexpected(other)),
+                (other, _) => return Err(unexpected("list shards", other)),
             }
         }
     }
@@ -334,7 +365,10 @@ impl Client {
     pub async fn ping(&self, peer: &PeerAddr) -> Result<Duration, ClientError> {
         self.peer_call(peer, &PeerRequest::Ping, Vec::new()).await?;
         let name = self.peer_name(&peer.name);
-        self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| unexpected("no connection after a ping"))
+        self.inner.pool.rtt(peer.addr, &name).await.ok_or_else(|| ClientError::Unexpected {
+            call: "ping",
+            answer: format!("no connection to {} after it", peer.name),
+        })
     }
 
     /// The peers that are up, as the directory sees them.
@@ -389,18 +423,15 @@ impl Client {
             running.spawn(async move {
                 let got = me.get_shard(&peer, key).await;
                 let checked = got.and_then(|bytes| {
-                    let (header, _) = crate::codec::shard::parse_shard(&bytes)
-                        .map_err(|e| Remote::new(ErrorKind::Corrupt, format!("{}: {e}", peer.name)))?;
+                    let bad = |why: String| ClientError::BadShard { peer: peer.name.clone(), key, why };
+                    let (header, _) =
+                        crate::codec::shard::parse_shard(&bytes).map_err(|e| bad(e.to_string()))?;
                     if ShardKey::of(&header) != key || header.payload_hash.0 != hash {
-                        return Err(Remote::new(
-                            ErrorKind::Corrupt,
-                            format!("{} returned another shard than the stripe map records", peer.name),
-                        )
-                        .into());
+                        return Err(bad("it returned another shard than the stripe map records".into()));
                     }
                     Ok(bytes)
                 });
-                (index, peer.name, checked)
+                (index, checked)
             });
         };
         for _ in 0..need {
@@ -410,7 +441,7 @@ impl Client {
             }
         }
         let mut got = Vec::new();
-        let mut errors = Vec::new();
+        let mut failures = Vec::new();
         while got.len() < need {
             let joined = tokio::select! {
                 j = running.join_next() => j,
@@ -423,24 +454,17 @@ impl Client {
                 }
             };
             match joined {
-                Some(Ok((index, _, Ok(bytes)))) => got.push((index, bytes)),
-                Some(Ok((_, name, Err(e)))) => {
-                    errors.push(format!("{name}: {e}"));
+                Some(Ok((index, Ok(bytes)))) => got.push((index, bytes)),
+                Some(Ok((_, Err(e)))) => {
+                    // The error names the peer.
+                    failures.push(e.to_string());
                     if let Some(h) = next.next() {
                         spawn(&mut running, h);
                     }
                 }
-                Some(Err(e)) => errors.push(e.to_string()),
+                Some(Err(e)) => failures.push(e.to_string()),
                 None => {
-                    return Err(Remote::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "stripe {stripe}: only {} of the {need} shards needed could be read ({})",
-                            got.len(),
-                            errors.join("; ")
-                        ),
-                    )
-                    .into());
+                    return Err(ClientError::Unavailable { stripe, got: got.len(), need, failures });
                 }
             }
         }

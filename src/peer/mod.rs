@@ -21,14 +21,54 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::*;
-use crate::client::join::join;
+use crate::client::join::{JoinError, join};
 use crate::client::{Client, ClientError};
 use crate::membership::ca::Role;
-use crate::membership::credential::{Credential, resolve};
+use crate::membership::credential::{Credential, CredentialError, resolve};
 use crate::sys::uring::Uring;
 use crate::transport::rpc::{self, Caller, Handler, RpcError};
-use crate::transport::tls::{ClientAuth, client_config, server_config};
+use crate::transport::tls::{ClientAuth, TlsError, client_config, server_config};
 use store::{ShardStore, StoreError};
+
+/// Why a peer could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    #[error("{} holds a {} credential, not a peer's", path.display(), role.as_str())]
+    NotAPeer { path: PathBuf, role: Role },
+    #[error(
+        "{} has no peer identity yet: join with --directory ADDR --join TOKEN (the admin makes a token with `meshdisk token create --role peer`)",
+        data.display()
+    )]
+    NotJoined { data: PathBuf },
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error("setting up io_uring: {0}")]
+    Ring(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: RpcError,
+    },
+    #[error("the directory at {directory} refused this peer: {source}")]
+    Refused {
+        directory: String,
+        #[source]
+        source: ClientError,
+    },
+}
 
 /// Settings of a peer process.
 #[derive(Clone, Debug)]
@@ -126,16 +166,12 @@ impl Handler for PeerService {
 }
 
 /// Loads the peer's credential, or joins with the token.
-async fn identity(config: &PeerConfig) -> Result<Credential, String> {
+async fn identity(config: &PeerConfig) -> Result<Credential, PeerError> {
     let path = config.data.join("identity.cred");
     if path.exists() {
-        let mut cred = Credential::load(&path).map_err(|e| e.to_string())?;
+        let mut cred = Credential::load(&path)?;
         if cred.role != Role::Peer {
-            return Err(format!(
-                "{} holds a {} credential, not a peer's",
-                path.display(),
-                cred.role.as_str()
-            ));
+            return Err(PeerError::NotAPeer { path, role: cred.role });
         }
         if config.join.is_some() {
             tracing::info!(
@@ -148,18 +184,15 @@ async fn identity(config: &PeerConfig) -> Result<Credential, String> {
             && *d != cred.directory
         {
             cred.directory = d.clone();
-            cred.save(&path).map_err(|e| e.to_string())?;
+            cred.save(&path)?;
         }
         return Ok(cred);
     }
     let (Some(directory), Some(token)) = (&config.directory, &config.join) else {
-        return Err(format!(
-            "{} has no peer identity yet: join with --directory ADDR --join TOKEN (the admin makes a token with `meshdisk token create --role peer`)",
-            config.data.display()
-        ));
+        return Err(PeerError::NotJoined { data: config.data.clone() });
     };
-    let cred = join(directory, token, Role::Peer, config.name.clone()).await.map_err(|e| e.to_string())?;
-    cred.save(&path).map_err(|e| e.to_string())?;
+    let cred = join(directory, token, Role::Peer, config.name.clone()).await?;
+    cred.save(&path)?;
     tracing::info!("joined cluster {} as peer {}", cred.cluster, cred.node);
     Ok(cred)
 }
@@ -186,7 +219,7 @@ fn advertised(config: &PeerConfig, bound: SocketAddr, directory: SocketAddr) -> 
 /// True for refusals that retrying will not fix.
 fn fatal(e: &ClientError) -> bool {
     match e {
-        ClientError::Remote(r) => r.kind == ErrorKind::Refused,
+        ClientError::Directory(r) => r.kind == ErrorKind::Refused,
         ClientError::Rpc(RpcError::Connect { message, .. }) => {
             message.contains("certificate")
                 || message.contains("UnknownIssuer")
@@ -197,22 +230,24 @@ fn fatal(e: &ClientError) -> bool {
 }
 
 /// Runs a peer until `stop`.
-pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), String> {
-    std::fs::create_dir_all(&config.data).map_err(|e| format!("{}: {e}", config.data.display()))?;
+pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), PeerError> {
+    std::fs::create_dir_all(&config.data)
+        .map_err(|source| PeerError::Io { path: config.data.clone(), source })?;
     let cred = identity(&config).await?;
-    let ring = Uring::new(256).map_err(|e| format!("setting up io_uring: {e}"))?;
-    let store =
-        ShardStore::open(&ring, &config.data.join("store"), config.capacity).map_err(|e| e.to_string())?;
+    let ring = Uring::new(256).map_err(PeerError::Ring)?;
+    let store = ShardStore::open(&ring, &config.data.join("store"), config.capacity)?;
     let id = cred.identity();
     let ep = rpc::server_endpoint(
         config.listen,
-        server_config(&id, ClientAuth::Required).map_err(|e| e.to_string())?,
-        client_config(&id).map_err(|e| e.to_string())?,
+        server_config(&id, ClientAuth::Required)?,
+        client_config(&id)?,
         cred.key_pem.as_bytes(),
     )
-    .map_err(|e| format!("listening on {}: {e}", config.listen))?;
-    let bound = ep.local_addr().map_err(|e| e.to_string())?;
-    let dir_addr = resolve(&cred.directory).map_err(|e| e.to_string())?;
+    .map_err(|source| PeerError::Listen { addr: config.listen, source })?;
+    let bound = ep
+        .local_addr()
+        .map_err(|source| PeerError::Listen { addr: config.listen, source: RpcError::Socket(source) })?;
+    let dir_addr = resolve(&cred.directory)?;
     let addr = advertised(&config, bound, dir_addr);
     let failure_domain = config.failure_domain.clone().unwrap_or_else(|| cred.node.clone());
     let load = Arc::new(AtomicU32::new(0));
@@ -260,7 +295,7 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Stri
             }
             Ok(other) => tracing::warn!("the directory answered a heartbeat with {other:?}"),
             Err(e) if fatal(&e) && !reached => {
-                break Err(format!("the directory at {} refused this peer: {e}", cred.directory));
+                break Err(PeerError::Refused { directory: cred.directory.clone(), source: e });
             }
             Err(e) => {
                 if failing_since.is_none() {
@@ -274,4 +309,42 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Stri
     stop.cancel();
     let _ = server.await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(data: PathBuf) -> PeerConfig {
+        PeerConfig {
+            data,
+            directory: None,
+            join: None,
+            name: None,
+            capacity: 1 << 30,
+            failure_domain: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            heartbeat: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_identity_says_how_to_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = run(config(dir.path().to_owned()), CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, PeerError::NotJoined { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("has no peer identity yet") && text.contains("--join TOKEN"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_data_folder_that_cannot_be_made_names_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a file");
+        std::fs::write(&file, b"").unwrap();
+        let err = run(config(file.join("data")), CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, PeerError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("a file/data"), "{err}");
+    }
 }

@@ -22,6 +22,8 @@ mod dirty;
 mod remote;
 pub mod wal;
 
+pub use remote::{RemoteError, RemoteFailure};
+
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -82,18 +84,42 @@ impl VolumeConfig {
     }
 }
 
+/// Why a volume could not be attached or detached cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     #[error("{0}")]
     Cluster(#[from] crate::client::ClientError),
     #[error("the key does not open volume {0}: use the key file or passphrase it was created with")]
     WrongKey(String),
+    #[error("volume {volume}: {source}")]
+    Geometry {
+        volume: String,
+        #[source]
+        source: crate::codec::erasure::GeometryError,
+    },
+    #[error("volume {volume}: {source}")]
+    Codec {
+        volume: String,
+        #[source]
+        source: crate::codec::StripeError,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("io_uring: {0}")]
+    Ring(#[source] io::Error),
     #[error(transparent)]
     Wal(#[from] WalError),
     #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("{0}")]
-    Other(String),
+    /// Replaying the log, or the last flush before detaching.
+    #[error(transparent)]
+    Backend(#[from] backend::Error),
+    #[error("the volume's background tasks did not stop")]
+    Stuck,
 }
 
 /// The attached volume. Cheap to clone.
@@ -113,6 +139,8 @@ struct Inner {
     epoch: AtomicU64,
     /// Why writes are refused (taken over, lease lost), once they are.
     fenced: std::sync::Mutex<Option<String>>,
+    /// The last destage's failure (its kind and message), until one succeeds.
+    destage_failure: std::sync::Mutex<Option<(backend::ErrorKind, String)>>,
     wal: Wal,
     cache: Cache,
     codecs: remote::Codecs,
@@ -176,20 +204,21 @@ impl Volume {
         key.verify(&spec.id, &crate::codec::KeyCheck(spec.key_check))
             .map_err(|_| VolumeError::WrongKey(name.into()))?;
         let geometry = Geometry::new(usize::from(spec.k), usize::from(spec.m), spec.shard_size as usize)
-            .map_err(|e| VolumeError::Other(format!("volume {name}: {e}")))?;
-        let codecs = remote::Codecs::new(key, geometry).map_err(|e| VolumeError::Other(e.to_string()))?;
+            .map_err(|source| VolumeError::Geometry { volume: name.into(), source })?;
+        let codecs = remote::Codecs::new(key, geometry)
+            .map_err(|source| VolumeError::Codec { volume: name.into(), source })?;
         std::fs::create_dir_all(&config.state_dir)
-            .map_err(|e| VolumeError::Other(format!("{}: {e}", config.state_dir.display())))?;
+            .map_err(|source| VolumeError::Io { path: config.state_dir.clone(), source })?;
         let resume = read_lease_note(&config.state_dir, name);
         let lease = client.acquire_lease(name, config.force, resume).await?;
         write_lease_note(&config.state_dir, name, Some(lease.epoch))
-            .map_err(|e| VolumeError::Other(format!("{}: {e}", config.state_dir.display())))?;
+            .map_err(|source| VolumeError::Io { path: config.state_dir.join("lease"), source })?;
         let map: HashMap<u64, StripeRecord> = client.stripes(name).await?.into_iter().collect();
         let peers = client.up_peers().await?;
         if let Err(e) = client.refresh_hints().await {
             tracing::debug!("latency hints: {e}");
         }
-        let ring = Uring::new(256).map_err(|e| VolumeError::Other(format!("io_uring: {e}")))?;
+        let ring = Uring::new(256).map_err(VolumeError::Ring)?;
         let (wal, records) = Wal::open(&ring, &config.state_dir.join("log"), key, &spec.id).await?;
         let stripe_bytes = geometry.stripe_size();
         let cache = Cache::open(
@@ -206,6 +235,7 @@ impl Volume {
             geometry,
             epoch: AtomicU64::new(lease.epoch),
             fenced: std::sync::Mutex::new(None),
+            destage_failure: std::sync::Mutex::new(None),
             wal,
             cache,
             codecs,
@@ -229,7 +259,7 @@ impl Volume {
         tokio::spawn(volume.clone().watch_peers());
         let replayed = records.len();
         for r in records {
-            volume.inner.apply(r.lsn, &r.entry).await.map_err(|e| VolumeError::Other(e.to_string()))?;
+            volume.inner.apply(r.lsn, &r.entry).await?;
         }
         if replayed > 0 {
             tracing::info!("volume {name}: replayed {replayed} log records");
@@ -263,10 +293,10 @@ impl Volume {
                     inner = again;
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Err(_) => return Err(VolumeError::Other("background tasks did not stop".into())),
+                Err(_) => return Err(VolumeError::Stuck),
             }
         };
-        flushed.map_err(|e| VolumeError::Other(e.to_string()))?;
+        flushed?;
         let name = owned.record.spec.name.clone();
         let epoch = owned.epoch.load(Ordering::Relaxed);
         owned.cache.close().await?;
@@ -274,7 +304,7 @@ impl Volume {
         owned.wal.trim(last).await?;
         owned.client.release_lease(&name, epoch).await?;
         write_lease_note(&owned.config.state_dir, &name, None)
-            .map_err(|e| VolumeError::Other(e.to_string()))?;
+            .map_err(|source| VolumeError::Io { path: owned.config.state_dir.join("lease"), source })?;
         Ok(())
     }
 
@@ -381,8 +411,26 @@ impl Inner {
 
     fn check_fenced(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
         match &*self.fenced.lock().expect("not poisoned") {
-            Some(why) => Err(eio(op, offset, length, why)),
+            Some(why) => {
+                Err(backend::Error::failed(backend::ErrorKind::Fenced, op, offset, length, why.clone()))
+            }
             None => Ok(()),
+        }
+    }
+
+    /// The peers have not taken the dirty data for too long (`what`):
+    /// failed as the last destage failed (out of space, peers down, ...),
+    /// or as an I/O error if none did.
+    fn stalled(&self, op: &'static str, offset: u64, length: u64, what: String) -> backend::Error {
+        match &*self.destage_failure.lock().expect("not poisoned") {
+            Some((kind, why)) => backend::Error::failed(
+                *kind,
+                op,
+                offset,
+                length,
+                format!("{what}; the last destage failed: {why}"),
+            ),
+            None => eio(op, offset, length, what),
         }
     }
 
@@ -461,11 +509,11 @@ impl Inner {
                     self.check_fenced("write", offset, data.len() as u64)?;
                     self.wake.notify_one();
                     if tokio::time::timeout_at(deadline, progress).await.is_err() {
-                        return Err(eio(
+                        return Err(self.stalled(
                             "write",
                             offset,
                             data.len() as u64,
-                            "the cache is full of data the peers have not taken for too long",
+                            "the cache is full of data the peers have not taken for too long".into(),
                         ));
                     }
                 }
@@ -527,7 +575,10 @@ impl Inner {
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
             return Ok(Segment::Data(Bytes::from(d)));
         }
-        let plain = self.stripe_plain(stripe).await.map_err(|e| eio("read", offset, len, e))?;
+        let plain = self
+            .stripe_plain(stripe)
+            .await
+            .map_err(|e| backend::Error::failed(e.kind(), "read", offset, len, e))?;
         if let Err(e) = self.cache.fill(stripe, &plain).await {
             tracing::warn!("caching stripe {stripe}: {e}");
         }
@@ -552,7 +603,7 @@ impl Inner {
 
     /// The plaintext of a stripe as the peers hold it (zeroes if never
     /// written).
-    async fn stripe_plain(&self, stripe: u64) -> Result<Vec<u8>, String> {
+    async fn stripe_plain(&self, stripe: u64) -> Result<Vec<u8>, RemoteError> {
         match self.record_of(stripe) {
             None => Ok(vec![0; self.stripe_bytes]),
             Some(rec) => self.fetch(stripe, rec).await,
@@ -578,7 +629,7 @@ impl Inner {
             self.check_fenced("flush", 0, 0)?;
             self.wake.notify_one();
             if tokio::time::timeout_at(deadline, progress).await.is_err() {
-                return Err(eio(
+                return Err(self.stalled(
                     "flush",
                     0,
                     0,

@@ -9,10 +9,106 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use super::Inner;
+use super::cache::CacheError;
 use crate::api::{ErrorKind, PeerAddr, StripeRecord};
+use crate::backend;
+use crate::client::ClientError;
 use crate::codec::key::VolumeKey;
 use crate::codec::shard::HEADER_LEN;
 use crate::codec::{Geometry, SectorCipher, ShardHash, ShardHeader, StripeCodec, StripeError};
+
+/// Why a stripe could not be read from the peers or destaged to them.
+#[derive(Debug, thiserror::Error)]
+#[error("volume {volume} stripe {stripe}: {failure}")]
+pub struct RemoteError {
+    pub volume: String,
+    pub stripe: u64,
+    #[source]
+    pub failure: RemoteFailure,
+}
+
+/// What went wrong with one stripe; [`RemoteFailure::kind`] is how it
+/// looks to the export's client.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteFailure {
+    /// A call to the cluster failed or was refused.
+    #[error("{call}: {source}")]
+    Cluster {
+        call: &'static str,
+        #[source]
+        source: ClientError,
+    },
+    /// Fewer shards than a write quorum were stored.
+    #[error("only {stored} of the {quorum} shards needed were stored ({})", list(failures))]
+    Quorum { stored: usize, quorum: usize, failures: Vec<ClientError> },
+    /// The shards were read but do not give the stripe back.
+    #[error("generation {generation}: {source}")]
+    Decode {
+        generation: u64,
+        #[source]
+        source: StripeError,
+    },
+    #[error("encoding: {0}")]
+    Encode(#[source] StripeError),
+    #[error("the local cache: {0}")]
+    Cache(#[source] CacheError),
+    #[error("it left the cache while being destaged")]
+    Evicted,
+    #[error("a coding task: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+fn list(failures: &[ClientError]) -> String {
+    failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl RemoteError {
+    pub fn kind(&self) -> backend::ErrorKind {
+        self.failure.kind()
+    }
+}
+
+impl RemoteFailure {
+    pub fn kind(&self) -> backend::ErrorKind {
+        use backend::ErrorKind as K;
+        match self {
+            RemoteFailure::Cluster { source, .. } => cluster_kind(source),
+            // Every peer out of space is a full cluster; anything else
+            // (down, slow, a mix) is too few peers.
+            RemoteFailure::Quorum { failures, .. }
+                if !failures.is_empty() && failures.iter().all(|f| cluster_kind(f) == K::Full) =>
+            {
+                K::Full
+            }
+            RemoteFailure::Quorum { .. } => K::Unavailable,
+            RemoteFailure::Decode { source: StripeError::Unrecoverable { corrupt: 0, .. }, .. } => {
+                K::Unavailable
+            }
+            RemoteFailure::Decode { .. } => K::Corrupt,
+            RemoteFailure::Encode(_)
+            | RemoteFailure::Cache(_)
+            | RemoteFailure::Evicted
+            | RemoteFailure::Task(_) => K::Io,
+        }
+    }
+}
+
+/// How a failed call to the cluster looks to the export's client.
+pub(super) fn cluster_kind(e: &ClientError) -> backend::ErrorKind {
+    use backend::ErrorKind as K;
+    match e.kind() {
+        Some(ErrorKind::Fenced) => K::Fenced,
+        Some(ErrorKind::Full) => K::Full,
+        // A peer whose store is poisoned serves nothing: it is as good as down.
+        Some(ErrorKind::Unavailable | ErrorKind::NotFound | ErrorKind::Poisoned) => K::Unavailable,
+        Some(ErrorKind::Corrupt) => K::Corrupt,
+        Some(ErrorKind::Invalid) => K::Invalid,
+        Some(ErrorKind::Refused | ErrorKind::Conflict | ErrorKind::BadShard | ErrorKind::Internal) => K::Io,
+        // No answer: the directory or the peer is out of reach.
+        None if matches!(e, ClientError::Rpc(_) | ClientError::PeerUnreachable { .. }) => K::Unavailable,
+        None => K::Io,
+    }
+}
 
 /// Stripe codecs for the blocking pool, one per concurrent use.
 pub(super) struct Codecs {
@@ -46,10 +142,10 @@ impl Inner {
     /// or bad), each checked against the stripe map, decoded if needed.
     /// A second try, if the peers that are up or the record changed
     /// meanwhile (a peer came back, or moved).
-    pub(super) async fn fetch(&self, stripe: u64, mut rec: StripeRecord) -> Result<Vec<u8>, String> {
+    pub(super) async fn fetch(&self, stripe: u64, mut rec: StripeRecord) -> Result<Vec<u8>, RemoteError> {
         let k = self.geometry.k();
         let id = self.record.spec.id;
-        let mut last_error = String::new();
+        let mut last = None;
         for attempt in 0..2 {
             if attempt > 0 {
                 let before = self.peers.read().expect("not poisoned").clone();
@@ -67,8 +163,8 @@ impl Inner {
             let peers = self.peers.read().expect("not poisoned").clone();
             let got = match self.client.fetch_shards(id, stripe, &rec, &peers, k, self.config.hedge).await {
                 Ok(g) => g,
-                Err(e) => {
-                    last_error = e.to_string();
+                Err(source) => {
+                    last = Some(RemoteFailure::Cluster { call: "fetch shards", source });
                     continue;
                 }
             };
@@ -87,7 +183,7 @@ impl Inner {
                 (codec, r.map(|report| (out, report)))
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(stripe, RemoteFailure::Task(e)))?;
             self.codecs.give(codec);
             match decoded {
                 Ok((out, report)) => {
@@ -96,15 +192,28 @@ impl Inner {
                     }
                     return Ok(out);
                 }
-                Err(e) => last_error = e.to_string(),
+                Err(source) => last = Some(RemoteFailure::Decode { generation, source }),
             }
         }
-        Err(format!("stripe {stripe} of volume {}: {last_error}", self.name()))
+        Err(self.failed(stripe, last.expect("the first attempt fails or returns")))
+    }
+
+    /// `failure` of `stripe` of this volume; a fenced one fences the writer.
+    fn failed(&self, stripe: u64, failure: RemoteFailure) -> RemoteError {
+        let e = RemoteError { volume: self.name().to_owned(), stripe, failure };
+        if e.kind() == backend::ErrorKind::Fenced {
+            self.fence(format!("stripe {stripe}: {}", e.failure));
+        }
+        e
+    }
+
+    fn cluster(&self, stripe: u64, call: &'static str, source: ClientError) -> RemoteError {
+        self.failed(stripe, RemoteFailure::Cluster { call, source })
     }
 
     /// Destages `stripe` if it is dirty: snapshot under the stripe's lock,
     /// then a new generation on the peers, committed, then clean.
-    pub(super) async fn destage(&self, stripe: u64) -> Result<(), String> {
+    pub(super) async fn destage(&self, stripe: u64) -> Result<(), RemoteError> {
         let lock = self.lock_of(stripe);
         let held = lock.lock().await;
         let Some(snap) = self.dirty.lock().expect("not poisoned").start(stripe) else { return Ok(()) };
@@ -114,6 +223,11 @@ impl Inner {
             Ok(()) => d.finished(stripe),
             Err(_) => d.failed(stripe),
         }
+        drop(d);
+        // What a flush or a write waiting for the destager reports if the
+        // peers never take the data.
+        *self.destage_failure.lock().expect("not poisoned") =
+            result.as_ref().err().map(|e| (e.kind(), e.to_string()));
         result
     }
 
@@ -123,17 +237,18 @@ impl Inner {
         snap: u64,
         held: tokio::sync::MutexGuard<'_, ()>,
         lock: &tokio::sync::Mutex<()>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RemoteError> {
         let sectors = self.sectors as usize;
         let plain = match self.cache.lookup(stripe) {
             None => None,
             Some(slot) => {
+                let cache = |e| self.failed(stripe, RemoteFailure::Cache(e));
                 if !slot.complete(sectors) {
                     let old = self.stripe_plain(stripe).await?;
-                    self.cache.fill(stripe, &old).await.map_err(|e| e.to_string())?;
+                    self.cache.fill(stripe, &old).await.map_err(cache)?;
                 }
-                let p = self.cache.read(stripe, 0, sectors).await.map_err(|e| e.to_string())?;
-                Some(p.ok_or_else(|| format!("stripe {stripe} left the cache while being destaged"))?)
+                let p = self.cache.read(stripe, 0, sectors).await.map_err(cache)?;
+                Some(p.ok_or_else(|| self.failed(stripe, RemoteFailure::Evicted))?)
             }
         };
         drop(held);
@@ -143,7 +258,10 @@ impl Inner {
             Some(p) if p.iter().any(|&b| b != 0) => Some(self.store_generation(stripe, p, epoch).await?),
             // Nothing but zeroes: no shards at all.
             _ => {
-                self.client.drop_stripe(&name, stripe, epoch).await.map_err(|e| self.fenced_by(e))?;
+                self.client
+                    .drop_stripe(&name, stripe, epoch)
+                    .await
+                    .map_err(|e| self.cluster(stripe, "drop stripe", e))?;
                 None
             }
         };
@@ -192,13 +310,6 @@ impl Inner {
         }
     }
 
-    fn fenced_by(&self, e: crate::client::ClientError) -> String {
-        if e.kind() == Some(ErrorKind::Fenced) {
-            self.fence(e.to_string());
-        }
-        e.to_string()
-    }
-
     /// Encodes `plain` as the next generation, stores its shards where the
     /// directory places them and commits it once a write quorum (k + 1)
     /// is stored. A slow or failed put is sent to another peer once; a
@@ -209,10 +320,11 @@ impl Inner {
         stripe: u64,
         plain: Vec<u8>,
         epoch: u64,
-    ) -> Result<StripeRecord, String> {
+    ) -> Result<StripeRecord, RemoteError> {
         let g = self.geometry;
         let name = self.name().to_owned();
-        let placement = self.client.place(&name, stripe).await.map_err(|e| e.to_string())?;
+        let placement =
+            self.client.place(&name, stripe).await.map_err(|e| self.cluster(stripe, "place", e))?;
         let mut codec = self.codecs.take();
         let (first_sector, generation, size, n) =
             (stripe * self.sectors, placement.generation, g.shard_size(), g.shards());
@@ -223,9 +335,9 @@ impl Inner {
             (codec, r.map(|()| (shards, hashes)))
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| self.failed(stripe, RemoteFailure::Task(e)))?;
         self.codecs.give(codec);
-        let (shards, hashes) = encoded.map_err(|e| e.to_string())?;
+        let (shards, hashes) = encoded.map_err(|e| self.failed(stripe, RemoteFailure::Encode(e)))?;
 
         let headers: Vec<ShardHeader> = (0..n)
             .map(|i| ShardHeader {
@@ -258,7 +370,7 @@ impl Inner {
         let mut stored: Vec<Option<[u8; 32]>> = vec![None; n];
         let mut replaced = vec![false; n];
         let mut count = 0;
-        let mut errors = Vec::new();
+        let mut failures = Vec::new();
         // Long-tail cancellation: a shard whose put failed, or is still
         // running when the quorum has had its grace (or, before a quorum,
         // at the put deadline), goes to another peer the directory picks;
@@ -307,15 +419,19 @@ impl Inner {
                     if e.kind() == Some(ErrorKind::Fenced) {
                         puts.abort_all();
                         let _ = self.client.release(placement.reservation).await;
-                        self.fence(e.to_string());
-                        return Err(e.to_string());
+                        return Err(self.cluster(stripe, "put shard", e));
                     }
-                    errors.push(format!("{peer}: {e}"));
+                    let why = match &e {
+                        // The log line names the peer already.
+                        ClientError::Peer { error, .. } => error.to_string(),
+                        ClientError::PeerUnreachable { source, .. } => source.to_string(),
+                        e => e.to_string(),
+                    };
+                    failures.push(e);
                     handles[i] = None;
                     if !replaced[i] {
                         replaced[i] = true;
-                        if let Some(p) =
-                            self.replacement(placement.reservation, stripe, i, &peer, &e.to_string()).await
+                        if let Some(p) = self.replacement(placement.reservation, stripe, i, &peer, &why).await
                         {
                             names[i] = p.name.clone();
                             handles[i] = Some(spawn(&mut puts, i, p));
@@ -329,15 +445,15 @@ impl Inner {
         puts.abort_all();
         if count < quorum {
             let _ = self.client.release(placement.reservation).await;
-            return Err(format!(
-                "stripe {stripe}: only {count} of the {quorum} shards needed were stored ({})",
-                errors.join("; ")
-            ));
+            return Err(self.failed(stripe, RemoteFailure::Quorum { stored: count, quorum, failures }));
         }
         if count < n {
             tracing::info!("stripe {stripe} generation {generation} committed with {count} of {n} shards");
         }
-        self.client.commit(&name, &placement, epoch, stored.clone()).await.map_err(|e| self.fenced_by(e))?;
+        self.client
+            .commit(&name, &placement, epoch, stored.clone())
+            .await
+            .map_err(|e| self.cluster(stripe, "commit", e))?;
         Ok(StripeRecord {
             generation,
             peers: names,
