@@ -9,6 +9,7 @@
 //! store/          the shard store (segments and index; docs/formats.md)
 //! ```
 
+mod heartbeat;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use crate::client::{Client, ClientError};
 use crate::membership::ca::Role;
 use crate::membership::credential::{Credential, CredentialError, resolve};
 use crate::sys::uring::Uring;
+use crate::sys::worker::Runner;
 use crate::transport::rpc::{self, Caller, Handler, RpcError};
 use crate::transport::tls::{ClientAuth, TlsError, client_config, server_config};
 use store::{ShardStore, StoreError};
@@ -261,52 +263,24 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     );
     println!("peer {} listening on {addr}", cred.node);
     let client = Client::on(cred.clone(), ep, dir_addr);
-    let mut peers: Vec<PeerAddr> = Vec::new();
-    let mut rtts: Vec<Rtt> = Vec::new();
-    let mut reached = false;
-    let mut failing_since: Option<std::time::Instant> = None;
-    let mut tick = tokio::time::interval(config.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let result = loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => break Ok(()),
-        }
-        let (used, problem) = match store.used() {
-            Ok(u) => (u, None),
-            Err(e) => (0, Some(e.to_string())),
-        };
-        let report = PeerReport {
-            addr,
-            failure_domain: failure_domain.clone(),
-            capacity: config.capacity,
-            used,
-            load: load.load(Ordering::Relaxed),
-            problem,
-            rtts: rtts.clone(),
-        };
-        match client.directory(&DirRequest::Heartbeat(report)).await {
-            Ok(DirResponse::Heartbeat { peers: p, .. }) => {
-                if failing_since.take().is_some() || !reached {
-                    tracing::info!("reporting to the directory at {}", cred.directory);
-                }
-                reached = true;
-                peers = p;
-            }
-            Ok(other) => tracing::warn!("the directory answered a heartbeat with {other:?}"),
-            Err(e) if fatal(&e) && !reached => {
-                break Err(PeerError::Refused { directory: cred.directory.clone(), source: e });
-            }
-            Err(e) => {
-                if failing_since.is_none() {
-                    tracing::warn!("cannot report to the directory at {}: {e}", cred.directory);
-                    failing_since = Some(std::time::Instant::now());
-                }
-            }
-        }
-        rtts = client.measure(&peers, config.heartbeat).await;
+    let workers = Runner::new(stop.clone());
+    let (refused, refusal) = tokio::sync::oneshot::channel();
+    let me = heartbeat::Identity { addr, failure_domain, capacity: config.capacity };
+    workers.spawn(heartbeat::Heartbeat::new(
+        client,
+        store,
+        load,
+        me,
+        cred.directory.clone(),
+        config.heartbeat,
+        refused,
+    ));
+    let result = tokio::select! {
+        () = stop.cancelled() => Ok(()),
+        Ok(e) = refusal => Err(PeerError::Refused { directory: cred.directory.clone(), source: e }),
     };
     stop.cancel();
+    workers.join().await;
     let _ = server.await;
     result
 }

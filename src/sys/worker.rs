@@ -83,6 +83,13 @@ pub trait Worker: Send + 'static {
         Status::default()
     }
 
+    /// How the runner starts the worker: `Busy` (the default) steps it at
+    /// once; `Idle` waits for work first, as a worker on a timer whose
+    /// first tick is one period away does (lease renewal).
+    fn initial_state(&self) -> State {
+        State::Busy
+    }
+
     /// Does one bounded piece of work. A long step should watch `stop`.
     fn work(&mut self, stop: &CancellationToken) -> impl Future<Output = Result<State, Self::Error>> + Send;
 
@@ -154,10 +161,11 @@ impl Runner {
 
     /// Starts `worker` on its own task.
     pub fn spawn_paced<W: Worker>(&self, mut worker: W, pacing: Pacing) {
+        let state = if worker.initial_state() == State::Idle { "idle" } else { "busy" };
         let slot = Arc::new(Slot {
             info: Mutex::new(WorkerInfo {
                 name: worker.name(),
-                state: "busy".into(),
+                state: state.into(),
                 tranquility: pacing.tranquility,
                 errors: 0,
                 consecutive_errors: 0,
@@ -191,7 +199,7 @@ impl Runner {
 }
 
 async fn run<W: Worker>(worker: &mut W, slot: &Slot, stop: &CancellationToken, pacing: Pacing) {
-    let mut state = State::Busy;
+    let mut state = worker.initial_state();
     loop {
         if stop.is_cancelled() {
             return;
@@ -372,5 +380,43 @@ mod tests {
         stop.cancel();
         tokio::time::timeout(Duration::from_millis(1), runner.join()).await.expect("stops at once");
         assert_eq!(runner.list()[0].state, "done");
+    }
+
+    /// Ticks every second, first one second after start.
+    struct Ticker {
+        ticks: Arc<AtomicU32>,
+    }
+
+    impl Worker for Ticker {
+        type Error = std::convert::Infallible;
+        fn name(&self) -> String {
+            "ticker".into()
+        }
+        fn initial_state(&self) -> State {
+            State::Idle
+        }
+        async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Self::Error> {
+            self.ticks.fetch_add(1, Ordering::SeqCst);
+            Ok(State::Idle)
+        }
+        async fn wait_for_work(&mut self) -> State {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            State::Busy
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_may_start_by_waiting() {
+        let stop = CancellationToken::new();
+        let runner = Runner::new(stop.clone());
+        let ticks = Arc::new(AtomicU32::new(0));
+        runner.spawn(Ticker { ticks: ticks.clone() });
+        assert_eq!(runner.list()[0].state, "idle");
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert_eq!(ticks.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(ticks.load(Ordering::SeqCst), 2);
+        stop.cancel();
+        runner.join().await;
     }
 }

@@ -18,7 +18,9 @@
 //! fenced (peers refuse its epoch) and fails writes with EIO.
 
 pub mod cache;
+mod destage;
 mod dirty;
+mod lease;
 mod remote;
 pub mod wal;
 
@@ -26,7 +28,7 @@ pub use remote::{RemoteError, RemoteFailure};
 
 use std::collections::HashMap;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,12 +37,13 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{Durability, ErrorKind, PeerAddr, StripeRecord, VolumeRecord};
+use crate::api::{Durability, PeerAddr, StripeRecord, VolumeRecord};
 use crate::backend::{self, Backend, Extent, Features, ReadData, Segment, ZeroFlags};
 use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::codec::{SECTOR_SIZE, erasure::Geometry};
 use crate::sys::uring::Uring;
+use crate::sys::worker::{Runner, State, Worker, WorkerInfo};
 use cache::{Cache, CacheError};
 use dirty::Dirty;
 use wal::{Entry, Wal, WalError};
@@ -160,39 +163,19 @@ struct Inner {
     flush_target: AtomicU64,
     peers: std::sync::RwLock<Vec<PeerAddr>>,
     stop: CancellationToken,
+    /// The destager, lease renewal and the peer watch; they stop with `stop`.
+    workers: Runner,
 }
 
 fn eio(op: &'static str, offset: u64, length: u64, why: impl std::fmt::Display) -> backend::Error {
     backend::Error::io(op, offset, length, io::Error::other(why.to_string()))
 }
 
-/// The lease epoch this state folder last held, if any.
-fn read_lease_note(dir: &Path, volume: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("lease")).ok()?;
-    let (name, epoch) = text.trim().split_once(' ')?;
-    (name == volume).then(|| epoch.parse().ok()).flatten()
-}
-
-fn write_lease_note(dir: &Path, volume: &str, epoch: Option<u64>) -> io::Result<()> {
-    let path = dir.join("lease");
-    match epoch {
-        Some(e) => {
-            let tmp = dir.join("lease.tmp");
-            std::fs::write(&tmp, format!("{volume} {e}\n"))?;
-            std::fs::rename(tmp, path)
-        }
-        None => match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
-    }
-}
-
 impl Volume {
     /// Attaches volume `name`: checks the key, takes the write lease,
     /// loads the stripe map, opens the log and the cache under the state
-    /// folder and replays the log. Background tasks (destager, lease
-    /// renewal) run until [`Volume::close`].
+    /// folder and replays the log. Background workers (destager, lease
+    /// renewal, peer watch) run until [`Volume::close`].
     pub async fn open(
         client: Client,
         name: &str,
@@ -209,10 +192,7 @@ impl Volume {
             .map_err(|source| VolumeError::Codec { volume: name.into(), source })?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|source| VolumeError::Io { path: config.state_dir.clone(), source })?;
-        let resume = read_lease_note(&config.state_dir, name);
-        let lease = client.acquire_lease(name, config.force, resume).await?;
-        write_lease_note(&config.state_dir, name, Some(lease.epoch))
-            .map_err(|source| VolumeError::Io { path: config.state_dir.join("lease"), source })?;
+        let lease = lease::acquire(&client, &config.state_dir, name, config.force).await?;
         let map: HashMap<u64, StripeRecord> = client.stripes(name).await?.into_iter().collect();
         let peers = client.up_peers().await?;
         if let Err(e) = client.refresh_hints().await {
@@ -229,6 +209,7 @@ impl Volume {
             stripe_bytes,
             config.cache_size,
         )?;
+        let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
             stripe_bytes,
             sectors: (stripe_bytes / SECTOR_SIZE) as u64,
@@ -248,15 +229,30 @@ impl Volume {
             progress: Notify::new(),
             flush_target: AtomicU64::new(0),
             peers: std::sync::RwLock::new(peers),
-            stop: CancellationToken::new(),
+            workers: Runner::new(stop.clone()),
+            stop,
             record,
             client,
             config,
         });
+        let workers = &inner.workers;
+        workers.spawn_paced(destage::Destager::new(inner.clone()), destage::PACING);
+        let fence = Arc::downgrade(&inner);
+        let renewal = lease::Renewal::new(
+            inner.client.clone(),
+            name,
+            lease.epoch,
+            Duration::from_millis(lease.ttl_ms),
+            Box::new(move |why| {
+                if let Some(inner) = fence.upgrade() {
+                    inner.fence(why);
+                }
+            }),
+        );
+        let pacing = renewal.pacing();
+        workers.spawn_paced(renewal, pacing);
+        workers.spawn(PeerWatch { inner: inner.clone() });
         let volume = Volume { inner };
-        tokio::spawn(volume.clone().destager());
-        tokio::spawn(volume.clone().keep_lease(Duration::from_millis(lease.ttl_ms / 3)));
-        tokio::spawn(volume.clone().watch_peers());
         let replayed = records.len();
         for r in records {
             volume.inner.apply(r.lsn, &r.entry).await?;
@@ -273,6 +269,11 @@ impl Volume {
 
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The volume's background workers and their state, for status.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.inner.workers.list()
     }
 
     /// Destages everything, closes the cache cleanly and releases the
@@ -302,91 +303,43 @@ impl Volume {
         owned.cache.close().await?;
         let last = owned.wal.last_lsn().await;
         owned.wal.trim(last).await?;
-        owned.client.release_lease(&name, epoch).await?;
-        write_lease_note(&owned.config.state_dir, &name, None)
-            .map_err(|source| VolumeError::Io { path: owned.config.state_dir.join("lease"), source })?;
-        Ok(())
+        lease::release(&owned.client, &owned.config.state_dir, &name, epoch).await
+    }
+}
+
+/// Keeps the volume's list of peers that are up fresh, for reads and
+/// destages: every 2 s, quietly keeping the old list when the directory
+/// does not answer.
+struct PeerWatch {
+    inner: Arc<Inner>,
+}
+
+impl PeerWatch {
+    const EVERY: Duration = Duration::from_secs(2);
+}
+
+impl Worker for PeerWatch {
+    type Error = std::convert::Infallible;
+
+    fn name(&self) -> String {
+        format!("peer watch {}", self.inner.name())
     }
 
-    async fn destager(self) {
-        let inner = &self.inner;
-        let slots = inner.cache.slots() as usize;
-        let mut running = tokio::task::JoinSet::new();
-        // Trimming syncs a file and the folder: once a second is plenty
-        // (records kept a little longer only replay again, harmlessly).
-        let mut trimmed = tokio::time::Instant::now();
-        loop {
-            let pressure = slots / 2;
-            let picks = {
-                let flush = inner.flush_target.load(Ordering::Acquire);
-                let room = inner.config.destage_parallel.saturating_sub(running.len());
-                let mut d = inner.dirty.lock().expect("not poisoned");
-                d.pick(
-                    flush,
-                    pressure,
-                    inner.config.destage_age,
-                    Duration::from_millis(20),
-                    room,
-                    inner.sectors,
-                )
-            };
-            for (stripe, _why) in picks {
-                let v = self.clone();
-                running.spawn(async move { v.inner.destage(stripe).await });
-            }
-            tokio::select! {
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok(Err(e)) = done {
-                        tracing::warn!("destage: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    inner.progress.notify_waiters();
-                    if trimmed.elapsed() >= Duration::from_secs(1) {
-                        trimmed = tokio::time::Instant::now();
-                        if let Err(e) = inner.trim_log().await {
-                            tracing::warn!("trimming the log: {e}");
-                        }
-                    }
-                }
-                () = inner.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                () = inner.stop.cancelled(), if running.is_empty() => return,
-            }
-        }
+    fn initial_state(&self) -> State {
+        // The list was just fetched.
+        State::Idle
     }
 
-    async fn keep_lease(self, every: Duration) {
-        let inner = &self.inner;
-        let name = inner.record.spec.name.clone();
-        let every = every.max(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(every) => {}
-                () = inner.stop.cancelled() => return,
-            }
-            let epoch = inner.epoch.load(Ordering::Relaxed);
-            match inner.client.renew_lease(&name, epoch).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == Some(ErrorKind::Fenced) => {
-                    inner.fence(e.to_string());
-                    return;
-                }
-                Err(e) => tracing::warn!("renewing the lease on volume {name}: {e}"),
-            }
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Self::Error> {
+        if let Ok(p) = self.inner.client.up_peers().await {
+            *self.inner.peers.write().expect("not poisoned") = p;
         }
+        Ok(State::Idle)
     }
 
-    async fn watch_peers(self) {
-        let inner = &self.inner;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                () = inner.stop.cancelled() => return,
-            }
-            if let Ok(p) = inner.client.up_peers().await {
-                *inner.peers.write().expect("not poisoned") = p;
-            }
-        }
+    async fn wait_for_work(&mut self) -> State {
+        tokio::time::sleep(Self::EVERY).await;
+        State::Busy
     }
 }
 
