@@ -49,7 +49,7 @@ use tracing::{debug, warn};
 
 use super::handshake::{Export, negotiate};
 use super::proto::*;
-use crate::backend::{self, Backend, Extent, ReadData, Segment, ZeroFlags};
+use crate::backend::{self, Backend, Extent, ReadData, ReadPiece, ZeroFlags};
 use crate::sys::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
@@ -557,10 +557,10 @@ impl Encoder {
 
     /// Read data as plain bytes, holes written out as zeroes.
     fn flat(&mut self, data: ReadData) {
-        for seg in data.segments {
-            match seg {
-                Segment::Data(b) => self.data(b),
-                Segment::Zero(n) => self.zeroes(n as usize),
+        for piece in data.pieces {
+            match piece {
+                ReadPiece::Data(b) => self.data(b),
+                ReadPiece::Zero(n) => self.zeroes(n as usize),
             }
         }
     }
@@ -592,24 +592,24 @@ impl Encoder {
                 // One OFFSET_DATA chunk per run of data, one OFFSET_HOLE per
                 // run of zeroes; the last chunk carries DONE.
                 let mut pos = offset;
-                let mut segs = data.segments.into_iter().peekable();
-                while let Some(seg) = segs.next() {
-                    match seg {
-                        Segment::Zero(n) => {
-                            put_hole_chunk(&mut self.head, cookie, segs.peek().is_none(), pos, n);
+                let mut pieces = data.pieces.into_iter().peekable();
+                while let Some(piece) = pieces.next() {
+                    match piece {
+                        ReadPiece::Zero(n) => {
+                            put_hole_chunk(&mut self.head, cookie, pieces.peek().is_none(), pos, n);
                             pos += u64::from(n);
                         }
-                        Segment::Data(first) => {
+                        ReadPiece::Data(first) => {
                             let mut run = vec![first];
-                            while let Some(Segment::Data(_)) = segs.peek() {
-                                let Some(Segment::Data(b)) = segs.next() else { unreachable!() };
+                            while let Some(ReadPiece::Data(_)) = pieces.peek() {
+                                let Some(ReadPiece::Data(b)) = pieces.next() else { unreachable!() };
                                 run.push(b);
                             }
                             let n: usize = run.iter().map(Bytes::len).sum();
                             put_data_chunk_header(
                                 &mut self.head,
                                 cookie,
-                                segs.peek().is_none(),
+                                pieces.peek().is_none(),
                                 pos,
                                 n as u32,
                             );
@@ -713,10 +713,10 @@ mod tests {
     fn structured_read_encoding_marks_last_chunk_done() {
         let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
         let data = ReadData {
-            segments: vec![
-                Segment::Data(Bytes::from_static(b"abcd")),
-                Segment::Zero(4096),
-                Segment::Data(Bytes::from_static(b"ef")),
+            pieces: vec![
+                ReadPiece::Data(Bytes::from_static(b"abcd")),
+                ReadPiece::Zero(4096),
+                ReadPiece::Data(Bytes::from_static(b"ef")),
             ],
         };
         enc.encode(Reply::Read { cookie: 9, offset: 100, data, df: false });
@@ -734,7 +734,7 @@ mod tests {
     fn df_read_is_one_chunk_with_zeroes() {
         let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
         let data =
-            ReadData { segments: vec![Segment::Zero(100_000), Segment::Data(Bytes::from_static(b"x"))] };
+            ReadData { pieces: vec![ReadPiece::Zero(100_000), ReadPiece::Data(Bytes::from_static(b"x"))] };
         enc.encode(Reply::Read { cookie: 1, offset: 0, data, df: true });
         let wire: Vec<u8> = enc.finish().concat();
         assert_eq!(wire.len(), 28 + 100_001);

@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Durability, ErrorKind, PeerAddr, StripeRecord, VolumeRecord};
-use crate::backend::{self, Backend, Extent, Features, ReadData, Segment, ZeroFlags};
+use crate::backend::{self, Backend, Extent, Features, ReadData, ReadPiece, ZeroFlags};
 use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::codec::{SECTOR_SIZE, erasure::Geometry};
@@ -512,27 +512,27 @@ impl Inner {
         Ok(out)
     }
 
-    async fn read_piece(&self, stripe: u64, first: usize, count: usize) -> backend::Result<Segment> {
+    async fn read_piece(&self, stripe: u64, first: usize, count: usize) -> backend::Result<ReadPiece> {
         let offset = (stripe * self.sectors + first as u64) * SECTOR_SIZE as u64;
         let len = (count * SECTOR_SIZE) as u64;
         let cached = |r: Result<Option<Vec<u8>>, CacheError>| r.map_err(|e| eio("read", offset, len, e));
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         if self.cache.lookup(stripe).is_none() && self.record_of(stripe).is_none() {
-            return Ok(Segment::Zero(len as u32));
+            return Ok(ReadPiece::Zero(len as u32));
         }
         let lock = self.lock_of(stripe);
         let _held = lock.lock().await;
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         let plain = self.stripe_plain(stripe).await.map_err(|e| eio("read", offset, len, e))?;
         if let Err(e) = self.cache.fill(stripe, &plain).await {
             tracing::warn!("caching stripe {stripe}: {e}");
         }
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         // The cache could not take the stripe (every slot dirty): sectors
         // it holds are newer than the peers' copy.
@@ -547,7 +547,7 @@ impl Inner {
                 }
             }
         }
-        Ok(Segment::Data(Bytes::from(out)))
+        Ok(ReadPiece::Data(Bytes::from(out)))
     }
 
     /// The plaintext of a stripe as the peers hold it (zeroes if never
