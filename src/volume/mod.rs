@@ -597,8 +597,10 @@ impl Backend for Volume {
         self.inner.size()
     }
 
+    /// Everything, FAST_ZERO included: zeroing whole stripes only drops
+    /// them, so it is fast; anything else is refused under FAST_ZERO.
     fn features(&self) -> Features {
-        Features { fast_zero: false, ..Features::all(false) }
+        Features::all(false)
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
@@ -668,6 +670,13 @@ impl Backend for Volume {
         let len = u64::from(length);
         if length == 0 {
             return Ok(());
+        }
+        let stripe = self.inner.stripe_bytes as u64;
+        if flags.fast && !(offset.is_multiple_of(stripe) && len.is_multiple_of(stripe)) {
+            // Whole stripes are dropped (fast); part of one is zeroed in
+            // the cache and destaged like a write (read-modify-write), and
+            // the client asked to be told instead. Nothing is written.
+            return Err(backend::Error::FastZeroUnsupported { offset });
         }
         if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
             return self.write(offset, Bytes::from(vec![0u8; length as usize]), flags.fua).await;
