@@ -419,7 +419,7 @@ impl ShardStore {
         }
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let replaced = match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
+        let replaced = match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
             Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),
             None => 0,
         };
@@ -461,7 +461,7 @@ impl ShardStore {
                     epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
                 }
                 let old =
-                    match index.insert(&IndexKey::encode(&key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
+                    match index.insert(&IndexKey::encode(key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
                         Some(v) => Some(Location::decode(v.value())?),
                         None => None,
                     };
@@ -506,7 +506,7 @@ impl ShardStore {
     fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
+        match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
             Some(v) => Ok(Some(Location::decode(v.value()).map_err(|e| self.io(e))?)),
             None => Ok(None),
         }
@@ -569,7 +569,7 @@ impl ShardStore {
             if let Some(loc) = loc {
                 txn.open_table(INDEX)
                     .map_err(|x| e(&x))?
-                    .remove(&IndexKey::encode(&key)[..])
+                    .remove(&IndexKey::encode(key)[..])
                     .map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
