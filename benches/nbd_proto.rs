@@ -12,6 +12,7 @@ fn session() -> Session {
         tflags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_DF,
         structured: true,
         base_allocation: true,
+        max_payload: MAX_PAYLOAD,
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Proc};
+use common::rawclient::RawClient;
 use common::{have_tools, meshdisk_bin, nbdsh, pattern, run, sha256_file};
 
 const VOLUME: &str = "disk";
@@ -250,6 +251,41 @@ fn one_writer_at_a_time_and_a_takeover_fences_the_old_one() {
     assert!(out.contains("DATA b'a'"), "{out}");
     a.proc.kill();
     s.detach(b);
+}
+
+#[test]
+fn fast_zero_drops_whole_stripes_and_refuses_part_of_one() {
+    const STRIPE: u32 = 256 << 10;
+    const WRITE_ZEROES: u16 = 6;
+    const FAST_ZERO: u16 = 1 << 4;
+    const ENOTSUP: u32 = 95;
+    let s = Setup::new("16M");
+    let a = s.attach("a", &[]);
+    let mut c = RawClient::handshake(&a.socket, false);
+    assert!(c.tflags & (1 << 11) != 0, "FAST_ZERO advertised on a volume");
+    let data = pattern(5, 2 * STRIPE as usize);
+    c.request(0, 1, 1, 0, 2 * STRIPE, &data);
+    assert_eq!(c.simple_reply(), (0, 1));
+    // Part of a stripe would be a read-modify-write: refused, nothing written.
+    for (cookie, offset, len) in [(2, 4096, 8192), (3, 100, 10), (4, u64::from(STRIPE) / 2, STRIPE)] {
+        c.request(FAST_ZERO, WRITE_ZEROES, cookie, offset, len, &[]);
+        assert_eq!(c.simple_reply(), (ENOTSUP, cookie), "fast zero of {len} bytes at {offset}");
+    }
+    assert!(c.read_simple(5, 0, 2 * STRIPE) == data, "a refused fast zero wrote something");
+    // A whole stripe is dropped: done.
+    c.request(FAST_ZERO, WRITE_ZEROES, 6, 0, STRIPE, &[]);
+    assert_eq!(c.simple_reply(), (0, 6));
+    // Without FAST_ZERO, part of a stripe is zeroed the slow way.
+    c.request(0, WRITE_ZEROES, 7, u64::from(STRIPE) + 4096, 8192, &[]);
+    assert_eq!(c.simple_reply(), (0, 7));
+    let mut want = data.clone();
+    want[..STRIPE as usize].fill(0);
+    want[STRIPE as usize + 4096..][..8192].fill(0);
+    c.request(0, 3, 8, 0, 0, &[]);
+    assert_eq!(c.simple_reply(), (0, 8), "flush");
+    assert!(c.read_simple(9, 0, 2 * STRIPE) == want, "zeroed ranges read back as zeroes, the rest intact");
+    drop(c);
+    s.detach(a);
 }
 
 #[test]

@@ -320,11 +320,11 @@ fn corrupt_shards_on_disk_are_detected_and_a_full_peer_refuses_clearly() {
         assert!(err.to_string().contains("store is full"), "{err}");
 
         // Flip one payload byte of the first shard on the peer's disk.
-        let seg = c.peer_dir(0).join("store/segments/00000001.seg");
-        let mut bytes = std::fs::read(&seg).unwrap();
-        assert_eq!(&bytes[..96], &stored[0].encode()[..], "the first shard starts the segment");
+        let file = c.peer_dir(0).join("store/data/00000001.dat");
+        let mut bytes = std::fs::read(&file).unwrap();
+        assert_eq!(&bytes[..96], &stored[0].encode()[..], "the first shard starts the data file");
         bytes[96 + 1000] ^= 0x01;
-        std::fs::write(&seg, &bytes).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
         let err = client.get_shard(&peer, ShardKey::of(&stored[0])).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
         assert!(err.to_string().contains("corrupt"), "{err}");

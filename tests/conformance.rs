@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use meshdisk::backend::file::FileBackend;
 use meshdisk::backend::memory::MemoryBackend;
-use meshdisk::backend::{Backend, Segment, ZeroFlags};
+use meshdisk::backend::{Backend, ReadPiece, ZeroFlags};
 use meshdisk::sys::uring::Uring;
 
 const SIZE: u64 = 8 << 20;
@@ -61,9 +61,9 @@ async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, len: u32) {
             panic!("byte {} differs: got {g:#x}, want {want:#x} (read {offset}+{len})", offset + i as u64);
         }
     }
-    for seg in &data.segments {
-        if let Segment::Data(d) = seg {
-            assert!(!d.is_empty(), "empty data segment");
+    for piece in &data.pieces {
+        if let ReadPiece::Data(d) = piece {
+            assert!(!d.is_empty(), "empty data piece");
         }
     }
 }

@@ -112,6 +112,44 @@ fn oversized_write_is_refused_after_its_payload_is_consumed() {
 }
 
 #[test]
+fn export_name_clients_may_move_64_mib_and_no_more() {
+    // Never told a block size, an old-style client may send what the
+    // reference server takes: 64 MiB, the connection's whole byte budget.
+    let s = Served::memory("160M");
+    let mut c = RawClient::handshake_export_name(&s.socket);
+    assert_eq!(c.size, 160 << 20);
+    let big = 64 * MIB;
+    let data = pattern(3, big as usize);
+    // Two at once: the second waits for the first's budget, never forever.
+    let mut both = Vec::with_capacity(2 * (28 + big as usize));
+    for (cookie, offset) in [(1u64, 0u64), (2, u64::from(big))] {
+        both.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        both.extend_from_slice(&0u16.to_be_bytes());
+        both.extend_from_slice(&1u16.to_be_bytes());
+        both.extend_from_slice(&cookie.to_be_bytes());
+        both.extend_from_slice(&offset.to_be_bytes());
+        both.extend_from_slice(&big.to_be_bytes());
+        both.extend_from_slice(&data);
+    }
+    let mut sender = RawClient { s: c.s.try_clone().unwrap(), size: 0, tflags: 0, structured: false };
+    let sending = std::thread::spawn(move || sender.s.write_all(&both).unwrap());
+    let mut cookies = [c.simple_reply(), c.simple_reply()];
+    cookies.sort();
+    assert_eq!(cookies, [(0, 1), (0, 2)]);
+    sending.join().unwrap();
+    assert!(c.read_simple(3, 0, big) == data, "first 64 MiB read back");
+    assert!(c.read_simple(4, u64::from(big), big) == data, "second 64 MiB read back");
+    // One byte more is refused, and the stream stays in sync.
+    let over = big + 1;
+    c.request(0, 1, 5, 0, over, &vec![0xaa; over as usize]);
+    assert_eq!(c.simple_reply(), (EOVERFLOW, 5));
+    c.request(0, 0, 6, 0, over, &[]);
+    assert_eq!(c.simple_reply(), (EOVERFLOW, 6), "oversized read");
+    write_ok(&mut c, 7, 0, b"in sync");
+    assert_eq!(c.read_simple(8, 0, 7), b"in sync");
+}
+
+#[test]
 fn read_only_export_refuses_writes_and_consumes_them() {
     let s = Served::start(&["--memory", "8M", "--read-only"]);
     let mut c = RawClient::handshake(&s.socket, false);

@@ -63,9 +63,9 @@ impl Drop for SmallDisk<'_> {
 async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("store");
-    // The segments live on a 64 KiB disk; the index stays on the big one.
-    let segments = data.join("segments");
-    let Some(_disk) = SmallDisk::mount(&segments, "64k") else { return };
+    // The data files live on a 64 KiB disk; the index stays on the big one.
+    let files = data.join("data");
+    let Some(_disk) = SmallDisk::mount(&files, "64k") else { return };
     let ring = Uring::new(64).unwrap();
     let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
     let mut acked = Vec::new();

@@ -5,7 +5,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use meshdisk::nbd::handshake::{parse_info_request, parse_meta_context_request};
-use meshdisk::nbd::proto::{Command, MAX_PAYLOAD, RequestHeader, Session, TFLAG_HAS_FLAGS, validate};
+use meshdisk::nbd::proto::{
+    Command, EXPORT_NAME_MAX_PAYLOAD, MAX_PAYLOAD, RequestHeader, Session, TFLAG_HAS_FLAGS, validate,
+};
 
 fuzz_target!(|data: &[u8]| {
     let _ = parse_info_request(data);
@@ -21,10 +23,12 @@ fuzz_target!(|data: &[u8]| {
         tflags: TFLAG_HAS_FLAGS | u16::from_le_bytes([data[30], data[31]]),
         structured: data[32] & 1 != 0,
         base_allocation: data[32] & 2 != 0,
+        // Clients told block sizes (GO) or not (EXPORT_NAME).
+        max_payload: if data[32] & 4 != 0 { EXPORT_NAME_MAX_PAYLOAD } else { MAX_PAYLOAD },
     };
     match validate(&header, &session) {
         Ok(Command::Read { offset, length, .. } | Command::Write { offset, length, .. }) => {
-            assert!(length <= MAX_PAYLOAD);
+            assert!(length <= session.max_payload);
             assert!(offset.checked_add(u64::from(length)).is_some_and(|end| end <= size));
         }
         Ok(

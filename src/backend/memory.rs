@@ -3,7 +3,7 @@
 //!
 //! The export is cut into 32 KiB chunks, each allocated on first write and
 //! freed again when a TRIM or WRITE_ZEROES covers all of it. Unallocated
-//! chunks are holes: reads return them as [`Segment::Zero`] without copying,
+//! chunks are holes: reads return them as [`ReadPiece::Zero`] without copying,
 //! and BLOCK_STATUS reports them. Each chunk has its own lock, so requests
 //! on different chunks never wait for each other. Metadata costs 32 bytes
 //! per chunk (1 MiB per GiB of export), whether or not it is allocated.
@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
-use super::{Backend, Extent, Features, ReadData, Result, Segment, ZeroFlags, push_extent};
+use super::{Backend, Extent, Features, ReadData, ReadPiece, Result, ZeroFlags, push_extent};
 
 const CHUNK: usize = 32 * 1024;
 /// A BLOCK_STATUS reply describes at most this many extents; the client
@@ -95,14 +95,14 @@ impl Backend for MemoryBackend {
     }
 
     async fn read(&self, offset: u64, length: u32) -> Result<ReadData> {
-        let mut out = ReadData { segments: Vec::with_capacity((length as usize).div_ceil(CHUNK) + 1) };
+        let mut out = ReadData { pieces: Vec::with_capacity((length as usize).div_ceil(CHUNK) + 1) };
         for (idx, within, n) in Self::pieces(offset, length.into()) {
             match self.chunks[idx].read().unwrap().as_ref() {
                 Some(chunk) => {
                     let slice = ChunkSlice { chunk: chunk.clone(), start: within, end: within + n };
-                    out.push(Segment::Data(Bytes::from_owner(slice)));
+                    out.push(ReadPiece::Data(Bytes::from_owner(slice)));
                 }
-                None => out.push(Segment::Zero(n as u32)),
+                None => out.push(ReadPiece::Zero(n as u32)),
             }
         }
         Ok(out)

@@ -5,8 +5,8 @@
 //!
 //! Buffers are owned and move through the call: `write` takes the payload
 //! as [`Bytes`] (often a zero-copy slice of the connection's read buffer),
-//! `read` hands back [`ReadData`] whose segments the server writes straight
-//! to the socket. Holes come back as [`Segment::Zero`] so a structured reply
+//! `read` hands back [`ReadData`] whose pieces the server writes straight
+//! to the socket. Holes come back as [`ReadPiece::Zero`] so a structured reply
 //! can say "zeroes here" instead of sending them.
 //!
 //! Every backend must pass the conformance suite in `tests/conformance.rs`.
@@ -148,16 +148,16 @@ impl Features {
 
 /// One piece of a read: bytes, or a run of zeroes not worth sending.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Segment {
+pub enum ReadPiece {
     Data(Bytes),
     Zero(u32),
 }
 
-impl Segment {
+impl ReadPiece {
     pub fn len(&self) -> usize {
         match self {
-            Segment::Data(b) => b.len(),
-            Segment::Zero(n) => *n as usize,
+            ReadPiece::Data(b) => b.len(),
+            ReadPiece::Zero(n) => *n as usize,
         }
     }
 
@@ -166,31 +166,31 @@ impl Segment {
     }
 }
 
-/// The result of a read: consecutive segments covering the requested range.
+/// The result of a read: consecutive pieces covering the requested range.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReadData {
-    pub segments: Vec<Segment>,
+    pub pieces: Vec<ReadPiece>,
 }
 
 impl ReadData {
     pub fn data(b: Bytes) -> Self {
-        Self { segments: vec![Segment::Data(b)] }
+        Self { pieces: vec![ReadPiece::Data(b)] }
     }
 
-    /// Appends a segment, merging adjacent zero runs and dropping empties.
-    pub fn push(&mut self, seg: Segment) {
-        if seg.is_empty() {
+    /// Appends a piece, merging adjacent zero runs and dropping empties.
+    pub fn push(&mut self, piece: ReadPiece) {
+        if piece.is_empty() {
             return;
         }
-        if let (Some(Segment::Zero(prev)), Segment::Zero(n)) = (self.segments.last_mut(), &seg) {
+        if let (Some(ReadPiece::Zero(prev)), ReadPiece::Zero(n)) = (self.pieces.last_mut(), &piece) {
             *prev += n;
             return;
         }
-        self.segments.push(seg);
+        self.pieces.push(piece);
     }
 
     pub fn len(&self) -> usize {
-        self.segments.iter().map(Segment::len).sum()
+        self.pieces.iter().map(ReadPiece::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -200,10 +200,10 @@ impl ReadData {
     /// Flattens into one buffer (tests and tools; the server never copies).
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len());
-        for s in &self.segments {
+        for s in &self.pieces {
             match s {
-                Segment::Data(b) => out.extend_from_slice(b),
-                Segment::Zero(n) => out.resize(out.len() + *n as usize, 0),
+                ReadPiece::Data(b) => out.extend_from_slice(b),
+                ReadPiece::Zero(n) => out.resize(out.len() + *n as usize, 0),
             }
         }
         out

@@ -11,12 +11,13 @@
 //! recovered but which tells a wrong key apart before any data is read.
 
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::sys::durable;
 
 /// Length of a volume key in bytes (two AES-256 keys).
 pub const KEY_LEN: usize = 64;
@@ -144,27 +145,15 @@ impl VolumeKey {
     /// Writes this key to a new file with mode 0600 and syncs it. Never
     /// overwrites an existing file.
     pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
-        let mut file =
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
-                if source.kind() == std::io::ErrorKind::AlreadyExists {
-                    KeyError::Exists { path: path.to_owned() }
-                } else {
-                    KeyError::Write { path: path.to_owned(), source }
-                }
-            })?;
-        let written = file.write_all(&self.bytes[..]).and_then(|()| file.sync_all());
-        if let Err(source) = written {
-            // A partial key file is useless and would block the next try.
-            drop(file);
-            let _ = std::fs::remove_file(path);
-            return Err(KeyError::Write { path: path.to_owned(), source });
-        }
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        // The one durable write: a crash leaves no partial key file (which
+        // would be useless and block the next try) and the name is synced.
+        durable::create_new(path, &self.bytes[..], 0o600).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                KeyError::Exists { path: path.to_owned() }
+            } else {
+                KeyError::Write { path: path.to_owned(), source }
+            }
+        })
     }
 
     /// Derives a key from a passphrase with Argon2id and the volume's

@@ -10,9 +10,6 @@
 //! [`verifier`] builds the rustls verifier every meshdisk endpoint uses:
 //! only chains to this one CA are accepted.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +21,8 @@ use rustls::RootCertStore;
 use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
+
+use crate::sys::durable;
 
 /// The name suffix of every meshdisk certificate (`.invalid` never resolves).
 const NAME_SUFFIX: &str = "meshdisk.invalid";
@@ -262,9 +261,10 @@ fn ca_params(cluster: &str) -> Result<CertificateParams, CaError> {
     Ok(params)
 }
 
+/// Through the one durable write, which also syncs the folder so the new
+/// names survive a crash; never overwrites an existing file.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io(path))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io(path))
+    durable::create_new(path, bytes, mode).map_err(io(path))
 }
 
 /// A new key pair and a certificate signing request for it, PEM; what a
@@ -356,6 +356,25 @@ mod tests {
         accepted(&verifier(ca.cert_pem()).unwrap(), &again.issue(&csr, "c1", Role::Client).unwrap()).unwrap();
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(ClusterCa::load(empty.path(), "home"), Err(CaError::Missing(_))));
+    }
+
+    #[test]
+    fn the_ca_files_are_whole_with_their_modes_and_no_temporary_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(dir.path(), "home").unwrap();
+        let mode =
+            |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("ca.key"), 0o600);
+        assert_eq!(mode("ca.crt") & 0o600, 0o600);
+        assert_eq!(std::fs::read_to_string(dir.path().join("ca.crt")).unwrap(), ca.cert_pem());
+        KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca.key")).unwrap()).unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ca.crt", "ca.key"]);
     }
 
     #[test]

@@ -4,14 +4,13 @@
 //! every start after, so a node keeps its identity across restarts.
 //! Joining, which writes one, is the client's (`client::join`).
 
-use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::ca::{Identity, Role, node_name};
+use crate::sys::durable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
@@ -59,20 +58,7 @@ impl Credential {
     /// Writes it to `path` (mode 0600), replacing an older one atomically.
     pub fn save(&self, path: &Path) -> Result<(), CredentialError> {
         let text = toml::to_string(self).map_err(|e| file_err(path, e))?;
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| file_err(&tmp, e))?;
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))?;
-        if let Some(dir) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        durable::replace(path, text.as_bytes(), 0o600).map_err(|e| file_err(path, e))
     }
 
     pub fn identity(&self) -> Identity {
@@ -100,4 +86,35 @@ pub fn resolve(addr: &str) -> Result<SocketAddr, CredentialError> {
         .map_err(|_| CredentialError::Address(addr.to_owned()))?
         .next()
         .ok_or_else(|| CredentialError::Address(addr.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn credential(node: &str) -> Credential {
+        Credential {
+            cluster: "home".into(),
+            node: node.into(),
+            role: Role::Peer,
+            directory: "127.0.0.1:7700".into(),
+            ca_pem: "ca".into(),
+            cert_pem: "cert".into(),
+            key_pem: "secret".into(),
+        }
+    }
+
+    #[test]
+    fn a_saved_credential_is_private_whole_and_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("identity.toml");
+        credential("peer-1").save(&path).unwrap();
+        credential("peer-2").save(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(Credential::load(&path).unwrap().node, "peer-2");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("identity.toml")]);
+    }
 }

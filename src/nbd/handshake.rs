@@ -237,7 +237,13 @@ where
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         let tflags = export.tflags | if structured { TFLAG_SEND_DF } else { 0 };
-        let session = |base_allocation| Session { size: export.size, tflags, structured, base_allocation };
+        let session = |base_allocation, max_payload| Session {
+            size: export.size,
+            tflags,
+            structured,
+            base_allocation,
+            max_payload,
+        };
 
         match option {
             OPT_EXPORT_NAME => {
@@ -251,7 +257,9 @@ where
                 }
                 wr.write_all(&out).await?;
                 wr.flush().await?;
-                return Ok(Some(session(base_allocation)));
+                // No block sizes were sent on this path: accept what the
+                // reference server does.
+                return Ok(Some(session(base_allocation, EXPORT_NAME_MAX_PAYLOAD)));
             }
             OPT_ABORT => {
                 r.ack();
@@ -292,7 +300,7 @@ where
                     r.ack();
                     if option == OPT_GO {
                         r.send(wr).await?;
-                        return Ok(Some(session(base_allocation)));
+                        return Ok(Some(session(base_allocation, MAX_PAYLOAD)));
                     }
                 }
             },

@@ -13,7 +13,9 @@
 //! (NO_HOLE, FAST_ZERO), CACHE, BLOCK_STATUS (REQ_ONE), DISC, and FUA on any
 //! of them. Requests on a connection run concurrently and complete out of
 //! order; CAN_MULTI_CONN is advertised whenever the backend's flush covers
-//! all connections.
+//! all connections. READ and WRITE move up to 32 MiB, the maximum block size
+//! INFO/GO advertise, or 64 MiB for a client that entered with EXPORT_NAME
+//! and was never told one.
 
 pub mod handshake;
 pub mod proto;

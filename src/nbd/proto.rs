@@ -123,9 +123,16 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 /// single READ or WRITE may move more than [`MAX_PAYLOAD`].
 pub const MIN_BLOCK: u32 = 1;
 pub const PREFERRED_BLOCK: u32 = 4096;
-/// Largest READ or WRITE payload we accept (32 MiB). Larger requests are
-/// refused with `EOVERFLOW`, after a WRITE's payload has been consumed.
+/// Largest READ or WRITE payload we advertise, and accept from clients that
+/// were told so (32 MiB, the size the spec tells clients to stay within).
+/// Larger requests are refused with `EOVERFLOW`, after a WRITE's payload has
+/// been consumed.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest READ or WRITE payload accepted from a client that entered with
+/// `NBD_OPT_EXPORT_NAME` and so was never told a maximum block size (old
+/// `nbd-client`s and kernels): 64 MiB, as the reference `nbd-server`
+/// accepts. Such a request takes a connection's whole default byte budget.
+pub const EXPORT_NAME_MAX_PAYLOAD: u32 = 64 << 20;
 
 /// Size of a transmission request header on the wire.
 pub const REQUEST_HEADER_LEN: usize = 28;
@@ -204,7 +211,7 @@ impl RequestHeader {
 
 /// What the transmission phase was negotiated to: the export and the
 /// options this connection agreed on.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Session {
     pub size: u64,
     /// Transmission flags sent to the client.
@@ -212,6 +219,15 @@ pub struct Session {
     pub structured: bool,
     /// `base:allocation` was selected with SET_META_CONTEXT.
     pub base_allocation: bool,
+    /// Largest READ or WRITE accepted: [`MAX_PAYLOAD`] when the client was
+    /// sent block sizes (INFO/GO), [`EXPORT_NAME_MAX_PAYLOAD`] when not.
+    pub max_payload: u32,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self { size: 0, tflags: 0, structured: false, base_allocation: false, max_payload: MAX_PAYLOAD }
+    }
 }
 
 impl Session {
@@ -307,7 +323,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
     if writes && s.has(TFLAG_READ_ONLY) {
         return refuse(Perm, "write to a read-only export");
     }
-    if matches!(h.kind, CMD_READ | CMD_WRITE) && length > MAX_PAYLOAD {
+    if matches!(h.kind, CMD_READ | CMD_WRITE) && length > s.max_payload {
         return refuse(Overflow, "request larger than the maximum block size");
     }
     if !in_range {
@@ -433,6 +449,7 @@ mod tests {
                 | TFLAG_SEND_FAST_ZERO,
             structured: true,
             base_allocation: true,
+            max_payload: MAX_PAYLOAD,
         }
     }
 
@@ -492,6 +509,27 @@ mod tests {
     }
 
     #[test]
+    fn clients_never_told_a_block_size_may_move_64_mib() {
+        let s = Session { max_payload: EXPORT_NAME_MAX_PAYLOAD, ..full_session(1 << 40) };
+        let big = EXPORT_NAME_MAX_PAYLOAD;
+        assert!(
+            matches!(validate(&req(CMD_WRITE, 0, 0, big), &s), Ok(Command::Write { length, .. }) if length == big)
+        );
+        assert!(
+            matches!(validate(&req(CMD_READ, 0, 0, big), &s), Ok(Command::Read { length, .. }) if length == big)
+        );
+        let e = |h| validate(&h, &s).unwrap_err().error;
+        assert_eq!(e(req(CMD_WRITE, 0, 0, big + 1)), NbdError::Overflow);
+        assert_eq!(e(req(CMD_READ, 0, 0, big + 1)), NbdError::Overflow);
+        // Clients that were told 32 MiB are held to it.
+        let told = full_session(1 << 40);
+        assert_eq!(
+            validate(&req(CMD_WRITE, 0, 0, MAX_PAYLOAD + 1), &told).unwrap_err().error,
+            NbdError::Overflow
+        );
+    }
+
+    #[test]
     fn negotiation_gates_commands() {
         let mut s = full_session(1 << 20);
         s.tflags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY;
@@ -535,9 +573,11 @@ mod tests {
         fn validated_ranges_are_inside_the_export(
             kind in 0u16..10, flags in any::<u16>(), offset in any::<u64>(),
             length in any::<u32>(), size in 0u64..(1 << 44), ro in any::<bool>(),
+            old_style in any::<bool>(),
         ) {
             let mut s = full_session(size);
             if ro { s.tflags |= TFLAG_READ_ONLY; }
+            if old_style { s.max_payload = EXPORT_NAME_MAX_PAYLOAD; }
             let h = req(kind, flags, offset, length);
             prop_assert_eq!(RequestHeader::parse(&encode(&h)), Ok(h));
             match validate(&h, &s) {
@@ -549,7 +589,7 @@ mod tests {
                 | Ok(Command::BlockStatus { offset, length, .. }) => {
                     prop_assert!(offset.checked_add(u64::from(length)).unwrap() <= size);
                     if matches!(kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) { prop_assert!(!ro); }
-                    if matches!(kind, CMD_READ | CMD_WRITE) { prop_assert!(length <= MAX_PAYLOAD); }
+                    if matches!(kind, CMD_READ | CMD_WRITE) { prop_assert!(length <= s.max_payload); }
                 }
                 Ok(Command::Flush) => prop_assert_eq!((offset, length), (0, 0)),
                 Ok(Command::Disconnect) => prop_assert_eq!(kind, CMD_DISC),

@@ -29,6 +29,11 @@
 //! - at most [`Limits::connections`] connections (default 256); more are
 //!   closed at once.
 //!
+//! A request larger than a budget (a 64 MiB WRITE from a client that
+//! entered with `NBD_OPT_EXPORT_NAME`, or any request under small limits)
+//! is charged the whole budget instead of its size: it waits until nothing
+//! else is in flight, then runs alone, rather than wait forever.
+//!
 //! Beyond the permits, a connection's read buffer holds at most
 //! [`READ_BUFFER`] bytes that were received but not yet parsed.
 
@@ -49,7 +54,7 @@ use tracing::{debug, error, warn};
 
 use super::handshake::{Export, negotiate};
 use super::proto::*;
-use crate::backend::{self, Backend, Extent, ReadData, Segment, ZeroFlags};
+use crate::backend::{self, Backend, Extent, ReadData, ReadPiece, ZeroFlags};
 use crate::sys::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
@@ -363,11 +368,15 @@ fn descriptors(extents: &[Extent], length: u32, req_one: bool) -> Vec<(u32, u32)
 }
 
 impl<B: Backend> Inner<B> {
-    /// Waits until `bytes` fit in both the connection's and the server's budget.
+    /// Waits until `bytes` fit in both the connection's and the server's
+    /// budget; more than a whole budget is charged as that whole budget
+    /// (a semaphore never grants more permits than it holds).
     async fn permits(&self, conn_budget: &Arc<Semaphore>, bytes: u32) -> Permits {
+        let conn = bytes.min(self.limits.connection_bytes);
+        let server = bytes.min(self.limits.server_bytes);
         (
-            conn_budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
-            self.budget.clone().acquire_many_owned(bytes).await.expect("never closed"),
+            conn_budget.clone().acquire_many_owned(conn).await.expect("never closed"),
+            self.budget.clone().acquire_many_owned(server).await.expect("never closed"),
         )
     }
 
@@ -572,10 +581,10 @@ impl Encoder {
 
     /// Read data as plain bytes, holes written out as zeroes.
     fn flat(&mut self, data: ReadData) {
-        for seg in data.segments {
-            match seg {
-                Segment::Data(b) => self.data(b),
-                Segment::Zero(n) => self.zeroes(n as usize),
+        for piece in data.pieces {
+            match piece {
+                ReadPiece::Data(b) => self.data(b),
+                ReadPiece::Zero(n) => self.zeroes(n as usize),
             }
         }
     }
@@ -607,24 +616,24 @@ impl Encoder {
                 // One OFFSET_DATA chunk per run of data, one OFFSET_HOLE per
                 // run of zeroes; the last chunk carries DONE.
                 let mut pos = offset;
-                let mut segs = data.segments.into_iter().peekable();
-                while let Some(seg) = segs.next() {
-                    match seg {
-                        Segment::Zero(n) => {
-                            put_hole_chunk(&mut self.head, cookie, segs.peek().is_none(), pos, n);
+                let mut pieces = data.pieces.into_iter().peekable();
+                while let Some(piece) = pieces.next() {
+                    match piece {
+                        ReadPiece::Zero(n) => {
+                            put_hole_chunk(&mut self.head, cookie, pieces.peek().is_none(), pos, n);
                             pos += u64::from(n);
                         }
-                        Segment::Data(first) => {
+                        ReadPiece::Data(first) => {
                             let mut run = vec![first];
-                            while let Some(Segment::Data(_)) = segs.peek() {
-                                let Some(Segment::Data(b)) = segs.next() else { unreachable!() };
+                            while let Some(ReadPiece::Data(_)) = pieces.peek() {
+                                let Some(ReadPiece::Data(b)) = pieces.next() else { unreachable!() };
                                 run.push(b);
                             }
                             let n: usize = run.iter().map(Bytes::len).sum();
                             put_data_chunk_header(
                                 &mut self.head,
                                 cookie,
-                                segs.peek().is_none(),
+                                pieces.peek().is_none(),
                                 pos,
                                 n as u32,
                             );
@@ -715,6 +724,71 @@ pub fn bind_unix(path: &PathBuf) -> std::io::Result<UnixListener> {
 mod tests {
     use super::*;
 
+    /// A client entering with NBD_OPT_EXPORT_NAME over an in-memory
+    /// stream; returns its halves after the export's size and flags.
+    async fn export_name_client(
+        server: &Server<crate::backend::memory::MemoryBackend>,
+    ) -> (tokio::io::ReadHalf<tokio::io::DuplexStream>, tokio::io::WriteHalf<tokio::io::DuplexStream>) {
+        let (client, conn) = tokio::io::duplex(256 * 1024);
+        let (srd, swr) = tokio::io::split(conn);
+        let server = server.clone();
+        tokio::spawn(async move { server.serve_stream(srd, swr, "test").await });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let mut greeting = [0u8; 18];
+        rd.read_exact(&mut greeting).await.unwrap();
+        let mut hello = Vec::new();
+        hello.extend_from_slice(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        hello.extend_from_slice(&0u32.to_be_bytes());
+        wr.write_all(&hello).await.unwrap();
+        let mut export = [0u8; 10];
+        rd.read_exact(&mut export).await.unwrap();
+        (rd, wr)
+    }
+
+    async fn simple_reply<R: AsyncRead + Unpin>(rd: &mut R, cookie: u64) -> u32 {
+        let mut b = [0u8; 16];
+        rd.read_exact(&mut b).await.unwrap();
+        assert_eq!(u32::from_be_bytes(b[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+        assert_eq!(u64::from_be_bytes(b[8..].try_into().unwrap()), cookie);
+        u32::from_be_bytes(b[4..8].try_into().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_every_budget_runs_alone_instead_of_waiting_forever() {
+        use crate::backend::memory::MemoryBackend;
+        // Budgets of 1 MiB: a 1 MiB write costs 1 MiB + REQUEST_OVERHEAD,
+        // more than either holds, and a 2 MiB read twice that.
+        let limits = Limits { connection_bytes: 1 << 20, server_bytes: 1 << 20, connections: 4 };
+        let server =
+            Server::new(Arc::new(MemoryBackend::new(4 << 20)), ServerConfig { limits, ..Default::default() });
+        let (mut rd, mut wr) = export_name_client(&server).await;
+        let data: Vec<u8> = (0..2 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let mut req = BytesMut::new();
+        for (cookie, offset) in [(1u64, 0u64), (2, 1 << 20)] {
+            RequestHeader { flags: 0, kind: CMD_WRITE, cookie, offset, length: 1 << 20 }.encode(&mut req);
+            req.extend_from_slice(&data[offset as usize..][..1 << 20]);
+        }
+        RequestHeader { flags: 0, kind: CMD_READ, cookie: 3, offset: 0, length: 2 << 20 }.encode(&mut req);
+        let sending = tokio::spawn(async move {
+            wr.write_all(&req).await.unwrap();
+            wr
+        });
+        let done = async {
+            assert_eq!(simple_reply(&mut rd, 1).await, 0);
+            assert_eq!(simple_reply(&mut rd, 2).await, 0);
+            assert_eq!(simple_reply(&mut rd, 3).await, 0);
+            let mut back = vec![0u8; 2 << 20];
+            rd.read_exact(&mut back).await.unwrap();
+            assert!(back == data, "read back what was written");
+        };
+        tokio::time::timeout(Duration::from_secs(20), done)
+            .await
+            .expect("the server hung on a large request");
+        drop(sending.await.unwrap());
+    }
+
     #[test]
     fn descriptors_respect_request() {
         let e = |length, hole| Extent { length, hole, zero: hole };
@@ -754,10 +828,10 @@ mod tests {
     fn structured_read_encoding_marks_last_chunk_done() {
         let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
         let data = ReadData {
-            segments: vec![
-                Segment::Data(Bytes::from_static(b"abcd")),
-                Segment::Zero(4096),
-                Segment::Data(Bytes::from_static(b"ef")),
+            pieces: vec![
+                ReadPiece::Data(Bytes::from_static(b"abcd")),
+                ReadPiece::Zero(4096),
+                ReadPiece::Data(Bytes::from_static(b"ef")),
             ],
         };
         enc.encode(Reply::Read { cookie: 9, offset: 100, data, df: false });
@@ -775,7 +849,7 @@ mod tests {
     fn df_read_is_one_chunk_with_zeroes() {
         let mut enc = Encoder { structured: true, head: BytesMut::new(), parts: Vec::new() };
         let data =
-            ReadData { segments: vec![Segment::Zero(100_000), Segment::Data(Bytes::from_static(b"x"))] };
+            ReadData { pieces: vec![ReadPiece::Zero(100_000), ReadPiece::Data(Bytes::from_static(b"x"))] };
         enc.encode(Reply::Read { cookie: 1, offset: 0, data, df: true });
         let wire: Vec<u8> = enc.finish().concat();
         assert_eq!(wire.len(), 28 + 100_001);

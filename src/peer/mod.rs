@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! identity.cred   this peer's credential (joined once, reused afterwards)
-//! store/          the shard store (segments and index; docs/formats.md)
+//! store/          the shard store (data files and index; docs/formats.md)
 //! ```
 
 mod heartbeat;

@@ -3,23 +3,23 @@
 //! Layout under the store's folder (drawn in docs/formats.md):
 //!
 //! ```text
-//! segments/00000001.seg   shards appended back to back, each exactly as
-//! segments/00000002.seg   sent (96-byte header + payload); a new segment
-//! ...                     starts when one passes SEGMENT_LIMIT
-//! index.redb              shard key → (segment, offset, length);
+//! data/00000001.dat       shards appended back to back, each exactly as
+//! data/00000002.dat       sent (96-byte header + payload); a new data
+//! ...                     file starts when one passes DATA_FILE_LIMIT
+//! index.redb              shard key → (data file, offset, length);
 //!                         per volume the newest fencing epoch; bytes used
 //! ```
 //!
 //! **Durability, written once** ([`ShardStore::put`] and the group commit
 //! behind it): verify the shard (its header and payload hash), append it to
-//! the current segment through the io_uring driver, `fdatasync` the
-//! segment, then commit the index entry (redb commits are durable); only
+//! the current data file through the io_uring driver, `fdatasync` the
+//! file, then commit the index entry (redb commits are durable); only
 //! then is the put acknowledged. Puts that arrive together share one
 //! `fdatasync` and one index commit (group commit): a put queues its entry
 //! once its bytes are written, and one committer task at a time syncs every
-//! segment the queued entries touch, commits them all in one redb
+//! data file the queued entries touch, commits them all in one redb
 //! transaction, and answers each. A crash before the index commit leaves
-//! unindexed bytes in a segment and nothing else: no shard in it was
+//! unindexed bytes in a data file and nothing else: no shard in it was
 //! acknowledged.
 //!
 //! **Deleting** removes the index entry and punches a hole over the shard's
@@ -46,10 +46,11 @@ use tokio::sync::Mutex;
 
 use crate::codec::key::VOLUME_ID_LEN;
 use crate::codec::shard::{ShardError, ShardKey, parse_shard};
+use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
 
-/// A segment is closed and a new one started once it reaches this size.
-pub const SEGMENT_LIMIT: u64 = 1 << 30;
+/// A data file is closed and a new one started once it reaches this size.
+pub const DATA_FILE_LIMIT: u64 = 1 << 30;
 
 const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
@@ -85,7 +86,7 @@ impl IndexKey {
 /// Where a shard's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Location {
-    segment: u32,
+    data_file: u32,
     offset: u64,
     len: u32,
 }
@@ -93,7 +94,7 @@ struct Location {
 impl Location {
     fn encode(&self) -> [u8; 16] {
         let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&self.segment.to_le_bytes());
+        b[..4].copy_from_slice(&self.data_file.to_le_bytes());
         b[4..12].copy_from_slice(&self.offset.to_le_bytes());
         b[12..16].copy_from_slice(&self.len.to_le_bytes());
         b
@@ -104,7 +105,7 @@ impl Location {
             return Err(format!("corrupt index entry of {} bytes", b.len()));
         }
         Ok(Self {
-            segment: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
+            data_file: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
             offset: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
             len: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
         })
@@ -146,11 +147,11 @@ struct Inner {
     ring: Uring,
     db: Database,
     capacity: u64,
-    segment_limit: u64,
-    /// Appends are serialised (one segment tail).
+    data_file_limit: u64,
+    /// Appends are serialised (one data file tail).
     tail: Mutex<Tail>,
-    /// Open segments for reads and hole punching.
-    segments: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
+    /// Open data files for reads and hole punching.
+    data_files: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
     /// Set by the first failed write, sync or commit: the store is poisoned.
     first_error: std::sync::Mutex<Option<String>>,
     /// Bytes of puts admitted but not yet committed (capacity counts them).
@@ -192,7 +193,7 @@ impl Drop for InflightGuard<'_> {
 }
 
 struct Tail {
-    segment: u32,
+    data_file: u32,
     file: Arc<RegisteredFile>,
     end: u64,
 }
@@ -203,54 +204,56 @@ impl std::fmt::Debug for ShardStore {
     }
 }
 
-fn segment_path(dir: &Path, id: u32) -> PathBuf {
-    dir.join("segments").join(format!("{id:08}.seg"))
+fn data_file_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join("data").join(format!("{id:08}.dat"))
 }
 
 impl ShardStore {
     /// Opens (or creates) the store in `dir`, holding at most `capacity`
     /// bytes of shards (headers included).
     pub fn open(ring: &Uring, dir: &Path, capacity: u64) -> Result<Self, StoreError> {
-        Self::open_with_segment_limit(ring, dir, capacity, SEGMENT_LIMIT)
+        Self::open_with_data_file_limit(ring, dir, capacity, DATA_FILE_LIMIT)
     }
 
-    fn open_with_segment_limit(
+    fn open_with_data_file_limit(
         ring: &Uring,
         dir: &Path,
         capacity: u64,
-        segment_limit: u64,
+        data_file_limit: u64,
     ) -> Result<Self, StoreError> {
         let io = |e: &dyn std::fmt::Display| StoreError::Io { path: dir.to_owned(), message: e.to_string() };
-        std::fs::create_dir_all(dir.join("segments")).map_err(|e| io(&e))?;
+        std::fs::create_dir_all(dir.join("data")).map_err(|e| io(&e))?;
+        // The data folder's own name must survive a crash as its files do.
+        durable::sync_dir(dir).map_err(|e| io(&e))?;
         let db = Database::create(dir.join("index.redb")).map_err(|e| io(&e))?;
         let txn = db.begin_write().map_err(|e| io(&e))?;
-        let segment = {
+        let data_file = {
             txn.open_table(INDEX).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
-            let seg = c.get("segment").map_err(|e| io(&e))?.map(|v| v.value());
-            match seg {
+            let current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
+            match current {
                 Some(s) => s as u32,
                 None => {
-                    c.insert("segment", 1).map_err(|e| io(&e))?;
+                    c.insert("data_file", 1).map_err(|e| io(&e))?;
                     1
                 }
             }
         };
         txn.commit().map_err(|e| io(&e))?;
-        let (file, end) = open_segment(ring, dir, segment)?;
+        let (file, end) = open_data_file(ring, dir, data_file)?;
         let file = Arc::new(file);
-        let mut segments = HashMap::new();
-        segments.insert(segment, file.clone());
+        let mut data_files = HashMap::new();
+        data_files.insert(data_file, file.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
                 ring: ring.clone(),
                 db,
                 capacity,
-                segment_limit,
-                tail: Mutex::new(Tail { segment, file, end }),
-                segments: std::sync::Mutex::new(segments),
+                data_file_limit,
+                tail: Mutex::new(Tail { data_file, file, end }),
+                data_files: std::sync::Mutex::new(data_files),
                 first_error: std::sync::Mutex::new(None),
                 inflight: std::sync::atomic::AtomicU64::new(0),
                 commits: std::sync::Mutex::new(CommitQueue::default()),
@@ -303,12 +306,12 @@ impl ShardStore {
             let mut tail = self.inner.tail.lock().await;
             self.check()?;
             self.admit(&key, epoch, len)?;
-            if tail.end + len > self.inner.segment_limit && tail.end > 0 {
+            if tail.end + len > self.inner.data_file_limit && tail.end > 0 {
                 self.roll(&mut tail)?;
             }
             // Claim the range before writing: if this future is dropped
             // while the kernel still writes, no later put reuses the range.
-            let loc = Location { segment: tail.segment, offset: tail.end, len: len as u32 };
+            let loc = Location { data_file: tail.data_file, offset: tail.end, len: len as u32 };
             tail.end += len;
             self.inner.inflight.fetch_add(len, Ordering::SeqCst);
             (tail.file.clone(), loc)
@@ -362,12 +365,12 @@ impl ShardStore {
             let mut synced: Vec<u32> = Vec::new();
             let mut failed = self.check().err().map(|e| e.to_string());
             for p in &batch {
-                if failed.is_some() || synced.contains(&p.loc.segment) {
+                if failed.is_some() || synced.contains(&p.loc.data_file) {
                     continue;
                 }
                 match self.inner.ring.fsync(&p.file, true).await {
-                    Ok(()) => synced.push(p.loc.segment),
-                    Err(e) => failed = Some(format!("syncing a segment: {e}")),
+                    Ok(()) => synced.push(p.loc.data_file),
+                    Err(e) => failed = Some(format!("syncing a data file: {e}")),
                 }
             }
             let entries: Vec<(ShardKey, u64, Location)> =
@@ -401,7 +404,7 @@ impl ShardStore {
     /// Returns a location's bytes to the filesystem (best effort: the index
     /// no longer points there either way).
     async fn punch(&self, loc: Location) {
-        let Ok(file) = self.segment(loc.segment) else { return };
+        let Ok(file) = self.data_file(loc.data_file) else { return };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         if let Err(err) = self.inner.ring.fallocate(&file, loc.offset, u64::from(loc.len), mode).await {
             tracing::warn!("shard store {}: punching a hole failed: {err}", self.inner.dir.display());
@@ -416,7 +419,7 @@ impl ShardStore {
         }
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let replaced = match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
+        let replaced = match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
             Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),
             None => 0,
         };
@@ -458,7 +461,7 @@ impl ShardStore {
                     epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
                 }
                 let old =
-                    match index.insert(&IndexKey::encode(&key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
+                    match index.insert(&IndexKey::encode(key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
                         Some(v) => Some(Location::decode(v.value())?),
                         None => None,
                     };
@@ -474,36 +477,36 @@ impl ShardStore {
         Ok(olds)
     }
 
-    /// Starts a new segment.
+    /// Starts a new data file.
     fn roll(&self, tail: &mut Tail) -> Result<(), StoreError> {
-        let next = tail.segment + 1;
-        let (file, end) = open_segment(&self.inner.ring, &self.inner.dir, next)?;
+        let next = tail.data_file + 1;
+        let (file, end) = open_data_file(&self.inner.ring, &self.inner.dir, next)?;
         let txn = self.inner.db.begin_write().map_err(|e| self.io(e))?;
         txn.open_table(COUNTERS)
             .map_err(|e| self.io(e))?
-            .insert("segment", u64::from(next))
+            .insert("data_file", u64::from(next))
             .map_err(|e| self.io(e))?;
         txn.commit().map_err(|e| self.io(e))?;
         let file = Arc::new(file);
-        self.inner.segments.lock().expect("not poisoned").insert(next, file.clone());
-        *tail = Tail { segment: next, file, end };
+        self.inner.data_files.lock().expect("not poisoned").insert(next, file.clone());
+        *tail = Tail { data_file: next, file, end };
         Ok(())
     }
 
-    fn segment(&self, id: u32) -> Result<Arc<RegisteredFile>, StoreError> {
-        if let Some(f) = self.inner.segments.lock().expect("not poisoned").get(&id) {
+    fn data_file(&self, id: u32) -> Result<Arc<RegisteredFile>, StoreError> {
+        if let Some(f) = self.inner.data_files.lock().expect("not poisoned").get(&id) {
             return Ok(f.clone());
         }
-        let (file, _) = open_segment_with(&self.inner.ring, &self.inner.dir, id, false)?;
+        let (file, _) = open_data_file_with(&self.inner.ring, &self.inner.dir, id, false)?;
         let file = Arc::new(file);
-        self.inner.segments.lock().expect("not poisoned").insert(id, file.clone());
+        self.inner.data_files.lock().expect("not poisoned").insert(id, file.clone());
         Ok(file)
     }
 
     fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
         let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        match index.get(&IndexKey::encode(&key)[..]).map_err(|e| self.io(e))? {
+        match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
             Some(v) => Ok(Some(Location::decode(v.value()).map_err(|e| self.io(e))?)),
             None => Ok(None),
         }
@@ -513,7 +516,7 @@ impl ShardStore {
     pub async fn get(&self, key: &ShardKey) -> Result<Bytes, StoreError> {
         self.check()?;
         let loc = self.locate(key)?.ok_or(StoreError::NotFound(*key))?;
-        let file = self.segment(loc.segment)?;
+        let file = self.data_file(loc.data_file)?;
         let bytes = self
             .inner
             .ring
@@ -566,7 +569,7 @@ impl ShardStore {
             if let Some(loc) = loc {
                 txn.open_table(INDEX)
                     .map_err(|x| e(&x))?
-                    .remove(&IndexKey::encode(&key)[..])
+                    .remove(&IndexKey::encode(key)[..])
                     .map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
@@ -610,25 +613,27 @@ impl ShardStore {
     }
 }
 
-fn open_segment(ring: &Uring, dir: &Path, id: u32) -> Result<(RegisteredFile, u64), StoreError> {
-    open_segment_with(ring, dir, id, true)
+fn open_data_file(ring: &Uring, dir: &Path, id: u32) -> Result<(RegisteredFile, u64), StoreError> {
+    open_data_file_with(ring, dir, id, true)
 }
 
-/// Opens segment `id`, creating it only for the tail: an index entry that
-/// names a missing segment is an error, not an empty file.
-fn open_segment_with(
+/// Opens data file `id`, creating it only for the tail: an index entry
+/// that names a missing data file is an error, not an empty file.
+fn open_data_file_with(
     ring: &Uring,
     dir: &Path,
     id: u32,
     create: bool,
 ) -> Result<(RegisteredFile, u64), StoreError> {
-    let path = segment_path(dir, id);
+    let path = data_file_path(dir, id);
     let io = |e: std::io::Error| StoreError::Io { path: path.clone(), message: e.to_string() };
     let file =
         OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path).map_err(io)?;
     let end = file.metadata().map_err(io)?.len();
-    if let Ok(d) = std::fs::File::open(dir.join("segments")) {
-        let _ = d.sync_all();
+    if create {
+        // The tail's name must survive a crash before any shard in it is
+        // indexed: an index entry naming a lost file is a lost shard.
+        durable::sync_dir(&dir.join("data")).map_err(io)?;
     }
     let file = ring.register(file).map_err(io)?;
     Ok((file, end))
@@ -657,7 +662,7 @@ mod tests {
     }
 
     fn open(ring: &Uring, dir: &Path, capacity: u64) -> ShardStore {
-        ShardStore::open_with_segment_limit(ring, dir, capacity, 4096).unwrap()
+        ShardStore::open_with_data_file_limit(ring, dir, capacity, 4096).unwrap()
     }
 
     #[tokio::test]
@@ -676,14 +681,14 @@ mod tests {
         assert_eq!(store.list(&[1; 16]).unwrap(), vec![ka, kb]);
         assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
         // Writing the same shard again replaces it: space is not counted
-        // twice, and the old copy's bytes are punched out of its segment.
+        // twice, and the old copy's bytes are punched out of its data file.
         let before = store.locate(&ka).unwrap().unwrap();
         store.put(a.clone(), 1).await.unwrap();
         assert_eq!(store.used().unwrap(), (a.len() + b.len() + other.len()) as u64);
         let after = store.locate(&ka).unwrap().unwrap();
         assert_ne!(before, after);
-        let seg = std::fs::read(segment_path(dir.path(), before.segment)).unwrap();
-        let old = &seg[before.offset as usize..][..before.len as usize];
+        let file = std::fs::read(data_file_path(dir.path(), before.data_file)).unwrap();
+        let old = &file[before.offset as usize..][..before.len as usize];
         assert!(old.iter().all(|&x| x == 0), "the replaced copy was not punched");
         assert!(store.delete(&ka, 1).await.unwrap());
         assert!(!store.delete(&ka, 1).await.unwrap());
@@ -693,26 +698,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn everything_survives_a_restart_across_segments() {
+    async fn everything_survives_a_restart_across_data_files() {
         let ring = Uring::new(64).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut kept = Vec::new();
         {
             let store = open(&ring, dir.path(), 1 << 20);
-            // 4096-byte segments and 1120-byte shards: several segments.
+            // 4096-byte data files and 1120-byte shards: several data files.
             for i in 0..10u8 {
                 let s = shard(3, u64::from(i), 1, 0, i, 16);
                 kept.push((store.put(s.clone(), 1).await.unwrap(), s));
             }
         }
-        let segments = std::fs::read_dir(dir.path().join("segments")).unwrap().count();
-        assert!(segments >= 3, "{segments} segments");
+        let files = std::fs::read_dir(dir.path().join("data")).unwrap().count();
+        assert!(files >= 3, "{files} data files");
         let store = open(&ring, dir.path(), 1 << 20);
         for (key, bytes) in &kept {
             assert_eq!(&store.get(key).await.unwrap(), bytes);
         }
         assert_eq!(store.used().unwrap(), kept.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
-        // New writes go on after the last segment's end.
+        // New writes go on after the last data file's end.
         let more = shard(3, 99, 1, 0, 9, 2);
         let k = store.put(more.clone(), 1).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap(), more);
@@ -747,7 +752,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = shard(1, 0, 1, 0, 0, 16).len() as u64;
         // Room for exactly 40 of the 64 shards put at once.
-        let store = ShardStore::open_with_segment_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
+        let store = ShardStore::open_with_data_file_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..64u64 {
             let store = store.clone();
@@ -761,7 +766,7 @@ mod tests {
         );
         assert_eq!(store.used().unwrap(), 40 * one);
         drop(store);
-        let store = ShardStore::open_with_segment_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
+        let store = ShardStore::open_with_data_file_limit(&ring, dir.path(), 40 * one, 8 * one).unwrap();
         for key in &stored {
             let got = store.get(key).await.unwrap();
             assert_eq!(got, shard(1, key.stripe, 1, 0, key.stripe as u8, 16));
@@ -817,12 +822,12 @@ mod tests {
         assert_eq!(store.used().unwrap(), 0, "a refused shard takes no space");
         let good = shard(6, 0, 1, 0, 7, 2);
         let key = store.put(good, 1).await.unwrap();
-        // Flip a payload byte in the segment file behind the store's back.
-        let seg = segment_path(dir.path(), 1);
-        let mut bytes = std::fs::read(&seg).unwrap();
+        // Flip a payload byte in the data file behind the store's back.
+        let file = data_file_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&file).unwrap();
         let at = bytes.len() - 10;
         bytes[at] ^= 0x10;
-        std::fs::write(&seg, &bytes).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
         let err = store.get(&key).await.unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { source: ShardError::HashMismatch, .. }), "{err}");
     }

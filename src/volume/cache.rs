@@ -25,6 +25,7 @@ use memmap2::MmapMut;
 
 use crate::codec::key::{VOLUME_ID_LEN, VolumeKey};
 use crate::codec::{SECTOR_SIZE, SectorCipher};
+use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
 
 const MAGIC: &[u8; 8] = b"MDCACHE1";
@@ -407,14 +408,18 @@ impl Cache {
     }
 
     /// Syncs the data, then the table, then marks the cache closed cleanly
-    /// so the next open trusts it.
+    /// so the next open trusts it, and syncs the folder so the files' names
+    /// survive a crash too. (The table is mapped memory, flushed in place,
+    /// not a small file replaced whole, so it does not go through
+    /// `sys::durable`'s write; losing it is safe, only slower.)
     pub async fn close(self) -> Result<(), CacheError> {
         self.ring.fsync(&self.file, true).await.map_err(|e| io_err(&self.dir.join("cache.dat"), e))?;
         let mut t = self.table.lock().expect("not poisoned");
         let path = self.dir.join("cache.map");
         t.map.flush().map_err(|e| io_err(&path, e))?;
         t.map[68] = 1;
-        t.map.flush().map_err(|e| io_err(&path, e))
+        t.map.flush().map_err(|e| io_err(&path, e))?;
+        durable::sync_dir(&self.dir).map_err(|e| io_err(&self.dir, e))
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Durability, PeerAddr, StripeRecord, VolumeRecord};
-use crate::backend::{self, Backend, Extent, Features, ReadData, Segment, ZeroFlags};
+use crate::backend::{self, Backend, Extent, Features, ReadData, ReadPiece, ZeroFlags};
 use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::codec::{SECTOR_SIZE, erasure::Geometry};
@@ -513,20 +513,20 @@ impl Inner {
         Ok(out)
     }
 
-    async fn read_piece(&self, stripe: u64, first: usize, count: usize) -> backend::Result<Segment> {
+    async fn read_piece(&self, stripe: u64, first: usize, count: usize) -> backend::Result<ReadPiece> {
         let offset = (stripe * self.sectors + first as u64) * SECTOR_SIZE as u64;
         let len = (count * SECTOR_SIZE) as u64;
         let cached = |r: Result<Option<Vec<u8>>, CacheError>| r.map_err(|e| eio("read", offset, len, e));
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         if self.cache.lookup(stripe).is_none() && self.record_of(stripe).is_none() {
-            return Ok(Segment::Zero(len as u32));
+            return Ok(ReadPiece::Zero(len as u32));
         }
         let lock = self.lock_of(stripe);
         let _held = lock.lock().await;
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         let plain = self
             .stripe_plain(stripe)
@@ -536,7 +536,7 @@ impl Inner {
             tracing::warn!("caching stripe {stripe}: {e}");
         }
         if let Some(d) = cached(self.cache.read(stripe, first, count).await)? {
-            return Ok(Segment::Data(Bytes::from(d)));
+            return Ok(ReadPiece::Data(Bytes::from(d)));
         }
         // The cache could not take the stripe (every slot dirty): sectors
         // it holds are newer than the peers' copy.
@@ -551,7 +551,7 @@ impl Inner {
                 }
             }
         }
-        Ok(Segment::Data(Bytes::from(out)))
+        Ok(ReadPiece::Data(Bytes::from(out)))
     }
 
     /// The plaintext of a stripe as the peers hold it (zeroes if never
@@ -601,8 +601,10 @@ impl Backend for Volume {
         self.inner.size()
     }
 
+    /// Everything, FAST_ZERO included: zeroing whole stripes only drops
+    /// them, so it is fast; anything else is refused under FAST_ZERO.
     fn features(&self) -> Features {
-        Features { fast_zero: false, ..Features::all(false) }
+        Features::all(false)
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
@@ -672,6 +674,13 @@ impl Backend for Volume {
         let len = u64::from(length);
         if length == 0 {
             return Ok(());
+        }
+        let stripe = self.inner.stripe_bytes as u64;
+        if flags.fast && !(offset.is_multiple_of(stripe) && len.is_multiple_of(stripe)) {
+            // Whole stripes are dropped (fast); part of one is zeroed in
+            // the cache and destaged like a write (read-modify-write), and
+            // the client asked to be told instead. Nothing is written.
+            return Err(backend::Error::FastZeroUnsupported { offset });
         }
         if !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
             return self.write(offset, Bytes::from(vec![0u8; length as usize]), flags.fua).await;

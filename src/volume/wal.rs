@@ -10,20 +10,20 @@
 //! ```text
 //! meta            magic, version, volume id, key check of the log key
 //! trim            the highest LSN no longer needed (u64 LE), replaced atomically
-//! 00000001.log    records back to back; a new segment starts past SEGMENT_LIMIT
+//! 00000001.log    records back to back; a new log file starts past LOG_FILE_LIMIT
 //! ```
 //!
 //! A record: a 72-byte header (magic `MDWL`, version, kind, LSN, first
 //! sector, sector count, payload length, MAC) and its encrypted sectors.
-//! LSNs are consecutive. Replay reads each segment in order and stops at
+//! LSNs are consecutive. Replay reads each log file in order and stops at
 //! the first record that is short, fails its MAC or breaks the LSN
-//! sequence: that can only be the unsynced tail of the last segment (which
+//! sequence: that can only be the unsynced tail of the last log file (which
 //! is then cut off); anywhere else it is damage, and opening fails rather
 //! than silently drop acknowledged writes.
 //!
 //! Appends are ordered (one at a time, into the page cache through the
 //! io_uring driver); [`Wal::sync`] makes everything appended so far durable
-//! with one `fdatasync` per touched segment, and callers that ask while a
+//! with one `fdatasync` per touched log file, and callers that ask while a
 //! sync runs are covered by the next one (group commit).
 
 use std::collections::BTreeMap;
@@ -36,10 +36,11 @@ use zeroize::Zeroizing;
 
 use crate::codec::key::{VOLUME_ID_LEN, VolumeKey};
 use crate::codec::{SECTOR_SIZE, SectorCipher};
+use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
 
-/// A segment is closed once it passes this size.
-pub const SEGMENT_LIMIT: u64 = 64 << 20;
+/// A log file is closed once it passes this size.
+pub const LOG_FILE_LIMIT: u64 = 64 << 20;
 /// Header bytes of a record.
 pub const HEADER_LEN: usize = 72;
 /// Most sectors one record carries (a 32 MiB NBD write is split).
@@ -62,9 +63,9 @@ pub enum WalError {
     )]
     NotOurs(PathBuf),
     #[error(
-        "write-ahead log {path} is damaged at segment {segment}, offset {offset}: {why} (records after it were acknowledged; refusing to drop them)"
+        "write-ahead log {path} is damaged in log file {log_file}, offset {offset}: {why} (records after it were acknowledged; refusing to drop them)"
     )]
-    Damaged { path: PathBuf, segment: u32, offset: u64, why: String },
+    Damaged { path: PathBuf, log_file: u32, offset: u64, why: String },
     #[error("write-ahead log {path} is poisoned by an earlier I/O error ({first})")]
     Poisoned { path: PathBuf, first: String },
     #[error("a log record holds 1 to {MAX_SECTORS} whole sectors")]
@@ -87,7 +88,8 @@ pub struct Record {
     pub entry: Entry,
 }
 
-struct Segment {
+/// One numbered file of the log.
+struct LogFile {
     file: Arc<RegisteredFile>,
     last_lsn: u64,
     /// Appended since the last sync.
@@ -95,8 +97,8 @@ struct Segment {
 }
 
 struct Tail {
-    /// Segments by number; the last is the one appended to.
-    segments: BTreeMap<u32, Segment>,
+    /// Log files by number; the last is the one appended to.
+    files: BTreeMap<u32, LogFile>,
     end: u64,
     next_lsn: u64,
 }
@@ -117,7 +119,7 @@ struct Inner {
     durable: AtomicU64,
     sync_lock: Mutex<()>,
     trimmed: AtomicU64,
-    segment_limit: u64,
+    file_limit: u64,
     first_error: std::sync::Mutex<Option<String>>,
 }
 
@@ -125,14 +127,8 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> WalError {
     WalError::Io { path: path.to_owned(), message: e.to_string() }
 }
 
-fn segment_path(dir: &Path, n: u32) -> PathBuf {
+fn log_file_path(dir: &Path, n: u32) -> PathBuf {
     dir.join(format!("{n:08}.log"))
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
 }
 
 struct Header {
@@ -181,15 +177,15 @@ impl Wal {
         key: &VolumeKey,
         volume: &[u8; VOLUME_ID_LEN],
     ) -> Result<(Wal, Vec<Record>), WalError> {
-        Self::open_with_segment_limit(ring, dir, key, volume, SEGMENT_LIMIT).await
+        Self::open_with_file_limit(ring, dir, key, volume, LOG_FILE_LIMIT).await
     }
 
-    async fn open_with_segment_limit(
+    async fn open_with_file_limit(
         ring: &Uring,
         dir: &Path,
         key: &VolumeKey,
         volume: &[u8; VOLUME_ID_LEN],
-        segment_limit: u64,
+        file_limit: u64,
     ) -> Result<(Wal, Vec<Record>), WalError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let wal_key = key.derive(KEY_CONTEXT).map_err(|e| io_err(dir, e))?;
@@ -208,12 +204,12 @@ impl Wal {
         numbers.sort_unstable();
         let cipher = SectorCipher::new(&wal_key);
         let mut records = Vec::new();
-        let mut segments = BTreeMap::new();
+        let mut files = BTreeMap::new();
         let mut next_lsn = trimmed + 1;
         let mut end = 0;
         let mut expected: Option<u64> = None;
         for (i, &n) in numbers.iter().enumerate() {
-            let path = segment_path(dir, n);
+            let path = log_file_path(dir, n);
             let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
             let last = i + 1 == numbers.len();
             let mut at = 0usize;
@@ -242,12 +238,12 @@ impl Wal {
                         if !last {
                             return Err(WalError::Damaged {
                                 path: path.clone(),
-                                segment: n,
+                                log_file: n,
                                 offset: at as u64,
                                 why,
                             });
                         }
-                        // The unsynced tail of the last segment: cut it off.
+                        // The unsynced tail of the last log file: cut it off.
                         tracing::info!(
                             "write-ahead log {}: dropping {} bytes of an unfinished tail ({why})",
                             path.display(),
@@ -270,13 +266,13 @@ impl Wal {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
-            let file = open_segment(ring, dir, n)?;
-            segments.insert(n, Segment { file: Arc::new(file), last_lsn, dirty: false });
+            let file = open_log_file(ring, dir, n)?;
+            files.insert(n, LogFile { file: Arc::new(file), last_lsn, dirty: false });
         }
-        if segments.is_empty() {
-            let file = open_segment(ring, dir, 1)?;
-            sync_dir(dir);
-            segments.insert(1, Segment { file: Arc::new(file), last_lsn: 0, dirty: false });
+        if files.is_empty() {
+            let file = open_log_file(ring, dir, 1)?;
+            durable::sync_dir(dir).map_err(|e| io_err(dir, e))?;
+            files.insert(1, LogFile { file: Arc::new(file), last_lsn: 0, dirty: false });
             end = 0;
         }
         let wal = Wal {
@@ -285,11 +281,11 @@ impl Wal {
                 ring: ring.clone(),
                 cipher,
                 mac_key,
-                tail: Mutex::new(Tail { segments, end, next_lsn }),
+                tail: Mutex::new(Tail { files, end, next_lsn }),
                 durable: AtomicU64::new(next_lsn - 1),
                 sync_lock: Mutex::new(()),
                 trimmed: AtomicU64::new(trimmed),
-                segment_limit,
+                file_limit,
                 first_error: std::sync::Mutex::new(None),
             }),
         };
@@ -342,20 +338,24 @@ impl Wal {
         header.mac = mac(&self.inner.mac_key, &unsealed[..40], &buf[HEADER_LEN..]);
         buf[..40].copy_from_slice(&unsealed[..40]);
         buf[40..72].copy_from_slice(&header.mac);
-        if tail.end >= self.inner.segment_limit {
-            // The old segment is synced before the next one exists: only
-            // the last segment may ever end in a torn record.
-            let old = tail.segments.values_mut().next_back().expect("a tail segment");
+        if tail.end >= self.inner.file_limit {
+            // The old log file is synced before the next one exists: only
+            // the last log file may ever end in a torn record.
+            let old = tail.files.values_mut().next_back().expect("a tail log file");
             if std::mem::replace(&mut old.dirty, false) {
                 let file = old.file.clone();
                 if let Err(e) = self.inner.ring.fsync(&file, true).await {
-                    return Err(self.poison("syncing a full segment", e));
+                    return Err(self.poison("syncing a full log file", e));
                 }
             }
-            let n = tail.segments.keys().next_back().copied().unwrap_or(0) + 1;
-            let file = open_segment(&self.inner.ring, &self.inner.dir, n)?;
-            sync_dir(&self.inner.dir);
-            tail.segments.insert(n, Segment { file: Arc::new(file), last_lsn: 0, dirty: false });
+            let n = tail.files.keys().next_back().copied().unwrap_or(0) + 1;
+            let file = open_log_file(&self.inner.ring, &self.inner.dir, n)?;
+            // The new name must survive a crash before records in it are
+            // acknowledged.
+            if let Err(e) = durable::sync_dir(&self.inner.dir) {
+                return Err(self.poison("syncing the log's folder", e));
+            }
+            tail.files.insert(n, LogFile { file: Arc::new(file), last_lsn: 0, dirty: false });
             tail.end = 0;
         }
         // Claim the range and the LSN first: if this future is dropped while
@@ -364,10 +364,10 @@ impl Wal {
         let offset = tail.end;
         tail.end = offset + (HEADER_LEN + payload_len) as u64;
         tail.next_lsn = lsn + 1;
-        let seg = tail.segments.values_mut().next_back().expect("a tail segment");
-        let file = seg.file.clone();
-        seg.dirty = true;
-        seg.last_lsn = lsn;
+        let current = tail.files.values_mut().next_back().expect("a tail log file");
+        let file = current.file.clone();
+        current.dirty = true;
+        current.last_lsn = lsn;
         let mut unfinished = Unfinished(Some(self));
         let written = self.inner.ring.write_all_at(&file, offset, bytes::Bytes::from(buf), 0).await;
         unfinished.0 = None;
@@ -392,7 +392,7 @@ impl Wal {
             let mut tail = self.inner.tail.lock().await;
             let upto = tail.next_lsn - 1;
             let files: Vec<Arc<RegisteredFile>> = tail
-                .segments
+                .files
                 .values_mut()
                 .filter_map(|s| std::mem::replace(&mut s.dirty, false).then(|| s.file.clone()))
                 .collect();
@@ -413,7 +413,7 @@ impl Wal {
     }
 
     /// Records up to `lsn` are no longer needed (their stripes are
-    /// committed): remembers that durably and deletes whole segments that
+    /// committed): remembers that durably and deletes whole log files that
     /// hold nothing newer.
     pub async fn trim(&self, lsn: u64) -> Result<(), WalError> {
         self.check()?;
@@ -421,24 +421,15 @@ impl Wal {
             return Ok(());
         }
         let dir = &self.inner.dir;
-        let tmp = dir.join("trim.tmp");
-        std::fs::write(&tmp, lsn.to_le_bytes())
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, dir.join("trim")))
-            .map_err(|e| io_err(dir, e))?;
-        sync_dir(dir);
+        durable::replace(&dir.join("trim"), &lsn.to_le_bytes(), 0o644).map_err(|e| io_err(dir, e))?;
         self.inner.trimmed.fetch_max(lsn, Ordering::AcqRel);
         let mut tail = self.inner.tail.lock().await;
-        let tail_n = *tail.segments.keys().next_back().expect("a tail segment");
-        let done: Vec<u32> = tail
-            .segments
-            .iter()
-            .filter(|(n, s)| **n != tail_n && s.last_lsn <= lsn)
-            .map(|(n, _)| *n)
-            .collect();
+        let tail_n = *tail.files.keys().next_back().expect("a tail log file");
+        let done: Vec<u32> =
+            tail.files.iter().filter(|(n, s)| **n != tail_n && s.last_lsn <= lsn).map(|(n, _)| *n).collect();
         for n in done {
-            tail.segments.remove(&n);
-            let _ = std::fs::remove_file(segment_path(dir, n));
+            tail.files.remove(&n);
+            let _ = std::fs::remove_file(log_file_path(dir, n));
         }
         Ok(())
     }
@@ -446,7 +437,7 @@ impl Wal {
     /// Bytes of log on disk (for reporting and for bounding the log).
     pub async fn size(&self) -> u64 {
         let tail = self.inner.tail.lock().await;
-        (tail.segments.len().saturating_sub(1)) as u64 * self.inner.segment_limit + tail.end
+        (tail.files.len().saturating_sub(1)) as u64 * self.inner.file_limit + tail.end
     }
 }
 
@@ -497,8 +488,8 @@ fn read_record(
     Ok((h, entry, len))
 }
 
-fn open_segment(ring: &Uring, dir: &Path, n: u32) -> Result<RegisteredFile, WalError> {
-    let path = segment_path(dir, n);
+fn open_log_file(ring: &Uring, dir: &Path, n: u32) -> Result<RegisteredFile, WalError> {
+    let path = log_file_path(dir, n);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -520,13 +511,7 @@ fn check_meta(dir: &Path, volume: &[u8; VOLUME_ID_LEN], mac_key: &[u8; 32]) -> R
         Ok(have) if have == want => Ok(()),
         Ok(_) => Err(WalError::NotOurs(dir.to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = dir.join("meta.tmp");
-            std::fs::write(&tmp, &want)
-                .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(|e| io_err(&path, e))?;
-            sync_dir(dir);
-            Ok(())
+            durable::replace(&path, &want, 0o644).map_err(|e| io_err(&path, e))
         }
         Err(e) => Err(io_err(&path, e)),
     }
@@ -596,42 +581,41 @@ mod tests {
         }
         wal.sync(4).await.unwrap();
         drop(wal);
-        let seg = dir.path().join("00000001.log");
-        let len = std::fs::metadata(&seg).unwrap().len();
+        let file = dir.path().join("00000001.log");
+        let len = std::fs::metadata(&file).unwrap().len();
         let one = (HEADER_LEN + SECTOR_SIZE) as u64;
         // Cut the last record in half: three remain, and the log goes on.
-        std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - one / 2).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(len - one / 2).unwrap();
         let (wal, replay) = Wal::open(&ring, dir.path(), &key(), &vol).await.unwrap();
         assert_eq!(replay.iter().map(|r| r.lsn).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(std::fs::metadata(&seg).unwrap().len(), 3 * one, "the torn tail is cut off");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 3 * one, "the torn tail is cut off");
         assert_eq!(wal.append(&Entry::Zero { sector: 0, count: 1 }).await.unwrap(), 4);
         wal.sync(4).await.unwrap();
         drop(wal);
         // A flipped byte in the tail record: it is dropped.
-        let mut bytes = std::fs::read(&seg).unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
         let n = bytes.len();
         bytes[n - 10] ^= 1;
-        std::fs::write(&seg, &bytes).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
         let (_, replay) = Wal::open(&ring, dir.path(), &key(), &vol).await.unwrap();
         assert_eq!(replay.len(), 3);
-        // A flipped byte in an earlier segment than the tail: refused.
-        let mut bytes = std::fs::read(&seg).unwrap();
+        // A flipped byte in an earlier log file than the tail: refused.
+        let mut bytes = std::fs::read(&file).unwrap();
         bytes[HEADER_LEN + 5] ^= 1;
-        std::fs::write(&seg, &bytes).unwrap();
+        std::fs::write(&file, &bytes).unwrap();
         std::fs::write(dir.path().join("00000002.log"), b"").unwrap();
         let err = Wal::open(&ring, dir.path(), &key(), &vol).await.err().expect("damage is an error");
-        assert!(matches!(err, WalError::Damaged { segment: 1, offset: 0, .. }), "{err}");
+        assert!(matches!(err, WalError::Damaged { log_file: 1, offset: 0, .. }), "{err}");
         assert!(err.to_string().contains("refusing to drop them"), "{err}");
     }
 
     #[tokio::test]
-    async fn trimming_forgets_records_and_deletes_whole_segments() {
+    async fn trimming_forgets_records_and_deletes_whole_log_files() {
         let ring = Uring::new(64).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let vol = [2u8; 16];
-        // 16 KiB records: 16 of them pass one 256 KiB segment.
-        let (wal, _) =
-            Wal::open_with_segment_limit(&ring, dir.path(), &key(), &vol, 256 << 10).await.unwrap();
+        // 16 KiB records: 16 of them pass one 256 KiB log file.
+        let (wal, _) = Wal::open_with_file_limit(&ring, dir.path(), &key(), &vol, 256 << 10).await.unwrap();
         let big = sectors(7, 4);
         for i in 0..40u64 {
             wal.append(&Entry::Write { sector: i * 4, data: big.clone() }).await.unwrap();
@@ -640,8 +624,8 @@ mod tests {
         assert!(dir.path().join("00000002.log").exists());
         assert!(dir.path().join("00000003.log").exists());
         wal.trim(35).await.unwrap();
-        assert!(!dir.path().join("00000001.log").exists(), "a fully trimmed segment is deleted");
-        assert!(!dir.path().join("00000002.log").exists(), "a fully trimmed segment is deleted");
+        assert!(!dir.path().join("00000001.log").exists(), "a fully trimmed log file is deleted");
+        assert!(!dir.path().join("00000002.log").exists(), "a fully trimmed log file is deleted");
         assert!(dir.path().join("00000003.log").exists());
         drop(wal);
         let (_, replay) = Wal::open(&ring, dir.path(), &key(), &vol).await.unwrap();
@@ -677,10 +661,10 @@ mod tests {
                     }
                 }
                 drop(wal);
-                let seg = dir.path().join("00000001.log");
-                let len = std::fs::metadata(&seg).unwrap().len();
+                let file = dir.path().join("00000001.log");
+                let len = std::fs::metadata(&file).unwrap().len();
                 let cut_at = synced_len + cut.index((len - synced_len + 1) as usize) as u64;
-                std::fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(cut_at).unwrap();
+                std::fs::OpenOptions::new().write(true).open(&file).unwrap().set_len(cut_at).unwrap();
                 let (_, replay) = Wal::open(&ring, dir.path(), &key(), &vol).await.unwrap();
                 let got: Vec<(u64, Entry)> = replay.into_iter().map(|r| (r.lsn, r.entry)).collect();
                 prop_assert!(got.len() <= appended.len());

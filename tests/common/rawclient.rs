@@ -92,6 +92,22 @@ impl RawClient {
         c
     }
 
+    /// The old way in: fixed newstyle + NO_ZEROES, then
+    /// NBD_OPT_EXPORT_NAME for the default export, so the client is never
+    /// told any block size. Simple replies only.
+    pub fn handshake_export_name(path: &Path) -> Self {
+        let s = Self::connect(path);
+        let mut c = RawClient { s, size: 0, tflags: 0, structured: false };
+        assert_eq!(c.u64(), 0x4e42_444d_4147_4943, "NBDMAGIC");
+        assert_eq!(c.u64(), 0x4948_4156_454f_5054, "IHAVEOPT");
+        let _flags = c.u16();
+        c.s.write_all(&3u32.to_be_bytes()).unwrap();
+        c.option(1, &[]);
+        c.size = c.u64();
+        c.tflags = c.u16();
+        c
+    }
+
     pub fn option(&mut self, option: u32, data: &[u8]) {
         let mut b = Vec::new();
         b.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
