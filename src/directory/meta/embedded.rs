@@ -17,7 +17,7 @@
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -31,11 +31,7 @@ const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("leas
 const ENTRY_HEADER: usize = 32;
 
 /// Milliseconds since the Unix epoch; replaceable in tests.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-fn wall_clock() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::sys::clock::Clock;
 
 /// The embedded metadata store. Cheap to clone (shares the database).
 #[derive(Clone)]
@@ -61,7 +57,7 @@ fn storage(e: impl std::fmt::Display) -> MetaError {
 impl RedbStore {
     /// Opens (or creates) the store in the file at `path`.
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        Self::open_with_clock(path, Arc::new(wall_clock))
+        Self::open_with_clock(path, crate::sys::clock::system())
     }
 
     /// Like [`Self::open`], with a clock of milliseconds since the epoch.
