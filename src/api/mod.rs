@@ -245,6 +245,10 @@ pub struct ClusterStatus {
     pub peer_timeout_ms: u64,
     pub peers: Vec<PeerStatus>,
     pub volumes: Vec<VolumeStatus>,
+    /// The directory's background workers (the collector) and their state;
+    /// shown by `meshdisk status --json`.
+    #[serde(default)]
+    pub workers: Vec<crate::sys::worker::WorkerInfo>,
 }
 
 /// The new generation of a stripe is stored: record it, turn the
