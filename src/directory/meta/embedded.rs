@@ -50,8 +50,8 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-fn storage(e: impl std::fmt::Display) -> MetaError {
-    MetaError::Storage(e.to_string())
+fn storage(e: impl Into<redb::Error>) -> MetaError {
+    MetaError::Storage(Box::new(e.into()))
 }
 
 impl RedbStore {
@@ -62,8 +62,8 @@ impl RedbStore {
 
     /// Like [`Self::open`], with a clock of milliseconds since the epoch.
     pub fn open_with_clock(path: &Path, clock: Clock) -> Result<Self, MetaError> {
-        let db =
-            Database::create(path).map_err(|e| MetaError::Storage(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| MetaError::Open { path: path.to_owned(), source: Box::new(e) })?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(KV).map_err(storage)?;
@@ -87,15 +87,13 @@ impl RedbStore {
         f: impl FnOnce(&Inner) -> Result<T, MetaError> + Send + 'static,
     ) -> Result<T, MetaError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| MetaError::Storage(format!("metadata task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(MetaError::Task)?
     }
 }
 
 fn decode_entry(key: &[u8], raw: &[u8]) -> Result<Entry, MetaError> {
     if raw.len() < ENTRY_HEADER {
-        return Err(MetaError::Storage(format!("corrupt entry for key {key:?}: {} bytes", raw.len())));
+        return Err(MetaError::Corrupt { key: key.to_vec(), len: raw.len() });
     }
     let u = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     Ok(Entry {
