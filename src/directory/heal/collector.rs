@@ -14,8 +14,8 @@
 //!   every peer was up and held none (a put admitted before the delete may
 //!   still land, so one erasing pass is not enough).
 //!
-//! A pass is planned from the store ([`Directory::plan_old`],
-//! [`Directory::plan_deleted`]) and then carried out through an [`Eraser`]
+//! A pass is planned from the store (`plan_old` gives an [`OldPlan`],
+//! `plan_deleted` a list of [`DeletedErasure`]s) and then carried out through an [`Eraser`]
 //! (the cluster client; a fake in tests). The [`Collector`] runs a pass
 //! whenever the directory notifies it (a volume deleted, a generation
 //! superseded or dropped) or [`PERIOD`] has passed, as a
