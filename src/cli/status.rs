@@ -208,6 +208,7 @@ mod tests {
                 stripes: 12,
                 holder: None,
             }],
+            workers: vec![],
         };
         let text = render(&s);
         assert!(text.starts_with("cluster home: 2 peers (1 up), 1.0 GiB lent"), "{text}");

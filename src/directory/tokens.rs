@@ -10,7 +10,6 @@ use std::time::Duration;
 use super::meta::{Compare, MetaError, MetaStore, Op, Txn};
 use crate::membership::ca::Role;
 use crate::membership::token::{JoinToken, PREFIX, TokenError, parse, role_byte, role_of};
-use crate::sys::clock::now_ms;
 
 const KEY_PREFIX: &[u8] = b"tokens/";
 
@@ -36,28 +35,9 @@ pub struct Issuer {
     pub ca_pin: String,
 }
 
-/// Creates a token granting `role`, valid for `ttl`.
+/// Creates a token granting `role`, valid for `ttl` from `now` (ms since
+/// the Unix epoch, by the directory's clock).
 pub async fn create(
-    store: &impl MetaStore,
-    issuer: &Issuer,
-    role: Role,
-    ttl: Duration,
-) -> Result<JoinToken, SpendError> {
-    create_at(store, issuer, role, ttl, now_ms()).await
-}
-
-/// Spends a token for a node that wants to be `want`: once, and only if
-/// the token grants that role (a token for another role is left unspent).
-pub async fn redeem(
-    store: &impl MetaStore,
-    issuer: &Issuer,
-    token: &str,
-    want: Role,
-) -> Result<(), SpendError> {
-    redeem_at(store, issuer, token, want, now_ms()).await
-}
-
-async fn create_at(
     store: &impl MetaStore,
     issuer: &Issuer,
     role: Role,
@@ -69,7 +49,7 @@ async fn create_at(
     }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| TokenError::Random(e.to_string()))?;
-    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(secret);
     let token = format!("{PREFIX}{}-{}-{hex}", issuer.cluster, issuer.ca_pin);
     let key = store_key(&hex);
     let mut value = (now + ttl.as_millis() as u64).to_le_bytes().to_vec();
@@ -83,7 +63,10 @@ async fn create_at(
     Ok(JoinToken(token))
 }
 
-async fn redeem_at(
+/// Spends a token for a node that wants to be `want`: once, and only if
+/// the token grants that role (a token for another role is left unspent)
+/// and it has not expired by `now`.
+pub async fn redeem(
     store: &impl MetaStore,
     issuer: &Issuer,
     token: &str,
@@ -137,7 +120,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
         let home = issuer();
-        let t = create_at(&store, &home, Role::Peer, Duration::from_secs(60), 1_000_000).await.unwrap();
+        let t = create(&store, &home, Role::Peer, Duration::from_secs(60), 1_000_000).await.unwrap();
         assert!(t.reveal().starts_with("mdjoin-home-00112233445566778899aabbccddeeff-"), "{}", t.reveal());
         assert_eq!(t.reveal().len(), 7 + 5 + 33 + 64);
         let parsed = parse(t.reveal()).unwrap();
@@ -148,7 +131,7 @@ mod tests {
         assert_eq!(stored.len(), 1);
         assert!(!String::from_utf8_lossy(&stored[0].key).contains(parsed.secret));
 
-        let wrong = redeem_at(&store, &home, t.reveal(), Role::Client, 1_030_000).await.unwrap_err();
+        let wrong = redeem(&store, &home, t.reveal(), Role::Client, 1_030_000).await.unwrap_err();
         assert!(
             matches!(
                 wrong,
@@ -158,16 +141,16 @@ mod tests {
         );
         assert!(wrong.to_string().contains("--role client"), "{wrong}");
         // A wrong-role attempt leaves the token unspent.
-        redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap();
-        let again = redeem_at(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap_err();
+        redeem(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap();
+        let again = redeem(&store, &home, t.reveal(), Role::Peer, 1_030_000).await.unwrap_err();
         assert!(matches!(again, SpendError::Token(TokenError::Unknown)), "{again}");
         assert!(again.to_string().contains("meshdisk token create"));
 
-        let late = create_at(&store, &home, Role::Client, Duration::from_secs(60), 1_000_000).await.unwrap();
-        let err = redeem_at(&store, &home, late.reveal(), Role::Client, 1_090_000).await.unwrap_err();
+        let late = create(&store, &home, Role::Client, Duration::from_secs(60), 1_000_000).await.unwrap();
+        let err = redeem(&store, &home, late.reveal(), Role::Client, 1_090_000).await.unwrap_err();
         assert!(matches!(err, SpendError::Token(TokenError::Expired(30))), "{err}");
         assert!(matches!(
-            redeem_at(&store, &home, late.reveal(), Role::Client, 1_000_000).await,
+            redeem(&store, &home, late.reveal(), Role::Client, 1_000_000).await,
             Err(SpendError::Token(TokenError::Unknown))
         ));
 
@@ -186,7 +169,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    redeem_at(&store, &home, bad, Role::Peer, 0).await,
+                    redeem(&store, &home, bad, Role::Peer, 0).await,
                     Err(SpendError::Token(TokenError::Malformed))
                 ),
                 "{bad:?}"
@@ -194,26 +177,26 @@ mod tests {
         }
         let unknown = format!("mdjoin-home-{pin}-{secret}");
         assert!(matches!(
-            redeem_at(&store, &home, &unknown, Role::Peer, 0).await,
+            redeem(&store, &home, &unknown, Role::Peer, 0).await,
             Err(SpendError::Token(TokenError::Unknown))
         ));
         // A cluster name with dashes parses from the right.
         let dashed = Issuer { cluster: "my-home-lab".into(), ca_pin: home.ca_pin.clone() };
-        let d = create(&store, &dashed, Role::Client, Duration::from_secs(60)).await.unwrap();
+        let d = create(&store, &dashed, Role::Client, Duration::from_secs(60), 0).await.unwrap();
         assert_eq!(parse(d.reveal()).unwrap().cluster, "my-home-lab");
         // A token of another cluster, or of another CA with the same name.
-        let err = redeem_at(&store, &home, d.reveal(), Role::Client, 0).await.unwrap_err();
+        let err = redeem(&store, &home, d.reveal(), Role::Client, 0).await.unwrap_err();
         assert!(
             err.to_string().contains("for cluster my-home-lab, but this directory serves cluster home"),
             "{err}"
         );
         let forged = Issuer { cluster: "home".into(), ca_pin: "f".repeat(32) };
         assert!(matches!(
-            redeem_at(&store, &forged, t.reveal(), Role::Peer, 0).await,
+            redeem(&store, &forged, t.reveal(), Role::Peer, 0).await,
             Err(SpendError::Token(TokenError::OtherCluster { .. }))
         ));
         assert!(matches!(
-            create(&store, &home, Role::Peer, Duration::ZERO).await,
+            create(&store, &home, Role::Peer, Duration::ZERO, 0).await,
             Err(SpendError::Token(TokenError::Ttl(_)))
         ));
     }
@@ -223,12 +206,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("m.redb")).unwrap();
         for _ in 0..10 {
-            let t = create(&store, &issuer(), Role::Peer, Duration::from_secs(60)).await.unwrap();
+            let t = create(&store, &issuer(), Role::Peer, Duration::from_secs(60), 0).await.unwrap();
             let (a, b) = (store.clone(), store.clone());
             let (ta, tb) = (t.reveal().to_owned(), t.reveal().to_owned());
             let (ra, rb) = tokio::join!(
-                tokio::spawn(async move { redeem(&a, &issuer(), &ta, Role::Peer).await.is_ok() }),
-                tokio::spawn(async move { redeem(&b, &issuer(), &tb, Role::Peer).await.is_ok() })
+                tokio::spawn(async move { redeem(&a, &issuer(), &ta, Role::Peer, 1).await.is_ok() }),
+                tokio::spawn(async move { redeem(&b, &issuer(), &tb, Role::Peer, 1).await.is_ok() })
             );
             assert_eq!(u8::from(ra.unwrap()) + u8::from(rb.unwrap()), 1);
         }

@@ -17,7 +17,7 @@
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -31,11 +31,7 @@ const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("leas
 const ENTRY_HEADER: usize = 32;
 
 /// Milliseconds since the Unix epoch; replaceable in tests.
-pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-fn wall_clock() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::sys::clock::Clock;
 
 /// The embedded metadata store. Cheap to clone (shares the database).
 #[derive(Clone)]
@@ -54,20 +50,20 @@ impl std::fmt::Debug for RedbStore {
     }
 }
 
-fn storage(e: impl std::fmt::Display) -> MetaError {
-    MetaError::Storage(e.to_string())
+fn storage(e: impl Into<redb::Error>) -> MetaError {
+    MetaError::Storage(Box::new(e.into()))
 }
 
 impl RedbStore {
     /// Opens (or creates) the store in the file at `path`.
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        Self::open_with_clock(path, Arc::new(wall_clock))
+        Self::open_with_clock(path, crate::sys::clock::system())
     }
 
     /// Like [`Self::open`], with a clock of milliseconds since the epoch.
     pub fn open_with_clock(path: &Path, clock: Clock) -> Result<Self, MetaError> {
-        let db =
-            Database::create(path).map_err(|e| MetaError::Storage(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| MetaError::Open { path: path.to_owned(), source: Box::new(e) })?;
         let txn = db.begin_write().map_err(storage)?;
         {
             txn.open_table(KV).map_err(storage)?;
@@ -91,15 +87,13 @@ impl RedbStore {
         f: impl FnOnce(&Inner) -> Result<T, MetaError> + Send + 'static,
     ) -> Result<T, MetaError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(|e| MetaError::Storage(format!("metadata task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(MetaError::Task)?
     }
 }
 
 fn decode_entry(key: &[u8], raw: &[u8]) -> Result<Entry, MetaError> {
     if raw.len() < ENTRY_HEADER {
-        return Err(MetaError::Storage(format!("corrupt entry for key {key:?}: {} bytes", raw.len())));
+        return Err(MetaError::Corrupt { key: key.to_vec(), len: raw.len() });
     }
     let u = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
     Ok(Entry {

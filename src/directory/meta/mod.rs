@@ -13,8 +13,9 @@
 //! - a [`Txn`] checks all its [`Compare`]s and, only if every one holds,
 //!   applies all its [`Op`]s atomically: compare-and-set on versioned keys;
 //! - a **lease** has a time to live; keys written with it disappear when it
-//!   expires or is revoked, unless it is kept alive. Volume leases and peer
-//!   liveness are built on this.
+//!   expires or is revoked, unless it is kept alive. Volume write leases and
+//!   placement reservations are built on this (a peer's liveness is not:
+//!   it is the age of its last report).
 //!
 //! [`embedded::RedbStore`] is the embedded implementation (redb) (one file, durable on
 //! every commit).
@@ -101,7 +102,13 @@ pub struct TxnOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("metadata store: {0}")]
-    Storage(String),
+    Storage(Box<redb::Error>),
+    #[error("metadata store {}: {source}", path.display())]
+    Open { path: std::path::PathBuf, source: Box<redb::DatabaseError> },
+    #[error("metadata task failed: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("metadata store: corrupt entry for key {key:?}: {len} bytes")]
+    Corrupt { key: Vec<u8>, len: usize },
     #[error("lease {0:?} does not exist (expired or revoked)")]
     LeaseNotFound(LeaseId),
     #[error("lease time to live must be 1 ms to 1 day, got {0:?}")]

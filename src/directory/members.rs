@@ -1,0 +1,211 @@
+//! Members: joining with a token, peers' heartbeats (and so whether a peer
+//! is up), clients' latency hints, the cluster status and join tokens.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::Directory;
+use super::meta::{Compare, MetaStore, Op, Txn};
+use super::schema::*;
+use super::tokens::{self, SpendError};
+use crate::api::*;
+use crate::membership::ca::{Role, check_label};
+
+impl<S: MetaStore> Directory<S> {
+    pub(super) async fn join(
+        &self,
+        token_text: &str,
+        role: Role,
+        csr: &str,
+        name: Option<String>,
+    ) -> Result<DirResponse, Remote> {
+        if !matches!(role, Role::Peer | Role::Client | Role::Admin) {
+            return Err(Remote::new(ErrorKind::Invalid, "only peers, clients and admins can join"));
+        }
+        if let Some(n) = &name {
+            check_label(n).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+            if n == "directory" || n == "admin" {
+                return Err(Remote::new(ErrorKind::Invalid, format!("the name {n:?} is reserved")));
+            }
+            if self.meta.get(&key("nodes", n)).await?.is_some() {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!("a node named {n} already joined this cluster: pick another --name"),
+                ));
+            }
+        }
+        tokens::redeem(&self.meta, &self.issuer, token_text, role, self.now()).await.map_err(
+            |e| match e {
+                SpendError::Meta(m) => Remote::from(m),
+                other => Remote::new(ErrorKind::Refused, other.to_string()),
+            },
+        )?;
+        let record = enc(&NodeRecord { role, joined_ms: self.now() });
+        let node = match name {
+            Some(n) => {
+                let k = key("nodes", &n);
+                let out = self
+                    .meta
+                    .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
+                        key: k,
+                        value: record,
+                        lease: None,
+                    }))
+                    .await?;
+                if !out.succeeded {
+                    return Err(Remote::new(
+                        ErrorKind::Conflict,
+                        format!("a node named {n} joined just now"),
+                    ));
+                }
+                n
+            }
+            None => {
+                let mut n = self.meta.list(b"nodes/").await?.len() + 1;
+                loop {
+                    let candidate = format!("{}-{n}", role.as_str());
+                    let k = key("nodes", &candidate);
+                    let out = self
+                        .meta
+                        .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
+                            key: k,
+                            value: record.clone(),
+                            lease: None,
+                        }))
+                        .await?;
+                    if out.succeeded {
+                        break candidate;
+                    }
+                    n += 1;
+                }
+            }
+        };
+        let cert =
+            self.ca.issue(csr, &node, role).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+        tracing::info!("{} {node} joined", role.as_str());
+        Ok(DirResponse::Joined {
+            node,
+            cluster: self.issuer.cluster.clone(),
+            cert_pem: format!("{cert}{}", self.ca.cert_pem()),
+            ca_pem: self.ca.cert_pem().to_owned(),
+        })
+    }
+
+    pub(super) fn state(&self, rec: &PeerRecord, now: u64) -> PeerState {
+        if now.saturating_sub(rec.last_seen_ms) > self.timing.peer_timeout.as_millis() as u64 {
+            PeerState::Down
+        } else if rec.report.problem.is_some() {
+            PeerState::Failed
+        } else {
+            PeerState::Up
+        }
+    }
+
+    pub(super) async fn peers(&self) -> Result<Vec<(String, PeerRecord)>, Remote> {
+        let mut out = Vec::new();
+        for e in self.meta.list(b"peers/").await? {
+            let name = String::from_utf8_lossy(&e.key[b"peers/".len()..]).into_owned();
+            out.push((name, dec("peer", &e.value)?));
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn heartbeat(&self, node: &str, report: PeerReport) -> Result<DirResponse, Remote> {
+        let was = self.get::<PeerRecord>("peer", &key("peers", node)).await?;
+        let now = self.now();
+        match &was {
+            None => tracing::info!("peer {node} registered at {}", report.addr),
+            Some((old, _)) if self.state(old, now) == PeerState::Down => {
+                tracing::info!("peer {node} is back at {}", report.addr)
+            }
+            _ => {}
+        }
+        let rec = PeerRecord { report, last_seen_ms: now };
+        self.meta
+            .txn(Txn::new().then(Op::Put { key: key("peers", node), value: enc(&rec), lease: None }))
+            .await?;
+        let peers = self
+            .peers()
+            .await?
+            .into_iter()
+            .filter(|(n, r)| n != node && self.state(r, now) != PeerState::Down)
+            .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
+            .collect();
+        Ok(DirResponse::Heartbeat { peers, peer_timeout_ms: self.timing.peer_timeout.as_millis() as u64 })
+    }
+
+    pub(super) async fn hints(&self, node: &str, rtts: Vec<Rtt>) -> Result<DirResponse, Remote> {
+        let rec = HintRecord { rtts, at_ms: self.now() };
+        self.meta
+            .txn(Txn::new().then(Op::Put { key: key("hints", node), value: enc(&rec), lease: None }))
+            .await?;
+        Ok(DirResponse::Done)
+    }
+
+    /// Bytes held by live reservations, per peer.
+    pub(super) async fn reserved_by_peer(&self) -> Result<HashMap<String, u64>, Remote> {
+        let mut reserved: HashMap<String, u64> = HashMap::new();
+        for r in self.list::<ReservationRecord>("reservation", b"reservations/").await? {
+            for p in &r.peers {
+                *reserved.entry(p.clone()).or_default() += r.shard_bytes;
+            }
+        }
+        Ok(reserved)
+    }
+
+    /// The peers that are up now.
+    pub(super) async fn up_peers(&self) -> Result<Vec<(String, PeerRecord)>, Remote> {
+        let now = self.now();
+        Ok(self.peers().await?.into_iter().filter(|(_, r)| self.state(r, now) == PeerState::Up).collect())
+    }
+
+    pub(super) async fn status(&self) -> Result<DirResponse, Remote> {
+        let now = self.now();
+        let reserved = self.reserved_by_peer().await?;
+        let peers = self
+            .peers()
+            .await?
+            .into_iter()
+            .map(|(name, r)| PeerStatus {
+                state: self.state(&r, now),
+                reserved: reserved.get(&name).copied().unwrap_or(0),
+                addr: r.report.addr,
+                failure_domain: r.report.failure_domain,
+                capacity: r.report.capacity,
+                used: r.report.used,
+                load: r.report.load,
+                last_seen_ms: r.last_seen_ms,
+                problem: r.report.problem,
+                rtts: r.report.rtts,
+                name,
+            })
+            .collect();
+        let mut volumes = Vec::new();
+        for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
+            let stripes = self.meta.list(&stripe_prefix(&record.spec.id)).await?.len() as u64;
+            let holder = self.lease_of(&record.spec.name).await?.map(|(l, _)| l.holder);
+            volumes.push(VolumeStatus { record, stripes, holder });
+        }
+        Ok(DirResponse::Status(Box::new(ClusterStatus {
+            cluster: self.issuer.cluster.clone(),
+            now_ms: now,
+            peer_timeout_ms: self.timing.peer_timeout.as_millis() as u64,
+            peers,
+            volumes,
+            workers: self.workers(),
+        })))
+    }
+
+    pub(super) async fn create_token(&self, role: Role, ttl_secs: u64) -> Result<DirResponse, Remote> {
+        if !matches!(role, Role::Peer | Role::Client | Role::Admin) {
+            return Err(Remote::new(ErrorKind::Invalid, "tokens are for peers, clients and admins"));
+        }
+        let ttl = Duration::from_secs(ttl_secs);
+        let now = self.now();
+        let t = tokens::create(&self.meta, &self.issuer, role, ttl, now)
+            .await
+            .map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+        tracing::info!("made a join token for a {} valid {ttl_secs} s", role.as_str());
+        Ok(DirResponse::Token { token: t.reveal().to_owned(), expires_ms: now + ttl_secs * 1000 })
+    }
+}

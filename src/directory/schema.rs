@@ -1,0 +1,163 @@
+//! The directory's keys and the records stored under them (the key schema
+//! is in the module documentation of [`super`]), and their encoding: values
+//! are postcard, numbers inside keys big-endian so keys sort in number
+//! order, volume ids hex.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::Directory;
+use super::meta::{MetaError, MetaStore};
+use crate::api::*;
+use crate::membership::ca::Role;
+
+pub(super) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_allocvec(v).expect("records always encode")
+}
+
+pub(super) fn dec<T: DeserializeOwned>(what: &str, b: &[u8]) -> Result<T, Remote> {
+    postcard::from_bytes(b).map_err(|e| internal(format!("corrupt {what} record: {e}")))
+}
+
+pub(super) fn internal(message: impl Into<String>) -> Remote {
+    Remote::new(ErrorKind::Internal, message)
+}
+
+impl From<MetaError> for Remote {
+    fn from(e: MetaError) -> Self {
+        internal(format!("directory store: {e}"))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct NodeRecord {
+    pub(super) role: Role,
+    pub(super) joined_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub(super) struct PeerRecord {
+    pub(super) report: PeerReport,
+    pub(super) last_seen_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+pub(super) struct HintRecord {
+    pub(super) rtts: Vec<Rtt>,
+    pub(super) at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+pub(super) struct ReservationRecord {
+    pub(super) volume: String,
+    pub(super) stripe: u64,
+    pub(super) generation: u64,
+    pub(super) peers: Vec<String>,
+    pub(super) shard_bytes: u64,
+    pub(super) expires_ms: u64,
+}
+
+pub(super) fn key(prefix: &str, name: &str) -> Vec<u8> {
+    format!("{prefix}/{name}").into_bytes()
+}
+
+/// `ids/<volume id>`: the name of the volume with this id.
+pub(super) fn id_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    key("ids", &hex::encode(volume))
+}
+
+/// `gc/<volume id>`: a deleted volume whose shards are still to erase.
+pub(super) fn gc_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    key("gc", &hex::encode(volume))
+}
+
+pub(super) fn stripe_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("stripes/{}/", hex::encode(volume)).into_bytes()
+}
+
+pub(super) fn stripe_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64) -> Vec<u8> {
+    let mut k = stripe_prefix(volume);
+    k.extend_from_slice(&stripe.to_be_bytes());
+    k
+}
+
+/// A superseded generation waiting for its shards to be erased:
+/// `old/<volume hex>/<stripe be64><generation be64>` → its record.
+pub(super) fn old_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("old/{}/", hex::encode(volume)).into_bytes()
+}
+
+pub(super) fn old_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64, generation: u64) -> Vec<u8> {
+    let mut k = old_prefix(volume);
+    k.extend_from_slice(&stripe.to_be_bytes());
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+
+/// The volume, stripe and generation of an `old/` key; `None` for a key
+/// this version did not write.
+pub(super) fn parse_old_key(k: &[u8]) -> Option<([u8; VOLUME_ID_LEN], u64, u64)> {
+    let rest = k.strip_prefix(b"old/")?;
+    let (id_hex, rest) = rest.split_at_checked(2 * VOLUME_ID_LEN)?;
+    let mut id = [0u8; VOLUME_ID_LEN];
+    hex::decode_to_slice(id_hex, &mut id).ok()?;
+    let numbers: &[u8; 17] = rest.try_into().ok()?;
+    let (slash, numbers) = numbers.split_first()?;
+    if *slash != b'/' {
+        return None;
+    }
+    let stripe = u64::from_be_bytes(numbers[..8].try_into().ok()?);
+    let generation = u64::from_be_bytes(numbers[8..].try_into().ok()?);
+    Some((id, stripe, generation))
+}
+
+pub(super) fn reservation_key(id: u64) -> Vec<u8> {
+    let mut k = b"reservations/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Bytes a shard of `shard_size` payload takes on a peer.
+pub fn shard_bytes(shard_size: u32) -> u64 {
+    u64::from(shard_size) + crate::codec::shard::HEADER_LEN as u64
+}
+
+impl<S: MetaStore> Directory<S> {
+    pub(super) async fn get<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        k: &[u8],
+    ) -> Result<Option<(T, u64)>, Remote> {
+        match self.meta.get(k).await? {
+            Some(e) => Ok(Some((dec(what, &e.value)?, e.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn list<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        prefix: &[u8],
+    ) -> Result<Vec<T>, Remote> {
+        self.meta.list(prefix).await?.iter().map(|e| dec(what, &e.value)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_keys_parse_back_and_strangers_do_not() {
+        let id = [0xa5; VOLUME_ID_LEN];
+        let k = old_key(&id, 7, 3);
+        assert!(k.starts_with(&old_prefix(&id)));
+        assert_eq!(parse_old_key(&k), Some((id, 7, 3)));
+        assert_eq!(parse_old_key(&k[..k.len() - 1]), None);
+        assert_eq!(parse_old_key(&stripe_key(&id, 7)), None);
+        let mut bad = k.clone();
+        bad[4] = b'z';
+        assert_eq!(parse_old_key(&bad), None);
+        assert_eq!(id_key(&id), format!("ids/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
+    }
+}

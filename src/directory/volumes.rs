@@ -1,0 +1,302 @@
+//! Volumes: creating, describing and deleting them, and the write lease
+//! that lets one writer at a time commit a volume's stripes. Each lease
+//! raises the volume's epoch; a writer that was taken over holds an old
+//! epoch and is refused here ([`Directory::check_writer`]) as on the peers.
+
+use std::collections::HashSet;
+
+use super::Directory;
+use super::meta::{self, Compare, MetaError, MetaStore, Op, Txn};
+use super::schema::*;
+use crate::api::*;
+use crate::membership::ca::check_label;
+
+impl<S: MetaStore> Directory<S> {
+    pub(super) async fn create_volume(&self, spec: VolumeSpec) -> Result<DirResponse, Remote> {
+        let invalid = |m: String| Remote::new(ErrorKind::Invalid, m);
+        check_label(&spec.name).map_err(|e| invalid(e.to_string()))?;
+        crate::codec::Geometry::new(usize::from(spec.k), usize::from(spec.m), spec.shard_size as usize)
+            .map_err(|e| invalid(e.to_string()))?;
+        if !(spec.shard_size as usize).is_multiple_of(crate::codec::SECTOR_SIZE) {
+            return Err(invalid(format!(
+                "the shard size must be a multiple of {} bytes",
+                crate::codec::SECTOR_SIZE
+            )));
+        }
+        if spec.size == 0 || !spec.size.is_multiple_of(crate::codec::SECTOR_SIZE as u64) {
+            return Err(invalid("the size must be a positive multiple of 4 KiB".into()));
+        }
+        if spec.repair_threshold < spec.k || spec.repair_threshold > spec.k + spec.m {
+            return Err(invalid(format!(
+                "the repair threshold must be between k={} and k+m={}",
+                spec.k,
+                spec.k + spec.m
+            )));
+        }
+        let k = key("volumes", &spec.name);
+        let id_key = id_key(&spec.id);
+        let name = spec.name.clone();
+        if let Some(kdf) = &spec.kdf
+            && !(crate::codec::key::KdfParams::MIN_MEMORY_KIB..=crate::codec::key::KdfParams::MAX_MEMORY_KIB)
+                .contains(&kdf.memory_kib)
+        {
+            return Err(invalid("the passphrase's Argon2 memory cost is out of range".into()));
+        }
+        let record = VolumeRecord { spec, epoch: 0, created_ms: self.now() };
+        let out = self
+            .meta
+            .txn(
+                Txn::new()
+                    .when(Compare::Absent(k.clone()))
+                    .when(Compare::Absent(id_key.clone()))
+                    .when(Compare::Absent(gc_key(&record.spec.id)))
+                    .then(Op::Put { key: k.clone(), value: enc(&record), lease: None })
+                    .then(Op::Put { key: id_key, value: name.as_bytes().to_vec(), lease: None }),
+            )
+            .await?;
+        if !out.succeeded {
+            let why = if self.meta.get(&k).await?.is_some() {
+                format!("a volume named {name} exists already")
+            } else {
+                "that volume id is taken: volume ids must be new random numbers".to_string()
+            };
+            return Err(Remote::new(ErrorKind::Conflict, why));
+        }
+        tracing::info!("volume {name} created");
+        Ok(DirResponse::Volume(record))
+    }
+
+    pub(super) async fn volume(&self, name: &str) -> Result<VolumeRecord, Remote> {
+        match self.get::<VolumeRecord>("volume", &key("volumes", name)).await? {
+            Some((v, _)) => Ok(v),
+            None => Err(Remote::new(ErrorKind::NotFound, format!("no volume named {name}"))),
+        }
+    }
+
+    /// A volume's live write lease and its store entry.
+    pub(super) async fn lease_of(&self, volume: &str) -> Result<Option<(VolumeLease, meta::Entry)>, Remote> {
+        match self.meta.get(&key("leases", volume)).await? {
+            Some(e) => Ok(Some((dec("lease", &e.value)?, e))),
+            None => Ok(None),
+        }
+    }
+
+    /// Only the lease holder commits stripes of a volume that has ever been
+    /// attached (epoch > 0); a writer that was taken over is fenced here as
+    /// it is on the peers.
+    /// Returns the compare that keeps the lease as it was seen.
+    pub(super) async fn check_writer(
+        &self,
+        who: &str,
+        v: &VolumeRecord,
+        epoch: u64,
+    ) -> Result<Compare, Remote> {
+        let lkey = key("leases", &v.spec.name);
+        if v.epoch == 0 && epoch == 0 {
+            return Ok(Compare::Absent(lkey));
+        }
+        match self.lease_of(&v.spec.name).await? {
+            Some((l, e)) if l.holder == who && l.epoch == v.epoch && l.epoch == epoch => {
+                Ok(Compare::ModRevision(lkey, e.mod_revision))
+            }
+            Some((l, _)) => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!(
+                    "volume {} is now written by {} (epoch {}): this writer was taken over and must stop",
+                    v.spec.name, l.holder, l.epoch
+                ),
+            )),
+            None => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!("the write lease on volume {} lapsed: attach again", v.spec.name),
+            )),
+        }
+    }
+
+    pub(super) async fn acquire(
+        &self,
+        who: &str,
+        volume: &str,
+        force: bool,
+        resume: Option<u64>,
+        host: &str,
+    ) -> Result<DirResponse, Remote> {
+        let vkey = key("volumes", volume);
+        let lkey = key("leases", volume);
+        for _ in 0..16 {
+            let Some((mut v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+                return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+            };
+            let current = self.lease_of(volume).await?;
+            if let Some((l, _)) = &current
+                && !(l.holder == who && resume == Some(l.epoch))
+                && !force
+            {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume {volume} is attached by {} on {} (for {:.0} s, epoch {}): detach it there, or attach with --force to take it over (its writes are then refused)",
+                        l.holder,
+                        l.host,
+                        self.now().saturating_sub(l.since_ms) as f64 / 1000.0,
+                        l.epoch
+                    ),
+                ));
+            }
+            v.epoch += 1;
+            let lease = self.meta.grant_lease(self.timing.lease_ttl).await?;
+            let rec = VolumeLease {
+                holder: who.to_owned(),
+                host: host.to_owned(),
+                epoch: v.epoch,
+                since_ms: self.now(),
+                ttl_ms: self.timing.lease_ttl.as_millis() as u64,
+            };
+            let held = match &current {
+                Some((_, e)) => Compare::ModRevision(lkey.clone(), e.mod_revision),
+                None => Compare::Absent(lkey.clone()),
+            };
+            let out = self
+                .meta
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(vkey.clone(), vrev))
+                        .when(held)
+                        .then(Op::Put { key: vkey.clone(), value: enc(&v), lease: None })
+                        .then(Op::Put { key: lkey.clone(), value: enc(&rec), lease: Some(lease) }),
+                )
+                .await?;
+            if !out.succeeded {
+                let _ = self.meta.revoke(lease).await;
+                continue;
+            }
+            if let Some((old, e)) = current {
+                if let Some(l) = e.lease {
+                    let _ = self.meta.revoke(l).await;
+                }
+                tracing::warn!(
+                    "volume {volume}: {who} took the write lease over from {} (epoch {})",
+                    old.holder,
+                    v.epoch
+                );
+            } else {
+                tracing::info!("volume {volume}: write lease to {who}, epoch {}", v.epoch);
+            }
+            return Ok(DirResponse::Lease(rec));
+        }
+        Err(Remote::new(ErrorKind::Conflict, format!("volume {volume}: the lease kept changing; try again")))
+    }
+
+    pub(super) async fn renew(&self, who: &str, volume: &str, epoch: u64) -> Result<DirResponse, Remote> {
+        match self.lease_of(volume).await? {
+            Some((l, e)) if l.holder == who && l.epoch == epoch => {
+                let id = e.lease.ok_or_else(|| internal("a volume lease without a store lease"))?;
+                match self.meta.keep_alive(id).await {
+                    Ok(()) => Ok(DirResponse::Lease(l)),
+                    Err(MetaError::LeaseNotFound(_)) => Err(Remote::new(
+                        ErrorKind::Fenced,
+                        format!("the write lease on volume {volume} lapsed: attach again"),
+                    )),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Some((l, _)) => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!(
+                    "volume {volume} was taken over by {} (epoch {}; yours was {epoch}): stop writing",
+                    l.holder, l.epoch
+                ),
+            )),
+            None => Err(Remote::new(
+                ErrorKind::Fenced,
+                format!("the write lease on volume {volume} lapsed: attach again"),
+            )),
+        }
+    }
+
+    pub(super) async fn release_lease(
+        &self,
+        who: &str,
+        volume: &str,
+        epoch: u64,
+    ) -> Result<DirResponse, Remote> {
+        if let Some((l, e)) = self.lease_of(volume).await?
+            && l.holder == who
+            && l.epoch == epoch
+            && let Some(id) = e.lease
+        {
+            match self.meta.revoke(id).await {
+                Ok(()) | Err(MetaError::LeaseNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!("volume {volume}: {who} released the write lease");
+        }
+        Ok(DirResponse::Done)
+    }
+
+    pub(super) async fn volume_info(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let record = self.volume(volume).await?;
+        let lease = self.lease_of(volume).await?.map(|(l, _)| l);
+        let up: HashSet<String> = self.up_peers().await?.into_iter().map(|(n, _)| n).collect();
+        let (k, threshold, all) = (
+            usize::from(record.spec.k),
+            usize::from(record.spec.repair_threshold),
+            usize::from(record.spec.k + record.spec.m),
+        );
+        let per_shard = shard_bytes(record.spec.shard_size);
+        let mut health = StripeHealth::default();
+        let mut allocated = 0;
+        for s in self.list::<StripeRecord>("stripe", &stripe_prefix(&record.spec.id)).await? {
+            let stored = s.hashes.iter().filter(|h| h.is_some()).count();
+            let healthy =
+                s.peers.iter().zip(&s.hashes).filter(|(p, h)| h.is_some() && up.contains(*p)).count();
+            allocated += stored as u64 * per_shard;
+            health.stripes += 1;
+            if healthy >= all {
+                health.whole += 1;
+            } else if healthy >= threshold {
+                health.degraded += 1;
+            } else if healthy >= k {
+                health.needs_repair += 1;
+            } else {
+                health.unavailable += 1;
+            }
+        }
+        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health })))
+    }
+
+    pub(super) async fn delete_volume(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let vkey = key("volumes", volume);
+        let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+            return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+        };
+        if let Some((l, _)) = self.lease_of(volume).await? {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("volume {volume} is attached by {}: detach it first", l.holder),
+            ));
+        }
+        let out = self
+            .meta
+            .txn(
+                Txn::new()
+                    .when(Compare::ModRevision(vkey.clone(), vrev))
+                    .when(Compare::Absent(key("leases", volume)))
+                    .then(Op::Delete { key: vkey })
+                    .then(Op::Delete { key: id_key(&v.spec.id) })
+                    .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
+                    .then(Op::DeletePrefix { prefix: old_prefix(&v.spec.id) })
+                    .then(Op::Put { key: gc_key(&v.spec.id), value: v.spec.id.to_vec(), lease: None }),
+            )
+            .await?;
+        if !out.succeeded {
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("volume {volume} changed meanwhile: try again"),
+            ));
+        }
+        tracing::info!("volume {volume} deleted; its shards are being erased from the peers");
+        self.gc.notify_one();
+        Ok(DirResponse::Done)
+    }
+}
