@@ -5,7 +5,7 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use crate::api::{Durability, VolumeSpec};
 use crate::cli::{CliError, CredentialArg, passphrase, render};
@@ -56,8 +56,8 @@ pub struct VolumeCreateArgs {
     repair_threshold: Option<u8>,
     /// What FLUSH waits for: remote (peers and the stripe map) or local
     /// (this machine's log only).
-    #[arg(long, value_enum, default_value_t = DurabilityArg::Remote)]
-    durability: DurabilityArg,
+    #[arg(long, value_parser = parse_durability, default_value = "remote")]
+    durability: Durability,
     /// The volume key file; a new key is written there if it does not exist.
     #[arg(long, conflicts_with = "passphrase", required_unless_present = "passphrase")]
     key_file: Option<PathBuf>,
@@ -66,20 +66,14 @@ pub struct VolumeCreateArgs {
     passphrase: bool,
 }
 
-/// `--durability`: the command line's side of [`Durability`] (the wire
-/// vocabulary in `api` does not depend on clap).
-#[derive(Clone, Copy, ValueEnum)]
-enum DurabilityArg {
-    Remote,
-    Local,
-}
-
-impl From<DurabilityArg> for Durability {
-    fn from(d: DurabilityArg) -> Self {
-        match d {
-            DurabilityArg::Remote => Durability::Remote,
-            DurabilityArg::Local => Durability::Local,
-        }
+/// `--durability`. A parser function rather than a clap `ValueEnum`: the
+/// wire vocabulary in `api` does not depend on clap, and the message
+/// names both choices ("must be remote or local").
+fn parse_durability(text: &str) -> Result<Durability, String> {
+    match text {
+        "remote" => Ok(Durability::Remote),
+        "local" => Ok(Durability::Local),
+        _ => Err("must be remote or local".into()),
     }
 }
 
@@ -152,7 +146,7 @@ pub async fn run(cmd: VolumeCommand) -> Result<(), CliError> {
 }
 
 async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
-    let durability = Durability::from(a.durability);
+    let durability = a.durability;
     let shard_size =
         u32::try_from(a.shard_size).map_err(|_| CliError::Argument("--shard-size is too large".into()))?;
     let threshold = a.repair_threshold.unwrap_or((a.k + 1).min(a.k.saturating_add(a.m)));
