@@ -1,6 +1,9 @@
 //! Sizes as people write them: `4096`, `512K`, `1G`, `1.5GiB`, `2T`.
 //! Suffixes are binary (K = 1024), like qemu-img and nbdkit; a trailing
 //! `B` or `iB` is accepted and changes nothing.
+//!
+//! Hand-written rather than a crate (bytesize, humantime): these few lines
+//! give exactly the binary-suffix rules and error messages we document.
 
 /// Parses a size; the error says what was wrong and what is accepted.
 pub fn parse_size(text: &str) -> Result<u64, String> {

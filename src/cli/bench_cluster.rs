@@ -14,12 +14,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::api::{PeerAddr, VOLUME_ID_LEN};
+use crate::cli::CliError;
 use crate::client::Client;
 use crate::codec::shard::ShardKey;
 use crate::codec::shard::{ShardHash, ShardHeader};
 
-/// Which phases to run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which phases to run (`--phases put,get,clean`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Phase {
     Put,
     Get,
@@ -81,10 +83,10 @@ pub fn cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
-async fn up_peers(client: &Client) -> Result<Vec<PeerAddr>, String> {
-    let peers = client.up_peers().await.map_err(|e| e.to_string())?;
+async fn up_peers(client: &Client) -> Result<Vec<PeerAddr>, CliError> {
+    let peers = client.up_peers().await?;
     if peers.is_empty() {
-        return Err("no peer is up: start some (`meshdisk peer`) and try again".into());
+        return Err(CliError::NoPeerUp);
     }
     Ok(peers)
 }
@@ -94,7 +96,7 @@ pub async fn run(
     client: &Client,
     config: &ClusterBench,
     mut report: impl FnMut(&PhaseResult),
-) -> Result<Vec<PhaseResult>, String> {
+) -> Result<Vec<PhaseResult>, CliError> {
     let peers = up_peers(client).await?;
     // Warm the connections so the first phase measures transfer, not handshakes.
     client.measure(&peers, Duration::from_secs(5)).await;
@@ -114,9 +116,18 @@ pub async fn run(
     Ok(out)
 }
 
-async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, String> {
+/// The benchmark's shards on `peer`.
+async fn list(client: &Client, peer: &PeerAddr) -> Result<Vec<ShardKey>, CliError> {
+    client.list_shards(peer, bench_volume()).await.map_err(|source| CliError::PeerCall {
+        what: "listing",
+        peer: peer.name.clone(),
+        source,
+    })
+}
+
+async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, CliError> {
     let mut payload = vec![0u8; config.shard_size];
-    getrandom::fill(&mut payload).map_err(|e| e.to_string())?;
+    getrandom::fill(&mut payload)?;
     let hash = ShardHash::of(&payload);
     let payload = Bytes::from(payload);
     // Stripe numbers start past anything an earlier run left.
@@ -144,13 +155,12 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
                         payload_len: payload.len() as u32,
                         payload_hash: hash,
                     };
-                    client
-                        .put_shard(&peer, &header, payload.clone(), 1)
-                        .await
-                        .map_err(|e| format!("put to {}: {e}", peer.name))?;
+                    client.put_shard(&peer, &header, payload.clone(), 1).await.map_err(|source| {
+                        CliError::PeerCall { what: "put to", peer: peer.name.clone(), source }
+                    })?;
                     n += 1;
                 }
-                Ok::<u64, String>(n)
+                Ok::<u64, CliError>(n)
             });
         }
     }
@@ -169,17 +179,16 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
     })
 }
 
-async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, String> {
+async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, CliError> {
     let mut lists = Vec::new();
     for p in peers {
-        let keys =
-            client.list_shards(p, bench_volume()).await.map_err(|e| format!("listing {}: {e}", p.name))?;
+        let keys = list(client, p).await?;
         if !keys.is_empty() {
             lists.push((p.clone(), Arc::new(keys)));
         }
     }
     if lists.is_empty() {
-        return Err("no benchmark shards on any peer: run the put phase first".into());
+        return Err(CliError::NoBenchShards);
     }
     let deadline = Instant::now() + config.duration;
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
@@ -192,20 +201,19 @@ async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
                 let mut i = worker;
                 while Instant::now() < deadline {
                     let key: ShardKey = keys[i % keys.len()];
-                    let shard = client
-                        .get_shard(&peer, key)
-                        .await
-                        .map_err(|e| format!("get from {}: {e}", peer.name))?;
-                    let (header, body) = crate::codec::shard::parse_shard(&shard)
-                        .map_err(|e| format!("{} returned a bad shard: {e}", peer.name))?;
-                    header
-                        .verify_payload(body)
-                        .map_err(|e| format!("{} returned a bad shard: {e}", peer.name))?;
+                    let shard = client.get_shard(&peer, key).await.map_err(|source| CliError::PeerCall {
+                        what: "get from",
+                        peer: peer.name.clone(),
+                        source,
+                    })?;
+                    let bad = |source| CliError::BadShard { peer: peer.name.clone(), source };
+                    let (header, body) = crate::codec::shard::parse_shard(&shard).map_err(bad)?;
+                    header.verify_payload(body).map_err(bad)?;
                     n += 1;
                     bytes += shard.len() as u64;
                     i += 7919;
                 }
-                Ok::<(u64, u64), String>((n, bytes))
+                Ok::<(u64, u64), CliError>((n, bytes))
             });
         }
     }
@@ -225,14 +233,16 @@ async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
     })
 }
 
-async fn clean(client: &Client, peers: &[PeerAddr]) -> Result<PhaseResult, String> {
+async fn clean(client: &Client, peers: &[PeerAddr]) -> Result<PhaseResult, CliError> {
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let mut shards = 0;
     for p in peers {
-        let keys =
-            client.list_shards(p, bench_volume()).await.map_err(|e| format!("listing {}: {e}", p.name))?;
-        for k in keys {
-            client.delete_shard(p, k, 1).await.map_err(|e| format!("delete on {}: {e}", p.name))?;
+        for k in list(client, p).await? {
+            client.delete_shard(p, k, 1).await.map_err(|source| CliError::PeerCall {
+                what: "delete on",
+                peer: p.name.clone(),
+                source,
+            })?;
             shards += 1;
         }
     }

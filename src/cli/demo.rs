@@ -13,15 +13,61 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{Durability, ErrorKind, PeerState, VolumeSpec};
+use crate::cli::CliError;
 use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::membership::ca::Role;
 use crate::membership::credential::Credential;
-use crate::size::human;
+use crate::size::{human, parse_size};
 use crate::volume::{Volume, VolumeConfig};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps everything (reused by the next run).
+    #[arg(long, default_value = "./meshdisk-demo")]
+    state: PathBuf,
+    /// The demo volume's size (first run only).
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    size: u64,
+    /// Space each of the 6 peers lends.
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    capacity: u64,
+    #[arg(long, value_parser = parse_size, default_value = "512M")]
+    cache_size: u64,
+    /// Also serve NBD over TCP on this address (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+impl From<DemoArgs> for DemoConfig {
+    fn from(a: DemoArgs) -> Self {
+        Self {
+            state: a.state,
+            size: a.size,
+            peers: 6,
+            capacity: a.capacity,
+            cache_size: a.cache_size,
+            listen: a.listen,
+        }
+    }
+}
+
+/// How the demo's cluster failed to come up.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{name} did not start within 30 s; see {}", .log.display())]
+    SlowStart { name: String, log: PathBuf },
+    #[error("{name} exited ({status}); see {}", .log.display())]
+    Exited { name: String, status: std::process::ExitStatus, log: PathBuf },
+    #[error("the peers did not all report to the directory within 30 s")]
+    PeersNotUp,
+    #[error("{} is not a port number", .0.display())]
+    BadPortFile(PathBuf),
+}
 
 /// What `meshdisk demo` builds.
 #[derive(Clone, Debug)]
@@ -45,12 +91,12 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> Result<Self, String> {
+    fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> Result<Self, CliError> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(logs.join(format!("{name}.log")))
-            .map_err(|e| format!("{}: {e}", logs.display()))?;
+            .map_err(CliError::io(logs.display()))?;
         cmd.stdout(Stdio::piped()).stderr(log).stdin(Stdio::null());
         // SAFETY: prctl in the forked child before exec; async-signal-safe.
         unsafe {
@@ -64,7 +110,7 @@ impl Proc {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
+        let mut child = cmd.spawn().map_err(CliError::io(format_args!("starting {name}")))?;
         let out = child.stdout.take().expect("piped");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -77,27 +123,20 @@ impl Proc {
         Ok(Self { name: name.to_owned(), child, lines })
     }
 
-    fn wait_line(&mut self, needle: &str, logs: &Path) -> Result<String, String> {
+    fn wait_line(&mut self, needle: &str, logs: &Path) -> Result<String, DemoError> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let log = || logs.join(format!("{}.log", self.name));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
                 Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
                 Err(_) if Instant::now() >= deadline => {
-                    return Err(format!(
-                        "{} did not start within 30 s; see {}",
-                        self.name,
-                        logs.join(format!("{}.log", self.name)).display()
-                    ));
+                    return Err(DemoError::SlowStart { name: self.name.clone(), log: log() });
                 }
                 Err(_) => {
                     if let Ok(Some(status)) = self.child.try_wait() {
-                        return Err(format!(
-                            "{} exited ({status}); see {}",
-                            self.name,
-                            logs.join(format!("{}.log", self.name)).display()
-                        ));
+                        return Err(DemoError::Exited { name: self.name.clone(), status, log: log() });
                     }
                 }
             }
@@ -122,16 +161,16 @@ impl Proc {
 }
 
 /// The directory's port, chosen on the first run and kept.
-fn directory_port(state: &Path) -> Result<u16, String> {
+fn directory_port(state: &Path) -> Result<u16, CliError> {
     let path = state.join("directory.port");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return text.trim().parse().map_err(|_| format!("{} is not a port number", path.display()));
+        return Ok(text.trim().parse().map_err(|_| DemoError::BadPortFile(path))?);
     }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
-        .map_err(|e| format!("finding a free port: {e}"))?
+        .map_err(CliError::io("finding a free port"))?
         .port();
-    std::fs::write(&path, format!("{port}\n")).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&path, format!("{port}\n")).map_err(CliError::io(path.display()))?;
     Ok(port)
 }
 
@@ -147,11 +186,11 @@ impl Drop for Children {
 }
 
 /// Runs the demo until `stop`.
-pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), String> {
-    let state = std::path::absolute(&config.state).map_err(|e| e.to_string())?;
+pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliError> {
+    let state = std::path::absolute(&config.state).map_err(CliError::io(config.state.display()))?;
     let logs = state.join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("finding the meshdisk binary: {e}"))?;
+    std::fs::create_dir_all(&logs).map_err(CliError::io(logs.display()))?;
+    let exe = std::env::current_exe().map_err(CliError::io("finding the meshdisk binary"))?;
     let port = directory_port(&state)?;
     let dir_addr = format!("127.0.0.1:{port}");
     let mut children = Children(Vec::new());
@@ -165,8 +204,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
     children.0.push(directory);
     eprintln!("  directory on {dir_addr}");
 
-    let admin = Credential::load(&state.join("directory/admin.cred")).map_err(|e| e.to_string())?;
-    let client = Client::new(admin).map_err(|e| e.to_string())?;
+    let client = Client::new(Credential::load(&state.join("directory/admin.cred"))?)?;
     for i in 1..=config.peers {
         let name = format!("peer-{i}");
         let data = state.join("peers").join(&name);
@@ -176,8 +214,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
             .arg("--data")
             .arg(&data);
         if !data.join("identity.cred").exists() {
-            let (token, _) =
-                client.create_token(Role::Peer, Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
+            let (token, _) = client.create_token(Role::Peer, Duration::from_secs(600)).await?;
             cmd.env("MESHDISK_JOIN_TOKEN", token);
         }
         let mut p = Proc::spawn(&name, &mut cmd, &logs)?;
@@ -187,29 +224,29 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = client.status().await.map_err(|e| e.to_string())?;
+        let s = client.status().await?;
         if s.peers.iter().filter(|p| p.state == PeerState::Up).count() >= config.peers {
             break;
         }
         if Instant::now() > deadline {
-            return Err("the peers did not all report to the directory within 30 s".into());
+            return Err(DemoError::PeersNotUp.into());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let key_path = state.join("demo.key");
     let key = match client.volume(VOLUME).await {
-        Ok(_) => VolumeKey::read_file(&key_path).map_err(|e| e.to_string())?,
+        Ok(_) => VolumeKey::read_file(&key_path)?,
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
             let key = if key_path.exists() {
-                VolumeKey::read_file(&key_path).map_err(|e| e.to_string())?
+                VolumeKey::read_file(&key_path)?
             } else {
-                let key = VolumeKey::generate().map_err(|e| e.to_string())?;
-                key.write_new_file(&key_path).map_err(|e| e.to_string())?;
+                let key = VolumeKey::generate()?;
+                key.write_new_file(&key_path)?;
                 key
             };
             let mut id = [0u8; 16];
-            getrandom::fill(&mut id).map_err(|e| e.to_string())?;
+            getrandom::fill(&mut id)?;
             let spec = VolumeSpec {
                 name: VOLUME.into(),
                 id,
@@ -222,7 +259,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
                 kdf: None,
                 durability: Durability::Remote,
             };
-            client.create_volume(spec).await.map_err(|e| e.to_string())?;
+            client.create_volume(spec).await?;
             eprintln!(
                 "  created volume {VOLUME} ({}, k=4 m=2), key in {}",
                 human(config.size),
@@ -230,11 +267,11 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
             );
             key
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     // A lease left by a killed demo is resumed from this folder's note.
     let vc = VolumeConfig::new(state.join("attach"), config.cache_size);
-    let volume = Volume::open(client.clone(), VOLUME, &key, vc).await.map_err(|e| e.to_string())?;
+    let volume = Volume::open(client.clone(), VOLUME, &key, vc).await?;
     drop(key);
 
     let socket = state.join("nbd.sock");
@@ -242,14 +279,19 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
         Arc::new(volume.clone()),
         crate::nbd::ServerConfig { description: Some("meshdisk demo volume".into()), ..Default::default() },
     );
-    let unix = crate::nbd::server::bind_unix(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
+    let unix = crate::nbd::server::bind_unix(&socket).map_err(CliError::io(socket.display()))?;
     let mut listeners = tokio::task::JoinSet::new();
     let s = server.clone();
     listeners.spawn(async move { s.serve_unix(unix).await });
     let mut tcp_uri = None;
     if let Some(addr) = &config.listen {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("listening on {addr}: {e}"))?;
-        tcp_uri = Some(format!("nbd://{}", l.local_addr().map_err(|e| e.to_string())?));
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(CliError::io(format_args!("listening on {addr}")))?;
+        tcp_uri = Some(format!(
+            "nbd://{}",
+            l.local_addr().map_err(CliError::io("reading the TCP listener's address"))?
+        ));
         let s = server.clone();
         listeners.spawn(async move { s.serve_tcp(l).await });
     }
@@ -267,8 +309,8 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), Stri
     let _ = std::fs::remove_file(&socket);
     let closed = volume.close().await;
     drop(children);
-    flushed.map_err(|e| format!("final flush: {e}"))?;
-    closed.map_err(|e| format!("detaching: {e}"))?;
+    flushed.map_err(CliError::Flush)?;
+    closed.map_err(CliError::Detach)?;
     eprintln!("stopped cleanly; run `meshdisk demo` again to pick up where you left off");
     Ok(())
 }

@@ -1,6 +1,144 @@
-//! The command line: one file per command family.
+//! The command line: the `meshdisk` commands, one file per family.
+//!
+//! `main` parses [`Cli`], sets up logging and the async runtime, and hands
+//! the [`Command`] to [`run`]. Each family file holds its clap arguments
+//! and the code of its commands: [`serve`] (a RAM disk or file over NBD,
+//! and the NBD listening that `attach` shares), [`attach`] (attach and
+//! detach), [`peer`], [`directory`], [`volume`] (volumes and keys),
+//! [`admin`] (join, tokens, status), [`bench`], [`demo`]. [`render`] draws
+//! the tables people read; [`passphrase`] asks for a passphrase. Every
+//! command fails with a [`CliError`], printed once by `main`.
 
+pub mod admin;
+pub mod attach;
+pub mod bench;
 pub mod bench_cluster;
 pub mod demo;
+pub mod directory;
+mod error;
 pub mod passphrase;
-pub mod status;
+pub mod peer;
+pub mod render;
+pub mod serve;
+pub mod volume;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use error::CliError;
+
+use crate::client::Client;
+use crate::membership::credential::Credential;
+
+#[derive(Parser)]
+#[command(
+    name = "meshdisk",
+    version,
+    about = "Spare disk space on ordinary computers as one encrypted, self-healing virtual disk"
+)]
+pub struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `debug` or `meshdisk=trace`.
+    #[arg(long, global = true, env = "MESHDISK_LOG", default_value = "info")]
+    pub log: String,
+    /// Worker threads for network and protocol work: 0 means one per core;
+    /// 1 runs everything on one thread (no cross-thread wake-ups, which
+    /// can be faster on very small machines). Disk I/O has its own thread.
+    /// For `bench codec`: threads of the all-cores stages.
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the cluster's directory (first start creates the cluster).
+    Directory(directory::DirectoryArgs),
+    /// Lend disk space to a cluster.
+    Peer(peer::PeerArgs),
+    /// Join a cluster as a client (or admin) and save the credential.
+    Join(admin::JoinArgs),
+    /// Join tokens (admin).
+    #[command(subcommand)]
+    Token(admin::TokenCommand),
+    /// Peers, capacity and volumes at a glance.
+    Status(admin::StatusArgs),
+    /// Create, list, inspect and delete volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// A whole cluster on this machine: a directory, 6 peers and volume
+    /// `demo`, attached and served over NBD. Start here.
+    Demo(demo::DemoArgs),
+    /// Serve a volume over NBD: take its lease, replay its log, serve
+    /// until SIGINT/SIGTERM or `meshdisk detach`.
+    Attach(attach::AttachArgs),
+    /// Stop the `meshdisk attach` of a volume on this machine: it flushes,
+    /// releases the lease and exits.
+    Detach(attach::DetachArgs),
+    /// Serve a RAM disk or a file over NBD (no cluster, no encryption).
+    Serve(serve::ServeArgs),
+    /// Volume keys.
+    #[command(subcommand)]
+    Key(volume::KeyCommand),
+    /// Measure this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Runs a command. `threads` is the global `--threads` (`bench codec`
+/// uses it for its all-cores stages). `main` runs `key`, `detach` and
+/// `bench codec` without an async runtime, calling their functions
+/// directly; here they run like the others.
+pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
+    match command {
+        Command::Directory(args) => directory::run(args).await,
+        Command::Peer(args) => peer::run(args).await,
+        Command::Join(args) => admin::join(args).await,
+        Command::Token(admin::TokenCommand::Create(args)) => admin::token_create(args).await,
+        Command::Status(args) => admin::status(args).await,
+        Command::Volume(cmd) => volume::run(cmd).await,
+        Command::Demo(args) => demo::run(args.into(), stop_on_signals()?).await,
+        Command::Attach(args) => attach::attach(args).await,
+        Command::Detach(args) => attach::detach(&args),
+        Command::Serve(args) => serve::run(args).await,
+        Command::Key(cmd) => volume::key(&cmd),
+        Command::Bench(bench::BenchCommand::Codec(args)) => bench::codec(&args, threads),
+        Command::Bench(bench::BenchCommand::Cluster(args)) => bench::cluster(args).await,
+    }
+}
+
+/// The credential a command acts with.
+#[derive(Args)]
+pub struct CredentialArg {
+    /// A member's credential file (the admin's is DIRECTORY-DATA/admin.cred).
+    #[arg(long, env = "MESHDISK_CREDENTIAL")]
+    pub credential: PathBuf,
+}
+
+impl CredentialArg {
+    /// A client of the cluster, acting as this credential's member.
+    pub fn client(&self) -> Result<Client, CliError> {
+        Ok(Client::new(Credential::load(&self.credential)?)?)
+    }
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM: how the long-running
+/// commands (serve, attach, directory, peer, demo) learn to stop cleanly.
+pub fn stop_on_signals() -> Result<CancellationToken, CliError> {
+    let stop = CancellationToken::new();
+    let mut sigterm = signal(SignalKind::terminate()).map_err(CliError::io("listening for SIGTERM"))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::io("listening for SIGINT"))?;
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = sigint.recv() => info!("SIGINT: stopping"),
+        }
+        s.cancel();
+    });
+    Ok(stop)
+}

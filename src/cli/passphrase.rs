@@ -1,14 +1,31 @@
 //! Reading a passphrase: from `MESHDISK_PASSPHRASE`, else from the
 //! terminal with echo off. Never from the command line, where other users
 //! could read it in the process list.
+//!
+//! Hand-written rather than a crate (e.g. rpassword): it is one termios
+//! call each way, and we want the passphrase in a `Zeroizing` buffer.
 
 use zeroize::Zeroizing;
 
 /// The environment variable scripts use to pass a passphrase.
 pub const ENV: &str = "MESHDISK_PASSPHRASE";
 
+#[derive(Debug, thiserror::Error)]
+pub enum PassphraseError {
+    #[error("the two passphrases differ; nothing was changed")]
+    Differ,
+    #[error("the passphrase is empty")]
+    Empty,
+    #[error("no terminal to ask for the passphrase: set {ENV}")]
+    NoTerminal,
+    #[error("cannot turn off echo on the terminal: set {ENV}")]
+    NoEcho,
+    #[error("reading the passphrase: {0}")]
+    Read(std::io::Error),
+}
+
 /// Reads a passphrase; with `confirm`, asks twice and requires a match.
-pub fn read(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, String> {
+pub fn read(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, PassphraseError> {
     if let Ok(p) = std::env::var(ENV) {
         return check(Zeroizing::new(p));
     }
@@ -16,33 +33,33 @@ pub fn read(prompt: &str, confirm: bool) -> Result<Zeroizing<String>, String> {
     if confirm {
         let again = prompt_tty("again: ")?;
         if *first != *again {
-            return Err("the two passphrases differ; nothing was changed".into());
+            return Err(PassphraseError::Differ);
         }
     }
     check(first)
 }
 
-fn check(p: Zeroizing<String>) -> Result<Zeroizing<String>, String> {
+fn check(p: Zeroizing<String>) -> Result<Zeroizing<String>, PassphraseError> {
     if p.is_empty() {
-        return Err("the passphrase is empty".into());
+        return Err(PassphraseError::Empty);
     }
     Ok(p)
 }
 
-fn prompt_tty(prompt: &str) -> Result<Zeroizing<String>, String> {
+fn prompt_tty(prompt: &str) -> Result<Zeroizing<String>, PassphraseError> {
     use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
     let tty = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/tty")
-        .map_err(|_| format!("no terminal to ask for the passphrase: set {ENV}"))?;
+        .map_err(|_| PassphraseError::NoTerminal)?;
     let fd = tty.as_raw_fd();
     // SAFETY: termios is plain data; tcgetattr fills it for an open fd.
     let mut saved: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open and `saved` is a valid termios to fill.
     if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
-        return Err(format!("cannot turn off echo on the terminal: set {ENV}"));
+        return Err(PassphraseError::NoEcho);
     }
     let mut quiet = saved;
     quiet.c_lflag &= !libc::ECHO;
@@ -56,7 +73,7 @@ fn prompt_tty(prompt: &str) -> Result<Zeroizing<String>, String> {
     let read = std::io::BufReader::new(&tty).read_line(&mut line);
     // SAFETY: restores the settings read above.
     unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
-    read.map_err(|e| format!("reading the passphrase: {e}"))?;
+    read.map_err(PassphraseError::Read)?;
     while line.ends_with('\n') || line.ends_with('\r') {
         line.pop();
     }

@@ -365,32 +365,52 @@ pub fn render_table(config: &BenchConfig, results: &[StageResult]) -> String {
 
 /// The report as one JSON object for programs.
 pub fn render_json(config: &BenchConfig, results: &[StageResult]) -> String {
+    // Field order is the output's: k, m, sizes, then the stages.
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        k: usize,
+        m: usize,
+        shard_size: usize,
+        stripe_size: usize,
+        sector_size: usize,
+        seconds_per_stage: f64,
+        cpu_features: Vec<&'static str>,
+        stages: Vec<Stage<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct Stage<'a> {
+        stage: &'a str,
+        threads: usize,
+        gib_per_s: f64,
+        bytes: u64,
+        seconds: f64,
+    }
+    /// As many decimals as a measurement means.
+    fn round(x: f64, decimals: i32) -> f64 {
+        let scale = 10f64.powi(decimals);
+        (x * scale).round() / scale
+    }
     let g = config.geometry;
-    let stages: Vec<String> = results
-        .iter()
-        .map(|r| {
-            format!(
-                "{{\"stage\":\"{}\",\"threads\":{},\"gib_per_s\":{:.3},\"bytes\":{},\"seconds\":{:.4}}}",
-                r.stage,
-                r.threads,
-                r.gib_per_s(),
-                r.bytes,
-                r.seconds
-            )
-        })
-        .collect();
-    let features: Vec<String> = cpu_features().iter().map(|f| format!("\"{f}\"")).collect();
-    format!(
-        "{{\"k\":{},\"m\":{},\"shard_size\":{},\"stripe_size\":{},\"sector_size\":{},\"seconds_per_stage\":{},\"cpu_features\":[{}],\"stages\":[{}]}}",
-        g.k(),
-        g.m(),
-        g.shard_size(),
-        g.stripe_size(),
-        SECTOR_SIZE,
-        config.duration.as_secs_f64(),
-        features.join(","),
-        stages.join(",")
-    )
+    let report = Report {
+        k: g.k(),
+        m: g.m(),
+        shard_size: g.shard_size(),
+        stripe_size: g.stripe_size(),
+        sector_size: SECTOR_SIZE,
+        seconds_per_stage: config.duration.as_secs_f64(),
+        cpu_features: cpu_features(),
+        stages: results
+            .iter()
+            .map(|r| Stage {
+                stage: r.stage,
+                threads: r.threads,
+                gib_per_s: round(r.gib_per_s(), 3),
+                bytes: r.bytes,
+                seconds: round(r.seconds, 4),
+            })
+            .collect(),
+    };
+    serde_json::to_string(&report).expect("plain numbers and strings serialize")
 }
 
 #[cfg(test)]

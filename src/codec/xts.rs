@@ -446,8 +446,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        hex::decode(s.split_whitespace().collect::<String>()).unwrap()
     }
 
     /// IEEE 1619-2007 annex B, vector 10: XTS-AES-256, data unit sequence

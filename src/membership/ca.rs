@@ -142,7 +142,7 @@ impl CertName {
 /// The fingerprint a join token pins the CA with: blake3 of the CA
 /// certificate (DER), first 16 bytes, hex.
 pub fn ca_pin(der: &[u8]) -> String {
-    blake3::hash(der).as_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&blake3::hash(der).as_bytes()[..16])
 }
 
 /// A DNS label: what node and cluster ids must look like.

@@ -1,5 +1,6 @@
-//! `meshdisk status` for people: a summary line, then peers and volumes as
-//! aligned tables. (`--json` prints [`ClusterStatus`] as it is.)
+//! Tables for people: `meshdisk status` (a summary line, then peers and
+//! volumes), `volume list` and `volume info`. (`--json` prints the records,
+//! [`ClusterStatus`] and [`VolumeInfo`], as they are.)
 
 use crate::api::{ClusterStatus, PeerState, VolumeInfo, VolumeStatus};
 use crate::size::human;
@@ -33,7 +34,8 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn render(s: &ClusterStatus) -> String {
+/// `meshdisk status`.
+pub fn status(s: &ClusterStatus) -> String {
     let up = s.peers.iter().filter(|p| p.state == PeerState::Up).count();
     let capacity: u64 = s.peers.iter().filter(|p| p.state == PeerState::Up).map(|p| p.capacity).sum();
     let used: u64 = s.peers.iter().map(|p| p.used).sum();
@@ -74,13 +76,13 @@ pub fn render(s: &ClusterStatus) -> String {
     }
     if !s.volumes.is_empty() {
         out.push('\n');
-        out.push_str(&render_volumes(&s.volumes));
+        out.push_str(&volumes(&s.volumes));
     }
     out
 }
 
 /// The volumes table (`meshdisk volume list`, and in `status`).
-pub fn render_volumes(volumes: &[VolumeStatus]) -> String {
+pub fn volumes(volumes: &[VolumeStatus]) -> String {
     if volumes.is_empty() {
         return "no volumes (create one with `meshdisk volume create`)\n".into();
     }
@@ -102,7 +104,7 @@ pub fn render_volumes(volumes: &[VolumeStatus]) -> String {
 }
 
 /// `meshdisk volume info`.
-pub fn render_volume_info(v: &VolumeInfo) -> String {
+pub fn volume_info(v: &VolumeInfo) -> String {
     let spec = &v.record.spec;
     let stripe_data = u64::from(spec.k) * u64::from(spec.shard_size);
     let h = &v.health;
@@ -210,7 +212,7 @@ mod tests {
             }],
             workers: vec![],
         };
-        let text = render(&s);
+        let text = status(&s);
         assert!(text.starts_with("cluster home: 2 peers (1 up), 1.0 GiB lent"), "{text}");
         assert!(text.contains("peer-1  up     127.0.0.1:7401  attic"), "{text}");
         assert!(text.contains("0.4s ago"), "{text}");

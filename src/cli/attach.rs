@@ -1,0 +1,166 @@
+//! `meshdisk attach` and `meshdisk detach`. An attach takes the volume's
+//! lease, replays its log and serves it over NBD; its state folder holds
+//! the log, the cache, the lease note and `attach.pid`, which is how
+//! `detach` (and a second attach of the same folder) finds it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tracing::info;
+
+use crate::cli::serve::{Listen, serve_nbd};
+use crate::cli::{CliError, CredentialArg, passphrase, stop_on_signals};
+use crate::codec::VolumeKey;
+use crate::size::{human, parse_size};
+use crate::volume::{Volume, VolumeConfig};
+
+#[derive(Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    /// The volume.
+    name: String,
+    /// The volume's key file.
+    #[arg(long, conflicts_with = "passphrase", required_unless_present = "passphrase")]
+    key_file: Option<PathBuf>,
+    /// The volume's passphrase (asked for, or MESHDISK_PASSPHRASE).
+    #[arg(long)]
+    passphrase: bool,
+    /// Serve NBD on this unix socket (default: CACHE-DIR/nbd.sock when
+    /// there is no --listen).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Serve NBD on this TCP address too (e.g. 127.0.0.1:10809).
+    #[arg(long)]
+    listen: Option<String>,
+    /// This attach's state: write-ahead log, cache, lease note
+    /// (default: ~/.local/state/meshdisk/NAME).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Local cache size (whole stripes).
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    cache_size: u64,
+    /// Take the volume over from its current holder (its writes are then refused).
+    #[arg(long)]
+    force: bool,
+    /// Export name clients ask for (the empty name always works too).
+    #[arg(long, default_value = "")]
+    export: String,
+}
+
+#[derive(Args)]
+pub struct DetachArgs {
+    /// The volume.
+    name: String,
+    /// The attach's state folder, if not the default.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// The default state folder of an attach of `volume`:
+/// `$XDG_STATE_HOME/meshdisk/VOLUME`, else `~/.local/state/meshdisk/VOLUME`.
+fn default_state_dir(volume: &str) -> PathBuf {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("meshdisk").join(volume)
+}
+
+/// `meshdisk attach`: serves until SIGINT/SIGTERM (which `detach` sends),
+/// then flushes everything to the peers and releases the lease.
+pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
+    let c = a.credential.client()?;
+    let record = c.volume(&a.name).await?;
+    let key = match &a.key_file {
+        Some(path) => VolumeKey::read_file(path)?,
+        None => {
+            let Some(kdf) = &record.spec.kdf else {
+                return Err(CliError::NoPassphrase(a.name));
+            };
+            let pass = passphrase::read(&format!("passphrase of volume {}: ", a.name), false)?;
+            VolumeKey::from_passphrase(pass.as_bytes(), kdf)?
+        }
+    };
+    let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
+    let pidfile = state.join("attach.pid");
+    if let Ok(pid) = std::fs::read_to_string(&pidfile)
+        && let Ok(pid) = pid.trim().parse::<i32>()
+        && pid != std::process::id() as i32
+        && alive(pid)
+        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "meshdisk")
+    {
+        return Err(CliError::StateInUse { state, pid, volume: a.name });
+    }
+    let mut config = VolumeConfig::new(state.clone(), a.cache_size);
+    config.force = a.force;
+    let volume = Volume::open(c, &a.name, &key, config).await?;
+    drop(key);
+    std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(CliError::io(pidfile.display()))?;
+    let spec = &volume.record().spec;
+    info!(
+        "attached volume {} ({}, k={} m={}, durability {}) with lease epoch {}; state in {}",
+        spec.name,
+        human(spec.size),
+        spec.k,
+        spec.m,
+        spec.durability.as_str(),
+        volume.epoch(),
+        state.display()
+    );
+    let socket = match (&a.socket, &a.listen) {
+        (Some(s), _) => Some(s.clone()),
+        (None, None) => Some(state.join("nbd.sock")),
+        (None, Some(_)) => None,
+    };
+    let listen = Listen {
+        listen: a.listen.clone().unwrap_or_else(|| "none".into()),
+        socket,
+        export: a.export.clone(),
+        description: Some(format!("meshdisk volume {}", spec.name)),
+        read_only: false,
+    };
+    let what = format!("volume {}", spec.name);
+    let served = serve_nbd(Arc::new(volume.clone()), &listen, what, stop_on_signals()?).await;
+    let closed = volume.close().await.map_err(CliError::Detach);
+    let _ = std::fs::remove_file(&pidfile);
+    served?;
+    closed?;
+    info!("volume {} detached: everything is on the peers and the lease is released", a.name);
+    Ok(())
+}
+
+/// The process exists and is not a zombie.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// `meshdisk detach`: SIGTERM to the attach named in the pid file, then
+/// wait (up to 5 minutes) while it flushes and exits.
+pub fn detach(a: &DetachArgs) -> Result<(), CliError> {
+    let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
+    let pidfile = state.join("attach.pid");
+    let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) else {
+        return Err(CliError::NotAttached { volume: a.name.clone(), state });
+    };
+    // SAFETY: kill(2) with a pid read from our own pid file and SIGTERM.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let _ = std::fs::remove_file(&pidfile);
+        return Err(CliError::AttachGone { volume: a.name.clone(), pid });
+    }
+    eprintln!("detaching volume {} (pid {pid}): flushing to the peers…", a.name);
+    let start = Instant::now();
+    while alive(pid) {
+        if start.elapsed() > Duration::from_secs(300) {
+            return Err(CliError::StillFlushing(pid));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("detached volume {}", a.name);
+    Ok(())
+}

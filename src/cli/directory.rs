@@ -1,0 +1,52 @@
+//! `meshdisk directory`: run the cluster's directory (the service is
+//! [`crate::directory`]; this is its command line).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::cli::{CliError, stop_on_signals};
+use crate::directory::DirectoryConfig;
+use crate::size::parse_duration;
+
+#[derive(Args)]
+pub struct DirectoryArgs {
+    /// Where the directory keeps its state, CA and credentials.
+    #[arg(long)]
+    data: PathBuf,
+    /// UDP address to serve QUIC on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// The address members should use (host:port), if not --listen.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The cluster's name (first start only).
+    #[arg(long, default_value = "meshdisk")]
+    cluster: String,
+    /// A peer silent this long is down.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    peer_timeout: Duration,
+    /// Space reserved for a stripe being written is released after this.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    reservation_ttl: Duration,
+    /// A volume's write lease lapses this long after its holder's last renewal.
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    lease_ttl: Duration,
+}
+
+/// `meshdisk directory`: runs until SIGINT/SIGTERM.
+pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
+    let config = DirectoryConfig {
+        data: args.data,
+        listen: args.listen,
+        advertise: args.advertise,
+        cluster: args.cluster,
+        peer_timeout: args.peer_timeout,
+        reservation_ttl: args.reservation_ttl,
+        lease_ttl: args.lease_ttl,
+    };
+    let stop = stop_on_signals()?;
+    Ok(crate::directory::run(config, stop).await?)
+}

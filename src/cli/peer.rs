@@ -1,0 +1,63 @@
+//! `meshdisk peer`: lend disk space to a cluster (the service is
+//! [`crate::peer`]; this is its command line).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::cli::{CliError, stop_on_signals};
+use crate::peer::PeerConfig;
+use crate::size::{parse_duration, parse_size};
+
+#[derive(Args)]
+pub struct PeerArgs {
+    /// Where the peer keeps its identity and shards.
+    #[arg(long)]
+    data: PathBuf,
+    /// The directory's address (host:port); needed to join.
+    #[arg(long)]
+    directory: Option<String>,
+    /// A join token (first start only).
+    #[arg(long, env = "MESHDISK_JOIN_TOKEN", hide_env_values = true)]
+    join: Option<String>,
+    /// The name to join under (default: peer-N, chosen by the directory).
+    #[arg(long)]
+    name: Option<String>,
+    /// How much space to lend: 500G, 2T, ...
+    #[arg(long, value_parser = parse_size)]
+    capacity: u64,
+    /// Peers in one failure domain (a machine, a house) never hold two
+    /// shards of a stripe while there are other domains.
+    #[arg(long)]
+    failure_domain: Option<String>,
+    /// UDP address to serve QUIC on.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: SocketAddr,
+    /// The address clients should use, if not --listen.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    heartbeat: Duration,
+}
+
+/// `meshdisk peer`: runs until SIGINT/SIGTERM.
+pub async fn run(args: PeerArgs) -> Result<(), CliError> {
+    if args.capacity == 0 {
+        return Err(CliError::Argument("--capacity must be more than 0".into()));
+    }
+    let config = PeerConfig {
+        data: args.data,
+        directory: args.directory,
+        join: args.join,
+        name: args.name,
+        capacity: args.capacity,
+        failure_domain: args.failure_domain,
+        listen: args.listen,
+        advertise: args.advertise,
+        heartbeat: args.heartbeat,
+    };
+    let stop = stop_on_signals()?;
+    Ok(crate::peer::run(config, stop).await?)
+}
