@@ -121,7 +121,7 @@ async fn list(client: &Client, peer: &PeerAddr) -> Result<Vec<ShardKey>, CliErro
     client.list_shards(peer, bench_volume()).await.map_err(|source| CliError::PeerCall {
         what: "listing",
         peer: peer.name.clone(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -156,7 +156,11 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
                         payload_hash: hash,
                     };
                     client.put_shard(&peer, &header, payload.clone(), 1).await.map_err(|source| {
-                        CliError::PeerCall { what: "put to", peer: peer.name.clone(), source }
+                        CliError::PeerCall {
+                            what: "put to",
+                            peer: peer.name.clone(),
+                            source: Box::new(source),
+                        }
                     })?;
                     n += 1;
                 }
@@ -204,7 +208,7 @@ async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
                     let shard = client.get_shard(&peer, key).await.map_err(|source| CliError::PeerCall {
                         what: "get from",
                         peer: peer.name.clone(),
-                        source,
+                        source: Box::new(source),
                     })?;
                     let bad = |source| CliError::BadShard { peer: peer.name.clone(), source };
                     let (header, body) = crate::codec::shard::parse_shard(&shard).map_err(bad)?;
@@ -241,7 +245,7 @@ async fn clean(client: &Client, peers: &[PeerAddr]) -> Result<PhaseResult, CliEr
             client.delete_shard(p, k, 1).await.map_err(|source| CliError::PeerCall {
                 what: "delete on",
                 peer: p.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             shards += 1;
         }

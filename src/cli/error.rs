@@ -50,12 +50,14 @@ pub enum CliError {
     Credential(#[from] CredentialError),
     #[error(transparent)]
     Join(#[from] JoinError),
+    /// Boxed, as the large errors below are: every command returns this type.
     #[error(transparent)]
-    Client(#[from] ClientError),
+    Client(Box<ClientError>),
     #[error(transparent)]
     Directory(#[from] DirectoryError),
+    /// Boxed: a peer's error is large and every command returns this type.
     #[error(transparent)]
-    Peer(#[from] PeerError),
+    Peer(Box<PeerError>),
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
@@ -94,7 +96,7 @@ pub enum CliError {
     NoBenchShards,
     /// A benchmark call to one peer failed: `what` is "put to", "get from", ...
     #[error("{what} {peer}: {source}")]
-    PeerCall { what: &'static str, peer: String, source: ClientError },
+    PeerCall { what: &'static str, peer: String, source: Box<ClientError> },
     #[error("{peer} returned a bad shard: {source}")]
     BadShard { peer: String, source: ShardError },
 }
@@ -111,5 +113,17 @@ impl CliError {
     pub fn io(context: impl Display) -> impl FnOnce(std::io::Error) -> CliError {
         let context = context.to_string();
         move |source| CliError::Io { context, source }
+    }
+}
+
+impl From<PeerError> for CliError {
+    fn from(e: PeerError) -> Self {
+        Self::Peer(Box::new(e))
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(Box::new(e))
     }
 }
