@@ -11,8 +11,8 @@ use meshdisk::backend::{self, Backend};
 use meshdisk::client::Client;
 use meshdisk::codec::key::VolumeKey;
 use meshdisk::membership::credential::Credential;
+use meshdisk::nbd::errors::nbd_error;
 use meshdisk::nbd::proto::NbdError;
-use meshdisk::nbd::server::nbd_error;
 use meshdisk::volume::{Volume, VolumeConfig};
 
 fn runtime() -> tokio::runtime::Runtime {

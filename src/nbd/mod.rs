@@ -17,6 +17,7 @@
 //! INFO/GO advertise, or 64 MiB for a client that entered with EXPORT_NAME
 //! and was never told one.
 
+pub mod errors;
 pub mod handshake;
 pub mod proto;
 pub mod server;

@@ -37,6 +37,8 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+mod index;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,6 +50,7 @@ use crate::codec::key::VOLUME_ID_LEN;
 use crate::codec::shard::{ShardError, ShardKey, parse_shard};
 use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
+use index::{IndexKey, Location};
 
 /// A data file is closed and a new one started once it reaches this size.
 pub const DATA_FILE_LIMIT: u64 = 1 << 30;
@@ -55,62 +58,6 @@ pub const DATA_FILE_LIMIT: u64 = 1 << 30;
 const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-
-/// The store's index key of a shard.
-struct IndexKey;
-
-impl IndexKey {
-    /// Big-endian, so the index sorts by volume, stripe, generation, index.
-    fn encode(key: &ShardKey) -> [u8; 33] {
-        let mut b = [0u8; 33];
-        b[..16].copy_from_slice(&key.volume);
-        b[16..24].copy_from_slice(&key.stripe.to_be_bytes());
-        b[24..32].copy_from_slice(&key.generation.to_be_bytes());
-        b[32] = key.index;
-        b
-    }
-
-    fn decode(b: &[u8]) -> Result<ShardKey, String> {
-        if b.len() != 33 {
-            return Err(format!("corrupt index key of {} bytes", b.len()));
-        }
-        Ok(ShardKey {
-            volume: b[..16].try_into().expect("16 bytes"),
-            stripe: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
-            generation: u64::from_be_bytes(b[24..32].try_into().expect("8 bytes")),
-            index: b[32],
-        })
-    }
-}
-
-/// Where a shard's bytes are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Location {
-    data_file: u32,
-    offset: u64,
-    len: u32,
-}
-
-impl Location {
-    fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&self.data_file.to_le_bytes());
-        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
-        b[12..16].copy_from_slice(&self.len.to_le_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Result<Self, String> {
-        if b.len() != 16 {
-            return Err(format!("corrupt index entry of {} bytes", b.len()));
-        }
-        Ok(Self {
-            data_file: u32::from_le_bytes(b[..4].try_into().expect("4 bytes")),
-            offset: u64::from_le_bytes(b[4..12].try_into().expect("8 bytes")),
-            len: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
