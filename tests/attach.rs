@@ -527,11 +527,11 @@ fn a_tampered_shard_is_caught_and_the_read_still_succeeds() {
     std::fs::write(&src, pattern(77, 16 << 20)).unwrap();
     run(Command::new("nbdcopy").arg(&src).arg(&a.uri));
     s.detach(a);
-    // Flip bytes all over one peer's shard files.
+    // Flip bytes all over one peer's data files (its shards).
     let mut flipped = 0;
     for entry in walk(&s.c.peer_dir(0)) {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();
-        if !name.ends_with(".seg") {
+        if !name.ends_with(".dat") {
             continue;
         }
         let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&entry).unwrap();
