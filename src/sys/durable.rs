@@ -12,7 +12,10 @@
 //! 4. `fsync` the folder, so the new name itself survives a crash.
 //!
 //! After a crash at any step the target holds its old content or all of the
-//! new, never a mix; a stale temporary file is removed by the next write.
+//! new, never a mix; a crashed writer's temporary file is removed by the
+//! next write of the same target. Concurrent writers of one target each use
+//! their own temporary file: with `replace` the last rename wins whole, with
+//! `create_new` exactly one succeeds.
 //!
 //! ```
 //! # let dir = tempfile::tempdir().unwrap();
@@ -27,6 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes `bytes` to `path`, replacing what was there atomically.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
@@ -63,22 +67,63 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Temporary files are `.<name>.<pid>.<n>.tmp`: one writer's own (opened
+/// with `O_EXCL`), so two writers of one target never share or remove each
+/// other's, and a crashed writer's is known by its process being gone.
 fn temporary_name(path: &Path) -> io::Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = target_name(path)?;
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Ok(path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id())))
+}
+
+fn target_name(path: &Path) -> io::Result<String> {
+    path.file_name().and_then(|n| n.to_str()).map(str::to_owned).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a file name", path.display()))
-    })?;
-    let mut tmp = name.to_os_string();
-    tmp.push(".tmp");
-    Ok(path.with_file_name(tmp))
+    })
+}
+
+/// Removes temporary files of `path` left by writers that died between
+/// writing and renaming (their process is gone): never part of the target.
+fn remove_stale_temporaries(path: &Path) -> io::Result<()> {
+    let name = target_name(path)?;
+    let prefix = format!(".{name}.");
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) =
+            file.to_str().and_then(|f| f.strip_prefix(&prefix)).and_then(|f| f.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if !process_alive(pid) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only asks whether the
+    // process exists (EPERM: it does, owned by someone else).
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 fn write_temporary(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    remove_stale_temporaries(path)?;
     let tmp = temporary_name(path)?;
-    // Left by a crash between steps 1 and 3: never part of the target.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -115,12 +160,37 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_temporary_from_a_crash_is_replaced() {
+    fn a_crashed_writers_temporary_is_removed_and_a_live_ones_is_left() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("trim");
-        std::fs::write(dir.path().join("trim.tmp"), b"half-written").unwrap();
+        // pid 0x7fffffff is never a process; our own pid is alive.
+        let dead = dir.path().join(".trim.2147483647.0.tmp");
+        let live = dir.path().join(format!(".trim.{}.999999.tmp", std::process::id()));
+        std::fs::write(&dead, b"half-written").unwrap();
+        std::fs::write(&live, b"being written").unwrap();
         replace(&path, b"whole", 0o600).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"whole");
-        assert!(!dir.path().join("trim.tmp").exists());
+        assert!(!dead.exists());
+        assert!(live.exists());
+    }
+
+    #[test]
+    fn concurrent_creators_of_one_name_one_wins_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("volume.key");
+        let wins: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8u8)
+                .map(|i| {
+                    let path = path.clone();
+                    s.spawn(move || create_new(&path, &[i; 4096], 0o600).is_ok())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(wins.iter().filter(|w| **w).count(), 1);
+        let winner = wins.iter().position(|w| *w).unwrap() as u8;
+        assert_eq!(std::fs::read(&path).unwrap(), vec![winner; 4096]);
+        let names = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(names, 1, "temporary files left behind");
     }
 }

@@ -143,7 +143,7 @@ struct Inner {
     /// Why writes are refused (taken over, lease lost), once they are.
     fenced: std::sync::Mutex<Option<String>>,
     /// The last destage's failure (its kind and message), until one succeeds.
-    destage_failure: std::sync::Mutex<Option<(backend::ErrorKind, String)>>,
+    destage_failure: std::sync::Mutex<Option<(u64, backend::ErrorKind, String)>>,
     wal: Wal,
     cache: Cache,
     codecs: remote::Codecs,
@@ -255,7 +255,12 @@ impl Volume {
         let volume = Volume { inner };
         let replayed = records.len();
         for r in records {
-            volume.inner.apply(r.lsn, &r.entry).await?;
+            if let Err(e) = volume.inner.apply(r.lsn, &r.entry).await {
+                // Not served: stop the workers (the lease is kept, so the
+                // next attach from this folder resumes and replays again).
+                volume.inner.stop.cancel();
+                return Err(e.into());
+            }
         }
         if replayed > 0 {
             tracing::info!("volume {name}: replayed {replayed} log records");
@@ -282,8 +287,11 @@ impl Volume {
     pub async fn close(self) -> Result<(), VolumeError> {
         let inner = &self.inner;
         let flushed = inner.flush_all(Durability::Remote).await;
+        let workers = inner.workers.clone();
         inner.stop.cancel();
         inner.wake.notify_one();
+        // A lease renewal in flight ends before the lease is released.
+        let _ = tokio::time::timeout(Duration::from_secs(10), workers.join()).await;
         // The background tasks hold clones; wait until they let go.
         let mut inner = self.inner;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -376,7 +384,7 @@ impl Inner {
     /// or as an I/O error if none did.
     fn stalled(&self, op: &'static str, offset: u64, length: u64, what: String) -> backend::Error {
         match &*self.destage_failure.lock().expect("not poisoned") {
-            Some((kind, why)) => backend::Error::failed(
+            Some((_, kind, why)) => backend::Error::failed(
                 *kind,
                 op,
                 offset,

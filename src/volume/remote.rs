@@ -225,9 +225,15 @@ impl Inner {
         }
         drop(d);
         // What a flush or a write waiting for the destager reports if the
-        // peers never take the data.
-        *self.destage_failure.lock().expect("not poisoned") =
-            result.as_ref().err().map(|e| (e.kind(), e.to_string()));
+        // peers never take the data: a stripe's failure is forgotten only
+        // when that stripe destages, not when another one does.
+        let mut failure = self.destage_failure.lock().expect("not poisoned");
+        match &result {
+            Err(e) => *failure = Some((stripe, e.kind(), e.to_string())),
+            Ok(()) if failure.as_ref().is_some_and(|f| f.0 == stripe) => *failure = None,
+            Ok(()) => {}
+        }
+        drop(failure);
         result
     }
 

@@ -151,6 +151,42 @@ impl std::fmt::Debug for ShardStore {
     }
 }
 
+/// Stores made before the data files were named so kept them as
+/// `segments/NNNNNNNN.seg`. Renames them in place, in an order that a crash
+/// at any step leaves resumable: every file first (each rename atomic), then
+/// the folder, each followed by a folder sync. The index's locations name
+/// files by number only, so they stay valid.
+fn migrate_segment_files(dir: &Path) -> std::io::Result<()> {
+    let old = dir.join("segments");
+    if !old.is_dir() {
+        return Ok(());
+    }
+    let new = dir.join("data");
+    if new.exists() {
+        // `data/` is only made after the migration; an empty one is left by
+        // nothing we know, a full one means two stores in one folder.
+        if std::fs::read_dir(&new)?.next().is_some() {
+            return Err(std::io::Error::other(format!(
+                "both {} (an older store) and {} hold files: move one of them away",
+                old.display(),
+                new.display()
+            )));
+        }
+        std::fs::remove_dir(&new)?;
+    }
+    for entry in std::fs::read_dir(&old)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "seg") {
+            std::fs::rename(&path, path.with_extension("dat"))?;
+        }
+    }
+    durable::sync_dir(&old)?;
+    std::fs::rename(&old, &new)?;
+    durable::sync_dir(dir)?;
+    tracing::info!("{}: the store's segment files are now data files in {}", dir.display(), new.display());
+    Ok(())
+}
+
 fn data_file_path(dir: &Path, id: u32) -> PathBuf {
     dir.join("data").join(format!("{id:08}.dat"))
 }
@@ -169,6 +205,7 @@ impl ShardStore {
         data_file_limit: u64,
     ) -> Result<Self, StoreError> {
         let io = |e: &dyn std::fmt::Display| StoreError::Io { path: dir.to_owned(), message: e.to_string() };
+        migrate_segment_files(dir).map_err(|e| io(&e))?;
         std::fs::create_dir_all(dir.join("data")).map_err(|e| io(&e))?;
         // The data folder's own name must survive a crash as its files do.
         durable::sync_dir(dir).map_err(|e| io(&e))?;
@@ -178,7 +215,14 @@ impl ShardStore {
             txn.open_table(INDEX).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
-            let current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
+            let mut current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
+            // A store from before the rename counted its files as "segment".
+            if current.is_none() {
+                current = c.remove("segment").map_err(|e| io(&e))?.map(|v| v.value());
+                if let Some(n) = current {
+                    c.insert("data_file", n).map_err(|e| io(&e))?;
+                }
+            }
             match current {
                 Some(s) => s as u32,
                 None => {
@@ -669,6 +713,57 @@ mod tests {
         let k = store.put(more.clone(), 1).await.unwrap();
         assert_eq!(store.get(&k).await.unwrap(), more);
         assert_eq!(store.get(&kept[0].0).await.unwrap(), kept[0].1);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_rename_to_data_files_opens_with_every_shard() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut kept = Vec::new();
+        {
+            let store = open(&ring, dir.path(), 1 << 20);
+            for i in 0..10u8 {
+                let s = shard(3, u64::from(i), 1, 0, i, 16);
+                kept.push((store.put(s.clone(), 1).await.unwrap(), s));
+            }
+        }
+        // Put it back into the old layout: segments/NNNNNNNN.seg and the
+        // counter named "segment".
+        let data = dir.path().join("data");
+        for entry in std::fs::read_dir(&data).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::rename(&path, path.with_extension("seg")).unwrap();
+        }
+        std::fs::rename(&data, dir.path().join("segments")).unwrap();
+        {
+            let db = Database::create(dir.path().join("index.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut c = txn.open_table(COUNTERS).unwrap();
+                let n = c.remove("data_file").unwrap().unwrap().value();
+                assert!(n >= 3, "{n} data files");
+                c.insert("segment", n).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = open(&ring, dir.path(), 1 << 20);
+        assert!(!dir.path().join("segments").exists());
+        for (key, bytes) in &kept {
+            assert_eq!(&store.get(key).await.unwrap(), bytes);
+        }
+        // New shards go after the old ones, never over them.
+        let more = shard(3, 99, 1, 0, 9, 2);
+        let k = store.put(more.clone(), 1).await.unwrap();
+        assert_eq!(store.get(&k).await.unwrap(), more);
+        for (key, bytes) in &kept {
+            assert_eq!(&store.get(key).await.unwrap(), bytes);
+        }
+        drop(store);
+        // An older store beside a newer one is refused, not mixed.
+        std::fs::create_dir(dir.path().join("segments")).unwrap();
+        std::fs::write(dir.path().join("segments/00000001.seg"), b"x").unwrap();
+        let err = ShardStore::open(&ring, dir.path(), 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("move one of them away"), "{err}");
     }
 
     #[tokio::test]
