@@ -688,19 +688,23 @@ mod tests {
         assert_eq!(store.list(&[1; 16]).unwrap(), vec![kb]);
     }
 
+    /// Ten shards put into a store in `dir` (then closed): with 4096-byte
+    /// data files and 1120-byte shards, several data files.
+    async fn ten_shards_in(ring: &Uring, dir: &Path) -> Vec<(ShardKey, Bytes)> {
+        let store = open(ring, dir, 1 << 20);
+        let mut kept = Vec::new();
+        for i in 0..10u8 {
+            let s = shard(3, u64::from(i), 1, 0, i, 16);
+            kept.push((store.put(s.clone(), 1).await.unwrap(), s));
+        }
+        kept
+    }
+
     #[tokio::test]
     async fn everything_survives_a_restart_across_data_files() {
         let ring = Uring::new(64).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut kept = Vec::new();
-        {
-            let store = open(&ring, dir.path(), 1 << 20);
-            // 4096-byte data files and 1120-byte shards: several data files.
-            for i in 0..10u8 {
-                let s = shard(3, u64::from(i), 1, 0, i, 16);
-                kept.push((store.put(s.clone(), 1).await.unwrap(), s));
-            }
-        }
+        let kept = ten_shards_in(&ring, dir.path()).await;
         let files = std::fs::read_dir(dir.path().join("data")).unwrap().count();
         assert!(files >= 3, "{files} data files");
         let store = open(&ring, dir.path(), 1 << 20);
@@ -719,14 +723,7 @@ mod tests {
     async fn a_store_from_before_the_rename_to_data_files_opens_with_every_shard() {
         let ring = Uring::new(64).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut kept = Vec::new();
-        {
-            let store = open(&ring, dir.path(), 1 << 20);
-            for i in 0..10u8 {
-                let s = shard(3, u64::from(i), 1, 0, i, 16);
-                kept.push((store.put(s.clone(), 1).await.unwrap(), s));
-            }
-        }
+        let kept = ten_shards_in(&ring, dir.path()).await;
         // Put it back into the old layout: segments/NNNNNNNN.seg and the
         // counter named "segment".
         let data = dir.path().join("data");
