@@ -13,7 +13,7 @@ use meshdisk::codec::segment::{
 fuzz_target!(|data: &[u8]| {
     if let Ok((header, payload)) = parse_segment_shard(data) {
         assert!(header.validate().is_ok());
-        assert_eq!(header.encode()[..], data[..header.len()]);
+        assert_eq!(header.encode()[..], data[..header.encoded_len()]);
         assert_eq!(payload.len(), header.geometry.shard_len());
         let verified = verify_shard(data, &header.segment_root());
         assert_eq!(verified.is_ok(), header.own_root().matches(payload), "{verified:?}");

@@ -85,14 +85,9 @@ impl SegmentShardHeader {
         Ok(())
     }
 
-    /// This header's length in bytes.
-    pub fn len(&self) -> usize {
+    /// This header's length in bytes: where the payload starts.
+    pub fn encoded_len(&self) -> usize {
         header_len(self.geometry)
-    }
-
-    /// Never empty; here for clippy's `len_without_is_empty`.
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The root this shard's payload hashes to.
@@ -104,7 +99,7 @@ impl SegmentShardHeader {
         segment_root(&self.volume_id, self.segment, self.geometry, &self.roots)
     }
 
-    /// Writes the header into `out`, which must be exactly [`Self::len`]
+    /// Writes the header into `out`, which must be exactly [`Self::encoded_len`]
     /// bytes.
     ///
     /// # Panics
@@ -114,11 +109,11 @@ impl SegmentShardHeader {
         if let Err(e) = self.validate() {
             panic!("encoding an invalid segment shard header: {e}");
         }
-        assert_eq!(out.len(), self.len(), "segment shard header buffer");
+        assert_eq!(out.len(), self.encoded_len(), "segment shard header buffer");
         let g = self.geometry;
         out[0..4].copy_from_slice(&MAGIC);
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        out[6..8].copy_from_slice(&(self.len() as u16).to_le_bytes());
+        out[6..8].copy_from_slice(&(self.encoded_len() as u16).to_le_bytes());
         out[8..24].copy_from_slice(&self.volume_id);
         out[24..32].copy_from_slice(&self.segment.0.to_le_bytes());
         out[32..36].copy_from_slice(&g.blocks_per_shard().to_le_bytes());
@@ -134,7 +129,7 @@ impl SegmentShardHeader {
 
     /// The header's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![0; self.len()];
+        let mut out = vec![0; self.encoded_len()];
         self.encode_into(&mut out);
         out
     }
