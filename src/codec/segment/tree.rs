@@ -1,0 +1,302 @@
+//! Verified reads of a few blocks of a shard, with `bao-tree`.
+//!
+//! blake3 hashes 1 KiB chunks into a binary tree; its root is the plain
+//! `blake3::hash` of the whole input. bao-tree keeps the tree's inner
+//! hashes only down to 4 KiB chunk groups (`BlockSize::from_chunk_log(2)`:
+//! 2^2 chunks of 1 KiB), one group per volume block, so the hashes a peer
+//! keeps beside an n-block shard (its outboard) are `(n − 1) × 64` bytes
+//! (1.6 % of the shard), and the root is still the shard root of
+//! [`super::header`]: nothing else has to be trusted.
+//!
+//! A read of blocks `a..b` is answered with a proof: the sibling hash pairs
+//! on the way from the root down to those blocks, then the blocks
+//! themselves, in bao's pre-order (see docs/formats.md, "Block proof").
+//! The reader needs only the shard root and the shard's length in blocks
+//! to check it ([`verify_blocks`]), and gets exactly the blocks it asked for
+//! or an error. The peer proves from its own copy with validation
+//! ([`prove`]): a corrupt local copy is found there, not sent.
+
+use std::ops::Range;
+
+use bao_tree::io::outboard::PostOrderMemOutboard;
+use bao_tree::io::sync::{DecodeResponseIter, encode_ranges_validated};
+use bao_tree::io::{BaoContentItem, DecodeError, Leaf};
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+
+use super::{BLOCK_SIZE, MAX_BLOCKS_PER_SHARD, SegmentError, ShardRoot};
+
+/// 4 KiB chunk groups: 2^2 blake3 chunks of 1 KiB.
+pub const CHUNK_GROUP: BlockSize = BlockSize::from_chunk_log(2);
+/// blake3 chunks in one block.
+const CHUNKS_PER_BLOCK: u64 = (BLOCK_SIZE / 1024) as u64;
+
+/// A shard's hash tree above its 4 KiB blocks: what a peer keeps beside
+/// the shard to answer block reads. Hash pairs in post order (bao-tree's
+/// `PostOrderMemOutboard`, without its size suffix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardOutboard {
+    root: ShardRoot,
+    blocks: u32,
+    hashes: Vec<u8>,
+}
+
+impl ShardOutboard {
+    /// Hashes a shard's payload (whole 4 KiB blocks) into its outboard.
+    pub fn compute(payload: &[u8]) -> Result<Self, SegmentError> {
+        let blocks = blocks_of(payload.len())?;
+        let ob = PostOrderMemOutboard::create(payload, CHUNK_GROUP);
+        Ok(Self { root: ShardRoot(*ob.root.as_bytes()), blocks, hashes: ob.data })
+    }
+
+    /// An outboard read back from storage; only its length is checked here
+    /// ([`prove`] checks its hashes against the data).
+    pub fn from_parts(root: ShardRoot, blocks: u32, hashes: Vec<u8>) -> Result<Self, SegmentError> {
+        let expected = outboard_len(blocks)?;
+        if hashes.len() != expected {
+            return Err(SegmentError::OutboardSize { expected, actual: hashes.len(), blocks });
+        }
+        Ok(Self { root, blocks, hashes })
+    }
+
+    /// The shard root: `blake3::hash(payload)`.
+    pub fn root(&self) -> ShardRoot {
+        self.root
+    }
+
+    pub fn blocks(&self) -> u32 {
+        self.blocks
+    }
+
+    /// The hash pairs, `(blocks − 1) × 64` bytes.
+    pub fn hashes(&self) -> &[u8] {
+        &self.hashes
+    }
+}
+
+/// Bytes of the outboard of a shard of `blocks` blocks.
+pub fn outboard_len(blocks: u32) -> Result<usize, SegmentError> {
+    check_blocks(blocks)?;
+    Ok(tree(blocks).outboard_size() as usize)
+}
+
+/// The proof for blocks `range` of a shard: hash pairs and the blocks, to
+/// send to a reader. Fails if the range is outside the shard, or if the
+/// payload or outboard do not match the outboard's root (the local copy is
+/// corrupt: nothing of it is sent).
+pub fn prove(payload: &[u8], outboard: &ShardOutboard, range: Range<u32>) -> Result<Vec<u8>, SegmentError> {
+    let blocks = outboard.blocks;
+    if payload.len() != blocks as usize * BLOCK_SIZE {
+        return Err(SegmentError::PayloadSize {
+            expected: blocks as usize * BLOCK_SIZE,
+            actual: payload.len(),
+        });
+    }
+    let ranges = chunk_ranges(blocks, &range)?;
+    let ob = PostOrderMemOutboard {
+        root: blake3::Hash::from_bytes(outboard.root.0),
+        tree: tree(blocks),
+        data: &outboard.hashes[..],
+    };
+    let levels = 32 - blocks.leading_zeros() as usize;
+    let mut proof = Vec::with_capacity((range.end - range.start) as usize * BLOCK_SIZE + 2 * levels * 64);
+    encode_ranges_validated(payload, ob, &ranges, &mut proof).map_err(|_| SegmentError::OutboardMismatch)?;
+    Ok(proof)
+}
+
+/// Checks a proof for blocks `range` of a `blocks_per_shard`-block shard
+/// against the shard's root, and returns the blocks (`range.len() × 4096`
+/// bytes). A proof altered anywhere, made for another range or shard,
+/// truncated or followed by extra bytes is refused.
+pub fn verify_blocks(
+    root: &ShardRoot,
+    blocks_per_shard: u32,
+    range: Range<u32>,
+    proof: &[u8],
+) -> Result<Vec<u8>, SegmentError> {
+    check_blocks(blocks_per_shard)?;
+    let ranges = chunk_ranges(blocks_per_shard, &range)?;
+    let want = (range.end - range.start) as usize * BLOCK_SIZE;
+    let mut out = Vec::with_capacity(want);
+    let mut rest = proof;
+    let decoder =
+        DecodeResponseIter::new(blake3::Hash::from_bytes(root.0), tree(blocks_per_shard), &mut rest, &ranges);
+    for item in decoder {
+        match item {
+            Ok(BaoContentItem::Parent(_)) => {}
+            Ok(BaoContentItem::Leaf(Leaf { offset, data })) => {
+                // Leaves come in order and whole: the range is block-aligned.
+                if offset != range.start as u64 * BLOCK_SIZE as u64 + out.len() as u64 {
+                    return Err(SegmentError::ProofMismatch);
+                }
+                out.extend_from_slice(&data);
+            }
+            Err(DecodeError::ParentHashMismatch(_) | DecodeError::LeafHashMismatch(_)) => {
+                return Err(SegmentError::ProofMismatch);
+            }
+            Err(DecodeError::ParentNotFound(_) | DecodeError::LeafNotFound(_) | DecodeError::Io(_)) => {
+                return Err(SegmentError::ProofTruncated);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(SegmentError::ProofTrailing(rest.len()));
+    }
+    if out.len() != want {
+        return Err(SegmentError::ProofMismatch);
+    }
+    Ok(out)
+}
+
+fn tree(blocks: u32) -> BaoTree {
+    BaoTree::new(u64::from(blocks) * BLOCK_SIZE as u64, CHUNK_GROUP)
+}
+
+fn check_blocks(blocks: u32) -> Result<(), SegmentError> {
+    if (1..=MAX_BLOCKS_PER_SHARD).contains(&blocks) {
+        Ok(())
+    } else {
+        Err(SegmentError::BlocksPerShard(blocks))
+    }
+}
+
+fn blocks_of(len: usize) -> Result<u32, SegmentError> {
+    let blocks = u32::try_from(len / BLOCK_SIZE).unwrap_or(u32::MAX);
+    check_blocks(blocks)?;
+    if len != blocks as usize * BLOCK_SIZE {
+        return Err(SegmentError::PayloadSize { expected: blocks as usize * BLOCK_SIZE, actual: len });
+    }
+    Ok(blocks)
+}
+
+fn chunk_ranges(blocks: u32, range: &Range<u32>) -> Result<ChunkRanges, SegmentError> {
+    if range.start >= range.end || range.end > blocks {
+        return Err(SegmentError::BlockRange { start: range.start, end: range.end, blocks });
+    }
+    let chunk = |b: u32| ChunkNum(u64::from(b) * CHUNKS_PER_BLOCK);
+    Ok(ChunkRanges::from(chunk(range.start)..chunk(range.end)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::bench::pattern;
+    use proptest::prelude::*;
+
+    fn shard(blocks: u32, seed: u64) -> (Vec<u8>, ShardOutboard) {
+        let payload = pattern(blocks as usize * BLOCK_SIZE, seed);
+        let ob = ShardOutboard::compute(&payload).unwrap();
+        (payload, ob)
+    }
+
+    #[test]
+    fn the_tree_root_is_the_plain_blake3_hash() {
+        for blocks in [1, 2, 3, 7, 8, 64, 255] {
+            let (payload, ob) = shard(blocks, u64::from(blocks));
+            assert_eq!(ob.root(), ShardRoot::of(&payload), "{blocks} blocks");
+            assert_eq!(ob.hashes().len(), (blocks as usize - 1) * 64);
+            assert_eq!(outboard_len(blocks).unwrap(), ob.hashes().len());
+        }
+    }
+
+    #[test]
+    fn a_proof_is_the_blocks_and_a_few_hashes() {
+        let (payload, ob) = shard(256, 1);
+        let proof = prove(&payload, &ob, 17..18).unwrap();
+        // One block, and one hash pair per level of a 256-leaf tree.
+        assert_eq!(proof.len(), BLOCK_SIZE + 8 * 64);
+        let got = verify_blocks(&ob.root(), 256, 17..18, &proof).unwrap();
+        assert_eq!(got, &payload[17 * BLOCK_SIZE..18 * BLOCK_SIZE]);
+        let whole = prove(&payload, &ob, 0..256).unwrap();
+        assert_eq!(verify_blocks(&ob.root(), 256, 0..256, &whole).unwrap(), payload);
+    }
+
+    #[test]
+    fn altered_truncated_misdirected_proofs_are_refused() {
+        let (payload, ob) = shard(8, 2);
+        let root = ob.root();
+        let proof = prove(&payload, &ob, 2..4).unwrap();
+        assert_eq!(verify_blocks(&root, 8, 2..4, &proof).unwrap(), &payload[2 * BLOCK_SIZE..4 * BLOCK_SIZE]);
+        for at in [0, 63, 64 * 2, proof.len() - BLOCK_SIZE, proof.len() - 1] {
+            let mut bad = proof.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                matches!(verify_blocks(&root, 8, 2..4, &bad), Err(SegmentError::ProofMismatch)),
+                "byte {at}"
+            );
+        }
+        for len in [0, 10, 64, proof.len() - 1] {
+            assert!(
+                matches!(verify_blocks(&root, 8, 2..4, &proof[..len]), Err(SegmentError::ProofTruncated)),
+                "{len} bytes"
+            );
+        }
+        let mut long = proof.clone();
+        long.push(0);
+        assert!(matches!(verify_blocks(&root, 8, 2..4, &long), Err(SegmentError::ProofTrailing(1))));
+        for wrong in [3..5, 2..3, 0..2, 4..6] {
+            assert!(verify_blocks(&root, 8, wrong.clone(), &proof).is_err(), "{wrong:?}");
+        }
+        assert!(verify_blocks(&root, 16, 2..4, &proof).is_err(), "another shard length");
+        assert!(verify_blocks(&ShardRoot([1; 32]), 8, 2..4, &proof).is_err(), "another root");
+        #[allow(clippy::reversed_empty_ranges)] // a reversed range is one of the bad inputs
+        let bad_ranges = [4..4, 5..4, 7..9];
+        for bad in bad_ranges {
+            assert!(matches!(
+                verify_blocks(&root, 8, bad.clone(), &proof),
+                Err(SegmentError::BlockRange { .. })
+            ));
+            assert!(matches!(prove(&payload, &ob, bad), Err(SegmentError::BlockRange { .. })));
+        }
+        assert!(matches!(verify_blocks(&root, 0, 0..1, &proof), Err(SegmentError::BlocksPerShard(0))));
+    }
+
+    #[test]
+    fn a_corrupt_local_copy_is_not_proved() {
+        let (mut payload, ob) = shard(4, 3);
+        payload[BLOCK_SIZE + 5] ^= 1;
+        assert!(matches!(prove(&payload, &ob, 1..2), Err(SegmentError::OutboardMismatch)));
+        let (payload, ob) = shard(4, 3);
+        let mut hashes = ob.hashes().to_vec();
+        hashes[0] ^= 1;
+        let bad = ShardOutboard::from_parts(ob.root(), 4, hashes).unwrap();
+        assert!(matches!(prove(&payload, &bad, 0..1), Err(SegmentError::OutboardMismatch)));
+        assert!(matches!(prove(&payload[..BLOCK_SIZE], &ob, 0..1), Err(SegmentError::PayloadSize { .. })));
+        assert!(matches!(
+            ShardOutboard::from_parts(ob.root(), 4, vec![0; 10]),
+            Err(SegmentError::OutboardSize { expected: 192, actual: 10, blocks: 4 })
+        ));
+        assert!(matches!(ShardOutboard::compute(&[0; 100]), Err(SegmentError::BlocksPerShard(0))));
+        assert!(matches!(ShardOutboard::compute(&[0; 4097]), Err(SegmentError::PayloadSize { .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Random shard lengths and ranges: the proof verifies and gives
+        /// the blocks; any flipped byte of it is refused.
+        #[test]
+        fn random_ranges_verify_and_flips_are_caught(
+            blocks in 1u32..=40, seed in any::<u64>(), a in any::<u32>(), b in any::<u32>(),
+            flip in any::<prop::sample::Index>(), bit in 0u8..8,
+        ) {
+            let (payload, ob) = shard(blocks, seed);
+            let start = a % blocks;
+            let end = start + 1 + b % (blocks - start);
+            let proof = prove(&payload, &ob, start..end).unwrap();
+            let got = verify_blocks(&ob.root(), blocks, start..end, &proof).unwrap();
+            prop_assert_eq!(&got[..], &payload[start as usize * BLOCK_SIZE..end as usize * BLOCK_SIZE]);
+            let mut bad = proof.clone();
+            let at = flip.index(bad.len());
+            bad[at] ^= 1 << bit;
+            prop_assert!(verify_blocks(&ob.root(), blocks, start..end, &bad).is_err());
+        }
+
+        #[test]
+        fn arbitrary_proofs_never_panic(
+            blocks in 1u32..=20, start in 0u32..25, len in 0u32..5,
+            proof in proptest::collection::vec(any::<u8>(), 0..9000),
+        ) {
+            let _ = verify_blocks(&ShardRoot([7; 32]), blocks, start..start + len, &proof);
+        }
+    }
+}
