@@ -595,7 +595,8 @@ impl KeySlots {
         let data_key = self.unlock(existing)?;
         match self.open(&new.as_unlock()) {
             Ok((index, _)) => return Err(KeySlotError::AlreadyPresent { index }),
-            Err(KeySlotError::Tampered { index }) => return Err(KeySlotError::AlreadyPresent { index }),
+            // The key's own slot is damaged: say so rather than add a twin.
+            Err(e @ KeySlotError::Tampered { .. }) => return Err(e),
             Err(_) => {}
         }
         self.slots.push(KeySlot::seal(&data_key, new)?);
