@@ -27,6 +27,7 @@
 pub mod bench;
 pub mod erasure;
 pub mod key;
+pub mod keyslot;
 pub mod segment;
 pub mod shard;
 pub mod stripe;
