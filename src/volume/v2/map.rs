@@ -35,7 +35,7 @@
 //! use meshdisk::volume::v2::map::{BlockMap, Entry, Target};
 //! use meshdisk::volume::v2::sequence::{SegmentId, Sequence};
 //! let seg = SegmentId::new(1, 1).unwrap();
-//! let mut map = BlockMap::new();
+//! let mut map = BlockMap::new(1 << 20); // a 4 GiB volume
 //! // Blocks 100..108 written in slots 0..8 with sequences 1.10 .. 1.17.
 //! map.apply(&Entry::Data { start: 100, len: 8, segment: seg, slot: 0, sequence: Sequence::new(1, 10).unwrap() }).unwrap();
 //! // A TRIM of 104..106 at 1.20 wins over 1.14 and 1.15 ...
@@ -187,6 +187,8 @@ pub enum MapError {
         "map entry of {len} blocks at {start} from sequence {sequence} runs past its epoch's last sequence"
     )]
     SequenceOverflow { start: u64, len: u64, sequence: Sequence },
+    #[error("map entry of {len} blocks at {start} goes past the volume's end ({blocks} blocks)")]
+    PastEnd { start: u64, len: u64, blocks: u64 },
     #[error("map page truncated: {len} bytes, {need} needed")]
     PageTruncated { len: usize, need: usize },
     #[error("not a map page (magic {0:02x?}, expected \"MDMP\")")]
@@ -522,23 +524,41 @@ pub struct Applied {
     pub released: Vec<(SegmentId, u64)>,
 }
 
-/// The whole block map: pages by index, and live blocks per segment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The whole block map of a volume of `blocks` blocks: pages by index,
+/// and live blocks per segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockMap {
+    /// Entries past the volume's end are refused: a summary that says
+    /// otherwise is damaged, and a huge TRIM must not make pages without
+    /// end.
+    blocks: u64,
     pages: BTreeMap<u64, MapPage>,
     live: HashMap<SegmentId, u64>,
 }
 
 impl BlockMap {
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty map (nothing written) of a volume of `blocks` blocks (at
+    /// most 2^63).
+    pub fn new(blocks: u64) -> Self {
+        Self { blocks: blocks.min(ADDRESS_LIMIT), pages: BTreeMap::new(), live: HashMap::new() }
+    }
+
+    /// The volume's size in blocks.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
     }
 
     /// A map made of whole pages (a loaded checkpoint); live counts are
     /// recomputed from the pages.
-    pub fn from_pages(pages: impl IntoIterator<Item = MapPage>) -> Result<Self, MapError> {
-        let mut map = Self::new();
+    pub fn from_pages(blocks: u64, pages: impl IntoIterator<Item = MapPage>) -> Result<Self, MapError> {
+        let mut map = Self::new(blocks);
         for page in pages {
+            if let Some((off, run)) = page.runs.iter().next_back() {
+                let (start, len) = (page.base() + u64::from(*off), u64::from(run.len));
+                if start + len > map.blocks {
+                    return Err(MapError::PastEnd { start, len, blocks: map.blocks });
+                }
+            }
             for (_, run) in page.runs() {
                 if let Target::Data { segment, .. } = run.first.target {
                     *map.live.entry(segment).or_default() += u64::from(run.len);
@@ -555,10 +575,21 @@ impl BlockMap {
         Ok(map)
     }
 
+    /// Refuses an entry [`Self::apply`] would refuse ([`Entry::validate`],
+    /// or past the volume's end), without applying it.
+    pub fn check(&self, entry: &Entry) -> Result<(), MapError> {
+        entry.validate()?;
+        let (start, len) = (entry.start(), entry.len());
+        if start + len > self.blocks {
+            return Err(MapError::PastEnd { start, len, blocks: self.blocks });
+        }
+        Ok(())
+    }
+
     /// Applies one entry: every block takes it if it beats the block's
     /// current mapping (see the module doc).
     pub fn apply(&mut self, entry: &Entry) -> Result<Applied, MapError> {
-        entry.validate()?;
+        self.check(entry)?;
         let mut applied = Applied::default();
         let (mut address, end) = (entry.start(), entry.start() + entry.len());
         let mut first = entry.first();

@@ -99,9 +99,13 @@ impl Summary {
         self.entries.iter().map(|e| e.to_entry(self.segment))
     }
 
-    /// Applies every entry to `map`; returns the blocks that now map here
-    /// or to a zero entry of this summary.
+    /// Applies every entry to `map`, or none if one is refused (past the
+    /// volume's end); returns the blocks that now map to this summary's
+    /// entries.
     pub fn apply_to(&self, map: &mut BlockMap) -> Result<u64, MapError> {
+        for entry in self.entries() {
+            map.check(&entry)?;
+        }
         let mut won = 0;
         for entry in self.entries() {
             won += map.apply(&entry)?.won;

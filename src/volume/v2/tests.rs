@@ -120,7 +120,7 @@ proptest! {
         repeats in proptest::collection::vec(any::<proptest::sample::Index>(), 0..10),
     ) {
         let mut model = Model::default();
-        let mut map = BlockMap::new();
+        let mut map = BlockMap::new(1 << 24);
         // Applied's accounting adds up to the live counts.
         let mut counted: HashMap<SegmentId, i64> = HashMap::new();
         for e in &entries {
@@ -147,7 +147,7 @@ proptest! {
             let e = entries[r.index(entries.len())];
             shuffled.insert(r.index(shuffled.len() + 1), e);
         }
-        let mut other = BlockMap::new();
+        let mut other = BlockMap::new(1 << 24);
         for e in &shuffled {
             other.apply(e).unwrap();
         }
@@ -155,7 +155,7 @@ proptest! {
 
         // Pages round-trip into the same map, live counts included.
         let pages: Vec<MapPage> = map.pages().map(|p| MapPage::decode(&p.encode()).unwrap()).collect();
-        prop_assert_eq!(&BlockMap::from_pages(pages).unwrap(), &map);
+        prop_assert_eq!(&BlockMap::from_pages(1 << 24, pages).unwrap(), &map);
     }
 
     #[test]
@@ -188,9 +188,9 @@ proptest! {
         }
         prop_assert_eq!(&Summary::decode(&bytes).unwrap(), &summary);
 
-        let mut by_summary = BlockMap::new();
+        let mut by_summary = BlockMap::new(1 << 24);
         summary.apply_to(&mut by_summary).unwrap();
-        let mut by_entries = BlockMap::new();
+        let mut by_entries = BlockMap::new(1 << 24);
         for e in summary.entries() {
             by_entries.apply(&e).unwrap();
         }
@@ -360,7 +360,7 @@ fn malformed_summaries_are_named() {
 
 #[test]
 fn malformed_pages_are_named() {
-    let mut map = BlockMap::new();
+    let mut map = BlockMap::new(1 << 24);
     let s = seg(1);
     map.apply(&Entry::Data { start: 10, len: 4, segment: s, slot: 0, sequence: seq(1, 1) }).unwrap();
     map.apply(&Entry::Data { start: 20, len: 1, segment: s, slot: 9, sequence: seq(1, 9) }).unwrap();
@@ -397,7 +397,7 @@ fn malformed_pages_are_named() {
 #[test]
 fn sequential_writes_stay_one_run_and_live_counts_follow_overwrites() {
     let (a, b) = (seg(1), seg(2));
-    let mut map = BlockMap::new();
+    let mut map = BlockMap::new(1 << 24);
     // Two writes that continue each other (as one destage packs them).
     map.apply(&Entry::Data { start: 0, len: 100, segment: a, slot: 0, sequence: seq(1, 1) }).unwrap();
     map.apply(&Entry::Data { start: 100, len: 100, segment: a, slot: 100, sequence: seq(1, 101) }).unwrap();
@@ -417,7 +417,7 @@ fn sequential_writes_stay_one_run_and_live_counts_follow_overwrites() {
     // One zero run per page.
     assert_eq!(map.extents().count(), (1 << 20) / PAGE_BLOCKS as usize);
     // Compaction moves a block with its sequence: the newer segment wins.
-    let mut map = BlockMap::new();
+    let mut map = BlockMap::new(1 << 24);
     map.apply(&Entry::Data { start: 7, len: 1, segment: a, slot: 3, sequence: seq(1, 5) }).unwrap();
     map.apply(&Entry::Data { start: 7, len: 1, segment: b, slot: 0, sequence: seq(1, 5) }).unwrap();
     assert_eq!(map.lookup(7).unwrap().target, Target::Data { segment: b, slot: 0 });
@@ -426,7 +426,7 @@ fn sequential_writes_stay_one_run_and_live_counts_follow_overwrites() {
 
 #[test]
 fn invalid_entries_are_refused() {
-    let mut map = BlockMap::new();
+    let mut map = BlockMap::new(1 << 24);
     let s = seg(1);
     assert!(matches!(
         map.apply(&Entry::Zero { start: 3, len: 0, sequence: seq(1, 1) }),
@@ -450,5 +450,47 @@ fn invalid_entries_are_refused() {
         }),
         Err(MapError::SequenceOverflow { .. })
     ));
-    assert_eq!(map, BlockMap::new());
+    let err = map.apply(&Entry::Zero { start: (1 << 24) - 1, len: 2, sequence: seq(1, 1) }).unwrap_err();
+    assert_eq!(err, MapError::PastEnd { start: (1 << 24) - 1, len: 2, blocks: 1 << 24 });
+    assert!(err.to_string().contains("past the volume's end"), "{err}");
+    assert_eq!(map, BlockMap::new(1 << 24));
+    // A checkpoint page past the end is refused too.
+    let mut big = BlockMap::new(1 << 30);
+    big.apply(&Entry::Zero { start: 1 << 25, len: 1, sequence: seq(1, 1) }).unwrap();
+    let pages: Vec<MapPage> = big.pages().cloned().collect();
+    assert!(matches!(BlockMap::from_pages(1 << 24, pages), Err(MapError::PastEnd { .. })));
+}
+
+#[test]
+fn the_module_doc_example_holds_in_every_order() {
+    let s31 = SegmentId::new(3, 1).unwrap();
+    let s41 = SegmentId::new(4, 1).unwrap();
+    let summaries = [
+        Summary {
+            segment: s31,
+            slots: 2,
+            entries: vec![SummaryEntry::Data { start: 10, len: 2, slot: 0, sequence: seq(3, 1) }],
+        },
+        Summary {
+            segment: SegmentId::new(3, 2).unwrap(),
+            slots: 0,
+            entries: vec![SummaryEntry::Zero { start: 11, len: 1, sequence: seq(3, 3) }],
+        },
+        Summary {
+            segment: s41,
+            slots: 1,
+            entries: vec![SummaryEntry::Data { start: 10, len: 1, slot: 0, sequence: seq(4, 1) }],
+        },
+    ];
+    for order in [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]] {
+        let mut map = BlockMap::new(64);
+        for i in order {
+            summaries[i].apply_to(&mut map).unwrap();
+        }
+        let data =
+            |segment, slot, sequence| Some(Mapping { sequence, target: Target::Data { segment, slot } });
+        assert_eq!(map.lookup(10), data(s41, 0, seq(4, 1)), "{order:?}");
+        assert_eq!(map.lookup(11), Some(Mapping { sequence: seq(3, 3), target: Target::Zero }), "{order:?}");
+        assert_eq!((map.live_blocks(s31), map.live_blocks(s41)), (0, 1), "{order:?}");
+    }
 }
