@@ -5,7 +5,7 @@
 //! and the code of its commands: [`serve`] (a RAM disk or file over NBD,
 //! and the NBD listening that `attach` shares), [`attach`] (attach and
 //! detach), [`peer`], [`directory`], [`volume`] (volumes and keys),
-//! [`admin`] (join, tokens, status), [`bench`], [`demo`]. [`render`] draws
+//! [`admin`] (join, tokens, status), [`bench`](mod@bench), [`demo`]. [`render`] draws
 //! the tables people read; [`passphrase`] asks for a passphrase. Every
 //! command fails with a [`CliError`], printed once by `main`.
 

@@ -21,7 +21,7 @@
 //! computation (no I/O): [`key`] derives and checks keys, [`xts`] encrypts
 //! sectors, [`erasure`] makes and uses parity, [`shard`] is the on-the-wire
 //! and on-disk shard format, [`stripe`] ties them into the two calls the
-//! volume makes, and [`bench`] measures all of it (`meshdisk bench codec`).
+//! volume makes, and [`bench`](mod@bench) measures all of it (`meshdisk bench codec`).
 //! The byte layouts are drawn in docs/formats.md.
 
 pub mod bench;
@@ -29,6 +29,7 @@ pub mod erasure;
 pub mod key;
 pub mod keyslot;
 pub mod segment;
+pub mod sequence;
 pub mod shard;
 pub mod stripe;
 pub mod xts;

@@ -22,6 +22,7 @@ mod destage;
 mod dirty;
 mod lease;
 mod remote;
+pub mod v2;
 pub mod wal;
 
 pub use remote::{RemoteError, RemoteFailure};

@@ -202,7 +202,7 @@ mod tests {
     fn encoded(k: usize, m: usize, blocks: u32, seed: u64) -> (SegmentGeometry, Vec<u8>, EncodedSegment) {
         let g = SegmentGeometry::new(k, m, blocks).unwrap();
         let area = pattern(g.data_area_len(), seed);
-        let e = encode_segment(g, &VOLUME, SegmentId(seed), &area).unwrap();
+        let e = encode_segment(g, &VOLUME, SegmentId::from_raw(seed), &area).unwrap();
         (g, area, e)
     }
 
@@ -229,7 +229,7 @@ mod tests {
     fn wrong_sizes_and_too_few_shards_are_errors() {
         let (g, _, e) = encoded(2, 1, 1, 2);
         assert!(matches!(
-            encode_segment(g, &VOLUME, SegmentId(0), &[0; 100]),
+            encode_segment(g, &VOLUME, SegmentId::from_raw(0), &[0; 100]),
             Err(SegmentError::DataAreaSize { expected: 8192, actual: 100 })
         ));
         let mut codec = SegmentCodec::new(g);

@@ -51,7 +51,7 @@ pub fn segment_root(
     let mut h = blake3::Hasher::new();
     h.update(SEGMENT_ROOT_DOMAIN);
     h.update(volume_id);
-    h.update(&segment.0.to_le_bytes());
+    h.update(&segment.raw().to_le_bytes());
     h.update(&[geometry.k() as u8, geometry.m() as u8]);
     h.update(&geometry.blocks_per_shard().to_le_bytes());
     for r in roots {
@@ -115,7 +115,7 @@ impl SegmentShardHeader {
         out[4..6].copy_from_slice(&VERSION.to_le_bytes());
         out[6..8].copy_from_slice(&(self.encoded_len() as u16).to_le_bytes());
         out[8..24].copy_from_slice(&self.volume_id);
-        out[24..32].copy_from_slice(&self.segment.0.to_le_bytes());
+        out[24..32].copy_from_slice(&self.segment.raw().to_le_bytes());
         out[32..36].copy_from_slice(&g.blocks_per_shard().to_le_bytes());
         out[36] = self.index;
         out[37] = g.k() as u8;
@@ -188,7 +188,7 @@ pub fn parse_segment_shard(bytes: &[u8]) -> Result<(SegmentShardHeader, &[u8]), 
     debug_assert_eq!(geometry.shard_len() % BLOCK_SIZE, 0);
     let header = SegmentShardHeader {
         volume_id: b[8..24].try_into().expect("16 bytes"),
-        segment: SegmentId(u64::from_le_bytes(b[24..32].try_into().expect("8 bytes"))),
+        segment: SegmentId::from_raw(u64::from_le_bytes(b[24..32].try_into().expect("8 bytes"))),
         geometry,
         index,
         roots,
@@ -228,7 +228,7 @@ mod tests {
         let g = SegmentGeometry::new(2, 1, (payload.len() / BLOCK_SIZE) as u32).unwrap();
         SegmentShardHeader {
             volume_id: *b"0123456789abcdef",
-            segment: SegmentId(0x0102_0304_0506_0708),
+            segment: SegmentId::from_raw(0x0102_0304_0506_0708),
             geometry: g,
             index: 1,
             roots: vec![ShardRoot([0xaa; 32]), ShardRoot::of(payload), ShardRoot([0xcc; 32])],
@@ -332,7 +332,7 @@ mod tests {
         let good = shard(&payload);
         let root = sample(&payload).segment_root();
         let mut other = sample(&payload);
-        other.segment = SegmentId(9);
+        other.segment = SegmentId::from_raw(9);
         assert!(matches!(verify_shard(&good, &other.segment_root()), Err(SegmentError::SegmentRootMismatch)));
         let mut b = good.clone();
         b[200] ^= 1;
@@ -359,7 +359,7 @@ mod tests {
         ) {
             let g = SegmentGeometry::new(k, m, blocks).unwrap();
             let h = SegmentShardHeader {
-                volume_id, segment: SegmentId(segment), geometry: g,
+                volume_id, segment: SegmentId::from_raw(segment), geometry: g,
                 index: (usize::from(index_seed) % (k + m)) as u8,
                 roots: (0..k + m).map(|i| ShardRoot([root_seed ^ i as u8; 32])).collect(),
             };

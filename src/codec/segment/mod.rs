@@ -55,11 +55,9 @@ pub const MAX_BLOCKS_PER_SHARD: u32 = (MAX_SHARD_SIZE / BLOCK_SIZE) as u32;
 /// A volume's id, as in every other format.
 pub type VolumeId = [u8; VOLUME_ID_LEN];
 
-/// A segment's id: unique in its volume, never reused. The volume
-/// allocates them as (epoch:24 | counter:40), see docs/ARCHITECTURE.md;
-/// this module only carries them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SegmentId(pub u64);
+/// A segment's id: unique in its volume, never reused, allocated as
+/// (epoch:24 | counter:40) by the volume ([`crate::codec::sequence`]).
+pub use crate::codec::sequence::SegmentId;
 
 /// A segment's shape: k data shards, m parity shards, `blocks_per_shard`
 /// 4 KiB blocks in each. Valid by construction (the erasure code's limits).
