@@ -45,7 +45,7 @@ use super::key::VOLUME_ID_LEN;
 
 pub use code::{EncodedSegment, Rebuilt, SegmentCodec, encode_segment, rebuild};
 pub use header::{SegmentShardHeader, parse_segment_shard, segment_root, verify_shard};
-pub use tree::{ShardOutboard, prove, verify_blocks};
+pub use tree::{ShardOutboard, prove, prove_range, verify_blocks};
 
 /// Every block of the volume, and of a segment, is this many bytes.
 pub const BLOCK_SIZE: usize = 4096;
@@ -58,6 +58,40 @@ pub type VolumeId = [u8; VOLUME_ID_LEN];
 /// A segment's id: unique in its volume, never reused, allocated as
 /// (epoch:24 | counter:40) by the volume ([`crate::codec::sequence`]).
 pub use crate::codec::sequence::SegmentId;
+
+/// Which segment shard: volume, segment, index in the segment. What a peer
+/// stores a segment shard under (as [`crate::codec::shard::ShardKey`] names
+/// a stripe's shard); ordered by volume, segment, index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct SegmentShardKey {
+    pub volume: VolumeId,
+    /// On the wire as its raw `u64` (every `u64` is a valid id).
+    #[serde(with = "segment_id_raw")]
+    pub segment: SegmentId,
+    pub index: u8,
+}
+
+impl SegmentShardKey {
+    pub fn of(h: &SegmentShardHeader) -> Self {
+        Self { volume: h.volume_id, segment: h.segment, index: h.index }
+    }
+}
+
+/// serde for a [`SegmentId`] as its raw number, so the id type itself need
+/// not know serde.
+mod segment_id_raw {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::SegmentId;
+
+    pub fn serialize<S: Serializer>(id: &SegmentId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(id.raw())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SegmentId, D::Error> {
+        Ok(SegmentId::from_raw(u64::deserialize(d)?))
+    }
+}
 
 /// A segment's shape: k data shards, m parity shards, `blocks_per_shard`
 /// 4 KiB blocks in each. Valid by construction (the erasure code's limits).

@@ -19,7 +19,7 @@
 use std::ops::Range;
 
 use bao_tree::io::outboard::PostOrderMemOutboard;
-use bao_tree::io::sync::{DecodeResponseIter, encode_ranges_validated};
+use bao_tree::io::sync::{DecodeResponseIter, ReadAt, encode_ranges_validated};
 use bao_tree::io::{BaoContentItem, DecodeError, Leaf};
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 
@@ -101,6 +101,53 @@ pub fn prove(payload: &[u8], outboard: &ShardOutboard, range: Range<u32>) -> Res
     let mut proof = Vec::with_capacity((range.end - range.start) as usize * BLOCK_SIZE + 2 * levels * 64);
     encode_ranges_validated(payload, ob, &ranges, &mut proof).map_err(|_| SegmentError::OutboardMismatch)?;
     Ok(proof)
+}
+
+/// [`prove`] from only the bytes of blocks `range` (`range.len() × 4096`
+/// bytes, read from the stored payload at `range.start × 4096`): what a
+/// peer reads from disk for a block read. The same checks: the blocks and
+/// the outboard's hashes on their path must match the outboard's root, or
+/// nothing is proved ([`SegmentError::OutboardMismatch`]).
+pub fn prove_range(
+    blocks: &[u8],
+    outboard: &ShardOutboard,
+    range: Range<u32>,
+) -> Result<Vec<u8>, SegmentError> {
+    let ranges = chunk_ranges(outboard.blocks, &range)?;
+    let want = (range.end - range.start) as usize * BLOCK_SIZE;
+    if blocks.len() != want {
+        return Err(SegmentError::PayloadSize { expected: want, actual: blocks.len() });
+    }
+    let ob = PostOrderMemOutboard {
+        root: blake3::Hash::from_bytes(outboard.root.0),
+        tree: tree(outboard.blocks),
+        data: &outboard.hashes[..],
+    };
+    let data = RangeBytes { start: u64::from(range.start) * BLOCK_SIZE as u64, bytes: blocks };
+    let levels = 32 - outboard.blocks.leading_zeros() as usize;
+    let mut proof = Vec::with_capacity(want + 2 * levels * 64);
+    encode_ranges_validated(data, ob, &ranges, &mut proof).map_err(|_| SegmentError::OutboardMismatch)?;
+    Ok(proof)
+}
+
+/// Bytes of a payload from `start` on, as the encoder reads them; a read
+/// outside them is an error (the encoder reads only the blocks proved).
+struct RangeBytes<'a> {
+    start: u64,
+    bytes: &'a [u8],
+}
+
+impl ReadAt for RangeBytes<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let at = pos
+            .checked_sub(self.start)
+            .and_then(|at| usize::try_from(at).ok())
+            .filter(|&at| at <= self.bytes.len())
+            .ok_or_else(|| std::io::Error::other("read outside the blocks being proved"))?;
+        let n = buf.len().min(self.bytes.len() - at);
+        buf[..n].copy_from_slice(&self.bytes[at..at + n]);
+        Ok(n)
+    }
 }
 
 /// Checks a proof for blocks `range` of a `blocks_per_shard`-block shard
@@ -208,6 +255,21 @@ mod tests {
         assert_eq!(got, &payload[17 * BLOCK_SIZE..18 * BLOCK_SIZE]);
         let whole = prove(&payload, &ob, 0..256).unwrap();
         assert_eq!(verify_blocks(&ob.root(), 256, 0..256, &whole).unwrap(), payload);
+    }
+
+    #[test]
+    fn proving_from_the_range_alone_gives_the_same_proof() {
+        let (payload, ob) = shard(37, 4);
+        for r in [0..1, 5..6, 0..37, 8..16, 36..37, 3..30] {
+            let bytes = &payload[r.start as usize * BLOCK_SIZE..r.end as usize * BLOCK_SIZE];
+            assert_eq!(prove_range(bytes, &ob, r.clone()).unwrap(), prove(&payload, &ob, r.clone()).unwrap());
+        }
+        // Rot in the blocks read, or the wrong number of bytes, proves nothing.
+        let mut bytes = payload[5 * BLOCK_SIZE..7 * BLOCK_SIZE].to_vec();
+        bytes[BLOCK_SIZE + 9] ^= 4;
+        assert!(matches!(prove_range(&bytes, &ob, 5..7), Err(SegmentError::OutboardMismatch)));
+        assert!(matches!(prove_range(&bytes, &ob, 5..6), Err(SegmentError::PayloadSize { .. })));
+        assert!(matches!(prove_range(&bytes, &ob, 36..38), Err(SegmentError::BlockRange { .. })));
     }
 
     #[test]
