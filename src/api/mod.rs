@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::segment::SegmentShardKey;
 use crate::codec::shard::ShardKey;
 use crate::membership::ca::Role;
 
@@ -440,8 +441,9 @@ pub enum DirResponse {
     Error(Remote),
 }
 
-/// Calls to a peer. Shard bytes (header + payload) follow `Put` and
-/// `Shard` raw.
+/// Calls to a peer. Shard bytes (header + payload) follow `Put`,
+/// `PutSegmentShard` and `Shard` raw; a block proof follows `Blocks`.
+/// New variants go at the end (postcard numbers them in order).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// Store the shard that follows, for a writer holding `epoch`.
@@ -460,6 +462,24 @@ pub enum PeerRequest {
         limit: u32,
     },
     Ping,
+    /// Store the segment shard that follows (second design), for a writer
+    /// holding `epoch`.
+    PutSegmentShard {
+        epoch: u64,
+    },
+    /// A whole segment shard back (`Shard`, the shard follows).
+    GetSegmentShard(SegmentShardKey),
+    /// Blocks `first .. first + count` of a segment shard with their hash
+    /// proof (`Blocks`, the proof follows: `codec::segment::prove`'s format).
+    GetBlocks {
+        shard: SegmentShardKey,
+        first: u32,
+        count: u32,
+    },
+    DeleteSegmentShard {
+        shard: SegmentShardKey,
+        epoch: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -475,6 +495,8 @@ pub enum PeerResponse {
         load: u32,
     },
     Error(Remote),
+    /// The block proof follows.
+    Blocks,
 }
 
 #[cfg(test)]
@@ -496,6 +518,20 @@ mod tests {
         roundtrip(PeerRequest::Get(shard));
         roundtrip(PeerRequest::List { volume: [1; 16], after: Some(shard), limit: 100 });
         roundtrip(PeerResponse::Error(Remote::new(ErrorKind::Full, "full")));
+        let segment = SegmentShardKey {
+            volume: [3; 16],
+            segment: crate::codec::sequence::SegmentId::new(5, 77).unwrap(),
+            index: 4,
+        };
+        roundtrip(PeerRequest::PutSegmentShard { epoch: 6 });
+        roundtrip(PeerRequest::GetSegmentShard(segment));
+        roundtrip(PeerRequest::GetBlocks { shard: segment, first: 17, count: 3 });
+        roundtrip(PeerRequest::DeleteSegmentShard { shard: segment, epoch: u64::MAX });
+        roundtrip(PeerResponse::Blocks);
+        // The segment id travels as its raw number.
+        let max =
+            SegmentShardKey { segment: crate::codec::sequence::SegmentId::from_raw(u64::MAX), ..segment };
+        roundtrip(PeerRequest::GetSegmentShard(max));
         roundtrip(DirRequest::Heartbeat(PeerReport {
             addr: "127.0.0.1:7000".parse().unwrap(),
             failure_domain: "rack-1".into(),

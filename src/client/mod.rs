@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api::*;
+use crate::codec::segment::{SegmentRoot, SegmentShardKey, ShardRoot, verify_blocks, verify_shard};
 use crate::codec::shard::ShardHeader;
 use crate::codec::shard::ShardKey;
 use crate::membership::ca::{Role, node_name};
@@ -48,6 +49,10 @@ pub enum ClientError {
     /// A peer returned a shard that is not what the stripe map records.
     #[error("peer {peer}: stripe {stripe} generation {generation} shard {index}: {why}", stripe = key.stripe, generation = key.generation, index = key.index)]
     BadShard { peer: String, key: ShardKey, why: String },
+    /// A peer returned a segment shard, or blocks of one, that do not
+    /// verify against the root the caller holds.
+    #[error("peer {peer}: segment {segment} shard {index}: {why}", segment = key.segment, index = key.index)]
+    BadSegmentShard { peer: String, key: SegmentShardKey, why: String },
     /// Too few verified shards of a stripe could be read.
     #[error("stripe {stripe}: only {got} of the {need} shards needed could be read ({})", failures.join("; "))]
     Unavailable { stripe: u64, got: usize, need: usize, failures: Vec<String> },
@@ -67,7 +72,7 @@ impl ClientError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             ClientError::Directory(r) | ClientError::Peer { error: r, .. } => Some(r.kind),
-            ClientError::BadShard { .. } => Some(ErrorKind::Corrupt),
+            ClientError::BadShard { .. } | ClientError::BadSegmentShard { .. } => Some(ErrorKind::Corrupt),
             ClientError::Unavailable { .. } => Some(ErrorKind::Unavailable),
             _ => None,
         }
@@ -358,6 +363,80 @@ impl Client {
                 (PeerResponse::Shards(s), _) => out.extend(s),
                 (other, _) => return Err(unexpected("list shards", other)),
             }
+        }
+    }
+
+    /// Stores a segment shard (header + payload, as `encode_segment` makes
+    /// it) on `peer`; durable when this returns.
+    pub async fn put_segment_shard(
+        &self,
+        peer: &PeerAddr,
+        shard: Bytes,
+        epoch: u64,
+    ) -> Result<(), ClientError> {
+        match self.peer_call(peer, &PeerRequest::PutSegmentShard { epoch }, vec![shard]).await? {
+            (PeerResponse::Stored, _) => Ok(()),
+            (other, _) => Err(unexpected("put segment shard", other)),
+        }
+    }
+
+    /// A whole segment shard, verified alone against the segment root
+    /// `expected` and checked to be the one asked for.
+    pub async fn get_segment_shard(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        expected: &SegmentRoot,
+    ) -> Result<Bytes, ClientError> {
+        let data = match self.peer_call(peer, &PeerRequest::GetSegmentShard(key), Vec::new()).await? {
+            (PeerResponse::Shard, data) => data,
+            (other, _) => return Err(unexpected("get segment shard", other)),
+        };
+        let bad = |why: String| ClientError::BadSegmentShard { peer: peer.name.clone(), key, why };
+        let header = verify_shard(&data, expected).map_err(|e| bad(e.to_string()))?.0;
+        // The index is the one field outside the segment root.
+        if SegmentShardKey::of(&header) != key {
+            return Err(bad(format!("got shard {} of segment {}", header.index, header.segment)));
+        }
+        Ok(data)
+    }
+
+    /// Blocks `first .. first + count` of a segment shard of
+    /// `blocks_per_shard` blocks, verified against the shard's `root`
+    /// before they are returned (the peer's proof, `verify_blocks`): an
+    /// altered, short or misdirected answer is `BadSegmentShard`.
+    pub async fn get_blocks(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        root: &ShardRoot,
+        blocks_per_shard: u32,
+        first: u32,
+        count: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let req = PeerRequest::GetBlocks { shard: key, first, count };
+        let proof = match self.peer_call(peer, &req, Vec::new()).await? {
+            (PeerResponse::Blocks, proof) => proof,
+            (other, _) => return Err(unexpected("get blocks", other)),
+        };
+        let end = first.saturating_add(count);
+        verify_blocks(root, blocks_per_shard, first..end, &proof).map_err(|e| ClientError::BadSegmentShard {
+            peer: peer.name.clone(),
+            key,
+            why: e.to_string(),
+        })
+    }
+
+    pub async fn delete_segment_shard(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        epoch: u64,
+    ) -> Result<bool, ClientError> {
+        match self.peer_call(peer, &PeerRequest::DeleteSegmentShard { shard: key, epoch }, Vec::new()).await?
+        {
+            (PeerResponse::Deleted { existed }, _) => Ok(existed),
+            (other, _) => Err(unexpected("delete segment shard", other)),
         }
     }
 

@@ -95,11 +95,15 @@ struct PeerService {
 
 fn remote(e: StoreError) -> Remote {
     let kind = match &e {
-        StoreError::BadShard(_) => ErrorKind::BadShard,
+        StoreError::BadShard(_) | StoreError::BadSegmentShard(_) => ErrorKind::BadShard,
         StoreError::Full { .. } => ErrorKind::Full,
         StoreError::Fenced { .. } => ErrorKind::Fenced,
-        StoreError::NotFound(_) => ErrorKind::NotFound,
-        StoreError::Corrupt { .. } | StoreError::Misplaced { .. } => ErrorKind::Corrupt,
+        StoreError::NotFound(_) | StoreError::SegmentNotFound(_) => ErrorKind::NotFound,
+        StoreError::Corrupt { .. }
+        | StoreError::Misplaced { .. }
+        | StoreError::SegmentCorrupt { .. }
+        | StoreError::SegmentMisplaced { .. } => ErrorKind::Corrupt,
+        StoreError::BlockRange { .. } => ErrorKind::Invalid,
         StoreError::Poisoned { .. } => ErrorKind::Poisoned,
         StoreError::Io { .. } => ErrorKind::Internal,
     };
@@ -131,6 +135,27 @@ impl PeerService {
             PeerRequest::Ping => {
                 (PeerResponse::Pong { load: self.load.load(Ordering::Relaxed) }, Bytes::new())
             }
+            PeerRequest::PutSegmentShard { epoch } => {
+                self.store.put_segment_shard(payload, epoch).await.map_err(remote)?;
+                (PeerResponse::Stored, Bytes::new())
+            }
+            PeerRequest::GetSegmentShard(key) => {
+                (PeerResponse::Shard, self.store.get_segment_shard(&key).await.map_err(remote)?)
+            }
+            PeerRequest::GetBlocks { shard, first, count } => {
+                // A proof must fit one call's payload: a reader wanting
+                // (nearly) a whole shard asks for the shard.
+                let most = (rpc::MAX_PAYLOAD / 2 / crate::codec::segment::BLOCK_SIZE) as u32;
+                if count > most {
+                    let e = format!("at most {most} blocks per block read, {count} asked for");
+                    return Err(Remote::new(ErrorKind::Invalid, e));
+                }
+                (PeerResponse::Blocks, self.store.get_blocks(&shard, first, count).await.map_err(remote)?)
+            }
+            PeerRequest::DeleteSegmentShard { shard, epoch } => {
+                let existed = self.store.delete_segment_shard(&shard, epoch).await.map_err(remote)?;
+                (PeerResponse::Deleted { existed }, Bytes::new())
+            }
         })
     }
 }
@@ -147,9 +172,17 @@ impl Handler for PeerService {
         // Peers are not trusted with others' data: only clients (and
         // admins) write, and erasing also the directory's collector.
         let allowed = match &req {
-            PeerRequest::Put { .. } => matches!(who.role, Role::Client | Role::Admin),
-            PeerRequest::Delete { .. } => matches!(who.role, Role::Client | Role::Admin | Role::Directory),
-            PeerRequest::Get(_) | PeerRequest::List { .. } | PeerRequest::Ping => true,
+            PeerRequest::Put { .. } | PeerRequest::PutSegmentShard { .. } => {
+                matches!(who.role, Role::Client | Role::Admin)
+            }
+            PeerRequest::Delete { .. } | PeerRequest::DeleteSegmentShard { .. } => {
+                matches!(who.role, Role::Client | Role::Admin | Role::Directory)
+            }
+            PeerRequest::Get(_)
+            | PeerRequest::List { .. }
+            | PeerRequest::Ping
+            | PeerRequest::GetSegmentShard(_)
+            | PeerRequest::GetBlocks { .. } => true,
         };
         if !allowed {
             let e = Remote::new(ErrorKind::Refused, format!("a {} may not do that", who.role.as_str()));

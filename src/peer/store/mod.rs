@@ -47,15 +47,20 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Mutex;
 
 use crate::codec::key::VOLUME_ID_LEN;
+use crate::codec::segment::{
+    BLOCK_SIZE, SegmentError, SegmentShardKey, ShardOutboard, parse_segment_shard, prove_range,
+};
 use crate::codec::shard::{ShardError, ShardKey, parse_shard};
 use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
-use index::{IndexKey, Location};
+use index::{IndexKey, Location, SegmentEntry, SegmentIndexKey, Slot};
 
 /// A data file is closed and a new one started once it reaches this size.
 pub const DATA_FILE_LIMIT: u64 = 1 << 30;
 
 const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
+/// Segment shards (second design): key → location ‖ shard root ‖ outboard.
+const SEGMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("segments");
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -81,6 +86,32 @@ pub enum StoreError {
     Poisoned { path: PathBuf, first: String },
     #[error("store I/O at {path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error("segment shard refused: {0}")]
+    BadSegmentShard(#[from] SegmentError),
+    #[error("no such segment shard {0:?}")]
+    SegmentNotFound(SegmentShardKey),
+    #[error("stored segment shard {key:?} is corrupt: {source}")]
+    SegmentCorrupt { key: SegmentShardKey, source: SegmentError },
+    #[error("the index points segment shard {key:?} at the bytes of {found:?}")]
+    SegmentMisplaced { key: SegmentShardKey, found: SegmentShardKey },
+    #[error("blocks {first}..{first}+{count} are not a non-empty range of the shard's {blocks} blocks")]
+    BlockRange { first: u32, count: u32, blocks: u32 },
+}
+
+impl Slot {
+    fn table(&self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+        match self {
+            Slot::Stripe(_) => INDEX,
+            Slot::Segment(_) => SEGMENTS,
+        }
+    }
+
+    fn not_found(&self) -> StoreError {
+        match *self {
+            Slot::Stripe(k) => StoreError::NotFound(k),
+            Slot::Segment(k) => StoreError::SegmentNotFound(k),
+        }
+    }
 }
 
 /// The shard store. Cheap to clone.
@@ -116,9 +147,12 @@ struct CommitQueue {
 
 /// A written shard waiting for its sync and index commit.
 struct Pending {
-    key: ShardKey,
+    slot: Slot,
     epoch: u64,
     loc: Location,
+    /// What the index entry holds after the location (a segment shard's
+    /// root and outboard; nothing for a stripe shard).
+    tail: Vec<u8>,
     file: Arc<RegisteredFile>,
     /// The replaced location, `Err(newest epoch)` if fenced meanwhile; the
     /// outer error is a failed sync or commit.
@@ -213,6 +247,7 @@ impl ShardStore {
         let txn = db.begin_write().map_err(|e| io(&e))?;
         let data_file = {
             txn.open_table(INDEX).map_err(|e| io(&e))?;
+            txn.open_table(SEGMENTS).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
             let mut current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
@@ -286,17 +321,57 @@ impl ShardStore {
     /// Stores one shard (header + payload, as produced by the codec), durably,
     /// for a writer holding fencing `epoch` on the shard's volume.
     pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<ShardKey, StoreError> {
-        use std::sync::atomic::Ordering;
         self.check()?;
         let (header, _) = parse_shard(&shard)?;
         let key = ShardKey::of(&header);
+        self.append(Slot::Stripe(key), shard, epoch, Vec::new()).await?;
+        Ok(key)
+    }
+
+    /// Stores one segment shard (header + payload, as `encode_segment`
+    /// makes it), durably, for a writer holding fencing `epoch` on its
+    /// volume. The store cannot check the segment root (nobody told it),
+    /// only that the payload hashes to the header's own root; it computes
+    /// the outboard here and keeps it in the index entry, so a block read
+    /// needs one index lookup and the blocks' bytes, and the outboard is
+    /// committed with the entry (no entry without its outboard).
+    pub async fn put_segment_shard(&self, shard: Bytes, epoch: u64) -> Result<SegmentShardKey, StoreError> {
+        self.check()?;
+        let bytes = shard.clone();
+        // Hashing up to 16 MiB: off the async threads.
+        let checked = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
+            let (header, payload) = parse_segment_shard(&bytes)?;
+            let outboard = ShardOutboard::compute(payload)?;
+            if outboard.root() != header.own_root() {
+                return Err(SegmentError::ShardRootMismatch { index: header.index });
+            }
+            Ok((SegmentShardKey::of(&header), SegmentEntry::tail(&outboard)))
+        })
+        .await
+        .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
+        let (key, tail) = checked?;
+        self.append(Slot::Segment(key), shard, epoch, tail).await?;
+        Ok(key)
+    }
+
+    /// The durability sequence, for both kinds of shard: admit, claim a
+    /// range of the data file tail, write, queue for the group commit (sync
+    /// then index entry `location ‖ tail`), answer.
+    async fn append(
+        &self,
+        slot: Slot,
+        shard: Bytes,
+        epoch: u64,
+        entry_tail: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
         let len = shard.len() as u64;
         // Admission and the claim of a range happen under the tail lock;
         // the bytes count as in flight until their commit.
         let (file, loc) = {
             let mut tail = self.inner.tail.lock().await;
             self.check()?;
-            self.admit(&key, epoch, len)?;
+            self.admit(&slot, epoch, len)?;
             if tail.end + len > self.inner.data_file_limit && tail.end > 0 {
                 self.roll(&mut tail)?;
             }
@@ -318,7 +393,7 @@ impl ShardStore {
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.inner.commits.lock().expect("not poisoned");
-            q.pending.push(Pending { key, epoch, loc, file, done });
+            q.pending.push(Pending { slot, epoch, loc, tail: entry_tail, file, done });
             !std::mem::replace(&mut q.committing, true)
         };
         if start {
@@ -337,7 +412,7 @@ impl ShardStore {
             }
             Err(e) => return Err(self.poison("committing a shard", e)),
         }
-        Ok(key)
+        Ok(())
     }
 
     /// Syncs and commits what is queued, batch after batch, until the queue
@@ -353,6 +428,7 @@ impl ShardStore {
                 }
                 std::mem::take(&mut q.pending)
             };
+            let mut batch = batch;
             let mut synced: Vec<u32> = Vec::new();
             let mut failed = self.check().err().map(|e| e.to_string());
             for p in &batch {
@@ -364,8 +440,8 @@ impl ShardStore {
                     Err(e) => failed = Some(format!("syncing a data file: {e}")),
                 }
             }
-            let entries: Vec<(ShardKey, u64, Location)> =
-                batch.iter().map(|p| (p.key, p.epoch, p.loc)).collect();
+            let entries: Vec<(Slot, u64, Location, Vec<u8>)> =
+                batch.iter_mut().map(|p| (p.slot, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
             let results = match failed {
                 Some(e) => Err(e),
                 None => {
@@ -403,15 +479,15 @@ impl ShardStore {
     }
 
     /// Refuses an older epoch or a shard that does not fit.
-    fn admit(&self, key: &ShardKey, epoch: u64, len: u64) -> Result<(), StoreError> {
-        let newest = self.newest_epoch(&key.volume)?;
+    fn admit(&self, slot: &Slot, epoch: u64, len: u64) -> Result<(), StoreError> {
+        let newest = self.newest_epoch(slot.volume())?;
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let replaced = match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
-            Some(v) => u64::from(Location::decode(v.value()).map_err(|e| self.io(e))?.len),
+        let index = txn.open_table(slot.table()).map_err(|e| self.io(e))?;
+        let replaced = match index.get(&slot.key()[..]).map_err(|e| self.io(e))? {
+            Some(v) => u64::from(slot.location(v.value()).map_err(|e| self.io(e))?.len),
             None => 0,
         };
         let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
@@ -432,30 +508,36 @@ impl ShardStore {
     /// was overtaken while it was written (not indexed).
     fn commit_puts(
         &self,
-        puts: &[(ShardKey, u64, Location)],
+        puts: &[(Slot, u64, Location, Vec<u8>)],
     ) -> Result<Vec<Result<Option<Location>, u64>>, String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
         let mut olds = Vec::with_capacity(puts.len());
         {
             let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
+            let mut segments = txn.open_table(SEGMENTS).map_err(|x| e(&x))?;
             let mut epochs = txn.open_table(EPOCHS).map_err(|x| e(&x))?;
             let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
             let mut used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
-            for (key, epoch, loc) in puts {
-                let newest = epochs.get(&key.volume[..]).map_err(|x| e(&x))?.map_or(0, |v| v.value());
+            for (slot, epoch, loc, tail) in puts {
+                let volume = &slot.volume()[..];
+                let newest = epochs.get(volume).map_err(|x| e(&x))?.map_or(0, |v| v.value());
                 if *epoch < newest {
                     olds.push(Err(newest));
                     continue;
                 }
                 if *epoch > newest {
-                    epochs.insert(&key.volume[..], *epoch).map_err(|x| e(&x))?;
+                    epochs.insert(volume, *epoch).map_err(|x| e(&x))?;
                 }
-                let old =
-                    match index.insert(&IndexKey::encode(key)[..], &loc.encode()[..]).map_err(|x| e(&x))? {
-                        Some(v) => Some(Location::decode(v.value())?),
-                        None => None,
-                    };
+                let table = match slot {
+                    Slot::Stripe(_) => &mut index,
+                    Slot::Segment(_) => &mut segments,
+                };
+                let value = [&loc.encode()[..], tail].concat();
+                let old = match table.insert(&slot.key()[..], &value[..]).map_err(|x| e(&x))? {
+                    Some(v) => Some(slot.location(v.value())?),
+                    None => None,
+                };
                 used = used
                     .checked_sub(old.map_or(0, |o| u64::from(o.len)))
                     .ok_or("index accounting is corrupt (used < a stored shard)")?
@@ -495,11 +577,35 @@ impl ShardStore {
     }
 
     fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
+        self.locate_slot(&Slot::Stripe(*key))
+    }
+
+    fn locate_slot(&self, slot: &Slot) -> Result<Option<Location>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        match index.get(&IndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
-            Some(v) => Ok(Some(Location::decode(v.value()).map_err(|e| self.io(e))?)),
+        let index = txn.open_table(slot.table()).map_err(|e| self.io(e))?;
+        match index.get(&slot.key()[..]).map_err(|e| self.io(e))? {
+            Some(v) => Ok(Some(slot.location(v.value()).map_err(|e| self.io(e))?)),
             None => Ok(None),
+        }
+    }
+
+    fn segment_entry(&self, key: &SegmentShardKey) -> Result<Option<SegmentEntry>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let index = txn.open_table(SEGMENTS).map_err(|e| self.io(e))?;
+        match index.get(&SegmentIndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
+            Some(v) => Ok(Some(SegmentEntry::decode(v.value()).map_err(|e| self.io(e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// After a read of `loc` failed its check: a delete or replacement may
+    /// have moved the shard while it was being read, so only a shard still
+    /// indexed there is corrupt (`Ok(())`: ask again).
+    fn recheck(&self, slot: &Slot, loc: Location, failure: StoreError) -> Result<(), StoreError> {
+        match self.locate_slot(slot)? {
+            None => Err(slot.not_found()),
+            Some(now) if now != loc => Ok(()),
+            Some(_) => Err(failure),
         }
     }
 
@@ -531,18 +637,108 @@ impl ShardStore {
         Ok(Bytes::from(bytes))
     }
 
+    /// A segment shard (header + payload) as stored, its payload checked
+    /// against its own root and its header against the key asked for (the
+    /// reader checks the header against the segment root).
+    pub async fn get_segment_shard(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let slot = Slot::Segment(*key);
+        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let loc = entry.loc;
+        let file = self.data_file(loc.data_file)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, loc.offset, loc.len as usize)
+            .await
+            .map_err(|e| self.io(format!("reading a segment shard: {e}")))?;
+        let checked = match parse_segment_shard(&bytes) {
+            Ok((header, _)) if SegmentShardKey::of(&header) != *key => {
+                Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
+            }
+            Ok((header, payload)) => {
+                if header.own_root() == entry.outboard.root() && header.own_root().matches(payload) {
+                    Ok(())
+                } else {
+                    let source = SegmentError::ShardRootMismatch { index: header.index };
+                    Err(StoreError::SegmentCorrupt { key: *key, source })
+                }
+            }
+            Err(source) => Err(StoreError::SegmentCorrupt { key: *key, source }),
+        };
+        if let Err(e) = checked {
+            self.recheck(&slot, loc, e)?;
+            return Box::pin(self.get_segment_shard(key)).await;
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Blocks `first .. first + count` of a segment shard with their proof
+    /// against its root (`codec::segment::prove`'s format). Reads only those
+    /// blocks' bytes; the outboard comes from the index entry. The blocks and
+    /// the hashes on their path are checked against the stored root while
+    /// proving, so a rotten local copy answers `SegmentCorrupt`, never bytes.
+    pub async fn get_blocks(
+        &self,
+        key: &SegmentShardKey,
+        first: u32,
+        count: u32,
+    ) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let slot = Slot::Segment(*key);
+        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let blocks = entry.blocks();
+        let end = first.checked_add(count).filter(|&end| count > 0 && end <= blocks);
+        let Some(end) = end else {
+            return Err(StoreError::BlockRange { first, count, blocks });
+        };
+        let at = entry.payload_offset().map_err(|e| self.io(e))? + u64::from(first) * BLOCK_SIZE as u64;
+        let file = self.data_file(entry.loc.data_file)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, at, count as usize * BLOCK_SIZE)
+            .await
+            .map_err(|e| self.io(format!("reading segment shard blocks: {e}")))?;
+        let outboard = entry.outboard;
+        let proved = if count <= 16 {
+            prove_range(&bytes, &outboard, first..end)
+        } else {
+            // Hashing many blocks: off the async threads.
+            tokio::task::spawn_blocking(move || prove_range(&bytes, &outboard, first..end))
+                .await
+                .map_err(|e| self.io(format!("proving blocks: {e}")))?
+        };
+        match proved {
+            Ok(proof) => Ok(Bytes::from(proof)),
+            Err(source) => {
+                self.recheck(&slot, entry.loc, StoreError::SegmentCorrupt { key: *key, source })?;
+                Box::pin(self.get_blocks(key, first, count)).await
+            }
+        }
+    }
+
     /// Removes a shard, for a writer (or the directory's garbage
     /// collection) holding fencing `epoch` on its volume; its space is
     /// returned at once. False if it was not there.
     pub async fn delete(&self, key: &ShardKey, epoch: u64) -> Result<bool, StoreError> {
+        self.remove(Slot::Stripe(*key), epoch).await
+    }
+
+    /// [`Self::delete`] for a segment shard.
+    pub async fn delete_segment_shard(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
+        self.remove(Slot::Segment(*key), epoch).await
+    }
+
+    async fn remove(&self, slot: Slot, epoch: u64) -> Result<bool, StoreError> {
         self.check()?;
         let _tail = self.inner.tail.lock().await;
         self.check()?;
-        let newest = self.newest_epoch(&key.volume)?;
+        let newest = self.newest_epoch(slot.volume())?;
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
-        let loc = self.locate(key)?;
+        let loc = self.locate_slot(&slot)?;
         if loc.is_none() && epoch == newest {
             return Ok(false);
         }
@@ -554,13 +750,13 @@ impl ShardStore {
             if epoch > newest {
                 txn.open_table(EPOCHS)
                     .map_err(|x| e(&x))?
-                    .insert(&key.volume[..], epoch)
+                    .insert(&slot.volume()[..], epoch)
                     .map_err(|x| e(&x))?;
             }
             if let Some(loc) = loc {
-                txn.open_table(INDEX)
+                txn.open_table(slot.table())
                     .map_err(|x| e(&x))?
-                    .remove(&IndexKey::encode(key)[..])
+                    .remove(&slot.key()[..])
                     .map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
