@@ -1042,6 +1042,173 @@ mod tests {
         store.put(shard(5, 0, 1, 0, 1, 4), 1).await.unwrap();
     }
 
+    use crate::codec::segment::{EncodedSegment, SegmentGeometry, SegmentId, encode_segment, verify_blocks};
+
+    /// A segment of volume `[volume; 16]`, k data and m parity shards of
+    /// `n` blocks each, its data area a pattern from `seed`.
+    fn segment(volume: u8, id: u64, (k, m, n): (usize, usize, u32), seed: u64) -> EncodedSegment {
+        let g = SegmentGeometry::new(k, m, n).unwrap();
+        let data = crate::codec::bench::pattern(g.data_area_len(), seed);
+        encode_segment(g, &[volume; 16], SegmentId::from_raw(id), &data).unwrap()
+    }
+
+    fn key_of(shard: &[u8]) -> SegmentShardKey {
+        SegmentShardKey::of(&parse_segment_shard(shard).unwrap().0)
+    }
+
+    /// Checks blocks `first..first+count` of a stored shard against the
+    /// shard the test put there, through its proof.
+    async fn blocks_match(store: &ShardStore, shard: &[u8], first: u32, count: u32) {
+        let (header, payload) = parse_segment_shard(shard).unwrap();
+        let n = header.geometry.blocks_per_shard();
+        let proof = store.get_blocks(&key_of(shard), first, count).await.unwrap();
+        let got = verify_blocks(&header.own_root(), n, first..first + count, &proof).unwrap();
+        let range = first as usize * BLOCK_SIZE..(first + count) as usize * BLOCK_SIZE;
+        assert_eq!(got, &payload[range], "blocks {first}+{count}");
+    }
+
+    #[tokio::test]
+    async fn segment_shards_beside_stripe_shards_put_get_prove_and_survive_a_restart() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&ring, dir.path(), 1 << 20);
+        let seg = segment(1, 42, (3, 2, 9), 7);
+        let stripe = shard(1, 0, 1, 0, 0xaa, 4);
+        let stripe_key = store.put(stripe.clone(), 1).await.unwrap();
+        let mut keys = Vec::new();
+        for s in &seg.shards {
+            keys.push(store.put_segment_shard(Bytes::from(s.clone()), 1).await.unwrap());
+        }
+        assert_eq!(keys, seg.shards.iter().map(|s| key_of(s)).collect::<Vec<_>>());
+        let all = stripe.len() + seg.shards.iter().map(Vec::len).sum::<usize>();
+        assert_eq!(store.used().unwrap(), all as u64);
+        // Listing is of stripe shards; a stripe shard and a segment shard
+        // never answer for each other.
+        assert_eq!(store.list(&[1; 16]).unwrap(), vec![stripe_key]);
+        let mut store = store;
+        for reopen in [false, true] {
+            if reopen {
+                drop(store);
+                store = open(&ring, dir.path(), 1 << 20);
+            }
+            assert_eq!(store.get(&stripe_key).await.unwrap(), stripe);
+            for s in &seg.shards {
+                let got = store.get_segment_shard(&key_of(s)).await.unwrap();
+                assert_eq!(&got[..], &s[..]);
+                crate::codec::segment::verify_shard(&got, &seg.root).unwrap();
+                for (first, count) in [(0, 1), (3, 1), (8, 1), (0, 9), (2, 5), (7, 2)] {
+                    blocks_match(&store, s, first, count).await;
+                }
+            }
+            assert_eq!(store.used().unwrap(), all as u64, "reopened: {reopen}");
+        }
+        // Ranges outside the shard are refused, not clipped.
+        for (first, count) in [(0, 0), (9, 1), (8, 2), (u32::MAX, 2)] {
+            let err = store.get_blocks(&keys[0], first, count).await.unwrap_err();
+            assert!(matches!(err, StoreError::BlockRange { blocks: 9, .. }), "{first}+{count}: {err}");
+        }
+        // Putting a shard again replaces it (space counted once), a delete
+        // frees it, and what is gone is not found.
+        store.put_segment_shard(Bytes::from(seg.shards[1].clone()), 1).await.unwrap();
+        assert_eq!(store.used().unwrap(), all as u64);
+        assert!(store.delete_segment_shard(&keys[1], 1).await.unwrap());
+        assert!(!store.delete_segment_shard(&keys[1], 1).await.unwrap());
+        assert_eq!(store.used().unwrap(), (all - seg.shards[1].len()) as u64);
+        assert!(matches!(store.get_segment_shard(&keys[1]).await, Err(StoreError::SegmentNotFound(_))));
+        assert!(matches!(store.get_blocks(&keys[1], 0, 1).await, Err(StoreError::SegmentNotFound(_))));
+        // The stripe shard did not move.
+        assert_eq!(store.get(&stripe_key).await.unwrap(), stripe);
+        blocks_match(&store, &seg.shards[2], 4, 3).await;
+    }
+
+    #[tokio::test]
+    async fn a_segment_shard_rotten_on_disk_is_never_served() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&ring, dir.path(), 1 << 20);
+        let seg = segment(2, 1, (2, 1, 8), 3);
+        let shard = &seg.shards[0];
+        let key = store.put_segment_shard(Bytes::from(shard.clone()), 1).await.unwrap();
+        // Flip one byte of block 5 in the data file behind the store's back.
+        let entry = store.segment_entry(&key).unwrap().unwrap();
+        let file = data_file_path(dir.path(), entry.loc.data_file);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = entry.payload_offset().unwrap() as usize + 5 * BLOCK_SIZE + 100;
+        bytes[at] ^= 0x40;
+        std::fs::write(&file, &bytes).unwrap();
+        for (first, count) in [(5, 1), (4, 2), (0, 8)] {
+            let err = store.get_blocks(&key, first, count).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::SegmentCorrupt { source: SegmentError::OutboardMismatch, .. }),
+                "{first}+{count}: {err}"
+            );
+        }
+        let err = store.get_segment_shard(&key).await.unwrap_err();
+        assert!(matches!(err, StoreError::SegmentCorrupt { .. }), "{err}");
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        // Blocks that are not rotten still prove: a block read reads only
+        // its blocks (scrubbing finds the rest).
+        blocks_match(&store, shard, 0, 5).await;
+        blocks_match(&store, shard, 6, 2).await;
+    }
+
+    #[tokio::test]
+    async fn segment_shards_are_fenced_checked_and_counted_like_stripe_shards() {
+        let ring = Uring::new(64).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let seg = segment(3, 9, (2, 1, 2), 5);
+        let one = seg.shards[0].len() as u64;
+        let store = open(&ring, dir.path(), 2 * one);
+        // A payload that does not hash to the header's own root is refused
+        // before anything is written.
+        let mut bad = seg.shards[0].clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let err = store.put_segment_shard(Bytes::from(bad), 1).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::BadSegmentShard(SegmentError::ShardRootMismatch { index: 0 })),
+            "{err}"
+        );
+        let err = store.put_segment_shard(Bytes::from(vec![0u8; 100]), 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::BadSegmentShard(SegmentError::BadMagic(_))), "{err}");
+        // A stripe shard is not a segment shard, and the other way round.
+        assert!(matches!(
+            store.put_segment_shard(shard(3, 0, 1, 0, 1, 4), 1).await,
+            Err(StoreError::BadSegmentShard(_))
+        ));
+        assert!(matches!(
+            store.put(Bytes::from(seg.shards[0].clone()), 1).await,
+            Err(StoreError::BadShard(_))
+        ));
+        assert_eq!(store.used().unwrap(), 0);
+        // Epochs: one per volume, for both kinds of shard.
+        let k0 = store.put_segment_shard(Bytes::from(seg.shards[0].clone()), 5).await.unwrap();
+        let err = store.put_segment_shard(Bytes::from(seg.shards[1].clone()), 4).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { got: 4, newest: 5 }), "{err}");
+        assert!(matches!(
+            store.put(shard(3, 0, 1, 0, 1, 4), 4).await,
+            Err(StoreError::Fenced { got: 4, newest: 5 })
+        ));
+        assert!(matches!(
+            store.delete_segment_shard(&k0, 4).await,
+            Err(StoreError::Fenced { got: 4, newest: 5 })
+        ));
+        let k1 = store.put_segment_shard(Bytes::from(seg.shards[1].clone()), 6).await.unwrap();
+        // Capacity counts segment shards (header + payload).
+        let err = store.put_segment_shard(Bytes::from(seg.shards[2].clone()), 6).await.unwrap_err();
+        assert!(matches!(err, StoreError::Full { need, .. } if need == one), "{err}");
+        // A delete at the largest epoch keeps older writers out for good,
+        // even of a shard never stored.
+        assert!(store.delete_segment_shard(&k1, u64::MAX).await.unwrap());
+        let never = SegmentShardKey { index: 2, ..k1 };
+        assert!(!store.delete_segment_shard(&never, u64::MAX).await.unwrap());
+        assert!(matches!(
+            store.put_segment_shard(Bytes::from(seg.shards[1].clone()), 6).await,
+            Err(StoreError::Fenced { got: 6, newest: u64::MAX })
+        ));
+        assert_eq!(store.used().unwrap(), one);
+    }
+
     #[tokio::test]
     async fn bad_shards_are_refused_and_rot_on_disk_is_caught() {
         let ring = Uring::new(64).unwrap();
