@@ -34,6 +34,13 @@
 //! **Fencing**: a put carries the volume's fencing epoch; the store keeps
 //! the newest epoch it has seen per volume and refuses older ones, so a
 //! writer whose volume lease was taken over cannot write any more.
+//!
+//! **Segment shards** (the second design, [`crate::codec::segment`]) take
+//! the same path into the same data files ([`ShardStore::put_segment_shard`]
+//! and `append`), indexed in their own table `segments` whose entries also
+//! hold the shard's root and outboard, so [`ShardStore::get_blocks`] reads
+//! only the blocks asked for and proves them against that root, refusing
+//! (as corrupt) a local copy that does not match.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
