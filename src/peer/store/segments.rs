@@ -1,0 +1,133 @@
+//! The store's segment shards (the second design): put with the outboard
+//! kept in the index entry, whole-shard and block-range reads that never
+//! answer with bytes that fail their root, and delete.
+
+use bytes::Bytes;
+use redb::ReadableDatabase;
+
+use super::index::{SegmentEntry, SegmentIndexKey, Slot};
+use super::{SEGMENTS, ShardStore, StoreError};
+use crate::codec::segment::*;
+
+impl ShardStore {
+    /// Stores one segment shard (header + payload, as `encode_segment`
+    /// makes it), durably, for a writer holding fencing `epoch` on its
+    /// volume. The store cannot check the segment root (nobody told it),
+    /// only that the payload hashes to the header's own root; it computes
+    /// the outboard here and keeps it in the index entry, so a block read
+    /// needs one index lookup and the blocks' bytes, and the outboard is
+    /// committed with the entry (no entry without its outboard).
+    pub async fn put_segment_shard(&self, shard: Bytes, epoch: u64) -> Result<SegmentShardKey, StoreError> {
+        self.check()?;
+        let bytes = shard.clone();
+        // Hashing up to 16 MiB: off the async threads.
+        let checked = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
+            let (header, payload) = parse_segment_shard(&bytes)?;
+            let outboard = ShardOutboard::compute(payload)?;
+            if outboard.root() != header.own_root() {
+                return Err(SegmentError::ShardRootMismatch { index: header.index });
+            }
+            Ok((SegmentShardKey::of(&header), SegmentEntry::tail(&outboard)))
+        })
+        .await
+        .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
+        let (key, tail) = checked?;
+        self.append(Slot::Segment(key), shard, epoch, tail).await?;
+        Ok(key)
+    }
+
+    pub(super) fn segment_entry(&self, key: &SegmentShardKey) -> Result<Option<SegmentEntry>, StoreError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
+        let index = txn.open_table(SEGMENTS).map_err(|e| self.io(e))?;
+        match index.get(&SegmentIndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
+            Some(v) => Ok(Some(SegmentEntry::decode(v.value()).map_err(|e| self.io(e))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A segment shard (header + payload) as stored, its payload checked
+    /// against its own root and its header against the key asked for (the
+    /// reader checks the header against the segment root).
+    pub async fn get_segment_shard(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let slot = Slot::Segment(*key);
+        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let loc = entry.loc;
+        let file = self.data_file(loc.data_file)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, loc.offset, loc.len as usize)
+            .await
+            .map_err(|e| self.io(format!("reading a segment shard: {e}")))?;
+        let checked = match parse_segment_shard(&bytes) {
+            Ok((header, _)) if SegmentShardKey::of(&header) != *key => {
+                Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
+            }
+            Ok((header, payload)) => {
+                if header.own_root() == entry.outboard.root() && header.own_root().matches(payload) {
+                    Ok(())
+                } else {
+                    let source = SegmentError::ShardRootMismatch { index: header.index };
+                    Err(StoreError::SegmentCorrupt { key: *key, source })
+                }
+            }
+            Err(source) => Err(StoreError::SegmentCorrupt { key: *key, source }),
+        };
+        if let Err(e) = checked {
+            self.recheck(&slot, loc, e)?;
+            return Box::pin(self.get_segment_shard(key)).await;
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    /// Blocks `first .. first + count` of a segment shard with their proof
+    /// against its root (`codec::segment::prove`'s format). Reads only those
+    /// blocks' bytes; the outboard comes from the index entry. The blocks and
+    /// the hashes on their path are checked against the stored root while
+    /// proving, so a rotten local copy answers `SegmentCorrupt`, never bytes.
+    pub async fn get_blocks(
+        &self,
+        key: &SegmentShardKey,
+        first: u32,
+        count: u32,
+    ) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let slot = Slot::Segment(*key);
+        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let blocks = entry.blocks();
+        let end = first.checked_add(count).filter(|&end| count > 0 && end <= blocks);
+        let Some(end) = end else {
+            return Err(StoreError::BlockRange { first, count, blocks });
+        };
+        let at = entry.payload_offset().map_err(|e| self.io(e))? + u64::from(first) * BLOCK_SIZE as u64;
+        let file = self.data_file(entry.loc.data_file)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, at, count as usize * BLOCK_SIZE)
+            .await
+            .map_err(|e| self.io(format!("reading segment shard blocks: {e}")))?;
+        let outboard = entry.outboard;
+        let proved = if count <= 16 {
+            prove_range(&bytes, &outboard, first..end)
+        } else {
+            // Hashing many blocks: off the async threads.
+            tokio::task::spawn_blocking(move || prove_range(&bytes, &outboard, first..end))
+                .await
+                .map_err(|e| self.io(format!("proving blocks: {e}")))?
+        };
+        match proved {
+            Ok(proof) => Ok(Bytes::from(proof)),
+            Err(source) => {
+                self.recheck(&slot, entry.loc, StoreError::SegmentCorrupt { key: *key, source })?;
+                Box::pin(self.get_blocks(key, first, count)).await
+            }
+        }
+    }
+
+    /// [`Self::delete`] for a segment shard.
+    pub async fn delete_segment_shard(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
+        self.remove(Slot::Segment(*key), epoch).await
+    }
+}
