@@ -41,6 +41,8 @@
 //!      are applied in
 //! ```
 
+pub mod cache;
+pub mod checkpoint;
 pub mod map;
 mod reader;
 pub mod root;
