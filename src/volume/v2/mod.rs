@@ -49,4 +49,6 @@ pub mod root;
 pub mod summary;
 
 #[cfg(test)]
+mod checkpoint_tests;
+#[cfg(test)]
 mod tests;
