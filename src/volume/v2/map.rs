@@ -256,6 +256,16 @@ impl Extent {
     pub fn at(&self, off: u64) -> Option<Mapping> {
         self.first.and_then(|m| m.advance(off))
     }
+
+    /// The map entry stating this extent (`None` if never written).
+    pub fn entry(&self) -> Option<Entry> {
+        let first = self.first?;
+        let (start, len, sequence) = (self.start, self.len, first.sequence);
+        Some(match first.target {
+            Target::Data { segment, slot } => Entry::Data { start, len, segment, slot, sequence },
+            Target::Zero => Entry::Zero { start, len, sequence },
+        })
+    }
 }
 
 /// The runs of one 2^16-block range of addresses.
@@ -302,6 +312,40 @@ impl MapPage {
 
     pub fn lookup(&self, off: u32) -> Option<Mapping> {
         self.run_at(off).map(|(start, run)| run.at(off - start))
+    }
+
+    /// The written extents of this page within the addresses
+    /// `start .. end`, clipped to them, in order (never-written gaps left
+    /// out).
+    pub fn extents(&self, start: u64, end: u64) -> Vec<Extent> {
+        let base = self.base();
+        let (lo, hi) = (start.max(base), end.min(base + PAGE_BLOCKS));
+        if lo >= hi {
+            return Vec::new();
+        }
+        let off = (lo - base) as u32;
+        let from = self.run_at(off).map_or(off, |(s, _)| s);
+        let mut out = Vec::new();
+        for (&s, run) in self.runs.range(from..) {
+            let (rs, re) = (base + u64::from(s), base + u64::from(s) + u64::from(run.len));
+            if rs >= hi {
+                break;
+            }
+            let (os, oe) = (rs.max(lo), re.min(hi));
+            out.push(Extent { start: os, len: oe - os, first: Some(run.at((os - rs) as u32)) });
+        }
+        out
+    }
+
+    /// Blocks this page maps to each segment.
+    pub fn segment_blocks(&self) -> HashMap<SegmentId, u64> {
+        let mut counts = HashMap::new();
+        for run in self.runs.values() {
+            if let Target::Data { segment, .. } = run.first.target {
+                *counts.entry(segment).or_default() += u64::from(run.len);
+            }
+        }
+        counts
     }
 
     /// Applies `new` at offset `lo`; calls `live(segment, delta)` for every

@@ -19,7 +19,10 @@
 //! which entries are applied and repeats do not matter. The map is
 //! checkpointed as [`MapPage`](map::MapPage)s (2^16 blocks each) so it can
 //! be paged, and it counts each segment's live blocks, which compaction
-//! needs.
+//! needs. A [`CheckpointIndex`](checkpoint::CheckpointIndex) says where
+//! each page lies and what it hashes to; the [`MapCache`](cache::MapCache)
+//! keeps a bounded number of pages in memory with the summaries since the
+//! checkpoint on top, and asks its caller for the pages it lacks.
 //!
 //! **One root reaches everything.** The [`RootRecord`](root::RootRecord)
 //! names the latest checkpoint and the segments written since, each with
@@ -41,10 +44,14 @@
 //!      are applied in
 //! ```
 
+pub mod cache;
+pub mod checkpoint;
 pub mod map;
 mod reader;
 pub mod root;
 pub mod summary;
 
+#[cfg(test)]
+mod checkpoint_tests;
 #[cfg(test)]
 mod tests;

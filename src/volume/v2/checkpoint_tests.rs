@@ -1,0 +1,527 @@
+//! The checkpoint and the paged map against a plain [`BlockMap`]: random
+//! summaries, checkpoints at random points, caches as small as one page,
+//! random evictions; pages served from a fake store by the `NeedPage`
+//! protocol, as an attach will fetch them from peers.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::cache::{MapCache, NeedPage};
+use super::checkpoint::{
+    BlockRange, CheckpointError, CheckpointIndex, Continuation, IndexHead, PageFetch, PageRef, page_blobs,
+};
+use super::map::{BlockMap, PAGE_BLOCKS};
+use super::reader::BLOCK;
+use super::root::{SegmentRef, SegmentRoot};
+use super::summary::{Summary, SummaryEntry};
+use crate::codec::sequence::{SegmentId, Sequence};
+
+/// Four pages; entries land around the page boundaries.
+const PAGES: u64 = 4;
+const BLOCKS: u64 = PAGES * PAGE_BLOCKS;
+
+fn seq(epoch: u64, counter: u64) -> Sequence {
+    Sequence::new(epoch, counter).unwrap()
+}
+
+/// Where checkpoint pages are written: blocks by (segment, first slot),
+/// and each segment's root (a stand-in: blake3 of its blocks).
+#[derive(Default)]
+struct Store {
+    blocks: HashMap<(SegmentId, u32), Vec<u8>>,
+    roots: HashMap<SegmentId, SegmentRoot>,
+    next: u64,
+}
+
+impl Store {
+    /// Writes the blobs of a checkpoint into one new segment, returns the
+    /// index, after a round trip through a head with continuations.
+    fn write(&mut self, pending: &super::cache::PendingCheckpoint) -> CheckpointIndex {
+        self.next += 1;
+        let id = SegmentId::new(9, self.next).unwrap();
+        let mut all = Vec::new();
+        let mut placed = Vec::new();
+        let mut slot = 0u32;
+        for blob in &pending.blobs {
+            self.blocks.insert((id, slot), blob.bytes.clone());
+            all.extend_from_slice(&blob.bytes);
+            placed.push((blob.page, slot));
+            slot += blob.blocks();
+        }
+        let root = SegmentRoot(*blake3::hash(&all).as_bytes());
+        self.roots.insert(id, root);
+        let segment = SegmentRef { id, root };
+        let index = pending.finish(placed.into_iter().map(|(p, s)| (p, segment, s))).unwrap();
+        round_trip(&index)
+    }
+
+    /// What peers would return for `fetch`, checked the way a reader does:
+    /// the segment root must be the one the store wrote.
+    fn serve(&self, fetch: &PageFetch) -> Vec<u8> {
+        assert_eq!(self.roots.get(&fetch.segment.id), Some(&fetch.segment.root), "root reachable");
+        let bytes = self.blocks[&(fetch.segment.id, fetch.first_slot)].clone();
+        assert_eq!(bytes.len(), fetch.blocks as usize * BLOCK);
+        bytes
+    }
+}
+
+/// Encodes an index, splits it into a head and continuations (forcing
+/// continuations when it is long enough), decodes it back.
+fn round_trip(index: &CheckpointIndex) -> CheckpointIndex {
+    let bytes = index.encode();
+    let inline = bytes.len().min(100);
+    let rest = bytes.len() - inline;
+    let mut continuations = Vec::new();
+    let mut left = rest;
+    let mut n = 0;
+    // One block per extent, so a long index spans several.
+    while left > 0 {
+        n += 1;
+        let segment = SegmentRef { id: SegmentId::new(8, n).unwrap(), root: SegmentRoot([n as u8; 32]) };
+        continuations.push(Continuation { segment, first_slot: 3, blocks: 1 });
+        left -= left.min(BLOCK);
+    }
+    let (head, parts) = IndexHead::split(&bytes, inline, continuations).unwrap();
+    let encoded = head.encode();
+    assert_eq!(encoded.len() % BLOCK, 0);
+    let decoded = IndexHead::decode(&encoded).unwrap();
+    assert_eq!(decoded, head);
+    let padded: Vec<Vec<u8>> = parts
+        .into_iter()
+        .map(|mut p| {
+            p.resize(p.len().div_ceil(BLOCK) * BLOCK, 0);
+            p
+        })
+        .collect();
+    let refs: Vec<&[u8]> = padded.iter().map(Vec::as_slice).collect();
+    let back = decoded.assemble(&refs).unwrap();
+    assert_eq!(&back, index);
+    back
+}
+
+/// Runs `f` until it stops asking for pages, serving each from `store`.
+fn resolve<T>(
+    cache: &mut MapCache,
+    store: &Store,
+    mut f: impl FnMut(&mut MapCache) -> Result<T, NeedPage>,
+) -> T {
+    for _ in 0..10_000 {
+        match f(cache) {
+            Ok(t) => return t,
+            Err(NeedPage(fetch)) => {
+                cache.insert_page(fetch.page, &store.serve(&fetch)).unwrap();
+                assert!(cache.loaded_pages() <= cache.capacity());
+            }
+        }
+    }
+    panic!("the cache keeps asking for pages");
+}
+
+/// The extents of a whole range, fetching as needed.
+fn range(cache: &mut MapCache, store: &Store, start: u64, len: u64) -> Vec<super::map::Extent> {
+    let (mut out, mut cursor, end) = (Vec::new(), start, start + len);
+    for _ in 0..10_000 {
+        let (extents, need) = cache.lookup_range(cursor, end - cursor);
+        cursor = extents.last().map_or(cursor, |e| e.start + e.len);
+        out.extend(extents);
+        match need {
+            None => {
+                assert_eq!(cursor, end);
+                return out;
+            }
+            Some(NeedPage(fetch)) => cache.insert_page(fetch.page, &store.serve(&fetch)).unwrap(),
+        }
+        assert!(cache.loaded_pages() <= cache.capacity());
+    }
+    panic!("lookup_range makes no progress");
+}
+
+/// An address near a page boundary.
+fn address() -> impl Strategy<Value = u64> {
+    (0..=PAGES, -40i64..40).prop_map(|(p, off)| (p * PAGE_BLOCKS).saturating_add_signed(off).min(BLOCKS - 1))
+}
+
+#[derive(Clone, Debug)]
+enum Piece {
+    Data { start: u64, len: u64, counter: u64, epoch: u64 },
+    Zero { start: u64, len: u64, counter: u64, epoch: u64 },
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    let data = (address(), 1..70u64, 1..50u64, 0..3u64).prop_map(|(start, len, counter, epoch)| {
+        Piece::Data { start, len: len.min(BLOCKS - start), counter, epoch }
+    });
+    let zero = (address(), 1..120u64, 1..50u64, 0..3u64).prop_map(|(start, len, counter, epoch)| {
+        Piece::Zero { start, len: len.min(BLOCKS - start), counter, epoch }
+    });
+    prop_oneof![3 => data, 1 => zero]
+}
+
+fn summary(segment: SegmentId, pieces: &[Piece]) -> Summary {
+    let mut slot = 0u32;
+    let entries = pieces
+        .iter()
+        .map(|p| match *p {
+            Piece::Data { start, len, counter, epoch } => {
+                let e = SummaryEntry::Data { start, len, slot, sequence: seq(epoch, counter) };
+                slot += len as u32;
+                e
+            }
+            Piece::Zero { start, len, counter, epoch } => {
+                SummaryEntry::Zero { start, len, sequence: seq(epoch, counter) }
+            }
+        })
+        .collect();
+    Summary { segment, slots: slot, entries }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Apply(Vec<Piece>),
+    Lookup(u64),
+    Range(u64, u64),
+    Checkpoint,
+    /// A checkpoint during which another summary is applied.
+    CheckpointWhileApplying(Vec<Piece>),
+    Evict(u64),
+    Settle,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => proptest::collection::vec(piece(), 1..5).prop_map(Op::Apply),
+        3 => address().prop_map(Op::Lookup),
+        2 => (address(), 1..300u64).prop_map(|(a, l)| Op::Range(a, l.min(BLOCKS - a))),
+        1 => Just(Op::Checkpoint),
+        1 => proptest::collection::vec(piece(), 1..3).prop_map(Op::CheckpointWhileApplying),
+        1 => (0..PAGES).prop_map(Op::Evict),
+        1 => Just(Op::Settle),
+    ]
+}
+
+/// Every probe address, and the whole neighbourhood of each boundary.
+fn probes() -> impl Iterator<Item = u64> {
+    (0..=PAGES).flat_map(|p| {
+        let b = p * PAGE_BLOCKS;
+        b.saturating_sub(45)..(b + 125).min(BLOCKS)
+    })
+}
+
+fn check(cache: &mut MapCache, store: &Store, model: &BlockMap) -> Result<(), TestCaseError> {
+    for a in probes().step_by(7) {
+        let got = resolve(cache, store, |c| c.lookup(a));
+        prop_assert_eq!(got, model.lookup(a), "address {}", a);
+        prop_assert!(cache.loaded_pages() <= cache.capacity());
+    }
+    resolve(cache, store, MapCache::settle);
+    let live: HashMap<SegmentId, u64> = model.segments().collect();
+    prop_assert_eq!(cache.segments().unwrap(), live);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn the_paged_map_agrees_with_the_model(
+        ops in proptest::collection::vec(op(), 1..40),
+        capacity in 1..4usize,
+    ) {
+        let mut store = Store::default();
+        let mut model = BlockMap::new(BLOCKS);
+        let mut cache = MapCache::new(CheckpointIndex::empty(BLOCKS), capacity);
+        let mut next_segment = 0u64;
+        // Summaries since the last installed checkpoint, for an attach.
+        let mut since: Vec<Summary> = Vec::new();
+        let mut last_index = CheckpointIndex::empty(BLOCKS);
+        let mut new_summary = |pieces: &[Piece]| {
+            next_segment += 1;
+            summary(SegmentId::new(2, next_segment).unwrap(), pieces)
+        };
+        for op in ops {
+            match op {
+                Op::Apply(pieces) => {
+                    let s = new_summary(&pieces);
+                    s.apply_to(&mut model).unwrap();
+                    cache.apply_summary(&s).unwrap();
+                    since.push(s);
+                }
+                Op::Lookup(a) => {
+                    let got = resolve(&mut cache, &store, |c| c.lookup(a));
+                    prop_assert_eq!(got, model.lookup(a), "address {}", a);
+                }
+                Op::Range(a, len) => {
+                    let extents = range(&mut cache, &store, a, len);
+                    let mut next = a;
+                    for e in &extents {
+                        prop_assert_eq!(e.start, next);
+                        prop_assert!(e.len > 0);
+                        for i in 0..e.len {
+                            prop_assert_eq!(e.at(i), model.lookup(e.start + i), "range at {}", e.start + i);
+                        }
+                        next += e.len;
+                    }
+                    prop_assert_eq!(next, a + len);
+                }
+                Op::Checkpoint => {
+                    let pending = resolve(&mut cache, &store, MapCache::checkpoint);
+                    let index = store.write(&pending);
+                    since.retain(|s| !pending.covers().contains(&s.segment));
+                    cache.install(index.clone()).unwrap();
+                    last_index = index;
+                }
+                Op::CheckpointWhileApplying(pieces) => {
+                    let late = new_summary(&pieces);
+                    let mut applied = false;
+                    let pending = resolve(&mut cache, &store, |c| {
+                        let r = c.checkpoint();
+                        if r.is_err() && !applied {
+                            applied = true;
+                            c.apply_summary(&late).unwrap();
+                        }
+                        r
+                    });
+                    late.apply_to(&mut model).unwrap();
+                    if !applied {
+                        cache.apply_summary(&late).unwrap();
+                    }
+                    since.push(late);
+                    let index = store.write(&pending);
+                    since.retain(|s| !pending.covers().contains(&s.segment));
+                    cache.install(index.clone()).unwrap();
+                    last_index = index;
+                }
+                Op::Evict(p) => cache.evict(p),
+                Op::Settle => resolve(&mut cache, &store, MapCache::settle),
+            }
+            prop_assert!(cache.loaded_pages() <= cache.capacity());
+        }
+        check(&mut cache, &store, &model)?;
+
+        // An attach: the last checkpoint, the summaries since, one page.
+        let mut attach = MapCache::new(last_index, 1);
+        for s in &since {
+            attach.apply_summary(s).unwrap();
+        }
+        check(&mut attach, &store, &model)?;
+
+        // A checkpoint now covers everything: a cache on it alone agrees.
+        let pending = resolve(&mut attach, &store, MapCache::checkpoint);
+        let index = store.write(&pending);
+        prop_assert_eq!(index.live_counts(), model.segments().collect::<HashMap<_, _>>());
+        let mut fresh = MapCache::new(index, 2);
+        check(&mut fresh, &store, &model)?;
+    }
+
+    #[test]
+    fn a_whole_map_checkpoint_pages_back_to_the_same_map(
+        pieces in proptest::collection::vec(proptest::collection::vec(piece(), 1..5), 1..12),
+        capacity in 1..3usize,
+    ) {
+        let mut model = BlockMap::new(BLOCKS);
+        for (i, p) in pieces.iter().enumerate() {
+            summary(SegmentId::new(2, i as u64 + 1).unwrap(), p).apply_to(&mut model).unwrap();
+        }
+        let mut store = Store::default();
+        let id = SegmentId::new(9, 1).unwrap();
+        let blobs = page_blobs(&model);
+        let root = SegmentRoot(*blake3::hash(&blobs.concat_bytes()).as_bytes());
+        store.roots.insert(id, root);
+        let mut slot = 0;
+        let (index, written) = CheckpointIndex::build(&model, seq(2, 99), SegmentId::new(2, 99).unwrap(), |b| {
+            let at = slot;
+            slot += b.blocks();
+            (SegmentRef { id, root }, at)
+        })
+        .unwrap();
+        let mut at = 0;
+        for b in &written {
+            store.blocks.insert((id, at), b.bytes.clone());
+            at += b.blocks();
+        }
+        prop_assert_eq!(written, blobs);
+        let index = round_trip(&index);
+        let mut cache = MapCache::new(index, capacity);
+        check(&mut cache, &store, &model)?;
+        // The whole volume in one range, through a cache smaller than it.
+        let all = range(&mut cache, &store, 0, BLOCKS);
+        for e in &all {
+            for i in (0..e.len).step_by(if e.first.is_some() { 1 } else { 997 }) {
+                prop_assert_eq!(e.at(i), model.lookup(e.start + i));
+            }
+        }
+    }
+
+    #[test]
+    fn the_index_parser_refuses_every_prefix_and_survives_flips(
+        pieces in proptest::collection::vec(piece(), 1..8),
+        flip in any::<proptest::sample::Index>(),
+        bit in 0..8u8,
+    ) {
+        let mut model = BlockMap::new(BLOCKS);
+        summary(SegmentId::new(2, 1).unwrap(), &pieces).apply_to(&mut model).unwrap();
+        let id = SegmentId::new(9, 1).unwrap();
+        let mut slot = 0;
+        let (index, _) = CheckpointIndex::build(&model, seq(2, 9), SegmentId::new(2, 1).unwrap(), |b| {
+            let at = slot;
+            slot += b.blocks();
+            (SegmentRef { id, root: SegmentRoot([5; 32]) }, at)
+        })
+        .unwrap();
+        let bytes = index.encode();
+        prop_assert_eq!(&CheckpointIndex::decode(&bytes).unwrap(), &index);
+        for n in 0..bytes.len() {
+            prop_assert!(CheckpointIndex::decode(&bytes[..n]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        prop_assert!(CheckpointIndex::decode(&longer).is_err());
+        let mut flipped = bytes.clone();
+        flipped[flip.index(bytes.len())] ^= 1 << bit;
+        if let Ok(other) = CheckpointIndex::decode(&flipped) {
+            prop_assert_eq!(other.encode(), flipped);
+        }
+        let head = IndexHead::inline(&bytes);
+        let encoded = head.encode();
+        for n in 0..64 + bytes.len() {
+            prop_assert!(IndexHead::decode(&encoded[..n]).is_err());
+        }
+        // A flip anywhere in the head is refused by the parser or the hash.
+        let mut flipped = encoded.clone();
+        flipped[flip.index(64 + bytes.len())] ^= 1 << bit;
+        if let Ok(h) = IndexHead::decode(&flipped) {
+            prop_assert!(h.assemble(&[]).is_err());
+        }
+    }
+}
+
+trait ConcatBytes {
+    fn concat_bytes(&self) -> Vec<u8>;
+}
+
+impl ConcatBytes for Vec<super::checkpoint::PageBlob> {
+    fn concat_bytes(&self) -> Vec<u8> {
+        self.iter().flat_map(|b| b.bytes.iter().copied()).collect()
+    }
+}
+
+/// A map with data on three pages, checkpointed into a store.
+fn three_pages() -> (BlockMap, Store, CheckpointIndex) {
+    let mut model = BlockMap::new(BLOCKS);
+    for p in 0..3 {
+        let pieces = [Piece::Data { start: p * PAGE_BLOCKS + 10, len: 5, counter: p + 1, epoch: 1 }];
+        summary(SegmentId::new(1, p + 1).unwrap(), &pieces).apply_to(&mut model).unwrap();
+    }
+    let mut store = Store::default();
+    let mut cache = MapCache::new(CheckpointIndex::empty(BLOCKS), 1);
+    for s in model.extents().enumerate().map(|(i, e)| {
+        let super::map::Entry::Data { start, len, segment: _, slot: _, sequence } = e.entry().unwrap() else {
+            unreachable!()
+        };
+        Summary {
+            segment: SegmentId::new(1, i as u64 + 1).unwrap(),
+            slots: len as u32,
+            entries: vec![SummaryEntry::Data { start, len, slot: 0, sequence }],
+        }
+    }) {
+        cache.apply_summary(&s).unwrap();
+    }
+    let pending = resolve(&mut cache, &store, MapCache::checkpoint);
+    let index = store.write(&pending);
+    (model, store, index)
+}
+
+#[test]
+fn a_forged_or_misplaced_page_is_refused() {
+    let (_, store, index) = three_pages();
+    let mut cache = MapCache::new(index.clone(), 2);
+    let need = cache.lookup(10).unwrap_err().0;
+    let good = store.serve(&need);
+    // A flipped bit anywhere: refused by the hash, never decoded.
+    for at in [0, 30, good.len() - 1] {
+        let mut forged = good.clone();
+        forged[at] ^= 1;
+        assert!(matches!(
+            cache.insert_page(need.page, &forged),
+            Err(CheckpointError::PageHash { page: 0, .. })
+        ));
+    }
+    // Another page's true bytes offered for page 0: refused too.
+    let other = store.serve(&index.fetch(1).unwrap());
+    assert!(matches!(cache.insert_page(0, &other), Err(CheckpointError::PageHash { .. })));
+    // Padding cut off, or a page the index does not have.
+    assert!(cache.insert_page(0, &good[..good.len() - 1]).is_err());
+    assert_eq!(cache.insert_page(3, &good), Err(CheckpointError::UnknownPage(3)));
+    assert_eq!(cache.loaded_pages(), 0);
+    cache.insert_page(0, &good).unwrap();
+    assert!(cache.lookup(10).unwrap().is_some());
+    // The message names what happened.
+    let mut forged = good.clone();
+    forged[40] ^= 1;
+    let e = cache.insert_page(0, &forged).unwrap_err().to_string();
+    assert!(e.contains("forged"), "{e}");
+}
+
+#[test]
+fn a_cache_of_n_pages_never_holds_more() {
+    let (model, store, index) = three_pages();
+    for capacity in 1..=3 {
+        let mut cache = MapCache::new(index.clone(), capacity);
+        for round in 0..3 {
+            for p in (0..3).rev().chain(0..3) {
+                let a = p * PAGE_BLOCKS + 10 + round;
+                assert_eq!(resolve(&mut cache, &store, |c| c.lookup(a)), model.lookup(a));
+                assert!(cache.loaded_pages() <= capacity);
+            }
+        }
+        assert_eq!(cache.loaded_pages(), capacity);
+    }
+}
+
+#[test]
+fn an_index_too_big_for_its_head_goes_on_in_continuations() {
+    let (_, _, index) = three_pages();
+    let bytes = index.encode();
+    let c = |n: u64, blocks| Continuation {
+        segment: SegmentRef { id: SegmentId::new(1, n).unwrap(), root: SegmentRoot([n as u8; 32]) },
+        first_slot: 0,
+        blocks,
+    };
+    // 10 inline bytes, the rest in one extent.
+    let (head, parts) = IndexHead::split(&bytes, 10, vec![c(7, 1)]).unwrap();
+    assert_eq!(head.continuation_len(0), Some(bytes.len() - 10));
+    let mut part = parts[0].clone();
+    part.resize(BLOCK, 0);
+    let decoded = IndexHead::decode(&head.encode()).unwrap();
+    assert_eq!(decoded.assemble(&[&part]).unwrap(), index);
+    // Altered continuation bytes: the hash refuses them.
+    let mut altered = part.clone();
+    altered[3] ^= 1;
+    assert_eq!(decoded.assemble(&[&altered]), Err(CheckpointError::IndexHash));
+    // Missing, or padding that is not zero.
+    assert!(decoded.assemble(&[]).is_err());
+    let mut dirty = part.clone();
+    dirty[BLOCK - 1] = 1;
+    assert!(decoded.assemble(&[&dirty]).is_err());
+    // An extent too many (the last would be empty) is refused.
+    assert!(IndexHead::split(&bytes, 10, vec![c(7, 1), c(8, 1)]).is_err());
+}
+
+#[test]
+fn index_fields_are_checked() {
+    let (_, _, index) = three_pages();
+    let mut bad = index.clone();
+    bad.segments.insert(SegmentId::new(1, 77).unwrap(), SegmentRoot([1; 32]));
+    assert!(bad.validate().is_err(), "a segment holding no page");
+    let mut bad = index.clone();
+    bad.live.insert(SegmentId::new(1, 77).unwrap(), BLOCKS + 1);
+    assert!(bad.validate().is_err(), "more live blocks than the volume");
+    let mut bad = index.clone();
+    let r = PageRef {
+        range: BlockRange { segment: SegmentId::new(1, 1).unwrap(), first_slot: 0, blocks: 1 },
+        hash: [0; 32],
+    };
+    bad.pages.insert(PAGES, r);
+    assert!(bad.validate().is_err(), "a page past the end, in an unlisted segment");
+}
