@@ -138,8 +138,14 @@ struct Inner {
     data_files: std::sync::Mutex<HashMap<u32, Arc<RegisteredFile>>>,
     /// Set by the first failed write, sync or commit: the store is poisoned.
     first_error: std::sync::Mutex<Option<String>>,
-    /// Bytes of puts admitted but not yet committed (capacity counts them).
-    inflight: std::sync::atomic::AtomicU64,
+    /// Bytes counted against the capacity: shards stored plus puts admitted
+    /// and not yet committed. Admission (under the tail lock) adds a put's
+    /// bytes; a commit takes off only the bytes of the shard it replaced, a
+    /// put that fails or is fenced its own, a delete (under the tail lock)
+    /// the deleted shard's. So no shard is ever counted twice, not even
+    /// between an index commit and the bookkeeping after it (where reading
+    /// the index's `used` and adding what is in flight would).
+    charged: std::sync::atomic::AtomicU64,
     /// Written puts waiting for the group commit.
     commits: std::sync::Mutex<CommitQueue>,
 }
@@ -174,7 +180,7 @@ struct InflightGuard<'a> {
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
         if self.len > 0 {
-            self.store.inner.inflight.fetch_sub(self.len, std::sync::atomic::Ordering::SeqCst);
+            self.store.inner.charged.fetch_sub(self.len, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }
@@ -251,11 +257,12 @@ impl ShardStore {
         durable::sync_dir(dir).map_err(|e| io(&e))?;
         let db = Database::create(dir.join("index.redb")).map_err(|e| io(&e))?;
         let txn = db.begin_write().map_err(|e| io(&e))?;
-        let data_file = {
+        let (data_file, used) = {
             txn.open_table(INDEX).map_err(|e| io(&e))?;
             txn.open_table(SEGMENTS).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
+            let used = c.get("used").map_err(|e| io(&e))?.map_or(0, |v| v.value());
             let mut current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
             // A store from before the rename counted its files as "segment".
             if current.is_none() {
@@ -264,13 +271,14 @@ impl ShardStore {
                     c.insert("data_file", n).map_err(|e| io(&e))?;
                 }
             }
-            match current {
+            let data_file = match current {
                 Some(s) => s as u32,
                 None => {
                     c.insert("data_file", 1).map_err(|e| io(&e))?;
                     1
                 }
-            }
+            };
+            (data_file, used)
         };
         txn.commit().map_err(|e| io(&e))?;
         let (file, end) = open_data_file(ring, dir, data_file)?;
@@ -287,7 +295,7 @@ impl ShardStore {
                 tail: Mutex::new(Tail { data_file, file, end }),
                 data_files: std::sync::Mutex::new(data_files),
                 first_error: std::sync::Mutex::new(None),
-                inflight: std::sync::atomic::AtomicU64::new(0),
+                charged: std::sync::atomic::AtomicU64::new(used),
                 commits: std::sync::Mutex::new(CommitQueue::default()),
             }),
         })
@@ -359,7 +367,7 @@ impl ShardStore {
             // while the kernel still writes, no later put reuses the range.
             let loc = Location { data_file: tail.data_file, offset: tail.end, len: len as u32 };
             tail.end += len;
-            self.inner.inflight.fetch_add(len, Ordering::SeqCst);
+            self.inner.charged.fetch_add(len, Ordering::SeqCst);
             (tail.file.clone(), loc)
         };
         // Until the committer takes it over, the in-flight count is ours to
@@ -431,16 +439,22 @@ impl ShardStore {
                         .unwrap_or_else(|e| Err(format!("index commit task: {e}")))
                 }
             };
-            let bytes: u64 = batch.iter().map(|p| u64::from(p.loc.len)).sum();
-            self.inner.inflight.fetch_sub(bytes, Ordering::SeqCst);
+            let charged = &self.inner.charged;
             match results {
                 Ok(olds) => {
                     for (p, old) in batch.into_iter().zip(olds) {
+                        let freed = match &old {
+                            Ok(Some(replaced)) => replaced.len,
+                            Ok(None) => 0,
+                            Err(_fenced) => p.loc.len,
+                        };
+                        charged.fetch_sub(u64::from(freed), Ordering::SeqCst);
                         let _ = p.done.send(Ok(old));
                     }
                 }
                 Err(e) => {
                     for p in batch {
+                        charged.fetch_sub(u64::from(p.loc.len), Ordering::SeqCst);
                         let _ = p.done.send(Err(e.clone()));
                     }
                 }
@@ -470,9 +484,7 @@ impl ShardStore {
             Some(v) => u64::from(slot.location(v.value()).map_err(|e| self.io(e))?.len),
             None => 0,
         };
-        let c = txn.open_table(COUNTERS).map_err(|e| self.io(e))?;
-        let used = c.get("used").map_err(|e| self.io(e))?.map_or(0, |v| v.value())
-            + self.inner.inflight.load(std::sync::atomic::Ordering::SeqCst);
+        let used = self.inner.charged.load(std::sync::atomic::Ordering::SeqCst);
         let after = used
             .checked_sub(replaced)
             .ok_or_else(|| self.io("index accounting is corrupt (used < a stored shard)"))?
@@ -650,6 +662,9 @@ impl ShardStore {
             txn.commit().map_err(|x| e(&x))
         })();
         committed.map_err(|m| self.poison("committing a delete", m))?;
+        if let Some(loc) = loc {
+            self.inner.charged.fetch_sub(u64::from(loc.len), std::sync::atomic::Ordering::SeqCst);
+        }
         match loc {
             Some(loc) => {
                 self.punch(loc).await;
