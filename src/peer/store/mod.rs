@@ -592,17 +592,21 @@ impl ShardStore {
         }
     }
 
+    /// The bytes at a location, as stored (the caller verifies them).
+    async fn read_location(&self, loc: Location, what: &str) -> Result<Vec<u8>, StoreError> {
+        let file = self.data_file(loc.data_file)?;
+        self.inner
+            .ring
+            .read_exact_at(&file, loc.offset, loc.len as usize)
+            .await
+            .map_err(|e| self.io(format!("reading {what}: {e}")))
+    }
+
     /// Reads a shard back, verified: the whole shard (header + payload).
     pub async fn get(&self, key: &ShardKey) -> Result<Bytes, StoreError> {
         self.check()?;
         let loc = self.locate(key)?.ok_or(StoreError::NotFound(*key))?;
-        let file = self.data_file(loc.data_file)?;
-        let bytes = self
-            .inner
-            .ring
-            .read_exact_at(&file, loc.offset, loc.len as usize)
-            .await
-            .map_err(|e| self.io(format!("reading a shard: {e}")))?;
+        let bytes = self.read_location(loc, "a shard").await?;
         let checked = match parse_shard(&bytes) {
             Ok((header, _)) if ShardKey::of(&header) == *key => Ok(()),
             Ok((header, _)) => Err(StoreError::Misplaced { key: *key, found: ShardKey::of(&header) }),

@@ -53,13 +53,7 @@ impl ShardStore {
         let slot = Slot::Segment(*key);
         let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
         let loc = entry.loc;
-        let file = self.data_file(loc.data_file)?;
-        let bytes = self
-            .inner
-            .ring
-            .read_exact_at(&file, loc.offset, loc.len as usize)
-            .await
-            .map_err(|e| self.io(format!("reading a segment shard: {e}")))?;
+        let bytes = self.read_location(loc, "a segment shard").await?;
         let checked = match parse_segment_shard(&bytes) {
             Ok((header, _)) if SegmentShardKey::of(&header) != *key => {
                 Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
