@@ -248,62 +248,8 @@ pub struct ClusterStatus {
     pub volumes: Vec<VolumeStatus>,
     /// The directory's background workers (the collector) and their state;
     /// shown by `meshdisk status --json`.
-    #[serde(default, with = "flat_workers")]
+    #[serde(default)]
     pub workers: Vec<crate::sys::worker::WorkerInfo>,
-}
-
-/// [`crate::sys::worker::WorkerInfo`] flattens its status into its own
-/// fields, which serde does through a map of unknown length: postcard (the
-/// wire) cannot encode that. This spells the same fields out, so JSON reads
-/// as the flattened form and the wire gets a plain struct.
-mod flat_workers {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use crate::sys::worker::{Status, WorkerInfo};
-
-    #[derive(Serialize, Deserialize)]
-    struct Flat {
-        name: String,
-        state: String,
-        tranquility: u32,
-        errors: u64,
-        consecutive_errors: u64,
-        last_error: Option<String>,
-        queue: Option<u64>,
-        progress: Option<String>,
-    }
-
-    pub fn serialize<S: Serializer>(workers: &[WorkerInfo], s: S) -> Result<S::Ok, S::Error> {
-        let flat: Vec<Flat> = workers
-            .iter()
-            .map(|w| Flat {
-                name: w.name.clone(),
-                state: w.state.clone(),
-                tranquility: w.tranquility,
-                errors: w.errors,
-                consecutive_errors: w.consecutive_errors,
-                last_error: w.last_error.clone(),
-                queue: w.status.queue,
-                progress: w.status.progress.clone(),
-            })
-            .collect();
-        flat.serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<WorkerInfo>, D::Error> {
-        Ok(Vec::<Flat>::deserialize(d)?
-            .into_iter()
-            .map(|f| WorkerInfo {
-                name: f.name,
-                state: f.state,
-                tranquility: f.tranquility,
-                errors: f.errors,
-                consecutive_errors: f.consecutive_errors,
-                last_error: f.last_error,
-                status: Status { queue: f.queue, progress: f.progress },
-            })
-            .collect())
-    }
 }
 
 /// The new generation of a stripe is stored: record it, turn the
@@ -557,7 +503,8 @@ mod tests {
             errors: 2,
             consecutive_errors: 0,
             last_error: Some("peer-3 unreachable".into()),
-            status: crate::sys::worker::Status { queue: Some(4), progress: None },
+            queue: Some(4),
+            progress: None,
         };
         let status = ClusterStatus {
             cluster: "home".into(),
@@ -568,8 +515,9 @@ mod tests {
             workers: vec![collector.clone()],
         };
         roundtrip(DirResponse::Status(Box::new(status.clone())));
-        // In JSON a worker reads as `WorkerInfo` itself does (its status
-        // flattened), and a status without workers still parses.
+        // In JSON a worker reads as `WorkerInfo` itself does (queue and
+        // progress beside the other fields), and a status without workers
+        // still parses.
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["workers"][0], serde_json::to_value(&collector).unwrap());
         let mut old = json.clone();

@@ -713,7 +713,7 @@ async fn the_collector_runs_on_the_directorys_runner_woken_by_a_commit_and_shows
     assert_eq!(peers.erased().len(), 4);
     let status = f.status().await;
     assert_eq!(status.workers[0].errors, 0);
-    assert_eq!(status.workers[0].status.queue, Some(0));
+    assert_eq!(status.workers[0].queue, Some(0));
     let json = serde_json::to_value(&status).unwrap();
     assert_eq!(json["workers"][0]["name"], "collector");
 

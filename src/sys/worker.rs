@@ -126,8 +126,17 @@ pub struct WorkerInfo {
     pub errors: u64,
     pub consecutive_errors: u64,
     pub last_error: Option<String>,
-    #[serde(flatten)]
-    pub status: Status,
+    /// [`Status`]'s fields, spelled out (not `#[serde(flatten)]`, which
+    /// postcard, the cluster's wire format, cannot encode).
+    pub queue: Option<u64>,
+    pub progress: Option<String>,
+}
+
+impl WorkerInfo {
+    fn set_status(&mut self, status: Status) {
+        self.queue = status.queue;
+        self.progress = status.progress;
+    }
 }
 
 struct Slot {
@@ -162,6 +171,7 @@ impl Runner {
     /// Starts `worker` on its own task.
     pub fn spawn_paced<W: Worker>(&self, mut worker: W, pacing: Pacing) {
         let state = if worker.initial_state() == State::Idle { "idle" } else { "busy" };
+        let initial = worker.status();
         let slot = Arc::new(Slot {
             info: Mutex::new(WorkerInfo {
                 name: worker.name(),
@@ -170,7 +180,8 @@ impl Runner {
                 errors: 0,
                 consecutive_errors: 0,
                 last_error: None,
-                status: worker.status(),
+                queue: initial.queue,
+                progress: initial.progress,
             }),
         });
         self.slots.lock().expect("worker list lock").push(slot.clone());
@@ -179,7 +190,7 @@ impl Runner {
             run(&mut worker, &slot, &stop, pacing).await;
             slot.update(|i| {
                 i.state = "done".into();
-                i.status = worker.status();
+                i.set_status(worker.status());
             });
         });
     }
@@ -209,7 +220,7 @@ async fn run<W: Worker>(worker: &mut W, slot: &Slot, stop: &CancellationToken, p
             State::Idle => {
                 slot.update(|i| {
                     i.state = "idle".into();
-                    i.status = worker.status();
+                    i.set_status(worker.status());
                 });
                 state = tokio::select! {
                     () = stop.cancelled() => return,
@@ -226,7 +237,7 @@ async fn run<W: Worker>(worker: &mut W, slot: &Slot, stop: &CancellationToken, p
                     Ok(next) => {
                         slot.update(|i| {
                             i.consecutive_errors = 0;
-                            i.status = status;
+                            i.set_status(status);
                         });
                         state = next;
                         if next == State::Busy && pacing.tranquility > 0 {
@@ -241,7 +252,7 @@ async fn run<W: Worker>(worker: &mut W, slot: &Slot, stop: &CancellationToken, p
                             in_a_row = i.consecutive_errors;
                             i.last_error = Some(e.to_string());
                             i.state = "backoff".into();
-                            i.status = status;
+                            i.set_status(status);
                         });
                         let wait = backoff(pacing, in_a_row);
                         tracing::warn!(
@@ -341,7 +352,7 @@ mod tests {
         assert_eq!((info.errors, info.consecutive_errors), (3, 0));
         assert_eq!(info.last_error.as_deref(), Some("disk on fire (0 left)"));
         assert_eq!(info.state, "idle");
-        assert_eq!(info.status.queue, Some(0));
+        assert_eq!(info.queue, Some(0));
         stop.cancel();
         runner.join().await;
         assert_eq!(runner.list()[0].state, "done");

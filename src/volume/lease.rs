@@ -264,6 +264,6 @@ mod tests {
         assert_eq!(fenced.lock().unwrap().as_deref(), Some("Fenced by the script"));
         let info = &runner.list()[0];
         assert_eq!((info.state.as_str(), info.errors, info.consecutive_errors), ("done", 2, 0));
-        assert_eq!(info.status.progress.as_deref(), Some("epoch 5, renewed 2 times"));
+        assert_eq!(info.progress.as_deref(), Some("epoch 5, renewed 2 times"));
     }
 }
