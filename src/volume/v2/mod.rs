@@ -46,6 +46,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod layout;
 pub mod map;
 mod reader;
 pub mod root;

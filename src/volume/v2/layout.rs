@@ -1,0 +1,363 @@
+//! What a segment's data area holds, slot by slot, and how a destage packs
+//! it.
+//!
+//! ```text
+//! slot 0 ............ n-1 | n ......... | ...... D-2 | D-1
+//!      data blocks        | metadata    | summary    | trailer
+//!      (ciphertext as     | (map pages, | ("MDSM")   | ("MDTR": where the
+//!       written: tweak    |  checkpoint |            |  summary and the
+//!       address, seq.)    |  index)     |            |  metadata are)
+//! ```
+//!
+//! The data slots hold blocks exactly as the writer encrypted them (the
+//! tweak is the block's address and sequence, not its place), so destage
+//! moves ciphertext and compaction can too. Every block after them is a
+//! metadata block, encrypted with the tweak ((1 << 63) | slot, segment id),
+//! which no data block can have (addresses stay below 2^63). The last slot
+//! is the **trailer**: it says where the summary and the other metadata
+//! lie, so a reader that knows only the segment's geometry (every shard
+//! header carries it) finds everything from the last block.
+//!
+//! A segment is as long as what it holds needs, rounded up to whole shard
+//! rows: a FLUSH that finds three dirty blocks writes a segment of
+//! k × 1 blocks, not a full one.
+
+use super::map::ADDRESS_LIMIT;
+use super::reader::{BLOCK, Reader, is_block_padding};
+use super::summary::{self, Summary, SummaryEntry};
+use crate::codec::segment::{SegmentError, SegmentGeometry};
+use crate::codec::sequence::{SegmentId, Sequence};
+use crate::codec::xts::SectorCipher;
+
+/// The trailer's first four bytes.
+pub const TRAILER_MAGIC: [u8; 4] = *b"MDTR";
+/// The trailer format version this code writes and reads.
+pub const TRAILER_VERSION: u16 = 1;
+const TRAILER_LEN: usize = 40;
+
+/// The XTS "sector" of metadata block `slot`: above every block address.
+pub fn metadata_sector(slot: u32) -> u64 {
+    ADDRESS_LIMIT | u64::from(slot)
+}
+
+/// Encrypts metadata blocks in place; the first is at slot `first`.
+pub fn seal_metadata(cipher: &SectorCipher, segment: SegmentId, first: u32, blocks: &mut [u8]) {
+    for (i, b) in blocks.chunks_exact_mut(BLOCK).enumerate() {
+        cipher.encrypt_in_place(metadata_sector(first + i as u32), segment.raw(), b);
+    }
+}
+
+/// Decrypts metadata blocks in place; the first is at slot `first`.
+pub fn open_metadata(cipher: &SectorCipher, segment: SegmentId, first: u32, blocks: &mut [u8]) {
+    for (i, b) in blocks.chunks_exact_mut(BLOCK).enumerate() {
+        cipher.decrypt_in_place(metadata_sector(first + i as u32), segment.raw(), b);
+    }
+}
+
+/// Where a segment's summary and other metadata lie (its last block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trailer {
+    pub segment: SegmentId,
+    /// Data slots `0..data_slots` hold data blocks.
+    pub data_slots: u32,
+    /// Metadata blocks other than the summary (map pages, checkpoint
+    /// index and head): `data_slots..data_slots + metadata_blocks`.
+    pub metadata_blocks: u32,
+    /// The summary's first slot and its length in bytes (it fills whole
+    /// blocks, zero-padded, up to the trailer).
+    pub summary_slot: u32,
+    pub summary_len: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("segment {segment} trailer: {reason}")]
+    Trailer { segment: SegmentId, reason: String },
+    #[error(transparent)]
+    Summary(#[from] summary::SummaryError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+}
+
+impl Trailer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        b[0..4].copy_from_slice(&TRAILER_MAGIC);
+        b[4..6].copy_from_slice(&TRAILER_VERSION.to_le_bytes());
+        b[8..16].copy_from_slice(&self.segment.raw().to_le_bytes());
+        b[16..20].copy_from_slice(&self.data_slots.to_le_bytes());
+        b[20..24].copy_from_slice(&self.metadata_blocks.to_le_bytes());
+        b[24..28].copy_from_slice(&self.summary_slot.to_le_bytes());
+        b[28..32].copy_from_slice(&self.summary_len.to_le_bytes());
+        b
+    }
+
+    /// Parses the (decrypted) last block of segment `segment` of geometry
+    /// `g`, checking that every region lies inside the data area in order.
+    pub fn decode(bytes: &[u8], segment: SegmentId, g: SegmentGeometry) -> Result<Self, LayoutError> {
+        let bad = |reason: &str| LayoutError::Trailer { segment, reason: reason.to_string() };
+        let mut r = Reader::new(bytes);
+        if r.array::<4>() != Some(TRAILER_MAGIC) {
+            return Err(bad("not a segment trailer (magic)"));
+        }
+        match r.u16() {
+            Some(TRAILER_VERSION) => {}
+            Some(v) => return Err(bad(&format!("format version {v} is not supported"))),
+            None => return Err(bad("truncated")),
+        }
+        let (flags, id, data_slots, metadata_blocks, summary_slot, summary_len, reserved) =
+            match (r.u16(), r.u64(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64()) {
+                (Some(f), Some(id), Some(d), Some(m), Some(s), Some(l), Some(res)) => (f, id, d, m, s, l, res),
+                _ => return Err(bad("truncated")),
+            };
+        if flags != 0 || reserved != 0 {
+            return Err(bad("unknown flags or reserved bytes set"));
+        }
+        if id != segment.raw() {
+            return Err(bad(&format!("names segment {}", SegmentId::from_raw(id))));
+        }
+        if !is_block_padding(TRAILER_LEN, r.rest()) || bytes.len() != BLOCK {
+            return Err(bad("not one block of zero padding after the fields"));
+        }
+        let last = g.data_blocks() - 1;
+        let summary_blocks = u64::from(summary_len).div_ceil(BLOCK as u64);
+        let metadata_end = u64::from(data_slots) + u64::from(metadata_blocks);
+        if metadata_end != u64::from(summary_slot)
+            || u64::from(summary_slot) + summary_blocks != last
+            || (summary_len as usize) < summary::HEADER_LEN
+        {
+            return Err(bad("regions do not tile the data area"));
+        }
+        Ok(Self { segment, data_slots, metadata_blocks, summary_slot, summary_len })
+    }
+}
+
+/// One block to pack: its address, sequence and ciphertext.
+pub struct PackedBlock<'a> {
+    pub address: u64,
+    pub sequence: Sequence,
+    pub data: &'a [u8],
+}
+
+/// Gathers a destage's blocks and zero ranges into one segment, counting
+/// as it goes whether the next one still fits in `max_blocks_per_shard`.
+#[derive(Debug)]
+pub struct Packer {
+    k: usize,
+    max_data_blocks: u64,
+    area: Vec<u8>,
+    entries: Vec<SummaryEntry>,
+    slots: u32,
+}
+
+impl Packer {
+    pub fn new(k: usize, max_blocks_per_shard: u32) -> Self {
+        Self {
+            k,
+            max_data_blocks: k as u64 * u64::from(max_blocks_per_shard),
+            area: Vec::new(),
+            entries: Vec::new(),
+            slots: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Data slots used so far.
+    pub fn data_slots(&self) -> u32 {
+        self.slots
+    }
+
+    fn summary_len(entries: usize) -> u64 {
+        (summary::HEADER_LEN + entries * summary::ENTRY_LEN) as u64
+    }
+
+    /// Blocks the segment needs for `slots` data blocks and `entries`
+    /// summary entries, `metadata` other metadata blocks and the trailer.
+    fn needs(slots: u64, entries: usize, metadata: u64) -> u64 {
+        slots + metadata + Self::summary_len(entries).div_ceil(BLOCK as u64) + 1
+    }
+
+    /// Would a data block (possibly a new summary entry) still fit?
+    pub fn fits_block(&self, metadata: u64) -> bool {
+        Self::needs(u64::from(self.slots) + 1, self.entries.len() + 1, metadata) <= self.max_data_blocks
+    }
+
+    /// Would one more zero entry still fit?
+    pub fn fits_zero(&self, metadata: u64) -> bool {
+        Self::needs(u64::from(self.slots), self.entries.len() + 1, metadata) <= self.max_data_blocks
+    }
+
+    /// Adds a data block in the next slot (the caller checked
+    /// [`Self::fits_block`]). Extends the previous entry when the block
+    /// follows it in address, sequence and slot.
+    pub fn push_block(&mut self, b: PackedBlock<'_>) {
+        debug_assert_eq!(b.data.len(), BLOCK);
+        let slot = self.slots;
+        self.area.extend_from_slice(b.data);
+        self.slots += 1;
+        if let Some(SummaryEntry::Data { start, len, slot: first, sequence }) = self.entries.last_mut()
+            && *start + *len == b.address
+            && u64::from(*first) + *len == u64::from(slot)
+            && sequence.checked_add(*len) == Some(b.sequence)
+        {
+            *len += 1;
+            return;
+        }
+        self.entries.push(SummaryEntry::Data { start: b.address, len: 1, slot, sequence: b.sequence });
+    }
+
+    /// Adds blocks `start..start + len` reading as zeroes from `sequence` on.
+    pub fn push_zero(&mut self, start: u64, len: u64, sequence: Sequence) {
+        if let Some(SummaryEntry::Zero { start: s, len: l, sequence: q }) = self.entries.last_mut()
+            && *s + *l == start
+            && *q == sequence
+        {
+            *l += len;
+            return;
+        }
+        self.entries.push(SummaryEntry::Zero { start, len, sequence });
+    }
+
+    /// Lays the segment out: data slots, `metadata` blocks (plaintext,
+    /// whole blocks: encrypted here), the summary, the trailer; as few
+    /// shard rows as that takes. Returns the geometry, the data area and
+    /// the summary.
+    pub fn finish(
+        self,
+        segment: SegmentId,
+        m: usize,
+        metadata: &[u8],
+        cipher: &SectorCipher,
+    ) -> Result<(SegmentGeometry, Vec<u8>, Summary), LayoutError> {
+        assert!(metadata.len().is_multiple_of(BLOCK), "metadata comes in whole blocks");
+        let metadata_blocks = (metadata.len() / BLOCK) as u64;
+        let summary = Summary { segment, slots: self.slots, entries: self.entries };
+        summary.validate()?;
+        let encoded = summary.encode();
+        let summary_blocks = encoded.len().div_ceil(BLOCK) as u64;
+        let used = u64::from(self.slots) + metadata_blocks + summary_blocks + 1;
+        let bps = used.div_ceil(self.k as u64).max(1);
+        let g = SegmentGeometry::new(self.k, m, u32::try_from(bps).unwrap_or(u32::MAX))?;
+        let total = g.data_blocks();
+        // Zero blocks between the metadata and the summary pad out the last
+        // row; the summary ends right before the trailer.
+        let summary_slot = (total - 1 - summary_blocks) as u32;
+        let metadata_blocks = summary_slot - self.slots;
+        let mut area = self.area;
+        area.reserve(g.data_area_len() - area.len());
+        let meta_first = self.slots;
+        area.extend_from_slice(metadata);
+        area.resize(summary_slot as usize * BLOCK, 0);
+        area.extend_from_slice(&encoded);
+        area.resize((total as usize - 1) * BLOCK, 0);
+        let trailer = Trailer {
+            segment,
+            data_slots: self.slots,
+            metadata_blocks,
+            summary_slot,
+            summary_len: encoded.len() as u32,
+        };
+        area.extend_from_slice(&trailer.encode());
+        seal_metadata(cipher, segment, meta_first, &mut area[meta_first as usize * BLOCK..]);
+        debug_assert_eq!(area.len(), g.data_area_len());
+        Ok((g, area, summary))
+    }
+}
+
+/// Parses a segment's summary from its decrypted summary blocks.
+pub fn decode_summary(trailer: &Trailer, blocks: &[u8]) -> Result<Summary, LayoutError> {
+    let bytes = blocks.get(..trailer.summary_len as usize).ok_or_else(|| LayoutError::Trailer {
+        segment: trailer.segment,
+        reason: "summary blocks missing".into(),
+    })?;
+    let s = Summary::decode(bytes)?;
+    if s.segment != trailer.segment || s.slots != trailer.data_slots {
+        return Err(LayoutError::Trailer {
+            segment: trailer.segment,
+            reason: format!("its summary is of segment {} with {} slots", s.segment, s.slots),
+        });
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::key::VolumeKey;
+
+    fn test_key() -> VolumeKey {
+        VolumeKey::from_bytes(&(0..64).collect::<Vec<u8>>()).unwrap()
+    }
+
+    fn seq(e: u64, c: u64) -> Sequence {
+        Sequence::new(e, c).unwrap()
+    }
+
+    #[test]
+    fn a_packed_segment_reads_back_from_its_trailer() {
+        let key = test_key();
+        let cipher = SectorCipher::new(&key);
+        let mut p = Packer::new(4, 256);
+        let blocks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; BLOCK]).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            assert!(p.fits_block(0));
+            // 0..5 consecutive (one entry), then scattered.
+            let address = if i < 5 { 100 + i as u64 } else { 1000 * i as u64 };
+            p.push_block(PackedBlock { address, sequence: seq(2, 10 + i as u64), data: b });
+        }
+        p.push_zero(50, 10, seq(2, 40));
+        p.push_zero(60, 5, seq(2, 40));
+        let segment = SegmentId::new(2, 3).unwrap();
+        let (g, area, summary) = p.finish(segment, 2, &[], &cipher).unwrap();
+        // 10 data + 1 summary + 1 trailer = 12 blocks: 3 rows of 4.
+        assert_eq!(g.blocks_per_shard(), 3);
+        assert_eq!(summary.entries.len(), 7, "{:?}", summary.entries);
+        assert_eq!(&area[..BLOCK * 10], &blocks.concat()[..]);
+        let last = g.data_blocks() as u32 - 1;
+        let mut t = area[last as usize * BLOCK..].to_vec();
+        open_metadata(&cipher, segment, last, &mut t);
+        let trailer = Trailer::decode(&t, segment, g).unwrap();
+        assert_eq!(trailer.data_slots, 10);
+        let mut s = area[trailer.summary_slot as usize * BLOCK..last as usize * BLOCK].to_vec();
+        open_metadata(&cipher, segment, trailer.summary_slot, &mut s);
+        assert_eq!(decode_summary(&trailer, &s).unwrap(), summary);
+        // Another segment's trailer, or a bent field, is refused.
+        let other = SegmentId::new(2, 4).unwrap();
+        assert!(Trailer::decode(&t, other, g).is_err());
+        let mut bent = t.clone();
+        bent[24] ^= 1;
+        assert!(Trailer::decode(&bent, segment, g).is_err());
+    }
+
+    #[test]
+    fn a_full_packer_says_so_before_it_overflows() {
+        let mut p = Packer::new(2, 4);
+        let b = vec![1u8; BLOCK];
+        let mut n = 0;
+        while p.fits_block(0) {
+            p.push_block(PackedBlock { address: n * 2, sequence: seq(1, 1 + n), data: &b });
+            n += 1;
+        }
+        // 8 blocks: data + one summary block + the trailer.
+        assert_eq!(n, 6);
+        let key = test_key();
+        let (g, area, _) =
+            p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &SectorCipher::new(&key)).unwrap();
+        assert_eq!(g.blocks_per_shard(), 4);
+        assert_eq!(area.len(), g.data_area_len());
+    }
+
+    #[test]
+    fn a_trims_only_segment_is_one_row() {
+        let mut p = Packer::new(4, 256);
+        p.push_zero(0, 1 << 20, seq(1, 5));
+        let key = test_key();
+        let (g, _, summary) =
+            p.finish(SegmentId::new(1, 1).unwrap(), 2, &[], &SectorCipher::new(&key)).unwrap();
+        assert_eq!(g.blocks_per_shard(), 1);
+        assert_eq!(summary.slots, 0);
+    }
+}
