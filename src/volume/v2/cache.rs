@@ -85,7 +85,7 @@ pub struct PendingCheckpoint {
     highest_segment: SegmentId,
     /// Unchanged pages, where they were, with their segments' roots.
     kept: Vec<(u64, PageRef, SegmentRoot)>,
-    live: BTreeMap<SegmentId, u64>,
+    live: BTreeMap<SegmentId, (u64, SegmentRoot)>,
     covers: BTreeSet<SegmentId>,
 }
 
@@ -116,7 +116,7 @@ impl PendingCheckpoint {
             self.highest_sequence,
             self.highest_segment,
             pages,
-            self.live.iter().map(|(s, n)| (*s, *n)),
+            self.live.iter().map(|(s, (n, root))| (*s, *n, *root)),
         )
     }
 
@@ -135,8 +135,9 @@ pub struct MapCache {
     /// Last use → page, oldest first.
     lru: BTreeMap<u64, u64>,
     tick: u64,
-    /// Summaries applied since the checkpoint, by segment.
-    recent: BTreeMap<SegmentId, Summary>,
+    /// Summaries applied since the checkpoint, by segment, with the
+    /// segment's root.
+    recent: BTreeMap<SegmentId, (Summary, SegmentRoot)>,
     overlay: BlockMap,
     /// Settled pages' deltas.
     deltas: HashMap<u64, Delta>,
@@ -200,7 +201,7 @@ impl MapCache {
 
     /// The summaries applied since the checkpoint, by segment.
     pub fn recent(&self) -> impl Iterator<Item = &Summary> + '_ {
-        self.recent.values()
+        self.recent.values().map(|(s, _)| s)
     }
 
     /// Drops a loaded page (memory pressure); it is fetched again when
@@ -292,10 +293,10 @@ impl MapCache {
         (merge_adjacent(out), None)
     }
 
-    /// Applies a summary (a segment committed since the checkpoint): all
-    /// of it, or none if an entry reaches past the volume's end.
-    /// Re-applying one is a no-op.
-    pub fn apply_summary(&mut self, summary: &Summary) -> Result<(), MapError> {
+    /// Applies a summary (a segment committed since the checkpoint, whose
+    /// root is `root`): all of it, or none if an entry reaches past the
+    /// volume's end. Re-applying one is a no-op.
+    pub fn apply_summary(&mut self, summary: &Summary, root: SegmentRoot) -> Result<(), MapError> {
         summary.apply_to(&mut self.overlay)?;
         for entry in summary.entries() {
             let (first, last) =
@@ -308,7 +309,7 @@ impl MapCache {
             self.highest_sequence = self.highest_sequence.max(top);
         }
         self.highest_segment = self.highest_segment.max(summary.segment);
-        self.recent.insert(summary.segment, summary.clone());
+        self.recent.insert(summary.segment, (summary.clone(), root));
         let ready: Vec<u64> = self.unsettled.iter().copied().filter(|&p| self.base_ready(p)).collect();
         for page in ready {
             self.settle_page(page);
@@ -363,6 +364,13 @@ impl MapCache {
         Ok(())
     }
 
+    /// The root of `segment` if the map can reach it: a segment of the
+    /// checkpoint's or one applied since. Blocks read from it are proven
+    /// against this root.
+    pub fn root_of(&self, segment: SegmentId) -> Option<SegmentRoot> {
+        self.recent.get(&segment).map(|(_, r)| *r).or_else(|| self.index.segments.get(&segment).copied())
+    }
+
     /// Blocks the map still reaches in `segment`; `None` while some page is
     /// unsettled ([`Self::settle`]).
     pub fn live_blocks(&self, segment: SegmentId) -> Option<u64> {
@@ -405,6 +413,14 @@ impl MapCache {
                 *live.entry(*s).or_default() += n;
             }
         }
+        let root_of = |s: &SegmentId| {
+            self.recent.get(s).map(|(_, r)| *r).or_else(|| self.index.segments.get(s).copied())
+        };
+        let live = live
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, n)| (s, (n as u64, root_of(&s).expect("a live segment is in the index or recent"))))
+            .collect();
         let kept = self
             .index
             .pages
@@ -419,7 +435,7 @@ impl MapCache {
             highest_sequence: staging.highest_sequence,
             highest_segment: staging.highest_segment,
             kept,
-            live: live.into_iter().filter(|(_, n)| *n > 0).map(|(s, n)| (s, n as u64)).collect(),
+            live,
             covers: staging.covers,
         })
     }
@@ -459,9 +475,9 @@ impl MapCache {
         self.deltas.clear();
         self.unsettled.clear();
         let recent = std::mem::take(&mut self.recent);
-        for summary in recent.values() {
+        for (summary, root) in recent.values() {
             // It applied once to a map of this very size, so it applies again.
-            self.apply_summary(summary).expect("a summary applied once applies again");
+            self.apply_summary(summary, *root).expect("a summary applied once applies again");
         }
         Ok(())
     }

@@ -178,7 +178,9 @@ pub struct CheckpointIndex {
     pub highest_segment: SegmentId,
     /// Every non-empty page, by index.
     pub pages: BTreeMap<u64, PageRef>,
-    /// The root of every segment holding pages (exactly those).
+    /// The root of every segment holding pages or live blocks (exactly
+    /// those): everything a reader of this checkpoint's map may fetch is
+    /// proven against a root it reached from the volume's MAC'd root.
     pub segments: BTreeMap<SegmentId, SegmentRoot>,
     /// Live blocks per segment (segments with none left out).
     pub live: BTreeMap<SegmentId, u64>,
@@ -207,6 +209,7 @@ impl CheckpointIndex {
         highest_sequence: Sequence,
         highest_segment: SegmentId,
         mut place: impl FnMut(&PageBlob) -> (SegmentRef, u32),
+        root_of: impl Fn(SegmentId) -> SegmentRoot,
     ) -> Result<(Self, Vec<PageBlob>), CheckpointError> {
         let blobs = page_blobs(map);
         let placed: Vec<(PageRef, u64, SegmentRoot)> = blobs
@@ -222,19 +225,20 @@ impl CheckpointIndex {
             highest_sequence,
             highest_segment,
             placed.into_iter().map(|(r, p, root)| (p, r, root)),
-            map.segments(),
+            map.segments().map(|(s, n)| (s, n, root_of(s))),
         )?;
         Ok((index, blobs))
     }
 
     /// An index from pages already placed (page, where, the root of its
-    /// segment) and the live counts; checks what the parser checks.
+    /// segment) and the live counts (with each segment's root); checks
+    /// what the parser checks.
     pub fn from_placed(
         volume_blocks: u64,
         highest_sequence: Sequence,
         highest_segment: SegmentId,
         pages: impl IntoIterator<Item = (u64, PageRef, SegmentRoot)>,
-        live: impl IntoIterator<Item = (SegmentId, u64)>,
+        live: impl IntoIterator<Item = (SegmentId, u64, SegmentRoot)>,
     ) -> Result<Self, CheckpointError> {
         let mut index = Self::empty(volume_blocks);
         index.highest_sequence = highest_sequence;
@@ -247,7 +251,15 @@ impl CheckpointIndex {
                 return Err(invalid(INDEX, "one segment placed with two roots"));
             }
         }
-        index.live = live.into_iter().filter(|(_, n)| *n > 0).collect();
+        for (segment, n, root) in live {
+            if n == 0 {
+                continue;
+            }
+            index.live.insert(segment, n);
+            if index.segments.insert(segment, root).is_some_and(|old| old != root) {
+                return Err(invalid(INDEX, "one segment listed with two roots"));
+            }
+        }
         index.validate()?;
         Ok(index)
     }
@@ -275,9 +287,9 @@ impl CheckpointIndex {
             }
         }
         let used: std::collections::BTreeSet<SegmentId> =
-            self.pages.values().map(|r| r.range.segment).collect();
-        if used.len() != self.segments.len() {
-            return bad("a listed segment holds no page");
+            self.pages.values().map(|r| r.range.segment).chain(self.live.keys().copied()).collect();
+        if used.len() != self.segments.len() || used.iter().any(|s| !self.segments.contains_key(s)) {
+            return bad("a listed segment holds neither a page nor live blocks, or a live one is not listed");
         }
         if self.live.values().any(|&n| n == 0) {
             return bad("a live-table entry of zero blocks");

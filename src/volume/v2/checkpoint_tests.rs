@@ -244,7 +244,7 @@ proptest! {
                 Op::Apply(pieces) => {
                     let s = new_summary(&pieces);
                     s.apply_to(&mut model).unwrap();
-                    cache.apply_summary(&s).unwrap();
+                    cache.apply_summary(&s, fake_root(s.segment)).unwrap();
                     since.push(s);
                 }
                 Op::Lookup(a) => {
@@ -278,13 +278,13 @@ proptest! {
                         let r = c.checkpoint();
                         if r.is_err() && !applied {
                             applied = true;
-                            c.apply_summary(&late).unwrap();
+                            c.apply_summary(&late, fake_root(late.segment)).unwrap();
                         }
                         r
                     });
                     late.apply_to(&mut model).unwrap();
                     if !applied {
-                        cache.apply_summary(&late).unwrap();
+                        cache.apply_summary(&late, fake_root(late.segment)).unwrap();
                     }
                     since.push(late);
                     let index = store.write(&pending);
@@ -302,7 +302,7 @@ proptest! {
         // An attach: the last checkpoint, the summaries since, one page.
         let mut attach = MapCache::new(last_index, 1);
         for s in &since {
-            attach.apply_summary(s).unwrap();
+            attach.apply_summary(s, fake_root(s.segment)).unwrap();
         }
         check(&mut attach, &store, &model)?;
 
@@ -310,6 +310,10 @@ proptest! {
         let pending = resolve(&mut attach, &store, MapCache::checkpoint);
         let index = store.write(&pending);
         prop_assert_eq!(index.live_counts(), model.segments().collect::<HashMap<_, _>>());
+        // Every segment the map reaches has its root in the index.
+        for (segment, _) in model.segments() {
+            prop_assert_eq!(index.segments.get(&segment), Some(&fake_root(segment)));
+        }
         let mut fresh = MapCache::new(index, 2);
         check(&mut fresh, &store, &model)?;
     }
@@ -333,7 +337,7 @@ proptest! {
             let at = slot;
             slot += b.blocks();
             (SegmentRef { id, root }, at)
-        })
+        }, fake_root)
         .unwrap();
         let mut at = 0;
         for b in &written {
@@ -367,7 +371,7 @@ proptest! {
             let at = slot;
             slot += b.blocks();
             (SegmentRef { id, root: SegmentRoot([5; 32]) }, at)
-        })
+        }, fake_root)
         .unwrap();
         let bytes = index.encode();
         prop_assert_eq!(&CheckpointIndex::decode(&bytes).unwrap(), &index);
@@ -394,6 +398,11 @@ proptest! {
             prop_assert!(h.assemble(&[]).is_err());
         }
     }
+}
+
+/// The root the tests' segments have (any fixed function of the id).
+fn fake_root(segment: SegmentId) -> SegmentRoot {
+    SegmentRoot(*blake3::hash(&segment.raw().to_le_bytes()).as_bytes())
 }
 
 trait ConcatBytes {
@@ -425,7 +434,7 @@ fn three_pages() -> (BlockMap, Store, CheckpointIndex) {
             entries: vec![SummaryEntry::Data { start, len, slot: 0, sequence }],
         }
     }) {
-        cache.apply_summary(&s).unwrap();
+        cache.apply_summary(&s, fake_root(s.segment)).unwrap();
     }
     let pending = resolve(&mut cache, &store, MapCache::checkpoint);
     let index = store.write(&pending);

@@ -107,7 +107,9 @@ impl Trailer {
         }
         let (flags, id, data_slots, metadata_blocks, summary_slot, summary_len, reserved) =
             match (r.u16(), r.u64(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64()) {
-                (Some(f), Some(id), Some(d), Some(m), Some(s), Some(l), Some(res)) => (f, id, d, m, s, l, res),
+                (Some(f), Some(id), Some(d), Some(m), Some(s), Some(l), Some(res)) => {
+                    (f, id, d, m, s, l, res)
+                }
                 _ => return Err(bad("truncated")),
             };
         if flags != 0 || reserved != 0 {
@@ -344,8 +346,7 @@ mod tests {
         // 8 blocks: data + one summary block + the trailer.
         assert_eq!(n, 6);
         let key = test_key();
-        let (g, area, _) =
-            p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &SectorCipher::new(&key)).unwrap();
+        let (g, area, _) = p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 4);
         assert_eq!(area.len(), g.data_area_len());
     }
