@@ -455,6 +455,17 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
             let got = client.get_segment_shard(&peers[i], key(i), &seg.root).await.unwrap();
             assert_eq!(&got[..], &shard[..]);
         }
+        // Headers alone: every shard root, checked against the segment root.
+        for i in 0..seg.shards.len() {
+            let h = client.get_segment_header(&peers[i], key(i), &seg.root).await.unwrap();
+            assert_eq!(usize::from(h.index), i);
+            assert_eq!(h.own_root(), root(i));
+            assert_eq!(h.segment_root(), seg.root);
+        }
+        let mut other = seg.root;
+        other.0[0] ^= 1;
+        let err = client.get_segment_header(&peers[0], key(0), &other).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
         // Random block ranges of the data shards, checked against the data area.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |bound: u32| {

@@ -426,6 +426,9 @@ pub enum PeerRequest {
         shard: SegmentShardKey,
         epoch: u64,
     },
+    /// A segment shard's header alone (`Shard`, the header follows): the
+    /// segment's geometry and every shard root, for checking block proofs.
+    GetSegmentHeader(SegmentShardKey),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -471,6 +474,7 @@ mod tests {
         };
         roundtrip(PeerRequest::PutSegmentShard { epoch: 6 });
         roundtrip(PeerRequest::GetSegmentShard(segment));
+        roundtrip(PeerRequest::GetSegmentHeader(segment));
         roundtrip(PeerRequest::GetBlocks { shard: segment, first: 17, count: 3 });
         roundtrip(PeerRequest::DeleteSegmentShard { shard: segment, epoch: u64::MAX });
         roundtrip(PeerResponse::Blocks);

@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::api::*;
-use crate::codec::segment::{SegmentRoot, SegmentShardKey, ShardRoot, verify_blocks, verify_shard};
+use crate::codec::segment::{
+    SegmentRoot, SegmentShardHeader, SegmentShardKey, ShardRoot, verify_blocks, verify_header, verify_shard,
+};
 use crate::codec::shard::ShardHeader;
 use crate::codec::shard::ShardKey;
 use crate::membership::ca::{Role, node_name};
@@ -399,6 +401,30 @@ impl Client {
             return Err(bad(format!("got shard {} of segment {}", header.index, header.segment)));
         }
         Ok(data)
+    }
+
+    /// A segment shard's header, verified against the segment root
+    /// `expected` and checked to be the one asked for: the geometry and
+    /// every shard root, what block proofs are checked against.
+    pub async fn get_segment_header(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        expected: &SegmentRoot,
+    ) -> Result<SegmentShardHeader, ClientError> {
+        let data = match self.peer_call(peer, &PeerRequest::GetSegmentHeader(key), Vec::new()).await? {
+            (PeerResponse::Shard, data) => data,
+            (other, _) => return Err(unexpected("get segment header", other)),
+        };
+        let bad = |why: String| ClientError::BadSegmentShard { peer: peer.name.clone(), key, why };
+        let header = verify_header(&data, expected).map_err(|e| bad(e.to_string()))?;
+        if SegmentShardKey::of(&header) != key {
+            return Err(bad(format!(
+                "got the header of shard {} of segment {}",
+                header.index, header.segment
+            )));
+        }
+        Ok(header)
     }
 
     /// Blocks `first .. first + count` of a segment shard of

@@ -152,6 +152,9 @@ impl PeerService {
                 }
                 (PeerResponse::Blocks, self.store.get_blocks(&shard, first, count).await.map_err(remote)?)
             }
+            PeerRequest::GetSegmentHeader(key) => {
+                (PeerResponse::Shard, self.store.get_segment_header(&key).await.map_err(remote)?)
+            }
             PeerRequest::DeleteSegmentShard { shard, epoch } => {
                 let existed = self.store.delete_segment_shard(&shard, epoch).await.map_err(remote)?;
                 (PeerResponse::Deleted { existed }, Bytes::new())
@@ -182,6 +185,7 @@ impl Handler for PeerService {
             | PeerRequest::List { .. }
             | PeerRequest::Ping
             | PeerRequest::GetSegmentShard(_)
+            | PeerRequest::GetSegmentHeader(_)
             | PeerRequest::GetBlocks { .. } => true,
         };
         if !allowed {

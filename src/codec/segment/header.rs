@@ -142,6 +142,40 @@ impl SegmentShardHeader {
 /// length, length (the whole header), payload length. It does NOT check
 /// any hash: that is [`verify_shard`].
 pub fn parse_segment_shard(bytes: &[u8]) -> Result<(SegmentShardHeader, &[u8]), SegmentError> {
+    let (header, len) = parse_fields(bytes)?;
+    let payload = &bytes[len..];
+    if payload.len() != header.geometry.shard_len() {
+        return Err(SegmentError::PayloadSize {
+            expected: header.geometry.shard_len(),
+            actual: payload.len(),
+        });
+    }
+    debug_assert_eq!(header.geometry.shard_len() % BLOCK_SIZE, 0);
+    Ok((header, payload))
+}
+
+/// Parses a segment shard's header alone (exactly its bytes, no payload),
+/// with the checks of [`parse_segment_shard`]; no hash is checked.
+pub fn parse_header(bytes: &[u8]) -> Result<SegmentShardHeader, SegmentError> {
+    let (header, len) = parse_fields(bytes)?;
+    if bytes.len() != len {
+        return Err(SegmentError::PayloadSize { expected: 0, actual: bytes.len() - len });
+    }
+    Ok(header)
+}
+
+/// A header alone, checked against the segment root `expected`: what a
+/// reader keeps per segment to check block proofs against the shard roots.
+pub fn verify_header(bytes: &[u8], expected: &SegmentRoot) -> Result<SegmentShardHeader, SegmentError> {
+    let header = parse_header(bytes)?;
+    if blake3::Hash::from_bytes(header.segment_root().0) != blake3::Hash::from_bytes(expected.0) {
+        return Err(SegmentError::SegmentRootMismatch);
+    }
+    Ok(header)
+}
+
+/// The header's fields and its length; `bytes` holds at least the header.
+fn parse_fields(bytes: &[u8]) -> Result<(SegmentShardHeader, usize), SegmentError> {
     if bytes.len() < 8 {
         return Err(SegmentError::Truncated { len: bytes.len(), need: FIXED_LEN });
     }
@@ -181,11 +215,6 @@ pub fn parse_segment_shard(bytes: &[u8]) -> Result<(SegmentShardHeader, &[u8]), 
         .chunks_exact(ROOT_LEN)
         .map(|r| ShardRoot(r.try_into().expect("32 bytes")))
         .collect();
-    let payload = &bytes[len..];
-    if payload.len() != geometry.shard_len() {
-        return Err(SegmentError::PayloadSize { expected: geometry.shard_len(), actual: payload.len() });
-    }
-    debug_assert_eq!(geometry.shard_len() % BLOCK_SIZE, 0);
     let header = SegmentShardHeader {
         volume_id: b[8..24].try_into().expect("16 bytes"),
         segment: SegmentId::from_raw(u64::from_le_bytes(b[24..32].try_into().expect("8 bytes"))),
@@ -193,7 +222,7 @@ pub fn parse_segment_shard(bytes: &[u8]) -> Result<(SegmentShardHeader, &[u8]), 
         index,
         roots,
     };
-    Ok((header, payload))
+    Ok((header, len))
 }
 
 /// Parses a shard and verifies it alone: its header against

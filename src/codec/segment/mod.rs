@@ -44,7 +44,9 @@ use super::erasure::{ErasureError, GeometryError, MAX_DATA_SHARDS, MAX_PARITY_SH
 use super::key::VOLUME_ID_LEN;
 
 pub use code::{EncodedSegment, Rebuilt, SegmentCodec, encode_segment, rebuild};
-pub use header::{SegmentShardHeader, parse_segment_shard, segment_root, verify_shard};
+pub use header::{
+    SegmentShardHeader, parse_header, parse_segment_shard, segment_root, verify_header, verify_shard,
+};
 pub use tree::{ShardOutboard, prove, prove_range, verify_blocks};
 
 /// Every block of the volume, and of a segment, is this many bytes.

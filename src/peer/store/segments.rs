@@ -120,6 +120,41 @@ impl ShardStore {
         }
     }
 
+    /// A segment shard's header alone (all k + m shard roots and the
+    /// geometry: what a reader needs once per segment to check block
+    /// proofs). The reader checks it against the segment root; a header
+    /// naming another shard is refused here.
+    pub async fn get_segment_header(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
+        self.check()?;
+        let slot = Slot::Segment(*key);
+        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let at = entry.loc.offset;
+        let len = entry.payload_offset().map_err(|e| self.io(e))? - at;
+        let file = self.data_file(entry.loc.data_file)?;
+        let bytes = self
+            .inner
+            .ring
+            .read_exact_at(&file, at, len as usize)
+            .await
+            .map_err(|e| self.io(format!("reading a segment shard header: {e}")))?;
+        let checked = match parse_header(&bytes) {
+            Ok(header) if SegmentShardKey::of(&header) != *key => {
+                Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
+            }
+            Ok(header) if header.own_root() != entry.outboard.root() => Err(StoreError::SegmentCorrupt {
+                key: *key,
+                source: SegmentError::ShardRootMismatch { index: header.index },
+            }),
+            Ok(_) => Ok(()),
+            Err(source) => Err(StoreError::SegmentCorrupt { key: *key, source }),
+        };
+        if let Err(e) = checked {
+            self.recheck(&slot, entry.loc, e)?;
+            return Box::pin(self.get_segment_header(key)).await;
+        }
+        Ok(Bytes::from(bytes))
+    }
+
     /// [`Self::delete`] for a segment shard.
     pub async fn delete_segment_shard(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
         self.remove(Slot::Segment(*key), epoch).await
