@@ -456,8 +456,8 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
             assert_eq!(&got[..], &shard[..]);
         }
         // Headers alone: every shard root, checked against the segment root.
-        for i in 0..seg.shards.len() {
-            let h = client.get_segment_header(&peers[i], key(i), &seg.root).await.unwrap();
+        for (i, peer) in peers.iter().enumerate().take(seg.shards.len()) {
+            let h = client.get_segment_header(peer, key(i), &seg.root).await.unwrap();
             assert_eq!(usize::from(h.index), i);
             assert_eq!(h.own_root(), root(i));
             assert_eq!(h.segment_root(), seg.root);
