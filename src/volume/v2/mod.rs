@@ -49,6 +49,7 @@ pub mod checkpoint;
 pub mod layout;
 pub mod map;
 mod reader;
+pub mod remote;
 pub mod root;
 pub mod summary;
 

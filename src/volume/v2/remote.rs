@@ -1,0 +1,401 @@
+//! Segments on the peers: storing one at a write quorum, and reading
+//! blocks of it back, each proven against the segment's root.
+//!
+//! ```text
+//! put   k + m shards in parallel ─► quorum (k + 1) stored ─► the rest get
+//!       a grace as long as the quorum took; a failed or slow shard goes to
+//!       a spare peer once; the holders are whoever really stored each shard
+//! read  header (once per segment, any shard: all k + m shard roots, checked
+//!       against the segment root) ─► the blocks from the one data shard
+//!       holding them, with their hash-tree proof ─► on failure or delay:
+//!       k whole shards, verified, decoded
+//! ```
+//!
+//! Nothing here knows the key: blocks go out and come back as ciphertext.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::api::{ErrorKind, PeerAddr};
+use crate::client::{Client, ClientError};
+use crate::codec::segment::{
+    BLOCK_SIZE, EncodedSegment, SegmentCodec, SegmentError, SegmentRoot, SegmentShardHeader, SegmentShardKey,
+    VolumeId,
+};
+use crate::codec::sequence::SegmentId;
+
+/// A peer by its directory id and address.
+pub type Holder = (u16, PeerAddr);
+
+/// Where a committed segment lies: its root (from the MAC'd root or what
+/// it reaches) and the holder of each shard, by index (`None`: not stored).
+#[derive(Clone, Debug)]
+pub struct Located {
+    pub id: SegmentId,
+    pub root: SegmentRoot,
+    pub holders: Vec<Option<PeerAddr>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentIoError {
+    #[error("segment {segment}: only {stored} of the {quorum} shards needed were stored ({})", list(.failures))]
+    Quorum { segment: SegmentId, stored: usize, quorum: usize, failures: Vec<ClientError> },
+    #[error("segment {segment}: this writer was fenced: {source}")]
+    Fenced {
+        segment: SegmentId,
+        #[source]
+        source: ClientError,
+    },
+    #[error("segment {segment}: no shard header could be read ({})", list(.failures))]
+    NoHeader { segment: SegmentId, failures: Vec<ClientError> },
+    #[error("segment {segment}: slots {first}..{end} cannot be read: {why}")]
+    Unreadable { segment: SegmentId, first: u32, end: u32, why: String },
+    #[error("segment {segment}: {source}")]
+    Codec {
+        segment: SegmentId,
+        #[source]
+        source: SegmentError,
+    },
+}
+
+fn list(failures: &[ClientError]) -> String {
+    if failures.is_empty() {
+        return "no peer to ask".into();
+    }
+    failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+impl SegmentIoError {
+    /// How the failure looks to the export's client.
+    pub fn kind(&self) -> crate::backend::ErrorKind {
+        use crate::backend::ErrorKind as K;
+        match self {
+            SegmentIoError::Fenced { .. } => K::Fenced,
+            SegmentIoError::Codec { .. } => K::Corrupt,
+            SegmentIoError::Unreadable { .. }
+            | SegmentIoError::NoHeader { .. }
+            | SegmentIoError::Quorum { .. } => K::Unavailable,
+        }
+    }
+}
+
+/// Timing of the traffic with peers.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// After a write quorum is stored, wait at least this long for the rest.
+    pub put_grace: Duration,
+    /// A shard put slower than this goes to a spare peer.
+    pub put_deadline: Duration,
+    /// A block read slower than this also starts the decode from other shards.
+    pub hedge: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            put_grace: Duration::from_millis(300),
+            put_deadline: Duration::from_secs(2),
+            hedge: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Most segment headers kept (each a few hundred bytes).
+const HEADERS_KEPT: usize = 16 << 10;
+
+/// The volume's segment traffic. Cheap to clone.
+#[derive(Clone)]
+pub struct SegmentIo {
+    client: Client,
+    volume: VolumeId,
+    timing: Timing,
+    headers: Arc<Mutex<HashMap<SegmentId, Arc<SegmentShardHeader>>>>,
+}
+
+impl SegmentIo {
+    pub fn new(client: Client, volume: VolumeId, timing: Timing) -> Self {
+        Self { client, volume, timing, headers: Default::default() }
+    }
+
+    fn key(&self, segment: SegmentId, index: usize) -> SegmentShardKey {
+        SegmentShardKey { volume: self.volume, segment, index: index as u8 }
+    }
+
+    /// Stores `encoded`'s shards, shard `i` on `peers[i]`, for a writer
+    /// holding `epoch`. Returns who holds each shard once a write quorum
+    /// (k + 1) is stored and the rest had their grace; a shard that failed
+    /// or was slow goes to one of `spares` once. A fenced writer's put fails
+    /// at once.
+    pub async fn put(
+        &self,
+        segment: SegmentId,
+        k: usize,
+        encoded: &EncodedSegment,
+        peers: &[Holder],
+        mut spares: Vec<Holder>,
+        epoch: u64,
+    ) -> Result<Vec<Option<Holder>>, SegmentIoError> {
+        let n = encoded.shards.len();
+        assert_eq!(peers.len(), n, "one peer per shard");
+        let quorum = (k + 1).min(n);
+        let shards: Vec<Bytes> = encoded.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
+        let mut puts = tokio::task::JoinSet::new();
+        let spawn = |puts: &mut tokio::task::JoinSet<_>, i: usize, peer: Holder| {
+            let (client, shard) = (self.client.clone(), shards[i].clone());
+            puts.spawn(async move {
+                let r = client.put_segment_shard(&peer.1, shard, epoch).await;
+                (i, peer, r)
+            });
+        };
+        for (i, p) in peers.iter().enumerate() {
+            spawn(&mut puts, i, p.clone());
+        }
+        spares.retain(|s| !peers.iter().any(|p| p.0 == s.0));
+        let started = Instant::now();
+        let mut holders: Vec<Option<Holder>> = vec![None; n];
+        let mut replaced = vec![false; n];
+        let mut failures = Vec::new();
+        let mut count = 0;
+        let mut turn = tokio::time::Instant::now() + self.timing.put_deadline;
+        let mut last_turn = false;
+        while count < n {
+            let next = match tokio::time::timeout_at(turn, puts.join_next()).await {
+                Ok(Some(Ok(j))) => j,
+                Ok(Some(Err(_))) => continue,
+                Ok(None) => break,
+                Err(_) if last_turn => break,
+                Err(_) => {
+                    // Slow shards also go to a spare; whichever stores first
+                    // holds it (the holder recorded is the peer that said
+                    // stored, never assumed).
+                    for i in 0..n {
+                        if holders[i].is_none() && !replaced[i] {
+                            replaced[i] = true;
+                            if let Some(s) = spares.pop() {
+                                tracing::info!(
+                                    "segment {segment} shard {i}: {} is slow; also sending it to {}",
+                                    peers[i].1.name,
+                                    s.1.name
+                                );
+                                spawn(&mut puts, i, s);
+                            }
+                        }
+                    }
+                    turn = tokio::time::Instant::now() + self.timing.put_deadline;
+                    last_turn = true;
+                    continue;
+                }
+            };
+            match next {
+                (i, peer, Ok(())) => {
+                    if holders[i].is_some() {
+                        // Stored twice (a slow put and its spare): the
+                        // extra copy is an orphan for the collector.
+                        continue;
+                    }
+                    holders[i] = Some(peer);
+                    count += 1;
+                    if count == quorum && !last_turn {
+                        let wait = started.elapsed().max(self.timing.put_grace);
+                        turn = turn.min(tokio::time::Instant::now() + wait);
+                    }
+                }
+                (_, _, Err(e)) if e.kind() == Some(ErrorKind::Fenced) => {
+                    puts.abort_all();
+                    return Err(SegmentIoError::Fenced { segment, source: e });
+                }
+                (i, peer, Err(e)) => {
+                    tracing::info!("segment {segment} shard {i}: {}: {e}", peer.1.name);
+                    failures.push(e);
+                    if holders[i].is_none() && !replaced[i] {
+                        replaced[i] = true;
+                        if let Some(s) = spares.pop() {
+                            spawn(&mut puts, i, s);
+                        }
+                    }
+                }
+            }
+        }
+        puts.abort_all();
+        if count < quorum {
+            return Err(SegmentIoError::Quorum { segment, stored: count, quorum, failures });
+        }
+        if count < n {
+            tracing::info!("segment {segment} stored with {count} of {n} shards");
+        }
+        Ok(holders)
+    }
+
+    /// The segment's header (geometry and every shard root), verified
+    /// against its root; fetched once and kept.
+    pub async fn header(&self, seg: &Located) -> Result<Arc<SegmentShardHeader>, SegmentIoError> {
+        if let Some(h) = self.headers.lock().expect("headers").get(&seg.id) {
+            return Ok(h.clone());
+        }
+        let mut failures = Vec::new();
+        for (i, peer) in seg.holders.iter().enumerate() {
+            let Some(peer) = peer else { continue };
+            match self.client.get_segment_header(peer, self.key(seg.id, i), &seg.root).await {
+                Ok(h) => {
+                    let h = Arc::new(h);
+                    let mut headers = self.headers.lock().expect("headers");
+                    if headers.len() >= HEADERS_KEPT {
+                        headers.clear();
+                    }
+                    headers.insert(seg.id, h.clone());
+                    return Ok(h);
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        Err(SegmentIoError::NoHeader { segment: seg.id, failures })
+    }
+
+    /// Data-area slots `first..end` of a segment (ciphertext as stored),
+    /// proven against the segment root: from the data shards holding them,
+    /// or decoded from k others when one fails or is slow.
+    pub async fn read(&self, seg: &Located, first: u32, end: u32) -> Result<Vec<u8>, SegmentIoError> {
+        let header = self.header(seg).await?;
+        let g = header.geometry;
+        if end <= first || u64::from(end) > g.data_blocks() {
+            return Err(SegmentIoError::Unreadable {
+                segment: seg.id,
+                first,
+                end,
+                why: format!("the segment has {} data blocks", g.data_blocks()),
+            });
+        }
+        let bps = g.blocks_per_shard();
+        let mut out = Vec::with_capacity((end - first) as usize * BLOCK_SIZE);
+        let mut at = first;
+        while at < end {
+            let shard = (at / bps) as usize;
+            let shard_end = ((shard as u32 + 1) * bps).min(end);
+            let (from, count) = (at % bps, shard_end - at);
+            let blocks = self.shard_blocks(seg, &header, shard, from, count).await?;
+            out.extend_from_slice(&blocks);
+            at = shard_end;
+        }
+        Ok(out)
+    }
+
+    /// Blocks `from..from + count` of data shard `shard`: asked of its
+    /// holder; when that fails, or takes longer than the hedge, the shard is
+    /// also rebuilt from the others, and whichever proves first is used.
+    async fn shard_blocks(
+        &self,
+        seg: &Located,
+        header: &SegmentShardHeader,
+        shard: usize,
+        from: u32,
+        count: u32,
+    ) -> Result<Vec<u8>, SegmentIoError> {
+        let bps = header.geometry.blocks_per_shard();
+        let root = header.roots[shard];
+        let direct = async {
+            let Some(peer) = &seg.holders[shard] else {
+                return Err(format!("shard {shard} has no holder"));
+            };
+            self.client
+                .get_blocks(peer, self.key(seg.id, shard), &root, bps, from, count)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        tokio::pin!(direct);
+        let first_try = tokio::time::timeout(self.timing.hedge, &mut direct).await;
+        let why = match first_try {
+            Ok(Ok(blocks)) => return Ok(blocks),
+            Ok(Err(why)) => Some(why),
+            Err(_) => None,
+        };
+        let decode = self.decoded(seg, header, shard);
+        let unreadable =
+            |why: String| SegmentIoError::Unreadable { segment: seg.id, first: from, end: from + count, why };
+        let slice = |payload: &[u8]| {
+            payload[from as usize * BLOCK_SIZE..(from + count) as usize * BLOCK_SIZE].to_vec()
+        };
+        match why {
+            Some(why) => {
+                let payload = decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))?;
+                Ok(slice(&payload))
+            }
+            None => {
+                tokio::pin!(decode);
+                tokio::select! {
+                    r = &mut direct => match r {
+                        Ok(blocks) => Ok(blocks),
+                        Err(why) => {
+                            let payload = decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))?;
+                            Ok(slice(&payload))
+                        }
+                    },
+                    r = &mut decode => match r {
+                        Ok(payload) => Ok(slice(&payload)),
+                        Err(e) => direct.await.map_err(|why| unreadable(format!("{why}; decoding: {e}"))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Rebuilds data shard `shard`'s payload from k other whole shards,
+    /// each verified against the segment root.
+    async fn decoded(
+        &self,
+        seg: &Located,
+        header: &SegmentShardHeader,
+        shard: usize,
+    ) -> Result<Vec<u8>, String> {
+        let g = header.geometry;
+        let mut fetches = tokio::task::JoinSet::new();
+        for (i, peer) in seg.holders.iter().enumerate() {
+            let Some(peer) = peer.clone() else { continue };
+            if i == shard {
+                continue;
+            }
+            let (client, key, root) = (self.client.clone(), self.key(seg.id, i), seg.root);
+            fetches.spawn(async move { (i, client.get_segment_shard(&peer, key, &root).await) });
+        }
+        let mut got: Vec<Option<Bytes>> = vec![None; g.shards()];
+        let mut have = 0;
+        let mut failures = Vec::new();
+        while let Some(j) = fetches.join_next().await {
+            let Ok((i, r)) = j else { continue };
+            match r {
+                Ok(b) => {
+                    got[i] = Some(b);
+                    have += 1;
+                    if have == g.k() {
+                        break;
+                    }
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        fetches.abort_all();
+        if have < g.k() {
+            return Err(format!(
+                "only {have} of the {} shards needed could be read ({})",
+                g.k(),
+                list(&failures)
+            ));
+        }
+        let root = seg.root;
+        tokio::task::spawn_blocking(move || {
+            let given: Vec<Option<&[u8]>> = got.iter().map(|b| b.as_deref()).collect();
+            let rebuilt = SegmentCodec::new(g).rebuild(&root, &given).map_err(|e| e.to_string())?;
+            let (_, whole) = rebuilt
+                .shards
+                .into_iter()
+                .find(|(i, _)| *i == shard)
+                .ok_or_else(|| "the decode did not give the shard back".to_string())?;
+            let hlen = whole.len() - g.shard_len();
+            Ok(whole[hlen..].to_vec())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
