@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::segment::SegmentShardKey;
+use crate::codec::sequence::SegmentId;
 use crate::codec::shard::ShardKey;
 use crate::membership::ca::Role;
 
@@ -265,6 +266,192 @@ pub struct Commit {
     pub hashes: Vec<Option<[u8; 32]>>,
 }
 
+/// A live segment as the directory records it (second design): the peers
+/// holding its shards, as small peer ids in shard order, and the segment
+/// root the shards verify against. The reader trusts the root only as the
+/// MAC'd root record names it; this copy is for repair and for the
+/// directory's own bookkeeping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRecord {
+    pub peers: Vec<u16>,
+    pub root: [u8; 32],
+}
+
+/// Why a [`SegmentRecord`] cannot be stored or read back.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SegmentRecordError {
+    #[error("a segment record names no peers")]
+    NoPeers,
+    #[error("a segment record names {0} peers, more than 255")]
+    TooManyPeers(usize),
+    #[error(
+        "a segment record of {peers} peers with ids up to {max_id} takes {len} bytes, more than {}",
+        SegmentRecord::MAX_LEN
+    )]
+    TooLong { peers: usize, max_id: u16, len: usize },
+    #[error("corrupt segment record: {0}")]
+    Corrupt(&'static str),
+}
+
+impl SegmentRecord {
+    /// The most bytes a stored record takes (docs/formats.md, "Segment
+    /// record"): k + m = 16 shards fit while peer ids stay below 2^15.
+    pub const MAX_LEN: usize = 64;
+    const FIXED: usize = 2 + 32;
+
+    /// Bits per peer id: enough for the largest, at least 1.
+    fn width(peers: &[u16]) -> u32 {
+        let max = peers.iter().copied().max().unwrap_or(0);
+        (u16::BITS - max.leading_zeros()).max(1)
+    }
+
+    /// The stored form: peer count, id width `w`, the root, then the ids
+    /// packed `w` bits each, least significant bit first. Refuses a record
+    /// that would exceed [`Self::MAX_LEN`].
+    pub fn encode(&self) -> Result<Vec<u8>, SegmentRecordError> {
+        let n = self.peers.len();
+        if n == 0 {
+            return Err(SegmentRecordError::NoPeers);
+        }
+        let count = u8::try_from(n).map_err(|_| SegmentRecordError::TooManyPeers(n))?;
+        let w = Self::width(&self.peers);
+        let len = Self::FIXED + (n * w as usize).div_ceil(8);
+        if len > Self::MAX_LEN {
+            let max_id = self.peers.iter().copied().max().unwrap_or(0);
+            return Err(SegmentRecordError::TooLong { peers: n, max_id, len });
+        }
+        let mut b = vec![0u8; len];
+        b[0] = count;
+        b[1] = w as u8;
+        b[2..Self::FIXED].copy_from_slice(&self.root);
+        for (i, &id) in self.peers.iter().enumerate() {
+            for bit in 0..w as usize {
+                if id >> bit & 1 == 1 {
+                    let at = i * w as usize + bit;
+                    b[Self::FIXED + at / 8] |= 1 << (at % 8);
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Parses the stored form strictly: exact length, the narrowest width,
+    /// zero padding bits. Never panics.
+    pub fn decode(b: &[u8]) -> Result<Self, SegmentRecordError> {
+        let corrupt = SegmentRecordError::Corrupt;
+        if b.len() < Self::FIXED || b.len() > Self::MAX_LEN {
+            return Err(corrupt("wrong length"));
+        }
+        let (n, w) = (usize::from(b[0]), u32::from(b[1]));
+        if n == 0 {
+            return Err(SegmentRecordError::NoPeers);
+        }
+        if !(1..=16).contains(&w) {
+            return Err(corrupt("peer id width not 1 to 16 bits"));
+        }
+        let bits = n * w as usize;
+        if b.len() != Self::FIXED + bits.div_ceil(8) {
+            return Err(corrupt("length does not match the peer count and id width"));
+        }
+        let packed = &b[Self::FIXED..];
+        let bit = |at: usize| packed[at / 8] >> (at % 8) & 1;
+        let peers: Vec<u16> =
+            (0..n).map(|i| (0..w as usize).map(|j| u16::from(bit(i * w as usize + j)) << j).sum()).collect();
+        if (bits..packed.len() * 8).any(|at| bit(at) != 0) {
+            return Err(corrupt("padding bits are not zero"));
+        }
+        if Self::width(&peers) != w {
+            return Err(corrupt("peer ids are wider than they need"));
+        }
+        let root = b[2..Self::FIXED].try_into().map_err(|_| corrupt("wrong length"))?;
+        Ok(Self { peers, root })
+    }
+}
+
+/// A peer by its small id (second design: segment records name peers by
+/// it) and where to reach it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSlot {
+    pub id: u16,
+    pub addr: PeerAddr,
+}
+
+/// Where one new segment's shards go: k + m distinct peers, in shard
+/// order. No space is reserved; the writer asks again if a put is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentPlacement {
+    pub peers: Vec<PeerSlot>,
+}
+
+/// A volume's committed root as the directory keeps it: the sealed record
+/// (opaque to the directory but for its header) and the (epoch, commit) it
+/// read from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootState {
+    pub sealed: Vec<u8>,
+    pub epoch: u64,
+    pub commit: u64,
+}
+
+/// Most new segment records one [`RootCommit`] may carry.
+pub const MAX_COMMIT_SEGMENTS: usize = 100;
+/// Most writes one [`RootCommit`] makes (the root, new records, dropped
+/// records): etcd's default limit of operations per transaction.
+pub const MAX_COMMIT_OPS: usize = 128;
+/// Most segments one `PlaceSegments` call places, and most records one
+/// `SegmentRecords` call returns.
+pub const MAX_SEGMENTS_PER_CALL: usize = 1024;
+
+/// One compare-and-set of a volume's root (second design): the new root
+/// replaces `expected`, with the writer's lease at `epoch`, and the
+/// segment records go in and out with it, all in one transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootCommit {
+    pub volume: String,
+    /// The writer's lease epoch (fencing, as for stripe commits).
+    pub epoch: u64,
+    /// (epoch, commit) of the root this replaces; `None`: no root yet.
+    pub expected: Option<(u64, u64)>,
+    /// The sealed root record (`codec::root::RootRecord::seal`).
+    pub sealed: Vec<u8>,
+    /// New segment records (at most [`MAX_COMMIT_SEGMENTS`]).
+    #[serde(with = "segment_records")]
+    pub segments: Vec<(SegmentId, SegmentRecord)>,
+    /// Segment records to remove.
+    #[serde(with = "segment_ids")]
+    pub dropped: Vec<SegmentId>,
+}
+
+/// serde for segment ids as their raw numbers (the id type knows no serde).
+mod segment_ids {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::SegmentId;
+
+    pub fn serialize<S: Serializer>(ids: &[SegmentId], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(ids.iter().map(|id| id.raw()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SegmentId>, D::Error> {
+        Ok(Vec::<u64>::deserialize(d)?.into_iter().map(SegmentId::from_raw).collect())
+    }
+}
+
+mod segment_records {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{SegmentId, SegmentRecord};
+
+    pub fn serialize<S: Serializer>(records: &[(SegmentId, SegmentRecord)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(records.iter().map(|(id, r)| (id.raw(), r)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(SegmentId, SegmentRecord)>, D::Error> {
+        let raw = Vec::<(u64, SegmentRecord)>::deserialize(d)?;
+        Ok(raw.into_iter().map(|(id, r)| (SegmentId::from_raw(id), r)).collect())
+    }
+}
+
 /// Calls to the directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DirRequest {
@@ -355,6 +542,36 @@ pub enum DirRequest {
         volume: String,
         epoch: u64,
     },
+    /// Second design: where `count` new segments go, k + m distinct peers
+    /// each that are up, have `shard_bytes` free and are not in `exclude`
+    /// (peer ids). Nothing is reserved or written; the writer must hold
+    /// the lease at `epoch`.
+    PlaceSegments {
+        volume: String,
+        epoch: u64,
+        count: u32,
+        shard_bytes: u64,
+        exclude: Vec<u16>,
+    },
+    /// The volume's committed root, if it has one.
+    GetRoot {
+        volume: String,
+    },
+    /// Swap the root by compare-and-set (`Committed`). Refused `Fenced`
+    /// (not the lease holder at that epoch), `Conflict` (the root is not
+    /// `expected`), `Invalid` (the root does not parse, is for another
+    /// volume, epoch or commit number, or the commit is too big).
+    CommitRoot(RootCommit),
+    /// Segment records by id, `None` for those the directory does not have.
+    SegmentRecords {
+        volume: String,
+        #[serde(with = "segment_ids")]
+        ids: Vec<SegmentId>,
+    },
+    /// Peers by small id and their current addresses.
+    PeerSlots {
+        ids: Vec<u16>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +602,14 @@ pub enum DirResponse {
     Peer(PeerAddr),
     Done,
     Error(Remote),
+    SegmentPlacements(Vec<SegmentPlacement>),
+    Root(Option<RootState>),
+    /// The root is swapped; its commit number.
+    Committed {
+        commit: u64,
+    },
+    SegmentRecords(Vec<Option<SegmentRecord>>),
+    PeerSlots(Vec<Option<PeerSlot>>),
 }
 
 /// Calls to a peer. Shard bytes (header + payload) follow `Put`,
@@ -548,6 +773,65 @@ mod tests {
         }));
     }
 
+    #[test]
+    fn second_design_messages_round_trip() {
+        let seg = |n| SegmentId::new(3, n).unwrap();
+        let record = SegmentRecord { peers: vec![1, 200, 16_000], root: [5; 32] };
+        let slot =
+            PeerSlot { id: 7, addr: PeerAddr { name: "peer-7".into(), addr: "[::1]:9".parse().unwrap() } };
+        roundtrip(DirRequest::PlaceSegments {
+            volume: "v".into(),
+            epoch: 3,
+            count: 8,
+            shard_bytes: 1 << 20,
+            exclude: vec![4, 9],
+        });
+        roundtrip(DirResponse::SegmentPlacements(vec![SegmentPlacement { peers: vec![slot.clone()] }]));
+        roundtrip(DirRequest::GetRoot { volume: "v".into() });
+        roundtrip(DirResponse::Root(Some(RootState { sealed: vec![1, 2, 3], epoch: 3, commit: 9 })));
+        roundtrip(DirResponse::Root(None));
+        roundtrip(DirRequest::CommitRoot(RootCommit {
+            volume: "v".into(),
+            epoch: 3,
+            expected: Some((3, 8)),
+            sealed: vec![9; 200],
+            segments: vec![(seg(1), record.clone()), (SegmentId::from_raw(u64::MAX), record.clone())],
+            dropped: vec![seg(0)],
+        }));
+        roundtrip(DirResponse::Committed { commit: 9 });
+        roundtrip(DirRequest::SegmentRecords { volume: "v".into(), ids: vec![seg(1), seg(2)] });
+        roundtrip(DirResponse::SegmentRecords(vec![Some(record), None]));
+        roundtrip(DirRequest::PeerSlots { ids: vec![1, u16::MAX] });
+        roundtrip(DirResponse::PeerSlots(vec![Some(slot), None]));
+    }
+
+    #[test]
+    fn a_segment_record_of_sixteen_peers_fits_in_64_bytes_while_ids_stay_below_2_15() {
+        let root = [0xab; 32];
+        let wide = SegmentRecord { peers: (0..16).map(|i| 16_383 - i).collect(), root };
+        assert_eq!(wide.encode().unwrap().len(), 62);
+        let widest = SegmentRecord { peers: (0..16).map(|i| 32_767 - i).collect(), root };
+        let b = widest.encode().unwrap();
+        assert_eq!(b.len(), SegmentRecord::MAX_LEN);
+        assert_eq!(SegmentRecord::decode(&b).unwrap(), widest);
+        let too_wide = SegmentRecord { peers: vec![1; 15].into_iter().chain([32_768]).collect(), root };
+        let err = too_wide.encode().unwrap_err();
+        assert_eq!(err, SegmentRecordError::TooLong { peers: 16, max_id: 32_768, len: 66 });
+        // Small clusters make small records: 4 + 2 peers, ids below 8.
+        assert_eq!(SegmentRecord { peers: vec![1, 2, 3, 4, 5, 6], root }.encode().unwrap().len(), 37);
+        assert_eq!(SegmentRecord { peers: vec![], root }.encode(), Err(SegmentRecordError::NoPeers));
+        // Strict: a wider id width than needed, set padding bits and a
+        // wrong length are refused.
+        let mut b = SegmentRecord { peers: vec![1, 2, 3], root }.encode().unwrap();
+        assert_eq!(b[1], 2);
+        let mut padded = b.clone();
+        padded[SegmentRecord::FIXED] |= 0x80;
+        assert!(matches!(SegmentRecord::decode(&padded), Err(SegmentRecordError::Corrupt(_))));
+        assert!(SegmentRecord::decode(&b[..b.len() - 1]).is_err());
+        b[1] = 3;
+        assert!(SegmentRecord::decode(&b).is_err());
+    }
+
     proptest! {
         /// Arbitrary bytes never panic the decoders.
         #[test]
@@ -556,6 +840,22 @@ mod tests {
             let _ = wire::decode::<DirResponse>(&body);
             let _ = wire::decode::<PeerRequest>(&body);
             let _ = wire::decode::<PeerResponse>(&body);
+            let _ = SegmentRecord::decode(&body);
+        }
+
+        #[test]
+        fn segment_records_decode_to_what_was_encoded(
+            peers in proptest::collection::vec(any::<u16>(), 1..24),
+            root: [u8; 32],
+        ) {
+            let r = SegmentRecord { peers, root };
+            match r.encode() {
+                Ok(b) => {
+                    prop_assert!(b.len() <= SegmentRecord::MAX_LEN);
+                    prop_assert_eq!(SegmentRecord::decode(&b).unwrap(), r);
+                }
+                Err(e) => prop_assert!(matches!(e, SegmentRecordError::TooLong { .. }), "{}", e),
+            }
         }
     }
 }

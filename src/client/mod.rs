@@ -13,7 +13,8 @@ use bytes::Bytes;
 
 use crate::api::*;
 use crate::codec::segment::{
-    SegmentRoot, SegmentShardHeader, SegmentShardKey, ShardRoot, verify_blocks, verify_header, verify_shard,
+    SegmentId, SegmentRoot, SegmentShardHeader, SegmentShardKey, ShardRoot, verify_blocks, verify_header,
+    verify_shard,
 };
 use crate::codec::shard::ShardHeader;
 use crate::codec::shard::ShardKey;
@@ -285,6 +286,67 @@ impl Client {
         match self.directory(&DirRequest::Stripe { volume: volume.into(), stripe }).await? {
             DirResponse::Stripe(s) => Ok(s),
             other => Err(unexpected("stripe", other)),
+        }
+    }
+
+    /// Second design: where `count` new segments go (k + m peers each,
+    /// none of `exclude`), for the writer holding the lease at `epoch`.
+    pub async fn place_segments(
+        &self,
+        volume: &str,
+        epoch: u64,
+        count: u32,
+        shard_bytes: u64,
+        exclude: Vec<u16>,
+    ) -> Result<Vec<SegmentPlacement>, ClientError> {
+        let req = DirRequest::PlaceSegments { volume: volume.into(), epoch, count, shard_bytes, exclude };
+        match self.directory(&req).await? {
+            DirResponse::SegmentPlacements(p) => Ok(p),
+            other => Err(unexpected("place segments", other)),
+        }
+    }
+
+    /// The volume's committed root, if it has one (not verified: the
+    /// caller opens it with the volume key).
+    pub async fn root(&self, volume: &str) -> Result<Option<RootState>, ClientError> {
+        match self.directory(&DirRequest::GetRoot { volume: volume.into() }).await? {
+            DirResponse::Root(r) => Ok(r),
+            other => Err(unexpected("root", other)),
+        }
+    }
+
+    /// Swaps the volume's root by compare-and-set; returns the new commit
+    /// number. A refusal keeps its kind ([`ClientError::kind`]): `Conflict`
+    /// (another root is current), `Fenced` (taken over), `Invalid`. When
+    /// the call itself fails the outcome is unknown: read the root again
+    /// before sealing another with the same (epoch, commit).
+    pub async fn commit_root(&self, commit: RootCommit) -> Result<u64, ClientError> {
+        match self.directory(&DirRequest::CommitRoot(commit)).await? {
+            DirResponse::Committed { commit } => Ok(commit),
+            other => Err(unexpected("commit root", other)),
+        }
+    }
+
+    /// The directory's records of these segments (`None`: no record).
+    pub async fn segment_records(
+        &self,
+        volume: &str,
+        ids: Vec<SegmentId>,
+    ) -> Result<Vec<Option<SegmentRecord>>, ClientError> {
+        let n = ids.len();
+        match self.directory(&DirRequest::SegmentRecords { volume: volume.into(), ids }).await? {
+            DirResponse::SegmentRecords(r) if r.len() == n => Ok(r),
+            other => Err(unexpected("segment records", other)),
+        }
+    }
+
+    /// Where the peers with these small ids are now (`None`: unknown id,
+    /// or a peer that never reported).
+    pub async fn peer_slots(&self, ids: Vec<u16>) -> Result<Vec<Option<PeerSlot>>, ClientError> {
+        let n = ids.len();
+        match self.directory(&DirRequest::PeerSlots { ids }).await? {
+            DirResponse::PeerSlots(p) if p.len() == n => Ok(p),
+            other => Err(unexpected("peer slots", other)),
         }
     }
 

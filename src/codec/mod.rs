@@ -28,6 +28,8 @@ pub mod bench;
 pub mod erasure;
 pub mod key;
 pub mod keyslot;
+pub mod reader;
+pub mod root;
 pub mod segment;
 pub mod sequence;
 pub mod shard;

@@ -82,6 +82,9 @@ impl<S: MetaStore> Directory<S> {
         };
         let cert =
             self.ca.issue(csr, &node, role).map_err(|e| Remote::new(ErrorKind::Invalid, e.to_string()))?;
+        if role == Role::Peer {
+            self.peer_id(&node).await?;
+        }
         tracing::info!("{} {node} joined", role.as_str());
         Ok(DirResponse::Joined {
             node,
@@ -89,6 +92,53 @@ impl<S: MetaStore> Directory<S> {
             cert_pem: format!("{cert}{}", self.ca.cert_pem()),
             ca_pem: self.ca.cert_pem().to_owned(),
         })
+    }
+
+    /// The peer's small id (segment records name peers by it), given the
+    /// first time it is asked for: one above the highest ever given, so an
+    /// id is never reused (the `peerslot/` keys are never deleted).
+    pub(super) async fn peer_id(&self, name: &str) -> Result<u16, Remote> {
+        let id_key = peer_id_key(name);
+        for _ in 0..16 {
+            if let Some(e) = self.meta.get(&id_key).await? {
+                return decode_peer_id(name, &e.value);
+            }
+            let highest =
+                self.meta.list(PEER_SLOT_PREFIX).await?.last().and_then(|e| parse_peer_slot_key(&e.key));
+            let Some(id) = highest.map_or(Some(1), |h| h.checked_add(1)) else {
+                return Err(Remote::new(
+                    ErrorKind::Full,
+                    format!("every peer id is taken (65535 peers have joined): {name} cannot get one"),
+                ));
+            };
+            let slot = peer_slot_key(id);
+            let out = self
+                .meta
+                .txn(
+                    Txn::new()
+                        .when(Compare::Absent(id_key.clone()))
+                        .when(Compare::Absent(slot.clone()))
+                        .then(Op::Put { key: id_key.clone(), value: id.to_be_bytes().to_vec(), lease: None })
+                        .then(Op::Put { key: slot, value: name.as_bytes().to_vec(), lease: None }),
+                )
+                .await?;
+            if out.succeeded {
+                tracing::info!("peer {name} has peer id {id}");
+                return Ok(id);
+            }
+        }
+        Err(Remote::new(ErrorKind::Conflict, format!("peer {name}: peer ids kept changing; try again")))
+    }
+
+    /// Every peer's small id, by name.
+    pub(super) async fn peer_ids(&self) -> Result<HashMap<String, u16>, Remote> {
+        let mut out = HashMap::new();
+        for e in self.meta.list(b"peerid/").await? {
+            let name = String::from_utf8_lossy(&e.key[b"peerid/".len()..]).into_owned();
+            let id = decode_peer_id(&name, &e.value)?;
+            out.insert(name, id);
+        }
+        Ok(out)
     }
 
     pub(super) fn state(&self, rec: &PeerRecord, now: u64) -> PeerState {
@@ -124,6 +174,8 @@ impl<S: MetaStore> Directory<S> {
         self.meta
             .txn(Txn::new().then(Op::Put { key: key("peers", node), value: enc(&rec), lease: None }))
             .await?;
+        // Peers that joined before peer ids existed get theirs here.
+        self.peer_id(node).await?;
         let peers = self
             .peers()
             .await?
@@ -208,4 +260,9 @@ impl<S: MetaStore> Directory<S> {
         tracing::info!("made a join token for a {} valid {ttl_secs} s", role.as_str());
         Ok(DirResponse::Token { token: t.reveal().to_owned(), expires_ms: now + ttl_secs * 1000 })
     }
+}
+
+fn decode_peer_id(name: &str, value: &[u8]) -> Result<u16, Remote> {
+    let b: [u8; 2] = value.try_into().map_err(|_| internal(format!("corrupt peer id record of {name}")))?;
+    Ok(u16::from_be_bytes(b))
 }

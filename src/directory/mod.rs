@@ -21,9 +21,16 @@
 //!                             lives on a store lease, so it vanishes when
 //!                             the reservation expires
 //! tokens/<hash>               unspent join tokens (see tokens.rs)
+//! peerid/<name>               a peer's small id (u16), given once
+//! peerslot/<id>               the name of the peer with that id; never
+//!                             deleted, so ids are never reused
+//! roots/<volume id>           second design: the volume's committed root
+//! segs/<volume id>/<seg>      second design: a live segment's record
+//!                             (peer ids and segment root, ≤ 64 bytes)
 //! ```
 //!
-//! (`<volume id>` in hex, `<n>` and `<gen>` big-endian u64s.)
+//! (`<volume id>` in hex, `<n>`, `<gen>` and `<seg>` big-endian u64s,
+//! `<id>` a big-endian u16.)
 //!
 //! A peer is up while its last heartbeat is younger than `peer_timeout`, so
 //! liveness needs no timer and survives a directory restart (a peer is down
@@ -41,6 +48,8 @@
 //!   leases that fence a volume's writers;
 //! - `stripes.rs`: placing a stripe (with [`placement`]), replacing a slow
 //!   peer in a reservation, committing and dropping stripes;
+//! - `roots.rs`: the second design's roots and segment records, placing
+//!   segments in batches, and grouped commits (many roots, one fsync);
 //! - [`heal`]: background work that keeps the peers' contents in line with
 //!   the map (today the garbage [`heal::collector`]);
 //! - [`meta`]: the store trait and its embedded implementation.
@@ -54,6 +63,7 @@ pub mod heal;
 mod members;
 pub mod meta;
 pub mod placement;
+mod roots;
 mod schema;
 mod stripes;
 #[cfg(test)]
@@ -149,6 +159,8 @@ pub struct Directory<S: MetaStore> {
     gc: tokio::sync::Notify,
     /// One placement at a time, so two cannot reserve the same free space.
     placing: tokio::sync::Mutex<()>,
+    /// Root commits waiting to go to the store together.
+    commits: roots::CommitQueue,
     /// The background workers [`run`] starts (the collector), for status.
     workers: Runner,
     /// Stops them.
@@ -271,6 +283,7 @@ impl<S: MetaStore> Directory<S> {
             clock,
             gc: tokio::sync::Notify::new(),
             placing: tokio::sync::Mutex::new(()),
+            commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
             halt,
         })
@@ -395,6 +408,26 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::ReleaseLease { volume, epoch } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.release_lease(&who.node, &volume, epoch).await
+            }
+            DirRequest::PlaceSegments { volume, epoch, count, shard_bytes, exclude } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.place_segments(&who.node, &volume, epoch, count, shard_bytes, &exclude).await
+            }
+            DirRequest::GetRoot { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.get_root(&volume).await
+            }
+            DirRequest::CommitRoot(c) => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.commit_root(&who.node, c).await
+            }
+            DirRequest::SegmentRecords { volume, ids } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.segment_records(&volume, &ids).await
+            }
+            DirRequest::PeerSlots { ids } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.peer_slots(&ids).await
             }
         }
     }

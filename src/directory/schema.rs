@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::Directory;
 use super::meta::{MetaError, MetaStore};
 use crate::api::*;
+use crate::codec::sequence::SegmentId;
 use crate::membership::ca::Role;
 
 pub(super) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
@@ -111,6 +112,43 @@ pub(super) fn parse_old_key(k: &[u8]) -> Option<([u8; VOLUME_ID_LEN], u64, u64)>
     Some((id, stripe, generation))
 }
 
+/// `roots/<volume id>`: the volume's committed root ([`RootState`]).
+pub(super) fn root_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    key("roots", &hex::encode(volume))
+}
+
+/// `segs/<volume id>/`: the volume's live segment records.
+pub(super) fn segment_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("segs/{}/", hex::encode(volume)).into_bytes()
+}
+
+/// `segs/<volume id>/<segment id be64>` → [`SegmentRecord::encode`].
+pub(super) fn segment_key(volume: &[u8; VOLUME_ID_LEN], segment: SegmentId) -> Vec<u8> {
+    let mut k = segment_prefix(volume);
+    k.extend_from_slice(&segment.raw().to_be_bytes());
+    k
+}
+
+/// `peerid/<name>` → the peer's small id (u16 big-endian).
+pub(super) fn peer_id_key(name: &str) -> Vec<u8> {
+    key("peerid", name)
+}
+
+pub(super) const PEER_SLOT_PREFIX: &[u8] = b"peerslot/";
+
+/// `peerslot/<id be16>` → the name of the peer with that small id. Never
+/// deleted, so an id is never given twice.
+pub(super) fn peer_slot_key(id: u16) -> Vec<u8> {
+    let mut k = PEER_SLOT_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The id of a `peerslot/` key.
+pub(super) fn parse_peer_slot_key(k: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(k.strip_prefix(PEER_SLOT_PREFIX)?.try_into().ok()?))
+}
+
 pub(super) fn reservation_key(id: u64) -> Vec<u8> {
     let mut k = b"reservations/".to_vec();
     k.extend_from_slice(&id.to_be_bytes());
@@ -159,5 +197,10 @@ mod tests {
         bad[4] = b'z';
         assert_eq!(parse_old_key(&bad), None);
         assert_eq!(id_key(&id), format!("ids/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
+        assert_eq!(parse_peer_slot_key(&peer_slot_key(0x1234)), Some(0x1234));
+        assert_eq!(parse_peer_slot_key(b"peerslot/\x01"), None);
+        let seg = SegmentId::new(2, 9).unwrap();
+        assert!(segment_key(&id, seg).starts_with(&segment_prefix(&id)));
+        assert!(segment_key(&id, seg) < segment_key(&id, SegmentId::new(3, 1).unwrap()), "keys sort by id");
     }
 }

@@ -14,6 +14,9 @@ use super::meta::{MetaStore, Op, Txn};
 use super::schema::{old_key, reservation_key};
 use super::{Directory, Timing, shard_bytes};
 use crate::api::*;
+use crate::codec::key::VolumeKey;
+use crate::codec::root::{RootKey, RootRecord};
+use crate::codec::sequence::{SegmentId, Sequence};
 use crate::codec::shard::ShardKey;
 use crate::membership::ca::{CertName, ClusterCa, Role};
 use crate::sys::clock::ManualClock;
@@ -720,4 +723,394 @@ async fn the_collector_runs_on_the_directorys_runner_woken_by_a_commit_and_shows
     f.dir.halt.cancel();
     f.dir.workers.join().await;
     assert_eq!(f.dir.workers()[0].state, "done");
+}
+
+// ---- second design: roots, segment records, segment placement ----
+
+fn seg(epoch: u64, n: u64) -> SegmentId {
+    SegmentId::new(epoch, n).unwrap()
+}
+
+/// A root of volume `[id; 16]` sealed under a throwaway key (the directory
+/// has none; it only parses).
+fn sealed(id: u8, epoch: u64, commit: u64) -> Vec<u8> {
+    let key = RootKey::derive(&VolumeKey::generate().unwrap());
+    RootRecord {
+        volume_id: [id; VOLUME_ID_LEN],
+        epoch,
+        commit,
+        highest_sequence: Sequence::new(epoch, commit).unwrap(),
+        highest_segment: seg(epoch, commit),
+        checkpoint: None,
+        since: vec![],
+    }
+    .seal(&key)
+}
+
+fn record(peers: &[u16], root: u8) -> SegmentRecord {
+    SegmentRecord { peers: peers.to_vec(), root: [root; 32] }
+}
+
+/// A commit of volume `vol-<id>` (id `[id; 16]`) by a writer at `epoch`
+/// from `expected` to the next commit, with `segments`.
+fn root_commit(
+    id: u8,
+    epoch: u64,
+    expected: Option<(u64, u64)>,
+    segments: Vec<(SegmentId, SegmentRecord)>,
+) -> RootCommit {
+    let commit = expected.map_or(1, |(_, c)| c + 1);
+    RootCommit {
+        volume: format!("vol-{id}"),
+        epoch,
+        expected,
+        sealed: sealed(id, epoch, commit),
+        segments,
+        dropped: vec![],
+    }
+}
+
+impl Fixture {
+    async fn commit_root(&self, node: &str, c: RootCommit) -> Result<u64, Remote> {
+        match self.client(node, DirRequest::CommitRoot(c)).await? {
+            DirResponse::Committed { commit } => Ok(commit),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn root(&self, volume: &str) -> Option<RootState> {
+        match self.client("client-1", DirRequest::GetRoot { volume: volume.into() }).await.unwrap() {
+            DirResponse::Root(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn segment_records(&self, volume: &str, ids: Vec<SegmentId>) -> Vec<Option<SegmentRecord>> {
+        let req = DirRequest::SegmentRecords { volume: volume.into(), ids };
+        match self.client("client-1", req).await.unwrap() {
+            DirResponse::SegmentRecords(r) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn place_segments(
+        &self,
+        node: &str,
+        volume: &str,
+        epoch: u64,
+        count: u32,
+        exclude: Vec<u16>,
+    ) -> Result<Vec<SegmentPlacement>, Remote> {
+        let req = DirRequest::PlaceSegments {
+            volume: volume.into(),
+            epoch,
+            count,
+            shard_bytes: shard_bytes(SHARD),
+            exclude,
+        };
+        match self.client(node, req).await? {
+            DirResponse::SegmentPlacements(p) => Ok(p),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn peer_slots(&self, ids: Vec<u16>) -> Vec<Option<PeerSlot>> {
+        match self.client("client-1", DirRequest::PeerSlots { ids }).await.unwrap() {
+            DirResponse::PeerSlots(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Volume `vol-<id>` created and leased to `client-1` (epoch 1).
+    async fn leased_volume(&self, id: u8) {
+        self.create_volume(spec(&format!("vol-{id}"), id, 2, 2)).await;
+        assert_eq!(self.acquire("client-1", &format!("vol-{id}"), false).await.unwrap().epoch, 1);
+    }
+
+    /// The directory stopped and started again on the same folder.
+    async fn restart(self) -> Self {
+        let Fixture { dir, meta, clock, _tmp } = self;
+        drop(dir);
+        drop(meta);
+        let meta = RedbStore::open_with_clock(&_tmp.path().join("directory.redb"), clock.clock()).unwrap();
+        let ca = ClusterCa::load(_tmp.path(), "test").unwrap();
+        let timing =
+            Timing { peer_timeout: PEER_TIMEOUT, reservation_ttl: RESERVATION_TTL, lease_ttl: LEASE_TTL };
+        let dir = Directory::new(meta.clone(), ca, timing, clock.clock()).unwrap().with_seed(SEED);
+        Self { dir: Arc::new(dir), meta, clock, _tmp }
+    }
+}
+
+#[tokio::test]
+async fn a_root_is_swapped_by_compare_and_set_and_read_back() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    assert_eq!(f.root("vol-1").await, None);
+    let first = root_commit(1, 1, None, vec![(seg(1, 1), record(&[1, 2, 3, 4], 9))]);
+    assert_eq!(f.commit_root("client-1", first.clone()).await.unwrap(), 1);
+    assert_eq!(f.root("vol-1").await, Some(RootState { sealed: first.sealed.clone(), epoch: 1, commit: 1 }));
+
+    // Replaying "no root yet" now conflicts, naming both roots.
+    let err = f.commit_root("client-1", root_commit(1, 1, None, vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.message.contains("(none)") && err.message.contains("(epoch 1, commit 1)"), "{err}");
+    let second = root_commit(1, 1, Some((1, 1)), vec![]);
+    assert_eq!(f.commit_root("client-1", second.clone()).await.unwrap(), 2);
+    // The same expected root again: it is not current any more.
+    let err = f.commit_root("client-1", root_commit(1, 1, Some((1, 1)), vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.message.contains("commit 2"), "{err}");
+    assert_eq!(f.root("vol-1").await.unwrap().sealed, second.sealed);
+
+    let err = f.commit_root("client-1", root_commit(9, 1, None, vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+    let err = f.client("client-1", DirRequest::GetRoot { volume: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn a_root_commit_that_does_not_add_up_is_invalid_and_writes_nothing() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", root_commit(1, 1, None, vec![])).await.unwrap();
+    let ok = || root_commit(1, 1, Some((1, 1)), vec![]);
+    let many = (1..=101).map(|n| (seg(1, n), record(&[1, 2], 0))).collect();
+    let wide: Vec<u16> = (0..16).map(|i| 40_000 + i).collect();
+    let twice = vec![(seg(1, 1), record(&[1], 0)), (seg(1, 1), record(&[2], 0))];
+    let added_and_dropped =
+        RootCommit { segments: vec![(seg(1, 1), record(&[1], 0))], dropped: vec![seg(1, 1)], ..ok() };
+    let bad = vec![
+        ("not a root", RootCommit { sealed: b"MDRT and then nonsense".to_vec(), ..ok() }),
+        ("another volume's root", RootCommit { sealed: sealed(2, 1, 2), ..ok() }),
+        ("a root of another epoch", RootCommit { sealed: sealed(1, 2, 2), ..ok() }),
+        ("commit not one above", RootCommit { sealed: sealed(1, 1, 3), ..ok() }),
+        ("too many segments", RootCommit { segments: many, ..ok() }),
+        ("a record over 64 bytes", RootCommit { segments: vec![(seg(1, 1), record(&wide, 0))], ..ok() }),
+        ("a segment twice", RootCommit { segments: twice, ..ok() }),
+        ("a segment added and dropped", added_and_dropped),
+        ("too many writes", RootCommit { dropped: (1..=128).map(|n| seg(1, n)).collect(), ..ok() }),
+    ];
+    for (why, c) in bad {
+        let err = f.commit_root("client-1", c).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid, "{why}: {err}");
+    }
+    assert_eq!(f.root("vol-1").await.unwrap().commit, 1);
+    assert!(f.meta.list(b"segs/").await.unwrap().is_empty());
+    // The largest record that fits: 16 peers with ids below 2^15.
+    let widest: Vec<u16> = (0..16).map(|i| 32_767 - i).collect();
+    let c = RootCommit { segments: vec![(seg(1, 1), record(&widest, 7))], ..ok() };
+    f.commit_root("client-1", c).await.unwrap();
+    assert_eq!(f.segment_records("vol-1", vec![seg(1, 1)]).await, vec![Some(record(&widest, 7))]);
+}
+
+#[tokio::test]
+async fn a_root_commit_is_fenced_after_a_takeover_or_at_the_wrong_epoch() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", root_commit(1, 1, None, vec![])).await.unwrap();
+    // Not the holder, or the holder at another epoch.
+    let err = f.commit_root("client-2", root_commit(1, 1, Some((1, 1)), vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    let err = f.commit_root("client-1", root_commit(1, 2, Some((1, 1)), vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    // client-2 takes over: client-1 is fenced, client-2 commits at epoch 2.
+    assert_eq!(f.acquire("client-2", "vol-1", true).await.unwrap().epoch, 2);
+    let err = f.commit_root("client-1", root_commit(1, 1, Some((1, 1)), vec![])).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    assert!(err.message.contains("client-2"), "{err}");
+    assert_eq!(f.commit_root("client-2", root_commit(1, 2, Some((1, 1)), vec![])).await.unwrap(), 2);
+    assert_eq!(f.root("vol-1").await.unwrap().epoch, 2);
+    // Peers may not commit roots.
+    let err =
+        f.ask("peer-1", Role::Peer, DirRequest::CommitRoot(root_commit(1, 2, Some((2, 2)), vec![]))).await;
+    assert_eq!(err.unwrap_err().kind, ErrorKind::Refused);
+}
+
+/// Starts `commits` at once, each on its own task, while the commit queue's
+/// turn is held, so they all wait for the same batch; returns their results
+/// and how many durable write transactions they took.
+async fn commit_together(f: &Fixture, commits: Vec<RootCommit>) -> (Vec<Result<u64, Remote>>, u64) {
+    let turn = f.dir.commits.hold().await;
+    let n = commits.len();
+    let mut tasks = Vec::new();
+    for c in commits {
+        let dir = f.dir.clone();
+        tasks.push(tokio::spawn(async move {
+            match dir.dispatch(&caller("client-1", Role::Client), DirRequest::CommitRoot(c)).await? {
+                DirResponse::Committed { commit } => Ok(commit),
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    for _ in 0..2000 {
+        if f.dir.commits.waiting() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(f.dir.commits.waiting(), n, "every commit is waiting for the batch");
+    let before = f.meta.durable_commits();
+    drop(turn);
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    (results, f.meta.durable_commits() - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_root_commits_of_many_volumes_are_one_durable_write() {
+    let f = Fixture::new().await;
+    for id in 1..=32 {
+        f.leased_volume(id).await;
+    }
+    let commits = (1..=32).map(|id| root_commit(id, 1, None, vec![(seg(1, 1), record(&[1, 2, 3, 4], id))]));
+    let (results, durable) = commit_together(&f, commits.collect()).await;
+    assert!(results.iter().all(|r| r == &Ok(1)), "{results:?}");
+    assert_eq!(durable, 1, "32 commits, one fsync");
+    for id in 1..=32 {
+        assert_eq!(f.root(&format!("vol-{id}")).await.unwrap().commit, 1);
+        assert_eq!(
+            f.segment_records(&format!("vol-{id}"), vec![seg(1, 1)]).await,
+            vec![Some(record(&[1, 2, 3, 4], id))]
+        );
+    }
+
+    // Left to themselves (nothing held), 32 commits still share a few
+    // batches: those arriving while one is made durable go in the next.
+    let before = f.meta.durable_commits();
+    let mut tasks = Vec::new();
+    for id in 1..=32 {
+        let dir = f.dir.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = root_commit(id, 1, Some((1, 1)), vec![]);
+            dir.dispatch(&caller("client-1", Role::Client), DirRequest::CommitRoot(c)).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), DirResponse::Committed { commit: 2 });
+    }
+    let durable = f.meta.durable_commits() - before;
+    assert!(durable <= 8, "32 commits took {durable} durable writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_commits_of_one_root_in_one_batch_never_both_succeed() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    let a = root_commit(1, 1, None, vec![(seg(1, 1), record(&[1], 1))]);
+    let b = root_commit(1, 1, None, vec![(seg(1, 2), record(&[2], 2))]);
+    let (results, durable) = commit_together(&f, vec![a.clone(), b.clone()]).await;
+    assert_eq!(durable, 1);
+    let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    let lost = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert_eq!(lost.kind, ErrorKind::Conflict, "{lost}");
+    // The winner's root and only its record are there.
+    let root = f.root("vol-1").await.unwrap();
+    let (winner, loser) = if root.sealed == a.sealed { (1, 2) } else { (2, 1) };
+    let records = f.segment_records("vol-1", vec![seg(1, winner), seg(1, loser)]).await;
+    assert_eq!(records, vec![Some(record(&[winner as u16], winner as u8)), None]);
+}
+
+#[tokio::test]
+async fn segment_records_come_and_go_with_commits_and_with_the_volume() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.leased_volume(2).await;
+    let segments: Vec<_> = (1..=3).map(|n| (seg(1, n), record(&[1, 2, 3, n as u16 + 3], n as u8))).collect();
+    f.commit_root("client-1", root_commit(1, 1, None, segments.clone())).await.unwrap();
+    f.commit_root("client-1", root_commit(2, 1, None, vec![(seg(1, 1), record(&[4], 4))])).await.unwrap();
+    let ids = vec![seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 4)];
+    let got = f.segment_records("vol-1", ids.clone()).await;
+    let mut want: Vec<_> = segments.iter().map(|(_, r)| Some(r.clone())).collect();
+    want.push(None);
+    assert_eq!(got, want);
+    // A later commit drops one and adds one.
+    let c = RootCommit {
+        dropped: vec![seg(1, 2)],
+        ..root_commit(1, 1, Some((1, 1)), vec![(seg(1, 4), record(&[9], 9))])
+    };
+    f.commit_root("client-1", c).await.unwrap();
+    let got = f.segment_records("vol-1", ids).await;
+    assert_eq!(got, vec![want[0].clone(), None, want[2].clone(), Some(record(&[9], 9))]);
+
+    // Deleting the volume removes its root and records, not the other's.
+    f.client("client-1", DirRequest::ReleaseLease { volume: "vol-1".into(), epoch: 1 }).await.unwrap();
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-1".into() }).await.unwrap();
+    let keys = |e: Vec<super::meta::Entry>| e.into_iter().map(|e| e.key).collect::<Vec<_>>();
+    let roots = keys(f.meta.list(b"roots/").await.unwrap());
+    assert_eq!(roots, vec![format!("roots/{}", "02".repeat(VOLUME_ID_LEN)).into_bytes()]);
+    let segs = keys(f.meta.list(b"segs/").await.unwrap());
+    assert_eq!(segs.len(), 1);
+    assert!(segs[0].starts_with(format!("segs/{}/", "02".repeat(VOLUME_ID_LEN)).as_bytes()));
+}
+
+#[tokio::test]
+async fn segments_are_placed_in_batches_on_distinct_up_peers_never_the_excluded() {
+    let f = Fixture::with_peers(8).await;
+    f.leased_volume(1).await;
+    // Peers got ids in the order they first reported.
+    let slots = f.peer_slots((1..=9).collect()).await;
+    for (i, s) in slots.iter().take(8).enumerate() {
+        let s = s.as_ref().unwrap();
+        assert_eq!((s.id, s.addr.name.clone(), s.addr.addr), (i as u16 + 1, peer_name(i), addr_of(i)));
+    }
+    assert_eq!(slots[8], None);
+
+    let placed = f.place_segments("client-1", "vol-1", 1, 20, vec![1, 2]).await.unwrap();
+    assert_eq!(placed.len(), 20);
+    let mut used = HashSet::new();
+    for p in &placed {
+        let ids: HashSet<u16> = p.peers.iter().map(|s| s.id).collect();
+        assert_eq!(ids.len(), 4, "k + m distinct peers: {p:?}");
+        assert!(!ids.contains(&1) && !ids.contains(&2), "{p:?}");
+        for s in &p.peers {
+            assert_eq!(s.addr.name, peer_name(usize::from(s.id) - 1));
+        }
+        used.extend(ids);
+    }
+    assert!(used.len() > 4, "placements spread over the peers: {used:?}");
+    // Nothing was reserved.
+    assert!(f.peer_status().await.values().all(|s| s.reserved == 0));
+
+    // Only peers that are up: with 4 of 8 reporting, every segment is on those 4.
+    f.clock.advance(PEER_TIMEOUT + Duration::from_millis(1));
+    for i in 4..8 {
+        f.heartbeat(i).await;
+    }
+    let placed = f.place_segments("client-1", "vol-1", 1, 3, vec![]).await.unwrap();
+    for p in placed {
+        let mut ids: Vec<u16> = p.peers.iter().map(|s| s.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![5, 6, 7, 8]);
+    }
+    let err = f.place_segments("client-1", "vol-1", 1, 1, vec![5]).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Full, "{err}");
+    let err = f.place_segments("client-2", "vol-1", 1, 1, vec![]).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+    let err = f.place_segments("client-1", "vol-1", 1, 0, vec![]).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+}
+
+#[tokio::test]
+async fn peer_ids_are_stable_across_a_restart_and_never_reused() {
+    let f = Fixture::with_peers(3).await;
+    let ids =
+        |slots: Vec<Option<PeerSlot>>| slots.into_iter().map(|s| s.map(|s| s.addr.name)).collect::<Vec<_>>();
+    let named = |names: &[&str]| names.iter().map(|n| Some(n.to_string())).collect::<Vec<_>>();
+    assert_eq!(ids(f.peer_slots(vec![1, 2, 3]).await), named(&["peer-0", "peer-1", "peer-2"]));
+    let f = f.restart().await;
+    for i in [2, 0, 1] {
+        f.heartbeat(i).await;
+    }
+    f.heartbeat(3).await;
+    assert_eq!(ids(f.peer_slots(vec![1, 2, 3, 4]).await), named(&["peer-0", "peer-1", "peer-2", "peer-3"]));
+    // A peer whose id is forgotten (as a removal would) gets a new one;
+    // its old id is not given to anyone.
+    f.meta.txn(Txn::new().then(Op::Delete { key: b"peerid/peer-3".to_vec() })).await.unwrap();
+    f.heartbeat(3).await;
+    f.heartbeat(4).await;
+    assert_eq!(ids(f.peer_slots(vec![5, 6]).await), named(&["peer-3", "peer-4"]));
+    assert_eq!(f.meta.get(b"peerid/peer-3").await.unwrap().unwrap().value, 5u16.to_be_bytes());
 }

@@ -286,6 +286,10 @@ impl<S: MetaStore> Directory<S> {
                     .then(Op::Delete { key: id_key(&v.spec.id) })
                     .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
                     .then(Op::DeletePrefix { prefix: old_prefix(&v.spec.id) })
+                    // Second design: the root and segment records go too;
+                    // erasing the segment shards on the peers is issue 13.
+                    .then(Op::Delete { key: root_key(&v.spec.id) })
+                    .then(Op::DeletePrefix { prefix: segment_prefix(&v.spec.id) })
                     .then(Op::Put { key: gc_key(&v.spec.id), value: v.spec.id.to_vec(), lease: None }),
             )
             .await?;

@@ -13,6 +13,11 @@
 //! treat keys of an expired lease as absent until then, so nobody sees a
 //! key outlive its lease. Lease deadlines use the wall clock, so a lease
 //! also expires while the directory is down.
+//!
+//! [`MetaStore::txn_batch`] runs many transactions in one redb write
+//! transaction, so they cost one fsync together;
+//! [`RedbStore::durable_commits`] counts the write transactions made
+//! durable, which is how tests see the grouping.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -42,6 +47,8 @@ pub struct RedbStore {
 struct Inner {
     db: Database,
     clock: Clock,
+    /// Write transactions made durable since opening (each one fsync).
+    commits: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -72,7 +79,7 @@ impl RedbStore {
             txn.open_table(LEASE_KEYS).map_err(storage)?;
         }
         txn.commit().map_err(storage)?;
-        Ok(Self { inner: Arc::new(Inner { db, clock }) })
+        Ok(Self { inner: Arc::new(Inner { db, clock, commits: Default::default() }) })
     }
 
     /// The current revision.
@@ -80,6 +87,13 @@ impl RedbStore {
         let txn = self.inner.db.begin_read().map_err(storage)?;
         let counters = txn.open_table(COUNTERS).map_err(storage)?;
         Ok(counters.get("revision").map_err(storage)?.map_or(0, |v| v.value()))
+    }
+
+    /// Write transactions made durable since the store was opened: each
+    /// costs one fsync, so this is what grouping commits saves (tests
+    /// measure it).
+    pub fn durable_commits(&self) -> u64 {
+        self.inner.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -237,7 +251,9 @@ impl Inner {
         Ok(counters.get("revision").map_err(storage)?.map_or(0, |v| v.value()))
     }
 
-    fn txn(&self, t: Txn) -> Result<TxnOutcome, MetaError> {
+    /// What a transaction may not be, whatever the store holds: too large,
+    /// or naming a key twice.
+    fn check(t: &Txn) -> Result<(), MetaError> {
         let mut total = 0;
         let mut seen = std::collections::HashSet::new();
         for op in &t.ops {
@@ -254,9 +270,15 @@ impl Inner {
                 return Err(MetaError::TooLarge(total));
             }
         }
-        let now = (self.clock)();
-        let txn = self.db.begin_write().map_err(storage)?;
-        let swept = Self::sweep(&txn, now)?;
+        Ok(())
+    }
+
+    /// One transaction inside the write transaction `txn`: its compares
+    /// against what `txn` holds so far, then, if they all hold, its ops.
+    /// Writes nothing when it fails (compare, lease) or errs before its
+    /// first op; an error after that (storage) spoils `txn`.
+    fn apply(txn: &WriteTransaction, t: Txn) -> Result<TxnOutcome, MetaError> {
+        Self::check(&t)?;
         // Compares.
         let holds = {
             let kv = txn.open_table(KV).map_err(storage)?;
@@ -278,11 +300,7 @@ impl Inner {
             holds
         };
         if !holds || t.ops.is_empty() {
-            let revision = Self::current(&txn)?;
-            if swept {
-                txn.commit().map_err(storage)?;
-            }
-            return Ok(TxnOutcome { succeeded: holds, revision });
+            return Ok(TxnOutcome { succeeded: holds, revision: Self::current(txn)? });
         }
         // Leases named by puts must exist.
         {
@@ -295,7 +313,7 @@ impl Inner {
                 }
             }
         }
-        let revision = Self::bump(&txn, "revision")?;
+        let revision = Self::bump(txn, "revision")?;
         {
             let mut kv = txn.open_table(KV).map_err(storage)?;
             let mut index = txn.open_table(LEASE_KEYS).map_err(storage)?;
@@ -342,8 +360,55 @@ impl Inner {
                 }
             }
         }
-        txn.commit().map_err(storage)?;
         Ok(TxnOutcome { succeeded: true, revision })
+    }
+
+    fn txn(&self, t: Txn) -> Result<TxnOutcome, MetaError> {
+        Self::check(&t)?;
+        let writes = t.ops.len();
+        let now = (self.clock)();
+        let txn = self.db.begin_write().map_err(storage)?;
+        let swept = Self::sweep(&txn, now)?;
+        let out = Self::apply(&txn, t)?;
+        if swept || (out.succeeded && writes > 0) {
+            self.commit(txn)?;
+        }
+        Ok(out)
+    }
+
+    /// Every transaction of `batch` in order, in one write transaction
+    /// made durable once. A transaction refused by itself (too large, a
+    /// key twice, a dead lease) gets its error and writes nothing; the
+    /// others go on. A storage error fails the whole batch.
+    fn txn_batch(&self, batch: Vec<Txn>) -> Result<Vec<Result<TxnOutcome, MetaError>>, MetaError> {
+        let now = (self.clock)();
+        let txn = self.db.begin_write().map_err(storage)?;
+        let mut changed = Self::sweep(&txn, now)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for t in batch {
+            let writes = t.ops.len();
+            match Self::apply(&txn, t) {
+                Ok(out) => {
+                    changed |= out.succeeded && writes > 0;
+                    outcomes.push(Ok(out));
+                }
+                Err(
+                    e @ (MetaError::TooLarge(_) | MetaError::DuplicateKey(_) | MetaError::LeaseNotFound(_)),
+                ) => outcomes.push(Err(e)),
+                Err(e) => return Err(e),
+            }
+        }
+        if changed {
+            self.commit(txn)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Makes `txn` durable and counts it.
+    fn commit(&self, txn: WriteTransaction) -> Result<(), MetaError> {
+        txn.commit().map_err(storage)?;
+        self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn delete(
@@ -371,7 +436,7 @@ impl Inner {
         let id = Self::bump(&txn, "lease")?;
         let ttl_ms = ttl.as_millis() as u64;
         txn.open_table(LEASES).map_err(storage)?.insert(id, (now + ttl_ms, ttl_ms)).map_err(storage)?;
-        txn.commit().map_err(storage)?;
+        self.commit(txn)?;
         Ok(LeaseId(id))
     }
 
@@ -388,7 +453,7 @@ impl Inner {
             ttl.is_some()
         };
         if found || swept {
-            txn.commit().map_err(storage)?;
+            self.commit(txn)?;
         }
         if found { Ok(()) } else { Err(MetaError::LeaseNotFound(lease)) }
     }
@@ -401,7 +466,7 @@ impl Inner {
         if existed && Self::drop_lease_keys(&txn, lease.0)? > 0 {
             Self::bump(&txn, "revision")?;
         }
-        txn.commit().map_err(storage)?;
+        self.commit(txn)?;
         if existed { Ok(()) } else { Err(MetaError::LeaseNotFound(lease)) }
     }
 }
@@ -419,6 +484,10 @@ impl MetaStore for RedbStore {
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, MetaError> {
         self.blocking(move |i| i.txn(txn)).await
+    }
+
+    async fn txn_batch(&self, batch: Vec<Txn>) -> Result<Vec<Result<TxnOutcome, MetaError>>, MetaError> {
+        self.blocking(move |i| i.txn_batch(batch)).await
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, MetaError> {
@@ -606,6 +675,45 @@ mod tests {
         // One transaction may not name a key twice.
         let dup = s.txn(Txn::new().then(put(b"d", b"1")).then(put(b"d", b"2"))).await.unwrap_err();
         assert!(matches!(dup, MetaError::DuplicateKey(ref k) if k == b"d"), "{dup}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_durable_write_and_each_txn_sees_the_ones_before() {
+        let f = fixture();
+        let s = &f.store;
+        s.txn(Txn::new().then(put(b"a", b"0"))).await.unwrap();
+        let before = s.durable_commits();
+        let at_1 = || Txn::new().when(Compare::ModRevision(b"a".to_vec(), 1)).then(put(b"a", b"x"));
+        let outs = s
+            .txn_batch(vec![
+                at_1(),
+                // Read at the same revision: loses to the first.
+                at_1(),
+                Txn::new().then(put(b"d", b"1")).then(put(b"d", b"2")),
+                Txn::new().when(Compare::Absent(b"b".to_vec())).then(put(b"b", b"1")),
+                Txn::new().when(Compare::ModRevision(b"b".to_vec(), 3)).then(put(b"b", b"2")),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(s.durable_commits(), before + 1, "one batch, one durable write");
+        assert_eq!(outs[0].as_ref().unwrap(), &TxnOutcome { succeeded: true, revision: 2 });
+        assert_eq!(outs[1].as_ref().unwrap(), &TxnOutcome { succeeded: false, revision: 2 });
+        assert!(matches!(outs[2], Err(MetaError::DuplicateKey(_))), "{:?}", outs[2]);
+        assert_eq!(outs[3].as_ref().unwrap(), &TxnOutcome { succeeded: true, revision: 3 });
+        // The fourth saw the third's write.
+        assert_eq!(outs[4].as_ref().unwrap(), &TxnOutcome { succeeded: true, revision: 4 });
+        assert_eq!(s.get(b"a").await.unwrap().unwrap().value, b"x");
+        assert_eq!(s.get(b"b").await.unwrap().unwrap().value, b"2");
+        assert!(s.get(b"d").await.unwrap().is_none());
+        // A batch in which nothing holds writes nothing.
+        let outs = s.txn_batch(vec![at_1()]).await.unwrap();
+        assert!(!outs[0].as_ref().unwrap().succeeded);
+        assert_eq!(s.durable_commits(), before + 1);
+        // And the batch is durable.
+        drop(f.store);
+        let clock = f.now.clone();
+        let s = RedbStore::open_with_clock(&f.path, Arc::new(move || clock.load(Ordering::SeqCst))).unwrap();
+        assert_eq!((s.revision().unwrap(), s.get(b"b").await.unwrap().unwrap().value), (4, b"2".to_vec()));
     }
 
     #[tokio::test]

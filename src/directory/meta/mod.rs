@@ -131,6 +131,35 @@ pub trait MetaStore: Send + Sync + 'static {
     fn list(&self, prefix: &[u8]) -> impl Future<Output = Result<Vec<Entry>, MetaError>> + Send;
     /// Checks the compares and, if all hold, applies the ops atomically.
     fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnOutcome, MetaError>> + Send;
+    /// Several transactions, in order, each all-or-nothing by itself: each
+    /// one's compares see what the ones before it wrote. A transaction the
+    /// store refuses by itself (too large, a key twice, a dead lease) gets
+    /// its own error and the others go on; after the outer error (storage)
+    /// no transaction's outcome is known. A store that can should make the whole
+    /// batch durable at once (the embedded one: one write transaction, one
+    /// fsync, however many commits it carries); this default runs them one
+    /// by one (etcd's transactions cannot be merged safely, as a merged
+    /// one would fail whole on one failing compare).
+    fn txn_batch(
+        &self,
+        batch: Vec<Txn>,
+    ) -> impl Future<Output = Result<Vec<Result<TxnOutcome, MetaError>>, MetaError>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(batch.len());
+            for t in batch {
+                out.push(match self.txn(t).await {
+                    Err(
+                        e @ (MetaError::TooLarge(_)
+                        | MetaError::DuplicateKey(_)
+                        | MetaError::LeaseNotFound(_)),
+                    ) => Err(e),
+                    Err(e) => return Err(e),
+                    ok => ok,
+                });
+            }
+            Ok(out)
+        }
+    }
     /// A new lease that expires `ttl` from now unless kept alive.
     fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId, MetaError>> + Send;
     /// Restarts a lease's time to live; `LeaseNotFound` once it has expired.

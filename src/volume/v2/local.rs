@@ -47,15 +47,28 @@ impl Queued {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Current {
     /// Blocks `address..address + blocks`, from block `first` of `record`.
-    Write { record: u64, first: u32, address: u64, blocks: u64, sequence: Sequence },
-    Zero { address: u64, blocks: u64, sequence: Sequence },
+    Write {
+        record: u64,
+        first: u32,
+        address: u64,
+        blocks: u64,
+        sequence: Sequence,
+    },
+    Zero {
+        address: u64,
+        blocks: u64,
+        sequence: Sequence,
+    },
 }
 
 /// Where a block's local version is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalBlock {
     /// Block `block` of the record at `pos`.
-    Log { pos: LogPos, block: u32 },
+    Log {
+        pos: LogPos,
+        block: u32,
+    },
     Zero,
 }
 
@@ -115,7 +128,8 @@ impl LocalIndex {
         committed: bool,
     ) -> Result<(), MapError> {
         let record = self.next_record;
-        let entry = Entry::Data { start: address, len: blocks, segment: record_id(record), slot: 0, sequence };
+        let entry =
+            Entry::Data { start: address, len: blocks, segment: record_id(record), slot: 0, sequence };
         self.map.check(&entry)?;
         self.next_record += 1;
         self.records.insert(record, pos);
@@ -186,7 +200,13 @@ impl LocalIndex {
                     if segment == record_id(record)
                         && Some(first.sequence) == sequence.checked_add(e.start - a) =>
                 {
-                    out.push(Current::Write { record, first: slot, address: e.start, blocks: e.len, sequence: first.sequence });
+                    out.push(Current::Write {
+                        record,
+                        first: slot,
+                        address: e.start,
+                        blocks: e.len,
+                        sequence: first.sequence,
+                    });
                 }
                 (Queued::Zero { sequence, .. }, Target::Zero) if first.sequence == sequence => {
                     out.push(Current::Zero { address: e.start, blocks: e.len, sequence });
@@ -257,7 +277,8 @@ impl LocalIndex {
     pub fn forget_committed_zeroes(&mut self, committed: Sequence) {
         let mut map = BlockMap::new(self.map.blocks());
         for e in self.map.extents() {
-            let drop = matches!(e.first, Some(Mapping { target: Target::Zero, sequence }) if sequence <= committed);
+            let drop =
+                matches!(e.first, Some(Mapping { target: Target::Zero, sequence }) if sequence <= committed);
             if !drop && let Some(entry) = e.entry() {
                 map.apply(&entry).expect("an extent of a valid map applies");
             }

@@ -1,0 +1,421 @@
+//! The root record: the one thing a volume's contents hang from.
+//!
+//! The directory keeps, per volume, the latest root record and swaps it by
+//! compare-and-set with the writer's epoch (a commit). Everything a reader
+//! trusts is reachable from it: the checkpoint's segment (by its segment
+//! root, and where the checkpoint lies in it), then every segment written
+//! since (each by its segment root), whose summaries bring the map up to
+//! date. A MAC keyed from the volume key covers all of it, so neither the
+//! directory nor a forced lease holder without the key can forge or alter
+//! a root; the directory can still read the epoch and commit it needs for
+//! the compare-and-set ([`UnverifiedRoot`]).
+//!
+//! It lives in the codec, below both the volume (which seals and opens
+//! roots) and the directory (which parses them without the key), so the
+//! two read the one format through one parser; `volume::v2::root`
+//! re-exports it.
+//!
+//! A MAC does not stop *replay*: an older root was once valid. So the
+//! attach folder remembers the newest (epoch, commit) it has seen
+//! ([`Freshness`]) and refuses anything older; rolling back is a new commit
+//! whose content is old, never an old root served again.
+//!
+//! ```
+//! use meshdisk::codec::key::VolumeKey;
+//! use meshdisk::codec::root::{Freshness, RootKey, RootRecord, UnverifiedRoot};
+//! use meshdisk::codec::sequence::{SegmentId, Sequence};
+//! let key = RootKey::derive(&VolumeKey::generate().unwrap());
+//! let root = RootRecord {
+//!     volume_id: [7; 16],
+//!     epoch: 2,
+//!     commit: 9,
+//!     highest_sequence: Sequence::new(2, 300).unwrap(),
+//!     highest_segment: SegmentId::new(2, 4).unwrap(),
+//!     checkpoint: None,
+//!     since: vec![],
+//! };
+//! let bytes = root.seal(&key);
+//! let back = UnverifiedRoot::parse(&bytes).unwrap().verify(&key).unwrap();
+//! assert_eq!(back, root);
+//! let mut seen = Freshness::new(2, 10);
+//! assert!(seen.accept(&back).is_err()); // commit 9 is older than 10
+//! ```
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+use super::reader::{Reader, is_block_padding};
+use crate::codec::key::{VOLUME_ID_LEN, VolumeKey};
+pub use crate::codec::segment::SegmentRoot;
+use crate::codec::sequence::{MAX_EPOCH, SegmentId, Sequence};
+
+/// The first four bytes of an encoded root record.
+pub const MAGIC: [u8; 4] = *b"MDRT";
+/// The root record format version this code writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes before the list of segments written since the checkpoint.
+pub const FIXED_LEN: usize = 104;
+/// Bytes of one segment reference.
+pub const SEGMENT_REF_LEN: usize = 40;
+/// Bytes of the MAC at the end.
+pub const MAC_LEN: usize = 32;
+/// Most segments a root may name since its checkpoint. The writer
+/// checkpoints before reaching it; it keeps a root under 41 KiB, well
+/// inside etcd's 1.5 MiB request limit.
+pub const MAX_SEGMENTS_SINCE: usize = 1024;
+
+/// Context of the root MAC key (blake3 `derive_key`); versioned, since
+/// changing it changes every MAC.
+const MAC_CONTEXT: &str = "meshdisk 2026-11 volume root record mac v1";
+
+const FLAG_CHECKPOINT: u16 = 1;
+
+/// A segment the root reaches, and the root it must verify against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SegmentRef {
+    pub id: SegmentId,
+    pub root: SegmentRoot,
+}
+
+/// Where the latest checkpoint lies: `blocks` blocks from data slot
+/// `first_slot` of `segment` hold the checkpoint's index of map pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CheckpointRef {
+    pub segment: SegmentRef,
+    pub first_slot: u32,
+    pub blocks: u32,
+}
+
+/// A volume's root, as committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootRecord {
+    pub volume_id: [u8; VOLUME_ID_LEN],
+    /// The writer's fencing epoch (< 2^24).
+    pub epoch: u64,
+    /// Commit number: one more than the root it replaced.
+    pub commit: u64,
+    /// The highest sequence any committed entry carries (a floor for
+    /// the next writer's [`Sequencer`](crate::codec::sequence::Sequencer)).
+    pub highest_sequence: Sequence,
+    /// The highest segment id ever committed (a floor likewise).
+    pub highest_segment: SegmentId,
+    /// The latest checkpoint; `None` before the first.
+    pub checkpoint: Option<CheckpointRef>,
+    /// Segments written since the checkpoint, by increasing id.
+    pub since: Vec<SegmentRef>,
+}
+
+/// The key of root MACs, derived from the volume key. Zeroized on drop;
+/// `Debug` prints nothing of it.
+pub struct RootKey(Zeroizing<[u8; 32]>);
+
+impl RootKey {
+    pub fn derive(key: &VolumeKey) -> Self {
+        Self(key.derive_mac_key(MAC_CONTEXT))
+    }
+
+    fn mac(&self, body: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.0, body)
+    }
+}
+
+impl fmt::Debug for RootKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RootKey(<redacted>)")
+    }
+}
+
+/// Errors from parsing, verifying and accepting a root record.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RootError {
+    #[error("root record truncated: {len} bytes, {need} needed")]
+    Truncated { len: usize, need: usize },
+    #[error("not a volume root record (magic {0:02x?}, expected \"MDRT\")")]
+    Magic([u8; 4]),
+    #[error("root record format version {0} is not supported (this meshdisk reads version {VERSION})")]
+    Version(u16),
+    #[error("root record has unknown flags {0:#06x}")]
+    Flags(u16),
+    #[error("root record: {0}")]
+    Invalid(&'static str),
+    #[error("root record names {0} segments since its checkpoint, more than {MAX_SEGMENTS_SINCE}")]
+    TooManySegments(usize),
+    #[error("root record has {0} bytes after its MAC that are not zero padding to a 4 KiB block")]
+    Trailing(usize),
+    #[error(
+        "root record MAC mismatch: forged, altered, or sealed with another key (check the volume key; if it is right, the directory's root was tampered with)"
+    )]
+    Mac,
+    #[error("root record is for volume {found}, not {expected}")]
+    WrongVolume { expected: String, found: String },
+    #[error(
+        "the offered root (epoch {offered_epoch}, commit {offered_commit}) is older than the one this folder has already seen (epoch {seen_epoch}, commit {seen_commit}): refusing a rolled-back volume; a rollback is a new commit, never an older root served again"
+    )]
+    Stale { seen_epoch: u64, seen_commit: u64, offered_epoch: u64, offered_commit: u64 },
+}
+
+impl RootRecord {
+    /// Checks what the parser checks about the fields.
+    pub fn validate(&self) -> Result<(), RootError> {
+        if self.epoch > MAX_EPOCH {
+            return Err(RootError::Invalid("epoch does not fit in 24 bits"));
+        }
+        if self.highest_sequence.epoch() > self.epoch {
+            return Err(RootError::Invalid("highest sequence is from a newer epoch than the root's"));
+        }
+        if self.highest_segment.epoch() > self.epoch {
+            return Err(RootError::Invalid("highest segment id is from a newer epoch than the root's"));
+        }
+        if self.since.len() > MAX_SEGMENTS_SINCE {
+            return Err(RootError::TooManySegments(self.since.len()));
+        }
+        if let Some(c) = &self.checkpoint {
+            if c.blocks == 0 {
+                return Err(RootError::Invalid("checkpoint of zero blocks"));
+            }
+            if u64::from(c.first_slot) + u64::from(c.blocks) > u64::from(u32::MAX) {
+                return Err(RootError::Invalid("checkpoint runs past the last slot"));
+            }
+            if c.segment.id > self.highest_segment {
+                return Err(RootError::Invalid("checkpoint segment above the highest segment id"));
+            }
+        }
+        if self.since.windows(2).any(|w| w[0].id >= w[1].id) {
+            return Err(RootError::Invalid("segments since the checkpoint are not in increasing id order"));
+        }
+        if self.since.last().is_some_and(|s| s.id > self.highest_segment) {
+            return Err(RootError::Invalid("a segment since the checkpoint is above the highest segment id"));
+        }
+        Ok(())
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(FIXED_LEN + SEGMENT_REF_LEN * self.since.len() + MAC_LEN);
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        let flags = if self.checkpoint.is_some() { FLAG_CHECKPOINT } else { 0 };
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&self.volume_id);
+        b.extend_from_slice(&(self.epoch as u32).to_le_bytes());
+        b.extend_from_slice(&(self.since.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.commit.to_le_bytes());
+        b.extend_from_slice(&self.highest_sequence.raw().to_le_bytes());
+        b.extend_from_slice(&self.highest_segment.raw().to_le_bytes());
+        let c = self.checkpoint.unwrap_or(CheckpointRef {
+            segment: SegmentRef { id: SegmentId::ZERO, root: SegmentRoot::default() },
+            first_slot: 0,
+            blocks: 0,
+        });
+        b.extend_from_slice(&c.segment.id.raw().to_le_bytes());
+        b.extend_from_slice(&c.segment.root.0);
+        b.extend_from_slice(&c.first_slot.to_le_bytes());
+        b.extend_from_slice(&c.blocks.to_le_bytes());
+        for s in &self.since {
+            b.extend_from_slice(&s.id.raw().to_le_bytes());
+            b.extend_from_slice(&s.root.0);
+        }
+        b
+    }
+
+    /// The record's bytes with their MAC (see docs/formats.md).
+    ///
+    /// # Panics
+    /// If the record is invalid ([`Self::validate`]): sealing a root no
+    /// reader accepts is a bug.
+    pub fn seal(&self, key: &RootKey) -> Vec<u8> {
+        if let Err(e) = self.validate() {
+            panic!("sealing an invalid root record: {e}");
+        }
+        let mut b = self.body();
+        let mac = key.mac(&b);
+        b.extend_from_slice(mac.as_bytes());
+        b
+    }
+
+    /// Parses, verifies the MAC and checks the volume id: the one call an
+    /// attach makes on the root the directory hands it.
+    pub fn open(bytes: &[u8], key: &RootKey, volume_id: &[u8; VOLUME_ID_LEN]) -> Result<Self, RootError> {
+        let root = UnverifiedRoot::parse(bytes)?.verify(key)?;
+        if &root.volume_id != volume_id {
+            return Err(RootError::WrongVolume {
+                expected: hex::encode(volume_id),
+                found: hex::encode(root.volume_id),
+            });
+        }
+        Ok(root)
+    }
+}
+
+/// A root record whose structure parsed but whose MAC is not checked yet:
+/// what the directory (which has no key) can read for its compare-and-set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnverifiedRoot {
+    record: RootRecord,
+    body_len: usize,
+    bytes: Vec<u8>,
+}
+
+impl UnverifiedRoot {
+    /// Parses a root record, strictly; the bytes may be followed by zero
+    /// padding to a whole 4 KiB block (its copy in a segment). Never panics.
+    pub fn parse(bytes: &[u8]) -> Result<Self, RootError> {
+        let truncated = |need| RootError::Truncated { len: bytes.len(), need };
+        let mut r = Reader::new(bytes);
+        let fixed = truncated(FIXED_LEN + MAC_LEN);
+        let magic = r.array::<4>().ok_or(fixed.clone())?;
+        if magic != MAGIC {
+            return Err(RootError::Magic(magic));
+        }
+        let version = r.u16().ok_or(fixed.clone())?;
+        if version != VERSION {
+            return Err(RootError::Version(version));
+        }
+        let (
+            Some(flags),
+            Some(volume_id),
+            Some(epoch),
+            Some(count),
+            Some(commit),
+            Some(seq),
+            Some(highest_segment),
+            Some(cp_id),
+            Some(cp_root),
+            Some(cp_slot),
+            Some(cp_blocks),
+        ) = (
+            r.u16(),
+            r.array::<VOLUME_ID_LEN>(),
+            r.u32(),
+            r.u32(),
+            r.u64(),
+            r.u64(),
+            r.u64(),
+            r.u64(),
+            r.array::<32>(),
+            r.u32(),
+            r.u32(),
+        )
+        else {
+            return Err(fixed);
+        };
+        if flags & !FLAG_CHECKPOINT != 0 {
+            return Err(RootError::Flags(flags));
+        }
+        if count as usize > MAX_SEGMENTS_SINCE {
+            return Err(RootError::TooManySegments(count as usize));
+        }
+        let body_len = FIXED_LEN + SEGMENT_REF_LEN * count as usize;
+        if bytes.len() < body_len + MAC_LEN {
+            return Err(truncated(body_len + MAC_LEN));
+        }
+        let checkpoint_ref = CheckpointRef {
+            segment: SegmentRef { id: SegmentId::from_raw(cp_id), root: SegmentRoot(cp_root) },
+            first_slot: cp_slot,
+            blocks: cp_blocks,
+        };
+        let checkpoint = if flags & FLAG_CHECKPOINT != 0 {
+            Some(checkpoint_ref)
+        } else if cp_id != 0 || cp_root != [0; 32] || cp_slot != 0 || cp_blocks != 0 {
+            return Err(RootError::Invalid("checkpoint fields set without the checkpoint flag"));
+        } else {
+            None
+        };
+        let mut since = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let (Some(id), Some(root)) = (r.u64(), r.array::<32>()) else {
+                return Err(truncated(body_len + MAC_LEN));
+            };
+            since.push(SegmentRef { id: SegmentId::from_raw(id), root: SegmentRoot(root) });
+        }
+        r.take(MAC_LEN).ok_or(truncated(body_len + MAC_LEN))?;
+        if !is_block_padding(r.position(), r.rest()) {
+            return Err(RootError::Trailing(r.rest().len()));
+        }
+        let record = RootRecord {
+            volume_id,
+            epoch: u64::from(epoch),
+            commit,
+            highest_sequence: Sequence::from_raw(seq),
+            highest_segment: SegmentId::from_raw(highest_segment),
+            checkpoint,
+            since,
+        };
+        record.validate()?;
+        Ok(Self { record, body_len, bytes: bytes[..body_len + MAC_LEN].to_vec() })
+    }
+
+    /// The epoch it claims (not yet authenticated).
+    pub fn epoch(&self) -> u64 {
+        self.record.epoch
+    }
+
+    /// The commit number it claims (not yet authenticated).
+    pub fn commit(&self) -> u64 {
+        self.record.commit
+    }
+
+    /// The volume id it claims (not yet authenticated).
+    pub fn volume_id(&self) -> &[u8; VOLUME_ID_LEN] {
+        &self.record.volume_id
+    }
+
+    /// The record, if its MAC is right under `key` (compared in constant
+    /// time).
+    pub fn verify(self, key: &RootKey) -> Result<RootRecord, RootError> {
+        let (body, mac) = self.bytes.split_at(self.body_len);
+        let expected: [u8; MAC_LEN] = mac.try_into().map_err(|_| RootError::Mac)?;
+        if key.mac(body) == blake3::Hash::from_bytes(expected) {
+            Ok(self.record)
+        } else {
+            Err(RootError::Mac)
+        }
+    }
+}
+
+/// The newest (epoch, commit) an attach folder has seen of a volume's
+/// root. A fresh folder starts at [`Freshness::NONE`] and so trusts the
+/// directory for freshness on its first attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Freshness {
+    epoch: u64,
+    commit: u64,
+}
+
+impl Freshness {
+    /// Nothing seen yet.
+    pub const NONE: Self = Self { epoch: 0, commit: 0 };
+
+    pub fn new(epoch: u64, commit: u64) -> Self {
+        Self { epoch, commit }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn commit(&self) -> u64 {
+        self.commit
+    }
+
+    /// Refuses a root older than what was seen; the same root again is fine.
+    pub fn check(&self, root: &RootRecord) -> Result<(), RootError> {
+        if (root.epoch, root.commit) < (self.epoch, self.commit) {
+            return Err(RootError::Stale {
+                seen_epoch: self.epoch,
+                seen_commit: self.commit,
+                offered_epoch: root.epoch,
+                offered_commit: root.commit,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Self::check`], then remembers `root` as the newest seen. The
+    /// caller persists the new value before serving anything from `root`.
+    pub fn accept(&mut self, root: &RootRecord) -> Result<(), RootError> {
+        self.check(root)?;
+        *self = Self { epoch: root.epoch, commit: root.commit };
+        Ok(())
+    }
+}

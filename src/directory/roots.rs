@@ -1,0 +1,321 @@
+//! The second design's records: each volume's root, swapped by
+//! compare-and-set; its live segments' records; where new segments go; and
+//! the grouping that makes many commits one durable write.
+//!
+//! The directory never has a volume key. It parses a new root with
+//! [`UnverifiedRoot`] only to check what it can check without the key (the
+//! volume id, the writer's epoch, the commit number one above the root it
+//! replaces) and keeps it as it came ([`RootState`]); the attach verifies
+//! the MAC and its freshness.
+//!
+//! A [`RootCommit`] is one transaction: the volume record and the writer's
+//! lease as read ([`Directory::check_writer`]), the current root as
+//! expected (absent, or at the mod revision read after checking its
+//! (epoch, commit)), then the new root, the new segment records and the
+//! dropped ones. Commits are **grouped** ([`CommitQueue`]): whoever finds
+//! no batch being made durable takes every commit waiting and applies them
+//! with [`MetaStore::txn_batch`], one write transaction, one fsync; the
+//! commits arriving meanwhile wait and go together in the next one. Each
+//! commit's compares see the commits before it in its batch, so two
+//! commits of one root in one batch cannot both succeed: the second sees
+//! the first's root and is refused `Conflict`.
+
+use std::collections::HashSet;
+
+use tokio::sync::oneshot;
+
+use super::Directory;
+use super::meta::{self, Compare, MetaStore, Op, Txn, TxnOutcome};
+use super::placement::choose;
+use super::schema::*;
+use crate::api::*;
+use crate::codec::root::UnverifiedRoot;
+use crate::codec::sequence::SegmentId;
+
+/// Commits waiting for the next durable batch, and whose turn it is to
+/// make one.
+#[derive(Default)]
+pub(super) struct CommitQueue {
+    waiting: std::sync::Mutex<Vec<Pending>>,
+    /// Held while a batch is being made durable.
+    turn: tokio::sync::Mutex<()>,
+}
+
+struct Pending {
+    txn: Txn,
+    done: oneshot::Sender<Result<TxnOutcome, Remote>>,
+}
+
+impl CommitQueue {
+    /// How many commits wait for the next batch (tests watch it).
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.lock().expect("not poisoned").len()
+    }
+
+    /// Holds the turn, so commits pile up until it is dropped (tests).
+    #[cfg(test)]
+    pub(super) async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.turn.lock().await
+    }
+}
+
+fn invalid(message: impl Into<String>) -> Remote {
+    Remote::new(ErrorKind::Invalid, message)
+}
+
+fn not_found(volume: &str) -> Remote {
+    Remote::new(ErrorKind::NotFound, format!("no volume named {volume}"))
+}
+
+fn show(root: Option<(u64, u64)>) -> String {
+    match root {
+        Some((epoch, commit)) => format!("epoch {epoch}, commit {commit}"),
+        None => "none".into(),
+    }
+}
+
+/// The root is not the one the commit replaces: another commit won.
+fn conflict(volume: &str, expected: Option<(u64, u64)>, current: Option<(u64, u64)>) -> Remote {
+    Remote::new(
+        ErrorKind::Conflict,
+        format!(
+            "volume {volume}: this commit replaces the root ({}) but the directory's root is ({}): another commit got there first; read the root again",
+            show(expected),
+            show(current)
+        ),
+    )
+}
+
+impl<S: MetaStore> Directory<S> {
+    /// Applies `txn` in the next durable batch of commits and returns its
+    /// outcome. Whoever gets the turn commits everything waiting (its own
+    /// commit may already have gone in an earlier batch; then it finds
+    /// nothing to do). If that caller is cancelled mid-batch, the batch's
+    /// other callers get an error saying the outcome is unknown.
+    async fn commit_grouped(&self, txn: Txn) -> Result<TxnOutcome, Remote> {
+        let (done, outcome) = oneshot::channel();
+        self.commits.waiting.lock().expect("not poisoned").push(Pending { txn, done });
+        {
+            let _turn = self.commits.turn.lock().await;
+            let batch = std::mem::take(&mut *self.commits.waiting.lock().expect("not poisoned"));
+            if !batch.is_empty() {
+                let (txns, senders): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.txn, p.done)).unzip();
+                match self.meta.txn_batch(txns).await {
+                    Ok(outs) => {
+                        for (s, out) in senders.into_iter().zip(outs) {
+                            let _ = s.send(out.map_err(Remote::from));
+                        }
+                    }
+                    Err(e) => {
+                        let e = Remote::from(e);
+                        for s in senders {
+                            let _ = s.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(internal(
+                "the batch carrying this commit was abandoned: its outcome is unknown; read the root",
+            ))
+        })
+    }
+
+    pub(super) async fn get_root(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let v = self.volume(volume).await?;
+        Ok(DirResponse::Root(self.get::<RootState>("root", &root_key(&v.spec.id)).await?.map(|(r, _)| r)))
+    }
+
+    pub(super) async fn commit_root(&self, who: &str, c: RootCommit) -> Result<DirResponse, Remote> {
+        let RootCommit { volume, epoch, expected, sealed, segments, dropped } = c;
+        let vkey = key("volumes", &volume);
+        let Some((v, vrev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+            return Err(not_found(&volume));
+        };
+        let lease_unchanged = self.check_writer(who, &v, epoch).await?;
+        if segments.len() > MAX_COMMIT_SEGMENTS {
+            return Err(invalid(format!(
+                "volume {volume}: a commit may add at most {MAX_COMMIT_SEGMENTS} segment records, not {}",
+                segments.len()
+            )));
+        }
+        let ops = 1 + segments.len() + dropped.len();
+        if ops > MAX_COMMIT_OPS {
+            return Err(invalid(format!(
+                "volume {volume}: a commit may make at most {MAX_COMMIT_OPS} writes (the root, new and dropped segment records), not {ops}"
+            )));
+        }
+        let root = UnverifiedRoot::parse(&sealed)
+            .map_err(|e| invalid(format!("volume {volume}: the new root does not parse: {e}")))?;
+        if root.volume_id() != &v.spec.id {
+            return Err(invalid(format!(
+                "the new root is for volume id {}, not volume {volume}'s ({})",
+                hex::encode(root.volume_id()),
+                hex::encode(v.spec.id)
+            )));
+        }
+        if root.epoch() != epoch {
+            return Err(invalid(format!(
+                "volume {volume}: the new root is sealed at epoch {}, by a writer at epoch {epoch}",
+                root.epoch()
+            )));
+        }
+        let next = match expected {
+            Some((_, c)) => c.checked_add(1).ok_or_else(|| invalid("commit numbers are exhausted"))?,
+            None => 1,
+        };
+        if root.commit() != next {
+            return Err(invalid(format!(
+                "volume {volume}: the new root has commit {}, but it replaces ({}) so it must be {next}",
+                root.commit(),
+                show(expected)
+            )));
+        }
+        let rkey = root_key(&v.spec.id);
+        let current = self.get::<RootState>("root", &rkey).await?;
+        let root_as_expected = match (&current, expected) {
+            (None, None) => Compare::Absent(rkey.clone()),
+            (Some((r, rev)), Some(e)) if (r.epoch, r.commit) == e => Compare::ModRevision(rkey.clone(), *rev),
+            _ => return Err(conflict(&volume, expected, current.map(|(r, _)| (r.epoch, r.commit)))),
+        };
+        let commit = root.commit();
+        let state = RootState { sealed, epoch, commit };
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(vkey, vrev))
+            .when(lease_unchanged)
+            .when(root_as_expected)
+            .then(Op::Put { key: rkey, value: enc(&state), lease: None });
+        let mut named: HashSet<SegmentId> = HashSet::new();
+        for (id, record) in &segments {
+            if !named.insert(*id) {
+                return Err(invalid(format!("volume {volume}: the commit names segment {id} twice")));
+            }
+            let value =
+                record.encode().map_err(|e| invalid(format!("volume {volume}: segment {id}: {e}")))?;
+            txn = txn.then(Op::Put { key: segment_key(&v.spec.id, *id), value, lease: None });
+        }
+        for id in &dropped {
+            if !named.insert(*id) {
+                return Err(invalid(format!("volume {volume}: the commit names segment {id} twice")));
+            }
+            txn = txn.then(Op::Delete { key: segment_key(&v.spec.id, *id) });
+        }
+        let bytes: usize = txn
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Delete { key } => key.len(),
+                Op::DeletePrefix { prefix } => prefix.len(),
+            })
+            .sum();
+        if bytes > meta::MAX_VALUE {
+            return Err(invalid(format!(
+                "volume {volume}: the commit is {bytes} bytes, more than {}",
+                meta::MAX_VALUE
+            )));
+        }
+        let out = self.commit_grouped(txn).await?;
+        if !out.succeeded {
+            // Something changed since it was read: say what.
+            let v = self.volume(&volume).await?;
+            self.check_writer(who, &v, epoch).await?;
+            let now = self.get::<RootState>("root", &root_key(&v.spec.id)).await?;
+            return Err(conflict(&volume, expected, now.map(|(r, _)| (r.epoch, r.commit))));
+        }
+        Ok(DirResponse::Committed { commit })
+    }
+
+    pub(super) async fn segment_records(
+        &self,
+        volume: &str,
+        ids: &[SegmentId],
+    ) -> Result<DirResponse, Remote> {
+        if ids.len() > MAX_SEGMENTS_PER_CALL {
+            return Err(invalid(format!("at most {MAX_SEGMENTS_PER_CALL} segment records per call")));
+        }
+        let v = self.volume(volume).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(match self.meta.get(&segment_key(&v.spec.id, *id)).await? {
+                Some(e) => Some(
+                    SegmentRecord::decode(&e.value)
+                        .map_err(|e| internal(format!("volume {volume}: segment {id}: {e}")))?,
+                ),
+                None => None,
+            });
+        }
+        Ok(DirResponse::SegmentRecords(out))
+    }
+
+    pub(super) async fn peer_slots(&self, ids: &[u16]) -> Result<DirResponse, Remote> {
+        if ids.len() > MAX_SEGMENTS_PER_CALL {
+            return Err(invalid(format!("at most {MAX_SEGMENTS_PER_CALL} peer ids per call")));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let Some(e) = self.meta.get(&peer_slot_key(id)).await? else {
+                out.push(None);
+                continue;
+            };
+            let name = String::from_utf8_lossy(&e.value).into_owned();
+            out.push(
+                self.get::<PeerRecord>("peer", &key("peers", &name))
+                    .await?
+                    .map(|(r, _)| PeerSlot { id, addr: PeerAddr { name, addr: r.report.addr } }),
+            );
+        }
+        Ok(DirResponse::PeerSlots(out))
+    }
+
+    /// Places `count` segments: each on k + m distinct peers that are up,
+    /// not excluded, with `shard_bytes` free (counting the segments placed
+    /// before it in this call). Nothing is reserved or written.
+    pub(super) async fn place_segments(
+        &self,
+        who: &str,
+        volume: &str,
+        epoch: u64,
+        count: u32,
+        shard_bytes: u64,
+        exclude: &[u16],
+    ) -> Result<DirResponse, Remote> {
+        if count == 0 || count as usize > MAX_SEGMENTS_PER_CALL {
+            return Err(invalid(format!(
+                "place 1 to {MAX_SEGMENTS_PER_CALL} segments per call, not {count}"
+            )));
+        }
+        let v = self.volume(volume).await?;
+        self.check_writer(who, &v, epoch).await?;
+        let (up, candidates) = self.candidates(who).await?;
+        let known = self.peer_ids().await?;
+        let mut open = Vec::new();
+        for ((name, rec), c) in up.into_iter().zip(candidates) {
+            let id = match known.get(&name) {
+                Some(&id) => id,
+                None => self.peer_id(&name).await?,
+            };
+            if !exclude.contains(&id) {
+                open.push((PeerSlot { id, addr: PeerAddr { name, addr: rec.report.addr } }, c));
+            }
+        }
+        let n = usize::from(v.spec.k) + usize::from(v.spec.m);
+        let mut placements = Vec::with_capacity(count as usize);
+        let mut candidates: Vec<_> = open.iter().map(|(_, c)| c.clone()).collect();
+        for _ in 0..count {
+            let picked = choose(&candidates, n, shard_bytes, || self.random()).map_err(|e| {
+                Remote::new(
+                    ErrorKind::Full,
+                    format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
+                )
+            })?;
+            for &i in &picked {
+                candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
+            }
+            placements.push(SegmentPlacement { peers: picked.iter().map(|&i| open[i].0.clone()).collect() });
+        }
+        Ok(DirResponse::SegmentPlacements(placements))
+    }
+}
