@@ -68,52 +68,82 @@ async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, len: u32) {
     }
 }
 
-async fn model_run<B: Backend>(b: Arc<B>, seed: u64, ops: usize) {
-    assert_eq!(b.size(), SIZE);
-    let mut m = Model { data: vec![0; SIZE as usize], defined: vec![true; SIZE as usize] };
-    let mut rng = Rng(seed | 1);
-    for step in 0..ops {
-        let (offset, len) = random_range(&mut rng);
-        let (o, l) = (offset as usize, len as usize);
-        match rng.below(10) {
-            0..=3 => {
-                let data: Vec<u8> = (0..len).map(|i| (seed as u8) ^ (step as u8) ^ (i as u8)).collect();
-                b.write(offset, Bytes::from(data.clone()), rng.below(4) == 0).await.expect("write");
-                m.data[o..o + l].copy_from_slice(&data);
-                m.defined[o..o + l].fill(true);
-            }
-            4..=6 => check_read(&*b, &m, offset, len).await,
-            7 => {
-                b.trim(offset, len, false).await.expect("trim");
-                m.defined[o..o + l].fill(false);
-            }
-            8 => {
-                let flags = ZeroFlags { fua: false, may_trim: rng.below(2) == 0, fast: false };
-                b.write_zeroes(offset, len, flags).await.expect("write zeroes");
-                m.data[o..o + l].fill(0);
-                m.defined[o..o + l].fill(true);
-            }
-            _ => {
-                let extents = b.block_status(offset, len).await.expect("block status");
-                assert!(!extents.is_empty(), "at least one extent");
-                let mut pos = offset;
-                for e in &extents {
-                    assert!(e.length > 0);
-                    if e.zero {
-                        let n = e.length.min(offset + u64::from(len) - pos) as u32;
-                        let got = b.read(pos, n).await.unwrap().to_vec();
-                        assert!(got.iter().all(|&x| x == 0), "extent at {pos} claims zeroes");
-                    }
-                    pos += e.length;
+/// A seeded random sequence against one model, which may be carried from
+/// one backend to another (a volume detached here and attached there).
+struct Run {
+    m: Model,
+    rng: Rng,
+    seed: u64,
+    step: usize,
+}
+
+impl Run {
+    fn new(seed: u64) -> Self {
+        Self {
+            m: Model { data: vec![0; SIZE as usize], defined: vec![true; SIZE as usize] },
+            rng: Rng(seed | 1),
+            seed,
+            step: 0,
+        }
+    }
+
+    async fn steps<B: Backend>(&mut self, b: &B, ops: usize) {
+        assert_eq!(b.size(), SIZE);
+        let (m, rng, seed) = (&mut self.m, &mut self.rng, self.seed);
+        for _ in 0..ops {
+            let step = self.step;
+            self.step += 1;
+            let (offset, len) = random_range(rng);
+            let (o, l) = (offset as usize, len as usize);
+            match rng.below(10) {
+                0..=3 => {
+                    let data: Vec<u8> = (0..len).map(|i| (seed as u8) ^ (step as u8) ^ (i as u8)).collect();
+                    b.write(offset, Bytes::from(data.clone()), rng.below(4) == 0).await.expect("write");
+                    m.data[o..o + l].copy_from_slice(&data);
+                    m.defined[o..o + l].fill(true);
                 }
-                b.flush().await.expect("flush");
+                4..=6 => check_read(b, m, offset, len).await,
+                7 => {
+                    b.trim(offset, len, false).await.expect("trim");
+                    m.defined[o..o + l].fill(false);
+                }
+                8 => {
+                    let flags = ZeroFlags { fua: false, may_trim: rng.below(2) == 0, fast: false };
+                    b.write_zeroes(offset, len, flags).await.expect("write zeroes");
+                    m.data[o..o + l].fill(0);
+                    m.defined[o..o + l].fill(true);
+                }
+                _ => {
+                    let extents = b.block_status(offset, len).await.expect("block status");
+                    assert!(!extents.is_empty(), "at least one extent");
+                    let mut pos = offset;
+                    for e in &extents {
+                        assert!(e.length > 0);
+                        if e.zero {
+                            let n = e.length.min(offset + u64::from(len) - pos) as u32;
+                            let got = b.read(pos, n).await.unwrap().to_vec();
+                            assert!(got.iter().all(|&x| x == 0), "extent at {pos} claims zeroes");
+                        }
+                        pos += e.length;
+                    }
+                    b.flush().await.expect("flush");
+                }
             }
         }
     }
-    // Finally, the whole disk.
-    for off in (0..SIZE).step_by(1 << 20) {
-        check_read(&*b, &m, off, 1 << 20).await;
+
+    /// Every byte of the disk against the model.
+    async fn check_all<B: Backend>(&self, b: &B) {
+        for off in (0..SIZE).step_by(1 << 20) {
+            check_read(b, &self.m, off, 1 << 20).await;
+        }
     }
+}
+
+async fn model_run<B: Backend>(b: Arc<B>, seed: u64, ops: usize) {
+    let mut run = Run::new(seed);
+    run.steps(&*b, ops).await;
+    run.check_all(&*b).await;
 }
 
 async fn concurrent_writers<B: Backend>(b: Arc<B>) {
@@ -202,4 +232,44 @@ fn file_backend_refuses_bad_opens() {
     assert!(err.to_string().contains("give a size"), "{err}");
     let ro = FileBackend::open(&ring, &missing, Some(4096), true).err().expect("read-only cannot grow");
     assert!(ro.to_string().contains("less than"), "{ro}");
+}
+
+mod common;
+
+/// The log-structured volume on a real directory and six real peers,
+/// through its own folder A, then detached and attached from folder B
+/// (another machine), then from A again: the model carries over, every
+/// read matches it, and A's older copies are never served.
+#[test]
+fn the_log_structured_volume_conforms_across_machines() {
+    use meshdisk::volume::v2::{Config, Volume};
+    let mut c = common::cluster::Cluster::start("conform", &[]);
+    for i in 0..6 {
+        c.add_peer("1G", &format!("d{i}"));
+    }
+    c.wait_all_up(6);
+    c.create_volume("disk", "8M", 4, 2);
+    let key = meshdisk::codec::VolumeKey::read_file(&c.root.path().join("disk.key")).unwrap();
+    let config = |folder: &str| {
+        let mut config = Config::new(c.root.path().join(folder), 1 << 20);
+        config.log_size = 16 << 20;
+        config.io_timeout = std::time::Duration::from_secs(20);
+        config
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let mut run = Run::new(7);
+        for (folder, ops) in [("a", 300), ("b", 300), ("a", 300)] {
+            let v = Volume::open(c.client(), "disk", &key, config(folder)).await.unwrap();
+            run.check_all(&v).await;
+            run.steps(&v, ops).await;
+            run.check_all(&v).await;
+            v.close(std::time::Duration::from_secs(30)).await.unwrap();
+        }
+        let v = Arc::new(Volume::open(c.client(), "disk", &key, config("c")).await.unwrap());
+        run.check_all(&*v).await;
+        concurrent_writers(v.clone()).await;
+        edges(v.clone()).await;
+        Arc::try_unwrap(v).ok().expect("one owner").close(std::time::Duration::from_secs(30)).await.unwrap();
+    });
 }

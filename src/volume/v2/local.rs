@@ -35,6 +35,12 @@ pub enum Queued {
 }
 
 impl Queued {
+    fn first(&self) -> Sequence {
+        match *self {
+            Queued::Write { sequence, .. } | Queued::Zero { sequence, .. } => sequence,
+        }
+    }
+
     fn sequence(&self) -> Sequence {
         match *self {
             Queued::Write { sequence, blocks, .. } => sequence.checked_add(blocks - 1).unwrap_or(sequence),
@@ -170,15 +176,36 @@ impl LocalIndex {
         self.queue.iter().map(|q| if let Queued::Write { blocks, .. } = q { *blocks } else { 1 }).sum()
     }
 
-    /// The queue, for a commit, and the watermark it reaches: every
+    /// The oldest part of the queue, up to about `max_blocks` blocks (at
+    /// least one write), for a commit, and the watermark it reaches: every
     /// sequence up to it is in what is returned or was committed before.
     /// `last` is the last sequence allocated.
-    pub fn take(&mut self, last: Sequence) -> (Vec<Queued>, Sequence) {
-        let watermark = match self.in_flight.keys().next() {
+    pub fn take(&mut self, last: Sequence, max_blocks: u64) -> (Vec<Queued>, Sequence) {
+        let mut blocks = 0;
+        let mut n = 0;
+        for q in &self.queue {
+            let b = if let Queued::Write { blocks, .. } = q { *blocks } else { 1 };
+            if n > 0 && blocks + b > max_blocks {
+                break;
+            }
+            blocks += b;
+            n += 1;
+        }
+        let rest = self.queue.split_off(n);
+        let taken = std::mem::replace(&mut self.queue, rest);
+        let below = self
+            .in_flight
+            .keys()
+            .next()
+            .copied()
+            .into_iter()
+            .chain(self.queue.iter().map(Queued::first))
+            .min();
+        let watermark = match below {
             Some(first) => Sequence::from_raw(first.raw() - 1),
             None => last,
         };
-        (std::mem::take(&mut self.queue), watermark)
+        (taken, watermark)
     }
 
     /// Puts back what a failed commit took, ahead of what came since.
@@ -249,17 +276,17 @@ impl LocalIndex {
         self.highest
     }
 
-    /// Forgets the records of log files below `first_kept` (released):
+    /// Forgets the records of log files `kept` says are gone (released):
     /// their blocks are committed, and read from the committed map now.
     /// Queued writes are never in a released file.
-    pub fn forget_files_below(&mut self, first_kept: u32) {
-        if self.records.values().all(|p| p.file >= first_kept) {
+    pub fn forget_files(&mut self, kept: impl Fn(u32) -> bool) {
+        if self.records.values().all(|p| kept(p.file)) {
             return;
         }
         let mut map = BlockMap::new(self.map.blocks());
         for e in self.map.extents() {
             let keep = match e.first.map(|m| m.target) {
-                Some(Target::Data { segment, .. }) => self.records[&segment.raw()].file >= first_kept,
+                Some(Target::Data { segment, .. }) => kept(self.records[&segment.raw()].file),
                 Some(Target::Zero) => true,
                 None => false,
             };
@@ -267,7 +294,7 @@ impl LocalIndex {
                 map.apply(&entry).expect("an extent of a valid map applies");
             }
         }
-        self.records.retain(|_, p| p.file >= first_kept);
+        self.records.retain(|_, p| kept(p.file));
         self.map = map;
     }
 
@@ -308,7 +335,7 @@ mod tests {
         x.insert_write(pos(1, 100), 12, 1, seq(5), false).unwrap(); // 12 @5
         x.begin(seq(6));
         x.insert_zero(13, 10, seq(6), false).unwrap(); // 13..23 @6
-        let (q, w) = x.take(seq(6));
+        let (q, w) = x.take(seq(6), u64::MAX);
         assert_eq!(w, seq(6));
         assert_eq!(q.len(), 3);
         assert_eq!(
@@ -329,17 +356,28 @@ mod tests {
         x.begin(seq(1));
         x.begin(seq(2));
         x.insert_write(pos(1, 0), 0, 1, seq(2), false).unwrap();
-        let (q, w) = x.take(seq(2));
+        let (q, w) = x.take(seq(2), u64::MAX);
         assert_eq!(q.len(), 1);
         assert_eq!(w, Sequence::from_raw(seq(1).raw() - 1), "sequence 1 is still in flight");
         x.insert_write(pos(1, 50), 5, 1, seq(1), false).unwrap();
-        let (q, w) = x.take(seq(2));
+        let (q, w) = x.take(seq(2), u64::MAX);
         assert_eq!(q.len(), 1);
         assert_eq!(w, seq(2));
+        // A partial take holds the watermark below what it left.
+        x.begin(seq(7));
+        x.insert_write(pos(1, 60), 7, 3, seq(7), false).unwrap();
+        x.begin(seq(10));
+        x.insert_write(pos(1, 70), 9, 3, seq(10), false).unwrap();
+        let (q, w) = x.take(seq(12), 3);
+        assert_eq!(q.len(), 1);
+        assert_eq!(w, seq(9));
+        let (q, w) = x.take(seq(12), 3);
+        assert_eq!(q.len(), 1);
+        assert_eq!(w, seq(12));
         // A failed write ends its flight too.
-        x.begin(seq(3));
-        x.abandon(seq(3));
-        assert_eq!(x.take(seq(3)).1, seq(3));
+        x.begin(seq(13));
+        x.abandon(seq(13));
+        assert_eq!(x.take(seq(13), u64::MAX).1, seq(13));
     }
 
     #[test]
@@ -349,13 +387,13 @@ mod tests {
         x.insert_write(pos(1, 0), 0, 2, seq(1), false).unwrap();
         x.begin(seq(3));
         x.insert_write(pos(2, 0), 1, 2, seq(3), false).unwrap();
-        let (taken, _) = x.take(seq(3));
+        let (taken, _) = x.take(seq(3), u64::MAX);
         x.begin(seq(5));
         x.insert_zero(50, 1, seq(5), false).unwrap();
         x.untake(taken);
-        let (q, _) = x.take(seq(5));
+        let (q, _) = x.take(seq(5), u64::MAX);
         assert!(matches!(q[0], Queued::Write { record: 1, .. }) && matches!(q[2], Queued::Zero { .. }));
-        x.forget_files_below(2);
+        x.forget_files(|f| f >= 2);
         let found = x.lookup(0, 3);
         assert_eq!(found[0].0.first, None, "block 0 was only in file 1");
         assert_eq!(found[1].1, Some(LocalBlock::Log { pos: pos(2, 0), block: 0 }));

@@ -1,0 +1,457 @@
+//! Attaching and detaching a volume of the second design.
+//!
+//! ```text
+//! attach  key checked ─► the folder locked (the local log's flock)
+//!         ─► lease (resumes the folder's epoch after a crash)
+//!         ─► root from the directory: MAC checked, not older than the
+//!            folder has seen (freshness note), noted
+//!         ─► map: checkpoint index + summaries of the segments since
+//!         ─► the local log: replayed if written against this root (or
+//!            by this folder's own epoch), refused otherwise unless
+//!            --discard-local
+//!         ─► sequences above everything seen; workers: commit, lease
+//! detach  flush within a deadline ─► lease released; or, if the peers or
+//!         the directory are out of reach, exit naming the writes only in
+//!         the local log (the next attach from this folder sends them)
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::blocks::BlockCache;
+use super::cache::MapCache;
+use super::checkpoint::{CheckpointIndex, IndexHead};
+use super::commit::{Committer, PACING};
+use super::layout::{self, Trailer};
+use super::local::LocalIndex;
+use super::log::{Base, LocalLog, LogConfig, NewRecord, RecordHead};
+use super::remote::SegmentIo;
+use super::root::{Freshness, RootKey, RootRecord, SegmentRef};
+use super::summary::Summary;
+use super::volume::{Config, Inner, LOCK_STRIPES, Volume};
+use crate::api::Durability;
+use crate::backend::{self, Backend, Extent, Features, ReadData, ZeroFlags};
+use crate::client::Client;
+use crate::codec::key::VolumeKey;
+use crate::codec::segment::BLOCK_SIZE;
+use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
+use crate::codec::xts::SectorCipher;
+use crate::sys::durable;
+use crate::sys::uring::Uring;
+use crate::sys::worker::Runner;
+use crate::volume::VolumeError;
+use crate::volume::lease;
+
+/// The freshness note's file name in the state folder.
+const FRESHNESS: &str = "freshness";
+
+/// Why a volume of the second design could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Log(#[from] super::log::LogError),
+    #[error(transparent)]
+    Cache(#[from] super::blocks::CacheError),
+    #[error("volume {volume}: {why}")]
+    Root { volume: String, why: String },
+    #[error(
+        "{folder} holds {writes} writes not yet flushed to volume {volume}, made against its commit {base}, but the volume has been written elsewhere since (now at commit {now}): attach with --discard-local to drop them, or attach from another folder"
+    )]
+    Diverged { folder: PathBuf, volume: String, writes: usize, base: String, now: String },
+    #[error("volume {volume}: the segments since the checkpoint cannot be read: {why}")]
+    Map { volume: String, why: String },
+}
+
+fn freshness_path(dir: &Path) -> PathBuf {
+    dir.join(FRESHNESS)
+}
+
+/// The highest (epoch, commit) this folder has seen of `volume`.
+fn read_freshness(dir: &Path, volume: &[u8; 16]) -> Option<Freshness> {
+    let text = std::fs::read_to_string(freshness_path(dir)).ok()?;
+    let mut f = text.split_whitespace();
+    let (id, epoch, commit) = (f.next()?, f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    (id == hex::encode(volume)).then(|| Freshness::new(epoch, commit))
+}
+
+impl Inner {
+    /// Notes `root` as the newest this folder has seen, durably, before
+    /// anything from it is served.
+    pub(super) fn remember(&self, root: &RootRecord) -> std::io::Result<()> {
+        let text = format!("{} {} {}\n", hex::encode(root.volume_id), root.epoch, root.commit);
+        durable::replace(&freshness_path(&self.config.state_dir), text.as_bytes(), 0o600)
+    }
+
+    /// The summary of a committed segment, read from its trailing blocks.
+    async fn read_summary(&self, seg: SegmentRef) -> Result<Summary, String> {
+        let located = self.locate(seg.id, seg.root).await?;
+        let header = self.io.header(&located).await.map_err(|e| e.to_string())?;
+        let g = header.geometry;
+        let last = (g.data_blocks() - 1) as u32;
+        let mut t = self.io.read(&located, last, last + 1).await.map_err(|e| e.to_string())?;
+        layout::open_metadata(&self.cipher, seg.id, last, &mut t);
+        let trailer = Trailer::decode(&t, seg.id, g).map_err(|e| e.to_string())?;
+        let mut s = self.io.read(&located, trailer.summary_slot, last).await.map_err(|e| e.to_string())?;
+        layout::open_metadata(&self.cipher, seg.id, trailer.summary_slot, &mut s);
+        layout::decode_summary(&trailer, &s).map_err(|e| e.to_string())
+    }
+}
+
+impl Volume {
+    /// Attaches volume `name` (see the module doc).
+    pub async fn open(client: Client, name: &str, key: &VolumeKey, config: Config) -> Result<Self, AttachError> {
+        let record = client.volume(name).await.map_err(VolumeError::from)?;
+        let spec = record.spec.clone();
+        key.verify(&spec.id, &crate::codec::KeyCheck(spec.key_check))
+            .map_err(|_| VolumeError::WrongKey(name.into()))?;
+        let dir = config.state_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| VolumeError::Io { path: dir.clone(), source })?;
+        let ring = Uring::new(256).map_err(VolumeError::Ring)?;
+        let log_config = LogConfig { file_bytes: (config.log_size / 16).clamp(1 << 20, 256 << 20), max_bytes: config.log_size };
+        // The folder's lock comes first: two attaches of one folder never
+        // reach the lease.
+        let (log, replay) = LocalLog::open(&dir, key, &spec.id, &ring, log_config).await?;
+        let cache = BlockCache::open(&dir.join("blocks"), key, &spec.id, &ring, config.cache_size.max(1 << 20))?;
+        let lease = lease::acquire(&client, &dir, name, config.force).await?;
+        let root_key = RootKey::derive(key);
+        let root = match client.root(name).await.map_err(VolumeError::from)? {
+            None => RootRecord {
+                volume_id: spec.id,
+                epoch: 0,
+                commit: 0,
+                highest_sequence: Sequence::ZERO,
+                highest_segment: SegmentId::ZERO,
+                checkpoint: None,
+                since: Vec::new(),
+            },
+            Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
+                .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
+        };
+        if let Some(seen) = read_freshness(&dir, &spec.id) {
+            seen.check(&root).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        }
+        let blocks = spec.size / BLOCK_SIZE as u64;
+        let blocks_per_shard = (spec.shard_size as usize / BLOCK_SIZE).max(1) as u32;
+        let epoch = lease.epoch;
+        let seq_floor = root.highest_sequence.max(replay.highest_sequence);
+        let seg_floor = root.highest_segment.max(replay.highest_segment);
+        let sequences =
+            Sequencer::new(epoch, seq_floor).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        let segment_ids =
+            Sequencer::new(epoch, seg_floor).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        let stop = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            name: name.into(),
+            client: client.clone(),
+            cipher: SectorCipher::new(key),
+            root_key,
+            blocks,
+            k: usize::from(spec.k),
+            m: usize::from(spec.m),
+            blocks_per_shard,
+            epoch,
+            sequences: Mutex::new(sequences),
+            segment_ids: Mutex::new(segment_ids),
+            local: Mutex::new(LocalIndex::new(blocks)),
+            map: Mutex::new(MapCache::new(CheckpointIndex::empty(blocks), config.map_cache)),
+            root: Mutex::new(root.clone()),
+            holders: Default::default(),
+            peers: Default::default(),
+            log: log.clone(),
+            cache,
+            io: SegmentIo::new(client.clone(), spec.id, config.timing.clone()),
+            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            commit_turn: tokio::sync::Mutex::new(()),
+            committed: watch::channel(Sequence::ZERO).0,
+            commit_failure: Mutex::new(None),
+            wake: Notify::new(),
+            urgent: AtomicBool::new(false),
+            fenced: Mutex::new(None),
+            workers: Runner::new(stop.clone()),
+            stop,
+            record,
+            config,
+        });
+        let fail = |e: AttachError| {
+            inner.stop.cancel();
+            e
+        };
+        inner.remember(&root).map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
+        inner.load_map(&root).await.map_err(fail)?;
+        inner.replay(&root, &replay).await.map_err(fail)?;
+        inner.committed.send_replace(replay.committed.max(Sequence::ZERO));
+        // Noted before anything is written: the log's records after this are
+        // against this root.
+        let base = Base {
+            epoch: root.epoch,
+            commit: root.commit,
+            segment_floor: seg_floor,
+            sequence_floor: seq_floor,
+        };
+        log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
+        let workers = &inner.workers;
+        workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
+        let fence = Arc::downgrade(&inner);
+        let renewal = lease::Renewal::new(
+            client,
+            name,
+            epoch,
+            Duration::from_millis(lease.ttl_ms),
+            Box::new(move |why| {
+                if let Some(inner) = fence.upgrade() {
+                    inner.fence(why);
+                }
+            }),
+        );
+        let pacing = renewal.pacing();
+        workers.spawn_paced(renewal, pacing);
+        let queued = inner.local.lock().expect("local").queued();
+        if queued > 0 {
+            tracing::info!("volume {name}: {queued} unflushed writes replayed from {}", dir.display());
+            inner.wake.notify_one();
+        }
+        Ok(Volume { inner })
+    }
+
+    /// Flushes within `deadline`, then stops the workers and releases the
+    /// lease. If the flush does not finish, the lease and the log are kept
+    /// (the next attach from this folder sends the writes) and the error
+    /// says how many writes are only local.
+    pub async fn close(self, deadline: Duration) -> Result<(), VolumeError> {
+        let inner = self.inner.clone();
+        let flushed = tokio::time::timeout(deadline, inner.flush_remote()).await;
+        inner.stop.cancel();
+        inner.wake.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(10), inner.workers.join()).await;
+        let left = inner.local.lock().expect("local").queued();
+        let why = match flushed {
+            Ok(Ok(())) if left == 0 => None,
+            Ok(Ok(())) => Some(format!("{left} writes arrived during the detach")),
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("the flush did not finish within {} s", deadline.as_secs())),
+        };
+        if let Some(why) = why {
+            return Err(VolumeError::Backend(backend::Error::failed(
+                backend::ErrorKind::Unavailable,
+                "detach",
+                0,
+                0,
+                format!(
+                    "{why}; {left} writes are only in the local log in {}: the next attach from this folder sends them",
+                    inner.config.state_dir.display()
+                ),
+            )));
+        }
+        lease::release(&inner.client, &inner.config.state_dir, &inner.name, inner.epoch).await?;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// The committed map: the checkpoint's index (pages fetched when
+    /// needed) and the summaries of the segments since.
+    async fn load_map(&self, root: &RootRecord) -> Result<(), AttachError> {
+        let bad = |why: String| AttachError::Map { volume: self.name.clone(), why };
+        let index = match root.checkpoint {
+            None => CheckpointIndex::empty(self.blocks),
+            Some(c) => {
+                let head = self
+                    .read_metadata(c.segment.id, c.segment.root, c.first_slot, c.blocks)
+                    .await
+                    .map_err(|e| bad(format!("the checkpoint: {e}")))?;
+                let head = IndexHead::decode(&head).map_err(|e| bad(e.to_string()))?;
+                let mut parts = Vec::new();
+                for (i, x) in head.continuations.iter().enumerate() {
+                    let bytes = self
+                        .read_metadata(x.segment.id, x.segment.root, x.first_slot, x.blocks)
+                        .await
+                        .map_err(|e| bad(format!("the checkpoint's index: {e}")))?;
+                    let len = head.continuation_len(i).unwrap_or(bytes.len());
+                    parts.push(bytes[..len.min(bytes.len())].to_vec());
+                }
+                let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                head.assemble(&refs).map_err(|e| bad(e.to_string()))?
+            }
+        };
+        *self.map.lock().expect("map") = MapCache::new(index, self.config.map_cache);
+        // Where the segments since are, in batches.
+        for chunk in root.since.chunks(crate::api::MAX_SEGMENTS_PER_CALL) {
+            let ids: Vec<SegmentId> = chunk.iter().map(|s| s.id).collect();
+            let records =
+                self.client.segment_records(&self.name, ids).await.map_err(|e| bad(e.to_string()))?;
+            let mut holders = self.holders.lock().expect("holders");
+            for (s, r) in chunk.iter().zip(records) {
+                let r = r.ok_or_else(|| bad(format!("the directory has no record of segment {}", s.id)))?;
+                holders.insert(s.id, r.peers);
+            }
+        }
+        // Their summaries, a few at a time.
+        let mut summaries = Vec::with_capacity(root.since.len());
+        for chunk in root.since.chunks(8) {
+            let mut reads = Vec::new();
+            for s in chunk {
+                reads.push(self.read_summary(*s));
+            }
+            for (s, r) in chunk.iter().zip(join_all(reads).await) {
+                summaries.push((r.map_err(|e| bad(format!("segment {}: {e}", s.id)))?, s.root));
+            }
+        }
+        let mut map = self.map.lock().expect("map");
+        for (s, root) in summaries {
+            map.apply_summary(&s, root).map_err(|e| bad(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Replays the local log (see the module doc).
+    async fn replay(&self, root: &RootRecord, replay: &super::log::Replay) -> Result<(), AttachError> {
+        let pending = replay
+            .records
+            .iter()
+            .filter(|(_, r)| {
+                matches!(r, RecordHead::Write { .. } | RecordHead::Zero { .. })
+                    && r.highest_sequence() > replay.committed
+            })
+            .count();
+        let base = replay.base.map(|(_, b)| b);
+        let ours = base.is_some_and(|b| {
+            (b.epoch, b.commit) == (root.epoch, root.commit) || (b.epoch == root.epoch && root.commit >= b.commit)
+        });
+        if pending > 0 && !ours && !self.config.discard_local {
+            return Err(AttachError::Diverged {
+                folder: self.config.state_dir.clone(),
+                volume: self.name.clone(),
+                writes: pending,
+                base: base.map_or("none".into(), |b| format!("{}.{}", b.epoch, b.commit)),
+                now: format!("{}.{}", root.epoch, root.commit),
+            });
+        }
+        if pending > 0 && !ours {
+            tracing::warn!(
+                "volume {}: dropping {pending} unflushed writes of {} made against an older root (--discard-local)",
+                self.name,
+                self.config.state_dir.display()
+            );
+        }
+        let mut local = self.local.lock().expect("local");
+        for (pos, r) in &replay.records {
+            // Every record is a valid local copy (the higher sequence wins
+            // against the committed map on reads); only the unflushed ones
+            // of a log that is ours are queued again.
+            let queue = ours && r.highest_sequence() > replay.committed;
+            let done = match *r {
+                RecordHead::Write { address, blocks, sequence } => {
+                    local.begin(sequence);
+                    local.insert_write(*pos, address, u64::from(blocks), sequence, !queue)
+                }
+                RecordHead::Zero { address, blocks, sequence } => {
+                    local.begin(sequence);
+                    local.insert_zero(address, blocks, sequence, !queue)
+                }
+                _ => Ok(()),
+            };
+            done.map_err(|e| AttachError::Root { volume: self.name.clone(), why: format!("local log: {e}") })?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every write that completed before the call is in a
+    /// committed root.
+    pub(super) async fn flush_remote(&self) -> backend::Result<()> {
+        let target = self.sequences.lock().expect("sequences").last();
+        let mut committed = self.committed.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.io_timeout;
+        loop {
+            self.check_fenced("flush", 0, 0)?;
+            if *committed.borrow_and_update() >= target {
+                return Ok(());
+            }
+            self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.wake.notify_one();
+            let failure = self.commit_failure.lock().expect("failure").clone();
+            match tokio::time::timeout_at(deadline, committed.changed()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    let why = failure.map_or("the commit did not finish in time".to_string(), |(_, w)| w);
+                    return Err(backend::Error::failed(backend::ErrorKind::Unavailable, "flush", 0, 0, why));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the futures concurrently, results in order.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(|o| o.expect("every future finished")).collect()
+}
+
+impl Backend for Volume {
+    fn size(&self) -> u64 {
+        self.inner.blocks * BLOCK_SIZE as u64
+    }
+
+    fn features(&self) -> Features {
+        Features::all(false)
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
+        self.inner.read(offset, length).await
+    }
+
+    async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> backend::Result<()> {
+        self.inner.write("write", offset, &data).await?;
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    async fn flush(&self) -> backend::Result<()> {
+        match self.inner.durability() {
+            Durability::Remote => self.inner.flush_remote().await,
+            Durability::Local => self
+                .inner
+                .log
+                .sync()
+                .await
+                .map_err(|e| backend::Error::failed(backend::ErrorKind::Io, "flush", 0, 0, e.to_string())),
+        }
+    }
+
+    async fn trim(&self, offset: u64, length: u32, fua: bool) -> backend::Result<()> {
+        self.inner.zero("trim", offset, u64::from(length)).await?;
+        if fua { self.flush().await } else { Ok(()) }
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u32, flags: ZeroFlags) -> backend::Result<()> {
+        self.inner.zero("write zeroes", offset, u64::from(length)).await?;
+        if flags.fua { self.flush().await } else { Ok(()) }
+    }
+
+    async fn block_status(&self, offset: u64, length: u32) -> backend::Result<Vec<Extent>> {
+        self.inner.holes(offset, length).await
+    }
+
+    async fn cache(&self, _offset: u64, _length: u32) -> backend::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,452 @@
+//! The volume's reads and writes (see [`super::volume`] for the picture).
+//!
+//! A write of whole blocks takes the lock stripes of its blocks, allocates
+//! one sequence per block (so a write issued after another's reply is
+//! above it), encrypts each block with tweak (address, sequence), appends
+//! the ciphertext to the local log once and records it in the local
+//! index. A write that covers part of a block reads the block and writes
+//! it whole, under the same locks (read-modify-write of that block only).
+//!
+//! A read asks the local index and the committed map for the range and
+//! takes, block by block, the version with the higher sequence: the local
+//! log's copy, zeroes, or the committed segment's block (block cache first,
+//! then the one data shard holding it, proven).
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::cache::NeedPage;
+use super::layout;
+use super::local::LocalBlock;
+use super::log::{LogError, NewRecord};
+use super::map::{Extent, Mapping, Target};
+use super::remote::Located;
+use super::volume::{Inner, zeroes};
+use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
+use crate::codec::segment::BLOCK_SIZE;
+use crate::codec::sequence::{SegmentId, Sequence};
+
+const BLOCK: u64 = BLOCK_SIZE as u64;
+
+fn failed(kind: ErrorKind, op: &'static str, offset: u64, length: u64, why: impl ToString) -> backend::Error {
+    backend::Error::failed(kind, op, offset, length, why.to_string())
+}
+
+fn log_failed(op: &'static str, offset: u64, length: u64, e: LogError) -> backend::Error {
+    let kind = match e {
+        LogError::Full { .. } => ErrorKind::Full,
+        _ => ErrorKind::Io,
+    };
+    failed(kind, op, offset, length, e)
+}
+
+/// One block's source in a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Zero,
+    Log { pos: super::log::LogPos, block: u32 },
+    Segment { segment: SegmentId, slot: u32 },
+}
+
+impl Inner {
+    /// Writes `plain` (whole blocks) at block `address`; the caller holds
+    /// the lock stripes of the range.
+    async fn write_locked(&self, op: &'static str, address: u64, plain: &[u8]) -> backend::Result<()> {
+        let n = (plain.len() / BLOCK_SIZE) as u64;
+        let (offset, length) = (address * BLOCK, plain.len() as u64);
+        self.check_fenced(op, offset, length)?;
+        self.wait_for_room(op, offset, length).await?;
+        let max = u64::from(self.log.max_record_blocks());
+        let mut done = 0u64;
+        while done < n {
+            let count = (n - done).min(max);
+            let first = self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
+            let a = address + done;
+            let src = &plain[done as usize * BLOCK_SIZE..(done + count) as usize * BLOCK_SIZE];
+            let mut ct = src.to_vec();
+            for (i, b) in ct.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+                let seq = first.checked_add(i as u64).expect("the run was allocated");
+                self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
+            }
+            let appended = self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
+            let pos = match appended {
+                Ok(p) => p[0],
+                Err(e) => {
+                    self.local.lock().expect("local").abandon(first);
+                    return Err(log_failed(op, offset, length, e));
+                }
+            };
+            self.local
+                .lock()
+                .expect("local")
+                .insert_write(pos, a, count, first, false)
+                .map_err(|e| failed(ErrorKind::Invalid, op, offset, length, e))?;
+            done += count;
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Allocates `n` sequences and marks them in flight (one step, so a
+    /// commit's watermark never passes a write not yet in the index).
+    fn begin(&self, n: u64) -> Result<Sequence, String> {
+        let mut s = self.sequences.lock().expect("sequences");
+        let first = s.next_run(n).map_err(|e| e.to_string())?;
+        self.local.lock().expect("local").begin(first);
+        Ok(first)
+    }
+
+    /// Holds a write while the local log is nearly full, committing to
+    /// make room; refuses after the I/O timeout.
+    async fn wait_for_room(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
+        let limit = self.config.log_size / 10 * 9;
+        if self.log.used_bytes() < limit {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.io_timeout;
+        let mut committed = self.committed.subscribe();
+        while self.log.used_bytes() >= limit {
+            self.check_fenced(op, offset, length)?;
+            self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.wake.notify_one();
+            if tokio::time::timeout_at(deadline, committed.changed()).await.is_err() {
+                let why = match &*self.commit_failure.lock().expect("failure") {
+                    Some((_, why)) => format!("the local log is full and commits fail: {why}"),
+                    None => "the local log is full and no commit made room in time".to_string(),
+                };
+                return Err(failed(ErrorKind::Unavailable, op, offset, length, why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the lock stripes of blocks `first..first + n`.
+    async fn lock(&self, first: u64, n: u64) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut guards = Vec::new();
+        for s in Inner::stripes(first, n) {
+            guards.push(self.locks[s].lock().await);
+        }
+        guards
+    }
+
+    /// Writes `data` at byte `offset`: whole blocks directly, partial ones
+    /// read-modify-written.
+    pub(super) async fn write(&self, op: &'static str, offset: u64, data: &[u8]) -> backend::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset / BLOCK;
+        let end = (offset + data.len() as u64).div_ceil(BLOCK);
+        let _guards = self.lock(first, end - first).await;
+        if offset.is_multiple_of(BLOCK) && (data.len() as u64).is_multiple_of(BLOCK) {
+            return self.write_locked(op, first, data).await;
+        }
+        // Read the edge blocks, splice, write the whole range.
+        let mut buf = vec![0u8; ((end - first) * BLOCK) as usize];
+        let head = (offset - first * BLOCK) as usize;
+        if head != 0 {
+            let b = self.read_blocks(first, 1).await?.to_vec();
+            buf[..BLOCK_SIZE].copy_from_slice(&b);
+        }
+        let tail_end = head + data.len();
+        if !tail_end.is_multiple_of(BLOCK_SIZE) && (end - 1 != first || head == 0) {
+            let b = self.read_blocks(end - 1, 1).await?.to_vec();
+            let at = buf.len() - BLOCK_SIZE;
+            buf[at..].copy_from_slice(&b);
+        }
+        buf[head..tail_end].copy_from_slice(data);
+        self.write_locked(op, first, &buf).await
+    }
+
+    /// Zeroes bytes `offset..offset + length`: whole blocks as one zero
+    /// record, the partial edges written as data.
+    pub(super) async fn zero(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let first_full = offset.div_ceil(BLOCK);
+        let end_full = (offset + length) / BLOCK;
+        if first_full >= end_full {
+            // Inside one block or two partial ones.
+            return self.write(op, offset, &vec![0u8; length as usize]).await;
+        }
+        if offset < first_full * BLOCK {
+            self.write(op, offset, &vec![0u8; (first_full * BLOCK - offset) as usize]).await?;
+        }
+        if (offset + length) > end_full * BLOCK {
+            let from = end_full * BLOCK;
+            self.write(op, from, &vec![0u8; (offset + length - from) as usize]).await?;
+        }
+        let n = end_full - first_full;
+        let _guards = self.lock(first_full, n).await;
+        self.check_fenced(op, offset, length)?;
+        self.wait_for_room(op, offset, length).await?;
+        let sequence = self.begin(1).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
+        let appended = self.log.append(&[NewRecord::Zero { address: first_full, blocks: n, sequence }]).await;
+        if let Err(e) = appended {
+            self.local.lock().expect("local").abandon(sequence);
+            return Err(log_failed(op, offset, length, e));
+        }
+        self.local
+            .lock()
+            .expect("local")
+            .insert_zero(first_full, n, sequence, false)
+            .map_err(|e| failed(ErrorKind::Invalid, op, offset, length, e))?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The committed map's extents over `first..first + n`, fetching the
+    /// map pages it needs.
+    async fn committed_extents(&self, first: u64, n: u64) -> backend::Result<Vec<Extent>> {
+        loop {
+            let (extents, need) = self.map.lock().expect("map").lookup_range(first, n);
+            match need {
+                None => return Ok(extents),
+                Some(NeedPage(fetch)) => {
+                    let bytes = self.fetch_page(&fetch).await.map_err(|why| {
+                        failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why)
+                    })?;
+                    self.map
+                        .lock()
+                        .expect("map")
+                        .insert_page(fetch.page, &bytes)
+                        .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
+                }
+            }
+        }
+    }
+
+    /// Reads metadata blocks of a committed segment, decrypted.
+    pub(super) async fn read_metadata(
+        &self,
+        segment: SegmentId,
+        root: crate::codec::segment::SegmentRoot,
+        first_slot: u32,
+        blocks: u32,
+    ) -> Result<Vec<u8>, String> {
+        let located = self.locate(segment, root).await?;
+        let mut bytes =
+            self.io.read(&located, first_slot, first_slot + blocks).await.map_err(|e| e.to_string())?;
+        layout::open_metadata(&self.cipher, segment, first_slot, &mut bytes);
+        Ok(bytes)
+    }
+
+    async fn fetch_page(&self, f: &super::checkpoint::PageFetch) -> Result<Vec<u8>, String> {
+        self.read_metadata(f.segment.id, f.segment.root, f.first_slot, f.blocks).await
+    }
+
+    /// Where segment `segment`'s shards are (its record at the directory,
+    /// kept; peer ids resolved to addresses).
+    pub(super) async fn locate(
+        &self,
+        segment: SegmentId,
+        root: crate::codec::segment::SegmentRoot,
+    ) -> Result<Located, String> {
+        let known = self.holders.lock().expect("holders").get(&segment).cloned();
+        let ids = match known {
+            Some(ids) => ids,
+            None => {
+                let records = self
+                    .client
+                    .segment_records(&self.name, vec![segment])
+                    .await
+                    .map_err(|e| format!("the directory's record of segment {segment}: {e}"))?;
+                let Some(Some(r)) = records.into_iter().next() else {
+                    return Err(format!("the directory has no record of segment {segment}"));
+                };
+                self.holders.lock().expect("holders").insert(segment, r.peers.clone());
+                r.peers
+            }
+        };
+        let missing: Vec<u16> = {
+            let peers = self.peers.lock().expect("peers");
+            let mut m: Vec<u16> = ids.iter().copied().filter(|&i| i != 0 && !peers.contains_key(&i)).collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if !missing.is_empty()
+            && let Ok(slots) = self.client.peer_slots(missing).await
+        {
+            let mut peers = self.peers.lock().expect("peers");
+            for s in slots.into_iter().flatten() {
+                peers.insert(s.id, s.addr);
+            }
+        }
+        let peers = self.peers.lock().expect("peers");
+        Ok(Located { id: segment, root, holders: ids.iter().map(|i| peers.get(i).cloned()).collect() })
+    }
+
+    /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
+    pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
+        let (offset, length) = (first * BLOCK, n * BLOCK);
+        self.check_fenced("read", offset, length)?;
+        let local = self.local.lock().expect("local").lookup(first, n);
+        let committed = self.committed_extents(first, n).await?;
+        // Block by block: the higher sequence wins; the local copy on a tie.
+        let mut plan: Vec<(Source, Sequence)> = Vec::with_capacity(n as usize);
+        let (mut li, mut ci) = (0usize, 0usize);
+        for a in first..first + n {
+            while local[li].0.start + local[li].0.len <= a {
+                li += 1;
+            }
+            while committed[ci].start + committed[ci].len <= a {
+                ci += 1;
+            }
+            let (le, lat) = &local[li];
+            let l = le.at(a - le.start).map(|m| (m, lat));
+            let c = committed[ci].at(a - committed[ci].start);
+            let pick = match (l, c) {
+                (Some((lm, at)), c) if c.is_none_or(|c| lm.sequence >= c.sequence) => {
+                    let src = match at.expect("a written local extent has a place") {
+                        LocalBlock::Zero => Source::Zero,
+                        LocalBlock::Log { pos, block } => {
+                            Source::Log { pos, block: block + (a - le.start) as u32 }
+                        }
+                    };
+                    (src, lm.sequence)
+                }
+                (_, Some(Mapping { sequence, target: Target::Data { segment, slot } })) => {
+                    (Source::Segment { segment, slot }, sequence)
+                }
+                (_, Some(Mapping { sequence, target: Target::Zero })) => (Source::Zero, sequence),
+                (_, None) => (Source::Zero, Sequence::ZERO),
+            };
+            plan.push(pick);
+        }
+        let mut out = vec![0u8; length as usize];
+        let mut remote: HashMap<SegmentId, Vec<(usize, u32)>> = HashMap::new();
+        for (i, (src, seq)) in plan.iter().enumerate() {
+            let a = first + i as u64;
+            let buf = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            match *src {
+                Source::Zero => {}
+                Source::Log { pos, block } => match self.log.read(pos, block, buf).await {
+                    Ok(_) => self.cipher.decrypt_in_place(a, seq.raw(), buf),
+                    // Released since the lookup: the committed map has it.
+                    Err(LogError::Released(_)) => return Box::pin(self.read_blocks(first, n)).await,
+                    Err(e) => return Err(log_failed("read", offset, length, e)),
+                },
+                Source::Segment { segment, slot } => match self.cache.get(a, *seq).await {
+                    Some(ct) => {
+                        buf.copy_from_slice(&ct);
+                        self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                    }
+                    None => remote.entry(segment).or_default().push((i, slot)),
+                },
+            }
+        }
+        for (segment, wanted) in remote {
+            self.read_remote(segment, &wanted, first, &plan, &mut out).await?;
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Reads `wanted` (index in the read, slot) of one segment from the
+    /// peers in runs of consecutive slots, decrypts them into `out` and
+    /// keeps their ciphertext in the block cache.
+    async fn read_remote(
+        &self,
+        segment: SegmentId,
+        wanted: &[(usize, u32)],
+        first: u64,
+        plan: &[(Source, Sequence)],
+        out: &mut [u8],
+    ) -> backend::Result<()> {
+        let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
+        let root = self.map.lock().expect("map").root_of(segment).ok_or_else(|| {
+            failed(ErrorKind::Corrupt, "read", offset, length, format!("segment {segment} is not reachable from the root"))
+        })?;
+        let located =
+            self.locate(segment, root).await.map_err(|why| failed(ErrorKind::Unavailable, "read", offset, length, why))?;
+        let mut i = 0;
+        while i < wanted.len() {
+            let mut j = i + 1;
+            while j < wanted.len() && wanted[j].1 == wanted[j - 1].1 + 1 && wanted[j].0 == wanted[j - 1].0 + 1 {
+                j += 1;
+            }
+            let (start, end) = (wanted[i].1, wanted[j - 1].1 + 1);
+            let ct = self
+                .io
+                .read(&located, start, end)
+                .await
+                .map_err(|e| failed(e.kind(), "read", offset, length, e))?;
+            for (n, &(idx, _)) in wanted[i..j].iter().enumerate() {
+                let block = &ct[n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE];
+                let a = first + idx as u64;
+                let seq = plan[idx].1;
+                let buf = &mut out[idx * BLOCK_SIZE..(idx + 1) * BLOCK_SIZE];
+                buf.copy_from_slice(block);
+                self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                if let Err(e) = self.cache.put(a, seq, Bytes::copy_from_slice(block)).await {
+                    tracing::debug!("block cache: {e}");
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// The bytes `offset..offset + length`.
+    pub(super) async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
+        if length == 0 {
+            return Ok(ReadData::default());
+        }
+        let first = offset / BLOCK;
+        let end = (offset + u64::from(length)).div_ceil(BLOCK);
+        let bytes = self.read_blocks(first, end - first).await?;
+        let skip = (offset - first * BLOCK) as usize;
+        let mut r = ReadData::default();
+        r.push(ReadPiece::Data(bytes.slice(skip..skip + length as usize)));
+        Ok(r)
+    }
+
+    /// Zeroes for never-written space, for block status.
+    pub(super) async fn holes(&self, offset: u64, length: u32) -> backend::Result<Vec<backend::Extent>> {
+        let first = offset / BLOCK;
+        let end = (offset + u64::from(length)).div_ceil(BLOCK);
+        let local = self.local.lock().expect("local").lookup(first, end - first);
+        let committed = self.committed_extents(first, end - first).await?;
+        let mut out = Vec::new();
+        let mut a = first;
+        let (mut li, mut ci) = (0, 0);
+        while a < end {
+            while local[li].0.start + local[li].0.len <= a {
+                li += 1;
+            }
+            while committed[ci].start + committed[ci].len <= a {
+                ci += 1;
+            }
+            let l = local[li].0.at(a - local[li].0.start);
+            let c = committed[ci].at(a - committed[ci].start);
+            let zero = match (l, c) {
+                (Some(l), c) if c.is_none_or(|c| l.sequence >= c.sequence) => l.target == Target::Zero,
+                (_, Some(c)) => c.target == Target::Zero,
+                (_, None) => true,
+            };
+            let run_end = (local[li].0.start + local[li].0.len).min(committed[ci].start + committed[ci].len).min(end);
+            let bytes = (run_end - a) * BLOCK;
+            backend::push_extent(&mut out, bytes, zero);
+            a = run_end;
+        }
+        // Trim the first and last extents to the byte range asked for.
+        let head = offset - first * BLOCK;
+        if let Some(e) = out.first_mut() {
+            e.length -= head;
+        }
+        let over = end * BLOCK - (offset + u64::from(length));
+        if let Some(e) = out.last_mut() {
+            e.length -= over;
+        }
+        out.retain(|e| e.length > 0);
+        Ok(out)
+    }
+}
+
+/// Zeroes of a read that only asked zeroes.
+#[allow(dead_code)]
+fn zero_piece(n: usize) -> ReadPiece {
+    ReadPiece::Data(zeroes(n))
+}

@@ -1,0 +1,200 @@
+//! The volume of the second design, as `attach` serves it.
+//!
+//! ```text
+//! write ─► sequence (epoch.counter) ─► encrypt, tweak (address, sequence)
+//!       ─► local log append (the ciphertext, once) ─► local index + queue
+//! FLUSH ─► commit: queued blocks packed into segments (ciphertext moved,
+//!          not re-encrypted) ─► k + m shards on peers at quorum
+//!          ─► one compare-and-set of the root at the directory
+//! read  ─► the higher sequence of the local index and the committed map:
+//!          local log, or block cache (address, sequence), or the one data
+//!          shard holding the block, proven against its segment root
+//! ```
+//!
+//! Invariants (docs/ARCHITECTURE.md lists them for the whole volume):
+//! a sequence is never reused (allocated above the committed root's and the
+//! log's highest, under the writer's epoch); the highest sequence of a
+//! block wins everywhere; a commit claims a watermark only when every
+//! sequence below it is in it or in an earlier one; everything read is
+//! proven against a root reached from the MAC'd root.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::blocks::BlockCache;
+use super::cache::MapCache;
+use super::local::LocalIndex;
+use super::log::LocalLog;
+use super::remote::{SegmentIo, Timing};
+use super::root::{RootKey, RootRecord};
+use crate::api::{Durability, PeerAddr, VolumeRecord};
+use crate::backend::{self, ErrorKind};
+use crate::client::Client;
+use crate::codec::key::VolumeKey;
+use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
+use crate::codec::xts::SectorCipher;
+use crate::sys::worker::{Runner, WorkerInfo};
+
+/// Tuning of an attached volume (second design).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the local log, the block cache, the lease note and the
+    /// freshness note live.
+    pub state_dir: PathBuf,
+    /// Bytes of block cache (clean blocks read from peers).
+    pub cache_size: u64,
+    /// Bytes of local log: writes not yet committed, and recent ones kept
+    /// as a cache of what this machine wrote.
+    pub log_size: u64,
+    /// Map pages kept in memory (each covers 256 MiB of the volume).
+    pub map_cache: usize,
+    /// Take the lease over from another holder.
+    pub force: bool,
+    /// Drop unflushed writes of the local log that were made against an
+    /// older root (another machine wrote since).
+    pub discard_local: bool,
+    pub timing: Timing,
+    /// A queued write older than this is committed without a FLUSH.
+    pub commit_age: Duration,
+    /// How long a FLUSH waits for the peers and the directory before failing.
+    pub io_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(state_dir: PathBuf, cache_size: u64) -> Self {
+        Self {
+            state_dir,
+            cache_size,
+            log_size: 1 << 30,
+            map_cache: 64,
+            force: false,
+            discard_local: false,
+            timing: Timing::default(),
+            commit_age: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The attached volume. Cheap to clone.
+#[derive(Clone)]
+pub struct Volume {
+    pub(super) inner: Arc<Inner>,
+}
+
+/// Lock stripes of the write path (a write locks the stripes of its blocks).
+pub(super) const LOCK_STRIPES: usize = 1024;
+/// Blocks per lock stripe.
+pub(super) const STRIPE_BLOCKS: u64 = 16;
+
+pub(super) struct Inner {
+    pub(super) name: String,
+    pub(super) record: VolumeRecord,
+    pub(super) client: Client,
+    pub(super) config: Config,
+    pub(super) cipher: SectorCipher,
+    pub(super) root_key: RootKey,
+    /// The volume's size in 4 KiB blocks.
+    pub(super) blocks: u64,
+    pub(super) k: usize,
+    pub(super) m: usize,
+    /// Blocks per shard of a full segment.
+    pub(super) blocks_per_shard: u32,
+    pub(super) epoch: u64,
+    pub(super) sequences: Mutex<Sequencer<Sequence>>,
+    pub(super) segment_ids: Mutex<Sequencer<SegmentId>>,
+    pub(super) local: Mutex<LocalIndex>,
+    pub(super) map: Mutex<MapCache>,
+    /// The committed root as this writer last made or loaded it.
+    pub(super) root: Mutex<RootRecord>,
+    /// Segment → holder peer id per shard (0: none), as committed.
+    pub(super) holders: Mutex<std::collections::HashMap<SegmentId, Vec<u16>>>,
+    /// Peer id → address.
+    pub(super) peers: Mutex<std::collections::HashMap<u16, PeerAddr>>,
+    pub(super) log: LocalLog,
+    pub(super) cache: BlockCache,
+    pub(super) io: SegmentIo,
+    pub(super) locks: Vec<tokio::sync::Mutex<()>>,
+    /// One commit at a time.
+    pub(super) commit_turn: tokio::sync::Mutex<()>,
+    /// The highest watermark committed: every sequence up to it is in a
+    /// committed root.
+    pub(super) committed: watch::Sender<Sequence>,
+    /// The last commit's failure, until one succeeds.
+    pub(super) commit_failure: Mutex<Option<(ErrorKind, String)>>,
+    /// Wakes the committer.
+    pub(super) wake: Notify,
+    /// A flush is waiting: commit now, whatever the queue holds.
+    pub(super) urgent: AtomicBool,
+    /// Why writes are refused, once they are.
+    pub(super) fenced: Mutex<Option<String>>,
+    pub(super) stop: CancellationToken,
+    pub(super) workers: Runner,
+}
+
+impl Inner {
+    pub(super) fn fence(&self, why: String) {
+        let mut f = self.fenced.lock().expect("fenced");
+        if f.is_none() {
+            tracing::error!("volume {}: {why}", self.name);
+            *f = Some(why);
+        }
+        drop(f);
+        self.committed.send_modify(|_| {});
+    }
+
+    pub(super) fn check_fenced(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
+        match &*self.fenced.lock().expect("fenced") {
+            Some(why) => Err(backend::Error::failed(ErrorKind::Fenced, op, offset, length, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The lock stripes of blocks `first..first + n`, in order.
+    pub(super) fn stripes(first: u64, n: u64) -> Vec<usize> {
+        let (lo, hi) = (first / STRIPE_BLOCKS, (first + n.max(1) - 1) / STRIPE_BLOCKS);
+        let mut s: Vec<usize> = if hi - lo + 1 >= LOCK_STRIPES as u64 {
+            (0..LOCK_STRIPES).collect()
+        } else {
+            (lo..=hi).map(|x| (x % LOCK_STRIPES as u64) as usize).collect()
+        };
+        s.sort_unstable();
+        s.dedup();
+        s
+    }
+
+    pub(super) fn durability(&self) -> Durability {
+        self.record.spec.durability
+    }
+}
+
+impl Volume {
+    pub fn record(&self) -> &VolumeRecord {
+        &self.inner.record
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// The volume's background workers and their state, for status.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.inner.workers.list()
+    }
+
+    /// Writes only in the local log: not yet in a committed root.
+    pub fn unflushed(&self) -> u64 {
+        self.inner.local.lock().expect("local").queued() as u64
+    }
+}
+
+/// A `Bytes` of `n` zeroes, shared.
+pub(super) fn zeroes(n: usize) -> Bytes {
+    Bytes::from(vec![0u8; n])
+}
