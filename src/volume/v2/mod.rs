@@ -44,8 +44,10 @@
 //!      are applied in
 //! ```
 
+pub mod blocks;
 pub mod cache;
 pub mod checkpoint;
+pub mod log;
 pub mod map;
 mod reader;
 pub mod root;
@@ -53,5 +55,7 @@ pub mod summary;
 
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;
