@@ -54,6 +54,8 @@ pub mod root;
 pub mod summary;
 
 #[cfg(test)]
+mod blocks_tests;
+#[cfg(test)]
 mod checkpoint_tests;
 #[cfg(test)]
 mod log_tests;
