@@ -660,8 +660,11 @@ struct LogFile {
     data_sequence: Sequence,
     /// Appends reserved in it and not yet written.
     in_flight: u32,
-    /// Written since the last sync.
-    dirty: bool,
+    /// Writes done in it (its header counts as one), and how many of
+    /// them a finished sync covered. Counted rather than flagged, so a
+    /// sync that is dropped half-way leaves the file to the next one.
+    writes: u64,
+    synced_writes: u64,
 }
 
 struct Tail {
@@ -672,8 +675,9 @@ struct Tail {
     in_flight: BTreeSet<LogPos>,
     /// Everything before this is written and synced.
     durable: LogPos,
-    /// A file was created since the last sync.
-    folder_dirty: bool,
+    /// Files created, and how many of them a finished folder sync covered.
+    created: u64,
+    created_synced: u64,
     newest_base: Option<LogPos>,
     newest_committed: Option<LogPos>,
     used: u64,
@@ -832,7 +836,8 @@ impl LocalLog {
                         end,
                         data_sequence: Sequence::ZERO,
                         in_flight: 0,
-                        dirty: false,
+                        writes: 0,
+                        synced_writes: 0,
                     },
                 )
             })
@@ -870,7 +875,8 @@ impl LocalLog {
                         end: FILE_HEADER_LEN as u32,
                         data_sequence: Sequence::ZERO,
                         in_flight: 0,
-                        dirty: false,
+                        writes: 0,
+                        synced_writes: 0,
                     },
                 );
                 created = true;
@@ -886,7 +892,8 @@ impl LocalLog {
             current,
             in_flight: BTreeSet::new(),
             durable: LogPos::default(),
-            folder_dirty: false,
+            created: 0,
+            created_synced: 0,
             newest_base: replay.base.map(|(p, _)| p),
             newest_committed,
             used,
@@ -1020,12 +1027,13 @@ impl LocalLog {
                 end: FILE_HEADER_LEN as u32,
                 data_sequence: Sequence::ZERO,
                 in_flight: 0,
-                dirty: true,
+                writes: 1,
+                synced_writes: 0,
             },
         );
         tail.current = n;
         tail.used += FILE_HEADER_LEN as u64;
-        tail.folder_dirty = true;
+        tail.created += 1;
         Ok(())
     }
 
@@ -1035,9 +1043,9 @@ impl LocalLog {
             tail.in_flight.remove(&start);
             if let Some(f) = tail.files.get_mut(&start.file) {
                 f.in_flight -= 1;
-                // Set on completion, not reservation: a sync clears the flag
-                // only for writes already done.
-                f.dirty |= written;
+                // Counted on completion, not reservation: a sync covers
+                // only writes already done.
+                f.writes += u64::from(written);
             }
         }
         self.inner.progress.send_modify(|n| *n = n.wrapping_add(1));
@@ -1065,25 +1073,33 @@ impl LocalLog {
         }
         self.check()?;
         let _turn = self.inner.sync_turn.lock().await;
-        let (files, folder) = {
-            let mut tail = self.tail();
+        let (files, created) = {
+            let tail = self.tail();
             if tail.durable >= target {
                 return Ok(());
             }
-            let files: Vec<Arc<RegisteredFile>> = tail
+            let files: Vec<(u32, Arc<RegisteredFile>, u64)> = tail
                 .files
-                .values_mut()
-                .filter_map(|f| std::mem::take(&mut f.dirty).then(|| f.file.clone()))
+                .iter()
+                .filter(|(_, f)| f.writes > f.synced_writes)
+                .map(|(n, f)| (*n, f.file.clone(), f.writes))
                 .collect();
-            (files, std::mem::take(&mut tail.folder_dirty))
+            (files, (tail.created > tail.created_synced).then_some(tail.created))
         };
-        for f in files {
-            if let Err(e) = self.inner.ring.fsync(&f, true).await {
+        for (n, file, writes) in files {
+            if let Err(e) = self.inner.ring.fsync(&file, true).await {
                 return Err(self.poison("syncing the log", e));
             }
+            if let Some(f) = self.tail().files.get_mut(&n) {
+                f.synced_writes = f.synced_writes.max(writes);
+            }
         }
-        if folder && let Err(e) = durable::sync_dir(&self.inner.log_dir) {
-            return Err(self.poison("syncing the log's folder", e));
+        if let Some(created) = created {
+            if let Err(e) = durable::sync_dir(&self.inner.log_dir) {
+                return Err(self.poison("syncing the log's folder", e));
+            }
+            let mut tail = self.tail();
+            tail.created_synced = tail.created_synced.max(created);
         }
         let mut tail = self.tail();
         tail.durable = tail.durable.max(target);

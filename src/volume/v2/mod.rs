@@ -1,6 +1,9 @@
-//! The volume's second design, its pure core: sequences, the block map,
-//! segment summaries and the root record. Nothing here does I/O and
-//! nothing is wired into `attach` yet; the current volume is unchanged.
+//! The volume's second design: its pure core (sequences, the block map,
+//! segment summaries and the root record, no I/O) and its local side (the
+//! [`log`](log::LocalLog), the write-back buffer, and the
+//! [`block cache`](blocks::BlockCache) of clean blocks, both holding the
+//! segments' ciphertext on the attaching machine). Nothing is wired into
+//! `attach` yet; the current volume is unchanged.
 //!
 //! **Writes are versioned, not placed.** Every block write (and every TRIM
 //! or WRITE_ZEROES) gets a [`Sequence`](crate::codec::sequence::Sequence): the writer's
