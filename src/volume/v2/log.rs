@@ -43,7 +43,8 @@
 //! the bad spot was synced once: that is damage, and opening fails naming
 //! the file and offset rather than silently dropping acknowledged writes.
 //! A cut also drops the valid records after the bad spot (none of them was
-//! ever synced: a sync waits for every earlier append to be written first).
+//! ever synced: a sync waits for every earlier append to be written first),
+//! though their sequences still count toward the replay's highest.
 //! Replay's records are synced at open, so later records mark them durable.
 //!
 //! **Release.** [`LocalLog::release`] deletes whole files once every Write
@@ -631,9 +632,10 @@ pub struct Replay {
     /// The highest Committed record's sequence (ZERO if none).
     pub committed: Sequence,
     /// The highest sequence any record names (Write: its last block's;
-    /// Base: its sequence floor).
+    /// Base: its sequence floor), including valid records cut off with a
+    /// torn tail.
     pub highest_sequence: Sequence,
-    /// The highest segment floor of any Base.
+    /// The highest segment floor of any Base (cut off ones included).
     pub highest_segment: SegmentId,
     /// Set when an unsynced tail was cut off.
     pub torn: Option<TornTail>,
@@ -759,7 +761,7 @@ impl LocalLog {
         let mut good: Vec<(LogPos, RecordHead)> = Vec::new();
         let mut ends = BTreeMap::new();
         let mut first_bad: Option<(LogPos, &'static str)> = None;
-        let mut later: Vec<(LogPos, LogPos)> = Vec::new();
+        let mut later: Vec<(LogPos, RecordHead, LogPos)> = Vec::new();
         for &n in &numbers {
             let path = file_path(&log_dir, n);
             let file = open_file(ring, &path, false)?;
@@ -776,14 +778,14 @@ impl LocalLog {
                 good.extend(scan.records.iter().map(|&(p, h, _)| (p, h)));
                 first_bad = scan.bad.map(|(offset, why)| (LogPos { file: n, offset }, why));
             } else {
-                later.extend(scan.records.iter().map(|&(p, _, m)| (p, m)));
+                later.extend_from_slice(&scan.records);
             }
-            later.extend(scan.after_bad.iter().map(|&(p, _, m)| (p, m)));
+            later.extend_from_slice(&scan.after_bad);
             opened.insert(n, file);
         }
         let mut torn = None;
         if let Some((bad, why)) = first_bad {
-            if let Some(&(witness, _)) = later.iter().find(|(_, mark)| *mark > bad) {
+            if let Some(&(witness, _, _)) = later.iter().find(|(_, _, mark)| *mark > bad) {
                 return Err(LogError::Corrupt {
                     path: file_path(&log_dir, bad.file),
                     offset: bad.offset,
@@ -842,6 +844,15 @@ impl LocalLog {
                 )
             })
             .collect();
+        // Sequences and segment floors of records cut off count too: they
+        // were never synced, but may have been used (destaged, say), and a
+        // resumed epoch must not hand them out again.
+        for (_, head, _) in &later {
+            replay.highest_sequence = replay.highest_sequence.max(head.highest_sequence());
+            if let RecordHead::Base(b) = head {
+                replay.highest_segment = replay.highest_segment.max(b.segment_floor);
+            }
+        }
         let mut newest_committed = None;
         for &(pos, head) in &replay.records {
             replay.highest_sequence = replay.highest_sequence.max(head.highest_sequence());

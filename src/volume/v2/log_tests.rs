@@ -267,6 +267,7 @@ async fn a_damaged_synced_record_is_named_and_a_damaged_unsynced_one_is_a_torn_t
     assert_eq!(replay.records.iter().map(|(p, _)| *p).collect::<Vec<_>>(), vec![a]);
     let torn = replay.torn.unwrap();
     assert_eq!((torn.at, torn.records), (b, 1));
+    assert_eq!(replay.highest_sequence, seq(5), "the sequence of the valid record cut off still counts");
 
     // Damage under a running log is caught on read.
     let (log, _) = open(&ring, dir.path(), small()).await.unwrap();
