@@ -106,7 +106,12 @@ impl Inner {
 
 impl Volume {
     /// Attaches volume `name` (see the module doc).
-    pub async fn open(client: Client, name: &str, key: &VolumeKey, config: Config) -> Result<Self, AttachError> {
+    pub async fn open(
+        client: Client,
+        name: &str,
+        key: &VolumeKey,
+        config: Config,
+    ) -> Result<Self, AttachError> {
         let record = client.volume(name).await.map_err(VolumeError::from)?;
         let spec = record.spec.clone();
         key.verify(&spec.id, &crate::codec::KeyCheck(spec.key_check))
@@ -114,11 +119,15 @@ impl Volume {
         let dir = config.state_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| VolumeError::Io { path: dir.clone(), source })?;
         let ring = Uring::new(256).map_err(VolumeError::Ring)?;
-        let log_config = LogConfig { file_bytes: (config.log_size / 16).clamp(1 << 20, 256 << 20), max_bytes: config.log_size };
+        let log_config = LogConfig {
+            file_bytes: (config.log_size / 16).clamp(1 << 20, 256 << 20),
+            max_bytes: config.log_size,
+        };
         // The folder's lock comes first: two attaches of one folder never
         // reach the lease.
-        let (log, replay) = LocalLog::open(&dir, key, &spec.id, &ring, log_config).await?;
-        let cache = BlockCache::open(&dir.join("blocks"), key, &spec.id, &ring, config.cache_size.max(1 << 20))?;
+        let (log, replay) = Box::pin(LocalLog::open(&dir, key, &spec.id, &ring, log_config)).await?;
+        let cache =
+            BlockCache::open(&dir.join("blocks"), key, &spec.id, &ring, config.cache_size.max(1 << 20))?;
         let lease = lease::acquire(&client, &dir, name, config.force).await?;
         let root_key = RootKey::derive(key);
         let root = match client.root(name).await.map_err(VolumeError::from)? {
@@ -142,10 +151,10 @@ impl Volume {
         let epoch = lease.epoch;
         let seq_floor = root.highest_sequence.max(replay.highest_sequence);
         let seg_floor = root.highest_segment.max(replay.highest_segment);
-        let sequences =
-            Sequencer::new(epoch, seq_floor).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
-        let segment_ids =
-            Sequencer::new(epoch, seg_floor).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        let sequences = Sequencer::new(epoch, seq_floor)
+            .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        let segment_ids = Sequencer::new(epoch, seg_floor)
+            .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
         let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
             name: name.into(),
@@ -183,9 +192,11 @@ impl Volume {
             inner.stop.cancel();
             e
         };
-        inner.remember(&root).map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
-        inner.load_map(&root).await.map_err(fail)?;
-        inner.replay(&root, &replay).await.map_err(fail)?;
+        inner
+            .remember(&root)
+            .map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
+        Box::pin(inner.load_map(&root)).await.map_err(fail)?;
+        Box::pin(inner.replay(&root, &replay)).await.map_err(fail)?;
         inner.committed.send_replace(replay.committed.max(Sequence::ZERO));
         // Noted before anything is written: the log's records after this are
         // against this root.
@@ -322,7 +333,8 @@ impl Inner {
             .count();
         let base = replay.base.map(|(_, b)| b);
         let ours = base.is_some_and(|b| {
-            (b.epoch, b.commit) == (root.epoch, root.commit) || (b.epoch == root.epoch && root.commit >= b.commit)
+            (b.epoch, b.commit) == (root.epoch, root.commit)
+                || (b.epoch == root.epoch && root.commit >= b.commit)
         });
         if pending > 0 && !ours && !self.config.discard_local {
             return Err(AttachError::Diverged {
@@ -357,7 +369,10 @@ impl Inner {
                 }
                 _ => Ok(()),
             };
-            done.map_err(|e| AttachError::Root { volume: self.name.clone(), why: format!("local log: {e}") })?;
+            done.map_err(|e| AttachError::Root {
+                volume: self.name.clone(),
+                why: format!("local log: {e}"),
+            })?;
         }
         Ok(())
     }
@@ -417,17 +432,18 @@ impl Backend for Volume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
-        self.inner.read(offset, length).await
+        // Boxed: the read path's state is large, the caller's stack small.
+        Box::pin(self.inner.read(offset, length)).await
     }
 
     async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> backend::Result<()> {
-        self.inner.write("write", offset, &data).await?;
+        Box::pin(self.inner.write("write", offset, &data)).await?;
         if fua { self.flush().await } else { Ok(()) }
     }
 
     async fn flush(&self) -> backend::Result<()> {
         match self.inner.durability() {
-            Durability::Remote => self.inner.flush_remote().await,
+            Durability::Remote => Box::pin(self.inner.flush_remote()).await,
             Durability::Local => self
                 .inner
                 .log
@@ -438,17 +454,17 @@ impl Backend for Volume {
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> backend::Result<()> {
-        self.inner.zero("trim", offset, u64::from(length)).await?;
+        Box::pin(self.inner.zero("trim", offset, u64::from(length))).await?;
         if fua { self.flush().await } else { Ok(()) }
     }
 
     async fn write_zeroes(&self, offset: u64, length: u32, flags: ZeroFlags) -> backend::Result<()> {
-        self.inner.zero("write zeroes", offset, u64::from(length)).await?;
+        Box::pin(self.inner.zero("write zeroes", offset, u64::from(length))).await?;
         if flags.fua { self.flush().await } else { Ok(()) }
     }
 
     async fn block_status(&self, offset: u64, length: u32) -> backend::Result<Vec<Extent>> {
-        self.inner.holes(offset, length).await
+        Box::pin(self.inner.holes(offset, length)).await
     }
 
     async fn cache(&self, _offset: u64, _length: u32) -> backend::Result<()> {

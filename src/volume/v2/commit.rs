@@ -164,6 +164,10 @@ impl Inner {
             sequence_floor: self.sequences.lock().expect("sequences").last(),
         };
         self.log.append(&[NewRecord::Base(floor)]).await.map_err(io)?;
+        // Synced before any of it leaves: after a power cut, every sequence
+        // and segment id that may be on a peer is still in the log, so a
+        // resumed epoch never reuses one (an XTS tweak would repeat).
+        self.log.sync().await.map_err(io)?;
         // Lay out, erasure-code and hash, off the async threads.
         let (cipher, volume_id, m) = (self.cipher.clone(), self.record.spec.id, self.m);
         let mut sealed: Vec<Sealed> = tokio::task::spawn_blocking(move || {
@@ -171,9 +175,11 @@ impl Inner {
                 .into_iter()
                 .zip(ids)
                 .map(|(p, id)| {
-                    let (geometry, area, summary) = p.finish(id, m, &[], &cipher).map_err(|e| e.to_string())?;
-                    let encoded =
-                        SegmentCodec::new(geometry).encode(&volume_id, id, &area).map_err(|e| e.to_string())?;
+                    let (geometry, area, summary) =
+                        p.finish(id, m, &[], &cipher).map_err(|e| e.to_string())?;
+                    let encoded = SegmentCodec::new(geometry)
+                        .encode(&volume_id, id, &area)
+                        .map_err(|e| e.to_string())?;
                     Ok(Sealed { id, geometry, encoded, summary })
                 })
                 .collect::<Result<Vec<_>, String>>()
@@ -207,7 +213,8 @@ impl Inner {
         for (i, (s, p)) in sealed.iter_mut().zip(&placements).enumerate() {
             let peers: Vec<Holder> = p.peers.iter().map(|x| (x.id, x.addr.clone())).collect();
             let (io, spares, k, epoch, id) = (self.io.clone(), spares.clone(), self.k, self.epoch, s.id);
-            let encoded = std::mem::replace(&mut s.encoded, EncodedSegment { root: s.encoded.root, shards: Vec::new() });
+            let root = s.encoded.root;
+            let encoded = std::mem::replace(&mut s.encoded, EncodedSegment { root, shards: Vec::new() });
             puts.spawn(async move { (i, io.put(id, k, &encoded, &peers, spares, epoch).await) });
         }
         let mut records: Vec<Vec<u16>> = vec![Vec::new(); sealed.len()];
@@ -360,7 +367,9 @@ impl Inner {
                             ))),
                         };
                     }
-                    Some(ErrorKind::Invalid) => return Err(io(format!("the directory refused the commit: {e}"))),
+                    Some(ErrorKind::Invalid) => {
+                        return Err(io(format!("the directory refused the commit: {e}")));
+                    }
                     _ if self.stop.is_cancelled() => {
                         return Err(unavailable(format!("the directory did not answer the commit: {e}")));
                     }

@@ -22,7 +22,7 @@ use super::local::LocalBlock;
 use super::log::{LogError, NewRecord};
 use super::map::{Extent, Mapping, Target};
 use super::remote::Located;
-use super::volume::{Inner, zeroes};
+use super::volume::Inner;
 use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
 use crate::codec::segment::BLOCK_SIZE;
 use crate::codec::sequence::{SegmentId, Sequence};
@@ -61,7 +61,8 @@ impl Inner {
         let mut done = 0u64;
         while done < n {
             let count = (n - done).min(max);
-            let first = self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
+            let first =
+                self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
             let a = address + done;
             let src = &plain[done as usize * BLOCK_SIZE..(done + count) as usize * BLOCK_SIZE];
             let mut ct = src.to_vec();
@@ -69,7 +70,8 @@ impl Inner {
                 let seq = first.checked_add(i as u64).expect("the run was allocated");
                 self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
             }
-            let appended = self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
+            let appended =
+                self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
             let pos = match appended {
                 Ok(p) => p[0],
                 Err(e) => {
@@ -140,23 +142,23 @@ impl Inner {
         let end = (offset + data.len() as u64).div_ceil(BLOCK);
         let _guards = self.lock(first, end - first).await;
         if offset.is_multiple_of(BLOCK) && (data.len() as u64).is_multiple_of(BLOCK) {
-            return self.write_locked(op, first, data).await;
+            return Box::pin(self.write_locked(op, first, data)).await;
         }
         // Read the edge blocks, splice, write the whole range.
         let mut buf = vec![0u8; ((end - first) * BLOCK) as usize];
         let head = (offset - first * BLOCK) as usize;
         if head != 0 {
-            let b = self.read_blocks(first, 1).await?.to_vec();
+            let b = Box::pin(self.read_blocks(first, 1)).await?.to_vec();
             buf[..BLOCK_SIZE].copy_from_slice(&b);
         }
         let tail_end = head + data.len();
         if !tail_end.is_multiple_of(BLOCK_SIZE) && (end - 1 != first || head == 0) {
-            let b = self.read_blocks(end - 1, 1).await?.to_vec();
+            let b = Box::pin(self.read_blocks(end - 1, 1)).await?.to_vec();
             let at = buf.len() - BLOCK_SIZE;
             buf[at..].copy_from_slice(&b);
         }
         buf[head..tail_end].copy_from_slice(data);
-        self.write_locked(op, first, &buf).await
+        Box::pin(self.write_locked(op, first, &buf)).await
     }
 
     /// Zeroes bytes `offset..offset + length`: whole blocks as one zero
@@ -262,7 +264,8 @@ impl Inner {
         };
         let missing: Vec<u16> = {
             let peers = self.peers.lock().expect("peers");
-            let mut m: Vec<u16> = ids.iter().copied().filter(|&i| i != 0 && !peers.contains_key(&i)).collect();
+            let mut m: Vec<u16> =
+                ids.iter().copied().filter(|&i| i != 0 && !peers.contains_key(&i)).collect();
             m.sort_unstable();
             m.dedup();
             m
@@ -325,8 +328,13 @@ impl Inner {
                 Source::Zero => {}
                 Source::Log { pos, block } => match self.log.read(pos, block, buf).await {
                     Ok(_) => self.cipher.decrypt_in_place(a, seq.raw(), buf),
-                    // Released since the lookup: the committed map has it.
-                    Err(LogError::Released(_)) => return Box::pin(self.read_blocks(first, n)).await,
+                    // Released since the lookup (the file held only committed
+                    // records): forget it here too, and read again from the
+                    // committed map.
+                    Err(LogError::Released(p)) => {
+                        self.local.lock().expect("local").forget_files(|f| f != p.file);
+                        return Box::pin(self.read_blocks(first, n)).await;
+                    }
                     Err(e) => return Err(log_failed("read", offset, length, e)),
                 },
                 Source::Segment { segment, slot } => match self.cache.get(a, *seq).await {
@@ -357,14 +365,23 @@ impl Inner {
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
         let root = self.map.lock().expect("map").root_of(segment).ok_or_else(|| {
-            failed(ErrorKind::Corrupt, "read", offset, length, format!("segment {segment} is not reachable from the root"))
+            failed(
+                ErrorKind::Corrupt,
+                "read",
+                offset,
+                length,
+                format!("segment {segment} is not reachable from the root"),
+            )
         })?;
-        let located =
-            self.locate(segment, root).await.map_err(|why| failed(ErrorKind::Unavailable, "read", offset, length, why))?;
+        let located = self
+            .locate(segment, root)
+            .await
+            .map_err(|why| failed(ErrorKind::Unavailable, "read", offset, length, why))?;
         let mut i = 0;
         while i < wanted.len() {
             let mut j = i + 1;
-            while j < wanted.len() && wanted[j].1 == wanted[j - 1].1 + 1 && wanted[j].0 == wanted[j - 1].0 + 1 {
+            while j < wanted.len() && wanted[j].1 == wanted[j - 1].1 + 1 && wanted[j].0 == wanted[j - 1].0 + 1
+            {
                 j += 1;
             }
             let (start, end) = (wanted[i].1, wanted[j - 1].1 + 1);
@@ -426,7 +443,8 @@ impl Inner {
                 (_, Some(c)) => c.target == Target::Zero,
                 (_, None) => true,
             };
-            let run_end = (local[li].0.start + local[li].0.len).min(committed[ci].start + committed[ci].len).min(end);
+            let run_end =
+                (local[li].0.start + local[li].0.len).min(committed[ci].start + committed[ci].len).min(end);
             let bytes = (run_end - a) * BLOCK;
             backend::push_extent(&mut out, bytes, zero);
             a = run_end;
@@ -443,10 +461,4 @@ impl Inner {
         out.retain(|e| e.length > 0);
         Ok(out)
     }
-}
-
-/// Zeroes of a read that only asked zeroes.
-#[allow(dead_code)]
-fn zero_piece(n: usize) -> ReadPiece {
-    ReadPiece::Data(zeroes(n))
 }

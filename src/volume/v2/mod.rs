@@ -1,6 +1,9 @@
-//! The volume's second design, its pure core: sequences, the block map,
-//! segment summaries and the root record. Nothing here does I/O and
-//! nothing is wired into `attach` yet; the current volume is unchanged.
+//! The volume's second design: its pure core (sequences, the block map,
+//! segment summaries and the root record, no I/O) and its local side (the
+//! [`log`](log::LocalLog), the write-back buffer, and the
+//! [`block cache`](blocks::BlockCache) of clean blocks, both holding the
+//! segments' ciphertext on the attaching machine). Nothing is wired into
+//! `attach` yet; the current volume is unchanged.
 //!
 //! **Writes are versioned, not placed.** Every block write (and every TRIM
 //! or WRITE_ZEROES) gets a [`Sequence`](crate::codec::sequence::Sequence): the writer's
@@ -44,16 +47,31 @@
 //!      are applied in
 //! ```
 
+mod attach;
+pub mod blocks;
 pub mod cache;
 pub mod checkpoint;
+mod commit;
+mod io;
 pub mod layout;
+pub mod local;
+pub mod log;
 pub mod map;
 mod reader;
 pub mod remote;
 pub mod root;
 pub mod summary;
+mod volume;
+
+pub use attach::AttachError;
+pub use remote::Timing;
+pub use volume::{Config, Volume};
 
 #[cfg(test)]
+mod blocks_tests;
+#[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;

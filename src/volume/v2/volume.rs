@@ -19,11 +19,10 @@
 //! proven against a root reached from the MAC'd root.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +35,6 @@ use super::root::{RootKey, RootRecord};
 use crate::api::{Durability, PeerAddr, VolumeRecord};
 use crate::backend::{self, ErrorKind};
 use crate::client::Client;
-use crate::codec::key::VolumeKey;
 use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
 use crate::codec::xts::SectorCipher;
 use crate::sys::worker::{Runner, WorkerInfo};
@@ -192,9 +190,4 @@ impl Volume {
     pub fn unflushed(&self) -> u64 {
         self.inner.local.lock().expect("local").queued() as u64
     }
-}
-
-/// A `Bytes` of `n` zeroes, shared.
-pub(super) fn zeroes(n: usize) -> Bytes {
-    Bytes::from(vec![0u8; n])
 }
