@@ -145,11 +145,11 @@ pub struct VolumeLease {
     pub ttl_ms: u64,
 }
 
-/// How many stripes have how many healthy shards (on a peer that is up,
-/// with a recorded hash).
+/// How many stripes (first design) or segments (second) have how many
+/// healthy shards (on a peer that is up, recorded as stored).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StripeHealth {
-    /// Stripes ever written.
+    /// Stripes, or live segments, written.
     pub stripes: u64,
     /// All k + m shards healthy.
     pub whole: u64,

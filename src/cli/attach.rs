@@ -13,8 +13,8 @@ use tracing::info;
 use crate::cli::serve::{Listen, serve_nbd};
 use crate::cli::{CliError, CredentialArg, passphrase, stop_on_signals};
 use crate::codec::VolumeKey;
-use crate::size::{human, parse_size};
-use crate::volume::{Volume, VolumeConfig};
+use crate::size::{human, parse_duration, parse_size};
+use crate::volume::v2::{Config, Volume};
 
 #[derive(Args)]
 pub struct AttachArgs {
@@ -35,13 +35,29 @@ pub struct AttachArgs {
     /// Serve NBD on this TCP address too (e.g. 127.0.0.1:10809).
     #[arg(long)]
     listen: Option<String>,
-    /// This attach's state: write-ahead log, cache, lease note
-    /// (default: ~/.local/state/meshdisk/NAME).
+    /// This attach's state: local log, block cache, lease and freshness
+    /// notes (default: ~/.local/state/meshdisk/NAME).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
-    /// Local cache size (whole stripes).
+    /// Block cache: clean blocks read from the peers.
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     cache_size: u64,
+    /// Local log: writes not yet on the peers, and recent ones kept as a
+    /// cache of this machine's writes.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    log_size: u64,
+    /// Block-map pages kept in memory (each maps 256 MiB of the volume);
+    /// the rest is read from the peers when needed.
+    #[arg(long, default_value_t = 64)]
+    map_cache: usize,
+    /// Drop this folder's unflushed writes if the volume was written
+    /// elsewhere since they were made (otherwise the attach is refused).
+    #[arg(long)]
+    discard_local: bool,
+    /// How long a detach (or Ctrl-C) tries to flush to the peers before
+    /// exiting with the writes left in the local log.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    detach_timeout: Duration,
     /// Take the volume over from its current holder (its writes are then refused).
     #[arg(long)]
     force: bool,
@@ -94,8 +110,11 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     {
         return Err(CliError::StateInUse { state, pid, volume: a.name });
     }
-    let mut config = VolumeConfig::new(state.clone(), a.cache_size);
+    let mut config = Config::new(state.clone(), a.cache_size);
     config.force = a.force;
+    config.log_size = a.log_size;
+    config.map_cache = a.map_cache.max(1);
+    config.discard_local = a.discard_local;
     let volume = Volume::open(c, &a.name, &key, config).await?;
     drop(key);
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(CliError::io(pidfile.display()))?;
@@ -124,10 +143,10 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     };
     let what = format!("volume {}", spec.name);
     let served = serve_nbd(Arc::new(volume.clone()), &listen, what, stop_on_signals()?).await;
-    let closed = volume.close().await.map_err(CliError::Detach);
+    let closed = volume.close(a.detach_timeout).await.map_err(CliError::Detach);
     let _ = std::fs::remove_file(&pidfile);
-    served?;
     closed?;
+    served?;
     info!("volume {} detached: everything is on the peers and the lease is released", a.name);
     Ok(())
 }

@@ -23,7 +23,7 @@ use crate::codec::key::VolumeKey;
 use crate::membership::ca::Role;
 use crate::membership::credential::Credential;
 use crate::size::{human, parse_size};
-use crate::volume::{Volume, VolumeConfig};
+use crate::volume::v2::{Config, Volume};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -253,7 +253,8 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
                 size: config.size,
                 k: 4,
                 m: 2,
-                shard_size: 256 * 1024,
+                // Segments of 4 MiB of data (k = 4 shards of 1 MiB).
+                shard_size: 1 << 20,
                 repair_threshold: 5,
                 key_check: key.check_value(&id).0,
                 kdf: None,
@@ -270,7 +271,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
         Err(e) => return Err(e.into()),
     };
     // A lease left by a killed demo is resumed from this folder's note.
-    let vc = VolumeConfig::new(state.join("attach"), config.cache_size);
+    let vc = Config::new(state.join("attach"), config.cache_size);
     let volume = Volume::open(client.clone(), VOLUME, &key, vc).await?;
     drop(key);
 
@@ -307,7 +308,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
     while listeners.join_next().await.is_some() {}
     drop(server);
     let _ = std::fs::remove_file(&socket);
-    let closed = volume.close().await;
+    let closed = volume.close(Duration::from_secs(60)).await;
     drop(children);
     flushed.map_err(CliError::Flush)?;
     closed.map_err(CliError::Detach)?;

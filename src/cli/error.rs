@@ -61,6 +61,8 @@ pub enum CliError {
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error(transparent)]
+    Attach(Box<crate::volume::v2::AttachError>),
+    #[error(transparent)]
     Demo(#[from] DemoError),
 
     #[error("{} exists already: this machine has joined (remove the file to join again)", .0.display())]
@@ -113,6 +115,12 @@ impl CliError {
     pub fn io(context: impl Display) -> impl FnOnce(std::io::Error) -> CliError {
         let context = context.to_string();
         move |source| CliError::Io { context, source }
+    }
+}
+
+impl From<crate::volume::v2::AttachError> for CliError {
+    fn from(e: crate::volume::v2::AttachError) -> Self {
+        CliError::Attach(Box::new(e))
     }
 }
 

@@ -139,6 +139,12 @@ pub fn stop_on_signals() -> Result<CancellationToken, CliError> {
             _ = sigint.recv() => info!("SIGINT: stopping"),
         }
         s.cancel();
+        // A second Ctrl-C: exit at once (a second SIGTERM changes nothing).
+        // An attach's acknowledged writes are in its local log, which the
+        // next attach from the folder sends.
+        sigint.recv().await;
+        eprintln!("second Ctrl-C: exiting at once (writes not yet on the peers stay in the local log; the next attach from this folder sends them)");
+        std::process::exit(130);
     });
     Ok(stop)
 }

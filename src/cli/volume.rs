@@ -43,13 +43,15 @@ pub struct VolumeCreateArgs {
     /// The disk's size (a multiple of 4 KiB): 100G, 2T, ...
     #[arg(long, value_parser = parse_size)]
     size: u64,
-    /// Data shards per stripe.
+    /// Data shards per segment.
     #[arg(long, default_value_t = 4)]
     k: u8,
-    /// Parity shards per stripe: this many peers may be lost.
+    /// Parity shards per segment: this many peers may be lost.
     #[arg(long, default_value_t = 2)]
     m: u8,
-    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    /// Bytes per shard of a full segment (a segment holds k of them: 4 MiB
+    /// of data with the defaults).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
     shard_size: u64,
     /// Repair a stripe when fewer shards than this are healthy (default k+1).
     #[arg(long)]

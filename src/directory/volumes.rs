@@ -262,6 +262,34 @@ impl<S: MetaStore> Directory<S> {
                 health.unavailable += 1;
             }
         }
+        // Segments (the second design): holders by small peer id.
+        let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
+        for e in self.meta.list(&segment_prefix(&record.spec.id)).await? {
+            let r = SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
+            let mut healthy = 0;
+            for &id in &r.peers {
+                if id == 0 {
+                    continue;
+                }
+                if !names.contains_key(&id) {
+                    let name = self.meta.get(&peer_slot_key(id)).await?.map(|e| String::from_utf8_lossy(&e.value).into_owned());
+                    names.insert(id, name);
+                }
+                if names[&id].as_ref().is_some_and(|n| up.contains(n)) {
+                    healthy += 1;
+                }
+            }
+            health.stripes += 1;
+            if healthy >= all {
+                health.whole += 1;
+            } else if healthy >= threshold {
+                health.degraded += 1;
+            } else if healthy >= k {
+                health.needs_repair += 1;
+            } else {
+                health.unavailable += 1;
+            }
+        }
         Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health })))
     }
 

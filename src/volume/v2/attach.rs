@@ -16,7 +16,7 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ use super::blocks::BlockCache;
 use super::cache::MapCache;
 use super::checkpoint::{CheckpointIndex, IndexHead};
 use super::commit::{Committer, PACING};
+use super::keeper::Keeper;
 use super::layout::{self, Trailer};
 use super::local::LocalIndex;
 use super::log::{Base, LocalLog, LogConfig, NewRecord, RecordHead};
@@ -165,7 +166,9 @@ impl Volume {
             k: usize::from(spec.k),
             m: usize::from(spec.m),
             blocks_per_shard,
-            epoch,
+            epoch: AtomicU64::new(epoch),
+            suspended: watch::channel(false).0,
+            lease_doubt: Notify::new(),
             sequences: Mutex::new(sequences),
             segment_ids: Mutex::new(segment_ids),
             local: Mutex::new(LocalIndex::new(blocks)),
@@ -209,20 +212,9 @@ impl Volume {
         log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
         let workers = &inner.workers;
         workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
-        let fence = Arc::downgrade(&inner);
-        let renewal = lease::Renewal::new(
-            client,
-            name,
-            epoch,
-            Duration::from_millis(lease.ttl_ms),
-            Box::new(move |why| {
-                if let Some(inner) = fence.upgrade() {
-                    inner.fence(why);
-                }
-            }),
-        );
-        let pacing = renewal.pacing();
-        workers.spawn_paced(renewal, pacing);
+        let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms));
+        let pacing = keeper.pacing();
+        workers.spawn_paced(keeper, pacing);
         let queued = inner.local.lock().expect("local").queued();
         if queued > 0 {
             tracing::info!("volume {name}: {queued} unflushed writes replayed from {}", dir.display());
@@ -260,7 +252,8 @@ impl Volume {
                 ),
             )));
         }
-        lease::release(&inner.client, &inner.config.state_dir, &inner.name, inner.epoch).await?;
+        let epoch = inner.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        lease::release(&inner.client, &inner.config.state_dir, &inner.name, epoch).await?;
         Ok(())
     }
 }
@@ -459,6 +452,12 @@ impl Backend for Volume {
     }
 
     async fn write_zeroes(&self, offset: u64, length: u32, flags: ZeroFlags) -> backend::Result<()> {
+        // Whole blocks are one zero entry; part of a block is a
+        // read-modify-write, slower than a write: FAST_ZERO refuses it.
+        let block = BLOCK_SIZE as u64;
+        if flags.fast && !(offset.is_multiple_of(block) && u64::from(length).is_multiple_of(block)) {
+            return Err(backend::Error::FastZeroUnsupported { offset });
+        }
         Box::pin(self.inner.zero("write zeroes", offset, u64::from(length))).await?;
         if flags.fua { self.flush().await } else { Ok(()) }
     }

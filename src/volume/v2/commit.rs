@@ -45,9 +45,14 @@ const COMMIT_SEGMENTS: usize = 32;
 /// Why a commit failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum CommitError {
-    /// Another writer has the volume: stop for good.
+    /// Refused for the lease's epoch: lapsed, or taken over (the lease
+    /// keeper finds out which).
     #[error("{0}")]
     Fenced(String),
+    /// The root moved under this writer: another machine wrote the
+    /// volume. Stop for good.
+    #[error("{0}")]
+    Diverged(String),
     #[error("{1}")]
     Failed(backend::ErrorKind, String),
 }
@@ -55,7 +60,7 @@ pub(super) enum CommitError {
 impl CommitError {
     fn kind(&self) -> backend::ErrorKind {
         match self {
-            CommitError::Fenced(_) => backend::ErrorKind::Fenced,
+            CommitError::Fenced(_) | CommitError::Diverged(_) => backend::ErrorKind::Fenced,
             CommitError::Failed(k, _) => *k,
         }
     }
@@ -87,7 +92,10 @@ impl Inner {
     pub(super) async fn commit_once(&self) -> Result<bool, CommitError> {
         let _turn = self.commit_turn.lock().await;
         if let Some(why) = self.fenced.lock().expect("fenced").clone() {
-            return Err(CommitError::Fenced(why));
+            return Err(CommitError::Diverged(why));
+        }
+        if *self.suspended.borrow() {
+            return Err(unavailable("the write lease may have lapsed: waiting for it"));
         }
         self.urgent.store(false, Ordering::Relaxed);
         let (taken, watermark) = {
@@ -96,6 +104,7 @@ impl Inner {
         };
         if taken.is_empty() {
             self.reached(watermark);
+            self.release_log(watermark).await;
             return Ok(false);
         }
         match self.commit_taken(&taken, watermark).await {
@@ -107,8 +116,12 @@ impl Inner {
             }
             Err(e) => {
                 self.local.lock().expect("local").untake(taken);
-                if let CommitError::Fenced(why) = &e {
-                    self.fence(why.clone());
+                match &e {
+                    CommitError::Diverged(why) => self.fence(why.clone()),
+                    // The lease keeper decides: lapsed (take it again,
+                    // commit under the new epoch) or taken over (fence).
+                    CommitError::Fenced(_) => self.lease_doubt.notify_one(),
+                    CommitError::Failed(..) => {}
                 }
                 *self.commit_failure.lock().expect("failure") = Some((e.kind(), e.to_string()));
                 // Wake flushes so they see the failure.
@@ -190,7 +203,7 @@ impl Inner {
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
         let placements = self
             .client
-            .place_segments(&self.name, self.epoch, sealed.len() as u32, shard_bytes, Vec::new())
+            .place_segments(&self.name, self.epoch.load(Ordering::Relaxed), sealed.len() as u32, shard_bytes, Vec::new())
             .await
             .map_err(|e| match e.kind() {
                 Some(ErrorKind::Fenced) => CommitError::Fenced(e.to_string()),
@@ -212,7 +225,7 @@ impl Inner {
         let mut puts = tokio::task::JoinSet::new();
         for (i, (s, p)) in sealed.iter_mut().zip(&placements).enumerate() {
             let peers: Vec<Holder> = p.peers.iter().map(|x| (x.id, x.addr.clone())).collect();
-            let (io, spares, k, epoch, id) = (self.io.clone(), spares.clone(), self.k, self.epoch, s.id);
+            let (io, spares, k, epoch, id) = (self.io.clone(), spares.clone(), self.k, self.epoch.load(Ordering::Relaxed), s.id);
             let root = s.encoded.root;
             let encoded = std::mem::replace(&mut s.encoded, EncodedSegment { root, shards: Vec::new() });
             puts.spawn(async move { (i, io.put(id, k, &encoded, &peers, spares, epoch).await) });
@@ -242,7 +255,7 @@ impl Inner {
             .unwrap_or(Sequence::ZERO);
         let next = RootRecord {
             volume_id: self.record.spec.id,
-            epoch: self.epoch,
+            epoch: self.epoch.load(Ordering::Relaxed),
             commit: prev.commit + 1,
             highest_sequence: prev.highest_sequence.max(top),
             highest_segment: prev.highest_segment.max(sealed.last().expect("segments").id),
@@ -252,7 +265,7 @@ impl Inner {
         let sealed_root = next.seal(&self.root_key);
         let commit = RootCommit {
             volume: self.name.clone(),
-            epoch: self.epoch,
+            epoch: self.epoch.load(Ordering::Relaxed),
             expected: (prev.commit > 0).then_some((prev.epoch, prev.commit)),
             sealed: sealed_root,
             segments: sealed
@@ -362,7 +375,7 @@ impl Inner {
                         // Our own earlier try may have landed.
                         return match self.client.root(&self.name).await {
                             Ok(Some(r)) if r.sealed == commit.sealed => Ok(()),
-                            _ => Err(CommitError::Fenced(format!(
+                            _ => Err(CommitError::Diverged(format!(
                                 "the volume's root changed under this writer ({e}): another machine wrote it; re-attach"
                             ))),
                         };
@@ -416,7 +429,7 @@ impl Worker for Committer {
                 self.since = None;
                 Ok(if more { State::Busy } else { State::Idle })
             }
-            Err(CommitError::Fenced(_)) => Ok(State::Done),
+            Err(CommitError::Diverged(_)) => Ok(State::Done),
             Err(e) => Err(e.to_string()),
         }
     }

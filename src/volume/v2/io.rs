@@ -56,13 +56,14 @@ impl Inner {
         let n = (plain.len() / BLOCK_SIZE) as u64;
         let (offset, length) = (address * BLOCK, plain.len() as u64);
         self.check_fenced(op, offset, length)?;
+        self.wait_for_lease(op, offset, length).await?;
         self.wait_for_room(op, offset, length).await?;
         let max = u64::from(self.log.max_record_blocks());
+        let deadline = tokio::time::Instant::now() + self.config.io_timeout;
         let mut done = 0u64;
         while done < n {
             let count = (n - done).min(max);
-            let first =
-                self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
+            let first = self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
             let a = address + done;
             let src = &plain[done as usize * BLOCK_SIZE..(done + count) as usize * BLOCK_SIZE];
             let mut ct = src.to_vec();
@@ -70,10 +71,17 @@ impl Inner {
                 let seq = first.checked_add(i as u64).expect("the run was allocated");
                 self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
             }
-            let appended =
-                self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
+            let appended = self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
             let pos = match appended {
                 Ok(p) => p[0],
+                Err(LogError::Full { .. }) if tokio::time::Instant::now() < deadline => {
+                    // Others filled it since the check: give the sequences
+                    // up (the commit watermark may pass them), make room,
+                    // try again.
+                    self.local.lock().expect("local").abandon(first);
+                    self.make_room(op, offset, length, ct.len() as u64, deadline).await?;
+                    continue;
+                }
                 Err(e) => {
                     self.local.lock().expect("local").abandon(first);
                     return Err(log_failed(op, offset, length, e));
@@ -102,22 +110,43 @@ impl Inner {
     /// Holds a write while the local log is nearly full, committing to
     /// make room; refuses after the I/O timeout.
     async fn wait_for_room(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
-        let limit = self.config.log_size / 10 * 9;
-        if self.log.used_bytes() < limit {
+        if self.log.used_bytes() < self.config.log_size / 10 * 9 {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.config.io_timeout;
+        self.make_room(op, offset, length, 0, deadline).await
+    }
+
+    /// Asks for commits (which release committed log files) until the log
+    /// has `need` bytes free below 90 % full, or `deadline`. Always waits a
+    /// little: a writer refused as full must not spin.
+    async fn make_room(
+        &self,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+        need: u64,
+        deadline: tokio::time::Instant,
+    ) -> backend::Result<()> {
+        let limit = (self.config.log_size / 10 * 9).saturating_sub(need);
         let mut committed = self.committed.subscribe();
-        while self.log.used_bytes() >= limit {
+        let mut first = true;
+        while first || self.log.used_bytes() >= limit {
+            first = false;
             self.check_fenced(op, offset, length)?;
             self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
             self.wake.notify_one();
-            if tokio::time::timeout_at(deadline, committed.changed()).await.is_err() {
+            let tick = tokio::time::sleep(std::time::Duration::from_millis(50));
+            if tokio::time::Instant::now() >= deadline {
                 let why = match &*self.commit_failure.lock().expect("failure") {
                     Some((_, why)) => format!("the local log is full and commits fail: {why}"),
                     None => "the local log is full and no commit made room in time".to_string(),
                 };
                 return Err(failed(ErrorKind::Unavailable, op, offset, length, why));
+            }
+            tokio::select! {
+                _ = committed.changed() => {}
+                _ = tick => {}
             }
         }
         Ok(())
@@ -183,6 +212,7 @@ impl Inner {
         let n = end_full - first_full;
         let _guards = self.lock(first_full, n).await;
         self.check_fenced(op, offset, length)?;
+        self.wait_for_lease(op, offset, length).await?;
         self.wait_for_room(op, offset, length).await?;
         let sequence = self.begin(1).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
         let appended = self.log.append(&[NewRecord::Zero { address: first_full, blocks: n, sequence }]).await;
@@ -285,7 +315,7 @@ impl Inner {
     /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
     pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
         let (offset, length) = (first * BLOCK, n * BLOCK);
-        self.check_fenced("read", offset, length)?;
+        self.wait_for_lease("read", offset, length).await?;
         let local = self.local.lock().expect("local").lookup(first, n);
         let committed = self.committed_extents(first, n).await?;
         // Block by block: the higher sequence wins; the local copy on a tie.

@@ -53,6 +53,7 @@ pub mod cache;
 pub mod checkpoint;
 mod commit;
 mod io;
+mod keeper;
 pub mod layout;
 pub mod local;
 pub mod log;

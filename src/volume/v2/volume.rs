@@ -19,7 +19,7 @@
 //! proven against a root reached from the MAC'd root.
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,7 +104,12 @@ pub(super) struct Inner {
     pub(super) m: usize,
     /// Blocks per shard of a full segment.
     pub(super) blocks_per_shard: u32,
-    pub(super) epoch: u64,
+    /// The writer's lease epoch (changes when a lapsed lease is taken again).
+    pub(super) epoch: AtomicU64,
+    /// Reads and writes wait: the lease may have lapsed.
+    pub(super) suspended: watch::Sender<bool>,
+    /// Asks the lease keeper to check the lease now (a commit was refused).
+    pub(super) lease_doubt: Notify,
     pub(super) sequences: Mutex<Sequencer<Sequence>>,
     pub(super) segment_ids: Mutex<Sequencer<SegmentId>>,
     pub(super) local: Mutex<LocalIndex>,
@@ -178,7 +183,7 @@ impl Volume {
     }
 
     pub fn epoch(&self) -> u64 {
-        self.inner.epoch
+        self.inner.epoch.load(Ordering::Relaxed)
     }
 
     /// The volume's background workers and their state, for status.

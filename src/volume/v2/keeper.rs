@@ -1,0 +1,212 @@
+//! Keeping the write lease, and what the volume does when it may have
+//! lost it.
+//!
+//! ```text
+//! every ttl/3: renew ─► ok: the lease is good for another ttl
+//!   no answer for ~ttl: the lease may have lapsed ─► SUSPEND (reads and
+//!     writes wait: another machine may be writing the volume now)
+//!   "lapsed" / refused ─► take it again (not by force), resuming:
+//!     nobody else holds it AND the root is still the one this attach
+//!       committed last ─► new epoch, sequences above the old ones, RESUME
+//!     somebody holds it, or the root moved ─► FENCED for good (re-attach)
+//! ```
+//!
+//! So a directory that pauses longer than the lease's time to live makes
+//! the attach wait, not fail for good, when nobody else took the volume;
+//! and a commit refused as fenced (the lease lapsed under it) is retried
+//! under the new epoch rather than ending the attach.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::volume::Inner;
+use crate::api::ErrorKind;
+use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
+use crate::sys::worker::{Pacing, State, Status, Worker};
+
+/// Renewals are never closer together than this, whatever the TTL.
+const MIN_RENEWAL: Duration = Duration::from_millis(200);
+
+pub(super) struct Keeper {
+    pub(super) inner: Arc<Inner>,
+    pub(super) ttl: Duration,
+    /// When the last renewal was granted (the lease runs ttl from before it).
+    pub(super) renewed_at: Instant,
+    pub(super) renewals: u64,
+}
+
+impl Keeper {
+    pub(super) fn new(inner: Arc<Inner>, ttl: Duration) -> Self {
+        Self { inner, ttl, renewed_at: Instant::now(), renewals: 0 }
+    }
+
+    fn every(&self) -> Duration {
+        (self.ttl / 3).max(MIN_RENEWAL)
+    }
+
+    pub(super) fn pacing(&self) -> Pacing {
+        Pacing { tranquility: 0, backoff: self.every(), max_backoff: self.every() }
+    }
+
+    /// Takes the lease again after it lapsed; `Ok(false)` if the directory
+    /// could not be reached (still suspended).
+    async fn retake(&mut self) -> Result<bool, String> {
+        let inner = &self.inner;
+        let old = inner.epoch.load(Ordering::Relaxed);
+        let lease = match crate::volume::lease::acquire(&inner.client, &inner.config.state_dir, &inner.name, false).await
+        {
+            Ok(l) => l,
+            Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
+                return Err(format!("the volume was taken over while this attach's lease had lapsed: {e}"));
+            }
+            Err(e) => {
+                tracing::warn!("volume {}: taking the lapsed lease again: {e}", inner.name);
+                return Ok(false);
+            }
+        };
+        // Nobody holds it now; did anybody write while we did not?
+        let ours = inner.root.lock().expect("root").clone();
+        match inner.client.root(&inner.name).await {
+            Ok(Some(r)) if (r.epoch, r.commit) == (ours.epoch, ours.commit) => {}
+            Ok(None) if ours.commit == 0 => {}
+            Ok(r) => {
+                let now = r.map_or("none".to_string(), |r| format!("{}.{}", r.epoch, r.commit));
+                return Err(format!(
+                    "the volume was written elsewhere while this attach's lease had lapsed (root now {now}, this attach's {}.{}): re-attach",
+                    ours.epoch, ours.commit
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("volume {}: reading the root after taking the lease again: {e}", inner.name);
+                return Ok(false);
+            }
+        }
+        inner.switch_epoch(lease.epoch).map_err(|e| e.to_string())?;
+        self.ttl = Duration::from_millis(lease.ttl_ms);
+        self.renewed_at = Instant::now();
+        tracing::info!("volume {}: the lease lapsed and was taken again: epoch {old} → {}", inner.name, lease.epoch);
+        inner.set_suspended(false);
+        inner.wake.notify_one();
+        Ok(true)
+    }
+}
+
+impl Inner {
+    /// Moves the writer to `epoch` (above the old one): sequences and
+    /// segment ids continue above everything allocated so far.
+    pub(super) fn switch_epoch(&self, epoch: u64) -> Result<(), crate::codec::sequence::SequenceError> {
+        let mut s = self.sequences.lock().expect("sequences");
+        let mut g = self.segment_ids.lock().expect("segment ids");
+        let seq: Sequencer<Sequence> = Sequencer::new(epoch, s.last())?;
+        let seg: Sequencer<SegmentId> = Sequencer::new(epoch, g.last())?;
+        *s = seq;
+        *g = seg;
+        self.epoch.store(epoch, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(super) fn set_suspended(&self, on: bool) {
+        self.suspended.send_if_modified(|s| {
+            let changed = *s != on;
+            *s = on;
+            changed
+        });
+    }
+
+    /// Waits while the lease may have lapsed; refuses after the I/O timeout.
+    pub(super) async fn wait_for_lease(&self, op: &'static str, offset: u64, length: u64) -> crate::backend::Result<()> {
+        let mut s = self.suspended.subscribe();
+        if !*s.borrow_and_update() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.config.io_timeout;
+        while *s.borrow_and_update() {
+            self.check_fenced(op, offset, length)?;
+            if tokio::time::timeout_at(deadline, s.changed()).await.is_err() {
+                return Err(crate::backend::Error::failed(
+                    crate::backend::ErrorKind::Unavailable,
+                    op,
+                    offset,
+                    length,
+                    "the write lease may have lapsed (the directory does not answer): waiting for it",
+                ));
+            }
+        }
+        self.check_fenced(op, offset, length)
+    }
+}
+
+impl Worker for Keeper {
+    type Error = String;
+
+    fn name(&self) -> String {
+        format!("lease {}", self.inner.name)
+    }
+
+    fn status(&self) -> Status {
+        let suspended = *self.inner.suspended.borrow();
+        Status {
+            queue: None,
+            progress: Some(format!(
+                "epoch {}, renewed {} times{}",
+                self.inner.epoch.load(Ordering::Relaxed),
+                self.renewals,
+                if suspended { ", suspended: the lease may have lapsed" } else { "" }
+            )),
+        }
+    }
+
+    fn initial_state(&self) -> State {
+        State::Idle
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
+        let inner = self.inner.clone();
+        if inner.fenced.lock().expect("fenced").is_some() {
+            return Ok(State::Done);
+        }
+        let epoch = inner.epoch.load(Ordering::Relaxed);
+        let asked = Instant::now();
+        match inner.client.renew_lease(&inner.name, epoch).await {
+            Ok(_) => {
+                self.renewals += 1;
+                self.renewed_at = asked;
+                inner.set_suspended(false);
+                Ok(State::Idle)
+            }
+            Err(e) if e.kind() == Some(ErrorKind::Fenced) => {
+                // Lapsed or taken: suspend, and try to take it again.
+                inner.set_suspended(true);
+                match self.retake().await {
+                    Ok(true) => Ok(State::Idle),
+                    Ok(false) => Err("the lease lapsed; the directory is not answering yet".into()),
+                    Err(why) => {
+                        inner.fence(why);
+                        inner.set_suspended(false);
+                        Ok(State::Done)
+                    }
+                }
+            }
+            Err(e) => {
+                // Past most of the TTL without a renewal, another machine
+                // may take the volume soon: stop serving until we know.
+                if self.renewed_at.elapsed() >= self.ttl.mul_f32(0.8) {
+                    inner.set_suspended(true);
+                }
+                Err(format!("renewing the lease on volume {}: {e}", inner.name))
+            }
+        }
+    }
+
+    async fn wait_for_work(&mut self) -> State {
+        tokio::select! {
+            _ = tokio::time::sleep(self.every()) => {}
+            _ = self.inner.lease_doubt.notified() => {}
+        }
+        State::Busy
+    }
+}
