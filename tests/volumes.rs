@@ -9,7 +9,6 @@ use common::cluster::{Cluster, put_placement};
 use meshdisk::api::ErrorKind;
 use meshdisk::backend::{self, Backend};
 use meshdisk::client::Client;
-use meshdisk::codec::key::VolumeKey;
 use meshdisk::membership::credential::Credential;
 use meshdisk::nbd::errors::nbd_error;
 use meshdisk::nbd::proto::NbdError;
@@ -72,9 +71,14 @@ fn volumes_are_created_listed_inspected_and_checked() {
     let v: meshdisk::api::VolumeInfo = serde_json::from_str(&json).unwrap();
     assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 5));
     assert_eq!(v.record.spec.size, 1 << 30);
-    // The stored key check matches the key file, and only it.
+    // The stored key check matches the data key the key file unlocks,
+    // and not the key file itself (it only opens a key slot).
     let k = meshdisk::codec::VolumeKey::read_file(&key).unwrap();
-    k.verify(&v.record.spec.id, &meshdisk::codec::key::KeyCheck(v.record.spec.key_check)).unwrap();
+    let check = meshdisk::codec::key::KeyCheck(v.record.spec.key_check);
+    let slots = meshdisk::codec::keyslot::KeySlots::parse(&v.record.spec.key_slots).unwrap();
+    let data_key = slots.unlock(&meshdisk::codec::keyslot::Unlock::KeyFile(&k)).unwrap().into_volume_key();
+    data_key.verify(&v.record.spec.id, &check).unwrap();
+    assert!(k.verify(&v.record.spec.id, &check).is_err());
     let dir_db = std::fs::read(c.root.path().join("directory/directory.redb")).unwrap();
     assert!(!dir_db.windows(13).any(|w| w == b"correct horse"), "the passphrase reached the directory");
 
@@ -171,7 +175,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
 
 /// An attached volume (in this process) with its state under `state`.
 async fn attach(c: &Cluster, name: &str, state: &str, force: bool) -> Volume {
-    let key = VolumeKey::read_file(&c.root.path().join(format!("{name}.key"))).unwrap();
+    let key = common::cluster::data_key(&c.client(), name, &c.root.path().join(format!("{name}.key"))).await;
     let mut config = VolumeConfig::new(c.root.path().join(state), 8 << 20);
     config.force = force;
     config.io_timeout = Duration::from_secs(3);
