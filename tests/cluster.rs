@@ -31,7 +31,7 @@ fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
         shard_size: 64 << 10,
         repair_threshold: k + 1.min(m),
         key_check: [0; 32],
-        kdf: None,
+        key_slots: common::cluster::throwaway_key_slots(),
         durability: meshdisk::api::Durability::Remote,
     }
 }

@@ -249,7 +249,8 @@ fn the_log_structured_volume_conforms_across_machines() {
     }
     c.wait_all_up(6);
     c.create_volume("disk", "8M", 4, 2);
-    let key = meshdisk::codec::VolumeKey::read_file(&c.root.path().join("disk.key")).unwrap();
+    let key_file = c.root.path().join("disk.key");
+    let key = runtime().block_on(async { common::cluster::data_key(&c.client(), "disk", &key_file).await });
     let config = |folder: &str| {
         let mut config = Config::new(c.root.path().join(folder), 1 << 20);
         config.log_size = 16 << 20;

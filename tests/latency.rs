@@ -214,7 +214,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
             shard_size: 64 << 10,
             repair_threshold: k,
             key_check: [0; 32],
-            kdf: None,
+            key_slots: common::cluster::throwaway_key_slots(),
             durability: meshdisk::api::Durability::Remote,
         };
         client.create_volume(spec("three", 2, 1, 1)).await.unwrap();

@@ -9,7 +9,6 @@ use common::cluster::{Cluster, put_placement};
 use meshdisk::api::ErrorKind;
 use meshdisk::backend::{self, Backend};
 use meshdisk::client::Client;
-use meshdisk::codec::key::VolumeKey;
 use meshdisk::membership::credential::Credential;
 use meshdisk::nbd::errors::nbd_error;
 use meshdisk::nbd::proto::NbdError;
@@ -72,9 +71,14 @@ fn volumes_are_created_listed_inspected_and_checked() {
     let v: meshdisk::api::VolumeInfo = serde_json::from_str(&json).unwrap();
     assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 5));
     assert_eq!(v.record.spec.size, 1 << 30);
-    // The stored key check matches the key file, and only it.
+    // The stored key check matches the data key the key file unlocks,
+    // and not the key file itself (it only opens a key slot).
     let k = meshdisk::codec::VolumeKey::read_file(&key).unwrap();
-    k.verify(&v.record.spec.id, &meshdisk::codec::key::KeyCheck(v.record.spec.key_check)).unwrap();
+    let check = meshdisk::codec::key::KeyCheck(v.record.spec.key_check);
+    let slots = meshdisk::codec::keyslot::KeySlots::parse(&v.record.spec.key_slots).unwrap();
+    let data_key = slots.unlock(&meshdisk::codec::keyslot::Unlock::KeyFile(&k)).unwrap().into_volume_key();
+    data_key.verify(&v.record.spec.id, &check).unwrap();
+    assert!(k.verify(&v.record.spec.id, &check).is_err());
     let dir_db = std::fs::read(c.root.path().join("directory/directory.redb")).unwrap();
     assert!(!dir_db.windows(13).any(|w| w == b"correct horse"), "the passphrase reached the directory");
 
@@ -171,7 +175,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
 
 /// An attached volume (in this process) with its state under `state`.
 async fn attach(c: &Cluster, name: &str, state: &str, force: bool) -> Volume {
-    let key = VolumeKey::read_file(&c.root.path().join(format!("{name}.key"))).unwrap();
+    let key = common::cluster::data_key(&c.client(), name, &c.root.path().join(format!("{name}.key"))).await;
     let mut config = VolumeConfig::new(c.root.path().join(state), 8 << 20);
     config.force = force;
     config.io_timeout = Duration::from_secs(3);
@@ -256,4 +260,176 @@ fn deleting_a_volume_erases_its_shards_from_the_peers() {
     });
     let (ok, _, err) = c.cli(&["volume", "info", "gone", "--credential", &cred(&c)]);
     assert!(!ok && err.contains("no volume named gone"), "{err}");
+}
+
+/// `meshdisk` with `envs` set (passphrases for the key slots).
+fn cli_with(envs: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(common::meshdisk_bin());
+    cmd.args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("MESHDISK_PASSPHRASE")
+        .env_remove("MESHDISK_NEW_PASSPHRASE");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A real `meshdisk attach --passphrase` of `name` from state folder
+/// `state`, serving on `state/nbd.sock` once this returns.
+fn attach_with_passphrase(
+    c: &Cluster,
+    name: &str,
+    state: &str,
+    pass: &str,
+) -> (common::cluster::Proc, std::path::PathBuf) {
+    let state = c.root.path().join(state);
+    let mut cmd = std::process::Command::new(common::meshdisk_bin());
+    cmd.args(["attach", name, "--passphrase", "--cache-size", "16M", "--credential"])
+        .arg(c.admin_cred())
+        .arg("--cache-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(state.join("nbd.sock"))
+        .env("MESHDISK_PASSPHRASE", pass);
+    let mut proc = common::cluster::Proc::spawn(&format!("attach-{state:?}"), &mut cmd);
+    proc.wait_for("nbd+unix://", Duration::from_secs(60));
+    (proc, state)
+}
+
+fn detach(c: &Cluster, name: &str, state: &std::path::Path, mut proc: common::cluster::Proc) {
+    let (ok, _, err) = c.cli(&["detach", name, "--cache-dir", state.to_str().unwrap()]);
+    assert!(ok, "detach failed: {err}");
+    let (status, out) = proc.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "attach did not stop cleanly: {out}");
+}
+
+#[test]
+fn a_passphrase_changes_without_re_encrypting_and_the_old_one_is_refused() {
+    use common::rawclient::RawClient;
+    let mut c = Cluster::start("home", &[]);
+    for i in 0..3 {
+        c.add_peer("256M", &format!("d{i}"));
+    }
+    c.wait_all_up(3);
+    let cred = cred(&c);
+    let old = [("MESHDISK_PASSPHRASE", "old horse battery")];
+    let (ok, _, err) = cli_with(
+        &old,
+        &[
+            "volume",
+            "create",
+            "notes",
+            "--size",
+            "16M",
+            "--k",
+            "2",
+            "--m",
+            "1",
+            "--shard-size",
+            "64K",
+            "--passphrase",
+            "--credential",
+            &cred,
+        ],
+    );
+    assert!(ok, "{err}");
+    let rt = runtime();
+    let record = |name: &str| rt.block_on(async { c.client().volume(name).await.unwrap() });
+    let before = record("notes");
+
+    // Data written (and flushed to the peers) under the old passphrase.
+    let data = common::pattern(7, 256 << 10);
+    let (proc, state) = attach_with_passphrase(&c, "notes", "first", "old horse battery");
+    {
+        let mut nbd = RawClient::handshake(&state.join("nbd.sock"), false);
+        nbd.request(0, 1, 1, 1 << 20, data.len() as u32, &data);
+        assert_eq!(nbd.simple_reply(), (0, 1));
+        nbd.request(0, 3, 2, 0, 0, &[]);
+        assert_eq!(nbd.simple_reply(), (0, 2));
+    }
+    detach(&c, "notes", &state, proc);
+
+    // The new passphrase comes from MESHDISK_NEW_PASSPHRASE; a wrong
+    // current one changes nothing.
+    let wrong = [("MESHDISK_PASSPHRASE", "not it"), ("MESHDISK_NEW_PASSPHRASE", "new")];
+    let (ok, _, err) = cli_with(&wrong, &["volume", "passwd", "notes", "--credential", &cred]);
+    assert!(!ok && err.contains("volume notes: wrong passphrase"), "{err}");
+    let change =
+        [("MESHDISK_PASSPHRASE", "old horse battery"), ("MESHDISK_NEW_PASSPHRASE", "new horse staple")];
+    let (ok, _, err) = cli_with(&change, &["volume", "passwd", "notes", "--credential", &cred]);
+    assert!(ok, "{err}");
+    assert!(err.contains("set the passphrase of volume notes") && err.contains("not re-encrypted"), "{err}");
+    let after = record("notes");
+    assert_ne!(after.spec.key_slots, before.spec.key_slots);
+    assert_eq!((after.spec.id, after.spec.key_check), (before.spec.id, before.spec.key_check));
+
+    // The old passphrase is refused, clearly, by passwd and by attach.
+    let (ok, _, err) = cli_with(&change, &["volume", "passwd", "notes", "--credential", &cred]);
+    assert!(!ok && err.contains("volume notes: wrong passphrase"), "{err}");
+    let (ok, _, err) = cli_with(
+        &old,
+        &[
+            "attach",
+            "notes",
+            "--passphrase",
+            "--credential",
+            &cred,
+            "--cache-dir",
+            c.root.path().join("no").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && err.contains("volume notes: wrong passphrase"), "{err}");
+
+    // The new one attaches (from a fresh folder: the data comes from the
+    // peers) and reads back what was written before the change.
+    let (proc, state) = attach_with_passphrase(&c, "notes", "second", "new horse staple");
+    {
+        let mut nbd = RawClient::handshake(&state.join("nbd.sock"), false);
+        assert!(nbd.read_simple(3, 1 << 20, data.len() as u32) == data, "data changed across passwd");
+    }
+    detach(&c, "notes", &state, proc);
+
+    // Key files: one added opens the volume too; removed, it no longer
+    // does; the last key is never removed.
+    let key = c.root.path().join("notes.key");
+    let new = [("MESHDISK_PASSPHRASE", "new horse staple")];
+    let add = ["volume", "passwd", "notes", "--add-key-file", key.to_str().unwrap(), "--credential", &cred];
+    let (ok, _, err) = cli_with(&new, &add);
+    assert!(ok && err.contains("added key slot 1"), "{err}");
+    let (ok, info, err) = cli_with(&[], &["volume", "info", "notes", "--credential", &cred]);
+    assert!(ok && info.contains("passphrase (Argon2id), key file"), "{err}{info}");
+    // The key file alone sets a (forgotten) passphrase.
+    let reset = [("MESHDISK_NEW_PASSPHRASE", "third")];
+    let (ok, _, err) = cli_with(
+        &reset,
+        &["volume", "passwd", "notes", "--key-file", key.to_str().unwrap(), "--credential", &cred],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli_with(&new, &["volume", "passwd", "notes", "--credential", &cred]);
+    assert!(!ok && err.contains("wrong passphrase"), "{err}");
+    let remove =
+        ["volume", "passwd", "notes", "--remove-key-file", key.to_str().unwrap(), "--credential", &cred];
+    let (ok, _, err) = cli_with(&[], &remove);
+    assert!(ok && err.contains("removed key slot 1"), "{err}");
+    let (ok, _, err) = cli_with(&[], &remove);
+    assert!(!ok && err.contains("volume notes: this volume has no key-file slot"), "{err}");
+    let (ok, _, err) = cli_with(
+        &[("MESHDISK_PASSPHRASE", "third")],
+        &["attach", "notes", "--key-file", key.to_str().unwrap(), "--credential", &cred],
+    );
+    assert!(!ok && err.contains("no key-file slot"), "{err}");
+    // A key-file volume's only key stays.
+    c.create_volume("disk", "16M", 2, 1);
+    let only = c.root.path().join("disk.key");
+    let (ok, _, err) = cli_with(
+        &[],
+        &["volume", "passwd", "disk", "--remove-key-file", only.to_str().unwrap(), "--credential", &cred],
+    );
+    assert!(!ok && err.contains("last key"), "{err}");
 }

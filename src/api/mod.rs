@@ -117,10 +117,13 @@ pub struct VolumeSpec {
     pub shard_size: u32,
     /// Repair when a stripe has fewer healthy shards than this.
     pub repair_threshold: u8,
-    /// Proves a key is the volume's without revealing it.
+    /// Proves a key is the volume's data key without revealing it.
     pub key_check: [u8; 32],
-    /// Set when the key comes from a passphrase: how to derive it.
-    pub kdf: Option<crate::codec::key::KdfParams>,
+    /// The data key wrapped once per way of unlocking it (key files,
+    /// passphrases): an encoded `codec::keyslot::KeySlots`, nothing secret.
+    /// The one field that changes after creation, and only through
+    /// [`DirRequest::SetKeySlots`].
+    pub key_slots: Vec<u8>,
     pub durability: Durability,
 }
 
@@ -572,6 +575,15 @@ pub enum DirRequest {
     PeerSlots {
         ids: Vec<u16>,
     },
+    /// Replace the volume's key slots by compare-and-set (`meshdisk volume
+    /// passwd`): refused `Conflict` unless they are still `expected` (the
+    /// encoding the caller unlocked and rewrapped), `Invalid` unless
+    /// `slots` parse. Answered with the updated `Volume`.
+    SetKeySlots {
+        volume: String,
+        expected: Vec<u8>,
+        slots: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -803,6 +815,11 @@ mod tests {
         roundtrip(DirResponse::SegmentRecords(vec![Some(record), None]));
         roundtrip(DirRequest::PeerSlots { ids: vec![1, u16::MAX] });
         roundtrip(DirResponse::PeerSlots(vec![Some(slot), None]));
+        roundtrip(DirRequest::SetKeySlots {
+            volume: "v".into(),
+            expected: vec![1; 160],
+            slots: vec![2; 304],
+        });
     }
 
     #[test]

@@ -11,8 +11,7 @@ use clap::Args;
 use tracing::info;
 
 use crate::cli::serve::{Listen, serve_nbd};
-use crate::cli::{CliError, CredentialArg, passphrase, stop_on_signals};
-use crate::codec::VolumeKey;
+use crate::cli::{CliError, CredentialArg, stop_on_signals};
 use crate::size::{human, parse_duration, parse_size};
 use crate::volume::v2::{Config, Volume};
 
@@ -90,16 +89,7 @@ fn default_state_dir(volume: &str) -> PathBuf {
 pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     let c = a.credential.client()?;
     let record = c.volume(&a.name).await?;
-    let key = match &a.key_file {
-        Some(path) => VolumeKey::read_file(path)?,
-        None => {
-            let Some(kdf) = &record.spec.kdf else {
-                return Err(CliError::NoPassphrase(a.name));
-            };
-            let pass = passphrase::read(&format!("passphrase of volume {}: ", a.name), false)?;
-            VolumeKey::from_passphrase(pass.as_bytes(), kdf)?
-        }
-    };
+    let key = crate::cli::unlock::data_key(&record, a.key_file.as_deref())?;
     let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
     let pidfile = state.join("attach.pid");
     if let Ok(pid) = std::fs::read_to_string(&pidfile)

@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{Durability, ErrorKind, PeerState, VolumeSpec};
 use crate::cli::CliError;
 use crate::client::Client;
-use crate::codec::key::VolumeKey;
 use crate::membership::ca::Role;
 use crate::membership::credential::Credential;
 use crate::size::{human, parse_size};
@@ -236,17 +235,13 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
 
     let key_path = state.join("demo.key");
     let key = match client.volume(VOLUME).await {
-        Ok(_) => VolumeKey::read_file(&key_path)?,
+        Ok(record) => crate::cli::unlock::data_key(&record, Some(&key_path))?,
         Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
-            let key = if key_path.exists() {
-                VolumeKey::read_file(&key_path)?
-            } else {
-                let key = VolumeKey::generate()?;
-                key.write_new_file(&key_path)?;
-                key
-            };
             let mut id = [0u8; 16];
             getrandom::fill(&mut id)?;
+            let (file, _) = crate::cli::unlock::key_file_or_new(&key_path)?;
+            let first = crate::codec::keyslot::NewSlot::KeyFile(&file);
+            let (key, key_check, key_slots) = crate::cli::unlock::new_volume_keys(&first, &id)?;
             let spec = VolumeSpec {
                 name: VOLUME.into(),
                 id,
@@ -256,8 +251,8 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
                 // Segments of 4 MiB of data (k = 4 shards of 1 MiB).
                 shard_size: 1 << 20,
                 repair_threshold: 5,
-                key_check: key.check_value(&id).0,
-                kdf: None,
+                key_check,
+                key_slots,
                 durability: Durability::Remote,
             };
             client.create_volume(spec).await?;

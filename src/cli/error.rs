@@ -14,6 +14,7 @@ use crate::client::join::JoinError;
 use crate::codec::GeometryError;
 use crate::codec::bench::BenchError;
 use crate::codec::key::KeyError;
+use crate::codec::keyslot::KeySlotError;
 use crate::codec::shard::ShardError;
 use crate::directory::DirectoryError;
 use crate::membership::credential::CredentialError;
@@ -41,6 +42,11 @@ pub enum CliError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
+    KeySlots(#[from] KeySlotError),
+    /// The volume's key slots refused the key given (or do not parse).
+    #[error("volume {volume}: {source}")]
+    Unlock { volume: String, source: KeySlotError },
+    #[error(transparent)]
     Passphrase(#[from] PassphraseError),
     #[error(transparent)]
     Geometry(#[from] GeometryError),
@@ -67,7 +73,9 @@ pub enum CliError {
 
     #[error("{} exists already: this machine has joined (remove the file to join again)", .0.display())]
     AlreadyJoined(PathBuf),
-    #[error("volume {0} was created with a key file, not a passphrase: give --key-file")]
+    #[error(
+        "volume {0} has no passphrase, only key files: give --key-file (`meshdisk volume passwd {0} --key-file FILE` sets a passphrase)"
+    )]
     NoPassphrase(String),
     #[error("not confirmed; nothing was deleted")]
     NotConfirmed,

@@ -103,6 +103,23 @@ pub fn volumes(volumes: &[VolumeStatus]) -> String {
     table(&rows)
 }
 
+/// What opens a volume, slot by slot: "passphrase (Argon2id), key file".
+fn key_slots(encoded: &[u8]) -> String {
+    use crate::codec::keyslot::{KeySlots, SlotKind};
+    match KeySlots::parse(encoded) {
+        Ok(slots) => slots
+            .slots()
+            .iter()
+            .map(|s| match s.kind() {
+                SlotKind::Passphrase => "passphrase (Argon2id)",
+                SlotKind::KeyFile => "key file",
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("unreadable key slots: {e}"),
+    }
+}
+
 /// `meshdisk volume info`.
 pub fn volume_info(v: &VolumeInfo) -> String {
     let spec = &v.record.spec;
@@ -133,10 +150,7 @@ pub fn volume_info(v: &VolumeInfo) -> String {
             ),
         ],
         vec!["repair below".into(), format!("{} healthy shards", spec.repair_threshold)],
-        vec![
-            "key".into(),
-            if spec.kdf.is_some() { "passphrase (Argon2id)".into() } else { "key file".into() },
-        ],
+        vec!["key".into(), key_slots(&spec.key_slots)],
         vec!["durability".into(), spec.durability.as_str().into()],
         vec!["writer".into(), writer],
         vec!["allocated".into(), format!("{} on peers", human(v.allocated))],
@@ -201,7 +215,7 @@ mod tests {
                         shard_size: 256 << 10,
                         repair_threshold: 5,
                         key_check: [0; 32],
-                        kdf: None,
+                        key_slots: vec![],
                         durability: Durability::Remote,
                     },
                     epoch: 3,

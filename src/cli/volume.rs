@@ -1,6 +1,10 @@
-//! `meshdisk volume create|list|info|delete` and `meshdisk key generate`.
-//! A volume's key never leaves this machine: the directory keeps only a
-//! check value (and, for a passphrase, the Argon2id parameters).
+//! `meshdisk volume create|list|info|passwd|delete` and `meshdisk key
+//! generate`. A volume's data is encrypted with a random data key that
+//! never leaves this machine unwrapped: the directory keeps a check value
+//! and the key slots (the data key wrapped by each key file and
+//! passphrase that opens it; see `codec::keyslot` and `cli::unlock`).
+//! `volume passwd` rewraps a slot, so a passphrase changes without
+//! re-encrypting anything.
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -8,9 +12,10 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use crate::api::{Durability, VolumeSpec};
+use crate::cli::unlock::{self, Held};
 use crate::cli::{CliError, CredentialArg, passphrase, render};
 use crate::codec::VolumeKey;
-use crate::codec::key::KdfParams;
+use crate::codec::keyslot::{KdfCost, NewSlot};
 use crate::size::{human, parse_size};
 
 #[derive(Subcommand)]
@@ -20,8 +25,11 @@ pub enum VolumeCommand {
     Create(VolumeCreateArgs),
     /// Every volume.
     List(VolumeListArgs),
-    /// A volume's geometry, lease, allocated size and stripe health.
+    /// A volume's geometry, keys, lease, allocated size and stripe health.
     Info(VolumeNameArgs),
+    /// Change a volume's passphrase (or add or remove a key file) without
+    /// re-encrypting its data: only the wrapped copy of its key changes.
+    Passwd(VolumePasswdArgs),
     /// Delete a volume; peers erase its shards.
     Delete(VolumeDeleteArgs),
 }
@@ -60,12 +68,32 @@ pub struct VolumeCreateArgs {
     /// (this machine's log only).
     #[arg(long, value_parser = parse_durability, default_value = "remote")]
     durability: Durability,
-    /// The volume key file; a new key is written there if it does not exist.
+    /// A key file that opens the volume; a new key is written there if it
+    /// does not exist.
     #[arg(long, conflicts_with = "passphrase", required_unless_present = "passphrase")]
     key_file: Option<PathBuf>,
-    /// Derive the key from a passphrase (asked for, or MESHDISK_PASSPHRASE).
+    /// A passphrase opens the volume (asked for, or MESHDISK_PASSPHRASE).
     #[arg(long)]
     passphrase: bool,
+}
+
+#[derive(Args)]
+pub struct VolumePasswdArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    name: String,
+    /// Unlock with this key file instead of the current passphrase (to set
+    /// a forgotten passphrase, or a volume's first).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Instead of changing the passphrase, let this key file open the
+    /// volume too (a new key is written there if it does not exist).
+    #[arg(long, conflicts_with = "remove_key_file")]
+    add_key_file: Option<PathBuf>,
+    /// Instead of changing the passphrase, stop this key file opening the
+    /// volume (refused if it is the volume's only key).
+    #[arg(long, conflicts_with = "key_file")]
+    remove_key_file: Option<PathBuf>,
 }
 
 /// `--durability`. A parser function rather than a clap `ValueEnum`: the
@@ -128,6 +156,7 @@ pub async fn run(cmd: VolumeCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
+        VolumeCommand::Passwd(a) => passwd(a).await,
         VolumeCommand::Delete(a) => {
             if !a.yes {
                 eprint!("delete volume {} and all its data? type its name to confirm: ", a.name);
@@ -154,19 +183,14 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
     let threshold = a.repair_threshold.unwrap_or((a.k + 1).min(a.k.saturating_add(a.m)));
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)?;
-    let (key, kdf, made) = if a.passphrase {
-        let kdf = KdfParams::generate()?;
+    let (made, (_, key_check, key_slots)) = if a.passphrase {
         let pass = passphrase::read("passphrase for the new volume: ", true)?;
-        (VolumeKey::from_passphrase(pass.as_bytes(), &kdf)?, Some(kdf), false)
+        let first = NewSlot::Passphrase { passphrase: pass.as_bytes(), cost: KdfCost::DEFAULT };
+        (false, unlock::new_volume_keys(&first, &id)?)
     } else {
         let path = a.key_file.as_ref().expect("clap requires --key-file without --passphrase");
-        if path.exists() {
-            (VolumeKey::read_file(path)?, None, false)
-        } else {
-            let key = VolumeKey::generate()?;
-            key.write_new_file(path)?;
-            (key, None, true)
-        }
+        let (file, made) = unlock::key_file_or_new(path)?;
+        (made, unlock::new_volume_keys(&NewSlot::KeyFile(&file), &id)?)
     };
     let spec = VolumeSpec {
         name: a.name.clone(),
@@ -176,8 +200,8 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
         m: a.m,
         shard_size,
         repair_threshold: threshold,
-        key_check: key.check_value(&id).0,
-        kdf,
+        key_check,
+        key_slots,
         durability,
     };
     a.credential.client()?.create_volume(spec).await?;
@@ -197,6 +221,52 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
         threshold,
         durability.as_str()
     );
+    Ok(())
+}
+
+/// `meshdisk volume passwd`: opens the slots, rewraps, and stores the new
+/// slots by compare-and-set, so two changes at once cannot lose one.
+async fn passwd(a: VolumePasswdArgs) -> Result<(), CliError> {
+    let client = a.credential.client()?;
+    let record = client.volume(&a.name).await?;
+    let name = &a.name;
+    let unlock_err = |source| CliError::Unlock { volume: name.clone(), source };
+    let (slots, done) = if let Some(path) = &a.remove_key_file {
+        // The key file to remove is its own authority: it opens the slot.
+        let gone = unlock::unlock(&record, Some(path))?;
+        let mut slots = gone.slots;
+        let index = slots.remove_slot(&gone.held.as_unlock()).map_err(unlock_err)?;
+        (slots, format!("removed key slot {index} ({} no longer opens volume {name})", path.display()))
+    } else {
+        let opened = unlock::unlock(&record, a.key_file.as_deref())?;
+        let mut slots = opened.slots;
+        match &a.add_key_file {
+            Some(path) => {
+                let (file, made) = unlock::key_file_or_new(path)?;
+                if made {
+                    eprintln!("wrote a new volume key to {} (mode 0600)", path.display());
+                }
+                let new = NewSlot::KeyFile(&file);
+                let index = slots.add_slot(&opened.held.as_unlock(), &new).map_err(unlock_err)?;
+                (slots, format!("added key slot {index}: {} opens volume {name} too", path.display()))
+            }
+            None => {
+                let new = passphrase::read_new(&format!("new passphrase of volume {name}: "))?;
+                let index = slots
+                    .set_passphrase(&opened.held.as_unlock(), new.as_bytes(), KdfCost::DEFAULT)
+                    .map_err(unlock_err)?;
+                let how = match opened.held {
+                    Held::Passphrase(_) => "the old one no longer opens it",
+                    Held::KeyFile(_) => "any earlier passphrase no longer opens it",
+                };
+                (slots, format!("set the passphrase of volume {name} (key slot {index}); {how}"))
+            }
+        }
+    };
+    // Compare-and-set against the slots just opened: a change made
+    // meanwhile (another passwd) is refused, not overwritten.
+    client.set_key_slots(name, record.spec.key_slots.clone(), slots.encode()).await?;
+    eprintln!("{done}; the data was not re-encrypted");
     Ok(())
 }
 

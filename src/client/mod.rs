@@ -196,6 +196,21 @@ impl Client {
         }
     }
 
+    /// Replaces the volume's key slots if they are still `expected`
+    /// (compare-and-set: `Conflict` if another change came first).
+    pub async fn set_key_slots(
+        &self,
+        volume: &str,
+        expected: Vec<u8>,
+        slots: Vec<u8>,
+    ) -> Result<VolumeRecord, ClientError> {
+        let req = DirRequest::SetKeySlots { volume: volume.into(), expected, slots };
+        match self.directory(&req).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => Err(unexpected("set key slots", other)),
+        }
+    }
+
     pub async fn volume_info(&self, volume: &str) -> Result<VolumeInfo, ClientError> {
         match self.directory(&DirRequest::VolumeInfo { volume: volume.into() }).await? {
             DirResponse::VolumeInfo(v) => Ok(*v),

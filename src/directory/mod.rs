@@ -429,6 +429,10 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.peer_slots(&ids).await
             }
+            DirRequest::SetKeySlots { volume, expected, slots } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.set_key_slots(&volume, &expected, slots).await
+            }
         }
     }
 }

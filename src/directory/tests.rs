@@ -66,9 +66,19 @@ fn spec(name: &str, id: u8, k: u8, m: u8) -> VolumeSpec {
         shard_size: SHARD,
         repair_threshold: k + 1,
         key_check: [0; 32],
-        kdf: None,
+        key_slots: throwaway_key_slots(),
         durability: Durability::Remote,
     }
+}
+
+/// Key slots that parse, over a throwaway key file (these tests never
+/// open a volume's data).
+fn throwaway_key_slots() -> Vec<u8> {
+    let file = crate::codec::VolumeKey::generate().unwrap();
+    crate::codec::keyslot::KeySlots::create(&crate::codec::keyslot::NewSlot::KeyFile(&file))
+        .unwrap()
+        .1
+        .encode()
 }
 
 fn hashes(n: usize) -> Vec<Option<[u8; 32]>> {
@@ -433,6 +443,57 @@ async fn a_forced_takeover_raises_the_epoch_and_the_old_holder_may_resume_only_i
     // An attached volume is not deleted.
     let err = f.client("client-1", DirRequest::DeleteVolume { volume: "vol".into() }).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+}
+
+#[tokio::test]
+async fn key_slots_change_by_compare_and_set_only_for_clients_and_admins() {
+    let f = Fixture::with_peers(2).await;
+    let v = f.create_volume(spec("vol", 1, 1, 1)).await;
+    let old = v.spec.key_slots.clone();
+    let new = throwaway_key_slots();
+    let set = |expected: &[u8], slots: &[u8]| DirRequest::SetKeySlots {
+        volume: "vol".into(),
+        expected: expected.to_vec(),
+        slots: slots.to_vec(),
+    };
+    // A peer may not; slots that do not parse are refused, nothing changed.
+    let err = f.ask("peer-0", Role::Peer, set(&old, &new)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Refused, "{err}");
+    let err = f.client("client-1", set(&old, b"MDKS garbage")).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("key slots"), "{err}");
+    // A lease taken meanwhile changes the record (its epoch), not the
+    // slots: the swap still goes through and keeps the epoch.
+    f.acquire("client-a", "vol", false).await.unwrap();
+    match f.client("client-1", set(&old, &new)).await.unwrap() {
+        DirResponse::Volume(r) => assert_eq!((r.spec.key_slots.as_slice(), r.epoch), (new.as_slice(), 1)),
+        other => panic!("{other:?}"),
+    }
+    match f.client("client-1", DirRequest::Volume { volume: "vol".into() }).await.unwrap() {
+        DirResponse::Volume(r) => {
+            assert_eq!(r.spec.key_slots, new);
+            assert_eq!(r.spec.key_check, v.spec.key_check);
+            assert_eq!(r.epoch, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A second change from the same starting point loses: Conflict.
+    let err = f.ask("admin", Role::Admin, set(&old, &throwaway_key_slots())).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.message.contains("changed since they were read"), "{err}");
+    let err = f
+        .client(
+            "client-1",
+            DirRequest::SetKeySlots { volume: "none".into(), expected: new.clone(), slots: new.clone() },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+    // Creating a volume with slots that do not parse is refused too.
+    let mut bad = spec("bad", 2, 1, 1);
+    bad.key_slots = vec![];
+    let err = f.client("client-1", DirRequest::CreateVolume(bad)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
 }
 
 // ---- members ----

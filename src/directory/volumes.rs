@@ -36,12 +36,7 @@ impl<S: MetaStore> Directory<S> {
         let k = key("volumes", &spec.name);
         let id_key = id_key(&spec.id);
         let name = spec.name.clone();
-        if let Some(kdf) = &spec.kdf
-            && !(crate::codec::key::KdfParams::MIN_MEMORY_KIB..=crate::codec::key::KdfParams::MAX_MEMORY_KIB)
-                .contains(&kdf.memory_kib)
-        {
-            return Err(invalid("the passphrase's Argon2 memory cost is out of range".into()));
-        }
+        check_key_slots(&spec.key_slots)?;
         let record = VolumeRecord { spec, epoch: 0, created_ms: self.now() };
         let out = self
             .meta
@@ -64,6 +59,49 @@ impl<S: MetaStore> Directory<S> {
         }
         tracing::info!("volume {name} created");
         Ok(DirResponse::Volume(record))
+    }
+
+    /// `meshdisk volume passwd`: swaps the volume's key slots if they are
+    /// still the ones the caller unlocked. The directory cannot open them
+    /// (it never holds a key); it checks they parse, so every volume record
+    /// keeps a set that `attach` can at least try.
+    pub(super) async fn set_key_slots(
+        &self,
+        volume: &str,
+        expected: &[u8],
+        slots: Vec<u8>,
+    ) -> Result<DirResponse, Remote> {
+        check_key_slots(&slots)?;
+        let vkey = key("volumes", volume);
+        // The record also changes when a lease is taken (its epoch): retry
+        // then, as long as the slots are still the expected ones.
+        for _ in 0..16 {
+            let Some((mut v, rev)) = self.get::<VolumeRecord>("volume", &vkey).await? else {
+                return Err(Remote::new(ErrorKind::NotFound, format!("no volume named {volume}")));
+            };
+            if v.spec.key_slots != expected {
+                return Err(Remote::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "the key slots of volume {volume} changed since they were read (another `meshdisk volume passwd`?): nothing was changed; run it again"
+                    ),
+                ));
+            }
+            v.spec.key_slots = slots.clone();
+            let out = self
+                .meta
+                .txn(Txn::new().when(Compare::ModRevision(vkey.clone(), rev)).then(Op::Put {
+                    key: vkey.clone(),
+                    value: enc(&v),
+                    lease: None,
+                }))
+                .await?;
+            if out.succeeded {
+                tracing::info!("volume {volume}: key slots changed");
+                return Ok(DirResponse::Volume(v));
+            }
+        }
+        Err(Remote::new(ErrorKind::Conflict, format!("volume {volume}: the record kept changing; try again")))
     }
 
     pub(super) async fn volume(&self, name: &str) -> Result<VolumeRecord, Remote> {
@@ -331,4 +369,11 @@ impl<S: MetaStore> Directory<S> {
         self.gc.notify_one();
         Ok(DirResponse::Done)
     }
+}
+
+/// Refuses key slots that do not parse (`Invalid`, with the parser's reason).
+fn check_key_slots(bytes: &[u8]) -> Result<(), Remote> {
+    crate::codec::keyslot::KeySlots::parse(bytes)
+        .map(drop)
+        .map_err(|e| Remote::new(ErrorKind::Invalid, format!("the volume's key slots: {e}")))
 }

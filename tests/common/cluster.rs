@@ -336,6 +336,25 @@ impl Cluster {
     }
 }
 
+/// Key slots that parse (the directory refuses others) for specs built by
+/// hand in tests that never open the volume: one key-file slot over a
+/// throwaway key file.
+pub fn throwaway_key_slots() -> Vec<u8> {
+    let file = meshdisk::codec::VolumeKey::generate().unwrap();
+    let first = meshdisk::codec::keyslot::NewSlot::KeyFile(&file);
+    meshdisk::codec::keyslot::KeySlots::create(&first).unwrap().1.encode()
+}
+
+/// The data key of volume `name` that the key file at `path` unlocks
+/// (what `meshdisk attach --key-file` does), for tests that open a volume
+/// through the library.
+pub async fn data_key(client: &Client, name: &str, path: &std::path::Path) -> meshdisk::codec::VolumeKey {
+    let record = client.volume(name).await.unwrap();
+    let file = meshdisk::codec::VolumeKey::read_file(path).unwrap();
+    let slots = meshdisk::codec::keyslot::KeySlots::parse(&record.spec.key_slots).unwrap();
+    slots.unlock(&meshdisk::codec::keyslot::Unlock::KeyFile(&file)).unwrap().into_volume_key()
+}
+
 /// A shard of `payload` with a header for it.
 pub fn shard_of(
     volume: [u8; 16],

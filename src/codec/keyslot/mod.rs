@@ -1,7 +1,8 @@
 //! Key slots: the volume's data key, wrapped once per way of unlocking it,
 //! so a passphrase can change (or a key file be added or dropped) without
-//! re-encrypting a single block. Second design, not yet used by `attach`
-//! or `volume create`.
+//! re-encrypting a single block. `meshdisk volume create` makes them,
+//! `attach` opens one, `meshdisk volume passwd` rewraps one; the directory
+//! keeps the encoded set with the volume (`VolumeSpec::key_slots`).
 //!
 //! Everything the volume stores is encrypted with one random 512-bit
 //! [`DataKey`], made when the volume is created and never changed. What the
@@ -180,6 +181,11 @@ impl DataKey {
     /// The key as the codec takes it (`SectorCipher`, `derive`, ...).
     pub fn volume_key(&self) -> &VolumeKey {
         &self.0
+    }
+
+    /// The key itself, for callers that take a [`VolumeKey`] (`Volume::open`).
+    pub fn into_volume_key(self) -> VolumeKey {
+        self.0
     }
 
     /// True if both are the same key (constant-time compare).
@@ -638,6 +644,35 @@ impl KeySlots {
         let (index, data_key) = self.open(&Unlock::Passphrase(old))?;
         let cost = self.slots[index].cost.expect("a passphrase slot has a cost");
         self.slots[index] = KeySlot::seal(&data_key, &NewSlot::Passphrase { passphrase: new, cost })?;
+        Ok(index)
+    }
+
+    /// Sets the volume's passphrase to `new` on the authority of `key`:
+    /// what `meshdisk volume passwd` does. With the current passphrase,
+    /// that slot is rewrapped in place ([`Self::change_passphrase`]). With
+    /// a key file (the passphrase forgotten, or never set), every
+    /// passphrase slot goes and one new slot takes the place of the first,
+    /// with the first one's Argon2id cost, or `cost` if there was none.
+    /// Either way the data key stays and the old passphrase stops working.
+    /// Returns the new slot's index.
+    pub fn set_passphrase(&mut self, key: &Unlock, new: &[u8], cost: KdfCost) -> Result<usize, KeySlotError> {
+        let file = match key {
+            Unlock::Passphrase(old) => return self.change_passphrase(old, new),
+            Unlock::KeyFile(file) => *file,
+        };
+        let data_key = self.unlock(&Unlock::KeyFile(file))?;
+        let first = self.slots.iter().position(|s| s.kind == SlotKind::Passphrase);
+        if first.is_none() && self.slots.len() >= MAX_SLOTS {
+            return Err(KeySlotError::Full);
+        }
+        let cost = first.and_then(|i| self.slots[i].cost).unwrap_or(cost);
+        // Sealed before anything is removed: a failure leaves the set as it was.
+        let slot = KeySlot::seal(&data_key, &NewSlot::Passphrase { passphrase: new, cost })?;
+        self.slots.retain(|s| s.kind != SlotKind::Passphrase);
+        // The key-file slot that opened stays, so the set is never empty;
+        // the first passphrase slot's place is at most the new length.
+        let index = first.unwrap_or(self.slots.len()).min(self.slots.len());
+        self.slots.insert(index, slot);
         Ok(index)
     }
 

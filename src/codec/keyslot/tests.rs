@@ -131,6 +131,71 @@ fn changing_the_passphrase_keeps_the_data_key_and_retires_the_old_one() {
 }
 
 #[test]
+fn setting_the_passphrase_with_the_old_one_rewraps_in_place() {
+    let (data_key, mut slots) = KeySlots::create(&pass(b"old")).unwrap();
+    let default = KdfCost::DEFAULT;
+    assert_eq!(slots.set_passphrase(&Unlock::Passphrase(b"old"), b"new", default).unwrap(), 0);
+    // The slot keeps its own (cheap) cost, not the one offered.
+    assert_eq!(slots.slots()[0].cost, Some(CHEAP));
+    assert!(slots.unlock(&Unlock::Passphrase(b"new")).unwrap().same_key(&data_key));
+    assert!(matches!(slots.unlock(&Unlock::Passphrase(b"old")), Err(KeySlotError::WrongPassphrase)));
+    assert!(matches!(
+        slots.set_passphrase(&Unlock::Passphrase(b"old"), b"x", default),
+        Err(KeySlotError::WrongPassphrase)
+    ));
+}
+
+#[test]
+fn setting_the_passphrase_with_a_key_file_replaces_a_forgotten_one_or_adds_the_first() {
+    let file = key(4);
+    let (data_key, mut slots) = KeySlots::create(&NewSlot::KeyFile(&file)).unwrap();
+    // No passphrase yet: one is added after the key file, at `cost`.
+    assert_eq!(slots.set_passphrase(&Unlock::KeyFile(&file), b"first", CHEAP).unwrap(), 1);
+    assert_eq!(slots.slots()[1].cost, Some(CHEAP));
+    // A second passphrase slot (added by hand), then both forgotten:
+    // the key file replaces them with one, in the first one's place.
+    slots.add_slot(&Unlock::KeyFile(&file), &pass(b"second")).unwrap();
+    let other = key(5);
+    slots.add_slot(&Unlock::KeyFile(&file), &NewSlot::KeyFile(&other)).unwrap();
+    assert_eq!(slots.slots().len(), 4);
+    assert_eq!(slots.set_passphrase(&Unlock::KeyFile(&file), b"third", KdfCost::DEFAULT).unwrap(), 1);
+    let kinds: Vec<SlotKind> = slots.slots().iter().map(|s| s.kind()).collect();
+    assert_eq!(kinds, [SlotKind::KeyFile, SlotKind::Passphrase, SlotKind::KeyFile]);
+    assert_eq!(slots.slots()[1].cost, Some(CHEAP), "the replaced slot's cost is kept");
+    let slots = KeySlots::parse(&slots.encode()).unwrap();
+    for gone in [&b"first"[..], b"second"] {
+        assert!(matches!(slots.unlock(&Unlock::Passphrase(gone)), Err(KeySlotError::WrongPassphrase)));
+    }
+    assert!(slots.unlock(&Unlock::Passphrase(b"third")).unwrap().same_key(&data_key));
+    assert!(slots.unlock(&Unlock::KeyFile(&other)).unwrap().same_key(&data_key));
+    // A key file that is not the volume's changes nothing.
+    let mut copy = slots.clone();
+    assert!(matches!(
+        copy.set_passphrase(&Unlock::KeyFile(&key(9)), b"evil", CHEAP),
+        Err(KeySlotError::WrongKeyFile)
+    ));
+    assert_eq!(copy, slots);
+    // Neither does an empty passphrase.
+    assert!(matches!(
+        copy.set_passphrase(&Unlock::KeyFile(&file), b"", CHEAP),
+        Err(KeySlotError::Key(KeyError::EmptyPassphrase))
+    ));
+    assert_eq!(copy, slots);
+}
+
+#[test]
+fn a_full_set_of_key_files_refuses_a_first_passphrase_unchanged() {
+    let file = key(1);
+    let (_, mut slots) = KeySlots::create(&NewSlot::KeyFile(&file)).unwrap();
+    for i in 2..=MAX_SLOTS as u8 {
+        slots.add_slot(&Unlock::KeyFile(&file), &NewSlot::KeyFile(&key(i))).unwrap();
+    }
+    let before = slots.clone();
+    assert!(matches!(slots.set_passphrase(&Unlock::KeyFile(&file), b"p", CHEAP), Err(KeySlotError::Full)));
+    assert_eq!(slots, before);
+}
+
+#[test]
 fn adding_and_removing_slots() {
     let (a, b) = (key(1), key(2));
     let (data_key, mut slots) = KeySlots::create(&NewSlot::KeyFile(&a)).unwrap();
