@@ -200,23 +200,27 @@ impl Inner {
     }
 
     /// The committed map's extents over `first..first + n`, fetching the
-    /// map pages it needs.
+    /// map pages it needs. Each page fetched is inserted and looked up
+    /// under one hold of the lock, and the lookup goes on from where the
+    /// extents so far end: a range over more pages than the cache holds
+    /// completes, even while other reads evict pages.
     async fn committed_extents(&self, first: u64, n: u64) -> backend::Result<Vec<Extent>> {
+        let end = first + n;
+        let mut out = Vec::new();
+        let mut looked = self.map.lock().expect("map").lookup_range(first, n);
         loop {
-            let (extents, need) = self.map.lock().expect("map").lookup_range(first, n);
-            match need {
-                None => return Ok(extents),
-                Some(NeedPage(fetch)) => {
-                    let bytes = self.fetch_page(&fetch).await.map_err(|why| {
-                        failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why)
-                    })?;
-                    self.map
-                        .lock()
-                        .expect("map")
-                        .insert_page(fetch.page, &bytes)
-                        .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
-                }
-            }
+            let (extents, need) = looked;
+            out.extend(extents);
+            let Some(NeedPage(fetch)) = need else { return Ok(out) };
+            let at = out.last().map_or(first, |e: &Extent| e.start + e.len);
+            let bytes = self
+                .fetch_page(&fetch)
+                .await
+                .map_err(|why| failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why))?;
+            let mut map = self.map.lock().expect("map");
+            map.insert_page(fetch.page, &bytes)
+                .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
+            looked = map.lookup_range(at, end - at);
         }
     }
 
