@@ -24,7 +24,7 @@ use super::map::{Extent, Mapping, Target};
 use super::remote::Located;
 use super::volume::Inner;
 use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
-use crate::codec::segment::BLOCK_SIZE;
+use crate::codec::segment::{BLOCK_SIZE, SegmentRoot};
 use crate::codec::sequence::{SegmentId, Sequence};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
@@ -288,6 +288,15 @@ impl Inner {
 
     /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
     pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
+        self.read_blocks_again(first, n, 0).await
+    }
+
+    /// [`Self::read_blocks`], the `again`th time: a checkpoint installed
+    /// between the lookup and the reads may leave a segment the lookup
+    /// named unreachable (all its blocks were overwritten since), and the
+    /// read starts over with the new map. A segment still unreachable
+    /// after a few tries is a map naming one that is not there.
+    async fn read_blocks_again(&self, first: u64, n: u64, again: u32) -> backend::Result<Bytes> {
         let (offset, length) = (first * BLOCK, n * BLOCK);
         self.check_fenced("read", offset, length)?;
         let local = self.local.lock().expect("local").lookup(first, n);
@@ -337,7 +346,7 @@ impl Inner {
                     // committed map.
                     Err(LogError::Released(p)) => {
                         self.local.lock().expect("local").forget_files(|f| f != p.file);
-                        return Box::pin(self.read_blocks(first, n)).await;
+                        return Box::pin(self.read_blocks_again(first, n, again)).await;
                     }
                     Err(e) => return Err(log_failed("read", offset, length, e)),
                 },
@@ -350,8 +359,21 @@ impl Inner {
                 },
             }
         }
-        for (segment, wanted) in remote {
-            self.read_remote(segment, &wanted, first, &plan, &mut out).await?;
+        let remote: Vec<(SegmentId, Vec<(usize, u32)>)> = remote.into_iter().collect();
+        let roots: Vec<Option<SegmentRoot>> = {
+            let map = self.map.lock().expect("map");
+            remote.iter().map(|(s, _)| map.root_of(*s)).collect()
+        };
+        if let Some(((segment, _), _)) = remote.iter().zip(&roots).find(|(_, r)| r.is_none()) {
+            if again < 4 {
+                return Box::pin(self.read_blocks_again(first, n, again + 1)).await;
+            }
+            let why = format!("segment {segment} is not reachable from the root");
+            return Err(failed(ErrorKind::Corrupt, "read", offset, length, why));
+        }
+        for ((segment, wanted), root) in remote.into_iter().zip(roots) {
+            let root = root.expect("checked above");
+            self.read_remote(segment, root, &wanted, first, &plan, &mut out).await?;
         }
         Ok(Bytes::from(out))
     }
@@ -362,21 +384,13 @@ impl Inner {
     async fn read_remote(
         &self,
         segment: SegmentId,
+        root: SegmentRoot,
         wanted: &[(usize, u32)],
         first: u64,
         plan: &[(Source, Sequence)],
         out: &mut [u8],
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
-        let root = self.map.lock().expect("map").root_of(segment).ok_or_else(|| {
-            failed(
-                ErrorKind::Corrupt,
-                "read",
-                offset,
-                length,
-                format!("segment {segment} is not reachable from the root"),
-            )
-        })?;
         let located = self
             .locate(segment, root)
             .await
