@@ -94,6 +94,9 @@ struct CheckpointPlan {
     index_len: usize,
 }
 
+/// A checkpoint a commit wrote: its index, and where its head is.
+type Written = (CheckpointIndex, CheckpointRef);
+
 /// What a commit's segments are made with.
 struct Encoder {
     k: usize,
@@ -126,7 +129,7 @@ impl Encoder {
         mut packers: Vec<Packer>,
         checkpoint: Option<CheckpointPlan>,
         ids: Vec<SegmentId>,
-    ) -> Result<(Vec<Sealed>, Option<(CheckpointIndex, CheckpointRef)>), String> {
+    ) -> Result<(Vec<Sealed>, Option<Written>), String> {
         let mut ids = ids.into_iter();
         let mut next = move || ids.next().ok_or_else(|| "fewer segment ids than segments".to_string());
         let Some(CheckpointPlan { pending, layout, index_len }) = checkpoint else {
@@ -292,6 +295,11 @@ impl Inner {
             )));
         }
         let count = packers.len() + checkpoint.as_ref().map_or(0, |c| c.layout.extra_segments());
+        if count == 0 {
+            // Everything taken was overwritten since by writes still
+            // queued, which a later commit carries.
+            return Ok(());
+        }
         // Ids, noted in the log before any is used.
         let ids: Vec<SegmentId> = {
             let mut s = self.segment_ids.lock().expect("segment ids");

@@ -218,8 +218,13 @@ impl Inner {
                 .await
                 .map_err(|why| failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why))?;
             let mut map = self.map.lock().expect("map");
-            map.insert_page(fetch.page, &bytes)
-                .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
+            // A checkpoint installed during the fetch may have moved the
+            // page: then the bytes are the old place's, and the lookup
+            // asks for the new one.
+            if map.index().fetch(fetch.page) == Some(fetch) {
+                map.insert_page(fetch.page, &bytes)
+                    .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
+            }
             looked = map.lookup_range(at, end - at);
         }
     }
