@@ -94,6 +94,21 @@ struct CheckpointPlan {
     index_len: usize,
 }
 
+impl CheckpointPlan {
+    /// Lays `pending` out after `packers`' segments, in segments of k ×
+    /// `blocks_per_shard` blocks.
+    fn new(pending: PendingCheckpoint, k: usize, blocks_per_shard: u32, packers: &[Packer]) -> Self {
+        let room = u32::try_from(Packer::new(k, blocks_per_shard).metadata_room()).unwrap_or(u32::MAX);
+        let data_room = packers.last().map(|p| u32::try_from(p.metadata_room()).unwrap_or(u32::MAX));
+        let blobs: Vec<u32> = pending.blobs.iter().map(PageBlob::blocks).collect();
+        // The page segments come first, then the index's length is known.
+        let page_segments = CheckpointLayout::plan(&blobs, 0, room, data_room).pages.len();
+        let index_len = pending.index_len(page_segments);
+        let layout = CheckpointLayout::plan(&blobs, index_len, room, data_room);
+        Self { pending, layout, index_len }
+    }
+}
+
 /// A checkpoint a commit wrote: its index, and where its head is.
 type Written = (CheckpointIndex, CheckpointRef);
 
@@ -469,22 +484,15 @@ impl Inner {
         if let Some(s) = prev.since.iter().find(|s| !pending.covers().contains(&s.id)) {
             return Err(format!("the map has not applied segment {} yet", s.id));
         }
-        let room =
-            u32::try_from(Packer::new(self.k, self.blocks_per_shard).metadata_room()).unwrap_or(u32::MAX);
-        let data_room = packers.last().map(|p| u32::try_from(p.metadata_room()).unwrap_or(u32::MAX));
-        let blobs: Vec<u32> = pending.blobs.iter().map(PageBlob::blocks).collect();
-        // The page segments come first, then the index's length is known.
-        let page_segments = CheckpointLayout::plan(&blobs, 0, room, data_room).pages.len();
-        let index_len = pending.index_len(page_segments);
-        let layout = CheckpointLayout::plan(&blobs, index_len, room, data_room);
-        if packers.len() + layout.extra_segments() > MAX_COMMIT_SEGMENTS {
+        let plan = CheckpointPlan::new(pending, self.k, self.blocks_per_shard, packers);
+        if packers.len() + plan.layout.extra_segments() > MAX_COMMIT_SEGMENTS {
             return Err(format!(
                 "it takes {} segments besides the commit's {}, more than a commit carries ({MAX_COMMIT_SEGMENTS})",
-                layout.extra_segments(),
+                plan.layout.extra_segments(),
                 packers.len()
             ));
         }
-        Ok(CheckpointPlan { pending, layout, index_len })
+        Ok(plan)
     }
 
     /// Packs what of `taken` is still the newest local version into
@@ -644,6 +652,146 @@ impl Worker for Committer {
             if queued > 0 && self.since.is_none() {
                 self.since = Some(tokio::time::Instant::now());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::codec::key::VolumeKey;
+    use crate::codec::segment::{SegmentRoot, parse_segment_shard};
+    use crate::volume::v2::cache::MapCache;
+    use crate::volume::v2::layout::{self, Trailer};
+    use crate::volume::v2::map::BlockMap;
+    use crate::volume::v2::summary::SummaryEntry;
+
+    fn seq(c: u64) -> Sequence {
+        Sequence::new(3, c).unwrap()
+    }
+
+    /// A summary of `n` one-block writes two blocks apart from `start`:
+    /// `n` runs in the map.
+    fn scattered(segment: SegmentId, start: u64, n: u32, first_seq: u64) -> Summary {
+        let entries = (0..n)
+            .map(|i| SummaryEntry::Data {
+                start: start + 2 * u64::from(i),
+                len: 1,
+                slot: i,
+                sequence: seq(first_seq + u64::from(i)),
+            })
+            .collect();
+        Summary { segment, slots: n, entries }
+    }
+
+    /// A commit's segments as peers would hold them: each one's data area
+    /// by id, with its root and geometry.
+    fn areas(sealed: &[Sealed]) -> HashMap<SegmentId, (SegmentRoot, SegmentGeometry, Vec<u8>)> {
+        sealed
+            .iter()
+            .map(|s| {
+                let area: Vec<u8> = s.encoded.shards[..s.geometry.k()]
+                    .iter()
+                    .flat_map(|sh| parse_segment_shard(sh).unwrap().1.to_vec())
+                    .collect();
+                (s.id, (s.encoded.root, s.geometry, area))
+            })
+            .collect()
+    }
+
+    /// Tiny segments (2 × 2 blocks: 2 blocks of metadata room) so the
+    /// checkpoint needs every kind of segment: a page larger than a
+    /// segment, a continued index, and a head after a data segment's data.
+    #[test]
+    fn a_checkpoint_written_with_a_commit_reads_back_from_its_head() {
+        let key = VolumeKey::from_bytes(&(0..64).collect::<Vec<u8>>()).unwrap();
+        let blocks = 4 << 16;
+        let mut cache = MapCache::new(CheckpointIndex::empty(blocks), 1);
+        let mut model = BlockMap::new(blocks);
+        // Page 0 of 400 runs (4 blocks encoded), pages 1 and 3 small, in
+        // many segments (a long live table: the index is continued).
+        let mut summaries = vec![scattered(SegmentId::new(3, 1).unwrap(), 0, 400, 1)];
+        for i in 0..200u64 {
+            let page = if i % 2 == 0 { 1 } else { 3 };
+            summaries.push(scattered(SegmentId::new(3, 2 + i).unwrap(), (page << 16) + 4 * i, 1, 1000 + i));
+        }
+        for s in &summaries {
+            s.apply_to(&mut model).unwrap();
+            cache.apply_summary(s, SegmentRoot([s.segment.raw() as u8; 32])).unwrap();
+        }
+        let pending = cache.checkpoint().unwrap();
+        assert_eq!(pending.blobs.len(), 3);
+        let encoder =
+            Encoder { k: 2, m: 1, blocks_per_shard: 2, volume_id: [7; 16], cipher: SectorCipher::new(&key) };
+        // The commit's own data: one block, so its segment has room for a
+        // one-block head.
+        let data = vec![5u8; BLOCK_SIZE];
+        let mut p = Packer::new(2, 2);
+        p.push_block(PackedBlock { address: 9, sequence: seq(5000), data: &data });
+        let plan = CheckpointPlan::new(pending, 2, 2, std::slice::from_ref(&p));
+        assert!(plan.layout.continuations.len() > 1, "{:?}", plan.layout);
+        assert!(plan.layout.head_with_data, "{:?}", plan.layout);
+        let count = 1 + plan.layout.extra_segments();
+        let ids: Vec<SegmentId> = (0..count as u64).map(|i| SegmentId::new(3, 300 + i).unwrap()).collect();
+        let (sealed, written) = encoder.commit(vec![p], Some(plan), ids.clone()).unwrap();
+        let (index, at) = written.unwrap();
+        // Written in id order, the head in the last segment, after its data.
+        assert_eq!(sealed.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
+        assert_eq!((at.segment.id, at.first_slot), (*ids.last().unwrap(), 1));
+        assert!(sealed.iter().any(|s| s.geometry.blocks_per_shard() > 2), "a page larger than a segment");
+        let areas = areas(&sealed);
+        let cipher = SectorCipher::new(&key);
+        let read = |id: SegmentId, root: SegmentRoot, first: u32, n: u32| {
+            let (r, _, area) = &areas[&id];
+            assert_eq!(*r, root, "proven against the root the reader holds");
+            let mut b = area[first as usize * BLOCK_SIZE..(first + n) as usize * BLOCK_SIZE].to_vec();
+            layout::open_metadata(&cipher, id, first, &mut b);
+            b
+        };
+        // Every segment's trailer and summary read back.
+        for s in &sealed {
+            let (_, g, area) = &areas[&s.id];
+            let last = (g.data_blocks() - 1) as u32;
+            let mut t = area[last as usize * BLOCK_SIZE..].to_vec();
+            layout::open_metadata(&cipher, s.id, last, &mut t);
+            let trailer = Trailer::decode(&t, s.id, *g).unwrap();
+            let mut sb =
+                area[trailer.summary_slot as usize * BLOCK_SIZE..last as usize * BLOCK_SIZE].to_vec();
+            layout::open_metadata(&cipher, s.id, trailer.summary_slot, &mut sb);
+            assert_eq!(layout::decode_summary(&trailer, &sb).unwrap(), s.summary);
+        }
+        // The head, its continuations, the index: as an attach reads them.
+        let head =
+            IndexHead::decode(&read(at.segment.id, at.segment.root, at.first_slot, at.blocks)).unwrap();
+        let parts: Vec<Vec<u8>> = head
+            .continuations
+            .iter()
+            .map(|c| read(c.segment.id, c.segment.root, c.first_slot, c.blocks))
+            .collect();
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let loaded = head.assemble(&refs).unwrap();
+        assert_eq!(loaded, index);
+        assert_eq!(
+            loaded.highest_segment,
+            SegmentId::new(3, 201).unwrap(),
+            "below every segment of the commit"
+        );
+        assert_eq!(loaded.live_counts(), model.segments().collect::<HashMap<_, _>>());
+        // Every page, fetched through a one-page cache, maps as the model.
+        let mut paged = MapCache::new(loaded, 1);
+        for a in (0..blocks).step_by(7).chain(0..800) {
+            let got = loop {
+                match paged.lookup(a) {
+                    Ok(m) => break m,
+                    Err(NeedPage(f)) => {
+                        let bytes = read(f.segment.id, f.segment.root, f.first_slot, f.blocks);
+                        paged.insert_page(f.page, &bytes).unwrap();
+                    }
+                }
+            };
+            assert_eq!(got, model.lookup(a), "block {a}");
         }
     }
 }
