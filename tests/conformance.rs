@@ -34,7 +34,7 @@ struct Model {
     defined: Vec<bool>,
 }
 
-fn random_range(rng: &mut Rng) -> (u64, u32) {
+fn random_range(rng: &mut Rng, size: u64) -> (u64, u32) {
     // Mostly small and unaligned, sometimes large and aligned, often
     // crossing the backends' internal chunk boundaries.
     let len = match rng.below(4) {
@@ -44,18 +44,20 @@ fn random_range(rng: &mut Rng) -> (u64, u32) {
         _ => 1 << 20,
     };
     let offset = match rng.below(3) {
-        0 => rng.below(SIZE - len),
-        _ => (rng.below(SIZE - len) / 4096) * 4096,
+        0 => rng.below(size - len),
+        _ => (rng.below(size - len) / 4096) * 4096,
     };
     (offset, len as u32)
 }
 
-async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, len: u32) {
+/// Reads `offset..offset + len` of the disk, which the model holds from
+/// `at` on.
+async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, at: u64, len: u32) {
     let data = b.read(offset, len).await.expect("read");
     assert_eq!(data.len(), len as usize, "read length at {offset}+{len}");
     let got = data.to_vec();
     for (i, (&g, (&want, &defined))) in
-        got.iter().zip(m.data[offset as usize..].iter().zip(&m.defined[offset as usize..])).enumerate()
+        got.iter().zip(m.data[at as usize..].iter().zip(&m.defined[at as usize..])).enumerate()
     {
         if defined && g != want {
             panic!("byte {} differs: got {g:#x}, want {want:#x} (read {offset}+{len})", offset + i as u64);
@@ -70,31 +72,49 @@ async fn check_read<B: Backend>(b: &B, m: &Model, offset: u64, len: u32) {
 
 /// A seeded random sequence against one model, which may be carried from
 /// one backend to another (a volume detached here and attached there).
+/// The model is the disk, or windows of it: `span` bytes at each of
+/// `windows` (a large disk written in a few places), each operation inside
+/// one window.
 struct Run {
     m: Model,
     rng: Rng,
     seed: u64,
     step: usize,
+    size: u64,
+    windows: Vec<u64>,
+    span: u64,
 }
 
 impl Run {
     fn new(seed: u64) -> Self {
+        Self::windowed(seed, SIZE, vec![0], SIZE)
+    }
+
+    fn windowed(seed: u64, size: u64, windows: Vec<u64>, span: u64) -> Self {
+        assert!(windows.iter().all(|w| w + span <= size));
+        let model = (span * windows.len() as u64) as usize;
         Self {
-            m: Model { data: vec![0; SIZE as usize], defined: vec![true; SIZE as usize] },
+            m: Model { data: vec![0; model], defined: vec![true; model] },
             rng: Rng(seed | 1),
             seed,
             step: 0,
+            size,
+            windows,
+            span,
         }
     }
 
     async fn steps<B: Backend>(&mut self, b: &B, ops: usize) {
-        assert_eq!(b.size(), SIZE);
+        assert_eq!(b.size(), self.size);
         let (m, rng, seed) = (&mut self.m, &mut self.rng, self.seed);
         for _ in 0..ops {
             let step = self.step;
             self.step += 1;
-            let (offset, len) = random_range(rng);
-            let (o, l) = (offset as usize, len as usize);
+            let (at, len) = random_range(rng, self.span);
+            let w = if self.windows.len() > 1 { rng.below(self.windows.len() as u64) as usize } else { 0 };
+            let offset = self.windows[w] + at;
+            let at = w as u64 * self.span + at;
+            let (o, l) = (at as usize, len as usize);
             match rng.below(10) {
                 0..=3 => {
                     let data: Vec<u8> = (0..len).map(|i| (seed as u8) ^ (step as u8) ^ (i as u8)).collect();
@@ -102,7 +122,7 @@ impl Run {
                     m.data[o..o + l].copy_from_slice(&data);
                     m.defined[o..o + l].fill(true);
                 }
-                4..=6 => check_read(b, m, offset, len).await,
+                4..=6 => check_read(b, m, offset, at, len).await,
                 7 => {
                     b.trim(offset, len, false).await.expect("trim");
                     m.defined[o..o + l].fill(false);
@@ -134,8 +154,11 @@ impl Run {
 
     /// Every byte of the disk against the model.
     async fn check_all<B: Backend>(&self, b: &B) {
-        for off in (0..SIZE).step_by(1 << 20) {
-            check_read(b, &self.m, off, 1 << 20).await;
+        for (w, &start) in self.windows.iter().enumerate() {
+            for off in (0..self.span).step_by(1 << 20) {
+                let len = (self.span - off).min(1 << 20) as u32;
+                check_read(b, &self.m, start + off, w as u64 * self.span + off, len).await;
+            }
         }
     }
 }
@@ -273,4 +296,94 @@ fn the_log_structured_volume_conforms_across_machines() {
         edges(v.clone()).await;
         Arc::try_unwrap(v).ok().expect("one owner").close(std::time::Duration::from_secs(30)).await.unwrap();
     });
+}
+
+/// The same across machines on a volume larger than one map page with map
+/// checkpoints written every few segments and a map cache of one page:
+/// writes scattered over three pages (one window straddles a page
+/// boundary), so checkpoints rewrite pages fetched back from peers, reads
+/// evict and fetch pages again, and each attach loads the map through the
+/// last checkpoint. Every read matches the model. A second volume of
+/// two-block shards (segments of 8 blocks, 6 of them free for metadata)
+/// has checkpoints far larger than a segment: indexes continued over
+/// several segments, heads in segments of their own, pages in segments
+/// as large as they need.
+#[test]
+fn the_log_structured_volume_checkpoints_and_pages_its_map() {
+    let mut c = common::cluster::Cluster::start("ckpt", &[]);
+    for i in 0..6 {
+        c.add_peer("2G", &format!("d{i}"));
+    }
+    c.wait_all_up(6);
+    c.create_volume("big", "600M", 4, 2);
+    let rt = runtime();
+    rt.block_on(checkpointed_runs(&c, "big", 11, 2 << 20, &[("a", 300), ("b", 300), ("a", 200), ("c", 0)]));
+    let key = c.root.path().join("small.key");
+    let cred = c.admin_cred();
+    let (ok, _, err) = c.cli(&[
+        "volume",
+        "create",
+        "small",
+        "--size",
+        "600M",
+        "--k",
+        "4",
+        "--m",
+        "2",
+        "--shard-size",
+        "8K",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--credential",
+        cred.to_str().unwrap(),
+    ]);
+    assert!(ok, "volume create failed: {err}");
+    rt.block_on(checkpointed_runs(&c, "small", 12, 8 << 20, &[("s1", 150), ("s2", 150), ("s3", 0)]));
+}
+
+/// Runs the model over volume `name` (600 MiB) from each folder in turn,
+/// checkpointing every 3 segments with a one-page map cache; checks every
+/// byte at each attach and detach, and that checkpoints were written.
+async fn checkpointed_runs(
+    c: &common::cluster::Cluster,
+    name: &str,
+    seed: u64,
+    span: u64,
+    rounds: &[(&str, usize)],
+) {
+    use meshdisk::volume::v2::root::{RootKey, RootRecord};
+    use meshdisk::volume::v2::{Config, Volume};
+    const MIB: u64 = 1 << 20;
+    let key = meshdisk::codec::VolumeKey::read_file(&c.root.path().join(format!("{name}.key"))).unwrap();
+    let config = |folder: &str| {
+        let mut config = Config::new(c.root.path().join(folder), 1 << 20);
+        config.log_size = 16 << 20;
+        config.io_timeout = std::time::Duration::from_secs(20);
+        config.checkpoint_segments = 3;
+        config.map_cache = 1;
+        config
+    };
+    let windows = vec![0, 256 * MIB - span / 2, 300 * MIB, 600 * MIB - span];
+    let mut run = Run::windowed(seed, 600 * MIB, windows, span);
+    let client = c.client();
+    let root_key = RootKey::derive(&key);
+    let mut checkpoints = std::collections::BTreeSet::new();
+    for &(folder, ops) in rounds {
+        let v = Volume::open(c.client(), name, &key, config(folder)).await.unwrap();
+        run.check_all(&v).await;
+        for _ in 0..ops.div_ceil(25) {
+            run.steps(&v, 25).await;
+            let sealed = client.root(name).await.unwrap().expect("a root").sealed;
+            let root = RootRecord::open(&sealed, &root_key, &v.record().spec.id).unwrap();
+            if let Some(at) = root.checkpoint {
+                checkpoints.insert(at.segment.id);
+                // The head's segment is the last of the commit that wrote
+                // it, whose segments the checkpoint does not include.
+                assert!(root.since.iter().any(|s| s.id == at.segment.id), "{root:?}");
+            }
+        }
+        run.check_all(&v).await;
+        v.close(std::time::Duration::from_secs(30)).await.unwrap();
+    }
+    assert!(checkpoints.len() >= 3, "volume {name}: only {} checkpoints seen", checkpoints.len());
 }

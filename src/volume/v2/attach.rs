@@ -271,14 +271,15 @@ impl Inner {
                     .await
                     .map_err(|e| bad(format!("the checkpoint: {e}")))?;
                 let head = IndexHead::decode(&head).map_err(|e| bad(e.to_string()))?;
+                // Each continuation whole, padding included: `assemble`
+                // checks the padding is zeroes.
                 let mut parts = Vec::new();
-                for (i, x) in head.continuations.iter().enumerate() {
+                for x in &head.continuations {
                     let bytes = self
                         .read_metadata(x.segment.id, x.segment.root, x.first_slot, x.blocks)
                         .await
                         .map_err(|e| bad(format!("the checkpoint's index: {e}")))?;
-                    let len = head.continuation_len(i).unwrap_or(bytes.len());
-                    parts.push(bytes[..len.min(bytes.len())].to_vec());
+                    parts.push(bytes);
                 }
                 let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
                 head.assemble(&refs).map_err(|e| bad(e.to_string()))?

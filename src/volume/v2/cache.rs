@@ -48,7 +48,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::checkpoint::{CheckpointError, CheckpointIndex, PageBlob, PageFetch, PageRef};
+use super::checkpoint::{
+    CheckpointError, CheckpointIndex, INDEX_HEADER_LEN, LIVE_ENTRY_LEN, PAGE_ENTRY_LEN, PageBlob, PageFetch,
+    PageRef, SEGMENT_ENTRY_LEN,
+};
 use super::map::{BlockMap, Entry, Extent, MapError, MapPage, Mapping, PAGE_BLOCKS};
 use super::root::{SegmentRef, SegmentRoot};
 use super::summary::Summary;
@@ -118,6 +121,18 @@ impl PendingCheckpoint {
             pages,
             self.live.iter().map(|(s, (n, root))| (*s, *n, *root)),
         )
+    }
+
+    /// Bytes of the index [`finish`](Self::finish) gives when the blobs
+    /// go into `page_segments` segments new to the index (the writer
+    /// lays the checkpoint out before the segments' roots exist).
+    pub fn index_len(&self, page_segments: usize) -> usize {
+        let mut segments: BTreeSet<SegmentId> = self.kept.iter().map(|(_, r, _)| r.range.segment).collect();
+        segments.extend(self.live.keys().copied());
+        INDEX_HEADER_LEN
+            + PAGE_ENTRY_LEN * (self.kept.len() + self.blobs.len())
+            + SEGMENT_ENTRY_LEN * (segments.len() + page_segments)
+            + LIVE_ENTRY_LEN * self.live.len()
     }
 
     /// The summaries (by segment) the checkpoint includes.

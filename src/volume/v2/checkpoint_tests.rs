@@ -53,6 +53,8 @@ impl Store {
         self.roots.insert(id, root);
         let segment = SegmentRef { id, root };
         let index = pending.finish(placed.into_iter().map(|(p, s)| (p, segment, s))).unwrap();
+        // The length a writer lays the checkpoint out by, before any root exists.
+        assert_eq!(index.encode().len(), pending.index_len(usize::from(!pending.blobs.is_empty())));
         round_trip(&index)
     }
 

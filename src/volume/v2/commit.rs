@@ -17,6 +17,20 @@
 //!   "Committed W", wake the flushes waiting for ≤ W
 //! ```
 //!
+//! **Map checkpoints.** When the root would name more than
+//! `Config::checkpoint_segments` segments since its checkpoint, the commit
+//! also writes one: the map pages its summaries changed (base pages
+//! fetched from peers one at a time, so a one-page cache gets there), in
+//! segments of their own after the data segments, then the index (inline
+//! in the head, or in continuation segments before it), then the head, in
+//! the commit's last segment ([`super::checkpoint_layout`]). The new root
+//! points at the head and names only this commit's segments, the ones
+//! above the highest segment the checkpoint includes. Once the root is
+//! swapped the map installs the checkpoint, then applies this commit's
+//! summaries. A checkpoint that cannot be made (a page out of reach, more
+//! segments than a commit carries) is put off to a later commit while the
+//! root has room.
+//!
 //! A commit that fails puts what it took back at the head of the queue; the
 //! segments it stored are orphans (no root reaches them) for collection.
 
@@ -26,17 +40,21 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::cache::{NeedPage, PendingCheckpoint};
+use super::checkpoint::{CheckpointIndex, Continuation, IndexHead, PageBlob};
+use super::checkpoint_layout::CheckpointLayout;
 use super::layout::{PackedBlock, Packer};
 use super::local::{Current, Queued};
 use super::log::{Base, NewRecord};
 use super::remote::Holder;
-use super::root::{MAX_SEGMENTS_SINCE, RootRecord, SegmentRef};
+use super::root::{CheckpointRef, MAX_SEGMENTS_SINCE, RootRecord, SegmentRef};
 use super::summary::Summary;
 use super::volume::Inner;
 use crate::api::{ErrorKind, MAX_COMMIT_SEGMENTS, RootCommit, SegmentRecord};
 use crate::backend;
 use crate::codec::segment::{BLOCK_SIZE, EncodedSegment, SegmentCodec, SegmentGeometry};
 use crate::codec::sequence::{SegmentId, Sequence};
+use crate::codec::xts::SectorCipher;
 use crate::sys::worker::{Pacing, State, Status, Worker};
 
 /// Segments one commit carries at most (the directory takes 100).
@@ -72,6 +90,129 @@ fn unavailable(why: impl ToString) -> CommitError {
 
 fn io(why: impl ToString) -> CommitError {
     CommitError::Failed(backend::ErrorKind::Io, why.to_string())
+}
+
+/// A checkpoint a commit writes: the map's pending one, laid out.
+struct CheckpointPlan {
+    pending: PendingCheckpoint,
+    layout: CheckpointLayout,
+    index_len: usize,
+}
+
+impl CheckpointPlan {
+    /// Lays `pending` out after `packers`' segments, in segments of k ×
+    /// `blocks_per_shard` blocks.
+    fn new(pending: PendingCheckpoint, k: usize, blocks_per_shard: u32, packers: &[Packer]) -> Self {
+        let room = u32::try_from(Packer::new(k, blocks_per_shard).metadata_room()).unwrap_or(u32::MAX);
+        let data_room = packers.last().map(|p| u32::try_from(p.metadata_room()).unwrap_or(u32::MAX));
+        let blobs: Vec<u32> = pending.blobs.iter().map(PageBlob::blocks).collect();
+        // The page segments come first, then the index's length is known.
+        let page_segments = CheckpointLayout::plan(&blobs, 0, room, data_room).pages.len();
+        let index_len = pending.index_len(page_segments);
+        let layout = CheckpointLayout::plan(&blobs, index_len, room, data_room);
+        Self { pending, layout, index_len }
+    }
+}
+
+/// A checkpoint a commit wrote: its index, and where its head is.
+type Written = (CheckpointIndex, CheckpointRef);
+
+/// What a commit's segments are made with.
+struct Encoder {
+    k: usize,
+    m: usize,
+    blocks_per_shard: u32,
+    volume_id: [u8; 16],
+    cipher: SectorCipher,
+}
+
+impl Encoder {
+    /// Lays out, erasure-codes and hashes one segment; `metadata` (whole
+    /// blocks, plaintext) goes after its data slots.
+    fn seal(&self, p: Packer, id: SegmentId, metadata: &[u8]) -> Result<Sealed, String> {
+        let (geometry, area, summary) =
+            p.finish(id, self.m, metadata, &self.cipher).map_err(|e| e.to_string())?;
+        let encoded =
+            SegmentCodec::new(geometry).encode(&self.volume_id, id, &area).map_err(|e| e.to_string())?;
+        Ok(Sealed { id, geometry, encoded, summary })
+    }
+
+    fn empty(&self) -> Packer {
+        Packer::new(self.k, self.blocks_per_shard)
+    }
+
+    /// The commit's segments in write order, `ids` taken in that order;
+    /// with a checkpoint (see [`super::checkpoint_layout`]), also its
+    /// index and where its head is.
+    fn commit(
+        &self,
+        mut packers: Vec<Packer>,
+        checkpoint: Option<CheckpointPlan>,
+        ids: Vec<SegmentId>,
+    ) -> Result<(Vec<Sealed>, Option<Written>), String> {
+        let mut ids = ids.into_iter();
+        let mut next = move || ids.next().ok_or_else(|| "fewer segment ids than segments".to_string());
+        let Some(CheckpointPlan { pending, layout, index_len }) = checkpoint else {
+            let sealed = packers.into_iter().map(|p| self.seal(p, next()?, &[])).collect::<Result<_, _>>()?;
+            return Ok((sealed, None));
+        };
+        let carrier = if layout.head_with_data { packers.pop() } else { None };
+        let mut out =
+            packers.into_iter().map(|p| self.seal(p, next()?, &[])).collect::<Result<Vec<_>, _>>()?;
+        // The pages.
+        let mut placed = Vec::with_capacity(pending.blobs.len());
+        for group in &layout.pages {
+            let id = next()?;
+            let mut metadata = Vec::new();
+            let mut slots = Vec::with_capacity(group.len());
+            for &i in group {
+                let blob = &pending.blobs[i];
+                slots.push((blob.page, (metadata.len() / BLOCK_SIZE) as u32));
+                metadata.extend_from_slice(&blob.bytes);
+            }
+            let s = self.seal(self.empty(), id, &metadata)?;
+            let segment = SegmentRef { id, root: s.encoded.root };
+            placed.extend(slots.into_iter().map(|(page, slot)| (page, segment, slot)));
+            out.push(s);
+        }
+        // The index, inline in the head or in continuations before it.
+        let index = pending.finish(placed).map_err(|e| e.to_string())?;
+        let bytes = index.encode();
+        if bytes.len() != index_len {
+            return Err(format!("the checkpoint index is {} bytes, {index_len} were laid out", bytes.len()));
+        }
+        let head = if layout.continuations.is_empty() {
+            IndexHead::inline(&bytes)
+        } else {
+            let mut continuations = Vec::with_capacity(layout.continuations.len());
+            for (part, &blocks) in layout.split_index(&bytes).into_iter().zip(&layout.continuations) {
+                let id = next()?;
+                let mut metadata = part.to_vec();
+                metadata.resize(blocks as usize * BLOCK_SIZE, 0);
+                let s = self.seal(self.empty(), id, &metadata)?;
+                continuations.push(Continuation {
+                    segment: SegmentRef { id, root: s.encoded.root },
+                    first_slot: 0,
+                    blocks,
+                });
+                out.push(s);
+            }
+            IndexHead::split(&bytes, 0, continuations).map_err(|e| e.to_string())?.0
+        };
+        // The head, in the commit's last segment.
+        let head = head.encode();
+        let carrier = carrier.unwrap_or_else(|| self.empty());
+        let first_slot = carrier.data_slots();
+        let id = next()?;
+        let s = self.seal(carrier, id, &head)?;
+        let at = CheckpointRef {
+            segment: SegmentRef { id, root: s.encoded.root },
+            first_slot,
+            blocks: (head.len() / BLOCK_SIZE) as u32,
+        };
+        out.push(s);
+        Ok((out, Some((index, at))))
+    }
 }
 
 /// A packed segment on its way to the peers.
@@ -115,6 +256,8 @@ impl Inner {
                 Ok(self.local.lock().expect("local").queued() > 0)
             }
             Err(e) => {
+                // A checkpoint in the making is dropped (made again next time).
+                self.map.lock().expect("map").abandon_checkpoint();
                 self.local.lock().expect("local").untake(taken);
                 match &e {
                     CommitError::Diverged(why) => self.fence(why.clone()),
@@ -159,16 +302,36 @@ impl Inner {
     async fn commit_taken(&self, taken: &[Queued], watermark: Sequence) -> Result<(), CommitError> {
         let packers = self.pack(taken).await?;
         let prev = self.root.lock().expect("root").clone();
-        if prev.since.len() + packers.len() > MAX_SEGMENTS_SINCE {
-            return Err(CommitError::Failed(
-                backend::ErrorKind::Io,
-                "the root names as many segments as it can: a map checkpoint is needed (not yet written by this version)".into(),
-            ));
+        // A checkpoint when the root's list would grow past the setting: the
+        // new root then names only this commit's segments.
+        let mut checkpoint = None;
+        let mut put_off = None;
+        if prev.since.len() + packers.len() > self.config.checkpoint_segments {
+            match self.plan_checkpoint(&prev, &packers).await {
+                Ok(plan) => checkpoint = Some(plan),
+                Err(why) => {
+                    self.map.lock().expect("map").abandon_checkpoint();
+                    tracing::warn!("volume {}: map checkpoint put off: {why}", self.name);
+                    put_off = Some(why);
+                }
+            }
+        }
+        if checkpoint.is_none() && prev.since.len() + packers.len() > MAX_SEGMENTS_SINCE {
+            return Err(io(format!(
+                "the root names as many segments as it can, and no map checkpoint was written{}",
+                put_off.map_or(String::new(), |why| format!(": {why}"))
+            )));
+        }
+        let count = packers.len() + checkpoint.as_ref().map_or(0, |c| c.layout.extra_segments());
+        if count == 0 {
+            // Everything taken was overwritten since by writes still
+            // queued, which a later commit carries.
+            return Ok(());
         }
         // Ids, noted in the log before any is used.
         let ids: Vec<SegmentId> = {
             let mut s = self.segment_ids.lock().expect("segment ids");
-            (0..packers.len()).map(|_| s.next()).collect::<Result<_, _>>().map_err(io)?
+            (0..count).map(|_| s.next()).collect::<Result<_, _>>().map_err(io)?
         };
         let floor = Base {
             epoch: prev.epoch,
@@ -182,24 +345,18 @@ impl Inner {
         // resumed epoch never reuses one (an XTS tweak would repeat).
         self.log.sync().await.map_err(io)?;
         // Lay out, erasure-code and hash, off the async threads.
-        let (cipher, volume_id, m) = (self.cipher.clone(), self.record.spec.id, self.m);
-        let mut sealed: Vec<Sealed> = tokio::task::spawn_blocking(move || {
-            packers
-                .into_iter()
-                .zip(ids)
-                .map(|(p, id)| {
-                    let (geometry, area, summary) =
-                        p.finish(id, m, &[], &cipher).map_err(|e| e.to_string())?;
-                    let encoded = SegmentCodec::new(geometry)
-                        .encode(&volume_id, id, &area)
-                        .map_err(|e| e.to_string())?;
-                    Ok(Sealed { id, geometry, encoded, summary })
-                })
-                .collect::<Result<Vec<_>, String>>()
-        })
-        .await
-        .map_err(io)?
-        .map_err(io)?;
+        let encoder = Encoder {
+            k: self.k,
+            m: self.m,
+            blocks_per_shard: self.blocks_per_shard,
+            volume_id: self.record.spec.id,
+            cipher: self.cipher.clone(),
+        };
+        let (mut sealed, written) =
+            tokio::task::spawn_blocking(move || encoder.commit(packers, checkpoint, ids))
+                .await
+                .map_err(io)?
+                .map_err(io)?;
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
         let placements = self
             .client
@@ -221,7 +378,7 @@ impl Inner {
                 }
             }
         }
-        // Put the segments, all at once (a commit has at most COMMIT_SEGMENTS).
+        // Put the segments, all at once (a commit has at most MAX_COMMIT_SEGMENTS).
         let mut puts = tokio::task::JoinSet::new();
         for (i, (s, p)) in sealed.iter_mut().zip(&placements).enumerate() {
             let peers: Vec<Holder> = p.peers.iter().map(|x| (x.id, x.addr.clone())).collect();
@@ -239,8 +396,12 @@ impl Inner {
             })?;
             records[i] = holders.iter().map(|h| h.as_ref().map_or(0, |h| h.0)).collect();
         }
-        // The new root.
-        let mut since = prev.since.clone();
+        // The new root. With a checkpoint, the segments since are exactly
+        // those above the highest it includes: this commit's.
+        let (checkpoint, mut since) = match &written {
+            Some((_, at)) => (Some(*at), Vec::new()),
+            None => (prev.checkpoint, prev.since.clone()),
+        };
         since.extend(sealed.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root }));
         let top = sealed
             .iter()
@@ -259,7 +420,7 @@ impl Inner {
             commit: prev.commit + 1,
             highest_sequence: prev.highest_sequence.max(top),
             highest_segment: prev.highest_segment.max(sealed.last().expect("segments").id),
-            checkpoint: prev.checkpoint,
+            checkpoint,
             since,
         };
         let sealed_root = next.seal(&self.root_key);
@@ -277,9 +438,14 @@ impl Inner {
         };
         debug_assert!(commit.segments.len() <= MAX_COMMIT_SEGMENTS);
         self.swap_root(commit).await?;
-        // Committed: the map, the freshness note, the log.
+        // Committed: the map (the new checkpoint first: it drops the
+        // summaries it includes, then this commit's go on top), the
+        // freshness note, the log.
         {
             let mut map = self.map.lock().expect("map");
+            if let Some((index, _)) = written {
+                map.install(index).map_err(io)?;
+            }
             for s in &sealed {
                 map.apply_summary(&s.summary, s.encoded.root).map_err(io)?;
             }
@@ -303,6 +469,43 @@ impl Inner {
             .await
             .map_err(io)?;
         Ok(())
+    }
+
+    /// Makes the map's next checkpoint (fetching the base pages it needs,
+    /// one at a time) and lays it out after `packers`' segments.
+    async fn plan_checkpoint(&self, prev: &RootRecord, packers: &[Packer]) -> Result<CheckpointPlan, String> {
+        // Each page is inserted and used under one hold of the lock: the
+        // checkpoint keeps what it merged, so it progresses even when reads
+        // evict the page right after.
+        let mut made = self.map.lock().expect("map").checkpoint();
+        let pending = loop {
+            match made {
+                Ok(p) => break p,
+                Err(NeedPage(f)) => {
+                    let bytes = self
+                        .read_metadata(f.segment.id, f.segment.root, f.first_slot, f.blocks)
+                        .await
+                        .map_err(|e| format!("map page {}: {e}", f.page))?;
+                    let mut map = self.map.lock().expect("map");
+                    map.insert_page(f.page, &bytes).map_err(|e| e.to_string())?;
+                    made = map.checkpoint();
+                }
+            }
+        };
+        // The new root drops the segments the checkpoint includes from its
+        // list: it must include every one the old root names.
+        if let Some(s) = prev.since.iter().find(|s| !pending.covers().contains(&s.id)) {
+            return Err(format!("the map has not applied segment {} yet", s.id));
+        }
+        let plan = CheckpointPlan::new(pending, self.k, self.blocks_per_shard, packers);
+        if packers.len() + plan.layout.extra_segments() > MAX_COMMIT_SEGMENTS {
+            return Err(format!(
+                "it takes {} segments besides the commit's {}, more than a commit carries ({MAX_COMMIT_SEGMENTS})",
+                plan.layout.extra_segments(),
+                packers.len()
+            ));
+        }
+        Ok(plan)
     }
 
     /// Packs what of `taken` is still the newest local version into
@@ -462,6 +665,146 @@ impl Worker for Committer {
             if queued > 0 && self.since.is_none() {
                 self.since = Some(tokio::time::Instant::now());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::codec::key::VolumeKey;
+    use crate::codec::segment::{SegmentRoot, parse_segment_shard};
+    use crate::volume::v2::cache::MapCache;
+    use crate::volume::v2::layout::{self, Trailer};
+    use crate::volume::v2::map::BlockMap;
+    use crate::volume::v2::summary::SummaryEntry;
+
+    fn seq(c: u64) -> Sequence {
+        Sequence::new(3, c).unwrap()
+    }
+
+    /// A summary of `n` one-block writes two blocks apart from `start`:
+    /// `n` runs in the map.
+    fn scattered(segment: SegmentId, start: u64, n: u32, first_seq: u64) -> Summary {
+        let entries = (0..n)
+            .map(|i| SummaryEntry::Data {
+                start: start + 2 * u64::from(i),
+                len: 1,
+                slot: i,
+                sequence: seq(first_seq + u64::from(i)),
+            })
+            .collect();
+        Summary { segment, slots: n, entries }
+    }
+
+    /// A commit's segments as peers would hold them: each one's data area
+    /// by id, with its root and geometry.
+    fn areas(sealed: &[Sealed]) -> HashMap<SegmentId, (SegmentRoot, SegmentGeometry, Vec<u8>)> {
+        sealed
+            .iter()
+            .map(|s| {
+                let area: Vec<u8> = s.encoded.shards[..s.geometry.k()]
+                    .iter()
+                    .flat_map(|sh| parse_segment_shard(sh).unwrap().1.to_vec())
+                    .collect();
+                (s.id, (s.encoded.root, s.geometry, area))
+            })
+            .collect()
+    }
+
+    /// Tiny segments (2 × 2 blocks: 2 blocks of metadata room) so the
+    /// checkpoint needs every kind of segment: a page larger than a
+    /// segment, a continued index, and a head after a data segment's data.
+    #[test]
+    fn a_checkpoint_written_with_a_commit_reads_back_from_its_head() {
+        let key = VolumeKey::from_bytes(&(0..64).collect::<Vec<u8>>()).unwrap();
+        let blocks = 4 << 16;
+        let mut cache = MapCache::new(CheckpointIndex::empty(blocks), 1);
+        let mut model = BlockMap::new(blocks);
+        // Page 0 of 400 runs (4 blocks encoded), pages 1 and 3 small, in
+        // many segments (a long live table: the index is continued).
+        let mut summaries = vec![scattered(SegmentId::new(3, 1).unwrap(), 0, 400, 1)];
+        for i in 0..200u64 {
+            let page = if i % 2 == 0 { 1 } else { 3 };
+            summaries.push(scattered(SegmentId::new(3, 2 + i).unwrap(), (page << 16) + 4 * i, 1, 1000 + i));
+        }
+        for s in &summaries {
+            s.apply_to(&mut model).unwrap();
+            cache.apply_summary(s, SegmentRoot([s.segment.raw() as u8; 32])).unwrap();
+        }
+        let pending = cache.checkpoint().unwrap();
+        assert_eq!(pending.blobs.len(), 3);
+        let encoder =
+            Encoder { k: 2, m: 1, blocks_per_shard: 2, volume_id: [7; 16], cipher: SectorCipher::new(&key) };
+        // The commit's own data: one block, so its segment has room for a
+        // one-block head.
+        let data = vec![5u8; BLOCK_SIZE];
+        let mut p = Packer::new(2, 2);
+        p.push_block(PackedBlock { address: 9, sequence: seq(5000), data: &data });
+        let plan = CheckpointPlan::new(pending, 2, 2, std::slice::from_ref(&p));
+        assert!(plan.layout.continuations.len() > 1, "{:?}", plan.layout);
+        assert!(plan.layout.head_with_data, "{:?}", plan.layout);
+        let count = 1 + plan.layout.extra_segments();
+        let ids: Vec<SegmentId> = (0..count as u64).map(|i| SegmentId::new(3, 300 + i).unwrap()).collect();
+        let (sealed, written) = encoder.commit(vec![p], Some(plan), ids.clone()).unwrap();
+        let (index, at) = written.unwrap();
+        // Written in id order, the head in the last segment, after its data.
+        assert_eq!(sealed.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
+        assert_eq!((at.segment.id, at.first_slot), (*ids.last().unwrap(), 1));
+        assert!(sealed.iter().any(|s| s.geometry.blocks_per_shard() > 2), "a page larger than a segment");
+        let areas = areas(&sealed);
+        let cipher = SectorCipher::new(&key);
+        let read = |id: SegmentId, root: SegmentRoot, first: u32, n: u32| {
+            let (r, _, area) = &areas[&id];
+            assert_eq!(*r, root, "proven against the root the reader holds");
+            let mut b = area[first as usize * BLOCK_SIZE..(first + n) as usize * BLOCK_SIZE].to_vec();
+            layout::open_metadata(&cipher, id, first, &mut b);
+            b
+        };
+        // Every segment's trailer and summary read back.
+        for s in &sealed {
+            let (_, g, area) = &areas[&s.id];
+            let last = (g.data_blocks() - 1) as u32;
+            let mut t = area[last as usize * BLOCK_SIZE..].to_vec();
+            layout::open_metadata(&cipher, s.id, last, &mut t);
+            let trailer = Trailer::decode(&t, s.id, *g).unwrap();
+            let mut sb =
+                area[trailer.summary_slot as usize * BLOCK_SIZE..last as usize * BLOCK_SIZE].to_vec();
+            layout::open_metadata(&cipher, s.id, trailer.summary_slot, &mut sb);
+            assert_eq!(layout::decode_summary(&trailer, &sb).unwrap(), s.summary);
+        }
+        // The head, its continuations, the index: as an attach reads them.
+        let head =
+            IndexHead::decode(&read(at.segment.id, at.segment.root, at.first_slot, at.blocks)).unwrap();
+        let parts: Vec<Vec<u8>> = head
+            .continuations
+            .iter()
+            .map(|c| read(c.segment.id, c.segment.root, c.first_slot, c.blocks))
+            .collect();
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let loaded = head.assemble(&refs).unwrap();
+        assert_eq!(loaded, index);
+        assert_eq!(
+            loaded.highest_segment,
+            SegmentId::new(3, 201).unwrap(),
+            "below every segment of the commit"
+        );
+        assert_eq!(loaded.live_counts(), model.segments().collect::<HashMap<_, _>>());
+        // Every page, fetched through a one-page cache, maps as the model.
+        let mut paged = MapCache::new(loaded, 1);
+        for a in (0..blocks).step_by(7).chain(0..800) {
+            let got = loop {
+                match paged.lookup(a) {
+                    Ok(m) => break m,
+                    Err(NeedPage(f)) => {
+                        let bytes = read(f.segment.id, f.segment.root, f.first_slot, f.blocks);
+                        paged.insert_page(f.page, &bytes).unwrap();
+                    }
+                }
+            };
+            assert_eq!(got, model.lookup(a), "block {a}");
         }
     }
 }

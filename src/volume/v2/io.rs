@@ -24,7 +24,7 @@ use super::map::{Extent, Mapping, Target};
 use super::remote::Located;
 use super::volume::Inner;
 use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
-use crate::codec::segment::BLOCK_SIZE;
+use crate::codec::segment::{BLOCK_SIZE, SegmentRoot};
 use crate::codec::sequence::{SegmentId, Sequence};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
@@ -230,23 +230,32 @@ impl Inner {
     }
 
     /// The committed map's extents over `first..first + n`, fetching the
-    /// map pages it needs.
+    /// map pages it needs. Each page fetched is inserted and looked up
+    /// under one hold of the lock, and the lookup goes on from where the
+    /// extents so far end: a range over more pages than the cache holds
+    /// completes, even while other reads evict pages.
     async fn committed_extents(&self, first: u64, n: u64) -> backend::Result<Vec<Extent>> {
+        let end = first + n;
+        let mut out = Vec::new();
+        let mut looked = self.map.lock().expect("map").lookup_range(first, n);
         loop {
-            let (extents, need) = self.map.lock().expect("map").lookup_range(first, n);
-            match need {
-                None => return Ok(extents),
-                Some(NeedPage(fetch)) => {
-                    let bytes = self.fetch_page(&fetch).await.map_err(|why| {
-                        failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why)
-                    })?;
-                    self.map
-                        .lock()
-                        .expect("map")
-                        .insert_page(fetch.page, &bytes)
-                        .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
-                }
+            let (extents, need) = looked;
+            out.extend(extents);
+            let Some(NeedPage(fetch)) = need else { return Ok(out) };
+            let at = out.last().map_or(first, |e: &Extent| e.start + e.len);
+            let bytes = self
+                .fetch_page(&fetch)
+                .await
+                .map_err(|why| failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why))?;
+            let mut map = self.map.lock().expect("map");
+            // A checkpoint installed during the fetch may have moved the
+            // page: then the bytes are the old place's, and the lookup
+            // asks for the new one.
+            if map.index().fetch(fetch.page) == Some(fetch) {
+                map.insert_page(fetch.page, &bytes)
+                    .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
             }
+            looked = map.lookup_range(at, end - at);
         }
     }
 
@@ -314,6 +323,15 @@ impl Inner {
 
     /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
     pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
+        self.read_blocks_again(first, n, 0).await
+    }
+
+    /// [`Self::read_blocks`], the `again`th time: a checkpoint installed
+    /// between the lookup and the reads may leave a segment the lookup
+    /// named unreachable (all its blocks were overwritten since), and the
+    /// read starts over with the new map. A segment still unreachable
+    /// after a few tries is a map naming one that is not there.
+    async fn read_blocks_again(&self, first: u64, n: u64, again: u32) -> backend::Result<Bytes> {
         let (offset, length) = (first * BLOCK, n * BLOCK);
         self.wait_for_lease("read", offset, length).await?;
         let local = self.local.lock().expect("local").lookup(first, n);
@@ -363,7 +381,7 @@ impl Inner {
                     // committed map.
                     Err(LogError::Released(p)) => {
                         self.local.lock().expect("local").forget_files(|f| f != p.file);
-                        return Box::pin(self.read_blocks(first, n)).await;
+                        return Box::pin(self.read_blocks_again(first, n, again)).await;
                     }
                     Err(e) => return Err(log_failed("read", offset, length, e)),
                 },
@@ -376,8 +394,21 @@ impl Inner {
                 },
             }
         }
-        for (segment, wanted) in remote {
-            self.read_remote(segment, &wanted, first, &plan, &mut out).await?;
+        let remote: Vec<(SegmentId, Vec<(usize, u32)>)> = remote.into_iter().collect();
+        let roots: Vec<Option<SegmentRoot>> = {
+            let map = self.map.lock().expect("map");
+            remote.iter().map(|(s, _)| map.root_of(*s)).collect()
+        };
+        if let Some(((segment, _), _)) = remote.iter().zip(&roots).find(|(_, r)| r.is_none()) {
+            if again < 4 {
+                return Box::pin(self.read_blocks_again(first, n, again + 1)).await;
+            }
+            let why = format!("segment {segment} is not reachable from the root");
+            return Err(failed(ErrorKind::Corrupt, "read", offset, length, why));
+        }
+        for ((segment, wanted), root) in remote.into_iter().zip(roots) {
+            let root = root.expect("checked above");
+            self.read_remote(segment, root, &wanted, first, &plan, &mut out).await?;
         }
         Ok(Bytes::from(out))
     }
@@ -388,21 +419,13 @@ impl Inner {
     async fn read_remote(
         &self,
         segment: SegmentId,
+        root: SegmentRoot,
         wanted: &[(usize, u32)],
         first: u64,
         plan: &[(Source, Sequence)],
         out: &mut [u8],
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
-        let root = self.map.lock().expect("map").root_of(segment).ok_or_else(|| {
-            failed(
-                ErrorKind::Corrupt,
-                "read",
-                offset,
-                length,
-                format!("segment {segment} is not reachable from the root"),
-            )
-        })?;
         let located = self
             .locate(segment, root)
             .await

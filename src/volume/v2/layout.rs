@@ -182,6 +182,13 @@ impl Packer {
         slots + metadata + Self::summary_len(entries).div_ceil(BLOCK as u64) + 1
     }
 
+    /// Metadata blocks the segment still has room for, at its full size,
+    /// with what it holds now (a segment of no data: all but the summary's
+    /// block and the trailer).
+    pub fn metadata_room(&self) -> u64 {
+        self.max_data_blocks.saturating_sub(Self::needs(u64::from(self.slots), self.entries.len(), 0))
+    }
+
     /// Would a data block (possibly a new summary entry) still fit?
     pub fn fits_block(&self, metadata: u64) -> bool {
         Self::needs(u64::from(self.slots) + 1, self.entries.len() + 1, metadata) <= self.max_data_blocks
@@ -349,6 +356,29 @@ mod tests {
         let (g, area, _) = p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 4);
         assert_eq!(area.len(), g.data_area_len());
+    }
+
+    #[test]
+    fn metadata_fills_the_room_a_packer_reports() {
+        let key = test_key();
+        let cipher = SectorCipher::new(&key);
+        let mut p = Packer::new(4, 4);
+        assert_eq!(p.metadata_room(), 14, "16 blocks less a summary block and the trailer");
+        let b = vec![9u8; BLOCK];
+        for i in 0..3 {
+            p.push_block(PackedBlock { address: 10 * i, sequence: seq(1, 1 + i), data: &b });
+        }
+        assert_eq!(p.metadata_room(), 11);
+        // Exactly the room: still one full-size segment, the metadata after
+        // the data slots, sealed with the metadata tweak.
+        let meta: Vec<u8> = (0..11 * BLOCK).map(|i| (i / BLOCK) as u8).collect();
+        let segment = SegmentId::new(1, 9).unwrap();
+        let (g, area, _) = p.finish(segment, 2, &meta, &cipher).unwrap();
+        assert_eq!(g.blocks_per_shard(), 4);
+        let mut back = area[3 * BLOCK..14 * BLOCK].to_vec();
+        assert_ne!(back, meta);
+        open_metadata(&cipher, segment, 3, &mut back);
+        assert_eq!(back, meta);
     }
 
     #[test]

@@ -51,6 +51,7 @@ mod attach;
 pub mod blocks;
 pub mod cache;
 pub mod checkpoint;
+pub mod checkpoint_layout;
 mod commit;
 mod io;
 mod keeper;

@@ -52,6 +52,11 @@ pub struct Config {
     pub log_size: u64,
     /// Map pages kept in memory (each covers 256 MiB of the volume).
     pub map_cache: usize,
+    /// A commit also writes a map checkpoint when the root would name
+    /// more segments written since the last one than this (the root's
+    /// size and an attach's summary reads grow with it; a checkpoint
+    /// rewrites the map pages changed since).
+    pub checkpoint_segments: usize,
     /// Take the lease over from another holder.
     pub force: bool,
     /// Drop unflushed writes of the local log that were made against an
@@ -71,6 +76,7 @@ impl Config {
             cache_size,
             log_size: 1 << 30,
             map_cache: 64,
+            checkpoint_segments: 256,
             force: false,
             discard_local: false,
             timing: Timing::default(),
