@@ -144,7 +144,9 @@ pub fn stop_on_signals() -> Result<CancellationToken, CliError> {
         // An attach's acknowledged writes are in its local log, which the
         // next attach from the folder sends.
         sigint.recv().await;
-        eprintln!("second Ctrl-C: exiting at once (writes not yet on the peers stay in the local log; the next attach from this folder sends them)");
+        eprintln!(
+            "second Ctrl-C: exiting at once (writes not yet on the peers stay in the local log; the next attach from this folder sends them)"
+        );
         std::process::exit(130);
     });
     Ok(stop)

@@ -309,9 +309,13 @@ impl<S: MetaStore> Directory<S> {
                 if id == 0 {
                     continue;
                 }
-                if !names.contains_key(&id) {
-                    let name = self.meta.get(&peer_slot_key(id)).await?.map(|e| String::from_utf8_lossy(&e.value).into_owned());
-                    names.insert(id, name);
+                if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
+                    let name = self
+                        .meta
+                        .get(&peer_slot_key(id))
+                        .await?
+                        .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+                    v.insert(name);
                 }
                 if names[&id].as_ref().is_some_and(|n| up.contains(n)) {
                     healthy += 1;

@@ -225,8 +225,20 @@ struct Sealed {
 
 impl Inner {
     /// Blocks a commit takes at most.
-    fn commit_blocks(&self) -> u64 {
-        COMMIT_SEGMENTS as u64 * self.k as u64 * u64::from(self.blocks_per_shard)
+    pub(super) fn commit_blocks(&self) -> u64 {
+        // A segment of n = k x bps blocks holds at least n - n/128 - 2 data
+        // blocks (the summary takes 32 bytes per entry even when every
+        // block is its own entry, the trailer one block, padding at most
+        // one), so this many blocks are at most COMMIT_SEGMENTS segments.
+        let n = self.k as u64 * u64::from(self.blocks_per_shard);
+        let per_segment = n.saturating_sub(n.div_ceil(128) + 2).max(1);
+        COMMIT_SEGMENTS as u64 * per_segment
+    }
+
+    /// Blocks one log record holds at most: a write larger is cut, so one
+    /// record never packs into more than a quarter of a commit's segments.
+    pub(super) fn record_blocks(&self) -> u64 {
+        (self.commit_blocks() / 4).clamp(1, 256)
     }
 
     /// One commit of the queue's oldest part; `Ok(true)` if more waits.
@@ -360,7 +372,13 @@ impl Inner {
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
         let placements = self
             .client
-            .place_segments(&self.name, self.epoch.load(Ordering::Relaxed), sealed.len() as u32, shard_bytes, Vec::new())
+            .place_segments(
+                &self.name,
+                self.epoch.load(Ordering::Relaxed),
+                sealed.len() as u32,
+                shard_bytes,
+                Vec::new(),
+            )
             .await
             .map_err(|e| match e.kind() {
                 Some(ErrorKind::Fenced) => CommitError::Fenced(e.to_string()),
@@ -382,7 +400,8 @@ impl Inner {
         let mut puts = tokio::task::JoinSet::new();
         for (i, (s, p)) in sealed.iter_mut().zip(&placements).enumerate() {
             let peers: Vec<Holder> = p.peers.iter().map(|x| (x.id, x.addr.clone())).collect();
-            let (io, spares, k, epoch, id) = (self.io.clone(), spares.clone(), self.k, self.epoch.load(Ordering::Relaxed), s.id);
+            let (io, spares, k, epoch, id) =
+                (self.io.clone(), spares.clone(), self.k, self.epoch.load(Ordering::Relaxed), s.id);
             let root = s.encoded.root;
             let encoded = std::mem::replace(&mut s.encoded, EncodedSegment { root, shards: Vec::new() });
             puts.spawn(async move { (i, io.put(id, k, &encoded, &peers, spares, epoch).await) });
@@ -513,9 +532,9 @@ impl Inner {
     async fn pack(&self, taken: &[Queued]) -> Result<Vec<Packer>, CommitError> {
         let mut currents: Vec<(Current, Option<super::log::LogPos>)> = {
             let local = self.local.lock().expect("local");
-            taken
-                .iter()
-                .flat_map(|q| local.current(q))
+            local
+                .current_among(taken)
+                .into_iter()
                 .map(|c| {
                     let pos = match c {
                         Current::Write { record, .. } => local.record(record),

@@ -58,12 +58,13 @@ impl Inner {
         self.check_fenced(op, offset, length)?;
         self.wait_for_lease(op, offset, length).await?;
         self.wait_for_room(op, offset, length).await?;
-        let max = u64::from(self.log.max_record_blocks());
+        let max = u64::from(self.log.max_record_blocks()).min(self.record_blocks());
         let deadline = tokio::time::Instant::now() + self.config.io_timeout;
         let mut done = 0u64;
         while done < n {
             let count = (n - done).min(max);
-            let first = self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
+            let first =
+                self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
             let a = address + done;
             let src = &plain[done as usize * BLOCK_SIZE..(done + count) as usize * BLOCK_SIZE];
             let mut ct = src.to_vec();
@@ -71,7 +72,8 @@ impl Inner {
                 let seq = first.checked_add(i as u64).expect("the run was allocated");
                 self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
             }
-            let appended = self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
+            let appended =
+                self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
             let pos = match appended {
                 Ok(p) => p[0],
                 Err(LogError::Full { .. }) if tokio::time::Instant::now() < deadline => {

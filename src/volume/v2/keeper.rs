@@ -57,17 +57,21 @@ impl Keeper {
     async fn retake(&mut self) -> Result<bool, String> {
         let inner = &self.inner;
         let old = inner.epoch.load(Ordering::Relaxed);
-        let lease = match crate::volume::lease::acquire(&inner.client, &inner.config.state_dir, &inner.name, false).await
-        {
-            Ok(l) => l,
-            Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
-                return Err(format!("the volume was taken over while this attach's lease had lapsed: {e}"));
-            }
-            Err(e) => {
-                tracing::warn!("volume {}: taking the lapsed lease again: {e}", inner.name);
-                return Ok(false);
-            }
-        };
+        let lease =
+            match crate::volume::lease::acquire(&inner.client, &inner.config.state_dir, &inner.name, false)
+                .await
+            {
+                Ok(l) => l,
+                Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
+                    return Err(format!(
+                        "the volume was taken over while this attach's lease had lapsed: {e}"
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!("volume {}: taking the lapsed lease again: {e}", inner.name);
+                    return Ok(false);
+                }
+            };
         // Nobody holds it now; did anybody write while we did not?
         let ours = inner.root.lock().expect("root").clone();
         match inner.client.root(&inner.name).await {
@@ -88,7 +92,11 @@ impl Keeper {
         inner.switch_epoch(lease.epoch).map_err(|e| e.to_string())?;
         self.ttl = Duration::from_millis(lease.ttl_ms);
         self.renewed_at = Instant::now();
-        tracing::info!("volume {}: the lease lapsed and was taken again: epoch {old} → {}", inner.name, lease.epoch);
+        tracing::info!(
+            "volume {}: the lease lapsed and was taken again: epoch {old} → {}",
+            inner.name,
+            lease.epoch
+        );
         inner.set_suspended(false);
         inner.wake.notify_one();
         Ok(true)
@@ -118,7 +126,12 @@ impl Inner {
     }
 
     /// Waits while the lease may have lapsed; refuses after the I/O timeout.
-    pub(super) async fn wait_for_lease(&self, op: &'static str, offset: u64, length: u64) -> crate::backend::Result<()> {
+    pub(super) async fn wait_for_lease(
+        &self,
+        op: &'static str,
+        offset: u64,
+        length: u64,
+    ) -> crate::backend::Result<()> {
         let mut s = self.suspended.subscribe();
         if !*s.borrow_and_update() {
             return Ok(());

@@ -214,13 +214,37 @@ impl LocalIndex {
         self.queue = taken;
     }
 
+    /// The parts of the writes `taken` (one commit's) that no other write
+    /// of `taken` replaced. A write replaced only by one still queued is
+    /// carried too: the commit claims its watermark for it, and the newer
+    /// write may not be committed before a crash.
+    pub fn current_among(&self, taken: &[Queued]) -> Vec<Current> {
+        let mut map = BlockMap::new(self.map.blocks());
+        for q in taken {
+            let entry = match *q {
+                Queued::Write { record, address, blocks, sequence } => {
+                    Entry::Data { start: address, len: blocks, segment: record_id(record), slot: 0, sequence }
+                }
+                Queued::Zero { address, blocks, sequence } => {
+                    Entry::Zero { start: address, len: blocks, sequence }
+                }
+            };
+            map.apply(&entry).expect("a queued write was a valid entry");
+        }
+        taken.iter().flat_map(|q| Self::current_in(&map, q)).collect()
+    }
+
     /// The parts of `q` that are still the newest local version.
     pub fn current(&self, q: &Queued) -> Vec<Current> {
+        Self::current_in(&self.map, q)
+    }
+
+    fn current_in(map: &BlockMap, q: &Queued) -> Vec<Current> {
         let (address, blocks) = match *q {
             Queued::Write { address, blocks, .. } | Queued::Zero { address, blocks, .. } => (address, blocks),
         };
         let mut out = Vec::new();
-        for e in self.map.lookup_range(address, blocks) {
+        for e in map.lookup_range(address, blocks) {
             let Some(first) = e.first else { continue };
             match (*q, first.target) {
                 (Queued::Write { record, address: a, sequence, .. }, Target::Data { segment, slot })
@@ -378,6 +402,25 @@ mod tests {
         x.begin(seq(13));
         x.abandon(seq(13));
         assert_eq!(x.take(seq(13), u64::MAX).1, seq(13));
+    }
+
+    #[test]
+    fn a_write_replaced_only_by_one_left_queued_is_carried_by_its_commit() {
+        let mut x = LocalIndex::new(1000);
+        x.begin(seq(1));
+        x.insert_write(pos(1, 0), 10, 2, seq(1), false).unwrap(); // 10..12 @1,2
+        x.begin(seq(3));
+        x.insert_write(pos(1, 100), 10, 1, seq(3), false).unwrap(); // 10 @3
+        // The commit takes only the first write (a bounded take).
+        let (taken, w) = x.take(seq(3), 2);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(w, seq(2), "the watermark covers the first write");
+        // Its block 10 is replaced by a write left queued: still carried.
+        assert_eq!(
+            x.current_among(&taken),
+            vec![Current::Write { record: 1, first: 0, address: 10, blocks: 2, sequence: seq(1) }]
+        );
+        assert_eq!(x.current(&taken[0]).len(), 1, "the local view sees only block 11 as current");
     }
 
     #[test]
