@@ -309,7 +309,7 @@ fn a_wrong_key_is_refused_before_anything_is_served() {
     let out = s.attach_command(&state, &other, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("the key does not open volume disk"), "{err}");
+    assert!(err.contains("volume disk: this key file is not one of the volume's keys"), "{err}");
     assert!(!state.join("nbd.sock").exists(), "nothing may be served");
 }
 

@@ -63,7 +63,7 @@ pub enum AttachError {
     #[error("volume {volume}: {why}")]
     Root { volume: String, why: String },
     #[error(
-        "{folder} holds {writes} writes not yet flushed to volume {volume}, made against its commit {base}, but the volume has been written elsewhere since (now at commit {now}): attach with --discard-local to drop them, or attach from another folder"
+        "{folder} holds {writes} writes not yet flushed to volume {volume}, made against its commit {base}, but the volume has been attached elsewhere since (it is now at commit {now}): attach with --discard-local to drop them, or attach from another folder"
     )]
     Diverged { folder: PathBuf, volume: String, writes: usize, base: String, now: String },
     #[error("volume {volume}: the segments since the checkpoint cannot be read: {why}")]
@@ -129,7 +129,14 @@ impl Volume {
         let (log, replay) = Box::pin(LocalLog::open(&dir, key, &spec.id, &ring, log_config)).await?;
         let cache =
             BlockCache::open(&dir.join("blocks"), key, &spec.id, &ring, config.cache_size.max(1 << 20))?;
+        // Every grant raises the epoch by one: a grant one above the epoch
+        // this folder's last writes were made under (a sequence carries its
+        // writer's epoch) means nobody else held the volume in between, so
+        // those writes are still the newest anybody saw. (Not the lease
+        // note: an attach refused below took a lease and noted it too.)
         let lease = lease::acquire(&client, &dir, name, config.force).await?;
+        let writer = replay.highest_sequence.epoch();
+        let undisturbed = writer > 0 && lease.epoch == writer + 1;
         let root_key = RootKey::derive(key);
         let root = match client.root(name).await.map_err(VolumeError::from)? {
             None => RootRecord {
@@ -199,7 +206,7 @@ impl Volume {
             .remember(&root)
             .map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
         Box::pin(inner.load_map(&root)).await.map_err(fail)?;
-        Box::pin(inner.replay(&root, &replay)).await.map_err(fail)?;
+        Box::pin(inner.replay(&root, &replay, undisturbed)).await.map_err(fail)?;
         inner.committed.send_replace(replay.committed.max(Sequence::ZERO));
         // Noted before anything is written: the log's records after this are
         // against this root.
@@ -252,6 +259,18 @@ impl Volume {
                 ),
             )));
         }
+        // The records saying all of it is committed reach the disk before
+        // the lease goes: after a power cut the next attach from here
+        // finds its log matching the root, not writes it must refuse.
+        inner.log.sync().await.map_err(|e| {
+            VolumeError::Backend(backend::Error::failed(
+                backend::ErrorKind::Io,
+                "detach",
+                0,
+                0,
+                e.to_string(),
+            ))
+        })?;
         let epoch = inner.epoch.load(std::sync::atomic::Ordering::Relaxed);
         lease::release(&inner.client, &inner.config.state_dir, &inner.name, epoch).await?;
         Ok(())
@@ -316,7 +335,12 @@ impl Inner {
     }
 
     /// Replays the local log (see the module doc).
-    async fn replay(&self, root: &RootRecord, replay: &super::log::Replay) -> Result<(), AttachError> {
+    async fn replay(
+        &self,
+        root: &RootRecord,
+        replay: &super::log::Replay,
+        undisturbed: bool,
+    ) -> Result<(), AttachError> {
         let pending = replay
             .records
             .iter()
@@ -326,10 +350,16 @@ impl Inner {
             })
             .count();
         let base = replay.base.map(|(_, b)| b);
-        let ours = base.is_some_and(|b| {
-            (b.epoch, b.commit) == (root.epoch, root.commit)
-                || (b.epoch == root.epoch && root.commit >= b.commit)
-        });
+        // The log goes on only if it is the volume's latest line: nobody
+        // else held the lease since (even one who wrote nothing served a
+        // state without these writes: bringing them back later would be
+        // time travel), and the root is the one it was written on, or one
+        // this folder's own epoch made since.
+        let ours = (undisturbed || pending == 0)
+            && base.is_some_and(|b| {
+                (b.epoch, b.commit) == (root.epoch, root.commit)
+                    || (b.epoch == root.epoch && root.commit >= b.commit)
+            });
         if pending > 0 && !ours && !self.config.discard_local {
             return Err(AttachError::Diverged {
                 folder: self.config.state_dir.clone(),
@@ -339,19 +369,33 @@ impl Inner {
                 now: format!("{}.{}", root.epoch, root.commit),
             });
         }
-        if pending > 0 && !ours {
-            tracing::warn!(
-                "volume {}: dropping {pending} unflushed writes of {} made against an older root (--discard-local)",
-                self.name,
-                self.config.state_dir.display()
-            );
+        if !ours && !replay.records.is_empty() {
+            // Another machine wrote the volume since this log was made:
+            // none of it is served or committed (a copy of an unflushed
+            // write from there would beat the newer root on reads), and it
+            // goes for good, so no later replay brings it back.
+            if pending > 0 {
+                tracing::warn!(
+                    "volume {}: dropping {pending} unflushed writes of {} made against an older root (--discard-local)",
+                    self.name,
+                    self.config.state_dir.display()
+                );
+            }
+            let base = Base {
+                epoch: root.epoch,
+                commit: root.commit,
+                segment_floor: root.highest_segment.max(replay.highest_segment),
+                sequence_floor: root.highest_sequence.max(replay.highest_sequence),
+            };
+            self.log.start_over(base).await.map_err(AttachError::Log)?;
+            return Ok(());
         }
         let mut local = self.local.lock().expect("local");
         for (pos, r) in &replay.records {
-            // Every record is a valid local copy (the higher sequence wins
-            // against the committed map on reads); only the unflushed ones
-            // of a log that is ours are queued again.
-            let queue = ours && r.highest_sequence() > replay.committed;
+            // The log is this folder's own line of commits: its committed
+            // records are copies of what a root holds (a newer version in
+            // the map wins on reads), its unflushed ones are queued again.
+            let queue = r.highest_sequence() > replay.committed;
             let done = match *r {
                 RecordHead::Write { address, blocks, sequence } => {
                     local.begin(sequence);

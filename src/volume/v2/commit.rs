@@ -457,16 +457,22 @@ impl Inner {
         };
         debug_assert!(commit.segments.len() <= MAX_COMMIT_SEGMENTS);
         self.swap_root(commit).await?;
-        // Committed: the map (the new checkpoint first: it drops the
-        // summaries it includes, then this commit's go on top), the
-        // freshness note, the log.
+        // Committed. From here nothing goes back to the queue: the root is
+        // the new one whatever else fails, and a failure below leaves this
+        // attach's state unsure, so it stops (fenced) rather than go on.
+        *self.root.lock().expect("root") = next.clone();
+        let after =
+            |e: String| CommitError::Diverged(format!("after commit {} landed: {e}; re-attach", next.commit));
+        // The map (the new checkpoint first: it drops the summaries it
+        // includes, then this commit's go on top), the freshness note, the
+        // log.
         {
             let mut map = self.map.lock().expect("map");
             if let Some((index, _)) = written {
-                map.install(index).map_err(io)?;
+                map.install(index).map_err(|e| after(e.to_string()))?;
             }
             for s in &sealed {
-                map.apply_summary(&s.summary, s.encoded.root).map_err(io)?;
+                map.apply_summary(&s.summary, s.encoded.root).map_err(|e| after(e.to_string()))?;
             }
         }
         {
@@ -475,18 +481,17 @@ impl Inner {
                 holders.insert(s.id, peers);
             }
         }
-        self.remember(&next).map_err(io)?;
+        self.remember(&next).map_err(|e| after(format!("noting the root's freshness: {e}")))?;
         let base = Base {
             epoch: next.epoch,
             commit: next.commit,
             segment_floor: next.highest_segment,
             sequence_floor: self.sequences.lock().expect("sequences").last(),
         };
-        *self.root.lock().expect("root") = next;
         self.log
             .append(&[NewRecord::Base(base), NewRecord::Committed { sequence: watermark }])
             .await
-            .map_err(io)?;
+            .map_err(|e| after(e.to_string()))?;
         Ok(())
     }
 
@@ -592,13 +597,28 @@ impl Inner {
             match self.client.commit_root(commit.clone()).await {
                 Ok(_) => return Ok(()),
                 Err(e) => match e.kind() {
-                    Some(ErrorKind::Fenced) => return Err(CommitError::Fenced(e.to_string())),
-                    Some(ErrorKind::Conflict) => {
-                        // Our own earlier try may have landed.
-                        return match self.client.root(&self.name).await {
-                            Ok(Some(r)) if r.sealed == commit.sealed => Ok(()),
-                            _ => Err(CommitError::Diverged(format!(
+                    Some(ErrorKind::Fenced | ErrorKind::Conflict) => {
+                        // Our own earlier try may have landed (then the
+                        // lease may have lapsed, or the retry found its own
+                        // root): read the root, a few times if need be.
+                        let mut landed = None;
+                        for pause in [50u64, 200, 1000] {
+                            match self.client.root(&self.name).await {
+                                Ok(r) => {
+                                    landed = Some(r.is_some_and(|r| r.sealed == commit.sealed));
+                                    break;
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(pause)).await,
+                            }
+                        }
+                        return match (landed, e.kind()) {
+                            (Some(true), _) => Ok(()),
+                            (_, Some(ErrorKind::Fenced)) => Err(CommitError::Fenced(e.to_string())),
+                            (Some(false), _) => Err(CommitError::Diverged(format!(
                                 "the volume's root changed under this writer ({e}): another machine wrote it; re-attach"
+                            ))),
+                            (None, _) => Err(unavailable(format!(
+                                "the commit was refused ({e}) and the root could not be read to see why"
                             ))),
                         };
                     }

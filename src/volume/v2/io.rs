@@ -89,11 +89,11 @@ impl Inner {
                     return Err(log_failed(op, offset, length, e));
                 }
             };
-            self.local
-                .lock()
-                .expect("local")
-                .insert_write(pos, a, count, first, false)
-                .map_err(|e| failed(ErrorKind::Invalid, op, offset, length, e))?;
+            let inserted = self.local.lock().expect("local").insert_write(pos, a, count, first, false);
+            if let Err(e) = inserted {
+                self.local.lock().expect("local").abandon(first);
+                return Err(failed(ErrorKind::Invalid, op, offset, length, e));
+            }
             done += count;
         }
         self.wake.notify_one();
@@ -222,11 +222,11 @@ impl Inner {
             self.local.lock().expect("local").abandon(sequence);
             return Err(log_failed(op, offset, length, e));
         }
-        self.local
-            .lock()
-            .expect("local")
-            .insert_zero(first_full, n, sequence, false)
-            .map_err(|e| failed(ErrorKind::Invalid, op, offset, length, e))?;
+        let inserted = self.local.lock().expect("local").insert_zero(first_full, n, sequence, false);
+        if let Err(e) = inserted {
+            self.local.lock().expect("local").abandon(sequence);
+            return Err(failed(ErrorKind::Invalid, op, offset, length, e));
+        }
         self.wake.notify_one();
         Ok(())
     }
@@ -477,6 +477,7 @@ impl Inner {
 
     /// Zeroes for never-written space, for block status.
     pub(super) async fn holes(&self, offset: u64, length: u32) -> backend::Result<Vec<backend::Extent>> {
+        self.check_fenced("block status", offset, u64::from(length))?;
         let first = offset / BLOCK;
         let end = (offset + u64::from(length)).div_ceil(BLOCK);
         let local = self.local.lock().expect("local").lookup(first, end - first);

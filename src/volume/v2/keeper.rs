@@ -72,7 +72,10 @@ impl Keeper {
                     return Ok(false);
                 }
             };
-        // Nobody holds it now; did anybody write while we did not?
+        // Nobody holds it now; did anybody write while we did not? (With
+        // the commit turn held: a commit that landed just before the lease
+        // lapsed has updated our root by then.)
+        let _turn = inner.commit_turn.lock().await;
         let ours = inner.root.lock().expect("root").clone();
         match inner.client.root(&inner.name).await {
             Ok(Some(r)) if (r.epoch, r.commit) == (ours.epoch, ours.commit) => {}
@@ -184,7 +187,19 @@ impl Worker for Keeper {
         }
         let epoch = inner.epoch.load(Ordering::Relaxed);
         let asked = Instant::now();
-        match inner.client.renew_lease(&inner.name, epoch).await {
+        // Not answered by 0.8 of the lease's life: suspend while waiting,
+        // before another machine could take the volume.
+        let suspend_at = self.renewed_at + self.ttl.mul_f32(0.8);
+        let renew = inner.client.renew_lease(&inner.name, epoch);
+        tokio::pin!(renew);
+        let answer = tokio::select! {
+            r = &mut renew => r,
+            _ = tokio::time::sleep_until(suspend_at) => {
+                inner.set_suspended(true);
+                renew.await
+            }
+        };
+        match answer {
             Ok(_) => {
                 self.renewals += 1;
                 self.renewed_at = asked;

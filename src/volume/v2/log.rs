@@ -1146,6 +1146,37 @@ impl LocalLog {
         Ok(gone)
     }
 
+    /// Drops every record: a new file is started with `base` in it (synced),
+    /// then every older file is deleted (and the deletion synced). For an
+    /// attach told to discard a folder's unflushed writes: they must not
+    /// come back at the next replay, as copies or as writes to commit.
+    pub async fn start_over(&self, base: Base) -> Result<(), LogError> {
+        self.check()?;
+        // The old files go (and their deletion is synced) before the new
+        // Base is written: a crash in between leaves an empty log, never
+        // the old records after a Base that would vouch for them.
+        let gone: Vec<u32> = {
+            let mut tail = self.tail();
+            self.roll_over(&mut tail)?;
+            let current = tail.current;
+            let gone: Vec<u32> = tail.files.keys().copied().filter(|&n| n != current).collect();
+            for n in &gone {
+                let f = tail.files.remove(n).expect("listed");
+                tail.used -= u64::from(f.end);
+            }
+            tail.newest_base = None;
+            tail.newest_committed = None;
+            gone
+        };
+        for &n in &gone {
+            let path = file_path(&self.inner.log_dir, n);
+            std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+        }
+        durable::sync_dir(&self.inner.log_dir).map_err(|e| io_err(&self.inner.log_dir, e))?;
+        self.append(&[NewRecord::Base(base)]).await?;
+        self.sync().await
+    }
+
     fn file(&self, pos: LogPos) -> Result<Arc<RegisteredFile>, LogError> {
         self.tail().files.get(&pos.file).map(|f| f.file.clone()).ok_or(LogError::Released(pos))
     }
