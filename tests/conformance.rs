@@ -354,7 +354,7 @@ async fn checkpointed_runs(
     use meshdisk::volume::v2::root::{RootKey, RootRecord};
     use meshdisk::volume::v2::{Config, Volume};
     const MIB: u64 = 1 << 20;
-    let key = meshdisk::codec::VolumeKey::read_file(&c.root.path().join(format!("{name}.key"))).unwrap();
+    let key = common::cluster::data_key(&c.client(), name, &c.root.path().join(format!("{name}.key"))).await;
     let config = |folder: &str| {
         let mut config = Config::new(c.root.path().join(folder), 1 << 20);
         config.log_size = 16 << 20;
