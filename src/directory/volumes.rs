@@ -283,12 +283,8 @@ impl<S: MetaStore> Directory<S> {
         );
         let per_shard = shard_bytes(record.spec.shard_size);
         let mut health = StripeHealth::default();
-        let mut allocated = 0;
-        for s in self.list::<StripeRecord>("stripe", &stripe_prefix(&record.spec.id)).await? {
-            let stored = s.hashes.iter().filter(|h| h.is_some()).count();
-            let healthy =
-                s.peers.iter().zip(&s.hashes).filter(|(p, h)| h.is_some() && up.contains(*p)).count();
-            allocated += stored as u64 * per_shard;
+        // One stripe or segment with `healthy` shards on peers that are up.
+        let count = |health: &mut StripeHealth, healthy: usize| {
             health.stripes += 1;
             if healthy >= all {
                 health.whole += 1;
@@ -299,6 +295,14 @@ impl<S: MetaStore> Directory<S> {
             } else {
                 health.unavailable += 1;
             }
+        };
+        let mut allocated = 0;
+        for s in self.list::<StripeRecord>("stripe", &stripe_prefix(&record.spec.id)).await? {
+            let stored = s.hashes.iter().filter(|h| h.is_some()).count();
+            let healthy =
+                s.peers.iter().zip(&s.hashes).filter(|(p, h)| h.is_some() && up.contains(*p)).count();
+            allocated += stored as u64 * per_shard;
+            count(&mut health, healthy);
         }
         // Segments (the second design): holders by small peer id.
         let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
@@ -321,16 +325,7 @@ impl<S: MetaStore> Directory<S> {
                     healthy += 1;
                 }
             }
-            health.stripes += 1;
-            if healthy >= all {
-                health.whole += 1;
-            } else if healthy >= threshold {
-                health.degraded += 1;
-            } else if healthy >= k {
-                health.needs_repair += 1;
-            } else {
-                health.unavailable += 1;
-            }
+            count(&mut health, healthy);
         }
         Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health })))
     }
