@@ -11,21 +11,9 @@ use meshdisk::backend::memory::MemoryBackend;
 use meshdisk::backend::{Backend, ReadPiece, ZeroFlags};
 use meshdisk::sys::uring::Uring;
 
+use common::Rng;
+
 const SIZE: u64 = 8 << 20;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The model: the bytes we expect, and which of them are defined (a TRIM
 /// leaves its range undefined until it is written again).

@@ -16,6 +16,8 @@
 
 mod common;
 
+use common::Rng;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,20 +37,6 @@ const WRITE: u16 = 1;
 const FLUSH: u16 = 3;
 const TRIM: u16 = 4;
 const WRITE_ZEROES: u16 = 6;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What each block may read as.
 struct Model {

@@ -204,3 +204,19 @@ pub fn sha256_file(path: &Path) -> String {
     let out = stdout_of(Command::new("sha256sum").arg(path));
     out.split_whitespace().next().unwrap().to_string()
 }
+
+/// A small seeded generator (xorshift) for reproducible random tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

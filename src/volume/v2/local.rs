@@ -40,13 +40,6 @@ impl Queued {
             Queued::Write { sequence, .. } | Queued::Zero { sequence, .. } => sequence,
         }
     }
-
-    fn sequence(&self) -> Sequence {
-        match *self {
-            Queued::Write { sequence, blocks, .. } => sequence.checked_add(blocks - 1).unwrap_or(sequence),
-            Queued::Zero { sequence, .. } => sequence,
-        }
-    }
 }
 
 /// A piece of a queued write that is still the newest version of its blocks.
@@ -87,8 +80,6 @@ pub struct LocalIndex {
     queue: Vec<Queued>,
     /// First sequences of the writes in flight (allocated, not inserted).
     in_flight: BTreeMap<Sequence, usize>,
-    /// The highest sequence inserted.
-    highest: Sequence,
 }
 
 fn record_id(record: u64) -> SegmentId {
@@ -103,7 +94,6 @@ impl LocalIndex {
             next_record: 1,
             queue: Vec::new(),
             in_flight: BTreeMap::new(),
-            highest: Sequence::ZERO,
         }
     }
 
@@ -141,7 +131,6 @@ impl LocalIndex {
         self.records.insert(record, pos);
         self.map.apply(&entry)?;
         let q = Queued::Write { record, address, blocks, sequence };
-        self.highest = self.highest.max(q.sequence());
         if !committed {
             self.queue.push(q);
         }
@@ -158,7 +147,6 @@ impl LocalIndex {
         committed: bool,
     ) -> Result<(), MapError> {
         self.map.apply(&Entry::Zero { start: address, len: blocks, sequence })?;
-        self.highest = self.highest.max(sequence);
         if !committed {
             self.queue.push(Queued::Zero { address, blocks, sequence });
         }
@@ -295,11 +283,6 @@ impl LocalIndex {
         }
     }
 
-    /// The highest sequence the index has seen.
-    pub fn highest(&self) -> Sequence {
-        self.highest
-    }
-
     /// Forgets the records of log files `kept` says are gone (released):
     /// their blocks are committed, and read from the committed map now.
     /// Queued writes are never in a released file.
@@ -319,21 +302,6 @@ impl LocalIndex {
             }
         }
         self.records.retain(|_, p| kept(p.file));
-        self.map = map;
-    }
-
-    /// Zero extents already committed are dropped too when `committed`
-    /// covers them (they cost nothing to keep, but a volume trimmed whole
-    /// once need not remember it locally for ever).
-    pub fn forget_committed_zeroes(&mut self, committed: Sequence) {
-        let mut map = BlockMap::new(self.map.blocks());
-        for e in self.map.extents() {
-            let drop =
-                matches!(e.first, Some(Mapping { target: Target::Zero, sequence }) if sequence <= committed);
-            if !drop && let Some(entry) = e.entry() {
-                map.apply(&entry).expect("an extent of a valid map applies");
-            }
-        }
         self.map = map;
     }
 }
@@ -440,7 +408,5 @@ mod tests {
         let found = x.lookup(0, 3);
         assert_eq!(found[0].0.first, None, "block 0 was only in file 1");
         assert_eq!(found[1].1, Some(LocalBlock::Log { pos: pos(2, 0), block: 0 }));
-        x.forget_committed_zeroes(seq(5));
-        assert_eq!(x.lookup(50, 1)[0].0.first, None);
     }
 }

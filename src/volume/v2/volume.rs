@@ -196,9 +196,4 @@ impl Volume {
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.inner.workers.list()
     }
-
-    /// Writes only in the local log: not yet in a committed root.
-    pub fn unflushed(&self) -> u64 {
-        self.inner.local.lock().expect("local").queued() as u64
-    }
 }
