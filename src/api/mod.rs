@@ -380,7 +380,9 @@ pub struct PeerSlot {
 }
 
 /// Where one new segment's shards go: k + m distinct peers, in shard
-/// order. No space is reserved; the writer asks again if a put is refused.
+/// order; fewer (down to k + 1) while peers are down, the shards past the
+/// list then stored by no one until repair. No space is reserved; the
+/// writer asks again if a put is refused.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentPlacement {
     pub peers: Vec<PeerSlot>,

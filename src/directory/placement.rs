@@ -25,7 +25,7 @@ pub struct Candidate {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlaceError {
     #[error(
-        "a stripe needs {need} peers with {shard_bytes} bytes free each, and only {have} are up with that much space: start more peers or give them more capacity"
+        "it needs {need} peers with {shard_bytes} bytes free each, and only {have} are up with that much space: start more peers or give them more capacity"
     )]
     NotEnough { need: usize, have: usize, shard_bytes: u64 },
 }
@@ -81,6 +81,25 @@ pub fn choose(
         chosen.push(pick);
     }
     Ok(chosen)
+}
+
+/// Like [`choose`], but when fewer than `n` peers can take a shard (peers
+/// are down), as many as can, down to `min` (a segment's write quorum):
+/// the shards left over are not stored until repair rebuilds them, as an
+/// erasure-coded pool with `min_size = k + 1` keeps writing degraded.
+/// Never two shards on one peer: losing it must cost one shard only.
+pub fn choose_at_least(
+    candidates: &[Candidate],
+    n: usize,
+    min: usize,
+    shard_bytes: u64,
+    random: impl FnMut() -> f64,
+) -> Result<Vec<usize>, PlaceError> {
+    let eligible = candidates.iter().filter(|c| c.free >= shard_bytes).count();
+    if eligible < min.min(n) {
+        return Err(PlaceError::NotEnough { need: min.min(n), have: eligible, shard_bytes });
+    }
+    choose(candidates, eligible.min(n), shard_bytes, random)
 }
 
 /// Like [`choose`], but when fewer than `n` peers can take a shard (peers
@@ -141,6 +160,25 @@ mod tests {
             x ^= x << 17;
             (x >> 11) as f64 / (1u64 << 53) as f64
         }
+    }
+
+    #[test]
+    fn at_least_takes_every_peer_up_down_to_the_minimum_never_two_shards_on_one() {
+        let peers: Vec<Candidate> =
+            (0..4).map(|i| peer(&format!("p{i}"), &format!("d{i}"), 100, None)).collect();
+        // Enough: exactly n.
+        assert_eq!(choose_at_least(&peers, 3, 2, 10, rng(1)).unwrap().len(), 3);
+        // Too few for n, enough for min: all of them, once each.
+        let mut got = choose_at_least(&peers, 6, 4, 10, rng(2)).unwrap();
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        // Below min (counting only peers with room): refused.
+        let mut tight = peers.clone();
+        tight[0].free = 5;
+        assert_eq!(
+            choose_at_least(&tight, 6, 4, 10, rng(3)),
+            Err(PlaceError::NotEnough { need: 4, have: 3, shard_bytes: 10 })
+        );
     }
 
     #[test]

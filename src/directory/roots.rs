@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use super::Directory;
 use super::meta::{self, Compare, MetaStore, Op, Txn, TxnOutcome};
-use super::placement::choose;
+use super::placement::choose_at_least;
 use super::schema::*;
 use crate::api::*;
 use crate::codec::root::UnverifiedRoot;
@@ -302,15 +302,19 @@ impl<S: MetaStore> Directory<S> {
             }
         }
         let n = usize::from(v.spec.k) + usize::from(v.spec.m);
+        // Fewer than k + m peers up: the segment goes to those there are,
+        // down to its write quorum (k + 1); repair stores the rest later.
+        let quorum = usize::from(v.spec.k) + 1;
         let mut placements = Vec::with_capacity(count as usize);
         let mut candidates: Vec<_> = open.iter().map(|(_, c)| c.clone()).collect();
         for _ in 0..count {
-            let picked = choose(&candidates, n, shard_bytes, || self.random()).map_err(|e| {
-                Remote::new(
-                    ErrorKind::Full,
-                    format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
-                )
-            })?;
+            let picked =
+                choose_at_least(&candidates, n, quorum, shard_bytes, || self.random()).map_err(|e| {
+                    Remote::new(
+                        ErrorKind::Full,
+                        format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
+                    )
+                })?;
             for &i in &picked {
                 candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
             }

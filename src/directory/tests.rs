@@ -1146,8 +1146,17 @@ async fn segments_are_placed_in_batches_on_distinct_up_peers_never_the_excluded(
         ids.sort();
         assert_eq!(ids, vec![5, 6, 7, 8]);
     }
-    let err = f.place_segments("client-1", "vol-1", 1, 1, vec![5]).await.unwrap_err();
+    // Fewer than k + m up: the segment goes to those there are, down to
+    // its write quorum k + 1 = 3; below that it is refused.
+    let placed = f.place_segments("client-1", "vol-1", 1, 2, vec![5]).await.unwrap();
+    for p in placed {
+        let mut ids: Vec<u16> = p.peers.iter().map(|s| s.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![6, 7, 8], "degraded: one shard each on the 3 left");
+    }
+    let err = f.place_segments("client-1", "vol-1", 1, 1, vec![5, 6]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Full, "{err}");
+    assert!(err.message.contains("3 peers") && err.message.contains("only 2"), "{err}");
     let err = f.place_segments("client-2", "vol-1", 1, 1, vec![]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
     let err = f.place_segments("client-1", "vol-1", 1, 0, vec![]).await.unwrap_err();

@@ -209,11 +209,23 @@ pub struct Pool {
     endpoint: Endpoint,
     conns: tokio::sync::Mutex<HashMap<(SocketAddr, String), Slot>>,
     connect_timeout: Duration,
+    /// Nodes whose last connect failed, when and why: asked again only
+    /// [`RETRY_AFTER`] later, so a dead node costs its callers one connect
+    /// timeout, not one each.
+    failed: std::sync::Mutex<HashMap<(SocketAddr, String), (std::time::Instant, String)>>,
 }
+
+/// How long a node whose connect failed is taken as unreachable.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 impl Pool {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: Default::default(), connect_timeout: Duration::from_secs(5) }
+        Self {
+            endpoint,
+            conns: Default::default(),
+            connect_timeout: Duration::from_secs(5),
+            failed: Default::default(),
+        }
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -223,6 +235,16 @@ impl Pool {
     /// The connection to `name` at `addr`, connecting if there is none.
     pub async fn connect(&self, addr: SocketAddr, name: &str) -> Result<Connection, RpcError> {
         let key = (addr, name.to_owned());
+        if let Some((at, message)) = self.failed.lock().expect("failed").get(&key) {
+            let ago = at.elapsed();
+            if ago < RETRY_AFTER {
+                return Err(RpcError::Connect {
+                    addr,
+                    name: name.to_owned(),
+                    message: format!("{message} (the last try, {} ms ago)", ago.as_millis()),
+                });
+            }
+        }
         loop {
             let cell = self.conns.lock().await.entry(key.clone()).or_default().clone();
             let conn = cell
@@ -252,9 +274,17 @@ impl Pool {
                 Ok(c) => c.clone(),
                 Err(e) => {
                     self.forget(&key, &cell).await;
+                    if let RpcError::Connect { message, .. } = &e {
+                        let mut failed = self.failed.lock().expect("failed");
+                        if failed.len() >= 4096 {
+                            failed.clear();
+                        }
+                        failed.insert(key, (std::time::Instant::now(), message.clone()));
+                    }
                     return Err(e);
                 }
             };
+            self.failed.lock().expect("failed").remove(&key);
             if conn.close_reason().is_none() {
                 return Ok(conn);
             }

@@ -26,18 +26,30 @@ impl Proc {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("MESHDISK_LOG", "info")
+            .env("MESHDISK_LOG", std::env::var("MESHDISK_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let out = Arc::new(Mutex::new(String::new()));
+        // MESHDISK_TEST_LOGS=DIR also appends each process's lines to
+        // DIR/NAME.log as they come: what a hung test's processes said.
+        let tee = std::env::var_os("MESHDISK_TEST_LOGS").map(|dir| {
+            let path = Path::new(&dir).join(format!("{name}.log"));
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+            Arc::new(Mutex::new(file.unwrap_or_else(|e| panic!("{}: {e}", path.display()))))
+        });
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let out = out.clone();
+            let tee = tee.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let Some(tee) = &tee {
+                        use std::io::Write;
+                        let _ = writeln!(tee.lock().unwrap(), "{line}");
+                    }
                     let mut o = out.lock().unwrap();
                     o.push_str(&line);
                     o.push('\n');

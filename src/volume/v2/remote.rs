@@ -125,7 +125,8 @@ impl SegmentIo {
     }
 
     /// Stores `encoded`'s shards, shard `i` on `peers[i]`, for a writer
-    /// holding `epoch`. Returns who holds each shard once a write quorum
+    /// holding `epoch` (shards past the end of `peers`, placed while peers
+    /// were down, go to a spare if there is one, else nowhere). Returns who holds each shard once a write quorum
     /// (k + 1) is stored and the rest had their grace; a shard that failed
     /// or was slow goes to one of `spares` once. A fenced writer's put fails
     /// at once.
@@ -139,7 +140,7 @@ impl SegmentIo {
         epoch: u64,
     ) -> Result<Vec<Option<Holder>>, SegmentIoError> {
         let n = encoded.shards.len();
-        assert_eq!(peers.len(), n, "one peer per shard");
+        assert!(peers.len() <= n, "at most one peer per shard");
         let quorum = (k + 1).min(n);
         let shards: Vec<Bytes> = encoded.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
         let mut puts = tokio::task::JoinSet::new();
@@ -154,9 +155,15 @@ impl SegmentIo {
             spawn(&mut puts, i, p.clone());
         }
         spares.retain(|s| !peers.iter().any(|p| p.0 == s.0));
+        let mut replaced = vec![false; n];
+        for (i, replaced) in replaced.iter_mut().enumerate().skip(peers.len()) {
+            *replaced = true;
+            if let Some(s) = spares.pop() {
+                spawn(&mut puts, i, s);
+            }
+        }
         let started = Instant::now();
         let mut holders: Vec<Option<Holder>> = vec![None; n];
-        let mut replaced = vec![false; n];
         let mut failures = Vec::new();
         let mut count = 0;
         let mut turn = tokio::time::Instant::now() + self.timing.put_deadline;
@@ -230,16 +237,30 @@ impl SegmentIo {
     }
 
     /// The segment's header (geometry and every shard root), verified
-    /// against its root; fetched once and kept.
+    /// against its root; fetched once and kept. Any shard's header does:
+    /// the holders are asked one after another, a hedge apart, and the
+    /// first verified answer is used, so a dead or slow holder costs a
+    /// hedge, not its timeout.
     pub async fn header(&self, seg: &Located) -> Result<Arc<SegmentShardHeader>, SegmentIoError> {
         if let Some(h) = self.headers.lock().expect("headers").get(&seg.id) {
             return Ok(h.clone());
         }
+        let mut asks = tokio::task::JoinSet::new();
+        for (n, (i, peer)) in
+            seg.holders.iter().enumerate().filter_map(|(i, p)| Some((i, p.clone()?))).enumerate()
+        {
+            let (client, key, root) = (self.client.clone(), self.key(seg.id, i), seg.root);
+            let after = self.timing.hedge * n as u32;
+            asks.spawn(async move {
+                tokio::time::sleep(after).await;
+                client.get_segment_header(&peer, key, &root).await
+            });
+        }
         let mut failures = Vec::new();
-        for (i, peer) in seg.holders.iter().enumerate() {
-            let Some(peer) = peer else { continue };
-            match self.client.get_segment_header(peer, self.key(seg.id, i), &seg.root).await {
-                Ok(h) => {
+        while let Some(j) = asks.join_next().await {
+            match j {
+                Ok(Ok(h)) => {
+                    asks.abort_all();
                     let h = Arc::new(h);
                     let mut headers = self.headers.lock().expect("headers");
                     if headers.len() >= HEADERS_KEPT {
@@ -248,7 +269,8 @@ impl SegmentIo {
                     headers.insert(seg.id, h.clone());
                     return Ok(h);
                 }
-                Err(e) => failures.push(e),
+                Ok(Err(e)) => failures.push(e),
+                Err(_) => {}
             }
         }
         Err(SegmentIoError::NoHeader { segment: seg.id, failures })
