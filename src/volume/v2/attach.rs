@@ -27,10 +27,12 @@ use super::blocks::BlockCache;
 use super::cache::MapCache;
 use super::checkpoint::{CheckpointIndex, IndexHead};
 use super::commit::{Committer, PACING};
+use super::io::{READ_AHEAD_FETCHES, READ_AHEAD_MAX, READ_AHEAD_MIN};
 use super::keeper::Keeper;
 use super::layout::{self, Trailer};
 use super::local::LocalIndex;
 use super::log::{Base, LocalLog, LogConfig, NewRecord, RecordHead};
+use super::readahead::ReadAhead;
 use super::remote::SegmentIo;
 use super::root::{Freshness, RootKey, RootRecord, SegmentRef};
 use super::summary::Summary;
@@ -187,6 +189,9 @@ impl Volume {
             cache,
             io: SegmentIo::new(client.clone(), spec.id, config.timing.clone()),
             locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            readahead: Mutex::new(ReadAhead::new(blocks, READ_AHEAD_MIN, READ_AHEAD_MAX)),
+            prefetches: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_FETCHES)),
+            prefetching: Mutex::new(Vec::new()),
             commit_turn: tokio::sync::Mutex::new(()),
             committed: watch::channel(Sequence::ZERO).0,
             commit_failure: Mutex::new(None),
@@ -470,6 +475,14 @@ impl Backend for Volume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
+        if length > 0 {
+            let first = offset / BLOCK_SIZE as u64;
+            let n = (offset + u64::from(length)).div_ceil(BLOCK_SIZE as u64) - first;
+            let ahead = self.inner.readahead.lock().expect("readahead").on_read(first, n);
+            if let Some(range) = ahead {
+                Inner::fetch_ahead(&self.inner, range);
+            }
+        }
         // Boxed: the read path's state is large, the caller's stack small.
         Box::pin(self.inner.read(offset, length)).await
     }

@@ -316,6 +316,15 @@ impl BlockCache {
         self.state().stats
     }
 
+    /// Whether block `address` at exactly `sequence` is cached (a read may
+    /// still refuse it if its tag fails).
+    pub fn contains(&self, address: u64, sequence: Sequence) -> bool {
+        let st = self.state();
+        st.by_address.get(&address).is_some_and(|&slot| {
+            matches!(st.slots[slot as usize].state, SlotState::Ready { sequence: s, .. } if s == sequence)
+        })
+    }
+
     /// The ciphertext of block `address` at exactly `sequence`, checked
     /// against its tag; None if not cached (or refused).
     pub async fn get(&self, address: u64, sequence: Sequence) -> Option<Vec<u8>> {

@@ -13,8 +13,10 @@
 //! then the one data shard holding it, proven).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use super::cache::NeedPage;
 use super::layout;
@@ -28,6 +30,15 @@ use crate::codec::segment::{BLOCK_SIZE, SegmentRoot};
 use crate::codec::sequence::{SegmentId, Sequence};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
+
+/// A sequential reader's first window ahead, in blocks (256 KiB).
+pub(super) const READ_AHEAD_MIN: u64 = 64;
+/// Its largest window ahead, in blocks (4 MiB).
+pub(super) const READ_AHEAD_MAX: u64 = 1024;
+/// Fetches ahead running at once, each at most [`FETCH_BLOCKS`].
+pub(super) const READ_AHEAD_FETCHES: usize = 4;
+/// One fetch ahead, in blocks (1 MiB: a data shard's worth by default).
+const FETCH_BLOCKS: u64 = 256;
 
 fn failed(kind: ErrorKind, op: &'static str, offset: u64, length: u64, why: impl ToString) -> backend::Error {
     backend::Error::failed(kind, op, offset, length, why.to_string())
@@ -323,22 +334,12 @@ impl Inner {
         Ok(Located { id: segment, root, holders: ids.iter().map(|i| peers.get(i).cloned()).collect() })
     }
 
-    /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
-    pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
-        self.read_blocks_again(first, n, 0).await
-    }
-
-    /// [`Self::read_blocks`], the `again`th time: a checkpoint installed
-    /// between the lookup and the reads may leave a segment the lookup
-    /// named unreachable (all its blocks were overwritten since), and the
-    /// read starts over with the new map. A segment still unreachable
-    /// after a few tries is a map naming one that is not there.
-    async fn read_blocks_again(&self, first: u64, n: u64, again: u32) -> backend::Result<Bytes> {
-        let (offset, length) = (first * BLOCK, n * BLOCK);
-        self.wait_for_lease("read", offset, length).await?;
+    /// Where each block of `first..first + n` is read from, and the
+    /// sequence it is read at: the higher sequence of the local index and
+    /// the committed map wins, the local copy on a tie.
+    async fn plan(&self, first: u64, n: u64) -> backend::Result<Vec<(Source, Sequence)>> {
         let local = self.local.lock().expect("local").lookup(first, n);
         let committed = self.committed_extents(first, n).await?;
-        // Block by block: the higher sequence wins; the local copy on a tie.
         let mut plan: Vec<(Source, Sequence)> = Vec::with_capacity(n as usize);
         let (mut li, mut ci) = (0usize, 0usize);
         for a in first..first + n {
@@ -369,6 +370,85 @@ impl Inner {
             };
             plan.push(pick);
         }
+        Ok(plan)
+    }
+
+    /// Starts fetching blocks `range` into the block cache, in stretches
+    /// of [`FETCH_BLOCKS`], as long as permits last (a fetch that finds
+    /// none is dropped: read-ahead is a hint).
+    pub(super) fn fetch_ahead(this: &Arc<Inner>, range: std::ops::Range<u64>) {
+        let mut at = range.start;
+        while at < range.end {
+            let end = (at + FETCH_BLOCKS).min(range.end);
+            let Ok(permit) = this.prefetches.clone().try_acquire_owned() else {
+                return;
+            };
+            let (done, waiting) = watch::channel(false);
+            this.prefetching.lock().expect("prefetching").push((at..end, waiting));
+            let inner = this.clone();
+            tokio::spawn(async move {
+                if let Err(e) = Box::pin(inner.prefetch(at, end - at)).await {
+                    tracing::debug!("volume {}: reading ahead {at}..{end}: {e}", inner.name);
+                }
+                inner.prefetching.lock().expect("prefetching").retain(|(r, _)| r.start != at || r.end != end);
+                let _ = done.send(true);
+                drop(permit);
+            });
+            at = end;
+        }
+    }
+
+    /// Waits for the fetches ahead overlapping `first..first + n`, so the
+    /// read finds their blocks in the cache.
+    async fn wait_for_fetches(&self, first: u64, n: u64) {
+        let waiting: Vec<watch::Receiver<bool>> = {
+            let p = self.prefetching.lock().expect("prefetching");
+            p.iter().filter(|(r, _)| r.start < first + n && first < r.end).map(|(_, w)| w.clone()).collect()
+        };
+        for mut w in waiting {
+            let _ = w.wait_for(|done| *done).await;
+        }
+    }
+
+    /// Blocks `first..first + n` whose newest version is in a segment and
+    /// not in the block cache: read from the peers into the cache.
+    async fn prefetch(&self, first: u64, n: u64) -> backend::Result<()> {
+        self.check_fenced("read ahead", first * BLOCK, n * BLOCK)?;
+        let plan = self.plan(first, n).await?;
+        let mut remote: HashMap<SegmentId, Vec<(usize, u32)>> = HashMap::new();
+        for (i, (src, seq)) in plan.iter().enumerate() {
+            if let Source::Segment { segment, slot } = *src
+                && !self.cache.contains(first + i as u64, *seq)
+            {
+                remote.entry(segment).or_default().push((i, slot));
+            }
+        }
+        for (segment, wanted) in remote {
+            let Some(root) = self.map.lock().expect("map").root_of(segment) else {
+                continue;
+            };
+            self.read_remote(segment, root, &wanted, first, &plan, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Plaintext of blocks `first..first + n` (`n` ≥ 1).
+    pub(super) async fn read_blocks(&self, first: u64, n: u64) -> backend::Result<Bytes> {
+        self.read_blocks_again(first, n, 0).await
+    }
+
+    /// [`Self::read_blocks`], the `again`th time: a checkpoint installed
+    /// between the lookup and the reads may leave a segment the lookup
+    /// named unreachable (all its blocks were overwritten since), and the
+    /// read starts over with the new map. A segment still unreachable
+    /// after a few tries is a map naming one that is not there.
+    async fn read_blocks_again(&self, first: u64, n: u64, again: u32) -> backend::Result<Bytes> {
+        let (offset, length) = (first * BLOCK, n * BLOCK);
+        self.wait_for_lease("read", offset, length).await?;
+        if again == 0 {
+            self.wait_for_fetches(first, n).await;
+        }
+        let plan = self.plan(first, n).await?;
         let mut out = vec![0u8; length as usize];
         let mut remote: HashMap<SegmentId, Vec<(usize, u32)>> = HashMap::new();
         for (i, (src, seq)) in plan.iter().enumerate() {
@@ -410,14 +490,15 @@ impl Inner {
         }
         for ((segment, wanted), root) in remote.into_iter().zip(roots) {
             let root = root.expect("checked above");
-            self.read_remote(segment, root, &wanted, first, &plan, &mut out).await?;
+            self.read_remote(segment, root, &wanted, first, &plan, Some(&mut out)).await?;
         }
         Ok(Bytes::from(out))
     }
 
     /// Reads `wanted` (index in the read, slot) of one segment from the
-    /// peers in runs of consecutive slots, decrypts them into `out` and
-    /// keeps their ciphertext in the block cache.
+    /// peers in runs of consecutive slots, decrypts them into `out` (if
+    /// given: a fetch ahead only fills the cache) and keeps their
+    /// ciphertext in the block cache.
     async fn read_remote(
         &self,
         segment: SegmentId,
@@ -425,7 +506,7 @@ impl Inner {
         wanted: &[(usize, u32)],
         first: u64,
         plan: &[(Source, Sequence)],
-        out: &mut [u8],
+        mut out: Option<&mut [u8]>,
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
         let located = self
@@ -449,9 +530,11 @@ impl Inner {
                 let block = &ct[n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE];
                 let a = first + idx as u64;
                 let seq = plan[idx].1;
-                let buf = &mut out[idx * BLOCK_SIZE..(idx + 1) * BLOCK_SIZE];
-                buf.copy_from_slice(block);
-                self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                if let Some(out) = out.as_deref_mut() {
+                    let buf = &mut out[idx * BLOCK_SIZE..(idx + 1) * BLOCK_SIZE];
+                    buf.copy_from_slice(block);
+                    self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                }
                 if let Err(e) = self.cache.put(a, seq, Bytes::copy_from_slice(block)).await {
                     tracing::debug!("block cache: {e}");
                 }

@@ -59,6 +59,7 @@ pub mod layout;
 pub mod local;
 pub mod log;
 pub mod map;
+mod readahead;
 mod reader;
 pub mod remote;
 pub mod root;

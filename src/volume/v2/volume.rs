@@ -130,6 +130,13 @@ pub(super) struct Inner {
     pub(super) cache: BlockCache,
     pub(super) io: SegmentIo,
     pub(super) locks: Vec<tokio::sync::Mutex<()>>,
+    /// Sequential readers, and what to fetch ahead of them.
+    pub(super) readahead: Mutex<super::readahead::ReadAhead>,
+    /// Fetches ahead running at once (one permit each).
+    pub(super) prefetches: Arc<tokio::sync::Semaphore>,
+    /// Block ranges being fetched ahead: a read of them waits for the
+    /// fetch rather than asking the peers a second time.
+    pub(super) prefetching: Mutex<Vec<(std::ops::Range<u64>, watch::Receiver<bool>)>>,
     /// One commit at a time.
     pub(super) commit_turn: tokio::sync::Mutex<()>,
     /// The highest watermark committed: every sequence up to it is in a
