@@ -1,22 +1,34 @@
-//! End-to-end test with a real Linux kernel NBD client.
+//! End-to-end tests with a real Linux kernel NBD client.
 //!
-//! Starts `meshdisk serve --memory 1G --listen none --socket <tmp>/nbd.sock`,
-//! then boots a Debian cloud kernel under QEMU (TCG) with
-//! `kernel-setup/guest-test.sh`. Inside the guest, `nbd-client` attaches
-//! /dev/nbd0 through a virtio-serial port that QEMU connects to the server's
-//! unix socket; the guest builds an ext4, writes and verifies files, does
-//! O_DIRECT raw I/O past the filesystem, detaches and prints
-//! `MESHDISK-GUEST-RESULT: ok ...`. Afterwards the host copies the export out
+//! Both tests boot a Debian cloud kernel under QEMU (TCG) with
+//! `kernel-setup/guest-test.sh`, pointed at a unix socket that serves NBD.
+//! Inside the guest, `nbd-client` attaches /dev/nbd0 through a virtio-serial
+//! port that QEMU connects to that socket; the guest builds an ext4, writes
+//! files, checks it with `e2fsck -fn`, remounts and verifies every file,
+//! does O_DIRECT raw I/O past the filesystem, detaches and prints
+//! `MESHDISK-GUEST-RESULT: ok ...`. The host then copies the export out
 //! with `nbdcopy` and checks it with `e2fsck -fn` and the raw pattern.
 //!
+//! - `kernel_nbd_client_ext4_roundtrip`: the server is
+//!   `meshdisk serve --memory 1G --listen none --socket <tmp>/nbd.sock`.
+//! - `kernel_nbd_client_ext4_on_an_attached_volume`: the server is
+//!   `meshdisk attach` of a k=4 m=2 volume on a directory and six peers,
+//!   all real processes. After the guest is done the volume is detached
+//!   and attached again from another cache folder (another machine: empty
+//!   log, empty cache), and the host's checks read through that second
+//!   attach, so the filesystem they see came from the peers.
+//!
 //! Needs the guest cache made by `kernel-setup/fetch-guest.sh` (kernel,
-//! initramfs, QEMU). Without it the test prints a skip notice and passes,
-//! unless `MESHDISK_REQUIRE_E2E=1`, which turns every missing prerequisite
-//! into a failure. `MESHDISK_FETCH_GUEST=1` runs fetch-guest.sh first.
-//! `MESHDISK_BIN` overrides the server binary (default: this crate's bin).
+//! initramfs, QEMU), `nbdcopy` and `e2fsck`. Without them a test prints a
+//! skip notice and passes, unless `MESHDISK_REQUIRE_E2E=1`, which turns
+//! every missing prerequisite into a failure. `MESHDISK_FETCH_GUEST=1` runs
+//! fetch-guest.sh first. `MESHDISK_BIN` overrides the meshdisk binary
+//! (default: this crate's bin).
 //!
 //! Run: `cargo test --test kernel_guest -- --nocapture`
 #![cfg(target_os = "linux")]
+
+mod common;
 
 use std::env;
 use std::ffi::OsStr;
@@ -27,6 +39,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, Proc};
 
 /// Guest test budget; the guest normally finishes in ~15-30 s under TCG.
 const GUEST_TIMEOUT_SECS: u64 = 300;
@@ -220,12 +234,11 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-#[test]
-fn kernel_nbd_client_ext4_roundtrip() {
+/// The guest cache, once every prerequisite is there; `None` when the test
+/// is skipped (never under `MESHDISK_REQUIRE_E2E=1`, which fails instead).
+fn guest_prerequisites() -> Option<PathBuf> {
     let root = manifest_dir();
-    let guest_test = root.join("kernel-setup/guest-test.sh");
     let cache = guest_cache();
-
     if env::var("MESHDISK_FETCH_GUEST").is_ok_and(|v| v == "1") {
         let st = Command::new(root.join("kernel-setup/fetch-guest.sh"))
             .arg(&cache)
@@ -238,12 +251,129 @@ fn kernel_nbd_client_ext4_roundtrip() {
             "{why}; run kernel-setup/fetch-guest.sh {} to download the guest kernel/QEMU",
             cache.display()
         ));
-        return;
+        return None;
     }
+    // Checked before the guest runs: its ~20 s are wasted without them.
+    if find_tool("nbdcopy").is_none() || find_tool("e2fsck").is_none() {
+        skip_or_fail("host verification needs nbdcopy (libnbd-bin) and e2fsck (e2fsprogs)");
+        return None;
+    }
+    Some(cache)
+}
 
-    let bin = env::var_os("MESHDISK_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshdisk")));
+/// What the guest reported in its `ok` line.
+struct GuestResult {
+    line: String,
+    /// The export's size as the guest's block device saw it.
+    size: u64,
+    raw_offset: u64,
+    raw_len: usize,
+}
+
+/// Boots the guest against the NBD server on `sock` and waits for its `ok`
+/// line. `logs` says what the server printed, for the failure messages.
+fn run_guest(cache: &Path, sock: &Path, dir: &Path, logs: &dyn Fn() -> String) -> GuestResult {
+    let started = Instant::now();
+    let out = run_with_timeout(
+        Command::new(manifest_dir().join("kernel-setup/guest-test.sh"))
+            .arg("--socket")
+            .arg(sock)
+            .arg("--cache")
+            .arg(cache)
+            .args(["--timeout", &GUEST_TIMEOUT_SECS.to_string()])
+            .arg("--log")
+            .arg(dir.join("console.log")),
+        Duration::from_secs(GUEST_TIMEOUT_SECS + 60),
+    )
+    .unwrap_or_else(|e| panic!("guest-test.sh: {e}\n{}", logs()));
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    println!("--- guest-test.sh stdout ---\n{stdout}--- guest-test.sh stderr ---\n{stderr}");
+    println!("kernel_guest: guest run took {:.1?}", started.elapsed());
+
+    let result = stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .rfind(|l| l.starts_with("MESHDISK-GUEST-RESULT:"))
+        .map(str::to_owned);
+    assert!(
+        out.status.success() && result.as_deref().is_some_and(|l| l.starts_with("MESHDISK-GUEST-RESULT: ok")),
+        "guest test failed (exit {}): result line {:?}\n{}",
+        out.status,
+        result,
+        logs()
+    );
+    let line = result.expect("checked above");
+    let field = |key: &str| -> u64 {
+        result_field(&line, key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in the guest's result line {line:?}"))
+    };
+    GuestResult {
+        size: field("size"),
+        raw_offset: field("raw_offset"),
+        raw_len: field("raw_len") as usize,
+        line,
+    }
+}
+
+/// Copies the export on `sock` into `img` with `nbdcopy`.
+fn copy_export(sock: &Path, img: &Path, logs: &dyn Fn() -> String) {
+    let nbdcopy = find_tool("nbdcopy").expect("checked by guest_prerequisites");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let copy = run_with_timeout(Command::new(&nbdcopy).arg(&uri).arg(img), TOOL_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(
+        copy.status.success(),
+        "nbdcopy {uri} failed ({}): {}{}\n{}",
+        copy.status,
+        text(&copy.stdout),
+        text(&copy.stderr),
+        logs()
+    );
+}
+
+/// Copies the export on `sock` out and checks it on the host: `size` bytes
+/// (what the guest saw too), a clean `e2fsck -fn`, and the guest's raw
+/// records at their offset. Returns the image's sha256.
+fn check_export(
+    sock: &Path,
+    dir: &Path,
+    guest: &GuestResult,
+    size: u64,
+    logs: &dyn Fn() -> String,
+) -> String {
+    let e2fsck = find_tool("e2fsck").expect("checked by guest_prerequisites");
+    let img = dir.join("export.img");
+    copy_export(sock, &img, logs);
+    let copied = fs::metadata(&img).expect("export.img").len();
+    assert_eq!(copied, size, "exported image should be {size} bytes");
+    assert_eq!(guest.size, copied, "guest and host disagree on the size");
+
+    let fsck = run_with_timeout(Command::new(&e2fsck).arg("-fn").arg(&img), TOOL_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("--- host e2fsck -fn ---\n{}{}", text(&fsck.stdout), text(&fsck.stderr));
+    assert!(fsck.status.success(), "host e2fsck -fn reports problems ({})", fsck.status);
+
+    let mut f = fs::File::open(&img).expect("open export.img");
+    f.seek(SeekFrom::Start(guest.raw_offset)).expect("seek");
+    let mut got = vec![0u8; guest.raw_len];
+    f.read_exact(&mut got).expect("read raw region");
+    assert!(
+        got == expected_raw_pattern(guest.raw_len),
+        "raw pattern written by the guest at offset {} is not in the export",
+        guest.raw_offset
+    );
+    drop(f);
+    let sha = common::sha256_file(&img);
+    fs::remove_file(&img).expect("remove export.img");
+    sha
+}
+
+#[test]
+fn kernel_nbd_client_ext4_roundtrip() {
+    let Some(cache) = guest_prerequisites() else { return };
+    let bin = common::meshdisk_bin();
     assert!(bin.is_file(), "server binary {} not found", bin.display());
 
     let tmp = tempfile::Builder::new().prefix("meshdisk-kguest").tempdir().expect("tempdir");
@@ -265,82 +395,94 @@ fn kernel_nbd_client_ext4_roundtrip() {
     eprintln!("kernel_guest: server {} up on {}", bin.display(), sock.display());
 
     // --- guest --------------------------------------------------------------
-    let started = Instant::now();
-    let out = run_with_timeout(
-        Command::new(&guest_test)
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--cache")
-            .arg(&cache)
-            .args(["--timeout", &GUEST_TIMEOUT_SECS.to_string()])
-            .arg("--log")
-            .arg(dir.join("console.log")),
-        Duration::from_secs(GUEST_TIMEOUT_SECS + 60),
-    )
-    .unwrap_or_else(|e| panic!("guest-test.sh: {e}\n{}", server_logs(dir)));
-    let stdout = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    println!("--- guest-test.sh stdout ---\n{stdout}--- guest-test.sh stderr ---\n{stderr}");
-    println!("kernel_guest: guest run took {:.1?}", started.elapsed());
-
+    let guest = run_guest(&cache, &sock, dir, &|| server_logs(dir));
     if let Ok(Some(st)) = server.0.try_wait() {
         panic!("meshdisk server died during the guest run ({st})\n{}", server_logs(dir));
     }
-    let result = stdout
-        .lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .rfind(|l| l.starts_with("MESHDISK-GUEST-RESULT:"))
-        .map(str::to_owned);
-    assert!(
-        out.status.success() && result.as_deref().is_some_and(|l| l.starts_with("MESHDISK-GUEST-RESULT: ok")),
-        "guest test failed (exit {}): result line {:?}\n{}",
-        out.status,
-        result,
-        server_logs(dir)
-    );
-    let result = result.expect("checked above");
 
     // --- host-side verification of the export --------------------------------
-    let (Some(nbdcopy), Some(e2fsck)) = (find_tool("nbdcopy"), find_tool("e2fsck")) else {
-        skip_or_fail("host verification needs nbdcopy (libnbd-bin) and e2fsck (e2fsprogs)");
-        return;
-    };
-    let img = dir.join("export.img");
-    let uri = format!("nbd+unix:///?socket={}", sock.display());
-    let copy = run_with_timeout(Command::new(&nbdcopy).arg(&uri).arg(&img), TOOL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}\n{}", server_logs(dir)));
-    assert!(
-        copy.status.success(),
-        "nbdcopy {uri} failed ({}): {}{}\n{}",
-        copy.status,
-        text(&copy.stdout),
-        text(&copy.stderr),
-        server_logs(dir)
-    );
-    let size = fs::metadata(&img).expect("export.img").len();
-    assert_eq!(size, 1 << 30, "exported image should be 1 GiB");
-    if let Some(guest_size) = result_field(&result, "size") {
-        assert_eq!(guest_size, size.to_string(), "guest and host disagree on the size");
-    }
-
-    let fsck = run_with_timeout(Command::new(&e2fsck).arg("-fn").arg(&img), TOOL_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    println!("--- host e2fsck -fn ---\n{}{}", text(&fsck.stdout), text(&fsck.stderr));
-    assert!(fsck.status.success(), "host e2fsck -fn reports problems ({})", fsck.status);
-
-    let raw_off: u64 =
-        result_field(&result, "raw_offset").and_then(|v| v.parse().ok()).expect("raw_offset in result line");
-    let raw_len: usize =
-        result_field(&result, "raw_len").and_then(|v| v.parse().ok()).expect("raw_len in result line");
-    let mut f = fs::File::open(&img).expect("open export.img");
-    f.seek(SeekFrom::Start(raw_off)).expect("seek");
-    let mut got = vec![0u8; raw_len];
-    f.read_exact(&mut got).expect("read raw region");
-    assert!(
-        got == expected_raw_pattern(raw_len),
-        "raw pattern written by the guest at offset {raw_off} is not in the export"
-    );
+    check_export(&sock, dir, &guest, 1 << 30, &|| server_logs(dir));
 
     stop_server(server, dir);
-    println!("kernel_guest: OK ({result})");
+    println!("kernel_guest: OK ({})", guest.line);
+}
+
+/// The volume of the attached-volume test: small, since TCG emulates every
+/// guest I/O and the guest needs only 64 MiB (its files, then 4 MiB raw).
+const VOLUME: &str = "guestdisk";
+const VOLUME_SIZE: u64 = 256 << 20;
+
+/// A running `meshdisk attach` of [`VOLUME`] from one cache folder.
+struct Attached {
+    proc: Proc,
+    state: PathBuf,
+    socket: PathBuf,
+}
+
+/// `meshdisk attach` from cache folder `name` under the cluster's root;
+/// returns once it serves.
+fn attach(c: &Cluster, name: &str) -> Attached {
+    let state = c.root.path().join(name);
+    let socket = state.join("nbd.sock");
+    let mut cmd = Command::new(common::meshdisk_bin());
+    cmd.args(["attach", VOLUME, "--credential"])
+        .arg(c.admin_cred())
+        .arg("--key-file")
+        .arg(c.root.path().join(format!("{VOLUME}.key")))
+        .arg("--cache-dir")
+        .arg(&state)
+        .args(["--cache-size", "16M", "--socket"])
+        .arg(&socket);
+    let mut proc = Proc::spawn(&format!("attach-{name}"), &mut cmd);
+    proc.wait_for("nbd+unix://", Duration::from_secs(60));
+    Attached { proc, state, socket }
+}
+
+/// `meshdisk detach`: the attach flushes everything to the peers, releases
+/// the lease and must exit 0.
+fn detach(c: &Cluster, mut a: Attached) {
+    let (ok, _, err) = c.cli(&["detach", VOLUME, "--cache-dir", a.state.to_str().unwrap()]);
+    assert!(ok, "detach failed: {err}");
+    let (status, out) = a.proc.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "attach did not stop cleanly: {out}");
+}
+
+#[test]
+fn kernel_nbd_client_ext4_on_an_attached_volume() {
+    let Some(cache) = guest_prerequisites() else { return };
+    let started = Instant::now();
+    let mut c = Cluster::start("kguest", &[]);
+    for i in 0..6 {
+        c.add_peer("1G", &format!("disk{i}"));
+    }
+    c.wait_all_up(6);
+    c.create_volume(VOLUME, "256M", 4, 2);
+    let mut laptop = attach(&c, "laptop");
+    eprintln!(
+        "kernel_guest: volume {VOLUME} attached on {} after {:.1?}",
+        laptop.socket.display(),
+        started.elapsed()
+    );
+
+    let guest = run_guest(&cache, &laptop.socket, c.root.path(), &|| laptop.proc.output());
+    if let Ok(Some(st)) = laptop.proc.child.try_wait() {
+        panic!("meshdisk attach died during the guest run ({st})\n{}", laptop.proc.output());
+    }
+    // What the guest left, as the machine that wrote it serves it.
+    let written = c.root.path().join("laptop.img");
+    copy_export(&laptop.socket, &written, &|| laptop.proc.output());
+    let written_sha = common::sha256_file(&written);
+    fs::remove_file(&written).expect("remove laptop.img");
+    detach(&c, laptop);
+
+    // Another machine: its own cache folder, so every block the checks
+    // read comes from the peers, not from the first folder's log.
+    let desktop = attach(&c, "desktop");
+    let read_back =
+        check_export(&desktop.socket, c.root.path(), &guest, VOLUME_SIZE, &|| desktop.proc.output());
+    // e2fsck checks the structure only: every byte of the files (and of
+    // the rest of the device) must be what the first machine served too.
+    assert_eq!(read_back, written_sha, "the volume read from the peers differs from what the guest wrote");
+    detach(&c, desktop);
+    println!("kernel_guest: OK on an attached volume in {:.1?} ({})", started.elapsed(), guest.line);
 }
