@@ -12,7 +12,7 @@ use meshdisk::client::Client;
 use meshdisk::membership::credential::Credential;
 use meshdisk::nbd::errors::nbd_error;
 use meshdisk::nbd::proto::NbdError;
-use meshdisk::volume::{Volume, VolumeConfig};
+use meshdisk::volume::v2::{Config, Volume};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -176,7 +176,8 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
 /// An attached volume (in this process) with its state under `state`.
 async fn attach(c: &Cluster, name: &str, state: &str, force: bool) -> Volume {
     let key = common::cluster::data_key(&c.client(), name, &c.root.path().join(format!("{name}.key"))).await;
-    let mut config = VolumeConfig::new(c.root.path().join(state), 8 << 20);
+    let mut config = Config::new(c.root.path().join(state), 8 << 20);
+    config.log_size = 64 << 20;
     config.force = force;
     config.io_timeout = Duration::from_secs(3);
     Volume::open(c.client(), name, &key, config).await.unwrap()
@@ -196,7 +197,7 @@ fn a_fenced_writer_fails_with_the_fenced_kind() {
         first.write(0, bytes::Bytes::from(vec![b'a'; 4096]), false).await.unwrap();
         first.flush().await.unwrap();
         // Another machine takes the volume over: the first one's next
-        // destage is refused, and from then on so is every write.
+        // commit is refused, and from then on so is every write.
         let _second = attach(&c, "disk", "second", true).await;
         first.write(0, bytes::Bytes::from(vec![b'b'; 4096]), false).await.unwrap();
         let err = first.flush().await.unwrap_err();
@@ -219,8 +220,7 @@ fn a_full_cluster_fails_a_flush_with_no_space() {
     let rt = runtime();
     rt.block_on(async {
         let v = attach(&c, "disk", "state", false).await;
-        // 4 MiB of data, 32 stripes of 64 KiB shards: more than three
-        // peers of 1 MiB hold.
+        // 4 MiB of data, 64 KiB shards: more than three peers of 1 MiB hold.
         v.write(0, bytes::Bytes::from(vec![b'x'; 4 << 20]), false).await.unwrap();
         let err = v.flush().await.unwrap_err();
         assert_eq!(err.kind(), backend::ErrorKind::Full, "{err}");
