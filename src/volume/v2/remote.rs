@@ -61,6 +61,16 @@ pub enum SegmentIoError {
     },
 }
 
+/// Names in the log a holder whose answer did not verify (or who said its
+/// own copy is corrupt), even when the read then succeeds from the other
+/// shards: a peer serving stale or altered shards must not go unnoticed
+/// just because the erasure code hides it.
+fn note_untrusted(e: &ClientError) {
+    if e.kind() == Some(ErrorKind::Corrupt) {
+        tracing::warn!("{e}; not trusted, trying the other shards");
+    }
+}
+
 fn list(failures: &[ClientError]) -> String {
     if failures.is_empty() {
         return "no peer to ask".into();
@@ -269,7 +279,10 @@ impl SegmentIo {
                     headers.insert(seg.id, h.clone());
                     return Ok(h);
                 }
-                Ok(Err(e)) => failures.push(e),
+                Ok(Err(e)) => {
+                    note_untrusted(&e);
+                    failures.push(e);
+                }
                 Err(_) => {}
             }
         }
@@ -321,10 +334,12 @@ impl SegmentIo {
             let Some(peer) = &seg.holders[shard] else {
                 return Err(format!("shard {shard} has no holder"));
             };
-            self.client
-                .get_blocks(peer, self.key(seg.id, shard), &root, bps, from, count)
-                .await
-                .map_err(|e| e.to_string())
+            self.client.get_blocks(peer, self.key(seg.id, shard), &root, bps, from, count).await.map_err(
+                |e| {
+                    note_untrusted(&e);
+                    e.to_string()
+                },
+            )
         };
         tokio::pin!(direct);
         let first_try = tokio::time::timeout(self.timing.hedge, &mut direct).await;
@@ -394,7 +409,10 @@ impl SegmentIo {
                         break;
                     }
                 }
-                Err(e) => failures.push(e),
+                Err(e) => {
+                    note_untrusted(&e);
+                    failures.push(e);
+                }
             }
         }
         fetches.abort_all();
