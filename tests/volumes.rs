@@ -225,7 +225,7 @@ fn a_full_cluster_fails_a_flush_with_no_space() {
         let err = v.flush().await.unwrap_err();
         assert_eq!(err.kind(), backend::ErrorKind::Full, "{err}");
         assert_eq!(nbd_error(&err), NbdError::NoSpc);
-        assert!(err.to_string().contains("the last destage failed"), "{err}");
+        assert!(err.to_string().contains("the last commit failed"), "{err}");
     });
 }
 

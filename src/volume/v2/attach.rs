@@ -437,8 +437,13 @@ impl Inner {
             match tokio::time::timeout_at(deadline, committed.changed()).await {
                 Ok(_) => {}
                 Err(_) => {
-                    let why = failure.map_or("the commit did not finish in time".to_string(), |(_, w)| w);
-                    return Err(backend::Error::failed(backend::ErrorKind::Unavailable, "flush", 0, 0, why));
+                    // The last commit's failure says why (ENOSPC when the
+                    // peers are full); none: it is just slow.
+                    let (kind, why) = failure.map_or(
+                        (backend::ErrorKind::Unavailable, "the commit did not finish in time".to_string()),
+                        |(k, w)| (k, format!("the last commit failed: {w}")),
+                    );
+                    return Err(backend::Error::failed(kind, "flush", 0, 0, why));
                 }
             }
         }

@@ -382,6 +382,11 @@ impl Inner {
             .await
             .map_err(|e| match e.kind() {
                 Some(ErrorKind::Fenced) => CommitError::Fenced(e.to_string()),
+                // Too few peers with room: ENOSPC for the client, as a
+                // full disk would be.
+                Some(ErrorKind::Full) => {
+                    CommitError::Failed(backend::ErrorKind::Full, format!("placing segments: {e}"))
+                }
                 _ => unavailable(format!("placing segments: {e}")),
             })?;
         if placements.len() != sealed.len() {
