@@ -120,6 +120,10 @@ struct World {
     c: Cluster,
     key: PathBuf,
     attached: Option<Attached>,
+    /// Folders the other folder attached after: only their unflushed
+    /// writes may be refused ("attached elsewhere"). A refusal anywhere
+    /// else drops writes nobody overtook, and fails the test.
+    overtaken: std::collections::HashSet<&'static str>,
 }
 
 impl World {
@@ -156,6 +160,10 @@ impl World {
                 break;
             }
             if out.contains("--discard-local") && out.contains("attached elsewhere") {
+                assert!(
+                    self.overtaken.contains(folder),
+                    "attach from {folder} refused its own unflushed writes, though no other folder attached since: {out}"
+                );
                 let _ = proc.wait_exit(Duration::from_secs(10));
                 let mut with: Vec<&str> = extra.to_vec();
                 with.push("--discard-local");
@@ -168,6 +176,8 @@ impl World {
         if std::env::var_os("MESHDISK_MODEL_TRACE").is_some() {
             eprintln!("--- attach in {folder} {extra:?}:\n{}", proc.output());
         }
+        self.overtaken.remove(folder);
+        self.overtaken.insert(if folder == "a" { "b" } else { "a" });
         let socket = self.folder(folder).join("nbd.sock");
         let conns = (0..CONNECTIONS).map(|_| RawClient::handshake(&socket, false)).collect();
         self.attached = Some(Attached { proc, folder, conns, cookie: 1 });
@@ -258,7 +268,7 @@ fn run(seed: u64, steps: usize) {
     c.wait_all_up(6);
     c.create_volume(VOLUME, "32M", 4, 2);
     let key = c.root.path().join(format!("{VOLUME}.key"));
-    let mut w = World { c, key, attached: None };
+    let mut w = World { c, key, attached: None, overtaken: Default::default() };
     let mut m = Model::new();
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut here: &'static str = "a";

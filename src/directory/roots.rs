@@ -182,11 +182,20 @@ impl<S: MetaStore> Directory<S> {
         };
         let commit = root.commit();
         let state = RootState { sealed, epoch, commit };
-        let mut txn = Txn::new()
-            .when(Compare::ModRevision(vkey, vrev))
-            .when(lease_unchanged)
-            .when(root_as_expected)
-            .then(Op::Put { key: rkey, value: enc(&state), lease: None });
+        // The lease, not the volume record, says who may write: a grant
+        // rewrites the lease key, and so fails this compare, while a
+        // change of key slots (`volume passwd` during a commit) rewrites
+        // only the record and must not fail a commit. Without a lease
+        // (epoch 0) the record stands in for it.
+        let mut txn = Txn::new();
+        if epoch == 0 {
+            txn = txn.when(Compare::ModRevision(vkey, vrev));
+        }
+        let mut txn = txn.when(lease_unchanged).when(root_as_expected).then(Op::Put {
+            key: rkey,
+            value: enc(&state),
+            lease: None,
+        });
         let mut named: HashSet<SegmentId> = HashSet::new();
         for (id, record) in &segments {
             if !named.insert(*id) {
@@ -308,10 +317,14 @@ impl<S: MetaStore> Directory<S> {
         let mut placements = Vec::with_capacity(count as usize);
         let mut candidates: Vec<_> = open.iter().map(|(_, c)| c.clone()).collect();
         for _ in 0..count {
+            // Too few peers up is an outage (it passes when they return);
+            // enough up but too few with room is a full cluster.
+            let kind =
+                if candidates.len() < quorum.min(n) { ErrorKind::Unavailable } else { ErrorKind::Full };
             let picked =
                 choose_at_least(&candidates, n, quorum, shard_bytes, || self.random()).map_err(|e| {
                     Remote::new(
-                        ErrorKind::Full,
+                        kind,
                         format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
                     )
                 })?;

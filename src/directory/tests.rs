@@ -1154,8 +1154,10 @@ async fn segments_are_placed_in_batches_on_distinct_up_peers_never_the_excluded(
         ids.sort();
         assert_eq!(ids, vec![6, 7, 8], "degraded: one shard each on the 3 left");
     }
+    // (Too few up is an outage, not a full cluster: a flush waiting on
+    // it must not answer ENOSPC.)
     let err = f.place_segments("client-1", "vol-1", 1, 1, vec![5, 6]).await.unwrap_err();
-    assert_eq!(err.kind, ErrorKind::Full, "{err}");
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
     assert!(err.message.contains("3 peers") && err.message.contains("only 2"), "{err}");
     let err = f.place_segments("client-2", "vol-1", 1, 1, vec![]).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
@@ -1183,4 +1185,38 @@ async fn peer_ids_are_stable_across_a_restart_and_never_reused() {
     f.heartbeat(4).await;
     assert_eq!(ids(f.peer_slots(vec![5, 6]).await), named(&["peer-3", "peer-4"]));
     assert_eq!(f.meta.get(b"peerid/peer-3").await.unwrap().unwrap().value, 5u16.to_be_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_slot_change_during_a_commit_does_not_refuse_it() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    let old = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
+        DirResponse::Volume(r) => r.spec.key_slots,
+        other => panic!("{other:?}"),
+    };
+    // The commit waits for its batch while `volume passwd` rewrites the
+    // volume record: the commit must still land (only the lease says who
+    // writes), or the writer would take it for another machine's and fence.
+    let turn = f.dir.commits.hold().await;
+    let dir = f.dir.clone();
+    let c = root_commit(1, 1, None, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]);
+    let commit = tokio::spawn(async move {
+        dir.dispatch(&caller("client-1", Role::Client), DirRequest::CommitRoot(c)).await
+    });
+    for _ in 0..2000 {
+        if f.dir.commits.waiting() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(f.dir.commits.waiting(), 1);
+    let set = DirRequest::SetKeySlots { volume: "vol-1".into(), expected: old, slots: throwaway_key_slots() };
+    f.client("client-1", set).await.unwrap();
+    drop(turn);
+    match commit.await.unwrap() {
+        Ok(DirResponse::Committed { commit }) => assert_eq!(commit, 1),
+        other => panic!("the commit was refused: {other:?}"),
+    }
+    assert_eq!(f.root("vol-1").await.unwrap().commit, 1);
 }

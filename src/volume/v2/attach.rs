@@ -131,108 +131,127 @@ impl Volume {
         let (log, replay) = Box::pin(LocalLog::open(&dir, key, &spec.id, &ring, log_config)).await?;
         let cache =
             BlockCache::open(&dir.join("blocks"), key, &spec.id, &ring, config.cache_size.max(1 << 20))?;
-        // Every grant raises the epoch by one: a grant one above the epoch
-        // this folder's last writes were made under (a sequence carries its
-        // writer's epoch) means nobody else held the volume in between, so
-        // those writes are still the newest anybody saw. (Not the lease
-        // note: an attach refused below took a lease and noted it too.)
-        let lease = lease::acquire(&client, &dir, name, config.force).await?;
+        // This folder's last writes were made under epoch `writer` (a
+        // sequence carries its writer's epoch); if that is inside the
+        // unbroken run of grants to this folder (the lease note keeps it),
+        // nobody else held the volume since, so those writes are still the
+        // newest anybody saw.
+        let granted = lease::acquire(&client, &dir, name, config.force).await?;
+        let (lease, run_from) = (granted.lease, granted.run_from);
         let writer = replay.highest_sequence.epoch();
-        let undisturbed = writer > 0 && lease.epoch == writer + 1;
-        let root_key = RootKey::derive(key);
-        let root = match client.root(name).await.map_err(VolumeError::from)? {
-            None => RootRecord {
-                volume_id: spec.id,
-                epoch: 0,
-                commit: 0,
-                highest_sequence: Sequence::ZERO,
-                highest_segment: SegmentId::ZERO,
-                checkpoint: None,
-                since: Vec::new(),
-            },
-            Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
-                .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
+        let undisturbed = writer > 0 && writer >= run_from;
+        // Refused from here on: the lease goes back (the note stays, so
+        // the run goes on if nobody else takes the volume first).
+        let give_back = |e: AttachError| {
+            let (client, name, epoch) = (client.clone(), name.to_string(), lease.epoch);
+            async move {
+                if let Err(why) = lease::give_back(&client, &name, epoch).await {
+                    tracing::warn!("volume {name}: giving the lease back after a refused attach: {why}");
+                }
+                e
+            }
         };
-        if let Some(seen) = read_freshness(&dir, &spec.id) {
-            seen.check(&root).map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+        let started = async {
+            let root_key = RootKey::derive(key);
+            let root = match client.root(name).await.map_err(VolumeError::from)? {
+                None => RootRecord {
+                    volume_id: spec.id,
+                    epoch: 0,
+                    commit: 0,
+                    highest_sequence: Sequence::ZERO,
+                    highest_segment: SegmentId::ZERO,
+                    checkpoint: None,
+                    since: Vec::new(),
+                },
+                Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
+                    .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
+            };
+            if let Some(seen) = read_freshness(&dir, &spec.id) {
+                seen.check(&root)
+                    .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+            }
+            let blocks = spec.size / BLOCK_SIZE as u64;
+            let blocks_per_shard = (spec.shard_size as usize / BLOCK_SIZE).max(1) as u32;
+            let epoch = lease.epoch;
+            let seq_floor = root.highest_sequence.max(replay.highest_sequence);
+            let seg_floor = root.highest_segment.max(replay.highest_segment);
+            let sequences = Sequencer::new(epoch, seq_floor)
+                .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+            let segment_ids = Sequencer::new(epoch, seg_floor)
+                .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+            let stop = CancellationToken::new();
+            let inner = Arc::new(Inner {
+                name: name.into(),
+                client: client.clone(),
+                cipher: SectorCipher::new(key),
+                root_key,
+                blocks,
+                k: usize::from(spec.k),
+                m: usize::from(spec.m),
+                blocks_per_shard,
+                epoch: AtomicU64::new(epoch),
+                suspended: watch::channel(false).0,
+                lease_doubt: Notify::new(),
+                sequences: Mutex::new(sequences),
+                segment_ids: Mutex::new(segment_ids),
+                local: Mutex::new(LocalIndex::new(blocks)),
+                map: Mutex::new(MapCache::new(CheckpointIndex::empty(blocks), config.map_cache)),
+                root: Mutex::new(root.clone()),
+                holders: Default::default(),
+                peers: Default::default(),
+                log: log.clone(),
+                cache,
+                io: SegmentIo::new(client.clone(), spec.id, config.timing.clone()),
+                locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+                readahead: Mutex::new(ReadAhead::new(blocks, READ_AHEAD_MIN, READ_AHEAD_MAX)),
+                prefetches: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_FETCHES)),
+                prefetching: Mutex::new(Vec::new()),
+                commit_turn: tokio::sync::Mutex::new(()),
+                committed: watch::channel(Sequence::ZERO).0,
+                commit_failure: Mutex::new(None),
+                wake: Notify::new(),
+                urgent: AtomicBool::new(false),
+                fenced: Mutex::new(None),
+                workers: Runner::new(stop.clone()),
+                stop,
+                record,
+                config,
+            });
+            let fail = |e: AttachError| {
+                inner.stop.cancel();
+                e
+            };
+            inner
+                .remember(&root)
+                .map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
+            Box::pin(inner.load_map(&root)).await.map_err(fail)?;
+            Box::pin(inner.replay(&root, &replay, undisturbed, run_from)).await.map_err(fail)?;
+            inner.committed.send_replace(replay.committed.max(Sequence::ZERO));
+            // Noted before anything is written: the log's records after this are
+            // against this root.
+            let base = Base {
+                epoch: root.epoch,
+                commit: root.commit,
+                segment_floor: seg_floor,
+                sequence_floor: seq_floor,
+            };
+            log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
+            let workers = &inner.workers;
+            workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
+            let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms));
+            let pacing = keeper.pacing();
+            workers.spawn_paced(keeper, pacing);
+            let queued = inner.local.lock().expect("local").queued();
+            if queued > 0 {
+                tracing::info!("volume {name}: {queued} unflushed writes replayed from {}", dir.display());
+                inner.wake.notify_one();
+            }
+            Ok::<Volume, AttachError>(Volume { inner })
+        };
+        match Box::pin(started).await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(give_back(e).await),
         }
-        let blocks = spec.size / BLOCK_SIZE as u64;
-        let blocks_per_shard = (spec.shard_size as usize / BLOCK_SIZE).max(1) as u32;
-        let epoch = lease.epoch;
-        let seq_floor = root.highest_sequence.max(replay.highest_sequence);
-        let seg_floor = root.highest_segment.max(replay.highest_segment);
-        let sequences = Sequencer::new(epoch, seq_floor)
-            .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
-        let segment_ids = Sequencer::new(epoch, seg_floor)
-            .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
-        let stop = CancellationToken::new();
-        let inner = Arc::new(Inner {
-            name: name.into(),
-            client: client.clone(),
-            cipher: SectorCipher::new(key),
-            root_key,
-            blocks,
-            k: usize::from(spec.k),
-            m: usize::from(spec.m),
-            blocks_per_shard,
-            epoch: AtomicU64::new(epoch),
-            suspended: watch::channel(false).0,
-            lease_doubt: Notify::new(),
-            sequences: Mutex::new(sequences),
-            segment_ids: Mutex::new(segment_ids),
-            local: Mutex::new(LocalIndex::new(blocks)),
-            map: Mutex::new(MapCache::new(CheckpointIndex::empty(blocks), config.map_cache)),
-            root: Mutex::new(root.clone()),
-            holders: Default::default(),
-            peers: Default::default(),
-            log: log.clone(),
-            cache,
-            io: SegmentIo::new(client.clone(), spec.id, config.timing.clone()),
-            locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            readahead: Mutex::new(ReadAhead::new(blocks, READ_AHEAD_MIN, READ_AHEAD_MAX)),
-            prefetches: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_FETCHES)),
-            prefetching: Mutex::new(Vec::new()),
-            commit_turn: tokio::sync::Mutex::new(()),
-            committed: watch::channel(Sequence::ZERO).0,
-            commit_failure: Mutex::new(None),
-            wake: Notify::new(),
-            urgent: AtomicBool::new(false),
-            fenced: Mutex::new(None),
-            workers: Runner::new(stop.clone()),
-            stop,
-            record,
-            config,
-        });
-        let fail = |e: AttachError| {
-            inner.stop.cancel();
-            e
-        };
-        inner
-            .remember(&root)
-            .map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
-        Box::pin(inner.load_map(&root)).await.map_err(fail)?;
-        Box::pin(inner.replay(&root, &replay, undisturbed)).await.map_err(fail)?;
-        inner.committed.send_replace(replay.committed.max(Sequence::ZERO));
-        // Noted before anything is written: the log's records after this are
-        // against this root.
-        let base = Base {
-            epoch: root.epoch,
-            commit: root.commit,
-            segment_floor: seg_floor,
-            sequence_floor: seq_floor,
-        };
-        log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
-        let workers = &inner.workers;
-        workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
-        let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms));
-        let pacing = keeper.pacing();
-        workers.spawn_paced(keeper, pacing);
-        let queued = inner.local.lock().expect("local").queued();
-        if queued > 0 {
-            tracing::info!("volume {name}: {queued} unflushed writes replayed from {}", dir.display());
-            inner.wake.notify_one();
-        }
-        Ok(Volume { inner })
     }
 
     /// Flushes within `deadline`, then stops the workers and releases the
@@ -345,6 +364,7 @@ impl Inner {
         root: &RootRecord,
         replay: &super::log::Replay,
         undisturbed: bool,
+        run_from: u64,
     ) -> Result<(), AttachError> {
         let pending = replay
             .records
@@ -359,11 +379,16 @@ impl Inner {
         // else held the lease since (even one who wrote nothing served a
         // state without these writes: bringing them back later would be
         // time travel), and the root is the one it was written on, or one
-        // this folder's own epoch made since.
+        // this folder's own epoch made since, or one made within this
+        // folder's unbroken run of grants (its own commit, whose Base the
+        // log lost in a crash before it was synced).
         let ours = (undisturbed || pending == 0)
             && base.is_some_and(|b| {
                 (b.epoch, b.commit) == (root.epoch, root.commit)
                     || (b.epoch == root.epoch && root.commit >= b.commit)
+                    || (undisturbed
+                        && root.epoch >= run_from
+                        && (b.epoch, b.commit) <= (root.epoch, root.commit))
             });
         if pending > 0 && !ours && !self.config.discard_local {
             return Err(AttachError::Diverged {
@@ -427,10 +452,11 @@ impl Inner {
         let mut committed = self.committed.subscribe();
         let deadline = tokio::time::Instant::now() + self.config.io_timeout;
         loop {
-            self.check_fenced("flush", 0, 0)?;
+            // Already committed: done, even if the volume was fenced since.
             if *committed.borrow_and_update() >= target {
                 return Ok(());
             }
+            self.check_fenced("flush", 0, 0)?;
             self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
             self.wake.notify_one();
             let failure = self.commit_failure.lock().expect("failure").clone();

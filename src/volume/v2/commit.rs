@@ -605,25 +605,35 @@ impl Inner {
                     Some(ErrorKind::Fenced | ErrorKind::Conflict) => {
                         // Our own earlier try may have landed (then the
                         // lease may have lapsed, or the retry found its own
-                        // root): read the root, a few times if need be.
+                        // root): read the root until it is known (a guess
+                        // either way would fence a writer whose commit
+                        // landed), or until the volume stops.
                         let mut landed = None;
-                        for pause in [50u64, 200, 1000] {
+                        let mut pause = Duration::from_millis(50);
+                        while landed.is_none() && !self.stop.is_cancelled() {
                             match self.client.root(&self.name).await {
-                                Ok(r) => {
-                                    landed = Some(r.is_some_and(|r| r.sealed == commit.sealed));
-                                    break;
+                                Ok(r) => landed = Some(r.is_some_and(|r| r.sealed == commit.sealed)),
+                                Err(why) => {
+                                    tracing::warn!(
+                                        "volume {}: reading the root after a refused commit: {why}; retrying",
+                                        self.name
+                                    );
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(pause) => {}
+                                        _ = self.stop.cancelled() => {}
+                                    }
+                                    pause = (pause * 2).min(Duration::from_secs(2));
                                 }
-                                Err(_) => tokio::time::sleep(Duration::from_millis(pause)).await,
                             }
                         }
                         return match (landed, e.kind()) {
                             (Some(true), _) => Ok(()),
-                            (_, Some(ErrorKind::Fenced)) => Err(CommitError::Fenced(e.to_string())),
+                            (Some(false), Some(ErrorKind::Fenced)) => Err(CommitError::Fenced(e.to_string())),
                             (Some(false), _) => Err(CommitError::Diverged(format!(
                                 "the volume's root changed under this writer ({e}): another machine wrote it; re-attach"
                             ))),
                             (None, _) => Err(unavailable(format!(
-                                "the commit was refused ({e}) and the root could not be read to see why"
+                                "the commit was refused ({e}) and the volume stopped before the root could be read to see why"
                             ))),
                         };
                     }

@@ -61,7 +61,7 @@ impl Keeper {
             match crate::volume::lease::acquire(&inner.client, &inner.config.state_dir, &inner.name, false)
                 .await
             {
-                Ok(l) => l,
+                Ok(granted) => granted.lease,
                 Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
                     return Err(format!(
                         "the volume was taken over while this attach's lease had lapsed: {e}"
