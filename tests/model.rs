@@ -247,6 +247,16 @@ fn range(rng: &mut Rng) -> (u64, u32) {
     (offset, len as u32)
 }
 
+/// One write of a random range over connection 0, acknowledged.
+fn acked_write(w: &mut World, m: &mut Model, rng: &mut Rng, label: &str) {
+    let r = range(rng);
+    let d = fill(rng, r.1 as usize);
+    let a = w.a();
+    let ck = a.send(0, 0, WRITE, r.0, r.1, &d);
+    a.reply(0, ck, label);
+    m.acked(r.0, &d);
+}
+
 fn fill(rng: &mut Rng, len: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
@@ -383,12 +393,7 @@ fn run(seed: u64, steps: usize) {
                 let ck = a.send(0, 0, FLUSH, 0, 0, &[]);
                 a.reply(0, ck, &label);
                 m.flushed();
-                let r = range(&mut rng);
-                let d = fill(&mut rng, r.1 as usize);
-                let a = w.a();
-                let ck = a.send(0, 0, WRITE, r.0, r.1, &d);
-                a.reply(0, ck, &label);
-                m.acked(r.0, &d);
+                acked_write(&mut w, &mut m, &mut rng, &label);
                 w.kill();
                 here = if here == "a" { "b" } else { "a" };
                 w.attach(here, &["--force"]);
@@ -421,12 +426,8 @@ fn run(seed: u64, steps: usize) {
                 w.c.directory.signal(libc::SIGSTOP);
                 std::thread::sleep(Duration::from_secs(TTL_SECS + 2));
                 w.c.directory.signal(libc::SIGCONT);
-                let r = range(&mut rng);
-                let d = fill(&mut rng, r.1 as usize);
+                acked_write(&mut w, &mut m, &mut rng, &label);
                 let a = w.a();
-                let ck = a.send(0, 0, WRITE, r.0, r.1, &d);
-                a.reply(0, ck, &label);
-                m.acked(r.0, &d);
                 let ck = a.send(1, 0, FLUSH, 0, 0, &[]);
                 a.reply(1, ck, &format!("{label}: a flush after the directory came back"));
                 m.flushed();

@@ -255,7 +255,11 @@ impl Pool {
                         message: e.to_string(),
                     })?;
                     match tokio::time::timeout(self.connect_timeout, connecting).await {
-                        Ok(Ok(c)) => Ok(c),
+                        Ok(Ok(c)) => {
+                            // Reachable again: callers need not wait out the memory.
+                            self.failed.lock().expect("failed").remove(&key);
+                            Ok(c)
+                        }
                         Ok(Err(e)) => {
                             Err(RpcError::Connect { addr, name: name.to_owned(), message: explain(&e) })
                         }
@@ -284,7 +288,6 @@ impl Pool {
                     return Err(e);
                 }
             };
-            self.failed.lock().expect("failed").remove(&key);
             if conn.close_reason().is_none() {
                 return Ok(conn);
             }
