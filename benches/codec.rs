@@ -1,44 +1,41 @@
-//! The stripe codec's stages and pipelines, one core, default geometry
-//! (k=4, m=2, 256 KiB shards: 1 MiB stripes). `meshdisk bench codec` runs
-//! the same measurements without criterion, and on every core.
+//! The codec's stages and a segment's pipelines, one core, default
+//! geometry (k=4, m=2, 256 KiB shards: 1 MiB of data per segment).
+//! `meshdisk bench codec` runs the same measurements without criterion,
+//! and on every core.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use meshdisk::codec::{Erasure, Geometry, SectorCipher, ShardHash, StripeCodec, VolumeKey};
+use meshdisk::codec::segment::{SegmentCodec, SegmentGeometry, SegmentId, ShardRoot, verify_shard};
+use meshdisk::codec::{Erasure, Geometry, SectorCipher, VolumeKey};
 use std::hint::black_box;
 
-fn setup() -> (Geometry, VolumeKey, Vec<u8>) {
-    let g = Geometry::new(4, 2, 256 * 1024).unwrap();
-    let key = VolumeKey::generate().unwrap();
-    let plain: Vec<u8> = (0..g.stripe_size()).map(|i| (i * 31 % 251) as u8).collect();
-    (g, key, plain)
-}
-
 fn stages(c: &mut Criterion) {
-    let (g, key, plain) = setup();
+    let sg = SegmentGeometry::new(4, 2, 64).unwrap();
+    let g = Geometry::new(4, 2, sg.shard_len()).unwrap();
+    let key = VolumeKey::generate().unwrap();
     let cipher = SectorCipher::new(&key);
-    let mut codec = StripeCodec::new(&key, g).unwrap();
-    let mut shards = vec![vec![0u8; g.shard_size()]; g.shards()];
-    let mut hashes = vec![ShardHash::default(); g.shards()];
-    codec.encode(&plain, 0, 1, &mut shards, &mut hashes).unwrap();
-    let mut buf = vec![0u8; g.stripe_size()];
+    let plain: Vec<u8> = (0..sg.data_area_len()).map(|i| (i * 31 % 251) as u8).collect();
+    let mut ct = vec![0u8; plain.len()];
+    cipher.encrypt(0, 1, &plain, &mut ct);
+    let (volume, id) = ([7u8; 16], SegmentId::new(1, 1).unwrap());
+    let mut codec = SegmentCodec::new(sg);
+    let segment = codec.encode(&volume, id, &ct).unwrap();
+    let header = segment.shards[0].len() - sg.shard_len();
+    let mut buf = vec![0u8; plain.len()];
 
     let mut group = c.benchmark_group("codec");
-    group.throughput(Throughput::Bytes(g.stripe_size() as u64));
+    group.throughput(Throughput::Bytes(plain.len() as u64));
     group.bench_function("encrypt 1 MiB", |b| b.iter(|| cipher.encrypt(0, 1, black_box(&plain), &mut buf)));
-    let ct = {
-        let mut ct = vec![0u8; g.stripe_size()];
-        cipher.encrypt(0, 1, &plain, &mut ct);
-        ct
-    };
     group.bench_function("decrypt 1 MiB", |b| b.iter(|| cipher.decrypt(0, 1, black_box(&ct), &mut buf)));
 
+    let data: Vec<&[u8]> = ct.chunks_exact(sg.shard_len()).collect();
     let mut erasure = Erasure::new(g);
     let mut parity = vec![vec![0u8; g.shard_size()]; g.m()];
     group.bench_function("erasure encode k4m2", |b| {
-        b.iter(|| erasure.encode(black_box(&shards[..g.k()]), &mut parity).unwrap())
+        b.iter(|| erasure.encode(black_box(&data), &mut parity).unwrap())
     });
+    let payloads: Vec<&[u8]> = segment.shards.iter().map(|s| &s[header..]).collect();
     let degraded: Vec<Option<&[u8]>> =
-        shards.iter().enumerate().map(|(i, s)| (i >= 2).then_some(s.as_slice())).collect();
+        payloads.iter().enumerate().map(|(i, s)| (i >= 2).then_some(*s)).collect();
     group.bench_function("erasure decode k4m2, 2 data shards lost", |b| {
         b.iter(|| {
             erasure
@@ -49,23 +46,31 @@ fn stages(c: &mut Criterion) {
         })
     });
 
-    let mut out_shards = shards.clone();
-    let mut out_hashes = hashes.clone();
     group.bench_function("encode pipeline", |b| {
-        b.iter(|| codec.encode(black_box(&plain), 0, 1, &mut out_shards, &mut out_hashes).unwrap())
+        b.iter(|| {
+            cipher.encrypt(0, 1, black_box(&plain), &mut buf);
+            black_box(codec.encode(&volume, id, &buf).unwrap())
+        })
     });
-    let whole: Vec<Option<&[u8]>> = shards.iter().map(|s| Some(s.as_slice())).collect();
     group.bench_function("read pipeline", |b| {
-        b.iter(|| codec.decode(black_box(&whole), &hashes, 0, 1, &mut buf).unwrap())
+        b.iter(|| {
+            for (i, s) in segment.shards[..4].iter().enumerate() {
+                let (_, payload) = verify_shard(black_box(s), &segment.root).unwrap();
+                let at = i * sg.shard_len();
+                cipher.decrypt((at / 4096) as u64, 1, payload, &mut buf[at..at + sg.shard_len()]);
+            }
+        })
     });
+    let lost: Vec<Option<&[u8]>> =
+        segment.shards.iter().enumerate().map(|(i, s)| (i >= 2).then_some(s.as_slice())).collect();
     group.bench_function("degraded read, 2 data shards lost", |b| {
-        b.iter(|| codec.decode(black_box(&degraded), &hashes, 0, 1, &mut buf).unwrap())
+        b.iter(|| black_box(codec.rebuild(&segment.root, black_box(&lost)).unwrap()))
     });
     group.finish();
 
     let mut group = c.benchmark_group("hash");
     group.throughput(Throughput::Bytes(g.shard_size() as u64));
-    group.bench_function("blake3 256 KiB shard", |b| b.iter(|| ShardHash::of(black_box(&shards[0]))));
+    group.bench_function("blake3 tree 256 KiB shard", |b| b.iter(|| ShardRoot::of(black_box(payloads[0]))));
     group.finish();
 }
 

@@ -694,7 +694,7 @@ fn a_stalled_peer_loses_its_shards_to_another_one_long_tail() {
     let info =
         s.c.cli(&["volume", "info", VOLUME, "--json", "--credential", s.c.admin_cred().to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_str(&info.1).unwrap();
-    let segments = v["health"]["stripes"].as_u64().unwrap();
+    let segments = v["health"]["segments"].as_u64().unwrap();
     assert!(segments >= 16, "4 MiB in segments of 256 KiB: {}", info.1);
     assert_eq!(v["health"]["whole"].as_u64(), Some(segments), "no shard may be missing: {}", info.1);
     assert!(a.proc.output().contains("sending it to"), "{}", a.proc.output());

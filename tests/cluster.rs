@@ -8,15 +8,26 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::cluster::{Cluster, Proc};
 use meshdisk::api::{ErrorKind, PeerAddr, PeerState, VolumeSpec};
-use meshdisk::codec::shard::ShardHeader;
-use meshdisk::codec::shard::ShardKey;
+use meshdisk::codec::segment::{BLOCK_SIZE, EncodedSegment, SegmentId, SegmentShardKey, header::header_len};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-fn shard(volume: [u8; 16], stripe: u64, index: u8, fill: u8, len: usize) -> (ShardHeader, Bytes) {
-    common::cluster::shard_of(volume, stripe, 1, index, (4, 2), (0..len).map(|i| fill ^ (i as u8)).collect())
+/// Segment `n` (epoch 1) of volume `volume`: 4 + 2 shards of `blocks` blocks.
+fn segment(volume: [u8; 16], n: u64, blocks: u32) -> (SegmentId, EncodedSegment) {
+    let id = SegmentId::new(1, n).unwrap();
+    (id, common::cluster::segment_of(volume, id, (4, 2), blocks, n))
+}
+
+fn key(volume: [u8; 16], id: SegmentId, index: usize) -> SegmentShardKey {
+    SegmentShardKey { volume, segment: id, index: index as u8 }
+}
+
+/// Bytes a shard of `blocks` blocks of a 4 + 2 segment takes on a peer.
+fn stored_len(blocks: u32) -> u64 {
+    let g = meshdisk::codec::segment::SegmentGeometry::new(4, 2, blocks).unwrap();
+    (header_len(g) + g.shard_len()) as u64
 }
 
 fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
@@ -53,23 +64,23 @@ fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
     assert_eq!(seen, names);
     assert!(s.peers.iter().all(|p| p.capacity == 64 << 20 && p.used == 0));
 
-    // Store one stripe's six shards where the directory says, and commit.
+    // Store one segment's six shards where the directory says, and commit.
     let rt = runtime();
     let spec = volume("photos", 4, 2);
-    let (placement, sent) = rt.block_on(async {
+    let (id, seg) = segment(spec.id, 1, 16);
+    let placement = rt.block_on(async {
         let client = c.client();
-        client.create_volume(spec.clone()).await.unwrap();
-        let placement = client.place("photos", 0).await.unwrap();
-        assert_eq!(placement.generation, 1);
-        let mut sent = Vec::new();
-        for (i, peer) in placement.peers.iter().enumerate() {
-            let (h, payload) = shard(spec.id, 0, i as u8, i as u8 * 31, 64 << 10);
-            client.put_shard(peer, &h, payload.clone(), 1).await.unwrap();
-            sent.push((peer.name.clone(), h, payload));
-        }
-        let hashes = sent.iter().map(|(_, h, _)| Some(h.payload_hash.0)).collect();
-        assert_eq!(client.commit("photos", &placement, 0, hashes).await.unwrap(), None);
-        (placement, sent)
+        let record = client.create_volume(spec.clone()).await.unwrap();
+        let lease = client.acquire_lease("photos", false, None).await.unwrap();
+        let placement =
+            client.place_segments("photos", lease.epoch, 1, stored_len(16), vec![]).await.unwrap();
+        let placement = placement.into_iter().next().unwrap();
+        let commit =
+            common::cluster::store_and_commit(&client, &record, lease.epoch, None, &placement, id, &seg)
+                .await;
+        assert_eq!(commit, 1);
+        client.release_lease("photos", lease.epoch).await.unwrap();
+        placement
     });
 
     // Peers restart from their saved identities, without tokens.
@@ -78,31 +89,37 @@ fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
         assert!(names.contains(&name), "peer {i} came back as {name}");
     }
     let s = c.wait_all_up(6);
-    assert!(s.peers.iter().all(|p| p.used == (64 << 10) + 96), "{s:#?}");
+    assert!(s.peers.iter().all(|p| p.used == stored_len(16)), "{s:#?}");
     rt.block_on(async {
         let client = c.client();
-        for (name, h, payload) in &sent {
-            let got = client.get_shard(&addr_of(&c, name), ShardKey::of(h)).await.unwrap();
-            assert_eq!(&got[..96], &h.encode()[..]);
-            assert_eq!(&got[96..], &payload[..]);
+        for (i, slot) in placement.peers.iter().enumerate() {
+            let got = client.get_shard(&addr_of(&c, &slot.addr.name), key(spec.id, id, i), &seg.root).await;
+            assert_eq!(&got.unwrap()[..], &seg.shards[i][..]);
         }
     });
 
-    // The directory restarts with its state: peers, volume, stripe map.
+    // The directory restarts with its state: peers, volume, root, segment
+    // records (and peer ids).
     c.restart_directory();
     let s = c.wait_all_up(6);
     assert_eq!(s.volumes.len(), 1);
     assert_eq!(s.volumes[0].record.spec, spec);
-    assert_eq!(s.volumes[0].stripes, 1);
+    assert_eq!(s.volumes[0].segments, 1);
     rt.block_on(async {
         let client = c.client();
-        let stripe = client.stripe("photos", 0).await.unwrap().expect("stripe 0 committed");
-        assert_eq!(stripe.generation, 1);
-        let placed: Vec<String> = placement.peers.iter().map(|p| p.name.clone()).collect();
-        assert_eq!(stripe.peers, placed);
-        assert_eq!(stripe.hashes, sent.iter().map(|(_, h, _)| Some(h.payload_hash.0)).collect::<Vec<_>>());
-        // The next generation of the stripe.
-        assert_eq!(client.place("photos", 0).await.unwrap().generation, 2);
+        let root = client.root("photos").await.unwrap().expect("committed");
+        assert_eq!((root.epoch, root.commit), (1, 1));
+        let records = client.segment_records("photos", vec![id]).await.unwrap();
+        let record = records[0].clone().expect("the segment's record");
+        let ids: Vec<u16> = placement.peers.iter().map(|s| s.id).collect();
+        assert_eq!((record.peers, record.shard_blocks, record.root), (ids.clone(), 16, seg.root.0));
+        let slots = client.peer_slots(ids).await.unwrap();
+        let names: Vec<String> = slots.into_iter().map(|s| s.unwrap().addr.name).collect();
+        let placed: Vec<String> = placement.peers.iter().map(|s| s.addr.name.clone()).collect();
+        assert_eq!(names, placed);
+        let info = client.volume_info("photos").await.unwrap();
+        assert_eq!((info.health.segments, info.health.whole), (1, 1));
+        assert_eq!(info.allocated, 6 * stored_len(16));
     });
 
     // The table for people names every peer.
@@ -279,13 +296,13 @@ fn nodes_without_a_valid_certificate_or_token_are_refused_with_clear_messages() 
     rt.block_on(async {
         let as_peer = meshdisk::client::Client::new(peer_cred).unwrap();
         let target = addr_of(&c, &first);
-        let (h, payload) = shard([6; 16], 0, 0, 1, 4096);
-        let err = as_peer.put_shard(&target, &h, payload, 1).await.unwrap_err();
+        let (id, seg) = segment([6; 16], 1, 1);
+        let err = as_peer.put_shard(&target, Bytes::from(seg.shards[0].clone()), 1).await.unwrap_err();
         assert!(
             err.kind() == Some(ErrorKind::Refused) && err.to_string().contains("a peer may not do that"),
             "{err}"
         );
-        let err = as_peer.delete_shard(&target, ShardKey::of(&h), u64::MAX).await.unwrap_err();
+        let err = as_peer.delete_shard(&target, self::key([6; 16], id, 0), u64::MAX).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Refused), "{err}");
         let err = as_peer.status().await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Refused), "{err}");
@@ -304,42 +321,44 @@ fn corrupt_shards_on_disk_are_detected_and_a_full_peer_refuses_clearly() {
     c.wait_all_up(1);
     let rt = runtime();
     let peer = addr_of(&c, &name);
-    let id = [5u8; 16];
+    let volume = [5u8; 16];
+    let one = stored_len(16);
     rt.block_on(async {
         let client = c.client();
         let mut stored = Vec::new();
-        for stripe in 0..4 {
-            let (h, payload) = shard(id, stripe, 0, 0x40 + stripe as u8, 64 << 10);
-            client.put_shard(&peer, &h, payload, 1).await.unwrap();
-            stored.push(h);
+        for n in 1..=4 {
+            let (id, seg) = segment(volume, n, 16);
+            client.put_shard(&peer, Bytes::from(seg.shards[0].clone()), 1).await.unwrap();
+            stored.push((id, seg));
         }
-        // 4 × (64 KiB + 96) are stored; a fifth does not fit in 300 KiB.
-        let (h, payload) = shard(id, 9, 0, 1, 64 << 10);
-        let err = client.put_shard(&peer, &h, payload, 1).await.unwrap_err();
+        // 4 × (64 KiB + header) are stored; a fifth does not fit in 300 KiB.
+        let (_, seg) = segment(volume, 9, 16);
+        let err = client.put_shard(&peer, Bytes::from(seg.shards[0].clone()), 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Full), "{err}");
         assert!(err.to_string().contains("store is full"), "{err}");
 
         // Flip one payload byte of the first shard on the peer's disk.
         let file = c.peer_dir(0).join("store/data/00000001.dat");
         let mut bytes = std::fs::read(&file).unwrap();
-        assert_eq!(&bytes[..96], &stored[0].encode()[..], "the first shard starts the data file");
-        bytes[96 + 1000] ^= 0x01;
+        let (id0, seg0) = &stored[0];
+        let header = seg0.shards[0].len() - 16 * BLOCK_SIZE;
+        assert_eq!(&bytes[..header], &seg0.shards[0][..header], "the first shard starts the data file");
+        bytes[header + 1000] ^= 0x01;
         std::fs::write(&file, &bytes).unwrap();
-        let err = client.get_shard(&peer, ShardKey::of(&stored[0])).await.unwrap_err();
+        let err = client.get_shard(&peer, key(volume, *id0, 0), &seg0.root).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
         assert!(err.to_string().contains("corrupt"), "{err}");
         // The others still read.
-        client.get_shard(&peer, ShardKey::of(&stored[1])).await.unwrap();
+        let (id1, seg1) = &stored[1];
+        client.get_shard(&peer, key(volume, *id1, 0), &seg1.root).await.unwrap();
     });
-    let s = c.wait_status("used space reported", Duration::from_secs(10), |s| {
-        s.peers[0].used == 4 * ((64 << 10) + 96)
-    });
+    let s = c.wait_status("used space reported", Duration::from_secs(10), |s| s.peers[0].used == 4 * one);
     assert_eq!(s.peers[0].capacity, 300 << 10);
 }
 
 #[test]
-fn placement_spreads_over_peers_and_failure_domains_and_reservations_expire() {
-    let mut c = Cluster::start("home", &["--reservation-ttl", "2s"]);
+fn placement_spreads_over_peers_and_failure_domains_and_refuses_what_cannot_fit() {
+    let mut c = Cluster::start("home", &[]);
     for i in 0..6 {
         c.add_peer("64M", &format!("house{}", i / 2));
     }
@@ -351,45 +370,40 @@ fn placement_spreads_over_peers_and_failure_domains_and_reservations_expire() {
         let client = c.client();
         client.create_volume(volume("wide", 4, 2)).await.unwrap();
         client.create_volume(volume("narrow", 2, 1)).await.unwrap();
-        for stripe in 0..40 {
-            let p = client.place("wide", stripe).await.unwrap();
-            let mut peers: Vec<&str> = p.peers.iter().map(|p| p.name.as_str()).collect();
+        let wide = client.acquire_lease("wide", false, None).await.unwrap().epoch;
+        let narrow = client.acquire_lease("narrow", false, None).await.unwrap().epoch;
+        for p in client.place_segments("wide", wide, 40, 1 << 20, vec![]).await.unwrap() {
+            let mut peers: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
             peers.sort_unstable();
             peers.dedup();
-            assert_eq!(peers.len(), 6, "two shards of a stripe on one peer: {p:?}");
+            assert_eq!(peers.len(), 6, "two shards of a segment on one peer: {p:?}");
             let mut per_domain = std::collections::HashMap::new();
-            for peer in &p.peers {
-                *per_domain.entry(domain_of[&peer.name].clone()).or_insert(0) += 1;
+            for s in &p.peers {
+                *per_domain.entry(domain_of[&s.addr.name].clone()).or_insert(0) += 1;
             }
             assert!(per_domain.values().all(|&n| n == 2), "uneven domains: {per_domain:?}");
-            client.release(p.reservation).await.unwrap();
-
-            let p = client.place("narrow", stripe).await.unwrap();
-            let mut domains: Vec<&str> = p.peers.iter().map(|p| domain_of[&p.name].as_str()).collect();
+        }
+        for p in client.place_segments("narrow", narrow, 40, 1 << 20, vec![]).await.unwrap() {
+            let mut domains: Vec<&str> = p.peers.iter().map(|s| domain_of[&s.addr.name].as_str()).collect();
             domains.sort_unstable();
             domains.dedup();
             assert_eq!(domains.len(), 3, "three shards, three domains: {p:?}");
-            client.release(p.reservation).await.unwrap();
         }
-        assert!(c.status().peers.iter().all(|p| p.reserved == 0));
 
-        // Reserved space shows, and is given back when unused.
-        let p = client.place("wide", 1).await.unwrap();
-        let s = c.status();
-        assert!(s.peers.iter().all(|peer| peer.reserved == p.shard_bytes), "{s:#?}");
-        std::thread::sleep(Duration::from_millis(2500));
-        let s = c.status();
-        assert!(s.peers.iter().all(|peer| peer.reserved == 0), "reservations did not expire: {s:#?}");
-        let err = client.commit("wide", &p, 0, vec![Some([0; 32]); 6]).await.unwrap_err();
-        assert!(err.to_string().contains("expired"), "{err}");
-
-        // Seven shards cannot go to six peers.
+        // Seven shards go to the six peers there are (one is left for
+        // repair), never two on one peer.
         let mut too_wide = volume("toowide", 5, 2);
         too_wide.id[15] = 1;
         client.create_volume(too_wide).await.unwrap();
-        let err = client.place("toowide", 0).await.unwrap_err();
-        assert_eq!(err.kind(), Some(ErrorKind::Full));
-        assert!(err.to_string().contains("needs 7 peers"), "{err}");
+        let epoch = client.acquire_lease("toowide", false, None).await.unwrap().epoch;
+        let p = client.place_segments("toowide", epoch, 1, 1 << 20, vec![]).await.unwrap();
+        let mut peers: Vec<u16> = p[0].peers.iter().map(|s| s.id).collect();
+        peers.sort_unstable();
+        peers.dedup();
+        assert_eq!(peers.len(), 6, "{p:?}");
+        // Shards larger than any peer's free space: the cluster is full.
+        let err = client.place_segments("toowide", epoch, 1, 65 << 20, vec![]).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Full), "{err}");
     });
 }
 
@@ -448,23 +462,23 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
     rt.block_on(async {
         let client = c.client();
         for (i, shard) in seg.shards.iter().enumerate() {
-            client.put_segment_shard(&peers[i], Bytes::from(shard.clone()), 1).await.unwrap();
+            client.put_shard(&peers[i], Bytes::from(shard.clone()), 1).await.unwrap();
         }
         // Whole shards come back verified against the segment root.
         for (i, shard) in seg.shards.iter().enumerate() {
-            let got = client.get_segment_shard(&peers[i], key(i), &seg.root).await.unwrap();
+            let got = client.get_shard(&peers[i], key(i), &seg.root).await.unwrap();
             assert_eq!(&got[..], &shard[..]);
         }
         // Headers alone: every shard root, checked against the segment root.
         for (i, peer) in peers.iter().enumerate().take(seg.shards.len()) {
-            let h = client.get_segment_header(peer, key(i), &seg.root).await.unwrap();
+            let h = client.get_shard_header(peer, key(i), &seg.root).await.unwrap();
             assert_eq!(usize::from(h.index), i);
             assert_eq!(h.own_root(), root(i));
             assert_eq!(h.segment_root(), seg.root);
         }
         let mut other = seg.root;
         other.0[0] ^= 1;
-        let err = client.get_segment_header(&peers[0], key(0), &other).await.unwrap_err();
+        let err = client.get_shard_header(&peers[0], key(0), &other).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
         // Random block ranges of the data shards, checked against the data area.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -484,7 +498,7 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
         // The client returns nothing it cannot verify: the wrong root is refused.
         let err = client.get_blocks(&peers[0], key(0), &root(1), n, 0, 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
-        let err = client.get_segment_shard(&peers[0], key(1), &seg.root).await.unwrap_err();
+        let err = client.get_shard(&peers[0], key(1), &seg.root).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::NotFound), "{err}");
 
         // Rot: flip a byte in every block of peer 1's copy, on its disk.
@@ -501,16 +515,16 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
             assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
             assert!(err.to_string().contains("corrupt"), "{err}");
         }
-        let err = client.get_segment_shard(&peers[1], key(1), &seg.root).await.unwrap_err();
+        let err = client.get_shard(&peers[1], key(1), &seg.root).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Corrupt), "{err}");
         // The others still serve.
         for i in [0, 2, 3] {
             let got = client.get_blocks(&peers[i], key(i), &root(i), n, 2, 4).await.unwrap();
             assert_eq!(got, expect(i, 2, 4));
         }
-        // Deleting is fenced like stripe shards: an older epoch is refused.
-        assert!(client.delete_segment_shard(&peers[0], key(0), 2).await.unwrap());
-        let err = client.delete_segment_shard(&peers[0], key(0), 1).await.unwrap_err();
+        // Deleting is fenced: an older epoch is refused.
+        assert!(client.delete_shard(&peers[0], key(0), 2).await.unwrap());
+        let err = client.delete_shard(&peers[0], key(0), 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
     });
 }

@@ -44,7 +44,10 @@ fn bench_codec_json_reports_every_stage() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let json = String::from_utf8(out.stdout).unwrap();
     let json = json.trim();
-    assert!(json.starts_with("{\"k\":3,\"m\":2,\"shard_size\":16384,\"stripe_size\":49152,"), "{json}");
+    assert!(
+        json.starts_with("{\"k\":3,\"m\":2,\"shard_size\":16384,\"segment_size\":49152,\"block_size\":4096,"),
+        "{json}"
+    );
     assert!(json.ends_with("]}"), "{json}");
     for stage in [
         "encrypt",

@@ -1,6 +1,7 @@
-//! Placement and reads prefer the peers closest to the client: two peers on
-//! this host's loopback, four in a network namespace the test makes (ip
-//! netns, a veth pair), 20 ms away each way.
+//! Placement prefers the peers closest to the client and gives them the
+//! data shards (which block reads go to): two peers on this host's
+//! loopback, four in a network namespace the test makes (ip netns, a veth
+//! pair), 20 ms away each way.
 //!
 //! The delay comes from `tc netem` on both ends of the veth pair when the
 //! kernel has it. Kernels built without `sch_netem` (this project's CI
@@ -18,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Proc};
-use meshdisk::api::{PeerAddr, VolumeSpec};
+use meshdisk::api::VolumeSpec;
 
 const DELAY: Duration = Duration::from_millis(20);
 
@@ -217,46 +218,24 @@ fn placement_and_reads_prefer_the_nearest_peers() {
             key_slots: common::cluster::throwaway_key_slots(),
             durability: meshdisk::api::Durability::Remote,
         };
+        // Three shards per segment: both near peers every time, and they
+        // hold the data shards (0 and 1), which block reads go to.
         client.create_volume(spec("three", 2, 1, 1)).await.unwrap();
-        for stripe in 0..40 {
-            let p = client.place("three", stripe).await.unwrap();
-            let names: Vec<&str> = p.peers.iter().map(|p| p.name.as_str()).collect();
-            assert!(near.iter().all(|n| names.contains(&n.as_str())), "stripe {stripe} placed on {names:?}");
-            client.release(p.reservation).await.unwrap();
+        let epoch = client.acquire_lease("three", false, None).await.unwrap().epoch;
+        for (n, p) in
+            client.place_segments("three", epoch, 40, 1 << 20, vec![]).await.unwrap().iter().enumerate()
+        {
+            let names: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
+            assert!(near.iter().all(|x| names[..2].contains(&x.as_str())), "segment {n} placed on {names:?}");
         }
-
-        // Four shards: two must go far. Reads fetch the two near ones.
-        let four = spec("four", 2, 2, 2);
-        client.create_volume(four.clone()).await.unwrap();
-        let p = client.place("four", 0).await.unwrap();
-        let hashes = common::cluster::put_placement(&client, four.id, (2, 2), &p, 1, 64 << 10, 0).await;
-        client.commit("four", &p, 0, hashes).await.unwrap();
-        let record = client.stripe("four", 0).await.unwrap().unwrap();
-        let peers: Vec<PeerAddr> =
-            c.status().peers.iter().map(|s| PeerAddr { name: s.name.clone(), addr: s.addr }).collect();
-        for _ in 0..5 {
-            let got = client
-                .fetch_shards(four.id, 0, &record, &peers, 2, Duration::from_millis(500))
-                .await
-                .unwrap();
-            let served: Vec<&str> = got.iter().map(|(i, _)| record.peers[usize::from(*i)].as_str()).collect();
-            assert!(
-                served.iter().all(|n| near.iter().any(|x| x == n)),
-                "read from {served:?}; near are {near:?}"
-            );
+        // Four shards: two must go far, and those are the parity shards.
+        client.create_volume(spec("four", 2, 2, 2)).await.unwrap();
+        let epoch = client.acquire_lease("four", false, None).await.unwrap().epoch;
+        for p in client.place_segments("four", epoch, 20, 1 << 20, vec![]).await.unwrap() {
+            let names: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
+            assert!(near.iter().all(|x| names[..2].contains(&x.as_str())), "data shards on {names:?}");
+            assert!(names[2..].iter().all(|n| far.iter().any(|f| f == n)), "parity on {names:?}");
         }
-        // A near peer gone: the read still completes, from a far one.
-        let gone =
-            (0..2).find(|&i| c.peers[i].output().contains(&format!("peer {} listening", near[0]))).unwrap();
-        c.peers[gone].kill();
-        let got =
-            client.fetch_shards(four.id, 0, &record, &peers, 2, Duration::from_millis(100)).await.unwrap();
-        let served: Vec<&str> = got.iter().map(|(i, _)| record.peers[usize::from(*i)].as_str()).collect();
-        assert_eq!(served.len(), 2);
-        assert!(
-            served.contains(&near[1].as_str()) && served.iter().any(|n| far.iter().any(|f| f == n)),
-            "{served:?}"
-        );
     });
     stop.store(true, Ordering::Relaxed);
 }

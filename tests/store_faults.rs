@@ -9,23 +9,22 @@ use std::path::Path;
 use std::process::Command;
 
 use bytes::Bytes;
-use meshdisk::codec::shard::{ShardHash, ShardHeader};
+use meshdisk::codec::segment::{SegmentGeometry, SegmentId, SegmentShardHeader, ShardRoot};
 use meshdisk::peer::store::{ShardStore, StoreError};
 use meshdisk::sys::uring::Uring;
 
-fn shard(stripe: u64, fill: u8) -> Bytes {
+/// Shard 0 of segment `n` of volume `[9; 16]`: 4 blocks (16 KiB) of `fill`.
+/// The store checks only that the payload hashes to the shard's own root.
+fn shard(n: u64, fill: u8) -> Bytes {
     let payload = vec![fill; 16 * 1024];
-    let header = ShardHeader {
+    let header = SegmentShardHeader {
         volume_id: [9; 16],
-        stripe,
-        generation: 1,
+        segment: SegmentId::new(1, n + 1).unwrap(),
+        geometry: SegmentGeometry::new(4, 2, 4).unwrap(),
         index: 0,
-        k: 4,
-        m: 2,
-        payload_len: payload.len() as u32,
-        payload_hash: ShardHash::of(&payload),
+        roots: vec![ShardRoot::of(&payload); 6],
     };
-    let mut b = header.encode().to_vec();
+    let mut b = header.encode();
     b.extend_from_slice(&payload);
     Bytes::from(b)
 }
@@ -95,5 +94,5 @@ async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
     for (key, bytes) in &acked {
         assert_eq!(&store.get(key).await.unwrap(), bytes);
     }
-    assert_eq!(store.list(&[9; 16]).unwrap().len(), acked.len());
+    assert_eq!(store.list(&[9; 16], None, usize::MAX).unwrap().len(), acked.len());
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, put_placement};
+use common::cluster::Cluster;
 use meshdisk::api::ErrorKind;
 use meshdisk::backend::{self, Backend};
 use meshdisk::client::Client;
@@ -62,7 +62,7 @@ fn volumes_are_created_listed_inspected_and_checked() {
         "passphrase (Argon2id)",
         "durability    local",
         "writer        nobody",
-        "0 written",
+        "0 live",
     ] {
         assert!(info.contains(want), "{want:?} missing:\n{info}");
     }
@@ -148,15 +148,11 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         let err = a.renew_lease("disk", 1).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced));
         assert!(err.to_string().contains("taken over by desktop"), "{err}");
-        let fake = meshdisk::api::Placement {
-            reservation: 1,
-            stripe: 0,
-            generation: 1,
-            peers: vec![],
-            shard_bytes: 0,
-            expires_ms: 0,
-        };
-        let err = a.commit("disk", &fake, la.epoch, vec![]).await.unwrap_err();
+        let record = a.volume("disk").await.unwrap();
+        let commit = common::cluster::root_commit(&record, la.epoch, None, vec![], vec![]);
+        let err = a.commit_root(commit).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
+        let err = a.place_segments("disk", la.epoch, 1, 4096, vec![]).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
 
         // Released: free for anyone, with a new epoch.
@@ -237,26 +233,44 @@ fn deleting_a_volume_erases_its_shards_from_the_peers() {
     }
     c.wait_all_up(3);
     c.create_volume("gone", "64M", 2, 1);
+    c.create_volume("kept", "16M", 2, 1);
     let rt = runtime();
-    rt.block_on(async {
-        let client = c.client();
-        let v = client.volume("gone").await.unwrap();
-        for stripe in 0..4 {
-            let p = client.place("gone", stripe).await.unwrap();
-            let hashes = put_placement(&client, v.spec.id, (2, 1), &p, 0, 64 << 10, stripe as u8).await;
-            client.commit("gone", &p, 0, hashes).await.unwrap();
+    let kept = rt.block_on(async {
+        // Both volumes written through an attach: 12 MiB and 1 MiB.
+        for (name, len) in [("gone", 12 << 20), ("kept", 1 << 20)] {
+            let v = attach(&c, name, &format!("state-{name}"), false).await;
+            v.write(0, bytes::Bytes::from(common::pattern(7, len)), false).await.unwrap();
+            v.flush().await.unwrap();
+            v.close(Duration::from_secs(10)).await.unwrap();
         }
+        let client = c.client();
         let info = client.volume_info("gone").await.unwrap();
-        assert_eq!((info.health.stripes, info.health.whole), (4, 4));
-        assert_eq!(info.allocated, 12 * ((64 << 10) + 96));
+        assert!(info.health.segments >= 3, "{info:?}");
+        assert_eq!(info.health.whole, info.health.segments, "{info:?}");
+        assert!(info.allocated > 12 << 20, "{info:?}");
+        client.volume_info("kept").await.unwrap().allocated
     });
-    c.wait_status("shards counted", Duration::from_secs(10), |s| {
-        s.peers.iter().all(|p| p.used == 4 * ((64 << 10) + 96))
+    let s = c.wait_status("shards counted", Duration::from_secs(10), |s| {
+        s.peers.iter().map(|p| p.used).sum::<u64>() > (12 << 20) + kept
     });
+    let before: u64 = s.peers.iter().map(|p| p.used).sum();
     let (ok, _, err) = c.cli(&["volume", "delete", "gone", "--yes", "--credential", &cred(&c)]);
     assert!(ok, "{err}");
-    c.wait_status("shards erased", Duration::from_secs(15), |s| {
-        s.volumes.is_empty() && s.peers.iter().all(|p| p.used == 0)
+    // Every shard of "gone" goes; "kept" keeps all of its own.
+    let s = c.wait_status("shards erased", Duration::from_secs(20), |s| {
+        s.volumes.len() == 1 && s.peers.iter().map(|p| p.used).sum::<u64>() < before - (12 << 20)
+    });
+    let left: u64 = s.peers.iter().map(|p| p.used).sum();
+    assert!(left >= kept, "{left} bytes left on the peers, {kept} allocated to kept");
+    rt.block_on(async {
+        let v = attach(&c, "kept", "state-kept", false).await;
+        let got = v.read(0, 1 << 20).await.unwrap().to_vec();
+        assert!(got == common::pattern(7, 1 << 20), "kept's data changed");
+        v.close(Duration::from_secs(10)).await.unwrap();
+    });
+    // Once the collector is done, only "kept"'s shards are left.
+    c.wait_status("the collector is done", Duration::from_secs(20), |s| {
+        s.workers.iter().all(|w| w.queue == Some(0))
     });
     let (ok, _, err) = c.cli(&["volume", "info", "gone", "--credential", &cred(&c)]);
     assert!(!ok && err.contains("no volume named gone"), "{err}");

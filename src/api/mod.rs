@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::segment::SegmentShardKey;
 use crate::codec::sequence::SegmentId;
-use crate::codec::shard::ShardKey;
 use crate::membership::ca::Role;
 
 /// Length of a volume id.
@@ -91,7 +90,7 @@ pub struct PeerReport {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// Committed on peers and in the stripe map.
+    /// Committed on peers and in the directory's root.
     Remote,
     /// Synced in the attaching machine's local log only.
     Local,
@@ -115,7 +114,7 @@ pub struct VolumeSpec {
     pub k: u8,
     pub m: u8,
     pub shard_size: u32,
-    /// Repair when a stripe has fewer healthy shards than this.
+    /// Repair when a segment has fewer healthy shards than this.
     pub repair_threshold: u8,
     /// Proves a key is the volume's data key without revealing it.
     pub key_check: [u8; 32],
@@ -148,12 +147,12 @@ pub struct VolumeLease {
     pub ttl_ms: u64,
 }
 
-/// How many stripes (first design) or segments (second) have how many
-/// healthy shards (on a peer that is up, recorded as stored).
+/// How many of a volume's live segments have how many healthy shards (on
+/// a peer that is up).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StripeHealth {
-    /// Stripes, or live segments, written.
-    pub stripes: u64,
+pub struct Health {
+    /// Live segments.
+    pub segments: u64,
     /// All k + m shards healthy.
     pub whole: u64,
     /// At least the repair threshold, fewer than k + m.
@@ -169,33 +168,10 @@ pub struct StripeHealth {
 pub struct VolumeInfo {
     pub record: VolumeRecord,
     pub lease: Option<VolumeLease>,
-    /// Bytes of shards stored for the volume's committed stripes.
+    /// Bytes of shards stored on peers for the volume's live segments
+    /// (headers included).
     pub allocated: u64,
-    pub health: StripeHealth,
-}
-
-/// Where a stripe's next generation goes; its space is reserved until
-/// `expires_ms` or until committed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Placement {
-    pub reservation: u64,
-    pub stripe: u64,
-    pub generation: u64,
-    /// Shard `i` goes to `peers[i]`; k + m distinct peers.
-    pub peers: Vec<PeerAddr>,
-    /// Bytes reserved on each (header included).
-    pub shard_bytes: u64,
-    pub expires_ms: u64,
-}
-
-/// A stripe's committed generation: where each shard is and its hash
-/// (`None`: that shard was not stored, the stripe is degraded).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StripeRecord {
-    pub generation: u64,
-    pub peers: Vec<String>,
-    pub hashes: Vec<Option<[u8; 32]>>,
-    pub committed_ms: u64,
+    pub health: Health,
 }
 
 /// A peer in `meshdisk status`.
@@ -228,7 +204,6 @@ pub struct PeerStatus {
     pub failure_domain: String,
     pub capacity: u64,
     pub used: u64,
-    pub reserved: u64,
     pub load: u32,
     pub last_seen_ms: u64,
     pub problem: Option<String>,
@@ -238,7 +213,8 @@ pub struct PeerStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeStatus {
     pub record: VolumeRecord,
-    pub stripes: u64,
+    /// Live segments.
+    pub segments: u64,
     /// Who holds the write lease now, if anyone.
     pub holder: Option<String>,
 }
@@ -256,27 +232,16 @@ pub struct ClusterStatus {
     pub workers: Vec<crate::sys::worker::WorkerInfo>,
 }
 
-/// The new generation of a stripe is stored: record it, turn the
-/// reservation into used space. `epoch` is the writer's lease epoch (0 for
-/// a volume never attached); a writer that was taken over is refused.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Commit {
-    pub reservation: u64,
-    pub volume: String,
-    pub stripe: u64,
-    pub generation: u64,
-    pub epoch: u64,
-    pub hashes: Vec<Option<[u8; 32]>>,
-}
-
-/// A live segment as the directory records it (second design): the peers
-/// holding its shards, as small peer ids in shard order, and the segment
-/// root the shards verify against. The reader trusts the root only as the
-/// MAC'd root record names it; this copy is for repair and for the
-/// directory's own bookkeeping.
+/// A live segment as the directory records it: the peers holding its
+/// shards, as small peer ids in shard order (0: not stored), how many 4 KiB
+/// blocks each shard's payload has, and the segment root the shards verify
+/// against. The reader trusts the root only as the MAC'd root record names
+/// it; this copy is for repair and for the directory's own bookkeeping
+/// (space, health, collection).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentRecord {
     pub peers: Vec<u16>,
+    pub shard_blocks: u16,
     pub root: [u8; 32],
 }
 
@@ -298,9 +263,9 @@ pub enum SegmentRecordError {
 
 impl SegmentRecord {
     /// The most bytes a stored record takes (docs/formats.md, "Segment
-    /// record"): k + m = 16 shards fit while peer ids stay below 2^15.
+    /// record"): k + m = 16 shards fit while peer ids stay below 2^14.
     pub const MAX_LEN: usize = 64;
-    const FIXED: usize = 2 + 32;
+    const FIXED: usize = 2 + 2 + 32;
 
     /// Bits per peer id: enough for the largest, at least 1.
     fn width(peers: &[u16]) -> u32 {
@@ -326,7 +291,8 @@ impl SegmentRecord {
         let mut b = vec![0u8; len];
         b[0] = count;
         b[1] = w as u8;
-        b[2..Self::FIXED].copy_from_slice(&self.root);
+        b[2..4].copy_from_slice(&self.shard_blocks.to_le_bytes());
+        b[4..Self::FIXED].copy_from_slice(&self.root);
         for (i, &id) in self.peers.iter().enumerate() {
             for bit in 0..w as usize {
                 if id >> bit & 1 == 1 {
@@ -366,8 +332,9 @@ impl SegmentRecord {
         if Self::width(&peers) != w {
             return Err(corrupt("peer ids are wider than they need"));
         }
-        let root = b[2..Self::FIXED].try_into().map_err(|_| corrupt("wrong length"))?;
-        Ok(Self { peers, root })
+        let shard_blocks = u16::from_le_bytes([b[2], b[3]]);
+        let root = b[4..Self::FIXED].try_into().map_err(|_| corrupt("wrong length"))?;
+        Ok(Self { peers, shard_blocks, root })
     }
 }
 
@@ -413,7 +380,7 @@ pub const MAX_SEGMENTS_PER_CALL: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootCommit {
     pub volume: String,
-    /// The writer's lease epoch (fencing, as for stripe commits).
+    /// The writer's lease epoch (fencing: a writer taken over is refused).
     pub epoch: u64,
     /// (epoch, commit) of the root this replaces; `None`: no root yet.
     pub expected: Option<(u64, u64)>,
@@ -481,51 +448,14 @@ pub enum DirRequest {
         ttl_secs: u64,
     },
     CreateVolume(VolumeSpec),
-    /// k + m peers for the next generation of a stripe, space reserved.
-    Place {
-        volume: String,
-        stripe: u64,
-    },
-    /// The new generation is stored: record it, turn the reservation into
-    /// used space.
-    Commit(Commit),
-    /// The stripe reads as zeroes from now on: its record goes, its shards
-    /// are erased (TRIM, WRITE_ZEROES of a whole stripe, a stripe destaged
-    /// as all zeroes).
-    DropStripe {
-        volume: String,
-        stripe: u64,
-        epoch: u64,
-    },
-    /// The committed stripes of a volume, in order, up to `limit` after
-    /// `after` (the attaching machine loads the stripe map with this).
-    Stripes {
-        volume: String,
-        after: Option<u64>,
-        limit: u32,
-    },
-    /// Another peer for one shard of a reservation (its peer is slow or
-    /// failing); the reservation is updated and the commit records it.
-    Replace {
-        reservation: u64,
-        index: u8,
-    },
-    /// Give a reservation's space back (the write failed).
-    Release {
-        reservation: u64,
-    },
-    /// A stripe's committed generation.
-    Stripe {
-        volume: String,
-        stripe: u64,
-    },
     Volume {
         volume: String,
     },
     VolumeInfo {
         volume: String,
     },
-    /// Deletes the volume's record and stripe map; peers erase its shards.
+    /// Deletes the volume's record, root and segment records; the
+    /// directory's collector erases its shards from the peers.
     DeleteVolume {
         volume: String,
     },
@@ -610,10 +540,6 @@ pub enum DirResponse {
     Volume(VolumeRecord),
     VolumeInfo(Box<VolumeInfo>),
     Lease(VolumeLease),
-    Placement(Placement),
-    Stripe(Option<StripeRecord>),
-    Stripes(Vec<(u64, StripeRecord)>),
-    Peer(PeerAddr),
     Done,
     Error(Remote),
     SegmentPlacements(Vec<SegmentPlacement>),
@@ -626,8 +552,8 @@ pub enum DirResponse {
     PeerSlots(Vec<Option<PeerSlot>>),
 }
 
-/// Calls to a peer. Shard bytes (header + payload) follow `Put`,
-/// `PutSegmentShard` and `Shard` raw; a block proof follows `Blocks`.
+/// Calls to a peer about the segment shards it holds. Shard bytes (header
+/// and payload) follow `Put` and `Shard` raw; a block proof follows `Blocks`.
 /// New variants go at the end (postcard numbers them in order).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -635,39 +561,32 @@ pub enum PeerRequest {
     Put {
         epoch: u64,
     },
-    Get(ShardKey),
-    Delete {
-        shard: ShardKey,
-        epoch: u64,
-    },
-    /// Up to `limit` shards of a volume, after `after`.
-    List {
-        volume: [u8; VOLUME_ID_LEN],
-        after: Option<ShardKey>,
-        limit: u32,
-    },
-    Ping,
-    /// Store the segment shard that follows (second design), for a writer
-    /// holding `epoch`.
-    PutSegmentShard {
-        epoch: u64,
-    },
-    /// A whole segment shard back (`Shard`, the shard follows).
-    GetSegmentShard(SegmentShardKey),
-    /// Blocks `first .. first + count` of a segment shard with their hash
-    /// proof (`Blocks`, the proof follows: `codec::segment::prove`'s format).
+    /// A whole shard back (`Shard`, the shard follows).
+    Get(SegmentShardKey),
+    /// Blocks `first .. first + count` of a shard with their hash proof
+    /// (`Blocks`, the proof follows: `codec::segment::prove`'s format).
     GetBlocks {
         shard: SegmentShardKey,
         first: u32,
         count: u32,
     },
-    DeleteSegmentShard {
+    /// A shard's header alone (`Shard`, the header follows): the segment's
+    /// geometry and every shard root, for checking block proofs.
+    GetHeader(SegmentShardKey),
+    /// Erase a shard, for a writer (or the directory's collector) holding
+    /// `epoch`.
+    Delete {
         shard: SegmentShardKey,
         epoch: u64,
     },
-    /// A segment shard's header alone (`Shard`, the header follows): the
-    /// segment's geometry and every shard root, for checking block proofs.
-    GetSegmentHeader(SegmentShardKey),
+    /// Up to `limit` (at most 1000) shards of a volume, in key order, after
+    /// `after`.
+    List {
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    },
+    Ping,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -678,7 +597,7 @@ pub enum PeerResponse {
     Deleted {
         existed: bool,
     },
-    Shards(Vec<ShardKey>),
+    Shards(Vec<SegmentShardKey>),
     Pong {
         load: u32,
     },
@@ -701,26 +620,24 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let shard = ShardKey { volume: [7; 16], stripe: 9, generation: 3, index: 5 };
-        roundtrip(PeerRequest::Put { epoch: 4 });
-        roundtrip(PeerRequest::Get(shard));
-        roundtrip(PeerRequest::List { volume: [1; 16], after: Some(shard), limit: 100 });
-        roundtrip(PeerResponse::Error(Remote::new(ErrorKind::Full, "full")));
         let segment = SegmentShardKey {
             volume: [3; 16],
             segment: crate::codec::sequence::SegmentId::new(5, 77).unwrap(),
             index: 4,
         };
-        roundtrip(PeerRequest::PutSegmentShard { epoch: 6 });
-        roundtrip(PeerRequest::GetSegmentShard(segment));
-        roundtrip(PeerRequest::GetSegmentHeader(segment));
+        roundtrip(PeerRequest::Put { epoch: 6 });
+        roundtrip(PeerRequest::Get(segment));
+        roundtrip(PeerRequest::GetHeader(segment));
         roundtrip(PeerRequest::GetBlocks { shard: segment, first: 17, count: 3 });
-        roundtrip(PeerRequest::DeleteSegmentShard { shard: segment, epoch: u64::MAX });
+        roundtrip(PeerRequest::Delete { shard: segment, epoch: u64::MAX });
+        roundtrip(PeerRequest::List { volume: [1; 16], after: Some(segment), limit: 100 });
+        roundtrip(PeerResponse::Shards(vec![segment, segment]));
         roundtrip(PeerResponse::Blocks);
+        roundtrip(PeerResponse::Error(Remote::new(ErrorKind::Full, "full")));
         // The segment id travels as its raw number.
         let max =
             SegmentShardKey { segment: crate::codec::sequence::SegmentId::from_raw(u64::MAX), ..segment };
-        roundtrip(PeerRequest::GetSegmentShard(max));
+        roundtrip(PeerRequest::Get(max));
         roundtrip(DirRequest::Heartbeat(PeerReport {
             addr: "127.0.0.1:7000".parse().unwrap(),
             failure_domain: "rack-1".into(),
@@ -730,15 +647,6 @@ mod tests {
             problem: None,
             rtts: vec![Rtt { node: "peer-2".into(), micros: 120 }],
         }));
-        roundtrip(DirRequest::Commit(Commit {
-            reservation: 1,
-            volume: "v".into(),
-            stripe: 2,
-            generation: 3,
-            epoch: 4,
-            hashes: vec![Some([9; 32]), None],
-        }));
-        roundtrip(DirRequest::DropStripe { volume: "v".into(), stripe: 7, epoch: 2 });
         let collector = crate::sys::worker::WorkerInfo {
             name: "collector".into(),
             state: "idle".into(),
@@ -767,30 +675,12 @@ mod tests {
         old.as_object_mut().unwrap().remove("workers");
         let parsed: ClusterStatus = serde_json::from_value(old).unwrap();
         assert!(parsed.workers.is_empty());
-        roundtrip(DirRequest::Replace { reservation: 9, index: 3 });
-        roundtrip(DirResponse::Peer(PeerAddr {
-            name: "peer-2".into(),
-            addr: "127.0.0.1:9".parse().unwrap(),
-        }));
-        roundtrip(DirRequest::Stripes { volume: "v".into(), after: Some(3), limit: 100 });
-        roundtrip(DirResponse::Stripes(vec![(
-            5,
-            StripeRecord { generation: 2, peers: vec!["p".into()], hashes: vec![None], committed_ms: 9 },
-        )]));
-        roundtrip(DirResponse::Placement(Placement {
-            reservation: 1,
-            stripe: 2,
-            generation: 3,
-            peers: vec![PeerAddr { name: "peer-1".into(), addr: "[::1]:9".parse().unwrap() }],
-            shard_bytes: 262_240,
-            expires_ms: 5,
-        }));
     }
 
     #[test]
     fn second_design_messages_round_trip() {
         let seg = |n| SegmentId::new(3, n).unwrap();
-        let record = SegmentRecord { peers: vec![1, 200, 16_000], root: [5; 32] };
+        let record = SegmentRecord { peers: vec![1, 200, 16_000], shard_blocks: 1024, root: [5; 32] };
         let slot =
             PeerSlot { id: 7, addr: PeerAddr { name: "peer-7".into(), addr: "[::1]:9".parse().unwrap() } };
         roundtrip(DirRequest::PlaceSegments {
@@ -825,23 +715,28 @@ mod tests {
     }
 
     #[test]
-    fn a_segment_record_of_sixteen_peers_fits_in_64_bytes_while_ids_stay_below_2_15() {
-        let root = [0xab; 32];
-        let wide = SegmentRecord { peers: (0..16).map(|i| 16_383 - i).collect(), root };
+    fn a_segment_record_of_sixteen_peers_fits_in_64_bytes_while_ids_stay_below_2_14() {
+        let (root, shard_blocks) = ([0xab; 32], 4096);
+        let wide = SegmentRecord { peers: (0..16).map(|i| 8_191 - i).collect(), shard_blocks, root };
         assert_eq!(wide.encode().unwrap().len(), 62);
-        let widest = SegmentRecord { peers: (0..16).map(|i| 32_767 - i).collect(), root };
+        let widest = SegmentRecord { peers: (0..16).map(|i| 16_383 - i).collect(), shard_blocks, root };
         let b = widest.encode().unwrap();
         assert_eq!(b.len(), SegmentRecord::MAX_LEN);
         assert_eq!(SegmentRecord::decode(&b).unwrap(), widest);
-        let too_wide = SegmentRecord { peers: vec![1; 15].into_iter().chain([32_768]).collect(), root };
+        let too_wide =
+            SegmentRecord { peers: vec![1; 15].into_iter().chain([16_384]).collect(), shard_blocks, root };
         let err = too_wide.encode().unwrap_err();
-        assert_eq!(err, SegmentRecordError::TooLong { peers: 16, max_id: 32_768, len: 66 });
+        assert_eq!(err, SegmentRecordError::TooLong { peers: 16, max_id: 16_384, len: 66 });
         // Small clusters make small records: 4 + 2 peers, ids below 8.
-        assert_eq!(SegmentRecord { peers: vec![1, 2, 3, 4, 5, 6], root }.encode().unwrap().len(), 37);
-        assert_eq!(SegmentRecord { peers: vec![], root }.encode(), Err(SegmentRecordError::NoPeers));
+        let small = SegmentRecord { peers: vec![1, 2, 3, 4, 5, 6], shard_blocks, root };
+        assert_eq!(small.encode().unwrap().len(), 39);
+        assert_eq!(
+            SegmentRecord { peers: vec![], shard_blocks, root }.encode(),
+            Err(SegmentRecordError::NoPeers)
+        );
         // Strict: a wider id width than needed, set padding bits and a
         // wrong length are refused.
-        let mut b = SegmentRecord { peers: vec![1, 2, 3], root }.encode().unwrap();
+        let mut b = SegmentRecord { peers: vec![1, 2, 3], shard_blocks, root }.encode().unwrap();
         assert_eq!(b[1], 2);
         let mut padded = b.clone();
         padded[SegmentRecord::FIXED] |= 0x80;
@@ -865,9 +760,10 @@ mod tests {
         #[test]
         fn segment_records_decode_to_what_was_encoded(
             peers in proptest::collection::vec(any::<u16>(), 1..24),
+            shard_blocks: u16,
             root: [u8; 32],
         ) {
-            let r = SegmentRecord { peers, root };
+            let r = SegmentRecord { peers, shard_blocks, root };
             match r.encode() {
                 Ok(b) => {
                     prop_assert!(b.len() <= SegmentRecord::MAX_LEN);

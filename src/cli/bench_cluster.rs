@@ -1,11 +1,15 @@
 //! `meshdisk bench cluster`: shard put and get throughput from this client
 //! to every peer that is up, with `depth` calls in flight per peer.
 //!
-//! Shards belong to a benchmark volume id that no real volume has (the
-//! first 16 bytes of blake3("meshdisk bench cluster")); each put is a new
-//! shard key, so nothing is replaced. `get` reads back what the peers list
-//! for that volume; `clean` deletes it. CPU time is this process's own
-//! (user + system); `tools/bench cluster` adds the peers'.
+//! Shards are segment shards (k = 1, m = 0, one `--shard-size` payload)
+//! of a benchmark volume id that no real volume has (the first 16 bytes of
+//! blake3("meshdisk bench cluster")); each put is a new segment id, so
+//! nothing is replaced. The payload is the same fixed pattern for every
+//! put, hashed once, so the client's CPU goes to the transfer; the peer
+//! hashes every shard it stores, as for a volume. `get` reads back what the
+//! peers list for that volume, each shard verified against its segment
+//! root; `clean` deletes it. CPU time is this process's own (user +
+//! system); `tools/bench cluster` adds the peers'.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +20,9 @@ use bytes::Bytes;
 use crate::api::{PeerAddr, VOLUME_ID_LEN};
 use crate::cli::CliError;
 use crate::client::Client;
-use crate::codec::shard::ShardKey;
-use crate::codec::shard::{ShardHash, ShardHeader};
+use crate::codec::segment::{
+    BLOCK_SIZE, SegmentGeometry, SegmentId, SegmentShardHeader, SegmentShardKey, ShardRoot, segment_root,
+};
 
 /// Which phases to run (`--phases put,get,clean`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -117,25 +122,39 @@ pub async fn run(
 }
 
 /// The benchmark's shards on `peer`.
-async fn list(client: &Client, peer: &PeerAddr) -> Result<Vec<ShardKey>, CliError> {
-    client.list_shards(peer, bench_volume()).await.map_err(|source| CliError::PeerCall {
-        what: "listing",
-        peer: peer.name.clone(),
-        source: Box::new(source),
-    })
+async fn list(client: &Client, peer: &PeerAddr) -> Result<Vec<SegmentShardKey>, CliError> {
+    let (mut out, mut after) = (Vec::new(), None);
+    loop {
+        let page = client.list_shards(peer, bench_volume(), after, 1000).await.map_err(|source| {
+            CliError::PeerCall { what: "listing", peer: peer.name.clone(), source: Box::new(source) }
+        })?;
+        let Some(&last) = page.last() else { return Ok(out) };
+        out.extend(page);
+        after = Some(last);
+    }
+}
+
+/// The payload every benchmark shard carries, its geometry and its root.
+fn payload(config: &ClusterBench) -> Result<(Bytes, SegmentGeometry, ShardRoot), CliError> {
+    let blocks = config.shard_size.div_ceil(BLOCK_SIZE).max(1) as u32;
+    let geometry = SegmentGeometry::new(1, 0, blocks).map_err(|e| CliError::Argument(e.to_string()))?;
+    let payload = crate::codec::bench::pattern(geometry.shard_len(), 0xbe4c);
+    let root = ShardRoot::of(&payload);
+    Ok((Bytes::from(payload), geometry, root))
+}
+
+/// Shard `segment` of the benchmark volume, carrying `payload`.
+fn header(segment: SegmentId, geometry: SegmentGeometry, root: ShardRoot) -> SegmentShardHeader {
+    SegmentShardHeader { volume_id: bench_volume(), segment, geometry, index: 0, roots: vec![root] }
 }
 
 async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, CliError> {
-    let mut payload = vec![0u8; config.shard_size];
-    getrandom::fill(&mut payload)?;
-    let hash = ShardHash::of(&payload);
-    let payload = Bytes::from(payload);
-    // Stripe numbers start past anything an earlier run left.
-    let base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-        << 16;
-    let next = Arc::new(AtomicU64::new(base));
+    let (payload, geometry, root) = payload(config)?;
+    // Segment ids start past anything an earlier run left: the epoch
+    // (high half) is this run's start in seconds.
+    let epoch =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs().max(1));
+    let next = Arc::new(AtomicU64::new(1));
     let deadline = Instant::now() + config.duration;
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let mut tasks = tokio::task::JoinSet::new();
@@ -145,17 +164,11 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
             tasks.spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    let header = ShardHeader {
-                        volume_id: bench_volume(),
-                        stripe: next.fetch_add(1, Ordering::Relaxed),
-                        generation: 1,
-                        index: 0,
-                        k: 1,
-                        m: 0,
-                        payload_len: payload.len() as u32,
-                        payload_hash: hash,
-                    };
-                    client.put_shard(&peer, &header, payload.clone(), 1).await.map_err(|source| {
+                    let id = SegmentId::new(epoch, next.fetch_add(1, Ordering::Relaxed))
+                        .map_err(|e| CliError::Argument(e.to_string()))?;
+                    let mut shard = header(id, geometry, root).encode();
+                    shard.extend_from_slice(&payload);
+                    client.put_shard(&peer, Bytes::from(shard), 1).await.map_err(|source| {
                         CliError::PeerCall {
                             what: "put to",
                             peer: peer.name.clone(),
@@ -172,7 +185,7 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
     for r in tasks.join_all().await {
         shards += r?;
     }
-    let shard_len = (config.shard_size + crate::codec::shard::HEADER_LEN) as u64;
+    let shard_len = (crate::codec::segment::header::header_len(geometry) + geometry.shard_len()) as u64;
     Ok(PhaseResult {
         phase: Phase::Put,
         peers: peers.len(),
@@ -184,6 +197,7 @@ async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
 }
 
 async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, CliError> {
+    let (_, geometry, root) = payload(config)?;
     let mut lists = Vec::new();
     for p in peers {
         let keys = list(client, p).await?;
@@ -204,15 +218,17 @@ async fn get(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Resu
                 let (mut n, mut bytes) = (0u64, 0u64);
                 let mut i = worker;
                 while Instant::now() < deadline {
-                    let key: ShardKey = keys[i % keys.len()];
-                    let shard = client.get_shard(&peer, key).await.map_err(|source| CliError::PeerCall {
-                        what: "get from",
-                        peer: peer.name.clone(),
-                        source: Box::new(source),
+                    let key: SegmentShardKey = keys[i % keys.len()];
+                    // A shard of an earlier run with another --shard-size
+                    // fails this check: `--phases clean` removes them.
+                    let expected = segment_root(&key.volume, key.segment, geometry, &[root]);
+                    let shard = client.get_shard(&peer, key, &expected).await.map_err(|source| {
+                        CliError::PeerCall {
+                            what: "get from",
+                            peer: peer.name.clone(),
+                            source: Box::new(source),
+                        }
                     })?;
-                    let bad = |source| CliError::BadShard { peer: peer.name.clone(), source };
-                    let (header, body) = crate::codec::shard::parse_shard(&shard).map_err(bad)?;
-                    header.verify_payload(body).map_err(bad)?;
                     n += 1;
                     bytes += shard.len() as u64;
                     i += 7919;

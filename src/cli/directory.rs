@@ -28,9 +28,6 @@ pub struct DirectoryArgs {
     /// A peer silent this long is down.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     peer_timeout: Duration,
-    /// Space reserved for a stripe being written is released after this.
-    #[arg(long, value_parser = parse_duration, default_value = "60s")]
-    reservation_ttl: Duration,
     /// A volume's write lease lapses this long after its holder's last renewal.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     lease_ttl: Duration,
@@ -44,7 +41,6 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         advertise: args.advertise,
         cluster: args.cluster,
         peer_timeout: args.peer_timeout,
-        reservation_ttl: args.reservation_ttl,
         lease_ttl: args.lease_ttl,
     };
     let stop = stop_on_signals()?;

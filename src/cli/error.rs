@@ -15,7 +15,6 @@ use crate::codec::GeometryError;
 use crate::codec::bench::BenchError;
 use crate::codec::key::KeyError;
 use crate::codec::keyslot::KeySlotError;
-use crate::codec::shard::ShardError;
 use crate::directory::DirectoryError;
 use crate::membership::credential::CredentialError;
 use crate::peer::PeerError;
@@ -107,8 +106,6 @@ pub enum CliError {
     /// A benchmark call to one peer failed: `what` is "put to", "get from", ...
     #[error("{what} {peer}: {source}")]
     PeerCall { what: &'static str, peer: String, source: Box<ClientError> },
-    #[error("{peer} returned a bad shard: {source}")]
-    BadShard { peer: String, source: ShardError },
 }
 
 impl From<getrandom::Error> for CliError {

@@ -29,7 +29,7 @@ pub struct PeerArgs {
     #[arg(long, value_parser = parse_size)]
     capacity: u64,
     /// Peers in one failure domain (a machine, a house) never hold two
-    /// shards of a stripe while there are other domains.
+    /// shards of a segment while there are other domains.
     #[arg(long)]
     failure_domain: Option<String>,
     /// UDP address to serve QUIC on.

@@ -51,7 +51,7 @@ pub fn status(s: &ClusterStatus) -> String {
     if !s.peers.is_empty() {
         out.push('\n');
         let mut rows = vec![
-            ["PEER", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "RESERVED", "LOAD", "LAST SEEN"]
+            ["PEER", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "LOAD", "LAST SEEN"]
                 .map(String::from)
                 .to_vec(),
         ];
@@ -67,7 +67,6 @@ pub fn status(s: &ClusterStatus) -> String {
                 p.failure_domain.clone(),
                 human(p.capacity),
                 human(p.used),
-                human(p.reserved),
                 p.load.to_string(),
                 ago(s.now_ms, p.last_seen_ms),
             ]);
@@ -87,7 +86,7 @@ pub fn volumes(volumes: &[VolumeStatus]) -> String {
         return "no volumes (create one with `meshdisk volume create`)\n".into();
     }
     let mut rows =
-        vec![["VOLUME", "SIZE", "k+m", "SHARD", "STRIPES", "EPOCH", "WRITER"].map(String::from).to_vec()];
+        vec![["VOLUME", "SIZE", "k+m", "SHARD", "SEGMENTS", "EPOCH", "WRITER"].map(String::from).to_vec()];
     for v in volumes {
         let spec = &v.record.spec;
         rows.push(vec![
@@ -95,7 +94,7 @@ pub fn volumes(volumes: &[VolumeStatus]) -> String {
             human(spec.size),
             format!("{}+{}", spec.k, spec.m),
             human(u64::from(spec.shard_size)),
-            v.stripes.to_string(),
+            v.segments.to_string(),
             v.record.epoch.to_string(),
             v.holder.clone().unwrap_or_else(|| "-".into()),
         ]);
@@ -123,7 +122,7 @@ fn key_slots(encoded: &[u8]) -> String {
 /// `meshdisk volume info`.
 pub fn volume_info(v: &VolumeInfo) -> String {
     let spec = &v.record.spec;
-    let stripe_data = u64::from(spec.k) * u64::from(spec.shard_size);
+    let segment_data = u64::from(spec.k) * u64::from(spec.shard_size);
     let h = &v.health;
     let writer = match &v.lease {
         Some(l) => format!("{} (epoch {})", l.holder, l.epoch),
@@ -131,19 +130,12 @@ pub fn volume_info(v: &VolumeInfo) -> String {
     };
     let rows = vec![
         vec!["volume".to_string(), spec.name.clone()],
-        vec![
-            "size".into(),
-            format!(
-                "{} ({} stripes of {})",
-                human(spec.size),
-                spec.size.div_ceil(stripe_data),
-                human(stripe_data)
-            ),
-        ],
+        vec!["size".into(), human(spec.size)],
         vec![
             "geometry".into(),
             format!(
-                "k={} data + m={} parity shards of {}",
+                "segments of {}: k={} data + m={} parity shards of up to {}",
+                human(segment_data),
                 spec.k,
                 spec.m,
                 human(u64::from(spec.shard_size))
@@ -155,10 +147,10 @@ pub fn volume_info(v: &VolumeInfo) -> String {
         vec!["writer".into(), writer],
         vec!["allocated".into(), format!("{} on peers", human(v.allocated))],
         vec![
-            "stripes".into(),
+            "segments".into(),
             format!(
-                "{} written: {} whole, {} degraded, {} need repair, {} unavailable",
-                h.stripes, h.whole, h.degraded, h.needs_repair, h.unavailable
+                "{} live: {} whole, {} degraded, {} need repair, {} unavailable",
+                h.segments, h.whole, h.degraded, h.needs_repair, h.unavailable
             ),
         ],
     ];
@@ -184,7 +176,6 @@ mod tests {
                     failure_domain: "attic".into(),
                     capacity: 1 << 30,
                     used: 1 << 20,
-                    reserved: 0,
                     load: 2,
                     last_seen_ms: 99_600,
                     problem: None,
@@ -197,7 +188,6 @@ mod tests {
                     failure_domain: "cellar".into(),
                     capacity: 1 << 30,
                     used: 0,
-                    reserved: 0,
                     load: 0,
                     last_seen_ms: 10_000,
                     problem: None,
@@ -221,7 +211,7 @@ mod tests {
                     epoch: 3,
                     created_ms: 0,
                 },
-                stripes: 12,
+                segments: 12,
                 holder: None,
             }],
             workers: vec![],
@@ -232,6 +222,6 @@ mod tests {
         assert!(text.contains("0.4s ago"), "{text}");
         assert!(text.contains("peer-2  down"), "{text}");
         assert!(text.contains("1.5m ago") || text.contains("2m ago"), "{text}");
-        assert!(text.contains("demo    8.0 GiB  4+2  256.0 KiB  12       3      -"), "{text}");
+        assert!(text.contains("demo    8.0 GiB  4+2  256.0 KiB  12        3      -"), "{text}");
     }
 }

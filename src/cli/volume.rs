@@ -25,7 +25,7 @@ pub enum VolumeCommand {
     Create(VolumeCreateArgs),
     /// Every volume.
     List(VolumeListArgs),
-    /// A volume's geometry, keys, lease, allocated size and stripe health.
+    /// A volume's geometry, keys, lease, allocated size and segment health.
     Info(VolumeNameArgs),
     /// Change a volume's passphrase (or add or remove a key file) without
     /// re-encrypting its data: only the wrapped copy of its key changes.
@@ -61,10 +61,10 @@ pub struct VolumeCreateArgs {
     /// of data with the defaults).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     shard_size: u64,
-    /// Repair a stripe when fewer shards than this are healthy (default k+1).
+    /// Repair a segment when fewer shards than this are healthy (default k+1).
     #[arg(long)]
     repair_threshold: Option<u8>,
-    /// What FLUSH waits for: remote (peers and the stripe map) or local
+    /// What FLUSH waits for: remote (peers and the directory's root) or local
     /// (this machine's log only).
     #[arg(long, value_parser = parse_durability, default_value = "remote")]
     durability: Durability,

@@ -16,8 +16,6 @@ use crate::codec::segment::{
     SegmentId, SegmentRoot, SegmentShardHeader, SegmentShardKey, ShardRoot, verify_blocks, verify_header,
     verify_shard,
 };
-use crate::codec::shard::ShardHeader;
-use crate::codec::shard::ShardKey;
 use crate::membership::ca::{Role, node_name};
 use crate::membership::credential::{Credential, CredentialError};
 use crate::transport::rpc::{Pool, RpcError, endpoint};
@@ -49,16 +47,10 @@ pub enum ClientError {
         #[source]
         source: RpcError,
     },
-    /// A peer returned a shard that is not what the stripe map records.
-    #[error("peer {peer}: stripe {stripe} generation {generation} shard {index}: {why}", stripe = key.stripe, generation = key.generation, index = key.index)]
-    BadShard { peer: String, key: ShardKey, why: String },
     /// A peer returned a segment shard, or blocks of one, that do not
     /// verify against the root the caller holds.
     #[error("peer {peer}: segment {segment} shard {index}: {why}", segment = key.segment, index = key.index)]
-    BadSegmentShard { peer: String, key: SegmentShardKey, why: String },
-    /// Too few verified shards of a stripe could be read.
-    #[error("stripe {stripe}: only {got} of the {need} shards needed could be read ({})", failures.join("; "))]
-    Unavailable { stripe: u64, got: usize, need: usize, failures: Vec<String> },
+    BadShard { peer: String, key: SegmentShardKey, why: String },
     #[error(transparent)]
     Credential(#[from] CredentialError),
     #[error(transparent)]
@@ -75,8 +67,7 @@ impl ClientError {
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
             ClientError::Directory(r) | ClientError::Peer { error: r, .. } => Some(r.kind),
-            ClientError::BadShard { .. } | ClientError::BadSegmentShard { .. } => Some(ErrorKind::Corrupt),
-            ClientError::Unavailable { .. } => Some(ErrorKind::Unavailable),
+            ClientError::BadShard { .. } => Some(ErrorKind::Corrupt),
             _ => None,
         }
     }
@@ -158,37 +149,6 @@ impl Client {
         }
     }
 
-    /// Where the next generation of `stripe` goes, space reserved.
-    pub async fn place(&self, volume: &str, stripe: u64) -> Result<Placement, ClientError> {
-        match self.directory(&DirRequest::Place { volume: volume.into(), stripe }).await? {
-            DirResponse::Placement(p) => Ok(p),
-            other => Err(unexpected("place", other)),
-        }
-    }
-
-    /// Records a stored generation; returns the one it replaces.
-    /// `epoch` is the writer's lease epoch (0 if the volume was never attached).
-    pub async fn commit(
-        &self,
-        volume: &str,
-        placement: &Placement,
-        epoch: u64,
-        hashes: Vec<Option<[u8; 32]>>,
-    ) -> Result<Option<StripeRecord>, ClientError> {
-        let req = DirRequest::Commit(Commit {
-            reservation: placement.reservation,
-            volume: volume.into(),
-            stripe: placement.stripe,
-            generation: placement.generation,
-            epoch,
-            hashes,
-        });
-        match self.directory(&req).await? {
-            DirResponse::Stripe(s) => Ok(s),
-            other => Err(unexpected("commit", other)),
-        }
-    }
-
     pub async fn volume(&self, volume: &str) -> Result<VolumeRecord, ClientError> {
         match self.directory(&DirRequest::Volume { volume: volume.into() }).await? {
             DirResponse::Volume(v) => Ok(v),
@@ -261,51 +221,6 @@ impl Client {
     }
 
     /// Another peer for shard `index` of a reservation (long-tail cancellation).
-    pub async fn replace(&self, reservation: u64, index: u8) -> Result<PeerAddr, ClientError> {
-        match self.directory(&DirRequest::Replace { reservation, index }).await? {
-            DirResponse::Peer(p) => Ok(p),
-            other => Err(unexpected("replace", other)),
-        }
-    }
-
-    pub async fn release(&self, reservation: u64) -> Result<(), ClientError> {
-        match self.directory(&DirRequest::Release { reservation }).await? {
-            DirResponse::Done => Ok(()),
-            other => Err(unexpected("release", other)),
-        }
-    }
-
-    /// Forgets a stripe: it reads as zeroes, the directory erases its shards.
-    pub async fn drop_stripe(&self, volume: &str, stripe: u64, epoch: u64) -> Result<(), ClientError> {
-        match self.directory(&DirRequest::DropStripe { volume: volume.into(), stripe, epoch }).await? {
-            DirResponse::Done => Ok(()),
-            other => Err(unexpected("drop stripe", other)),
-        }
-    }
-
-    /// The volume's whole stripe map, page by page.
-    pub async fn stripes(&self, volume: &str) -> Result<Vec<(u64, StripeRecord)>, ClientError> {
-        let mut out: Vec<(u64, StripeRecord)> = Vec::new();
-        loop {
-            let req =
-                DirRequest::Stripes { volume: volume.into(), after: out.last().map(|s| s.0), limit: 4096 };
-            match self.directory(&req).await? {
-                DirResponse::Stripes(s) if s.is_empty() => return Ok(out),
-                DirResponse::Stripes(s) => out.extend(s),
-                other => return Err(unexpected("stripes", other)),
-            }
-        }
-    }
-
-    pub async fn stripe(&self, volume: &str, stripe: u64) -> Result<Option<StripeRecord>, ClientError> {
-        match self.directory(&DirRequest::Stripe { volume: volume.into(), stripe }).await? {
-            DirResponse::Stripe(s) => Ok(s),
-            other => Err(unexpected("stripe", other)),
-        }
-    }
-
-    /// Second design: where `count` new segments go (k + m peers each,
-    /// none of `exclude`), for the writer holding the lease at `epoch`.
     pub async fn place_segments(
         &self,
         volume: &str,
@@ -392,86 +307,29 @@ impl Client {
         }
     }
 
-    /// Stores a shard on `peer`; durable when this returns. The payload is
-    /// sent as it is, without a copy.
-    pub async fn put_shard(
-        &self,
-        peer: &PeerAddr,
-        header: &ShardHeader,
-        payload: Bytes,
-        epoch: u64,
-    ) -> Result<(), ClientError> {
-        let parts = vec![Bytes::copy_from_slice(&header.encode()), payload];
-        match self.peer_call(peer, &PeerRequest::Put { epoch }, parts).await? {
+    /// Stores a segment shard (header + payload, as `encode_segment` makes
+    /// it) on `peer`; durable when this returns. The bytes are sent as
+    /// they are, without a copy.
+    pub async fn put_shard(&self, peer: &PeerAddr, shard: Bytes, epoch: u64) -> Result<(), ClientError> {
+        match self.peer_call(peer, &PeerRequest::Put { epoch }, vec![shard]).await? {
             (PeerResponse::Stored, _) => Ok(()),
             (other, _) => Err(unexpected("put shard", other)),
         }
     }
 
-    /// A shard (header + payload) as the peer has it; the caller checks it.
-    pub async fn get_shard(&self, peer: &PeerAddr, key: ShardKey) -> Result<Bytes, ClientError> {
-        match self.peer_call(peer, &PeerRequest::Get(key), Vec::new()).await? {
-            (PeerResponse::Shard, data) => Ok(data),
-            (other, _) => Err(unexpected("get shard", other)),
-        }
-    }
-
-    pub async fn delete_shard(
-        &self,
-        peer: &PeerAddr,
-        key: ShardKey,
-        epoch: u64,
-    ) -> Result<bool, ClientError> {
-        match self.peer_call(peer, &PeerRequest::Delete { shard: key, epoch }, Vec::new()).await? {
-            (PeerResponse::Deleted { existed }, _) => Ok(existed),
-            (other, _) => Err(unexpected("delete shard", other)),
-        }
-    }
-
-    /// Every shard of `volume` on `peer`.
-    pub async fn list_shards(
-        &self,
-        peer: &PeerAddr,
-        volume: [u8; VOLUME_ID_LEN],
-    ) -> Result<Vec<ShardKey>, ClientError> {
-        let mut out = Vec::new();
-        loop {
-            let req = PeerRequest::List { volume, after: out.last().copied(), limit: 1000 };
-            match self.peer_call(peer, &req, Vec::new()).await? {
-                (PeerResponse::Shards(s), _) if s.is_empty() => return Ok(out),
-                (PeerResponse::Shards(s), _) => out.extend(s),
-                (other, _) => return Err(unexpected("list shards", other)),
-            }
-        }
-    }
-
-    /// Stores a segment shard (header + payload, as `encode_segment` makes
-    /// it) on `peer`; durable when this returns.
-    pub async fn put_segment_shard(
-        &self,
-        peer: &PeerAddr,
-        shard: Bytes,
-        epoch: u64,
-    ) -> Result<(), ClientError> {
-        match self.peer_call(peer, &PeerRequest::PutSegmentShard { epoch }, vec![shard]).await? {
-            (PeerResponse::Stored, _) => Ok(()),
-            (other, _) => Err(unexpected("put segment shard", other)),
-        }
-    }
-
     /// A whole segment shard, verified alone against the segment root
     /// `expected` and checked to be the one asked for.
-    pub async fn get_segment_shard(
+    pub async fn get_shard(
         &self,
         peer: &PeerAddr,
         key: SegmentShardKey,
         expected: &SegmentRoot,
     ) -> Result<Bytes, ClientError> {
-        let data = match self.peer_call(peer, &PeerRequest::GetSegmentShard(key), Vec::new()).await? {
+        let data = match self.peer_call(peer, &PeerRequest::Get(key), Vec::new()).await? {
             (PeerResponse::Shard, data) => data,
-            (other, _) => return Err(unexpected("get segment shard", other)),
+            (other, _) => return Err(unexpected("get shard", other)),
         };
-        let bad = |why: String| ClientError::BadSegmentShard { peer: peer.name.clone(), key, why };
+        let bad = |why: String| ClientError::BadShard { peer: peer.name.clone(), key, why };
         let header = verify_shard(&data, expected).map_err(|e| bad(e.to_string()))?.0;
         // The index is the one field outside the segment root.
         if SegmentShardKey::of(&header) != key {
@@ -483,17 +341,17 @@ impl Client {
     /// A segment shard's header, verified against the segment root
     /// `expected` and checked to be the one asked for: the geometry and
     /// every shard root, what block proofs are checked against.
-    pub async fn get_segment_header(
+    pub async fn get_shard_header(
         &self,
         peer: &PeerAddr,
         key: SegmentShardKey,
         expected: &SegmentRoot,
     ) -> Result<SegmentShardHeader, ClientError> {
-        let data = match self.peer_call(peer, &PeerRequest::GetSegmentHeader(key), Vec::new()).await? {
+        let data = match self.peer_call(peer, &PeerRequest::GetHeader(key), Vec::new()).await? {
             (PeerResponse::Shard, data) => data,
             (other, _) => return Err(unexpected("get segment header", other)),
         };
-        let bad = |why: String| ClientError::BadSegmentShard { peer: peer.name.clone(), key, why };
+        let bad = |why: String| ClientError::BadShard { peer: peer.name.clone(), key, why };
         let header = verify_header(&data, expected).map_err(|e| bad(e.to_string()))?;
         if SegmentShardKey::of(&header) != key {
             return Err(bad(format!(
@@ -507,7 +365,7 @@ impl Client {
     /// Blocks `first .. first + count` of a segment shard of
     /// `blocks_per_shard` blocks, verified against the shard's `root`
     /// before they are returned (the peer's proof, `verify_blocks`): an
-    /// altered, short or misdirected answer is `BadSegmentShard`.
+    /// altered, short or misdirected answer is `BadShard`.
     pub async fn get_blocks(
         &self,
         peer: &PeerAddr,
@@ -523,23 +381,39 @@ impl Client {
             (other, _) => return Err(unexpected("get blocks", other)),
         };
         let end = first.saturating_add(count);
-        verify_blocks(root, blocks_per_shard, first..end, &proof).map_err(|e| ClientError::BadSegmentShard {
+        verify_blocks(root, blocks_per_shard, first..end, &proof).map_err(|e| ClientError::BadShard {
             peer: peer.name.clone(),
             key,
             why: e.to_string(),
         })
     }
 
-    pub async fn delete_segment_shard(
+    /// Erases a shard from `peer`, as a writer (or the directory's
+    /// collector) holding `epoch`; whether it was there.
+    pub async fn delete_shard(
         &self,
         peer: &PeerAddr,
         key: SegmentShardKey,
         epoch: u64,
     ) -> Result<bool, ClientError> {
-        match self.peer_call(peer, &PeerRequest::DeleteSegmentShard { shard: key, epoch }, Vec::new()).await?
-        {
+        match self.peer_call(peer, &PeerRequest::Delete { shard: key, epoch }, Vec::new()).await? {
             (PeerResponse::Deleted { existed }, _) => Ok(existed),
-            (other, _) => Err(unexpected("delete segment shard", other)),
+            (other, _) => Err(unexpected("delete shard", other)),
+        }
+    }
+
+    /// Up to `limit` shards of `volume` on `peer`, in key order, after
+    /// `after`.
+    pub async fn list_shards(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<SegmentShardKey>, ClientError> {
+        match self.peer_call(peer, &PeerRequest::List { volume, after, limit }, Vec::new()).await? {
+            (PeerResponse::Shards(keys), _) => Ok(keys),
+            (other, _) => Err(unexpected("list shards", other)),
         }
     }
 
@@ -571,87 +445,6 @@ impl Client {
         let rtts = self.measure(&peers, Duration::from_secs(2)).await;
         self.report_hints(rtts.clone()).await?;
         Ok(rtts)
-    }
-
-    /// Fetches `need` (= k) verified shards of a committed stripe: the
-    /// data shards first, nearest first; when one fails, returns a bad
-    /// shard or is slower than `hedge`, the next holder is asked too. Returns (shard index, shard)
-    /// in the order they arrived; every shard matches its hash in `record`.
-    pub async fn fetch_shards(
-        &self,
-        volume: [u8; VOLUME_ID_LEN],
-        stripe: u64,
-        record: &StripeRecord,
-        peers: &[PeerAddr],
-        need: usize,
-        hedge: Duration,
-    ) -> Result<Vec<(u8, Bytes)>, ClientError> {
-        let mut holders = Vec::new();
-        for (i, (name, hash)) in record.peers.iter().zip(&record.hashes).enumerate() {
-            let (Some(hash), Some(peer)) = (hash, peers.iter().find(|p| &p.name == name)) else { continue };
-            let rtt =
-                self.inner.pool.rtt(peer.addr, &self.peer_name(name)).await.unwrap_or(Duration::from_secs(1));
-            holders.push((rtt, i as u8, *hash, peer.clone()));
-        }
-        // Data shards first (no decoding), nearest first; parity only as
-        // a hedge or a replacement.
-        holders.sort_by_key(|h| (usize::from(h.1) >= need, h.0));
-        let mut next = holders.into_iter();
-        let mut running = tokio::task::JoinSet::new();
-        let spawn = |running: &mut tokio::task::JoinSet<_>,
-                     (_, index, hash, peer): (Duration, u8, [u8; 32], PeerAddr)| {
-            let me = self.clone();
-            let key = ShardKey { volume, stripe, generation: record.generation, index };
-            running.spawn(async move {
-                let got = me.get_shard(&peer, key).await;
-                let checked = got.and_then(|bytes| {
-                    let bad = |why: String| ClientError::BadShard { peer: peer.name.clone(), key, why };
-                    let (header, _) =
-                        crate::codec::shard::parse_shard(&bytes).map_err(|e| bad(e.to_string()))?;
-                    if ShardKey::of(&header) != key || header.payload_hash.0 != hash {
-                        return Err(bad("it returned another shard than the stripe map records".into()));
-                    }
-                    Ok(bytes)
-                });
-                (index, checked)
-            });
-        };
-        for _ in 0..need {
-            match next.next() {
-                Some(h) => spawn(&mut running, h),
-                None => break,
-            }
-        }
-        let mut got = Vec::new();
-        let mut failures = Vec::new();
-        while got.len() < need {
-            let joined = tokio::select! {
-                j = running.join_next() => j,
-                () = tokio::time::sleep(hedge) => {
-                    // Slow: ask one more holder as well.
-                    if let Some(h) = next.next() {
-                        spawn(&mut running, h);
-                    }
-                    continue;
-                }
-            };
-            match joined {
-                Some(Ok((index, Ok(bytes)))) => got.push((index, bytes)),
-                Some(Ok((_, Err(e)))) => {
-                    // The error names the peer.
-                    failures.push(e.to_string());
-                    if let Some(h) = next.next() {
-                        spawn(&mut running, h);
-                    }
-                }
-                Some(Err(e)) => failures.push(e.to_string()),
-                None => {
-                    return Err(ClientError::Unavailable { stripe, got: got.len(), need, failures });
-                }
-            }
-        }
-        running.abort_all();
-        Ok(got)
     }
 
     /// Path statistics of this client's connections: (name, MTU, lost

@@ -1,20 +1,25 @@
 //! `meshdisk bench codec`: how fast this machine runs each codec stage and
-//! the whole pipelines, per core and on every core, in the spirit of
-//! `cryptsetup benchmark`.
+//! the whole pipelines of a segment, per core and on every core, in the
+//! spirit of `cryptsetup benchmark`.
 //!
-//! Every stage runs on real stripes of the chosen geometry for a fixed
-//! time after one warm-up round; throughput is bytes of plaintext stripe per
-//! second (for `hash`, bytes hashed; for `erasure encode`, data bytes in).
-//! "Degraded" means min(k, m) data shards are missing, so parity shards
-//! stand in and Reed-Solomon decoding runs.
+//! Every stage runs on a real segment of the chosen geometry (k data
+//! shards of `shard_size`, m parity) for a fixed time after one warm-up
+//! round; throughput is bytes of the segment's data area per second (for
+//! `hash`, bytes hashed; for `erasure encode`, data bytes in). The
+//! pipelines are the volume's: a write encrypts its blocks, destage erasure
+//! codes and hashes them into a segment (`encode pipeline`); a read checks
+//! data shards against their roots and decrypts (`read pipeline`); a
+//! degraded read rebuilds min(k, m) missing data shards from parity first
+//! (`degraded read`).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use super::erasure::{Erasure, Geometry};
 use super::key::{KeyError, VolumeKey};
-use super::shard::ShardHash;
-use super::stripe::{StripeCodec, StripeError};
+use super::segment::{
+    BLOCK_SIZE, SegmentCodec, SegmentError, SegmentGeometry, SegmentId, ShardRoot, verify_shard,
+};
 use super::xts::{SECTOR_SIZE, SectorCipher};
 
 /// What to measure.
@@ -30,7 +35,7 @@ pub struct BenchConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Stripe(#[from] StripeError),
+    Segment(#[from] SegmentError),
     #[error(transparent)]
     Key(#[from] KeyError),
 }
@@ -50,6 +55,11 @@ impl StageResult {
     }
 }
 
+/// The segment geometry of a codec geometry: shards of whole 4 KiB blocks.
+fn segment_geometry(g: Geometry) -> Result<SegmentGeometry, SegmentError> {
+    SegmentGeometry::new(g.k(), g.m(), g.shard_size().div_ceil(BLOCK_SIZE).max(1) as u32)
+}
+
 /// Runs every stage, calling `progress` after each one.
 pub fn run(
     config: &BenchConfig,
@@ -58,15 +68,18 @@ pub fn run(
     // Read the CPU set before pinning this thread to the first of them.
     let cpus = allowed_cpus();
     let _pin = Pinned::to(&cpus[..cpus.len().min(1)]);
-    let g = config.geometry;
+    let sg = segment_geometry(config.geometry)?;
+    let g = Geometry::new(sg.k(), sg.m(), sg.shard_len()).expect("a segment geometry is a codec geometry");
     let key = VolumeKey::generate()?;
     let cipher = SectorCipher::new(&key);
-    let mut codec = StripeCodec::with_cipher(cipher.clone(), g)?;
-    let plain = pattern(g.stripe_size(), 0x9e37_79b9_7f4a_7c15);
-    let mut shards = vec![vec![0u8; g.shard_size()]; g.shards()];
-    let mut hashes = vec![ShardHash::default(); g.shards()];
-    codec.encode(&plain, 0, 1, &mut shards, &mut hashes)?;
-    let stripe = g.stripe_size() as u64;
+    let plain = pattern(sg.data_area_len(), 0x9e37_79b9_7f4a_7c15);
+    let mut ciphertext = vec![0u8; plain.len()];
+    cipher.encrypt(0, 1, &plain, &mut ciphertext);
+    let (volume, id) = ([7u8; 16], SegmentId::new(1, 1).expect("a valid id"));
+    let mut codec = SegmentCodec::new(sg);
+    let segment = codec.encode(&volume, id, &ciphertext)?;
+    let shards: Vec<&[u8]> = ciphertext.chunks_exact(sg.shard_len()).collect();
+    let area = sg.data_area_len() as u64;
     let lost = g.k().min(g.m());
     let mut results = Vec::new();
     let mut record = |r: StageResult| {
@@ -74,13 +87,12 @@ pub fn run(
         results.push(r);
     };
 
-    let mut buf = vec![0u8; g.stripe_size()];
-    record(measure("encrypt", config.duration, stripe, || {
+    let mut buf = vec![0u8; plain.len()];
+    record(measure("encrypt", config.duration, area, || {
         cipher.encrypt(0, 1, &plain, &mut buf);
         black_box(&buf);
     }));
-    let ciphertext = buf.clone();
-    record(measure("decrypt", config.duration, stripe, || {
+    record(measure("decrypt", config.duration, area, || {
         cipher.decrypt(0, 1, &ciphertext, &mut buf);
         black_box(&buf);
     }));
@@ -89,7 +101,7 @@ pub fn run(
     let mut raw_key = [0u8; 32];
     getrandom::fill(&mut raw_key).map_err(|e| KeyError::Random(e.to_string()))?;
     let raw = <aes::Aes256 as aes::cipher::KeyInit>::new_from_slice(&raw_key).expect("32-byte key");
-    record(measure("aes-256 without xts", config.duration, stripe, || {
+    record(measure("aes-256 without xts", config.duration, area, || {
         for (out, input) in buf.chunks_exact_mut(SECTOR_SIZE).zip(plain.chunks_exact(SECTOR_SIZE)) {
             out.copy_from_slice(input);
             let (blocks, _) = aes::cipher::Array::slice_as_chunks_mut(out);
@@ -98,16 +110,17 @@ pub fn run(
         black_box(&buf);
     }));
 
-    let mut erasure = Erasure::new(g);
-    let mut parity = vec![vec![0u8; g.shard_size()]; g.m()];
     if g.m() > 0 {
-        record(measure("erasure encode", config.duration, stripe, || {
-            erasure.encode(&shards[..g.k()], &mut parity).expect("geometry checked");
+        let mut erasure = Erasure::new(g);
+        let mut parity = vec![vec![0u8; g.shard_size()]; g.m()];
+        record(measure("erasure encode", config.duration, area, || {
+            erasure.encode(&shards, &mut parity).expect("geometry checked");
             black_box(&parity);
         }));
+        let all: Vec<&[u8]> = shards.iter().copied().chain(parity.iter().map(Vec::as_slice)).collect();
         let degraded: Vec<Option<&[u8]>> =
-            shards.iter().enumerate().map(|(i, s)| (i >= lost).then_some(s.as_slice())).collect();
-        record(measure("erasure decode (degraded)", config.duration, stripe, || {
+            all.iter().enumerate().map(|(i, s)| (i >= lost).then_some(*s)).collect();
+        record(measure("erasure decode (degraded)", config.duration, area, || {
             erasure
                 .reconstruct(&degraded, |_, b| {
                     black_box(b);
@@ -116,68 +129,75 @@ pub fn run(
         }));
     }
 
-    let all_shards = (g.shards() * g.shard_size()) as u64;
-    record(measure("hash (blake3)", config.duration, all_shards, || {
-        for s in &shards {
-            black_box(ShardHash::of(s));
+    let payloads = (sg.shards() * sg.shard_len()) as u64;
+    let header = segment.shards[0].len() - sg.shard_len();
+    record(measure("hash (blake3)", config.duration, payloads, || {
+        for s in &segment.shards {
+            black_box(ShardRoot::of(&s[header..]));
         }
     }));
 
-    let mut out_shards = vec![vec![0u8; g.shard_size()]; g.shards()];
-    let mut out_hashes = hashes.clone();
-    record(measure("encode pipeline", config.duration, stripe, || {
-        codec.encode(&plain, 0, 1, &mut out_shards, &mut out_hashes).expect("buffers sized");
-        black_box(&out_shards);
-    }));
+    let write = |codec: &mut SegmentCodec, buf: &mut [u8]| {
+        cipher.encrypt(0, 1, &plain, buf);
+        black_box(codec.encode(&volume, id, buf).expect("sized"));
+    };
+    record(measure("encode pipeline", config.duration, area, || write(&mut codec, &mut buf)));
     if config.threads > 1 {
-        record(measure_threads("encode pipeline", config.duration, stripe, config.threads, &cpus, || {
-            let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
-            let mut shards = vec![vec![0u8; g.shard_size()]; g.shards()];
-            let mut hashes = vec![ShardHash::default(); g.shards()];
-            let plain = &plain;
-            move || {
-                codec.encode(plain, 0, 1, &mut shards, &mut hashes).expect("buffers sized");
-                black_box(&shards);
-            }
+        record(measure_threads("encode pipeline", config.duration, area, config.threads, &cpus, || {
+            let (mut codec, mut buf) = (SegmentCodec::new(sg), vec![0u8; plain.len()]);
+            let write = &write;
+            move || write(&mut codec, &mut buf)
         }));
     }
 
-    let whole: Vec<Option<&[u8]>> = shards.iter().map(|s| Some(s.as_slice())).collect();
-    record(measure("read pipeline", config.duration, stripe, || {
-        codec.decode(&whole, &hashes, 0, 1, &mut buf).expect("all shards good");
+    // A read: each data shard checked against the segment root, then its
+    // blocks decrypted.
+    let read = |buf: &mut [u8]| {
+        for (i, s) in segment.shards[..sg.k()].iter().enumerate() {
+            let (_, payload) = verify_shard(s, &segment.root).expect("a good shard");
+            let at = i * sg.shard_len();
+            let first = (at / SECTOR_SIZE) as u64;
+            cipher.decrypt(first, 1, payload, &mut buf[at..at + sg.shard_len()]);
+        }
         black_box(&buf);
-    }));
+    };
+    record(measure("read pipeline", config.duration, area, || read(&mut buf)));
     if config.threads > 1 {
-        record(measure_threads("read pipeline", config.duration, stripe, config.threads, &cpus, || {
-            let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
-            let mut buf = vec![0u8; g.stripe_size()];
-            let (whole, hashes) = (&whole, &hashes);
-            move || {
-                codec.decode(whole, hashes, 0, 1, &mut buf).expect("all shards good");
-                black_box(&buf);
-            }
+        record(measure_threads("read pipeline", config.duration, area, config.threads, &cpus, || {
+            let (read, mut buf) = (&read, vec![0u8; plain.len()]);
+            move || read(&mut buf)
         }));
-    }
-    if lost > 0 {
-        let degraded: Vec<Option<&[u8]>> =
-            shards.iter().enumerate().map(|(i, s)| (i >= lost).then_some(s.as_slice())).collect();
-        record(measure("degraded read", config.duration, stripe, || {
-            codec.decode(&degraded, &hashes, 0, 1, &mut buf).expect("enough shards");
-            black_box(&buf);
-        }));
-        if config.threads > 1 {
-            record(measure_threads("degraded read", config.duration, stripe, config.threads, &cpus, || {
-                let mut codec = StripeCodec::with_cipher(cipher.clone(), g).expect("geometry checked");
-                let mut buf = vec![0u8; g.stripe_size()];
-                let (degraded, hashes) = (&degraded, &hashes);
-                move || {
-                    codec.decode(degraded, hashes, 0, 1, &mut buf).expect("enough shards");
-                    black_box(&buf);
-                }
-            }));
-        }
     }
     debug_assert_eq!(buf, plain);
+    if lost > 0 {
+        let degraded: Vec<Option<&[u8]>> =
+            segment.shards.iter().enumerate().map(|(i, s)| (i >= lost).then_some(s.as_slice())).collect();
+        // A degraded read: the missing data shards rebuilt (every shard
+        // used checked against the segment root), then all decrypted.
+        let degraded_read = |codec: &mut SegmentCodec, buf: &mut [u8]| {
+            let rebuilt = codec.rebuild(&segment.root, &degraded).expect("enough shards");
+            for (i, s) in rebuilt.shards.iter().take(lost).map(|(i, s)| (*i, s)) {
+                let at = i * sg.shard_len();
+                let first = (at / SECTOR_SIZE) as u64;
+                cipher.decrypt(first, 1, &s[header..], &mut buf[at..at + sg.shard_len()]);
+            }
+            for (i, s) in segment.shards[lost..sg.k()].iter().enumerate() {
+                let at = (lost + i) * sg.shard_len();
+                let first = (at / SECTOR_SIZE) as u64;
+                cipher.decrypt(first, 1, &s[header..], &mut buf[at..at + sg.shard_len()]);
+            }
+            black_box(&buf);
+        };
+        record(measure("degraded read", config.duration, area, || degraded_read(&mut codec, &mut buf)));
+        if config.threads > 1 {
+            record(measure_threads("degraded read", config.duration, area, config.threads, &cpus, || {
+                let (mut codec, mut buf) = (SegmentCodec::new(sg), vec![0u8; plain.len()]);
+                let degraded_read = &degraded_read;
+                move || degraded_read(&mut codec, &mut buf)
+            }));
+        }
+        debug_assert_eq!(buf, plain);
+    }
     Ok(results)
 }
 
@@ -346,7 +366,7 @@ pub fn cpu_features() -> Vec<&'static str> {
 pub fn render_table(config: &BenchConfig, results: &[StageResult]) -> String {
     let g = config.geometry;
     let mut s = format!(
-        "# meshdisk codec benchmark: k={} m={} shard {} KiB (stripe {} KiB = {} sectors of {} B), {:.1} s per stage\n",
+        "# meshdisk codec benchmark: k={} m={} shard {} KiB (segment data {} KiB = {} blocks of {} B), {:.1} s per stage\n",
         g.k(),
         g.m(),
         g.shard_size() / 1024,
@@ -371,8 +391,8 @@ pub fn render_json(config: &BenchConfig, results: &[StageResult]) -> String {
         k: usize,
         m: usize,
         shard_size: usize,
-        stripe_size: usize,
-        sector_size: usize,
+        segment_size: usize,
+        block_size: usize,
         seconds_per_stage: f64,
         cpu_features: Vec<&'static str>,
         stages: Vec<Stage<'a>>,
@@ -395,8 +415,8 @@ pub fn render_json(config: &BenchConfig, results: &[StageResult]) -> String {
         k: g.k(),
         m: g.m(),
         shard_size: g.shard_size(),
-        stripe_size: g.stripe_size(),
-        sector_size: SECTOR_SIZE,
+        segment_size: g.stripe_size(),
+        block_size: SECTOR_SIZE,
         seconds_per_stage: config.duration.as_secs_f64(),
         cpu_features: cpu_features(),
         stages: results

@@ -1,28 +1,31 @@
-//! The stripe codec: every byte meshdisk stores passes through here, on the
+//! The codec: every byte meshdisk stores passes through here, on the
 //! attaching machine, before it leaves for the peers.
 //!
 //! ```text
-//! plaintext stripe (k × shard_size bytes, whole 4 KiB sectors)
-//!   │ xts: AES-256-XTS per sector, tweak = (sector number, stripe generation)
+//! a written 4 KiB block
+//!   │ xts: AES-256-XTS, tweak = (block address, the write's sequence)
 //!   ▼
-//! k ciphertext data shards
+//! ciphertext blocks, packed into a segment's data area (k shards)
 //!   │ erasure: Reed-Solomon, m parity shards from the k data shards
 //!   ▼
-//! k + m shards ── blake3 of each ──► shard: header (volume, stripe, generation,
-//!                                    index, k, m, length, hash) + payload
+//! k + m shards ── blake3 tree of each ──► segment shard: header (volume,
+//!                                         segment, geometry, index, every
+//!                                         shard's root) + payload
 //! ```
 //!
-//! Reading runs the same way back: verify each shard's hash (a shard that
-//! fails is missing), rebuild missing data shards from any k good ones
-//! (never when all k data shards are there: the code is systematic), decrypt.
+//! Reading runs the same way back: blocks proved against their shard's
+//! root (which the segment root, from the volume's MAC'd root record,
+//! vouches for), a missing or failing data shard rebuilt from k others
+//! (never when the data shard answers: the code is systematic), decrypted.
 //!
 //! Encryption comes before erasure coding, so repair, scrub and migration
 //! work on ciphertext and never need the key. Everything here is pure
-//! computation (no I/O): [`key`] derives and checks keys, [`xts`] encrypts
-//! sectors, [`erasure`] makes and uses parity, [`shard`] is the on-the-wire
-//! and on-disk shard format, [`stripe`] ties them into the two calls the
-//! volume makes, and [`bench`](mod@bench) measures all of it (`meshdisk bench codec`).
-//! The byte layouts are drawn in docs/formats.md.
+//! computation (no I/O): [`key`] and [`keyslot`] derive, wrap and check
+//! keys, [`xts`] encrypts blocks, [`erasure`] makes and uses parity,
+//! [`segment`] is the segment and shard format with its hash trees,
+//! [`sequence`] names writes and segments, [`root`] is the volume's
+//! authenticated root record, and [`bench`](mod@bench) measures it all
+//! (`meshdisk bench codec`). The byte layouts are drawn in docs/formats.md.
 
 pub mod bench;
 pub mod erasure;
@@ -32,12 +35,8 @@ pub mod reader;
 pub mod root;
 pub mod segment;
 pub mod sequence;
-pub mod shard;
-pub mod stripe;
 pub mod xts;
 
 pub use erasure::{Erasure, Geometry, GeometryError};
 pub use key::{KdfParams, KeyCheck, KeyError, VolumeKey};
-pub use shard::{ShardError, ShardHash, ShardHeader};
-pub use stripe::{DecodeReport, StripeCodec, StripeError};
 pub use xts::{SECTOR_SIZE, SectorCipher};

@@ -122,7 +122,7 @@ impl SectorCipher {
     /// # Panics
     /// If the lengths differ or are not a multiple of [`SECTOR_SIZE`], or if
     /// the sector numbers would pass `u64::MAX` (callers check the range:
-    /// `StripeCodec` returns `SectorOverflow`).
+    /// a volume's blocks are numbered far below it).
     pub fn encrypt(&self, first_sector: u64, generation: u64, plain: &[u8], out: &mut [u8]) {
         self.sectors(Direction::Encrypt, first_sector, generation, Some(plain), out);
     }

@@ -1,11 +1,13 @@
 //! Members: joining with a token, peers' heartbeats (and so whether a peer
-//! is up), clients' latency hints, the cluster status and join tokens.
+//! is up), clients' latency hints (and so placement's candidates), the
+//! cluster status and join tokens.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use super::Directory;
 use super::meta::{Compare, MetaStore, Op, Txn};
+use super::placement::Candidate;
 use super::schema::*;
 use super::tokens::{self, SpendError};
 use crate::api::*;
@@ -194,33 +196,46 @@ impl<S: MetaStore> Directory<S> {
         Ok(DirResponse::Done)
     }
 
-    /// Bytes held by live reservations, per peer.
-    pub(super) async fn reserved_by_peer(&self) -> Result<HashMap<String, u64>, Remote> {
-        let mut reserved: HashMap<String, u64> = HashMap::new();
-        for r in self.list::<ReservationRecord>("reservation", b"reservations/").await? {
-            for p in &r.peers {
-                *reserved.entry(p.clone()).or_default() += r.shard_bytes;
-            }
-        }
-        Ok(reserved)
-    }
-
     /// The peers that are up now.
     pub(super) async fn up_peers(&self) -> Result<Vec<(String, PeerRecord)>, Remote> {
         let now = self.now();
         Ok(self.peers().await?.into_iter().filter(|(_, r)| self.state(r, now) == PeerState::Up).collect())
     }
 
+    /// The peers that are up, as placement candidates for `client` (its
+    /// measured round trips to them as hints).
+    pub(super) async fn candidates(
+        &self,
+        client: &str,
+    ) -> Result<(Vec<(String, PeerRecord)>, Vec<Candidate>), Remote> {
+        let hints: HashMap<String, u32> = self
+            .get::<HintRecord>("hints", &key("hints", client))
+            .await?
+            .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
+            .unwrap_or_default();
+        let up = self.up_peers().await?;
+        let candidates = up
+            .iter()
+            .map(|(name, r)| Candidate {
+                name: name.clone(),
+                domain: r.report.failure_domain.clone(),
+                capacity: r.report.capacity,
+                free: r.report.capacity.saturating_sub(r.report.used),
+                load: r.report.load,
+                rtt_micros: hints.get(name).copied(),
+            })
+            .collect();
+        Ok((up, candidates))
+    }
+
     pub(super) async fn status(&self) -> Result<DirResponse, Remote> {
         let now = self.now();
-        let reserved = self.reserved_by_peer().await?;
         let peers = self
             .peers()
             .await?
             .into_iter()
             .map(|(name, r)| PeerStatus {
                 state: self.state(&r, now),
-                reserved: reserved.get(&name).copied().unwrap_or(0),
                 addr: r.report.addr,
                 failure_domain: r.report.failure_domain,
                 capacity: r.report.capacity,
@@ -234,9 +249,9 @@ impl<S: MetaStore> Directory<S> {
             .collect();
         let mut volumes = Vec::new();
         for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
-            let stripes = self.meta.list(&stripe_prefix(&record.spec.id)).await?.len() as u64;
+            let segments = self.meta.list(&segment_prefix(&record.spec.id)).await?.len() as u64;
             let holder = self.lease_of(&record.spec.name).await?.map(|(l, _)| l.holder);
-            volumes.push(VolumeStatus { record, stripes, holder });
+            volumes.push(VolumeStatus { record, segments, holder });
         }
         Ok(DirResponse::Status(Box::new(ClusterStatus {
             cluster: self.issuer.cluster.clone(),

@@ -13,24 +13,18 @@
 //! ids/<volume id>             a volume id's name (ids are never reused)
 //! leases/<name>               a volume's write lease (holder, epoch), on a
 //!                             store lease renewed by its holder
-//! stripes/<volume id>/<n>     a stripe's committed generation: peers, hashes
-//! old/<volume id>/<n><gen>    a superseded or dropped generation whose
-//!                             shards the collector still has to erase
 //! gc/<volume id>              a deleted volume whose shards peers still hold
-//! reservations/<id>           space held for a stripe being written; the key
-//!                             lives on a store lease, so it vanishes when
-//!                             the reservation expires
 //! tokens/<hash>               unspent join tokens (see tokens.rs)
 //! peerid/<name>               a peer's small id (u16), given once
 //! peerslot/<id>               the name of the peer with that id; never
 //!                             deleted, so ids are never reused
-//! roots/<volume id>           second design: the volume's committed root
-//! segs/<volume id>/<seg>      second design: a live segment's record
-//!                             (peer ids and segment root, ≤ 64 bytes)
+//! roots/<volume id>           the volume's committed root
+//! segs/<volume id>/<seg>      a live segment's record (peer ids, shard
+//!                             length and segment root, ≤ 64 bytes)
 //! ```
 //!
-//! (`<volume id>` in hex, `<n>`, `<gen>` and `<seg>` big-endian u64s,
-//! `<id>` a big-endian u16.)
+//! (`<volume id>` in hex, `<seg>` a big-endian u64, `<id>` a big-endian
+//! u16.)
 //!
 //! A peer is up while its last heartbeat is younger than `peer_timeout`, so
 //! liveness needs no timer and survives a directory restart (a peer is down
@@ -46,12 +40,11 @@
 //!   cluster status, join tokens (with [`tokens`]);
 //! - `volumes.rs`: creating, describing and deleting volumes, and the write
 //!   leases that fence a volume's writers;
-//! - `stripes.rs`: placing a stripe (with [`placement`]), replacing a slow
-//!   peer in a reservation, committing and dropping stripes;
-//! - `roots.rs`: the second design's roots and segment records, placing
-//!   segments in batches, and grouped commits (many roots, one fsync);
+//! - `roots.rs`: volumes' roots and segment records, placing segments in
+//!   batches (with [`placement`]), and grouped commits (many roots, one
+//!   fsync);
 //! - [`heal`]: background work that keeps the peers' contents in line with
-//!   the map (today the garbage [`heal::collector`]);
+//!   the directory's records (today the garbage [`heal::collector`]);
 //! - [`meta`]: the store trait and its embedded implementation.
 //!
 //! Every time the directory records or compares comes from one
@@ -65,7 +58,6 @@ pub mod meta;
 pub mod placement;
 mod roots;
 mod schema;
-mod stripes;
 #[cfg(test)]
 mod tests;
 pub mod tokens;
@@ -90,8 +82,6 @@ use meta::embedded::RedbStore;
 use meta::{Compare, MetaError, MetaStore, Op, Txn};
 use tokens::Issuer;
 
-pub use schema::shard_bytes;
-
 /// Settings of a directory process.
 #[derive(Clone, Debug)]
 pub struct DirectoryConfig {
@@ -102,7 +92,6 @@ pub struct DirectoryConfig {
     /// The cluster's name, used on first start only.
     pub cluster: String,
     pub peer_timeout: Duration,
-    pub reservation_ttl: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
 }
@@ -112,16 +101,13 @@ pub struct DirectoryConfig {
 pub struct Timing {
     /// A peer is down when its last heartbeat is older than this.
     pub peer_timeout: Duration,
-    /// A placement's reserved space is freed this long after it was made
-    /// unless committed.
-    pub reservation_ttl: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
 }
 
 impl From<&DirectoryConfig> for Timing {
     fn from(c: &DirectoryConfig) -> Self {
-        Self { peer_timeout: c.peer_timeout, reservation_ttl: c.reservation_ttl, lease_ttl: c.lease_ttl }
+        Self { peer_timeout: c.peer_timeout, lease_ttl: c.lease_ttl }
     }
 }
 
@@ -157,8 +143,6 @@ pub struct Directory<S: MetaStore> {
     /// Wakes the garbage collector (a volume was deleted, a generation
     /// superseded or dropped).
     gc: tokio::sync::Notify,
-    /// One placement at a time, so two cannot reserve the same free space.
-    placing: tokio::sync::Mutex<()>,
     /// Root commits waiting to go to the store together.
     commits: roots::CommitQueue,
     /// The background workers [`run`] starts (the collector), for status.
@@ -282,7 +266,6 @@ impl<S: MetaStore> Directory<S> {
             seed: std::sync::Mutex::new(clock() | 1),
             clock,
             gc: tokio::sync::Notify::new(),
-            placing: tokio::sync::Mutex::new(()),
             commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
             halt,
@@ -356,34 +339,6 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::CreateVolume(spec) => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.create_volume(spec).await
-            }
-            DirRequest::Place { volume, stripe } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.place(&who.node, &volume, stripe).await
-            }
-            DirRequest::Commit(c) => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.commit(&who.node, c).await
-            }
-            DirRequest::DropStripe { volume, stripe, epoch } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.drop_stripe(&who.node, &volume, stripe, epoch).await
-            }
-            DirRequest::Stripes { volume, after, limit } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.stripes(&volume, after, limit).await
-            }
-            DirRequest::Replace { reservation, index } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.replace(&who.node, reservation, index).await
-            }
-            DirRequest::Release { reservation } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.release(reservation).await
-            }
-            DirRequest::Stripe { volume, stripe } => {
-                needs(&[Role::Client, Role::Admin])?;
-                self.stripe(&volume, stripe).await
             }
             DirRequest::Volume { volume } => {
                 needs(&[Role::Client, Role::Admin])?;

@@ -1,12 +1,16 @@
-//! Choosing the peers of a stripe: k + m distinct peers, spread over as many
-//! failure domains as there are, weighted towards free space, light load
-//! and low latency to the client that will write and read the stripe.
+//! Choosing the peers of a segment: k + m distinct peers, spread over as
+//! many failure domains as there are, weighted towards free space, light
+//! load and low latency to the client that will write and read the segment.
 //!
 //! Peers are drawn one at a time, without replacement. Each draw is from
-//! the peers whose failure domain holds the fewest shards of this stripe so
-//! far (so domains are all distinct while there are enough of them, and
+//! the peers whose failure domain holds the fewest shards of this segment
+//! so far (so domains are all distinct while there are enough of them, and
 //! evenly shared when there are not), with probability proportional to the
-//! peer's weight. A peer never gets two shards of one stripe.
+//! peer's weight. A peer never gets two shards of one segment.
+//!
+//! The peers drawn are then put in shard order nearest first: a block is
+//! read from the one data shard holding it (shards 0..k), parity only when
+//! that fails, so the nearest peers get the data shards.
 
 /// A peer that may receive a shard.
 #[derive(Clone, Debug, PartialEq)]
@@ -14,7 +18,7 @@ pub struct Candidate {
     pub name: String,
     pub domain: String,
     pub capacity: u64,
-    /// Bytes free after used space and live reservations.
+    /// Bytes free (capacity less what the peer last reported used).
     pub free: u64,
     /// Calls in progress at its last heartbeat.
     pub load: u32,
@@ -42,7 +46,9 @@ pub fn weight(c: &Candidate) -> f64 {
 }
 
 /// Picks `n` peers for shards of `shard_bytes` each; returns indices into
-/// `candidates`, in shard order. `random` yields numbers in [0, 1).
+/// `candidates`, in shard order: nearest first (those measured, by round
+/// trip), then those never measured, in draw order. `random` yields
+/// numbers in [0, 1).
 pub fn choose(
     candidates: &[Candidate],
     n: usize,
@@ -80,6 +86,8 @@ pub fn choose(
         *per_domain.entry(candidates[pick].domain.as_str()).or_default() += 1;
         chosen.push(pick);
     }
+    // Stable: equal round trips (or none) keep the draw's order.
+    chosen.sort_by_key(|&i| candidates[i].rtt_micros.unwrap_or(u32::MAX));
     Ok(chosen)
 }
 
@@ -100,47 +108,6 @@ pub fn choose_at_least(
         return Err(PlaceError::NotEnough { need: min.min(n), have: eligible, shard_bytes });
     }
     choose(candidates, eligible.min(n), shard_bytes, random)
-}
-
-/// Like [`choose`], but when fewer than `n` peers can take a shard (peers
-/// are down), a peer may take up to `max_per_peer` shards of the stripe
-/// (the parity count m: losing any one peer still leaves k shards), the
-/// freest first. Below that, the same error as [`choose`].
-pub fn choose_spread(
-    candidates: &[Candidate],
-    n: usize,
-    max_per_peer: usize,
-    shard_bytes: u64,
-    mut random: impl FnMut() -> f64,
-) -> Result<Vec<usize>, PlaceError> {
-    let eligible = candidates.iter().filter(|c| c.free >= shard_bytes).count();
-    if eligible >= n || max_per_peer <= 1 {
-        return choose(candidates, n, shard_bytes, random);
-    }
-    let mut chosen = choose(candidates, eligible, shard_bytes, &mut random)?;
-    let mut count: Vec<usize> = vec![0; candidates.len()];
-    for &i in &chosen {
-        count[i] += 1;
-    }
-    while chosen.len() < n {
-        let next = chosen[..eligible]
-            .iter()
-            .copied()
-            .filter(|&i| count[i] < max_per_peer && candidates[i].free >= (count[i] as u64 + 1) * shard_bytes)
-            .min_by(|&a, &b| {
-                count[a].cmp(&count[b]).then(weight(&candidates[b]).total_cmp(&weight(&candidates[a])))
-            });
-        let Some(i) = next else {
-            return Err(PlaceError::NotEnough {
-                need: n.div_ceil(max_per_peer),
-                have: eligible,
-                shard_bytes,
-            });
-        };
-        count[i] += 1;
-        chosen.push(i);
-    }
-    Ok(chosen)
 }
 
 #[cfg(test)]
@@ -190,24 +157,6 @@ mod tests {
     }
 
     #[test]
-    fn with_peers_down_a_peer_takes_at_most_m_shards() {
-        let peers: Vec<_> = (0..4).map(|i| peer(&format!("p{i}"), &format!("d{i}"), 1000, None)).collect();
-        let picked = choose_spread(&peers, 6, 2, 100, rng(3)).unwrap();
-        assert_eq!(picked.len(), 6);
-        for i in 0..4 {
-            let n = picked.iter().filter(|&&p| p == i).count();
-            assert!((1..=2).contains(&n), "peer {i} got {n} shards: {picked:?}");
-        }
-        // Two peers cannot hold 6 shards at 2 each.
-        assert!(choose_spread(&peers[..2], 6, 2, 100, rng(3)).is_err());
-        // Enough peers: all distinct, as `choose` does.
-        let six: Vec<_> = (0..6).map(|i| peer(&format!("p{i}"), "d", 1000, None)).collect();
-        let mut all = choose_spread(&six, 6, 2, 100, rng(4)).unwrap();
-        all.sort();
-        assert_eq!(all, vec![0, 1, 2, 3, 4, 5]);
-    }
-
-    #[test]
     fn low_latency_peers_are_preferred() {
         let mut peers: Vec<_> =
             (0..3).map(|i| peer(&format!("near{i}"), &format!("n{i}"), 900, Some(100))).collect();
@@ -218,6 +167,25 @@ mod tests {
             near += choose(&peers, 3, 1, &mut r).unwrap().iter().filter(|&&i| i < 3).count();
         }
         assert!(near > 2900, "near peers got {near} of 3000 shards");
+    }
+
+    #[test]
+    fn the_nearest_peers_get_the_data_shards() {
+        // Six peers, all needed: whatever the draw, shard order is by
+        // round trip, the unmeasured last.
+        let rtts = [Some(9_000), None, Some(100), Some(20_000), Some(300), None];
+        let peers: Vec<_> = rtts
+            .iter()
+            .enumerate()
+            .map(|(i, &rtt)| peer(&format!("p{i}"), &format!("d{i}"), 900, rtt))
+            .collect();
+        for seed in 1..50 {
+            let picked = choose(&peers, 6, 1, rng(seed)).unwrap();
+            assert_eq!(&picked[..4], &[2, 4, 0, 3], "seed {seed}");
+            let mut rest = picked[4..].to_vec();
+            rest.sort();
+            assert_eq!(rest, vec![1, 5]);
+        }
     }
 
     #[test]

@@ -48,16 +48,6 @@ pub(super) struct HintRecord {
     pub(super) at_ms: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone)]
-pub(super) struct ReservationRecord {
-    pub(super) volume: String,
-    pub(super) stripe: u64,
-    pub(super) generation: u64,
-    pub(super) peers: Vec<String>,
-    pub(super) shard_bytes: u64,
-    pub(super) expires_ms: u64,
-}
-
 pub(super) fn key(prefix: &str, name: &str) -> Vec<u8> {
     format!("{prefix}/{name}").into_bytes()
 }
@@ -70,46 +60,6 @@ pub(super) fn id_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
 /// `gc/<volume id>`: a deleted volume whose shards are still to erase.
 pub(super) fn gc_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
     key("gc", &hex::encode(volume))
-}
-
-pub(super) fn stripe_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
-    format!("stripes/{}/", hex::encode(volume)).into_bytes()
-}
-
-pub(super) fn stripe_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64) -> Vec<u8> {
-    let mut k = stripe_prefix(volume);
-    k.extend_from_slice(&stripe.to_be_bytes());
-    k
-}
-
-/// A superseded generation waiting for its shards to be erased:
-/// `old/<volume hex>/<stripe be64><generation be64>` → its record.
-pub(super) fn old_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
-    format!("old/{}/", hex::encode(volume)).into_bytes()
-}
-
-pub(super) fn old_key(volume: &[u8; VOLUME_ID_LEN], stripe: u64, generation: u64) -> Vec<u8> {
-    let mut k = old_prefix(volume);
-    k.extend_from_slice(&stripe.to_be_bytes());
-    k.extend_from_slice(&generation.to_be_bytes());
-    k
-}
-
-/// The volume, stripe and generation of an `old/` key; `None` for a key
-/// this version did not write.
-pub(super) fn parse_old_key(k: &[u8]) -> Option<([u8; VOLUME_ID_LEN], u64, u64)> {
-    let rest = k.strip_prefix(b"old/")?;
-    let (id_hex, rest) = rest.split_at_checked(2 * VOLUME_ID_LEN)?;
-    let mut id = [0u8; VOLUME_ID_LEN];
-    hex::decode_to_slice(id_hex, &mut id).ok()?;
-    let numbers: &[u8; 17] = rest.try_into().ok()?;
-    let (slash, numbers) = numbers.split_first()?;
-    if *slash != b'/' {
-        return None;
-    }
-    let stripe = u64::from_be_bytes(numbers[..8].try_into().ok()?);
-    let generation = u64::from_be_bytes(numbers[8..].try_into().ok()?);
-    Some((id, stripe, generation))
 }
 
 /// `roots/<volume id>`: the volume's committed root ([`RootState`]).
@@ -149,17 +99,6 @@ pub(super) fn parse_peer_slot_key(k: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(k.strip_prefix(PEER_SLOT_PREFIX)?.try_into().ok()?))
 }
 
-pub(super) fn reservation_key(id: u64) -> Vec<u8> {
-    let mut k = b"reservations/".to_vec();
-    k.extend_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// Bytes a shard of `shard_size` payload takes on a peer.
-pub fn shard_bytes(shard_size: u32) -> u64 {
-    u64::from(shard_size) + crate::codec::shard::HEADER_LEN as u64
-}
-
 impl<S: MetaStore> Directory<S> {
     pub(super) async fn get<T: DeserializeOwned>(
         &self,
@@ -186,16 +125,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn old_keys_parse_back_and_strangers_do_not() {
+    fn keys_parse_back_and_strangers_do_not() {
         let id = [0xa5; VOLUME_ID_LEN];
-        let k = old_key(&id, 7, 3);
-        assert!(k.starts_with(&old_prefix(&id)));
-        assert_eq!(parse_old_key(&k), Some((id, 7, 3)));
-        assert_eq!(parse_old_key(&k[..k.len() - 1]), None);
-        assert_eq!(parse_old_key(&stripe_key(&id, 7)), None);
-        let mut bad = k.clone();
-        bad[4] = b'z';
-        assert_eq!(parse_old_key(&bad), None);
         assert_eq!(id_key(&id), format!("ids/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
         assert_eq!(parse_peer_slot_key(&peer_slot_key(0x1234)), Some(0x1234));
         assert_eq!(parse_peer_slot_key(b"peerslot/\x01"), None);

@@ -1,5 +1,5 @@
 //! Volumes: creating, describing and deleting them, and the write lease
-//! that lets one writer at a time commit a volume's stripes. Each lease
+//! that lets one writer at a time commit a volume's root. Each lease
 //! raises the volume's epoch; a writer that was taken over holds an old
 //! epoch and is refused here ([`Directory::check_writer`]) as on the peers.
 
@@ -9,6 +9,8 @@ use super::Directory;
 use super::meta::{self, Compare, MetaError, MetaStore, Op, Txn};
 use super::schema::*;
 use crate::api::*;
+use crate::codec::segment::SegmentGeometry;
+use crate::codec::segment::header::header_len;
 use crate::membership::ca::check_label;
 
 impl<S: MetaStore> Directory<S> {
@@ -119,7 +121,7 @@ impl<S: MetaStore> Directory<S> {
         }
     }
 
-    /// Only the lease holder commits stripes of a volume that has ever been
+    /// Only the lease holder commits roots of a volume that has ever been
     /// attached (epoch > 0); a writer that was taken over is fenced here as
     /// it is on the peers.
     /// Returns the compare that keeps the lease as it was seen.
@@ -281,11 +283,10 @@ impl<S: MetaStore> Directory<S> {
             usize::from(record.spec.repair_threshold),
             usize::from(record.spec.k + record.spec.m),
         );
-        let per_shard = shard_bytes(record.spec.shard_size);
-        let mut health = StripeHealth::default();
-        // One stripe or segment with `healthy` shards on peers that are up.
-        let count = |health: &mut StripeHealth, healthy: usize| {
-            health.stripes += 1;
+        let mut health = Health::default();
+        // One segment with `healthy` shards on peers that are up.
+        let count = |health: &mut Health, healthy: usize| {
+            health.segments += 1;
             if healthy >= all {
                 health.whole += 1;
             } else if healthy >= threshold {
@@ -297,22 +298,18 @@ impl<S: MetaStore> Directory<S> {
             }
         };
         let mut allocated = 0;
-        for s in self.list::<StripeRecord>("stripe", &stripe_prefix(&record.spec.id)).await? {
-            let stored = s.hashes.iter().filter(|h| h.is_some()).count();
-            let healthy =
-                s.peers.iter().zip(&s.hashes).filter(|(p, h)| h.is_some() && up.contains(*p)).count();
-            allocated += stored as u64 * per_shard;
-            count(&mut health, healthy);
-        }
-        // Segments (the second design): holders by small peer id.
+        // Holders by small peer id.
         let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
         for e in self.meta.list(&segment_prefix(&record.spec.id)).await? {
             let r = SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
             let mut healthy = 0;
+            let geometry = SegmentGeometry::new(k, all - k, u32::from(r.shard_blocks).max(1));
+            let shard_len = geometry.map_or(0, |g| (header_len(g) + g.shard_len()) as u64);
             for &id in &r.peers {
                 if id == 0 {
                     continue;
                 }
+                allocated += shard_len;
                 if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
                     let name = self
                         .meta
@@ -349,10 +346,6 @@ impl<S: MetaStore> Directory<S> {
                     .when(Compare::Absent(key("leases", volume)))
                     .then(Op::Delete { key: vkey })
                     .then(Op::Delete { key: id_key(&v.spec.id) })
-                    .then(Op::DeletePrefix { prefix: stripe_prefix(&v.spec.id) })
-                    .then(Op::DeletePrefix { prefix: old_prefix(&v.spec.id) })
-                    // Second design: the root and segment records go too;
-                    // erasing the segment shards on the peers is issue 13.
                     .then(Op::Delete { key: root_key(&v.spec.id) })
                     .then(Op::DeletePrefix { prefix: segment_prefix(&v.spec.id) })
                     .then(Op::Put { key: gc_key(&v.spec.id), value: v.spec.id.to_vec(), lease: None }),

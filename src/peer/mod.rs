@@ -87,6 +87,9 @@ pub struct PeerConfig {
     pub heartbeat: Duration,
 }
 
+/// The most shard keys one `List` answers.
+const LIST_LIMIT: u32 = 1000;
+
 /// The shard service peers answer.
 struct PeerService {
     store: ShardStore,
@@ -95,14 +98,11 @@ struct PeerService {
 
 fn remote(e: StoreError) -> Remote {
     let kind = match &e {
-        StoreError::BadShard(_) | StoreError::BadSegmentShard(_) => ErrorKind::BadShard,
+        StoreError::BadShard(_) => ErrorKind::BadShard,
         StoreError::Full { .. } => ErrorKind::Full,
         StoreError::Fenced { .. } => ErrorKind::Fenced,
-        StoreError::NotFound(_) | StoreError::SegmentNotFound(_) => ErrorKind::NotFound,
-        StoreError::Corrupt { .. }
-        | StoreError::Misplaced { .. }
-        | StoreError::SegmentCorrupt { .. }
-        | StoreError::SegmentMisplaced { .. } => ErrorKind::Corrupt,
+        StoreError::NotFound(_) => ErrorKind::NotFound,
+        StoreError::Corrupt { .. } | StoreError::Misplaced { .. } => ErrorKind::Corrupt,
         StoreError::BlockRange { .. } => ErrorKind::Invalid,
         StoreError::Poisoned { .. } => ErrorKind::Poisoned,
         StoreError::Io { .. } => ErrorKind::Internal,
@@ -118,30 +118,6 @@ impl PeerService {
                 (PeerResponse::Stored, Bytes::new())
             }
             PeerRequest::Get(key) => (PeerResponse::Shard, self.store.get(&key).await.map_err(remote)?),
-            PeerRequest::Delete { shard, epoch } => {
-                let existed = self.store.delete(&shard, epoch).await.map_err(remote)?;
-                (PeerResponse::Deleted { existed }, Bytes::new())
-            }
-            PeerRequest::List { volume, after, limit } => {
-                let limit = limit.clamp(1, 1000) as usize;
-                let store = self.store.clone();
-                let all = tokio::task::spawn_blocking(move || store.list(&volume))
-                    .await
-                    .map_err(|e| Remote::new(ErrorKind::Internal, e.to_string()))?
-                    .map_err(remote)?;
-                let page = all.into_iter().filter(|k| after.is_none_or(|a| *k > a)).take(limit).collect();
-                (PeerResponse::Shards(page), Bytes::new())
-            }
-            PeerRequest::Ping => {
-                (PeerResponse::Pong { load: self.load.load(Ordering::Relaxed) }, Bytes::new())
-            }
-            PeerRequest::PutSegmentShard { epoch } => {
-                self.store.put_segment_shard(payload, epoch).await.map_err(remote)?;
-                (PeerResponse::Stored, Bytes::new())
-            }
-            PeerRequest::GetSegmentShard(key) => {
-                (PeerResponse::Shard, self.store.get_segment_shard(&key).await.map_err(remote)?)
-            }
             PeerRequest::GetBlocks { shard, first, count } => {
                 // A proof must fit one call's payload: a reader wanting
                 // (nearly) a whole shard asks for the shard.
@@ -152,12 +128,24 @@ impl PeerService {
                 }
                 (PeerResponse::Blocks, self.store.get_blocks(&shard, first, count).await.map_err(remote)?)
             }
-            PeerRequest::GetSegmentHeader(key) => {
-                (PeerResponse::Shard, self.store.get_segment_header(&key).await.map_err(remote)?)
+            PeerRequest::GetHeader(key) => {
+                (PeerResponse::Shard, self.store.get_header(&key).await.map_err(remote)?)
             }
-            PeerRequest::DeleteSegmentShard { shard, epoch } => {
-                let existed = self.store.delete_segment_shard(&shard, epoch).await.map_err(remote)?;
+            PeerRequest::Delete { shard, epoch } => {
+                let existed = self.store.delete(&shard, epoch).await.map_err(remote)?;
                 (PeerResponse::Deleted { existed }, Bytes::new())
+            }
+            PeerRequest::List { volume, after, limit } => {
+                let limit = limit.clamp(1, LIST_LIMIT) as usize;
+                let store = self.store.clone();
+                let page = tokio::task::spawn_blocking(move || store.list(&volume, after, limit))
+                    .await
+                    .map_err(|e| Remote::new(ErrorKind::Internal, e.to_string()))?
+                    .map_err(remote)?;
+                (PeerResponse::Shards(page), Bytes::new())
+            }
+            PeerRequest::Ping => {
+                (PeerResponse::Pong { load: self.load.load(Ordering::Relaxed) }, Bytes::new())
             }
         })
     }
@@ -175,18 +163,13 @@ impl Handler for PeerService {
         // Peers are not trusted with others' data: only clients (and
         // admins) write, and erasing also the directory's collector.
         let allowed = match &req {
-            PeerRequest::Put { .. } | PeerRequest::PutSegmentShard { .. } => {
-                matches!(who.role, Role::Client | Role::Admin)
-            }
-            PeerRequest::Delete { .. } | PeerRequest::DeleteSegmentShard { .. } => {
-                matches!(who.role, Role::Client | Role::Admin | Role::Directory)
-            }
+            PeerRequest::Put { .. } => matches!(who.role, Role::Client | Role::Admin),
+            PeerRequest::Delete { .. } => matches!(who.role, Role::Client | Role::Admin | Role::Directory),
             PeerRequest::Get(_)
+            | PeerRequest::GetBlocks { .. }
+            | PeerRequest::GetHeader(_)
             | PeerRequest::List { .. }
-            | PeerRequest::Ping
-            | PeerRequest::GetSegmentShard(_)
-            | PeerRequest::GetSegmentHeader(_)
-            | PeerRequest::GetBlocks { .. } => true,
+            | PeerRequest::Ping => true,
         };
         if !allowed {
             let e = Remote::new(ErrorKind::Refused, format!("a {} may not do that", who.role.as_str()));

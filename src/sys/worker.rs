@@ -64,7 +64,7 @@ pub enum State {
 /// What a worker tells about itself beyond its state; every field optional.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    /// Items waiting (stripes to destage, shards to erase, ...).
+    /// Items waiting (segments to commit, shards to erase, ...).
     pub queue: Option<u64>,
     /// Free text: how far a long task is.
     pub progress: Option<String>,

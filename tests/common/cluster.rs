@@ -367,46 +367,79 @@ pub async fn data_key(client: &Client, name: &str, path: &std::path::Path) -> me
     slots.unlock(&meshdisk::codec::keyslot::Unlock::KeyFile(&file)).unwrap().into_volume_key()
 }
 
-/// A shard of `payload` with a header for it.
-pub fn shard_of(
+/// A segment of volume `volume` (k + m shards of `blocks` blocks each,
+/// its data area a pattern from `seed`), as a writer makes it.
+pub fn segment_of(
     volume: [u8; 16],
-    stripe: u64,
-    generation: u64,
-    index: u8,
-    (k, m): (u8, u8),
-    payload: Vec<u8>,
-) -> (meshdisk::codec::shard::ShardHeader, bytes::Bytes) {
-    let header = meshdisk::codec::shard::ShardHeader {
-        volume_id: volume,
-        stripe,
-        generation,
-        index,
-        k,
-        m,
-        payload_len: payload.len() as u32,
-        payload_hash: meshdisk::codec::shard::ShardHash::of(&payload),
-    };
-    (header, bytes::Bytes::from(payload))
+    id: meshdisk::codec::sequence::SegmentId,
+    (k, m): (usize, usize),
+    blocks: u32,
+    seed: u64,
+) -> meshdisk::codec::segment::EncodedSegment {
+    use meshdisk::codec::segment::{SegmentGeometry, encode_segment};
+    let g = SegmentGeometry::new(k, m, blocks).unwrap();
+    let data = super::pattern(seed, g.data_area_len());
+    encode_segment(g, &volume, id, &data).unwrap()
 }
 
-/// Puts one shard of `len` bytes (filled from its index and `seed`) on
-/// each peer of placement `p`, at fencing `epoch`; returns the hashes to
-/// commit.
-pub async fn put_placement(
+/// Stores `segment`'s shards on the peers of `placement` (shard i on peer
+/// i) at fencing `epoch` and commits it as the volume's next root (after
+/// `expected`, sealed under a throwaway key: the directory only parses
+/// roots). Returns the commit number.
+pub async fn store_and_commit(
     client: &Client,
-    volume: [u8; 16],
-    geometry: (u8, u8),
-    p: &meshdisk::api::Placement,
+    volume: &meshdisk::api::VolumeRecord,
     epoch: u64,
-    len: usize,
-    seed: u8,
-) -> Vec<Option<[u8; 32]>> {
-    let mut hashes = Vec::new();
-    for (i, peer) in p.peers.iter().enumerate() {
-        let (h, payload) =
-            shard_of(volume, p.stripe, p.generation, i as u8, geometry, vec![i as u8 ^ seed; len]);
-        client.put_shard(peer, &h, payload, epoch).await.unwrap();
-        hashes.push(Some(h.payload_hash.0));
+    expected: Option<(u64, u64)>,
+    placement: &meshdisk::api::SegmentPlacement,
+    id: meshdisk::codec::sequence::SegmentId,
+    segment: &meshdisk::codec::segment::EncodedSegment,
+) -> u64 {
+    use meshdisk::codec::root::SegmentRef;
+    for (shard, slot) in segment.shards.iter().zip(&placement.peers) {
+        client.put_shard(&slot.addr, bytes::Bytes::from(shard.clone()), epoch).await.unwrap();
     }
-    hashes
+    let header = meshdisk::codec::segment::parse_segment_shard(&segment.shards[0]).unwrap().0;
+    let record = meshdisk::api::SegmentRecord {
+        peers: placement.peers.iter().map(|s| s.id).collect(),
+        shard_blocks: header.geometry.blocks_per_shard() as u16,
+        root: segment.root.0,
+    };
+    let refs = vec![SegmentRef { id, root: segment.root }];
+    client.commit_root(root_commit(volume, epoch, expected, refs, vec![(id, record)])).await.unwrap()
+}
+
+/// The volume's next root after `expected` by a writer at `epoch`, naming
+/// `since` and adding `records`, sealed under a throwaway key (the
+/// directory only parses roots).
+pub fn root_commit(
+    volume: &meshdisk::api::VolumeRecord,
+    epoch: u64,
+    expected: Option<(u64, u64)>,
+    since: Vec<meshdisk::codec::root::SegmentRef>,
+    records: Vec<(meshdisk::codec::sequence::SegmentId, meshdisk::api::SegmentRecord)>,
+) -> meshdisk::api::RootCommit {
+    use meshdisk::codec::root::{RootKey, RootRecord};
+    use meshdisk::codec::sequence::{SegmentId, Sequence};
+    let commit = expected.map_or(1, |(_, c)| c + 1);
+    let key = RootKey::derive(&meshdisk::codec::VolumeKey::generate().unwrap());
+    let highest_segment = since.iter().map(|s| s.id).max().unwrap_or(SegmentId::new(epoch, 1).unwrap());
+    let sealed = RootRecord {
+        volume_id: volume.spec.id,
+        epoch,
+        commit,
+        highest_sequence: Sequence::new(epoch, commit).unwrap(),
+        highest_segment,
+        checkpoint: None,
+        since,
+    }
+    .seal(&key);
+    meshdisk::api::RootCommit {
+        volume: volume.spec.name.clone(),
+        epoch,
+        expected,
+        sealed,
+        segments: records,
+        dropped: vec![],
+    }
 }

@@ -12,7 +12,7 @@
 //! 48 + 32·(k+m)  payload: blocks per shard × 4096 bytes
 //! ```
 //!
-//! There is no header check of its own (unlike [`crate::codec::shard`]):
+//! There is no header check of its own:
 //! every field a reader acts on is either checked by the parser (magic,
 //! version, length, flags, reserved, ranges) or hashed into the segment
 //! root ([`segment_root`]), which every reader holds, from the volume's

@@ -1,5 +1,4 @@
-//! Segments and their shards: the volume's second design (issue 12), not
-//! yet used by the volume, which still writes [`super::shard`] stripes.
+//! Segments and their shards: what a volume stores on the peers.
 //!
 //! A **segment** is written once and never modified. Its data area is
 //! `k × blocks_per_shard` encrypted 4 KiB blocks, laid out shard-major, so
@@ -62,8 +61,7 @@ pub type VolumeId = [u8; VOLUME_ID_LEN];
 pub use crate::codec::sequence::SegmentId;
 
 /// Which segment shard: volume, segment, index in the segment. What a peer
-/// stores a segment shard under (as [`crate::codec::shard::ShardKey`] names
-/// a stripe's shard); ordered by volume, segment, index.
+/// stores a segment shard under; ordered by volume, segment, index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct SegmentShardKey {
     pub volume: VolumeId,

@@ -1,9 +1,9 @@
 //! Healing: the directory's background work that brings what the peers
-//! hold in line with its map.
+//! hold in line with its records.
 //!
 //! Today this is the garbage [`collector`], which erases the shards of
-//! superseded generations and deleted volumes. Repair (rebuilding a
-//! stripe's missing shards on other peers), scrub (reading shards back and
+//! deleted volumes. Repair (rebuilding a segment's missing shards on other
+//! peers), scrub (reading shards back and
 //! checking their hashes) and migration (moving shards off a peer that is
 //! leaving or full) live here next, each a [`crate::sys::worker::Worker`]
 //! run by the directory's runner, planned from the store in one step that

@@ -2,7 +2,7 @@
 //! transactions and leases, behind one trait.
 //!
 //! The directory keeps everything it knows here: peers, volumes and their
-//! leases, stripe maps, reservations. The trait is shaped after etcd's API
+//! leases, roots and segment records. The trait is shaped after etcd's API
 //! (the highly available backend to come), so the directory's logic is
 //! written once against what both can do:
 //!
@@ -13,8 +13,8 @@
 //! - a [`Txn`] checks all its [`Compare`]s and, only if every one holds,
 //!   applies all its [`Op`]s atomically: compare-and-set on versioned keys;
 //! - a **lease** has a time to live; keys written with it disappear when it
-//!   expires or is revoked, unless it is kept alive. Volume write leases and
-//!   placement reservations are built on this (a peer's liveness is not:
+//!   expires or is revoked, unless it is kept alive. Volume write leases are
+//!   built on this (a peer's liveness is not:
 //!   it is the age of its last report).
 //!
 //! [`embedded::RedbStore`] is the embedded implementation (redb) (one file, durable on

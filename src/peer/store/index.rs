@@ -1,35 +1,8 @@
-//! The store's index entries (redb tables `index` and `segments`,
-//! docs/formats.md): which shard a key names, and where its bytes are.
+//! The store's index entries (redb table `segments`, docs/formats.md):
+//! which shard a key names, where its bytes are, its root and outboard.
 
-use crate::codec::segment::{BLOCK_SIZE, SegmentShardKey, ShardOutboard, ShardRoot, VolumeId};
-use crate::codec::shard::ShardKey;
-
-/// The store's index key of a shard.
-pub(super) struct IndexKey;
-
-impl IndexKey {
-    /// Big-endian, so the index sorts by volume, stripe, generation, index.
-    pub(super) fn encode(key: &ShardKey) -> [u8; 33] {
-        let mut b = [0u8; 33];
-        b[..16].copy_from_slice(&key.volume);
-        b[16..24].copy_from_slice(&key.stripe.to_be_bytes());
-        b[24..32].copy_from_slice(&key.generation.to_be_bytes());
-        b[32] = key.index;
-        b
-    }
-
-    pub(super) fn decode(b: &[u8]) -> Result<ShardKey, String> {
-        if b.len() != 33 {
-            return Err(format!("corrupt index key of {} bytes", b.len()));
-        }
-        Ok(ShardKey {
-            volume: b[..16].try_into().expect("16 bytes"),
-            stripe: u64::from_be_bytes(b[16..24].try_into().expect("8 bytes")),
-            generation: u64::from_be_bytes(b[24..32].try_into().expect("8 bytes")),
-            index: b[32],
-        })
-    }
-}
+use crate::codec::segment::{BLOCK_SIZE, SegmentShardKey, ShardOutboard, ShardRoot};
+use crate::codec::sequence::SegmentId;
 
 /// Where a shard's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,41 +33,6 @@ impl Location {
     }
 }
 
-/// Which table an entry lives in, and its key there: stripe shards in
-/// `index`, segment shards (second design) in `segments`. The rest of the
-/// store (append, group commit, fencing, capacity, delete) is the same for
-/// both.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Slot {
-    Stripe(ShardKey),
-    Segment(SegmentShardKey),
-}
-
-impl Slot {
-    pub(super) fn volume(&self) -> &VolumeId {
-        match self {
-            Slot::Stripe(k) => &k.volume,
-            Slot::Segment(k) => &k.volume,
-        }
-    }
-
-    /// The entry's key in its table.
-    pub(super) fn key(&self) -> Vec<u8> {
-        match self {
-            Slot::Stripe(k) => IndexKey::encode(k).to_vec(),
-            Slot::Segment(k) => SegmentIndexKey::encode(k).to_vec(),
-        }
-    }
-
-    /// Where the shard's bytes are, from an entry of this slot's table.
-    pub(super) fn location(&self, value: &[u8]) -> Result<Location, String> {
-        match self {
-            Slot::Stripe(_) => Location::decode(value),
-            Slot::Segment(_) => SegmentEntry::decode(value).map(|e| e.loc),
-        }
-    }
-}
-
 /// The store's key of a segment shard (table `segments`).
 pub(super) struct SegmentIndexKey;
 
@@ -107,6 +45,16 @@ impl SegmentIndexKey {
         b[16..24].copy_from_slice(&key.segment.raw().to_be_bytes());
         b[24] = key.index;
         b
+    }
+
+    pub(super) fn decode(b: &[u8]) -> Result<SegmentShardKey, String> {
+        let b: &[u8; 25] =
+            b.try_into().map_err(|_| format!("corrupt segment index key of {} bytes", b.len()))?;
+        Ok(SegmentShardKey {
+            volume: b[..16].try_into().expect("16 bytes"),
+            segment: SegmentId::from_raw(u64::from_be_bytes(b[16..24].try_into().expect("8 bytes"))),
+            index: b[24],
+        })
     }
 }
 

@@ -1,49 +1,45 @@
-//! The peer's shard store: shards kept on this machine's disk for others.
+//! The peer's shard store: segment shards ([`crate::codec::segment`])
+//! kept on this machine's disk for others.
 //!
 //! Layout under the store's folder (drawn in docs/formats.md):
 //!
 //! ```text
 //! data/00000001.dat       shards appended back to back, each exactly as
-//! data/00000002.dat       sent (96-byte header + payload); a new data
-//! ...                     file starts when one passes DATA_FILE_LIMIT
-//! index.redb              shard key → (data file, offset, length);
-//!                         per volume the newest fencing epoch; bytes used
+//! data/00000002.dat       sent (header + payload); a new data file starts
+//! ...                     when one passes DATA_FILE_LIMIT
+//! index.redb              shard key → (data file, offset, length, the
+//!                         shard's root and outboard); per volume the
+//!                         newest fencing epoch; bytes used
 //! ```
 //!
 //! **Durability, written once** ([`ShardStore::put`] and the group commit
-//! behind it): verify the shard (its header and payload hash), append it to
-//! the current data file through the io_uring driver, `fdatasync` the
-//! file, then commit the index entry (redb commits are durable); only
-//! then is the put acknowledged. Puts that arrive together share one
-//! `fdatasync` and one index commit (group commit): a put queues its entry
-//! once its bytes are written, and one committer task at a time syncs every
-//! data file the queued entries touch, commits them all in one redb
-//! transaction, and answers each. A crash before the index commit leaves
-//! unindexed bytes in a data file and nothing else: no shard in it was
-//! acknowledged.
+//! behind it): verify the shard (its payload hashes to its header's own
+//! root), compute its outboard, append it to the current data file through
+//! the io_uring driver, `fdatasync` the file, then commit the index entry
+//! (redb commits are durable); only then is the put acknowledged. Puts that
+//! arrive together share one `fdatasync` and one index commit (group
+//! commit): a put queues its entry once its bytes are written, and one
+//! committer task at a time syncs every data file the queued entries touch,
+//! commits them all in one redb transaction, and answers each. A crash
+//! before the index commit leaves unindexed bytes in a data file and
+//! nothing else: no shard in it was acknowledged.
 //!
 //! **Deleting** removes the index entry and punches a hole over the shard's
 //! bytes, so the space returns to the filesystem at once.
 //!
-//! **Trust**: every read verifies the shard again (header check, payload
-//! hash, and that it is the shard asked for); a shard that fails is
-//! reported as corrupt, never returned. A store that hits an I/O error on a
-//! write or sync is poisoned: every later call fails, because what reached
-//! the disk is no longer known.
+//! **Trust**: every read checks what it returns against the root kept in
+//! the index entry ([`ShardStore::get_blocks`] reads only the blocks asked
+//! for and proves them with the outboard); a shard that fails is reported
+//! as corrupt, never returned. A store that hits an I/O error on a write or
+//! sync is poisoned: every later call fails, because what reached the disk
+//! is no longer known.
 //!
 //! **Fencing**: a put carries the volume's fencing epoch; the store keeps
 //! the newest epoch it has seen per volume and refuses older ones, so a
 //! writer whose volume lease was taken over cannot write any more.
-//!
-//! **Segment shards** (the second design, [`crate::codec::segment`]) take
-//! the same path into the same data files ([`ShardStore::put_segment_shard`]
-//! and `append`), indexed in their own table `segments` whose entries also
-//! hold the shard's root and outboard, so [`ShardStore::get_blocks`] reads
-//! only the blocks asked for and proves them against that root, refusing
-//! (as corrupt) a local copy that does not match.
 
 mod index;
-mod segments;
+mod shards;
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -56,16 +52,14 @@ use tokio::sync::Mutex;
 
 use crate::codec::key::VOLUME_ID_LEN;
 use crate::codec::segment::{SegmentError, SegmentShardKey};
-use crate::codec::shard::{ShardError, ShardKey, parse_shard};
 use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
-use index::{IndexKey, Location, Slot};
+use index::{Location, SegmentEntry, SegmentIndexKey};
 
 /// A data file is closed and a new one started once it reaches this size.
 pub const DATA_FILE_LIMIT: u64 = 1 << 30;
 
-const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
-/// Segment shards (second design): key → location ‖ shard root ‖ outboard.
+/// Segment shards: key → location ‖ shard root ‖ outboard.
 const SEGMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("segments");
 const EPOCHS: TableDefinition<&[u8], u64> = TableDefinition::new("epochs");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
@@ -73,7 +67,7 @@ const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("shard refused: {0}")]
-    BadShard(#[from] ShardError),
+    BadShard(#[from] SegmentError),
     #[error("store is full: {used} of {capacity} bytes used, this shard needs {need} more")]
     Full { used: u64, capacity: u64, need: u64 },
     #[error(
@@ -81,43 +75,19 @@ pub enum StoreError {
     )]
     Fenced { got: u64, newest: u64 },
     #[error("no such shard {0:?}")]
-    NotFound(ShardKey),
+    NotFound(SegmentShardKey),
     #[error("stored shard {key:?} is corrupt: {source}")]
-    Corrupt { key: ShardKey, source: ShardError },
-    #[error("the index points shard {key:?} at the bytes of shard {found:?}")]
-    Misplaced { key: ShardKey, found: ShardKey },
+    Corrupt { key: SegmentShardKey, source: SegmentError },
+    #[error("the index points shard {key:?} at the bytes of {found:?}")]
+    Misplaced { key: SegmentShardKey, found: SegmentShardKey },
     #[error(
         "store at {path} is poisoned by an earlier I/O error ({first}); it serves nothing until restarted and checked"
     )]
     Poisoned { path: PathBuf, first: String },
     #[error("store I/O at {path}: {message}")]
     Io { path: PathBuf, message: String },
-    #[error("segment shard refused: {0}")]
-    BadSegmentShard(#[from] SegmentError),
-    #[error("no such segment shard {0:?}")]
-    SegmentNotFound(SegmentShardKey),
-    #[error("stored segment shard {key:?} is corrupt: {source}")]
-    SegmentCorrupt { key: SegmentShardKey, source: SegmentError },
-    #[error("the index points segment shard {key:?} at the bytes of {found:?}")]
-    SegmentMisplaced { key: SegmentShardKey, found: SegmentShardKey },
     #[error("blocks {first}..{first}+{count} are not a non-empty range of the shard's {blocks} blocks")]
     BlockRange { first: u32, count: u32, blocks: u32 },
-}
-
-impl Slot {
-    fn table(&self) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
-        match self {
-            Slot::Stripe(_) => INDEX,
-            Slot::Segment(_) => SEGMENTS,
-        }
-    }
-
-    fn not_found(&self) -> StoreError {
-        match *self {
-            Slot::Stripe(k) => StoreError::NotFound(k),
-            Slot::Segment(k) => StoreError::SegmentNotFound(k),
-        }
-    }
 }
 
 /// The shard store. Cheap to clone.
@@ -159,11 +129,11 @@ struct CommitQueue {
 
 /// A written shard waiting for its sync and index commit.
 struct Pending {
-    slot: Slot,
+    key: SegmentShardKey,
     epoch: u64,
     loc: Location,
-    /// What the index entry holds after the location (a segment shard's
-    /// root and outboard; nothing for a stripe shard).
+    /// What the index entry holds after the location: the shard's root and
+    /// outboard.
     tail: Vec<u8>,
     file: Arc<RegisteredFile>,
     /// The replaced location, `Err(newest epoch)` if fenced meanwhile; the
@@ -197,42 +167,6 @@ impl std::fmt::Debug for ShardStore {
     }
 }
 
-/// Stores made before the data files were named so kept them as
-/// `segments/NNNNNNNN.seg`. Renames them in place, in an order that a crash
-/// at any step leaves resumable: every file first (each rename atomic), then
-/// the folder, each followed by a folder sync. The index's locations name
-/// files by number only, so they stay valid.
-fn migrate_segment_files(dir: &Path) -> std::io::Result<()> {
-    let old = dir.join("segments");
-    if !old.is_dir() {
-        return Ok(());
-    }
-    let new = dir.join("data");
-    if new.exists() {
-        // `data/` is only made after the migration; an empty one is left by
-        // nothing we know, a full one means two stores in one folder.
-        if std::fs::read_dir(&new)?.next().is_some() {
-            return Err(std::io::Error::other(format!(
-                "both {} (an older store) and {} hold files: move one of them away",
-                old.display(),
-                new.display()
-            )));
-        }
-        std::fs::remove_dir(&new)?;
-    }
-    for entry in std::fs::read_dir(&old)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "seg") {
-            std::fs::rename(&path, path.with_extension("dat"))?;
-        }
-    }
-    durable::sync_dir(&old)?;
-    std::fs::rename(&old, &new)?;
-    durable::sync_dir(dir)?;
-    tracing::info!("{}: the store's segment files are now data files in {}", dir.display(), new.display());
-    Ok(())
-}
-
 fn data_file_path(dir: &Path, id: u32) -> PathBuf {
     dir.join("data").join(format!("{id:08}.dat"))
 }
@@ -251,26 +185,17 @@ impl ShardStore {
         data_file_limit: u64,
     ) -> Result<Self, StoreError> {
         let io = |e: &dyn std::fmt::Display| StoreError::Io { path: dir.to_owned(), message: e.to_string() };
-        migrate_segment_files(dir).map_err(|e| io(&e))?;
         std::fs::create_dir_all(dir.join("data")).map_err(|e| io(&e))?;
         // The data folder's own name must survive a crash as its files do.
         durable::sync_dir(dir).map_err(|e| io(&e))?;
         let db = Database::create(dir.join("index.redb")).map_err(|e| io(&e))?;
         let txn = db.begin_write().map_err(|e| io(&e))?;
         let (data_file, used) = {
-            txn.open_table(INDEX).map_err(|e| io(&e))?;
             txn.open_table(SEGMENTS).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
             let used = c.get("used").map_err(|e| io(&e))?.map_or(0, |v| v.value());
-            let mut current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
-            // A store from before the rename counted its files as "segment".
-            if current.is_none() {
-                current = c.remove("segment").map_err(|e| io(&e))?.map(|v| v.value());
-                if let Some(n) = current {
-                    c.insert("data_file", n).map_err(|e| io(&e))?;
-                }
-            }
+            let current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
             let data_file = match current {
                 Some(s) => s as u32,
                 None => {
@@ -332,22 +257,12 @@ impl ShardStore {
         StoreError::Io { path: self.inner.dir.clone(), message }
     }
 
-    /// Stores one shard (header + payload, as produced by the codec), durably,
-    /// for a writer holding fencing `epoch` on the shard's volume.
-    pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<ShardKey, StoreError> {
-        self.check()?;
-        let (header, _) = parse_shard(&shard)?;
-        let key = ShardKey::of(&header);
-        self.append(Slot::Stripe(key), shard, epoch, Vec::new()).await?;
-        Ok(key)
-    }
-
-    /// The durability sequence, for both kinds of shard: admit, claim a
-    /// range of the data file tail, write, queue for the group commit (sync
-    /// then index entry `location ‖ tail`), answer.
+    /// The durability sequence: admit, claim a range of the data file
+    /// tail, write, queue for the group commit (sync then index entry
+    /// `location ‖ tail`), answer.
     async fn append(
         &self,
-        slot: Slot,
+        key: SegmentShardKey,
         shard: Bytes,
         epoch: u64,
         entry_tail: Vec<u8>,
@@ -359,7 +274,7 @@ impl ShardStore {
         let (file, loc) = {
             let mut tail = self.inner.tail.lock().await;
             self.check()?;
-            self.admit(&slot, epoch, len)?;
+            self.admit(&key, epoch, len)?;
             if tail.end + len > self.inner.data_file_limit && tail.end > 0 {
                 self.roll(&mut tail)?;
             }
@@ -381,7 +296,7 @@ impl ShardStore {
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.inner.commits.lock().expect("not poisoned");
-            q.pending.push(Pending { slot, epoch, loc, tail: entry_tail, file, done });
+            q.pending.push(Pending { key, epoch, loc, tail: entry_tail, file, done });
             !std::mem::replace(&mut q.committing, true)
         };
         if start {
@@ -428,8 +343,8 @@ impl ShardStore {
                     Err(e) => failed = Some(format!("syncing a data file: {e}")),
                 }
             }
-            let entries: Vec<(Slot, u64, Location, Vec<u8>)> =
-                batch.iter_mut().map(|p| (p.slot, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
+            let entries: Vec<(SegmentShardKey, u64, Location, Vec<u8>)> =
+                batch.iter_mut().map(|p| (p.key, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
             let results = match failed {
                 Some(e) => Err(e),
                 None => {
@@ -473,17 +388,12 @@ impl ShardStore {
     }
 
     /// Refuses an older epoch or a shard that does not fit.
-    fn admit(&self, slot: &Slot, epoch: u64, len: u64) -> Result<(), StoreError> {
-        let newest = self.newest_epoch(slot.volume())?;
+    fn admit(&self, key: &SegmentShardKey, epoch: u64, len: u64) -> Result<(), StoreError> {
+        let newest = self.newest_epoch(&key.volume)?;
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
-        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(slot.table()).map_err(|e| self.io(e))?;
-        let replaced = match index.get(&slot.key()[..]).map_err(|e| self.io(e))? {
-            Some(v) => u64::from(slot.location(v.value()).map_err(|e| self.io(e))?.len),
-            None => 0,
-        };
+        let replaced = self.locate(key)?.map_or(0, |loc| u64::from(loc.len));
         let used = self.inner.charged.load(std::sync::atomic::Ordering::SeqCst);
         let after = used
             .checked_sub(replaced)
@@ -500,19 +410,18 @@ impl ShardStore {
     /// was overtaken while it was written (not indexed).
     fn commit_puts(
         &self,
-        puts: &[(Slot, u64, Location, Vec<u8>)],
+        puts: &[(SegmentShardKey, u64, Location, Vec<u8>)],
     ) -> Result<Vec<Result<Option<Location>, u64>>, String> {
         let e = |e: &dyn std::fmt::Display| e.to_string();
         let txn = self.inner.db.begin_write().map_err(|x| e(&x))?;
         let mut olds = Vec::with_capacity(puts.len());
         {
-            let mut index = txn.open_table(INDEX).map_err(|x| e(&x))?;
             let mut segments = txn.open_table(SEGMENTS).map_err(|x| e(&x))?;
             let mut epochs = txn.open_table(EPOCHS).map_err(|x| e(&x))?;
             let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
             let mut used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
-            for (slot, epoch, loc, tail) in puts {
-                let volume = &slot.volume()[..];
+            for (key, epoch, loc, tail) in puts {
+                let volume = &key.volume[..];
                 let newest = epochs.get(volume).map_err(|x| e(&x))?.map_or(0, |v| v.value());
                 if *epoch < newest {
                     olds.push(Err(newest));
@@ -521,13 +430,12 @@ impl ShardStore {
                 if *epoch > newest {
                     epochs.insert(volume, *epoch).map_err(|x| e(&x))?;
                 }
-                let table = match slot {
-                    Slot::Stripe(_) => &mut index,
-                    Slot::Segment(_) => &mut segments,
-                };
                 let value = [&loc.encode()[..], tail].concat();
-                let old = match table.insert(&slot.key()[..], &value[..]).map_err(|x| e(&x))? {
-                    Some(v) => Some(slot.location(v.value())?),
+                let old = match segments
+                    .insert(&SegmentIndexKey::encode(key)[..], &value[..])
+                    .map_err(|x| e(&x))?
+                {
+                    Some(v) => Some(SegmentEntry::decode(v.value())?.loc),
                     None => None,
                 };
                 used = used
@@ -568,25 +476,26 @@ impl ShardStore {
         Ok(file)
     }
 
-    fn locate(&self, key: &ShardKey) -> Result<Option<Location>, StoreError> {
-        self.locate_slot(&Slot::Stripe(*key))
-    }
-
-    fn locate_slot(&self, slot: &Slot) -> Result<Option<Location>, StoreError> {
+    /// A shard's index entry.
+    fn entry(&self, key: &SegmentShardKey) -> Result<Option<SegmentEntry>, StoreError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(slot.table()).map_err(|e| self.io(e))?;
-        match index.get(&slot.key()[..]).map_err(|e| self.io(e))? {
-            Some(v) => Ok(Some(slot.location(v.value()).map_err(|e| self.io(e))?)),
+        let index = txn.open_table(SEGMENTS).map_err(|e| self.io(e))?;
+        match index.get(&SegmentIndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
+            Some(v) => Ok(Some(SegmentEntry::decode(v.value()).map_err(|e| self.io(e))?)),
             None => Ok(None),
         }
+    }
+
+    fn locate(&self, key: &SegmentShardKey) -> Result<Option<Location>, StoreError> {
+        Ok(self.entry(key)?.map(|e| e.loc))
     }
 
     /// After a read of `loc` failed its check: a delete or replacement may
     /// have moved the shard while it was being read, so only a shard still
     /// indexed there is corrupt (`Ok(())`: ask again).
-    fn recheck(&self, slot: &Slot, loc: Location, failure: StoreError) -> Result<(), StoreError> {
-        match self.locate_slot(slot)? {
-            None => Err(slot.not_found()),
+    fn recheck(&self, key: &SegmentShardKey, loc: Location, failure: StoreError) -> Result<(), StoreError> {
+        match self.locate(key)? {
+            None => Err(StoreError::NotFound(*key)),
             Some(now) if now != loc => Ok(()),
             Some(_) => Err(failure),
         }
@@ -602,44 +511,18 @@ impl ShardStore {
             .map_err(|e| self.io(format!("reading {what}: {e}")))
     }
 
-    /// Reads a shard back, verified: the whole shard (header + payload).
-    pub async fn get(&self, key: &ShardKey) -> Result<Bytes, StoreError> {
-        self.check()?;
-        let loc = self.locate(key)?.ok_or(StoreError::NotFound(*key))?;
-        let bytes = self.read_location(loc, "a shard").await?;
-        let checked = match parse_shard(&bytes) {
-            Ok((header, _)) if ShardKey::of(&header) == *key => Ok(()),
-            Ok((header, _)) => Err(StoreError::Misplaced { key: *key, found: ShardKey::of(&header) }),
-            Err(source) => Err(StoreError::Corrupt { key: *key, source }),
-        };
-        if let Err(e) = checked {
-            // A delete or replacement may have moved the shard while it was
-            // being read; only a shard still indexed there is corrupt.
-            return match self.locate(key)? {
-                None => Err(StoreError::NotFound(*key)),
-                Some(now) if now != loc => Box::pin(self.get(key)).await,
-                Some(_) => Err(e),
-            };
-        }
-        Ok(Bytes::from(bytes))
-    }
-
     /// Removes a shard, for a writer (or the directory's garbage
     /// collection) holding fencing `epoch` on its volume; its space is
     /// returned at once. False if it was not there.
-    pub async fn delete(&self, key: &ShardKey, epoch: u64) -> Result<bool, StoreError> {
-        self.remove(Slot::Stripe(*key), epoch).await
-    }
-
-    async fn remove(&self, slot: Slot, epoch: u64) -> Result<bool, StoreError> {
+    pub async fn delete(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
         self.check()?;
         let _tail = self.inner.tail.lock().await;
         self.check()?;
-        let newest = self.newest_epoch(slot.volume())?;
+        let newest = self.newest_epoch(&key.volume)?;
         if epoch < newest {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
-        let loc = self.locate_slot(&slot)?;
+        let loc = self.locate(key)?;
         if loc.is_none() && epoch == newest {
             return Ok(false);
         }
@@ -651,13 +534,13 @@ impl ShardStore {
             if epoch > newest {
                 txn.open_table(EPOCHS)
                     .map_err(|x| e(&x))?
-                    .insert(&slot.volume()[..], epoch)
+                    .insert(&key.volume[..], epoch)
                     .map_err(|x| e(&x))?;
             }
             if let Some(loc) = loc {
-                txn.open_table(slot.table())
+                txn.open_table(SEGMENTS)
                     .map_err(|x| e(&x))?
-                    .remove(&slot.key()[..])
+                    .remove(&SegmentIndexKey::encode(key)[..])
                     .map_err(|x| e(&x))?;
                 let mut c = txn.open_table(COUNTERS).map_err(|x| e(&x))?;
                 let used = c.get("used").map_err(|x| e(&x))?.map_or(0, |v| v.value());
@@ -684,21 +567,32 @@ impl ShardStore {
         Ok(epochs.get(&volume[..]).map_err(|e| self.io(e))?.map_or(0, |v| v.value()))
     }
 
-    /// Every shard stored for `volume`, in order.
-    pub fn list(&self, volume: &[u8; VOLUME_ID_LEN]) -> Result<Vec<ShardKey>, StoreError> {
+    /// Up to `limit` shards stored for `volume`, in key order, after
+    /// `after` (the directory's collector pages through a deleted volume's
+    /// shards with this).
+    pub fn list(
+        &self,
+        volume: &[u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: usize,
+    ) -> Result<Vec<SegmentShardKey>, StoreError> {
+        use std::ops::Bound::{Excluded, Included};
         self.check()?;
         let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(INDEX).map_err(|e| self.io(e))?;
-        let lo = IndexKey::encode(&ShardKey { volume: *volume, stripe: 0, generation: 0, index: 0 });
-        let hi = IndexKey::encode(&ShardKey {
-            volume: *volume,
-            stripe: u64::MAX,
-            generation: u64::MAX,
-            index: u8::MAX,
-        });
+        let index = txn.open_table(SEGMENTS).map_err(|e| self.io(e))?;
+        let mut lo = [0u8; 25];
+        lo[..16].copy_from_slice(volume);
+        let mut hi = [0xffu8; 25];
+        hi[..16].copy_from_slice(volume);
+        let from = after.filter(|a| a.volume == *volume).map(|a| SegmentIndexKey::encode(&a));
+        let range = match &from {
+            Some(after) => index.range::<&[u8]>((Excluded(&after[..]), Included(&hi[..]))),
+            None => index.range::<&[u8]>(&lo[..]..=&hi[..]),
+        };
         let mut out = Vec::new();
-        for item in index.range::<&[u8]>(&lo[..]..=&hi[..]).map_err(|e| self.io(e))? {
-            out.push(IndexKey::decode(item.map_err(|e| self.io(e))?.0.value()).map_err(|e| self.io(e))?);
+        for item in range.map_err(|e| self.io(e))?.take(limit) {
+            let key = item.map_err(|e| self.io(e))?.0;
+            out.push(SegmentIndexKey::decode(key.value()).map_err(|e| self.io(e))?);
         }
         Ok(out)
     }

@@ -456,7 +456,14 @@ impl Inner {
             segments: sealed
                 .iter()
                 .zip(&records)
-                .map(|(s, peers)| (s.id, SegmentRecord { peers: peers.clone(), root: s.encoded.root.0 }))
+                .map(|(s, peers)| {
+                    let record = SegmentRecord {
+                        peers: peers.clone(),
+                        shard_blocks: s.geometry.blocks_per_shard() as u16,
+                        root: s.encoded.root.0,
+                    };
+                    (s.id, record)
+                })
                 .collect(),
             dropped: Vec::new(),
         };

@@ -157,7 +157,7 @@ impl SegmentIo {
         let spawn = |puts: &mut tokio::task::JoinSet<_>, i: usize, peer: Holder| {
             let (client, shard) = (self.client.clone(), shards[i].clone());
             puts.spawn(async move {
-                let r = client.put_segment_shard(&peer.1, shard, epoch).await;
+                let r = client.put_shard(&peer.1, shard, epoch).await;
                 (i, peer, r)
             });
         };
@@ -263,7 +263,7 @@ impl SegmentIo {
             let after = self.timing.hedge * n as u32;
             asks.spawn(async move {
                 tokio::time::sleep(after).await;
-                client.get_segment_header(&peer, key, &root).await
+                client.get_shard_header(&peer, key, &root).await
             });
         }
         let mut failures = Vec::new();
@@ -394,7 +394,7 @@ impl SegmentIo {
                 continue;
             }
             let (client, key, root) = (self.client.clone(), self.key(seg.id, i), seg.root);
-            fetches.spawn(async move { (i, client.get_segment_shard(&peer, key, &root).await) });
+            fetches.spawn(async move { (i, client.get_shard(&peer, key, &root).await) });
         }
         let mut got: Vec<Option<Bytes>> = vec![None; g.shards()];
         let mut have = 0;

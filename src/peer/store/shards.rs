@@ -1,12 +1,10 @@
-//! The store's segment shards (the second design): put with the outboard
-//! kept in the index entry, whole-shard and block-range reads that never
-//! answer with bytes that fail their root, and delete.
+//! Putting a shard (with its outboard kept in the index entry) and reading
+//! it back: whole, by block range with a proof, or its header alone, never
+//! answering with bytes that fail their root.
 
 use bytes::Bytes;
-use redb::ReadableDatabase;
 
-use super::index::{SegmentEntry, SegmentIndexKey, Slot};
-use super::{SEGMENTS, ShardStore, StoreError};
+use super::{ShardStore, StoreError};
 use crate::codec::segment::*;
 
 impl ShardStore {
@@ -17,7 +15,7 @@ impl ShardStore {
     /// the outboard here and keeps it in the index entry, so a block read
     /// needs one index lookup and the blocks' bytes, and the outboard is
     /// committed with the entry (no entry without its outboard).
-    pub async fn put_segment_shard(&self, shard: Bytes, epoch: u64) -> Result<SegmentShardKey, StoreError> {
+    pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<SegmentShardKey, StoreError> {
         self.check()?;
         let bytes = shard.clone();
         // Hashing up to 16 MiB: off the async threads.
@@ -27,50 +25,40 @@ impl ShardStore {
             if outboard.root() != header.own_root() {
                 return Err(SegmentError::ShardRootMismatch { index: header.index });
             }
-            Ok((SegmentShardKey::of(&header), SegmentEntry::tail(&outboard)))
+            Ok((SegmentShardKey::of(&header), super::index::SegmentEntry::tail(&outboard)))
         })
         .await
         .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
         let (key, tail) = checked?;
-        self.append(Slot::Segment(key), shard, epoch, tail).await?;
+        self.append(key, shard, epoch, tail).await?;
         Ok(key)
-    }
-
-    pub(super) fn segment_entry(&self, key: &SegmentShardKey) -> Result<Option<SegmentEntry>, StoreError> {
-        let txn = self.inner.db.begin_read().map_err(|e| self.io(e))?;
-        let index = txn.open_table(SEGMENTS).map_err(|e| self.io(e))?;
-        match index.get(&SegmentIndexKey::encode(key)[..]).map_err(|e| self.io(e))? {
-            Some(v) => Ok(Some(SegmentEntry::decode(v.value()).map_err(|e| self.io(e))?)),
-            None => Ok(None),
-        }
     }
 
     /// A segment shard (header + payload) as stored, its payload checked
     /// against its own root and its header against the key asked for (the
     /// reader checks the header against the segment root).
-    pub async fn get_segment_shard(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
+    pub async fn get(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
         self.check()?;
-        let slot = Slot::Segment(*key);
-        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let entry = self.entry(key)?.ok_or(StoreError::NotFound(*key))?;
         let loc = entry.loc;
         let bytes = self.read_location(loc, "a segment shard").await?;
         let checked = match parse_segment_shard(&bytes) {
             Ok((header, _)) if SegmentShardKey::of(&header) != *key => {
-                Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
+                Err(StoreError::Misplaced { key: *key, found: SegmentShardKey::of(&header) })
             }
             Ok((header, payload)) => {
                 if header.own_root() == entry.outboard.root() && header.own_root().matches(payload) {
                     Ok(())
                 } else {
                     let source = SegmentError::ShardRootMismatch { index: header.index };
-                    Err(StoreError::SegmentCorrupt { key: *key, source })
+                    Err(StoreError::Corrupt { key: *key, source })
                 }
             }
-            Err(source) => Err(StoreError::SegmentCorrupt { key: *key, source }),
+            Err(source) => Err(StoreError::Corrupt { key: *key, source }),
         };
         if let Err(e) = checked {
-            self.recheck(&slot, loc, e)?;
-            return Box::pin(self.get_segment_shard(key)).await;
+            self.recheck(key, loc, e)?;
+            return Box::pin(self.get(key)).await;
         }
         Ok(Bytes::from(bytes))
     }
@@ -87,8 +75,7 @@ impl ShardStore {
         count: u32,
     ) -> Result<Bytes, StoreError> {
         self.check()?;
-        let slot = Slot::Segment(*key);
-        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let entry = self.entry(key)?.ok_or(StoreError::NotFound(*key))?;
         let blocks = entry.blocks();
         let end = first.checked_add(count).filter(|&end| count > 0 && end <= blocks);
         let Some(end) = end else {
@@ -114,7 +101,7 @@ impl ShardStore {
         match proved {
             Ok(proof) => Ok(Bytes::from(proof)),
             Err(source) => {
-                self.recheck(&slot, entry.loc, StoreError::SegmentCorrupt { key: *key, source })?;
+                self.recheck(key, entry.loc, StoreError::Corrupt { key: *key, source })?;
                 Box::pin(self.get_blocks(key, first, count)).await
             }
         }
@@ -124,10 +111,9 @@ impl ShardStore {
     /// geometry: what a reader needs once per segment to check block
     /// proofs). The reader checks it against the segment root; a header
     /// naming another shard is refused here.
-    pub async fn get_segment_header(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
+    pub async fn get_header(&self, key: &SegmentShardKey) -> Result<Bytes, StoreError> {
         self.check()?;
-        let slot = Slot::Segment(*key);
-        let entry = self.segment_entry(key)?.ok_or(StoreError::SegmentNotFound(*key))?;
+        let entry = self.entry(key)?.ok_or(StoreError::NotFound(*key))?;
         let at = entry.loc.offset;
         let len = entry.payload_offset().map_err(|e| self.io(e))? - at;
         let file = self.data_file(entry.loc.data_file)?;
@@ -139,24 +125,19 @@ impl ShardStore {
             .map_err(|e| self.io(format!("reading a segment shard header: {e}")))?;
         let checked = match parse_header(&bytes) {
             Ok(header) if SegmentShardKey::of(&header) != *key => {
-                Err(StoreError::SegmentMisplaced { key: *key, found: SegmentShardKey::of(&header) })
+                Err(StoreError::Misplaced { key: *key, found: SegmentShardKey::of(&header) })
             }
-            Ok(header) if header.own_root() != entry.outboard.root() => Err(StoreError::SegmentCorrupt {
+            Ok(header) if header.own_root() != entry.outboard.root() => Err(StoreError::Corrupt {
                 key: *key,
                 source: SegmentError::ShardRootMismatch { index: header.index },
             }),
             Ok(_) => Ok(()),
-            Err(source) => Err(StoreError::SegmentCorrupt { key: *key, source }),
+            Err(source) => Err(StoreError::Corrupt { key: *key, source }),
         };
         if let Err(e) = checked {
-            self.recheck(&slot, entry.loc, e)?;
-            return Box::pin(self.get_segment_header(key)).await;
+            self.recheck(key, entry.loc, e)?;
+            return Box::pin(self.get_header(key)).await;
         }
         Ok(Bytes::from(bytes))
-    }
-
-    /// [`Self::delete`] for a segment shard.
-    pub async fn delete_segment_shard(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
-        self.remove(Slot::Segment(*key), epoch).await
     }
 }
