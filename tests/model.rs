@@ -33,6 +33,7 @@ const VOLUME: &str = "model";
 const CONNECTIONS: usize = 3;
 const TTL_SECS: u64 = 3;
 
+const READ: u16 = 0;
 const WRITE: u16 = 1;
 const FLUSH: u16 = 3;
 const TRIM: u16 = 4;
@@ -409,12 +410,24 @@ fn run(seed: u64, steps: usize) {
                 let mut old = old;
                 let probe = fill(&mut rng, BLOCK);
                 let ck = old.send(0, 0, WRITE, 0, BLOCK as u32, &probe);
-                let (_, got) = old.conns[0].simple_reply();
+                let (write_err, got) = old.conns[0].simple_reply();
                 assert_eq!(got, ck);
                 let ck = old.send(0, 0, FLUSH, 0, 0, &[]);
-                let (err, got) = old.conns[0].simple_reply();
+                let (flush_err, got) = old.conns[0].simple_reply();
                 assert_eq!(got, ck);
-                assert_ne!(err, 0, "{label}: the taken-over attach must not flush");
+                // It may not have noticed yet when the write came (the
+                // write is then acknowledged), but it must not make it
+                // durable: the write or the flush is refused.
+                assert!(
+                    write_err != 0 || flush_err != 0,
+                    "{label}: the taken-over attach acknowledged a write and flushed it"
+                );
+                // Having refused, it knows: it serves nothing more, not even
+                // reads (the other machine may have written since).
+                let ck = old.send(0, 0, READ, 0, BLOCK as u32, &[]);
+                let (read_err, got) = old.conns[0].simple_reply();
+                assert_eq!(got, ck);
+                assert_ne!(read_err, 0, "{label}: the taken-over attach served a read");
                 drop(std::mem::take(&mut old.conns));
                 old.proc.kill();
                 let device = w.device();

@@ -353,6 +353,19 @@ fn an_older_root_replayed_is_refused_by_a_folder_that_saw_a_newer_one() {
     s.c.restart_directory();
     assert_eq!(s.root(), old, "the directory serves the older root again");
 
+    // Folder A refuses it twice over. The directory grants an epoch A has
+    // already seen (its counter went back too): named as a directory that
+    // went back in time.
+    let out = s.refused("a");
+    let named = format!(
+        "the directory granted epoch {}, but {} already saw epoch {}: the directory's state went back in time",
+        new.epoch,
+        s.c.root.path().join("a").display(),
+        new.epoch
+    );
+    assert!(out.contains(&named), "{out}");
+    // The refused attach gave its lease back, so the next grant is above
+    // every epoch A saw; the root offered is still older than A's newest.
     let out = s.refused("a");
     let named = format!(
         "the offered root (epoch {}, commit {}) is older than the one this folder has already seen (epoch {}, commit {}): refusing a rolled-back volume",

@@ -202,6 +202,10 @@ fn a_fenced_writer_fails_with_the_fenced_kind() {
         assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
         assert!(err.to_string().contains("fenced") || err.to_string().contains("taken over"), "{err}");
         assert_eq!(nbd_error(&err), NbdError::Io);
+        // Reads too: the other machine may have written since, so nothing
+        // this attach holds (its log, its cache, its map) may be served.
+        let err = first.read(0, 4096).await.unwrap_err();
+        assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
     });
 }
 

@@ -85,6 +85,9 @@ pub(crate) struct Granted {
     /// The first epoch of the unbroken run of grants to this folder that
     /// ends with this one: nobody else held the volume at or after it.
     pub run_from: u64,
+    /// The epoch the folder's note named before this grant, if any. A
+    /// grant at or below it means the directory went back in time.
+    pub noted: Option<u64>,
 }
 
 /// Takes the write lease on `volume` for the state folder `dir`, resuming
@@ -95,7 +98,8 @@ pub(crate) struct Granted {
 /// noted epoch means nobody else was granted the volume since: the run
 /// goes on (an attach that took the lease and was refused, or a lease
 /// taken again after it lapsed, does not break it). Any other grant
-/// starts a new run.
+/// starts a new run. (A grant at or below the noted epoch is a directory
+/// restored from an older copy: the caller refuses it, see `noted`.)
 pub(crate) async fn acquire(
     client: &Client,
     dir: &Path,
@@ -104,13 +108,18 @@ pub(crate) async fn acquire(
 ) -> Result<Granted, VolumeError> {
     let note = read_note(dir, volume);
     let lease = client.acquire_lease(volume, force, note.map(|n| n.epoch)).await?;
+    let noted = note.map(|n| n.epoch);
+    if noted.is_some_and(|n| lease.epoch <= n) {
+        // Keep the note as it is: it is the evidence.
+        return Ok(Granted { run_from: lease.epoch, lease, noted });
+    }
     let run_from = match note {
-        Some(n) if lease.epoch == n.epoch + 1 || lease.epoch == n.epoch => n.run_from,
+        Some(n) if lease.epoch == n.epoch + 1 => n.run_from,
         _ => lease.epoch,
     };
     write_note(dir, volume, Note { epoch: lease.epoch, run_from })
         .map_err(|source| VolumeError::Io { path: note_path(dir), source })?;
-    Ok(Granted { lease, run_from })
+    Ok(Granted { lease, run_from, noted })
 }
 
 /// Gives the lease back and keeps the note: for an attach refused after

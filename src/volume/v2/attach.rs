@@ -136,6 +136,7 @@ impl Volume {
         // unbroken run of grants to this folder (the lease note keeps it),
         // nobody else held the volume since, so those writes are still the
         // newest anybody saw.
+        let asked = tokio::time::Instant::now();
         let granted = lease::acquire(&client, &dir, name, config.force).await?;
         let (lease, run_from) = (granted.lease, granted.run_from);
         let writer = replay.highest_sequence.epoch();
@@ -152,6 +153,26 @@ impl Volume {
             }
         };
         let started = async {
+            // Epochs only grow: a grant at or below one this folder already
+            // saw (its lease note, its freshness note, its log's writes) is
+            // from a directory restored from an older copy, which would
+            // hand out this folder's epochs, sequences and segment ids
+            // again (XTS tweaks reused, forks mixed).
+            let seen = [granted.noted, read_freshness(&dir, &spec.id).map(|f| f.epoch()), Some(writer)]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0);
+            if lease.epoch <= seen {
+                return Err(AttachError::Root {
+                    volume: name.into(),
+                    why: format!(
+                        "the directory granted epoch {}, but {} already saw epoch {seen}: the directory's state went back in time (restored from an older copy?). Restore its newest state, or attach from an empty folder to accept the directory's state as it is (this folder's unflushed writes are then not sent)",
+                        lease.epoch,
+                        dir.display()
+                    ),
+                });
+            }
             let root_key = RootKey::derive(key);
             let root = match client.root(name).await.map_err(VolumeError::from)? {
                 None => RootRecord {
@@ -238,7 +259,7 @@ impl Volume {
             log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
             let workers = &inner.workers;
             workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
-            let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms));
+            let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms), asked);
             let pacing = keeper.pacing();
             workers.spawn_paced(keeper, pacing);
             let queued = inner.local.lock().expect("local").queued();

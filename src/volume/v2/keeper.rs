@@ -34,14 +34,30 @@ const MIN_RENEWAL: Duration = Duration::from_millis(200);
 pub(super) struct Keeper {
     pub(super) inner: Arc<Inner>,
     pub(super) ttl: Duration,
-    /// When the last renewal was granted (the lease runs ttl from before it).
+    /// When the lease was last granted or renewed, taken just before the
+    /// call was made: the directory's ttl runs from some time after it,
+    /// so the keeper never thinks the lease younger than it is.
     pub(super) renewed_at: Instant,
     pub(super) renewals: u64,
 }
 
 impl Keeper {
-    pub(super) fn new(inner: Arc<Inner>, ttl: Duration) -> Self {
-        Self { inner, ttl, renewed_at: Instant::now(), renewals: 0 }
+    /// The keeper of a lease of `ttl` that was asked for at `asked` (before
+    /// the attach's replay and map loading, which may take a while).
+    pub(super) fn new(inner: Arc<Inner>, ttl: Duration, asked: Instant) -> Self {
+        let keeper = Self { inner, ttl, renewed_at: asked, renewals: 0 };
+        if Instant::now() >= keeper.suspend_at() {
+            // Opening took most of the lease's life: serve nothing until
+            // the first renewal (at once, see `initial_state`) is granted.
+            keeper.inner.set_suspended(true);
+        }
+        keeper
+    }
+
+    /// When the lease must be renewed by: past it (0.8 of its life) the
+    /// volume suspends, before another machine could take it.
+    fn suspend_at(&self) -> Instant {
+        self.renewed_at + self.ttl.mul_f32(0.8)
     }
 
     fn every(&self) -> Duration {
@@ -57,21 +73,37 @@ impl Keeper {
     async fn retake(&mut self) -> Result<bool, String> {
         let inner = &self.inner;
         let old = inner.epoch.load(Ordering::Relaxed);
-        let lease =
-            match crate::volume::lease::acquire(&inner.client, &inner.config.state_dir, &inner.name, false)
-                .await
-            {
-                Ok(granted) => granted.lease,
-                Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
-                    return Err(format!(
-                        "the volume was taken over while this attach's lease had lapsed: {e}"
-                    ));
-                }
-                Err(e) => {
-                    tracing::warn!("volume {}: taking the lapsed lease again: {e}", inner.name);
-                    return Ok(false);
-                }
-            };
+        let asked = Instant::now();
+        let lease = match crate::volume::lease::acquire(
+            &inner.client,
+            &inner.config.state_dir,
+            &inner.name,
+            false,
+        )
+        .await
+        {
+            // Every grant raises the epoch by one, and the lease note
+            // keeps the run of grants to this folder: a grant whose run
+            // started after this attach's epoch means another machine
+            // held the volume meanwhile (even if it committed nothing,
+            // it served a state without this attach's unflushed writes,
+            // which a re-attach's replay refuses just the same); a
+            // grant not above it, a directory that went back in time.
+            Ok(granted) if granted.run_from <= old && granted.lease.epoch > old => granted.lease,
+            Ok(granted) => {
+                return Err(format!(
+                    "the volume was held elsewhere while this attach's lease had lapsed (epoch {old}, now granted {}): re-attach",
+                    granted.lease.epoch
+                ));
+            }
+            Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
+                return Err(format!("the volume was taken over while this attach's lease had lapsed: {e}"));
+            }
+            Err(e) => {
+                tracing::warn!("volume {}: taking the lapsed lease again: {e}", inner.name);
+                return Ok(false);
+            }
+        };
         // Nobody holds it now; did anybody write while we did not? (With
         // the commit turn held: a commit that landed just before the lease
         // lapsed has updated our root by then.)
@@ -94,12 +126,19 @@ impl Keeper {
         }
         inner.switch_epoch(lease.epoch).map_err(|e| e.to_string())?;
         self.ttl = Duration::from_millis(lease.ttl_ms);
-        self.renewed_at = Instant::now();
+        // The new lease runs from when it was asked for, not from now: the
+        // commit turn and the root read may have taken much of its life.
+        self.renewed_at = asked;
         tracing::info!(
             "volume {}: the lease lapsed and was taken again: epoch {old} → {}",
             inner.name,
             lease.epoch
         );
+        if Instant::now() >= self.suspend_at() {
+            // Too old to serve on: stay suspended until a renewal at the
+            // new epoch is granted (the next round of the keeper).
+            return Ok(false);
+        }
         inner.set_suspended(false);
         inner.wake.notify_one();
         Ok(true)
@@ -128,13 +167,16 @@ impl Inner {
         });
     }
 
-    /// Waits while the lease may have lapsed; refuses after the I/O timeout.
+    /// Refuses once fenced (another machine may have written the volume:
+    /// nothing this attach holds may be served, not even reads); waits
+    /// while the lease may have lapsed; refuses after the I/O timeout.
     pub(super) async fn wait_for_lease(
         &self,
         op: &'static str,
         offset: u64,
         length: u64,
     ) -> crate::backend::Result<()> {
+        self.check_fenced(op, offset, length)?;
         let mut s = self.suspended.subscribe();
         if !*s.borrow_and_update() {
             return Ok(());
@@ -177,7 +219,9 @@ impl Worker for Keeper {
     }
 
     fn initial_state(&self) -> State {
-        State::Idle
+        // A renewal is due a third of the lease's life after it was asked
+        // for; when opening took longer, renew at once.
+        if Instant::now() >= self.renewed_at + self.every() { State::Busy } else { State::Idle }
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
@@ -189,7 +233,7 @@ impl Worker for Keeper {
         let asked = Instant::now();
         // Not answered by 0.8 of the lease's life: suspend while waiting,
         // before another machine could take the volume.
-        let suspend_at = self.renewed_at + self.ttl.mul_f32(0.8);
+        let suspend_at = self.suspend_at();
         let renew = inner.client.renew_lease(&inner.name, epoch);
         tokio::pin!(renew);
         let answer = tokio::select! {
@@ -220,9 +264,10 @@ impl Worker for Keeper {
                 }
             }
             Err(e) => {
-                // Past most of the TTL without a renewal, another machine
-                // may take the volume soon: stop serving until we know.
-                if self.renewed_at.elapsed() >= self.ttl.mul_f32(0.8) {
+                // The next try comes a round later; if that is past most of
+                // the TTL, another machine may take the volume before it:
+                // stop serving until we know.
+                if Instant::now() + self.every() >= self.suspend_at() {
                     inner.set_suspended(true);
                 }
                 Err(format!("renewing the lease on volume {}: {e}", inner.name))
@@ -232,7 +277,7 @@ impl Worker for Keeper {
 
     async fn wait_for_work(&mut self) -> State {
         tokio::select! {
-            _ = tokio::time::sleep(self.every()) => {}
+            _ = tokio::time::sleep_until(self.renewed_at + self.every()) => {}
             _ = self.inner.lease_doubt.notified() => {}
         }
         State::Busy
