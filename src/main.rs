@@ -3,6 +3,7 @@
 //! every command lives. An error is printed once, as `meshdisk: error:
 //! MESSAGE`, with exit status 1.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -19,14 +20,23 @@ fn main() -> ExitCode {
         command => {
             let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            // A closed stderr (the parent that read it died) must not turn
+            // every log line into a panic: tracing-subscriber reports a
+            // failed write with `eprintln!`, which panics, and a task that
+            // panics mid-shutdown leaves the process running for good.
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .log_internal_errors(false)
+                .init();
             runtime(cli.threads).and_then(|rt| rt.block_on(cli::run(command, cli.threads)))
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshdisk: error: {e}");
+            // Not `eprintln!`, which panics when stderr is closed.
+            let _ = writeln!(std::io::stderr(), "meshdisk: error: {e}");
             ExitCode::FAILURE
         }
     }

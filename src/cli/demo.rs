@@ -6,7 +6,7 @@
 //! flushed to the peers) and stops the children; the next run reuses the
 //! state, data included.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -298,7 +298,9 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
     }
     eprintln!("{}", usage(&uri, &socket, &state));
     stop.cancelled().await;
-    eprintln!("stopping: flushing the volume to the peers…");
+    // From here on stderr may be closed (the terminal gone): no `eprintln!`,
+    // which panics then.
+    let _ = writeln!(std::io::stderr(), "stopping: flushing the volume to the peers…");
     let flushed = server.shutdown().await;
     while listeners.join_next().await.is_some() {}
     drop(server);
@@ -307,7 +309,10 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
     drop(children);
     flushed.map_err(CliError::Flush)?;
     closed.map_err(CliError::Detach)?;
-    eprintln!("stopped cleanly; run `meshdisk demo` again to pick up where you left off");
+    let _ = writeln!(
+        std::io::stderr(),
+        "stopped cleanly; run `meshdisk demo` again to pick up where you left off"
+    );
     Ok(())
 }
 

@@ -23,6 +23,7 @@ pub mod serve;
 pub mod unlock;
 pub mod volume;
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -135,16 +136,20 @@ pub fn stop_on_signals() -> Result<CancellationToken, CliError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::io("listening for SIGINT"))?;
     let s = stop.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => info!("SIGTERM: stopping"),
-            _ = sigint.recv() => info!("SIGINT: stopping"),
-        }
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        // Cancelled before anything else: nothing this task does after
+        // may keep the process from stopping.
         s.cancel();
+        info!("{name}: stopping");
         // A second Ctrl-C: exit at once (a second SIGTERM changes nothing).
         // An attach's acknowledged writes are in its local log, which the
         // next attach from the folder sends.
         sigint.recv().await;
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "second Ctrl-C: exiting at once (writes not yet on the peers stay in the local log; the next attach from this folder sends them)"
         );
         std::process::exit(130);
