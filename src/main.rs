@@ -29,7 +29,14 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .log_internal_errors(false)
                 .init();
-            runtime(cli.threads).and_then(|rt| rt.block_on(cli::run(command, cli.threads)))
+            runtime(cli.threads).and_then(|rt| {
+                let result = rt.block_on(cli::run(command, cli.threads));
+                // Not a plain drop, which waits without end for blocking
+                // tasks still running (a disk call, an encoder): the
+                // command has finished, what is left is abandoned.
+                rt.shutdown_timeout(RUNTIME_SHUTDOWN);
+                result
+            })
         }
     };
     match result {
@@ -41,6 +48,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// How long the runtime waits for its blocking tasks once the command has
+/// returned.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `--threads`: 0 is one worker per core; 1 runs everything on this
 /// thread (no cross-thread wake-ups).
