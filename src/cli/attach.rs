@@ -11,7 +11,7 @@ use clap::Args;
 use tracing::info;
 
 use crate::cli::serve::{Listen, serve_nbd};
-use crate::cli::{CliError, CredentialArg, stop_on_signals};
+use crate::cli::{CliError, CredentialArg, STOP_GRACE, stop_on_signals};
 use crate::size::{human, parse_duration, parse_size};
 use crate::volume::v2::{Config, Volume};
 
@@ -85,7 +85,11 @@ fn default_state_dir(volume: &str) -> PathBuf {
 }
 
 /// `meshdisk attach`: serves until SIGINT/SIGTERM (which `detach` sends),
-/// then flushes everything to the peers and releases the lease.
+/// then flushes everything to the peers and releases the lease. The flush
+/// gets `--detach-timeout`; the whole stop at most that plus
+/// [`STOP_GRACE`] and a directory call's timeout, then the process exits
+/// whatever the cluster does (the writes not yet on the peers stay in the
+/// local log).
 pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     let c = a.credential.client()?;
     let record = c.volume(&a.name).await?;
@@ -132,8 +136,20 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
         read_only: false,
     };
     let what = format!("volume {}", spec.name);
-    let served = serve_nbd(Arc::new(volume.clone()), &listen, what, stop_on_signals()?).await;
-    let closed = volume.close(a.detach_timeout).await.map_err(CliError::Detach);
+    // The detach timeout bounds the whole flush: the server's (requests in
+    // flight, then a flush) and the close's, which gets what is left.
+    let stop = stop_on_signals(Some(a.detach_timeout + STOP_GRACE + Duration::from_secs(10)))?;
+    let stopped_at = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            Instant::now()
+        })
+    };
+    let served = serve_nbd(Arc::new(volume.clone()), &listen, what, stop, Some(a.detach_timeout)).await;
+    let spent = stopped_at.await.map_or(Duration::ZERO, |at| at.elapsed());
+    let left = a.detach_timeout.saturating_sub(spent).max(Duration::from_secs(1));
+    let closed = volume.close(left).await.map_err(CliError::Detach);
     let _ = std::fs::remove_file(&pidfile);
     closed?;
     served?;

@@ -6,7 +6,7 @@
 //! flushed to the peers) and stops the children; the next run reuses the
 //! state, data included.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -81,6 +81,14 @@ pub struct DemoConfig {
 }
 
 pub const VOLUME: &str = "demo";
+
+/// How long the demo's stop tries to flush the volume to the peers.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the demo may take to stop: the flush, a directory call to
+/// release the lease, and its children's stops (each bounded by
+/// [`STOP_GRACE`](crate::cli::STOP_GRACE)).
+pub const STOP_GRACE: Duration = Duration::from_secs(60 + 30);
 
 /// A child process whose stdout we watch for a line.
 struct Proc {
@@ -298,16 +306,23 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
     }
     eprintln!("{}", usage(&uri, &socket, &state));
     stop.cancelled().await;
-    eprintln!("stopping: flushing the volume to the peers…");
-    let flushed = server.shutdown().await;
+    // From here on stderr may be closed (the terminal gone): no `eprintln!`,
+    // which panics then.
+    let _ = writeln!(std::io::stderr(), "stopping: flushing the volume to the peers…");
+    let start = Instant::now();
+    let flushed = server.shutdown_within(DETACH_TIMEOUT).await;
     while listeners.join_next().await.is_some() {}
     drop(server);
     let _ = std::fs::remove_file(&socket);
-    let closed = volume.close(Duration::from_secs(60)).await;
+    let left = DETACH_TIMEOUT.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+    let closed = volume.close(left).await;
     drop(children);
     flushed.map_err(CliError::Flush)?;
     closed.map_err(CliError::Detach)?;
-    eprintln!("stopped cleanly; run `meshdisk demo` again to pick up where you left off");
+    let _ = writeln!(
+        std::io::stderr(),
+        "stopped cleanly; run `meshdisk demo` again to pick up where you left off"
+    );
     Ok(())
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cli::{CliError, stop_on_signals};
+use crate::cli::{CliError, STOP_GRACE, stop_on_signals};
 use crate::directory::DirectoryConfig;
 use crate::size::parse_duration;
 
@@ -43,6 +43,6 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         peer_timeout: args.peer_timeout,
         lease_ttl: args.lease_ttl,
     };
-    let stop = stop_on_signals()?;
+    let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::directory::run(config, stop).await?)
 }

@@ -23,7 +23,9 @@ pub mod serve;
 pub mod unlock;
 pub mod volume;
 
+use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
@@ -102,7 +104,7 @@ pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
         Command::Token(admin::TokenCommand::Create(args)) => admin::token_create(args).await,
         Command::Status(args) => admin::status(args).await,
         Command::Volume(cmd) => volume::run(cmd).await,
-        Command::Demo(args) => demo::run(args.into(), stop_on_signals()?).await,
+        Command::Demo(args) => demo::run(args.into(), stop_on_signals(Some(demo::STOP_GRACE))?).await,
         Command::Attach(args) => attach::attach(args).await,
         Command::Detach(args) => attach::detach(&args),
         Command::Serve(args) => serve::run(args).await,
@@ -127,27 +129,63 @@ impl CredentialArg {
     }
 }
 
+/// How long a directory or a peer may take to stop after SIGTERM or
+/// SIGINT, whatever the rest of the cluster does: its workers get
+/// [`worker::STOP_WAIT`](crate::sys::worker::STOP_WAIT), then it exits.
+/// An attach gets its `--detach-timeout` on top, for the flush.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// A token cancelled by the first SIGINT or SIGTERM: how the long-running
 /// commands (serve, attach, directory, peer, demo) learn to stop cleanly.
-pub fn stop_on_signals() -> Result<CancellationToken, CliError> {
+///
+/// With a `grace`, stopping is bounded: a process still running `grace`
+/// after the signal exits with status 1, saying so, whatever it was
+/// waiting for (a peer that never answers, a stuck disk). Each command
+/// bounds its own waits well within its grace and says what it abandons;
+/// this is the backstop. The watch is a plain thread, so it fires even if
+/// the async runtime is wedged.
+pub fn stop_on_signals(grace: Option<Duration>) -> Result<CancellationToken, CliError> {
     let stop = CancellationToken::new();
     let mut sigterm = signal(SignalKind::terminate()).map_err(CliError::io("listening for SIGTERM"))?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(CliError::io("listening for SIGINT"))?;
     let s = stop.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = sigterm.recv() => info!("SIGTERM: stopping"),
-            _ = sigint.recv() => info!("SIGINT: stopping"),
-        }
+        let name = tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        };
+        // Cancelled before anything else: nothing this task does after
+        // may keep the process from stopping.
         s.cancel();
+        if let Some(grace) = grace {
+            exit_after(grace, name);
+        }
+        info!("{name}: stopping");
         // A second Ctrl-C: exit at once (a second SIGTERM changes nothing).
         // An attach's acknowledged writes are in its local log, which the
         // next attach from the folder sends.
         sigint.recv().await;
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "second Ctrl-C: exiting at once (writes not yet on the peers stay in the local log; the next attach from this folder sends them)"
         );
         std::process::exit(130);
     });
     Ok(stop)
+}
+
+/// Exits the process with status 1 if it is still running `grace` from now.
+fn exit_after(grace: Duration, signal: &'static str) {
+    let watch = std::thread::Builder::new().name("stop-watch".into()).spawn(move || {
+        std::thread::sleep(grace);
+        let _ = writeln!(
+            std::io::stderr(),
+            "meshdisk: still stopping {} s after {signal}: exiting without waiting further",
+            grace.as_secs()
+        );
+        std::process::exit(1);
+    });
+    if let Err(e) = watch {
+        tracing::warn!("cannot bound the shutdown ({e}): stopping without a deadline");
+    }
 }

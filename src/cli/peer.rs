@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cli::{CliError, stop_on_signals};
+use crate::cli::{CliError, STOP_GRACE, stop_on_signals};
 use crate::peer::PeerConfig;
 use crate::size::{parse_duration, parse_size};
 
@@ -58,6 +58,6 @@ pub async fn run(args: PeerArgs) -> Result<(), CliError> {
         advertise: args.advertise,
         heartbeat: args.heartbeat,
     };
-    let stop = stop_on_signals()?;
+    let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::peer::run(config, stop).await?)
 }

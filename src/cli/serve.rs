@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -62,7 +63,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
             return Err(CliError::Argument("--memory must be larger than 0".into()));
         }
         let backend = Arc::new(MemoryBackend::new(size));
-        serve_nbd(backend, &listen, format!("memory ({})", human(size)), stop_on_signals()?).await
+        serve_nbd(backend, &listen, format!("memory ({})", human(size)), stop_on_signals(None)?, None).await
     } else {
         let path = args.file.expect("clap requires --file without --memory");
         let ring = Uring::new(256).map_err(CliError::io("setting up io_uring"))?;
@@ -70,7 +71,7 @@ pub async fn run(args: ServeArgs) -> Result<(), CliError> {
         let backend = FileBackend::open(&ring, &path, args.size, args.read_only)
             .map_err(CliError::io("serving a file"))?;
         let what = format!("file {} ({})", path.display(), human(backend.size()));
-        serve_nbd(Arc::new(backend), &listen, what, stop_on_signals()?).await
+        serve_nbd(Arc::new(backend), &listen, what, stop_on_signals(None)?, None).await
     }
 }
 
@@ -85,13 +86,16 @@ pub struct Listen {
 }
 
 /// Serves `backend` (described as `what` in the log) until `stop`, then
-/// finishes the requests in flight and flushes. The URIs clients use are
-/// printed on stdout, one a line, once listening.
+/// finishes the requests in flight and flushes, all within `limit` if
+/// given (a volume's flush waits on peers that may be gone; a file's does
+/// not). The URIs clients use are printed on stdout, one a line, once
+/// listening.
 pub async fn serve_nbd<B: Backend>(
     backend: Arc<B>,
     args: &Listen,
     what: String,
     stop: CancellationToken,
+    limit: Option<Duration>,
 ) -> Result<(), CliError> {
     let config = ServerConfig {
         export_name: args.export.clone(),
@@ -133,7 +137,10 @@ pub async fn serve_nbd<B: Backend>(
 
     stop.cancelled().await;
     info!("finishing in-flight requests");
-    let flushed = server.shutdown().await;
+    let flushed = match limit {
+        Some(limit) => server.shutdown_within(limit).await,
+        None => server.shutdown().await,
+    };
     while listeners.join_next().await.is_some() {}
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);

@@ -246,7 +246,9 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     heal::collector::start(&dir, peers);
     rpc::serve(ep, dir.clone(), stop).await;
     dir.halt.cancel();
-    dir.workers.join().await;
+    // Bounded: a collector pass may be waiting on peers that are gone
+    // (its queue is in the store; the next start takes it up).
+    dir.workers.join_within(crate::sys::worker::STOP_WAIT).await;
     Ok(())
 }
 

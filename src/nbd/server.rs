@@ -229,12 +229,37 @@ impl<B: Backend> Server<B> {
     /// Stops accepting, lets every connection finish the requests it has
     /// read (up to [`DRAIN_TIMEOUT`]), then flushes the backend.
     pub async fn shutdown(&self) -> backend::Result<()> {
+        self.drain(DRAIN_TIMEOUT).await;
+        self.inner.backend.flush().await
+    }
+
+    /// As [`shutdown`](Self::shutdown), all of it within `limit`: the drain
+    /// gets at most `limit` (and [`DRAIN_TIMEOUT`]), the flush what is left.
+    /// For a backend whose flush waits on the network, which may be gone.
+    pub async fn shutdown_within(&self, limit: Duration) -> backend::Result<()> {
+        let start = tokio::time::Instant::now();
+        self.drain(DRAIN_TIMEOUT.min(limit)).await;
+        let left = limit.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, self.inner.backend.flush()).await {
+            Ok(flushed) => flushed,
+            Err(_) => Err(backend::Error::failed(
+                backend::ErrorKind::Unavailable,
+                "flush",
+                0,
+                0,
+                format!("did not finish within {} s of the shutdown", limit.as_secs()),
+            )),
+        }
+    }
+
+    /// Stops accepting and waits up to `limit` for the connections to
+    /// finish the requests they have read.
+    async fn drain(&self, limit: Duration) {
         self.inner.stop.cancel();
         self.inner.tasks.close();
-        if tokio::time::timeout(DRAIN_TIMEOUT, self.inner.tasks.wait()).await.is_err() {
-            warn!("connections still busy after {DRAIN_TIMEOUT:?}; flushing anyway");
+        if tokio::time::timeout(limit, self.inner.tasks.wait()).await.is_err() {
+            warn!("connections still busy after {limit:?}; flushing anyway");
         }
-        self.inner.backend.flush().await
     }
 }
 

@@ -300,7 +300,8 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
         Ok(e) = refusal => Err(PeerError::Refused { directory: cred.directory.clone(), source: e }),
     };
     stop.cancel();
-    workers.join().await;
+    // Bounded: a heartbeat may be waiting on a directory that is gone.
+    workers.join_within(crate::sys::worker::STOP_WAIT).await;
     let _ = server.await;
     result
 }

@@ -50,6 +50,11 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// How long a stopping process waits for its workers to finish their
+/// step before it abandons them: a step that waits on a peer or the
+/// directory that is gone ends only at its call's timeout.
+pub const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// What a worker says after a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -206,6 +211,22 @@ impl Runner {
         self.tasks.close();
         self.tasks.wait().await;
         self.tasks.reopen();
+    }
+
+    /// Waits up to `limit` for every worker to finish (after the stop
+    /// signal: a step in progress runs to its end unless it watches
+    /// `stop`); returns the workers still running, which a stopping
+    /// process abandons, and logs them.
+    pub async fn join_within(&self, limit: Duration) -> Vec<WorkerInfo> {
+        self.tasks.close();
+        let _ = tokio::time::timeout(limit, self.tasks.wait()).await;
+        self.tasks.reopen();
+        let left: Vec<WorkerInfo> = self.list().into_iter().filter(|w| w.state != "done").collect();
+        if !left.is_empty() {
+            let names: Vec<String> = left.iter().map(|w| format!("{} ({})", w.name, w.state)).collect();
+            tracing::warn!("stopping without waiting for {} after {limit:?}", names.join(", "));
+        }
+        left
     }
 }
 
@@ -391,6 +412,46 @@ mod tests {
         stop.cancel();
         tokio::time::timeout(Duration::from_millis(1), runner.join()).await.expect("stops at once");
         assert_eq!(runner.list()[0].state, "done");
+    }
+
+    /// A step that never ends and does not watch `stop`.
+    struct Stuck;
+
+    impl Worker for Stuck {
+        type Error = std::convert::Infallible;
+        fn name(&self) -> String {
+            "stuck".into()
+        }
+        async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Self::Error> {
+            std::future::pending().await
+        }
+        async fn wait_for_work(&mut self) -> State {
+            State::Busy
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_runner_abandons_a_step_that_outlasts_its_limit_and_names_it() {
+        let stop = CancellationToken::new();
+        let runner = Runner::new(stop.clone());
+        let (w, _, _) = scripted(0, 0, Duration::from_millis(1));
+        runner.spawn(w);
+        runner.spawn(Stuck);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        stop.cancel();
+        let start = tokio::time::Instant::now();
+        let left = runner.join_within(STOP_WAIT).await;
+        assert_eq!(start.elapsed(), STOP_WAIT);
+        let names: Vec<(&str, &str)> = left.iter().map(|w| (w.name.as_str(), w.state.as_str())).collect();
+        assert_eq!(names, [("stuck", "busy")]);
+        // Nothing left: at once.
+        let stop = CancellationToken::new();
+        let runner = Runner::new(stop.clone());
+        runner.spawn(scripted(0, 0, Duration::from_millis(1)).0);
+        stop.cancel();
+        let start = tokio::time::Instant::now();
+        assert!(runner.join_within(STOP_WAIT).await.is_empty());
+        assert!(start.elapsed() < Duration::from_millis(1));
     }
 
     /// Ticks every second, first one second after start.

@@ -12,7 +12,7 @@ use meshdisk::api::{ClusterStatus, PeerState};
 use meshdisk::client::Client;
 use meshdisk::membership::credential::Credential;
 
-use super::meshdisk_bin;
+use super::{meshdisk_bin, spawn_tied};
 
 /// A process whose stdout and stderr are collected as they come.
 pub struct Proc {
@@ -22,14 +22,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` (taken: it is left empty), tied to this test process
+    /// by [`spawn_tied`]: a killed test leaves no process behind.
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
+        cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("MESHDISK_LOG", std::env::var("MESHDISK_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()))
-            .env("NO_COLOR", "1")
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+            .env("NO_COLOR", "1");
+        let what = format!("{cmd:?}");
+        let taken = std::mem::replace(cmd, Command::new("/nonexistent/spawned-already"));
+        let mut child = spawn_tied(taken).unwrap_or_else(|e| panic!("spawning {what}: {e}"));
         let out = Arc::new(Mutex::new(String::new()));
         // MESHDISK_TEST_LOGS=DIR also appends each process's lines to
         // DIR/NAME.log as they come: what a hung test's processes said.

@@ -18,13 +18,9 @@ impl Fuse {
         std::fs::create_dir_all(dir).unwrap();
         let pidfile = dir.with_extension("pid");
         let _ = std::fs::remove_file(&pidfile);
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(dir.join("disk"))
-            .arg(uri)
-            .spawn()
-            .expect("spawn nbdfuse");
+        let mut cmd = Command::new("nbdfuse");
+        cmd.arg("-P").arg(&pidfile).arg(dir.join("disk")).arg(uri);
+        let child = super::spawn_tied(cmd).expect("spawn nbdfuse");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !pidfile.exists() {
             assert!(Instant::now() < deadline, "nbdfuse did not become ready");

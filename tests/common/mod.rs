@@ -84,6 +84,52 @@ pub fn nbdsh(uri: &str, script: &str) -> String {
     stdout_of(Command::new("nbdsh").env("PATH", system_path()).arg("-c").arg(format!("{prelude}{script}")))
 }
 
+/// Starts `cmd` so that its process dies with this test process, even
+/// when the test process is SIGKILLed (a nextest timeout): the child gets
+/// `PR_SET_PDEATHSIG` = SIGKILL. The kernel sends that signal when the
+/// *thread* that forked the child exits, not the process, and tests spawn
+/// from threads that end (the test's own under `cargo test`, a tokio
+/// blocking thread): so every child is forked by one spawner thread that
+/// lives as long as the process (its channel's sender is in a static and
+/// never dropped).
+pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::{Mutex, OnceLock};
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("test-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("starting the spawner thread");
+        Mutex::new(tx)
+    });
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl, getppid and _exit in the forked child before exec are
+    // async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died between the fork and the prctl: no signal
+            // will come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    spawner.lock().unwrap().send((cmd, tx)).expect("the spawner thread is running");
+    rx.recv().expect("the spawner thread answers")
+}
+
 /// A running `meshdisk serve`, stopped with SIGTERM on drop.
 pub struct Served {
     pub child: Option<Child>,
@@ -107,14 +153,13 @@ impl Served {
 
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let socket = dir.path().join("nbd.sock");
-        let mut child = Command::new(meshdisk_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--socket"])
+        let mut cmd = Command::new(meshdisk_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--socket"])
             .arg(&socket)
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn meshdisk serve");
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(cmd).expect("spawn meshdisk serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

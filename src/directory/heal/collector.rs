@@ -120,9 +120,14 @@ impl<S: MetaStore, E: Eraser> Worker for Collector<S, E> {
         Status { queue: Some(self.queued), progress: None }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Remote> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<State, Remote> {
         if self.waited {
-            self.queued = self.dir.collect_once(&self.eraser).await?;
+            // A pass cut short by the stop is safe: an entry leaves its
+            // queue only once its erasure is complete.
+            self.queued = tokio::select! {
+                left = self.dir.collect_once(&self.eraser) => left?,
+                () = stop.cancelled() => return Ok(State::Done),
+            };
         }
         Ok(State::Idle)
     }

@@ -275,8 +275,9 @@ impl Volume {
         }
     }
 
-    /// Flushes within `deadline`, then stops the workers and releases the
-    /// lease. If the flush does not finish, the lease and the log are kept
+    /// Flushes within `deadline`, then stops the workers (waiting at most
+    /// [`STOP_WAIT`](crate::sys::worker::STOP_WAIT) for them) and releases
+    /// the lease (one directory call, within its timeout). If the flush does not finish, the lease and the log are kept
     /// (the next attach from this folder sends the writes) and the error
     /// says how many writes are only local.
     pub async fn close(self, deadline: Duration) -> Result<(), VolumeError> {
@@ -284,7 +285,9 @@ impl Volume {
         let flushed = tokio::time::timeout(deadline, inner.flush_remote()).await;
         inner.stop.cancel();
         inner.wake.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(10), inner.workers.join()).await;
+        // Bounded: a commit in flight may wait on peers that are gone; the
+        // log keeps what it was sending.
+        inner.workers.join_within(crate::sys::worker::STOP_WAIT).await;
         let left = inner.local.lock().expect("local").queued();
         let why = match flushed {
             Ok(Ok(())) if left == 0 => None,
