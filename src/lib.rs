@@ -8,8 +8,8 @@
 //!   │ NBD (fixed newstyle, structured replies, base:allocation, multi-conn, FUA)
 //!   ▼
 //! nbd ──► backend::Backend ──► memory | file (meshdisk serve)
-//!                          └──► volume (meshdisk attach): log, cache, destage, lease
-//!                                 │ codec: AES-256-XTS ─► Reed-Solomon ─► blake3 ─► shards
+//!                          └──► volume (meshdisk attach): log, block cache, commits, lease
+//!                                 │ codec: AES-256-XTS ─► Reed-Solomon ─► blake3 trees ─► segment shards
 //!                                 ▼
 //!                               client ──► api (messages) ──► transport (QUIC, mutual TLS)
 //!                                 │                                   │

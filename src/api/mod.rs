@@ -338,7 +338,7 @@ impl SegmentRecord {
     }
 }
 
-/// A peer by its small id (second design: segment records name peers by
+/// A peer by its small id (segment records name peers by
 /// it) and where to reach it now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerSlot {
@@ -374,7 +374,7 @@ pub const MAX_COMMIT_OPS: usize = 128;
 /// `SegmentRecords` call returns.
 pub const MAX_SEGMENTS_PER_CALL: usize = 1024;
 
-/// One compare-and-set of a volume's root (second design): the new root
+/// One compare-and-set of a volume's root: the new root
 /// replaces `expected`, with the writer's lease at `epoch`, and the
 /// segment records go in and out with it, all in one transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -477,7 +477,7 @@ pub enum DirRequest {
         volume: String,
         epoch: u64,
     },
-    /// Second design: where `count` new segments go, k + m distinct peers
+    /// Where `count` new segments go, k + m distinct peers
     /// each that are up, have `shard_bytes` free and are not in `exclude`
     /// (peer ids). Nothing is reserved or written; the writer must hold
     /// the lease at `epoch`.

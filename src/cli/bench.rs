@@ -24,10 +24,10 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct BenchCodecArgs {
-    /// Data shards per stripe.
+    /// Data shards per segment.
     #[arg(long, default_value_t = 4)]
     k: usize,
-    /// Parity shards per stripe.
+    /// Parity shards per segment.
     #[arg(long, default_value_t = 2)]
     m: usize,
     /// Bytes per shard (a multiple of 4 KiB).

@@ -220,7 +220,9 @@ impl Client {
         }
     }
 
-    /// Another peer for shard `index` of a reservation (long-tail cancellation).
+    /// Where `count` new segments of `shard_bytes` per shard go
+    /// (`PlaceSegments`): peers in shard order, none of `exclude`. Nothing
+    /// is reserved.
     pub async fn place_segments(
         &self,
         volume: &str,

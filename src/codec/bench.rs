@@ -6,8 +6,8 @@
 //! shards of `shard_size`, m parity) for a fixed time after one warm-up
 //! round; throughput is bytes of the segment's data area per second (for
 //! `hash`, bytes hashed; for `erasure encode`, data bytes in). The
-//! pipelines are the volume's: a write encrypts its blocks, destage erasure
-//! codes and hashes them into a segment (`encode pipeline`); a read checks
+//! pipelines are the volume's: a write encrypts its blocks, a commit
+//! erasure-codes and hashes them into a segment (`encode pipeline`); a read checks
 //! data shards against their roots and decrypts (`read pipeline`); a
 //! degraded read rebuilds min(k, m) missing data shards from parity first
 //! (`degraded read`).

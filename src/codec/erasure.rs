@@ -11,20 +11,20 @@
 //!   data shards are present. It rebuilds only the data shards that are
 //!   missing, and hands each rebuilt shard to the caller in place (no copy).
 //! - Encoder and decoder allocate work buffers and tables; an [`Erasure`]
-//!   keeps both and resets them for every stripe. Make one per thread.
+//!   keeps both and resets them for every segment. Make one per thread.
 
 use reed_solomon_simd::{ReedSolomonDecoder, ReedSolomonEncoder};
 
-/// Most data shards in a stripe.
+/// Most data shards in a segment.
 pub const MAX_DATA_SHARDS: usize = 64;
-/// Most parity shards in a stripe.
+/// Most parity shards in a segment.
 pub const MAX_PARITY_SHARDS: usize = 32;
 /// Shard sizes are multiples of this many bytes (the SIMD kernels' unit).
 pub const SHARD_ALIGN: usize = 64;
 /// Largest shard: 16 MiB.
 pub const MAX_SHARD_SIZE: usize = 16 << 20;
 
-/// A stripe's shape: k data shards and m parity shards of `shard_size`
+/// A segment's shape: k data shards and m parity shards of `shard_size`
 /// bytes each. Valid by construction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Geometry {
@@ -59,17 +59,17 @@ impl Geometry {
         Ok(Self { k: k as u8, m: m as u8, shard_size: shard_size as u32 })
     }
 
-    /// Data shards per stripe.
+    /// Data shards per segment.
     pub fn k(&self) -> usize {
         usize::from(self.k)
     }
 
-    /// Parity shards per stripe.
+    /// Parity shards per segment.
     pub fn m(&self) -> usize {
         usize::from(self.m)
     }
 
-    /// All shards per stripe, k + m.
+    /// All shards per segment, k + m.
     pub fn shards(&self) -> usize {
         self.k() + self.m()
     }
@@ -78,7 +78,7 @@ impl Geometry {
         self.shard_size as usize
     }
 
-    /// Plaintext bytes per stripe, k × shard size.
+    /// Data bytes per segment, k × shard size.
     pub fn stripe_size(&self) -> usize {
         self.k() * self.shard_size()
     }
@@ -96,7 +96,7 @@ pub enum ErasureError {
     Codec(#[from] reed_solomon_simd::Error),
 }
 
-/// Encoder and decoder state for one geometry, reused stripe after stripe.
+/// Encoder and decoder state for one geometry, reused segment after segment.
 pub struct Erasure {
     geometry: Geometry,
     encoder: Option<ReedSolomonEncoder>,
@@ -128,7 +128,7 @@ impl Erasure {
     }
 
     /// Computes bytes `range` of every parity shard from the same bytes of
-    /// the data shards (Reed-Solomon works column by column, so a stripe
+    /// the data shards (Reed-Solomon works column by column, so a segment
     /// can be encoded in slices that stay in the CPU's caches). `range`
     /// must start and end on multiples of [`SHARD_ALIGN`].
     pub fn encode_range<D: AsRef<[u8]>, P: AsMut<[u8]>>(

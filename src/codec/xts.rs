@@ -1,4 +1,4 @@
-//! AES-256-XTS over 4 KiB sectors, with the stripe generation in the tweak.
+//! AES-256-XTS over 4 KiB blocks, with the write's sequence in the tweak.
 //!
 //! XTS (IEEE 1619, NIST SP 800-38E) encrypts each 16-byte block `j` of a
 //! data unit as `C = E_K1(P ⊕ T_j) ⊕ T_j`, where `T_0 = E_K2(tweak)` and
@@ -6,15 +6,18 @@
 //! blocks, so ciphertext stealing never happens) and the 128-bit tweak is
 //!
 //! ```text
-//! bytes 0..8   sector number      (little-endian u64)
-//! bytes 8..16  stripe generation  (little-endian u64)
+//! bytes 0..8   unit number  (little-endian u64)
+//! bytes 8..16  version      (little-endian u64)
 //! ```
 //!
-//! With generation 0 this is exactly the standard tweak (the data unit
-//! sequence number as a little-endian 128-bit integer), which is what the
-//! IEEE 1619 known-answer tests below check. Because every destage writes a
-//! new generation, rewriting a sector never reuses a tweak: a peer that keeps
-//! an old generation cannot compare it with the new one block by block.
+//! The volume (`volume::v2`) gives a data block its address and the
+//! sequence of the write that made it, and a segment's metadata block
+//! `(1 << 63) | slot` and the segment id (docs/formats.md, "the XTS
+//! tweak"). A sequence is never reused, so rewriting a block never reuses a
+//! tweak: a peer that keeps an old segment cannot compare it with the new
+//! one block by block. With version 0 this is exactly the standard tweak
+//! (the data unit sequence number as a little-endian 128-bit integer),
+//! which is what the IEEE 1619 known-answer tests below check.
 //!
 //! Speed: the `xts-mode` crate encrypts one 16-byte block per cipher call,
 //! which keeps the AES unit idle between blocks (about 1 GiB/s here). This
@@ -41,7 +44,9 @@ const TWEAK_BATCH: usize = 64;
 /// cipher's per-call set-up is paid once, and the data stays in L1/L2).
 const AES_GROUP: usize = 4;
 
-/// The 128-bit XTS tweak of a sector in a stripe generation.
+/// The 128-bit XTS tweak of data unit `sector` at `generation` (the
+/// volume passes a block address and a sequence, or a metadata slot and a
+/// segment id).
 pub fn tweak(sector: u64, generation: u64) -> u128 {
     u128::from(sector) | (u128::from(generation) << 64)
 }

@@ -140,8 +140,7 @@ pub struct Directory<S: MetaStore> {
     clock: Clock,
     /// Placement's random numbers (xorshift; never 0).
     seed: std::sync::Mutex<u64>,
-    /// Wakes the garbage collector (a volume was deleted, a generation
-    /// superseded or dropped).
+    /// Wakes the garbage collector (a volume was deleted).
     gc: tokio::sync::Notify,
     /// Root commits waiting to go to the store together.
     commits: roots::CommitQueue,

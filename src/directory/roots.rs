@@ -1,4 +1,4 @@
-//! The second design's records: each volume's root, swapped by
+//! The volumes' records: each volume's root, swapped by
 //! compare-and-set; its live segments' records; where new segments go; and
 //! the grouping that makes many commits one durable write.
 //!

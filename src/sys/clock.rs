@@ -1,7 +1,7 @@
 //! Time as the cluster records it, and a clock that tests can move.
 //!
 //! Everything that compares times across a restart (peers' last reports,
-//! lease and reservation expiries, token expiries) counts wall-clock
+//! lease expiries, token expiries) counts wall-clock
 //! milliseconds since the Unix epoch. A service that takes a [`Clock`]
 //! instead of calling [`now_ms`] can be tested in one process with a
 //! [`ManualClock`]: a test moves time forward and watches leases lapse and

@@ -1,5 +1,5 @@
-//! The one io_uring driver of the process. The file backend uses it now; the
-//! write-ahead log, the local cache and the peer's shard store share it.
+//! The one io_uring driver of the process. The file backend, the volume's
+//! local log and block cache, and the peer's shard store share it.
 //!
 //! One thread owns the ring. Callers on any thread (tokio tasks or plain
 //! threads) send it operations over a channel and await a oneshot reply.

@@ -1,7 +1,7 @@
 //! Background work, one shape for all of it (after Garage's
-//! `util/background/worker.rs`): the directory's collector, the volume's
-//! destager and lease renewal, a peer's heartbeats, and next repair, scrub
-//! and migration.
+//! `util/background/worker.rs`): the directory's collector, an attached
+//! volume's committer and lease keeper, a peer's heartbeats, and next
+//! repair, scrub and migration.
 //!
 //! A [`Worker`] says what it is ([`Worker::name`], [`Worker::status`]), does
 //! one bounded piece of work per [`Worker::work`] call and reports whether
@@ -80,7 +80,7 @@ pub trait Worker: Send + 'static {
     /// What a failed step returns; the runner logs it, counts it and backs off.
     type Error: std::fmt::Display + Send;
 
-    /// A short stable name, e.g. `collector` or `destage demo`.
+    /// A short stable name, e.g. `collector` or `commit demo`.
     fn name(&self) -> String;
 
     /// Queue length and progress, for status.

@@ -1,4 +1,4 @@
-//! Attaching and detaching a volume of the second design.
+//! Attaching and detaching a volume.
 //!
 //! ```text
 //! attach  key checked ─► the folder locked (the local log's flock)
@@ -53,7 +53,7 @@ use crate::volume::lease;
 /// The freshness note's file name in the state folder.
 const FRESHNESS: &str = "freshness";
 
-/// Why a volume of the second design could not be attached.
+/// Why a volume could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
     #[error(transparent)]

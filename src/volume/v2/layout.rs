@@ -1,4 +1,4 @@
-//! What a segment's data area holds, slot by slot, and how a destage packs
+//! What a segment's data area holds, slot by slot, and how a commit packs
 //! it.
 //!
 //! ```text
@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The data slots hold blocks exactly as the writer encrypted them (the
-//! tweak is the block's address and sequence, not its place), so destage
+//! tweak is the block's address and sequence, not its place), so a commit
 //! moves ciphertext and compaction can too. Every block after them is a
 //! metadata block, encrypted with the tweak ((1 << 63) | slot, segment id),
 //! which no data block can have (addresses stay below 2^63). The last slot
@@ -141,7 +141,7 @@ pub struct PackedBlock<'a> {
     pub data: &'a [u8],
 }
 
-/// Gathers a destage's blocks and zero ranges into one segment, counting
+/// Gathers a commit's blocks and zero ranges into one segment, counting
 /// as it goes whether the next one still fits in `max_blocks_per_shard`.
 #[derive(Debug)]
 pub struct Packer {

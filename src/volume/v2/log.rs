@@ -1,9 +1,9 @@
 //! The local log: the attaching machine's write-back buffer.
 //!
 //! Every block write lands here first, as the CIPHERTEXT the engine made
-//! (XTS, tweak = (address, sequence)); destage reads it back to build
-//! segments, and reads of dirty or recently destaged blocks are served from
-//! it. The log never encrypts: it authenticates. Every record carries keyed
+//! (XTS, tweak = (address, sequence)); a commit reads it back to build
+//! segments, and reads of uncommitted or recently committed blocks are
+//! served from it. The log never encrypts: it authenticates. Every record carries keyed
 //! blake3 tags (a [`LogKey`] derived from the volume key) bound to the
 //! volume id and the record's position, so a record cannot be forged, moved
 //! or taken from another volume's log; tags are checked at replay and on
@@ -1236,7 +1236,7 @@ impl LocalLog {
     }
 
     /// Reads the whole record at `pos`, checked: its head and, for a Write,
-    /// its ciphertext (blocks back to back). What destage uses.
+    /// its ciphertext (blocks back to back). What a commit uses.
     pub async fn read_record(&self, pos: LogPos) -> Result<(RecordHead, Vec<u8>), LogError> {
         let file = self.file(pos)?;
         let ring = &self.inner.ring;

@@ -1,9 +1,9 @@
-//! The volume's second design: its pure core (sequences, the block map,
-//! segment summaries and the root record, no I/O) and its local side (the
-//! [`log`](log::LocalLog), the write-back buffer, and the
-//! [`block cache`](blocks::BlockCache) of clean blocks, both holding the
-//! segments' ciphertext on the attaching machine). Nothing is wired into
-//! `attach` yet; the current volume is unchanged.
+//! The volume (issue 12's design, the one `attach` and `demo` serve): its
+//! pure core (sequences, the block map, segment summaries and the root
+//! record, no I/O), its local side (the [`log`](log::LocalLog), the
+//! write-back buffer, and the [`block cache`](blocks::BlockCache) of clean
+//! blocks, both holding the segments' ciphertext on the attaching machine),
+//! and the wiring that serves NBD from them and commits to the cluster.
 //!
 //! **Writes are versioned, not placed.** Every block write (and every TRIM
 //! or WRITE_ZEROES) gets a [`Sequence`](crate::codec::sequence::Sequence): the writer's
@@ -13,8 +13,8 @@
 //! a block moved between segments (compaction, repair) keeps its sequence
 //! and its ciphertext.
 //!
-//! **The map keeps the highest sequence of every block.** Destage packs
-//! dirty blocks of any addresses into an immutable segment and writes its
+//! **The map keeps the highest sequence of every block.** A commit packs
+//! uncommitted blocks of any addresses into an immutable segment and writes its
 //! [`Summary`](summary::Summary): which address each slot holds, with which
 //! sequence, and the trims committed with it. The [`BlockMap`](map::BlockMap)
 //! is the result of applying summaries (and, on the attaching machine, the

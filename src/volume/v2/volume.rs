@@ -1,4 +1,4 @@
-//! The volume of the second design, as `attach` serves it.
+//! The volume, as `attach` and `demo` serve it.
 //!
 //! ```text
 //! write ─► sequence (epoch.counter) ─► encrypt, tweak (address, sequence)
@@ -39,7 +39,7 @@ use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
 use crate::codec::xts::SectorCipher;
 use crate::sys::worker::{Runner, WorkerInfo};
 
-/// Tuning of an attached volume (second design).
+/// Tuning of an attached volume.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Where the local log, the block cache, the lease note and the
