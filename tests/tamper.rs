@@ -498,6 +498,78 @@ fn a_forged_summary_or_checkpoint_segment_is_refused() {
     s.detach("b", c);
 }
 
+/// Every commit's last segment carries a copy of the commit's root
+/// (sealed under a key of its own), from which, with the previous root's
+/// segments since and the carrier's own root, the root is rebuilt: what a
+/// directory rebuilt from the peers would start from. Read from the peers
+/// as they store it, commit after commit, through a checkpoint.
+#[test]
+fn every_commit_carries_a_copy_of_its_root_in_its_last_segment() {
+    use meshdisk::api::PeerAddr;
+    use meshdisk::backend::Backend;
+    use meshdisk::codec::root::{RootCopy, SegmentRef};
+    use meshdisk::codec::segment::{SegmentShardKey, parse_segment_shard};
+    use meshdisk::codec::xts::SectorCipher;
+    use meshdisk::volume::v2::layout::{Trailer, open_metadata};
+    use meshdisk::volume::v2::{Config, Volume};
+
+    let s = Setup::new();
+    let key = s.data_key();
+    let (volume, root_key, cipher) = (s.volume_id(), RootKey::derive(&key), SectorCipher::new(&key));
+    let mut config = Config::new(s.folder("writer"), 1 << 20);
+    config.checkpoint_segments = 2;
+    let mut checkpoints = 0;
+    s.rt.block_on(async {
+        let client = s.c.client();
+        let v = Volume::open(s.c.client(), VOLUME, &key, config).await.unwrap();
+        let (mut previous, mut previous_commit): (Vec<SegmentRef>, u64) = (Vec::new(), 0);
+        for i in 0..5u64 {
+            // A commit of one block, or of several segments' worth.
+            let len = if i == 3 { 1 << 20 } else { 4096 };
+            v.write(i * 4096, bytes::Bytes::from(pattern(200 + i, len)), false).await.unwrap();
+            v.flush().await.unwrap();
+            let state = client.root(VOLUME).await.unwrap().unwrap();
+            let root = RootRecord::open(&state.sealed, &root_key, &volume).unwrap();
+            // The carrier: the root's last segment, read from its holders.
+            let carrier = *root.since.last().unwrap();
+            let record = client.segment_records(VOLUME, vec![carrier.id]).await.unwrap()[0].clone().unwrap();
+            let slots = client.peer_slots(record.peers.clone()).await.unwrap();
+            let mut area = Vec::new();
+            let mut geometry = None;
+            for (index, slot) in slots.iter().enumerate().take(4) {
+                let addr: &PeerAddr = &slot.as_ref().unwrap().addr;
+                let shard_key = SegmentShardKey { volume, segment: carrier.id, index: index as u8 };
+                let shard = client.get_shard(addr, shard_key, &carrier.root).await.unwrap();
+                let (header, payload) = parse_segment_shard(&shard).unwrap();
+                geometry = Some(header.geometry);
+                area.extend_from_slice(payload);
+            }
+            let g = geometry.unwrap();
+            let last = (g.data_blocks() - 1) as u32;
+            let mut t = area[last as usize * 4096..].to_vec();
+            open_metadata(&cipher, carrier.id, last, &mut t);
+            let trailer = Trailer::decode(&t, carrier.id, g).unwrap();
+            let copy =
+                RootCopy::open(trailer.root_copy(&t).expect("a root copy"), &root_key, &volume).unwrap();
+            let wrote_checkpoint = root.checkpoint.is_some_and(|c| c.segment.id == carrier.id);
+            checkpoints += usize::from(wrote_checkpoint);
+            // The root before it, if this flush was one commit (the
+            // committer may also have run on its own).
+            let inherited = if wrote_checkpoint {
+                &[][..]
+            } else if root.commit == previous_commit + 1 {
+                &previous[..]
+            } else {
+                &root.since[..copy.inherited as usize]
+            };
+            assert_eq!(copy.root(inherited, carrier).unwrap(), root, "commit {i}");
+            (previous, previous_commit) = (root.since.clone(), root.commit);
+        }
+        v.close(Duration::from_secs(30)).await.unwrap();
+    });
+    assert!(checkpoints >= 1, "a commit that wrote a checkpoint was checked");
+}
+
 /// 4. Block 0 overwritten and committed; then the peer holding the new
 ///    segment's shard 0 serves the previous segment's shard 0 (which
 ///    holds the block's old version) under the new segment's name. The

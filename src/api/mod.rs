@@ -365,8 +365,10 @@ pub struct RootState {
     pub commit: u64,
 }
 
-/// Most new segment records one [`RootCommit`] may carry.
-pub const MAX_COMMIT_SEGMENTS: usize = 100;
+/// Most new segment records one [`RootCommit`] may carry. A commit's last
+/// segment carries a copy of its root naming the others (40 bytes each),
+/// which must fit the segment's trailer block with room to spare.
+pub const MAX_COMMIT_SEGMENTS: usize = 96;
 /// Most writes one [`RootCommit`] makes (the root, new records, dropped
 /// records): etcd's default limit of operations per transaction.
 pub const MAX_COMMIT_OPS: usize = 128;

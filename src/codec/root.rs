@@ -68,6 +68,16 @@ pub const MAX_SEGMENTS_SINCE: usize = 1024;
 /// Context of the root MAC key (blake3 `derive_key`); versioned, since
 /// changing it changes every MAC.
 const MAC_CONTEXT: &str = "meshdisk 2026-11 volume root record mac v1";
+/// Context of the root copies' MAC key: another key, so a copy (which
+/// lacks part of its root) can never pass for a root.
+const COPY_MAC_CONTEXT: &str = "meshdisk 2026-11 volume root copy mac v1";
+
+/// The first four bytes of an encoded root copy.
+pub const COPY_MAGIC: [u8; 4] = *b"MDRC";
+/// The root copy format version this code writes and reads.
+pub const COPY_VERSION: u16 = 1;
+/// Bytes of a root copy before its record.
+pub const COPY_HEADER_LEN: usize = 16;
 
 const FLAG_CHECKPOINT: u16 = 1;
 
@@ -108,15 +118,23 @@ pub struct RootRecord {
 
 /// The key of root MACs, derived from the volume key. Zeroized on drop;
 /// `Debug` prints nothing of it.
-pub struct RootKey(Zeroizing<[u8; 32]>);
+#[derive(Clone)]
+pub struct RootKey {
+    roots: Zeroizing<[u8; 32]>,
+    copies: Zeroizing<[u8; 32]>,
+}
 
 impl RootKey {
     pub fn derive(key: &VolumeKey) -> Self {
-        Self(key.derive_mac_key(MAC_CONTEXT))
+        Self { roots: key.derive_mac_key(MAC_CONTEXT), copies: key.derive_mac_key(COPY_MAC_CONTEXT) }
     }
 
     fn mac(&self, body: &[u8]) -> blake3::Hash {
-        blake3::keyed_hash(&self.0, body)
+        blake3::keyed_hash(&self.roots, body)
+    }
+
+    fn copy_mac(&self, body: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.copies, body)
     }
 }
 
@@ -260,88 +278,11 @@ impl UnverifiedRoot {
     /// Parses a root record, strictly; the bytes may be followed by zero
     /// padding to a whole 4 KiB block (its copy in a segment). Never panics.
     pub fn parse(bytes: &[u8]) -> Result<Self, RootError> {
-        let truncated = |need| RootError::Truncated { len: bytes.len(), need };
-        let mut r = Reader::new(bytes);
-        let fixed = truncated(FIXED_LEN + MAC_LEN);
-        let magic = r.array::<4>().ok_or(fixed.clone())?;
-        if magic != MAGIC {
-            return Err(RootError::Magic(magic));
+        let (record, body_len) = parse_body(bytes, MAC_LEN)?;
+        let rest = &bytes[body_len + MAC_LEN..];
+        if !is_block_padding(body_len + MAC_LEN, rest) {
+            return Err(RootError::Trailing(rest.len()));
         }
-        let version = r.u16().ok_or(fixed.clone())?;
-        if version != VERSION {
-            return Err(RootError::Version(version));
-        }
-        let (
-            Some(flags),
-            Some(volume_id),
-            Some(epoch),
-            Some(count),
-            Some(commit),
-            Some(seq),
-            Some(highest_segment),
-            Some(cp_id),
-            Some(cp_root),
-            Some(cp_slot),
-            Some(cp_blocks),
-        ) = (
-            r.u16(),
-            r.array::<VOLUME_ID_LEN>(),
-            r.u32(),
-            r.u32(),
-            r.u64(),
-            r.u64(),
-            r.u64(),
-            r.u64(),
-            r.array::<32>(),
-            r.u32(),
-            r.u32(),
-        )
-        else {
-            return Err(fixed);
-        };
-        if flags & !FLAG_CHECKPOINT != 0 {
-            return Err(RootError::Flags(flags));
-        }
-        if count as usize > MAX_SEGMENTS_SINCE {
-            return Err(RootError::TooManySegments(count as usize));
-        }
-        let body_len = FIXED_LEN + SEGMENT_REF_LEN * count as usize;
-        if bytes.len() < body_len + MAC_LEN {
-            return Err(truncated(body_len + MAC_LEN));
-        }
-        let checkpoint_ref = CheckpointRef {
-            segment: SegmentRef { id: SegmentId::from_raw(cp_id), root: SegmentRoot(cp_root) },
-            first_slot: cp_slot,
-            blocks: cp_blocks,
-        };
-        let checkpoint = if flags & FLAG_CHECKPOINT != 0 {
-            Some(checkpoint_ref)
-        } else if cp_id != 0 || cp_root != [0; 32] || cp_slot != 0 || cp_blocks != 0 {
-            return Err(RootError::Invalid("checkpoint fields set without the checkpoint flag"));
-        } else {
-            None
-        };
-        let mut since = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let (Some(id), Some(root)) = (r.u64(), r.array::<32>()) else {
-                return Err(truncated(body_len + MAC_LEN));
-            };
-            since.push(SegmentRef { id: SegmentId::from_raw(id), root: SegmentRoot(root) });
-        }
-        r.take(MAC_LEN).ok_or(truncated(body_len + MAC_LEN))?;
-        if !is_block_padding(r.position(), r.rest()) {
-            return Err(RootError::Trailing(r.rest().len()));
-        }
-        let record = RootRecord {
-            volume_id,
-            epoch: u64::from(epoch),
-            commit,
-            highest_sequence: Sequence::from_raw(seq),
-            highest_segment: SegmentId::from_raw(highest_segment),
-            checkpoint,
-            since,
-        };
-        record.validate()?;
         Ok(Self { record, body_len, bytes: bytes[..body_len + MAC_LEN].to_vec() })
     }
 
@@ -371,6 +312,209 @@ impl UnverifiedRoot {
             Err(RootError::Mac)
         }
     }
+}
+
+/// A copy of a commit's root, carried in the commit's last segment (in its
+/// trailer block), so that the roots can be rebuilt from the peers when
+/// the directory's are lost. A segment cannot hold its own root, so the
+/// copy lacks the carrier: its `since` holds the segments the commit wrote
+/// before the carrier, after `inherited` ones from the previous root, and
+/// a checkpoint in the carrier has a zero root ([`Self::root`] puts the
+/// carrier back). Sealed under a key of its own, so a copy never passes
+/// for a root. docs/formats.md draws it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootCopy {
+    /// The root, less the carrier.
+    pub partial: RootRecord,
+    /// How many segments of the root's `since` come first, from the
+    /// previous root (0 when the commit wrote a checkpoint).
+    pub inherited: u32,
+}
+
+impl RootCopy {
+    /// The copy of `root`, carried by `carrier` (the last segment of
+    /// `root`'s commit), which continued a root naming `inherited`
+    /// segments since its checkpoint.
+    pub fn of(root: &RootRecord, carrier: SegmentId, inherited: u32) -> Result<Self, RootError> {
+        let since =
+            root.since.get(inherited as usize..).ok_or(RootError::Invalid("inherits more than it names"))?;
+        let (last, own) = since.split_last().ok_or(RootError::Invalid("the carrier is not in the root"))?;
+        if last.id != carrier {
+            return Err(RootError::Invalid("the carrier is not the root's last segment"));
+        }
+        let mut partial = root.clone();
+        partial.since = own.to_vec();
+        if let Some(c) = &mut partial.checkpoint
+            && c.segment.id == carrier
+        {
+            c.segment.root = SegmentRoot::default();
+        }
+        Ok(Self { partial, inherited })
+    }
+
+    /// The copy's bytes with their MAC.
+    ///
+    /// # Panics
+    /// If the partial record is invalid: sealing a copy nobody can read
+    /// back is a bug.
+    pub fn seal(&self, key: &RootKey) -> Vec<u8> {
+        if let Err(e) = self.partial.validate() {
+            panic!("sealing an invalid root copy: {e}");
+        }
+        let mut b = Vec::with_capacity(
+            COPY_HEADER_LEN + FIXED_LEN + SEGMENT_REF_LEN * self.partial.since.len() + MAC_LEN,
+        );
+        b.extend_from_slice(&COPY_MAGIC);
+        b.extend_from_slice(&COPY_VERSION.to_le_bytes());
+        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&self.inherited.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        b.extend_from_slice(&self.partial.body());
+        let mac = key.copy_mac(&b);
+        b.extend_from_slice(mac.as_bytes());
+        b
+    }
+
+    /// Parses exactly `bytes` as a copy, checks its MAC under `key` and
+    /// that it is of volume `volume_id`. Never panics.
+    pub fn open(bytes: &[u8], key: &RootKey, volume_id: &[u8; VOLUME_ID_LEN]) -> Result<Self, RootError> {
+        let mut r = Reader::new(bytes);
+        let header = RootError::Truncated { len: bytes.len(), need: COPY_HEADER_LEN + FIXED_LEN + MAC_LEN };
+        let (Some(magic), Some(version), Some(reserved), Some(inherited), Some(reserved2)) =
+            (r.array::<4>(), r.u16(), r.u16(), r.u32(), r.u32())
+        else {
+            return Err(header);
+        };
+        if magic != COPY_MAGIC {
+            return Err(RootError::Invalid("not a root copy (magic)"));
+        }
+        if version != COPY_VERSION {
+            return Err(RootError::Version(version));
+        }
+        if reserved != 0 || reserved2 != 0 {
+            return Err(RootError::Invalid("root copy reserved bytes are not zero"));
+        }
+        let (partial, body_len) = parse_body(&bytes[COPY_HEADER_LEN..], MAC_LEN)?;
+        let end = COPY_HEADER_LEN + body_len;
+        if bytes.len() != end + MAC_LEN {
+            return Err(RootError::Trailing(bytes.len().saturating_sub(end + MAC_LEN)));
+        }
+        let expected: [u8; MAC_LEN] = bytes[end..].try_into().map_err(|_| RootError::Mac)?;
+        if key.copy_mac(&bytes[..end]) != blake3::Hash::from_bytes(expected) {
+            return Err(RootError::Mac);
+        }
+        if &partial.volume_id != volume_id {
+            return Err(RootError::WrongVolume {
+                expected: hex::encode(volume_id),
+                found: hex::encode(partial.volume_id),
+            });
+        }
+        Ok(Self { partial, inherited })
+    }
+
+    /// The root this copies: `previous_since` (the previous root's
+    /// segments since its checkpoint, when the commit did not write one),
+    /// then the copy's, then the carrier with the root its shards verify
+    /// against.
+    pub fn root(&self, previous_since: &[SegmentRef], carrier: SegmentRef) -> Result<RootRecord, RootError> {
+        if previous_since.len() != self.inherited as usize {
+            return Err(RootError::Invalid("the previous root does not name the segments the copy inherits"));
+        }
+        let mut root = self.partial.clone();
+        root.since = previous_since.iter().chain(&self.partial.since).copied().chain([carrier]).collect();
+        if let Some(c) = &mut root.checkpoint
+            && c.segment.id == carrier.id
+        {
+            c.segment.root = carrier.root;
+        }
+        root.validate()?;
+        Ok(root)
+    }
+}
+
+/// Parses a root record's body (without its MAC), strictly, from the start
+/// of `bytes`, which must have room for `after` more bytes behind it;
+/// returns the record and the body's length. Never panics.
+fn parse_body(bytes: &[u8], after: usize) -> Result<(RootRecord, usize), RootError> {
+    let truncated = |need| RootError::Truncated { len: bytes.len(), need };
+    let mut r = Reader::new(bytes);
+    let fixed = truncated(FIXED_LEN + after);
+    let magic = r.array::<4>().ok_or(fixed.clone())?;
+    if magic != MAGIC {
+        return Err(RootError::Magic(magic));
+    }
+    let version = r.u16().ok_or(fixed.clone())?;
+    if version != VERSION {
+        return Err(RootError::Version(version));
+    }
+    let (
+        Some(flags),
+        Some(volume_id),
+        Some(epoch),
+        Some(count),
+        Some(commit),
+        Some(seq),
+        Some(highest_segment),
+        Some(cp_id),
+        Some(cp_root),
+        Some(cp_slot),
+        Some(cp_blocks),
+    ) = (
+        r.u16(),
+        r.array::<VOLUME_ID_LEN>(),
+        r.u32(),
+        r.u32(),
+        r.u64(),
+        r.u64(),
+        r.u64(),
+        r.u64(),
+        r.array::<32>(),
+        r.u32(),
+        r.u32(),
+    )
+    else {
+        return Err(fixed);
+    };
+    if flags & !FLAG_CHECKPOINT != 0 {
+        return Err(RootError::Flags(flags));
+    }
+    if count as usize > MAX_SEGMENTS_SINCE {
+        return Err(RootError::TooManySegments(count as usize));
+    }
+    let body_len = FIXED_LEN + SEGMENT_REF_LEN * count as usize;
+    if bytes.len() < body_len + after {
+        return Err(truncated(body_len + after));
+    }
+    let checkpoint_ref = CheckpointRef {
+        segment: SegmentRef { id: SegmentId::from_raw(cp_id), root: SegmentRoot(cp_root) },
+        first_slot: cp_slot,
+        blocks: cp_blocks,
+    };
+    let checkpoint = if flags & FLAG_CHECKPOINT != 0 {
+        Some(checkpoint_ref)
+    } else if cp_id != 0 || cp_root != [0; 32] || cp_slot != 0 || cp_blocks != 0 {
+        return Err(RootError::Invalid("checkpoint fields set without the checkpoint flag"));
+    } else {
+        None
+    };
+    let mut since = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (Some(id), Some(root)) = (r.u64(), r.array::<32>()) else {
+            return Err(truncated(body_len + after));
+        };
+        since.push(SegmentRef { id: SegmentId::from_raw(id), root: SegmentRoot(root) });
+    }
+    let record = RootRecord {
+        volume_id,
+        epoch: u64::from(epoch),
+        commit,
+        highest_sequence: Sequence::from_raw(seq),
+        highest_segment: SegmentId::from_raw(highest_segment),
+        checkpoint,
+        since,
+    };
+    record.validate()?;
+    Ok((record, body_len))
 }
 
 /// The newest (epoch, commit) an attach folder has seen of a volume's

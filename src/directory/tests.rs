@@ -715,7 +715,7 @@ async fn a_root_commit_that_does_not_add_up_is_invalid_and_writes_nothing() {
     f.leased_volume(1).await;
     f.commit_root("client-1", root_commit(1, 1, None, vec![])).await.unwrap();
     let ok = || root_commit(1, 1, Some((1, 1)), vec![]);
-    let many = (1..=101).map(|n| (seg(1, n), record(&[1, 2], 0))).collect();
+    let many = (1..=MAX_COMMIT_SEGMENTS as u64 + 1).map(|n| (seg(1, n), record(&[1, 2], 0))).collect();
     let wide: Vec<u16> = (0..16).map(|i| 40_000 + i).collect();
     let twice = vec![(seg(1, 1), record(&[1], 0)), (seg(1, 1), record(&[2], 0))];
     let added_and_dropped =

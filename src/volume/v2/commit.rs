@@ -47,7 +47,9 @@ use super::layout::{PackedBlock, Packer};
 use super::local::{Current, Queued};
 use super::log::{Base, NewRecord};
 use super::remote::Holder;
-use super::root::{CheckpointRef, MAX_SEGMENTS_SINCE, RootRecord, SegmentRef};
+use super::root::{
+    CheckpointRef, MAX_SEGMENTS_SINCE, RootCopy, RootKey, RootRecord, SegmentRef, SegmentRoot,
+};
 use super::summary::Summary;
 use super::volume::Inner;
 use crate::api::{ErrorKind, MAX_COMMIT_SEGMENTS, RootCommit, SegmentRecord};
@@ -124,14 +126,30 @@ struct Encoder {
     blocks_per_shard: u32,
     volume_id: [u8; 16],
     cipher: SectorCipher,
+    /// The root the commit continues, its writer's epoch, and the key its
+    /// copy in the last segment is sealed with.
+    prev: RootRecord,
+    epoch: u64,
+    root_key: RootKey,
 }
 
 impl Encoder {
     /// Lays out, erasure-codes and hashes one segment; `metadata` (whole
     /// blocks, plaintext) goes after its data slots.
     fn seal(&self, p: Packer, id: SegmentId, metadata: &[u8]) -> Result<Sealed, String> {
+        self.seal_with(p, id, metadata, &[])
+    }
+
+    /// [`Self::seal`], the segment's trailer carrying `root_copy`.
+    fn seal_with(
+        &self,
+        p: Packer,
+        id: SegmentId,
+        metadata: &[u8],
+        root_copy: &[u8],
+    ) -> Result<Sealed, String> {
         let (geometry, area, summary) =
-            p.finish(id, self.m, metadata, &self.cipher).map_err(|e| e.to_string())?;
+            p.finish(id, self.m, metadata, root_copy, &self.cipher).map_err(|e| e.to_string())?;
         let encoded =
             SegmentCodec::new(geometry).encode(&self.volume_id, id, &area).map_err(|e| e.to_string())?;
         Ok(Sealed { id, geometry, encoded, summary })
@@ -139,6 +157,39 @@ impl Encoder {
 
     fn empty(&self) -> Packer {
         Packer::new(self.k, self.blocks_per_shard)
+    }
+
+    /// The copy of the commit's root that its last segment, `carrier`,
+    /// carries: the root less the carrier (see [`RootCopy`]). `before` are
+    /// the commit's other segments, `top` the highest sequence it packs,
+    /// `checkpoint` where the head of a checkpoint written into the
+    /// carrier lies (first slot, blocks).
+    fn root_copy(
+        &self,
+        carrier: SegmentId,
+        before: &[Sealed],
+        top: Option<Sequence>,
+        checkpoint: Option<(u32, u32)>,
+    ) -> Vec<u8> {
+        let prev = &self.prev;
+        let own = before.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root });
+        let (checkpoint, since, inherited) = match checkpoint {
+            Some((first_slot, blocks)) => {
+                let at = SegmentRef { id: carrier, root: SegmentRoot::default() };
+                (Some(CheckpointRef { segment: at, first_slot, blocks }), own.collect(), 0)
+            }
+            None => (prev.checkpoint, own.collect(), prev.since.len() as u32),
+        };
+        let partial = RootRecord {
+            volume_id: self.volume_id,
+            epoch: self.epoch,
+            commit: prev.commit + 1,
+            highest_sequence: top.map_or(prev.highest_sequence, |t| prev.highest_sequence.max(t)),
+            highest_segment: prev.highest_segment.max(carrier),
+            checkpoint,
+            since,
+        };
+        RootCopy { partial, inherited }.seal(&self.root_key)
     }
 
     /// The commit's segments in write order, `ids` taken in that order;
@@ -150,10 +201,16 @@ impl Encoder {
         checkpoint: Option<CheckpointPlan>,
         ids: Vec<SegmentId>,
     ) -> Result<(Vec<Sealed>, Option<Written>), String> {
+        let top = packers.iter().filter_map(Packer::highest_sequence).max();
         let mut ids = ids.into_iter();
         let mut next = move || ids.next().ok_or_else(|| "fewer segment ids than segments".to_string());
         let Some(CheckpointPlan { pending, layout, index_len }) = checkpoint else {
-            let sealed = packers.into_iter().map(|p| self.seal(p, next()?, &[])).collect::<Result<_, _>>()?;
+            let last = packers.pop().ok_or("a commit without segments")?;
+            let mut sealed =
+                packers.into_iter().map(|p| self.seal(p, next()?, &[])).collect::<Result<Vec<_>, _>>()?;
+            let id = next()?;
+            let copy = self.root_copy(id, &sealed, top, None);
+            sealed.push(self.seal_with(last, id, &[], &copy)?);
             return Ok((sealed, None));
         };
         let carrier = if layout.head_with_data { packers.pop() } else { None };
@@ -204,12 +261,10 @@ impl Encoder {
         let carrier = carrier.unwrap_or_else(|| self.empty());
         let first_slot = carrier.data_slots();
         let id = next()?;
-        let s = self.seal(carrier, id, &head)?;
-        let at = CheckpointRef {
-            segment: SegmentRef { id, root: s.encoded.root },
-            first_slot,
-            blocks: (head.len() / BLOCK_SIZE) as u32,
-        };
+        let blocks = (head.len() / BLOCK_SIZE) as u32;
+        let copy = self.root_copy(id, &out, top, Some((first_slot, blocks)));
+        let s = self.seal_with(carrier, id, &head, &copy)?;
+        let at = CheckpointRef { segment: SegmentRef { id, root: s.encoded.root }, first_slot, blocks };
         out.push(s);
         Ok((out, Some((index, at))))
     }
@@ -363,6 +418,9 @@ impl Inner {
             blocks_per_shard: self.blocks_per_shard,
             volume_id: self.record.spec.id,
             cipher: self.cipher.clone(),
+            prev: prev.clone(),
+            epoch: self.epoch.load(Ordering::Relaxed),
+            root_key: self.root_key.clone(),
         };
         let (mut sealed, written) =
             tokio::task::spawn_blocking(move || encoder.commit(packers, checkpoint, ids))
@@ -775,6 +833,111 @@ mod tests {
             .collect()
     }
 
+    fn encoder(key: &VolumeKey, prev: RootRecord) -> Encoder {
+        Encoder {
+            k: 2,
+            m: 1,
+            blocks_per_shard: 2,
+            volume_id: [7; 16],
+            cipher: SectorCipher::new(key),
+            epoch: prev.epoch,
+            prev,
+            root_key: RootKey::derive(key),
+        }
+    }
+
+    /// The root a commit's segments carry, rebuilt as a directory rebuild
+    /// would: only the last segment has a copy, which, with the previous
+    /// root's segments since and the carrier, is the root.
+    fn copied_root(key: &VolumeKey, sealed: &[Sealed], previous_since: &[SegmentRef]) -> RootRecord {
+        let cipher = SectorCipher::new(key);
+        let areas = areas(sealed);
+        let mut copies = Vec::new();
+        for s in sealed {
+            let (_, g, area) = &areas[&s.id];
+            let last = (g.data_blocks() - 1) as u32;
+            let mut t = area[last as usize * BLOCK_SIZE..].to_vec();
+            layout::open_metadata(&cipher, s.id, last, &mut t);
+            let trailer = Trailer::decode(&t, s.id, *g).unwrap();
+            if let Some(bytes) = trailer.root_copy(&t) {
+                copies.push((s.id, RootCopy::open(bytes, &RootKey::derive(key), &[7; 16]).unwrap()));
+            }
+        }
+        assert_eq!(copies.len(), 1, "one copy per commit");
+        let (carrier, copy) = copies.pop().unwrap();
+        let last = sealed.last().unwrap();
+        assert_eq!(carrier, last.id, "in the commit's last segment");
+        copy.root(previous_since, SegmentRef { id: last.id, root: last.encoded.root }).unwrap()
+    }
+
+    #[test]
+    fn a_commit_without_a_checkpoint_carries_its_root_after_the_previous_ones() {
+        let key = VolumeKey::from_bytes(&(0..64).collect::<Vec<u8>>()).unwrap();
+        let previous_since: Vec<SegmentRef> = (1..=3)
+            .map(|n| SegmentRef { id: SegmentId::new(2, n).unwrap(), root: SegmentRoot([n as u8; 32]) })
+            .collect();
+        let checkpoint = CheckpointRef { segment: previous_since[0], first_slot: 2, blocks: 1 };
+        let prev = RootRecord {
+            volume_id: [7; 16],
+            epoch: 2,
+            commit: 9,
+            highest_sequence: Sequence::new(2, 77).unwrap(),
+            highest_segment: SegmentId::new(2, 3).unwrap(),
+            checkpoint: Some(checkpoint),
+            since: previous_since.clone(),
+        };
+        let mut enc = encoder(&key, prev);
+        enc.epoch = 3;
+        // Three segments' worth of blocks (2 × 2 blocks: 2 data blocks each).
+        let data = vec![1u8; BLOCK_SIZE];
+        let mut packers = Vec::new();
+        for i in 0..3u64 {
+            let mut p = Packer::new(2, 2);
+            p.push_block(PackedBlock { address: 10 * i, sequence: seq(100 + i), data: &data });
+            packers.push(p);
+        }
+        let ids: Vec<SegmentId> = (1..=3).map(|n| SegmentId::new(3, n).unwrap()).collect();
+        let (sealed, written) = enc.commit(packers, None, ids.clone()).unwrap();
+        assert!(written.is_none());
+        let root = copied_root(&key, &sealed, &previous_since);
+        let mut since = previous_since.clone();
+        since.extend(sealed.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root }));
+        let want = RootRecord {
+            volume_id: [7; 16],
+            epoch: 3,
+            commit: 10,
+            highest_sequence: seq(102),
+            highest_segment: ids[2],
+            checkpoint: Some(checkpoint),
+            since,
+        };
+        assert_eq!(root, want);
+        // Against a previous root naming other segments, it does not rebuild.
+        assert!(
+            copied_root_result(&key, &sealed, &previous_since[..2]).is_err(),
+            "the copy names how many segments it inherits"
+        );
+    }
+
+    fn copied_root_result(
+        key: &VolumeKey,
+        sealed: &[Sealed],
+        previous_since: &[SegmentRef],
+    ) -> Result<RootRecord, crate::codec::root::RootError> {
+        let cipher = SectorCipher::new(key);
+        let last = sealed.last().unwrap();
+        let area: Vec<u8> = last.encoded.shards[..last.geometry.k()]
+            .iter()
+            .flat_map(|sh| parse_segment_shard(sh).unwrap().1.to_vec())
+            .collect();
+        let n = (last.geometry.data_blocks() - 1) as u32;
+        let mut t = area[n as usize * BLOCK_SIZE..].to_vec();
+        layout::open_metadata(&cipher, last.id, n, &mut t);
+        let trailer = Trailer::decode(&t, last.id, last.geometry).unwrap();
+        let copy = RootCopy::open(trailer.root_copy(&t).unwrap(), &RootKey::derive(key), &[7; 16])?;
+        copy.root(previous_since, SegmentRef { id: last.id, root: last.encoded.root })
+    }
+
     /// Tiny segments (2 × 2 blocks: 2 blocks of metadata room) so the
     /// checkpoint needs every kind of segment: a page larger than a
     /// segment, a continued index, and a head after a data segment's data.
@@ -797,8 +960,16 @@ mod tests {
         }
         let pending = cache.checkpoint().unwrap();
         assert_eq!(pending.blobs.len(), 3);
-        let encoder =
-            Encoder { k: 2, m: 1, blocks_per_shard: 2, volume_id: [7; 16], cipher: SectorCipher::new(&key) };
+        let prev = RootRecord {
+            volume_id: [7; 16],
+            epoch: 3,
+            commit: 41,
+            highest_sequence: seq(4000),
+            highest_segment: SegmentId::new(3, 299).unwrap(),
+            checkpoint: None,
+            since: vec![SegmentRef { id: SegmentId::new(3, 299).unwrap(), root: SegmentRoot([2; 32]) }],
+        };
+        let encoder = encoder(&key, prev);
         // The commit's own data: one block, so its segment has room for a
         // one-block head.
         let data = vec![5u8; BLOCK_SIZE];
@@ -824,6 +995,16 @@ mod tests {
             layout::open_metadata(&cipher, id, first, &mut b);
             b
         };
+        // The last segment carries the commit's root: the checkpoint resets
+        // the segments since to the commit's own.
+        let root = copied_root(&key, &sealed, &[]);
+        assert_eq!((root.epoch, root.commit, root.highest_sequence), (3, 42, seq(5000)));
+        assert_eq!(root.checkpoint, Some(at));
+        assert_eq!(
+            root.since,
+            sealed.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root }).collect::<Vec<_>>()
+        );
+        assert_eq!(root.highest_segment, *ids.last().unwrap());
         // Every segment's trailer and summary read back.
         for s in &sealed {
             let (_, g, area) = &areas[&s.id];

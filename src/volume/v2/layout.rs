@@ -16,7 +16,10 @@
 //! which no data block can have (addresses stay below 2^63). The last slot
 //! is the **trailer**: it says where the summary and the other metadata
 //! lie, so a reader that knows only the segment's geometry (every shard
-//! header carries it) finds everything from the last block.
+//! header carries it) finds everything from the last block. A commit's
+//! last segment also carries, after the trailer's fields, a copy of the
+//! commit's root ([`crate::codec::root::RootCopy`]), so a lost directory
+//! can be rebuilt from the peers.
 //!
 //! A segment is as long as what it holds needs, rounded up to whole shard
 //! rows: a FLUSH that finds three dirty blocks writes a segment of
@@ -34,6 +37,8 @@ pub const TRAILER_MAGIC: [u8; 4] = *b"MDTR";
 /// The trailer format version this code writes and reads.
 pub const TRAILER_VERSION: u16 = 1;
 const TRAILER_LEN: usize = 40;
+/// The longest root copy a trailer block carries.
+pub const MAX_ROOT_COPY: usize = BLOCK - TRAILER_LEN;
 
 /// The XTS "sector" of metadata block `slot`: above every block address.
 pub fn metadata_sector(slot: u32) -> u64 {
@@ -67,6 +72,9 @@ pub struct Trailer {
     /// blocks, zero-padded, up to the trailer).
     pub summary_slot: u32,
     pub summary_len: u32,
+    /// Bytes of root copy after the fields (0: the segment is not the
+    /// last of its commit).
+    pub root_copy_len: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +88,10 @@ pub enum LayoutError {
 }
 
 impl Trailer {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The trailer block: the fields, then `root_copy` (exactly
+    /// `root_copy_len` bytes), then zeroes.
+    pub fn encode(&self, root_copy: &[u8]) -> Vec<u8> {
+        assert_eq!(root_copy.len(), usize::from(self.root_copy_len), "the root copy's length");
         let mut b = vec![0u8; BLOCK];
         b[0..4].copy_from_slice(&TRAILER_MAGIC);
         b[4..6].copy_from_slice(&TRAILER_VERSION.to_le_bytes());
@@ -89,7 +100,18 @@ impl Trailer {
         b[20..24].copy_from_slice(&self.metadata_blocks.to_le_bytes());
         b[24..28].copy_from_slice(&self.summary_slot.to_le_bytes());
         b[28..32].copy_from_slice(&self.summary_len.to_le_bytes());
+        b[32..34].copy_from_slice(&self.root_copy_len.to_le_bytes());
+        b[TRAILER_LEN..TRAILER_LEN + root_copy.len()].copy_from_slice(root_copy);
         b
+    }
+
+    /// The root copy in a decoded trailer's (decrypted) block; `None` for
+    /// a segment that carries none.
+    pub fn root_copy<'a>(&self, block: &'a [u8]) -> Option<&'a [u8]> {
+        match self.root_copy_len {
+            0 => None,
+            n => block.get(TRAILER_LEN..TRAILER_LEN + usize::from(n)),
+        }
     }
 
     /// Parses the (decrypted) last block of segment `segment` of geometry
@@ -105,21 +127,25 @@ impl Trailer {
             Some(v) => return Err(bad(&format!("format version {v} is not supported"))),
             None => return Err(bad("truncated")),
         }
-        let (flags, id, data_slots, metadata_blocks, summary_slot, summary_len, reserved) =
-            match (r.u16(), r.u64(), r.u32(), r.u32(), r.u32(), r.u32(), r.u64()) {
-                (Some(f), Some(id), Some(d), Some(m), Some(s), Some(l), Some(res)) => {
-                    (f, id, d, m, s, l, res)
+        let (flags, id, data_slots, metadata_blocks, summary_slot, summary_len, root_copy_len, reserved) =
+            match (r.u16(), r.u64(), r.u32(), r.u32(), r.u32(), r.u32(), r.u16(), r.array::<6>()) {
+                (Some(f), Some(id), Some(d), Some(m), Some(s), Some(l), Some(c), Some(res)) => {
+                    (f, id, d, m, s, l, c, res)
                 }
                 _ => return Err(bad("truncated")),
             };
-        if flags != 0 || reserved != 0 {
+        if flags != 0 || reserved != [0; 6] {
             return Err(bad("unknown flags or reserved bytes set"));
         }
         if id != segment.raw() {
             return Err(bad(&format!("names segment {}", SegmentId::from_raw(id))));
         }
-        if !is_block_padding(TRAILER_LEN, r.rest()) || bytes.len() != BLOCK {
-            return Err(bad("not one block of zero padding after the fields"));
+        if usize::from(root_copy_len) > MAX_ROOT_COPY || bytes.len() != BLOCK {
+            return Err(bad("not one block"));
+        }
+        let after = TRAILER_LEN + usize::from(root_copy_len);
+        if !is_block_padding(after, &bytes[after..]) {
+            return Err(bad("not zero padding after the fields and the root copy"));
         }
         let last = g.data_blocks() - 1;
         let summary_blocks = u64::from(summary_len).div_ceil(BLOCK as u64);
@@ -130,7 +156,7 @@ impl Trailer {
         {
             return Err(bad("regions do not tile the data area"));
         }
-        Ok(Self { segment, data_slots, metadata_blocks, summary_slot, summary_len })
+        Ok(Self { segment, data_slots, metadata_blocks, summary_slot, summary_len, root_copy_len })
     }
 }
 
@@ -165,6 +191,18 @@ impl Packer {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The highest sequence of what is packed (a run of blocks carries
+    /// consecutive sequences from its first).
+    pub fn highest_sequence(&self) -> Option<Sequence> {
+        self.entries
+            .iter()
+            .map(|e| match *e {
+                SummaryEntry::Data { sequence, len, .. } => sequence.checked_add(len - 1).unwrap_or(sequence),
+                SummaryEntry::Zero { sequence, .. } => sequence,
+            })
+            .max()
     }
 
     /// Data slots used so far.
@@ -239,9 +277,19 @@ impl Packer {
         segment: SegmentId,
         m: usize,
         metadata: &[u8],
+        root_copy: &[u8],
         cipher: &SectorCipher,
     ) -> Result<(SegmentGeometry, Vec<u8>, Summary), LayoutError> {
         assert!(metadata.len().is_multiple_of(BLOCK), "metadata comes in whole blocks");
+        if root_copy.len() > MAX_ROOT_COPY {
+            return Err(LayoutError::Trailer {
+                segment,
+                reason: format!(
+                    "a root copy of {} bytes does not fit (at most {MAX_ROOT_COPY})",
+                    root_copy.len()
+                ),
+            });
+        }
         let metadata_blocks = (metadata.len() / BLOCK) as u64;
         let summary = Summary { segment, slots: self.slots, entries: self.entries };
         summary.validate()?;
@@ -268,8 +316,9 @@ impl Packer {
             metadata_blocks,
             summary_slot,
             summary_len: encoded.len() as u32,
+            root_copy_len: root_copy.len() as u16,
         };
-        area.extend_from_slice(&trailer.encode());
+        area.extend_from_slice(&trailer.encode(root_copy));
         seal_metadata(cipher, segment, meta_first, &mut area[meta_first as usize * BLOCK..]);
         debug_assert_eq!(area.len(), g.data_area_len());
         Ok((g, area, summary))
@@ -320,7 +369,10 @@ mod tests {
         p.push_zero(50, 10, seq(2, 40));
         p.push_zero(60, 5, seq(2, 40));
         let segment = SegmentId::new(2, 3).unwrap();
-        let (g, area, summary) = p.finish(segment, 2, &[], &cipher).unwrap();
+        // The last segment of a commit: its trailer carries a root copy
+        // (opaque here; the codec seals and opens it).
+        let copy: Vec<u8> = (0..300).map(|i| i as u8 | 1).collect();
+        let (g, area, summary) = p.finish(segment, 2, &[], &copy, &cipher).unwrap();
         // 10 data + 1 summary + 1 trailer = 12 blocks: 3 rows of 4.
         assert_eq!(g.blocks_per_shard(), 3);
         assert_eq!(summary.entries.len(), 7, "{:?}", summary.entries);
@@ -330,6 +382,7 @@ mod tests {
         open_metadata(&cipher, segment, last, &mut t);
         let trailer = Trailer::decode(&t, segment, g).unwrap();
         assert_eq!(trailer.data_slots, 10);
+        assert_eq!(trailer.root_copy(&t), Some(&copy[..]));
         let mut s = area[trailer.summary_slot as usize * BLOCK..last as usize * BLOCK].to_vec();
         open_metadata(&cipher, segment, trailer.summary_slot, &mut s);
         assert_eq!(decode_summary(&trailer, &s).unwrap(), summary);
@@ -339,6 +392,18 @@ mod tests {
         let mut bent = t.clone();
         bent[24] ^= 1;
         assert!(Trailer::decode(&bent, segment, g).is_err());
+        // A byte after the copy, or a copy length past the block, too.
+        let mut bent = t.clone();
+        bent[TRAILER_LEN + copy.len()] = 1;
+        assert!(Trailer::decode(&bent, segment, g).is_err());
+        let mut bent = t.clone();
+        bent[32..34].copy_from_slice(&(MAX_ROOT_COPY as u16 + 1).to_le_bytes());
+        assert!(Trailer::decode(&bent, segment, g).is_err());
+        // A copy longer than the trailer block can hold is refused.
+        let mut p = Packer::new(4, 256);
+        p.push_zero(0, 1, seq(2, 1));
+        let err = p.finish(segment, 2, &[], &vec![1; MAX_ROOT_COPY + 1], &cipher).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
     #[test]
@@ -353,7 +418,8 @@ mod tests {
         // 8 blocks: data + one summary block + the trailer.
         assert_eq!(n, 6);
         let key = test_key();
-        let (g, area, _) = p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &SectorCipher::new(&key)).unwrap();
+        let (g, area, _) =
+            p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 4);
         assert_eq!(area.len(), g.data_area_len());
     }
@@ -373,7 +439,7 @@ mod tests {
         // the data slots, sealed with the metadata tweak.
         let meta: Vec<u8> = (0..11 * BLOCK).map(|i| (i / BLOCK) as u8).collect();
         let segment = SegmentId::new(1, 9).unwrap();
-        let (g, area, _) = p.finish(segment, 2, &meta, &cipher).unwrap();
+        let (g, area, _) = p.finish(segment, 2, &meta, &[], &cipher).unwrap();
         assert_eq!(g.blocks_per_shard(), 4);
         let mut back = area[3 * BLOCK..14 * BLOCK].to_vec();
         assert_ne!(back, meta);
@@ -387,7 +453,7 @@ mod tests {
         p.push_zero(0, 1 << 20, seq(1, 5));
         let key = test_key();
         let (g, _, summary) =
-            p.finish(SegmentId::new(1, 1).unwrap(), 2, &[], &SectorCipher::new(&key)).unwrap();
+            p.finish(SegmentId::new(1, 1).unwrap(), 2, &[], &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 1);
         assert_eq!(summary.slots, 0);
     }

@@ -7,7 +7,8 @@ use proptest::prelude::*;
 
 use super::map::{BlockMap, Entry, MapError, MapPage, Mapping, PAGE_BLOCKS, Target};
 use super::root::{
-    CheckpointRef, Freshness, RootError, RootKey, RootRecord, SegmentRef, SegmentRoot, UnverifiedRoot,
+    CheckpointRef, Freshness, RootCopy, RootError, RootKey, RootRecord, SegmentRef, SegmentRoot,
+    UnverifiedRoot,
 };
 use super::summary::{Summary, SummaryEntry, SummaryError};
 use crate::codec::key::VolumeKey;
@@ -278,6 +279,55 @@ fn a_root_sealed_with_another_key_or_for_another_volume_is_refused() {
     assert_eq!((unverified.epoch(), unverified.commit()), (2, 7));
     // The MAC key is not the key-check key (another derivation context).
     assert!(!format!("{key:?}").contains('1'));
+}
+
+#[test]
+fn a_root_copy_rebuilds_its_root_and_never_passes_for_one() {
+    let key = RootKey::derive(&volume_key(1));
+    let seg = |n: u64, r: u8| SegmentRef { id: SegmentId::new(2, n).unwrap(), root: SegmentRoot([r; 32]) };
+    // Commit 7 continued a root naming segments 1 and 2, and wrote 3, 4, 5.
+    let previous = vec![seg(1, 1), seg(2, 2)];
+    let mut root = small_root(2, 7);
+    root.highest_segment = SegmentId::new(2, 5).unwrap();
+    root.since = vec![seg(1, 1), seg(2, 2), seg(3, 3), seg(4, 4), seg(5, 5)];
+    let copy = RootCopy::of(&root, SegmentId::new(2, 5).unwrap(), 2).unwrap();
+    assert_eq!(copy.partial.since, vec![seg(3, 3), seg(4, 4)], "the carrier (5) is not in its own copy");
+    let bytes = copy.seal(&key);
+    let back = RootCopy::open(&bytes, &key, &[1; 16]).unwrap();
+    assert_eq!(back, copy);
+    assert_eq!(back.root(&previous, seg(5, 5)).unwrap(), root);
+    // Against another previous root, or another key or volume: refused.
+    assert!(back.root(&previous[..1], seg(5, 5)).is_err());
+    assert_eq!(RootCopy::open(&bytes, &RootKey::derive(&volume_key(2)), &[1; 16]), Err(RootError::Mac));
+    assert!(matches!(RootCopy::open(&bytes, &key, &[2; 16]), Err(RootError::WrongVolume { .. })));
+    // A copy is not a root, even with its header cut off (another MAC key),
+    // and a root is not a copy.
+    assert!(UnverifiedRoot::parse(&bytes).is_err());
+    let inner = UnverifiedRoot::parse(&bytes[16..]).unwrap();
+    assert_eq!(inner.verify(&key), Err(RootError::Mac));
+    assert!(RootCopy::open(&root.seal(&key), &key, &[1; 16]).is_err());
+    // Every flipped byte, a truncation and a trailing byte are refused.
+    for i in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x10;
+        assert!(RootCopy::open(&bad, &key, &[1; 16]).is_err(), "byte {i}");
+    }
+    assert!(RootCopy::open(&bytes[..bytes.len() - 1], &key, &[1; 16]).is_err());
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(RootCopy::open(&longer, &key, &[1; 16]).is_err());
+
+    // A commit that wrote a checkpoint into its carrier: nothing inherited,
+    // the checkpoint's root comes back with the carrier's.
+    let mut checkpointed = root.clone();
+    checkpointed.since = vec![seg(3, 3), seg(4, 4), seg(5, 5)];
+    checkpointed.checkpoint = Some(CheckpointRef { segment: seg(5, 5), first_slot: 1, blocks: 2 });
+    let copy = RootCopy::of(&checkpointed, SegmentId::new(2, 5).unwrap(), 0).unwrap();
+    assert_eq!(copy.partial.checkpoint.unwrap().segment.root, SegmentRoot::default());
+    let back = RootCopy::open(&copy.seal(&key), &key, &[1; 16]).unwrap();
+    assert_eq!(back.root(&[], seg(5, 5)).unwrap(), checkpointed);
+    // The carrier must be the root's last segment.
+    assert!(RootCopy::of(&root, SegmentId::new(2, 4).unwrap(), 2).is_err());
 }
 
 #[test]
