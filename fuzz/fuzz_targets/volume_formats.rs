@@ -1,5 +1,5 @@
-//! The volume's metadata parsers (second design): segment summaries, map
-//! pages and root records come off peers and the directory. No input may
+//! The volume's metadata parsers: segment summaries, map pages, root
+//! records and root copies come off peers and the directory. No input may
 //! panic; whatever parses must re-encode to exactly its bytes (without the
 //! zero padding to a block), and must behave in the map as it says.
 #![no_main]
@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use meshdisk::codec::key::VolumeKey;
 use meshdisk::volume::v2::map::{ADDRESS_LIMIT, BlockMap, Entry, MapError, MapPage, Target};
-use meshdisk::volume::v2::root::{RootKey, RootRecord, UnverifiedRoot};
+use meshdisk::volume::v2::root::{RootCopy, RootKey, RootRecord, SegmentRef, SegmentRoot, UnverifiedRoot};
 use meshdisk::codec::sequence::{SegmentId, Sequence};
 use meshdisk::volume::v2::summary::Summary;
 
@@ -57,6 +57,10 @@ fuzz_target!(|data: &[u8]| {
         let key = RootKey::derive(&VolumeKey::from_bytes(&[[1u8; 32], [2u8; 32]].concat()).unwrap());
         assert!(root.verify(&key).is_err());
     }
+    // A root copy (from a segment's trailer) never opens without its MAC,
+    // and its parser never panics.
+    let key = RootKey::derive(&VolumeKey::from_bytes(&[[1u8; 32], [2u8; 32]].concat()).unwrap());
+    assert!(RootCopy::open(data, &key, &[0; 16]).is_err());
     // A freshly sealed root with one byte flipped where the input says:
     // reaches the MAC check, which must refuse it.
     if data.len() >= 8 {
@@ -75,5 +79,16 @@ fuzz_target!(|data: &[u8]| {
         let at = usize::from(data[4]) % sealed.len();
         sealed[at] ^= data[5] | 1;
         assert!(RootRecord::open(&sealed, &key, &record.volume_id).is_err());
+        // Its copy, carried by its last segment, likewise; unflipped, it
+        // opens and rebuilds the root.
+        let mut with_carrier = record.clone();
+        let carrier = SegmentRef { id: SegmentId::new(epoch, 1000).unwrap(), root: SegmentRoot([data[6]; 32]) };
+        with_carrier.since = vec![carrier];
+        let copy = RootCopy::of(&with_carrier, carrier.id, 0).unwrap();
+        let mut bytes = copy.seal(&key);
+        assert_eq!(RootCopy::open(&bytes, &key, &record.volume_id).unwrap().root(&[], carrier).unwrap(), with_carrier);
+        let at = usize::from(data[7]) % bytes.len();
+        bytes[at] ^= data[5] | 1;
+        assert!(RootCopy::open(&bytes, &key, &record.volume_id).is_err());
     }
 });
