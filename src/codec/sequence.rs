@@ -104,7 +104,10 @@ macro_rules! ordinal {
             /// The number `n` counters later in the same epoch, if it fits.
             pub fn checked_add(self, n: u64) -> Option<Self> {
                 let counter = self.counter().checked_add(n)?;
-                (counter <= MAX_COUNTER).then_some(Self(self.0 + n))
+                // Checked too: a value parsed from outside input may carry
+                // an epoch past MAX_EPOCH, its raw number near u64::MAX.
+                let raw = self.0.checked_add(n)?;
+                (counter <= MAX_COUNTER).then_some(Self(raw))
             }
         }
 
@@ -207,6 +210,18 @@ impl<T: Ordinal> Sequencer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adding_to_a_value_from_outside_input_never_overflows() {
+        // An epoch past MAX_EPOCH (a raw number off a peer or a disk): the
+        // counter has room, the raw number does not (found by fuzzing).
+        let raw = Sequence::from_raw(u64::MAX - 3);
+        assert_eq!(raw.checked_add(1 << 30), None);
+        assert_eq!(SegmentId::from_raw(u64::MAX).checked_add(1), None);
+        let s = Sequence::new(5, 10).unwrap();
+        assert_eq!(s.checked_add(2), Some(Sequence::new(5, 12).unwrap()));
+        assert_eq!(Sequence::new(5, MAX_COUNTER).unwrap().checked_add(1), None);
+    }
 
     #[test]
     fn order_is_epoch_then_counter() {
