@@ -181,7 +181,7 @@ async fn attach(c: &Cluster, name: &str, state: &str, force: bool) -> Volume {
 
 #[test]
 fn a_fenced_writer_fails_with_the_fenced_kind() {
-    let mut c = Cluster::start("home", &[]);
+    let mut c = Cluster::start("home", &["--lease-ttl", "3s"]);
     for i in 0..3 {
         c.add_peer("1G", &format!("d{i}"));
     }
@@ -192,12 +192,19 @@ fn a_fenced_writer_fails_with_the_fenced_kind() {
         let first = attach(&c, "disk", "first", false).await;
         first.write(0, bytes::Bytes::from(vec![b'a'; 4096]), false).await.unwrap();
         first.flush().await.unwrap();
-        // Another machine takes the volume over: the first one's next
-        // commit is refused, and from then on so is every write.
-        let _second = attach(&c, "disk", "second", true).await;
+        // A write acknowledged, then another machine takes the volume over
+        // by force. The taker serves only a lease TTL later, when the first
+        // must have stopped: by then the first knows it is fenced, and its
+        // flush (the acknowledged write never committed) is refused so.
         first.write(0, bytes::Bytes::from(vec![b'b'; 4096]), false).await.unwrap();
-        let err = first.flush().await.unwrap_err();
-        assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
+        let started = std::time::Instant::now();
+        let _second = attach(&c, "disk", "second", true).await;
+        assert!(started.elapsed() >= Duration::from_secs(3), "the taker served before a lease TTL");
+        // Whether the write was committed before the takeover (flush Ok)
+        // or not (refused as fenced), nothing after it is accepted.
+        if let Err(err) = first.flush().await {
+            assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
+        }
         let err = first.write(4096, bytes::Bytes::from(vec![b'c'; 4096]), false).await.unwrap_err();
         assert_eq!(err.kind(), backend::ErrorKind::Fenced, "{err}");
         assert!(err.to_string().contains("fenced") || err.to_string().contains("taken over"), "{err}");

@@ -145,6 +145,10 @@ pub struct VolumeLease {
     pub epoch: u64,
     pub since_ms: u64,
     pub ttl_ms: u64,
+    /// This grant took the lease over, by force, from another holder whose
+    /// lease had not lapsed: that holder may serve its view until it next
+    /// fails to renew, so the new one waits a TTL before serving.
+    pub took_over: bool,
 }
 
 /// How many of a volume's live segments have how many healthy shards (on

@@ -150,10 +150,12 @@ fn header(segment: SegmentId, geometry: SegmentGeometry, root: ShardRoot) -> Seg
 
 async fn put(client: &Client, peers: &[PeerAddr], config: &ClusterBench) -> Result<PhaseResult, CliError> {
     let (payload, geometry, root) = payload(config)?;
-    // Segment ids start past anything an earlier run left: the epoch
-    // (high half) is this run's start in seconds.
-    let epoch =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs().max(1));
+    // Segment ids differ from an earlier run's: the epoch (high bits) is
+    // this run's start in seconds, modulo the largest epoch (194 days).
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() % crate::codec::sequence::MAX_EPOCH)
+        .max(1);
     let next = Arc::new(AtomicU64::new(1));
     let deadline = Instant::now() + config.duration;
     let (cpu0, t0) = (cpu_seconds(), Instant::now());

@@ -185,7 +185,10 @@ impl<S: MetaStore> Directory<S> {
             }
             v.epoch += 1;
             let lease = self.meta.grant_lease(self.timing.lease_ttl).await?;
+            let took_over =
+                current.as_ref().is_some_and(|(l, _)| !(l.holder == who && resume == Some(l.epoch)));
             let rec = VolumeLease {
+                took_over,
                 holder: who.to_owned(),
                 host: host.to_owned(),
                 epoch: v.epoch,

@@ -138,6 +138,7 @@ impl Volume {
         // newest anybody saw.
         let asked = tokio::time::Instant::now();
         let granted = lease::acquire(&client, &dir, name, config.force).await?;
+        let granted_at = tokio::time::Instant::now();
         let (lease, run_from) = (granted.lease, granted.run_from);
         let writer = replay.highest_sequence.epoch();
         let undisturbed = writer > 0 && writer >= run_from;
@@ -267,6 +268,18 @@ impl Volume {
                 tracing::info!("volume {name}: {queued} unflushed writes replayed from {}", dir.display());
                 inner.wake.notify_one();
             }
+            if lease.took_over {
+                // The holder taken over renewed last before this grant, so
+                // it stops serving (suspends, then is refused) within 0.8
+                // of a TTL of it: nothing is served here until then.
+                let until = granted_at + Duration::from_millis(lease.ttl_ms);
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                tracing::info!(
+                    "volume {name}: taken over from a live holder; serving in {:.1} s, once it must have stopped",
+                    left.as_secs_f64()
+                );
+                tokio::time::sleep_until(until).await;
+            }
             Ok::<Volume, AttachError>(Volume { inner })
         };
         match Box::pin(started).await {
@@ -301,10 +314,17 @@ impl Volume {
                 "detach",
                 0,
                 0,
-                format!(
-                    "{why}; {left} writes are only in the local log in {}: the next attach from this folder sends them",
-                    inner.config.state_dir.display()
-                ),
+                if inner.fenced.lock().expect("fenced").is_some() {
+                    format!(
+                        "{why}; {left} writes are only in the local log in {}, and another machine took the volume: the next attach from this folder refuses them (--discard-local drops them)",
+                        inner.config.state_dir.display()
+                    )
+                } else {
+                    format!(
+                        "{why}; {left} writes are only in the local log in {}: the next attach from this folder sends them",
+                        inner.config.state_dir.display()
+                    )
+                },
             )));
         }
         // The records saying all of it is committed reach the disk before
@@ -550,12 +570,16 @@ impl Backend for Volume {
     async fn flush(&self) -> backend::Result<()> {
         match self.inner.durability() {
             Durability::Remote => Box::pin(self.inner.flush_remote()).await,
-            Durability::Local => self
-                .inner
-                .log
-                .sync()
-                .await
-                .map_err(|e| backend::Error::failed(backend::ErrorKind::Io, "flush", 0, 0, e.to_string())),
+            Durability::Local => {
+                // A fenced attach's writes never reach the volume (the next
+                // attach from this folder refuses them): no flush says so.
+                self.inner.check_fenced("flush", 0, 0)?;
+                self.inner
+                    .log
+                    .sync()
+                    .await
+                    .map_err(|e| backend::Error::failed(backend::ErrorKind::Io, "flush", 0, 0, e.to_string()))
+            }
         }
     }
 

@@ -560,7 +560,10 @@ impl Inner {
 
     /// Zeroes for never-written space, for block status.
     pub(super) async fn holes(&self, offset: u64, length: u32) -> backend::Result<Vec<backend::Extent>> {
-        self.check_fenced("block status", offset, u64::from(length))?;
+        // As a read: "never written" is an answer about the volume's
+        // contents, which another machine may be changing while the lease
+        // may have lapsed.
+        self.wait_for_lease("block status", offset, u64::from(length)).await?;
         let first = offset / BLOCK;
         let end = (offset + u64::from(length)).div_ceil(BLOCK);
         let local = self.local.lock().expect("local").lookup(first, end - first);

@@ -91,9 +91,14 @@ impl Keeper {
             // grant not above it, a directory that went back in time.
             Ok(granted) if granted.run_from <= old && granted.lease.epoch > old => granted.lease,
             Ok(granted) => {
+                // Fenced for good: the lease goes back at once, so the next
+                // attach need not wait for it to lapse.
+                let epoch = granted.lease.epoch;
+                if let Err(e) = crate::volume::lease::give_back(&inner.client, &inner.name, epoch).await {
+                    tracing::warn!("volume {}: giving the lease back: {e}", inner.name);
+                }
                 return Err(format!(
-                    "the volume was held elsewhere while this attach's lease had lapsed (epoch {old}, now granted {}): re-attach",
-                    granted.lease.epoch
+                    "the volume was held elsewhere while this attach's lease had lapsed (epoch {old}, now granted {epoch}): re-attach"
                 ));
             }
             Err(crate::volume::VolumeError::Cluster(e)) if e.kind() == Some(ErrorKind::Conflict) => {
@@ -135,9 +140,12 @@ impl Keeper {
             lease.epoch
         );
         if Instant::now() >= self.suspend_at() {
-            // Too old to serve on: stay suspended until a renewal at the
-            // new epoch is granted (the next round of the keeper).
-            return Ok(false);
+            // Too old to serve on: renewed at once, or still suspended.
+            let again = Instant::now();
+            match inner.client.renew_lease(&inner.name, lease.epoch).await {
+                Ok(_) if Instant::now() < again + self.ttl.mul_f32(0.8) => self.renewed_at = again,
+                _ => return Ok(false),
+            }
         }
         inner.set_suspended(false);
         inner.wake.notify_one();
@@ -247,6 +255,12 @@ impl Worker for Keeper {
             Ok(_) => {
                 self.renewals += 1;
                 self.renewed_at = asked;
+                if Instant::now() >= self.suspend_at() {
+                    // Answered so late that the lease may have lapsed in
+                    // the meantime: stay suspended and renew again at once.
+                    inner.set_suspended(true);
+                    return Ok(State::Busy);
+                }
                 inner.set_suspended(false);
                 Ok(State::Idle)
             }
