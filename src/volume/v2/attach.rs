@@ -159,7 +159,8 @@ impl Volume {
             // from a directory restored from an older copy, which would
             // hand out this folder's epochs, sequences and segment ids
             // again (XTS tweaks reused, forks mixed).
-            let seen = [granted.noted, read_freshness(&dir, &spec.id).map(|f| f.epoch()), Some(writer)]
+            let freshness = read_freshness(&dir, &spec.id);
+            let seen = [granted.noted, freshness.map(|f| f.epoch()), Some(writer)]
                 .into_iter()
                 .flatten()
                 .max()
@@ -188,7 +189,7 @@ impl Volume {
                 Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
                     .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
             };
-            if let Some(seen) = read_freshness(&dir, &spec.id) {
+            if let Some(seen) = freshness {
                 seen.check(&root)
                     .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
             }

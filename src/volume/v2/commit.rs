@@ -170,7 +170,7 @@ impl Encoder {
         before: &[Sealed],
         top: Option<Sequence>,
         checkpoint: Option<(u32, u32)>,
-    ) -> Vec<u8> {
+    ) -> RootCopy {
         let prev = &self.prev;
         let own = before.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root });
         let (checkpoint, since, inherited) = match checkpoint {
@@ -189,18 +189,20 @@ impl Encoder {
             checkpoint,
             since,
         };
-        RootCopy { partial, inherited }.seal(&self.root_key)
+        RootCopy { partial, inherited }
     }
 
     /// The commit's segments in write order, `ids` taken in that order;
     /// with a checkpoint (see [`super::checkpoint_layout`]), also its
-    /// index and where its head is.
+    /// index and where its head is; and the copy of its root that the last
+    /// segment carries, from which the root itself is made (so the two
+    /// never differ).
     fn commit(
         &self,
         mut packers: Vec<Packer>,
         checkpoint: Option<CheckpointPlan>,
         ids: Vec<SegmentId>,
-    ) -> Result<(Vec<Sealed>, Option<Written>), String> {
+    ) -> Result<(Vec<Sealed>, Option<Written>, RootCopy), String> {
         let top = packers.iter().filter_map(Packer::highest_sequence).max();
         let mut ids = ids.into_iter();
         let mut next = move || ids.next().ok_or_else(|| "fewer segment ids than segments".to_string());
@@ -210,8 +212,8 @@ impl Encoder {
                 packers.into_iter().map(|p| self.seal(p, next()?, &[])).collect::<Result<Vec<_>, _>>()?;
             let id = next()?;
             let copy = self.root_copy(id, &sealed, top, None);
-            sealed.push(self.seal_with(last, id, &[], &copy)?);
-            return Ok((sealed, None));
+            sealed.push(self.seal_with(last, id, &[], &copy.seal(&self.root_key))?);
+            return Ok((sealed, None, copy));
         };
         let carrier = if layout.head_with_data { packers.pop() } else { None };
         let mut out =
@@ -263,10 +265,10 @@ impl Encoder {
         let id = next()?;
         let blocks = (head.len() / BLOCK_SIZE) as u32;
         let copy = self.root_copy(id, &out, top, Some((first_slot, blocks)));
-        let s = self.seal_with(carrier, id, &head, &copy)?;
+        let s = self.seal_with(carrier, id, &head, &copy.seal(&self.root_key))?;
         let at = CheckpointRef { segment: SegmentRef { id, root: s.encoded.root }, first_slot, blocks };
         out.push(s);
-        Ok((out, Some((index, at))))
+        Ok((out, Some((index, at)), copy))
     }
 }
 
@@ -422,7 +424,7 @@ impl Inner {
             epoch: self.epoch.load(Ordering::Relaxed),
             root_key: self.root_key.clone(),
         };
-        let (mut sealed, written) =
+        let (mut sealed, written, copy) =
             tokio::task::spawn_blocking(move || encoder.commit(packers, checkpoint, ids))
                 .await
                 .map_err(io)?
@@ -478,33 +480,17 @@ impl Inner {
             })?;
             records[i] = holders.iter().map(|h| h.as_ref().map_or(0, |h| h.0)).collect();
         }
-        // The new root. With a checkpoint, the segments since are exactly
-        // those above the highest it includes: this commit's.
-        let (checkpoint, mut since) = match &written {
-            Some((_, at)) => (Some(*at), Vec::new()),
-            None => (prev.checkpoint, prev.since.clone()),
-        };
-        since.extend(sealed.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root }));
-        let top = sealed
-            .iter()
-            .flat_map(|s| s.summary.entries.iter())
-            .map(|e| match *e {
-                super::summary::SummaryEntry::Data { sequence, len, .. } => {
-                    sequence.checked_add(len - 1).unwrap_or(sequence)
-                }
-                super::summary::SummaryEntry::Zero { sequence, .. } => sequence,
-            })
-            .max()
-            .unwrap_or(Sequence::ZERO);
-        let next = RootRecord {
-            volume_id: self.record.spec.id,
-            epoch: self.epoch.load(Ordering::Relaxed),
-            commit: prev.commit + 1,
-            highest_sequence: prev.highest_sequence.max(top),
-            highest_segment: prev.highest_segment.max(sealed.last().expect("segments").id),
-            checkpoint,
-            since,
-        };
+        // The new root: the copy the last segment carries, with the
+        // segments it inherits (none after a checkpoint: the segments since
+        // are exactly those above the highest it includes, this commit's)
+        // and that carrier put back.
+        let carrier = sealed.last().expect("a commit has a segment");
+        let inherited = prev
+            .since
+            .get(..copy.inherited as usize)
+            .ok_or_else(|| io("the root copy inherits more than the root names"))?;
+        let next =
+            copy.root(inherited, SegmentRef { id: carrier.id, root: carrier.encoded.root }).map_err(io)?;
         let sealed_root = next.seal(&self.root_key);
         let commit = RootCommit {
             volume: self.name.clone(),
@@ -849,7 +835,11 @@ mod tests {
     /// The root a commit's segments carry, rebuilt as a directory rebuild
     /// would: only the last segment has a copy, which, with the previous
     /// root's segments since and the carrier, is the root.
-    fn copied_root(key: &VolumeKey, sealed: &[Sealed], previous_since: &[SegmentRef]) -> RootRecord {
+    fn copied_root(
+        key: &VolumeKey,
+        sealed: &[Sealed],
+        previous_since: &[SegmentRef],
+    ) -> Result<RootRecord, crate::codec::root::RootError> {
         let cipher = SectorCipher::new(key);
         let areas = areas(sealed);
         let mut copies = Vec::new();
@@ -860,14 +850,14 @@ mod tests {
             layout::open_metadata(&cipher, s.id, last, &mut t);
             let trailer = Trailer::decode(&t, s.id, *g).unwrap();
             if let Some(bytes) = trailer.root_copy(&t) {
-                copies.push((s.id, RootCopy::open(bytes, &RootKey::derive(key), &[7; 16]).unwrap()));
+                copies.push((s.id, RootCopy::open(bytes, &RootKey::derive(key), &[7; 16])?));
             }
         }
         assert_eq!(copies.len(), 1, "one copy per commit");
         let (carrier, copy) = copies.pop().unwrap();
         let last = sealed.last().unwrap();
         assert_eq!(carrier, last.id, "in the commit's last segment");
-        copy.root(previous_since, SegmentRef { id: last.id, root: last.encoded.root }).unwrap()
+        copy.root(previous_since, SegmentRef { id: last.id, root: last.encoded.root })
     }
 
     #[test]
@@ -897,9 +887,9 @@ mod tests {
             packers.push(p);
         }
         let ids: Vec<SegmentId> = (1..=3).map(|n| SegmentId::new(3, n).unwrap()).collect();
-        let (sealed, written) = enc.commit(packers, None, ids.clone()).unwrap();
+        let (sealed, written, _) = enc.commit(packers, None, ids.clone()).unwrap();
         assert!(written.is_none());
-        let root = copied_root(&key, &sealed, &previous_since);
+        let root = copied_root(&key, &sealed, &previous_since).unwrap();
         let mut since = previous_since.clone();
         since.extend(sealed.iter().map(|s| SegmentRef { id: s.id, root: s.encoded.root }));
         let want = RootRecord {
@@ -914,28 +904,9 @@ mod tests {
         assert_eq!(root, want);
         // Against a previous root naming other segments, it does not rebuild.
         assert!(
-            copied_root_result(&key, &sealed, &previous_since[..2]).is_err(),
+            copied_root(&key, &sealed, &previous_since[..2]).is_err(),
             "the copy names how many segments it inherits"
         );
-    }
-
-    fn copied_root_result(
-        key: &VolumeKey,
-        sealed: &[Sealed],
-        previous_since: &[SegmentRef],
-    ) -> Result<RootRecord, crate::codec::root::RootError> {
-        let cipher = SectorCipher::new(key);
-        let last = sealed.last().unwrap();
-        let area: Vec<u8> = last.encoded.shards[..last.geometry.k()]
-            .iter()
-            .flat_map(|sh| parse_segment_shard(sh).unwrap().1.to_vec())
-            .collect();
-        let n = (last.geometry.data_blocks() - 1) as u32;
-        let mut t = area[n as usize * BLOCK_SIZE..].to_vec();
-        layout::open_metadata(&cipher, last.id, n, &mut t);
-        let trailer = Trailer::decode(&t, last.id, last.geometry).unwrap();
-        let copy = RootCopy::open(trailer.root_copy(&t).unwrap(), &RootKey::derive(key), &[7; 16])?;
-        copy.root(previous_since, SegmentRef { id: last.id, root: last.encoded.root })
     }
 
     /// Tiny segments (2 × 2 blocks: 2 blocks of metadata room) so the
@@ -980,7 +951,7 @@ mod tests {
         assert!(plan.layout.head_with_data, "{:?}", plan.layout);
         let count = 1 + plan.layout.extra_segments();
         let ids: Vec<SegmentId> = (0..count as u64).map(|i| SegmentId::new(3, 300 + i).unwrap()).collect();
-        let (sealed, written) = encoder.commit(vec![p], Some(plan), ids.clone()).unwrap();
+        let (sealed, written, _) = encoder.commit(vec![p], Some(plan), ids.clone()).unwrap();
         let (index, at) = written.unwrap();
         // Written in id order, the head in the last segment, after its data.
         assert_eq!(sealed.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
@@ -997,7 +968,7 @@ mod tests {
         };
         // The last segment carries the commit's root: the checkpoint resets
         // the segments since to the commit's own.
-        let root = copied_root(&key, &sealed, &[]);
+        let root = copied_root(&key, &sealed, &[]).unwrap();
         assert_eq!((root.epoch, root.commit, root.highest_sequence), (3, 42, seq(5000)));
         assert_eq!(root.checkpoint, Some(at));
         assert_eq!(
