@@ -395,7 +395,9 @@ pub struct RootCommit {
     /// New segment records (at most [`MAX_COMMIT_SEGMENTS`]).
     #[serde(with = "segment_records")]
     pub segments: Vec<(SegmentId, SegmentRecord)>,
-    /// Segment records to remove.
+    /// Segments the new root no longer reaches: their records go (kept
+    /// while a snapshot pins them) and their shards are erased after the
+    /// collection grace.
     #[serde(with = "segment_ids")]
     pub dropped: Vec<SegmentId>,
 }
@@ -522,6 +524,22 @@ pub enum DirRequest {
         expected: Vec<u8>,
         slots: Vec<u8>,
     },
+    /// Segments the volume's root no longer reaches, dropped outside a
+    /// commit (as `RootCommit::dropped`) by the writer holding the lease
+    /// at `epoch` (`Done`). At most [`MAX_COMMIT_OPS`] ids.
+    DropSegments {
+        volume: String,
+        epoch: u64,
+        #[serde(with = "segment_ids")]
+        ids: Vec<SegmentId>,
+    },
+    /// The ids of the volume's segment records after `after`, in order, at
+    /// most `limit` (at most [`MAX_SEGMENTS_PER_CALL`]): `SegmentIds`.
+    ListSegments {
+        volume: String,
+        after: Option<u64>,
+        limit: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -556,6 +574,7 @@ pub enum DirResponse {
     },
     SegmentRecords(Vec<Option<SegmentRecord>>),
     PeerSlots(Vec<Option<PeerSlot>>),
+    SegmentIds(#[serde(with = "segment_ids")] Vec<SegmentId>),
 }
 
 /// Calls to a peer about the segment shards it holds. Shard bytes (header
@@ -710,6 +729,9 @@ mod tests {
         }));
         roundtrip(DirResponse::Committed { commit: 9 });
         roundtrip(DirRequest::SegmentRecords { volume: "v".into(), ids: vec![seg(1), seg(2)] });
+        roundtrip(DirRequest::DropSegments { volume: "v".into(), epoch: 3, ids: vec![seg(4)] });
+        roundtrip(DirRequest::ListSegments { volume: "v".into(), after: Some(9), limit: 10 });
+        roundtrip(DirResponse::SegmentIds(vec![seg(10), seg(11)]));
         roundtrip(DirResponse::SegmentRecords(vec![Some(record), None]));
         roundtrip(DirRequest::PeerSlots { ids: vec![1, u16::MAX] });
         roundtrip(DirResponse::PeerSlots(vec![Some(slot), None]));

@@ -272,6 +272,51 @@ impl Client {
         }
     }
 
+    /// Drops segments the volume's root no longer reaches (outside a
+    /// commit), as the writer holding the lease at `epoch`.
+    pub async fn drop_segments(
+        &self,
+        volume: &str,
+        epoch: u64,
+        ids: Vec<SegmentId>,
+    ) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::DropSegments { volume: volume.into(), epoch, ids }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("drop segments", other)),
+        }
+    }
+
+    /// Every segment the directory has a record of for `volume`, in order
+    /// (paged, [`MAX_SEGMENTS_PER_CALL`] a call).
+    pub async fn list_segments(&self, volume: &str) -> Result<Vec<SegmentId>, ClientError> {
+        let mut out: Vec<SegmentId> = Vec::new();
+        loop {
+            let req = DirRequest::ListSegments {
+                volume: volume.into(),
+                after: out.last().map(|s| s.raw()),
+                limit: MAX_SEGMENTS_PER_CALL as u32,
+            };
+            match self.directory(&req).await? {
+                DirResponse::SegmentIds(page) => {
+                    if page.iter().zip(page.iter().skip(1)).any(|(a, b)| a >= b)
+                        || out.last().zip(page.first()).is_some_and(|(a, b)| a >= b)
+                    {
+                        return Err(unexpected(
+                            "list segments (out of order)",
+                            DirResponse::SegmentIds(page),
+                        ));
+                    }
+                    let full = page.len() >= MAX_SEGMENTS_PER_CALL;
+                    out.extend(page);
+                    if !full {
+                        return Ok(out);
+                    }
+                }
+                other => return Err(unexpected("list segments", other)),
+            }
+        }
+    }
+
     /// Where the peers with these small ids are now (`None`: unknown id,
     /// or a peer that never reported).
     pub async fn peer_slots(&self, ids: Vec<u16>) -> Result<Vec<Option<PeerSlot>>, ClientError> {

@@ -389,6 +389,14 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.set_key_slots(&volume, &expected, slots).await
             }
+            DirRequest::DropSegments { volume, epoch, ids } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.drop_segments(&who.node, &volume, epoch, ids).await
+            }
+            DirRequest::ListSegments { volume, after, limit } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.list_segments(&volume, after, limit).await
+            }
         }
     }
 }

@@ -259,6 +259,65 @@ impl<S: MetaStore> Directory<S> {
         Ok(DirResponse::SegmentRecords(out))
     }
 
+    /// Drops segment records outside a commit: the writer holding the
+    /// lease at `epoch` says its root no longer reaches them.
+    pub(super) async fn drop_segments(
+        &self,
+        who: &str,
+        volume: &str,
+        epoch: u64,
+        ids: Vec<SegmentId>,
+    ) -> Result<DirResponse, Remote> {
+        if ids.len() > MAX_COMMIT_OPS {
+            return Err(invalid(format!("volume {volume}: drop at most {MAX_COMMIT_OPS} segments per call")));
+        }
+        let v = self.volume(volume).await?;
+        let lease_unchanged = self.check_writer(who, &v, epoch).await?;
+        let mut named: HashSet<SegmentId> = HashSet::new();
+        let mut txn = Txn::new().when(lease_unchanged);
+        for id in ids {
+            if !named.insert(id) {
+                return Err(invalid(format!("volume {volume}: segment {id} is named twice")));
+            }
+            txn = txn.then(Op::Delete { key: segment_key(&v.spec.id, id) });
+        }
+        if !self.meta.txn(txn).await?.succeeded {
+            let v = self.volume(volume).await?;
+            self.check_writer(who, &v, epoch).await?;
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!("volume {volume}: the lease changed while dropping segments; try again"),
+            ));
+        }
+        Ok(DirResponse::Done)
+    }
+
+    /// The ids of `volume`'s segment records after `after`, at most `limit`.
+    pub(super) async fn list_segments(
+        &self,
+        volume: &str,
+        after: Option<u64>,
+        limit: u32,
+    ) -> Result<DirResponse, Remote> {
+        if limit == 0 || limit as usize > MAX_SEGMENTS_PER_CALL {
+            return Err(invalid(format!("list 1 to {MAX_SEGMENTS_PER_CALL} segments per call, not {limit}")));
+        }
+        let v = self.volume(volume).await?;
+        let prefix = segment_prefix(&v.spec.id);
+        let mut out = Vec::new();
+        for e in self.meta.list(&prefix).await? {
+            let id = parse_segment_key(&prefix, &e.key)
+                .ok_or_else(|| internal(format!("volume {volume}: a malformed segment key {:?}", e.key)))?;
+            if after.is_none_or(|a| id.raw() > a) {
+                out.push(id);
+                if out.len() >= limit as usize {
+                    break;
+                }
+            }
+        }
+        Ok(DirResponse::SegmentIds(out))
+    }
+
     pub(super) async fn peer_slots(&self, ids: &[u16]) -> Result<DirResponse, Remote> {
         if ids.len() > MAX_SEGMENTS_PER_CALL {
             return Err(invalid(format!("at most {MAX_SEGMENTS_PER_CALL} peer ids per call")));

@@ -79,6 +79,11 @@ pub(super) fn segment_key(volume: &[u8; VOLUME_ID_LEN], segment: SegmentId) -> V
     k
 }
 
+/// The segment id of a key under `prefix` ([`segment_prefix`]).
+pub(super) fn parse_segment_key(prefix: &[u8], k: &[u8]) -> Option<SegmentId> {
+    Some(SegmentId::from_raw(u64::from_be_bytes(k.strip_prefix(prefix)?.try_into().ok()?)))
+}
+
 /// `peerid/<name>` → the peer's small id (u16 big-endian).
 pub(super) fn peer_id_key(name: &str) -> Vec<u8> {
     key("peerid", name)
@@ -132,6 +137,8 @@ mod tests {
         assert_eq!(parse_peer_slot_key(b"peerslot/\x01"), None);
         let seg = SegmentId::new(2, 9).unwrap();
         assert!(segment_key(&id, seg).starts_with(&segment_prefix(&id)));
+        assert_eq!(parse_segment_key(&segment_prefix(&id), &segment_key(&id, seg)), Some(seg));
+        assert_eq!(parse_segment_key(&segment_prefix(&id), b"segs/00/short"), None);
         assert!(segment_key(&id, seg) < segment_key(&id, SegmentId::new(3, 1).unwrap()), "keys sort by id");
     }
 }

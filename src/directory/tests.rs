@@ -888,6 +888,40 @@ async fn segment_records_come_and_go_with_commits_and_with_the_volume() {
 }
 
 #[tokio::test]
+async fn segments_are_listed_in_pages_and_dropped_outside_a_commit_only_by_the_writer() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    let segments: Vec<_> = (1..=5).map(|n| (seg(1, n), record(&[1, 2, 3, 4], n as u8))).collect();
+    f.commit_root("client-1", root_commit(1, 1, None, segments)).await.unwrap();
+    let f = &f;
+    let list = |after: Option<u64>, limit: u32| {
+        let req = DirRequest::ListSegments { volume: "vol-1".into(), after, limit };
+        async move {
+            match f.client("client-1", req).await.unwrap() {
+                DirResponse::SegmentIds(ids) => ids,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert_eq!(list(None, 2).await, vec![seg(1, 1), seg(1, 2)]);
+    assert_eq!(list(Some(seg(1, 2).raw()), 2).await, vec![seg(1, 3), seg(1, 4)]);
+    assert_eq!(list(Some(seg(1, 4).raw()), 1000).await, vec![seg(1, 5)]);
+    let too_many = DirRequest::ListSegments { volume: "vol-1".into(), after: None, limit: 100_000 };
+    assert_eq!(f.client("client-1", too_many).await.unwrap_err().kind, ErrorKind::Invalid);
+
+    // Only the lease holder at its epoch drops; a repeated id is refused.
+    let drop = |node: &'static str, epoch: u64, ids: Vec<SegmentId>| {
+        f.client(node, DirRequest::DropSegments { volume: "vol-1".into(), epoch, ids })
+    };
+    assert_eq!(drop("client-2", 1, vec![seg(1, 1)]).await.unwrap_err().kind, ErrorKind::Fenced);
+    assert_eq!(drop("client-1", 2, vec![seg(1, 1)]).await.unwrap_err().kind, ErrorKind::Fenced);
+    assert_eq!(drop("client-1", 1, vec![seg(1, 1), seg(1, 1)]).await.unwrap_err().kind, ErrorKind::Invalid);
+    assert_eq!(list(None, 1000).await.len(), 5);
+    assert_eq!(drop("client-1", 1, vec![seg(1, 2), seg(1, 4)]).await.unwrap(), DirResponse::Done);
+    assert_eq!(list(None, 1000).await, vec![seg(1, 1), seg(1, 3), seg(1, 5)]);
+}
+
+#[tokio::test]
 async fn segments_are_placed_in_batches_on_distinct_up_peers_never_the_excluded() {
     let f = Fixture::with_peers(8).await;
     f.leased_volume(1).await;
