@@ -27,6 +27,7 @@ use super::blocks::BlockCache;
 use super::cache::MapCache;
 use super::checkpoint::{CheckpointIndex, IndexHead};
 use super::commit::{Committer, PACING};
+use super::compactor::{self, Compactor};
 use super::io::{READ_AHEAD_FETCHES, READ_AHEAD_MAX, READ_AHEAD_MIN};
 use super::keeper::Keeper;
 use super::layout::{self, Trailer};
@@ -93,7 +94,7 @@ impl Inner {
     }
 
     /// The summary of a committed segment, read from its trailing blocks.
-    async fn read_summary(&self, seg: SegmentRef) -> Result<Summary, String> {
+    pub(super) async fn read_summary(&self, seg: SegmentRef) -> Result<Summary, String> {
         let located = self.locate(seg.id, seg.root).await?;
         let header = self.io.header(&located).await.map_err(|e| e.to_string())?;
         let g = header.geometry;
@@ -220,6 +221,8 @@ impl Volume {
                 local: Mutex::new(LocalIndex::new(blocks)),
                 map: Mutex::new(MapCache::new(CheckpointIndex::empty(blocks), config.map_cache)),
                 root: Mutex::new(root.clone()),
+                checkpoint_parts: Default::default(),
+                recorded: Mutex::new(None),
                 holders: Default::default(),
                 peers: Default::default(),
                 log: log.clone(),
@@ -233,6 +236,7 @@ impl Volume {
                 committed: watch::channel(Sequence::ZERO).0,
                 commit_failure: Mutex::new(None),
                 wake: Notify::new(),
+                compact_wake: Notify::new(),
                 urgent: AtomicBool::new(false),
                 fenced: Mutex::new(None),
                 workers: Runner::new(stop.clone()),
@@ -261,6 +265,7 @@ impl Volume {
             log.append(&[NewRecord::Base(base)]).await.map_err(|e| fail(e.into()))?;
             let workers = &inner.workers;
             workers.spawn_paced(Committer { inner: inner.clone(), since: None, commits: 0 }, PACING);
+            workers.spawn_paced(Compactor::new(inner.clone()), compactor::PACING);
             let keeper = Keeper::new(inner.clone(), Duration::from_millis(lease.ttl_ms), asked);
             let pacing = keeper.pacing();
             workers.spawn_paced(keeper, pacing);
@@ -370,6 +375,9 @@ impl Inner {
                     parts.push(bytes);
                 }
                 let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                *self.checkpoint_parts.lock().expect("parts") = std::iter::once(c.segment.id)
+                    .chain(head.continuations.iter().map(|x| x.segment.id))
+                    .collect();
                 head.assemble(&refs).map_err(|e| bad(e.to_string()))?
             }
         };

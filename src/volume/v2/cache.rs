@@ -398,6 +398,26 @@ impl MapCache {
         self.unsettled.is_empty().then(|| self.live.iter().map(|(s, n)| (*s, *n as u64)).collect())
     }
 
+    /// Every segment the map needs: those holding live blocks, the pages of
+    /// its checkpoint, or a summary applied since (the root names those).
+    /// `None` while some page is unsettled. The checkpoint's head and index
+    /// continuations are the caller's to add.
+    pub fn reached(&self) -> Option<BTreeSet<SegmentId>> {
+        if !self.unsettled.is_empty() {
+            return None;
+        }
+        let mut out: BTreeSet<SegmentId> = self.live.keys().copied().collect();
+        out.extend(self.recent.keys().copied());
+        out.extend(self.index.pages.values().map(|r| r.range.segment));
+        Some(out)
+    }
+
+    /// True if `segment`'s summary was applied since the checkpoint (the
+    /// root names it until the next checkpoint).
+    pub fn is_recent(&self, segment: SegmentId) -> bool {
+        self.recent.contains_key(&segment)
+    }
+
     /// The next checkpoint: every page the overlay changed, merged, and the
     /// live counts they give. Asks for base pages one at a time; what it
     /// merged is kept between calls, so call again after each insert.

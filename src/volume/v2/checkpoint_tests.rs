@@ -3,7 +3,7 @@
 //! random evictions; pages served from a fake store by the `NeedPage`
 //! protocol, as an attach will fetch them from peers.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use proptest::prelude::*;
 
@@ -300,6 +300,15 @@ proptest! {
             prop_assert!(cache.loaded_pages() <= cache.capacity());
         }
         check(&mut cache, &store, &model)?;
+        // What the map needs: live blocks, the pages, the summaries since
+        // (the root names them), and nothing else (the rest is dropped).
+        let mut needed: BTreeSet<SegmentId> = model.segments().map(|(s, _)| s).collect();
+        needed.extend(since.iter().map(|s| s.segment));
+        needed.extend(cache.index().pages.values().map(|r| r.range.segment));
+        prop_assert_eq!(cache.reached().unwrap(), needed);
+        for s in &since {
+            prop_assert!(cache.is_recent(s.segment));
+        }
 
         // An attach: the last checkpoint, the summaries since, one page.
         let mut attach = MapCache::new(last_index, 1);

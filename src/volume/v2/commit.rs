@@ -116,8 +116,9 @@ impl CheckpointPlan {
     }
 }
 
-/// A checkpoint a commit wrote: its index, and where its head is.
-type Written = (CheckpointIndex, CheckpointRef);
+/// A checkpoint a commit wrote: its index, where its head is, and the
+/// segments holding the index's continuations.
+type Written = (CheckpointIndex, CheckpointRef, Vec<SegmentId>);
 
 /// What a commit's segments are made with.
 struct Encoder {
@@ -240,6 +241,7 @@ impl Encoder {
         if bytes.len() != index_len {
             return Err(format!("the checkpoint index is {} bytes, {index_len} were laid out", bytes.len()));
         }
+        let mut parts = Vec::new();
         let head = if layout.continuations.is_empty() {
             IndexHead::inline(&bytes)
         } else {
@@ -254,6 +256,7 @@ impl Encoder {
                     first_slot: 0,
                     blocks,
                 });
+                parts.push(id);
                 out.push(s);
             }
             IndexHead::split(&bytes, 0, continuations).map_err(|e| e.to_string())?.0
@@ -268,7 +271,7 @@ impl Encoder {
         let s = self.seal_with(carrier, id, &head, &copy.seal(&self.root_key))?;
         let at = CheckpointRef { segment: SegmentRef { id, root: s.encoded.root }, first_slot, blocks };
         out.push(s);
-        Ok((out, Some((index, at)), copy))
+        Ok((out, Some((index, at, parts)), copy))
     }
 }
 
@@ -290,6 +293,16 @@ impl Inner {
         let n = self.k as u64 * u64::from(self.blocks_per_shard);
         let per_segment = n.saturating_sub(n.div_ceil(128) + 2).max(1);
         COMMIT_SEGMENTS as u64 * per_segment
+    }
+
+    /// Segments since the checkpoint past which a commit writes one: the
+    /// setting, or fewer (down to 16) for a volume of few segments. The
+    /// segments the root names cannot be dropped before a checkpoint
+    /// covers them, so on a small volume they would hold more space than
+    /// compaction frees; a small volume's checkpoint is a few pages.
+    fn checkpoint_due(&self) -> usize {
+        let held = self.recorded.lock().expect("recorded").as_ref().map_or(usize::MAX, |r| r.len());
+        (held / 8).max(16).min(self.config.checkpoint_segments)
     }
 
     /// Blocks one log record holds at most: a write larger is cut, so one
@@ -370,12 +383,25 @@ impl Inner {
 
     async fn commit_taken(&self, taken: &[Queued], watermark: Sequence) -> Result<(), CommitError> {
         let packers = self.pack(taken).await?;
+        self.commit_packed(packers, Some(watermark)).await
+    }
+
+    /// Commits `packers` (with a map checkpoint when due): ids, place,
+    /// put, seal, compare-and-set, then the map, freshness and log. With a
+    /// `watermark` (user writes), the log notes that every sequence up to
+    /// it is committed; compaction moves blocks already committed and has
+    /// none. The caller holds the commit turn.
+    pub(super) async fn commit_packed(
+        &self,
+        packers: Vec<Packer>,
+        watermark: Option<Sequence>,
+    ) -> Result<(), CommitError> {
         let prev = self.root.lock().expect("root").clone();
         // A checkpoint when the root's list would grow past the setting: the
         // new root then names only this commit's segments.
         let mut checkpoint = None;
         let mut put_off = None;
-        if prev.since.len() + packers.len() > self.config.checkpoint_segments {
+        if prev.since.len() + packers.len() > self.checkpoint_due() {
             match self.plan_checkpoint(&prev, &packers).await {
                 Ok(plan) => checkpoint = Some(plan),
                 Err(why) => {
@@ -524,8 +550,10 @@ impl Inner {
         // log.
         {
             let mut map = self.map.lock().expect("map");
-            if let Some((index, _)) = written {
+            if let Some((index, at, parts)) = written {
                 map.install(index).map_err(|e| after(e.to_string()))?;
+                *self.checkpoint_parts.lock().expect("parts") =
+                    std::iter::once(at.segment.id).chain(parts).collect();
             }
             for s in &sealed {
                 map.apply_summary(&s.summary, s.encoded.root).map_err(|e| after(e.to_string()))?;
@@ -544,10 +572,13 @@ impl Inner {
             segment_floor: next.highest_segment,
             sequence_floor: self.sequences.lock().expect("sequences").last(),
         };
-        self.log
-            .append(&[NewRecord::Base(base), NewRecord::Committed { sequence: watermark }])
-            .await
-            .map_err(|e| after(e.to_string()))?;
+        if let Some(recorded) = self.recorded.lock().expect("recorded").as_mut() {
+            recorded.extend(sealed.iter().map(|s| s.id));
+        }
+        self.compact_wake.notify_one();
+        let mut records = vec![NewRecord::Base(base)];
+        records.extend(watermark.map(|sequence| NewRecord::Committed { sequence }));
+        self.log.append(&records).await.map_err(|e| after(e.to_string()))?;
         Ok(())
     }
 
@@ -952,7 +983,7 @@ mod tests {
         let count = 1 + plan.layout.extra_segments();
         let ids: Vec<SegmentId> = (0..count as u64).map(|i| SegmentId::new(3, 300 + i).unwrap()).collect();
         let (sealed, written, _) = encoder.commit(vec![p], Some(plan), ids.clone()).unwrap();
-        let (index, at) = written.unwrap();
+        let (index, at, _) = written.unwrap();
         // Written in id order, the head in the last segment, after its data.
         assert_eq!(sealed.iter().map(|s| s.id).collect::<Vec<_>>(), ids);
         assert_eq!((at.segment.id, at.first_slot), (*ids.last().unwrap(), 1));

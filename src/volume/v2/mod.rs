@@ -53,6 +53,8 @@ pub mod cache;
 pub mod checkpoint;
 pub mod checkpoint_layout;
 mod commit;
+mod compaction_policy;
+mod compactor;
 mod io;
 mod keeper;
 pub mod layout;

@@ -122,6 +122,13 @@ pub(super) struct Inner {
     pub(super) map: Mutex<MapCache>,
     /// The committed root as this writer last made or loaded it.
     pub(super) root: Mutex<RootRecord>,
+    /// The segments holding the current checkpoint's head and index
+    /// continuations (its pages are in the map's index).
+    pub(super) checkpoint_parts: Mutex<std::collections::BTreeSet<SegmentId>>,
+    /// The segments the directory has records of for this volume, once
+    /// listed (the compactor lists them; commits add theirs): what is
+    /// here and not reached by the root is dropped.
+    pub(super) recorded: Mutex<Option<std::collections::BTreeSet<SegmentId>>>,
     /// Segment → holder peer id per shard (0: none), as committed.
     pub(super) holders: Mutex<std::collections::HashMap<SegmentId, Vec<u16>>>,
     /// Peer id → address.
@@ -146,6 +153,8 @@ pub(super) struct Inner {
     pub(super) commit_failure: Mutex<Option<(ErrorKind, String)>>,
     /// Wakes the committer.
     pub(super) wake: Notify,
+    /// Wakes the compactor (a commit changed live counts).
+    pub(super) compact_wake: Notify,
     /// A flush is waiting: commit now, whatever the queue holds.
     pub(super) urgent: AtomicBool,
     /// Why writes are refused, once they are.

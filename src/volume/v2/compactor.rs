@@ -1,0 +1,335 @@
+//! The compactor: frees the segments the volume no longer needs, and
+//! rewrites the live blocks of mostly-dead ones so they can be freed.
+//!
+//! Segments are never modified: an overwrite or a TRIM only lowers the old
+//! segment's live count in the map. A round of the compactor:
+//!
+//! ```text
+//! settle the map's live counts (fetching the pages that takes)
+//! under the commit turn: every segment the directory has a record of
+//!   that the volume no longer reaches (no live block, no checkpoint page,
+//!   not named by the root, not the checkpoint's head or index) is dropped
+//!   (DropSegments); the directory erases it after its grace
+//! if the space held is too much for the live data (the policy):
+//!   victims (fewest live blocks first, never a segment the root names)
+//!   their summaries ─► the entries the map still points at ─► those
+//!   blocks' ciphertext from the data shards, proven
+//!   packed into new segments with their ORIGINAL addresses and sequences
+//!   ─► one commit (under the commit turn, like the committer's)
+//! ```
+//!
+//! **Why moving cannot lose or resurrect a write.** A moved block keeps
+//! its sequence, so the XTS tweak (address, sequence) still decrypts it and
+//! the map's "highest wins" order places it: a write or TRIM made after
+//! the compactor read the victim has a higher sequence and wins over the
+//! moved copy, whichever commits first; the moved copy beats the victim's
+//! only by its higher segment id, on the same sequence. The victim is
+//! dropped only in a later round, once the map (settled, after the move
+//! committed) says nothing reaches it. Dropping happens under the commit
+//! turn, so the set of records and the map it is compared with are of the
+//! same commit. A crash anywhere leaves the victim reached by the root
+//! until a move commits.
+//!
+//! **Throttled against foreground I/O**: a round moves at most
+//! [`ROUND_BLOCKS`], its commit waits for the commit turn like any other
+//! (so user commits interleave), and the runner's tranquility sleeps
+//! [`PACING`]`.tranquility` times a busy round's duration before the next.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::cache::{MapCache, NeedPage};
+use super::layout::{PackedBlock, Packer};
+use super::map::{Mapping, Target};
+use super::root::SegmentRef;
+use super::summary::SummaryEntry;
+use super::volume::Inner;
+use crate::api::MAX_COMMIT_OPS;
+use crate::codec::segment::BLOCK_SIZE;
+use crate::codec::sequence::{SegmentId, Sequence};
+use crate::sys::worker::{Pacing, State, Status, Worker};
+
+/// Blocks one round moves at most (8 full segments of the default size).
+pub(super) const ROUND_BLOCKS: u64 = 8 * 1024;
+
+/// A round runs at least this often, and after every commit.
+const PERIOD: Duration = Duration::from_secs(2);
+
+pub(super) const PACING: Pacing =
+    Pacing { tranquility: 2, backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(30) };
+
+/// A block to move: where it is, and what it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Live {
+    address: u64,
+    sequence: Sequence,
+    slot: u32,
+}
+
+impl Inner {
+    /// Runs `f` on the map, fetching the pages it asks for (each inserted
+    /// only if the index still points where it was fetched from: a
+    /// checkpoint installed meanwhile moved it).
+    async fn with_map<T>(
+        &self,
+        mut f: impl FnMut(&mut MapCache) -> Result<T, NeedPage>,
+    ) -> Result<T, String> {
+        loop {
+            let need = match f(&mut self.map.lock().expect("map")) {
+                Ok(t) => return Ok(t),
+                Err(NeedPage(fetch)) => fetch,
+            };
+            let bytes = self
+                .read_metadata(need.segment.id, need.segment.root, need.first_slot, need.blocks)
+                .await
+                .map_err(|e| format!("map page {}: {e}", need.page))?;
+            let mut map = self.map.lock().expect("map");
+            if map.index().fetch(need.page) == Some(need) {
+                map.insert_page(need.page, &bytes).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+
+    /// Every segment the volume reaches, the map's live counts settled:
+    /// its map's, and its checkpoint's head and index continuations.
+    async fn segments_reached(&self) -> Result<BTreeSet<SegmentId>, String> {
+        let mut reached = self.with_map(|m| m.settle().map(|()| m.reached().expect("settled"))).await?;
+        reached.extend(self.checkpoint_parts.lock().expect("parts").iter().copied());
+        Ok(reached)
+    }
+
+    /// Drops (at the directory) every segment it has a record of that the
+    /// volume no longer reaches; the count dropped. Under the commit turn,
+    /// so no commit lands between reading the records and the map.
+    pub(super) async fn drop_unreached(&self) -> Result<usize, String> {
+        // Most pages fetched before the turn, so commits wait less.
+        self.with_map(MapCache::settle).await?;
+        let _turn = self.commit_turn.lock().await;
+        if self.fenced.lock().expect("fenced").is_some() || *self.suspended.borrow() {
+            return Ok(0);
+        }
+        let listed = self.recorded.lock().expect("recorded").is_some();
+        if !listed {
+            let ids = self.client.list_segments(&self.name).await.map_err(|e| e.to_string())?;
+            *self.recorded.lock().expect("recorded") = Some(ids.into_iter().collect());
+        }
+        let reached = self.segments_reached().await?;
+        let dead: Vec<SegmentId> = {
+            let recorded = self.recorded.lock().expect("recorded");
+            let recorded = recorded.as_ref().expect("listed above");
+            recorded.difference(&reached).copied().collect()
+        };
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        for chunk in dead.chunks(MAX_COMMIT_OPS) {
+            self.client.drop_segments(&self.name, epoch, chunk.to_vec()).await.map_err(|e| e.to_string())?;
+            let mut recorded = self.recorded.lock().expect("recorded");
+            let mut holders = self.holders.lock().expect("holders");
+            for id in chunk {
+                recorded.as_mut().expect("listed above").remove(id);
+                holders.remove(id);
+            }
+        }
+        if !dead.is_empty() {
+            tracing::debug!("volume {}: dropped {} segments no root reaches", self.name, dead.len());
+        }
+        Ok(dead.len())
+    }
+
+    /// The blocks of `segment` the map still points at.
+    async fn live_in(&self, segment: SegmentRef) -> Result<Vec<Live>, String> {
+        let summary = self.read_summary(segment).await?;
+        let mut live = Vec::new();
+        for e in &summary.entries {
+            let SummaryEntry::Data { start, len, slot, sequence } = *e else { continue };
+            for i in 0..len {
+                let (address, slot) = (start + i, slot + i as u32);
+                let sequence = sequence.checked_add(i).ok_or("a summary's sequences overflow")?;
+                let want = Mapping { sequence, target: Target::Data { segment: segment.id, slot } };
+                if self.with_map(|m| m.lookup(address)).await? == Some(want) {
+                    live.push(Live { address, sequence, slot });
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    /// Moves the live blocks of `victims` into new segments and commits
+    /// them; the blocks moved.
+    async fn move_live(&self, victims: &[SegmentRef]) -> Result<u64, String> {
+        let mut blocks: Vec<(Live, Vec<u8>)> = Vec::new();
+        for &victim in victims {
+            let live = self.live_in(victim).await?;
+            if live.is_empty() {
+                continue;
+            }
+            let located = self.locate(victim.id, victim.root).await?;
+            // Runs of slots, gaps of a few blocks read through (fewer calls).
+            let mut runs: Vec<(u32, u32)> = Vec::new();
+            for l in &live {
+                match runs.last_mut() {
+                    Some((_, end)) if l.slot >= *end && l.slot - *end < 16 => *end = l.slot + 1,
+                    _ => runs.push((l.slot, l.slot + 1)),
+                }
+            }
+            let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+            for (first, end) in runs {
+                let bytes = self.io.read(&located, first, end).await.map_err(|e| e.to_string())?;
+                for (i, b) in bytes.chunks_exact(BLOCK_SIZE).enumerate() {
+                    data.insert(first + i as u32, b.to_vec());
+                }
+            }
+            for l in live {
+                let b = data.remove(&l.slot).ok_or("a live slot was not read")?;
+                blocks.push((l, b));
+            }
+        }
+        if blocks.is_empty() {
+            return Ok(0);
+        }
+        // Address order, as the committer packs: sequential reads stay so.
+        blocks.sort_by_key(|(l, _)| l.address);
+        let mut packers = Vec::new();
+        let mut p = Packer::new(self.k, self.blocks_per_shard);
+        for (l, data) in &blocks {
+            if !p.fits_block(0) {
+                packers.push(std::mem::replace(&mut p, Packer::new(self.k, self.blocks_per_shard)));
+            }
+            p.push_block(PackedBlock { address: l.address, sequence: l.sequence, data });
+        }
+        if !p.is_empty() {
+            packers.push(p);
+        }
+        let _turn = self.commit_turn.lock().await;
+        if let Some(why) = self.fenced.lock().expect("fenced").clone() {
+            return Err(why);
+        }
+        if *self.suspended.borrow() {
+            return Err("the write lease may have lapsed: waiting for it".into());
+        }
+        match self.commit_packed(packers, None).await {
+            Ok(()) => Ok(blocks.len() as u64),
+            Err(e) => {
+                self.map.lock().expect("map").abandon_checkpoint();
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// The compactor worker of one attached volume (see the module doc).
+pub(super) struct Compactor {
+    pub(super) inner: Arc<Inner>,
+    /// Data blocks each segment was written with (k × blocks per shard).
+    pub(super) capacity: HashMap<SegmentId, u64>,
+    pub(super) moved: u64,
+    pub(super) dropped: u64,
+    /// Held and live blocks at the last round.
+    pub(super) held: u64,
+    pub(super) live: u64,
+}
+
+impl Compactor {
+    pub(super) fn new(inner: Arc<Inner>) -> Self {
+        Self { inner, capacity: HashMap::new(), moved: 0, dropped: 0, held: 0, live: 0 }
+    }
+
+    /// The data blocks of every recorded segment, asking the directory for
+    /// the records of those not known yet.
+    async fn capacities(&mut self) -> Result<(), String> {
+        let unknown: Vec<SegmentId> = {
+            let recorded = self.inner.recorded.lock().expect("recorded");
+            let Some(recorded) = recorded.as_ref() else { return Ok(()) };
+            self.capacity.retain(|s, _| recorded.contains(s));
+            recorded.iter().copied().filter(|s| !self.capacity.contains_key(s)).collect()
+        };
+        for chunk in unknown.chunks(crate::api::MAX_SEGMENTS_PER_CALL) {
+            let records = self
+                .inner
+                .client
+                .segment_records(&self.inner.name, chunk.to_vec())
+                .await
+                .map_err(|e| e.to_string())?;
+            for (id, r) in chunk.iter().zip(records) {
+                // A record gone since the listing: dropped by a takeover's
+                // writer; the next round lists again only if fenced.
+                let blocks = r.map_or(0, |r| self.inner.k as u64 * u64::from(r.shard_blocks));
+                self.capacity.insert(*id, blocks);
+            }
+        }
+        Ok(())
+    }
+
+    /// Victims for one round, by the policy, fewest live blocks first.
+    fn victims(&mut self) -> Vec<SegmentRef> {
+        let map = self.inner.map.lock().expect("map");
+        let Some(live) = map.segments() else { return Vec::new() };
+        self.held = self.capacity.values().sum();
+        self.live = live.values().sum();
+        let candidates: Vec<(SegmentId, u64, u64)> = live
+            .iter()
+            .filter(|(s, _)| !map.is_recent(**s))
+            .filter_map(|(s, n)| Some((*s, *n, *self.capacity.get(s)?)))
+            .collect();
+        super::compaction_policy::pick(self.held, self.live, &candidates, ROUND_BLOCKS)
+            .into_iter()
+            .filter_map(|s| Some(SegmentRef { id: s, root: map.root_of(s)? }))
+            .collect()
+    }
+
+    async fn round(&mut self) -> Result<State, String> {
+        self.dropped += self.inner.drop_unreached().await? as u64;
+        self.capacities().await?;
+        let victims = self.victims();
+        if victims.is_empty() {
+            return Ok(State::Idle);
+        }
+        let moved = self.inner.move_live(&victims).await?;
+        self.moved += moved;
+        tracing::debug!(
+            "volume {}: compaction moved {moved} blocks out of {} segments (held {} blocks for {} live)",
+            self.inner.name,
+            victims.len(),
+            self.held,
+            self.live
+        );
+        // Drop the victims now that nothing reaches them.
+        self.dropped += self.inner.drop_unreached().await? as u64;
+        Ok(State::Busy)
+    }
+}
+
+impl Worker for Compactor {
+    type Error = String;
+
+    fn name(&self) -> String {
+        format!("compact {}", self.inner.name)
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            queue: None,
+            progress: Some(format!(
+                "{} blocks held for {} live; {} moved, {} segments dropped",
+                self.held, self.live, self.moved, self.dropped
+            )),
+        }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
+        if self.inner.fenced.lock().expect("fenced").is_some() {
+            return Ok(State::Done);
+        }
+        self.round().await
+    }
+
+    async fn wait_for_work(&mut self) -> State {
+        tokio::select! {
+            _ = self.inner.compact_wake.notified() => {}
+            _ = tokio::time::sleep(PERIOD) => {}
+        }
+        State::Busy
+    }
+}
