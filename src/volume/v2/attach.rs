@@ -237,6 +237,8 @@ impl Volume {
                 commit_failure: Mutex::new(None),
                 wake: Notify::new(),
                 compact_wake: Notify::new(),
+                space: Mutex::new((0, 0)),
+                compacted: Notify::new(),
                 urgent: AtomicBool::new(false),
                 fenced: Mutex::new(None),
                 workers: Runner::new(stop.clone()),
@@ -530,7 +532,7 @@ impl Inner {
 }
 
 /// Runs the futures concurrently, results in order.
-async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+pub(super) async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
     std::future::poll_fn(|cx| {

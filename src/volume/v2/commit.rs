@@ -575,6 +575,8 @@ impl Inner {
         if let Some(recorded) = self.recorded.lock().expect("recorded").as_mut() {
             recorded.extend(sealed.iter().map(|s| s.id));
         }
+        self.space.lock().expect("space").0 +=
+            sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
         self.compact_wake.notify_one();
         let mut records = vec![NewRecord::Base(base)];
         records.extend(watermark.map(|sequence| NewRecord::Committed { sequence }));
@@ -747,6 +749,10 @@ pub(super) struct Committer {
 pub(super) const PACING: Pacing =
     Pacing { tranquility: 0, backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2) };
 
+/// Longest a commit waits for compaction to bring the space held back
+/// under the policy's hard limit.
+const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
+
 impl Worker for Committer {
     type Error = String;
 
@@ -762,6 +768,19 @@ impl Worker for Committer {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
+        // The space held is past what compaction keeps to: writes wait
+        // for rounds to free some (at most WAIT_FOR_COMPACTION a commit,
+        // so a compactor that cannot progress slows writes, never stops
+        // them).
+        let waiting = tokio::time::Instant::now();
+        loop {
+            let (held, live) = *self.inner.space.lock().expect("space");
+            let left = WAIT_FOR_COMPACTION.saturating_sub(waiting.elapsed());
+            if !super::compaction_policy::writes_wait(held, live) || left.is_zero() {
+                break;
+            }
+            let _ = tokio::time::timeout(left, self.inner.compacted.notified()).await;
+        }
         match self.inner.commit_once().await {
             Ok(more) => {
                 self.commits += 1;

@@ -4,6 +4,9 @@ use crate::codec::sequence::SegmentId;
 
 /// Compact while the blocks held exceed this many times the live ones.
 const TRIGGER: f64 = 1.25;
+/// Past this many times the live blocks, commits of new writes wait for
+/// compaction.
+const HARD: f64 = 1.40;
 /// Never move a segment fuller than this.
 const MAX_UTILIZATION: f64 = 0.8;
 
@@ -33,4 +36,14 @@ pub(super) fn pick(
         out.push(*s);
     }
     out
+}
+
+/// True when new writes should wait for compaction.
+pub(super) fn writes_wait(held: u64, live: u64) -> bool {
+    live > 0 && held as f64 > HARD * live as f64
+}
+
+/// True when compaction is due at all.
+pub(super) fn due(held: u64, live: u64) -> bool {
+    held as f64 > TRIGGER * live as f64
 }

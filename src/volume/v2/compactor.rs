@@ -32,8 +32,12 @@
 //!
 //! **Throttled against foreground I/O**: a round moves at most
 //! [`ROUND_BLOCKS`], its commit waits for the commit turn like any other
-//! (so user commits interleave), and the runner's tranquility sleeps
-//! [`PACING`]`.tranquility` times a busy round's duration before the next.
+//! (so user commits interleave), and a busy round is followed by a pause
+//! of twice its length. **Unless writes outrun it**: past the policy's
+//! hard limit of space held per live block, the committer waits (up to a
+//! second a commit) for a round to free space, and the compactor runs
+//! without pauses, so a steady overwrite load keeps within the bound at
+//! the cost of write speed, as a full log-structured disk must.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -55,11 +59,18 @@ use crate::sys::worker::{Pacing, State, Status, Worker};
 /// Blocks one round moves at most (8 full segments of the default size).
 pub(super) const ROUND_BLOCKS: u64 = 8 * 1024;
 
+/// Victims read at once.
+const GATHER_AT_ONCE: usize = 8;
+
 /// A round runs at least this often, and after every commit.
 const PERIOD: Duration = Duration::from_secs(2);
 
+/// A busy round is followed by a pause this many times its length,
+/// unless writes are waiting for it.
+const TRANQUILITY: u32 = 2;
+
 pub(super) const PACING: Pacing =
-    Pacing { tranquility: 2, backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(30) };
+    Pacing { tranquility: 0, backoff: Duration::from_millis(500), max_backoff: Duration::from_secs(30) };
 
 /// A block to move: where it is, and what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,34 +167,42 @@ impl Inner {
         Ok(live)
     }
 
+    /// The live blocks of `victim` and their ciphertext as stored.
+    async fn gather(&self, victim: SegmentRef) -> Result<Vec<(Live, Vec<u8>)>, String> {
+        let live = self.live_in(victim).await?;
+        if live.is_empty() {
+            return Ok(Vec::new());
+        }
+        let located = self.locate(victim.id, victim.root).await?;
+        // Runs of slots, gaps of a few blocks read through (fewer calls).
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for l in &live {
+            match runs.last_mut() {
+                Some((_, end)) if l.slot >= *end && l.slot - *end < 16 => *end = l.slot + 1,
+                _ => runs.push((l.slot, l.slot + 1)),
+            }
+        }
+        let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+        for (first, end) in runs {
+            let bytes = self.io.read(&located, first, end).await.map_err(|e| e.to_string())?;
+            for (i, b) in bytes.chunks_exact(BLOCK_SIZE).enumerate() {
+                data.insert(first + i as u32, b.to_vec());
+            }
+        }
+        live.into_iter()
+            .map(|l| Ok((l, data.remove(&l.slot).ok_or("a live slot was not read")?)))
+            .collect()
+    }
+
     /// Moves the live blocks of `victims` into new segments and commits
     /// them; the blocks moved.
     async fn move_live(&self, victims: &[SegmentRef]) -> Result<u64, String> {
+        let started = tokio::time::Instant::now();
         let mut blocks: Vec<(Live, Vec<u8>)> = Vec::new();
-        for &victim in victims {
-            let live = self.live_in(victim).await?;
-            if live.is_empty() {
-                continue;
-            }
-            let located = self.locate(victim.id, victim.root).await?;
-            // Runs of slots, gaps of a few blocks read through (fewer calls).
-            let mut runs: Vec<(u32, u32)> = Vec::new();
-            for l in &live {
-                match runs.last_mut() {
-                    Some((_, end)) if l.slot >= *end && l.slot - *end < 16 => *end = l.slot + 1,
-                    _ => runs.push((l.slot, l.slot + 1)),
-                }
-            }
-            let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
-            for (first, end) in runs {
-                let bytes = self.io.read(&located, first, end).await.map_err(|e| e.to_string())?;
-                for (i, b) in bytes.chunks_exact(BLOCK_SIZE).enumerate() {
-                    data.insert(first + i as u32, b.to_vec());
-                }
-            }
-            for l in live {
-                let b = data.remove(&l.slot).ok_or("a live slot was not read")?;
-                blocks.push((l, b));
+        for chunk in victims.chunks(GATHER_AT_ONCE) {
+            let gathered = super::attach::join_all(chunk.iter().map(|v| self.gather(*v)).collect()).await;
+            for g in gathered {
+                blocks.extend(g?);
             }
         }
         if blocks.is_empty() {
@@ -202,6 +221,7 @@ impl Inner {
         if !p.is_empty() {
             packers.push(p);
         }
+        tracing::debug!("volume {}: compaction gathered {} blocks in {:?}", self.name, blocks.len(), started.elapsed());
         let _turn = self.commit_turn.lock().await;
         if let Some(why) = self.fenced.lock().expect("fenced").clone() {
             return Err(why);
@@ -266,37 +286,55 @@ impl Compactor {
     fn victims(&mut self) -> Vec<SegmentRef> {
         let map = self.inner.map.lock().expect("map");
         let Some(live) = map.segments() else { return Vec::new() };
-        self.held = self.capacity.values().sum();
-        self.live = live.values().sum();
         let candidates: Vec<(SegmentId, u64, u64)> = live
             .iter()
             .filter(|(s, _)| !map.is_recent(**s))
             .filter_map(|(s, n)| Some((*s, *n, *self.capacity.get(s)?)))
             .collect();
+        if !super::compaction_policy::due(self.held, self.live) {
+            return Vec::new();
+        }
         super::compaction_policy::pick(self.held, self.live, &candidates, ROUND_BLOCKS)
             .into_iter()
             .filter_map(|s| Some(SegmentRef { id: s, root: map.root_of(s)? }))
             .collect()
     }
 
+    /// Counts the space held and live, and says so to the committer.
+    fn count(&mut self) {
+        let map = self.inner.map.lock().expect("map");
+        if let Some(live) = map.segments() {
+            self.held = self.capacity.values().sum();
+            self.live = live.values().sum();
+            *self.inner.space.lock().expect("space") = (self.held, self.live);
+        }
+    }
+
     async fn round(&mut self) -> Result<State, String> {
         self.dropped += self.inner.drop_unreached().await? as u64;
         self.capacities().await?;
+        self.count();
+        self.inner.compacted.notify_waiters();
         let victims = self.victims();
         if victims.is_empty() {
             return Ok(State::Idle);
         }
+        let started = tokio::time::Instant::now();
         let moved = self.inner.move_live(&victims).await?;
         self.moved += moved;
         tracing::debug!(
-            "volume {}: compaction moved {moved} blocks out of {} segments (held {} blocks for {} live)",
+            "volume {}: compaction moved {moved} blocks out of {} segments in {:?} (held {} blocks for {} live)",
             self.inner.name,
             victims.len(),
+            started.elapsed(),
             self.held,
             self.live
         );
         // Drop the victims now that nothing reaches them.
         self.dropped += self.inner.drop_unreached().await? as u64;
+        self.capacities().await?;
+        self.count();
+        self.inner.compacted.notify_waiters();
         Ok(State::Busy)
     }
 }
@@ -318,11 +356,21 @@ impl Worker for Compactor {
         }
     }
 
-    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
+    async fn work(&mut self, stop: &CancellationToken) -> Result<State, String> {
         if self.inner.fenced.lock().expect("fenced").is_some() {
             return Ok(State::Done);
         }
-        self.round().await
+        let started = tokio::time::Instant::now();
+        let state = self.round().await?;
+        // Yield to foreground I/O (twice the round's time), unless writes
+        // wait for this round.
+        if state == State::Busy && !super::compaction_policy::writes_wait(self.held, self.live) {
+            tokio::select! {
+                _ = tokio::time::sleep(started.elapsed() * TRANQUILITY) => {}
+                _ = stop.cancelled() => {}
+            }
+        }
+        Ok(state)
     }
 
     async fn wait_for_work(&mut self) -> State {

@@ -155,6 +155,11 @@ pub(super) struct Inner {
     pub(super) wake: Notify,
     /// Wakes the compactor (a commit changed live counts).
     pub(super) compact_wake: Notify,
+    /// Blocks held on peers and live, as the compactor last counted
+    /// them (commits add theirs meanwhile).
+    pub(super) space: Mutex<(u64, u64)>,
+    /// A compaction round freed space.
+    pub(super) compacted: Notify,
     /// A flush is waiting: commit now, whatever the queue holds.
     pub(super) urgent: AtomicBool,
     /// Why writes are refused, once they are.
