@@ -53,6 +53,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod checkpoint_layout;
 mod commit;
+pub mod compaction;
 mod io;
 mod keeper;
 pub mod layout;
