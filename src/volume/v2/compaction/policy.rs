@@ -363,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn reserve_covers_a_round_and_a_part_full_open_segment() {
+    fn reserve_covers_a_round_and_its_commit() {
         assert_eq!(reserve_segments(1000, 1000), 2);
         assert_eq!(reserve_segments(1001, 1000), 3);
         assert_eq!(reserve_segments(0, 1000), 1);

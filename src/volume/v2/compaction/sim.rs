@@ -9,9 +9,10 @@
 //! stays at `fill × blocks`), [uniform](Workload::Uniform) or
 //! [hot/cold](Workload::HotCold). After every write it asks the policy
 //! whether to compact; a round picks victims for at most `round_blocks`
-//! moved blocks, appends their live blocks to the open segment of moved
-//! blocks (kept apart from the user's, as the worker does), then frees the
-//! victims (the worker frees them in the commit after the move).
+//! moved blocks, writes their live blocks to segments of its own (apart
+//! from the user's, as the worker does; the last sealed part-full at the
+//! round's end, since the worker commits the move), then frees the victims
+//! (the worker frees them in the commit after the move).
 //!
 //! What it measures, in the overwrite phase: the held/live ratio after
 //! every write and between a round's move and its free (its peak and final
