@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => cli::volume::key(&cmd),
         Command::Detach(args) => cli::attach::detach(&args),
         Command::Bench(BenchCommand::Codec(args)) => cli::bench::codec(&args, cli.threads),
+        Command::Bench(BenchCommand::Compaction(args)) => cli::bench::compaction(&args),
         command => {
             let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

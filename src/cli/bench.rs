@@ -1,10 +1,12 @@
 //! `meshdisk bench codec` (this machine's codec stages, no cluster; the
-//! measuring is [`crate::codec::bench`]) and `meshdisk bench cluster`
-//! (shard transfers to every peer; the measuring is [`bench_cluster`]).
+//! measuring is [`crate::codec::bench`]), `meshdisk bench cluster`
+//! (shard transfers to every peer; the measuring is [`bench_cluster`]) and
+//! `meshdisk bench compaction` (the compaction policy on a simulated
+//! volume; the simulator is [`crate::volume::v2::compaction::sim`]).
 
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::cli::bench_cluster::{self, ClusterBench, Phase};
@@ -12,6 +14,8 @@ use crate::cli::{CliError, CredentialArg};
 use crate::codec::bench::{self, BenchConfig};
 use crate::codec::{Geometry, SECTOR_SIZE};
 use crate::size::parse_size;
+use crate::volume::v2::compaction::policy::{Order, Policy, TRIGGER};
+use crate::volume::v2::compaction::sim::{self, Workload};
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -20,6 +24,10 @@ pub enum BenchCommand {
     Codec(BenchCodecArgs),
     /// Shard put and get throughput from this client to every peer.
     Cluster(BenchClusterArgs),
+    /// The compaction policy on a simulated volume (no I/O): peak and final
+    /// space held over live data, and write amplification, per workload
+    /// and policy.
+    Compaction(BenchCompactionArgs),
 }
 
 #[derive(Args)]
@@ -58,6 +66,51 @@ pub struct BenchClusterArgs {
     phases: Vec<Phase>,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+pub struct BenchCompactionArgs {
+    /// The volume's size in 4 KiB blocks.
+    #[arg(long, default_value_t = 1 << 18)]
+    blocks: u64,
+    /// Data blocks per segment.
+    #[arg(long, default_value_t = 1000)]
+    segment_blocks: u32,
+    /// The fraction of the volume filled (sequentially) before the
+    /// overwrites.
+    #[arg(long, default_value_t = 0.7)]
+    fill: f64,
+    /// Random single-block overwrites of the filled blocks.
+    #[arg(long, default_value_t = 10_000_000)]
+    writes: u64,
+    /// Workloads, a run each: uniform, or hotcold (90% of the writes to
+    /// 10% of the blocks).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "uniform,hotcold")]
+    workload: Vec<WorkloadArg>,
+    /// Victim orders, a run each per workload.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cost-benefit,greedy")]
+    policy: Vec<OrderArg>,
+    /// Compact while held blocks exceed this many times the live blocks
+    /// (`inf`: never compact).
+    #[arg(long, default_value_t = TRIGGER)]
+    trigger: f64,
+    /// Moved blocks per round, at most (default: one segment's worth).
+    #[arg(long)]
+    round_blocks: Option<u64>,
+    #[arg(long, default_value_t = 13)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    Uniform,
+    Hotcold,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OrderArg {
+    CostBenefit,
+    Greedy,
 }
 
 /// Checks `--seconds` (more than 0, at most 10 minutes).
@@ -159,6 +212,66 @@ pub async fn cluster(args: BenchClusterArgs) -> Result<(), CliError> {
             })
             .collect();
         println!("{}", serde_json::to_string(&rows)?);
+    }
+    Ok(())
+}
+
+/// `meshdisk bench compaction`: a line per (workload, policy) run as it
+/// ends (no async runtime needed).
+pub fn compaction(args: &BenchCompactionArgs) -> Result<(), CliError> {
+    if !(2..=u64::from(u32::MAX)).contains(&args.blocks) {
+        return Err(CliError::Argument("--blocks must be 2 to 2^32 - 1".into()));
+    }
+    if args.segment_blocks == 0 {
+        return Err(CliError::Argument("--segment-blocks must be at least 1".into()));
+    }
+    if !(args.fill > 0.0 && args.fill <= 1.0) {
+        return Err(CliError::Argument("--fill must be more than 0 and at most 1".into()));
+    }
+    if args.trigger.is_nan() || args.trigger < 1.0 {
+        return Err(CliError::Argument("--trigger must be at least 1".into()));
+    }
+    println!(
+        "{} blocks, segments of {}, filled to {}, {} overwrites, trigger {}",
+        args.blocks, args.segment_blocks, args.fill, args.writes, args.trigger
+    );
+    println!(
+        "{:<8} {:<12} {:>10} {:>11} {:>8} {:>10} {:>9} {:>12}",
+        "workload", "policy", "peak space", "final space", "WA", "steady WA", "victim u", "writes/s"
+    );
+    for workload in &args.workload {
+        let workload = match workload {
+            WorkloadArg::Uniform => Workload::Uniform,
+            WorkloadArg::Hotcold => Workload::HOT_COLD,
+        };
+        for order in &args.policy {
+            let order = match order {
+                OrderArg::CostBenefit => Order::CostBenefit,
+                OrderArg::Greedy => Order::Greedy,
+            };
+            let config = sim::Config {
+                blocks: args.blocks,
+                segment_blocks: args.segment_blocks,
+                fill: args.fill,
+                writes: args.writes,
+                workload,
+                policy: Policy { order, trigger: args.trigger, ..Policy::DEFAULT },
+                round_blocks: args.round_blocks.unwrap_or(u64::from(args.segment_blocks)),
+                seed: args.seed,
+            };
+            let r = sim::run(&config);
+            println!(
+                "{:<8} {:<12} {:>10.4} {:>11.4} {:>8.4} {:>10.4} {:>9.3} {:>12.0}",
+                workload.name(),
+                order.as_str(),
+                r.peak_space,
+                r.final_space,
+                r.write_amplification,
+                r.steady_write_amplification,
+                r.mean_victim_utilization,
+                r.writes_per_second
+            );
+        }
     }
     Ok(())
 }

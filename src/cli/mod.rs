@@ -93,9 +93,9 @@ pub enum Command {
 }
 
 /// Runs a command. `threads` is the global `--threads` (`bench codec`
-/// uses it for its all-cores stages). `main` runs `key`, `detach` and
-/// `bench codec` without an async runtime, calling their functions
-/// directly; here they run like the others.
+/// uses it for its all-cores stages). `main` runs `key`, `detach`, `bench
+/// codec` and `bench compaction` without an async runtime, calling their
+/// functions directly; here they run like the others.
 pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
     match command {
         Command::Directory(args) => directory::run(args).await,
@@ -111,6 +111,7 @@ pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
         Command::Key(cmd) => volume::key(&cmd),
         Command::Bench(bench::BenchCommand::Codec(args)) => bench::codec(&args, threads),
         Command::Bench(bench::BenchCommand::Cluster(args)) => bench::cluster(args).await,
+        Command::Bench(bench::BenchCommand::Compaction(args)) => bench::compaction(&args),
     }
 }
 

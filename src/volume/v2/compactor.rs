@@ -46,6 +46,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{MapCache, NeedPage};
+use super::compaction::policy::{Policy, SPACE_BOUND, SegmentState, TRIGGER};
 use super::layout::{PackedBlock, Packer};
 use super::map::{Mapping, Target};
 use super::root::SegmentRef;
@@ -58,6 +59,20 @@ use crate::sys::worker::{Pacing, State, Status, Worker};
 
 /// Blocks one round moves at most (8 full segments of the default size).
 pub(super) const ROUND_BLOCKS: u64 = 8 * 1024;
+
+/// The policy the compactor runs (docs/ARCHITECTURE.md, "Compaction
+/// policy and its bounds").
+const POLICY: Policy = Policy::DEFAULT;
+
+/// Past this many blocks held per live block, commits of new writes wait
+/// for compaction: between the policy's trigger and the bound, so a steady
+/// overwrite load holds the space within the bound.
+pub(super) const WRITES_WAIT: f64 = TRIGGER + (SPACE_BOUND - TRIGGER) * 2.0 / 3.0;
+
+/// True when new writes should wait for compaction.
+pub(super) fn writes_wait(held: u64, live: u64) -> bool {
+    live > 0 && held as f64 > WRITES_WAIT * live as f64
+}
 
 /// Victims read at once.
 const GATHER_AT_ONCE: usize = 8;
@@ -282,19 +297,26 @@ impl Compactor {
         Ok(())
     }
 
-    /// Victims for one round, by the policy, fewest live blocks first.
-    fn victims(&mut self) -> Vec<SegmentRef> {
-        let map = self.inner.map.lock().expect("map");
-        let Some(live) = map.segments() else { return Vec::new() };
-        let candidates: Vec<(SegmentId, u64, u64)> = live
-            .iter()
-            .filter(|(s, _)| !map.is_recent(**s))
-            .filter_map(|(s, n)| Some((*s, *n, *self.capacity.get(s)?)))
-            .collect();
-        if !super::compaction_policy::due(self.held, self.live) {
+    /// Victims for one round, by the policy (never a segment the root
+    /// names: it stays until a checkpoint covers it).
+    fn victims(&self) -> Vec<SegmentRef> {
+        let segment_blocks = self.inner.k as u64 * u64::from(self.inner.blocks_per_shard);
+        if !POLICY.should_compact(self.held, self.live, segment_blocks) {
             return Vec::new();
         }
-        super::compaction_policy::pick(self.held, self.live, &candidates, ROUND_BLOCKS)
+        let map = self.inner.map.lock().expect("map");
+        let Some(live) = map.segments() else { return Vec::new() };
+        let candidates: Vec<SegmentState> = self
+            .capacity
+            .iter()
+            // Segments of no live block the map still needs hold pages of
+            // the checkpoint: only a checkpoint frees them.
+            .filter(|(s, cap)| **cap > 0 && !map.is_recent(**s) && live.contains_key(*s))
+            .map(|(s, cap)| SegmentState { id: *s, live_blocks: live[s], capacity: *cap, pinned: false })
+            .collect();
+        let now = map.highest().1;
+        POLICY
+            .victims(&candidates, now, ROUND_BLOCKS)
             .into_iter()
             .filter_map(|s| Some(SegmentRef { id: s, root: map.root_of(s)? }))
             .collect()
@@ -322,6 +344,9 @@ impl Compactor {
         let started = tokio::time::Instant::now();
         let moved = self.inner.move_live(&victims).await?;
         self.moved += moved;
+        if moved == 0 {
+            return Ok(State::Idle);
+        }
         tracing::debug!(
             "volume {}: compaction moved {moved} blocks out of {} segments in {:?} (held {} blocks for {} live)",
             self.inner.name,
@@ -364,7 +389,7 @@ impl Worker for Compactor {
         let state = self.round().await?;
         // Yield to foreground I/O (twice the round's time), unless writes
         // wait for this round.
-        if state == State::Busy && !super::compaction_policy::writes_wait(self.held, self.live) {
+        if state == State::Busy && !writes_wait(self.held, self.live) {
             tokio::select! {
                 _ = tokio::time::sleep(started.elapsed() * TRANQUILITY) => {}
                 _ = stop.cancelled() => {}

@@ -53,7 +53,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod checkpoint_layout;
 mod commit;
-mod compaction_policy;
+pub mod compaction;
 mod compactor;
 mod io;
 mod keeper;
