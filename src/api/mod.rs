@@ -176,6 +176,17 @@ pub struct VolumeInfo {
     /// (headers included).
     pub allocated: u64,
     pub health: Health,
+    /// Dropped segments whose shards wait to be erased from the peers.
+    #[serde(default)]
+    pub collecting: Collecting,
+}
+
+/// Dropped segments waiting for the collector (their grace, or a holder
+/// that is down): how many, and the bytes of their shards still on peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collecting {
+    pub segments: u64,
+    pub bytes: u64,
 }
 
 /// A peer in `meshdisk status`.

@@ -26,6 +26,14 @@ const T0: u64 = 1_700_000_000_000;
 const SEED: u64 = 42;
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_TTL: Duration = Duration::from_secs(20);
+/// The collection grace and reconciliation period of these tests.
+const GRACE: Duration = Duration::from_secs(60);
+const TIMING: Timing = Timing {
+    peer_timeout: PEER_TIMEOUT,
+    lease_ttl: LEASE_TTL,
+    collect_grace: GRACE,
+    reconcile_every: Duration::from_secs(600),
+};
 /// A volume's shard size.
 const SHARD: u32 = 4096;
 /// Bytes of one shard (header and payload) as placement asks for room.
@@ -91,7 +99,7 @@ impl Fixture {
         let clock = ManualClock::starting_at(T0);
         let meta = RedbStore::open_with_clock(&tmp.path().join("directory.redb"), clock.clock()).unwrap();
         let ca = ClusterCa::create(tmp.path(), "test").unwrap();
-        let timing = Timing { peer_timeout: PEER_TIMEOUT, lease_ttl: LEASE_TTL };
+        let timing = TIMING;
         let dir = Directory::new(meta.clone(), ca, timing, clock.clock()).unwrap().with_seed(seed);
         Self { dir: Arc::new(dir), meta, clock, _tmp: tmp }
     }
@@ -458,13 +466,15 @@ impl Eraser for FakePeers {
         Ok(keys.into_iter().filter(|k| after.is_none_or(|a| *k > a)).take(limit as usize).collect())
     }
 
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<(), Unreachable> {
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
         self.check(peer)?;
+        let mut existed = false;
         if let Some(keys) = self.held.lock().unwrap().get_mut(&peer.name) {
+            existed = keys.contains(&key);
             keys.retain(|k| *k != key);
         }
         self.erased.lock().unwrap().push((peer.name.clone(), key, epoch));
-        Ok(())
+        Ok(existed)
     }
 }
 
@@ -676,7 +686,7 @@ impl Fixture {
         drop(meta);
         let meta = RedbStore::open_with_clock(&_tmp.path().join("directory.redb"), clock.clock()).unwrap();
         let ca = ClusterCa::load(_tmp.path(), "test").unwrap();
-        let timing = Timing { peer_timeout: PEER_TIMEOUT, lease_ttl: LEASE_TTL };
+        let timing = TIMING;
         let dir = Directory::new(meta.clone(), ca, timing, clock.clock()).unwrap().with_seed(SEED);
         Self { dir: Arc::new(dir), meta, clock, _tmp }
     }
@@ -737,11 +747,12 @@ async fn a_root_commit_that_does_not_add_up_is_invalid_and_writes_nothing() {
     }
     assert_eq!(f.root("vol-1").await.unwrap().commit, 1);
     assert!(f.meta.list(b"segs/").await.unwrap().is_empty());
-    // The largest record that fits: 16 peers with ids below 2^14.
+    // The largest record that fits: 16 peers with ids below 2^14 (of a
+    // segment above the root's highest, seg(1, 1), as every new one is).
     let widest: Vec<u16> = (0..16).map(|i| 16_383 - i).collect();
-    let c = RootCommit { segments: vec![(seg(1, 1), record(&widest, 7))], ..ok() };
+    let c = RootCommit { segments: vec![(seg(1, 2), record(&widest, 7))], ..ok() };
     f.commit_root("client-1", c).await.unwrap();
-    assert_eq!(f.segment_records("vol-1", vec![seg(1, 1)]).await, vec![Some(record(&widest, 7))]);
+    assert_eq!(f.segment_records("vol-1", vec![seg(1, 2)]).await, vec![Some(record(&widest, 7))]);
 }
 
 #[tokio::test]
