@@ -420,13 +420,9 @@ impl<S: MetaStore> Directory<S> {
     /// The peer with small id `id`, as a pass finds it (`names` caches the
     /// `peerslot/` lookups of a pass).
     async fn holder(&self, id: u16, names: &mut HashMap<u16, Option<String>>) -> Result<Holder, Remote> {
-        if !names.contains_key(&id) {
-            let name = self
-                .meta
-                .get(&peer_slot_key(id))
-                .await?
-                .map(|e| String::from_utf8_lossy(&e.value).into_owned());
-            names.insert(id, name);
+        if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
+            let slot = self.meta.get(&peer_slot_key(id)).await?;
+            v.insert(slot.map(|e| String::from_utf8_lossy(&e.value).into_owned()));
         }
         let Some(name) = names[&id].clone() else { return Ok(Holder::Gone) };
         Ok(match self.get::<PeerRecord>("peer", &key("peers", &name)).await? {
