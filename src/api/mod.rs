@@ -514,7 +514,9 @@ pub enum DirRequest {
     /// Swap the root by compare-and-set (`Committed`). Refused `Fenced`
     /// (not the lease holder at that epoch), `Conflict` (the root is not
     /// `expected`), `Invalid` (the root does not parse, is for another
-    /// volume, epoch or commit number, or the commit is too big).
+    /// volume, epoch or commit number, the commit is too big, or a new
+    /// segment is not above the replaced root's highest and the volume's
+    /// collection floor).
     CommitRoot(RootCommit),
     /// Segment records by id, `None` for those the directory does not have.
     SegmentRecords {

@@ -19,6 +19,17 @@
 //! commit's compares see the commits before it in its batch, so two
 //! commits of one root in one batch cannot both succeed: the second sees
 //! the first's root and is refused `Conflict`.
+//!
+//! A dropped segment's record is not deleted but moved to `dead/` with
+//! the time (the same transaction), where the collector erases its shards
+//! after the collection grace. A commit may add only segments above
+//! max(the replaced root's highest segment, the volume's floor): the
+//! attach allocates every new id above its root's (invariant 8), and the
+//! collector raises the floor before it erases a shard nobody recorded,
+//! so a commit that was in flight longer than the grace can never record
+//! an erased segment (it is refused `Invalid`). The commit compares the
+//! floor as read; if the collector raises it meanwhile, the commit is
+//! checked again against the new floor.
 
 use std::collections::HashSet;
 
