@@ -528,3 +528,141 @@ fn segment_shards_are_stored_proved_and_rot_is_refused_by_the_peer_holding_it() 
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
     });
 }
+
+/// Collection on a real cluster: a dropped segment's shards and orphan
+/// shards (put with no record, below and above the root's highest segment)
+/// are erased after the grace; the live segment stays; a peer stopped
+/// during the erasure gets its share erased once it is back; the erasures
+/// never fence the volume's writer.
+#[test]
+fn dropped_segments_and_orphans_are_erased_after_the_grace_even_from_a_peer_that_was_away() {
+    let grace = Duration::from_secs(3);
+    let mut c = Cluster::start(
+        "home",
+        &["--collect-grace", "3s", "--reconcile-every", "1s", "--peer-timeout", "2s", "--lease-ttl", "60s"],
+    );
+    let names: Vec<String> = (0..6).map(|i| c.add_peer("64M", &format!("room{i}"))).collect();
+    c.wait_all_up(6);
+    let rt = runtime();
+    let spec = volume("trash", 4, 2);
+    let id = |n: u64| SegmentId::new(1, n).unwrap();
+    // Segment 1 stays; 5 is committed then dropped; 3 (below the root's
+    // highest, 5) and 9 (above) are put without a record.
+    let segs: Vec<(SegmentId, EncodedSegment)> = [1, 5, 3, 9].map(|n| segment(spec.id, n, 4)).into();
+    // Nothing may be erased before this plus the grace: the orphans are
+    // put and the segment dropped after it.
+    let t0 = Instant::now();
+    let (client, record, epoch, placement) = rt.block_on(async {
+        let client = c.client();
+        let record = client.create_volume(spec.clone()).await.unwrap();
+        let lease = client.acquire_lease("trash", false, None).await.unwrap();
+        assert_eq!(lease.epoch, 1);
+        // Every segment on all six peers, shard i on the same peer.
+        let placement = client.place_segments("trash", 1, 1, stored_len(4), vec![]).await.unwrap();
+        let placement = placement.into_iter().next().unwrap();
+        let store = common::cluster::store_and_commit;
+        assert_eq!(store(&client, &record, 1, None, &placement, segs[0].0, &segs[0].1).await, 1);
+        assert_eq!(store(&client, &record, 1, Some((1, 1)), &placement, segs[1].0, &segs[1].1).await, 2);
+        for (_, seg) in &segs[2..] {
+            for (shard, slot) in seg.shards.iter().zip(&placement.peers) {
+                client.put_shard(&slot.addr, Bytes::from(shard.clone()), 1).await.unwrap();
+            }
+        }
+        client.drop_segments("trash", 1, vec![id(5)]).await.unwrap();
+        let info = client.volume_info("trash").await.unwrap();
+        assert_eq!(info.collecting.segments, 1);
+        assert_eq!(info.collecting.bytes, 6 * stored_len(4));
+        (client, record, lease.epoch, placement)
+    });
+    let holder_of = |name: &str| placement.peers.iter().position(|s| s.addr.name == name).unwrap();
+    // The peer that will be away: stopped before the grace is over.
+    let away = 5;
+    let away_index = holder_of(&names[away]);
+    c.peers[away].stop();
+
+    let shards_on = |c: &Cluster, name: &str| {
+        rt.block_on(async {
+            let mut keys = client.list_shards(&addr_of(c, name), spec.id, None, 1000).await.unwrap();
+            keys.sort();
+            keys
+        })
+    };
+    let only_live = |name: &str| vec![key(spec.id, id(1), holder_of(name))];
+    // On the five that stayed, everything but segment 1 goes, after the
+    // grace and not before.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for (i, name) in names.iter().enumerate() {
+        if i == away {
+            continue;
+        }
+        loop {
+            let keys = shards_on(&c, name);
+            if keys == only_live(name) {
+                break;
+            }
+            assert!(
+                keys.len() == 4 || t0.elapsed() >= grace,
+                "{name} lost shards within the grace ({:?}): {keys:?}",
+                t0.elapsed()
+            );
+            assert!(Instant::now() < deadline, "{name} still holds {keys:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // The dropped segment waits for the peer that is away.
+    rt.block_on(async {
+        let info = client.volume_info("trash").await.unwrap();
+        assert_eq!(info.collecting.segments, 1, "the entry waits for {}", names[away]);
+        assert_eq!(info.health.segments, 1);
+    });
+
+    // Back: its shards of 5, 3 and 9 go too; its shard of 1 stays.
+    let name = c.restart_peer(away, "64M", &format!("room{away}"));
+    assert_eq!(name, names[away]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let keys = shards_on(&c, &name);
+        let left = rt.block_on(client.volume_info("trash")).unwrap().collecting.segments;
+        if keys == vec![key(spec.id, id(1), away_index)] && left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{name} still holds {keys:?}; {left} dropped segments left");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = c.status();
+    let collector = s.workers.iter().find(|w| w.name == "collector").unwrap();
+    let progress = collector.progress.clone().unwrap();
+    assert!(progress.starts_with("6 shards of dropped segments erased"), "{progress}");
+    assert!(progress.contains(" orphans found, ") && !progress.contains(" 0 erased"), "{progress}");
+
+    rt.block_on(async {
+        // Segment 1 reads back whole from every peer.
+        for (i, slot) in placement.peers.iter().enumerate() {
+            let peer = addr_of(&c, &slot.addr.name);
+            let got = client.get_shard(&peer, key(spec.id, id(1), i), &segs[0].1.root).await.unwrap();
+            assert_eq!(&got[..], &segs[0].1.shards[i][..]);
+        }
+        // A commit that was in flight all along cannot record segment 9
+        // (above the root's highest, 5, but not above the floor).
+        let late = meshdisk::api::SegmentRecord {
+            peers: placement.peers.iter().map(|s| s.id).collect(),
+            shard_blocks: 4,
+            root: segs[3].1.root.0,
+        };
+        let refs = vec![meshdisk::codec::root::SegmentRef { id: id(9), root: segs[3].1.root }];
+        let commit = common::cluster::root_commit(&record, 1, Some((1, 2)), refs, vec![(id(9), late)]);
+        let err = client.commit_root(commit).await.unwrap_err();
+        assert_eq!(err.kind(), Some(ErrorKind::Invalid), "{err}");
+        assert!(err.to_string().contains("not above"), "{err}");
+        // The writer at epoch 1 is not fenced: it still puts and commits,
+        // above the floor the collector raised for segment 9.
+        let (next, seg) = segment(spec.id, 10, 4);
+        // (Placed again: the restarted peer has a new address.)
+        let fresh = client.place_segments("trash", epoch, 1, stored_len(4), vec![]).await.unwrap();
+        let fresh = fresh.into_iter().next().unwrap();
+        let done =
+            common::cluster::store_and_commit(&client, &record, epoch, Some((1, 2)), &fresh, next, &seg)
+                .await;
+        assert_eq!(done, 3);
+    });
+}

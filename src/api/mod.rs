@@ -176,6 +176,17 @@ pub struct VolumeInfo {
     /// (headers included).
     pub allocated: u64,
     pub health: Health,
+    /// Dropped segments whose shards wait to be erased from the peers.
+    #[serde(default)]
+    pub collecting: Collecting,
+}
+
+/// Dropped segments waiting for the collector (their grace, or a holder
+/// that is down): how many, and the bytes of their shards still on peers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collecting {
+    pub segments: u64,
+    pub bytes: u64,
 }
 
 /// A peer in `meshdisk status`.
@@ -503,7 +514,9 @@ pub enum DirRequest {
     /// Swap the root by compare-and-set (`Committed`). Refused `Fenced`
     /// (not the lease holder at that epoch), `Conflict` (the root is not
     /// `expected`), `Invalid` (the root does not parse, is for another
-    /// volume, epoch or commit number, or the commit is too big).
+    /// volume, epoch or commit number, the commit is too big, or a new
+    /// segment is not above the replaced root's highest and the volume's
+    /// collection floor).
     CommitRoot(RootCommit),
     /// Segment records by id, `None` for those the directory does not have.
     SegmentRecords {

@@ -31,6 +31,15 @@ pub struct DirectoryArgs {
     /// A volume's write lease lapses this long after its holder's last renewal.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     lease_ttl: Duration,
+    /// Shards of a segment no root reaches any more (and orphan shards) are
+    /// erased from the peers no sooner than this after it was dropped (or
+    /// they were first seen): reads and commits in flight finish first.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    collect_grace: Duration,
+    /// How often every peer's shards are compared with the segment records
+    /// to find orphans (failed commits, replaced puts).
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    reconcile_every: Duration,
 }
 
 /// `meshdisk directory`: runs until SIGINT/SIGTERM.
@@ -42,6 +51,8 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         cluster: args.cluster,
         peer_timeout: args.peer_timeout,
         lease_ttl: args.lease_ttl,
+        collect_grace: args.collect_grace,
+        reconcile_every: args.reconcile_every,
     };
     let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::directory::run(config, stop).await?)

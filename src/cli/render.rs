@@ -48,6 +48,22 @@ pub fn status(s: &ClusterStatus) -> String {
         s.volumes.len(),
         if s.volumes.len() == 1 { "" } else { "s" }
     );
+    // The directory's background workers, one line each: the collector's
+    // queue of deleted volumes and dropped segments, and what it erased.
+    for w in &s.workers {
+        let mut line = format!("{}: {}", w.name, w.state);
+        if let Some(q) = w.queue {
+            line.push_str(&format!(", {q} queued"));
+        }
+        if let Some(p) = &w.progress {
+            line.push_str(&format!("; {p}"));
+        }
+        if let Some(e) = &w.last_error {
+            line.push_str(&format!(" (last error: {e})"));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
     if !s.peers.is_empty() {
         out.push('\n');
         let mut rows = vec![
@@ -153,6 +169,14 @@ pub fn volume_info(v: &VolumeInfo) -> String {
                 h.segments, h.whole, h.degraded, h.needs_repair, h.unavailable
             ),
         ],
+        vec![
+            "collecting".into(),
+            format!(
+                "{} dropped segments ({} on peers) awaiting erasure",
+                v.collecting.segments,
+                human(v.collecting.bytes)
+            ),
+        ],
     ];
     table(&rows)
 }
@@ -214,9 +238,22 @@ mod tests {
                 segments: 12,
                 holder: None,
             }],
-            workers: vec![],
+            workers: vec![crate::sys::worker::WorkerInfo {
+                name: "collector".into(),
+                state: "idle".into(),
+                tranquility: 0,
+                errors: 0,
+                consecutive_errors: 0,
+                last_error: None,
+                queue: Some(3),
+                progress: Some("12 shards of dropped segments erased".into()),
+            }],
         };
         let text = status(&s);
+        assert!(
+            text.contains("\ncollector: idle, 3 queued; 12 shards of dropped segments erased\n"),
+            "{text}"
+        );
         assert!(text.starts_with("cluster home: 2 peers (1 up), 1.0 GiB lent"), "{text}");
         assert!(text.contains("peer-1  up     127.0.0.1:7401  attic"), "{text}");
         assert!(text.contains("0.4s ago"), "{text}");

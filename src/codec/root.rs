@@ -301,6 +301,13 @@ impl UnverifiedRoot {
         &self.record.volume_id
     }
 
+    /// The highest segment id it claims (not yet authenticated): the
+    /// directory refuses new segment records at or below it, and takes
+    /// shards at or below it without a record for orphans.
+    pub fn highest_segment(&self) -> SegmentId {
+        self.record.highest_segment
+    }
+
     /// The record, if its MAC is right under `key` (compared in constant
     /// time).
     pub fn verify(self, key: &RootKey) -> Result<RootRecord, RootError> {

@@ -21,6 +21,11 @@
 //! roots/<volume id>           the volume's committed root
 //! segs/<volume id>/<seg>      a live segment's record (peer ids, shard
 //!                             length and segment root, ≤ 64 bytes)
+//! dead/<volume id>/<seg>      a dropped segment's record and when it was
+//!                             dropped: its shards are erased after the
+//!                             collection grace (heal/collector.rs)
+//! segfloor/<volume id>        no new segment record at or below this id
+//!                             (the collector erased orphans up to it)
 //! ```
 //!
 //! (`<volume id>` in hex, `<seg>` a big-endian u64, `<id>` a big-endian
@@ -44,7 +49,8 @@
 //!   batches (with [`placement`]), and grouped commits (many roots, one
 //!   fsync);
 //! - [`heal`]: background work that keeps the peers' contents in line with
-//!   the directory's records (today the garbage [`heal::collector`]);
+//!   the directory's records (today the garbage [`heal::collector`]:
+//!   deleted volumes, dropped segments, orphans found by reconciliation);
 //! - [`meta`]: the store trait and its embedded implementation.
 //!
 //! Every time the directory records or compares comes from one
@@ -94,6 +100,11 @@ pub struct DirectoryConfig {
     pub peer_timeout: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
+    /// A dropped segment's shards, and an orphan shard, are erased no
+    /// sooner than this after they were dropped or first seen.
+    pub collect_grace: Duration,
+    /// How often the peers' shards are reconciled with the records.
+    pub reconcile_every: Duration,
 }
 
 /// How long the directory's records stay good.
@@ -103,11 +114,23 @@ pub struct Timing {
     pub peer_timeout: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
+    /// The collection grace: a dropped segment's shards are erased no
+    /// sooner than this after the drop, an orphan shard no sooner than this
+    /// after it was first seen (what protects reads and commits in flight).
+    pub collect_grace: Duration,
+    /// How often the collector reconciles the peers' shards with the
+    /// segment records.
+    pub reconcile_every: Duration,
 }
 
 impl From<&DirectoryConfig> for Timing {
     fn from(c: &DirectoryConfig) -> Self {
-        Self { peer_timeout: c.peer_timeout, lease_ttl: c.lease_ttl }
+        Self {
+            peer_timeout: c.peer_timeout,
+            lease_ttl: c.lease_ttl,
+            collect_grace: c.collect_grace,
+            reconcile_every: c.reconcile_every,
+        }
     }
 }
 

@@ -19,6 +19,17 @@
 //! commit's compares see the commits before it in its batch, so two
 //! commits of one root in one batch cannot both succeed: the second sees
 //! the first's root and is refused `Conflict`.
+//!
+//! A dropped segment's record is not deleted but moved to `dead/` with
+//! the time (the same transaction), where the collector erases its shards
+//! after the collection grace. A commit may add only segments above
+//! max(the replaced root's highest segment, the volume's floor): the
+//! attach allocates every new id above its root's (invariant 8), and the
+//! collector raises the floor before it erases a shard nobody recorded,
+//! so a commit that was in flight longer than the grace can never record
+//! an erased segment (it is refused `Invalid`). The commit compares the
+//! floor as read; if the collector raises it meanwhile, the commit is
+//! checked again against the new floor.
 
 use std::collections::HashSet;
 
@@ -58,6 +69,13 @@ impl CommitQueue {
     pub(super) async fn hold(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.turn.lock().await
     }
+}
+
+/// A volume's segment floor (`segfloor/`): no new segment record at or
+/// below `id`.
+pub(super) struct Floor {
+    pub(super) id: SegmentId,
+    pub(super) unchanged: Compare,
 }
 
 fn invalid(message: impl Into<String>) -> Remote {
@@ -173,61 +191,88 @@ impl<S: MetaStore> Directory<S> {
                 show(expected)
             )));
         }
-        let rkey = root_key(&v.spec.id);
-        let current = self.get::<RootState>("root", &rkey).await?;
-        let root_as_expected = match (&current, expected) {
-            (None, None) => Compare::Absent(rkey.clone()),
-            (Some((r, rev)), Some(e)) if (r.epoch, r.commit) == e => Compare::ModRevision(rkey.clone(), *rev),
-            _ => return Err(conflict(&volume, expected, current.map(|(r, _)| (r.epoch, r.commit)))),
-        };
         let commit = root.commit();
-        let state = RootState { sealed, epoch, commit };
-        // The lease, not the volume record, says who may write: a grant
-        // rewrites the lease key, and so fails this compare, while a
-        // change of key slots (`volume passwd` during a commit) rewrites
-        // only the record and must not fail a commit. Without a lease
-        // (epoch 0) the record stands in for it.
-        let mut txn = Txn::new();
-        if epoch == 0 {
-            txn = txn.when(Compare::ModRevision(vkey, vrev));
-        }
-        let mut txn = txn.when(lease_unchanged).when(root_as_expected).then(Op::Put {
-            key: rkey,
-            value: enc(&state),
-            lease: None,
-        });
+        let rkey = root_key(&v.spec.id);
         let mut named: HashSet<SegmentId> = HashSet::new();
+        let mut records = Vec::with_capacity(segments.len());
         for (id, record) in &segments {
             if !named.insert(*id) {
                 return Err(invalid(format!("volume {volume}: the commit names segment {id} twice")));
             }
             let value =
                 record.encode().map_err(|e| invalid(format!("volume {volume}: segment {id}: {e}")))?;
-            txn = txn.then(Op::Put { key: segment_key(&v.spec.id, *id), value, lease: None });
+            records.push(Op::Put { key: segment_key(&v.spec.id, *id), value, lease: None });
         }
         for id in &dropped {
             if !named.insert(*id) {
                 return Err(invalid(format!("volume {volume}: the commit names segment {id} twice")));
             }
-            txn = txn.then(Op::Delete { key: segment_key(&v.spec.id, *id) });
         }
-        let bytes: usize = txn
-            .ops
-            .iter()
-            .map(|op| match op {
-                Op::Put { key, value, .. } => key.len() + value.len(),
-                Op::Delete { key } => key.len(),
-                Op::DeletePrefix { prefix } => prefix.len(),
-            })
-            .sum();
-        if bytes > meta::MAX_VALUE {
-            return Err(invalid(format!(
-                "volume {volume}: the commit is {bytes} bytes, more than {}",
-                meta::MAX_VALUE
-            )));
-        }
-        let out = self.commit_grouped(txn).await?;
-        if !out.succeeded {
+        let drops = self.drop_ops(&v.spec.id, &dropped).await?;
+        // The collector may raise the floor while this commit waits: the
+        // commit then fails its compare and is checked again against the
+        // new floor (a few times; the floor moves once per collector pass).
+        for attempt in 0.. {
+            let current = self.get::<RootState>("root", &rkey).await?;
+            let root_as_expected = match (&current, expected) {
+                (None, None) => Compare::Absent(rkey.clone()),
+                (Some((r, rev)), Some(e)) if (r.epoch, r.commit) == e => {
+                    Compare::ModRevision(rkey.clone(), *rev)
+                }
+                _ => return Err(conflict(&volume, expected, current.map(|(r, _)| (r.epoch, r.commit)))),
+            };
+            let floor = self.segment_floor(&v.spec.id).await?;
+            let below = match &current {
+                Some((r, _)) => UnverifiedRoot::parse(&r.sealed)
+                    .map_err(|e| internal(format!("volume {volume}: the stored root does not parse: {e}")))?
+                    .highest_segment(),
+                None => SegmentId::ZERO,
+            }
+            .max(floor.id);
+            if let Some((id, _)) = segments.iter().find(|(id, _)| *id <= below) {
+                return Err(invalid(format!(
+                    "volume {volume}: segment {id} is not above {below} (the highest segment of the root this commit replaces, or of orphan shards the collector erased): a commit adds only segments newer than its root, and this one was in flight longer than the collection grace; attach again"
+                )));
+            }
+            let state = RootState { sealed: sealed.clone(), epoch, commit };
+            // The lease, not the volume record, says who may write: a grant
+            // rewrites the lease key, and so fails this compare, while a
+            // change of key slots (`volume passwd` during a commit) rewrites
+            // only the record and must not fail a commit. Without a lease
+            // (epoch 0) the record stands in for it.
+            let mut txn = Txn::new();
+            if epoch == 0 {
+                txn = txn.when(Compare::ModRevision(vkey.clone(), vrev));
+            }
+            txn = txn
+                .when(lease_unchanged.clone())
+                .when(root_as_expected)
+                .when(floor.unchanged)
+                .then(Op::Put { key: rkey.clone(), value: enc(&state), lease: None });
+            txn.ops.extend(records.iter().cloned());
+            txn.ops.extend(drops.iter().cloned());
+            let bytes: usize = txn
+                .ops
+                .iter()
+                .map(|op| match op {
+                    Op::Put { key, value, .. } => key.len() + value.len(),
+                    Op::Delete { key } => key.len(),
+                    Op::DeletePrefix { prefix } => prefix.len(),
+                })
+                .sum();
+            if bytes > meta::MAX_VALUE {
+                return Err(invalid(format!(
+                    "volume {volume}: the commit is {bytes} bytes, more than {}",
+                    meta::MAX_VALUE
+                )));
+            }
+            let out = self.commit_grouped(txn).await?;
+            if out.succeeded {
+                break;
+            }
+            if attempt < 4 && self.segment_floor(&v.spec.id).await?.id != floor.id {
+                continue;
+            }
             // Something changed since it was read: say what.
             let v = self.volume(&volume).await?;
             self.check_writer(who, &v, epoch).await?;
@@ -274,13 +319,13 @@ impl<S: MetaStore> Directory<S> {
         let v = self.volume(volume).await?;
         let lease_unchanged = self.check_writer(who, &v, epoch).await?;
         let mut named: HashSet<SegmentId> = HashSet::new();
-        let mut txn = Txn::new().when(lease_unchanged);
-        for id in ids {
-            if !named.insert(id) {
+        for id in &ids {
+            if !named.insert(*id) {
                 return Err(invalid(format!("volume {volume}: segment {id} is named twice")));
             }
-            txn = txn.then(Op::Delete { key: segment_key(&v.spec.id, id) });
         }
+        let mut txn = Txn::new().when(lease_unchanged);
+        txn.ops = self.drop_ops(&v.spec.id, &ids).await?;
         if !self.meta.txn(txn).await?.succeeded {
             let v = self.volume(volume).await?;
             self.check_writer(who, &v, epoch).await?;
@@ -304,18 +349,52 @@ impl<S: MetaStore> Directory<S> {
         }
         let v = self.volume(volume).await?;
         let prefix = segment_prefix(&v.spec.id);
+        let start = after.map(|a| segment_key(&v.spec.id, SegmentId::from_raw(a)));
         let mut out = Vec::new();
-        for e in self.meta.list(&prefix).await? {
+        for e in self.meta.list_range(&prefix, start.as_deref(), limit as usize).await? {
             let id = parse_segment_key(&prefix, &e.key)
                 .ok_or_else(|| internal(format!("volume {volume}: a malformed segment key {:?}", e.key)))?;
-            if after.is_none_or(|a| id.raw() > a) {
-                out.push(id);
-                if out.len() >= limit as usize {
-                    break;
-                }
-            }
+            out.push(id);
         }
         Ok(DirResponse::SegmentIds(out))
+    }
+
+    /// The writes that drop `ids`' records: each record there moves to
+    /// `dead/`, stamped with the time, where the collector erases its
+    /// shards once the grace is over. Read outside the transaction: only
+    /// the writer adds or drops its volume's records, and a record dropped
+    /// twice meanwhile is queued twice, harmlessly (one key).
+    async fn drop_ops(&self, volume: &[u8; VOLUME_ID_LEN], ids: &[SegmentId]) -> Result<Vec<Op>, Remote> {
+        let now = self.now();
+        let mut ops = Vec::with_capacity(2 * ids.len());
+        for &id in ids {
+            let skey = segment_key(volume, id);
+            if let Some(e) = self.meta.get(&skey).await? {
+                let record = SegmentRecord::decode(&e.value)
+                    .map_err(|e| internal(format!("segment {id} of volume {}: {e}", hex::encode(volume))))?;
+                let dead = DeadSegment { dropped_ms: now, record };
+                ops.push(Op::Put { key: dead_key(volume, id), value: enc(&dead), lease: None });
+            }
+            ops.push(Op::Delete { key: skey });
+        }
+        Ok(ops)
+    }
+
+    /// The volume's segment floor and the compare that keeps it as read.
+    pub(super) async fn segment_floor(&self, volume: &[u8; VOLUME_ID_LEN]) -> Result<Floor, Remote> {
+        let fkey = floor_key(volume);
+        Ok(match self.meta.get(&fkey).await? {
+            Some(e) => {
+                let raw: [u8; 8] = e.value.as_slice().try_into().map_err(|_| {
+                    internal(format!("volume {}: a corrupt segment floor", hex::encode(volume)))
+                })?;
+                Floor {
+                    id: SegmentId::from_raw(u64::from_be_bytes(raw)),
+                    unchanged: Compare::ModRevision(fkey, e.mod_revision),
+                }
+            }
+            None => Floor { id: SegmentId::ZERO, unchanged: Compare::Absent(fkey) },
+        })
     }
 
     pub(super) async fn peer_slots(&self, ids: &[u16]) -> Result<DirResponse, Remote> {

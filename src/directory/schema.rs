@@ -84,6 +84,42 @@ pub(super) fn parse_segment_key(prefix: &[u8], k: &[u8]) -> Option<SegmentId> {
     Some(SegmentId::from_raw(u64::from_be_bytes(k.strip_prefix(prefix)?.try_into().ok()?)))
 }
 
+/// `dead/<volume id>/`: the volume's dropped segments awaiting erasure.
+pub(super) fn dead_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("dead/{}/", hex::encode(volume)).into_bytes()
+}
+
+/// `dead/<volume id>/<segment id be64>` → [`DeadSegment`].
+pub(super) fn dead_key(volume: &[u8; VOLUME_ID_LEN], segment: SegmentId) -> Vec<u8> {
+    let mut k = dead_prefix(volume);
+    k.extend_from_slice(&segment.raw().to_be_bytes());
+    k
+}
+
+/// The volume id and segment id of a `dead/` key.
+pub(super) fn parse_dead_key(k: &[u8]) -> Option<([u8; VOLUME_ID_LEN], SegmentId)> {
+    let rest = k.strip_prefix(b"dead/")?;
+    let hex_len = 2 * VOLUME_ID_LEN;
+    let volume = hex::decode(rest.get(..hex_len)?).ok()?.try_into().ok()?;
+    let segment = parse_segment_key(b"/", rest.get(hex_len..)?)?;
+    Some((volume, segment))
+}
+
+/// `segfloor/<volume id>` → a segment id (u64 big-endian): no new segment
+/// record at or below it (the collector erased orphans up to it).
+pub(super) fn floor_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    key("segfloor", &hex::encode(volume))
+}
+
+/// A segment no root reaches any more, waiting out the collection grace
+/// before its shards are erased: when it was dropped (the directory's
+/// clock) and the record it had (who holds which shard).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(super) struct DeadSegment {
+    pub(super) dropped_ms: u64,
+    pub(super) record: SegmentRecord,
+}
+
 /// `peerid/<name>` → the peer's small id (u16 big-endian).
 pub(super) fn peer_id_key(name: &str) -> Vec<u8> {
     key("peerid", name)
@@ -140,5 +176,9 @@ mod tests {
         assert_eq!(parse_segment_key(&segment_prefix(&id), &segment_key(&id, seg)), Some(seg));
         assert_eq!(parse_segment_key(&segment_prefix(&id), b"segs/00/short"), None);
         assert!(segment_key(&id, seg) < segment_key(&id, SegmentId::new(3, 1).unwrap()), "keys sort by id");
+        assert_eq!(parse_segment_key(&dead_prefix(&id), &dead_key(&id, seg)), Some(seg));
+        assert_eq!(parse_dead_key(&dead_key(&id, seg)), Some((id, seg)));
+        assert_eq!(parse_dead_key(b"dead/a5a5/12345678"), None);
+        assert_eq!(floor_key(&id), format!("segfloor/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
     }
 }

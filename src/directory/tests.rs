@@ -26,6 +26,14 @@ const T0: u64 = 1_700_000_000_000;
 const SEED: u64 = 42;
 const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_TTL: Duration = Duration::from_secs(20);
+/// The collection grace and reconciliation period of these tests.
+const GRACE: Duration = Duration::from_secs(60);
+const TIMING: Timing = Timing {
+    peer_timeout: PEER_TIMEOUT,
+    lease_ttl: LEASE_TTL,
+    collect_grace: GRACE,
+    reconcile_every: Duration::from_secs(600),
+};
 /// A volume's shard size.
 const SHARD: u32 = 4096;
 /// Bytes of one shard (header and payload) as placement asks for room.
@@ -91,7 +99,7 @@ impl Fixture {
         let clock = ManualClock::starting_at(T0);
         let meta = RedbStore::open_with_clock(&tmp.path().join("directory.redb"), clock.clock()).unwrap();
         let ca = ClusterCa::create(tmp.path(), "test").unwrap();
-        let timing = Timing { peer_timeout: PEER_TIMEOUT, lease_ttl: LEASE_TTL };
+        let timing = TIMING;
         let dir = Directory::new(meta.clone(), ca, timing, clock.clock()).unwrap().with_seed(seed);
         Self { dir: Arc::new(dir), meta, clock, _tmp: tmp }
     }
@@ -458,13 +466,15 @@ impl Eraser for FakePeers {
         Ok(keys.into_iter().filter(|k| after.is_none_or(|a| *k > a)).take(limit as usize).collect())
     }
 
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<(), Unreachable> {
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
         self.check(peer)?;
+        let mut existed = false;
         if let Some(keys) = self.held.lock().unwrap().get_mut(&peer.name) {
+            existed = keys.contains(&key);
             keys.retain(|k| *k != key);
         }
         self.erased.lock().unwrap().push((peer.name.clone(), key, epoch));
-        Ok(())
+        Ok(existed)
     }
 }
 
@@ -676,7 +686,7 @@ impl Fixture {
         drop(meta);
         let meta = RedbStore::open_with_clock(&_tmp.path().join("directory.redb"), clock.clock()).unwrap();
         let ca = ClusterCa::load(_tmp.path(), "test").unwrap();
-        let timing = Timing { peer_timeout: PEER_TIMEOUT, lease_ttl: LEASE_TTL };
+        let timing = TIMING;
         let dir = Directory::new(meta.clone(), ca, timing, clock.clock()).unwrap().with_seed(SEED);
         Self { dir: Arc::new(dir), meta, clock, _tmp }
     }
@@ -737,11 +747,12 @@ async fn a_root_commit_that_does_not_add_up_is_invalid_and_writes_nothing() {
     }
     assert_eq!(f.root("vol-1").await.unwrap().commit, 1);
     assert!(f.meta.list(b"segs/").await.unwrap().is_empty());
-    // The largest record that fits: 16 peers with ids below 2^14.
+    // The largest record that fits: 16 peers with ids below 2^14 (of a
+    // segment above the root's highest, seg(1, 1), as every new one is).
     let widest: Vec<u16> = (0..16).map(|i| 16_383 - i).collect();
-    let c = RootCommit { segments: vec![(seg(1, 1), record(&widest, 7))], ..ok() };
+    let c = RootCommit { segments: vec![(seg(1, 2), record(&widest, 7))], ..ok() };
     f.commit_root("client-1", c).await.unwrap();
-    assert_eq!(f.segment_records("vol-1", vec![seg(1, 1)]).await, vec![Some(record(&widest, 7))]);
+    assert_eq!(f.segment_records("vol-1", vec![seg(1, 2)]).await, vec![Some(record(&widest, 7))]);
 }
 
 #[tokio::test]
@@ -1031,4 +1042,287 @@ async fn a_key_slot_change_during_a_commit_does_not_refuse_it() {
         other => panic!("the commit was refused: {other:?}"),
     }
     assert_eq!(f.root("vol-1").await.unwrap().commit, 1);
+}
+
+// ---- collection: dropped segments and reconciliation ----
+
+/// A root of volume `[id; 16]` like [`sealed`], claiming `highest` as its
+/// highest segment.
+fn sealed_up_to(id: u8, epoch: u64, commit: u64, highest: SegmentId) -> Vec<u8> {
+    let key = RootKey::derive(&VolumeKey::generate().unwrap());
+    RootRecord {
+        volume_id: [id; VOLUME_ID_LEN],
+        epoch,
+        commit,
+        highest_sequence: Sequence::new(epoch, commit).unwrap(),
+        highest_segment: highest,
+        checkpoint: None,
+        since: vec![],
+    }
+    .seal(&key)
+}
+
+fn shard(volume: u8, segment: SegmentId, index: u8) -> SegmentShardKey {
+    SegmentShardKey { volume: [volume; VOLUME_ID_LEN], segment, index }
+}
+
+impl FakePeers {
+    fn hold(&self, peer: usize, key: SegmentShardKey) {
+        self.held.lock().unwrap().entry(peer_name(peer)).or_default().push(key);
+    }
+
+    fn holds(&self, peer: usize, key: SegmentShardKey) -> bool {
+        self.held.lock().unwrap().get(&peer_name(peer)).is_some_and(|k| k.contains(&key))
+    }
+}
+
+impl Fixture {
+    /// Moves the clock by `d` in steps of a few seconds, with peers
+    /// `alive` heartbeating and `client-1` renewing its lease on vol-1 at
+    /// epoch 1 (if it still holds it) throughout.
+    async fn pass_time(&self, d: Duration, alive: std::ops::Range<usize>) {
+        let step = Duration::from_secs(5);
+        let mut left = d;
+        while !left.is_zero() {
+            let s = step.min(left);
+            self.clock.advance(s);
+            left -= s;
+            for i in alive.clone() {
+                self.heartbeat(i).await;
+            }
+            let _ = self.renew("client-1", "vol-1", 1).await;
+        }
+    }
+
+    async fn volume_info(&self, volume: &str) -> VolumeInfo {
+        match self.client("client-1", DirRequest::VolumeInfo { volume: volume.into() }).await.unwrap() {
+            DirResponse::VolumeInfo(i) => *i,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn shards_are_classified_by_record_dead_entry_and_the_roots_highest_segment() {
+    use collector::{ShardClass::*, classify};
+    let rec = record(&[1, 2, 0, 4], 0);
+    let k = |n: u64, index: u8| shard(1, seg(1, n), index);
+    let highest = seg(1, 10);
+    // (a) the record names this peer for this index.
+    assert_eq!(classify(&k(3, 1), Some(2), Some(&rec), false, highest), Live);
+    // (b) another peer, nobody, an index past the record, or a peer without an id.
+    assert_eq!(classify(&k(3, 1), Some(1), Some(&rec), false, highest), Replaced);
+    assert_eq!(classify(&k(3, 2), Some(3), Some(&rec), false, highest), Replaced);
+    assert_eq!(classify(&k(3, 7), Some(1), Some(&rec), false, highest), Replaced);
+    assert_eq!(classify(&k(3, 0), None, Some(&rec), false, highest), Replaced);
+    // A record wins over a dead entry (a drop and a pass crossing).
+    assert_eq!(classify(&k(3, 0), Some(1), Some(&rec), true, highest), Live);
+    // (c) dropped: the dead queue's, above or below the highest.
+    assert_eq!(classify(&k(3, 0), Some(1), None, true, highest), Dropped);
+    assert_eq!(classify(&k(30, 0), Some(1), None, true, highest), Dropped);
+    // (d) no record, at or below the highest; (e) above it.
+    assert_eq!(classify(&k(10, 0), Some(1), None, false, highest), Failed);
+    assert_eq!(classify(&k(11, 0), Some(1), None, false, highest), Unrecorded);
+    assert!(Replaced.is_orphan() && Failed.is_orphan() && Unrecorded.is_orphan());
+    assert!(!Live.is_orphan() && !Dropped.is_orphan());
+}
+
+#[tokio::test]
+async fn dropped_segments_are_erased_after_the_grace_at_the_volumes_epoch_and_wait_for_a_down_holder() {
+    let f = Fixture::with_peers(4).await;
+    f.leased_volume(1).await;
+    // Three segments; peer ids 1..4 are peer-0..peer-3; id 9 never joined.
+    let segments = vec![
+        (seg(1, 1), record(&[1, 2, 3, 4], 1)),
+        (seg(1, 2), record(&[4, 3, 2, 1], 2)),
+        (seg(1, 3), record(&[1, 2, 3, 9], 3)),
+    ];
+    let c = RootCommit { sealed: sealed_up_to(1, 1, 1, seg(1, 3)), ..root_commit(1, 1, None, segments) };
+    f.commit_root("client-1", c).await.unwrap();
+    let peers = FakePeers::default();
+    for n in 1..=3 {
+        for index in 0..4u8 {
+            let holder = match n {
+                2 => 3 - usize::from(index),
+                _ => usize::from(index),
+            };
+            peers.hold(holder, shard(1, seg(1, n), index));
+        }
+    }
+    // One dropped outside a commit, one by a commit.
+    let drop = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 2)] };
+    assert_eq!(f.client("client-1", drop).await.unwrap(), DirResponse::Done);
+    let c = RootCommit { dropped: vec![seg(1, 3)], ..root_commit(1, 1, Some((1, 1)), vec![]) };
+    f.commit_root("client-1", c).await.unwrap();
+    assert_eq!(f.segment_records("vol-1", vec![seg(1, 2), seg(1, 3)]).await, vec![None, None]);
+    assert_eq!(f.meta.list(b"dead/").await.unwrap().len(), 2);
+    let info = f.volume_info("vol-1").await;
+    assert_eq!(info.collecting.segments, 2);
+    // 4 + 4 shards (id 9 counts: the record names it) of one 4 KiB block each plus header.
+    assert!(info.collecting.bytes >= 8 * 4096, "{:?}", info.collecting);
+    assert_eq!(info.health.segments, 1);
+
+    // Within the grace: nothing is erased (an attach may still be reading).
+    f.clock.advance(GRACE - Duration::from_secs(1));
+    for i in 0..4 {
+        f.heartbeat(i).await;
+    }
+    assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 2);
+    assert!(peers.erased().is_empty(), "{:?}", peers.erased());
+
+    // A takeover: the erasures go at the new epoch, 2, not the largest
+    // (which would fence the volume's writer for good on these peers).
+    assert_eq!(f.acquire("client-2", "vol-1", true).await.unwrap().epoch, 2);
+    // Past the grace, with peer-3 down: erased from the three up; the
+    // entry naming peer-3 stays, the one naming the never-joined id 9 goes.
+    f.clock.advance(Duration::from_secs(2) + PEER_TIMEOUT);
+    for i in 0..3 {
+        f.heartbeat(i).await;
+    }
+    assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 1);
+    let erased = peers.erased();
+    assert_eq!(erased.len(), 6, "{erased:?}");
+    assert!(erased.iter().all(|(p, k, epoch)| *epoch == 2 && p != &peer_name(3) && k.segment != seg(1, 1)));
+    assert!(peers.holds(3, shard(1, seg(1, 2), 0)));
+    assert_eq!(f.meta.list(b"dead/").await.unwrap().len(), 1);
+    assert_eq!(f.volume_info("vol-1").await.collecting.segments, 1);
+
+    // peer-3 is back: its shard goes, and so does the entry.
+    f.heartbeat(3).await;
+    assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 0);
+    assert!(!peers.holds(3, shard(1, seg(1, 2), 0)));
+    assert!(f.meta.list(b"dead/").await.unwrap().is_empty());
+    assert_eq!(f.volume_info("vol-1").await.collecting, Collecting::default());
+    // The live segment is untouched everywhere.
+    for index in 0..4u8 {
+        assert!(peers.holds(usize::from(index), shard(1, seg(1, 1), index)));
+    }
+}
+
+#[tokio::test]
+async fn reconciliation_erases_orphans_seen_for_the_grace_and_the_floor_refuses_a_late_commit() {
+    let f = Fixture::with_peers(4).await;
+    f.leased_volume(1).await;
+    let whole = |n: u64| (seg(1, n), record(&[1, 2, 3, 4], n as u8));
+    // Commit 1 records segments 1 and 2; commit 2's root claims segments
+    // up to 10 (3..=10 belong to commits that failed).
+    let c = RootCommit {
+        sealed: sealed_up_to(1, 1, 1, seg(1, 2)),
+        ..root_commit(1, 1, None, vec![whole(1), whole(2)])
+    };
+    f.commit_root("client-1", c).await.unwrap();
+    let c =
+        RootCommit { sealed: sealed_up_to(1, 1, 2, seg(1, 10)), ..root_commit(1, 1, Some((1, 1)), vec![]) };
+    f.commit_root("client-1", c).await.unwrap();
+    let drop = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 2)] };
+    f.client("client-1", drop).await.unwrap();
+
+    let peers = FakePeers::default();
+    let live = shard(1, seg(1, 1), 0); // (a) on peer-0, as recorded
+    let replaced = shard(1, seg(1, 1), 0); // (b) the same index on peer-1
+    let dropped = shard(1, seg(1, 2), 0); // (c) on peer-0, waiting in dead/
+    let failed = shard(1, seg(1, 5), 2); // (d) on peer-2, below the root's highest
+    let unrecorded = shard(1, seg(1, 20), 3); // (e) on peer-3, above it
+    let in_flight = shard(1, seg(1, 15), 3); // (e) on peer-3, whose commit lands in the grace
+    let other_volume = shard(2, seg(1, 5), 0); // a volume the directory does not know
+    peers.hold(0, live);
+    peers.hold(1, replaced);
+    peers.hold(0, dropped);
+    peers.hold(2, failed);
+    peers.hold(3, unrecorded);
+    peers.hold(3, in_flight);
+    peers.hold(0, other_volume);
+
+    let mut orphans = collector::Orphans::default();
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!((pass.checked, pass.found, pass.erased), (6, 4, 0), "{pass:?}");
+    assert!(peers.erased().is_empty());
+
+    // The in-flight commit lands (its id is above the root's highest).
+    let c = RootCommit {
+        sealed: sealed_up_to(1, 1, 3, seg(1, 15)),
+        ..root_commit(1, 1, Some((1, 2)), vec![(seg(1, 15), record(&[1, 2, 3, 4], 15))])
+    };
+    f.commit_root("client-1", c).await.unwrap();
+    // A new orphan after the first pass: seen in the next, erased a grace later.
+    let late = shard(1, seg(1, 6), 0);
+    peers.hold(1, late);
+
+    // Half a grace: nothing is due yet.
+    f.pass_time(GRACE / 2, 0..4).await;
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!((pass.found, pass.erased), (1, 0), "{pass:?}");
+
+    // A whole grace since the first sighting: (b), (d) and (e) go, at the
+    // volume's epoch; the floor is raised to the highest unrecorded id.
+    f.pass_time(GRACE / 2 + Duration::from_secs(1), 0..4).await;
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!((pass.found, pass.erased), (0, 3), "{pass:?}");
+    let erased = peers.erased();
+    let names: Vec<_> = erased.iter().map(|(p, k, e)| (p.as_str(), *k, *e)).collect();
+    assert_eq!(
+        names,
+        [("peer-1", replaced, 1), ("peer-2", failed, 1), ("peer-3", unrecorded, 1)],
+        "only the orphans, at epoch 1"
+    );
+    assert!(peers.holds(0, live) && peers.holds(0, dropped) && peers.holds(3, in_flight));
+    assert!(peers.holds(1, late) && peers.holds(0, other_volume));
+    let floor = f.meta.get(format!("segfloor/{}", "01".repeat(VOLUME_ID_LEN)).as_bytes()).await.unwrap();
+    assert_eq!(floor.unwrap().value, seg(1, 20).raw().to_be_bytes());
+    assert_eq!(orphans.len(), 1, "only the late one is watched");
+
+    // A commit that was in flight for longer than the grace cannot land a
+    // record for the erased shard; one above the floor can.
+    let late_commit = root_commit(1, 1, Some((1, 3)), vec![(seg(1, 20), record(&[1, 2, 3, 4], 20))]);
+    let err = f.commit_root("client-1", late_commit).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("not above"), "{err}");
+    assert_eq!(f.root("vol-1").await.unwrap().commit, 3);
+    let c = RootCommit {
+        sealed: sealed_up_to(1, 1, 4, seg(1, 21)),
+        ..root_commit(1, 1, Some((1, 3)), vec![(seg(1, 21), record(&[1, 2, 3, 4], 21))])
+    };
+    f.commit_root("client-1", c).await.unwrap();
+    // Below the root's highest is refused too (the attach never does that).
+    let c = root_commit(1, 1, Some((1, 4)), vec![(seg(1, 7), record(&[1, 2, 3, 4], 7))]);
+    assert_eq!(f.commit_root("client-1", c).await.unwrap_err().kind, ErrorKind::Invalid);
+
+    // The late orphan goes a grace after it was first seen.
+    f.pass_time(GRACE, 0..4).await;
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!(pass.erased, 1, "{pass:?}");
+    assert!(!peers.holds(1, late));
+    assert!(orphans.is_empty());
+
+    // Deleting the volume clears its dead entries and floor (its gc/
+    // entry erases everything).
+    f.client("client-1", DirRequest::ReleaseLease { volume: "vol-1".into(), epoch: 1 }).await.unwrap();
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-1".into() }).await.unwrap();
+    assert!(f.meta.list(b"dead/").await.unwrap().is_empty());
+    assert!(f.meta.list(b"segfloor/").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_orphan_on_a_peer_that_is_down_or_unreachable_waits_and_is_erased_when_it_answers() {
+    let f = Fixture::with_peers(2).await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", root_commit(1, 1, None, vec![])).await.unwrap();
+    let peers = FakePeers::default();
+    let orphan = shard(1, seg(1, 1), 0); // at the root's highest, no record: (d)
+    peers.hold(1, orphan);
+    let mut orphans = collector::Orphans::default();
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 1);
+    // peer-1 stops answering: its sighting is kept, not forgotten.
+    peers.failing.lock().unwrap().insert(peer_name(1));
+    f.clock.advance(GRACE + Duration::from_secs(1));
+    f.heartbeat(0).await;
+    f.heartbeat(1).await;
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!((pass.found, pass.erased), (0, 0));
+    assert_eq!(orphans.len(), 1);
+    // It answers again: erased at once (seen a grace ago).
+    peers.failing.lock().unwrap().clear();
+    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert_eq!(pass.erased, 1);
+    assert!(!peers.holds(1, orphan));
 }

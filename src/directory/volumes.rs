@@ -13,6 +13,9 @@ use crate::codec::segment::SegmentGeometry;
 use crate::codec::segment::header::header_len;
 use crate::membership::ca::check_label;
 
+/// Store entries read per page when walking a volume's records.
+const PAGE: usize = 1000;
+
 impl<S: MetaStore> Directory<S> {
     pub(super) async fn create_volume(&self, spec: VolumeSpec) -> Result<DirResponse, Remote> {
         let invalid = |m: String| Remote::new(ErrorKind::Invalid, m);
@@ -300,34 +303,59 @@ impl<S: MetaStore> Directory<S> {
                 health.unavailable += 1;
             }
         };
+        // Bytes on peers of one shard of a record (header included).
+        let shard_len = |r: &SegmentRecord| {
+            SegmentGeometry::new(k, all - k, u32::from(r.shard_blocks).max(1))
+                .map_or(0, |g| (header_len(g) + g.shard_len()) as u64)
+        };
         let mut allocated = 0;
         // Holders by small peer id.
         let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
-        for e in self.meta.list(&segment_prefix(&record.spec.id)).await? {
-            let r = SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
-            let mut healthy = 0;
-            let geometry = SegmentGeometry::new(k, all - k, u32::from(r.shard_blocks).max(1));
-            let shard_len = geometry.map_or(0, |g| (header_len(g) + g.shard_len()) as u64);
-            for &id in &r.peers {
-                if id == 0 {
-                    continue;
+        let prefix = segment_prefix(&record.spec.id);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.meta.list_range(&prefix, after.as_deref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for e in page {
+                let r =
+                    SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
+                let mut healthy = 0;
+                for &id in &r.peers {
+                    if id == 0 {
+                        continue;
+                    }
+                    allocated += shard_len(&r);
+                    if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
+                        let name = self
+                            .meta
+                            .get(&peer_slot_key(id))
+                            .await?
+                            .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+                        v.insert(name);
+                    }
+                    if names[&id].as_ref().is_some_and(|n| up.contains(n)) {
+                        healthy += 1;
+                    }
                 }
-                allocated += shard_len;
-                if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
-                    let name = self
-                        .meta
-                        .get(&peer_slot_key(id))
-                        .await?
-                        .map(|e| String::from_utf8_lossy(&e.value).into_owned());
-                    v.insert(name);
-                }
-                if names[&id].as_ref().is_some_and(|n| up.contains(n)) {
-                    healthy += 1;
-                }
+                count(&mut health, healthy);
             }
-            count(&mut health, healthy);
         }
-        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health })))
+        let mut collecting = Collecting::default();
+        let prefix = dead_prefix(&record.spec.id);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.meta.list_range(&prefix, after.as_deref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for e in page {
+                let dead: DeadSegment = dec("dropped segment", &e.value)?;
+                collecting.segments += 1;
+                collecting.bytes +=
+                    shard_len(&dead.record) * dead.record.peers.iter().filter(|&&p| p != 0).count() as u64;
+            }
+        }
+        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health, collecting })))
     }
 
     pub(super) async fn delete_volume(&self, volume: &str) -> Result<DirResponse, Remote> {
@@ -351,6 +379,10 @@ impl<S: MetaStore> Directory<S> {
                     .then(Op::Delete { key: id_key(&v.spec.id) })
                     .then(Op::Delete { key: root_key(&v.spec.id) })
                     .then(Op::DeletePrefix { prefix: segment_prefix(&v.spec.id) })
+                    // The gc/ entry erases every shard of the volume, those
+                    // of its dropped segments too.
+                    .then(Op::DeletePrefix { prefix: dead_prefix(&v.spec.id) })
+                    .then(Op::Delete { key: floor_key(&v.spec.id) })
                     .then(Op::Put { key: gc_key(&v.spec.id), value: v.spec.id.to_vec(), lease: None }),
             )
             .await?;

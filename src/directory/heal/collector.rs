@@ -1,22 +1,67 @@
 //! The garbage collector: erases from the peers the shards nothing points
 //! to any more.
 //!
-//! Today one queue in the store feeds it (see the key schema in
-//! [`super::super`]): `gc/<volume id>`, a deleted volume. Every peer is
-//! asked for all the volume's shards and erases them at the largest epoch
-//! (so a fenced writer's late put cannot land afterwards); the entry goes
-//! after a pass in which every peer was up and held none (a put admitted
-//! before the delete may still land, so one erasing pass is not enough). A
-//! peer that left the cluster holds nothing anyone can reach and is not
-//! waited for. Segments of a live volume that no root reaches any more
-//! (compacted, or stored by a commit that failed) are the next issue's.
+//! Three kinds of garbage, three rules (the keys are in the schema of
+//! [`super::super`]):
 //!
-//! A pass is planned from the store (`plan_deleted` gives a list of
-//! [`DeletedErasure`]s) and then carried out through an [`Eraser`] (the
-//! cluster client; a fake in tests). The [`Collector`] runs a pass whenever
-//! the directory notifies it (a volume deleted) or [`PERIOD`] has passed,
-//! as a [`Worker`] on the directory's runner.
+//! - **Deleted volumes** (`gc/<volume id>`): every peer is asked for all
+//!   the volume's shards and erases them at the largest epoch (nobody
+//!   writes the volume again, and a fenced writer's late put cannot land
+//!   afterwards); the entry goes after a pass in which every peer was up
+//!   and held none (a put admitted before the delete may still land, so
+//!   one erasing pass is not enough).
+//! - **Dropped segments** (`dead/<volume id>/<seg>`): a commit (or
+//!   `DropSegments`) that drops a segment's record moves it here, in the
+//!   same transaction, with the time. Once the **grace** (`--collect-grace`)
+//!   has passed, each shard is erased from the peer the record names for
+//!   it, at the volume's current lease epoch; the entry goes once every
+//!   holder has answered (erased, or did not have it). A holder that is
+//!   down keeps the entry for a later pass; one that left the cluster (no
+//!   peer slot, or its record removed) holds nothing anyone reaches and is
+//!   not waited for. The grace lets an attach finish reading a segment its
+//!   own commit just dropped.
+//! - **Orphans**, found by **reconciliation** (every `--reconcile-every`,
+//!   the first soon after the directory starts): every up peer lists its
+//!   shards of every volume the directory knows, and each shard is
+//!   classified by [`classify`]: (a) its record names this peer for its
+//!   index: live; (b) its record names another peer for that index (a put
+//!   that went to a spare while the slow one landed too): orphan; (c) no
+//!   record but a `dead/` entry: left to the dead queue; (d) no record, at
+//!   or below the volume's root's highest segment or its floor: a failed
+//!   commit's, orphan; (e) no record, above: maybe a commit in flight, so
+//!   an orphan only once seen for the grace. Every orphan is erased only
+//!   when a pass sees it as one and it was first seen at least the grace
+//!   earlier (first sightings are kept in memory: a directory restart only
+//!   delays). Before erasing a (d) or (e) shard the collector durably
+//!   raises the volume's floor (`segfloor/`) to its id, and reads its
+//!   record once more: `CommitRoot` refuses any new record at or below
+//!   the floor, so a commit in flight longer than the grace can never land
+//!   a record for an erased shard.
+//!
+//! Why the erase epoch is the volume's current one, not the largest:
+//! peers keep the newest epoch they saw per volume and refuse older puts,
+//! so an erase at `u64::MAX` would fence the live volume's writer for
+//! good. An erase at the current epoch fences nobody the directory would
+//! not fence; one refused because a newer writer came meanwhile is retried
+//! in the next pass.
+//!
+//! Nothing to release for dead clients: placement reserves nothing
+//! (`PlaceSegments` only picks peers with room; the space is taken by the
+//! put), so a client that dies between placing and putting leaves no
+//! reservation, only possibly orphan shards, which reconciliation finds.
+//!
+//! Not yet: a peer's shards of a volume the directory no longer knows (a
+//! deleted volume whose `gc/` entry went while that peer was away) are not
+//! found, as reconciliation asks peers only about known volumes (a peer
+//! call listing a peer's volumes would find them). Repair, when it moves a
+//! shard, must move its record first (case (b) erases the old copy).
+//!
+//! A pass is planned from the store and carried out through an [`Eraser`]
+//! (the cluster client; a fake in tests). The [`Collector`] runs a pass
+//! whenever the directory notifies it (a volume deleted) or its period has
+//! passed, as a [`Worker`] on the directory's runner.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,15 +70,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::*;
 use crate::client::{Client, ClientError};
+use crate::codec::root::UnverifiedRoot;
 use crate::codec::segment::SegmentShardKey;
+use crate::codec::sequence::SegmentId;
 use crate::directory::Directory;
 use crate::directory::meta::{self, Compare, MetaStore, Op, Txn};
+use crate::directory::schema::*;
 use crate::sys::worker::{Pacing, State, Status, Worker};
 
-/// A pass runs at least this often, and whenever the directory has news.
+/// A pass runs at least this often (more often if the grace or the
+/// reconciliation period is shorter), and whenever the directory has news.
 pub const PERIOD: Duration = Duration::from_secs(5);
 
-/// Shard keys asked of a peer per call.
+/// The first reconciliation comes at most this long after the start
+/// (peers have reported by then).
+pub const FIRST_RECONCILE: Duration = Duration::from_secs(60);
+
+/// Shard keys asked of a peer per call, and store entries read per page.
 const PAGE: u32 = 1000;
 
 /// What the collector asks of the peers.
@@ -51,13 +104,14 @@ pub trait Eraser: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<SegmentShardKey>, Self::Error>> + Send;
 
     /// Deletes one shard from `peer`, as a writer at `epoch` (a peer
-    /// refuses a delete from an epoch older than one it has seen).
+    /// refuses a delete from an epoch older than one it has seen); whether
+    /// it was there.
     fn erase(
         &self,
         peer: &PeerAddr,
         key: SegmentShardKey,
         epoch: u64,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
 }
 
 impl Eraser for Client {
@@ -73,8 +127,8 @@ impl Eraser for Client {
         self.list_shards(peer, volume, after, limit).await
     }
 
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<(), ClientError> {
-        self.delete_shard(peer, key, epoch).await.map(|_existed| ())
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, ClientError> {
+        self.delete_shard(peer, key, epoch).await
     }
 }
 
@@ -89,24 +143,154 @@ pub struct DeletedErasure {
     pub all_up: bool,
 }
 
+/// What a shard a peer holds is, by the directory's records (see the
+/// module documentation, cases (a) to (e)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShardClass {
+    /// (a) Its record names this peer for this index.
+    Live,
+    /// (b) Its record names another peer (or none) for this index.
+    Replaced,
+    /// (c) No record; the segment was dropped and waits in `dead/`.
+    Dropped,
+    /// (d) No record, at or below the root's highest segment or the floor:
+    /// no commit can add it any more.
+    Failed,
+    /// (e) No record, above the root's highest: maybe a commit in flight.
+    Unrecorded,
+}
+
+impl ShardClass {
+    /// Whether it is erased once it has been one for the grace.
+    pub fn is_orphan(self) -> bool {
+        matches!(self, Self::Replaced | Self::Failed | Self::Unrecorded)
+    }
+}
+
+/// Classifies shard `key` held by the peer with small id `holder` (`None`:
+/// it has none, so no record names it), given the segment's record, whether
+/// a `dead/` entry exists, and `highest`: the larger of the volume's root's
+/// highest segment and its floor.
+pub fn classify(
+    key: &SegmentShardKey,
+    holder: Option<u16>,
+    record: Option<&SegmentRecord>,
+    dead: bool,
+    highest: SegmentId,
+) -> ShardClass {
+    match record {
+        Some(r) => match (r.peers.get(usize::from(key.index)), holder) {
+            (Some(&named), Some(h)) if named != 0 && named == h => ShardClass::Live,
+            _ => ShardClass::Replaced,
+        },
+        None if dead => ShardClass::Dropped,
+        None if key.segment <= highest => ShardClass::Failed,
+        None => ShardClass::Unrecorded,
+    }
+}
+
+/// One pass over the dropped segments.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeadPass {
+    /// Entries left: in their grace, or with a holder down.
+    pub left: u64,
+    /// Shards erased (that were there).
+    pub erased: u64,
+}
+
+/// One reconciliation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcilePass {
+    /// Shards listed by the peers.
+    pub checked: u64,
+    /// Orphans seen for the first time.
+    pub found: u64,
+    /// Orphans erased.
+    pub erased: u64,
+}
+
+/// Orphan shards seen, by holder and key: when first seen (the
+/// directory's clock). In memory: after a restart they are seen anew, so a
+/// restart only delays an erasure.
+#[derive(Debug, Default)]
+pub struct Orphans {
+    first_seen: HashMap<(String, SegmentShardKey), u64>,
+}
+
+impl Orphans {
+    /// How many orphans are being watched.
+    pub fn len(&self) -> usize {
+        self.first_seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first_seen.is_empty()
+    }
+}
+
 /// Starts the collector on the directory's runner.
 pub(in crate::directory) fn start<S: MetaStore, E: Eraser>(dir: &Arc<Directory<S>>, eraser: E) {
-    // After a failed pass, the next one comes a period later, as when the
-    // collector was a hand-written loop.
-    let pacing = Pacing { tranquility: 0, backoff: PERIOD, max_backoff: PERIOD };
-    dir.workers.spawn_paced(Collector { dir: dir.clone(), eraser, waited: false, queued: 0 }, pacing);
+    let t = dir.timing;
+    let period = PERIOD.min(t.collect_grace).min(t.reconcile_every).max(Duration::from_millis(100));
+    // After a failed pass, the next one comes a period later.
+    let pacing = Pacing { tranquility: 0, backoff: period, max_backoff: period };
+    let first = dir.now() + t.reconcile_every.min(FIRST_RECONCILE).as_millis() as u64;
+    let collector = Collector {
+        dir: dir.clone(),
+        eraser,
+        period,
+        waited: false,
+        queued: 0,
+        next_reconcile_ms: first,
+        orphans: Orphans::default(),
+        totals: (0, 0, 0),
+    };
+    dir.workers.spawn_paced(collector, pacing);
 }
 
 /// The collector as a [`Worker`]: one pass per `work`, then idle until the
-/// directory notifies it or [`PERIOD`] passes.
+/// directory notifies it or its period passes.
 pub struct Collector<S: MetaStore, E: Eraser> {
     dir: Arc<Directory<S>>,
     eraser: E,
+    period: Duration,
     /// Whether the first wait is over: the first pass comes after it, as
     /// every other (a directory that just started has no peer up yet).
     waited: bool,
-    /// Queue entries left after the last pass.
+    /// Queue entries (deleted volumes, dropped segments) left after the
+    /// last pass.
     queued: u64,
+    /// When the next reconciliation is due (the directory's clock).
+    next_reconcile_ms: u64,
+    orphans: Orphans,
+    /// Since the start: shards of dropped segments erased, orphans found,
+    /// orphans erased.
+    totals: (u64, u64, u64),
+}
+
+impl<S: MetaStore, E: Eraser> Collector<S, E> {
+    async fn pass(&mut self) -> Result<(), Remote> {
+        let deleted = self.dir.collect_deleted(&self.eraser).await?;
+        let dead = self.dir.collect_dead(&self.eraser).await?;
+        self.queued = deleted + dead.left;
+        self.totals.0 += dead.erased;
+        if self.dir.now() >= self.next_reconcile_ms {
+            let r = self.dir.reconcile(&self.eraser, &mut self.orphans).await?;
+            self.totals.1 += r.found;
+            self.totals.2 += r.erased;
+            self.next_reconcile_ms = self.dir.now() + self.dir.timing.reconcile_every.as_millis() as u64;
+            if r.found + r.erased > 0 {
+                tracing::info!(
+                    "reconciliation: {} shards checked, {} new orphans, {} erased, {} watched",
+                    r.checked,
+                    r.found,
+                    r.erased,
+                    self.orphans.len()
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<S: MetaStore, E: Eraser> Worker for Collector<S, E> {
@@ -117,17 +301,25 @@ impl<S: MetaStore, E: Eraser> Worker for Collector<S, E> {
     }
 
     fn status(&self) -> Status {
-        Status { queue: Some(self.queued), progress: None }
+        let (erased, found, orphans) = self.totals;
+        Status {
+            queue: Some(self.queued),
+            progress: Some(format!(
+                "{erased} shards of dropped segments erased; {found} orphans found, {orphans} erased, {} watched",
+                self.orphans.len()
+            )),
+        }
     }
 
     async fn work(&mut self, stop: &CancellationToken) -> Result<State, Remote> {
         if self.waited {
             // A pass cut short by the stop is safe: an entry leaves its
-            // queue only once its erasure is complete.
-            self.queued = tokio::select! {
-                left = self.dir.collect_once(&self.eraser) => left?,
+            // queue only once its erasure is complete, and an orphan is
+            // erased only after its floor is durable.
+            tokio::select! {
+                done = self.pass() => done?,
                 () = stop.cancelled() => return Ok(State::Done),
-            };
+            }
         }
         Ok(State::Idle)
     }
@@ -135,17 +327,28 @@ impl<S: MetaStore, E: Eraser> Worker for Collector<S, E> {
     async fn wait_for_work(&mut self) -> State {
         tokio::select! {
             () = self.dir.gc.notified() => {}
-            () = tokio::time::sleep(PERIOD) => {}
+            () = tokio::time::sleep(self.period) => {}
         }
         self.waited = true;
         State::Busy
     }
 }
 
+/// A holder named by a segment record, as a pass finds it.
+enum Holder {
+    Up(PeerAddr),
+    /// Known but down (or failed): asked again in a later pass.
+    Away,
+    /// No slot, or its peer record is gone: it left the cluster.
+    Gone,
+}
+
 impl<S: MetaStore> Directory<S> {
-    /// One pass over the queue; returns how many entries are left.
+    /// One pass over deleted volumes and dropped segments (not
+    /// reconciliation); returns how many queue entries are left.
+    #[cfg(test)]
     pub(in crate::directory) async fn collect_once<E: Eraser>(&self, eraser: &E) -> Result<u64, Remote> {
-        self.collect_deleted(eraser).await
+        Ok(self.collect_deleted(eraser).await? + self.collect_dead(eraser).await?.left)
     }
 
     /// Plans the erasure of deleted volumes.
@@ -212,6 +415,243 @@ impl<S: MetaStore> Directory<S> {
             }
         }
         Ok(left)
+    }
+
+    /// The peer with small id `id`, as a pass finds it (`names` caches the
+    /// `peerslot/` lookups of a pass).
+    async fn holder(&self, id: u16, names: &mut HashMap<u16, Option<String>>) -> Result<Holder, Remote> {
+        if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
+            let slot = self.meta.get(&peer_slot_key(id)).await?;
+            v.insert(slot.map(|e| String::from_utf8_lossy(&e.value).into_owned()));
+        }
+        let Some(name) = names[&id].clone() else { return Ok(Holder::Gone) };
+        Ok(match self.get::<PeerRecord>("peer", &key("peers", &name)).await? {
+            None => Holder::Gone,
+            Some((r, _)) if self.state(&r, self.now()) == PeerState::Up => {
+                Holder::Up(PeerAddr { name, addr: r.report.addr })
+            }
+            Some(_) => Holder::Away,
+        })
+    }
+
+    /// The epoch erasures of volume `id` go at: its current (last granted)
+    /// epoch; `None` if the volume is gone.
+    async fn erase_epoch(&self, id: &[u8; VOLUME_ID_LEN]) -> Result<Option<u64>, Remote> {
+        let Some(name) = self.meta.get(&id_key(id)).await? else { return Ok(None) };
+        let name = String::from_utf8_lossy(&name.value).into_owned();
+        Ok(self.get::<VolumeRecord>("volume", &key("volumes", &name)).await?.map(|(v, _)| v.epoch))
+    }
+
+    /// One pass over the dropped segments: erases the shards of those whose
+    /// grace is over, page by page.
+    pub(in crate::directory) async fn collect_dead<E: Eraser>(&self, eraser: &E) -> Result<DeadPass, Remote> {
+        let grace = self.timing.collect_grace.as_millis() as u64;
+        let mut pass = DeadPass::default();
+        let mut names = HashMap::new();
+        let mut epochs: HashMap<[u8; VOLUME_ID_LEN], Option<u64>> = HashMap::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self.meta.list_range(b"dead/", after.as_deref(), PAGE as usize).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            for entry in page {
+                let Some((volume, segment)) = parse_dead_key(&entry.key) else {
+                    return Err(internal(format!("a malformed dropped-segment key {:?}", entry.key)));
+                };
+                let dead: DeadSegment = dec("dropped segment", &entry.value)?;
+                if self.now() < dead.dropped_ms.saturating_add(grace) {
+                    pass.left += 1;
+                    continue;
+                }
+                let epoch = match epochs.get(&volume) {
+                    Some(e) => *e,
+                    None => *epochs.entry(volume).or_insert(self.erase_epoch(&volume).await?),
+                };
+                let Some(epoch) = epoch else {
+                    // Deleted meanwhile: its gc/ entry erases every shard.
+                    self.dequeue(entry).await?;
+                    continue;
+                };
+                let mut complete = true;
+                for (index, &id) in dead.record.peers.iter().enumerate() {
+                    if id == 0 {
+                        continue;
+                    }
+                    let key = SegmentShardKey { volume, segment, index: index as u8 };
+                    match self.holder(id, &mut names).await? {
+                        Holder::Gone => {}
+                        Holder::Away => complete = false,
+                        Holder::Up(peer) => match eraser.erase(&peer, key, epoch).await {
+                            Ok(existed) => pass.erased += u64::from(existed),
+                            Err(e) => {
+                                complete = false;
+                                tracing::info!(
+                                    "erasing shard {index} of dropped segment {segment} from {}: {e}",
+                                    peer.name
+                                );
+                            }
+                        },
+                    }
+                }
+                if complete {
+                    self.dequeue(entry).await?;
+                } else {
+                    pass.left += 1;
+                }
+            }
+        }
+        Ok(pass)
+    }
+
+    /// Reconciles every up peer's shards of every volume with the records,
+    /// erasing orphans seen for the grace (see the module documentation).
+    pub(in crate::directory) async fn reconcile<E: Eraser>(
+        &self,
+        eraser: &E,
+        orphans: &mut Orphans,
+    ) -> Result<ReconcilePass, Remote> {
+        let grace = self.timing.collect_grace.as_millis() as u64;
+        let mut pass = ReconcilePass::default();
+        let now = self.now();
+        let up: Vec<PeerAddr> = self
+            .up_peers()
+            .await?
+            .into_iter()
+            .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
+            .collect();
+        let ids = self.peer_ids().await?;
+        // Orphans seen in this pass, and the (peer, volume) listings that
+        // completed: a sighting not renewed by a complete listing is
+        // forgotten (the shard is gone, or became live).
+        let mut seen_now: HashSet<(String, SegmentShardKey)> = HashSet::new();
+        let mut listed: HashSet<(String, [u8; VOLUME_ID_LEN])> = HashSet::new();
+        for v in self.list::<VolumeRecord>("volume", b"volumes/").await? {
+            let volume = v.spec.id;
+            for peer in &up {
+                // The root is read before any record, so a record absent
+                // when read was not added by a commit the root already
+                // counts (CommitRoot refuses ids at or below it).
+                let root_highest = match self.get::<RootState>("root", &root_key(&volume)).await? {
+                    Some((r, _)) => UnverifiedRoot::parse(&r.sealed)
+                        .map_err(|e| internal(format!("volume {}: the stored root: {e}", v.spec.name)))?
+                        .highest_segment(),
+                    None => SegmentId::ZERO,
+                };
+                let highest = root_highest.max(self.segment_floor(&volume).await?.id);
+                let holder = ids.get(&peer.name).copied();
+                let mut after = None;
+                let complete = loop {
+                    let keys = match eraser.shards(peer, volume, after, PAGE).await {
+                        Ok(keys) => keys,
+                        Err(e) => {
+                            tracing::info!("reconciling {} on {}: {e}", v.spec.name, peer.name);
+                            break false;
+                        }
+                    };
+                    let Some(&last) = keys.last() else { break true };
+                    after = Some(last);
+                    pass.checked += keys.len() as u64;
+                    let mut due = Vec::new();
+                    for k in keys {
+                        let record = self.segment_record(&k).await?;
+                        let dead =
+                            record.is_none() && self.meta.get(&dead_key(&volume, k.segment)).await?.is_some();
+                        let class = classify(&k, holder, record.as_ref(), dead, highest);
+                        if !class.is_orphan() {
+                            continue;
+                        }
+                        let at = *orphans.first_seen.entry((peer.name.clone(), k)).or_insert_with(|| {
+                            pass.found += 1;
+                            now
+                        });
+                        seen_now.insert((peer.name.clone(), k));
+                        if now >= at.saturating_add(grace) {
+                            due.push((k, class));
+                        }
+                    }
+                    if due.is_empty() {
+                        continue;
+                    }
+                    // No new record can name an unrecorded shard once the
+                    // floor is above it; read the record again after.
+                    let unrecorded =
+                        due.iter().filter(|(_, c)| *c != ShardClass::Replaced).map(|(k, _)| k.segment);
+                    if let Some(top) = unrecorded.max()
+                        && !self.raise_floor(&volume, top).await?
+                    {
+                        break false; // the volume was deleted meanwhile
+                    }
+                    let Some(epoch) = self.erase_epoch(&volume).await? else { break false };
+                    for (k, class) in due {
+                        if class != ShardClass::Replaced && self.segment_record(&k).await?.is_some() {
+                            continue; // a commit landed it before the floor rose
+                        }
+                        match eraser.erase(peer, k, epoch).await {
+                            Ok(_) => {
+                                pass.erased += 1;
+                                orphans.first_seen.remove(&(peer.name.clone(), k));
+                                seen_now.remove(&(peer.name.clone(), k));
+                                tracing::info!(
+                                    "erased orphan shard {} of segment {} of volume {} from {} ({class:?})",
+                                    k.index,
+                                    k.segment,
+                                    v.spec.name,
+                                    peer.name
+                                );
+                            }
+                            Err(e) => tracing::info!("erasing an orphan shard from {}: {e}", peer.name),
+                        }
+                    }
+                };
+                if complete {
+                    listed.insert((peer.name.clone(), volume));
+                }
+            }
+        }
+        orphans.first_seen.retain(|(peer, k), _| {
+            seen_now.contains(&(peer.clone(), *k)) || !listed.contains(&(peer.clone(), k.volume))
+        });
+        Ok(pass)
+    }
+
+    /// The record of the segment `k` is a shard of, if it has one.
+    async fn segment_record(&self, k: &SegmentShardKey) -> Result<Option<SegmentRecord>, Remote> {
+        match self.meta.get(&segment_key(&k.volume, k.segment)).await? {
+            Some(e) => Ok(Some(
+                SegmentRecord::decode(&e.value)
+                    .map_err(|e| internal(format!("segment {}: {e}", k.segment)))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Raises volume `volume`'s segment floor to at least `to`, durably;
+    /// false if the volume is gone.
+    async fn raise_floor(&self, volume: &[u8; VOLUME_ID_LEN], to: SegmentId) -> Result<bool, Remote> {
+        for _ in 0..16 {
+            let Some(named) = self.meta.get(&id_key(volume)).await? else { return Ok(false) };
+            let floor = self.segment_floor(volume).await?;
+            if floor.id >= to {
+                return Ok(true);
+            }
+            let out = self
+                .meta
+                .txn(
+                    Txn::new()
+                        .when(Compare::ModRevision(named.key, named.mod_revision))
+                        .when(floor.unchanged)
+                        .then(Op::Put {
+                            key: floor_key(volume),
+                            value: to.raw().to_be_bytes().to_vec(),
+                            lease: None,
+                        }),
+                )
+                .await?;
+            if out.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(internal(format!("volume {}: the segment floor kept changing", hex::encode(volume))))
     }
 
     /// Removes a collector's queue entry, unless it changed since it was read.

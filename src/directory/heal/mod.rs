@@ -2,7 +2,8 @@
 //! hold in line with its records.
 //!
 //! Today this is the garbage [`collector`], which erases the shards of
-//! deleted volumes. Repair (rebuilding a segment's missing shards on other
+//! deleted volumes and dropped segments, and reconciles the peers' shards
+//! with the segment records to erase orphans. Repair (rebuilding a segment's missing shards on other
 //! peers), scrub (reading shards back and
 //! checking their hashes) and migration (moving shards off a peer that is
 //! leaving or full) live here next, each a [`crate::sys::worker::Worker`]

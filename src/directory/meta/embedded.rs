@@ -167,17 +167,35 @@ impl Inner {
     }
 
     fn list(&self, prefix: &[u8]) -> Result<Vec<Entry>, MetaError> {
+        self.list_range(prefix, None, usize::MAX)
+    }
+
+    /// The first `limit` live keys under `prefix` after `after`: the scan
+    /// starts at `after` (or the prefix), so a page costs its own length.
+    fn list_range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>, MetaError> {
         let now = (self.clock)();
         let txn = self.db.begin_read().map_err(storage)?;
         let kv = txn.open_table(KV).map_err(storage)?;
         let leases = txn.open_table(LEASES).map_err(storage)?;
-        let end = prefix_end(prefix);
+        let end_key = prefix_end(prefix);
         let mut out = Vec::new();
-        for item in kv.range::<&[u8]>(prefix_range(prefix, end.as_deref())).map_err(storage)? {
+        // Past the prefix's last key there is nothing (and a reversed
+        // range would not be one).
+        if limit == 0 || after.zip(end_key.as_deref()).is_some_and(|(a, e)| a >= e) {
+            return Ok(out);
+        }
+        let (mut start, end) = prefix_range(prefix, end_key.as_deref());
+        if let Some(a) = after.filter(|a| *a >= prefix) {
+            start = Bound::Excluded(a);
+        }
+        for item in kv.range::<&[u8]>((start, end)).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
             let e = decode_entry(k.value(), v.value())?;
             if lease_alive(&leases, &e, now)? {
                 out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
             }
         }
         Ok(out)
@@ -482,6 +500,17 @@ impl MetaStore for RedbStore {
         self.blocking(move |i| i.list(&prefix)).await
     }
 
+    async fn list_range(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, MetaError> {
+        let prefix = prefix.to_vec();
+        let after = after.map(<[u8]>::to_vec);
+        self.blocking(move |i| i.list_range(&prefix, after.as_deref(), limit)).await
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome, MetaError> {
         self.blocking(move |i| i.txn(txn)).await
     }
@@ -595,6 +624,38 @@ mod tests {
         assert_eq!(s.list(b"").await.unwrap().len(), 6);
         s.txn(Txn::new().then(Op::DeletePrefix { prefix: b"peer/".to_vec() })).await.unwrap();
         assert_eq!(names(s.list(b"peer").await.unwrap()), [b"peer0".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_prefix_is_listed_in_pages_that_skip_dead_keys_and_stop_at_the_prefix() {
+        let f = fixture();
+        let s = &f.store;
+        let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
+        let mut t = Txn::new().then(put(b"a/9", b"x")).then(put(b"b", b"x")).then(put(b"\xff", b"x"));
+        for n in 0..5u8 {
+            t = t.then(put(&[b'a', b'/', n], b"v"));
+        }
+        t = t.then(Op::Put { key: b"a/\x02x".to_vec(), value: b"v".to_vec(), lease: Some(lease) });
+        s.txn(t).await.unwrap();
+        f.now.fetch_add(2_000, Ordering::SeqCst);
+        let names = |v: Vec<Entry>| v.into_iter().map(|e| e.key).collect::<Vec<_>>();
+        // Pages of two, each after the last key of the one before; the
+        // key whose lease lapsed is not counted against a page.
+        let (mut pages, mut after) = (Vec::new(), None::<Vec<u8>>);
+        loop {
+            let page = names(s.list_range(b"a/", after.as_deref(), 2).await.unwrap());
+            let Some(last) = page.last().cloned() else { break };
+            pages.push(page);
+            after = Some(last);
+        }
+        let k = |n: u8| vec![b'a', b'/', n];
+        assert_eq!(pages, [vec![k(0), k(1)], vec![k(2), k(3)], vec![k(4), b"a/9".to_vec()]]);
+        // An `after` before the prefix starts it; past it, nothing.
+        assert_eq!(names(s.list_range(b"a/", Some(b"0"), 1).await.unwrap()), [k(0)]);
+        assert!(s.list_range(b"a/", Some(b"b"), 10).await.unwrap().is_empty());
+        assert!(s.list_range(b"a/", None, 0).await.unwrap().is_empty());
+        assert_eq!(names(s.list_range(b"\xff", None, 10).await.unwrap()), [b"\xff".to_vec()]);
+        assert!(s.list_range(b"\xff", Some(b"\xff"), 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]

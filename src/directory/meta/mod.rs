@@ -129,6 +129,22 @@ pub trait MetaStore: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> impl Future<Output = Result<Option<Entry>, MetaError>> + Send;
     /// Every live key starting with `prefix`, in key order.
     fn list(&self, prefix: &[u8]) -> impl Future<Output = Result<Vec<Entry>, MetaError>> + Send;
+    /// One page of [`MetaStore::list`]: the first `limit` live keys
+    /// starting with `prefix` and greater than `after` (a whole key), in
+    /// key order. A caller pages through a long prefix (a volume's 10^5
+    /// segment records) by passing the last key it got. This default
+    /// reads the whole prefix; a store that can seeks to `after`.
+    fn list_range(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Entry>, MetaError>> + Send {
+        async move {
+            let all = self.list(prefix).await?;
+            Ok(all.into_iter().filter(|e| after.is_none_or(|a| e.key.as_slice() > a)).take(limit).collect())
+        }
+    }
     /// Checks the compares and, if all hold, applies the ops atomically.
     fn txn(&self, txn: Txn) -> impl Future<Output = Result<TxnOutcome, MetaError>> + Send;
     /// Several transactions, in order, each all-or-nothing by itself: each
