@@ -539,7 +539,18 @@ fn dropped_segments_and_orphans_are_erased_after_the_grace_even_from_a_peer_that
     let grace = Duration::from_secs(3);
     let mut c = Cluster::start(
         "home",
-        &["--collect-grace", "3s", "--reconcile-every", "1s", "--peer-timeout", "2s", "--lease-ttl", "60s"],
+        &[
+            "--drop-grace",
+            "3s",
+            "--collect-grace",
+            "3s",
+            "--reconcile-every",
+            "1s",
+            "--peer-timeout",
+            "2s",
+            "--lease-ttl",
+            "60s",
+        ],
     );
     let names: Vec<String> = (0..6).map(|i| c.add_peer("64M", &format!("room{i}"))).collect();
     c.wait_all_up(6);

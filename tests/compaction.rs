@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{Cluster, Proc};
 use common::rawclient::RawClient;
 use common::{Rng, meshdisk_bin};
+use meshdisk::api::PeerAddr;
 
 const VOLUME: &str = "packed";
 const SIZE: u64 = 32 << 20;
@@ -30,7 +32,7 @@ struct Setup {
 
 impl Setup {
     fn new() -> Self {
-        let mut c = Cluster::start("compact", &["--lease-ttl", "4s"]);
+        let mut c = Cluster::start("compact", &["--lease-ttl", "4s", "--drop-grace", "1s"]);
         for i in 0..6 {
             c.add_peer("1G", &format!("disk{i}"));
         }
@@ -65,6 +67,51 @@ impl Setup {
         assert!(ok, "detach: {err}");
         let (status, out) = proc.wait_exit(Duration::from_secs(60));
         assert!(status.success(), "the attach did not stop cleanly: {out}");
+    }
+
+    /// What the peers hold of the volume: (shards, shards no segment
+    /// record names on that peer, bytes the peers report used).
+    fn on_peers(&self) -> (usize, usize, u64) {
+        let status = self.c.status();
+        let used = status.peers.iter().map(|p| p.used).sum();
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let client = self.c.client();
+            let id = client.volume(VOLUME).await.unwrap().spec.id;
+            let ids = client.list_segments(VOLUME).await.unwrap();
+            let mut named = HashSet::new();
+            let mut peer_ids = HashSet::new();
+            for chunk in ids.chunks(1000) {
+                let records = client.segment_records(VOLUME, chunk.to_vec()).await.unwrap();
+                for (seg, r) in chunk.iter().zip(records) {
+                    for (index, peer) in r.unwrap().peers.into_iter().enumerate() {
+                        named.insert((*seg, index as u8, peer));
+                        peer_ids.insert(peer);
+                    }
+                }
+            }
+            let slots = client.peer_slots(peer_ids.into_iter().filter(|&p| p != 0).collect()).await.unwrap();
+            let id_of: HashMap<String, u16> =
+                slots.into_iter().flatten().map(|s| (s.addr.name, s.id)).collect();
+            let (mut shards, mut stray) = (0, 0);
+            for p in &status.peers {
+                let addr = PeerAddr { name: p.name.clone(), addr: p.addr };
+                let mut after = None;
+                loop {
+                    let keys = client.list_shards(&addr, id, after, 1000).await.unwrap();
+                    for k in &keys {
+                        shards += 1;
+                        let named_here =
+                            id_of.get(&p.name).is_some_and(|&pid| named.contains(&(k.segment, k.index, pid)));
+                        stray += usize::from(!named_here);
+                    }
+                    if keys.len() < 1000 {
+                        break;
+                    }
+                    after = keys.last().copied();
+                }
+            }
+            (shards, stray, used)
+        })
     }
 
     /// Bytes the volume's segments hold on the peers (every shard).
@@ -148,6 +195,18 @@ fn overwriting_a_volume_many_times_keeps_its_space_within_the_bound_and_every_by
         allocated as f64 * K as f64 / (K + M) as f64 / live as f64
     );
     assert!(allocated <= bound, "{allocated} bytes held on the peers, more than the bound {bound}");
+    // The dropped segments' shards are erased once their grace is over:
+    // the peers hold exactly what the records name, within the bound.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = s.on_peers();
+    while (seen.1 > 0 || seen.2 > bound) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        seen = s.on_peers();
+    }
+    let (shards, stray, used) = seen;
+    eprintln!("on the peers: {shards} shards, {stray} named by no record, {used} bytes used");
+    assert_eq!(stray, 0, "shards no record names are still on the peers");
+    assert!(used <= bound, "the peers use {used} bytes, more than the bound {bound}");
     check(&mut conn, &mut cookie, &model, "after compaction");
     s.detach("a", proc, conn);
     // Another folder (another machine) reads the same bytes.

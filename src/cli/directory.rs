@@ -31,9 +31,14 @@ pub struct DirectoryArgs {
     /// A volume's write lease lapses this long after its holder's last renewal.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     lease_ttl: Duration,
-    /// Shards of a segment no root reaches any more (and orphan shards) are
-    /// erased from the peers no sooner than this after it was dropped (or
-    /// they were first seen): reads and commits in flight finish first.
+    /// Shards of a segment its volume dropped (no root or snapshot reaches
+    /// it any more) are erased from the peers this long after the drop:
+    /// the writer's reads of it in flight finish first.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    drop_grace: Duration,
+    /// Orphan shards (no segment record names them: failed commits,
+    /// replaced puts) are erased no sooner than this after they were first
+    /// seen: commits in flight land first.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     collect_grace: Duration,
     /// How often every peer's shards are compared with the segment records
@@ -51,6 +56,7 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         cluster: args.cluster,
         peer_timeout: args.peer_timeout,
         lease_ttl: args.lease_ttl,
+        drop_grace: args.drop_grace,
         collect_grace: args.collect_grace,
         reconcile_every: args.reconcile_every,
     };

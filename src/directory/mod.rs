@@ -100,8 +100,11 @@ pub struct DirectoryConfig {
     pub peer_timeout: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
-    /// A dropped segment's shards, and an orphan shard, are erased no
-    /// sooner than this after they were dropped or first seen.
+    /// A dropped segment's shards are erased no sooner than this after
+    /// the drop.
+    pub drop_grace: Duration,
+    /// An orphan shard is erased no sooner than this after it was first
+    /// seen.
     pub collect_grace: Duration,
     /// How often the peers' shards are reconciled with the records.
     pub reconcile_every: Duration,
@@ -114,9 +117,13 @@ pub struct Timing {
     pub peer_timeout: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
-    /// The collection grace: a dropped segment's shards are erased no
-    /// sooner than this after the drop, an orphan shard no sooner than this
-    /// after it was first seen (what protects reads and commits in flight).
+    /// A dropped segment's shards are erased no sooner than this after
+    /// the drop: the writer's reads of it in flight finish (and one that
+    /// does not reads the block from where the map says it moved).
+    pub drop_grace: Duration,
+    /// The collection grace: an orphan shard (no record names it) is
+    /// erased no sooner than this after it was first seen (what protects
+    /// commits in flight).
     pub collect_grace: Duration,
     /// How often the collector reconciles the peers' shards with the
     /// segment records.
@@ -128,6 +135,7 @@ impl From<&DirectoryConfig> for Timing {
         Self {
             peer_timeout: c.peer_timeout,
             lease_ttl: c.lease_ttl,
+            drop_grace: c.drop_grace,
             collect_grace: c.collect_grace,
             reconcile_every: c.reconcile_every,
         }

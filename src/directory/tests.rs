@@ -31,6 +31,7 @@ const GRACE: Duration = Duration::from_secs(60);
 const TIMING: Timing = Timing {
     peer_timeout: PEER_TIMEOUT,
     lease_ttl: LEASE_TTL,
+    drop_grace: GRACE,
     collect_grace: GRACE,
     reconcile_every: Duration::from_secs(600),
 };

@@ -12,7 +12,7 @@
 //!   one erasing pass is not enough).
 //! - **Dropped segments** (`dead/<volume id>/<seg>`): a commit (or
 //!   `DropSegments`) that drops a segment's record moves it here, in the
-//!   same transaction, with the time. Once the **grace** (`--collect-grace`)
+//!   same transaction, with the time. Once the **drop grace** (`--drop-grace`)
 //!   has passed, each shard is erased from the peer the record names for
 //!   it, at the volume's current lease epoch; the entry goes once every
 //!   holder has answered (erased, or did not have it). A holder that is
@@ -231,7 +231,8 @@ impl Orphans {
 /// Starts the collector on the directory's runner.
 pub(in crate::directory) fn start<S: MetaStore, E: Eraser>(dir: &Arc<Directory<S>>, eraser: E) {
     let t = dir.timing;
-    let period = PERIOD.min(t.collect_grace).min(t.reconcile_every).max(Duration::from_millis(100));
+    let period =
+        PERIOD.min(t.drop_grace).min(t.collect_grace).min(t.reconcile_every).max(Duration::from_millis(100));
     // After a failed pass, the next one comes a period later.
     let pacing = Pacing { tranquility: 0, backoff: period, max_backoff: period };
     let first = dir.now() + t.reconcile_every.min(FIRST_RECONCILE).as_millis() as u64;
@@ -445,7 +446,7 @@ impl<S: MetaStore> Directory<S> {
     /// One pass over the dropped segments: erases the shards of those whose
     /// grace is over, page by page.
     pub(in crate::directory) async fn collect_dead<E: Eraser>(&self, eraser: &E) -> Result<DeadPass, Remote> {
-        let grace = self.timing.collect_grace.as_millis() as u64;
+        let grace = self.timing.drop_grace.as_millis() as u64;
         let mut pass = DeadPass::default();
         let mut names = HashMap::new();
         let mut epochs: HashMap<[u8; VOLUME_ID_LEN], Option<u64>> = HashMap::new();

@@ -575,8 +575,7 @@ impl Inner {
         if let Some(recorded) = self.recorded.lock().expect("recorded").as_mut() {
             recorded.extend(sealed.iter().map(|s| s.id));
         }
-        self.space.lock().expect("space").0 +=
-            sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
+        self.space.lock().expect("space").0 += sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
         self.compact_wake.notify_one();
         let mut records = vec![NewRecord::Base(base)];
         records.extend(watermark.map(|sequence| NewRecord::Committed { sequence }));

@@ -204,9 +204,7 @@ impl Inner {
                 data.insert(first + i as u32, b.to_vec());
             }
         }
-        live.into_iter()
-            .map(|l| Ok((l, data.remove(&l.slot).ok_or("a live slot was not read")?)))
-            .collect()
+        live.into_iter().map(|l| Ok((l, data.remove(&l.slot).ok_or("a live slot was not read")?))).collect()
     }
 
     /// Moves the live blocks of `victims` into new segments and commits
@@ -236,7 +234,12 @@ impl Inner {
         if !p.is_empty() {
             packers.push(p);
         }
-        tracing::debug!("volume {}: compaction gathered {} blocks in {:?}", self.name, blocks.len(), started.elapsed());
+        tracing::debug!(
+            "volume {}: compaction gathered {} blocks in {:?}",
+            self.name,
+            blocks.len(),
+            started.elapsed()
+        );
         let _turn = self.commit_turn.lock().await;
         if let Some(why) = self.fenced.lock().expect("fenced").clone() {
             return Err(why);

@@ -439,8 +439,9 @@ impl Inner {
 
     /// [`Self::read_blocks`], the `again`th time: a checkpoint installed
     /// between the lookup and the reads may leave a segment the lookup
-    /// named unreachable (all its blocks were overwritten since), and the
-    /// read starts over with the new map. A segment still unreachable
+    /// named unreachable (all its blocks were overwritten since), or
+    /// compaction may have moved the blocks and the segment be erased, and
+    /// the read starts over with the new map. A segment still unreachable
     /// after a few tries is a map naming one that is not there.
     async fn read_blocks_again(&self, first: u64, n: u64, again: u32) -> backend::Result<Bytes> {
         let (offset, length) = (first * BLOCK, n * BLOCK);
@@ -490,7 +491,14 @@ impl Inner {
         }
         for ((segment, wanted), root) in remote.into_iter().zip(roots) {
             let root = root.expect("checked above");
-            self.read_remote(segment, root, &wanted, first, &plan, Some(&mut out)).await?;
+            if let Err(e) = self.read_remote(segment, root, &wanted, first, &plan, Some(&mut out)).await {
+                // Compaction may have moved the blocks and the segment
+                // gone since the lookup: read again from where they are.
+                if again < 4 && self.plan(first, n).await? != plan {
+                    return Box::pin(self.read_blocks_again(first, n, again + 1)).await;
+                }
+                return Err(e);
+            }
         }
         Ok(Bytes::from(out))
     }
