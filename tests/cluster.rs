@@ -44,6 +44,7 @@ fn volume(name: &str, k: u8, m: u8) -> VolumeSpec {
         key_check: [0; 32],
         key_slots: common::cluster::throwaway_key_slots(),
         durability: meshdisk::api::Durability::Remote,
+        lineage: Vec::new(),
     }
 }
 

@@ -217,6 +217,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
             key_check: [0; 32],
             key_slots: common::cluster::throwaway_key_slots(),
             durability: meshdisk::api::Durability::Remote,
+            lineage: Vec::new(),
         };
         // Three shards per segment: both near peers every time, and they
         // hold the data shards (0 and 1), which block reads go to.

@@ -124,6 +124,43 @@ pub struct VolumeSpec {
     /// [`DirRequest::SetKeySlots`].
     pub key_slots: Vec<u8>,
     pub durability: Durability,
+    /// A clone's ancestors, nearest first (empty for a volume made by
+    /// `volume create`): whose segments it reads below which id, and whose
+    /// key decrypts which sequences (`codec::key::VolumeKey::for_lineage`).
+    pub lineage: Vec<Ancestor>,
+}
+
+/// A volume a clone descends from, and the snapshot it was cloned at: the
+/// clone reads this volume's segments with ids up to `highest_segment`
+/// (its own are above), and blocks with sequences up to
+/// `highest_sequence` were written under this volume's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ancestor {
+    /// Names at the clone's making (for messages and `volume info`).
+    pub volume: String,
+    pub snapshot: String,
+    pub id: [u8; VOLUME_ID_LEN],
+    pub highest_segment: u64,
+    pub highest_sequence: u64,
+}
+
+/// A snapshot as `volume snapshots` lists it: a kept root of its volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created_ms: u64,
+    /// The (epoch, commit) of the root it keeps.
+    pub epoch: u64,
+    pub commit: u64,
+    /// The highest segment id that root reaches.
+    pub highest_segment: u64,
+    /// Bytes of shards of the segments it reaches (shared with the volume
+    /// and other snapshots or not).
+    pub reaches: u64,
+    /// Bytes of shards only it keeps on the peers: what deleting it frees.
+    pub exclusive: u64,
+    /// Clones made from it (each keeps it until deleted).
+    pub clones: Vec<String>,
 }
 
 /// A volume as the directory records it.
@@ -553,6 +590,44 @@ pub enum DirRequest {
         after: Option<u64>,
         limit: u32,
     },
+    /// Keeps the volume's committed root as snapshot `snapshot` (its
+    /// segments stay while it does): `Snapshot`.
+    CreateSnapshot {
+        volume: String,
+        snapshot: String,
+    },
+    /// The volume's snapshots, oldest first: `Snapshots`.
+    ListSnapshots {
+        volume: String,
+    },
+    /// Deletes a snapshot (refused while a clone is made from it): `Done`.
+    DeleteSnapshot {
+        volume: String,
+        snapshot: String,
+    },
+    /// The root a snapshot keeps: `Root`.
+    SnapshotRoot {
+        volume: String,
+        snapshot: String,
+    },
+    /// A new volume (`spec`, whose lineage's first entry names the parent
+    /// and its snapshot) starting from `sealed`, a root the caller made of
+    /// the snapshot's with the new volume's id and key: `Volume`.
+    CloneVolume {
+        spec: VolumeSpec,
+        sealed: Vec<u8>,
+    },
+    /// Rolls the volume back to a snapshot: `sealed` (a root the writer
+    /// holding the lease at `epoch` made of the snapshot's, one commit above
+    /// `expected`) replaces the root by compare-and-set, and the segments
+    /// the snapshot reaches count as the volume's again: `Committed`.
+    Rollback {
+        volume: String,
+        snapshot: String,
+        epoch: u64,
+        expected: (u64, u64),
+        sealed: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -588,6 +663,8 @@ pub enum DirResponse {
     SegmentRecords(Vec<Option<SegmentRecord>>),
     PeerSlots(Vec<Option<PeerSlot>>),
     SegmentIds(#[serde(with = "segment_ids")] Vec<SegmentId>),
+    Snapshot(SnapshotInfo),
+    Snapshots(Vec<SnapshotInfo>),
 }
 
 /// Calls to a peer about the segment shards it holds. Shard bytes (header

@@ -262,6 +262,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
                 key_check,
                 key_slots,
                 durability: Durability::Remote,
+                lineage: Vec::new(),
             };
             client.create_volume(spec).await?;
             eprintln!(

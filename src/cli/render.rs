@@ -231,6 +231,7 @@ mod tests {
                         key_check: [0; 32],
                         key_slots: vec![],
                         durability: Durability::Remote,
+                        lineage: Vec::new(),
                     },
                     epoch: 3,
                     created_ms: 0,

@@ -203,6 +203,7 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
         key_check,
         key_slots,
         durability,
+        lineage: Vec::new(),
     };
     a.credential.client()?.create_volume(spec).await?;
     if made {

@@ -35,6 +35,9 @@ const KEY_CHECK_CONTEXT: &str = "meshdisk 2026-11 volume key check v1";
 /// What goes through the keyed hash, after the volume id.
 const KEY_CHECK_LABEL: &[u8] = b"meshdisk key check";
 
+/// Derivation context of a clone's own key ([`VolumeKey::for_lineage`]).
+const CLONE_CONTEXT: &str = "meshdisk 2026-11 clone data key v1";
+
 /// Errors from loading, deriving or checking a key. None of them carries
 /// key material.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +204,37 @@ impl VolumeKey {
         Self::checked(bytes)
     }
 
+    /// The key a volume encrypts its own writes with (and its roots' MAC
+    /// keys come from): this data key itself for a volume made by `volume
+    /// create` (empty `lineage`); for a clone, a key derived from it, the
+    /// clone's id and its lineage (each ancestor's id, highest segment and
+    /// highest sequence, nearest first). A clone and its parent share the
+    /// data key and both write sequences above the snapshot's, so they
+    /// must not share an encryption key (an XTS tweak would repeat); and a
+    /// lineage altered by the directory gives another key, whose roots'
+    /// MACs then fail, so the ancestors' boundaries are authenticated too.
+    pub fn for_lineage(
+        &self,
+        volume_id: &[u8; VOLUME_ID_LEN],
+        lineage: &[([u8; VOLUME_ID_LEN], u64, u64)],
+    ) -> Result<VolumeKey, KeyError> {
+        if lineage.is_empty() {
+            return Ok(Self { bytes: self.bytes.clone() });
+        }
+        let mut bytes = Box::new([0u8; KEY_LEN]);
+        let mut hasher = blake3::Hasher::new_derive_key(CLONE_CONTEXT);
+        hasher.update(&self.bytes[..]);
+        hasher.update(volume_id);
+        hasher.update(&(lineage.len() as u64).to_le_bytes());
+        for (id, segment, sequence) in lineage {
+            hasher.update(id);
+            hasher.update(&segment.to_le_bytes());
+            hasher.update(&sequence.to_le_bytes());
+        }
+        hasher.finalize_xof().fill(&mut bytes[..]);
+        Self::checked(bytes)
+    }
+
     /// A 256-bit MAC key for another use of the same secret, as [`derive`].
     pub fn derive_mac_key(&self, context: &str) -> Zeroizing<[u8; 32]> {
         Zeroizing::new(blake3::derive_key(context, &self.bytes[..]))
@@ -290,6 +324,27 @@ mod tests {
         let mut b = [fill; KEY_LEN];
         b[32] ^= 1;
         VolumeKey::from_bytes(&b).unwrap()
+    }
+
+    #[test]
+    fn a_clone_key_depends_on_the_clone_and_every_step_of_its_lineage() {
+        let data = key(0x42);
+        let (a, b) = ([1; VOLUME_ID_LEN], [2; VOLUME_ID_LEN]);
+        // No lineage: the data key itself.
+        assert_eq!(data.for_lineage(&a, &[]).unwrap().bytes, data.bytes);
+        let base = data.for_lineage(&b, &[(a, 7, 9)]).unwrap();
+        assert_ne!(base.bytes, data.bytes);
+        assert_eq!(data.for_lineage(&b, &[(a, 7, 9)]).unwrap().bytes, base.bytes);
+        for other in [
+            data.for_lineage(&a, &[(a, 7, 9)]),
+            data.for_lineage(&b, &[(b, 7, 9)]),
+            data.for_lineage(&b, &[(a, 8, 9)]),
+            data.for_lineage(&b, &[(a, 7, 10)]),
+            data.for_lineage(&b, &[(a, 7, 9), (a, 1, 1)]),
+            key(0x43).for_lineage(&b, &[(a, 7, 9)]),
+        ] {
+            assert_ne!(other.unwrap().bytes, base.bytes);
+        }
     }
 
     #[test]

@@ -428,6 +428,15 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.list_segments(&volume, after, limit).await
             }
+            DirRequest::CreateSnapshot { .. }
+            | DirRequest::ListSnapshots { .. }
+            | DirRequest::DeleteSnapshot { .. }
+            | DirRequest::SnapshotRoot { .. }
+            | DirRequest::CloneVolume { .. }
+            | DirRequest::Rollback { .. } => {
+                needs(&[Role::Client, Role::Admin])?;
+                Err(Remote::new(ErrorKind::Invalid, "this directory does not keep snapshots yet"))
+            }
         }
     }
 }

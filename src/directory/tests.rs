@@ -77,6 +77,7 @@ fn spec(name: &str, id: u8, k: u8, m: u8) -> VolumeSpec {
         key_check: [0; 32],
         key_slots: throwaway_key_slots(),
         durability: Durability::Remote,
+        lineage: Vec::new(),
     }
 }
 
