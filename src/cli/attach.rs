@@ -92,7 +92,12 @@ fn default_state_dir(volume: &str) -> PathBuf {
 /// local log).
 pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     let c = a.credential.client()?;
-    let record = c.volume(&a.name).await?;
+    // VOLUME@SNAPSHOT serves a snapshot, read-only, from its own folder.
+    let (name, snapshot) = match crate::cli::snapshot::split(&a.name) {
+        Some((v, s)) => (v.to_string(), Some(s.to_string())),
+        None => (a.name.clone(), None),
+    };
+    let record = c.volume(&name).await?;
     let key = crate::cli::unlock::data_key(&record, a.key_file.as_deref())?;
     let state = a.cache_dir.clone().unwrap_or_else(|| default_state_dir(&a.name));
     let pidfile = state.join("attach.pid");
@@ -109,20 +114,31 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     config.log_size = a.log_size;
     config.map_cache = a.map_cache.max(1);
     config.discard_local = a.discard_local;
-    let volume = Volume::open(c, &a.name, &key, config).await?;
+    config.snapshot = snapshot.clone();
+    let volume = Volume::open(c, &name, &key, config).await?;
     drop(key);
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(CliError::io(pidfile.display()))?;
     let spec = &volume.record().spec;
-    info!(
-        "attached volume {} ({}, k={} m={}, durability {}) with lease epoch {}; state in {}",
-        spec.name,
-        human(spec.size),
-        spec.k,
-        spec.m,
-        spec.durability.as_str(),
-        volume.epoch(),
-        state.display()
-    );
+    match &snapshot {
+        Some(snap) => info!(
+            "attached snapshot {}@{snap} ({}, k={} m={}) read-only; state in {}",
+            spec.name,
+            human(spec.size),
+            spec.k,
+            spec.m,
+            state.display()
+        ),
+        None => info!(
+            "attached volume {} ({}, k={} m={}, durability {}) with lease epoch {}; state in {}",
+            spec.name,
+            human(spec.size),
+            spec.k,
+            spec.m,
+            spec.durability.as_str(),
+            volume.epoch(),
+            state.display()
+        ),
+    }
     let socket = match (&a.socket, &a.listen) {
         (Some(s), _) => Some(s.clone()),
         (None, None) => Some(state.join("nbd.sock")),
@@ -132,10 +148,10 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
         listen: a.listen.clone().unwrap_or_else(|| "none".into()),
         socket,
         export: a.export.clone(),
-        description: Some(format!("meshdisk volume {}", spec.name)),
-        read_only: false,
+        description: Some(format!("meshdisk volume {}", a.name)),
+        read_only: snapshot.is_some(),
     };
-    let what = format!("volume {}", spec.name);
+    let what = format!("volume {}", a.name);
     // The detach timeout bounds the whole flush: the server's (requests in
     // flight, then a flush) and the close's, which gets what is left.
     let stop = stop_on_signals(Some(a.detach_timeout + STOP_GRACE + Duration::from_secs(10)))?;

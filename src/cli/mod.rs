@@ -20,6 +20,7 @@ pub mod passphrase;
 pub mod peer;
 pub mod render;
 pub mod serve;
+pub mod snapshot;
 pub mod unlock;
 pub mod volume;
 

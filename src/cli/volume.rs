@@ -30,8 +30,19 @@ pub enum VolumeCommand {
     /// Change a volume's passphrase (or add or remove a key file) without
     /// re-encrypting its data: only the wrapped copy of its key changes.
     Passwd(VolumePasswdArgs),
-    /// Delete a volume; peers erase its shards.
+    /// Delete a volume (refused while it has snapshots), or one snapshot
+    /// (NAME@SNAPSHOT); peers erase what nothing else keeps.
     Delete(VolumeDeleteArgs),
+    /// Keep the volume's committed state as a snapshot (`attach
+    /// NAME@SNAPSHOT` serves it read-only).
+    Snapshot(super::snapshot::SnapshotArgs),
+    /// A volume's snapshots, with the space each keeps.
+    Snapshots(super::snapshot::SnapshotsArgs),
+    /// A new writable volume from a snapshot (NAME@SNAPSHOT NEW), sharing
+    /// its segments and key.
+    Clone(super::snapshot::CloneArgs),
+    /// Roll a detached volume back to a snapshot (a new commit).
+    Rollback(super::snapshot::RollbackArgs),
 }
 
 #[derive(Subcommand)]
@@ -157,7 +168,14 @@ pub async fn run(cmd: VolumeCommand) -> Result<(), CliError> {
             Ok(())
         }
         VolumeCommand::Passwd(a) => passwd(a).await,
+        VolumeCommand::Snapshot(a) => super::snapshot::snapshot(a).await,
+        VolumeCommand::Snapshots(a) => super::snapshot::snapshots(a).await,
+        VolumeCommand::Clone(a) => super::snapshot::clone(a).await,
+        VolumeCommand::Rollback(a) => super::snapshot::rollback(a).await,
         VolumeCommand::Delete(a) => {
+            if let Some((volume, snapshot)) = super::snapshot::split(&a.name) {
+                return super::snapshot::delete(&a.credential.client()?, volume, snapshot).await;
+            }
             if !a.yes {
                 eprint!("delete volume {} and all its data? type its name to confirm: ", a.name);
                 let mut line = String::new();

@@ -286,6 +286,70 @@ impl Client {
         }
     }
 
+    /// Keeps `volume`'s committed root as snapshot `snapshot`.
+    pub async fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
+        let req = DirRequest::CreateSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Snapshot(s) => Ok(s),
+            other => Err(unexpected("create snapshot", other)),
+        }
+    }
+
+    /// `volume`'s snapshots, oldest first.
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.directory(&DirRequest::ListSnapshots { volume: volume.into() }).await? {
+            DirResponse::Snapshots(s) => Ok(s),
+            other => Err(unexpected("list snapshots", other)),
+        }
+    }
+
+    pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), ClientError> {
+        let req = DirRequest::DeleteSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("delete snapshot", other)),
+        }
+    }
+
+    /// A new volume `spec` starting from `sealed` (see `DirRequest::CloneVolume`).
+    pub async fn clone_volume(&self, spec: VolumeSpec, sealed: Vec<u8>) -> Result<VolumeRecord, ClientError> {
+        match self.directory(&DirRequest::CloneVolume { spec, sealed }).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => Err(unexpected("clone volume", other)),
+        }
+    }
+
+    /// Rolls `volume` back to `snapshot` (see `DirRequest::Rollback`).
+    pub async fn rollback(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        epoch: u64,
+        expected: (u64, u64),
+        sealed: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let req = DirRequest::Rollback {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            epoch,
+            expected,
+            sealed,
+        };
+        match self.directory(&req).await? {
+            DirResponse::Committed { commit } => Ok(commit),
+            other => Err(unexpected("rollback", other)),
+        }
+    }
+
+    /// The root snapshot `snapshot` of `volume` keeps.
+    pub async fn snapshot_root(&self, volume: &str, snapshot: &str) -> Result<RootState, ClientError> {
+        let req = DirRequest::SnapshotRoot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Root(Some(r)) => Ok(r),
+            other => Err(unexpected("snapshot root", other)),
+        }
+    }
+
     /// Every segment the directory has a record of for `volume`, in order
     /// (paged, [`MAX_SEGMENTS_PER_CALL`] a call).
     pub async fn list_segments(&self, volume: &str) -> Result<Vec<SegmentId>, ClientError> {

@@ -90,6 +90,21 @@ pub(crate) struct Granted {
     pub noted: Option<u64>,
 }
 
+impl Granted {
+    /// No lease: a snapshot's read-only attach takes none.
+    pub(crate) fn none() -> Self {
+        let lease = VolumeLease {
+            holder: String::new(),
+            host: String::new(),
+            epoch: 0,
+            since_ms: 0,
+            ttl_ms: 0,
+            took_over: false,
+        };
+        Self { lease, run_from: 0, noted: None }
+    }
+}
+
 /// Takes the write lease on `volume` for the state folder `dir`, resuming
 /// the epoch its note names if the directory still has it, and notes the
 /// epoch granted with the run it continues.

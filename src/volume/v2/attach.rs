@@ -31,6 +31,7 @@ use super::compactor::{self, Compactor};
 use super::io::{READ_AHEAD_FETCHES, READ_AHEAD_MAX, READ_AHEAD_MIN};
 use super::keeper::Keeper;
 use super::layout::{self, Trailer};
+use super::lineage::Lineage;
 use super::local::LocalIndex;
 use super::log::{Base, LocalLog, LogConfig, NewRecord, RecordHead};
 use super::readahead::ReadAhead;
@@ -100,10 +101,11 @@ impl Inner {
         let g = header.geometry;
         let last = (g.data_blocks() - 1) as u32;
         let mut t = self.io.read(&located, last, last + 1).await.map_err(|e| e.to_string())?;
-        layout::open_metadata(&self.cipher, seg.id, last, &mut t);
+        let cipher = self.lineage.by_segment(seg.id);
+        layout::open_metadata(cipher, seg.id, last, &mut t);
         let trailer = Trailer::decode(&t, seg.id, g).map_err(|e| e.to_string())?;
         let mut s = self.io.read(&located, trailer.summary_slot, last).await.map_err(|e| e.to_string())?;
-        layout::open_metadata(&self.cipher, seg.id, trailer.summary_slot, &mut s);
+        layout::open_metadata(cipher, seg.id, trailer.summary_slot, &mut s);
         layout::decode_summary(&trailer, &s).map_err(|e| e.to_string())
     }
 }
@@ -138,7 +140,23 @@ impl Volume {
         // nobody else held the volume since, so those writes are still the
         // newest anybody saw.
         let asked = tokio::time::Instant::now();
-        let granted = lease::acquire(&client, &dir, name, config.force).await?;
+        let snapshot = config.snapshot.clone();
+        if let Some(snap) = &snapshot {
+            // A snapshot is read: no lease, and no log of writes to replay.
+            if !replay.records.is_empty() {
+                return Err(AttachError::Root {
+                    volume: name.into(),
+                    why: format!(
+                        "{} holds the local log of a writable attach; serve snapshot {snap} from another folder (--cache-dir)",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+        let granted = match &snapshot {
+            None => lease::acquire(&client, &dir, name, config.force).await?,
+            Some(_) => lease::Granted::none(),
+        };
         let granted_at = tokio::time::Instant::now();
         let (lease, run_from) = (granted.lease, granted.run_from);
         let writer = replay.highest_sequence.epoch();
@@ -147,7 +165,11 @@ impl Volume {
         // the run goes on if nobody else takes the volume first).
         let give_back = |e: AttachError| {
             let (client, name, epoch) = (client.clone(), name.to_string(), lease.epoch);
+            let read_only = snapshot.is_some();
             async move {
+                if read_only {
+                    return e;
+                }
                 if let Err(why) = lease::give_back(&client, &name, epoch).await {
                     tracing::warn!("volume {name}: giving the lease back after a refused attach: {why}");
                 }
@@ -166,7 +188,7 @@ impl Volume {
                 .flatten()
                 .max()
                 .unwrap_or(0);
-            if lease.epoch <= seen {
+            if snapshot.is_none() && lease.epoch <= seen {
                 return Err(AttachError::Root {
                     volume: name.into(),
                     why: format!(
@@ -176,8 +198,15 @@ impl Volume {
                     ),
                 });
             }
-            let root_key = RootKey::derive(key);
-            let root = match client.root(name).await.map_err(VolumeError::from)? {
+            // A clone encrypts and seals under its own key (lineage.rs).
+            let (lineage, own) = Lineage::new(key, &spec)
+                .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
+            let root_key = RootKey::derive(&own);
+            let root_state = match &snapshot {
+                None => client.root(name).await.map_err(VolumeError::from)?,
+                Some(snap) => Some(client.snapshot_root(name, snap).await.map_err(VolumeError::from)?),
+            };
+            let root = match root_state {
                 None => RootRecord {
                     volume_id: spec.id,
                     epoch: 0,
@@ -190,13 +219,16 @@ impl Volume {
                 Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
                     .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
             };
-            if let Some(seen) = freshness {
+            // A snapshot is an older root by nature: only the MAC vouches.
+            if let Some(seen) = freshness.filter(|_| snapshot.is_none()) {
                 seen.check(&root)
                     .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?;
             }
             let blocks = spec.size / BLOCK_SIZE as u64;
             let blocks_per_shard = (spec.shard_size as usize / BLOCK_SIZE).max(1) as u32;
-            let epoch = lease.epoch;
+            // A snapshot's reader allocates nothing: its sequencers start at
+            // the root's own epoch.
+            let epoch = if snapshot.is_some() { root.highest_sequence.epoch().max(1) } else { lease.epoch };
             let seq_floor = root.highest_sequence.max(replay.highest_sequence);
             let seg_floor = root.highest_segment.max(replay.highest_segment);
             let sequences = Sequencer::new(epoch, seq_floor)
@@ -207,7 +239,8 @@ impl Volume {
             let inner = Arc::new(Inner {
                 name: name.into(),
                 client: client.clone(),
-                cipher: SectorCipher::new(key),
+                cipher: SectorCipher::new(&own),
+                lineage,
                 root_key,
                 blocks,
                 k: usize::from(spec.k),
@@ -227,7 +260,7 @@ impl Volume {
                 peers: Default::default(),
                 log: log.clone(),
                 cache,
-                io: SegmentIo::new(client.clone(), spec.id, config.timing.clone()),
+                io: SegmentIo::new(client.clone(), config.timing.clone()),
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 readahead: Mutex::new(ReadAhead::new(blocks, READ_AHEAD_MIN, READ_AHEAD_MAX)),
                 prefetches: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_FETCHES)),
@@ -250,6 +283,10 @@ impl Volume {
                 inner.stop.cancel();
                 e
             };
+            if snapshot.is_some() {
+                Box::pin(inner.load_map(&root)).await.map_err(fail)?;
+                return Ok(Volume { inner });
+            }
             inner
                 .remember(&root)
                 .map_err(|source| fail(VolumeError::Io { path: freshness_path(&dir), source }.into()))?;
@@ -303,6 +340,12 @@ impl Volume {
     /// says how many writes are only local.
     pub async fn close(self, deadline: Duration) -> Result<(), VolumeError> {
         let inner = self.inner.clone();
+        if inner.config.snapshot.is_some() {
+            // Read-only: nothing to flush, no lease to give back.
+            inner.stop.cancel();
+            inner.workers.join_within(crate::sys::worker::STOP_WAIT).await;
+            return Ok(());
+        }
         let flushed = tokio::time::timeout(deadline, inner.flush_remote()).await;
         inner.stop.cancel();
         inner.wake.notify_one();
@@ -557,7 +600,7 @@ impl Backend for Volume {
     }
 
     fn features(&self) -> Features {
-        Features::all(false)
+        Features::all(self.inner.config.snapshot.is_some())
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {

@@ -180,6 +180,7 @@ impl Inner {
         if data.is_empty() {
             return Ok(());
         }
+        self.check_writable(op, offset, data.len() as u64)?;
         let first = offset / BLOCK;
         let end = (offset + data.len() as u64).div_ceil(BLOCK);
         let _guards = self.lock(first, end - first).await;
@@ -203,12 +204,27 @@ impl Inner {
         Box::pin(self.write_locked(op, first, &buf)).await
     }
 
+    /// Refuses writes to a snapshot (the NBD export says read-only too).
+    fn check_writable(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
+        match &self.config.snapshot {
+            Some(snap) => Err(failed(
+                ErrorKind::Denied,
+                op,
+                offset,
+                length,
+                format!("snapshot {snap} is read-only (clone it for a writable copy: meshdisk volume clone)"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Zeroes bytes `offset..offset + length`: whole blocks as one zero
     /// record, the partial edges written as data.
     pub(super) async fn zero(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
         if length == 0 {
             return Ok(());
         }
+        self.check_writable(op, offset, length)?;
         let first_full = offset.div_ceil(BLOCK);
         let end_full = (offset + length) / BLOCK;
         if first_full >= end_full {
@@ -283,7 +299,7 @@ impl Inner {
         let located = self.locate(segment, root).await?;
         let mut bytes =
             self.io.read(&located, first_slot, first_slot + blocks).await.map_err(|e| e.to_string())?;
-        layout::open_metadata(&self.cipher, segment, first_slot, &mut bytes);
+        layout::open_metadata(self.lineage.by_segment(segment), segment, first_slot, &mut bytes);
         Ok(bytes)
     }
 
@@ -331,7 +347,12 @@ impl Inner {
             }
         }
         let peers = self.peers.lock().expect("peers");
-        Ok(Located { id: segment, root, holders: ids.iter().map(|i| peers.get(i).cloned()).collect() })
+        Ok(Located {
+            volume: self.lineage.volume_of(segment),
+            id: segment,
+            root,
+            holders: ids.iter().map(|i| peers.get(i).cloned()).collect(),
+        })
     }
 
     /// Where each block of `first..first + n` is read from, and the
@@ -471,7 +492,7 @@ impl Inner {
                 Source::Segment { segment, slot } => match self.cache.get(a, *seq).await {
                     Some(ct) => {
                         buf.copy_from_slice(&ct);
-                        self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                        self.lineage.by_sequence(*seq).decrypt_in_place(a, seq.raw(), buf);
                     }
                     None => remote.entry(segment).or_default().push((i, slot)),
                 },
@@ -541,7 +562,7 @@ impl Inner {
                 if let Some(out) = out.as_deref_mut() {
                     let buf = &mut out[idx * BLOCK_SIZE..(idx + 1) * BLOCK_SIZE];
                     buf.copy_from_slice(block);
-                    self.cipher.decrypt_in_place(a, seq.raw(), buf);
+                    self.lineage.by_sequence(seq).decrypt_in_place(a, seq.raw(), buf);
                 }
                 if let Err(e) = self.cache.put(a, seq, Bytes::copy_from_slice(block)).await {
                     tracing::debug!("block cache: {e}");

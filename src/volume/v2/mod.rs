@@ -58,6 +58,7 @@ mod compactor;
 mod io;
 mod keeper;
 pub mod layout;
+pub mod lineage;
 pub mod local;
 pub mod log;
 pub mod map;

@@ -34,6 +34,9 @@ pub type Holder = (u16, PeerAddr);
 /// it reaches) and the holder of each shard, by index (`None`: not stored).
 #[derive(Clone, Debug)]
 pub struct Located {
+    /// The volume it is stored under (a clone's ancestor's, for a segment
+    /// it inherited).
+    pub volume: VolumeId,
     pub id: SegmentId,
     pub root: SegmentRoot,
     pub holders: Vec<Option<PeerAddr>>,
@@ -120,18 +123,18 @@ const HEADERS_KEPT: usize = 16 << 10;
 #[derive(Clone)]
 pub struct SegmentIo {
     client: Client,
-    volume: VolumeId,
     timing: Timing,
     headers: Arc<Mutex<HashMap<SegmentId, Arc<SegmentShardHeader>>>>,
 }
 
 impl SegmentIo {
-    pub fn new(client: Client, volume: VolumeId, timing: Timing) -> Self {
-        Self { client, volume, timing, headers: Default::default() }
+    pub fn new(client: Client, timing: Timing) -> Self {
+        Self { client, timing, headers: Default::default() }
     }
 
-    fn key(&self, segment: SegmentId, index: usize) -> SegmentShardKey {
-        SegmentShardKey { volume: self.volume, segment, index: index as u8 }
+    /// Shard `index` of `seg`, under the volume it is stored under.
+    fn key(seg: &Located, index: usize) -> SegmentShardKey {
+        SegmentShardKey { volume: seg.volume, segment: seg.id, index: index as u8 }
     }
 
     /// Stores `encoded`'s shards, shard `i` on `peers[i]`, for a writer
@@ -259,7 +262,7 @@ impl SegmentIo {
         for (n, (i, peer)) in
             seg.holders.iter().enumerate().filter_map(|(i, p)| Some((i, p.clone()?))).enumerate()
         {
-            let (client, key, root) = (self.client.clone(), self.key(seg.id, i), seg.root);
+            let (client, key, root) = (self.client.clone(), Self::key(seg, i), seg.root);
             let after = self.timing.hedge * n as u32;
             asks.spawn(async move {
                 tokio::time::sleep(after).await;
@@ -334,12 +337,10 @@ impl SegmentIo {
             let Some(peer) = &seg.holders[shard] else {
                 return Err(format!("shard {shard} has no holder"));
             };
-            self.client.get_blocks(peer, self.key(seg.id, shard), &root, bps, from, count).await.map_err(
-                |e| {
-                    note_untrusted(&e);
-                    e.to_string()
-                },
-            )
+            self.client.get_blocks(peer, Self::key(seg, shard), &root, bps, from, count).await.map_err(|e| {
+                note_untrusted(&e);
+                e.to_string()
+            })
         };
         tokio::pin!(direct);
         let first_try = tokio::time::timeout(self.timing.hedge, &mut direct).await;
@@ -393,7 +394,7 @@ impl SegmentIo {
             if i == shard {
                 continue;
             }
-            let (client, key, root) = (self.client.clone(), self.key(seg.id, i), seg.root);
+            let (client, key, root) = (self.client.clone(), Self::key(seg, i), seg.root);
             fetches.spawn(async move { (i, client.get_shard(&peer, key, &root).await) });
         }
         let mut got: Vec<Option<Bytes>> = vec![None; g.shards()];

@@ -59,6 +59,8 @@ pub struct Config {
     pub checkpoint_segments: usize,
     /// Take the lease over from another holder.
     pub force: bool,
+    /// Serve this snapshot of the volume, read-only (no lease, no log).
+    pub snapshot: Option<String>,
     /// Drop unflushed writes of the local log that were made against an
     /// older root (another machine wrote since).
     pub discard_local: bool,
@@ -78,6 +80,7 @@ impl Config {
             map_cache: 64,
             checkpoint_segments: 256,
             force: false,
+            snapshot: None,
             discard_local: false,
             timing: Timing::default(),
             commit_age: Duration::from_secs(2),
@@ -102,7 +105,10 @@ pub(super) struct Inner {
     pub(super) record: VolumeRecord,
     pub(super) client: Client,
     pub(super) config: Config,
+    /// Encrypts this volume's writes (its own key).
     pub(super) cipher: SectorCipher,
+    /// Decrypts what a clone inherited: whose key, whose segments.
+    pub(super) lineage: super::lineage::Lineage,
     pub(super) root_key: RootKey,
     /// The volume's size in 4 KiB blocks.
     pub(super) blocks: u64,
