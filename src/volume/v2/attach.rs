@@ -272,6 +272,7 @@ impl Volume {
                 compact_wake: Notify::new(),
                 space: Mutex::new((0, 0)),
                 compacted: Notify::new(),
+                traffic: Default::default(),
                 urgent: AtomicBool::new(false),
                 fenced: Mutex::new(None),
                 workers: Runner::new(stop.clone()),
@@ -352,6 +353,7 @@ impl Volume {
         // Bounded: a commit in flight may wait on peers that are gone; the
         // log keeps what it was sending.
         inner.workers.join_within(crate::sys::worker::STOP_WAIT).await;
+        tracing::info!("volume {}: this attach: {}", inner.name, inner.traffic.summary());
         let left = inner.local.lock().expect("local").queued();
         let why = match flushed {
             Ok(Ok(())) if left == 0 => None,

@@ -456,6 +456,8 @@ impl Inner {
                 .map_err(io)?
                 .map_err(io)?;
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
+        let sending: u64 =
+            sealed.iter().flat_map(|s| s.encoded.shards.iter()).map(|shard| shard.len() as u64).sum();
         let placements = self
             .client
             .place_segments(
@@ -506,6 +508,7 @@ impl Inner {
             })?;
             records[i] = holders.iter().map(|h| h.as_ref().map_or(0, |h| h.0)).collect();
         }
+        self.traffic.sent.fetch_add(sending, Ordering::Relaxed);
         // The new root: the copy the last segment carries, with the
         // segments it inherits (none after a checkpoint: the segments since
         // are exactly those above the highest it includes, this commit's)
@@ -575,6 +578,9 @@ impl Inner {
         if let Some(recorded) = self.recorded.lock().expect("recorded").as_mut() {
             recorded.extend(sealed.iter().map(|s| s.id));
         }
+        let blocks: u64 = sealed.iter().map(|s| u64::from(s.summary.slots)).sum::<u64>() * BLOCK_SIZE as u64;
+        let counter = if watermark.is_some() { &self.traffic.written } else { &self.traffic.moved };
+        counter.fetch_add(blocks, Ordering::Relaxed);
         self.space.lock().expect("space").0 += sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
         self.compact_wake.notify_one();
         let mut records = vec![NewRecord::Base(base)];

@@ -166,12 +166,38 @@ pub(super) struct Inner {
     pub(super) space: Mutex<(u64, u64)>,
     /// A compaction round freed space.
     pub(super) compacted: Notify,
+    /// What this attach sent: (bytes of blocks written by users and
+    /// committed, bytes of blocks compaction moved, bytes of shards put on
+    /// peers for both, metadata and parity included).
+    pub(super) traffic: Traffic,
     /// A flush is waiting: commit now, whatever the queue holds.
     pub(super) urgent: AtomicBool,
     /// Why writes are refused, once they are.
     pub(super) fenced: Mutex<Option<String>>,
     pub(super) stop: CancellationToken,
     pub(super) workers: Runner,
+}
+
+/// Bytes counted for `meshdisk bench compaction-volume` and the log.
+#[derive(Default)]
+pub(super) struct Traffic {
+    pub(super) written: AtomicU64,
+    pub(super) moved: AtomicU64,
+    pub(super) sent: AtomicU64,
+}
+
+impl Traffic {
+    pub(super) fn summary(&self) -> String {
+        let (w, m, s) = (
+            self.written.load(Ordering::Relaxed),
+            self.moved.load(Ordering::Relaxed),
+            self.sent.load(Ordering::Relaxed),
+        );
+        format!(
+            "{w} bytes written, {m} moved by compaction, {s} sent to the peers ({:.3} sent per byte written)",
+            if w == 0 { 0.0 } else { s as f64 / w as f64 }
+        )
+    }
 }
 
 impl Inner {
