@@ -267,11 +267,13 @@ pub(super) struct Compactor {
     /// Held and live blocks at the last round.
     pub(super) held: u64,
     pub(super) live: u64,
+    /// The highest segment a snapshot reaches (see [`Self::pins`]).
+    pub(super) pinned_up_to: Option<SegmentId>,
 }
 
 impl Compactor {
     pub(super) fn new(inner: Arc<Inner>) -> Self {
-        Self { inner, capacity: HashMap::new(), moved: 0, dropped: 0, held: 0, live: 0 }
+        Self { inner, capacity: HashMap::new(), moved: 0, dropped: 0, held: 0, live: 0, pinned_up_to: None }
     }
 
     /// The data blocks of every recorded segment, asking the directory for
@@ -315,7 +317,12 @@ impl Compactor {
             // Segments of no live block the map still needs hold pages of
             // the checkpoint: only a checkpoint frees them.
             .filter(|(s, cap)| **cap > 0 && !map.is_recent(**s) && live.contains_key(*s))
-            .map(|(s, cap)| SegmentState { id: *s, live_blocks: live[s], capacity: *cap, pinned: false })
+            .map(|(s, cap)| SegmentState {
+                id: *s,
+                live_blocks: live[s],
+                capacity: *cap,
+                pinned: self.pinned_up_to.is_some_and(|p| *s <= p),
+            })
             .collect();
         let now = map.highest().1;
         POLICY
@@ -325,18 +332,38 @@ impl Compactor {
             .collect()
     }
 
-    /// Counts the space held and live, and says so to the committer.
+    /// Counts the space held and live, and says so to the committer: the
+    /// volume's own segments only (a clone's inherited ones are its
+    /// ancestor's space), a segment a snapshot pins counted as all live
+    /// (nothing frees it while the snapshot stays).
     fn count(&mut self) {
         let map = self.inner.map.lock().expect("map");
         if let Some(live) = map.segments() {
             self.held = self.capacity.values().sum();
-            self.live = live.values().sum();
+            self.live = self
+                .capacity
+                .iter()
+                .map(|(s, cap)| match self.pinned_up_to {
+                    Some(p) if *s <= p => *cap,
+                    _ => live.get(s).copied().unwrap_or(0),
+                })
+                .sum();
             *self.inner.space.lock().expect("space") = (self.held, self.live);
         }
     }
 
+    /// The highest segment any snapshot of the volume reaches: every
+    /// segment of the volume at or below it is kept by one.
+    async fn pins(&mut self) -> Result<(), String> {
+        let snapshots =
+            self.inner.client.list_snapshots(&self.inner.name).await.map_err(|e| e.to_string())?;
+        self.pinned_up_to = snapshots.iter().map(|s| SegmentId::from_raw(s.highest_segment)).max();
+        Ok(())
+    }
+
     async fn round(&mut self) -> Result<State, String> {
         self.dropped += self.inner.drop_unreached().await? as u64;
+        self.pins().await?;
         self.capacities().await?;
         self.count();
         self.inner.compacted.notify_waiters();
