@@ -234,6 +234,100 @@ impl Attached {
     }
 }
 
+/// A clone of the volume: its name, the snapshot it came from, what it
+/// must hold.
+struct Clone {
+    name: String,
+    from: String,
+    content: Vec<u8>,
+}
+
+/// One of `items` at random, if any.
+fn pick<'a, T>(items: &'a [T], rng: &mut Rng) -> Option<&'a T> {
+    (!items.is_empty()).then(|| &items[rng.below(items.len() as u64) as usize])
+}
+
+impl World {
+    /// `meshdisk volume ARGS...` with the admin credential; its output.
+    fn volume_ok(&self, args: &[&str]) -> String {
+        let cred = self.c.admin_cred();
+        let mut all = vec!["volume"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--credential", cred.to_str().unwrap()]);
+        let (ok, out, err) = self.c.cli(&all);
+        assert!(ok, "volume {args:?}: {err}");
+        out
+    }
+
+    /// A second attach (a snapshot or a clone) from `folder` beside the
+    /// volume's, with one connection.
+    fn side_attach(&self, name: &str, folder: &str) -> (Proc, RawClient) {
+        let state = self.folder(folder);
+        let mut cmd = Command::new(meshdisk_bin());
+        cmd.args(["attach", name, "--credential"])
+            .arg(self.c.admin_cred())
+            .arg("--key-file")
+            .arg(&self.key)
+            .arg("--cache-dir")
+            .arg(&state)
+            .arg("--socket")
+            .arg(state.join("nbd.sock"))
+            .args(["--cache-size", "4M", "--log-size", "16M"]);
+        let mut proc = Proc::spawn(&format!("attach-{folder}"), &mut cmd);
+        proc.wait_for("nbd+unix://", Duration::from_secs(60));
+        (proc, RawClient::handshake(&state.join("nbd.sock"), false))
+    }
+
+    fn side_detach(&self, name: &str, folder: &str, mut proc: Proc, conn: RawClient) {
+        drop(conn);
+        let state = self.folder(folder);
+        let (ok, _, err) = self.c.cli(&["detach", name, "--cache-dir", state.to_str().unwrap()]);
+        assert!(ok, "detach {name}: {err}");
+        let (status, out) = proc.wait_exit(Duration::from_secs(60));
+        assert!(status.success(), "the attach of {name} did not stop cleanly: {out}");
+    }
+
+    /// The whole device of `name` (a snapshot or a clone), attached from
+    /// `folder` for the read.
+    fn side_device(&self, name: &str, folder: &str) -> Vec<u8> {
+        let (proc, mut conn) = self.side_attach(name, folder);
+        let mut out = Vec::with_capacity(SIZE as usize);
+        for (i, off) in (0..SIZE).step_by(1 << 20).enumerate() {
+            out.extend(conn.read_simple(i as u64 + 1, off, 1 << 20));
+        }
+        self.side_detach(name, folder, proc, conn);
+        out
+    }
+
+    /// Writes a few ranges to clone `c` (flushed), checks it reads them.
+    fn side_write(&self, c: &mut Clone, rng: &mut Rng) {
+        let folder = format!("folder-{}", c.name);
+        let (proc, mut conn) = self.side_attach(&c.name, &folder);
+        let mut cookie = 0;
+        for _ in 0..1 + rng.below(4) {
+            let (offset, len) = range(rng);
+            let data = fill(rng, len as usize);
+            cookie += 1;
+            conn.request(0, WRITE, cookie, offset, len, &data);
+            assert_eq!(conn.simple_reply(), (0, cookie), "a write to clone {}", c.name);
+            c.content[offset as usize..offset as usize + len as usize].copy_from_slice(&data);
+        }
+        cookie += 1;
+        conn.request(0, FLUSH, cookie, 0, 0, &[]);
+        assert_eq!(conn.simple_reply(), (0, cookie), "a flush of clone {}", c.name);
+        for off in (0..SIZE).step_by(1 << 20) {
+            cookie += 1;
+            let got = conn.read_simple(cookie, off, 1 << 20);
+            assert!(
+                got[..] == c.content[off as usize..off as usize + (1 << 20)],
+                "clone {} at {off}",
+                c.name
+            );
+        }
+        self.side_detach(&c.name, &folder, proc, conn);
+    }
+}
+
 /// A range: mostly small and unaligned, sometimes several segments long.
 fn range(rng: &mut Rng) -> (u64, u32) {
     let len = match rng.below(5) {
@@ -285,17 +379,24 @@ fn run(seed: u64, steps: usize) {
     let mut here: &'static str = "a";
     w.attach(here, &[]);
     let mut counts: HashMap<&str, usize> = HashMap::new();
+    // Snapshots kept (name, the model when taken) and clones made of them.
+    let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut clones: Vec<Clone> = Vec::new();
     let heavy = std::env::var_os("MESHDISK_MODEL_KILLS").is_some();
     for step in 0..steps {
         // MESHDISK_MODEL_KILLS=1 (tools/crash-test): a third of the steps
         // end in a SIGKILL.
         let roll = if heavy && rng.below(3) == 0 { 85 + rng.below(15) } else { rng.below(100) };
         let what = match roll {
-            0..=39 => "writes",
-            40..=47 => "trim",
-            48..=53 => "zeroes",
-            54..=63 => "flush",
-            64..=79 => "read",
+            0..=37 => "writes",
+            38..=44 => "trim",
+            45..=49 => "zeroes",
+            50..=58 => "flush",
+            59..=71 => "read",
+            72..=74 => "snapshot",
+            75..=76 => "check-snapshot",
+            77 => "rollback",
+            78..=79 => "clone",
             80..=84 => "move",
             85..=89 => "kill",
             90..=93 => "takeover",
@@ -433,6 +534,62 @@ fn run(seed: u64, steps: usize) {
                 let device = w.device();
                 m.settle(&device, &label);
             }
+            "snapshot" => {
+                // Flushed first, so the snapshot (the last commit) is
+                // exactly the model; at most three kept, the oldest (and
+                // any clone of it) deleted.
+                let a = w.a();
+                let ck = a.send(0, 0, FLUSH, 0, 0, &[]);
+                a.reply(0, ck, &label);
+                m.flushed();
+                let name = format!("s{step}");
+                w.volume_ok(&["snapshot", VOLUME, &name]);
+                snaps.push((name, m.now.clone()));
+                if snaps.len() > 3 {
+                    let (old, _) = snaps.remove(0);
+                    if let Some(i) = clones.iter().position(|c: &Clone| c.from == old) {
+                        let gone = clones.remove(i);
+                        w.volume_ok(&["delete", &gone.name, "--yes"]);
+                    }
+                    w.volume_ok(&["delete", &format!("{VOLUME}@{old}")]);
+                }
+            }
+            "check-snapshot" => {
+                // Served read-only beside the attached volume, it is the
+                // model as it was when taken.
+                if let Some((name, want)) = pick(&snaps, &mut rng) {
+                    let got = w.side_device(&format!("{VOLUME}@{name}"), "snap");
+                    assert!(&got == want, "{label}: snapshot {name} differs from the model at its time");
+                }
+            }
+            "rollback" => {
+                // Detached, rolled back: the volume is the snapshot again,
+                // whatever the attaching folder wrote and cached since.
+                if let Some((name, want)) = pick(&snaps, &mut rng).map(|(n, c)| (n.clone(), c.clone())) {
+                    w.detach();
+                    w.volume_ok(&["rollback", VOLUME, &name, "--key-file", w.key.to_str().unwrap()]);
+                    m.now.copy_from_slice(&want);
+                    m.flushed();
+                    w.attach(here, &[]);
+                    let device = w.device();
+                    assert!(
+                        device == m.now,
+                        "{label}: the volume rolled back to {name} is not that snapshot"
+                    );
+                }
+            }
+            "clone" => {
+                // A clone of a snapshot, written on its own: it must keep
+                // its own writes, and the parent none of them.
+                if let Some((from, content)) = pick(&snaps, &mut rng).map(|(n, c)| (n.clone(), c.clone())) {
+                    let name = format!("copy{step}");
+                    let key = w.key.to_str().unwrap().to_string();
+                    w.volume_ok(&["clone", &format!("{VOLUME}@{from}"), &name, "--key-file", &key]);
+                    let mut clone = Clone { name, from, content };
+                    w.side_write(&mut clone, &mut rng);
+                    clones.push(clone);
+                }
+            }
             "pause" => {
                 // The directory stops for longer than the lease lives: the
                 // attach waits, then goes on (nobody else took the volume).
@@ -452,6 +609,11 @@ fn run(seed: u64, steps: usize) {
     // an attach from the other folder sees the same.
     let device = w.device();
     assert!(device == m.now, "seed {seed}: the device differs from the model at the end");
+    // Every clone kept its own writes through everything the parent did.
+    for c in &clones {
+        let got = w.side_device(&c.name, &format!("folder-{}", c.name));
+        assert!(got == c.content, "seed {seed}: clone {} differs from its model", c.name);
+    }
     w.detach();
     w.attach(if here == "a" { "b" } else { "a" }, &[]);
     let device = w.device();
