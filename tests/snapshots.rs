@@ -238,3 +238,42 @@ fn snapshots_clones_and_rollback_keep_each_state_apart_through_compaction() {
     same(&b.device(), &model, "the volume after its snapshots went");
     s.detach(b);
 }
+
+#[test]
+fn compaction_racing_commits_snapshots_and_their_deletion_never_loses_or_resurrects_a_block() {
+    let s = Setup::new();
+    let mut rng = Rng(0x0dd_ba11);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut a = s.attach(VOLUME, "a");
+    let mut kept: Vec<(String, Vec<u8>)> = Vec::new();
+    for round in 0..6 {
+        // Enough overwrites that compaction moves blocks of the segments
+        // the snapshots below reach, while commits keep coming.
+        a.scribble(&mut model, &mut rng, SIZE / BLOCK);
+        let name = format!("r{round}");
+        s.volume_ok(&["snapshot", VOLUME, &name]);
+        kept.push((name, model.clone()));
+        // More writes race the compaction of what the snapshot now keeps.
+        a.scribble(&mut model, &mut rng, SIZE / BLOCK / 2);
+        if kept.len() > 2 {
+            let (old, _) = kept.remove(0);
+            s.volume_ok(&["delete", &format!("{VOLUME}@{old}")]);
+        }
+        same(&a.device(), &model, &format!("the volume at round {round}"));
+        let (snap, want) = &kept[rng.below(kept.len() as u64) as usize];
+        let name = format!("{VOLUME}@{snap}");
+        let mut r = s.attach(&name, "read");
+        same(&r.device(), want, &format!("{name} at round {round}"));
+        s.detach(r);
+    }
+    s.detach(a);
+    let mut b = s.attach(VOLUME, "b");
+    same(&b.device(), &model, "the volume attached elsewhere at the end");
+    s.detach(b);
+    for (snap, want) in &kept {
+        let name = format!("{VOLUME}@{snap}");
+        let mut r = s.attach(&name, "read");
+        same(&r.device(), want, &name);
+        s.detach(r);
+    }
+}
