@@ -22,7 +22,10 @@
 //!
 //! A dropped segment's record is not deleted but moved to `dead/` with
 //! the time (the same transaction), where the collector erases its shards
-//! after the collection grace. A commit may add only segments above
+//! after the collection grace; or, while a snapshot pins it, it stays and
+//! is marked `kept/` (`snapshots.rs` says which snapshot pins what). A
+//! clone's segment ids up to its parent's snapshot's highest are its
+//! ancestors' records ([`owner`]): read from there, never dropped by it. A commit may add only segments above
 //! max(the replaced root's highest segment, the volume's floor): the
 //! attach allocates every new id above its root's (invariant 8), and the
 //! collector raises the floor before it erases a shard nobody recorded,
