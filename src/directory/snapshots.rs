@@ -501,6 +501,10 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// Rolls `volume` back to `snapshot` (see the module documentation).
+    /// The markers to remove are read before the transaction, which
+    /// compares the root, the lease and the snapshot set but not every
+    /// marker: the writer (the only one who drops) must not drop segments
+    /// while it rolls back.
     pub(super) async fn rollback(
         &self,
         who: &str,
