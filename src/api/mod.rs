@@ -612,15 +612,21 @@ pub enum DirRequest {
     },
     /// A new volume (`spec`, whose lineage's first entry names the parent
     /// and its snapshot) starting from `sealed`, a root the caller made of
-    /// the snapshot's with the new volume's id and key: `Volume`.
+    /// the snapshot's with the new volume's id and key: at the snapshot
+    /// root's epoch (a root's highest segment and sequence cannot be of a
+    /// newer epoch than its own, and the clone's writers must start above
+    /// them; its record starts at that epoch), commit 1, and the
+    /// snapshot's highest segment and sequence: `Volume`.
     CloneVolume {
         spec: VolumeSpec,
         sealed: Vec<u8>,
     },
     /// Rolls the volume back to a snapshot: `sealed` (a root the writer
     /// holding the lease at `epoch` made of the snapshot's, one commit above
-    /// `expected`) replaces the root by compare-and-set, and the segments
-    /// the snapshot reaches count as the volume's again: `Committed`.
+    /// `expected`, keeping the current root's highest segment and sequence
+    /// or higher, as they are floors) replaces the root by compare-and-set,
+    /// and the segments the snapshot reaches count as the volume's again:
+    /// `Committed`.
     Rollback {
         volume: String,
         snapshot: String,

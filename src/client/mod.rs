@@ -381,6 +381,78 @@ impl Client {
         }
     }
 
+    /// Keeps the volume's committed root as snapshot `snapshot`.
+    pub async fn create_snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo, ClientError> {
+        let req = DirRequest::CreateSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Snapshot(s) => Ok(s),
+            other => Err(unexpected("create snapshot", other)),
+        }
+    }
+
+    /// The volume's snapshots, oldest first, with the space each pins.
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
+        match self.directory(&DirRequest::ListSnapshots { volume: volume.into() }).await? {
+            DirResponse::Snapshots(s) => Ok(s),
+            other => Err(unexpected("list snapshots", other)),
+        }
+    }
+
+    /// Deletes a snapshot (refused `Conflict` while a clone is made from it).
+    pub async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<(), ClientError> {
+        let req = DirRequest::DeleteSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("delete snapshot", other)),
+        }
+    }
+
+    /// The root a snapshot keeps (not verified: the caller opens it with
+    /// the volume key).
+    pub async fn snapshot_root(&self, volume: &str, snapshot: &str) -> Result<RootState, ClientError> {
+        let req = DirRequest::SnapshotRoot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.directory(&req).await? {
+            DirResponse::Root(Some(r)) => Ok(r),
+            other => Err(unexpected("snapshot root", other)),
+        }
+    }
+
+    /// Makes the clone `spec` (its lineage's first entry names the parent
+    /// and snapshot) starting from `sealed`: the snapshot's root sealed
+    /// for the clone's id and key, at the snapshot root's epoch, commit 1.
+    pub async fn clone_volume(&self, spec: VolumeSpec, sealed: Vec<u8>) -> Result<VolumeRecord, ClientError> {
+        match self.directory(&DirRequest::CloneVolume { spec, sealed }).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => Err(unexpected("clone volume", other)),
+        }
+    }
+
+    /// Rolls the volume back to `snapshot` as the writer holding the lease
+    /// at `epoch`: `sealed` (the snapshot's root resealed one commit above
+    /// `expected`, keeping the current root's highest segment and
+    /// sequence) replaces the root by compare-and-set; the new commit
+    /// number. Refusals keep their kind, as [`Self::commit_root`]'s.
+    pub async fn rollback(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        epoch: u64,
+        expected: (u64, u64),
+        sealed: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let req = DirRequest::Rollback {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            epoch,
+            expected,
+            sealed,
+        };
+        match self.directory(&req).await? {
+            DirResponse::Committed { commit } => Ok(commit),
+            other => Err(unexpected("rollback", other)),
+        }
+    }
+
     /// Where the peers with these small ids are now (`None`: unknown id,
     /// or a peer that never reported).
     pub async fn peer_slots(&self, ids: Vec<u16>) -> Result<Vec<Option<PeerSlot>>, ClientError> {

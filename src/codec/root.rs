@@ -308,6 +308,12 @@ impl UnverifiedRoot {
         self.record.highest_segment
     }
 
+    /// The highest sequence it claims (not yet authenticated): a clone's
+    /// lineage names its parent's, and a rollback may not lower it.
+    pub fn highest_sequence(&self) -> Sequence {
+        self.record.highest_sequence
+    }
+
     /// The record, if its MAC is right under `key` (compared in constant
     /// time).
     pub fn verify(self, key: &RootKey) -> Result<RootRecord, RootError> {

@@ -26,6 +26,14 @@
 //!                             collection grace (heal/collector.rs)
 //! segfloor/<volume id>        no new segment record at or below this id
 //!                             (the collector erased orphans up to it)
+//! snaps/<volume id>/<name>    a snapshot: the root it keeps, its highest
+//!                             segment and sequence
+//! snapset/<volume id>         the volume's snapshots in brief (name,
+//!                             commit, highest segment), oldest first;
+//!                             every drop compares it
+//! kept/<volume id>/<seg>      a segment the head dropped (at which commit,
+//!                             when) that a snapshot pins: its record stays
+//!                             in segs/ (snapshots.rs)
 //! ```
 //!
 //! (`<volume id>` in hex, `<seg>` a big-endian u64, `<id>` a big-endian
@@ -48,6 +56,7 @@
 //! - `roots.rs`: volumes' roots and segment records, placing segments in
 //!   batches (with [`placement`]), and grouped commits (many roots, one
 //!   fsync);
+//! - `snapshots.rs`: snapshots, what they pin, clones and rollbacks;
 //! - [`heal`]: background work that keeps the peers' contents in line with
 //!   the directory's records (today the garbage [`heal::collector`]:
 //!   deleted volumes, dropped segments, orphans found by reconciliation);
@@ -64,6 +73,7 @@ pub mod meta;
 pub mod placement;
 mod roots;
 mod schema;
+mod snapshots;
 #[cfg(test)]
 mod tests;
 pub mod tokens;
@@ -428,14 +438,29 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.list_segments(&volume, after, limit).await
             }
-            DirRequest::CreateSnapshot { .. }
-            | DirRequest::ListSnapshots { .. }
-            | DirRequest::DeleteSnapshot { .. }
-            | DirRequest::SnapshotRoot { .. }
-            | DirRequest::CloneVolume { .. }
-            | DirRequest::Rollback { .. } => {
+            DirRequest::CreateSnapshot { volume, snapshot } => {
                 needs(&[Role::Client, Role::Admin])?;
-                Err(Remote::new(ErrorKind::Invalid, "this directory does not keep snapshots yet"))
+                self.create_snapshot(&volume, &snapshot).await
+            }
+            DirRequest::ListSnapshots { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.list_snapshots(&volume).await
+            }
+            DirRequest::DeleteSnapshot { volume, snapshot } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.delete_snapshot(&volume, &snapshot).await
+            }
+            DirRequest::SnapshotRoot { volume, snapshot } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.snapshot_root(&volume, &snapshot).await
+            }
+            DirRequest::CloneVolume { spec, sealed } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.clone_volume(spec, sealed).await
+            }
+            DirRequest::Rollback { volume, snapshot, epoch, expected, sealed } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.rollback(&who.node, &volume, &snapshot, epoch, expected, sealed).await
             }
         }
     }

@@ -22,7 +22,10 @@
 //!
 //! A dropped segment's record is not deleted but moved to `dead/` with
 //! the time (the same transaction), where the collector erases its shards
-//! after the collection grace. A commit may add only segments above
+//! after the collection grace; or, while a snapshot pins it, it stays and
+//! is marked `kept/` (`snapshots.rs` says which snapshot pins what). A
+//! clone's segment ids up to its parent's snapshot's highest are its
+//! ancestors' records ([`owner`]): read from there, never dropped by it. A commit may add only segments above
 //! max(the replaced root's highest segment, the volume's floor): the
 //! attach allocates every new id above its root's (invariant 8), and the
 //! collector raises the floor before it erases a shard nobody recorded,
@@ -78,6 +81,22 @@ pub(super) struct Floor {
     pub(super) unchanged: Compare,
 }
 
+/// Whose record segment `id` of volume `spec` is: a clone's own above
+/// its parent's snapshot's highest segment, below it the ancestor's
+/// whose range holds it (nearest first: ids up to `lineage[i]`'s highest
+/// and above `lineage[i + 1]`'s belong to `lineage[i]`).
+pub(super) fn owner(spec: &VolumeSpec, id: SegmentId) -> &[u8; VOLUME_ID_LEN] {
+    let id = id.raw();
+    let mut owner = &spec.id;
+    for a in &spec.lineage {
+        if id > a.highest_segment {
+            break;
+        }
+        owner = &a.id;
+    }
+    owner
+}
+
 fn invalid(message: impl Into<String>) -> Remote {
     Remote::new(ErrorKind::Invalid, message)
 }
@@ -86,7 +105,7 @@ fn not_found(volume: &str) -> Remote {
     Remote::new(ErrorKind::NotFound, format!("no volume named {volume}"))
 }
 
-fn show(root: Option<(u64, u64)>) -> String {
+pub(super) fn show(root: Option<(u64, u64)>) -> String {
     match root {
         Some((epoch, commit)) => format!("epoch {epoch}, commit {commit}"),
         None => "none".into(),
@@ -94,7 +113,7 @@ fn show(root: Option<(u64, u64)>) -> String {
 }
 
 /// The root is not the one the commit replaces: another commit won.
-fn conflict(volume: &str, expected: Option<(u64, u64)>, current: Option<(u64, u64)>) -> Remote {
+pub(super) fn conflict(volume: &str, expected: Option<(u64, u64)>, current: Option<(u64, u64)>) -> Remote {
     Remote::new(
         ErrorKind::Conflict,
         format!(
@@ -111,7 +130,7 @@ impl<S: MetaStore> Directory<S> {
     /// commit may already have gone in an earlier batch; then it finds
     /// nothing to do). If that caller is cancelled mid-batch, the batch's
     /// other callers get an error saying the outcome is unknown.
-    async fn commit_grouped(&self, txn: Txn) -> Result<TxnOutcome, Remote> {
+    pub(super) async fn commit_grouped(&self, txn: Txn) -> Result<TxnOutcome, Remote> {
         let (done, outcome) = oneshot::channel();
         self.commits.waiting.lock().expect("not poisoned").push(Pending { txn, done });
         {
@@ -208,10 +227,10 @@ impl<S: MetaStore> Directory<S> {
                 return Err(invalid(format!("volume {volume}: the commit names segment {id} twice")));
             }
         }
-        let drops = self.drop_ops(&v.spec.id, &dropped).await?;
-        // The collector may raise the floor while this commit waits: the
-        // commit then fails its compare and is checked again against the
-        // new floor (a few times; the floor moves once per collector pass).
+        // The collector may raise the floor, and a snapshot may be taken or
+        // deleted, while this commit waits: the commit then fails its
+        // compare and is checked again against what changed (a few times;
+        // the floor moves once per collector pass).
         for attempt in 0.. {
             let current = self.get::<RootState>("root", &rkey).await?;
             let root_as_expected = match (&current, expected) {
@@ -234,6 +253,10 @@ impl<S: MetaStore> Directory<S> {
                     "volume {volume}: segment {id} is not above {below} (the highest segment of the root this commit replaces, or of orphan shards the collector erased): a commit adds only segments newer than its root, and this one was in flight longer than the collection grace; attach again"
                 )));
             }
+            // The segments the new root no longer reaches were last
+            // reached by the one it replaces: dropped at `commit`.
+            let pins = self.snapshot_pins(&v.spec.id).await?;
+            let drops = self.drop_ops(&v.spec, &dropped, commit, &pins.set).await?;
             let state = RootState { sealed: sealed.clone(), epoch, commit };
             // The lease, not the volume record, says who may write: a grant
             // rewrites the lease key, and so fails this compare, while a
@@ -248,9 +271,10 @@ impl<S: MetaStore> Directory<S> {
                 .when(lease_unchanged.clone())
                 .when(root_as_expected)
                 .when(floor.unchanged)
+                .when(pins.unchanged.clone())
                 .then(Op::Put { key: rkey.clone(), value: enc(&state), lease: None });
             txn.ops.extend(records.iter().cloned());
-            txn.ops.extend(drops.iter().cloned());
+            txn.ops.extend(drops);
             let bytes: usize = txn
                 .ops
                 .iter()
@@ -270,7 +294,10 @@ impl<S: MetaStore> Directory<S> {
             if out.succeeded {
                 break;
             }
-            if attempt < 4 && self.segment_floor(&v.spec.id).await?.id != floor.id {
+            if attempt < 4
+                && (self.segment_floor(&v.spec.id).await?.id != floor.id
+                    || self.snapshot_pins(&v.spec.id).await?.unchanged != pins.unchanged)
+            {
                 continue;
             }
             // Something changed since it was read: say what.
@@ -293,7 +320,7 @@ impl<S: MetaStore> Directory<S> {
         let v = self.volume(volume).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
-            out.push(match self.meta.get(&segment_key(&v.spec.id, *id)).await? {
+            out.push(match self.meta.get(&segment_key(owner(&v.spec, *id), *id)).await? {
                 Some(e) => Some(
                     SegmentRecord::decode(&e.value)
                         .map_err(|e| internal(format!("volume {volume}: segment {id}: {e}")))?,
@@ -324,17 +351,28 @@ impl<S: MetaStore> Directory<S> {
                 return Err(invalid(format!("volume {volume}: segment {id} is named twice")));
             }
         }
-        let mut txn = Txn::new().when(lease_unchanged);
-        txn.ops = self.drop_ops(&v.spec.id, &ids).await?;
-        if !self.meta.txn(txn).await?.succeeded {
+        for _ in 0..4 {
+            // The writer's root no longer reaches them: its commit number
+            // is (at or after) when they were dropped. Read after the
+            // snapshots, so a snapshot taken meanwhile is of this root or
+            // a newer one, which does not reach them either.
+            let pins = self.snapshot_pins(&v.spec.id).await?;
+            let dropped_at = match self.get::<RootState>("root", &root_key(&v.spec.id)).await? {
+                Some((r, _)) => r.commit,
+                None => 0,
+            };
+            let mut txn = Txn::new().when(lease_unchanged.clone()).when(pins.unchanged.clone());
+            txn.ops = self.drop_ops(&v.spec, &ids, dropped_at, &pins.set).await?;
+            if self.meta.txn(txn).await?.succeeded {
+                return Ok(DirResponse::Done);
+            }
             let v = self.volume(volume).await?;
             self.check_writer(who, &v, epoch).await?;
-            return Err(Remote::new(
-                ErrorKind::Conflict,
-                format!("volume {volume}: the lease changed while dropping segments; try again"),
-            ));
         }
-        Ok(DirResponse::Done)
+        Err(Remote::new(
+            ErrorKind::Conflict,
+            format!("volume {volume}: the lease or the snapshots changed while dropping segments; try again"),
+        ))
     }
 
     /// The ids of `volume`'s segment records after `after`, at most `limit`.
@@ -349,32 +387,70 @@ impl<S: MetaStore> Directory<S> {
         }
         let v = self.volume(volume).await?;
         let prefix = segment_prefix(&v.spec.id);
-        let start = after.map(|a| segment_key(&v.spec.id, SegmentId::from_raw(a)));
+        let mut start = after.map(|a| segment_key(&v.spec.id, SegmentId::from_raw(a)));
         let mut out = Vec::new();
-        for e in self.meta.list_range(&prefix, start.as_deref(), limit as usize).await? {
-            let id = parse_segment_key(&prefix, &e.key)
-                .ok_or_else(|| internal(format!("volume {volume}: a malformed segment key {:?}", e.key)))?;
-            out.push(id);
+        // The head's records only: those it dropped that a snapshot keeps
+        // are skipped, and the page filled past them (a short page is
+        // the last).
+        while out.len() < limit as usize {
+            let page = self.meta.list_range(&prefix, start.as_deref(), limit as usize - out.len()).await?;
+            let Some(last) = page.last() else { break };
+            start = Some(last.key.clone());
+            for e in page {
+                let id = parse_segment_key(&prefix, &e.key).ok_or_else(|| {
+                    internal(format!("volume {volume}: a malformed segment key {:?}", e.key))
+                })?;
+                if self.meta.get(&kept_key(&v.spec.id, id)).await?.is_none() {
+                    out.push(id);
+                }
+            }
         }
         Ok(DirResponse::SegmentIds(out))
     }
 
-    /// The writes that drop `ids`' records: each record there moves to
-    /// `dead/`, stamped with the time, where the collector erases its
-    /// shards once the grace is over. Read outside the transaction: only
-    /// the writer adds or drops its volume's records, and a record dropped
-    /// twice meanwhile is queued twice, harmlessly (one key).
-    async fn drop_ops(&self, volume: &[u8; VOLUME_ID_LEN], ids: &[SegmentId]) -> Result<Vec<Op>, Remote> {
+    /// The writes that drop `ids`' records, which the head no longer
+    /// reaches since its commit `dropped_at`. A record a snapshot of `set`
+    /// pins stays, marked `kept/`; any other moves to `dead/`, stamped
+    /// with the time, where the collector erases its shards once the grace
+    /// is over. A record already marked kept keeps its mark (it was
+    /// dropped earlier: the earlier commit is the true one). A clone's
+    /// inherited segments (ids up to its parent's snapshot's highest) are
+    /// not its records: nothing is written for them. Read outside the
+    /// transaction: only the writer adds or drops its volume's records, the
+    /// caller compares the snapshot set as read, and a record dropped twice
+    /// meanwhile is queued twice, harmlessly (one key).
+    pub(super) async fn drop_ops(
+        &self,
+        spec: &VolumeSpec,
+        ids: &[SegmentId],
+        dropped_at: u64,
+        set: &SnapshotSet,
+    ) -> Result<Vec<Op>, Remote> {
+        let volume = &spec.id;
         let now = self.now();
         let mut ops = Vec::with_capacity(2 * ids.len());
         for &id in ids {
-            let skey = segment_key(volume, id);
-            if let Some(e) = self.meta.get(&skey).await? {
-                let record = SegmentRecord::decode(&e.value)
-                    .map_err(|e| internal(format!("segment {id} of volume {}: {e}", hex::encode(volume))))?;
-                let dead = DeadSegment { dropped_ms: now, record };
-                ops.push(Op::Put { key: dead_key(volume, id), value: enc(&dead), lease: None });
+            if owner(spec, id) != volume {
+                continue;
             }
+            let skey = segment_key(volume, id);
+            let Some(e) = self.meta.get(&skey).await? else {
+                ops.push(Op::Delete { key: skey });
+                continue;
+            };
+            let kkey = kept_key(volume, id);
+            if self.meta.get(&kkey).await?.is_some() {
+                continue;
+            }
+            if set.snapshots.iter().any(|p| p.pins(id, dropped_at)) {
+                let kept = KeptSegment { dropped_at, dropped_ms: now };
+                ops.push(Op::Put { key: kkey, value: enc(&kept), lease: None });
+                continue;
+            }
+            let record = SegmentRecord::decode(&e.value)
+                .map_err(|e| internal(format!("segment {id} of volume {}: {e}", hex::encode(volume))))?;
+            let dead = DeadSegment { dropped_ms: now, record };
+            ops.push(Op::Put { key: dead_key(volume, id), value: enc(&dead), lease: None });
             ops.push(Op::Delete { key: skey });
         }
         Ok(ops)

@@ -120,6 +120,84 @@ pub(super) struct DeadSegment {
     pub(super) record: SegmentRecord,
 }
 
+/// `snaps/<volume id>/`: the volume's snapshots.
+pub(super) fn snapshot_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("snaps/{}/", hex::encode(volume)).into_bytes()
+}
+
+/// `snaps/<volume id>/<name>` → [`SnapshotRecord`].
+pub(super) fn snapshot_key(volume: &[u8; VOLUME_ID_LEN], name: &str) -> Vec<u8> {
+    let mut k = snapshot_prefix(volume);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `snapset/<volume id>` → [`SnapshotSet`]: the volume's snapshots in
+/// brief, what every drop of the volume's records reads and compares.
+pub(super) fn snapset_key(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    key("snapset", &hex::encode(volume))
+}
+
+/// `kept/<volume id>/`: the volume's segments its head dropped that a
+/// snapshot still pins.
+pub(super) fn kept_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
+    format!("kept/{}/", hex::encode(volume)).into_bytes()
+}
+
+/// `kept/<volume id>/<segment id be64>` → [`KeptSegment`].
+pub(super) fn kept_key(volume: &[u8; VOLUME_ID_LEN], segment: SegmentId) -> Vec<u8> {
+    let mut k = kept_prefix(volume);
+    k.extend_from_slice(&segment.raw().to_be_bytes());
+    k
+}
+
+/// A snapshot: the root it keeps, copied from the volume's root when it
+/// was taken, and that root's highest segment and sequence (parsed once,
+/// without the key).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(super) struct SnapshotRecord {
+    pub(super) name: String,
+    pub(super) created_ms: u64,
+    pub(super) root: RootState,
+    pub(super) highest_segment: u64,
+    pub(super) highest_sequence: u64,
+}
+
+/// One snapshot as drops see it: a record `S` of its volume is pinned by
+/// it when `S ≤ highest_segment` and the head dropped `S` at a commit
+/// above `commit` (see `snapshots.rs`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub(super) struct SnapshotPin {
+    pub(super) name: String,
+    pub(super) commit: u64,
+    pub(super) highest_segment: u64,
+}
+
+impl SnapshotPin {
+    /// Whether this snapshot reaches `segment` if the head dropped it at
+    /// commit `dropped_at`.
+    pub(super) fn pins(&self, segment: SegmentId, dropped_at: u64) -> bool {
+        segment.raw() <= self.highest_segment && self.commit < dropped_at
+    }
+}
+
+/// `snapset/<volume id>`: every snapshot of the volume, oldest first.
+/// Absent when it has none.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct SnapshotSet {
+    pub(super) snapshots: Vec<SnapshotPin>,
+}
+
+/// A segment the volume's head dropped while a snapshot pinned it: its
+/// record stays in `segs/` (snapshot reads need it); this says the head
+/// no longer reaches it, since which commit of the head (`dropped_at`:
+/// the commit number of the first root that did not reach it) and when.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct KeptSegment {
+    pub(super) dropped_at: u64,
+    pub(super) dropped_ms: u64,
+}
+
 /// `peerid/<name>` → the peer's small id (u16 big-endian).
 pub(super) fn peer_id_key(name: &str) -> Vec<u8> {
     key("peerid", name)
@@ -180,5 +258,19 @@ mod tests {
         assert_eq!(parse_dead_key(&dead_key(&id, seg)), Some((id, seg)));
         assert_eq!(parse_dead_key(b"dead/a5a5/12345678"), None);
         assert_eq!(floor_key(&id), format!("segfloor/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
+        assert_eq!(parse_segment_key(&kept_prefix(&id), &kept_key(&id, seg)), Some(seg));
+        assert!(kept_key(&id, seg).starts_with(format!("kept/{}/", "a5".repeat(VOLUME_ID_LEN)).as_bytes()));
+        assert_eq!(
+            snapshot_key(&id, "monday"),
+            format!("snaps/{}/monday", "a5".repeat(VOLUME_ID_LEN)).into_bytes()
+        );
+        assert!(snapshot_key(&id, "monday").starts_with(&snapshot_prefix(&id)));
+        assert_eq!(snapset_key(&id), format!("snapset/{}", "a5".repeat(VOLUME_ID_LEN)).into_bytes());
+        // A snapshot pins what it reached: at or below its highest
+        // segment, dropped after its commit.
+        let pin = SnapshotPin { name: "s".into(), commit: 5, highest_segment: seg.raw() };
+        assert!(pin.pins(seg, 6));
+        assert!(!pin.pins(seg, 5), "dropped by commit 5 or before: not in the snapshot");
+        assert!(!pin.pins(SegmentId::from_raw(seg.raw() + 1), 9), "newer than the snapshot");
     }
 }

@@ -1328,3 +1328,485 @@ async fn an_orphan_on_a_peer_that_is_down_or_unreachable_waits_and_is_erased_whe
     assert_eq!(pass.erased, 1);
     assert!(!peers.holds(1, orphan));
 }
+
+// ---- snapshots, clones and rollbacks ----
+
+/// A root of volume `[id; 16]` claiming `highest` segment and `sequence`.
+fn root_of(id: u8, epoch: u64, commit: u64, highest: SegmentId, sequence: Sequence) -> Vec<u8> {
+    let key = RootKey::derive(&VolumeKey::generate().unwrap());
+    RootRecord {
+        volume_id: [id; VOLUME_ID_LEN],
+        epoch,
+        commit,
+        highest_sequence: sequence,
+        highest_segment: highest,
+        checkpoint: None,
+        since: vec![],
+    }
+    .seal(&key)
+}
+
+/// A commit of `vol-<id>` at epoch `epoch` from `expected`, adding
+/// `added` (ids `seg(epoch, n)`, four shards each), dropping `dropped`,
+/// its root claiming `highest`.
+fn commit_of(
+    id: u8,
+    epoch: u64,
+    expected: Option<(u64, u64)>,
+    added: &[u64],
+    dropped: &[SegmentId],
+    highest: SegmentId,
+) -> RootCommit {
+    let commit = expected.map_or(1, |(_, c)| c + 1);
+    RootCommit {
+        volume: format!("vol-{id}"),
+        epoch,
+        expected,
+        sealed: root_of(id, epoch, commit, highest, Sequence::new(epoch, 100 * commit).unwrap()),
+        segments: added.iter().map(|&n| (seg(epoch, n), record(&[1, 2, 3, 4], n as u8))).collect(),
+        dropped: dropped.to_vec(),
+    }
+}
+
+impl Fixture {
+    async fn snapshot(&self, volume: &str, snapshot: &str) -> Result<SnapshotInfo, Remote> {
+        let req = DirRequest::CreateSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        match self.client("client-1", req).await? {
+            DirResponse::Snapshot(s) => Ok(s),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn snapshots(&self, volume: &str) -> Vec<SnapshotInfo> {
+        match self.client("client-1", DirRequest::ListSnapshots { volume: volume.into() }).await.unwrap() {
+            DirResponse::Snapshots(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<DirResponse, Remote> {
+        let req = DirRequest::DeleteSnapshot { volume: volume.into(), snapshot: snapshot.into() };
+        self.client("client-1", req).await
+    }
+
+    async fn list_segments(&self, volume: &str) -> Vec<SegmentId> {
+        let req = DirRequest::ListSegments { volume: volume.into(), after: None, limit: 1000 };
+        match self.client("client-1", req).await.unwrap() {
+            DirResponse::SegmentIds(ids) => ids,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The segment ids under `prefix/<volume [id; 16]>/`.
+    async fn ids_under(&self, prefix: &str, id: u8) -> Vec<SegmentId> {
+        let p = format!("{prefix}/{}/", hex::encode([id; VOLUME_ID_LEN])).into_bytes();
+        let entries = self.meta.list(&p).await.unwrap();
+        entries.iter().map(|e| super::schema::parse_segment_key(&p, &e.key).unwrap()).collect()
+    }
+
+    async fn clone_volume(&self, spec: VolumeSpec, sealed: Vec<u8>) -> Result<VolumeRecord, Remote> {
+        match self.client("client-1", DirRequest::CloneVolume { spec, sealed }).await? {
+            DirResponse::Volume(v) => Ok(v),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn rollback(
+        &self,
+        node: &str,
+        snapshot: &str,
+        epoch: u64,
+        expected: (u64, u64),
+        sealed: Vec<u8>,
+    ) -> Result<u64, Remote> {
+        let req = DirRequest::Rollback {
+            volume: "vol-1".into(),
+            snapshot: snapshot.into(),
+            epoch,
+            expected,
+            sealed,
+        };
+        match self.client(node, req).await? {
+            DirResponse::Committed { commit } => Ok(commit),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Bytes on peers of one of these tests' records (four shards of a
+/// one-block segment of a k=2, m=2 volume).
+fn record_bytes() -> u64 {
+    super::volumes::stored_len(&spec("x", 0, 2, 2), &record(&[1, 2, 3, 4], 0))
+}
+
+#[tokio::test]
+async fn a_dropped_segment_stays_while_a_snapshot_taken_before_the_drop_pins_it() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    let err = f.snapshot("vol-1", "early").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("never committed"), "{err}");
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2, 3], &[], seg(1, 3))).await.unwrap();
+    for bad in ["", "Upper", "a/b", "-x"] {
+        assert_eq!(f.snapshot("vol-1", bad).await.unwrap_err().kind, ErrorKind::Invalid, "{bad:?}");
+    }
+    let a = f.snapshot("vol-1", "a").await.unwrap();
+    assert_eq!((a.epoch, a.commit, a.highest_segment), (1, 1, seg(1, 3).raw()));
+    assert_eq!((a.reaches, a.exclusive), (3 * record_bytes(), 0));
+    assert_eq!(f.snapshot("vol-1", "a").await.unwrap_err().kind, ErrorKind::Conflict);
+
+    // Commit 2 drops segment 1, which a reaches: it stays, kept.
+    f.commit_root("client-1", commit_of(1, 1, Some((1, 1)), &[4], &[seg(1, 1)], seg(1, 4))).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1)]);
+    assert!(f.ids_under("dead", 1).await.is_empty());
+    // Snapshot reads find its record; the head's listing does not.
+    assert!(f.segment_records("vol-1", vec![seg(1, 1)]).await[0].is_some());
+    assert_eq!(f.list_segments("vol-1").await, vec![seg(1, 2), seg(1, 3), seg(1, 4)]);
+    assert_eq!(f.volume_info("vol-1").await.allocated, 3 * record_bytes(), "the head's records only");
+
+    // Commit 3 drops segment 4, newer than a: it goes to dead/.
+    f.commit_root("client-1", commit_of(1, 1, Some((1, 2)), &[], &[seg(1, 4)], seg(1, 4))).await.unwrap();
+    assert_eq!(f.ids_under("dead", 1).await, vec![seg(1, 4)]);
+
+    // b is taken at commit 3; segment 2 is then dropped outside a commit
+    // (at commit 3): a pins it, b (taken after) does not.
+    let b = f.snapshot("vol-1", "b").await.unwrap();
+    assert_eq!(b.commit, 3);
+    let drop = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 2)] };
+    f.client("client-1", drop).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2)]);
+    // Commit 4 drops segment 3: both pin it.
+    f.commit_root("client-1", commit_of(1, 1, Some((1, 3)), &[], &[seg(1, 3)], seg(1, 4))).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 3)]);
+    // Dropping a kept segment again changes nothing (its first drop stands).
+    let again = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 1)] };
+    f.client("client-1", again).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 3)]);
+
+    // Deleting a releases what only it pinned: 1 and 2, not 3.
+    assert_eq!(f.delete_snapshot("vol-1", "a").await.unwrap(), DirResponse::Done);
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 3)]);
+    assert_eq!(f.ids_under("dead", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 4)]);
+    assert_eq!(f.ids_under("segs", 1).await, vec![seg(1, 3)]);
+    // Asked again: NotFound, and nothing else moves.
+    assert_eq!(f.delete_snapshot("vol-1", "a").await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 3)]);
+    f.delete_snapshot("vol-1", "b").await.unwrap();
+    assert!(f.ids_under("kept", 1).await.is_empty());
+    assert!(f.ids_under("segs", 1).await.is_empty());
+    assert_eq!(f.ids_under("dead", 1).await.len(), 4);
+    assert!(f.meta.list(b"snapset/").await.unwrap().is_empty());
+    assert!(f.meta.list(b"snaps/").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn two_overlapping_snapshots_count_what_each_reaches_and_what_only_it_keeps() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    let one = record_bytes();
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2, 3, 4], &[], seg(1, 4))).await.unwrap();
+    f.snapshot("vol-1", "a").await.unwrap();
+    f.clock.advance(Duration::from_secs(1));
+    f.commit_root("client-1", commit_of(1, 1, Some((1, 1)), &[5, 6], &[seg(1, 1)], seg(1, 6))).await.unwrap();
+    f.snapshot("vol-1", "b").await.unwrap();
+    // Commit 3 drops 2 (both reach it) and 5 (only b: newer than a).
+    let c = commit_of(1, 1, Some((1, 2)), &[], &[seg(1, 2), seg(1, 5)], seg(1, 6));
+    f.commit_root("client-1", c).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 5)]);
+
+    let list = f.snapshots("vol-1").await;
+    let names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"], "oldest first");
+    assert_eq!(list[0].created_ms + 1000, list[1].created_ms);
+    // a: 1 (kept, only a), 2 (kept, shared), 3, 4 (the head's).
+    assert_eq!((list[0].reaches, list[0].exclusive), (4 * one, one));
+    // b: 2, 3, 4, 5 (kept, only b), 6; not 1 (dropped before b).
+    assert_eq!((list[1].reaches, list[1].exclusive), (5 * one, one));
+    assert!(list.iter().all(|s| s.clones.is_empty()));
+
+    // Deleting a frees exactly 1.
+    f.delete_snapshot("vol-1", "a").await.unwrap();
+    assert_eq!(f.ids_under("dead", 1).await, vec![seg(1, 1)]);
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 2), seg(1, 5)]);
+    let list = f.snapshots("vol-1").await;
+    assert_eq!((list[0].reaches, list[0].exclusive), (5 * one, 2 * one), "2 is b's alone now");
+}
+
+#[tokio::test]
+async fn a_snapshot_with_a_clone_is_not_deleted_nor_a_volume_with_snapshots() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", commit_of(1, 1, None, &[1], &[], seg(1, 1))).await.unwrap();
+    f.snapshot("vol-1", "s").await.unwrap();
+    f.client("client-1", DirRequest::ReleaseLease { volume: "vol-1".into(), epoch: 1 }).await.unwrap();
+    let err = f.client("client-1", DirRequest::DeleteVolume { volume: "vol-1".into() }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.message.contains("snapshots (s)"), "{err}");
+
+    let clone = clone_spec("copy", 2, &[("vol-1", "s", 1, seg(1, 1), s_seq(1, 1))]);
+    f.clone_volume(clone, root_of(2, 1, 1, seg(1, 1), s_seq(1, 1))).await.unwrap();
+    assert_eq!(f.snapshots("vol-1").await[0].clones, ["copy"]);
+    let err = f.delete_snapshot("vol-1", "s").await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    assert!(err.message.contains("clones (copy)"), "{err}");
+    assert_eq!(f.snapshots("vol-1").await.len(), 1);
+    // Once the clone is gone, the snapshot, then the volume, go.
+    f.client("client-1", DirRequest::DeleteVolume { volume: "copy".into() }).await.unwrap();
+    f.delete_snapshot("vol-1", "s").await.unwrap();
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-1".into() }).await.unwrap();
+    // Peers may not touch snapshots.
+    let req = DirRequest::ListSnapshots { volume: "vol-2".into() };
+    assert_eq!(f.ask("peer-0", Role::Peer, req).await.unwrap_err().kind, ErrorKind::Refused);
+}
+
+/// The sequence the roots of [`commit_of`] claim at `commit`.
+fn s_seq(epoch: u64, commit: u64) -> Sequence {
+    Sequence::new(epoch, 100 * commit).unwrap()
+}
+
+/// `vol-<id>`'s spec as a clone with `lineage` (volume, snapshot, id,
+/// highest segment, highest sequence), nearest first.
+fn clone_spec(name: &str, id: u8, lineage: &[(&str, &str, u8, SegmentId, Sequence)]) -> VolumeSpec {
+    let lineage = lineage
+        .iter()
+        .map(|&(volume, snapshot, id, segment, sequence)| Ancestor {
+            volume: volume.into(),
+            snapshot: snapshot.into(),
+            id: [id; VOLUME_ID_LEN],
+            highest_segment: segment.raw(),
+            highest_sequence: sequence.raw(),
+        })
+        .collect();
+    VolumeSpec { lineage, ..spec(name, id, 2, 2) }
+}
+
+#[tokio::test]
+async fn a_clone_must_match_its_parents_snapshot_geometry_and_lineage() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2], &[], seg(1, 2))).await.unwrap();
+    f.snapshot("vol-1", "s").await.unwrap();
+    let (hs, hq) = (seg(1, 2), s_seq(1, 1));
+    let good = || clone_spec("copy", 2, &[("vol-1", "s", 1, hs, hq)]);
+    let root = || root_of(2, 1, 1, hs, hq);
+    let refused = |spec: VolumeSpec, sealed: Vec<u8>, kind: ErrorKind, says: &'static str| {
+        let f = &f;
+        async move {
+            let err = f.clone_volume(spec, sealed).await.unwrap_err();
+            assert_eq!(err.kind, kind, "{err}");
+            assert!(err.message.contains(says), "{err} (wanted {says:?})");
+        }
+    };
+    refused(VolumeSpec { lineage: vec![], ..good() }, root(), ErrorKind::Invalid, "lineage is empty").await;
+    refused(clone_spec("copy", 2, &[("nope", "s", 1, hs, hq)]), root(), ErrorKind::NotFound, "nope").await;
+    refused(
+        clone_spec("copy", 2, &[("vol-1", "t", 1, hs, hq)]),
+        root(),
+        ErrorKind::NotFound,
+        "no snapshot named t",
+    )
+    .await;
+    refused(clone_spec("copy", 2, &[("vol-1", "s", 9, hs, hq)]), root(), ErrorKind::Invalid, "volume id")
+        .await;
+    refused(
+        clone_spec("copy", 2, &[("vol-1", "s", 1, seg(1, 1), hq)]),
+        root(),
+        ErrorKind::Invalid,
+        "highest segment",
+    )
+    .await;
+    refused(
+        clone_spec("copy", 2, &[("vol-1", "s", 1, hs, s_seq(1, 2))]),
+        root(),
+        ErrorKind::Invalid,
+        "sequence",
+    )
+    .await;
+    let extra = clone_spec("copy", 2, &[("vol-1", "s", 1, hs, hq), ("vol-1", "s", 1, hs, hq)]);
+    refused(extra, root(), ErrorKind::Invalid, "parent's own").await;
+    refused(VolumeSpec { size: good().size * 2, ..good() }, root(), ErrorKind::Invalid, "geometry").await;
+    refused(VolumeSpec { m: 1, repair_threshold: 2, ..good() }, root(), ErrorKind::Invalid, "geometry").await;
+    refused(VolumeSpec { name: "vol-1".into(), ..good() }, root(), ErrorKind::Conflict, "exists already")
+        .await;
+    refused(VolumeSpec { name: "Bad".into(), ..good() }, root(), ErrorKind::Invalid, "Bad").await;
+    refused(good(), b"not a root".to_vec(), ErrorKind::Invalid, "does not parse").await;
+    refused(good(), root_of(3, 1, 1, hs, hq), ErrorKind::Invalid, "volume id").await;
+    refused(good(), root_of(2, 1, 2, hs, hq), ErrorKind::Invalid, "commit 1").await;
+    refused(good(), root_of(2, 2, 1, hs, hq), ErrorKind::Invalid, "epoch 1").await;
+    refused(good(), root_of(2, 1, 1, seg(1, 3), hq), ErrorKind::Invalid, "highest segment").await;
+    // A volume id in use (the parent's) is refused too.
+    let reused = VolumeSpec { id: [1; VOLUME_ID_LEN], ..good() };
+    refused(reused, root_of(1, 1, 1, hs, hq), ErrorKind::Conflict, "volume id").await;
+    // A plain create may not claim a lineage.
+    let err = f.client("client-1", DirRequest::CreateVolume(good())).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    // Nothing was written by any of them.
+    assert_eq!(f.meta.list(b"volumes/").await.unwrap().len(), 1);
+    assert_eq!(f.meta.list(b"roots/").await.unwrap().len(), 1);
+
+    let sealed = root();
+    let v = f.clone_volume(good(), sealed.clone()).await.unwrap();
+    assert_eq!(v.epoch, 1, "the clone starts at the snapshot's epoch");
+    assert_eq!(f.root("copy").await, Some(RootState { sealed, epoch: 1, commit: 1 }));
+    assert_eq!(f.snapshots("vol-1").await[0].clones, ["copy"]);
+}
+
+#[tokio::test]
+async fn a_clone_of_a_clone_reads_its_ancestors_records_and_drops_only_its_own() {
+    let f = Fixture::new().await;
+    // The parent, vol-1: segments 1..3 at epoch 1; snapshot s1.
+    f.leased_volume(1).await;
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2, 3], &[], seg(1, 3))).await.unwrap();
+    f.snapshot("vol-1", "s1").await.unwrap();
+    let p = ("vol-1", "s1", 1, seg(1, 3), s_seq(1, 1));
+    // vol-2 clones vol-1@s1 and writes segments of its own (epoch 2).
+    f.clone_volume(clone_spec("vol-2", 2, &[p]), root_of(2, 1, 1, seg(1, 3), s_seq(1, 1))).await.unwrap();
+    assert_eq!(f.acquire("client-1", "vol-2", false).await.unwrap().epoch, 2);
+    f.commit_root("client-1", commit_of(2, 2, Some((1, 1)), &[1, 2], &[], seg(2, 2))).await.unwrap();
+    f.snapshot("vol-2", "s2").await.unwrap();
+    let c1 = ("vol-2", "s2", 2, seg(2, 2), s_seq(2, 2));
+    // vol-3 clones vol-2@s2 (three levels) and writes one segment.
+    f.clone_volume(clone_spec("vol-3", 3, &[c1, p]), root_of(3, 2, 1, seg(2, 2), s_seq(2, 2))).await.unwrap();
+    assert_eq!(f.acquire("client-1", "vol-3", false).await.unwrap().epoch, 3);
+    // A commit may not add a segment at or below what it inherits.
+    let low = commit_of(3, 3, Some((2, 1)), &[], &[], seg(3, 1));
+    let low = RootCommit { segments: vec![(seg(2, 2), record(&[9], 9))], ..low };
+    assert_eq!(f.commit_root("client-1", low).await.unwrap_err().kind, ErrorKind::Invalid);
+    f.commit_root("client-1", commit_of(3, 3, Some((2, 1)), &[1], &[], seg(3, 1))).await.unwrap();
+
+    let got = f.segment_records("vol-3", vec![seg(1, 2), seg(2, 1), seg(3, 1), seg(3, 9), seg(1, 3)]).await;
+    let want = vec![
+        Some(record(&[1, 2, 3, 4], 2)),
+        Some(record(&[1, 2, 3, 4], 1)),
+        Some(record(&[1, 2, 3, 4], 1)),
+        None,
+        Some(record(&[1, 2, 3, 4], 3)),
+    ];
+    assert_eq!(got, want);
+    // Which volume's: vol-2's segment (2, 1), vol-1's (1, 2).
+    assert_eq!(
+        f.segment_records("vol-2", vec![seg(2, 1), seg(1, 2)]).await,
+        vec![want[1].clone(), want[0].clone()]
+    );
+    assert_eq!(f.list_segments("vol-3").await, vec![seg(3, 1)]);
+    assert_eq!(f.list_segments("vol-2").await, vec![seg(2, 1), seg(2, 2)]);
+
+    // vol-3 drops an inherited segment (its root no longer reaches it)
+    // and its own: the ancestors' records stay as they are.
+    let c = commit_of(3, 3, Some((3, 2)), &[2], &[seg(1, 2), seg(2, 1), seg(3, 1)], seg(3, 2));
+    f.commit_root("client-1", c).await.unwrap();
+    assert_eq!(f.ids_under("segs", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 3)]);
+    assert_eq!(f.ids_under("segs", 2).await, vec![seg(2, 1), seg(2, 2)]);
+    assert!(f.ids_under("dead", 1).await.is_empty() && f.ids_under("dead", 2).await.is_empty());
+    assert_eq!(f.ids_under("dead", 3).await, vec![seg(3, 1)]);
+
+    // The ancestors' snapshots are held; deleting vol-3 erases only its id.
+    assert_eq!(f.delete_snapshot("vol-2", "s2").await.unwrap_err().kind, ErrorKind::Conflict);
+    f.client("client-1", DirRequest::ReleaseLease { volume: "vol-3".into(), epoch: 3 }).await.unwrap();
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-3".into() }).await.unwrap();
+    let gc: Vec<Vec<u8>> = f.meta.list(b"gc/").await.unwrap().into_iter().map(|e| e.value).collect();
+    assert_eq!(gc, vec![[3; VOLUME_ID_LEN].to_vec()]);
+    assert_eq!(f.ids_under("segs", 1).await.len(), 3);
+    assert_eq!(f.ids_under("segs", 2).await.len(), 2);
+    f.delete_snapshot("vol-2", "s2").await.unwrap();
+    assert_eq!(
+        f.delete_snapshot("vol-1", "s1").await.unwrap_err().kind,
+        ErrorKind::Conflict,
+        "vol-2 still reads it"
+    );
+}
+
+#[tokio::test]
+async fn a_rollback_revives_what_the_snapshot_pins_and_is_fenced_and_conflicted_like_a_commit() {
+    let f = Fixture::new().await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2, 3], &[], seg(1, 3))).await.unwrap();
+    f.snapshot("vol-1", "a").await.unwrap();
+    // Commit 2 drops 1 and 2 (kept for a) and adds 4.
+    let c = commit_of(1, 1, Some((1, 1)), &[4], &[seg(1, 1), seg(1, 2)], seg(1, 4));
+    f.commit_root("client-1", c).await.unwrap();
+    // b, taken now, pins 3 and 4 when they go.
+    f.snapshot("vol-1", "b").await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2)]);
+    let back = |commit: u64, highest: SegmentId, sequence: Sequence| root_of(1, 1, commit, highest, sequence);
+    let ok = || back(3, seg(1, 4), s_seq(1, 3));
+
+    // Refused as a commit would be: wrong commit number, another
+    // volume's root, a root that is not the current one.
+    let err = f.rollback("client-1", "a", 1, (1, 2), back(4, seg(1, 4), s_seq(1, 3))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    let err =
+        f.rollback("client-1", "a", 1, (1, 2), root_of(2, 1, 3, seg(1, 4), s_seq(1, 3))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    let err = f.rollback("client-1", "a", 1, (1, 1), back(2, seg(1, 4), s_seq(1, 3))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict, "{err}");
+    // A root that lowers the highest segment or sequence (which would let
+    // ids or sequences be used twice).
+    let err = f.rollback("client-1", "a", 1, (1, 2), back(3, seg(1, 3), s_seq(1, 3))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    assert!(err.message.contains("below the current root"), "{err}");
+    let err = f.rollback("client-1", "a", 1, (1, 2), back(3, seg(1, 4), s_seq(1, 1))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+    // An unknown snapshot; a writer without the lease.
+    assert_eq!(f.rollback("client-1", "zz", 1, (1, 2), ok()).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(f.rollback("client-2", "a", 1, (1, 2), ok()).await.unwrap_err().kind, ErrorKind::Fenced);
+    assert_eq!(f.root("vol-1").await.unwrap().commit, 2, "nothing changed");
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 1), seg(1, 2)]);
+
+    // The rollback to a: commit 3; 1 and 2 are the head's again.
+    let sealed = ok();
+    assert_eq!(f.rollback("client-1", "a", 1, (1, 2), sealed.clone()).await.unwrap(), 3);
+    assert_eq!(f.root("vol-1").await, Some(RootState { sealed, epoch: 1, commit: 3 }));
+    assert!(f.ids_under("kept", 1).await.is_empty());
+    assert_eq!(f.list_segments("vol-1").await, vec![seg(1, 1), seg(1, 2), seg(1, 3), seg(1, 4)]);
+    // The attach then drops 4, which the rolled-back root does not reach:
+    // b (taken before) pins it, a (which never reached it) does not.
+    let drop = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 4)] };
+    f.client("client-1", drop).await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 4)]);
+    // Deleting a releases nothing now (the head reaches 1..3); deleting b
+    // releases 4.
+    f.delete_snapshot("vol-1", "a").await.unwrap();
+    assert_eq!(f.ids_under("kept", 1).await, vec![seg(1, 4)]);
+    assert!(f.ids_under("dead", 1).await.is_empty());
+    f.delete_snapshot("vol-1", "b").await.unwrap();
+    assert_eq!(f.ids_under("dead", 1).await, vec![seg(1, 4)]);
+    assert_eq!(f.ids_under("segs", 1).await, vec![seg(1, 1), seg(1, 2), seg(1, 3)]);
+
+    // After a takeover, the old writer's rollback is fenced.
+    f.snapshot("vol-1", "c").await.unwrap();
+    assert_eq!(f.acquire("client-2", "vol-1", true).await.unwrap().epoch, 2);
+    let err = f.rollback("client-1", "c", 1, (1, 3), back(4, seg(1, 4), s_seq(1, 4))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Fenced, "{err}");
+}
+
+#[tokio::test]
+async fn reconciliation_and_collection_leave_kept_and_inherited_shards_alone() {
+    let f = Fixture::with_peers(4).await;
+    f.leased_volume(1).await;
+    f.commit_root("client-1", commit_of(1, 1, None, &[1, 2], &[], seg(1, 2))).await.unwrap();
+    f.snapshot("vol-1", "s").await.unwrap();
+    // The head drops segment 1 (kept for s) and 2 is inherited by a clone.
+    f.commit_root("client-1", commit_of(1, 1, Some((1, 1)), &[3], &[seg(1, 1)], seg(1, 3))).await.unwrap();
+    let p = ("vol-1", "s", 1, seg(1, 2), s_seq(1, 1));
+    f.clone_volume(clone_spec("vol-2", 2, &[p]), root_of(2, 1, 1, seg(1, 2), s_seq(1, 1))).await.unwrap();
+    assert_eq!(f.acquire("client-2", "vol-2", false).await.unwrap().epoch, 2);
+    f.commit_root("client-2", commit_of(2, 2, Some((1, 1)), &[1], &[], seg(2, 1))).await.unwrap();
+    // Each peer i holds shard i of every recorded segment, by its own id.
+    let peers = FakePeers::default();
+    let held =
+        [shard(1, seg(1, 1), 0), shard(1, seg(1, 2), 0), shard(1, seg(1, 3), 0), shard(2, seg(2, 1), 0)];
+    for k in held {
+        for index in 0..4u8 {
+            peers.hold(usize::from(index), SegmentShardKey { index, ..k });
+        }
+    }
+    let mut orphans = collector::Orphans::default();
+    for _ in 0..3 {
+        let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+        assert_eq!((pass.checked, pass.found, pass.erased), (16, 0, 0), "{pass:?}");
+        assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 0);
+        f.pass_time(GRACE, 0..4).await;
+    }
+    assert!(peers.erased().is_empty(), "{:?}", peers.erased());
+}

@@ -18,47 +18,42 @@ const PAGE: usize = 1000;
 
 impl<S: MetaStore> Directory<S> {
     pub(super) async fn create_volume(&self, spec: VolumeSpec) -> Result<DirResponse, Remote> {
-        let invalid = |m: String| Remote::new(ErrorKind::Invalid, m);
-        check_label(&spec.name).map_err(|e| invalid(e.to_string()))?;
-        crate::codec::Geometry::new(usize::from(spec.k), usize::from(spec.m), spec.shard_size as usize)
-            .map_err(|e| invalid(e.to_string()))?;
-        if !(spec.shard_size as usize).is_multiple_of(crate::codec::SECTOR_SIZE) {
-            return Err(invalid(format!(
-                "the shard size must be a multiple of {} bytes",
-                crate::codec::SECTOR_SIZE
-            )));
+        if !spec.lineage.is_empty() {
+            return Err(Remote::new(
+                ErrorKind::Invalid,
+                "a new volume has no lineage: a clone is made by `volume clone` (CloneVolume)",
+            ));
         }
-        if spec.size == 0 || !spec.size.is_multiple_of(crate::codec::SECTOR_SIZE as u64) {
-            return Err(invalid("the size must be a positive multiple of 4 KiB".into()));
-        }
-        if spec.repair_threshold < spec.k || spec.repair_threshold > spec.k + spec.m {
-            return Err(invalid(format!(
-                "the repair threshold must be between k={} and k+m={}",
-                spec.k,
-                spec.k + spec.m
-            )));
-        }
-        let k = key("volumes", &spec.name);
-        let id_key = id_key(&spec.id);
-        let name = spec.name.clone();
-        check_key_slots(&spec.key_slots)?;
+        check_spec(&spec)?;
         let record = VolumeRecord { spec, epoch: 0, created_ms: self.now() };
-        let out = self
-            .meta
-            .txn(
-                Txn::new()
-                    .when(Compare::Absent(k.clone()))
-                    .when(Compare::Absent(id_key.clone()))
-                    .when(Compare::Absent(gc_key(&record.spec.id)))
-                    .then(Op::Put { key: k.clone(), value: enc(&record), lease: None })
-                    .then(Op::Put { key: id_key, value: name.as_bytes().to_vec(), lease: None }),
-            )
-            .await?;
+        self.store_volume(record, Txn::new()).await
+    }
+
+    /// Stores a new volume's record (checked by [`check_spec`]) and its
+    /// `ids/` entry, with whatever `more` compares and writes (a clone's
+    /// root): refused `Conflict` if the name or the id is taken.
+    pub(super) async fn store_volume(&self, record: VolumeRecord, more: Txn) -> Result<DirResponse, Remote> {
+        let k = key("volumes", &record.spec.name);
+        let ikey = id_key(&record.spec.id);
+        let name = record.spec.name.clone();
+        let mut txn = Txn::new()
+            .when(Compare::Absent(k.clone()))
+            .when(Compare::Absent(ikey.clone()))
+            .when(Compare::Absent(gc_key(&record.spec.id)))
+            .then(Op::Put { key: k.clone(), value: enc(&record), lease: None })
+            .then(Op::Put { key: ikey.clone(), value: name.as_bytes().to_vec(), lease: None });
+        txn.compare.extend(more.compare);
+        txn.ops.extend(more.ops);
+        let out = self.meta.txn(txn).await?;
         if !out.succeeded {
             let why = if self.meta.get(&k).await?.is_some() {
                 format!("a volume named {name} exists already")
-            } else {
+            } else if self.meta.get(&ikey).await?.is_some()
+                || self.meta.get(&gc_key(&record.spec.id)).await?.is_some()
+            {
                 "that volume id is taken: volume ids must be new random numbers".to_string()
+            } else {
+                format!("what volume {name} was made from changed meanwhile: try again")
             };
             return Err(Remote::new(ErrorKind::Conflict, why));
         }
@@ -303,11 +298,10 @@ impl<S: MetaStore> Directory<S> {
                 health.unavailable += 1;
             }
         };
-        // Bytes on peers of one shard of a record (header included).
-        let shard_len = |r: &SegmentRecord| {
-            SegmentGeometry::new(k, all - k, u32::from(r.shard_blocks).max(1))
-                .map_or(0, |g| (header_len(g) + g.shard_len()) as u64)
-        };
+        let shard_len = |r: &SegmentRecord| shard_len(&record.spec, r);
+        // Records the head dropped that snapshots keep: counted for
+        // health (snapshot reads need them), not in `allocated`.
+        let kept = self.kept_segments(&record.spec.id).await?;
         let mut allocated = 0;
         // Holders by small peer id.
         let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
@@ -320,12 +314,15 @@ impl<S: MetaStore> Directory<S> {
             for e in page {
                 let r =
                     SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
+                let head = parse_segment_key(&prefix, &e.key).is_some_and(|id| !kept.contains_key(&id));
                 let mut healthy = 0;
                 for &id in &r.peers {
                     if id == 0 {
                         continue;
                     }
-                    allocated += shard_len(&r);
+                    if head {
+                        allocated += shard_len(&r);
+                    }
                     if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
                         let name = self
                             .meta
@@ -351,8 +348,7 @@ impl<S: MetaStore> Directory<S> {
             for e in page {
                 let dead: DeadSegment = dec("dropped segment", &e.value)?;
                 collecting.segments += 1;
-                collecting.bytes +=
-                    shard_len(&dead.record) * dead.record.peers.iter().filter(|&&p| p != 0).count() as u64;
+                collecting.bytes += stored_len(&record.spec, &dead.record);
             }
         }
         Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health, collecting })))
@@ -369,12 +365,24 @@ impl<S: MetaStore> Directory<S> {
                 format!("volume {volume} is attached by {}: detach it first", l.holder),
             ));
         }
+        let pins = self.snapshot_pins(&v.spec.id).await?;
+        if !pins.set.snapshots.is_empty() {
+            let names: Vec<&str> = pins.set.snapshots.iter().map(|p| p.name.as_str()).collect();
+            return Err(Remote::new(
+                ErrorKind::Conflict,
+                format!(
+                    "volume {volume} has snapshots ({}): delete them first (`meshdisk volume delete {volume}@SNAPSHOT`)",
+                    names.join(", ")
+                ),
+            ));
+        }
         let out = self
             .meta
             .txn(
                 Txn::new()
                     .when(Compare::ModRevision(vkey.clone(), vrev))
                     .when(Compare::Absent(key("leases", volume)))
+                    .when(pins.unchanged)
                     .then(Op::Delete { key: vkey })
                     .then(Op::Delete { key: id_key(&v.spec.id) })
                     .then(Op::Delete { key: root_key(&v.spec.id) })
@@ -383,6 +391,11 @@ impl<S: MetaStore> Directory<S> {
                     // of its dropped segments too.
                     .then(Op::DeletePrefix { prefix: dead_prefix(&v.spec.id) })
                     .then(Op::Delete { key: floor_key(&v.spec.id) })
+                    // Left by a snapshot deletion that stopped halfway;
+                    // their records went with `segs/` above. A clone's
+                    // inherited segments are its ancestors' records, and
+                    // the gc/ entry erases only shards of this volume's id.
+                    .then(Op::DeletePrefix { prefix: kept_prefix(&v.spec.id) })
                     .then(Op::Put { key: gc_key(&v.spec.id), value: v.spec.id.to_vec(), lease: None }),
             )
             .await?;
@@ -396,6 +409,45 @@ impl<S: MetaStore> Directory<S> {
         self.gc.notify_one();
         Ok(DirResponse::Done)
     }
+}
+
+/// Checks a new volume's spec as `volume create` and `volume clone` need:
+/// a valid name, geometry, size, repair threshold and key slots that parse.
+pub(super) fn check_spec(spec: &VolumeSpec) -> Result<(), Remote> {
+    let invalid = |m: String| Remote::new(ErrorKind::Invalid, m);
+    check_label(&spec.name).map_err(|e| invalid(e.to_string()))?;
+    crate::codec::Geometry::new(usize::from(spec.k), usize::from(spec.m), spec.shard_size as usize)
+        .map_err(|e| invalid(e.to_string()))?;
+    if !(spec.shard_size as usize).is_multiple_of(crate::codec::SECTOR_SIZE) {
+        return Err(invalid(format!(
+            "the shard size must be a multiple of {} bytes",
+            crate::codec::SECTOR_SIZE
+        )));
+    }
+    if spec.size == 0 || !spec.size.is_multiple_of(crate::codec::SECTOR_SIZE as u64) {
+        return Err(invalid("the size must be a positive multiple of 4 KiB".into()));
+    }
+    if spec.repair_threshold < spec.k || spec.repair_threshold > spec.k + spec.m {
+        return Err(invalid(format!(
+            "the repair threshold must be between k={} and k+m={}",
+            spec.k,
+            spec.k + spec.m
+        )));
+    }
+    check_key_slots(&spec.key_slots)
+}
+
+/// Bytes on peers of one shard of `record`, a segment of a volume of
+/// `spec`'s geometry (header included).
+pub(super) fn shard_len(spec: &VolumeSpec, record: &SegmentRecord) -> u64 {
+    let (k, all) = (usize::from(spec.k), usize::from(spec.k + spec.m));
+    SegmentGeometry::new(k, all - k, u32::from(record.shard_blocks).max(1))
+        .map_or(0, |g| (header_len(g) + g.shard_len()) as u64)
+}
+
+/// Bytes on peers of every shard `record` names.
+pub(super) fn stored_len(spec: &VolumeSpec, record: &SegmentRecord) -> u64 {
+    shard_len(spec, record) * record.peers.iter().filter(|&&p| p != 0).count() as u64
 }
 
 /// Refuses key slots that do not parse (`Invalid`, with the parser's reason).

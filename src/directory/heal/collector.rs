@@ -12,7 +12,9 @@
 //!   one erasing pass is not enough).
 //! - **Dropped segments** (`dead/<volume id>/<seg>`): a commit (or
 //!   `DropSegments`) that drops a segment's record moves it here, in the
-//!   same transaction, with the time. Once the **drop grace** (`--drop-grace`)
+//!   same transaction, with the time (unless a snapshot pins it: then the
+//!   record stays, marked `kept/`, and comes here when the last snapshot
+//!   pinning it is deleted). Once the **drop grace** (`--drop-grace`)
 //!   has passed, each shard is erased from the peer the record names for
 //!   it, at the volume's current lease epoch; the entry goes once every
 //!   holder has answered (erased, or did not have it). A holder that is
@@ -22,8 +24,9 @@
 //!   own commit just dropped.
 //! - **Orphans**, found by **reconciliation** (every `--reconcile-every`,
 //!   the first soon after the directory starts): every up peer lists its
-//!   shards of every volume the directory knows, and each shard is
-//!   classified by [`classify`]: (a) its record names this peer for its
+//!   shards of every volume the directory knows (by its id: a clone's
+//!   inherited segments are its ancestors' shards and records, and a kept
+//!   record is a record), and each shard is classified by [`classify`]: (a) its record names this peer for its
 //!   index: live; (b) its record names another peer for that index (a put
 //!   that went to a spare while the slow one landed too): orphan; (c) no
 //!   record but a `dead/` entry: left to the dead queue; (d) no record, at
