@@ -204,13 +204,13 @@ fn snapshots_clones_and_rollback_keep_each_state_apart_through_compaction() {
     // What others depend on cannot go.
     let (ok, _, err) = s.volume(&["delete", &format!("{VOLUME}@s1")]);
     assert!(!ok && err.contains("copy"), "deleting s1 under its clone was not refused: {err}");
-    let (ok, _, err) = s.volume(&["delete", VOLUME, "--yes"]);
-    assert!(!ok && err.contains("s1"), "deleting a volume with snapshots was not refused: {err}");
 
     // A rollback needs the volume detached.
     let (ok, _, err) = s.volume(&["rollback", VOLUME, "s2", "--key-file", s.key.to_str().unwrap()]);
     assert!(!ok && err.contains("detach"), "a rollback of an attached volume was not refused: {err}");
     s.detach(a);
+    let (ok, _, err) = s.volume(&["delete", VOLUME, "--yes"]);
+    assert!(!ok && err.contains("s1"), "deleting a volume with snapshots was not refused: {err}");
     s.volume_ok(&["rollback", VOLUME, "s2", "--key-file", s.key.to_str().unwrap()]);
     // The folder that wrote rounds three and four serves s2's bytes now.
     let mut a = s.attach(VOLUME, "a");

@@ -183,8 +183,11 @@ pub async fn clone(a: CloneArgs) -> Result<(), CliError> {
         ..record.spec.clone()
     };
     let clone_key = own_keys(&data, &VolumeRecord { spec: spec.clone(), epoch: 0, created_ms: 0 })?;
-    // Its first root: the snapshot's map, under the clone's id and key.
-    let first = RootRecord { volume_id: id, epoch: 0, commit: 1, ..root };
+    // Its first root: the snapshot's map, under the clone's id and key, at
+    // the snapshot root's epoch (a root's highest sequence and segment are
+    // never of a later epoch than its own); the clone's first lease is
+    // above it, so its own sequences and ids are above all it inherits.
+    let first = RootRecord { volume_id: id, commit: 1, ..root };
     client.clone_volume(spec, first.seal(&clone_key)).await?;
     eprintln!(
         "volume {} is a clone of {parent}@{snap}: it shares that snapshot's segments (kept while the clone exists) and opens with the same key",
