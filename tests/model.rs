@@ -144,6 +144,8 @@ impl World {
             .arg("--socket")
             .arg(state.join("nbd.sock"))
             .args(["--cache-size", "4M", "--log-size", "16M"])
+            // Compaction all the time: its moves race every other step.
+            .args(["--compact-above", "1.05"])
             .args(extra);
         cmd
     }
@@ -272,7 +274,7 @@ impl World {
             .arg(&state)
             .arg("--socket")
             .arg(state.join("nbd.sock"))
-            .args(["--cache-size", "4M", "--log-size", "16M"]);
+            .args(["--cache-size", "4M", "--log-size", "16M", "--compact-above", "1.05"]);
         let mut proc = Proc::spawn(&format!("attach-{folder}"), &mut cmd);
         proc.wait_for("nbd+unix://", Duration::from_secs(60));
         (proc, RawClient::handshake(&state.join("nbd.sock"), false))
@@ -547,7 +549,7 @@ fn run(seed: u64, steps: usize) {
                 snaps.push((name, m.now.clone()));
                 if snaps.len() > 3 {
                     let (old, _) = snaps.remove(0);
-                    if let Some(i) = clones.iter().position(|c: &Clone| c.from == old) {
+                    while let Some(i) = clones.iter().position(|c: &Clone| c.from == old) {
                         let gone = clones.remove(i);
                         w.volume_ok(&["delete", &gone.name, "--yes"]);
                     }

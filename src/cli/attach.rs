@@ -49,6 +49,12 @@ pub struct AttachArgs {
     /// the rest is read from the peers when needed.
     #[arg(long, default_value_t = 64)]
     map_cache: usize,
+    /// Compact while the volume's segments hold more than this many times
+    /// its live data (1.4: at most 1.43 × live data × (k+m)/k on the
+    /// peers, at most 2 × (k+m)/k bytes sent per byte written; lower holds
+    /// less space and sends more).
+    #[arg(long, value_parser = parse_ratio, default_value_t = crate::volume::v2::compaction::policy::TRIGGER)]
+    compact_above: f64,
     /// Drop this folder's unflushed writes if the volume was written
     /// elsewhere since they were made (otherwise the attach is refused).
     #[arg(long)]
@@ -72,6 +78,14 @@ pub struct DetachArgs {
     /// The attach's state folder, if not the default.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+}
+
+/// `--compact-above`: a ratio of at least 1.
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if (1.0..=100.0).contains(&x) => Ok(x),
+        _ => Err(format!("must be a number from 1 to 100 (times the live data), not {text}")),
+    }
 }
 
 /// The default state folder of an attach of `volume`:
@@ -115,6 +129,7 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     config.map_cache = a.map_cache.max(1);
     config.discard_local = a.discard_local;
     config.snapshot = snapshot.clone();
+    config.compact_above = a.compact_above;
     let volume = Volume::open(c, &name, &key, config).await?;
     drop(key);
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(CliError::io(pidfile.display()))?;

@@ -781,7 +781,8 @@ impl Worker for Committer {
         loop {
             let (held, live) = *self.inner.space.lock().expect("space");
             let left = WAIT_FOR_COMPACTION.saturating_sub(waiting.elapsed());
-            if !super::compactor::writes_wait(held, live) || left.is_zero() {
+            let trigger = self.inner.config.compact_above;
+            if !super::compactor::writes_wait(held, live, trigger) || left.is_zero() {
                 break;
             }
             let _ = tokio::time::timeout(left, self.inner.compacted.notified()).await;

@@ -60,18 +60,15 @@ use crate::sys::worker::{Pacing, State, Status, Worker};
 /// Blocks one round moves at most (8 full segments of the default size).
 pub(super) const ROUND_BLOCKS: u64 = 8 * 1024;
 
-/// The policy the compactor runs (docs/ARCHITECTURE.md, "Compaction
-/// policy and its bounds").
-const POLICY: Policy = Policy::DEFAULT;
-
 /// Past this many blocks held per live block, commits of new writes wait
 /// for compaction: between the policy's trigger and the bound, so a steady
 /// overwrite load holds the space within the bound.
 pub(super) const WRITES_WAIT: f64 = TRIGGER + (SPACE_BOUND - TRIGGER) * 2.0 / 3.0;
 
 /// True when new writes should wait for compaction.
-pub(super) fn writes_wait(held: u64, live: u64) -> bool {
-    live > 0 && held as f64 > WRITES_WAIT * live as f64
+/// (With a trigger set above the default, a little above that trigger.)
+pub(super) fn writes_wait(held: u64, live: u64, trigger: f64) -> bool {
+    live > 0 && held as f64 > WRITES_WAIT.max(trigger * 1.015) * live as f64
 }
 
 /// Victims read at once.
@@ -306,7 +303,10 @@ impl Compactor {
     /// names: it stays until a checkpoint covers it).
     fn victims(&self) -> Vec<SegmentRef> {
         let segment_blocks = self.inner.k as u64 * u64::from(self.inner.blocks_per_shard);
-        if !POLICY.should_compact(self.held, self.live, segment_blocks) {
+        // The policy (docs/ARCHITECTURE.md, "Compaction policy and its
+        // bounds"), at the trigger the attach was given.
+        let policy = Policy { trigger: self.inner.config.compact_above, ..Policy::DEFAULT };
+        if !policy.should_compact(self.held, self.live, segment_blocks) {
             return Vec::new();
         }
         let map = self.inner.map.lock().expect("map");
@@ -325,7 +325,7 @@ impl Compactor {
             })
             .collect();
         let now = map.highest().1;
-        POLICY
+        policy
             .victims(&candidates, now, ROUND_BLOCKS)
             .into_iter()
             .filter_map(|s| Some(SegmentRef { id: s, root: map.root_of(s)? }))
@@ -419,7 +419,7 @@ impl Worker for Compactor {
         let state = self.round().await?;
         // Yield to foreground I/O (twice the round's time), unless writes
         // wait for this round.
-        if state == State::Busy && !writes_wait(self.held, self.live) {
+        if state == State::Busy && !writes_wait(self.held, self.live, self.inner.config.compact_above) {
             tokio::select! {
                 _ = tokio::time::sleep(started.elapsed() * TRANQUILITY) => {}
                 _ = stop.cancelled() => {}

@@ -61,6 +61,9 @@ pub struct Config {
     pub force: bool,
     /// Serve this snapshot of the volume, read-only (no lease, no log).
     pub snapshot: Option<String>,
+    /// Compact while the space held exceeds this many times the live data
+    /// (the policy's trigger; see `compaction::policy`).
+    pub compact_above: f64,
     /// Drop unflushed writes of the local log that were made against an
     /// older root (another machine wrote since).
     pub discard_local: bool,
@@ -81,6 +84,7 @@ impl Config {
             checkpoint_segments: 256,
             force: false,
             snapshot: None,
+            compact_above: super::compaction::policy::TRIGGER,
             discard_local: false,
             timing: Timing::default(),
             commit_age: Duration::from_secs(2),
