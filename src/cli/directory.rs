@@ -34,7 +34,7 @@ pub struct DirectoryArgs {
     /// Shards of a segment its volume dropped (no root or snapshot reaches
     /// it any more) are erased from the peers this long after the drop:
     /// the writer's reads of it in flight finish first.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
     drop_grace: Duration,
     /// Orphan shards (no segment record names them: failed commits,
     /// replaced puts) are erased no sooner than this after they were first

@@ -270,7 +270,7 @@ impl Volume {
                 commit_failure: Mutex::new(None),
                 wake: Notify::new(),
                 compact_wake: Notify::new(),
-                space: Mutex::new((0, 0)),
+                space: Mutex::new(Default::default()),
                 compacted: Notify::new(),
                 traffic: Default::default(),
                 urgent: AtomicBool::new(false),

@@ -581,7 +581,7 @@ impl Inner {
         let blocks: u64 = sealed.iter().map(|s| u64::from(s.summary.slots)).sum::<u64>() * BLOCK_SIZE as u64;
         let counter = if watermark.is_some() { &self.traffic.written } else { &self.traffic.moved };
         counter.fetch_add(blocks, Ordering::Relaxed);
-        self.space.lock().expect("space").0 += sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
+        self.space.lock().expect("space").held += sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
         self.compact_wake.notify_one();
         let mut records = vec![NewRecord::Base(base)];
         records.extend(watermark.map(|sequence| NewRecord::Committed { sequence }));
@@ -754,9 +754,6 @@ pub(super) struct Committer {
 pub(super) const PACING: Pacing =
     Pacing { tranquility: 0, backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2) };
 
-/// Longest a commit waits for compaction to bring the space held back
-/// under the policy's hard limit.
-const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
 
 impl Worker for Committer {
     type Error = String;
@@ -773,20 +770,6 @@ impl Worker for Committer {
     }
 
     async fn work(&mut self, _stop: &CancellationToken) -> Result<State, String> {
-        // The space held is past what compaction keeps to: writes wait
-        // for rounds to free some (at most WAIT_FOR_COMPACTION a commit,
-        // so a compactor that cannot progress slows writes, never stops
-        // them).
-        let waiting = tokio::time::Instant::now();
-        loop {
-            let (held, live) = *self.inner.space.lock().expect("space");
-            let left = WAIT_FOR_COMPACTION.saturating_sub(waiting.elapsed());
-            let trigger = self.inner.config.compact_above;
-            if !super::compactor::writes_wait(held, live, trigger) || left.is_zero() {
-                break;
-            }
-            let _ = tokio::time::timeout(left, self.inner.compacted.notified()).await;
-        }
         match self.inner.commit_once().await {
             Ok(more) => {
                 self.commits += 1;

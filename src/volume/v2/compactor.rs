@@ -33,11 +33,14 @@
 //! **Throttled against foreground I/O**: a round moves at most
 //! [`ROUND_BLOCKS`], its commit waits for the commit turn like any other
 //! (so user commits interleave), and a busy round is followed by a pause
-//! of twice its length. **Unless writes outrun it**: past the policy's
-//! hard limit of space held per live block, the committer waits (up to a
-//! second a commit) for a round to free space, and the compactor runs
-//! without pauses, so a steady overwrite load keeps within the bound at
-//! the cost of write speed, as a full log-structured disk must.
+//! of twice its length. **Unless writes outrun it**: when the blocks on
+//! the peers (held, and dropped but not erased yet) plus those queued in
+//! the local log pass [`WRITES_WAIT`] × live, new writes wait (up to 5 s
+//! each) for a round to free space, and the compactor runs without
+//! pauses, so a steady overwrite load keeps within the bound at the cost
+//! of write speed, as a full log-structured disk must. Writes wait at
+//! admission, not commits: what is already acknowledged commits (and
+//! FLUSH returns) at full speed.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -51,7 +54,7 @@ use super::layout::{PackedBlock, Packer};
 use super::map::{Mapping, Target};
 use super::root::SegmentRef;
 use super::summary::SummaryEntry;
-use super::volume::Inner;
+use super::volume::{Inner, Space};
 use crate::api::MAX_COMMIT_OPS;
 use crate::codec::segment::BLOCK_SIZE;
 use crate::codec::sequence::{SegmentId, Sequence};
@@ -65,11 +68,36 @@ pub(super) const ROUND_BLOCKS: u64 = 8 * 1024;
 /// overwrite load holds the space within the bound.
 pub(super) const WRITES_WAIT: f64 = TRIGGER + (SPACE_BOUND - TRIGGER) * 2.0 / 3.0;
 
-/// True when new writes should wait for compaction.
-/// (With a trigger set above the default, a little above that trigger.)
-pub(super) fn writes_wait(held: u64, live: u64, trigger: f64) -> bool {
-    live > 0 && held as f64 > WRITES_WAIT.max(trigger * 1.015) * live as f64
+impl Inner {
+    /// True when new writes should wait for compaction: the blocks on the
+    /// peers (held, and dropped but not erased yet) and those queued to be
+    /// committed exceed [`WRITES_WAIT`] × live (with a trigger set above
+    /// the default, a little above that trigger).
+    pub(super) fn writes_wait(&self, space: Space) -> bool {
+        let queued = self.local.lock().expect("local").queued_blocks();
+        let limit = WRITES_WAIT.max(self.config.compact_above * 1.015);
+        space.live > 0 && (space.held + space.collecting + queued) as f64 > limit * space.live as f64
+    }
+
+    /// Waits (at most [`WAIT_FOR_COMPACTION`]) while [`Self::writes_wait`]:
+    /// a write admitted now would take the volume past the space bound
+    /// once committed. Writes slow to the pace compaction frees space; a
+    /// compactor that cannot progress slows them, never stops them.
+    pub(super) async fn wait_for_compaction(&self) {
+        let started = tokio::time::Instant::now();
+        loop {
+            let space = *self.space.lock().expect("space");
+            let left = WAIT_FOR_COMPACTION.saturating_sub(started.elapsed());
+            if left.is_zero() || !self.writes_wait(space) || self.stop.is_cancelled() {
+                return;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), self.compacted.notified()).await;
+        }
+    }
 }
+
+/// Longest a write waits for compaction.
+const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
 
 /// Victims read at once.
 const GATHER_AT_ONCE: usize = 8;
@@ -266,11 +294,22 @@ pub(super) struct Compactor {
     pub(super) live: u64,
     /// The highest segment a snapshot reaches (see [`Self::pins`]).
     pub(super) pinned_up_to: Option<SegmentId>,
+    /// Blocks of dropped segments not erased yet, at the last round.
+    pub(super) collecting: u64,
 }
 
 impl Compactor {
     pub(super) fn new(inner: Arc<Inner>) -> Self {
-        Self { inner, capacity: HashMap::new(), moved: 0, dropped: 0, held: 0, live: 0, pinned_up_to: None }
+        Self {
+            inner,
+            capacity: HashMap::new(),
+            moved: 0,
+            dropped: 0,
+            held: 0,
+            live: 0,
+            pinned_up_to: None,
+            collecting: 0,
+        }
     }
 
     /// The data blocks of every recorded segment, asking the directory for
@@ -348,16 +387,24 @@ impl Compactor {
                     _ => live.get(s).copied().unwrap_or(0),
                 })
                 .sum();
-            *self.inner.space.lock().expect("space") = (self.held, self.live);
+            let mut space = self.inner.space.lock().expect("space");
+            space.held = self.held;
+            space.live = self.live;
+            space.collecting = self.collecting;
         }
     }
 
     /// The highest segment any snapshot of the volume reaches: every
     /// segment of the volume at or below it is kept by one.
+    /// Also the blocks of dropped segments the directory has not erased
+    /// yet (they take room on the peers until it does).
     async fn pins(&mut self) -> Result<(), String> {
-        let snapshots =
-            self.inner.client.list_snapshots(&self.inner.name).await.map_err(|e| e.to_string())?;
+        let client = &self.inner.client;
+        let snapshots = client.list_snapshots(&self.inner.name).await.map_err(|e| e.to_string())?;
         self.pinned_up_to = snapshots.iter().map(|s| SegmentId::from_raw(s.highest_segment)).max();
+        let info = client.volume_info(&self.inner.name).await.map_err(|e| e.to_string())?;
+        let (k, m) = (self.inner.k as u64, self.inner.m as u64);
+        self.collecting = info.collecting.bytes * k / (k + m) / BLOCK_SIZE as u64;
         Ok(())
     }
 
@@ -419,7 +466,8 @@ impl Worker for Compactor {
         let state = self.round().await?;
         // Yield to foreground I/O (twice the round's time), unless writes
         // wait for this round.
-        if state == State::Busy && !writes_wait(self.held, self.live, self.inner.config.compact_above) {
+        let space = *self.inner.space.lock().expect("space");
+        if state == State::Busy && !self.inner.writes_wait(space) {
             tokio::select! {
                 _ = tokio::time::sleep(started.elapsed() * TRANQUILITY) => {}
                 _ = stop.cancelled() => {}

@@ -181,6 +181,7 @@ impl Inner {
             return Ok(());
         }
         self.check_writable(op, offset, data.len() as u64)?;
+        self.wait_for_compaction().await;
         let first = offset / BLOCK;
         let end = (offset + data.len() as u64).div_ceil(BLOCK);
         let _guards = self.lock(first, end - first).await;

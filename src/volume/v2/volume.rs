@@ -166,8 +166,9 @@ pub(super) struct Inner {
     /// Wakes the compactor (a commit changed live counts).
     pub(super) compact_wake: Notify,
     /// Blocks held on peers and live, as the compactor last counted
-    /// them (commits add theirs meanwhile).
-    pub(super) space: Mutex<(u64, u64)>,
+    /// them (commits add theirs meanwhile), and blocks of dropped segments
+    /// still on the peers (the directory erases them after its grace).
+    pub(super) space: Mutex<Space>,
     /// A compaction round freed space.
     pub(super) compacted: Notify,
     /// What this attach sent: (bytes of blocks written by users and
@@ -182,7 +183,19 @@ pub(super) struct Inner {
     pub(super) workers: Runner,
 }
 
-/// Bytes counted for `meshdisk bench compaction-volume` and the log.
+/// The space a volume takes on the peers, in data blocks (parity
+/// multiplies all of it by (k+m)/k).
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Space {
+    /// Blocks of every segment the directory has a record of.
+    pub(super) held: u64,
+    /// Blocks the volume reaches (a segment a snapshot keeps: all of it).
+    pub(super) live: u64,
+    /// Blocks of dropped segments not erased yet.
+    pub(super) collecting: u64,
+}
+
+/// Bytes counted for `tools/bench compaction` and the log.
 #[derive(Default)]
 pub(super) struct Traffic {
     pub(super) written: AtomicU64,
