@@ -581,7 +581,8 @@ impl Inner {
         let blocks: u64 = sealed.iter().map(|s| u64::from(s.summary.slots)).sum::<u64>() * BLOCK_SIZE as u64;
         let counter = if watermark.is_some() { &self.traffic.written } else { &self.traffic.moved };
         counter.fetch_add(blocks, Ordering::Relaxed);
-        self.space.lock().expect("space").held += sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
+        self.space.lock().expect("space").held +=
+            sealed.iter().map(|s| s.geometry.data_blocks()).sum::<u64>();
         self.compact_wake.notify_one();
         let mut records = vec![NewRecord::Base(base)];
         records.extend(watermark.map(|sequence| NewRecord::Committed { sequence }));
@@ -753,7 +754,6 @@ pub(super) struct Committer {
 
 pub(super) const PACING: Pacing =
     Pacing { tranquility: 0, backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2) };
-
 
 impl Worker for Committer {
     type Error = String;

@@ -91,7 +91,8 @@ impl Inner {
             if left.is_zero() || !self.writes_wait(space) || self.stop.is_cancelled() {
                 return;
             }
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), self.compacted.notified()).await;
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(200)), self.compacted.notified()).await;
         }
     }
 }
@@ -133,14 +134,16 @@ impl Inner {
                 Ok(t) => return Ok(t),
                 Err(NeedPage(fetch)) => fetch,
             };
-            let bytes = self
-                .read_metadata(need.segment.id, need.segment.root, need.first_slot, need.blocks)
-                .await
-                .map_err(|e| format!("map page {}: {e}", need.page))?;
+            let fetched =
+                self.read_metadata(need.segment.id, need.segment.root, need.first_slot, need.blocks).await;
             let mut map = self.map.lock().expect("map");
-            if map.index().fetch(need.page) == Some(need) {
-                map.insert_page(need.page, &bytes).map_err(|e| e.to_string())?;
+            if map.index().fetch(need.page) != Some(need) {
+                // Moved by a checkpoint meanwhile (its old segment may be
+                // gone): ask again.
+                continue;
             }
+            let bytes = fetched.map_err(|e| format!("map page {}: {e}", need.page))?;
+            map.insert_page(need.page, &bytes).map_err(|e| e.to_string())?;
         }
     }
 

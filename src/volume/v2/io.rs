@@ -273,15 +273,20 @@ impl Inner {
             out.extend(extents);
             let Some(NeedPage(fetch)) = need else { return Ok(out) };
             let at = out.last().map_or(first, |e: &Extent| e.start + e.len);
-            let bytes = self
-                .fetch_page(&fetch)
-                .await
-                .map_err(|why| failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why))?;
+            let bytes = match self.fetch_page(&fetch).await {
+                Ok(bytes) => Some(bytes),
+                // A checkpoint installed meanwhile moved the page, and its
+                // old segment may be dropped already: ask the map again.
+                Err(_) if self.map.lock().expect("map").index().fetch(fetch.page) != Some(fetch) => None,
+                Err(why) => {
+                    return Err(failed(ErrorKind::Unavailable, "read", first * BLOCK, n * BLOCK, why));
+                }
+            };
             let mut map = self.map.lock().expect("map");
             // A checkpoint installed during the fetch may have moved the
             // page: then the bytes are the old place's, and the lookup
             // asks for the new one.
-            if map.index().fetch(fetch.page) == Some(fetch) {
+            if let Some(bytes) = bytes.filter(|_| map.index().fetch(fetch.page) == Some(fetch)) {
                 map.insert_page(fetch.page, &bytes)
                     .map_err(|e| failed(ErrorKind::Corrupt, "read", first * BLOCK, n * BLOCK, e))?;
             }
