@@ -74,7 +74,7 @@ fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
         let record = client.create_volume(spec.clone()).await.unwrap();
         let lease = client.acquire_lease("photos", false, None).await.unwrap();
         let placement =
-            client.place_segments("photos", lease.epoch, 1, stored_len(16), vec![]).await.unwrap();
+            client.place_segments("photos", lease.epoch, 1, stored_len(16), vec![], 0).await.unwrap();
         let placement = placement.into_iter().next().unwrap();
         let commit =
             common::cluster::store_and_commit(&client, &record, lease.epoch, None, &placement, id, &seg)
@@ -373,7 +373,7 @@ fn placement_spreads_over_peers_and_failure_domains_and_refuses_what_cannot_fit(
         client.create_volume(volume("narrow", 2, 1)).await.unwrap();
         let wide = client.acquire_lease("wide", false, None).await.unwrap().epoch;
         let narrow = client.acquire_lease("narrow", false, None).await.unwrap().epoch;
-        for p in client.place_segments("wide", wide, 40, 1 << 20, vec![]).await.unwrap() {
+        for p in client.place_segments("wide", wide, 40, 1 << 20, vec![], 0).await.unwrap() {
             let mut peers: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
             peers.sort_unstable();
             peers.dedup();
@@ -384,7 +384,7 @@ fn placement_spreads_over_peers_and_failure_domains_and_refuses_what_cannot_fit(
             }
             assert!(per_domain.values().all(|&n| n == 2), "uneven domains: {per_domain:?}");
         }
-        for p in client.place_segments("narrow", narrow, 40, 1 << 20, vec![]).await.unwrap() {
+        for p in client.place_segments("narrow", narrow, 40, 1 << 20, vec![], 0).await.unwrap() {
             let mut domains: Vec<&str> = p.peers.iter().map(|s| domain_of[&s.addr.name].as_str()).collect();
             domains.sort_unstable();
             domains.dedup();
@@ -397,13 +397,13 @@ fn placement_spreads_over_peers_and_failure_domains_and_refuses_what_cannot_fit(
         too_wide.id[15] = 1;
         client.create_volume(too_wide).await.unwrap();
         let epoch = client.acquire_lease("toowide", false, None).await.unwrap().epoch;
-        let p = client.place_segments("toowide", epoch, 1, 1 << 20, vec![]).await.unwrap();
+        let p = client.place_segments("toowide", epoch, 1, 1 << 20, vec![], 0).await.unwrap();
         let mut peers: Vec<u16> = p[0].peers.iter().map(|s| s.id).collect();
         peers.sort_unstable();
         peers.dedup();
         assert_eq!(peers.len(), 6, "{p:?}");
         // Shards larger than any peer's free space: the cluster is full.
-        let err = client.place_segments("toowide", epoch, 1, 65 << 20, vec![]).await.unwrap_err();
+        let err = client.place_segments("toowide", epoch, 1, 65 << 20, vec![], 0).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Full), "{err}");
     });
 }
@@ -570,7 +570,7 @@ fn dropped_segments_and_orphans_are_erased_after_the_grace_even_from_a_peer_that
         let lease = client.acquire_lease("trash", false, None).await.unwrap();
         assert_eq!(lease.epoch, 1);
         // Every segment on all six peers, shard i on the same peer.
-        let placement = client.place_segments("trash", 1, 1, stored_len(4), vec![]).await.unwrap();
+        let placement = client.place_segments("trash", 1, 1, stored_len(4), vec![], 0).await.unwrap();
         let placement = placement.into_iter().next().unwrap();
         let store = common::cluster::store_and_commit;
         assert_eq!(store(&client, &record, 1, None, &placement, segs[0].0, &segs[0].1).await, 1);
@@ -670,7 +670,7 @@ fn dropped_segments_and_orphans_are_erased_after_the_grace_even_from_a_peer_that
         // above the floor the collector raised for segment 9.
         let (next, seg) = segment(spec.id, 10, 4);
         // (Placed again: the restarted peer has a new address.)
-        let fresh = client.place_segments("trash", epoch, 1, stored_len(4), vec![]).await.unwrap();
+        let fresh = client.place_segments("trash", epoch, 1, stored_len(4), vec![], 0).await.unwrap();
         let fresh = fresh.into_iter().next().unwrap();
         let done =
             common::cluster::store_and_commit(&client, &record, epoch, Some((1, 2)), &fresh, next, &seg)

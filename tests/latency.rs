@@ -224,7 +224,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
         client.create_volume(spec("three", 2, 1, 1)).await.unwrap();
         let epoch = client.acquire_lease("three", false, None).await.unwrap().epoch;
         for (n, p) in
-            client.place_segments("three", epoch, 40, 1 << 20, vec![]).await.unwrap().iter().enumerate()
+            client.place_segments("three", epoch, 40, 1 << 20, vec![], 0).await.unwrap().iter().enumerate()
         {
             let names: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
             assert!(near.iter().all(|x| names[..2].contains(&x.as_str())), "segment {n} placed on {names:?}");
@@ -232,7 +232,7 @@ fn placement_and_reads_prefer_the_nearest_peers() {
         // Four shards: two must go far, and those are the parity shards.
         client.create_volume(spec("four", 2, 2, 2)).await.unwrap();
         let epoch = client.acquire_lease("four", false, None).await.unwrap().epoch;
-        for p in client.place_segments("four", epoch, 20, 1 << 20, vec![]).await.unwrap() {
+        for p in client.place_segments("four", epoch, 20, 1 << 20, vec![], 0).await.unwrap() {
             let names: Vec<&str> = p.peers.iter().map(|s| s.addr.name.as_str()).collect();
             assert!(near.iter().all(|x| names[..2].contains(&x.as_str())), "data shards on {names:?}");
             assert!(names[2..].iter().all(|n| far.iter().any(|f| f == n)), "parity on {names:?}");

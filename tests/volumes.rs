@@ -152,7 +152,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         let commit = common::cluster::root_commit(&record, la.epoch, None, vec![], vec![]);
         let err = a.commit_root(commit).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
-        let err = a.place_segments("disk", la.epoch, 1, 4096, vec![]).await.unwrap_err();
+        let err = a.place_segments("disk", la.epoch, 1, 4096, vec![], 0).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced), "{err}");
 
         // Released: free for anyone, with a new epoch.

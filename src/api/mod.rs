@@ -534,15 +534,17 @@ pub enum DirRequest {
         epoch: u64,
     },
     /// Where `count` new segments go, k + m distinct peers
-    /// each that are up, have `shard_bytes` free and are not in `exclude`
-    /// (peer ids). Nothing is reserved or written; the writer must hold
-    /// the lease at `epoch`.
+    /// each that are up, have `shard_bytes` free (and `keep_free` more: a
+    /// commit of new writes leaves compaction's reserve, so compaction can
+    /// always free space) and are not in `exclude` (peer ids). Nothing is
+    /// reserved or written; the writer must hold the lease at `epoch`.
     PlaceSegments {
         volume: String,
         epoch: u64,
         count: u32,
         shard_bytes: u64,
         exclude: Vec<u16>,
+        keep_free: u64,
     },
     /// The volume's committed root, if it has one.
     GetRoot {
@@ -810,6 +812,7 @@ mod tests {
             count: 8,
             shard_bytes: 1 << 20,
             exclude: vec![4, 9],
+            keep_free: 9 << 20,
         });
         roundtrip(DirResponse::SegmentPlacements(vec![SegmentPlacement { peers: vec![slot.clone()] }]));
         roundtrip(DirRequest::GetRoot { volume: "v".into() });

@@ -230,8 +230,16 @@ impl Client {
         count: u32,
         shard_bytes: u64,
         exclude: Vec<u16>,
+        keep_free: u64,
     ) -> Result<Vec<SegmentPlacement>, ClientError> {
-        let req = DirRequest::PlaceSegments { volume: volume.into(), epoch, count, shard_bytes, exclude };
+        let req = DirRequest::PlaceSegments {
+            volume: volume.into(),
+            epoch,
+            count,
+            shard_bytes,
+            exclude,
+            keep_free,
+        };
         match self.directory(&req).await? {
             DirResponse::SegmentPlacements(p) => Ok(p),
             other => Err(unexpected("place segments", other)),

@@ -406,9 +406,9 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.release_lease(&who.node, &volume, epoch).await
             }
-            DirRequest::PlaceSegments { volume, epoch, count, shard_bytes, exclude } => {
+            DirRequest::PlaceSegments { volume, epoch, count, shard_bytes, exclude, keep_free } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.place_segments(&who.node, &volume, epoch, count, shard_bytes, &exclude).await
+                self.place_segments(&who.node, &volume, epoch, count, shard_bytes, keep_free, &exclude).await
             }
             DirRequest::GetRoot { volume } => {
                 needs(&[Role::Client, Role::Admin])?;

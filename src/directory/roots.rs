@@ -494,8 +494,9 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// Places `count` segments: each on k + m distinct peers that are up,
-    /// not excluded, with `shard_bytes` free (counting the segments placed
-    /// before it in this call). Nothing is reserved or written.
+    /// not excluded, with `shard_bytes` free and `keep_free` more (counting
+    /// the segments placed before it in this call). Nothing is reserved or
+    /// written.
     pub(super) async fn place_segments(
         &self,
         who: &str,
@@ -503,6 +504,7 @@ impl<S: MetaStore> Directory<S> {
         epoch: u64,
         count: u32,
         shard_bytes: u64,
+        keep_free: u64,
         exclude: &[u16],
     ) -> Result<DirResponse, Remote> {
         if count == 0 || count as usize > MAX_SEGMENTS_PER_CALL {
@@ -536,7 +538,10 @@ impl<S: MetaStore> Directory<S> {
             let kind =
                 if candidates.len() < quorum.min(n) { ErrorKind::Unavailable } else { ErrorKind::Full };
             let picked =
-                choose_at_least(&candidates, n, quorum, shard_bytes, || self.random()).map_err(|e| {
+                choose_at_least(&candidates, n, quorum, shard_bytes.saturating_add(keep_free), || {
+                    self.random()
+                })
+                .map_err(|e| {
                     Remote::new(
                         kind,
                         format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),

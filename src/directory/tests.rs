@@ -246,6 +246,43 @@ async fn placement_counts_free_space_and_a_full_cluster_is_full() {
     assert_eq!(f.peer_status().await["peer-1"].used, GIB - SHARD_BYTES + 1);
 }
 
+#[tokio::test]
+async fn new_writes_leave_compactions_reserve_free_and_compaction_may_use_it() {
+    let f = Fixture::with_peers(4).await;
+    f.leased_volume(1).await;
+    // Every peer has room for three shards.
+    for i in 0..4 {
+        let report = PeerReport {
+            addr: addr_of(i),
+            failure_domain: format!("d{i}"),
+            capacity: GIB,
+            used: GIB - 3 * SHARD_BYTES,
+            load: 0,
+            problem: None,
+            rtts: vec![],
+        };
+        f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
+    }
+    let place = |keep_free: u64| {
+        let req = DirRequest::PlaceSegments {
+            volume: "vol-1".into(),
+            epoch: 1,
+            count: 1,
+            shard_bytes: SHARD_BYTES,
+            exclude: vec![],
+            keep_free,
+        };
+        f.client("client-1", req)
+    };
+    // A commit of new writes that must leave three shards' room free is
+    // refused as full; compaction (nothing kept) still places.
+    assert_eq!(place(3 * SHARD_BYTES).await.unwrap_err().kind, ErrorKind::Full);
+    assert!(
+        matches!(place(2 * SHARD_BYTES).await.unwrap(), DirResponse::SegmentPlacements(p) if p.len() == 1)
+    );
+    assert!(matches!(place(0).await.unwrap(), DirResponse::SegmentPlacements(p) if p.len() == 1));
+}
+
 // ---- write leases ----
 
 #[tokio::test]
@@ -661,6 +698,7 @@ impl Fixture {
             count,
             shard_bytes: SHARD_BYTES,
             exclude,
+            keep_free: 0,
         };
         match self.client(node, req).await? {
             DirResponse::SegmentPlacements(p) => Ok(p),

@@ -458,6 +458,12 @@ impl Inner {
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
         let sending: u64 =
             sealed.iter().flat_map(|s| s.encoded.shards.iter()).map(|shard| shard.len() as u64).sum();
+        // New writes leave compaction the room of a round on every peer
+        // (they get ENOSPC first), so compaction can always free space.
+        let keep_free = match watermark {
+            Some(_) => super::compactor::reserve_bytes(self.k, self.blocks_per_shard),
+            None => 0,
+        };
         let placements = self
             .client
             .place_segments(
@@ -466,6 +472,7 @@ impl Inner {
                 sealed.len() as u32,
                 shard_bytes,
                 Vec::new(),
+                keep_free,
             )
             .await
             .map_err(|e| match e.kind() {

@@ -49,7 +49,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{MapCache, NeedPage};
-use super::compaction::policy::{Policy, SPACE_BOUND, SegmentState, TRIGGER};
+use super::compaction::policy::{Policy, SPACE_BOUND, SegmentState, TRIGGER, reserve_segments};
 use super::layout::{PackedBlock, Packer};
 use super::map::{Mapping, Target};
 use super::root::SegmentRef;
@@ -99,6 +99,13 @@ impl Inner {
 
 /// Longest a write waits for compaction.
 const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
+
+/// Bytes each peer keeps free for compaction (writes get ENOSPC first):
+/// one shard of each segment a round may write ([`reserve_segments`]).
+pub(super) fn reserve_bytes(k: usize, blocks_per_shard: u32) -> u64 {
+    let segment_blocks = k as u64 * u64::from(blocks_per_shard);
+    reserve_segments(ROUND_BLOCKS, segment_blocks) * u64::from(blocks_per_shard) * BLOCK_SIZE as u64
+}
 
 /// Victims read at once.
 const GATHER_AT_ONCE: usize = 8;
