@@ -408,7 +408,8 @@ impl<S: MetaStore> Directory<S> {
             }
             DirRequest::PlaceSegments { volume, epoch, count, shard_bytes, exclude, keep_free } => {
                 needs(&[Role::Client, Role::Admin])?;
-                self.place_segments(&who.node, &volume, epoch, count, shard_bytes, keep_free, &exclude).await
+                let room = roots::Room { shard_bytes, keep_free };
+                self.place_segments(&who.node, &volume, epoch, count, room, &exclude).await
             }
             DirRequest::GetRoot { volume } => {
                 needs(&[Role::Client, Role::Admin])?;

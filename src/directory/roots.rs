@@ -46,6 +46,14 @@ use crate::api::*;
 use crate::codec::root::UnverifiedRoot;
 use crate::codec::sequence::SegmentId;
 
+/// The room a placement needs on each peer: a shard, and what must stay
+/// free beside it (compaction's reserve, for commits of new writes).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Room {
+    pub(super) shard_bytes: u64,
+    pub(super) keep_free: u64,
+}
+
 /// Commits waiting for the next durable batch, and whose turn it is to
 /// make one.
 #[derive(Default)]
@@ -494,19 +502,18 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// Places `count` segments: each on k + m distinct peers that are up,
-    /// not excluded, with `shard_bytes` free and `keep_free` more (counting
-    /// the segments placed before it in this call). Nothing is reserved or
-    /// written.
+    /// not excluded, with the room asked for (counting the segments placed
+    /// before it in this call). Nothing is reserved or written.
     pub(super) async fn place_segments(
         &self,
         who: &str,
         volume: &str,
         epoch: u64,
         count: u32,
-        shard_bytes: u64,
-        keep_free: u64,
+        room: Room,
         exclude: &[u16],
     ) -> Result<DirResponse, Remote> {
+        let Room { shard_bytes, keep_free } = room;
         if count == 0 || count as usize > MAX_SEGMENTS_PER_CALL {
             return Err(invalid(format!(
                 "place 1 to {MAX_SEGMENTS_PER_CALL} segments per call, not {count}"
