@@ -214,3 +214,57 @@ fn overwriting_a_volume_many_times_keeps_its_space_within_the_bound_and_every_by
     check(&mut conn, &mut cookie, &model, "attached elsewhere");
     s.detach("b", proc, conn);
 }
+
+#[test]
+fn peers_truly_full_answer_enospc_and_lose_nothing_flushed() {
+    // Six peers of 32 MiB (each keeps compaction's reserve from new
+    // writes) under a 256 MiB volume: it cannot all be written.
+    let mut c = Cluster::start("full", &["--lease-ttl", "4s", "--drop-grace", "1s"]);
+    for i in 0..6 {
+        c.add_peer("32M", &format!("disk{i}"));
+    }
+    c.wait_all_up(6);
+    c.create_volume(VOLUME, "256M", K as u8, M as u8);
+    let s = Setup { key: c.root.path().join(format!("{VOLUME}.key")), c };
+    let (proc, mut conn) = s.attach("a");
+    let mut cookie = 0;
+    let mut rng = Rng(0xf011);
+    let mut flushed = 0u64;
+    let mut model = Vec::new();
+    let mut refused = None;
+    for off in (0..SIZE * 8).step_by(1 << 20) {
+        let data: Vec<u8> = (0..1 << 20).map(|_| rng.next() as u8).collect();
+        cookie += 1;
+        conn.request(0, WRITE, cookie, off, data.len() as u32, &data);
+        let (err, got) = conn.simple_reply();
+        assert_eq!(got, cookie);
+        if err != 0 {
+            refused = Some(("write", err));
+            break;
+        }
+        model.extend_from_slice(&data);
+        if (off >> 20) % 4 == 3 {
+            cookie += 1;
+            conn.request(0, FLUSH, cookie, 0, 0, &[]);
+            let (err, got) = conn.simple_reply();
+            assert_eq!(got, cookie);
+            if err != 0 {
+                refused = Some(("flush", err));
+                break;
+            }
+            flushed = off + (1 << 20);
+        }
+    }
+    let (what, err) = refused.expect("256 MiB fitted on peers with room for about 96 MiB of data");
+    assert_eq!(err, 28, "a {what} on full peers was answered {err}, not ENOSPC");
+    assert!(flushed >= 32 << 20, "only {flushed} bytes went in before ENOSPC");
+    // Everything flushed before reads back.
+    for off in (0..flushed).step_by(1 << 20) {
+        cookie += 1;
+        let got = conn.read_simple(cookie, off, 1 << 20);
+        assert!(got[..] == model[off as usize..off as usize + (1 << 20)], "flushed data at {off} changed");
+    }
+    drop(conn);
+    let mut proc = proc;
+    proc.kill();
+}

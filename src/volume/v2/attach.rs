@@ -560,6 +560,12 @@ impl Inner {
             self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
             self.wake.notify_one();
             let failure = self.commit_failure.lock().expect("failure").clone();
+            // The peers are full: say so now (ENOSPC), not after the
+            // timeout; nothing but freeing space or adding peers helps.
+            if let Some((backend::ErrorKind::Full, why)) = &failure {
+                let why = format!("the last commit failed: {why}");
+                return Err(backend::Error::failed(backend::ErrorKind::Full, "flush", 0, 0, why));
+            }
             match tokio::time::timeout_at(deadline, committed.changed()).await {
                 Ok(_) => {}
                 Err(_) => {
