@@ -70,13 +70,17 @@ pub(super) const WRITES_WAIT: f64 = TRIGGER + (SPACE_BOUND - TRIGGER) * 2.0 / 3.
 
 impl Inner {
     /// True when new writes should wait for compaction: the blocks on the
-    /// peers (held, and dropped but not erased yet) and those queued to be
-    /// committed exceed [`WRITES_WAIT`] × live (with a trigger set above
-    /// the default, a little above that trigger).
+    /// peers (held, and dropped but not erased yet) exceed [`WRITES_WAIT`]
+    /// × live (with a trigger set above the default, a little above that
+    /// trigger), the blocks queued to be committed counted on both sides
+    /// (they are held once committed, and live unless they overwrite: a
+    /// volume being filled never waits, and commits do not wait, so the
+    /// queue stays short under load).
     pub(super) fn writes_wait(&self, space: Space) -> bool {
         let queued = self.local.lock().expect("local").queued_blocks();
         let limit = WRITES_WAIT.max(self.config.compact_above * 1.015);
-        space.live > 0 && (space.held + space.collecting + queued) as f64 > limit * space.live as f64
+        space.live > 0
+            && (space.held + space.collecting + queued) as f64 > limit * (space.live + queued) as f64
     }
 
     /// Waits (at most [`WAIT_FOR_COMPACTION`]) while [`Self::writes_wait`]:
@@ -199,27 +203,49 @@ impl Inner {
         Ok(dead.len())
     }
 
-    /// The blocks of `segment` the map still points at.
-    async fn live_in(&self, segment: SegmentRef) -> Result<Vec<Live>, String> {
-        let summary = self.read_summary(segment).await?;
-        let mut live = Vec::new();
-        for e in &summary.entries {
-            let SummaryEntry::Data { start, len, slot, sequence } = *e else { continue };
-            for i in 0..len {
-                let (address, slot) = (start + i, slot + i as u32);
-                let sequence = sequence.checked_add(i).ok_or("a summary's sequences overflow")?;
-                let want = Mapping { sequence, target: Target::Data { segment: segment.id, slot } };
-                if self.with_map(|m| m.lookup(address)).await? == Some(want) {
-                    live.push(Live { address, sequence, slot });
+    /// The blocks of each victim the map still points at (each victim's in
+    /// slot order). Summaries are read a few at a time; the map is asked in
+    /// address order over all of them, so a small map cache loads each
+    /// page once.
+    async fn live_in(&self, victims: &[SegmentRef]) -> Result<Vec<Vec<Live>>, String> {
+        let mut summaries = Vec::with_capacity(victims.len());
+        for chunk in victims.chunks(GATHER_AT_ONCE) {
+            let read = super::attach::join_all(chunk.iter().map(|v| self.read_summary(*v)).collect()).await;
+            for s in read {
+                summaries.push(s?);
+            }
+        }
+        let mut wanted: Vec<(u64, usize, Live)> = Vec::new();
+        for (i, summary) in summaries.iter().enumerate() {
+            for e in &summary.entries {
+                let SummaryEntry::Data { start, len, slot, sequence } = *e else { continue };
+                for n in 0..len {
+                    let sequence = sequence.checked_add(n).ok_or("a summary's sequences overflow")?;
+                    let live = Live { address: start + n, sequence, slot: slot + n as u32 };
+                    wanted.push((live.address, i, live));
                 }
             }
         }
-        Ok(live)
+        wanted.sort_by_key(|(address, i, _)| (*address, *i));
+        let mut out = vec![Vec::new(); victims.len()];
+        for (address, i, l) in wanted {
+            let want = Mapping {
+                sequence: l.sequence,
+                target: Target::Data { segment: victims[i].id, slot: l.slot },
+            };
+            if self.with_map(|m| m.lookup(address)).await? == Some(want) {
+                out[i].push(l);
+            }
+        }
+        for live in &mut out {
+            live.sort_by_key(|l| l.slot);
+        }
+        Ok(out)
     }
 
-    /// The live blocks of `victim` and their ciphertext as stored.
-    async fn gather(&self, victim: SegmentRef) -> Result<Vec<(Live, Vec<u8>)>, String> {
-        let live = self.live_in(victim).await?;
+    /// The ciphertext, as stored, of `live` blocks of `victim` (in slot
+    /// order).
+    async fn read_live(&self, victim: SegmentRef, live: Vec<Live>) -> Result<Vec<(Live, Vec<u8>)>, String> {
         if live.is_empty() {
             return Ok(Vec::new());
         }
@@ -246,11 +272,15 @@ impl Inner {
     /// them; the blocks moved.
     async fn move_live(&self, victims: &[SegmentRef]) -> Result<u64, String> {
         let started = tokio::time::Instant::now();
+        let live = self.live_in(victims).await?;
         let mut blocks: Vec<(Live, Vec<u8>)> = Vec::new();
-        for chunk in victims.chunks(GATHER_AT_ONCE) {
-            let gathered = super::attach::join_all(chunk.iter().map(|v| self.gather(*v)).collect()).await;
-            for g in gathered {
-                blocks.extend(g?);
+        let mut work: Vec<(SegmentRef, Vec<Live>)> = victims.iter().copied().zip(live).collect();
+        while !work.is_empty() {
+            let batch: Vec<_> = work.drain(..work.len().min(GATHER_AT_ONCE)).collect();
+            let read =
+                super::attach::join_all(batch.into_iter().map(|(v, l)| self.read_live(v, l)).collect()).await;
+            for r in read {
+                blocks.extend(r?);
             }
         }
         if blocks.is_empty() {
