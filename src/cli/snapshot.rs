@@ -122,15 +122,7 @@ pub fn table(volume: &str, list: &[SnapshotInfo]) -> String {
             if s.clones.is_empty() { "-".into() } else { s.clones.join(", ") },
         ]);
     }
-    let widths: Vec<usize> =
-        (0..5).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::render::table(&rows)
 }
 
 /// `meshdisk volume delete NAME@SNAP`.
