@@ -188,20 +188,211 @@ pub struct VolumeLease {
     pub took_over: bool,
 }
 
-/// How many of a volume's live segments have how many healthy shards (on
-/// a peer that is up).
+/// A live segment's redundancy, from its record and its holders' states
+/// (`directory::heal::health` decides). Worst last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegmentHealth {
+    /// k + m shards, each on its own peer that is up.
+    Whole,
+    /// Fewer (a holder down, two shards on one peer), but at least the
+    /// repair threshold on peers that are not lost.
+    Degraded,
+    /// Fewer shards than the repair threshold on peers that are not lost:
+    /// repair rebuilds the missing ones.
+    BelowThreshold,
+    /// One more lost peer from unreadable: k shards on peers that are up
+    /// (k + 1 with m ≥ 3). Repaired at once.
+    Critical,
+    /// Fewer than k on peers that are up, at least k on peers not lost:
+    /// unreadable until peers return.
+    Unavailable,
+    /// Fewer than k shards on peers that are not lost.
+    Lost,
+}
+
+impl SegmentHealth {
+    pub const ALL: [SegmentHealth; 6] = [
+        SegmentHealth::Whole,
+        SegmentHealth::Degraded,
+        SegmentHealth::BelowThreshold,
+        SegmentHealth::Critical,
+        SegmentHealth::Unavailable,
+        SegmentHealth::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SegmentHealth::Whole => "whole",
+            SegmentHealth::Degraded => "degraded",
+            SegmentHealth::BelowThreshold => "below threshold",
+            SegmentHealth::Critical => "critical",
+            SegmentHealth::Unavailable => "unavailable",
+            SegmentHealth::Lost => "lost",
+        }
+    }
+}
+
+/// Segments and the bytes of their shards (k + m shards each, headers
+/// included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub segments: u64,
+    pub bytes: u64,
+}
+
+impl Tally {
+    pub fn add(&mut self, bytes: u64) {
+        self.segments += 1;
+        self.bytes += bytes;
+    }
+}
+
+/// Live segments (a volume's, or the cluster's: every record, those
+/// snapshots keep and clones inherit too) by [`SegmentHealth`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// Live segments.
     pub segments: u64,
-    /// All k + m shards healthy.
     pub whole: u64,
-    /// At least the repair threshold, fewer than k + m.
     pub degraded: u64,
-    /// Below the repair threshold but still readable (≥ k).
-    pub needs_repair: u64,
-    /// Fewer than k: unreadable until peers return.
+    pub below_threshold: u64,
+    pub critical: u64,
     pub unavailable: u64,
+    pub lost: u64,
+    /// Of all the above, segments with two shards on one peer, or on one
+    /// failure domain while the cluster has a domain free for one.
+    pub misplaced: u64,
+    /// Segments that repair would rebuild shards of now, and those shards'
+    /// bytes.
+    pub to_repair: Tally,
+    /// Bytes of every live segment's shards, and of the non-whole ones.
+    pub bytes: u64,
+    pub bytes_not_whole: u64,
+}
+
+impl Health {
+    /// Counts one segment of `bytes` (all its shards) in `state`.
+    pub fn count(&mut self, state: SegmentHealth, bytes: u64) {
+        self.segments += 1;
+        self.bytes += bytes;
+        if state != SegmentHealth::Whole {
+            self.bytes_not_whole += bytes;
+        }
+        *match state {
+            SegmentHealth::Whole => &mut self.whole,
+            SegmentHealth::Degraded => &mut self.degraded,
+            SegmentHealth::BelowThreshold => &mut self.below_threshold,
+            SegmentHealth::Critical => &mut self.critical,
+            SegmentHealth::Unavailable => &mut self.unavailable,
+            SegmentHealth::Lost => &mut self.lost,
+        } += 1;
+    }
+
+    /// Segments in `state`.
+    pub fn of(&self, state: SegmentHealth) -> u64 {
+        match state {
+            SegmentHealth::Whole => self.whole,
+            SegmentHealth::Degraded => self.degraded,
+            SegmentHealth::BelowThreshold => self.below_threshold,
+            SegmentHealth::Critical => self.critical,
+            SegmentHealth::Unavailable => self.unavailable,
+            SegmentHealth::Lost => self.lost,
+        }
+    }
+
+    pub fn merge(&mut self, other: &Health) {
+        self.segments += other.segments;
+        self.whole += other.whole;
+        self.degraded += other.degraded;
+        self.below_threshold += other.below_threshold;
+        self.critical += other.critical;
+        self.unavailable += other.unavailable;
+        self.lost += other.lost;
+        self.misplaced += other.misplaced;
+        self.to_repair.segments += other.to_repair.segments;
+        self.to_repair.bytes += other.to_repair.bytes;
+        self.bytes += other.bytes;
+        self.bytes_not_whole += other.bytes_not_whole;
+    }
+}
+
+/// The one-word answer to "is my data safe", worst first: what `meshdisk
+/// status` starts with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every segment whole, every peer up, nothing to repair.
+    #[default]
+    HealthOk,
+    /// Some segments lack shards (a peer is down, not yet lost) or a peer
+    /// is down; nothing needs rebuilding yet.
+    Degraded,
+    /// Segments are below their threshold, or misplaced: repair is
+    /// rebuilding them.
+    Repairing,
+    /// Some segments are one lost peer from unreadable (critical), or
+    /// unreadable until peers return (unavailable).
+    AtRisk,
+    /// Some segments have fewer than k shards on peers that are not lost.
+    DataLost,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::HealthOk => "HEALTH_OK",
+            Verdict::Degraded => "degraded",
+            Verdict::Repairing => "repairing",
+            Verdict::AtRisk => "at risk",
+            Verdict::DataLost => "data lost",
+        }
+    }
+}
+
+impl Health {
+    /// The verdict on these segments, `peers_down` saying whether a peer
+    /// is not up and `repairing` whether repair has work queued or in
+    /// flight.
+    pub fn verdict(&self, peers_down: bool, repairing: bool) -> Verdict {
+        if self.lost > 0 {
+            Verdict::DataLost
+        } else if self.critical + self.unavailable > 0 {
+            Verdict::AtRisk
+        } else if self.to_repair.segments > 0 || self.below_threshold > 0 || repairing {
+            Verdict::Repairing
+        } else if self.whole < self.segments || peers_down {
+            Verdict::Degraded
+        } else {
+            Verdict::HealthOk
+        }
+    }
+}
+
+/// The repair worker's progress, as `meshdisk status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairProgress {
+    /// Segments waiting in this round's queue, and the bytes of the
+    /// shards they will rebuild.
+    pub queued: Tally,
+    /// Segments being repaired now.
+    pub in_flight: u64,
+    /// Since the directory started: shards rebuilt (or moved) and their
+    /// bytes, bytes read from holders for them, and repairs that failed
+    /// (retried in a later round).
+    pub shards: u64,
+    pub bytes: u64,
+    pub read_bytes: u64,
+    pub failed: u64,
+    /// Rebuilt bytes per second over the last minute.
+    pub rate: u64,
+    /// Seconds until the queue is empty at that rate (none while idle).
+    pub eta_secs: Option<u64>,
+    /// When the last round's scan ended (the directory's clock, ms).
+    pub scanned_ms: u64,
+    /// Segments that were rebuilt but freed meanwhile (compaction,
+    /// deletion): their new shards were erased, the record left alone.
+    pub raced: u64,
 }
 
 /// `meshdisk volume info`.
@@ -212,6 +403,7 @@ pub struct VolumeInfo {
     /// Bytes of shards stored on peers for the volume's live segments
     /// (headers included).
     pub allocated: u64,
+    /// Its segments' redundancy (a clone's inherited ones too).
     pub health: Health,
     /// Dropped segments whose shards wait to be erased from the peers.
     #[serde(default)]
@@ -236,6 +428,9 @@ pub enum PeerState {
     Down,
     /// Heartbeating, but reports a problem (its store is poisoned).
     Failed,
+    /// Silent for longer than `peer_lost_after`: its shards are rebuilt
+    /// elsewhere.
+    Lost,
 }
 
 impl PeerState {
@@ -244,6 +439,7 @@ impl PeerState {
             PeerState::Up => "up",
             PeerState::Down => "down",
             PeerState::Failed => "failed",
+            PeerState::Lost => "lost",
         }
     }
 }
@@ -269,6 +465,9 @@ pub struct VolumeStatus {
     pub segments: u64,
     /// Who holds the write lease now, if anyone.
     pub holder: Option<String>,
+    /// Its segments' redundancy.
+    #[serde(default)]
+    pub health: Health,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -282,6 +481,17 @@ pub struct ClusterStatus {
     /// shown by `meshdisk status --json`.
     #[serde(default)]
     pub workers: Vec<crate::sys::worker::WorkerInfo>,
+    /// A peer silent this long is lost: its shards are rebuilt elsewhere.
+    #[serde(default)]
+    pub peer_lost_after_ms: u64,
+    /// Every live segment's redundancy.
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub repair: RepairProgress,
+    /// From `health`, the peers' states and `repair`.
+    #[serde(default)]
+    pub verdict: Verdict,
 }
 
 /// A live segment as the directory records it: the peers holding its
@@ -702,6 +912,19 @@ pub enum PeerRequest {
         shard: SegmentShardKey,
         epoch: u64,
     },
+    /// The directory's repair: make shard `shard` of a segment whose root
+    /// is `root` and store it here at `epoch` (the volume's current
+    /// fencing epoch). A source holding that very index is copied; else
+    /// `need` (k) shards are read from `sources`, in order, verified
+    /// against `root`, and the shard is rebuilt from them (`Rebuilt`).
+    /// Only the directory may ask.
+    Rebuild {
+        shard: SegmentShardKey,
+        root: [u8; 32],
+        epoch: u64,
+        need: u8,
+        sources: Vec<ShardSource>,
+    },
     /// Up to `limit` (at most 1000) shards of a volume, in key order, after
     /// `after`.
     List {
@@ -727,6 +950,17 @@ pub enum PeerResponse {
     Error(Remote),
     /// The block proof follows.
     Blocks,
+    /// A `Rebuild` stored its shard; it read `read` bytes of other shards.
+    Rebuilt {
+        read: u64,
+    },
+}
+
+/// Where a rebuilding peer finds shard `index` of the segment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSource {
+    pub index: u8,
+    pub peer: PeerAddr,
 }
 
 #[cfg(test)]
@@ -756,6 +990,17 @@ mod tests {
         roundtrip(PeerRequest::List { volume: [1; 16], after: Some(segment), limit: 100 });
         roundtrip(PeerResponse::Shards(vec![segment, segment]));
         roundtrip(PeerResponse::Blocks);
+        roundtrip(PeerRequest::Rebuild {
+            shard: segment,
+            root: [9; 32],
+            epoch: 3,
+            need: 4,
+            sources: vec![ShardSource {
+                index: 2,
+                peer: PeerAddr { name: "peer-2".into(), addr: "127.0.0.1:7402".parse().unwrap() },
+            }],
+        });
+        roundtrip(PeerResponse::Rebuilt { read: 1 << 22 });
         roundtrip(PeerResponse::Error(Remote::new(ErrorKind::Full, "full")));
         // The segment id travels as its raw number.
         let max =
@@ -787,6 +1032,10 @@ mod tests {
             peers: vec![],
             volumes: vec![],
             workers: vec![collector.clone()],
+            peer_lost_after_ms: 600_000,
+            health: Health { segments: 3, whole: 1, critical: 2, ..Health::default() },
+            repair: RepairProgress { queued: Tally { segments: 2, bytes: 1 << 20 }, ..Default::default() },
+            verdict: Verdict::AtRisk,
         };
         roundtrip(DirResponse::Status(Box::new(status.clone())));
         // In JSON a worker reads as `WorkerInfo` itself does (queue and
@@ -794,6 +1043,8 @@ mod tests {
         // still parses.
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["workers"][0], serde_json::to_value(&collector).unwrap());
+        assert_eq!(json["verdict"], "at_risk");
+        assert_eq!(json["health"]["critical"], 2);
         let mut old = json.clone();
         old.as_object_mut().unwrap().remove("workers");
         let parsed: ClusterStatus = serde_json::from_value(old).unwrap();

@@ -9,7 +9,8 @@ use clap::Args;
 
 use crate::cli::{CliError, STOP_GRACE, stop_on_signals};
 use crate::directory::DirectoryConfig;
-use crate::size::parse_duration;
+use crate::directory::heal::repair::RepairConfig;
+use crate::size::{parse_duration, parse_size};
 
 #[derive(Args)]
 pub struct DirectoryArgs {
@@ -28,6 +29,21 @@ pub struct DirectoryArgs {
     /// A peer silent this long is down.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     peer_timeout: Duration,
+    /// A peer silent this long is lost: repair rebuilds its shards on other
+    /// peers (a shorter silence is a reboot or a flaky link, and waits).
+    /// A segment down to k shards on up peers is repaired at once.
+    #[arg(long, value_parser = parse_duration, default_value = "10m")]
+    peer_lost_after: Duration,
+    /// Segments repaired at once.
+    #[arg(long, default_value_t = RepairConfig::default().inflight)]
+    repair_inflight: usize,
+    /// Cap on rebuilt shard bytes per second, e.g. 50MiB (0: none).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    repair_rate: u64,
+    /// After each batch of repairs that took t, repair pauses this many
+    /// times t, leaving the peers to clients' I/O.
+    #[arg(long, default_value_t = RepairConfig::default().tranquility)]
+    repair_tranquility: u32,
     /// A volume's write lease lapses this long after its holder's last renewal.
     #[arg(long, value_parser = parse_duration, default_value = "15s")]
     lease_ttl: Duration,
@@ -55,10 +71,17 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         advertise: args.advertise,
         cluster: args.cluster,
         peer_timeout: args.peer_timeout,
+        peer_lost_after: args.peer_lost_after,
         lease_ttl: args.lease_ttl,
         drop_grace: args.drop_grace,
         collect_grace: args.collect_grace,
         reconcile_every: args.reconcile_every,
+        repair: RepairConfig {
+            inflight: args.repair_inflight.max(1),
+            rate: args.repair_rate,
+            tranquility: args.repair_tranquility,
+            ..RepairConfig::default()
+        },
     };
     let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::directory::run(config, stop).await?)

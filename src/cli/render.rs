@@ -2,7 +2,7 @@
 //! volumes), `volume list` and `volume info`. (`--json` prints the records,
 //! [`ClusterStatus`] and [`VolumeInfo`], as they are.)
 
-use crate::api::{ClusterStatus, PeerState, VolumeInfo, VolumeStatus};
+use crate::api::{ClusterStatus, Health, PeerState, RepairProgress, SegmentHealth, VolumeInfo, VolumeStatus};
 use crate::size::human;
 
 fn ago(now_ms: u64, then_ms: u64) -> String {
@@ -34,12 +34,111 @@ pub(crate) fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A duration in seconds for people: "45s", "12m", "3.2h".
+pub(crate) fn eta(secs: u64) -> String {
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        _ => format!("{:.1}h", secs as f64 / 3600.0),
+    }
+}
+
+/// The first line of `meshdisk status`: the verdict and why.
+pub fn verdict_line(s: &ClusterStatus) -> String {
+    let h = &s.health;
+    let mut why = Vec::new();
+    if h.lost > 0 {
+        why.push(format!("{} segments have fewer than k shards on peers that are not lost", h.lost));
+    }
+    if h.unavailable > 0 {
+        why.push(format!("{} segments unreadable until peers return", h.unavailable));
+    }
+    if h.critical > 0 {
+        why.push(format!("{} segments one lost peer from unreadable", h.critical));
+    }
+    let r = &s.repair;
+    if h.to_repair.segments > 0 || r.queued.segments + r.in_flight > 0 {
+        let mut line = format!(
+            "{} segments to repair ({} of shards to rebuild)",
+            h.to_repair.segments.max(r.queued.segments + r.in_flight),
+            human(h.to_repair.bytes.max(r.queued.bytes))
+        );
+        if r.rate > 0 {
+            line.push_str(&format!(" at {}/s", human(r.rate)));
+            if let Some(e) = r.eta_secs {
+                line.push_str(&format!(", ETA {}", eta(e)));
+            }
+        }
+        why.push(line);
+    }
+    let not_whole = h.segments - h.whole;
+    if not_whole > 0 && why.is_empty() {
+        why.push(format!(
+            "{not_whole} of {} segments ({}) lack shards on peers that are down, not yet lost (repair starts {} after a peer goes silent)",
+            h.segments,
+            human(h.bytes_not_whole),
+            eta(s.peer_lost_after_ms / 1000)
+        ));
+    }
+    let down = s.peers.iter().filter(|p| matches!(p.state, PeerState::Down | PeerState::Failed)).count();
+    let lost = s.peers.iter().filter(|p| p.state == PeerState::Lost).count();
+    if down > 0 {
+        why.push(format!("{down} peer{} down", if down == 1 { "" } else { "s" }));
+    }
+    if lost > 0 && s.verdict != crate::api::Verdict::HealthOk {
+        why.push(format!("{lost} peer{} lost", if lost == 1 { "" } else { "s" }));
+    }
+    if why.is_empty() {
+        s.verdict.as_str().to_owned()
+    } else {
+        format!("{}: {}", s.verdict.as_str(), why.join("; "))
+    }
+}
+
+/// "120 segments (480 MiB): 100 whole, 12 degraded, ...".
+pub fn health_line(h: &Health) -> String {
+    let mut parts: Vec<String> = SegmentHealth::ALL
+        .iter()
+        .filter(|&&st| st == SegmentHealth::Whole || h.of(st) > 0)
+        .map(|&st| format!("{} {}", h.of(st), st.as_str()))
+        .collect();
+    if h.misplaced > 0 {
+        parts.push(format!("{} misplaced", h.misplaced));
+    }
+    format!("{} segments ({}): {}", h.segments, human(h.bytes), parts.join(", "))
+}
+
+/// "repair: 40 queued (160 MiB), 4 in flight, 35 MiB/s, ETA 5s; ...".
+pub fn repair_line(r: &RepairProgress) -> String {
+    let mut line = format!("repair: {} queued ({})", r.queued.segments, human(r.queued.bytes));
+    if r.in_flight > 0 {
+        line.push_str(&format!(", {} in flight", r.in_flight));
+    }
+    if r.rate > 0 {
+        line.push_str(&format!(", {}/s", human(r.rate)));
+    }
+    if let Some(e) = r.eta_secs {
+        line.push_str(&format!(", ETA {}", eta(e)));
+    }
+    line.push_str(&format!(
+        "; since start {} shards rebuilt ({}, {} read), {} failed, {} raced",
+        r.shards,
+        human(r.bytes),
+        human(r.read_bytes),
+        r.failed,
+        r.raced
+    ));
+    line
+}
+
 /// `meshdisk status`.
 pub fn status(s: &ClusterStatus) -> String {
     let up = s.peers.iter().filter(|p| p.state == PeerState::Up).count();
     let capacity: u64 = s.peers.iter().filter(|p| p.state == PeerState::Up).map(|p| p.capacity).sum();
     let used: u64 = s.peers.iter().map(|p| p.used).sum();
-    let mut out = format!(
+    let mut out = verdict_line(s);
+    out.push('\n');
+    out += &format!(
         "cluster {}: {} peers ({up} up), {} lent by peers that are up, {} used, {} volume{}\n",
         s.cluster,
         s.peers.len(),
@@ -48,6 +147,9 @@ pub fn status(s: &ClusterStatus) -> String {
         s.volumes.len(),
         if s.volumes.len() == 1 { "" } else { "s" }
     );
+    out.push_str(&format!("segments: {}\n", health_line(&s.health)));
+    out.push_str(&repair_line(&s.repair));
+    out.push('\n');
     // The directory's background workers, one line each: the collector's
     // queue of deleted volumes and dropped segments, and what it erased.
     for w in &s.workers {
@@ -101,8 +203,11 @@ pub fn volumes(volumes: &[VolumeStatus]) -> String {
     if volumes.is_empty() {
         return "no volumes (create one with `meshdisk volume create`)\n".into();
     }
-    let mut rows =
-        vec![["VOLUME", "SIZE", "k+m", "SHARD", "SEGMENTS", "EPOCH", "WRITER"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["VOLUME", "SIZE", "k+m", "SHARD", "SEGMENTS", "HEALTH", "EPOCH", "WRITER"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for v in volumes {
         let spec = &v.record.spec;
         rows.push(vec![
@@ -111,6 +216,7 @@ pub fn volumes(volumes: &[VolumeStatus]) -> String {
             format!("{}+{}", spec.k, spec.m),
             human(u64::from(spec.shard_size)),
             v.segments.to_string(),
+            v.health.verdict(false, false).as_str().to_owned(),
             v.record.epoch.to_string(),
             v.holder.clone().unwrap_or_else(|| "-".into()),
         ]);
@@ -157,17 +263,16 @@ pub fn volume_info(v: &VolumeInfo) -> String {
                 human(u64::from(spec.shard_size))
             ),
         ],
-        vec!["repair below".into(), format!("{} healthy shards", spec.repair_threshold)],
+        vec!["repair below".into(), format!("{} shards on peers not lost", spec.repair_threshold)],
         vec!["key".into(), key_slots(&spec.key_slots)],
         vec!["durability".into(), spec.durability.as_str().into()],
         vec!["writer".into(), writer],
         vec!["allocated".into(), format!("{} on peers", human(v.allocated))],
+        vec!["health".into(), h.verdict(false, false).as_str().to_owned()],
+        vec!["segments".into(), health_line(h)],
         vec![
-            "segments".into(),
-            format!(
-                "{} live: {} whole, {} degraded, {} need repair, {} unavailable",
-                h.segments, h.whole, h.degraded, h.needs_repair, h.unavailable
-            ),
+            "to repair".into(),
+            format!("{} segments ({} of shards to rebuild)", h.to_repair.segments, human(h.to_repair.bytes)),
         ],
         vec![
             "collecting".into(),
@@ -238,6 +343,7 @@ mod tests {
                 },
                 segments: 12,
                 holder: None,
+                health: Health { segments: 12, whole: 12, ..Health::default() },
             }],
             workers: vec![crate::sys::worker::WorkerInfo {
                 name: "collector".into(),
@@ -249,17 +355,32 @@ mod tests {
                 queue: Some(3),
                 progress: Some("12 shards of dropped segments erased".into()),
             }],
+            peer_lost_after_ms: 600_000,
+            health: Health {
+                segments: 12,
+                whole: 10,
+                degraded: 2,
+                bytes: 12 << 20,
+                bytes_not_whole: 2 << 20,
+                ..Health::default()
+            },
+            repair: RepairProgress::default(),
+            verdict: Verdict::Degraded,
         };
         let text = status(&s);
         assert!(
             text.contains("\ncollector: idle, 3 queued; 12 shards of dropped segments erased\n"),
             "{text}"
         );
-        assert!(text.starts_with("cluster home: 2 peers (1 up), 1.0 GiB lent"), "{text}");
+        assert!(
+            text.starts_with("degraded: 2 of 12 segments (2.0 MiB) lack shards on peers that are down, not yet lost (repair starts 10m after a peer goes silent); 1 peer down\ncluster home: 2 peers (1 up), 1.0 GiB lent"),
+            "{text}"
+        );
+        assert!(text.contains("\nsegments: 12 segments (12.0 MiB): 10 whole, 2 degraded\n"), "{text}");
         assert!(text.contains("peer-1  up     127.0.0.1:7401  attic"), "{text}");
         assert!(text.contains("0.4s ago"), "{text}");
         assert!(text.contains("peer-2  down"), "{text}");
         assert!(text.contains("1.5m ago") || text.contains("2m ago"), "{text}");
-        assert!(text.contains("demo    8.0 GiB  4+2  256.0 KiB  12        3      -"), "{text}");
+        assert!(text.contains("demo    8.0 GiB  4+2  256.0 KiB  12        HEALTH_OK  3      -"), "{text}");
     }
 }

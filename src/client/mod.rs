@@ -529,6 +529,25 @@ impl Client {
         }
     }
 
+    /// Has `target` rebuild (or copy) a shard from `sources` and store it
+    /// (the directory's repair; see `PeerRequest::Rebuild`); the bytes it
+    /// read.
+    pub async fn rebuild_shard(
+        &self,
+        target: &PeerAddr,
+        shard: SegmentShardKey,
+        root: &SegmentRoot,
+        epoch: u64,
+        need: u8,
+        sources: Vec<ShardSource>,
+    ) -> Result<u64, ClientError> {
+        let req = PeerRequest::Rebuild { shard, root: root.0, epoch, need, sources };
+        match self.peer_call(target, &req, Vec::new()).await? {
+            (PeerResponse::Rebuilt { read }, _) => Ok(read),
+            (other, _) => Err(unexpected("rebuild shard", other)),
+        }
+    }
+
     /// Up to `limit` shards of `volume` on `peer`, in key order, after
     /// `after`.
     pub async fn list_shards(

@@ -144,7 +144,10 @@ impl<S: MetaStore> Directory<S> {
     }
 
     pub(super) fn state(&self, rec: &PeerRecord, now: u64) -> PeerState {
-        if now.saturating_sub(rec.last_seen_ms) > self.timing.peer_timeout.as_millis() as u64 {
+        let silent = now.saturating_sub(rec.last_seen_ms);
+        if silent > self.timing.peer_lost_after.max(self.timing.peer_timeout).as_millis() as u64 {
+            PeerState::Lost
+        } else if silent > self.timing.peer_timeout.as_millis() as u64 {
             PeerState::Down
         } else if rec.report.problem.is_some() {
             PeerState::Failed
@@ -167,7 +170,7 @@ impl<S: MetaStore> Directory<S> {
         let now = self.now();
         match &was {
             None => tracing::info!("peer {node} registered at {}", report.addr),
-            Some((old, _)) if self.state(old, now) == PeerState::Down => {
+            Some((old, _)) if matches!(self.state(old, now), PeerState::Down | PeerState::Lost) => {
                 tracing::info!("peer {node} is back at {}", report.addr)
             }
             _ => {}
@@ -182,7 +185,7 @@ impl<S: MetaStore> Directory<S> {
             .peers()
             .await?
             .into_iter()
-            .filter(|(n, r)| n != node && self.state(r, now) != PeerState::Down)
+            .filter(|(n, r)| n != node && !matches!(self.state(r, now), PeerState::Down | PeerState::Lost))
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
         Ok(DirResponse::Heartbeat { peers, peer_timeout_ms: self.timing.peer_timeout.as_millis() as u64 })
@@ -230,7 +233,7 @@ impl<S: MetaStore> Directory<S> {
 
     pub(super) async fn status(&self) -> Result<DirResponse, Remote> {
         let now = self.now();
-        let peers = self
+        let peers: Vec<PeerStatus> = self
             .peers()
             .await?
             .into_iter()
@@ -247,12 +250,21 @@ impl<S: MetaStore> Directory<S> {
                 name,
             })
             .collect();
+        let view = self.peer_view().await?;
+        let scan = self.scan_health(&view).await?;
         let mut volumes = Vec::new();
         for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
-            let segments = self.meta.list(&segment_prefix(&record.spec.id)).await?.len() as u64;
+            let health = scan.volumes.get(&record.spec.id).cloned().unwrap_or_default();
+            let segments = health.segments;
             let holder = self.lease_of(&record.spec.name).await?.map(|(l, _)| l.holder);
-            volumes.push(VolumeStatus { record, segments, holder });
+            volumes.push(VolumeStatus { record, segments, holder, health });
         }
+        let repair = self.repair.lock().expect("not poisoned").clone();
+        // A lost peer's shards are rebuilt elsewhere: once they are, it no
+        // longer degrades anything (it stays listed, as lost).
+        let peers_down =
+            peers.iter().any(|p: &PeerStatus| matches!(p.state, PeerState::Down | PeerState::Failed));
+        let verdict = scan.health.verdict(peers_down, repair.queued.segments + repair.in_flight > 0);
         Ok(DirResponse::Status(Box::new(ClusterStatus {
             cluster: self.issuer.cluster.clone(),
             now_ms: now,
@@ -260,6 +272,10 @@ impl<S: MetaStore> Directory<S> {
             peers,
             volumes,
             workers: self.workers(),
+            peer_lost_after_ms: self.timing.peer_lost_after.as_millis() as u64,
+            health: scan.health,
+            repair,
+            verdict,
         })))
     }
 

@@ -39,9 +39,10 @@
 //! (`<volume id>` in hex, `<seg>` a big-endian u64, `<id>` a big-endian
 //! u16.)
 //!
-//! A peer is up while its last heartbeat is younger than `peer_timeout`, so
-//! liveness needs no timer and survives a directory restart (a peer is down
-//! until it reports again).
+//! A peer is up while its last heartbeat is younger than `peer_timeout`,
+//! and lost once it is older than `peer_lost_after` (then repair rebuilds
+//! its shards elsewhere), so liveness needs no timer and survives a
+//! directory restart (a peer is down until it reports again).
 //!
 //! The service is split by concern, each file an `impl` block of
 //! [`Directory`]:
@@ -58,8 +59,9 @@
 //!   fsync);
 //! - `snapshots.rs`: snapshots, what they pin, clones and rollbacks;
 //! - [`heal`]: background work that keeps the peers' contents in line with
-//!   the directory's records (today the garbage [`heal::collector`]:
-//!   deleted volumes, dropped segments, orphans found by reconciliation);
+//!   the directory's records: segments' [`heal::health`], their
+//!   [`heal::repair`], and the garbage [`heal::collector`] (deleted
+//!   volumes, dropped segments, orphans found by reconciliation);
 //! - [`meta`]: the store trait and its embedded implementation.
 //!
 //! Every time the directory records or compares comes from one
@@ -108,6 +110,8 @@ pub struct DirectoryConfig {
     /// The cluster's name, used on first start only.
     pub cluster: String,
     pub peer_timeout: Duration,
+    /// A peer silent this long is lost: repair rebuilds its shards.
+    pub peer_lost_after: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
     /// A dropped segment's shards are erased no sooner than this after
@@ -118,6 +122,8 @@ pub struct DirectoryConfig {
     pub collect_grace: Duration,
     /// How often the peers' shards are reconciled with the records.
     pub reconcile_every: Duration,
+    /// How hard repair works.
+    pub repair: heal::repair::RepairConfig,
 }
 
 /// How long the directory's records stay good.
@@ -125,6 +131,10 @@ pub struct DirectoryConfig {
 pub struct Timing {
     /// A peer is down when its last heartbeat is older than this.
     pub peer_timeout: Duration,
+    /// A peer is lost when its last heartbeat is older than this (longer
+    /// than `peer_timeout`): its shards are rebuilt on others, so a reboot
+    /// or a flaky link does not start a repair storm.
+    pub peer_lost_after: Duration,
     /// A volume's write lease lapses this long after its last renewal.
     pub lease_ttl: Duration,
     /// A dropped segment's shards are erased no sooner than this after
@@ -144,6 +154,7 @@ impl From<&DirectoryConfig> for Timing {
     fn from(c: &DirectoryConfig) -> Self {
         Self {
             peer_timeout: c.peer_timeout,
+            peer_lost_after: c.peer_lost_after,
             lease_ttl: c.lease_ttl,
             drop_grace: c.drop_grace,
             collect_grace: c.collect_grace,
@@ -183,6 +194,8 @@ pub struct Directory<S: MetaStore> {
     seed: std::sync::Mutex<u64>,
     /// Wakes the garbage collector (a volume was deleted).
     gc: tokio::sync::Notify,
+    /// The repair worker's progress, for status.
+    repair: std::sync::Mutex<RepairProgress>,
     /// Root commits waiting to go to the store together.
     commits: roots::CommitQueue,
     /// The background workers [`run`] starts (the collector), for status.
@@ -283,7 +296,8 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     println!("directory listening on {addr}");
     let dir = Arc::new(dir);
     let peers = crate::client::Client::on(own, ep.clone(), addr);
-    heal::collector::start(&dir, peers);
+    heal::collector::start(&dir, peers.clone());
+    heal::repair::start(&dir, peers, config.repair);
     rpc::serve(ep, dir.clone(), stop).await;
     dir.halt.cancel();
     // Bounded: a collector pass may be waiting on peers that are gone
@@ -308,6 +322,7 @@ impl<S: MetaStore> Directory<S> {
             seed: std::sync::Mutex::new(clock() | 1),
             clock,
             gc: tokio::sync::Notify::new(),
+            repair: Default::default(),
             commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
             halt,

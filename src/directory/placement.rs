@@ -53,6 +53,20 @@ pub fn choose(
     candidates: &[Candidate],
     n: usize,
     shard_bytes: u64,
+    random: impl FnMut() -> f64,
+) -> Result<Vec<usize>, PlaceError> {
+    choose_beside(candidates, n, shard_bytes, &Default::default(), random)
+}
+
+/// Like [`choose`], for shards joining a segment whose other shards are in
+/// the failure domains `taken` (domain → shards there): domains holding
+/// fewer of the segment are drawn from first, so repair spreads the
+/// segment as placement would have.
+pub fn choose_beside(
+    candidates: &[Candidate],
+    n: usize,
+    shard_bytes: u64,
+    taken: &std::collections::HashMap<String, usize>,
     mut random: impl FnMut() -> f64,
 ) -> Result<Vec<usize>, PlaceError> {
     let eligible: Vec<usize> = (0..candidates.len()).filter(|&i| candidates[i].free >= shard_bytes).collect();
@@ -60,7 +74,8 @@ pub fn choose(
         return Err(PlaceError::NotEnough { need: n, have: eligible.len(), shard_bytes });
     }
     let mut chosen = Vec::with_capacity(n);
-    let mut per_domain: std::collections::HashMap<&str, usize> = Default::default();
+    let mut per_domain: std::collections::HashMap<&str, usize> =
+        taken.iter().map(|(d, &c)| (d.as_str(), c)).collect();
     while chosen.len() < n {
         let open: Vec<usize> = eligible.iter().copied().filter(|i| !chosen.contains(i)).collect();
         let fewest = open

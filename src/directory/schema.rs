@@ -84,6 +84,15 @@ pub(super) fn parse_segment_key(prefix: &[u8], k: &[u8]) -> Option<SegmentId> {
     Some(SegmentId::from_raw(u64::from_be_bytes(k.strip_prefix(prefix)?.try_into().ok()?)))
 }
 
+/// The volume id and segment id of any `segs/` key.
+pub(super) fn parse_any_segment_key(k: &[u8]) -> Option<([u8; VOLUME_ID_LEN], SegmentId)> {
+    let rest = k.strip_prefix(b"segs/")?;
+    let hex_len = 2 * VOLUME_ID_LEN;
+    let volume = hex::decode(rest.get(..hex_len)?).ok()?.try_into().ok()?;
+    let segment = parse_segment_key(b"/", rest.get(hex_len..)?)?;
+    Some((volume, segment))
+}
+
 /// `dead/<volume id>/`: the volume's dropped segments awaiting erasure.
 pub(super) fn dead_prefix(volume: &[u8; VOLUME_ID_LEN]) -> Vec<u8> {
     format!("dead/{}/", hex::encode(volume)).into_bytes()

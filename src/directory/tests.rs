@@ -28,8 +28,11 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 const LEASE_TTL: Duration = Duration::from_secs(20);
 /// The collection grace and reconciliation period of these tests.
 const GRACE: Duration = Duration::from_secs(60);
+/// A peer silent this long is lost (repair rebuilds its shards).
+const LOST_AFTER: Duration = Duration::from_secs(600);
 const TIMING: Timing = Timing {
     peer_timeout: PEER_TIMEOUT,
+    peer_lost_after: LOST_AFTER,
     lease_ttl: LEASE_TTL,
     drop_grace: GRACE,
     collect_grace: GRACE,
@@ -40,6 +43,8 @@ const SHARD: u32 = 4096;
 /// Bytes of one shard (header and payload) as placement asks for room.
 const SHARD_BYTES: u64 = 4096 + 256;
 const GIB: u64 = 1 << 30;
+
+mod repair;
 
 struct Fixture {
     dir: Arc<Directory<RedbStore>>,

@@ -3,14 +3,13 @@
 //! raises the volume's epoch; a writer that was taken over holds an old
 //! epoch and is refused here ([`Directory::check_writer`]) as on the peers.
 
-use std::collections::HashSet;
-
 use super::Directory;
 use super::meta::{self, Compare, MetaError, MetaStore, Op, Txn};
 use super::schema::*;
 use crate::api::*;
 use crate::codec::segment::SegmentGeometry;
 use crate::codec::segment::header::header_len;
+use crate::codec::sequence::SegmentId;
 use crate::membership::ca::check_label;
 
 /// Store entries read per page when walking a volume's records.
@@ -278,64 +277,46 @@ impl<S: MetaStore> Directory<S> {
     pub(super) async fn volume_info(&self, volume: &str) -> Result<DirResponse, Remote> {
         let record = self.volume(volume).await?;
         let lease = self.lease_of(volume).await?.map(|(l, _)| l);
-        let up: HashSet<String> = self.up_peers().await?.into_iter().map(|(n, _)| n).collect();
-        let (k, threshold, all) = (
-            usize::from(record.spec.k),
-            usize::from(record.spec.repair_threshold),
-            usize::from(record.spec.k + record.spec.m),
-        );
+        let view = self.peer_view().await?;
+        let rules = super::heal::repair::rules(&record.spec);
         let mut health = Health::default();
-        // One segment with `healthy` shards on peers that are up.
-        let count = |health: &mut Health, healthy: usize| {
-            health.segments += 1;
-            if healthy >= all {
-                health.whole += 1;
-            } else if healthy >= threshold {
-                health.degraded += 1;
-            } else if healthy >= k {
-                health.needs_repair += 1;
-            } else {
-                health.unavailable += 1;
-            }
-        };
-        let shard_len = |r: &SegmentRecord| shard_len(&record.spec, r);
         // Records the head dropped that snapshots keep: counted for
         // health (snapshot reads need them), not in `allocated`.
         let kept = self.kept_segments(&record.spec.id).await?;
         let mut allocated = 0;
-        // Holders by small peer id.
-        let mut names: std::collections::HashMap<u16, Option<String>> = Default::default();
-        let prefix = segment_prefix(&record.spec.id);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = self.meta.list_range(&prefix, after.as_deref(), PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            for e in page {
-                let r =
-                    SegmentRecord::decode(&e.value).map_err(|e| internal(format!("volume {volume}: {e}")))?;
-                let head = parse_segment_key(&prefix, &e.key).is_some_and(|id| !kept.contains_key(&id));
-                let mut healthy = 0;
-                for &id in &r.peers {
-                    if id == 0 {
-                        continue;
+        // Its own records, then those it inherits from each ancestor (ids
+        // up to that ancestor's highest, above the next one's).
+        let mut ranges = vec![(record.spec.id, None::<SegmentId>, None::<SegmentId>)];
+        for (i, a) in record.spec.lineage.iter().enumerate() {
+            let above = record.spec.lineage.get(i + 1).map(|b| SegmentId::from_raw(b.highest_segment));
+            ranges.push((a.id, above, Some(SegmentId::from_raw(a.highest_segment))));
+        }
+        for (owner, above, upto) in ranges {
+            let own = owner == record.spec.id;
+            let prefix = segment_prefix(&owner);
+            let mut after: Option<Vec<u8>> = above.map(|a| segment_key(&owner, a));
+            'pages: loop {
+                let page = self.meta.list_range(&prefix, after.as_deref(), PAGE).await?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.key.clone());
+                for e in page {
+                    let Some(id) = parse_segment_key(&prefix, &e.key) else { continue };
+                    if upto.is_some_and(|u| id > u) {
+                        break 'pages;
                     }
-                    if head {
-                        allocated += shard_len(&r);
+                    let r = SegmentRecord::decode(&e.value)
+                        .map_err(|e| internal(format!("volume {volume}: {e}")))?;
+                    let shard = shard_len(&record.spec, &r);
+                    if own && !kept.contains_key(&id) {
+                        allocated += shard * r.peers.iter().filter(|&&p| p != 0).count() as u64;
                     }
-                    if let std::collections::hash_map::Entry::Vacant(v) = names.entry(id) {
-                        let name = self
-                            .meta
-                            .get(&peer_slot_key(id))
-                            .await?
-                            .map(|e| String::from_utf8_lossy(&e.value).into_owned());
-                        v.insert(name);
-                    }
-                    if names[&id].as_ref().is_some_and(|n| up.contains(n)) {
-                        healthy += 1;
+                    let a = view.assess(&r, rules);
+                    health.count(a.health, shard * r.peers.len() as u64);
+                    health.misplaced += u64::from(a.misplaced);
+                    if !a.rebuild.is_empty() {
+                        health.to_repair.add(shard * a.rebuild.len() as u64);
                     }
                 }
-                count(&mut health, healthy);
             }
         }
         let mut collecting = Collecting::default();

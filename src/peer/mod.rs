@@ -10,6 +10,7 @@
 //! ```
 
 mod heartbeat;
+mod rebuild;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -94,6 +95,8 @@ const LIST_LIMIT: u32 = 1000;
 struct PeerService {
     store: ShardStore,
     load: Arc<AtomicU32>,
+    /// For fetching other peers' shards when rebuilding one here.
+    client: Client,
 }
 
 fn remote(e: StoreError) -> Remote {
@@ -135,6 +138,20 @@ impl PeerService {
                 let existed = self.store.delete(&shard, epoch).await.map_err(remote)?;
                 (PeerResponse::Deleted { existed }, Bytes::new())
             }
+            PeerRequest::Rebuild { shard, root, epoch, need, sources } => {
+                let root = crate::codec::segment::SegmentRoot(root);
+                let read = rebuild::rebuild_here(
+                    &self.client,
+                    &self.store,
+                    shard,
+                    root,
+                    epoch,
+                    usize::from(need),
+                    sources,
+                )
+                .await?;
+                (PeerResponse::Rebuilt { read }, Bytes::new())
+            }
             PeerRequest::List { volume, after, limit } => {
                 let limit = limit.clamp(1, LIST_LIMIT) as usize;
                 let store = self.store.clone();
@@ -161,9 +178,11 @@ impl Handler for PeerService {
             return (PeerResponse::Error(e), Bytes::new());
         };
         // Peers are not trusted with others' data: only clients (and
-        // admins) write, and erasing also the directory's collector.
+        // admins) write, erasing also the directory's collector, and only
+        // the directory's repair has a shard rebuilt here.
         let allowed = match &req {
             PeerRequest::Put { .. } => matches!(who.role, Role::Client | Role::Admin),
+            PeerRequest::Rebuild { .. } => who.role == Role::Directory,
             PeerRequest::Delete { .. } => matches!(who.role, Role::Client | Role::Admin | Role::Directory),
             PeerRequest::Get(_)
             | PeerRequest::GetBlocks { .. }
@@ -273,7 +292,8 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     let addr = advertised(&config, bound, dir_addr);
     let failure_domain = config.failure_domain.clone().unwrap_or_else(|| cred.node.clone());
     let load = Arc::new(AtomicU32::new(0));
-    let service = Arc::new(PeerService { store: store.clone(), load: load.clone() });
+    let client = Client::on(cred.clone(), ep.clone(), dir_addr);
+    let service = Arc::new(PeerService { store: store.clone(), load: load.clone(), client: client.clone() });
     let server = tokio::spawn(rpc::serve(ep.clone(), service, stop.clone()));
     tracing::info!(
         "peer {} of cluster {} serving {} on {addr} (failure domain {failure_domain})",
@@ -282,7 +302,6 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
         crate::size::human(config.capacity)
     );
     println!("peer {} listening on {addr}", cred.node);
-    let client = Client::on(cred.clone(), ep, dir_addr);
     let workers = Runner::new(stop.clone());
     let (refused, refusal) = tokio::sync::oneshot::channel();
     let me = heartbeat::Identity { addr, failure_domain, capacity: config.capacity };

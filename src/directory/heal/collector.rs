@@ -363,7 +363,10 @@ impl<S: MetaStore> Directory<S> {
         }
         let now = self.now();
         let peers = self.peers().await?;
-        let all_up = peers.iter().all(|(_, r)| self.state(r, now) == PeerState::Up);
+        // A lost peer is not waited for (it may never come back; if it
+        // does, what it holds of the volume is not found: see "Not yet"
+        // above).
+        let all_up = peers.iter().all(|(_, r)| matches!(self.state(r, now), PeerState::Up | PeerState::Lost));
         let up: Vec<PeerAddr> = peers
             .iter()
             .filter(|(_, r)| self.state(r, now) == PeerState::Up)
@@ -431,10 +434,13 @@ impl<S: MetaStore> Directory<S> {
         let Some(name) = names[&id].clone() else { return Ok(Holder::Gone) };
         Ok(match self.get::<PeerRecord>("peer", &key("peers", &name)).await? {
             None => Holder::Gone,
-            Some((r, _)) if self.state(&r, self.now()) == PeerState::Up => {
-                Holder::Up(PeerAddr { name, addr: r.report.addr })
-            }
-            Some(_) => Holder::Away,
+            Some((r, _)) => match self.state(&r, self.now()) {
+                PeerState::Up => Holder::Up(PeerAddr { name, addr: r.report.addr }),
+                // Its shards were rebuilt elsewhere; if it ever comes
+                // back, reconciliation erases what no record names.
+                PeerState::Lost => Holder::Gone,
+                PeerState::Down | PeerState::Failed => Holder::Away,
+            },
         })
     }
 

@@ -11,3 +11,5 @@
 //! tests can run in-process and carried out against the peers in another.
 
 pub mod collector;
+pub mod health;
+pub mod repair;

@@ -100,11 +100,12 @@ impl Inner {
         let header = self.io.header(&located).await.map_err(|e| e.to_string())?;
         let g = header.geometry;
         let last = (g.data_blocks() - 1) as u32;
-        let mut t = self.io.read(&located, last, last + 1).await.map_err(|e| e.to_string())?;
+        let mut t = self.read_slots(seg.id, seg.root, last, last + 1).await.map_err(|e| e.to_string())?;
         let cipher = self.lineage.by_segment(seg.id);
         layout::open_metadata(cipher, seg.id, last, &mut t);
         let trailer = Trailer::decode(&t, seg.id, g).map_err(|e| e.to_string())?;
-        let mut s = self.io.read(&located, trailer.summary_slot, last).await.map_err(|e| e.to_string())?;
+        let mut s =
+            self.read_slots(seg.id, seg.root, trailer.summary_slot, last).await.map_err(|e| e.to_string())?;
         layout::open_metadata(cipher, seg.id, trailer.summary_slot, &mut s);
         layout::decode_summary(&trailer, &s).map_err(|e| e.to_string())
     }
@@ -582,25 +583,7 @@ impl Inner {
     }
 }
 
-/// Runs the futures concurrently, results in order.
-pub(super) async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("every future finished")).collect()
-}
+pub(super) use crate::sys::join_all;
 
 impl Backend for Volume {
     fn size(&self) -> u64 {

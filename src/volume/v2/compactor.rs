@@ -249,7 +249,6 @@ impl Inner {
         if live.is_empty() {
             return Ok(Vec::new());
         }
-        let located = self.locate(victim.id, victim.root).await?;
         // Runs of slots, gaps of a few blocks read through (fewer calls).
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for l in &live {
@@ -260,7 +259,8 @@ impl Inner {
         }
         let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
         for (first, end) in runs {
-            let bytes = self.io.read(&located, first, end).await.map_err(|e| e.to_string())?;
+            let bytes =
+                self.read_slots(victim.id, victim.root, first, end).await.map_err(|e| e.to_string())?;
             for (i, b) in bytes.chunks_exact(BLOCK_SIZE).enumerate() {
                 data.insert(first + i as u32, b.to_vec());
             }

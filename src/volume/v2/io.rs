@@ -23,7 +23,7 @@ use super::layout;
 use super::local::LocalBlock;
 use super::log::{LogError, NewRecord};
 use super::map::{Extent, Mapping, Target};
-use super::remote::Located;
+use super::remote::{Located, SegmentIoError};
 use super::volume::Inner;
 use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
 use crate::codec::segment::{BLOCK_SIZE, SegmentRoot};
@@ -302,9 +302,10 @@ impl Inner {
         first_slot: u32,
         blocks: u32,
     ) -> Result<Vec<u8>, String> {
-        let located = self.locate(segment, root).await?;
-        let mut bytes =
-            self.io.read(&located, first_slot, first_slot + blocks).await.map_err(|e| e.to_string())?;
+        let mut bytes = self
+            .read_slots(segment, root, first_slot, first_slot + blocks)
+            .await
+            .map_err(|e| e.to_string())?;
         layout::open_metadata(self.lineage.by_segment(segment), segment, first_slot, &mut bytes);
         Ok(bytes)
     }
@@ -313,13 +314,44 @@ impl Inner {
         self.read_metadata(f.segment.id, f.segment.root, f.first_slot, f.blocks).await
     }
 
+    /// Data-area slots `first..end` of a committed segment, as stored
+    /// (ciphertext). When the read fails for want of shards, the segment's
+    /// record is read again (repair may have put the missing shards on
+    /// new holders) and the read tried once more.
+    pub(super) async fn read_slots(
+        &self,
+        segment: SegmentId,
+        root: crate::codec::segment::SegmentRoot,
+        first: u32,
+        end: u32,
+    ) -> Result<Vec<u8>, SegmentIoError> {
+        let unreadable = |why: String| SegmentIoError::Unreadable { segment, first, end, why };
+        let located = self.locate(segment, root).await.map_err(unreadable)?;
+        match self.io.read(&located, first, end).await {
+            Err(e) if e.kind() == crate::backend::ErrorKind::Unavailable => {
+                self.holders.lock().expect("holders").remove(&segment);
+                let again = self.locate(segment, root).await.map_err(unreadable)?;
+                if again.holders == located.holders {
+                    return Err(e);
+                }
+                tracing::debug!("volume {}: segment {segment} has new holders; reading again", self.name);
+                self.io.read(&again, first, end).await
+            }
+            done => done,
+        }
+    }
+
     /// Where segment `segment`'s shards are (its record at the directory,
-    /// kept; peer ids resolved to addresses).
+    /// kept; read again when a holder failed since: repair moves shards;
+    /// peer ids resolved to addresses).
     pub(super) async fn locate(
         &self,
         segment: SegmentId,
         root: crate::codec::segment::SegmentRoot,
     ) -> Result<Located, String> {
+        if self.io.take_suspect(segment) {
+            self.holders.lock().expect("holders").remove(&segment);
+        }
         let known = self.holders.lock().expect("holders").get(&segment).cloned();
         let ids = match known {
             Some(ids) => ids,
@@ -544,10 +576,6 @@ impl Inner {
         mut out: Option<&mut [u8]>,
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
-        let located = self
-            .locate(segment, root)
-            .await
-            .map_err(|why| failed(ErrorKind::Unavailable, "read", offset, length, why))?;
         let mut i = 0;
         while i < wanted.len() {
             let mut j = i + 1;
@@ -557,8 +585,7 @@ impl Inner {
             }
             let (start, end) = (wanted[i].1, wanted[j - 1].1 + 1);
             let ct = self
-                .io
-                .read(&located, start, end)
+                .read_slots(segment, root, start, end)
                 .await
                 .map_err(|e| failed(e.kind(), "read", offset, length, e))?;
             for (n, &(idx, _)) in wanted[i..j].iter().enumerate() {

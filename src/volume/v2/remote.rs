@@ -125,11 +125,49 @@ pub struct SegmentIo {
     client: Client,
     timing: Timing,
     headers: Arc<Mutex<HashMap<SegmentId, Arc<SegmentShardHeader>>>>,
+    /// Segments a holder failed to answer for, and when their record was
+    /// last read again: repair may have moved the shard (see
+    /// [`SegmentIo::take_suspect`]).
+    suspects: Arc<Mutex<HashMap<SegmentId, Suspect>>>,
 }
+
+#[derive(Clone, Copy, Default)]
+struct Suspect {
+    failed: bool,
+    refreshed: Option<Instant>,
+}
+
+/// A segment's record is read again at most this often because of
+/// failures (a holder that is only slow must not cost a directory call
+/// per read).
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 impl SegmentIo {
     pub fn new(client: Client, timing: Timing) -> Self {
-        Self { client, timing, headers: Default::default() }
+        Self { client, timing, headers: Default::default(), suspects: Default::default() }
+    }
+
+    /// Notes that a holder of `segment` failed or was slow.
+    fn suspect(&self, segment: SegmentId) {
+        let mut s = self.suspects.lock().expect("suspects");
+        if s.len() >= HEADERS_KEPT {
+            s.clear();
+        }
+        s.entry(segment).or_default().failed = true;
+    }
+
+    /// Whether `segment`'s record should be read again: a holder failed
+    /// since it was last read, at most once per [`REFRESH_EVERY`]. (Repair
+    /// records rebuilt shards on new holders; the reader learns of them
+    /// here.)
+    pub fn take_suspect(&self, segment: SegmentId) -> bool {
+        let mut s = self.suspects.lock().expect("suspects");
+        let Some(e) = s.get_mut(&segment) else { return false };
+        if !e.failed || e.refreshed.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+            return false;
+        }
+        *e = Suspect { failed: false, refreshed: Some(Instant::now()) };
+        true
     }
 
     /// Shard `index` of `seg`, under the volume it is stored under.
@@ -284,6 +322,7 @@ impl SegmentIo {
                 }
                 Ok(Err(e)) => {
                     note_untrusted(&e);
+                    self.suspect(seg.id);
                     failures.push(e);
                 }
                 Err(_) => {}
@@ -349,6 +388,7 @@ impl SegmentIo {
             Ok(Err(why)) => Some(why),
             Err(_) => None,
         };
+        self.suspect(seg.id);
         let decode = self.decoded(seg, header, shard);
         let unreadable =
             |why: String| SegmentIoError::Unreadable { segment: seg.id, first: from, end: from + count, why };
@@ -412,6 +452,7 @@ impl SegmentIo {
                 }
                 Err(e) => {
                     note_untrusted(&e);
+                    self.suspect(seg.id);
                     failures.push(e);
                 }
             }

@@ -1,0 +1,302 @@
+//! Repair's planner and its compare-and-set, in process: the directory on
+//! a manual clock, peers that heartbeat (or stop), and a fake rebuilder
+//! that records what it was asked and can hold a rebuild open while the
+//! test drops the segment.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use super::*;
+use crate::codec::segment::SegmentRoot;
+use crate::directory::heal::repair::Rebuilder;
+
+/// One `Rebuild` as the fake received it.
+#[derive(Clone, Debug)]
+struct Call {
+    target: String,
+    key: SegmentShardKey,
+    epoch: u64,
+    need: u8,
+    sources: Vec<ShardSource>,
+}
+
+#[derive(Clone, Default)]
+struct FakeRebuilder {
+    calls: Arc<Mutex<Vec<Call>>>,
+    erased: Arc<Mutex<Vec<(String, SegmentShardKey)>>>,
+    /// When set: each rebuild says it started, then waits to proceed.
+    gate: Option<Arc<(Notify, Notify)>>,
+}
+
+impl Rebuilder for FakeRebuilder {
+    type Error = Unreachable;
+
+    async fn rebuild(
+        &self,
+        target: &PeerAddr,
+        key: SegmentShardKey,
+        _root: SegmentRoot,
+        epoch: u64,
+        need: u8,
+        sources: Vec<ShardSource>,
+    ) -> Result<u64, Unreachable> {
+        if let Some(g) = &self.gate {
+            g.0.notify_one();
+            g.1.notified().await;
+        }
+        self.calls.lock().unwrap().push(Call { target: target.name.clone(), key, epoch, need, sources });
+        Ok(u64::from(need) * 100)
+    }
+
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, _epoch: u64) -> Result<bool, Unreachable> {
+        self.erased.lock().unwrap().push((peer.name.clone(), key));
+        Ok(true)
+    }
+}
+
+impl FakeRebuilder {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+/// Volume `vol-1`: k, m and threshold as given, leased to client-1, with
+/// `segments` (records by peer id: peer-i has id i + 1, domain d<i / 2>).
+async fn volume_with(f: &Fixture, k: u8, m: u8, threshold: u8, segments: Vec<(SegmentId, SegmentRecord)>) {
+    f.create_volume(VolumeSpec { repair_threshold: threshold, ..spec("vol-1", 1, k, m) }).await;
+    assert_eq!(f.acquire("client-1", "vol-1", false).await.unwrap().epoch, 1);
+    let top = segments.iter().map(|(id, _)| *id).max().unwrap();
+    let c = RootCommit { sealed: sealed_up_to(1, 1, 1, top), ..root_commit(1, 1, None, segments) };
+    f.commit_root("client-1", c).await.unwrap();
+}
+
+fn ids_of(r: &SegmentRecord) -> Vec<u16> {
+    r.peers.clone()
+}
+
+/// A heartbeat of peer-i from a failure domain of its own (`x<i>`).
+async fn heartbeat_alone(f: &Fixture, i: usize) {
+    let report = PeerReport {
+        addr: addr_of(i),
+        failure_domain: format!("x{i}"),
+        capacity: GIB,
+        used: 0,
+        load: 0,
+        problem: None,
+        rtts: vec![],
+    };
+    f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
+}
+
+/// `n` peers, each its own failure domain.
+async fn peers_alone(n: usize) -> Fixture {
+    let f = Fixture::new().await;
+    for i in 0..n {
+        heartbeat_alone(&f, i).await;
+    }
+    f
+}
+
+/// Moves the clock by `d` in 5 s steps, peers `alive` heartbeating (from
+/// their own domains) and client-1 renewing its lease.
+async fn pass(f: &Fixture, d: Duration, alive: &[usize]) {
+    let step = Duration::from_secs(5);
+    let mut left = d;
+    while !left.is_zero() {
+        let s = step.min(left);
+        f.clock.advance(s);
+        left -= s;
+        for &i in alive {
+            heartbeat_alone(f, i).await;
+        }
+        let _ = f.renew("client-1", "vol-1", 1).await;
+    }
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_repaired_only_once_lost_on_a_peer_holding_nothing_of_the_segment() {
+    // Peers in pairs per domain (d0..d3); the segment on one peer of each.
+    let f = Fixture::with_peers(8).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 3, 5, 7], 1))]).await;
+    let rebuilder = FakeRebuilder::default();
+    assert_eq!(f.status().await.verdict, Verdict::HealthOk);
+
+    // peer-2 (id 3, domain d1) goes silent: down after the timeout, not
+    // yet lost.
+    let others: Vec<usize> = (0..8).filter(|&i| i != 2).collect();
+    let pass_paired = |d: Duration| {
+        let others = others.clone();
+        let f = &f;
+        async move {
+            let step = Duration::from_secs(5);
+            let mut left = d;
+            while !left.is_zero() {
+                let s = step.min(left);
+                f.clock.advance(s);
+                left -= s;
+                for &i in &others {
+                    f.heartbeat(i).await;
+                }
+                let _ = f.renew("client-1", "vol-1", 1).await;
+            }
+        }
+    };
+    pass_paired(PEER_TIMEOUT + Duration::from_secs(5)).await;
+    let s = f.status().await;
+    assert_eq!(s.verdict, Verdict::Degraded, "{:?}", s.health);
+    assert_eq!((s.health.segments, s.health.degraded), (1, 1));
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(r.shards, 0, "a reboot starts no repair");
+    assert!(rebuilder.calls().is_empty());
+
+    // Lost: the shard is rebuilt on a peer with no shard of the segment,
+    // in the domain left without one (d1: peer-3, id 4).
+    pass_paired(LOST_AFTER).await;
+    let s = f.status().await;
+    assert_eq!(s.verdict, Verdict::Repairing, "{:?}", s.health);
+    assert_eq!((s.health.below_threshold, s.health.to_repair.segments), (1, 1));
+    assert_eq!(f.peer_status().await["peer-2"].state, PeerState::Lost);
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!((r.shards, r.failed, r.raced), (1, 0, false));
+    let calls = rebuilder.calls();
+    assert_eq!(calls.len(), 1);
+    let c = &calls[0];
+    assert_eq!((c.key.index, c.key.segment, c.epoch, c.need), (1, seg(1, 1), 1, 2));
+    assert_eq!(c.target, "peer-3", "{c:?}");
+    // Sources: the three shards on up peers, never the lost one.
+    let mut from: Vec<u8> = c.sources.iter().map(|s| s.index).collect();
+    from.sort();
+    assert_eq!(from, vec![0, 2, 3]);
+    assert!(c.sources.iter().all(|s| s.peer.name != "peer-2"));
+    let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
+    assert_eq!(ids_of(&now), vec![1, 4, 5, 7]);
+    // Whole again; the lost peer no longer degrades the verdict.
+    let s = f.status().await;
+    assert_eq!((s.health.whole, s.verdict), (1, Verdict::HealthOk), "{:?}", s.health);
+    assert!(f.dir.repair_round(&rebuilder).await.unwrap() == Default::default());
+}
+
+#[tokio::test]
+async fn a_segment_down_to_k_shards_is_repaired_at_once_and_goes_first() {
+    let f = peers_alone(8).await;
+    // Segment 1 loses one shard (peer-7, lost); segment 2 has two holders
+    // down (peer-1, peer-2): k = 2 left, critical.
+    volume_with(
+        &f,
+        2,
+        2,
+        4,
+        vec![(seg(1, 1), record(&[1, 4, 6, 8], 1)), (seg(1, 2), record(&[1, 2, 3, 5], 2))],
+    )
+    .await;
+    pass(&f, LOST_AFTER - PEER_TIMEOUT, &[0, 1, 2, 3, 4, 5, 6]).await;
+    pass(&f, PEER_TIMEOUT + Duration::from_secs(5), &[0, 3, 4, 5, 6]).await;
+    let st = f.peer_status().await;
+    assert_eq!(
+        (st["peer-1"].state, st["peer-2"].state, st["peer-7"].state),
+        (PeerState::Down, PeerState::Down, PeerState::Lost)
+    );
+    let view = f.dir.peer_view().await.unwrap();
+    let scan = f.dir.scan_health(&view).await.unwrap();
+    assert_eq!((scan.health.critical, scan.health.below_threshold), (1, 1), "{:?}", scan.health);
+    let order: Vec<SegmentId> = scan.jobs.iter().map(|j| j.segment).collect();
+    assert_eq!(order, vec![seg(1, 2), seg(1, 1)], "most at risk first");
+    assert_eq!(f.status().await.verdict, Verdict::AtRisk);
+
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(r.shards, 3, "both down shards of the critical segment, the lost one of the other");
+    let recs = f.segment_records("vol-1", vec![seg(1, 1), seg(1, 2)]).await;
+    let critical = recs[1].clone().unwrap();
+    assert_eq!((critical.peers[0], critical.peers[3]), (1, 5));
+    // New holders: up, and none of the segment's old holders (down ones
+    // included: they may come back).
+    for i in [1, 2] {
+        assert!([4, 6, 7].contains(&critical.peers[i]), "{critical:?}");
+    }
+    assert_ne!(critical.peers[1], critical.peers[2]);
+    let other = recs[0].clone().unwrap();
+    assert!([1, 4, 6].iter().all(|&p| other.peers.contains(&p)), "{other:?}");
+    assert!([5, 7].contains(&other.peers[3]), "{other:?}");
+}
+
+#[tokio::test]
+async fn a_lower_threshold_tolerates_losses_until_it_is_crossed() {
+    let f = peers_alone(8).await;
+    // k = 2, m = 4, repair below 5 shards on peers not lost.
+    volume_with(&f, 2, 4, 5, vec![(seg(1, 1), record(&[1, 2, 3, 4, 5, 6], 1))]).await;
+    let rebuilder = FakeRebuilder::default();
+    // peer-5 (id 6) lost: 5 left, at the threshold: tolerated.
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &[0, 1, 2, 3, 4, 6, 7]).await;
+    let s = f.status().await;
+    assert_eq!((s.health.degraded, s.verdict), (1, Verdict::Degraded), "{:?}", s.health);
+    assert_eq!(f.dir.repair_round(&rebuilder).await.unwrap().shards, 0);
+    // peer-4 (id 5) lost too: 4 left, below: both lost shards rebuilt.
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &[0, 1, 2, 3, 6, 7]).await;
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(r.shards, 2);
+    let mut rebuilt: Vec<u8> = rebuilder.calls().iter().map(|c| c.key.index).collect();
+    rebuilt.sort();
+    assert_eq!(rebuilt, vec![4, 5]);
+    let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
+    let mut new: Vec<u16> = now.peers[4..].to_vec();
+    new.sort();
+    assert_eq!(new, vec![7, 8]);
+}
+
+#[tokio::test]
+async fn two_shards_on_one_peer_or_one_domain_are_moved_by_copy() {
+    let f = Fixture::with_peers(8).await;
+    // Segment 1: peer-0 (id 1) holds shards 0 and 1. Segment 2: peer-0
+    // and peer-1 (ids 1, 2) share domain d0 while d1 (peer-2, peer-3)
+    // holds nothing of it.
+    volume_with(
+        &f,
+        2,
+        2,
+        4,
+        vec![(seg(1, 1), record(&[1, 1, 5, 7], 1)), (seg(1, 2), record(&[1, 2, 5, 7], 2))],
+    )
+    .await;
+    let s = f.status().await;
+    assert_eq!(s.health.misplaced, 2, "{:?}", s.health);
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(r.shards, 2);
+    for c in rebuilder.calls() {
+        assert_eq!(c.key.index, 1, "{c:?}");
+        // The very shard is among the sources: the target copies it.
+        assert!(c.sources.iter().any(|s| s.index == 1), "{c:?}");
+        // To d1, the one domain holding none of either segment.
+        assert!(["peer-2", "peer-3"].contains(&c.target.as_str()), "{c:?}");
+    }
+    let s = f.status().await;
+    assert_eq!((s.health.misplaced, s.health.whole, s.verdict), (0, 2, Verdict::HealthOk), "{:?}", s.health);
+}
+
+#[tokio::test]
+async fn a_segment_dropped_while_it_is_rebuilt_is_not_resurrected_and_its_new_shard_is_erased() {
+    let f = Fixture::with_peers(8).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 3, 5, 7], 1))]).await;
+    f.pass_time(LOST_AFTER + PEER_TIMEOUT, 1..8).await; // peer-0 lost
+    let gate = Arc::new((Notify::new(), Notify::new()));
+    let rebuilder = FakeRebuilder { gate: Some(gate.clone()), ..Default::default() };
+    let round = {
+        let (dir, rebuilder) = (f.dir.clone(), rebuilder.clone());
+        tokio::spawn(async move { dir.repair_round(&rebuilder).await })
+    };
+    gate.0.notified().await;
+    // Compaction drops the segment while its shard is being rebuilt.
+    let drop = DirRequest::DropSegments { volume: "vol-1".into(), epoch: 1, ids: vec![seg(1, 1)] };
+    assert_eq!(f.client("client-1", drop).await.unwrap(), DirResponse::Done);
+    gate.1.notify_one();
+    let r = round.await.unwrap().unwrap();
+    assert_eq!((r.shards, r.raced), (0, true));
+    assert_eq!(f.segment_records("vol-1", vec![seg(1, 1)]).await, vec![None]);
+    let call = rebuilder.calls()[0].clone();
+    assert_eq!(*rebuilder.erased.lock().unwrap(), vec![(call.target, call.key)]);
+    // And the dropped record in dead/ is the one as dropped.
+    let dead = f.meta.get(&crate::directory::schema::dead_key(&[1; 16], seg(1, 1))).await.unwrap();
+    assert!(dead.is_some());
+}
