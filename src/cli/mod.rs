@@ -19,6 +19,7 @@ mod error;
 pub mod passphrase;
 pub mod peer;
 pub mod render;
+pub mod repair;
 pub mod serve;
 pub mod snapshot;
 pub mod unlock;
@@ -69,8 +70,11 @@ pub enum Command {
     /// Join tokens (admin).
     #[command(subcommand)]
     Token(admin::TokenCommand),
-    /// Peers, capacity and volumes at a glance.
+    /// Peers, capacity and volumes at a glance: starts with the verdict
+    /// (HEALTH_OK, degraded, repairing, at risk, data lost).
     Status(admin::StatusArgs),
+    /// What repair is doing; `--wait` follows it until full redundancy.
+    Repair(repair::RepairArgs),
     /// Create, list, inspect and delete volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
@@ -104,6 +108,7 @@ pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
         Command::Join(args) => admin::join(args).await,
         Command::Token(admin::TokenCommand::Create(args)) => admin::token_create(args).await,
         Command::Status(args) => admin::status(args).await,
+        Command::Repair(args) => repair::run(args).await,
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Demo(args) => demo::run(args.into(), stop_on_signals(Some(demo::STOP_GRACE))?).await,
         Command::Attach(args) => attach::attach(args).await,

@@ -82,6 +82,13 @@ impl CommitQueue {
     }
 }
 
+/// The writes that drop segment records, and the compares that keep the
+/// records moved to `dead/` as they were read.
+pub(super) struct Drops {
+    pub(super) ops: Vec<Op>,
+    pub(super) unchanged: Vec<Compare>,
+}
+
 /// A volume's segment floor (`segfloor/`): no new segment record at or
 /// below `id`.
 pub(super) struct Floor {
@@ -265,6 +272,7 @@ impl<S: MetaStore> Directory<S> {
             // reached by the one it replaces: dropped at `commit`.
             let pins = self.snapshot_pins(&v.spec.id).await?;
             let drops = self.drop_ops(&v.spec, &dropped, commit, &pins.set).await?;
+            let records_unchanged = drops.unchanged.clone();
             let state = RootState { sealed: sealed.clone(), epoch, commit };
             // The lease, not the volume record, says who may write: a grant
             // rewrites the lease key, and so fails this compare, while a
@@ -281,8 +289,9 @@ impl<S: MetaStore> Directory<S> {
                 .when(floor.unchanged)
                 .when(pins.unchanged.clone())
                 .then(Op::Put { key: rkey.clone(), value: enc(&state), lease: None });
+            txn.compare.extend(drops.unchanged);
             txn.ops.extend(records.iter().cloned());
-            txn.ops.extend(drops);
+            txn.ops.extend(drops.ops);
             let bytes: usize = txn
                 .ops
                 .iter()
@@ -304,7 +313,8 @@ impl<S: MetaStore> Directory<S> {
             }
             if attempt < 4
                 && (self.segment_floor(&v.spec.id).await?.id != floor.id
-                    || self.snapshot_pins(&v.spec.id).await?.unchanged != pins.unchanged)
+                    || self.snapshot_pins(&v.spec.id).await?.unchanged != pins.unchanged
+                    || !self.still(&records_unchanged).await?)
             {
                 continue;
             }
@@ -370,7 +380,9 @@ impl<S: MetaStore> Directory<S> {
                 None => 0,
             };
             let mut txn = Txn::new().when(lease_unchanged.clone()).when(pins.unchanged.clone());
-            txn.ops = self.drop_ops(&v.spec, &ids, dropped_at, &pins.set).await?;
+            let drops = self.drop_ops(&v.spec, &ids, dropped_at, &pins.set).await?;
+            txn.compare.extend(drops.unchanged);
+            txn.ops = drops.ops;
             if self.meta.txn(txn).await?.succeeded {
                 return Ok(DirResponse::Done);
             }
@@ -416,6 +428,18 @@ impl<S: MetaStore> Directory<S> {
         Ok(DirResponse::SegmentIds(out))
     }
 
+    /// Whether every `ModRevision` compare in `compares` still holds.
+    pub(super) async fn still(&self, compares: &[Compare]) -> Result<bool, Remote> {
+        for c in compares {
+            if let Compare::ModRevision(k, rev) = c
+                && self.meta.get(k).await?.map(|e| e.mod_revision) != Some(*rev)
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The writes that drop `ids`' records, which the head no longer
     /// reaches since its commit `dropped_at`. A record a snapshot of `set`
     /// pins stays, marked `kept/`; any other moves to `dead/`, stamped
@@ -426,17 +450,21 @@ impl<S: MetaStore> Directory<S> {
     /// not its records: nothing is written for them. Read outside the
     /// transaction: only the writer adds or drops its volume's records, the
     /// caller compares the snapshot set as read, and a record dropped twice
-    /// meanwhile is queued twice, harmlessly (one key).
+    /// meanwhile is queued twice, harmlessly (one key). Repair rewrites
+    /// records (new holders): the caller also compares each record moved
+    /// to `dead/` as read ([`Drops::unchanged`]), so the `dead/` entry
+    /// names the holders the collector must erase.
     pub(super) async fn drop_ops(
         &self,
         spec: &VolumeSpec,
         ids: &[SegmentId],
         dropped_at: u64,
         set: &SnapshotSet,
-    ) -> Result<Vec<Op>, Remote> {
+    ) -> Result<Drops, Remote> {
         let volume = &spec.id;
         let now = self.now();
         let mut ops = Vec::with_capacity(2 * ids.len());
+        let mut unchanged = Vec::new();
         for &id in ids {
             if owner(spec, id) != volume {
                 continue;
@@ -458,10 +486,11 @@ impl<S: MetaStore> Directory<S> {
             let record = SegmentRecord::decode(&e.value)
                 .map_err(|e| internal(format!("segment {id} of volume {}: {e}", hex::encode(volume))))?;
             let dead = DeadSegment { dropped_ms: now, record };
+            unchanged.push(Compare::ModRevision(skey.clone(), e.mod_revision));
             ops.push(Op::Put { key: dead_key(volume, id), value: enc(&dead), lease: None });
             ops.push(Op::Delete { key: skey });
         }
-        Ok(ops)
+        Ok(Drops { ops, unchanged })
     }
 
     /// The volume's segment floor and the compare that keeps it as read.
