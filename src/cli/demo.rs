@@ -258,7 +258,7 @@ pub async fn run(config: DemoConfig, stop: CancellationToken) -> Result<(), CliE
                 m: 2,
                 // Segments of 4 MiB of data (k = 4 shards of 1 MiB).
                 shard_size: 1 << 20,
-                repair_threshold: 5,
+                repair_threshold: 6,
                 key_check,
                 key_slots,
                 durability: Durability::Remote,

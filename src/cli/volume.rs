@@ -72,7 +72,10 @@ pub struct VolumeCreateArgs {
     /// of data with the defaults).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     shard_size: u64,
-    /// Repair a segment when fewer shards than this are healthy (default k+1).
+    /// Repair a segment when fewer of its shards than this are on peers that
+    /// are not lost (default k+m: every shard of a lost peer is rebuilt; a
+    /// lower value tolerates some degradation). A segment down to k shards
+    /// on up peers is repaired at once whatever this says.
     #[arg(long)]
     repair_threshold: Option<u8>,
     /// What FLUSH waits for: remote (peers and the directory's root) or local
@@ -198,7 +201,7 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
     let durability = a.durability;
     let shard_size =
         u32::try_from(a.shard_size).map_err(|_| CliError::Argument("--shard-size is too large".into()))?;
-    let threshold = a.repair_threshold.unwrap_or((a.k + 1).min(a.k.saturating_add(a.m)));
+    let threshold = a.repair_threshold.unwrap_or(a.k.saturating_add(a.m));
     let mut id = [0u8; 16];
     getrandom::fill(&mut id)?;
     let (made, (_, key_check, key_slots)) = if a.passphrase {
@@ -231,7 +234,7 @@ async fn create(a: VolumeCreateArgs) -> Result<(), CliError> {
         );
     }
     eprintln!(
-        "created volume {}: {}, k={} m={}, {} shards, repair below {} healthy shards, durability {}",
+        "created volume {}: {}, k={} m={}, {} shards, repair below {} shards on peers not lost, durability {}",
         a.name,
         human(a.size),
         a.k,

@@ -56,8 +56,9 @@
 //! Not yet: a peer's shards of a volume the directory no longer knows (a
 //! deleted volume whose `gc/` entry went while that peer was away) are not
 //! found, as reconciliation asks peers only about known volumes (a peer
-//! call listing a peer's volumes would find them). Repair, when it moves a
-//! shard, must move its record first (case (b) erases the old copy).
+//! call listing a peer's volumes would find them). Repair names a new
+//! holder in a record only after that holder stored the shard; the copy a
+//! move leaves behind is then case (b), erased after the grace.
 //!
 //! A pass is planned from the store and carried out through an [`Eraser`]
 //! (the cluster client; a fake in tests). The [`Collector`] runs a pass

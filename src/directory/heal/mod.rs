@@ -1,14 +1,20 @@
 //! Healing: the directory's background work that brings what the peers
 //! hold in line with its records.
 //!
-//! Today this is the garbage [`collector`], which erases the shards of
-//! deleted volumes and dropped segments, and reconciles the peers' shards
-//! with the segment records to erase orphans. Repair (rebuilding a segment's missing shards on other
-//! peers), scrub (reading shards back and
-//! checking their hashes) and migration (moving shards off a peer that is
-//! leaving or full) live here next, each a [`crate::sys::worker::Worker`]
-//! run by the directory's runner, planned from the store in one step that
-//! tests can run in-process and carried out against the peers in another.
+//! - [`health`]: what a segment's record and its holders' states say of
+//!   its redundancy (pure; status, `volume info` and repair share it);
+//! - [`repair`]: rebuilds the shards of segments below their threshold,
+//!   critical or misplaced, on new holders, and records them by
+//!   compare-and-set;
+//! - [`collector`]: erases the shards of deleted volumes and dropped
+//!   segments, and reconciles the peers' shards with the records to erase
+//!   orphans.
+//!
+//! Scrub (reading shards back and checking their hashes) and migration
+//! (moving shards off a peer that is leaving or full) come next. Each is a
+//! [`crate::sys::worker::Worker`] run by the directory's runner, planned
+//! from the store in one step that tests can run in-process and carried
+//! out against the peers in another.
 
 pub mod collector;
 pub mod health;
