@@ -80,6 +80,10 @@ pub struct PeerReport {
     pub used: u64,
     /// Calls in progress when the report was made.
     pub load: u32,
+    /// Calls from clients per second since the previous report: how busy
+    /// the peer is with foreground I/O (repair yields to it).
+    #[serde(default)]
+    pub client_ops: u32,
     /// Set when its store is poisoned or otherwise unusable.
     pub problem: Option<String>,
     /// Round trips to the other peers it talks to.

@@ -34,14 +34,16 @@ pub struct DirectoryArgs {
     /// A segment down to k shards on up peers is repaired at once.
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     peer_lost_after: Duration,
-    /// Segments repaired at once.
+    /// Segments repaired at once while clients are idle.
     #[arg(long, default_value_t = RepairConfig::default().inflight)]
     repair_inflight: usize,
     /// Cap on rebuilt shard bytes per second, e.g. 50MiB (0: none).
     #[arg(long, value_parser = parse_size, default_value = "0")]
     repair_rate: u64,
-    /// After each batch of repairs that took t, repair pauses this many
-    /// times t, leaving the peers to clients' I/O.
+    /// While clients are busy (their calls to peers), repair works on a
+    /// quarter of --repair-inflight segments at a time and, after each
+    /// batch that took t, pauses this many times t. Segments one lost peer
+    /// from unreadable are repaired at full speed.
     #[arg(long, default_value_t = RepairConfig::default().tranquility)]
     repair_tranquility: u32,
     /// A volume's write lease lapses this long after its holder's last renewal.

@@ -136,6 +136,7 @@ impl Fixture {
             capacity: GIB,
             used: 0,
             load: 0,
+            client_ops: 0,
             problem: None,
             rtts: vec![],
         };
@@ -241,6 +242,7 @@ async fn placement_counts_free_space_and_a_full_cluster_is_full() {
             capacity: GIB,
             used: GIB - SHARD_BYTES + 1,
             load: 0,
+            client_ops: 0,
             problem: None,
             rtts: vec![],
         };
@@ -263,6 +265,7 @@ async fn new_writes_leave_compactions_reserve_free_and_compaction_may_use_it() {
             capacity: GIB,
             used: GIB - 3 * SHARD_BYTES,
             load: 0,
+            client_ops: 0,
             problem: None,
             rtts: vec![],
         };
@@ -441,6 +444,7 @@ async fn requests_are_checked_against_the_callers_role() {
         capacity: 0,
         used: 0,
         load: 0,
+        client_ops: 0,
         problem: None,
         rtts: vec![],
     };

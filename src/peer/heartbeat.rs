@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -39,6 +39,10 @@ pub(super) struct Heartbeat {
     client: Client,
     store: ShardStore,
     load: Arc<AtomicU32>,
+    /// Calls from clients since the start, and its value and time at the
+    /// last report.
+    client_calls: Arc<AtomicU64>,
+    last_calls: (u64, Instant),
     me: Identity,
     /// The directory's address as the credential names it, for messages.
     directory: String,
@@ -62,6 +66,7 @@ impl Heartbeat {
         client: Client,
         store: ShardStore,
         load: Arc<AtomicU32>,
+        client_calls: Arc<AtomicU64>,
         me: Identity,
         directory: String,
         period: Duration,
@@ -73,6 +78,8 @@ impl Heartbeat {
             client,
             store,
             load,
+            last_calls: (client_calls.load(Ordering::Relaxed), Instant::now()),
+            client_calls,
             me,
             directory,
             period,
@@ -85,17 +92,23 @@ impl Heartbeat {
         }
     }
 
-    fn report(&self) -> PeerReport {
+    fn report(&mut self) -> PeerReport {
         let (used, problem) = match self.store.used() {
             Ok(u) => (u, None),
             Err(e) => (0, Some(e.to_string())),
         };
+        let calls = self.client_calls.load(Ordering::Relaxed);
+        let (before, at) = self.last_calls;
+        let secs = at.elapsed().as_secs_f64().max(0.001);
+        let client_ops = ((calls.saturating_sub(before)) as f64 / secs).min(f64::from(u32::MAX)) as u32;
+        self.last_calls = (calls, Instant::now());
         PeerReport {
             addr: self.me.addr,
             failure_domain: self.me.failure_domain.clone(),
             capacity: self.me.capacity,
             used,
             load: self.load.load(Ordering::Relaxed),
+            client_ops,
             problem,
             rtts: self.rtts.clone(),
         }

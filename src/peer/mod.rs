@@ -16,7 +16,7 @@ pub mod store;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -95,6 +95,8 @@ const LIST_LIMIT: u32 = 1000;
 struct PeerService {
     store: ShardStore,
     load: Arc<AtomicU32>,
+    /// Calls from clients (foreground I/O) since the start.
+    client_calls: Arc<AtomicU64>,
     /// For fetching other peers' shards when rebuilding one here.
     client: Client,
 }
@@ -195,6 +197,9 @@ impl Handler for PeerService {
             return (PeerResponse::Error(e), Bytes::new());
         }
         self.load.fetch_add(1, Ordering::Relaxed);
+        if matches!(who.role, Role::Client | Role::Admin) {
+            self.client_calls.fetch_add(1, Ordering::Relaxed);
+        }
         let answer = self.answer(req, payload).await;
         self.load.fetch_sub(1, Ordering::Relaxed);
         answer.unwrap_or_else(|e| {
@@ -293,7 +298,13 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     let failure_domain = config.failure_domain.clone().unwrap_or_else(|| cred.node.clone());
     let load = Arc::new(AtomicU32::new(0));
     let client = Client::on(cred.clone(), ep.clone(), dir_addr);
-    let service = Arc::new(PeerService { store: store.clone(), load: load.clone(), client: client.clone() });
+    let client_calls = Arc::new(AtomicU64::new(0));
+    let service = Arc::new(PeerService {
+        store: store.clone(),
+        load: load.clone(),
+        client_calls: client_calls.clone(),
+        client: client.clone(),
+    });
     let server = tokio::spawn(rpc::serve(ep.clone(), service, stop.clone()));
     tracing::info!(
         "peer {} of cluster {} serving {} on {addr} (failure domain {failure_domain})",
@@ -309,6 +320,7 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
         client,
         store,
         load,
+        client_calls,
         me,
         cred.directory.clone(),
         config.heartbeat,

@@ -25,9 +25,12 @@
 //! domain) is one no record names: reconciliation erases it after the
 //! collection grace, by which time readers holding the old record moved on.
 //!
-//! **Pacing** ([`RepairConfig`]): at most `inflight` segments at once; after
-//! each batch the runner sleeps `tranquility` times the batch's duration;
-//! `rate` caps the rebuilt bytes per second. The queue is rebuilt by a
+//! **Pacing** ([`RepairConfig`]): at most `inflight` segments at once. The
+//! peers report the client calls they serve per second; while those add up
+//! to [`BUSY_CLIENT_OPS`] or more, repair yields (unless the segment it is
+//! on is critical): a quarter of `inflight`, and after each batch a pause
+//! of `tranquility` times the batch's duration. `rate` caps the rebuilt
+//! bytes per second. The queue is rebuilt by a
 //! fresh scan when it runs dry, or every [`RESCAN`] so a segment that
 //! became critical meanwhile goes first.
 
@@ -56,14 +59,20 @@ pub const RESCAN: Duration = Duration::from_secs(30);
 /// Segment records read per page of a scan.
 const PAGE: usize = 1000;
 
+/// Clients are busy when the peers that are up together served at least
+/// this many of their calls per second (by their last heartbeats).
+pub const BUSY_CLIENT_OPS: u64 = 20;
+
 /// How hard repair works.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RepairConfig {
-    /// Segments repaired at once.
+    /// Segments repaired at once (a quarter of it, at least one, while
+    /// clients are busy).
     pub inflight: usize,
     /// Rebuilt bytes per second at most (0: no cap).
     pub rate: u64,
-    /// After a batch that took `t`, pause `t × tranquility`.
+    /// While clients are busy, after a batch that took `t`, pause
+    /// `t × tranquility`.
     pub tranquility: u32,
     /// How often an idle worker scans for segments to repair.
     pub period: Duration,
@@ -71,7 +80,7 @@ pub struct RepairConfig {
 
 impl Default for RepairConfig {
     fn default() -> Self {
-        Self { inflight: 4, rate: 0, tranquility: 1, period: Duration::from_secs(5) }
+        Self { inflight: 4, rate: 0, tranquility: 2, period: Duration::from_secs(5) }
     }
 }
 
@@ -130,6 +139,8 @@ pub struct PeerInfo {
     pub capacity: u64,
     pub free: u64,
     pub load: u32,
+    /// Client calls per second at its last report.
+    pub client_ops: u32,
 }
 
 /// Every known peer by small id, at one moment.
@@ -146,6 +157,12 @@ impl PeerView {
     /// Whether an up peer is in a domain outside `used`.
     fn free_domain(&self, used: &HashSet<String>) -> bool {
         self.by_id.values().any(|p| p.state == HolderState::Up && !used.contains(&p.domain))
+    }
+
+    /// Client calls per second over the peers that are up: how busy the
+    /// cluster is with foreground I/O.
+    pub fn client_ops(&self) -> u64 {
+        self.by_id.values().filter(|p| p.state == HolderState::Up).map(|p| u64::from(p.client_ops)).sum()
     }
 
     pub(in crate::directory) fn assess(&self, record: &SegmentRecord, rules: Rules) -> Assessment {
@@ -178,6 +195,8 @@ pub struct RepairJob {
     pub volume: [u8; VOLUME_ID_LEN],
     pub segment: SegmentId,
     pub urgency: (usize, usize),
+    /// One more lost peer from unreadable: repaired at full speed.
+    pub critical: bool,
     /// Bytes of the shards it would rebuild.
     pub bytes: u64,
 }
@@ -229,6 +248,7 @@ impl<S: MetaStore> Directory<S> {
                     capacity: r.report.capacity,
                     free: r.report.capacity.saturating_sub(r.report.used),
                     load: r.report.load,
+                    client_ops: r.report.client_ops,
                 },
             );
         }
@@ -276,7 +296,13 @@ impl<S: MetaStore> Directory<S> {
                     let rebuilt = shard * a.rebuild.len() as u64;
                     h.to_repair.add(rebuilt);
                     jobs.push((
-                        RepairJob { volume, segment, urgency: health::urgency(&a), bytes: rebuilt },
+                        RepairJob {
+                            volume,
+                            segment,
+                            urgency: health::urgency(&a),
+                            critical: a.health == SegmentHealth::Critical,
+                            bytes: rebuilt,
+                        },
                         e.key.clone(),
                     ));
                 }
@@ -462,7 +488,9 @@ pub(in crate::directory) fn start<S: MetaStore, R: Rebuilder>(
     config: RepairConfig,
 ) {
     let period = config.period.min(dir.timing.peer_timeout).max(Duration::from_millis(100));
-    let pacing = Pacing { tranquility: config.tranquility, backoff: period, max_backoff: period * 4 };
+    // The worker paces itself (by the clients' load); the runner only
+    // backs off after errors.
+    let pacing = Pacing { tranquility: 0, backoff: period, max_backoff: period * 4 };
     let worker = RepairWorker {
         dir: dir.clone(),
         rebuilder,
@@ -471,6 +499,7 @@ pub(in crate::directory) fn start<S: MetaStore, R: Rebuilder>(
         queue: VecDeque::new(),
         scanned: None,
         recent: VecDeque::new(),
+        busy: false,
     };
     dir.workers.spawn_paced(worker, pacing);
 }
@@ -486,6 +515,8 @@ pub struct RepairWorker<S: MetaStore, R: Rebuilder> {
     scanned: Option<Instant>,
     /// (when, bytes) of the last minute's rebuilt shards, for the rate.
     recent: VecDeque<(Instant, u64)>,
+    /// Whether the last batch yielded to busy clients.
+    busy: bool,
 }
 
 impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
@@ -530,10 +561,14 @@ impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
 
     async fn batch(&mut self) -> Result<(), Remote> {
         let started = Instant::now();
-        let take = self.config.inflight.max(1).min(self.queue.len());
+        let view = self.dir.peer_view().await?;
+        // Yield to clients while they are busy, unless data is at risk.
+        let critical = self.queue.front().is_some_and(|j| j.critical);
+        let busy = !critical && view.client_ops() >= BUSY_CLIENT_OPS;
+        let inflight = if busy { (self.config.inflight / 4).max(1) } else { self.config.inflight.max(1) };
+        let take = inflight.min(self.queue.len());
         let jobs: Vec<RepairJob> = self.queue.drain(..take).collect();
         self.publish(jobs.len() as u64);
-        let view = self.dir.peer_view().await?;
         let debits = std::sync::Mutex::new(HashMap::new());
         let (dir, rebuilder) = (&self.dir, &self.rebuilder);
         let results = crate::sys::join_all(
@@ -562,12 +597,14 @@ impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
         }
         self.recent.push_back((Instant::now(), bytes));
         self.publish(0);
+        let took = started.elapsed();
+        let mut pause = if busy { took * self.config.tranquility } else { Duration::ZERO };
         if self.config.rate > 0 {
             let due = Duration::from_secs_f64(bytes as f64 / self.config.rate as f64);
-            if let Some(left) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(left).await;
-            }
+            pause = pause.max(due.saturating_sub(took));
         }
+        self.busy = busy;
+        tokio::time::sleep(pause).await;
         Ok(())
     }
 }
@@ -584,10 +621,11 @@ impl<S: MetaStore, R: Rebuilder> Worker for RepairWorker<S, R> {
         Status {
             queue: Some(self.queue.len() as u64),
             progress: Some(format!(
-                "{} shards rebuilt ({}), {}/s; {} failed, {} raced",
+                "{} shards rebuilt ({}), {}/s{}; {} failed, {} raced",
                 p.shards,
                 crate::size::human(p.bytes),
                 crate::size::human(p.rate),
+                if self.busy { ", yielding to clients" } else { "" },
                 p.failed,
                 p.raced
             )),

@@ -83,6 +83,7 @@ async fn heartbeat_alone(f: &Fixture, i: usize) {
         capacity: GIB,
         used: 0,
         load: 0,
+        client_ops: 0,
         problem: None,
         rtts: vec![],
     };
