@@ -1016,6 +1016,7 @@ mod tests {
             capacity: 1 << 40,
             used: 12345,
             load: 3,
+            client_ops: 12,
             problem: None,
             rtts: vec![Rtt { node: "peer-2".into(), micros: 120 }],
         }));

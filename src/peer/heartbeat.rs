@@ -65,8 +65,7 @@ impl Heartbeat {
     pub(super) fn new(
         client: Client,
         store: ShardStore,
-        load: Arc<AtomicU32>,
-        client_calls: Arc<AtomicU64>,
+        (load, client_calls): (Arc<AtomicU32>, Arc<AtomicU64>),
         me: Identity,
         directory: String,
         period: Duration,

@@ -319,8 +319,7 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     workers.spawn(heartbeat::Heartbeat::new(
         client,
         store,
-        load,
-        client_calls,
+        (load, client_calls),
         me,
         cred.directory.clone(),
         config.heartbeat,
