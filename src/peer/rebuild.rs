@@ -101,8 +101,8 @@ pub async fn rebuild_here(
     let shard = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
         let n = got
             .iter()
-            .find_map(|(_, b)| crate::codec::segment::parse_header(b).ok())
-            .map(|h| h.geometry.shards())
+            .find_map(|(_, b)| crate::codec::segment::parse_segment_shard(b).ok())
+            .map(|(h, _)| h.geometry.shards())
             .ok_or("no shard header parses")?;
         if wanted >= n {
             return Err(format!("the segment has {n} shards, not {}", wanted + 1));
