@@ -522,6 +522,10 @@ pub struct RepairWorker<S: MetaStore, R: Rebuilder> {
 impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
     fn publish(&mut self, in_flight: u64) {
         let now = Instant::now();
+        if self.queue.is_empty() && in_flight == 0 {
+            // Idle: the next round's rate starts afresh.
+            self.recent.clear();
+        }
         while self.recent.front().is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60)) {
             self.recent.pop_front();
         }
