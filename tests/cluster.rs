@@ -127,7 +127,9 @@ fn joined_peers_and_the_directory_keep_identities_and_data_across_restarts() {
     let cred = c.admin_cred();
     let (ok, table, err) = c.cli(&["status", "--credential", cred.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert!(table.starts_with("cluster home: 6 peers (6 up)"), "{table}");
+    // First the verdict: one segment, whole on six peers in six domains.
+    assert!(table.starts_with("HEALTH_OK\ncluster home: 6 peers (6 up)"), "{table}");
+    assert!(table.contains("\nsegments: 1 segments (") && table.contains("): 1 whole\n"), "{table}");
     for n in &names {
         assert!(table.contains(n), "{table}");
     }
