@@ -453,3 +453,42 @@ async fn a_copy_kept_for_repair_is_erased_once_its_index_has_an_up_holder_again(
     assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().erased, 1);
     assert!(!peers.holds(4, copy) && peers.holds(0, copy));
 }
+
+#[tokio::test]
+async fn after_a_long_directory_outage_a_peer_not_heard_from_since_the_restart_is_not_lost() {
+    let f = peers_alone(5).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    // vol-2 was deleted; its shard on peer-2 is still to be erased.
+    f.create_volume(spec("vol-2", 2, 2, 2)).await;
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-2".into() }).await.unwrap();
+    let peers = FakePeers::default();
+    let deleted = shard(2, seg(1, 1), 0);
+    peers.hold(2, deleted);
+
+    // The directory is down for longer than peer_lost_after, then starts
+    // again. Every peer but peer-2 reports at once; peer-2's heartbeat is
+    // still stuck on the old connection.
+    f.clock.advance(LOST_AFTER + Duration::from_secs(60));
+    let f = f.restart().await;
+    let reporting = [0, 1, 3, 4];
+    for &i in &reporting {
+        heartbeat_alone(&f, i).await;
+    }
+    // The first repair scan and collector pass, a few seconds later.
+    pass(&f, Duration::from_secs(5), &reporting).await;
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(
+        (r.shards, rebuilder.calls().len()),
+        (0, 0),
+        "peer-2 was silent mostly while the directory was not watching: not lost, nothing to rebuild"
+    );
+    assert_ne!(f.peer_status().await["peer-2"].state, PeerState::Lost);
+    assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 1, "the deleted volume waits for peer-2");
+    assert!(peers.holds(2, deleted));
+
+    // Silent for peer_lost_after since the restart: lost, and repaired.
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &reporting).await;
+    assert_eq!(f.peer_status().await["peer-2"].state, PeerState::Lost);
+    assert_eq!(f.dir.repair_round(&rebuilder).await.unwrap().shards, 1);
+}
