@@ -145,7 +145,12 @@ impl<S: MetaStore> Directory<S> {
 
     pub(super) fn state(&self, rec: &PeerRecord, now: u64) -> PeerState {
         let silent = now.saturating_sub(rec.last_seen_ms);
-        if silent > self.timing.peer_lost_after.max(self.timing.peer_timeout).as_millis() as u64 {
+        // Lost counts only the silence this directory watched: after a
+        // long outage of its own, every peer's last heartbeat is old, and a
+        // peer slow to report again is not gone (repair would rebuild all
+        // it holds, the collector stop waiting for it).
+        let watched = now.saturating_sub(rec.last_seen_ms.max(self.started_ms));
+        if watched > self.timing.peer_lost_after.max(self.timing.peer_timeout).as_millis() as u64 {
             PeerState::Lost
         } else if silent > self.timing.peer_timeout.as_millis() as u64 {
             PeerState::Down

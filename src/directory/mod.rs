@@ -42,7 +42,11 @@
 //! A peer is up while its last heartbeat is younger than `peer_timeout`,
 //! and lost once it is older than `peer_lost_after` (then repair rebuilds
 //! its shards elsewhere), so liveness needs no timer and survives a
-//! directory restart (a peer is down until it reports again).
+//! directory restart (a peer is down until it reports again). Lost counts
+//! only silence since this directory started: after an outage of the
+//! directory longer than `peer_lost_after`, a peer slow to report again is
+//! down, not lost (else repair would rebuild all it holds, and the
+//! collector stop waiting for it).
 //!
 //! The service is split by concern, each file an `impl` block of
 //! [`Directory`]:
@@ -190,6 +194,10 @@ pub struct Directory<S: MetaStore> {
     timing: Timing,
     /// Milliseconds since the Unix epoch, for everything recorded or compared.
     clock: Clock,
+    /// When this process started (the clock's milliseconds): a peer is
+    /// lost only once silent for `peer_lost_after` of the directory's own
+    /// watch, not of a time it was down.
+    started_ms: u64,
     /// Placement's random numbers (xorshift; never 0).
     seed: std::sync::Mutex<u64>,
     /// Wakes the garbage collector (a volume was deleted).
@@ -320,6 +328,7 @@ impl<S: MetaStore> Directory<S> {
             ca,
             timing,
             seed: std::sync::Mutex::new(clock() | 1),
+            started_ms: clock(),
             clock,
             gc: tokio::sync::Notify::new(),
             repair: Default::default(),

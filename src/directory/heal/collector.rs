@@ -28,7 +28,11 @@
 //!   inherited segments are its ancestors' shards and records, and a kept
 //!   record is a record), and each shard is classified by [`classify`]: (a) its record names this peer for its
 //!   index: live; (b) its record names another peer for that index (a put
-//!   that went to a spare while the slow one landed too): orphan; (c) no
+//!   that went to a spare while the slow one landed too, the copy a repair
+//!   moved away): orphan, but only while the peer named for that index is
+//!   up (while it is lost, down or none was stored, repair may yet record
+//!   this very copy: a rebuild whose answer was lost, retried on the same
+//!   peer); (c) no
 //!   record but a `dead/` entry: left to the dead queue; (d) no record, at
 //!   or below the volume's root's highest segment or its floor: a failed
 //!   commit's, orphan; (e) no record, above: maybe a commit in flight, so
@@ -190,6 +194,29 @@ pub fn classify(
         None if dead => ShardClass::Dropped,
         None if key.segment <= highest => ShardClass::Failed,
         None => ShardClass::Unrecorded,
+    }
+}
+
+/// Whether an orphan of class `class` is surplus: always, except a
+/// `Replaced` copy of an index whose recorded holder is not up (lost, down,
+/// or none stored). That index is repair's to rebuild, and repair may
+/// record this very copy (a rebuild that stored it but whose answer was
+/// lost, tried again on the same peer): erasing it then could leave the
+/// record naming a holder without its shard. It becomes surplus once the
+/// index has an up holder again (another peer, or its own one back).
+fn surplus(
+    key: &SegmentShardKey,
+    class: ShardClass,
+    record: Option<&SegmentRecord>,
+    up: &HashSet<u16>,
+) -> bool {
+    if class != ShardClass::Replaced {
+        return true;
+    }
+    match record.map(|r| r.peers.get(usize::from(key.index))) {
+        Some(Some(&named)) => named != 0 && up.contains(&named),
+        // An index past the record: nothing will ever record it.
+        _ => true,
     }
 }
 
@@ -531,6 +558,7 @@ impl<S: MetaStore> Directory<S> {
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
         let ids = self.peer_ids().await?;
+        let up_ids: HashSet<u16> = up.iter().filter_map(|p| ids.get(&p.name).copied()).collect();
         // Orphans seen in this pass, and the (peer, volume) listings that
         // completed: a sighting not renewed by a complete listing is
         // forgotten (the shard is gone, or became live).
@@ -568,7 +596,7 @@ impl<S: MetaStore> Directory<S> {
                         let dead =
                             record.is_none() && self.meta.get(&dead_key(&volume, k.segment)).await?.is_some();
                         let class = classify(&k, holder, record.as_ref(), dead, highest);
-                        if !class.is_orphan() {
+                        if !class.is_orphan() || !surplus(&k, class, record.as_ref(), &up_ids) {
                             continue;
                         }
                         let at = *orphans.first_seen.entry((peer.name.clone(), k)).or_insert_with(|| {
@@ -594,8 +622,20 @@ impl<S: MetaStore> Directory<S> {
                     }
                     let Some(epoch) = self.erase_epoch(&volume).await? else { break false };
                     for (k, class) in due {
-                        if class != ShardClass::Replaced && self.segment_record(&k).await?.is_some() {
-                            continue; // a commit landed it before the floor rose
+                        // Read the record once more: a commit may have
+                        // landed it before the floor rose, repair may
+                        // have recorded this copy or lost the holder.
+                        let now_record = self.segment_record(&k).await?;
+                        let still = match class {
+                            ShardClass::Replaced => {
+                                now_record.as_ref().is_some_and(|r| {
+                                    classify(&k, holder, Some(r), false, highest) == ShardClass::Replaced
+                                }) && surplus(&k, class, now_record.as_ref(), &up_ids)
+                            }
+                            _ => now_record.is_none(),
+                        };
+                        if !still {
+                            continue;
                         }
                         match eraser.erase(peer, k, epoch).await {
                             Ok(_) => {

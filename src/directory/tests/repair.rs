@@ -301,3 +301,194 @@ async fn a_segment_dropped_while_it_is_rebuilt_is_not_resurrected_and_its_new_sh
     let dead = f.meta.get(&crate::directory::schema::dead_key(&[1; 16], seg(1, 1))).await.unwrap();
     assert!(dead.is_some());
 }
+
+/// A rebuilder whose targets really keep what they rebuild: the shard
+/// lands in the collector's fake peers.
+#[derive(Clone)]
+struct StoringRebuilder {
+    peers: FakePeers,
+}
+
+impl Rebuilder for StoringRebuilder {
+    type Error = Unreachable;
+
+    async fn rebuild(
+        &self,
+        target: &PeerAddr,
+        key: SegmentShardKey,
+        _root: SegmentRoot,
+        _epoch: u64,
+        _need: u8,
+        _sources: Vec<ShardSource>,
+    ) -> Result<u64, Unreachable> {
+        self.peers.check(target)?;
+        let mut held = self.peers.held.lock().unwrap();
+        let keys = held.entry(target.name.clone()).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+        Ok(100)
+    }
+
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
+        Eraser::erase(&self.peers, peer, key, epoch).await
+    }
+}
+
+/// The collector's peers, with a repair round slipped in just before the
+/// erasure of `trigger` reaches its peer (as a repair running beside the
+/// collector may, between the collector's reading of the record and its
+/// erase).
+#[derive(Clone)]
+struct RepairBeforeErase {
+    peers: FakePeers,
+    dir: Arc<Directory<crate::directory::meta::embedded::RedbStore>>,
+    trigger: SegmentShardKey,
+    repaired: Arc<Mutex<Option<crate::directory::heal::repair::Repaired>>>,
+}
+
+impl Eraser for RepairBeforeErase {
+    type Error = Unreachable;
+
+    async fn shards(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<SegmentShardKey>, Unreachable> {
+        self.peers.shards(peer, volume, after, limit).await
+    }
+
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
+        if key == self.trigger && self.repaired.lock().unwrap().is_none() {
+            let r = self.dir.repair_round(&StoringRebuilder { peers: self.peers.clone() }).await.unwrap();
+            *self.repaired.lock().unwrap() = Some(r);
+        }
+        Eraser::erase(&self.peers, peer, key, epoch).await
+    }
+}
+
+/// Whether every shard the record of `segment` names is held by its holder.
+fn held_as_recorded(peers: &FakePeers, segment: SegmentId, r: &SegmentRecord) -> Vec<(u8, u16)> {
+    r.peers
+        .iter()
+        .enumerate()
+        .filter(|&(i, &id)| id != 0 && !peers.holds(usize::from(id) - 1, shard(1, segment, i as u8)))
+        .map(|(i, &id)| (i as u8, id))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rebuilt_copy_waiting_for_its_record_is_not_erased_by_reconciliation() {
+    // Five peers, k = 2, m = 2: peer-0 (id 1) is lost and peer-4 (id 5)
+    // is the only peer that could take its shard.
+    let f = peers_alone(5).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    let peers = FakePeers::default();
+    for i in 0..4u8 {
+        peers.hold(usize::from(i), shard(1, seg(1, 1), i));
+    }
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &[1, 2, 3, 4]).await;
+    assert_eq!(f.peer_status().await["peer-0"].state, PeerState::Lost);
+    // A repair had peer-4 rebuild shard 0; it stored it, but its answer was
+    // lost (a timeout), so the record still names peer-0.
+    let copy = shard(1, seg(1, 1), 0);
+    peers.hold(4, copy);
+    let mut orphans = collector::Orphans::default();
+    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+
+    // Later than the grace, a reconciliation reads the record (shard 0 on
+    // peer-0) and erases peer-4's copy; a repair round gets in between and
+    // records peer-4 for shard 0 (it is the only candidate).
+    pass(&f, GRACE + Duration::from_secs(5), &[1, 2, 3, 4]).await;
+    let racing = RepairBeforeErase {
+        peers: peers.clone(),
+        dir: f.dir.clone(),
+        trigger: copy,
+        repaired: Default::default(),
+    };
+    f.dir.reconcile(&racing, &mut orphans).await.unwrap();
+    // Whatever happened meanwhile, repair has its round now.
+    f.dir.repair_round(&StoringRebuilder { peers: peers.clone() }).await.unwrap();
+    let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
+    assert_eq!(now.peers, vec![5, 2, 3, 4]);
+    assert_eq!(
+        held_as_recorded(&peers, seg(1, 1), &now),
+        vec![],
+        "a record names a holder without its shard (shard 0 on peer-4 erased: {:?})",
+        peers.erased()
+    );
+    // And the copy is live from now on: later passes leave it.
+    pass(&f, 2 * GRACE, &[1, 2, 3, 4]).await;
+    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    assert!(peers.holds(4, copy));
+    assert!(orphans.is_empty());
+}
+
+#[tokio::test]
+async fn a_copy_kept_for_repair_is_erased_once_its_index_has_an_up_holder_again() {
+    let f = peers_alone(5).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    let peers = FakePeers::default();
+    for i in 0..4u8 {
+        peers.hold(usize::from(i), shard(1, seg(1, 1), i));
+    }
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &[1, 2, 3, 4]).await;
+    let copy = shard(1, seg(1, 1), 0);
+    peers.hold(4, copy);
+    let mut orphans = collector::Orphans::default();
+    // While shard 0's holder is lost, the copy on peer-4 is repair's to
+    // record: not an orphan, however long it waits.
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 0);
+    pass(&f, 2 * GRACE, &[1, 2, 3, 4]).await;
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().erased, 0);
+    assert!(peers.holds(4, copy));
+    // peer-0 is back, holding shard 0 as recorded: the copy is surplus,
+    // erased a grace after it is first seen as such.
+    pass(&f, Duration::from_secs(5), &[0, 1, 2, 3, 4]).await;
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 1);
+    pass(&f, GRACE, &[0, 1, 2, 3, 4]).await;
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().erased, 1);
+    assert!(!peers.holds(4, copy) && peers.holds(0, copy));
+}
+
+#[tokio::test]
+async fn after_a_long_directory_outage_a_peer_not_heard_from_since_the_restart_is_not_lost() {
+    let f = peers_alone(5).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    // vol-2 was deleted; its shard on peer-2 is still to be erased.
+    f.create_volume(spec("vol-2", 2, 2, 2)).await;
+    f.client("client-1", DirRequest::DeleteVolume { volume: "vol-2".into() }).await.unwrap();
+    let peers = FakePeers::default();
+    let deleted = shard(2, seg(1, 1), 0);
+    peers.hold(2, deleted);
+
+    // The directory is down for longer than peer_lost_after, then starts
+    // again. Every peer but peer-2 reports at once; peer-2's heartbeat is
+    // still stuck on the old connection.
+    f.clock.advance(LOST_AFTER + Duration::from_secs(60));
+    let f = f.restart().await;
+    let reporting = [0, 1, 3, 4];
+    for &i in &reporting {
+        heartbeat_alone(&f, i).await;
+    }
+    // The first repair scan and collector pass, a few seconds later.
+    pass(&f, Duration::from_secs(5), &reporting).await;
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(
+        (r.shards, rebuilder.calls().len()),
+        (0, 0),
+        "peer-2 was silent mostly while the directory was not watching: not lost, nothing to rebuild"
+    );
+    assert_ne!(f.peer_status().await["peer-2"].state, PeerState::Lost);
+    assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 1, "the deleted volume waits for peer-2");
+    assert!(peers.holds(2, deleted));
+
+    // Silent for peer_lost_after since the restart: lost, and repaired.
+    pass(&f, LOST_AFTER + PEER_TIMEOUT, &reporting).await;
+    assert_eq!(f.peer_status().await["peer-2"].state, PeerState::Lost);
+    assert_eq!(f.dir.repair_round(&rebuilder).await.unwrap().shards, 1);
+}
