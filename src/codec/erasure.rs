@@ -183,14 +183,31 @@ impl Erasure {
     pub fn reconstruct<S: AsRef<[u8]>>(
         &mut self,
         shards: &[Option<S>],
+        restored: impl FnMut(usize, &[u8]),
+    ) -> Result<usize, ErasureError> {
+        self.reconstruct_columns(shards, self.geometry.shard_size(), restored)
+    }
+
+    /// [`Erasure::reconstruct`] of one range of columns: each shard given
+    /// is the same `len` bytes (a multiple of [`SHARD_ALIGN`]) of its
+    /// shard, and the rebuilt data shards are those bytes of theirs.
+    /// Reed-Solomon works column by column, so a degraded read of a few
+    /// blocks needs those blocks of k other shards, not k whole shards.
+    pub fn reconstruct_columns<S: AsRef<[u8]>>(
+        &mut self,
+        shards: &[Option<S>],
+        len: usize,
         mut restored: impl FnMut(usize, &[u8]),
     ) -> Result<usize, ErasureError> {
         let g = self.geometry;
         check_count(shards.len(), g.shards())?;
+        if len == 0 || !len.is_multiple_of(SHARD_ALIGN) || len > g.shard_size() {
+            return Err(ErasureError::ShardLength { index: 0, len, expected: g.shard_size() });
+        }
         let mut present = 0;
         for (index, s) in shards.iter().enumerate() {
             if let Some(s) = s {
-                check_len(index, s.as_ref().len(), g.shard_size())?;
+                check_len(index, s.as_ref().len(), len)?;
                 present += 1;
             }
         }
@@ -203,10 +220,10 @@ impl Erasure {
         }
         let decoder = match &mut self.decoder {
             Some(d) => {
-                d.reset(g.k(), g.m(), g.shard_size())?;
+                d.reset(g.k(), g.m(), len)?;
                 d
             }
-            none => none.insert(ReedSolomonDecoder::new(g.k(), g.m(), g.shard_size())?),
+            none => none.insert(ReedSolomonDecoder::new(g.k(), g.m(), len)?),
         };
         // Exactly k shards: the decoder needs no more, and each extra one
         // costs work.
@@ -326,6 +343,28 @@ mod tests {
             e.encode_range(data, parity, start..end).unwrap();
         }
         assert_eq!(sliced, whole);
+    }
+
+    #[test]
+    fn a_range_of_columns_decodes_to_the_same_range_of_the_lost_shards() {
+        let g = Geometry::new(4, 2, 4096 * 8).unwrap();
+        let mut e = Erasure::new(g);
+        let mut whole = shards_for(g, 11);
+        encode_all(&mut e, &mut whole);
+        for (lost, range) in [([0usize, 3], 4096..8192), ([1, 2], 0..4096 * 3), ([2, 5], 4096 * 5..4096 * 8)] {
+            let cols: Vec<Option<&[u8]>> = whole
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (!lost.contains(&i)).then(|| &s[range.clone()]))
+                .collect();
+            let mut got = Vec::new();
+            e.reconstruct_columns(&cols, range.len(), |i, b| got.push((i, b.to_vec()))).unwrap();
+            let want: Vec<(usize, Vec<u8>)> =
+                lost.iter().filter(|&&i| i < 4).map(|&i| (i, whole[i][range.clone()].to_vec())).collect();
+            assert_eq!(got, want, "lost {lost:?} range {range:?}");
+        }
+        let cols: Vec<Option<&[u8]>> = whole.iter().map(|s| Some(&s[..100])).collect();
+        assert!(e.reconstruct_columns(&cols, 100, |_, _| ()).is_err(), "not a multiple of 64");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! read  header (once per segment, any shard: all k + m shard roots, checked
 //!       against the segment root) ─► the blocks from the one data shard
 //!       holding them, with their hash-tree proof ─► on failure or delay:
-//!       k whole shards, verified, decoded
+//!       the same blocks of k other shards, each proven, decoded
 //! ```
 //!
 //! Nothing here knows the key: blocks go out and come back as ciphertext.
@@ -21,9 +21,9 @@ use bytes::Bytes;
 
 use crate::api::{ErrorKind, PeerAddr};
 use crate::client::{Client, ClientError};
+use crate::codec::erasure::{Erasure, Geometry};
 use crate::codec::segment::{
-    BLOCK_SIZE, EncodedSegment, SegmentCodec, SegmentError, SegmentRoot, SegmentShardHeader, SegmentShardKey,
-    VolumeId,
+    BLOCK_SIZE, EncodedSegment, SegmentError, SegmentRoot, SegmentShardHeader, SegmentShardKey, VolumeId,
 };
 use crate::codec::sequence::SegmentId;
 
@@ -389,29 +389,22 @@ impl SegmentIo {
             Err(_) => None,
         };
         self.suspect(seg.id);
-        let decode = self.decoded(seg, header, shard);
+        let decode = self.decoded(seg, header, shard, from, count);
         let unreadable =
             |why: String| SegmentIoError::Unreadable { segment: seg.id, first: from, end: from + count, why };
-        let slice = |payload: &[u8]| {
-            payload[from as usize * BLOCK_SIZE..(from + count) as usize * BLOCK_SIZE].to_vec()
-        };
         match why {
             Some(why) => {
-                let payload = decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))?;
-                Ok(slice(&payload))
+                decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))
             }
             None => {
                 tokio::pin!(decode);
                 tokio::select! {
                     r = &mut direct => match r {
                         Ok(blocks) => Ok(blocks),
-                        Err(why) => {
-                            let payload = decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))?;
-                            Ok(slice(&payload))
-                        }
+                        Err(why) => decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}"))),
                     },
                     r = &mut decode => match r {
-                        Ok(payload) => Ok(slice(&payload)),
+                        Ok(blocks) => Ok(blocks),
                         Err(e) => direct.await.map_err(|why| unreadable(format!("{why}; decoding: {e}"))),
                     },
                 }
@@ -419,25 +412,50 @@ impl SegmentIo {
         }
     }
 
-    /// Rebuilds data shard `shard`'s payload from k other whole shards,
-    /// each verified against the segment root.
+    /// Rebuilds blocks `from..from + count` of data shard `shard` from the
+    /// same blocks of k other shards, each proven against its shard root
+    /// (Reed-Solomon works column by column: a degraded 4 KiB read moves
+    /// k × 4 KiB, not k whole shards).
     async fn decoded(
         &self,
         seg: &Located,
         header: &SegmentShardHeader,
         shard: usize,
+        from: u32,
+        count: u32,
+    ) -> Result<Vec<u8>, String> {
+        // A block read's proof must fit one call: long ranges go in pieces.
+        const PIECE: u32 = 1024;
+        let mut out = Vec::with_capacity(count as usize * BLOCK_SIZE);
+        let mut at = from;
+        while at < from + count {
+            let n = PIECE.min(from + count - at);
+            out.extend(self.decoded_piece(seg, header, shard, at, n).await?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    async fn decoded_piece(
+        &self,
+        seg: &Located,
+        header: &SegmentShardHeader,
+        shard: usize,
+        from: u32,
+        count: u32,
     ) -> Result<Vec<u8>, String> {
         let g = header.geometry;
+        let bps = g.blocks_per_shard();
         let mut fetches = tokio::task::JoinSet::new();
         for (i, peer) in seg.holders.iter().enumerate() {
             let Some(peer) = peer.clone() else { continue };
             if i == shard {
                 continue;
             }
-            let (client, key, root) = (self.client.clone(), Self::key(seg, i), seg.root);
-            fetches.spawn(async move { (i, client.get_shard(&peer, key, &root).await) });
+            let (client, key, root) = (self.client.clone(), Self::key(seg, i), header.roots[i]);
+            fetches.spawn(async move { (i, client.get_blocks(&peer, key, &root, bps, from, count).await) });
         }
-        let mut got: Vec<Option<Bytes>> = vec![None; g.shards()];
+        let mut got: Vec<Option<Vec<u8>>> = vec![None; g.shards()];
         let mut have = 0;
         let mut failures = Vec::new();
         while let Some(j) = fetches.join_next().await {
@@ -465,17 +483,18 @@ impl SegmentIo {
                 list(&failures)
             ));
         }
-        let root = seg.root;
+        let len = count as usize * BLOCK_SIZE;
         tokio::task::spawn_blocking(move || {
-            let given: Vec<Option<&[u8]>> = got.iter().map(|b| b.as_deref()).collect();
-            let rebuilt = SegmentCodec::new(g).rebuild(&root, &given).map_err(|e| e.to_string())?;
-            let (_, whole) = rebuilt
-                .shards
-                .into_iter()
-                .find(|(i, _)| *i == shard)
-                .ok_or_else(|| "the decode did not give the shard back".to_string())?;
-            let hlen = whole.len() - g.shard_len();
-            Ok(whole[hlen..].to_vec())
+            let geometry = Geometry::new(g.k(), g.m(), len).map_err(|e| e.to_string())?;
+            let mut out = None;
+            Erasure::new(geometry)
+                .reconstruct_columns(&got, len, |i, bytes| {
+                    if i == shard {
+                        out = Some(bytes.to_vec());
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            out.ok_or_else(|| "the decode did not give the blocks back".to_string())
         })
         .await
         .map_err(|e| e.to_string())?
