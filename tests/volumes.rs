@@ -62,14 +62,14 @@ fn volumes_are_created_listed_inspected_and_checked() {
         "passphrase (Argon2id)",
         "durability    local",
         "writer        nobody",
-        "0 live",
+        "0 segments (0 B): 0 whole",
     ] {
         assert!(info.contains(want), "{want:?} missing:\n{info}");
     }
     let (ok, json, _) = c.cli(&["volume", "info", "photos", "--json", "--credential", &cred(&c)]);
     assert!(ok);
     let v: meshdisk::api::VolumeInfo = serde_json::from_str(&json).unwrap();
-    assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 5));
+    assert_eq!((v.record.spec.k, v.record.spec.m, v.record.spec.repair_threshold), (4, 2, 6));
     assert_eq!(v.record.spec.size, 1 << 30);
     // The stored key check matches the data key the key file unlocks,
     // and not the key file itself (it only opens a key slot).
