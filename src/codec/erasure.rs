@@ -351,7 +351,8 @@ mod tests {
         let mut e = Erasure::new(g);
         let mut whole = shards_for(g, 11);
         encode_all(&mut e, &mut whole);
-        for (lost, range) in [([0usize, 3], 4096..8192), ([1, 2], 0..4096 * 3), ([2, 5], 4096 * 5..4096 * 8)] {
+        for (lost, range) in [([0usize, 3], 4096..8192), ([1, 2], 0..4096 * 3), ([2, 5], 4096 * 5..4096 * 8)]
+        {
             let cols: Vec<Option<&[u8]>> = whole
                 .iter()
                 .enumerate()

@@ -96,8 +96,15 @@ impl Inner {
 
     /// The summary of a committed segment, read from its trailing blocks.
     pub(super) async fn read_summary(&self, seg: SegmentRef) -> Result<Summary, String> {
-        let located = self.locate(seg.id, seg.root).await?;
-        let header = self.io.header(&located).await.map_err(|e| e.to_string())?;
+        let located = self.locate(seg.id, seg.root, false).await?;
+        let header = match self.io.header(&located).await {
+            Ok(h) => h,
+            // Its holders may have moved or have new addresses: ask again.
+            Err(_) => {
+                let again = self.locate(seg.id, seg.root, true).await?;
+                self.io.header(&again).await.map_err(|e| e.to_string())?
+            }
+        };
         let g = header.geometry;
         let last = (g.data_blocks() - 1) as u32;
         let mut t = self.read_slots(seg.id, seg.root, last, last + 1).await.map_err(|e| e.to_string())?;

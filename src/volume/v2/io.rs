@@ -316,8 +316,9 @@ impl Inner {
 
     /// Data-area slots `first..end` of a committed segment, as stored
     /// (ciphertext). When the read fails for want of shards, the segment's
-    /// record is read again (repair may have put the missing shards on
-    /// new holders) and the read tried once more.
+    /// record and its holders' addresses are read again (repair may have
+    /// put the missing shards on new holders; a restarted peer may listen
+    /// elsewhere) and the read tried once more.
     pub(super) async fn read_slots(
         &self,
         segment: SegmentId,
@@ -326,11 +327,10 @@ impl Inner {
         end: u32,
     ) -> Result<Vec<u8>, SegmentIoError> {
         let unreadable = |why: String| SegmentIoError::Unreadable { segment, first, end, why };
-        let located = self.locate(segment, root).await.map_err(unreadable)?;
+        let located = self.locate(segment, root, false).await.map_err(unreadable)?;
         match self.io.read(&located, first, end).await {
             Err(e) if e.kind() == crate::backend::ErrorKind::Unavailable => {
-                self.holders.lock().expect("holders").remove(&segment);
-                let again = self.locate(segment, root).await.map_err(unreadable)?;
+                let again = self.locate(segment, root, true).await.map_err(unreadable)?;
                 if again.holders == located.holders {
                     return Err(e);
                 }
@@ -342,14 +342,17 @@ impl Inner {
     }
 
     /// Where segment `segment`'s shards are (its record at the directory,
-    /// kept; read again when a holder failed since: repair moves shards;
-    /// peer ids resolved to addresses).
+    /// kept; peer ids resolved to addresses, kept). Both are read again
+    /// when `refresh` says so, or a holder failed since they were (repair
+    /// moves shards; a restarted peer may have a new address).
     pub(super) async fn locate(
         &self,
         segment: SegmentId,
         root: crate::codec::segment::SegmentRoot,
+        refresh: bool,
     ) -> Result<Located, String> {
-        if self.io.take_suspect(segment) {
+        let refresh = self.io.take_suspect(segment) || refresh;
+        if refresh {
             self.holders.lock().expect("holders").remove(&segment);
         }
         let known = self.holders.lock().expect("holders").get(&segment).cloned();
@@ -371,7 +374,7 @@ impl Inner {
         let missing: Vec<u16> = {
             let peers = self.peers.lock().expect("peers");
             let mut m: Vec<u16> =
-                ids.iter().copied().filter(|&i| i != 0 && !peers.contains_key(&i)).collect();
+                ids.iter().copied().filter(|&i| i != 0 && (refresh || !peers.contains_key(&i))).collect();
             m.sort_unstable();
             m.dedup();
             m

@@ -393,9 +393,7 @@ impl SegmentIo {
         let unreadable =
             |why: String| SegmentIoError::Unreadable { segment: seg.id, first: from, end: from + count, why };
         match why {
-            Some(why) => {
-                decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}")))
-            }
+            Some(why) => decode.await.map_err(|e| unreadable(format!("{why}; decoding: {e}"))),
             None => {
                 tokio::pin!(decode);
                 tokio::select! {
