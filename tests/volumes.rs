@@ -130,7 +130,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         let la = a.acquire_lease("disk", false, None).await.unwrap();
         assert_eq!((la.holder.as_str(), la.epoch), ("laptop", 1));
         // The same holder renews; another is refused with the holder named.
-        a.renew_lease("disk", 1).await.unwrap();
+        a.renew_lease("disk", 1, 0).await.unwrap();
         let err = b.acquire_lease("disk", false, None).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Conflict));
         assert!(
@@ -145,7 +145,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         // --force: a new epoch; the old writer's renewals and commits fail.
         let lb = b.acquire_lease("disk", true, None).await.unwrap();
         assert_eq!((lb.holder.as_str(), lb.epoch), ("desktop", 2));
-        let err = a.renew_lease("disk", 1).await.unwrap_err();
+        let err = a.renew_lease("disk", 1, 0).await.unwrap_err();
         assert_eq!(err.kind(), Some(ErrorKind::Fenced));
         assert!(err.to_string().contains("taken over by desktop"), "{err}");
         let record = a.volume("disk").await.unwrap();
@@ -163,7 +163,7 @@ fn one_writer_holds_a_volume_and_a_takeover_fences_the_old_one() {
         // Not renewed: it lapses after the lease TTL.
         tokio::time::sleep(Duration::from_millis(3000)).await;
         assert_eq!(c.status().volumes[0].holder, None);
-        let err = a.renew_lease("disk", 3).await.unwrap_err();
+        let err = a.renew_lease("disk", 3, 0).await.unwrap_err();
         assert!(err.to_string().contains("lapsed"), "{err}");
         assert_eq!(b.acquire_lease("disk", false, None).await.unwrap().epoch, 4);
     });

@@ -415,7 +415,8 @@ pub struct VolumeInfo {
 }
 
 /// Dropped segments waiting for the collector (their grace, or a holder
-/// that is down): how many, and the bytes of their shards still on peers.
+/// that is down): how many, and the bytes of their shards on peers that
+/// are up (those on a down peer wait for it, and free nothing meanwhile).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Collecting {
     pub segments: u64,
@@ -742,6 +743,9 @@ pub enum DirRequest {
     RenewLease {
         volume: String,
         epoch: u64,
+        /// The clients' requests per second the holder served since its
+        /// last renewal (the directory's repair yields to busy volumes).
+        ops: u32,
     },
     ReleaseLease {
         volume: String,

@@ -206,8 +206,10 @@ impl Client {
     }
 
     /// Keeps the lease; `Fenced` once another node took it or it lapsed.
-    pub async fn renew_lease(&self, volume: &str, epoch: u64) -> Result<VolumeLease, ClientError> {
-        match self.directory(&DirRequest::RenewLease { volume: volume.into(), epoch }).await? {
+    /// `ops`: the clients' requests per second served since the last
+    /// renewal.
+    pub async fn renew_lease(&self, volume: &str, epoch: u64, ops: u32) -> Result<VolumeLease, ClientError> {
+        match self.directory(&DirRequest::RenewLease { volume: volume.into(), epoch, ops }).await? {
             DirResponse::Lease(l) => Ok(l),
             other => Err(unexpected("renew lease", other)),
         }

@@ -204,6 +204,9 @@ pub struct Directory<S: MetaStore> {
     gc: tokio::sync::Notify,
     /// The repair worker's progress, for status.
     repair: std::sync::Mutex<RepairProgress>,
+    /// Per volume, the clients' requests per second its holder last
+    /// reported (with its lease renewal), and when: repair yields to them.
+    client_load: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
     /// Root commits waiting to go to the store together.
     commits: roots::CommitQueue,
     /// The background workers [`run`] starts (the collector), for status.
@@ -332,6 +335,7 @@ impl<S: MetaStore> Directory<S> {
             clock,
             gc: tokio::sync::Notify::new(),
             repair: Default::default(),
+            client_load: Default::default(),
             commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
             halt,
@@ -348,6 +352,21 @@ impl<S: MetaStore> Directory<S> {
     /// The directory's background workers and their state, as status shows them.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         self.workers.list()
+    }
+
+    fn note_client_load(&self, volume: &str, ops: u32) {
+        let now = self.now();
+        self.client_load.lock().expect("not poisoned").insert(volume.to_owned(), (now, ops));
+    }
+
+    /// The clients' requests per second over the volumes whose holders
+    /// reported within two lease renewals.
+    pub(crate) fn client_load(&self) -> u64 {
+        let fresh = (self.timing.lease_ttl.as_millis() as u64 * 2 / 3).max(1000);
+        let now = self.now();
+        let mut load = self.client_load.lock().expect("not poisoned");
+        load.retain(|_, (at, _)| now.saturating_sub(*at) <= fresh);
+        load.values().map(|(_, ops)| u64::from(*ops)).sum()
     }
 
     /// Milliseconds since the Unix epoch, by the directory's clock.
@@ -422,8 +441,9 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Client, Role::Admin])?;
                 self.acquire(&who.node, &volume, force, resume, &host).await
             }
-            DirRequest::RenewLease { volume, epoch } => {
+            DirRequest::RenewLease { volume, epoch, ops } => {
                 needs(&[Role::Client, Role::Admin])?;
+                self.note_client_load(&volume, ops);
                 self.renew(&who.node, &volume, epoch).await
             }
             DirRequest::ReleaseLease { volume, epoch } => {

@@ -4,6 +4,7 @@
 //! epoch and is refused here ([`Directory::check_writer`]) as on the peers.
 
 use super::Directory;
+use super::heal::health::HolderState;
 use super::meta::{self, Compare, MetaError, MetaStore, Op, Txn};
 use super::schema::*;
 use crate::api::*;
@@ -329,7 +330,17 @@ impl<S: MetaStore> Directory<S> {
             for e in page {
                 let dead: DeadSegment = dec("dropped segment", &e.value)?;
                 collecting.segments += 1;
-                collecting.bytes += stored_len(&record.spec, &dead.record);
+                // Only shards on peers that are up: those are erased once
+                // the grace is over. A down peer's wait for it to return
+                // (or to be lost): counting them would hold the writer's
+                // back-pressure on space no one can free meanwhile.
+                let up = dead
+                    .record
+                    .peers
+                    .iter()
+                    .filter(|&&p| p != 0 && view.by_id.get(&p).is_some_and(|p| p.state == HolderState::Up))
+                    .count() as u64;
+                collecting.bytes += shard_len(&record.spec, &dead.record) * up;
             }
         }
         Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health, collecting })))

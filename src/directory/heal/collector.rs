@@ -487,6 +487,9 @@ impl<S: MetaStore> Directory<S> {
         let mut pass = DeadPass::default();
         let mut names = HashMap::new();
         let mut epochs: HashMap<[u8; VOLUME_ID_LEN], Option<u64>> = HashMap::new();
+        // Holders whose erase failed in this pass (a peer just killed still
+        // counts as up until the peer timeout).
+        let mut unreachable: HashSet<u16> = HashSet::new();
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self.meta.list_range(b"dead/", after.as_deref(), PAGE as usize).await?;
@@ -511,6 +514,7 @@ impl<S: MetaStore> Directory<S> {
                     continue;
                 };
                 let mut complete = true;
+                let mut erasures = Vec::new();
                 for (index, &id) in dead.record.peers.iter().enumerate() {
                     if id == 0 {
                         continue;
@@ -518,17 +522,29 @@ impl<S: MetaStore> Directory<S> {
                     let key = SegmentShardKey { volume, segment, index: index as u8 };
                     match self.holder(id, &mut names).await? {
                         Holder::Gone => {}
+                        // One that failed earlier in this pass is not
+                        // asked again: each try may cost a whole timeout.
+                        Holder::Up(_) if unreachable.contains(&id) => complete = false,
                         Holder::Away => complete = false,
-                        Holder::Up(peer) => match eraser.erase(&peer, key, epoch).await {
-                            Ok(existed) => pass.erased += u64::from(existed),
-                            Err(e) => {
-                                complete = false;
-                                tracing::info!(
-                                    "erasing shard {index} of dropped segment {segment} from {}: {e}",
-                                    peer.name
-                                );
-                            }
-                        },
+                        Holder::Up(peer) => erasures.push((id, index, peer, key)),
+                    }
+                }
+                // The holders of one segment at once.
+                let answers = crate::sys::join_all(
+                    erasures.iter().map(|(_, _, peer, key)| eraser.erase(peer, *key, epoch)).collect(),
+                )
+                .await;
+                for ((id, index, peer, _), answer) in erasures.iter().zip(answers) {
+                    match answer {
+                        Ok(existed) => pass.erased += u64::from(existed),
+                        Err(e) => {
+                            complete = false;
+                            unreachable.insert(*id);
+                            tracing::info!(
+                                "erasing shard {index} of dropped segment {segment} from {}: {e}",
+                                peer.name
+                            );
+                        }
                     }
                 }
                 if complete {

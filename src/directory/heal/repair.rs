@@ -26,8 +26,10 @@
 //! collection grace, by which time readers holding the old record moved on.
 //!
 //! **Pacing** ([`RepairConfig`]): at most `inflight` segments at once. The
-//! peers report the client calls they serve per second; while those add up
-//! to [`BUSY_CLIENT_OPS`] or more, repair yields (unless the segment it is
+//! peers report the client calls they serve per second, and every attach
+//! the requests its clients made, with each lease renewal; while either
+//! adds up to [`BUSY_CLIENT_OPS`] / [`BUSY_VOLUME_OPS`] or more, repair
+//! yields (unless the segment it is
 //! on is critical): a quarter of `inflight`, and after each batch a pause
 //! of `tranquility` times the batch's duration. `rate` caps the rebuilt
 //! bytes per second. The queue is rebuilt by a
@@ -60,8 +62,14 @@ pub const RESCAN: Duration = Duration::from_secs(30);
 const PAGE: usize = 1000;
 
 /// Clients are busy when the peers that are up together served at least
-/// this many of their calls per second (by their last heartbeats).
+/// this many of their calls per second (by their last heartbeats)...
 pub const BUSY_CLIENT_OPS: u64 = 20;
+
+/// ... or the attached volumes' holders served at least this many of
+/// their clients' requests per second (reported with their lease
+/// renewals): an attach absorbs most I/O in its log and cache, so the
+/// peers alone see too little of it.
+pub const BUSY_VOLUME_OPS: u64 = 20;
 
 /// How hard repair works.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -568,7 +576,8 @@ impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
         let view = self.dir.peer_view().await?;
         // Yield to clients while they are busy, unless data is at risk.
         let critical = self.queue.front().is_some_and(|j| j.critical);
-        let busy = !critical && view.client_ops() >= BUSY_CLIENT_OPS;
+        let busy =
+            !critical && (view.client_ops() >= BUSY_CLIENT_OPS || self.dir.client_load() >= BUSY_VOLUME_OPS);
         let inflight = if busy { (self.config.inflight / 4).max(1) } else { self.config.inflight.max(1) };
         let take = inflight.min(self.queue.len());
         let jobs: Vec<RepairJob> = self.queue.drain(..take).collect();

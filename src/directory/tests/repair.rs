@@ -492,3 +492,16 @@ async fn after_a_long_directory_outage_a_peer_not_heard_from_since_the_restart_i
     assert_eq!(f.peer_status().await["peer-2"].state, PeerState::Lost);
     assert_eq!(f.dir.repair_round(&rebuilder).await.unwrap().shards, 1);
 }
+
+#[tokio::test]
+async fn attaches_report_their_clients_load_with_renewals_and_it_fades() {
+    let f = Fixture::with_peers(4).await;
+    f.leased_volume(1).await;
+    assert_eq!(f.dir.client_load(), 0);
+    let renew = DirRequest::RenewLease { volume: "vol-1".into(), epoch: 1, ops: 500 };
+    f.client("client-1", renew).await.unwrap();
+    assert_eq!(f.dir.client_load(), 500, "repair sees the volume busy");
+    // Not renewed again for two renewal periods: no longer counted.
+    f.clock.advance(LEASE_TTL);
+    assert_eq!(f.dir.client_load(), 0);
+}

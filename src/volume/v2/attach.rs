@@ -602,6 +602,7 @@ impl Backend for Volume {
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
+        self.inner.traffic.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if length > 0 {
             let first = offset / BLOCK_SIZE as u64;
             let n = (offset + u64::from(length)).div_ceil(BLOCK_SIZE as u64) - first;
@@ -615,6 +616,7 @@ impl Backend for Volume {
     }
 
     async fn write(&self, offset: u64, data: bytes::Bytes, fua: bool) -> backend::Result<()> {
+        self.inner.traffic.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(self.inner.write("write", offset, &data)).await?;
         if fua { self.flush().await } else { Ok(()) }
     }
@@ -640,11 +642,13 @@ impl Backend for Volume {
     }
 
     async fn trim(&self, offset: u64, length: u32, fua: bool) -> backend::Result<()> {
+        self.inner.traffic.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::pin(self.inner.zero("trim", offset, u64::from(length))).await?;
         if fua { self.flush().await } else { Ok(()) }
     }
 
     async fn write_zeroes(&self, offset: u64, length: u32, flags: ZeroFlags) -> backend::Result<()> {
+        self.inner.traffic.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Whole blocks are one zero entry; part of a block is a
         // read-modify-write, slower than a write: FAST_ZERO refuses it.
         let block = BLOCK_SIZE as u64;

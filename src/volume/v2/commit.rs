@@ -397,6 +397,7 @@ impl Inner {
         watermark: Option<Sequence>,
     ) -> Result<(), CommitError> {
         let prev = self.root.lock().expect("root").clone();
+        let started = std::time::Instant::now();
         // A checkpoint when the root's list would grow past the setting: the
         // new root then names only this commit's segments.
         let mut checkpoint = None;
@@ -450,11 +451,13 @@ impl Inner {
             epoch: self.epoch.load(Ordering::Relaxed),
             root_key: self.root_key.clone(),
         };
+        let planned = started.elapsed();
         let (mut sealed, written, copy) =
             tokio::task::spawn_blocking(move || encoder.commit(packers, checkpoint, ids))
                 .await
                 .map_err(io)?
                 .map_err(io)?;
+        let encoded = started.elapsed();
         let shard_bytes = sealed.iter().map(|s| s.geometry.shard_len() as u64).max().unwrap_or(0);
         let sending: u64 =
             sealed.iter().flat_map(|s| s.encoded.shards.iter()).map(|shard| shard.len() as u64).sum();
@@ -487,6 +490,7 @@ impl Inner {
         if placements.len() != sealed.len() {
             return Err(unavailable("the directory placed fewer segments than asked"));
         }
+        let placed = started.elapsed();
         let mut spares: Vec<Holder> = Vec::new();
         for p in &placements {
             for s in &p.peers {
@@ -516,6 +520,7 @@ impl Inner {
             records[i] = holders.iter().map(|h| h.as_ref().map_or(0, |h| h.0)).collect();
         }
         self.traffic.sent.fetch_add(sending, Ordering::Relaxed);
+        let stored = started.elapsed();
         // The new root: the copy the last segment carries, with the
         // segments it inherits (none after a checkpoint: the segments since
         // are exactly those above the highest it includes, this commit's)
@@ -549,6 +554,14 @@ impl Inner {
         };
         debug_assert!(commit.segments.len() <= MAX_COMMIT_SEGMENTS);
         self.swap_root(commit).await?;
+        tracing::debug!(
+            "volume {}: commit {} of {} segments{}: planned {planned:.0?}, encoded {encoded:.0?}, placed {placed:.0?}, stored {stored:.0?}, root swapped {:.0?}",
+            self.name,
+            next.commit,
+            sealed.len(),
+            if watermark.is_some() { "" } else { " (compaction)" },
+            started.elapsed()
+        );
         // Committed. From here nothing goes back to the queue: the root is
         // the new one whatever else fails, and a failure below leaves this
         // attach's state unsure, so it stops (fenced) rather than go on.

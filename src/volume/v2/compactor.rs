@@ -171,8 +171,17 @@ impl Inner {
     /// so no commit lands between reading the records and the map.
     pub(super) async fn drop_unreached(&self) -> Result<usize, String> {
         // Most pages fetched before the turn, so commits wait less.
+        let started = std::time::Instant::now();
         self.with_map(MapCache::settle).await?;
+        let settled = started.elapsed();
         let _turn = self.commit_turn.lock().await;
+        if started.elapsed() > std::time::Duration::from_secs(1) {
+            tracing::debug!(
+                "volume {}: dropping unreached segments waited {settled:.0?} for the map, {:.0?} for the commit turn",
+                self.name,
+                started.elapsed() - settled
+            );
+        }
         if self.fenced.lock().expect("fenced").is_some() || *self.suspended.borrow() {
             return Ok(0);
         }

@@ -39,19 +39,36 @@ pub(super) struct Keeper {
     /// so the keeper never thinks the lease younger than it is.
     pub(super) renewed_at: Instant,
     pub(super) renewals: u64,
+    /// The clients' requests served, and when, at the last renewal.
+    pub(super) served: (u64, Instant),
 }
 
 impl Keeper {
     /// The keeper of a lease of `ttl` that was asked for at `asked` (before
     /// the attach's replay and map loading, which may take a while).
     pub(super) fn new(inner: Arc<Inner>, ttl: Duration, asked: Instant) -> Self {
-        let keeper = Self { inner, ttl, renewed_at: asked, renewals: 0 };
+        let served = (inner.traffic.requests.load(std::sync::atomic::Ordering::Relaxed), Instant::now());
+        let keeper = Self { inner, ttl, renewed_at: asked, renewals: 0, served };
         if Instant::now() >= keeper.suspend_at() {
             // Opening took most of the lease's life: serve nothing until
             // the first renewal (at once, see `initial_state`) is granted.
             keeper.inner.set_suspended(true);
         }
         keeper
+    }
+
+    /// The clients' requests per second since the last renewal (reported
+    /// with the renewal: the directory's repair yields to busy volumes).
+    fn client_ops(&mut self) -> u32 {
+        Self::rate(&self.inner.traffic.requests, &mut self.served)
+    }
+
+    fn rate(counter: &std::sync::atomic::AtomicU64, served: &mut (u64, Instant)) -> u32 {
+        let now = counter.load(std::sync::atomic::Ordering::Relaxed);
+        let (before, at) = *served;
+        *served = (now, Instant::now());
+        let secs = at.elapsed().as_secs_f64().max(0.001);
+        (now.saturating_sub(before) as f64 / secs).min(f64::from(u32::MAX)) as u32
     }
 
     /// When the lease must be renewed by: past it (0.8 of its life) the
@@ -142,7 +159,8 @@ impl Keeper {
         if Instant::now() >= self.suspend_at() {
             // Too old to serve on: renewed at once, or still suspended.
             let again = Instant::now();
-            match inner.client.renew_lease(&inner.name, lease.epoch).await {
+            let ops = Self::rate(&inner.traffic.requests, &mut self.served);
+            match inner.client.renew_lease(&inner.name, lease.epoch, ops).await {
                 Ok(_) if Instant::now() < again + self.ttl.mul_f32(0.8) => self.renewed_at = again,
                 _ => return Ok(false),
             }
@@ -242,7 +260,8 @@ impl Worker for Keeper {
         // Not answered by 0.8 of the lease's life: suspend while waiting,
         // before another machine could take the volume.
         let suspend_at = self.suspend_at();
-        let renew = inner.client.renew_lease(&inner.name, epoch);
+        let ops = self.client_ops();
+        let renew = inner.client.renew_lease(&inner.name, epoch, ops);
         tokio::pin!(renew);
         let answer = tokio::select! {
             r = &mut renew => r,

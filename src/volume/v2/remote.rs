@@ -129,7 +129,13 @@ pub struct SegmentIo {
     /// last read again: repair may have moved the shard (see
     /// [`SegmentIo::take_suspect`]).
     suspects: Arc<Mutex<HashMap<SegmentId, Suspect>>>,
+    /// Peers a call could not reach, by name, and when: reads go around
+    /// them for [`AVOID_FOR`] instead of waiting a hedge on each.
+    unreachable: Arc<Mutex<HashMap<String, Instant>>>,
 }
+
+/// How long a peer that could not be reached is read around.
+const AVOID_FOR: Duration = Duration::from_secs(3);
 
 #[derive(Clone, Copy, Default)]
 struct Suspect {
@@ -144,7 +150,33 @@ const REFRESH_EVERY: Duration = Duration::from_secs(2);
 
 impl SegmentIo {
     pub fn new(client: Client, timing: Timing) -> Self {
-        Self { client, timing, headers: Default::default(), suspects: Default::default() }
+        Self {
+            client,
+            timing,
+            headers: Default::default(),
+            suspects: Default::default(),
+            unreachable: Default::default(),
+        }
+    }
+
+    /// Notes a failed call to `peer` (only a failure to reach it counts).
+    fn note_failure(&self, peer: &PeerAddr, e: &ClientError) {
+        if matches!(e, ClientError::PeerUnreachable { .. }) {
+            self.unreachable.lock().expect("unreachable").insert(peer.name.clone(), Instant::now());
+        }
+    }
+
+    /// Whether `peer` could not be reached a moment ago.
+    fn avoided(&self, peer: &PeerAddr) -> bool {
+        let mut u = self.unreachable.lock().expect("unreachable");
+        match u.get(&peer.name) {
+            Some(t) if t.elapsed() < AVOID_FOR => true,
+            Some(_) => {
+                u.remove(&peer.name);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Notes that a holder of `segment` failed or was slow.
@@ -297,20 +329,23 @@ impl SegmentIo {
             return Ok(h.clone());
         }
         let mut asks = tokio::task::JoinSet::new();
-        for (n, (i, peer)) in
-            seg.holders.iter().enumerate().filter_map(|(i, p)| Some((i, p.clone()?))).enumerate()
-        {
+        // Peers that could not be reached a moment ago are asked last.
+        let mut order: Vec<(usize, PeerAddr)> =
+            seg.holders.iter().enumerate().filter_map(|(i, p)| Some((i, p.clone()?))).collect();
+        order.sort_by_key(|(_, p)| self.avoided(p));
+        for (n, (i, peer)) in order.into_iter().enumerate() {
             let (client, key, root) = (self.client.clone(), Self::key(seg, i), seg.root);
             let after = self.timing.hedge * n as u32;
             asks.spawn(async move {
                 tokio::time::sleep(after).await;
-                client.get_shard_header(&peer, key, &root).await
+                let r = client.get_shard_header(&peer, key, &root).await;
+                (peer, r)
             });
         }
         let mut failures = Vec::new();
         while let Some(j) = asks.join_next().await {
             match j {
-                Ok(Ok(h)) => {
+                Ok((_, Ok(h))) => {
                     asks.abort_all();
                     let h = Arc::new(h);
                     let mut headers = self.headers.lock().expect("headers");
@@ -320,8 +355,9 @@ impl SegmentIo {
                     headers.insert(seg.id, h.clone());
                     return Ok(h);
                 }
-                Ok(Err(e)) => {
+                Ok((peer, Err(e))) => {
                     note_untrusted(&e);
+                    self.note_failure(&peer, &e);
                     self.suspect(seg.id);
                     failures.push(e);
                 }
@@ -376,8 +412,12 @@ impl SegmentIo {
             let Some(peer) = &seg.holders[shard] else {
                 return Err(format!("shard {shard} has no holder"));
             };
+            if self.avoided(peer) {
+                return Err(format!("{} could not be reached a moment ago", peer.name));
+            }
             self.client.get_blocks(peer, Self::key(seg, shard), &root, bps, from, count).await.map_err(|e| {
                 note_untrusted(&e);
+                self.note_failure(peer, &e);
                 e.to_string()
             })
         };
@@ -445,19 +485,46 @@ impl SegmentIo {
         let g = header.geometry;
         let bps = g.blocks_per_shard();
         let mut fetches = tokio::task::JoinSet::new();
-        for (i, peer) in seg.holders.iter().enumerate() {
-            let Some(peer) = peer.clone() else { continue };
-            if i == shard {
-                continue;
-            }
+        // Peers that could not be reached a moment ago only if the others
+        // are too few.
+        let others: Vec<(usize, PeerAddr)> = seg
+            .holders
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != shard)
+            .filter_map(|(i, p)| Some((i, p.clone()?)))
+            .collect();
+        let reachable = others.iter().filter(|(_, p)| !self.avoided(p)).count();
+        let mut skipped = Vec::new();
+        let spawn = |fetches: &mut tokio::task::JoinSet<_>, i: usize, peer: PeerAddr| {
             let (client, key, root) = (self.client.clone(), Self::key(seg, i), header.roots[i]);
-            fetches.spawn(async move { (i, client.get_blocks(&peer, key, &root, bps, from, count).await) });
+            fetches.spawn(async move {
+                let r = client.get_blocks(&peer, key, &root, bps, from, count).await;
+                (i, peer, r)
+            });
+        };
+        for (i, peer) in others {
+            if reachable >= g.k() && self.avoided(&peer) {
+                skipped.push((i, peer));
+            } else {
+                spawn(&mut fetches, i, peer);
+            }
         }
         let mut got: Vec<Option<Vec<u8>>> = vec![None; g.shards()];
         let mut have = 0;
         let mut failures = Vec::new();
-        while let Some(j) = fetches.join_next().await {
-            let Ok((i, r)) = j else { continue };
+        loop {
+            let Some(j) = fetches.join_next().await else {
+                // The others failed: try those read around after all.
+                if have < g.k() && !skipped.is_empty() {
+                    for (i, peer) in skipped.drain(..) {
+                        spawn(&mut fetches, i, peer);
+                    }
+                    continue;
+                }
+                break;
+            };
+            let Ok((i, peer, r)) = j else { continue };
             match r {
                 Ok(b) => {
                     got[i] = Some(b);
@@ -468,6 +535,7 @@ impl SegmentIo {
                 }
                 Err(e) => {
                     note_untrusted(&e);
+                    self.note_failure(&peer, &e);
                     self.suspect(seg.id);
                     failures.push(e);
                 }

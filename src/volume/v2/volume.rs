@@ -198,6 +198,9 @@ pub(super) struct Space {
 /// Bytes counted for `tools/bench compaction` and the log.
 #[derive(Default)]
 pub(super) struct Traffic {
+    /// Clients' reads, writes, trims and zeroes served (the lease keeper
+    /// reports their rate: repair yields to it).
+    pub(super) requests: AtomicU64,
     pub(super) written: AtomicU64,
     pub(super) moved: AtomicU64,
     pub(super) sent: AtomicU64,
