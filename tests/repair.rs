@@ -575,6 +575,13 @@ fn a_segment_down_to_k_shards_is_repaired_before_peer_lost_after() {
     s.kill(y);
     let killed_at = Instant::now();
     s.wait_killed(PeerState::Down, Duration::from_secs(30));
+    // `meshdisk repair --wait` follows repair until nothing is left to
+    // rebuild (the segments with one shard on a down peer only wait).
+    let cred = s.c.admin_cred();
+    let (ok, out, err) =
+        s.c.cli(&["repair", "--wait", "--timeout", "60s", "--credential", cred.to_str().unwrap()]);
+    assert!(ok, "repair --wait failed: {out}{err}");
+    assert!(out.starts_with("repair done in "), "{out}");
     // Repaired once every segment that was on both has its k + m shards
     // on distinct up peers again.
     let deadline = killed_at + Duration::from_secs(60);

@@ -515,13 +515,15 @@ impl<S: MetaStore> Directory<S> {
                 };
                 let mut complete = true;
                 let mut erasures = Vec::new();
+                // Indices whose shard is gone (erased, or its holder left).
+                let mut done: Vec<usize> = Vec::new();
                 for (index, &id) in dead.record.peers.iter().enumerate() {
                     if id == 0 {
                         continue;
                     }
                     let key = SegmentShardKey { volume, segment, index: index as u8 };
                     match self.holder(id, &mut names).await? {
-                        Holder::Gone => {}
+                        Holder::Gone => done.push(index),
                         // One that failed earlier in this pass is not
                         // asked again: each try may cost a whole timeout.
                         Holder::Up(_) if unreachable.contains(&id) => complete = false,
@@ -536,7 +538,10 @@ impl<S: MetaStore> Directory<S> {
                 .await;
                 for ((id, index, peer, _), answer) in erasures.iter().zip(answers) {
                     match answer {
-                        Ok(existed) => pass.erased += u64::from(existed),
+                        Ok(existed) => {
+                            pass.erased += u64::from(existed);
+                            done.push(*index);
+                        }
                         Err(e) => {
                             complete = false;
                             unreachable.insert(*id);
@@ -551,6 +556,21 @@ impl<S: MetaStore> Directory<S> {
                     self.dequeue(entry).await?;
                 } else {
                     pass.left += 1;
+                    if !done.is_empty() {
+                        // What is left names only the shards still to
+                        // erase (what `volume info` counts as collecting).
+                        let mut left = dead.clone();
+                        for i in done {
+                            left.record.peers[i] = 0;
+                        }
+                        self.meta
+                            .txn(
+                                Txn::new()
+                                    .when(Compare::ModRevision(entry.key.clone(), entry.mod_revision))
+                                    .then(Op::Put { key: entry.key, value: enc(&left), lease: None }),
+                            )
+                            .await?;
+                    }
                 }
             }
         }
