@@ -83,7 +83,11 @@ impl Setup {
             for chunk in ids.chunks(1000) {
                 let records = client.segment_records(VOLUME, chunk.to_vec()).await.unwrap();
                 for (seg, r) in chunk.iter().zip(records) {
-                    for (index, peer) in r.unwrap().peers.into_iter().enumerate() {
+                    // Dropped between the listing and this read (the
+                    // compactor runs on): not live, and the caller polls
+                    // again until the peers and the records agree.
+                    let Some(r) = r else { continue };
+                    for (index, peer) in r.peers.into_iter().enumerate() {
                         named.insert((*seg, index as u8, peer));
                         peer_ids.insert(peer);
                     }
