@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::collector::Eraser;
 use super::health::{self, Assessment, HolderState, HolderView, Rules};
 use crate::api::*;
 use crate::client::{Client, ClientError};
@@ -92,10 +93,9 @@ impl Default for RepairConfig {
     }
 }
 
-/// What repair asks of the peers.
-pub trait Rebuilder: Clone + Send + Sync + 'static {
-    type Error: std::fmt::Display + Send;
-
+/// What repair asks of the peers: a rebuild, and (as the collector does)
+/// erasing a shard it stored for a segment freed meanwhile.
+pub trait Rebuilder: Eraser {
     /// Has `target` rebuild shard `shard` from `sources` (or copy it from a
     /// source holding that index) and store it at `epoch`; the bytes it read.
     fn rebuild(
@@ -107,19 +107,9 @@ pub trait Rebuilder: Clone + Send + Sync + 'static {
         need: u8,
         sources: Vec<ShardSource>,
     ) -> impl Future<Output = Result<u64, Self::Error>> + Send;
-
-    /// Erases a shard a repair stored for a segment freed meanwhile.
-    fn erase(
-        &self,
-        peer: &PeerAddr,
-        key: SegmentShardKey,
-        epoch: u64,
-    ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
 }
 
 impl Rebuilder for Client {
-    type Error = ClientError;
-
     async fn rebuild(
         &self,
         target: &PeerAddr,
@@ -130,10 +120,6 @@ impl Rebuilder for Client {
         sources: Vec<ShardSource>,
     ) -> Result<u64, ClientError> {
         self.rebuild_shard(target, shard, &root, epoch, need, sources).await
-    }
-
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, ClientError> {
-        self.delete_shard(peer, key, epoch).await
     }
 }
 
@@ -183,12 +169,6 @@ impl PeerView {
 struct VolumeFacts {
     spec: VolumeSpec,
     epoch: u64,
-}
-
-impl VolumeFacts {
-    fn rules(&self) -> Rules {
-        rules(&self.spec)
-    }
 }
 
 /// A volume's geometry and repair threshold, for [`health::assess`].
@@ -294,7 +274,7 @@ impl<S: MetaStore> Directory<S> {
                 let Some(v) = &facts[&volume] else { continue };
                 let record = SegmentRecord::decode(&e.value)
                     .map_err(|x| internal(format!("segment {segment} of volume {}: {x}", v.spec.name)))?;
-                let a = view.assess(&record, v.rules());
+                let a = view.assess(&record, rules(&v.spec));
                 let shard = shard_len(&v.spec, &record);
                 let bytes = shard * record.peers.len() as u64;
                 let mut h = Health::default();
@@ -338,7 +318,7 @@ impl<S: MetaStore> Directory<S> {
         let Some(entry) = self.meta.get(&skey).await? else { return Ok(out) };
         let record = SegmentRecord::decode(&entry.value)
             .map_err(|x| internal(format!("segment {} of volume {}: {x}", job.segment, v.spec.name)))?;
-        let a = view.assess(&record, v.rules());
+        let a = view.assess(&record, rules(&v.spec));
         if a.rebuild.is_empty() {
             return Ok(out);
         }

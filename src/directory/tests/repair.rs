@@ -29,9 +29,26 @@ struct FakeRebuilder {
     gate: Option<Arc<(Notify, Notify)>>,
 }
 
-impl Rebuilder for FakeRebuilder {
+impl Eraser for FakeRebuilder {
     type Error = Unreachable;
 
+    async fn shards(
+        &self,
+        _peer: &PeerAddr,
+        _volume: [u8; VOLUME_ID_LEN],
+        _after: Option<SegmentShardKey>,
+        _limit: u32,
+    ) -> Result<Vec<SegmentShardKey>, Unreachable> {
+        Ok(Vec::new())
+    }
+
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, _epoch: u64) -> Result<bool, Unreachable> {
+        self.erased.lock().unwrap().push((peer.name.clone(), key));
+        Ok(true)
+    }
+}
+
+impl Rebuilder for FakeRebuilder {
     async fn rebuild(
         &self,
         target: &PeerAddr,
@@ -47,11 +64,6 @@ impl Rebuilder for FakeRebuilder {
         }
         self.calls.lock().unwrap().push(Call { target: target.name.clone(), key, epoch, need, sources });
         Ok(u64::from(need) * 100)
-    }
-
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, _epoch: u64) -> Result<bool, Unreachable> {
-        self.erased.lock().unwrap().push((peer.name.clone(), key));
-        Ok(true)
     }
 }
 
@@ -309,9 +321,25 @@ struct StoringRebuilder {
     peers: FakePeers,
 }
 
-impl Rebuilder for StoringRebuilder {
+impl Eraser for StoringRebuilder {
     type Error = Unreachable;
 
+    async fn shards(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<SegmentShardKey>, Unreachable> {
+        self.peers.shards(peer, volume, after, limit).await
+    }
+
+    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
+        Eraser::erase(&self.peers, peer, key, epoch).await
+    }
+}
+
+impl Rebuilder for StoringRebuilder {
     async fn rebuild(
         &self,
         target: &PeerAddr,
@@ -328,10 +356,6 @@ impl Rebuilder for StoringRebuilder {
             keys.push(key);
         }
         Ok(100)
-    }
-
-    async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, Unreachable> {
-        Eraser::erase(&self.peers, peer, key, epoch).await
     }
 }
 
