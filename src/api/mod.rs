@@ -397,6 +397,10 @@ pub struct RepairProgress {
     /// Segments that were rebuilt but freed meanwhile (compaction,
     /// deletion): their new shards were erased, the record left alone.
     pub raced: u64,
+    /// Shards found bad (scrub, reads, audits) and forgotten from their
+    /// records since the directory started: repair rebuilds them.
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 /// `meshdisk volume info`.
@@ -854,6 +858,12 @@ pub enum DirRequest {
         expected: (u64, u64),
         sealed: Vec<u8>,
     },
+    /// A peer reports shards it holds that failed their hashes (scrub, or
+    /// a read): the directory forgets them from their records, so repair
+    /// rebuilds them (peers only, about their own shards).
+    ReportShardFaults {
+        faults: Vec<ShardFault>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -962,6 +972,13 @@ pub enum PeerResponse {
     Rebuilt {
         read: u64,
     },
+}
+
+/// A shard its holder found bad, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardFault {
+    pub shard: SegmentShardKey,
+    pub problem: String,
 }
 
 /// Where a rebuilding peer finds shard `index` of the segment.

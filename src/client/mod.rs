@@ -296,6 +296,15 @@ impl Client {
         }
     }
 
+    /// Reports shards this peer holds that failed their hashes: the
+    /// directory forgets them, and repair rebuilds them.
+    pub async fn report_shard_faults(&self, faults: Vec<ShardFault>) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::ReportShardFaults { faults }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("report shard faults", other)),
+        }
+    }
+
     /// Every segment the directory has a record of for `volume`, in order
     /// (paged, [`MAX_SEGMENTS_PER_CALL`] a call).
     pub async fn list_segments(&self, volume: &str) -> Result<Vec<SegmentId>, ClientError> {

@@ -204,6 +204,8 @@ pub struct Directory<S: MetaStore> {
     gc: tokio::sync::Notify,
     /// The repair worker's progress, for status.
     repair: std::sync::Mutex<RepairProgress>,
+    /// Wakes the repair worker (a shard was forgotten, a drain started).
+    repair_wake: tokio::sync::Notify,
     /// Per volume, the clients' requests per second its holder last
     /// reported (with its lease renewal), and when: repair yields to them.
     client_load: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
@@ -335,6 +337,7 @@ impl<S: MetaStore> Directory<S> {
             clock,
             gc: tokio::sync::Notify::new(),
             repair: Default::default(),
+            repair_wake: tokio::sync::Notify::new(),
             client_load: Default::default(),
             commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
@@ -506,6 +509,10 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::Rollback { volume, snapshot, epoch, expected, sealed } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.rollback(&who.node, &volume, &snapshot, epoch, expected, sealed).await
+            }
+            DirRequest::ReportShardFaults { faults } => {
+                needs(&[Role::Peer])?;
+                self.shard_faults(&who.node, faults).await
             }
         }
     }

@@ -6,6 +6,8 @@
 //! - [`repair`]: rebuilds the shards of segments below their threshold,
 //!   critical or misplaced, on new holders, and records them by
 //!   compare-and-set;
+//! - [`faults`]: forgets from their records the shards their holders
+//!   found bad or that failed an audit, so repair rebuilds them;
 //! - [`collector`]: erases the shards of deleted volumes and dropped
 //!   segments, and reconciles the peers' shards with the records to erase
 //!   orphans.
@@ -17,5 +19,6 @@
 //! out against the peers in another.
 
 pub mod collector;
+pub mod faults;
 pub mod health;
 pub mod repair;

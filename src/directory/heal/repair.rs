@@ -650,7 +650,10 @@ impl<S: MetaStore, R: Rebuilder> Worker for RepairWorker<S, R> {
     }
 
     async fn wait_for_work(&mut self) -> State {
-        tokio::time::sleep(self.period).await;
+        tokio::select! {
+            () = tokio::time::sleep(self.period) => {}
+            () = self.dir.repair_wake.notified() => {}
+        }
         self.scanned = None;
         State::Busy
     }

@@ -529,3 +529,60 @@ async fn attaches_report_their_clients_load_with_renewals_and_it_fades() {
     f.clock.advance(LEASE_TTL);
     assert_eq!(f.dir.client_load(), 0);
 }
+
+#[tokio::test]
+async fn a_shard_its_holder_reports_bad_is_forgotten_and_rebuilt_only_while_named() {
+    let f = peers_alone(6).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    let DirResponse::Volume(v) =
+        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
+    else {
+        panic!("not a volume")
+    };
+    let key = |index: u8| SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index };
+    let fault = |index: u8| ShardFault { shard: key(index), problem: "hash mismatch".into() };
+    let report = |peer: usize, faults: Vec<ShardFault>| {
+        let f = &f;
+        async move { f.ask(&peer_name(peer), Role::Peer, DirRequest::ReportShardFaults { faults }).await }
+    };
+
+    // Only a peer reports, and only about what it holds: peer-2 (id 3)
+    // reporting index 1 (held by id 2) changes nothing; a client may not.
+    report(2, vec![fault(1)]).await.unwrap();
+    let err = f
+        .ask("client-1", Role::Client, DirRequest::ReportShardFaults { faults: vec![fault(1)] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Refused);
+    assert_eq!(
+        ids_of(&f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap()),
+        vec![1, 2, 3, 4]
+    );
+
+    // Its holder (peer-1, id 2) reports it: the slot is cleared, the
+    // segment is below its threshold, and repair rebuilds index 1 from the
+    // other three, never reading the bad copy.
+    report(1, vec![fault(1), ShardFault { shard: SegmentShardKey { index: 0, ..key(0) }, ..fault(0) }])
+        .await
+        .unwrap();
+    let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
+    assert_eq!(ids_of(&now), vec![1, 0, 3, 4], "index 0 is held by id 1, not the reporter");
+    let s = f.status().await;
+    assert_eq!((s.health.below_threshold, s.repair.forgotten), (1, 1), "{:?}", s.health);
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!((r.shards, r.failed), (1, 0));
+    let calls = rebuilder.calls();
+    assert_eq!(calls[0].key.index, 1);
+    let mut from: Vec<u8> = calls[0].sources.iter().map(|s| s.index).collect();
+    from.sort();
+    assert_eq!(from, vec![0, 2, 3]);
+    let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
+    assert!(now.peers[1] != 0 && now.peers[1] != 1 && now.peers[1] != 3 && now.peers[1] != 4, "{now:?}");
+    assert_eq!(f.status().await.verdict, Verdict::HealthOk);
+
+    // A report for a segment freed meanwhile is no error.
+    report(1, vec![ShardFault { shard: SegmentShardKey { segment: seg(1, 9), ..key(1) }, ..fault(1) }])
+        .await
+        .unwrap();
+}

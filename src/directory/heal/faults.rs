@@ -1,0 +1,86 @@
+//! Shard faults: a shard its holder found bad (scrub, or a read that
+//! failed its hash) or that failed an audit is **forgotten** from its
+//! segment's record, so the segment counts it missing and repair rebuilds
+//! it like a shard on a lost peer.
+//!
+//! Forgetting is one compare-and-set that clears the record's slot for
+//! that index, and only while the record still names the faulty holder
+//! there (a repair or a drain may have moved the index meanwhile, or the
+//! segment been freed: then there is nothing to forget). The bad copy
+//! stays on its holder until the collector's reconciliation erases it: it
+//! is a copy no record names, erased once the index has an up holder
+//! again ([`super::collector`]'s rule for replaced copies), so a
+//! holder whose rebuild of that very index is in flight keeps it. A
+//! rebuild on the same holder replaces the bad copy in place.
+//!
+//! A slot cleared by mistake (a false report) costs a rebuild, never
+//! data: the other shards still prove the segment, and the cleared holder
+//! is read no more.
+
+use crate::api::*;
+use crate::codec::segment::SegmentShardKey;
+use crate::directory::Directory;
+use crate::directory::meta::{Compare, MetaStore, Op, Txn};
+use crate::directory::schema::*;
+
+/// Tries at forgetting one shard while its record keeps changing.
+const TRIES: usize = 8;
+
+impl<S: MetaStore> Directory<S> {
+    /// Forgets shard `key` from its record if the record names `holder`
+    /// (a peer id) for it; whether it did. Wakes repair.
+    pub(in crate::directory) async fn forget_shard(
+        &self,
+        key: &SegmentShardKey,
+        holder: u16,
+        why: &str,
+    ) -> Result<bool, Remote> {
+        let skey = segment_key(&key.volume, key.segment);
+        for _ in 0..TRIES {
+            let Some(entry) = self.meta.get(&skey).await? else { return Ok(false) };
+            let mut record = SegmentRecord::decode(&entry.value)
+                .map_err(|x| internal(format!("segment {}: {x}", key.segment)))?;
+            let Some(slot) = record.peers.get_mut(usize::from(key.index)) else { return Ok(false) };
+            if *slot != holder || holder == 0 {
+                return Ok(false);
+            }
+            *slot = 0;
+            let value = record.encode().map_err(|e| internal(format!("segment {}: {e}", key.segment)))?;
+            let txn = Txn::new().when(Compare::ModRevision(skey.clone(), entry.mod_revision)).then(Op::Put {
+                key: skey.clone(),
+                value,
+                lease: None,
+            });
+            if self.meta.txn(txn).await?.succeeded {
+                tracing::warn!(
+                    "shard {} of segment {} (volume {}) on peer id {holder} is bad ({why}): forgotten, repair rebuilds it",
+                    key.index,
+                    key.segment,
+                    hex::encode(key.volume),
+                );
+                self.repair.lock().expect("not poisoned").forgotten += 1;
+                self.repair_wake.notify_one();
+                return Ok(true);
+            }
+        }
+        Err(Remote::new(
+            ErrorKind::Conflict,
+            format!("segment {}: its record kept changing; report again", key.segment),
+        ))
+    }
+
+    /// A peer's report of its own bad shards.
+    pub(in crate::directory) async fn shard_faults(
+        &self,
+        node: &str,
+        faults: Vec<ShardFault>,
+    ) -> Result<DirResponse, Remote> {
+        let Some(&holder) = self.peer_ids().await?.get(node) else {
+            return Err(Remote::new(ErrorKind::NotFound, format!("peer {node} has no peer id")));
+        };
+        for f in faults {
+            self.forget_shard(&f.shard, holder, &format!("{node}: {}", f.problem)).await?;
+        }
+        Ok(DirResponse::Done)
+    }
+}
