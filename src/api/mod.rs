@@ -270,6 +270,10 @@ pub struct Health {
     /// Segments that repair would rebuild shards of now, and those shards'
     /// bytes.
     pub to_repair: Tally,
+    /// Segments with shards on leaving peers (drained, or above the
+    /// high-water mark) to move, and those shards' bytes.
+    #[serde(default)]
+    pub to_move: Tally,
     /// Bytes of every live segment's shards, and of the non-whole ones.
     pub bytes: u64,
     pub bytes_not_whole: u64,
@@ -316,6 +320,8 @@ impl Health {
         self.misplaced += other.misplaced;
         self.to_repair.segments += other.to_repair.segments;
         self.to_repair.bytes += other.to_repair.bytes;
+        self.to_move.segments += other.to_move.segments;
+        self.to_move.bytes += other.to_move.bytes;
         self.bytes += other.bytes;
         self.bytes_not_whole += other.bytes_not_whole;
     }
@@ -379,6 +385,9 @@ pub struct RepairProgress {
     /// Segments waiting in this round's queue, and the bytes of the
     /// shards they will rebuild.
     pub queued: Tally,
+    /// Of those, segments queued only to move shards off leaving peers.
+    #[serde(default)]
+    pub moving: Tally,
     /// Segments being repaired now.
     pub in_flight: u64,
     /// Since the directory started: shards rebuilt (or moved) and their
@@ -453,6 +462,47 @@ impl PeerState {
     }
 }
 
+/// Why a peer is leaving (its shards move elsewhere, new placements
+/// avoid it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainReason {
+    /// `meshdisk peer drain`.
+    Operator,
+    /// It failed audits: its shards are not trusted, so they are rebuilt
+    /// from the others, not copied from it.
+    Audits,
+}
+
+impl DrainReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainReason::Operator => "drained by the operator",
+            DrainReason::Audits => "failed audits",
+        }
+    }
+}
+
+/// A peer being drained, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainInfo {
+    pub reason: DrainReason,
+    pub since_ms: u64,
+}
+
+/// What audits found of a peer since it was first audited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditTally {
+    /// Challenges answered (passed or failed; unreachable ones not).
+    pub audits: u64,
+    /// Challenges failed: the shard was missing, corrupt, or its proof
+    /// did not verify.
+    pub failed: u64,
+    /// Of those, answers that did not verify: the peer served bytes its
+    /// own checks should have refused.
+    pub lies: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: String,
@@ -465,6 +515,19 @@ pub struct PeerStatus {
     pub last_seen_ms: u64,
     pub problem: Option<String>,
     pub rtts: Vec<Rtt>,
+    /// Shards of live segments whose records name this peer, and their
+    /// bytes: what it holds that redundancy needs.
+    #[serde(default)]
+    pub needed: Tally,
+    /// Set while it is leaving.
+    #[serde(default)]
+    pub drain: Option<DrainInfo>,
+    /// Used space at or above the high-water mark: shards move off it
+    /// until it is below the low-water mark, and new ones avoid it.
+    #[serde(default)]
+    pub above_high_water: bool,
+    #[serde(default)]
+    pub audits: AuditTally,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -863,6 +926,23 @@ pub enum DirRequest {
     /// rebuilds them (peers only, about their own shards).
     ReportShardFaults {
         faults: Vec<ShardFault>,
+    },
+    /// Start (or with `cancel`, stop) draining a peer: its shards move
+    /// elsewhere, new placements avoid it (admins).
+    DrainPeer {
+        peer: String,
+        cancel: bool,
+    },
+    /// Remove a peer from the cluster: refused while records still name
+    /// it (admins).
+    RemovePeer {
+        peer: String,
+    },
+    /// A reader found that `peer`'s answer for `shard` did not verify:
+    /// the directory audits that shard now (clients).
+    SuspectShard {
+        shard: SegmentShardKey,
+        peer: String,
     },
 }
 

@@ -63,6 +63,17 @@ pub struct DirectoryArgs {
     /// to find orphans (failed commits, replaced puts).
     #[arg(long, value_parser = parse_duration, default_value = "10m")]
     reconcile_every: Duration,
+    /// Time between two audits: a random block of a random shard is asked
+    /// of its holder with its hash proof (about 4.5 KiB each). A peer that
+    /// fails is drained and its shards rebuilt from the others (0: no
+    /// audits).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    audit_every: Duration,
+    /// Percent of a peer's capacity used at or above which it gets no new
+    /// shards and sheds shards to others until 5 points below.
+    #[arg(long, default_value_t = crate::directory::heal::drain::HIGH_WATER,
+          value_parser = clap::value_parser!(u8).range(50..=100))]
+    drain_above: u8,
 }
 
 /// `meshdisk directory`: runs until SIGINT/SIGTERM.
@@ -78,6 +89,8 @@ pub async fn run(args: DirectoryArgs) -> Result<(), CliError> {
         drop_grace: args.drop_grace,
         collect_grace: args.collect_grace,
         reconcile_every: args.reconcile_every,
+        audit_every: args.audit_every,
+        high_water: args.drain_above,
         repair: RepairConfig {
             inflight: args.repair_inflight.max(1),
             rate: args.repair_rate,

@@ -80,6 +80,21 @@ pub fn verdict_line(s: &ClusterStatus) -> String {
             eta(s.peer_lost_after_ms / 1000)
         ));
     }
+    for p in s.peers.iter().filter(|p| p.drain.is_some() || p.above_high_water) {
+        let what = match &p.drain {
+            Some(d) => format!("{} draining ({})", p.name, d.reason.as_str()),
+            None => format!("{} above the high-water mark", p.name),
+        };
+        if p.needed.segments > 0 {
+            why.push(format!(
+                "{what}: holds {} shards ({}) to move",
+                p.needed.segments,
+                human(p.needed.bytes)
+            ));
+        } else if p.drain.is_some() {
+            why.push(format!("{what}: drained, holds nothing redundancy needs"));
+        }
+    }
     let down = s.peers.iter().filter(|p| matches!(p.state, PeerState::Down | PeerState::Failed)).count();
     let lost = s.peers.iter().filter(|p| p.state == PeerState::Lost).count();
     if down > 0 {
@@ -120,14 +135,20 @@ pub fn repair_line(r: &RepairProgress) -> String {
     if let Some(e) = r.eta_secs {
         line.push_str(&format!(", ETA {}", eta(e)));
     }
+    if r.moving.segments > 0 {
+        line.push_str(&format!(", {} moves queued ({})", r.moving.segments, human(r.moving.bytes)));
+    }
     line.push_str(&format!(
-        "; since start {} shards rebuilt ({}, {} read), {} failed, {} raced",
+        "; since start {} shards rebuilt or moved ({}, {} read), {} failed, {} raced",
         r.shards,
         human(r.bytes),
         human(r.read_bytes),
         r.failed,
         r.raced
     ));
+    if r.forgotten > 0 {
+        line.push_str(&format!(", {} bad shards forgotten", r.forgotten));
+    }
     line
 }
 
@@ -169,12 +190,20 @@ pub fn status(s: &ClusterStatus) -> String {
     if !s.peers.is_empty() {
         out.push('\n');
         let mut rows = vec![
-            ["PEER", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "LOAD", "LAST SEEN"]
+            ["PEER", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "SHARDS", "LOAD", "LAST SEEN"]
                 .map(String::from)
                 .to_vec(),
         ];
         for p in &s.peers {
             let mut state = p.state.as_str().to_owned();
+            if let Some(d) = &p.drain {
+                state.push_str(match d.reason {
+                    crate::api::DrainReason::Operator => ", draining",
+                    crate::api::DrainReason::Audits => ", failed audits, draining",
+                });
+            } else if p.above_high_water {
+                state.push_str(", above high water");
+            }
             if let Some(problem) = &p.problem {
                 state = format!("{state} ({problem})");
             }
@@ -185,6 +214,7 @@ pub fn status(s: &ClusterStatus) -> String {
                 p.failure_domain.clone(),
                 human(p.capacity),
                 human(p.used),
+                p.needed.segments.to_string(),
                 p.load.to_string(),
                 ago(s.now_ms, p.last_seen_ms),
             ]);
@@ -309,6 +339,10 @@ mod tests {
                     last_seen_ms: 99_600,
                     problem: None,
                     rtts: vec![],
+                    needed: Default::default(),
+                    drain: None,
+                    above_high_water: false,
+                    audits: Default::default(),
                 },
                 PeerStatus {
                     name: "peer-2".into(),
@@ -321,6 +355,10 @@ mod tests {
                     last_seen_ms: 10_000,
                     problem: None,
                     rtts: vec![],
+                    needed: Default::default(),
+                    drain: None,
+                    above_high_water: false,
+                    audits: Default::default(),
                 },
             ],
             volumes: vec![VolumeStatus {

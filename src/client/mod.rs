@@ -305,6 +305,32 @@ impl Client {
         }
     }
 
+    /// Starts (or cancels) draining `peer` (admins).
+    pub async fn drain_peer(&self, peer: &str, cancel: bool) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::DrainPeer { peer: peer.into(), cancel }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("drain peer", other)),
+        }
+    }
+
+    /// Removes `peer` from the cluster (admins); refused while records
+    /// name it.
+    pub async fn remove_peer(&self, peer: &str) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::RemovePeer { peer: peer.into() }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("remove peer", other)),
+        }
+    }
+
+    /// Tells the directory that `peer`'s answer for `shard` did not
+    /// verify, so it audits it.
+    pub async fn suspect_shard(&self, shard: SegmentShardKey, peer: &str) -> Result<(), ClientError> {
+        match self.directory(&DirRequest::SuspectShard { shard, peer: peer.into() }).await? {
+            DirResponse::Done => Ok(()),
+            other => Err(unexpected("suspect shard", other)),
+        }
+    }
+
     /// Every segment the directory has a record of for `volume`, in order
     /// (paged, [`MAX_SEGMENTS_PER_CALL`] a call).
     pub async fn list_segments(&self, volume: &str) -> Result<Vec<SegmentId>, ClientError> {

@@ -171,6 +171,14 @@ impl<S: MetaStore> Directory<S> {
     }
 
     pub(super) async fn heartbeat(&self, node: &str, report: PeerReport) -> Result<DirResponse, Remote> {
+        if self.removed(node).await? {
+            return Err(Remote::new(
+                ErrorKind::Refused,
+                format!(
+                    "peer {node} was removed from this cluster (`meshdisk peer remove`): to lend this machine's space again, join anew with a fresh data folder and a new token"
+                ),
+            ));
+        }
         let was = self.get::<PeerRecord>("peer", &key("peers", node)).await?;
         let now = self.now();
         match &was {
@@ -221,7 +229,11 @@ impl<S: MetaStore> Directory<S> {
             .await?
             .map(|(h, _)| h.rtts.into_iter().map(|r| (r.node, r.micros)).collect())
             .unwrap_or_default();
-        let up = self.up_peers().await?;
+        // Leaving peers get no new shards (those above the high-water
+        // mark only when no other will do: `place_segments`).
+        let drains = self.drains().await?;
+        let up: Vec<(String, PeerRecord)> =
+            self.up_peers().await?.into_iter().filter(|(name, _)| !drains.contains_key(name)).collect();
         let candidates = up
             .iter()
             .map(|(name, r)| Candidate {
@@ -238,11 +250,20 @@ impl<S: MetaStore> Directory<S> {
 
     pub(super) async fn status(&self) -> Result<DirResponse, Remote> {
         let now = self.now();
+        let view = self.peer_view().await?;
+        let scan = self.scan_health(&view).await?;
+        let ids = self.peer_ids().await?;
+        let drains = self.drains().await?;
+        let audits = self.audit_tallies().await?;
         let peers: Vec<PeerStatus> = self
             .peers()
             .await?
             .into_iter()
             .map(|(name, r)| PeerStatus {
+                needed: ids.get(&name).and_then(|id| scan.needed.get(id)).copied().unwrap_or_default(),
+                drain: drains.get(&name).map(|d| DrainInfo { reason: d.reason, since_ms: d.since_ms }),
+                above_high_water: self.above_high_water(&r.report),
+                audits: audits.get(&name).copied().unwrap_or_default(),
                 state: self.state(&r, now),
                 addr: r.report.addr,
                 failure_domain: r.report.failure_domain,
@@ -255,8 +276,6 @@ impl<S: MetaStore> Directory<S> {
                 name,
             })
             .collect();
-        let view = self.peer_view().await?;
-        let scan = self.scan_health(&view).await?;
         let mut volumes = Vec::new();
         for record in self.list::<VolumeRecord>("volume", b"volumes/").await? {
             let health = scan.volumes.get(&record.spec.id).cloned().unwrap_or_default();

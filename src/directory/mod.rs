@@ -15,6 +15,10 @@
 //!                             store lease renewed by its holder
 //! gc/<volume id>              a deleted volume whose shards peers still hold
 //! tokens/<hash>               unspent join tokens (see tokens.rs)
+//! drain/<name>                a peer that is leaving: why, since when
+//! removed/<name>              a peer removed from the cluster (its
+//!                             heartbeats are refused)
+//! audit/<name>                what audits found of a peer (AuditTally)
 //! peerid/<name>               a peer's small id (u16), given once
 //! peerslot/<id>               the name of the peer with that id; never
 //!                             deleted, so ids are never reused
@@ -128,6 +132,10 @@ pub struct DirectoryConfig {
     pub reconcile_every: Duration,
     /// How hard repair works.
     pub repair: heal::repair::RepairConfig,
+    /// Time between two audits (zero: none).
+    pub audit_every: Duration,
+    /// Percent of capacity used at or above which a peer sheds shards.
+    pub high_water: u8,
 }
 
 /// How long the directory's records stay good.
@@ -206,6 +214,13 @@ pub struct Directory<S: MetaStore> {
     repair: std::sync::Mutex<RepairProgress>,
     /// Wakes the repair worker (a shard was forgotten, a drain started).
     repair_wake: tokio::sync::Notify,
+    /// Readers' reports of shards whose answers did not verify.
+    suspects: heal::audit::Suspects,
+    /// Wakes the audit worker (a suspect).
+    audit_wake: tokio::sync::Notify,
+    /// Used space (percent of capacity) at or above which a peer sheds
+    /// shards and gets no new ones.
+    high_water: std::sync::atomic::AtomicU8,
     /// Per volume, the clients' requests per second its holder last
     /// reported (with its lease renewal), and when: repair yields to them.
     client_load: std::sync::Mutex<std::collections::HashMap<String, (u64, u32)>>,
@@ -307,9 +322,11 @@ pub async fn run(config: DirectoryConfig, stop: CancellationToken) -> Result<(),
     );
     // Tests and scripts read this line.
     println!("directory listening on {addr}");
+    dir.set_high_water(config.high_water);
     let dir = Arc::new(dir);
     let peers = crate::client::Client::on(own, ep.clone(), addr);
     heal::collector::start(&dir, peers.clone());
+    heal::audit::start(&dir, peers.clone(), config.audit_every);
     heal::repair::start(&dir, peers, config.repair);
     rpc::serve(ep, dir.clone(), stop).await;
     dir.halt.cancel();
@@ -338,6 +355,9 @@ impl<S: MetaStore> Directory<S> {
             gc: tokio::sync::Notify::new(),
             repair: Default::default(),
             repair_wake: tokio::sync::Notify::new(),
+            suspects: Default::default(),
+            audit_wake: tokio::sync::Notify::new(),
+            high_water: std::sync::atomic::AtomicU8::new(heal::drain::HIGH_WATER),
             client_load: Default::default(),
             commits: roots::CommitQueue::default(),
             workers: Runner::new(halt.clone()),
@@ -350,6 +370,11 @@ impl<S: MetaStore> Directory<S> {
     pub fn with_seed(self, seed: u64) -> Self {
         *self.seed.lock().expect("not poisoned") = seed | 1;
         self
+    }
+
+    /// Sets the high-water mark of peers' used space (percent, 50..=100).
+    pub fn set_high_water(&self, percent: u8) {
+        self.high_water.store(percent.clamp(50, 100), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The directory's background workers and their state, as status shows them.
@@ -513,6 +538,18 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::ReportShardFaults { faults } => {
                 needs(&[Role::Peer])?;
                 self.shard_faults(&who.node, faults).await
+            }
+            DirRequest::DrainPeer { peer, cancel } => {
+                needs(&[Role::Admin])?;
+                self.drain_peer(&peer, DrainReason::Operator, cancel).await
+            }
+            DirRequest::RemovePeer { peer } => {
+                needs(&[Role::Admin])?;
+                self.remove_peer(&peer).await
+            }
+            DirRequest::SuspectShard { shard, peer } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.suspect_shard(&who.node, shard, &peer).await
             }
         }
     }

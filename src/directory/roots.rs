@@ -559,7 +559,8 @@ impl<S: MetaStore> Directory<S> {
                 None => self.peer_id(&name).await?,
             };
             if !exclude.contains(&id) {
-                open.push((PeerSlot { id, addr: PeerAddr { name, addr: rec.report.addr } }, c));
+                let full = self.above_high_water(&rec.report);
+                open.push((PeerSlot { id, addr: PeerAddr { name, addr: rec.report.addr } }, c, full));
             }
         }
         let n = usize::from(v.spec.k) + usize::from(v.spec.m);
@@ -567,22 +568,33 @@ impl<S: MetaStore> Directory<S> {
         // down to its write quorum (k + 1); repair stores the rest later.
         let quorum = usize::from(v.spec.k) + 1;
         let mut placements = Vec::with_capacity(count as usize);
-        let mut candidates: Vec<_> = open.iter().map(|(_, c)| c.clone()).collect();
+        let mut candidates: Vec<_> = open.iter().map(|(_, c, _)| c.clone()).collect();
+        // Peers above the high-water mark take shards only when the others
+        // cannot take all k + m: shedding them would be pointless
+        // otherwise, but a full cluster still fills to the last byte.
+        let roomy: Vec<usize> = (0..open.len()).filter(|&i| !open[i].2).collect();
         for _ in 0..count {
+            let need = shard_bytes.saturating_add(keep_free);
+            if roomy.len() < open.len() && roomy.len() >= n {
+                let some: Vec<_> = roomy.iter().map(|&i| candidates[i].clone()).collect();
+                if let Ok(picked) = choose_at_least(&some, n, n, need, || self.random()) {
+                    let picked: Vec<usize> = picked.into_iter().map(|j| roomy[j]).collect();
+                    for &i in &picked {
+                        candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
+                    }
+                    placements.push(SegmentPlacement {
+                        peers: picked.iter().map(|&i| open[i].0.clone()).collect(),
+                    });
+                    continue;
+                }
+            }
             // Too few peers up is an outage (it passes when they return);
             // enough up but too few with room is a full cluster.
             let kind =
                 if candidates.len() < quorum.min(n) { ErrorKind::Unavailable } else { ErrorKind::Full };
-            let picked =
-                choose_at_least(&candidates, n, quorum, shard_bytes.saturating_add(keep_free), || {
-                    self.random()
-                })
-                .map_err(|e| {
-                    Remote::new(
-                        kind,
-                        format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
-                    )
-                })?;
+            let picked = choose_at_least(&candidates, n, quorum, need, || self.random()).map_err(|e| {
+                Remote::new(kind, format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()))
+            })?;
             for &i in &picked {
                 candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
             }

@@ -42,6 +42,20 @@ pub(super) struct PeerRecord {
     pub(super) last_seen_ms: u64,
 }
 
+/// `drain/<name>`: the peer is leaving.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub(super) struct DrainRecord {
+    pub(super) reason: DrainReason,
+    pub(super) since_ms: u64,
+}
+
+/// `removed/<name>`: the peer was removed (when): its heartbeats are
+/// refused.
+#[derive(Serialize, Deserialize)]
+pub(super) struct RemovedRecord {
+    pub(super) at_ms: u64,
+}
+
 #[derive(Serialize, Deserialize)]
 pub(super) struct HintRecord {
     pub(super) rtts: Vec<Rtt>,

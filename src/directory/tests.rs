@@ -44,6 +44,7 @@ const SHARD: u32 = 4096;
 const SHARD_BYTES: u64 = 4096 + 256;
 const GIB: u64 = 1 << 30;
 
+mod drain;
 mod repair;
 
 struct Fixture {
@@ -1289,7 +1290,7 @@ async fn reconciliation_erases_orphans_seen_for_the_grace_and_the_floor_refuses_
     peers.hold(0, other_volume);
 
     let mut orphans = collector::Orphans::default();
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!((pass.checked, pass.found, pass.erased), (6, 4, 0), "{pass:?}");
     assert!(peers.erased().is_empty());
 
@@ -1305,13 +1306,13 @@ async fn reconciliation_erases_orphans_seen_for_the_grace_and_the_floor_refuses_
 
     // Half a grace: nothing is due yet.
     f.pass_time(GRACE / 2, 0..4).await;
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!((pass.found, pass.erased), (1, 0), "{pass:?}");
 
     // A whole grace since the first sighting: (b), (d) and (e) go, at the
     // volume's epoch; the floor is raised to the highest unrecorded id.
     f.pass_time(GRACE / 2 + Duration::from_secs(1), 0..4).await;
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!((pass.found, pass.erased), (0, 3), "{pass:?}");
     let erased = peers.erased();
     let names: Vec<_> = erased.iter().map(|(p, k, e)| (p.as_str(), *k, *e)).collect();
@@ -1344,7 +1345,7 @@ async fn reconciliation_erases_orphans_seen_for_the_grace_and_the_floor_refuses_
 
     // The late orphan goes a grace after it was first seen.
     f.pass_time(GRACE, 0..4).await;
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!(pass.erased, 1, "{pass:?}");
     assert!(!peers.holds(1, late));
     assert!(orphans.is_empty());
@@ -1366,18 +1367,18 @@ async fn an_orphan_on_a_peer_that_is_down_or_unreachable_waits_and_is_erased_whe
     let orphan = shard(1, seg(1, 1), 0); // at the root's highest, no record: (d)
     peers.hold(1, orphan);
     let mut orphans = collector::Orphans::default();
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 1);
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
     // peer-1 stops answering: its sighting is kept, not forgotten.
     peers.failing.lock().unwrap().insert(peer_name(1));
     f.clock.advance(GRACE + Duration::from_secs(1));
     f.heartbeat(0).await;
     f.heartbeat(1).await;
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!((pass.found, pass.erased), (0, 0));
     assert_eq!(orphans.len(), 1);
     // It answers again: erased at once (seen a grace ago).
     peers.failing.lock().unwrap().clear();
-    let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert_eq!(pass.erased, 1);
     assert!(!peers.holds(1, orphan));
 }
@@ -1856,7 +1857,7 @@ async fn reconciliation_and_collection_leave_kept_and_inherited_shards_alone() {
     }
     let mut orphans = collector::Orphans::default();
     for _ in 0..3 {
-        let pass = f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+        let pass = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
         assert_eq!((pass.checked, pass.found, pass.erased), (16, 0, 0), "{pass:?}");
         assert_eq!(f.dir.collect_once(&peers).await.unwrap(), 0);
         f.pass_time(GRACE, 0..4).await;

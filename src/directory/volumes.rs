@@ -4,7 +4,6 @@
 //! epoch and is refused here ([`Directory::check_writer`]) as on the peers.
 
 use super::Directory;
-use super::heal::health::HolderState;
 use super::meta::{self, Compare, MetaError, MetaStore, Op, Txn};
 use super::schema::*;
 use crate::api::*;
@@ -338,7 +337,7 @@ impl<S: MetaStore> Directory<S> {
                     .record
                     .peers
                     .iter()
-                    .filter(|&&p| p != 0 && view.by_id.get(&p).is_some_and(|p| p.state == HolderState::Up))
+                    .filter(|&&p| p != 0 && view.by_id.get(&p).is_some_and(|p| p.state.is_up()))
                     .count() as u64;
                 collecting.bytes += shard_len(&record.spec, &dead.record) * up;
             }

@@ -86,6 +86,17 @@ pub struct PeerConfig {
     pub listen: SocketAddr,
     pub advertise: Option<SocketAddr>,
     pub heartbeat: Duration,
+    /// A fault to play, for tests only (`--fault`): never in production.
+    pub fault: Option<Fault>,
+}
+
+/// Test-only misbehaviour of a peer, for the tests of audits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// A peer that lies: it keeps every shard's header and index (so it
+    /// lists them and heartbeats as usual) but answers reads of their
+    /// payload with zeros, as if it had dropped the bytes to save space.
+    DropPayloads,
 }
 
 /// The most shard keys one `List` answers.
@@ -99,6 +110,15 @@ struct PeerService {
     client_calls: Arc<AtomicU64>,
     /// For fetching other peers' shards when rebuilding one here.
     client: Client,
+    fault: Option<Fault>,
+}
+
+/// What a peer that dropped a shard's payload answers: the header it kept,
+/// zeros for the rest.
+fn zero_after(mut bytes: Vec<u8>, keep: usize) -> Bytes {
+    let keep = keep.min(bytes.len());
+    bytes[keep..].fill(0);
+    Bytes::from(bytes)
 }
 
 fn remote(e: StoreError) -> Remote {
@@ -122,7 +142,14 @@ impl PeerService {
                 self.store.put(payload, epoch).await.map_err(remote)?;
                 (PeerResponse::Stored, Bytes::new())
             }
-            PeerRequest::Get(key) => (PeerResponse::Shard, self.store.get(&key).await.map_err(remote)?),
+            PeerRequest::Get(key) => {
+                let shard = self.store.get(&key).await.map_err(remote)?;
+                if self.fault == Some(Fault::DropPayloads) {
+                    let header = self.store.get_header(&key).await.map_err(remote)?.len();
+                    return Ok((PeerResponse::Shard, zero_after(shard.to_vec(), header)));
+                }
+                (PeerResponse::Shard, shard)
+            }
             PeerRequest::GetBlocks { shard, first, count } => {
                 // A proof must fit one call's payload: a reader wanting
                 // (nearly) a whole shard asks for the shard.
@@ -131,7 +158,14 @@ impl PeerService {
                     let e = format!("at most {most} blocks per block read, {count} asked for");
                     return Err(Remote::new(ErrorKind::Invalid, e));
                 }
-                (PeerResponse::Blocks, self.store.get_blocks(&shard, first, count).await.map_err(remote)?)
+                let proof = self.store.get_blocks(&shard, first, count).await.map_err(remote)?;
+                if self.fault == Some(Fault::DropPayloads) {
+                    // Block bytes end the proof (hash pairs may sit among
+                    // them): zeroed, nothing of it verifies.
+                    let keep = proof.len().saturating_sub(count as usize * crate::codec::segment::BLOCK_SIZE);
+                    return Ok((PeerResponse::Blocks, zero_after(proof.to_vec(), keep)));
+                }
+                (PeerResponse::Blocks, proof)
             }
             PeerRequest::GetHeader(key) => {
                 (PeerResponse::Shard, self.store.get_header(&key).await.map_err(remote)?)
@@ -304,7 +338,11 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
         load: load.clone(),
         client_calls: client_calls.clone(),
         client: client.clone(),
+        fault: config.fault,
     });
+    if let Some(f) = config.fault {
+        tracing::warn!("playing the test fault {f:?}: this peer misbehaves on purpose");
+    }
     let server = tokio::spawn(rpc::serve(ep.clone(), service, stop.clone()));
     tracing::info!(
         "peer {} of cluster {} serving {} on {addr} (failure domain {failure_domain})",
@@ -351,6 +389,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             heartbeat: Duration::from_secs(1),
+            fault: None,
         }
     }
 

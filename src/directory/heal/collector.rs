@@ -306,8 +306,18 @@ impl<S: MetaStore, E: Eraser> Collector<S, E> {
         let dead = self.dir.collect_dead(&self.eraser).await?;
         self.queued = deleted + dead.left;
         self.totals.0 += dead.erased;
-        if self.dir.now() >= self.next_reconcile_ms {
-            let r = self.dir.reconcile(&self.eraser, &mut self.orphans).await?;
+        // Peers that are leaving (or shedding space) are reconciled every
+        // pass: the copies moved off them go once their grace is over, so a
+        // drain ends with the peer holding nothing.
+        let due = self.dir.now() >= self.next_reconcile_ms;
+        let leaving = if due { None } else { Some(self.dir.leaving_peers().await?) };
+        if let Some(only) = leaving.as_ref().filter(|l| !l.is_empty()) {
+            let r = self.dir.reconcile(&self.eraser, &mut self.orphans, Some(only)).await?;
+            self.totals.1 += r.found;
+            self.totals.2 += r.erased;
+        }
+        if due {
+            let r = self.dir.reconcile(&self.eraser, &mut self.orphans, None).await?;
             self.totals.1 += r.found;
             self.totals.2 += r.erased;
             self.next_reconcile_ms = self.dir.now() + self.dir.timing.reconcile_every.as_millis() as u64;
@@ -577,12 +587,14 @@ impl<S: MetaStore> Directory<S> {
         Ok(pass)
     }
 
-    /// Reconciles every up peer's shards of every volume with the records,
-    /// erasing orphans seen for the grace (see the module documentation).
+    /// Reconciles every up peer's shards (or only those of the peers in
+    /// `only`) of every volume with the records, erasing orphans seen for
+    /// the grace (see the module documentation).
     pub(in crate::directory) async fn reconcile<E: Eraser>(
         &self,
         eraser: &E,
         orphans: &mut Orphans,
+        only: Option<&HashSet<String>>,
     ) -> Result<ReconcilePass, Remote> {
         let grace = self.timing.collect_grace.as_millis() as u64;
         let mut pass = ReconcilePass::default();
@@ -591,6 +603,7 @@ impl<S: MetaStore> Directory<S> {
             .up_peers()
             .await?
             .into_iter()
+            .filter(|(name, _)| only.is_none_or(|o| o.contains(name)))
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
         let ids = self.peer_ids().await?;

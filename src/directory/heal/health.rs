@@ -25,6 +25,10 @@
 //! - **Misplaced**: two shards on one peer, or two on one failure domain
 //!   while an up peer in a domain holding none of the segment exists.
 //!   Repaired: one of the pair moves.
+//! - **Leaving** holders (a peer drained, or shedding space above the
+//!   high-water mark) count as up; once nothing is to be rebuilt, their
+//!   shards are listed to move (copied from them, then recorded), so a
+//!   drain never lowers redundancy.
 //! - **Unavailable** / **lost**: fewer than k shards up / not lost. Repair
 //!   needs k; it waits (unavailable) or cannot (lost).
 
@@ -36,6 +40,10 @@ use crate::api::{SegmentHealth, SegmentRecord};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HolderState {
     Up,
+    /// Up, but leaving: drained by the operator or shedding space above
+    /// the high-water mark. Its shards count as up and are read, and
+    /// repair moves them elsewhere (copy first, then the record).
+    Leaving,
     /// Silent for less than `peer_lost_after` (or failed): expected back.
     Down,
     /// Silent for longer, or left the cluster: its shards are gone.
@@ -55,6 +63,13 @@ pub struct Rules {
     pub k: usize,
     pub m: usize,
     pub threshold: usize,
+}
+
+impl HolderState {
+    /// Serves reads now (up, leaving or not).
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Up | Self::Leaving)
+    }
 }
 
 impl Rules {
@@ -77,6 +92,9 @@ pub struct Assessment {
     /// Shard indices to rebuild now (empty: nothing to do, or it cannot
     /// be done: fewer than k readable).
     pub rebuild: Vec<usize>,
+    /// Shard indices on leaving peers, to move (copied from them) once
+    /// nothing is to be rebuilt; counted neither missing nor in `rebuild`.
+    pub moves: Vec<usize>,
 }
 
 /// Assesses one segment. `holder` looks up a peer id (never 0) and says
@@ -104,7 +122,7 @@ pub fn assess(
         }
         let view = holder(id);
         let state = view.as_ref().map_or(HolderState::Lost, |v| v.state);
-        if state == HolderState::Up {
+        if state.is_up() {
             readable += 1;
         }
         if state != HolderState::Lost {
@@ -122,7 +140,7 @@ pub fn assess(
             domains.entry(v.domain).or_default().push(i);
         }
     }
-    let up = states.iter().filter(|s| **s == Some(HolderState::Up)).count();
+    let up = states.iter().filter(|s| s.is_some_and(HolderState::is_up)).count();
     let alive = states.iter().filter(|s| s.is_some()).count();
     // Domains with two or more shards, and whether one could move.
     let used: HashSet<String> = domains.keys().cloned().collect();
@@ -152,7 +170,7 @@ pub fn assess(
     let mut rebuild = match health {
         SegmentHealth::Lost | SegmentHealth::Unavailable => Vec::new(),
         // Everything not on an up peer.
-        SegmentHealth::Critical => missing(&|s| s != Some(HolderState::Up)),
+        SegmentHealth::Critical => missing(&|s| !s.is_some_and(HolderState::is_up)),
         // Everything lost (down holders are expected back).
         _ if alive < rules.threshold || doubled => missing(&|s| s.is_none()),
         _ => Vec::new(),
@@ -165,7 +183,14 @@ pub fn assess(
         // sees whether another should.
         rebuild.push(crowded[0]);
     }
-    Assessment { health, up, alive, misplaced, rebuild }
+    // Leaving peers' shards move only while the segment is readable and
+    // not waiting for a rebuild (which goes first, and may move them too).
+    let moves = if rebuild.is_empty() && !matches!(health, SegmentHealth::Lost | SegmentHealth::Unavailable) {
+        missing(&|s| s == Some(HolderState::Leaving))
+    } else {
+        Vec::new()
+    };
+    Assessment { health, up, alive, misplaced, rebuild, moves }
 }
 
 /// How urgent a repair is: fewer shards up first, then fewer alive, then
@@ -180,6 +205,31 @@ mod tests {
 
     fn record(peers: &[u16]) -> SegmentRecord {
         SegmentRecord { peers: peers.to_vec(), shard_blocks: 1, root: [0; 32] }
+    }
+
+    #[test]
+    fn a_leaving_peers_shard_counts_up_and_moves_once_nothing_is_to_rebuild() {
+        let leaving = |id: u16| {
+            let state = match id {
+                3 => HolderState::Leaving,
+                5 => HolderState::Lost,
+                _ => HolderState::Up,
+            };
+            Some(HolderView { state, domain: format!("d{id}") })
+        };
+        let a = assess(&record(&[1, 2, 3, 4, 6, 7]), R42, leaving, no_free);
+        assert_eq!((a.health, a.up, a.alive), (SegmentHealth::Whole, 6, 6));
+        assert!(a.rebuild.is_empty());
+        assert_eq!(a.moves, vec![2]);
+        // A lost shard is rebuilt first; the move waits for the next round.
+        let a = assess(&record(&[1, 2, 3, 4, 5, 6]), R42, leaving, no_free);
+        assert_eq!((a.health, a.rebuild.clone()), (SegmentHealth::BelowThreshold, vec![4]));
+        assert!(a.moves.is_empty());
+        // Down to k with the leaving one among them: critical, and it
+        // counts as up (a source), so only the others are rebuilt.
+        let a = assess(&record(&[1, 2, 3, 4, 5, 5]), Rules { k: 4, m: 2, threshold: 6 }, leaving, no_free);
+        assert_eq!(a.health, SegmentHealth::Critical);
+        assert_eq!(a.rebuild, vec![4, 5]);
     }
 
     /// Peers 1..=20, each in its own domain; `down` and `lost` say which

@@ -8,17 +8,22 @@
 //!   compare-and-set;
 //! - [`faults`]: forgets from their records the shards their holders
 //!   found bad or that failed an audit, so repair rebuilds them;
+//! - [`audit`]: challenges random shards on their holders, forgets
+//!   those that fail, and drains peers that fail too often;
+//! - [`drain`]: peers leaving (drained, above the high-water mark,
+//!   distrusted) and removed; repair moves their shards;
 //! - [`collector`]: erases the shards of deleted volumes and dropped
 //!   segments, and reconciles the peers' shards with the records to erase
 //!   orphans.
 //!
-//! Scrub (reading shards back and checking their hashes) and migration
-//! (moving shards off a peer that is leaving or full) come next. Each is a
+//! Each is a
 //! [`crate::sys::worker::Worker`] run by the directory's runner, planned
 //! from the store in one step that tests can run in-process and carried
 //! out against the peers in another.
 
+pub mod audit;
 pub mod collector;
+pub mod drain;
 pub mod faults;
 pub mod health;
 pub mod repair;

@@ -135,6 +135,20 @@ pub struct PeerInfo {
     pub load: u32,
     /// Client calls per second at its last report.
     pub client_ops: u32,
+    pub used: u64,
+    /// Why it is leaving, if it is.
+    pub drain: Option<DrainReason>,
+    /// Its used space is at or above the high-water mark: it sheds shards
+    /// and takes no new ones.
+    pub above_high_water: bool,
+}
+
+impl PeerInfo {
+    /// Whether shards are best stored here: up, staying, below the
+    /// high-water mark.
+    fn takes_shards(&self) -> bool {
+        self.state == HolderState::Up && !self.above_high_water
+    }
 }
 
 /// Every known peer by small id, at one moment.
@@ -148,15 +162,15 @@ impl PeerView {
         self.by_id.get(&id).map(|p| HolderView { state: p.state, domain: p.domain.clone() })
     }
 
-    /// Whether an up peer is in a domain outside `used`.
+    /// Whether a peer that takes shards is in a domain outside `used`.
     fn free_domain(&self, used: &HashSet<String>) -> bool {
-        self.by_id.values().any(|p| p.state == HolderState::Up && !used.contains(&p.domain))
+        self.by_id.values().any(|p| p.takes_shards() && !used.contains(&p.domain))
     }
 
     /// Client calls per second over the peers that are up: how busy the
     /// cluster is with foreground I/O.
     pub fn client_ops(&self) -> u64 {
-        self.by_id.values().filter(|p| p.state == HolderState::Up).map(|p| u64::from(p.client_ops)).sum()
+        self.by_id.values().filter(|p| p.state.is_up()).map(|p| u64::from(p.client_ops)).sum()
     }
 
     pub(in crate::directory) fn assess(&self, record: &SegmentRecord, rules: Rules) -> Assessment {
@@ -185,8 +199,14 @@ pub struct RepairJob {
     pub urgency: (usize, usize),
     /// One more lost peer from unreadable: repaired at full speed.
     pub critical: bool,
-    /// Bytes of the shards it would rebuild.
+    /// Bytes of the shards it would rebuild or move.
     pub bytes: u64,
+    /// Shards to move off a peer above the high-water mark: (index, the
+    /// holder the record named when scanned).
+    pub sheds: Vec<(usize, u16)>,
+    /// Only moves (off leaving peers or above the high-water mark):
+    /// redundancy is whole meanwhile.
+    pub moving: bool,
 }
 
 /// What a scan found.
@@ -196,6 +216,8 @@ pub struct Scan {
     pub volumes: HashMap<[u8; VOLUME_ID_LEN], Health>,
     /// Most urgent first.
     pub jobs: Vec<RepairJob>,
+    /// Per peer id: the shards records name it for, and their bytes.
+    pub needed: HashMap<u16, Tally>,
 }
 
 /// How one segment's repair ended.
@@ -218,13 +240,18 @@ impl<S: MetaStore> Directory<S> {
     pub(in crate::directory) async fn peer_view(&self) -> Result<PeerView, Remote> {
         let now = self.now();
         let ids = self.peer_ids().await?;
+        let drains = self.drains().await?;
         let mut view = PeerView::default();
         for (name, r) in self.peers().await? {
             let Some(&id) = ids.get(&name) else { continue };
-            let state = match self.state(&r, now) {
-                PeerState::Up => HolderState::Up,
-                PeerState::Down | PeerState::Failed => HolderState::Down,
-                PeerState::Lost => HolderState::Lost,
+            let drain = drains.get(&name).map(|d| d.reason);
+            let state = match (self.state(&r, now), drain) {
+                // Not trusted: its shards are rebuilt from the others.
+                (_, Some(DrainReason::Audits)) => HolderState::Lost,
+                (PeerState::Up, Some(DrainReason::Operator)) => HolderState::Leaving,
+                (PeerState::Up, None) => HolderState::Up,
+                (PeerState::Down | PeerState::Failed, _) => HolderState::Down,
+                (PeerState::Lost, _) => HolderState::Lost,
             };
             view.by_id.insert(
                 id,
@@ -237,6 +264,9 @@ impl<S: MetaStore> Directory<S> {
                     free: r.report.capacity.saturating_sub(r.report.used),
                     load: r.report.load,
                     client_ops: r.report.client_ops,
+                    used: r.report.used,
+                    drain,
+                    above_high_water: self.above_high_water(&r.report),
                 },
             );
         }
@@ -260,6 +290,16 @@ impl<S: MetaStore> Directory<S> {
         let mut facts: HashMap<[u8; VOLUME_ID_LEN], Option<VolumeFacts>> = HashMap::new();
         let mut after: Option<Vec<u8>> = None;
         let mut jobs: Vec<(RepairJob, Vec<u8>)> = Vec::new();
+        // Peers above the high-water mark: shards they could shed, up to
+        // what would bring their used space to the low-water mark (the
+        // exact need, from what records name, is known after the scan).
+        let mut shed_room: HashMap<u16, u64> = view
+            .by_id
+            .values()
+            .filter(|p| p.above_high_water && p.state == HolderState::Up)
+            .map(|p| (p.id, p.used.saturating_sub(super::drain::low_water(p.capacity, self.high_water()))))
+            .collect();
+        let mut sheds: Vec<(u16, u64, RepairJob, Vec<u8>)> = Vec::new();
         loop {
             let page = self.meta.list_range(b"segs/", after.as_deref(), PAGE).await?;
             let Some(last) = page.last() else { break };
@@ -277,26 +317,68 @@ impl<S: MetaStore> Directory<S> {
                 let a = view.assess(&record, rules(&v.spec));
                 let shard = shard_len(&v.spec, &record);
                 let bytes = shard * record.peers.len() as u64;
+                let mut named = HashSet::new();
+                for &id in record.peers.iter().filter(|&&id| id != 0) {
+                    if named.insert(id) {
+                        scan.needed.entry(id).or_default().add(shard);
+                    }
+                }
                 let mut h = Health::default();
                 h.count(a.health, bytes);
                 h.misplaced += u64::from(a.misplaced);
+                let job = |bytes: u64, moving: bool, sheds: Vec<(usize, u16)>| RepairJob {
+                    volume,
+                    segment,
+                    urgency: if moving { (usize::MAX, usize::MAX) } else { health::urgency(&a) },
+                    critical: a.health == SegmentHealth::Critical,
+                    bytes,
+                    sheds,
+                    moving,
+                };
                 if !a.rebuild.is_empty() {
                     let rebuilt = shard * a.rebuild.len() as u64;
                     h.to_repair.add(rebuilt);
-                    jobs.push((
-                        RepairJob {
-                            volume,
-                            segment,
-                            urgency: health::urgency(&a),
-                            critical: a.health == SegmentHealth::Critical,
-                            bytes: rebuilt,
-                        },
-                        e.key.clone(),
-                    ));
+                    jobs.push((job(rebuilt, false, Vec::new()), e.key.clone()));
+                } else if !a.moves.is_empty() {
+                    let moved = shard * a.moves.len() as u64;
+                    h.to_move.add(moved);
+                    jobs.push((job(moved, true, Vec::new()), e.key.clone()));
+                } else if a.health == SegmentHealth::Whole || a.health == SegmentHealth::Degraded {
+                    // One shard of a peer above the high-water mark moves,
+                    // if it still has room to shed.
+                    let on = record
+                        .peers
+                        .iter()
+                        .enumerate()
+                        .find(|(_, id)| shed_room.get(id).is_some_and(|&left| left > 0));
+                    if let Some((i, &id)) = on {
+                        let left = shed_room.get_mut(&id).expect("found above");
+                        *left = left.saturating_sub(shard);
+                        sheds.push((id, shard, job(shard, true, vec![(i, id)]), e.key.clone()));
+                    }
                 }
                 scan.health.merge(&h);
                 scan.volumes.entry(volume).or_default().merge(&h);
             }
+        }
+        // Shed only what brings the shards records name to the low-water
+        // mark (what a peer holds beyond them is the collector's).
+        let mut need: HashMap<u16, u64> = HashMap::new();
+        for p in view.by_id.values().filter(|p| shed_room.contains_key(&p.id)) {
+            let named = scan.needed.get(&p.id).map_or(0, |t| t.bytes);
+            need.insert(p.id, named.saturating_sub(super::drain::low_water(p.capacity, self.high_water())));
+        }
+        for (id, shard, job, key) in sheds {
+            let left = need.get_mut(&id).expect("shedding peers only");
+            if *left == 0 {
+                continue;
+            }
+            *left = left.saturating_sub(shard);
+            let mut h = Health::default();
+            h.to_move.add(shard);
+            scan.health.merge(&h);
+            scan.volumes.entry(job.volume).or_default().merge(&h);
+            jobs.push((job, key));
         }
         jobs.sort_by(|(a, ka), (b, kb)| a.urgency.cmp(&b.urgency).then_with(|| ka.cmp(kb)));
         scan.jobs = jobs.into_iter().map(|(j, _)| j).collect();
@@ -319,7 +401,16 @@ impl<S: MetaStore> Directory<S> {
         let record = SegmentRecord::decode(&entry.value)
             .map_err(|x| internal(format!("segment {} of volume {}: {x}", job.segment, v.spec.name)))?;
         let a = view.assess(&record, rules(&v.spec));
-        if a.rebuild.is_empty() {
+        // Rebuilds first; else moves off leaving peers; else what the scan
+        // chose to shed off a full peer, if the record still names it.
+        let make: Vec<usize> = if !a.rebuild.is_empty() {
+            a.rebuild.clone()
+        } else if !a.moves.is_empty() {
+            a.moves.clone()
+        } else {
+            job.sheds.iter().filter(|&&(i, id)| record.peers.get(i) == Some(&id)).map(|&(i, _)| i).collect()
+        };
+        if make.is_empty() {
             return Ok(out);
         }
         let shard_bytes = shard_len(&v.spec, &record);
@@ -335,11 +426,17 @@ impl<S: MetaStore> Directory<S> {
                 .filter(|p| p.free.saturating_sub(debits.get(&p.id).copied().unwrap_or(0)) >= shard_bytes)
                 .collect();
             open.sort_by_key(|p| p.id);
+            // Peers above the high-water mark take a rebuilt shard only
+            // when too few others can (never a moved one: pointless).
+            let roomy = open.iter().filter(|p| !p.above_high_water).count();
+            if roomy >= make.len() || a.rebuild.is_empty() {
+                open.retain(|p| !p.above_high_water);
+            }
             open
         };
         let mut taken: HashMap<String, usize> = HashMap::new();
         for (i, &id) in record.peers.iter().enumerate() {
-            if id == 0 || a.rebuild.contains(&i) {
+            if id == 0 || make.contains(&i) {
                 continue;
             }
             if let Some(p) = view.by_id.get(&id).filter(|p| p.state != HolderState::Lost) {
@@ -357,9 +454,9 @@ impl<S: MetaStore> Directory<S> {
                 rtt_micros: None,
             })
             .collect();
-        let n = a.rebuild.len().min(candidates.len());
+        let n = make.len().min(candidates.len());
         if n == 0 {
-            out.failed = a.rebuild.len() as u64;
+            out.failed = make.len() as u64;
             tracing::info!(
                 "repair of segment {} of volume {}: no up peer without a shard of it has {} bytes free",
                 job.segment,
@@ -382,14 +479,14 @@ impl<S: MetaStore> Directory<S> {
             .iter()
             .enumerate()
             .filter_map(|(i, &id)| {
-                let p = view.by_id.get(&id).filter(|p| p.state == HolderState::Up)?;
+                let p = view.by_id.get(&id).filter(|p| p.state.is_up())?;
                 Some((p.load, ShardSource { index: i as u8, peer: p.addr.clone() }))
             })
             .collect();
         sources.sort_by_key(|(load, s)| (*load, s.index));
         let sources: Vec<ShardSource> = sources.into_iter().map(|(_, s)| s).collect();
         let root = SegmentRoot(record.root);
-        let calls = a.rebuild.iter().zip(&picked).map(|(&index, &pick)| {
+        let calls = make.iter().zip(&picked).map(|(&index, &pick)| {
             let target = open[pick];
             let key = SegmentShardKey { volume: job.volume, segment: job.segment, index: index as u8 };
             let sources = sources.clone();
@@ -416,7 +513,7 @@ impl<S: MetaStore> Directory<S> {
                 }
             }
         }
-        out.failed += (a.rebuild.len() - n) as u64;
+        out.failed += (make.len() - n) as u64;
         if stored.is_empty() {
             return Ok(out);
         }
@@ -523,10 +620,15 @@ impl<S: MetaStore, R: Rebuilder> RepairWorker<S, R> {
             .map_or(Duration::ZERO, |(t, _)| now.duration_since(*t))
             .max(Duration::from_secs(1));
         let rate = (self.recent.iter().map(|(_, b)| b).sum::<u64>() as f64 / window.as_secs_f64()) as u64;
-        let queued =
-            Tally { segments: self.queue.len() as u64, bytes: self.queue.iter().map(|j| j.bytes).sum() };
+        let (mut queued, mut moving) = (Tally::default(), Tally::default());
+        for j in &self.queue {
+            if j.moving { &mut moving } else { &mut queued }.add(j.bytes);
+        }
         let mut p = self.dir.repair.lock().expect("not poisoned");
         p.queued = queued;
+        p.moving = moving;
+        let queued =
+            Tally { segments: queued.segments + moving.segments, bytes: queued.bytes + moving.bytes };
         p.in_flight = in_flight;
         p.rate = rate;
         p.eta_secs = (queued.segments + in_flight > 0 && rate > 0).then(|| queued.bytes.div_ceil(rate));

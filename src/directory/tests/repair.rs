@@ -13,16 +13,16 @@ use crate::directory::heal::repair::Rebuilder;
 
 /// One `Rebuild` as the fake received it.
 #[derive(Clone, Debug)]
-struct Call {
-    target: String,
-    key: SegmentShardKey,
-    epoch: u64,
-    need: u8,
-    sources: Vec<ShardSource>,
+pub(super) struct Call {
+    pub(super) target: String,
+    pub(super) key: SegmentShardKey,
+    pub(super) epoch: u64,
+    pub(super) need: u8,
+    pub(super) sources: Vec<ShardSource>,
 }
 
 #[derive(Clone, Default)]
-struct FakeRebuilder {
+pub(super) struct FakeRebuilder {
     calls: Arc<Mutex<Vec<Call>>>,
     erased: Arc<Mutex<Vec<(String, SegmentShardKey)>>>,
     /// When set: each rebuild says it started, then waits to proceed.
@@ -68,14 +68,20 @@ impl Rebuilder for FakeRebuilder {
 }
 
 impl FakeRebuilder {
-    fn calls(&self) -> Vec<Call> {
+    pub(super) fn calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
     }
 }
 
 /// Volume `vol-1`: k, m and threshold as given, leased to client-1, with
 /// `segments` (records by peer id: peer-i has id i + 1, domain d<i / 2>).
-async fn volume_with(f: &Fixture, k: u8, m: u8, threshold: u8, segments: Vec<(SegmentId, SegmentRecord)>) {
+pub(super) async fn volume_with(
+    f: &Fixture,
+    k: u8,
+    m: u8,
+    threshold: u8,
+    segments: Vec<(SegmentId, SegmentRecord)>,
+) {
     f.create_volume(VolumeSpec { repair_threshold: threshold, ..spec("vol-1", 1, k, m) }).await;
     assert_eq!(f.acquire("client-1", "vol-1", false).await.unwrap().epoch, 1);
     let top = segments.iter().map(|(id, _)| *id).max().unwrap();
@@ -83,12 +89,12 @@ async fn volume_with(f: &Fixture, k: u8, m: u8, threshold: u8, segments: Vec<(Se
     f.commit_root("client-1", c).await.unwrap();
 }
 
-fn ids_of(r: &SegmentRecord) -> Vec<u16> {
+pub(super) fn ids_of(r: &SegmentRecord) -> Vec<u16> {
     r.peers.clone()
 }
 
 /// A heartbeat of peer-i from a failure domain of its own (`x<i>`).
-async fn heartbeat_alone(f: &Fixture, i: usize) {
+pub(super) async fn heartbeat_alone(f: &Fixture, i: usize) {
     let report = PeerReport {
         addr: addr_of(i),
         failure_domain: format!("x{i}"),
@@ -103,7 +109,7 @@ async fn heartbeat_alone(f: &Fixture, i: usize) {
 }
 
 /// `n` peers, each its own failure domain.
-async fn peers_alone(n: usize) -> Fixture {
+pub(super) async fn peers_alone(n: usize) -> Fixture {
     let f = Fixture::new().await;
     for i in 0..n {
         heartbeat_alone(&f, i).await;
@@ -113,7 +119,7 @@ async fn peers_alone(n: usize) -> Fixture {
 
 /// Moves the clock by `d` in 5 s steps, peers `alive` heartbeating (from
 /// their own domains) and client-1 renewing its lease.
-async fn pass(f: &Fixture, d: Duration, alive: &[usize]) {
+pub(super) async fn pass(f: &Fixture, d: Duration, alive: &[usize]) {
     let step = Duration::from_secs(5);
     let mut left = d;
     while !left.is_zero() {
@@ -420,7 +426,7 @@ async fn a_rebuilt_copy_waiting_for_its_record_is_not_erased_by_reconciliation()
     let copy = shard(1, seg(1, 1), 0);
     peers.hold(4, copy);
     let mut orphans = collector::Orphans::default();
-    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
 
     // Later than the grace, a reconciliation reads the record (shard 0 on
     // peer-0) and erases peer-4's copy; a repair round gets in between and
@@ -432,7 +438,7 @@ async fn a_rebuilt_copy_waiting_for_its_record_is_not_erased_by_reconciliation()
         trigger: copy,
         repaired: Default::default(),
     };
-    f.dir.reconcile(&racing, &mut orphans).await.unwrap();
+    f.dir.reconcile(&racing, &mut orphans, None).await.unwrap();
     // Whatever happened meanwhile, repair has its round now.
     f.dir.repair_round(&StoringRebuilder { peers: peers.clone() }).await.unwrap();
     let now = f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap();
@@ -445,8 +451,8 @@ async fn a_rebuilt_copy_waiting_for_its_record_is_not_erased_by_reconciliation()
     );
     // And the copy is live from now on: later passes leave it.
     pass(&f, 2 * GRACE, &[1, 2, 3, 4]).await;
-    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
-    f.dir.reconcile(&peers, &mut orphans).await.unwrap();
+    f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
+    f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
     assert!(peers.holds(4, copy));
     assert!(orphans.is_empty());
 }
@@ -465,16 +471,16 @@ async fn a_copy_kept_for_repair_is_erased_once_its_index_has_an_up_holder_again(
     let mut orphans = collector::Orphans::default();
     // While shard 0's holder is lost, the copy on peer-4 is repair's to
     // record: not an orphan, however long it waits.
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 0);
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 0);
     pass(&f, 2 * GRACE, &[1, 2, 3, 4]).await;
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().erased, 0);
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().erased, 0);
     assert!(peers.holds(4, copy));
     // peer-0 is back, holding shard 0 as recorded: the copy is surplus,
     // erased a grace after it is first seen as such.
     pass(&f, Duration::from_secs(5), &[0, 1, 2, 3, 4]).await;
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().found, 1);
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
     pass(&f, GRACE, &[0, 1, 2, 3, 4]).await;
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans).await.unwrap().erased, 1);
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().erased, 1);
     assert!(!peers.holds(4, copy) && peers.holds(0, copy));
 }
 

@@ -64,16 +64,6 @@ pub enum SegmentIoError {
     },
 }
 
-/// Names in the log a holder whose answer did not verify (or who said its
-/// own copy is corrupt), even when the read then succeeds from the other
-/// shards: a peer serving stale or altered shards must not go unnoticed
-/// just because the erasure code hides it.
-fn note_untrusted(e: &ClientError) {
-    if e.kind() == Some(ErrorKind::Corrupt) {
-        tracing::warn!("{e}; not trusted, trying the other shards");
-    }
-}
-
 fn list(failures: &[ClientError]) -> String {
     if failures.is_empty() {
         return "no peer to ask".into();
@@ -132,6 +122,9 @@ pub struct SegmentIo {
     /// Peers a call could not reach, by name, and when: reads go around
     /// them for [`AVOID_FOR`] instead of waiting a hedge on each.
     unreachable: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Shards (and holders) whose answers did not verify, already reported
+    /// to the directory.
+    reported: Arc<Mutex<std::collections::HashSet<(SegmentShardKey, String)>>>,
 }
 
 /// How long a peer that could not be reached is read around.
@@ -156,7 +149,38 @@ impl SegmentIo {
             headers: Default::default(),
             suspects: Default::default(),
             unreachable: Default::default(),
+            reported: Default::default(),
         }
+    }
+
+    /// Names in the log a holder whose answer did not verify (or who said
+    /// its own copy is corrupt), even when the read then succeeds from the
+    /// other shards: a peer serving stale or altered shards must not go
+    /// unnoticed just because the erasure code hides it. An answer that
+    /// failed the reader's own check is reported to the directory (once),
+    /// which audits that shard on that peer; a peer that found its copy
+    /// corrupt reports it itself.
+    fn note_untrusted(&self, e: &ClientError) {
+        if e.kind() != Some(ErrorKind::Corrupt) {
+            return;
+        }
+        tracing::warn!("{e}; not trusted, trying the other shards");
+        let ClientError::BadShard { peer, key, .. } = e else { return };
+        {
+            let mut r = self.reported.lock().expect("reported");
+            if r.len() >= HEADERS_KEPT {
+                r.clear();
+            }
+            if !r.insert((*key, peer.clone())) {
+                return;
+            }
+        }
+        let (client, key, peer) = (self.client.clone(), *key, peer.clone());
+        tokio::spawn(async move {
+            if let Err(e) = client.suspect_shard(key, &peer).await {
+                tracing::info!("reporting shard {} of segment {} on {peer}: {e}", key.index, key.segment);
+            }
+        });
     }
 
     /// Notes a failed call to `peer` (only a failure to reach it counts).
@@ -356,7 +380,7 @@ impl SegmentIo {
                     return Ok(h);
                 }
                 Ok((peer, Err(e))) => {
-                    note_untrusted(&e);
+                    self.note_untrusted(&e);
                     self.note_failure(&peer, &e);
                     self.suspect(seg.id);
                     failures.push(e);
@@ -416,7 +440,7 @@ impl SegmentIo {
                 return Err(format!("{} could not be reached a moment ago", peer.name));
             }
             self.client.get_blocks(peer, Self::key(seg, shard), &root, bps, from, count).await.map_err(|e| {
-                note_untrusted(&e);
+                self.note_untrusted(&e);
                 self.note_failure(peer, &e);
                 e.to_string()
             })
@@ -534,7 +558,7 @@ impl SegmentIo {
                     }
                 }
                 Err(e) => {
-                    note_untrusted(&e);
+                    self.note_untrusted(&e);
                     self.note_failure(&peer, &e);
                     self.suspect(seg.id);
                     failures.push(e);

@@ -1,0 +1,214 @@
+//! Drains, the high-water mark, removal and audits, in process: the
+//! directory on a manual clock, peers that heartbeat, a fake rebuilder
+//! and a fake auditor whose answers the test scripts.
+
+use std::collections::VecDeque;
+
+use super::repair::*;
+use super::*;
+use crate::codec::segment::SegmentRoot;
+use crate::directory::heal::audit::{Auditor, Outcome};
+
+async fn admin(f: &Fixture, req: DirRequest) -> Result<DirResponse, Remote> {
+    f.ask("admin", Role::Admin, req).await
+}
+
+async fn record_of(f: &Fixture, id: SegmentId) -> SegmentRecord {
+    f.segment_records("vol-1", vec![id]).await[0].clone().unwrap()
+}
+
+#[tokio::test]
+async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_be_removed() {
+    let f = peers_alone(8).await;
+    volume_with(
+        &f,
+        2,
+        2,
+        4,
+        vec![(seg(1, 1), record(&[1, 2, 3, 4], 1)), (seg(1, 2), record(&[2, 5, 6, 7], 2))],
+    )
+    .await;
+    // Only admins drain; an unknown peer is named as such.
+    let err = f.client("client-1", DirRequest::DrainPeer { peer: "peer-1".into(), cancel: false }).await;
+    assert_eq!(err.unwrap_err().kind, ErrorKind::Refused);
+    let err = admin(&f, DirRequest::DrainPeer { peer: "peer-99".into(), cancel: false }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound);
+
+    admin(&f, DirRequest::DrainPeer { peer: "peer-1".into(), cancel: false }).await.unwrap();
+    let s = f.status().await;
+    let p = s.peers.iter().find(|p| p.name == "peer-1").unwrap();
+    assert_eq!(p.drain.as_ref().map(|d| d.reason), Some(DrainReason::Operator));
+    assert_eq!(p.needed.segments, 2);
+    // Redundancy is whole meanwhile; two shards are to move.
+    assert_eq!((s.health.whole, s.health.to_move.segments, s.health.to_repair.segments), (2, 2, 0));
+    assert_eq!(s.verdict, Verdict::HealthOk, "a drain is not a repair");
+    // Removing it now is refused, with how many shards it still holds.
+    let err = admin(&f, DirRequest::RemovePeer { peer: "peer-1".into() }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict);
+    assert!(
+        err.message.contains("still holds 2 shards") && err.message.contains("peer drain peer-1"),
+        "{err}"
+    );
+    // New placements avoid it.
+    for p in f.place_segments("client-1", "vol-1", 1, 20, vec![]).await.unwrap() {
+        assert!(p.peers.iter().all(|s| s.addr.name != "peer-1"), "{p:?}");
+    }
+
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!((r.shards, r.failed), (2, 0));
+    for c in rebuilder.calls() {
+        // Copied from the draining peer itself (a source holding that very
+        // index), to a peer holding nothing of the segment, never to it.
+        assert!(c.sources.iter().any(|s| s.index == c.key.index && s.peer.name == "peer-1"), "{c:?}");
+        assert_ne!(c.target, "peer-1");
+    }
+    let (a, b) = (record_of(&f, seg(1, 1)).await, record_of(&f, seg(1, 2)).await);
+    assert!(!a.peers.contains(&2) && !b.peers.contains(&2), "{a:?} {b:?}");
+    assert_eq!((a.peers[0], a.peers[2], a.peers[3]), (1, 3, 4), "only the drained index moved");
+    let s = f.status().await;
+    assert_eq!(s.peers.iter().find(|p| p.name == "peer-1").unwrap().needed.segments, 0);
+    assert_eq!((s.health.whole, s.health.to_move.segments), (2, 0));
+    assert!(f.dir.repair_round(&rebuilder).await.unwrap() == Default::default());
+
+    // Now it may go, and its heartbeats are refused from then on.
+    admin(&f, DirRequest::RemovePeer { peer: "peer-1".into() }).await.unwrap();
+    assert!(!f.peer_status().await.contains_key("peer-1"));
+    let report = PeerReport {
+        addr: addr_of(1),
+        failure_domain: "x1".into(),
+        capacity: GIB,
+        used: 0,
+        load: 0,
+        client_ops: 0,
+        problem: None,
+        rtts: vec![],
+    };
+    let err = f.ask("peer-1", Role::Peer, DirRequest::Heartbeat(report)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Refused);
+    assert!(err.message.contains("was removed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_cancelled_drain_moves_nothing_more() {
+    let f = peers_alone(6).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    admin(&f, DirRequest::DrainPeer { peer: "peer-0".into(), cancel: false }).await.unwrap();
+    admin(&f, DirRequest::DrainPeer { peer: "peer-0".into(), cancel: true }).await.unwrap();
+    let rebuilder = FakeRebuilder::default();
+    assert!(f.dir.repair_round(&rebuilder).await.unwrap() == Default::default());
+    assert!(f.peer_status().await["peer-0"].drain.is_none());
+}
+
+#[tokio::test]
+async fn a_peer_above_the_high_water_mark_sheds_only_its_excess_and_gets_nothing_new() {
+    let f = peers_alone(8).await;
+    let segments: Vec<(SegmentId, SegmentRecord)> =
+        (1..=4).map(|n| (seg(1, n), record(&[1, 1 + n as u16, 7, 8], n as u8))).collect();
+    volume_with(&f, 2, 2, 4, segments).await;
+    // peer-0 (id 1) holds 4 shards and reports its capacity of 4 shards
+    // full: 100% used, above 90%; the low-water mark (85%) is 3.4 shards,
+    // so one shard moves.
+    let shard = f.status().await.peers.iter().find(|p| p.name == "peer-0").unwrap().needed.bytes / 4;
+    let full = PeerReport {
+        addr: addr_of(0),
+        failure_domain: "x0".into(),
+        capacity: 4 * shard,
+        used: 4 * shard,
+        load: 0,
+        client_ops: 0,
+        problem: None,
+        rtts: vec![],
+    };
+    f.ask("peer-0", Role::Peer, DirRequest::Heartbeat(full)).await.unwrap();
+    let s = f.status().await;
+    let p = s.peers.iter().find(|p| p.name == "peer-0").unwrap();
+    assert!(p.above_high_water);
+    assert_eq!(s.health.to_move.segments, 1, "{:?}", s.health);
+    for p in f.place_segments("client-1", "vol-1", 1, 20, vec![]).await.unwrap() {
+        assert!(p.peers.iter().all(|s| s.addr.name != "peer-0"), "{p:?}");
+    }
+    let rebuilder = FakeRebuilder::default();
+    let r = f.dir.repair_round(&rebuilder).await.unwrap();
+    assert_eq!(r.shards, 1);
+    let calls = rebuilder.calls();
+    assert_eq!(calls[0].key.index, 0);
+    assert!(calls[0].sources.iter().any(|s| s.index == 0 && s.peer.name == "peer-0"), "copied off it");
+    assert_eq!(f.status().await.peers.iter().find(|p| p.name == "peer-0").unwrap().needed.segments, 3);
+    // Below the low-water mark by what records name: nothing more moves.
+    assert!(f.dir.repair_round(&rebuilder).await.unwrap() == Default::default());
+}
+
+/// A challenge as the fake received it: peer, shard, block.
+type Asked = (String, SegmentShardKey, Option<u32>);
+
+/// Answers challenges from a script, recording them.
+#[derive(Clone, Default)]
+struct FakeAuditor {
+    script: Arc<Mutex<VecDeque<Outcome>>>,
+    asked: Arc<Mutex<Vec<Asked>>>,
+}
+
+impl Auditor for FakeAuditor {
+    async fn challenge(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        _root: SegmentRoot,
+        block: Option<u32>,
+    ) -> Outcome {
+        self.asked.lock().unwrap().push((peer.name.clone(), key, block));
+        self.script.lock().unwrap().pop_front().unwrap_or(Outcome::Passed)
+    }
+}
+
+#[tokio::test]
+async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_rebuilt_from_others() {
+    let f = peers_alone(8).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    let auditor = FakeAuditor::default();
+    // Passing challenges land on the holders, one random block each.
+    for _ in 0..8 {
+        assert_eq!(f.dir.audit_once(&auditor).await.unwrap(), Some(Outcome::Passed));
+    }
+    let asked = auditor.asked.lock().unwrap().clone();
+    assert!(asked.iter().all(|(_, k, b)| k.segment == seg(1, 1) && *b == Some(0)), "{asked:?}");
+    let tallies: u64 = f.status().await.peers.iter().map(|p| p.audits.audits).sum();
+    assert_eq!(tallies, 8);
+
+    // A reader's suspicion is challenged first, on the whole shard; an
+    // honest loss forgets the shard and counts against the peer.
+    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
+        DirResponse::Volume(v) => v,
+        other => panic!("{other:?}"),
+    };
+    let key = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 2 };
+    f.client("client-1", DirRequest::SuspectShard { shard: key, peer: "peer-2".into() }).await.unwrap();
+    auditor.script.lock().unwrap().push_back(Outcome::Missing("no such shard".into()));
+    assert!(matches!(f.dir.audit_once(&auditor).await.unwrap(), Some(Outcome::Missing(_))));
+    assert_eq!(auditor.asked.lock().unwrap().last().unwrap(), &("peer-2".to_owned(), key, None));
+    assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![1, 2, 0, 4]);
+    let p = &f.peer_status().await["peer-2"];
+    assert_eq!((p.audits.failed, p.audits.lies), (1, 0));
+    assert!(p.drain.is_none(), "one honest loss is not a reason to drain");
+
+    // A lie: the peer is drained for failed audits and its shards count
+    // as lost: rebuilt from the others, never copied from it.
+    auditor.script.lock().unwrap().push_back(Outcome::Lie("proof does not verify".into()));
+    let before = auditor.asked.lock().unwrap().len();
+    f.dir.audit_once(&auditor).await.unwrap();
+    let liar = auditor.asked.lock().unwrap()[before].0.clone();
+    let s = f.peer_status().await;
+    assert_eq!(s[&liar].drain.as_ref().map(|d| d.reason), Some(DrainReason::Audits));
+    assert_eq!(s[&liar].audits.lies, 1);
+    let rebuilder = FakeRebuilder::default();
+    f.dir.repair_round(&rebuilder).await.unwrap();
+    let now = record_of(&f, seg(1, 1)).await;
+    let liar_id = (liar.strip_prefix("peer-").unwrap().parse::<u16>().unwrap()) + 1;
+    assert!(!now.peers.contains(&liar_id) && !now.peers.contains(&0), "{now:?}");
+    for c in rebuilder.calls() {
+        assert!(c.sources.iter().all(|s| s.peer.name != liar), "{c:?}");
+        assert_ne!(c.target, liar);
+    }
+    assert_eq!(f.status().await.verdict, Verdict::HealthOk);
+}
