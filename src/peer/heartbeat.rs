@@ -55,7 +55,8 @@ pub(super) struct Heartbeat {
     reached: bool,
     /// Since when, and why, the directory has not answered.
     failing: Option<(Instant, String)>,
-    /// Where a refusal of the first heartbeat goes.
+    /// Where a refusal goes (of the first heartbeat, or the directory's
+    /// later on).
     refused: Option<oneshot::Sender<ClientError>>,
 }
 
@@ -145,7 +146,10 @@ impl Worker for Heartbeat {
                 self.peers = peers;
             }
             Ok(other) => tracing::warn!("the directory answered a heartbeat with {other:?}"),
-            Err(e) if fatal(&e) && !self.reached => {
+            // A refusal ends the peer: of its first report (not a member),
+            // or later, from the directory itself (removed from the
+            // cluster: `meshdisk peer remove`).
+            Err(e) if fatal(&e) && (!self.reached || matches!(e, ClientError::Directory(_))) => {
                 if let Some(refused) = self.refused.take() {
                     let _ = refused.send(e);
                 }

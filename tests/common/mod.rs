@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod fs;
+pub mod heal;
 pub mod rawclient;
 
 use std::io::{BufRead, BufReader};

@@ -603,11 +603,13 @@ impl<S: MetaStore> Directory<S> {
             .up_peers()
             .await?
             .into_iter()
-            .filter(|(name, _)| only.is_none_or(|o| o.contains(name)))
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
         let ids = self.peer_ids().await?;
+        // Every up peer counts as a holder (a copy is surplus once another
+        // up peer holds its index), though only `only`'s are listed.
         let up_ids: HashSet<u16> = up.iter().filter_map(|p| ids.get(&p.name).copied()).collect();
+        let up: Vec<PeerAddr> = up.into_iter().filter(|p| only.is_none_or(|o| o.contains(&p.name))).collect();
         // Orphans seen in this pass, and the (peer, volume) listings that
         // completed: a sighting not renewed by a complete listing is
         // forgotten (the shard is gone, or became live).

@@ -71,6 +71,27 @@ async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_
     assert_eq!((s.health.whole, s.health.to_move.segments), (2, 0));
     assert!(f.dir.repair_round(&rebuilder).await.unwrap() == Default::default());
 
+    // The copies left on it are erased by a reconciliation of the leaving
+    // peer alone, once seen for the grace (the new holders are up).
+    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
+        DirResponse::Volume(v) => v,
+        other => panic!("{other:?}"),
+    };
+    let copies = vec![
+        SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 },
+        SegmentShardKey { volume: v.spec.id, segment: seg(1, 2), index: 0 },
+    ];
+    let peers = FakePeers::default();
+    peers.held.lock().unwrap().insert("peer-1".into(), copies.clone());
+    let only: HashSet<String> = ["peer-1".to_owned()].into();
+    let mut orphans = collector::Orphans::default();
+    let r = f.dir.reconcile(&peers, &mut orphans, Some(&only)).await.unwrap();
+    assert_eq!((r.found, r.erased), (2, 0));
+    pass(&f, GRACE, &(0..8).collect::<Vec<_>>()).await;
+    let r = f.dir.reconcile(&peers, &mut orphans, Some(&only)).await.unwrap();
+    assert_eq!(r.erased, 2);
+    assert!(peers.held.lock().unwrap()["peer-1"].is_empty());
+
     // Now it may go, and its heartbeats are refused from then on.
     admin(&f, DirRequest::RemovePeer { peer: "peer-1".into() }).await.unwrap();
     assert!(!f.peer_status().await.contains_key("peer-1"));
