@@ -53,9 +53,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use super::errors::reply_for;
-use super::handshake::{Export, negotiate};
+use super::handshake::{Export, MetaContext, negotiate};
 use super::proto::*;
-use crate::backend::{self, Backend, Extent, ReadData, ReadPiece, ZeroFlags};
+use crate::backend::{self, Backend, ReadData, ReadPiece, ZeroFlags};
 use crate::sys::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
@@ -137,11 +137,16 @@ impl<B: Backend> Server<B> {
         set(f.fast_zero && f.write_zeroes && !read_only, TFLAG_SEND_FAST_ZERO);
         set(f.cache, TFLAG_SEND_CACHE);
         set(f.multi_conn, TFLAG_CAN_MULTI_CONN);
+        let mut contexts = vec![MetaContext::BaseAllocation];
+        if f.health {
+            contexts.push(MetaContext::MeshdiskHealth);
+        }
         let export = Export {
             name: config.export_name,
             description: config.description,
             size: backend.size(),
             tflags,
+            contexts,
         };
         let limits = config.limits;
         Self {
@@ -276,7 +281,8 @@ enum Reply {
     Ok { cookie: u64 },
     Error { cookie: u64, error: NbdError, message: String },
     Read { cookie: u64, offset: u64, data: ReadData, df: bool },
-    BlockStatus { cookie: u64, extents: Vec<(u32, u32)> },
+    /// One chunk per selected context: its id and descriptors.
+    BlockStatus { cookie: u64, chunks: Vec<(u32, Vec<(u32, u32)>)> },
 }
 
 fn command_name(c: &Command) -> &'static str {
@@ -315,12 +321,32 @@ async fn execute<B: Backend>(
             let flags = ZeroFlags { fua, may_trim: !no_hole, fast };
             backend.write_zeroes(offset, length, flags).await
         }
-        Command::BlockStatus { offset, length, req_one } => {
-            match backend.block_status(offset, length).await {
-                Ok(extents) => {
-                    return Reply::BlockStatus { cookie, extents: descriptors(&extents, length, req_one) };
+        Command::BlockStatus { offset, length, req_one, allocation, health } => {
+            let mut chunks = Vec::with_capacity(2);
+            let mut failed = None;
+            if allocation {
+                match backend.block_status(offset, length).await {
+                    Ok(extents) => {
+                        let runs = extents.iter().map(|e| {
+                            (e.length, if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 })
+                        });
+                        chunks.push((BASE_ALLOCATION_ID, descriptors(runs, length, req_one)));
+                    }
+                    Err(e) => failed = Some(e),
                 }
-                Err(e) => Err(e),
+            }
+            if health && failed.is_none() {
+                match backend.health_status(offset, length).await {
+                    Ok(extents) => {
+                        let runs = extents.iter().map(|e| (e.length, e.flags()));
+                        chunks.push((MESHDISK_HEALTH_ID, descriptors(runs, length, req_one)));
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            match failed {
+                None => return Reply::BlockStatus { cookie, chunks },
+                Some(e) => Err(e),
             }
         }
         Command::Disconnect => unreachable!("DISC is handled by the reader"),
@@ -341,20 +367,20 @@ async fn execute<B: Backend>(
     }
 }
 
-/// Turns extents into `base:allocation` descriptors: at least one, none
-/// longer than the request in total, one only with REQ_ONE.
-fn descriptors(extents: &[Extent], length: u32, req_one: bool) -> Vec<(u32, u32)> {
-    let mut out = Vec::with_capacity(extents.len().max(1));
+/// Turns one context's runs (length, status flags) into descriptors: at
+/// least one, none longer than the request in total, one only with
+/// REQ_ONE.
+fn descriptors(runs: impl Iterator<Item = (u64, u32)>, length: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out = Vec::with_capacity(runs.size_hint().0.max(1));
     let mut left = u64::from(length);
-    for e in extents {
+    for (run, flags) in runs {
         if left == 0 || (req_one && !out.is_empty()) {
             break;
         }
-        let n = e.length.min(left);
+        let n = run.min(left);
         if n == 0 {
             continue;
         }
-        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
         out.push((n as u32, flags));
         left -= n;
     }
@@ -597,8 +623,11 @@ impl Encoder {
                     put_simple_reply(h, cookie, error.code())
                 }
             }
-            Reply::BlockStatus { cookie, extents } => {
-                put_block_status_chunk(h, cookie, BASE_ALLOCATION_ID, &extents)
+            Reply::BlockStatus { cookie, chunks } => {
+                let n = chunks.len();
+                for (i, (context, extents)) in chunks.iter().enumerate() {
+                    put_block_status_chunk(h, cookie, i + 1 == n, *context, extents);
+                }
             }
             Reply::Read { cookie, data, .. } if !self.structured => {
                 put_simple_reply(h, cookie, 0);
@@ -788,11 +817,12 @@ mod tests {
 
     #[test]
     fn descriptors_respect_request() {
-        let e = |length, hole| Extent { length, hole, zero: hole };
-        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, false), vec![(10, 3), (5, 0)]);
-        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, true), vec![(10, 3)]);
-        assert_eq!(descriptors(&[], 15, false), vec![(15, 0)]);
-        assert_eq!(descriptors(&[e(1 << 40, false)], 7, false), vec![(7, 0)]);
+        let d = |runs: &[(u64, u32)], length, req_one| descriptors(runs.iter().copied(), length, req_one);
+        assert_eq!(d(&[(10, 3), (10, 0)], 15, false), vec![(10, 3), (5, 0)]);
+        assert_eq!(d(&[(10, 3), (10, 0)], 15, true), vec![(10, 3)]);
+        assert_eq!(d(&[], 15, false), vec![(15, 0)]);
+        assert_eq!(d(&[(1 << 40, 0)], 7, false), vec![(7, 0)]);
+        assert_eq!(d(&[(0, 1), (4, 9), (8, 1)], 100, false), vec![(4, 9), (8, 1)]);
     }
 
     #[test]
