@@ -45,6 +45,7 @@ const SHARD_BYTES: u64 = 4096 + 256;
 const GIB: u64 = 1 << 30;
 
 mod repair;
+mod segment_health;
 
 struct Fixture {
     dir: Arc<Directory<RedbStore>>,

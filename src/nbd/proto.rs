@@ -255,16 +255,43 @@ impl Session {
 /// every flag is one this command and this session allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u32, df: bool },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    Cache { offset: u64, length: u32 },
-    WriteZeroes { offset: u64, length: u32, fua: bool, no_hole: bool, fast: bool },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+    },
     /// One reply chunk per selected context: `allocation` for
     /// `base:allocation`, `health` for `meshdisk:health` (at least one).
-    BlockStatus { offset: u64, length: u32, req_one: bool, allocation: bool, health: bool },
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+        allocation: bool,
+        health: bool,
+    },
 }
 
 /// Why a framed request may not run: the error to send and the cause to log.

@@ -278,11 +278,25 @@ struct Outgoing {
 type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 enum Reply {
-    Ok { cookie: u64 },
-    Error { cookie: u64, error: NbdError, message: String },
-    Read { cookie: u64, offset: u64, data: ReadData, df: bool },
+    Ok {
+        cookie: u64,
+    },
+    Error {
+        cookie: u64,
+        error: NbdError,
+        message: String,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        data: ReadData,
+        df: bool,
+    },
     /// One chunk per selected context: its id and descriptors.
-    BlockStatus { cookie: u64, chunks: Vec<(u32, Vec<(u32, u32)>)> },
+    BlockStatus {
+        cookie: u64,
+        chunks: Vec<(u32, Vec<(u32, u32)>)>,
+    },
 }
 
 fn command_name(c: &Command) -> &'static str {
@@ -328,7 +342,10 @@ async fn execute<B: Backend>(
                 match backend.block_status(offset, length).await {
                     Ok(extents) => {
                         let runs = extents.iter().map(|e| {
-                            (e.length, if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 })
+                            (
+                                e.length,
+                                if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 },
+                            )
                         });
                         chunks.push((BASE_ALLOCATION_ID, descriptors(runs, length, req_one)));
                     }
