@@ -191,7 +191,8 @@ fn the_health_map_goes_degraded_when_a_peer_dies_and_whole_after_repair() {
     let rows =
         wait_map(&uri, "degraded", Duration::from_secs(15), |rows| rows.first().is_some_and(|r| r.2 == 1));
     assert_eq!(rows, vec![(0, WRITTEN, 1), (WRITTEN, SIZE - WRITTEN, 0)]);
-    let text = stdout_of(Command::new("nbdinfo").env("PATH", system_path()).args(["--map=meshdisk:health", &uri]));
+    let text =
+        stdout_of(Command::new("nbdinfo").env("PATH", system_path()).args(["--map=meshdisk:health", &uri]));
     eprintln!("nbdinfo --map=meshdisk:health with {} down:\n{text}", names[victim]);
     let status = c.status();
     let state = status.peers.iter().find(|p| p.name == names[victim]).map(|p| p.state);
