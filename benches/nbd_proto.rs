@@ -12,6 +12,7 @@ fn session() -> Session {
         tflags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_DF,
         structured: true,
         base_allocation: true,
+        meshdisk_health: false,
         max_payload: MAX_PAYLOAD,
     }
 }
@@ -69,7 +70,7 @@ fn replies(c: &mut Criterion) {
         b.iter(|| {
             out.clear();
             for i in 0..1024u64 {
-                put_block_status_chunk(&mut out, black_box(i), BASE_ALLOCATION_ID, &extents);
+                put_block_status_chunk(&mut out, black_box(i), true, BASE_ALLOCATION_ID, &extents);
             }
         })
     });

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
         tflags: TFLAG_HAS_FLAGS | u16::from_le_bytes([data[30], data[31]]),
         structured: data[32] & 1 != 0,
         base_allocation: data[32] & 2 != 0,
+        meshdisk_health: data[32] & 8 != 0,
         // Clients told block sizes (GO) or not (EXPORT_NAME).
         max_payload: if data[32] & 4 != 0 { EXPORT_NAME_MAX_PAYLOAD } else { MAX_PAYLOAD },
     };

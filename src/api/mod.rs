@@ -944,6 +944,16 @@ pub enum DirRequest {
         shard: SegmentShardKey,
         peer: String,
     },
+    /// The health of these segments of the volume (its own, or those it
+    /// inherits from an ancestor, found as `SegmentRecords` finds them),
+    /// assessed now as `volume info` counts them: `SegmentHealth`, `None`
+    /// for a segment the directory has no record of. At most
+    /// [`MAX_SEGMENTS_PER_CALL`] ids.
+    SegmentHealth {
+        volume: String,
+        #[serde(with = "segment_ids")]
+        ids: Vec<SegmentId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -981,6 +991,7 @@ pub enum DirResponse {
     SegmentIds(#[serde(with = "segment_ids")] Vec<SegmentId>),
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
+    SegmentHealth(Vec<Option<SegmentHealth>>),
 }
 
 /// Calls to a peer about the segment shards it holds. Shard bytes (header
@@ -1189,6 +1200,8 @@ mod tests {
         roundtrip(DirRequest::ListSegments { volume: "v".into(), after: Some(9), limit: 10 });
         roundtrip(DirResponse::SegmentIds(vec![seg(10), seg(11)]));
         roundtrip(DirResponse::SegmentRecords(vec![Some(record), None]));
+        roundtrip(DirRequest::SegmentHealth { volume: "v".into(), ids: vec![seg(1), seg(2)] });
+        roundtrip(DirResponse::SegmentHealth(vec![Some(SegmentHealth::Critical), None]));
         roundtrip(DirRequest::PeerSlots { ids: vec![1, u16::MAX] });
         roundtrip(DirResponse::PeerSlots(vec![Some(slot), None]));
         roundtrip(DirRequest::SetKeySlots {

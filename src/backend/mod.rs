@@ -129,10 +129,15 @@ pub struct Features {
     pub cache: bool,
     /// A flush on one connection covers writes done through every other.
     pub multi_conn: bool,
+    /// [`Backend::health_status`] answers: the server offers the
+    /// `meshdisk:health` metadata context.
+    pub health: bool,
 }
 
 impl Features {
-    /// Every operation supported, durable flush shared by all connections.
+    /// Every NBD operation supported, durable flush shared by all
+    /// connections; no health map (a single disk or RAM has no redundancy
+    /// to report).
     pub const fn all(read_only: bool) -> Self {
         Self {
             read_only,
@@ -142,6 +147,7 @@ impl Features {
             fast_zero: true,
             cache: true,
             multi_conn: true,
+            health: false,
         }
     }
 }
@@ -229,6 +235,62 @@ pub(crate) fn push_extent(out: &mut Vec<Extent>, length: u64, hole: bool) {
     }
 }
 
+/// How redundantly a run of the export's newest data is stored, as the
+/// `meshdisk:health` metadata context reports it: the low three bits of
+/// its status flags (docs/formats.md, "meshdisk:health metadata
+/// context"). Ordered from best to worst, so the worst of several is the
+/// greatest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u32)]
+pub enum Redundancy {
+    /// Every shard on its own peer that is up; also what unwritten and
+    /// trimmed ranges report (there is nothing to lose).
+    Whole = 0,
+    /// Fewer shards up than the volume stores, but no repair is needed yet.
+    Degraded = 1,
+    /// Below the volume's repair threshold, or one failure from unreadable:
+    /// repair rebuilds it.
+    AtRisk = 2,
+    /// Fewer than k shards up now: unreadable until peers return.
+    Unavailable = 3,
+    /// Fewer than k shards on peers that are not lost: gone.
+    Lost = 4,
+}
+
+/// `meshdisk:health` flag: the run's newest version is only in this
+/// machine's local log, not yet on peers (its [`Redundancy`] bits are
+/// then [`Redundancy::Whole`]: no segment holds it yet).
+pub const HEALTH_LOCAL_ONLY: u32 = 8;
+
+/// The redundancy of a run of the export, as [`Backend::health_status`]
+/// reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthExtent {
+    pub length: u64,
+    pub redundancy: Redundancy,
+    /// Newest version only in the local log ([`HEALTH_LOCAL_ONLY`]).
+    pub local_only: bool,
+}
+
+impl HealthExtent {
+    /// The extent's `meshdisk:health` status flags.
+    pub fn flags(&self) -> u32 {
+        self.redundancy as u32 | if self.local_only { HEALTH_LOCAL_ONLY } else { 0 }
+    }
+}
+
+/// Appends a run to a health map, merging it with the previous run when
+/// their flags match (a clone of [`push_extent`] for the other context).
+pub fn push_health(out: &mut Vec<HealthExtent>, length: u64, redundancy: Redundancy, local_only: bool) {
+    if length == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.redundancy == redundancy && last.local_only == local_only => last.length += length,
+        _ => out.push(HealthExtent { length, redundancy, local_only }),
+    }
+}
+
 /// Flags of a WRITE_ZEROES.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ZeroFlags {
@@ -265,4 +327,22 @@ pub trait Backend: Send + Sync + 'static {
     fn block_status(&self, offset: u64, length: u32) -> impl Future<Output = Result<Vec<Extent>>> + Send;
     /// Hint: the range will be read soon.
     fn cache(&self, offset: u64, length: u32) -> impl Future<Output = Result<()>> + Send;
+    /// Redundancy from `offset`, as [`block_status`](Self::block_status):
+    /// at least one extent, at most `length` bytes. Only called when
+    /// [`Features::health`] says the backend has a health map.
+    fn health_status(
+        &self,
+        offset: u64,
+        length: u32,
+    ) -> impl Future<Output = Result<Vec<HealthExtent>>> + Send {
+        async move {
+            Err(Error::failed(
+                ErrorKind::NotSupported,
+                "health status",
+                offset,
+                u64::from(length),
+                "this backend has no health map",
+            ))
+        }
+    }
 }

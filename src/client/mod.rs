@@ -282,6 +282,19 @@ impl Client {
         }
     }
 
+    /// The health of these segments of `volume` now (`None`: no record).
+    pub async fn segment_health(
+        &self,
+        volume: &str,
+        ids: Vec<SegmentId>,
+    ) -> Result<Vec<Option<SegmentHealth>>, ClientError> {
+        let n = ids.len();
+        match self.directory(&DirRequest::SegmentHealth { volume: volume.into(), ids }).await? {
+            DirResponse::SegmentHealth(h) if h.len() == n => Ok(h),
+            other => Err(unexpected("segment health", other)),
+        }
+    }
+
     /// Drops segments the volume's root no longer reaches (outside a
     /// commit), as the writer holding the lease at `epoch`.
     pub async fn drop_segments(

@@ -66,6 +66,8 @@
 //!   batches (with [`placement`]), and grouped commits (many roots, one
 //!   fsync);
 //! - `snapshots.rs`: snapshots, what they pin, clones and rollbacks;
+//! - `segment_health.rs`: a few segments' health for an attach's
+//!   `meshdisk:health` map;
 //! - [`heal`]: background work that keeps the peers' contents in line with
 //!   the directory's records: segments' [`heal::health`], their
 //!   [`heal::repair`], and the garbage [`heal::collector`] (deleted
@@ -83,6 +85,7 @@ pub mod meta;
 pub mod placement;
 mod roots;
 mod schema;
+mod segment_health;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -550,6 +553,10 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::SuspectShard { shard, peer } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.suspect_shard(&who.node, shard, &peer).await
+            }
+            DirRequest::SegmentHealth { volume, ids } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.segment_health(&volume, &ids).await
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct Export {
     pub size: u64,
     /// Transmission flags, before the per-connection DF bit.
     pub tflags: u16,
+    /// The metadata contexts a client may list and select.
+    pub contexts: Vec<MetaContext>,
 }
 
 impl Export {
@@ -119,13 +121,55 @@ pub fn parse_meta_context_request(data: &[u8]) -> Result<MetaContextRequest, &'s
     Ok(MetaContextRequest { export, queries })
 }
 
-/// The contexts a query names: `base:allocation` by its name, or every
-/// `base:` context when listing with the bare namespace or no query.
-pub fn matching_contexts(queries: &[Vec<u8>], listing: bool) -> bool {
-    if queries.is_empty() {
-        return listing;
+/// A metadata context this server knows how to answer BLOCK_STATUS for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MetaContext {
+    /// `base:allocation`: holes and zeroes (the spec's).
+    BaseAllocation,
+    /// `meshdisk:health`: per-range redundancy (ours; docs/formats.md).
+    MeshdiskHealth,
+}
+
+impl MetaContext {
+    pub const ALL: [MetaContext; 2] = [MetaContext::BaseAllocation, MetaContext::MeshdiskHealth];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MetaContext::BaseAllocation => BASE_ALLOCATION,
+            MetaContext::MeshdiskHealth => MESHDISK_HEALTH,
+        }
     }
-    queries.iter().any(|q| q == BASE_ALLOCATION.as_bytes() || (listing && q == b"base:"))
+
+    /// The id SET_META_CONTEXT gives it and BLOCK_STATUS chunks carry.
+    pub fn id(self) -> u32 {
+        match self {
+            MetaContext::BaseAllocation => BASE_ALLOCATION_ID,
+            MetaContext::MeshdiskHealth => MESHDISK_HEALTH_ID,
+        }
+    }
+
+    /// Its namespace with the colon (`base:`), the wildcard that lists it.
+    pub fn namespace(self) -> &'static str {
+        let name = self.name();
+        &name[..=name.find(':').expect("context names have a namespace")]
+    }
+}
+
+/// The contexts of `offered` that `queries` name, each once, in
+/// [`MetaContext::ALL`] order. A query names a context by its full name;
+/// when listing, a bare namespace (`base:`, `meshdisk:`) names every
+/// offered context in it, and no query at all names every offered context.
+/// Selecting with a bare namespace or no query selects nothing (the spec
+/// says so for `base:`; we treat `meshdisk:` alike). Unknown queries are
+/// ignored, as the spec requires.
+pub fn matching_contexts(queries: &[Vec<u8>], listing: bool, offered: &[MetaContext]) -> Vec<MetaContext> {
+    let named = |c: MetaContext| {
+        if queries.is_empty() {
+            return listing;
+        }
+        queries.iter().any(|q| q == c.name().as_bytes() || (listing && q == c.namespace().as_bytes()))
+    };
+    MetaContext::ALL.into_iter().filter(|c| offered.contains(c) && named(*c)).collect()
 }
 
 /// Option replies for one option, built in memory and sent in one write.
@@ -210,7 +254,8 @@ where
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
     let mut structured = false;
-    let mut base_allocation = false;
+    // The contexts the last SET_META_CONTEXT selected.
+    let mut selected: Vec<MetaContext> = Vec::new();
     for _ in 0..MAX_OPTIONS {
         let mut head = [0u8; 16];
         match rd.read_exact(&mut head).await {
@@ -237,11 +282,12 @@ where
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         let tflags = export.tflags | if structured { TFLAG_SEND_DF } else { 0 };
-        let session = |base_allocation, max_payload| Session {
+        let session = |selected: &[MetaContext], max_payload| Session {
             size: export.size,
             tflags,
             structured,
-            base_allocation,
+            base_allocation: selected.contains(&MetaContext::BaseAllocation),
+            meshdisk_health: selected.contains(&MetaContext::MeshdiskHealth),
             max_payload,
         };
 
@@ -259,7 +305,7 @@ where
                 wr.flush().await?;
                 // No block sizes were sent on this path: accept what the
                 // reference server does.
-                return Ok(Some(session(base_allocation, EXPORT_NAME_MAX_PAYLOAD)));
+                return Ok(Some(session(&selected, EXPORT_NAME_MAX_PAYLOAD)));
             }
             OPT_ABORT => {
                 r.ack();
@@ -300,7 +346,7 @@ where
                     r.ack();
                     if option == OPT_GO {
                         r.send(wr).await?;
-                        return Ok(Some(session(base_allocation, MAX_PAYLOAD)));
+                        return Ok(Some(session(&selected, MAX_PAYLOAD)));
                     }
                 }
             },
@@ -316,25 +362,24 @@ where
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 let setting = option == OPT_SET_META_CONTEXT;
+                // SET replaces the selection even when it fails.
+                if setting {
+                    selected.clear();
+                }
                 match parse_meta_context_request(&data) {
                     Err(why) => r.error(REP_ERR_INVALID, why),
                     Ok(_) if !structured => {
                         r.error(REP_ERR_INVALID, "negotiate structured replies before metadata contexts")
                     }
-                    Ok(req) if !export.answers_to(&req.export) => {
-                        if setting {
-                            base_allocation = false;
-                        }
-                        r.error(REP_ERR_UNKNOWN, "no such export")
-                    }
+                    Ok(req) if !export.answers_to(&req.export) => r.error(REP_ERR_UNKNOWN, "no such export"),
                     Ok(req) => {
-                        let found = matching_contexts(&req.queries, !setting);
-                        if setting {
-                            base_allocation = found;
+                        let found = matching_contexts(&req.queries, !setting, &export.contexts);
+                        for &c in &found {
+                            // Listed contexts carry id 0, as the spec asks.
+                            r.meta_context(if setting { c.id() } else { 0 }, c.name());
                         }
-                        if found {
-                            let id = if setting { BASE_ALLOCATION_ID } else { 0 };
-                            r.meta_context(id, BASE_ALLOCATION);
+                        if setting {
+                            selected = found;
                         }
                         r.ack();
                     }
@@ -381,15 +426,48 @@ mod tests {
         d.extend_from_slice(&string(b"qemu:dirty-bitmap:x"));
         let r = parse_meta_context_request(&d).unwrap();
         assert_eq!(r.queries.len(), 2);
-        assert!(matching_contexts(&r.queries, false));
-        assert!(!matching_contexts(&[b"base:".to_vec()], false));
-        assert!(matching_contexts(&[b"base:".to_vec()], true));
-        assert!(matching_contexts(&[], true));
-        assert!(!matching_contexts(&[], false));
+        let base = [MetaContext::BaseAllocation];
+        let alloc = vec![MetaContext::BaseAllocation];
+        assert_eq!(matching_contexts(&r.queries, false, &base), alloc);
+        assert!(matching_contexts(&[b"base:".to_vec()], false, &base).is_empty());
+        assert_eq!(matching_contexts(&[b"base:".to_vec()], true, &base), alloc);
+        assert_eq!(matching_contexts(&[], true, &base), alloc);
+        assert!(matching_contexts(&[], false, &base).is_empty());
         // A count far larger than the payload is a clean error.
         let mut d = string(b"");
         d.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(parse_meta_context_request(&d).is_err());
+    }
+
+    #[test]
+    fn health_context_is_matched_only_where_offered() {
+        use MetaContext::*;
+        let q = |qs: &[&str]| qs.iter().map(|q| q.as_bytes().to_vec()).collect::<Vec<_>>();
+        let both = [BaseAllocation, MeshdiskHealth];
+        // Listing: everything, by namespace, or by name.
+        assert_eq!(matching_contexts(&[], true, &both), vec![BaseAllocation, MeshdiskHealth]);
+        assert_eq!(matching_contexts(&q(&["meshdisk:"]), true, &both), vec![MeshdiskHealth]);
+        assert_eq!(matching_contexts(&q(&["base:"]), true, &both), vec![BaseAllocation]);
+        assert_eq!(matching_contexts(&q(&["meshdisk:health"]), true, &both), vec![MeshdiskHealth]);
+        // Selecting: by full name only; each once, in a fixed order.
+        assert!(matching_contexts(&q(&["meshdisk:"]), false, &both).is_empty());
+        assert_eq!(
+            matching_contexts(
+                &q(&["meshdisk:health", "x-other:thing", "base:allocation", "meshdisk:health"]),
+                false,
+                &both
+            ),
+            vec![BaseAllocation, MeshdiskHealth]
+        );
+        // Unknown leaves and namespaces are ignored, not errors.
+        assert!(matching_contexts(&q(&["meshdisk:wealth", "meshdisk", "health"]), false, &both).is_empty());
+        // A backend without a health map: the context does not exist.
+        let base = [BaseAllocation];
+        assert!(matching_contexts(&q(&["meshdisk:health"]), false, &base).is_empty());
+        assert!(matching_contexts(&q(&["meshdisk:"]), true, &base).is_empty());
+        assert_eq!(matching_contexts(&[], true, &base), vec![BaseAllocation]);
+        assert_eq!(MeshdiskHealth.namespace(), "meshdisk:");
+        assert_ne!(BaseAllocation.id(), MeshdiskHealth.id());
     }
 
     proptest! {

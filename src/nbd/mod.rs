@@ -8,9 +8,11 @@
 //!
 //! Supported: fixed newstyle with NO_ZEROES; options EXPORT_NAME, ABORT,
 //! LIST, INFO, GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT
-//! (`base:allocation`); STARTTLS is refused by policy. Commands READ (with
-//! structured replies, holes and DF), WRITE, FLUSH, TRIM, WRITE_ZEROES
-//! (NO_HOLE, FAST_ZERO), CACHE, BLOCK_STATUS (REQ_ONE), DISC, and FUA on any
+//! (`base:allocation`, and `meshdisk:health` when the backend has a health
+//! map: docs/formats.md); STARTTLS is refused by policy. Commands READ
+//! (with structured replies, holes and DF), WRITE, FLUSH, TRIM,
+//! WRITE_ZEROES (NO_HOLE, FAST_ZERO), CACHE, BLOCK_STATUS (REQ_ONE, one
+//! chunk per selected context), DISC, and FUA on any
 //! of them. Requests on a connection run concurrently and complete out of
 //! order; CAN_MULTI_CONN is advertised whenever the backend's flush covers
 //! all connections. READ and WRITE move up to 32 MiB, the maximum block size

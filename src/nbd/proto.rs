@@ -114,9 +114,15 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context we serve, and the id we give it.
+/// The metadata contexts we serve, and the ids we give them (fixed: the
+/// spec lets ids be any value unique among the selected contexts).
 pub const BASE_ALLOCATION: &str = "base:allocation";
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Per-range redundancy, offered when the backend has a health map; its
+/// flags are `backend::Redundancy` and `backend::HEALTH_LOCAL_ONLY`
+/// (docs/formats.md, "meshdisk:health metadata context").
+pub const MESHDISK_HEALTH: &str = "meshdisk:health";
+pub const MESHDISK_HEALTH_ID: u32 = 2;
 
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`: any byte
 /// alignment works, 4 KiB is what the storage behind us prefers, and no
@@ -219,6 +225,8 @@ pub struct Session {
     pub structured: bool,
     /// `base:allocation` was selected with SET_META_CONTEXT.
     pub base_allocation: bool,
+    /// `meshdisk:health` was selected with SET_META_CONTEXT.
+    pub meshdisk_health: bool,
     /// Largest READ or WRITE accepted: [`MAX_PAYLOAD`] when the client was
     /// sent block sizes (INFO/GO), [`EXPORT_NAME_MAX_PAYLOAD`] when not.
     pub max_payload: u32,
@@ -226,7 +234,14 @@ pub struct Session {
 
 impl Default for Session {
     fn default() -> Self {
-        Self { size: 0, tflags: 0, structured: false, base_allocation: false, max_payload: MAX_PAYLOAD }
+        Self {
+            size: 0,
+            tflags: 0,
+            structured: false,
+            base_allocation: false,
+            meshdisk_health: false,
+            max_payload: MAX_PAYLOAD,
+        }
     }
 }
 
@@ -240,14 +255,43 @@ impl Session {
 /// every flag is one this command and this session allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    Read { offset: u64, length: u32, df: bool },
-    Write { offset: u64, length: u32, fua: bool },
+    Read {
+        offset: u64,
+        length: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
     Disconnect,
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    Cache { offset: u64, length: u32 },
-    WriteZeroes { offset: u64, length: u32, fua: bool, no_hole: bool, fast: bool },
-    BlockStatus { offset: u64, length: u32, req_one: bool },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        no_hole: bool,
+        fast: bool,
+    },
+    /// One reply chunk per selected context: `allocation` for
+    /// `base:allocation`, `health` for `meshdisk:health` (at least one).
+    BlockStatus {
+        offset: u64,
+        length: u32,
+        req_one: bool,
+        allocation: bool,
+        health: bool,
+    },
 }
 
 /// Why a framed request may not run: the error to send and the cause to log.
@@ -315,7 +359,7 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             return refuse(Inval, "WRITE_ZEROES was not negotiated");
         }
         CMD_CACHE if !s.has(TFLAG_SEND_CACHE) => return refuse(Inval, "CACHE was not negotiated"),
-        CMD_BLOCK_STATUS if !(s.structured && s.base_allocation) => {
+        CMD_BLOCK_STATUS if !(s.structured && (s.base_allocation || s.meshdisk_health)) => {
             return refuse(Inval, "BLOCK_STATUS without a negotiated metadata context");
         }
         _ => {}
@@ -346,7 +390,13 @@ pub fn validate(h: &RequestHeader, s: &Session) -> Result<Command, Refusal> {
             if length == 0 {
                 return refuse(Inval, "BLOCK_STATUS of zero length");
             }
-            Command::BlockStatus { offset, length, req_one: h.flags & CMD_FLAG_REQ_ONE != 0 }
+            Command::BlockStatus {
+                offset,
+                length,
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+                allocation: s.base_allocation,
+                health: s.meshdisk_health,
+            }
         }
         _ => unreachable!("every other command returned above"),
     })
@@ -399,10 +449,19 @@ pub fn put_error_chunk(out: &mut BytesMut, cookie: u64, error: u32, message: &st
     out.put_slice(msg.as_bytes());
 }
 
-/// `NBD_REPLY_TYPE_BLOCK_STATUS` with DONE: `(length, flags)` descriptors.
-pub fn put_block_status_chunk(out: &mut BytesMut, cookie: u64, context: u32, extents: &[(u32, u32)]) {
+/// `NBD_REPLY_TYPE_BLOCK_STATUS`: `(length, flags)` descriptors of one
+/// context; `done` on the last chunk of the reply (one chunk per selected
+/// context).
+pub fn put_block_status_chunk(
+    out: &mut BytesMut,
+    cookie: u64,
+    done: bool,
+    context: u32,
+    extents: &[(u32, u32)],
+) {
     let len = 4 + 8 * extents.len() as u32;
-    put_chunk_header(out, cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len);
+    let flags = if done { REPLY_FLAG_DONE } else { 0 };
+    put_chunk_header(out, cookie, flags, REPLY_TYPE_BLOCK_STATUS, len);
     out.put_u32(context);
     for &(length, flags) in extents {
         out.put_u32(length);
@@ -449,6 +508,7 @@ mod tests {
                 | TFLAG_SEND_FAST_ZERO,
             structured: true,
             base_allocation: true,
+            meshdisk_health: false,
             max_payload: MAX_PAYLOAD,
         }
     }
@@ -547,6 +607,27 @@ mod tests {
     }
 
     #[test]
+    fn block_status_answers_the_selected_contexts() {
+        let both = |allocation, health| Session {
+            base_allocation: allocation,
+            meshdisk_health: health,
+            ..full_session(1 << 20)
+        };
+        let h = req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4096, 8192);
+        for (allocation, health) in [(true, false), (false, true), (true, true)] {
+            assert_eq!(
+                validate(&h, &both(allocation, health)),
+                Ok(Command::BlockStatus { offset: 4096, length: 8192, req_one: true, allocation, health })
+            );
+        }
+        // No context selected: no block status, whatever else was agreed.
+        assert_eq!(validate(&h, &both(false, false)).unwrap_err().error, NbdError::Inval);
+        // Contexts need structured replies.
+        let s = Session { structured: false, ..both(true, true) };
+        assert_eq!(validate(&h, &s).unwrap_err().error, NbdError::Inval);
+    }
+
+    #[test]
     fn reply_encodings() {
         let mut b = BytesMut::new();
         put_simple_reply(&mut b, 0x1122, 22);
@@ -558,8 +639,18 @@ mod tests {
         assert_eq!(&b[6..8], &REPLY_TYPE_OFFSET_HOLE.to_be_bytes());
         assert_eq!(&b[16..20], &12u32.to_be_bytes());
         b.clear();
-        put_block_status_chunk(&mut b, 1, BASE_ALLOCATION_ID, &[(4096, 3), (8192, 0)]);
+        put_block_status_chunk(&mut b, 1, true, BASE_ALLOCATION_ID, &[(4096, 3), (8192, 0)]);
         assert_eq!(b.len(), 20 + 4 + 16);
+        assert_eq!(&b[4..6], &REPLY_FLAG_DONE.to_be_bytes());
+        assert_eq!(&b[20..24], &BASE_ALLOCATION_ID.to_be_bytes());
+        b.clear();
+        // The first of two contexts' chunks is not the last of the reply.
+        put_block_status_chunk(&mut b, 1, false, MESHDISK_HEALTH_ID, &[(4096, 1 | 8)]);
+        assert_eq!(&b[4..6], &0u16.to_be_bytes());
+        assert_eq!(&b[6..8], &REPLY_TYPE_BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&b[16..20], &12u32.to_be_bytes());
+        assert_eq!(&b[20..24], &MESHDISK_HEALTH_ID.to_be_bytes());
+        assert_eq!(&b[28..32], &9u32.to_be_bytes());
         b.clear();
         put_error_chunk(&mut b, 1, 5, "é".repeat(3000).as_str());
         let msg_len = u16::from_be_bytes([b[24], b[25]]) as usize;

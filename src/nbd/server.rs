@@ -53,9 +53,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use super::errors::reply_for;
-use super::handshake::{Export, negotiate};
+use super::handshake::{Export, MetaContext, negotiate};
 use super::proto::*;
-use crate::backend::{self, Backend, Extent, ReadData, ReadPiece, ZeroFlags};
+use crate::backend::{self, Backend, ReadData, ReadPiece, ZeroFlags};
 use crate::sys::pool::BufferPool;
 
 /// Bytes each request is charged on top of its payload, so that a flood of
@@ -137,11 +137,16 @@ impl<B: Backend> Server<B> {
         set(f.fast_zero && f.write_zeroes && !read_only, TFLAG_SEND_FAST_ZERO);
         set(f.cache, TFLAG_SEND_CACHE);
         set(f.multi_conn, TFLAG_CAN_MULTI_CONN);
+        let mut contexts = vec![MetaContext::BaseAllocation];
+        if f.health {
+            contexts.push(MetaContext::MeshdiskHealth);
+        }
         let export = Export {
             name: config.export_name,
             description: config.description,
             size: backend.size(),
             tflags,
+            contexts,
         };
         let limits = config.limits;
         Self {
@@ -273,10 +278,25 @@ struct Outgoing {
 type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
 enum Reply {
-    Ok { cookie: u64 },
-    Error { cookie: u64, error: NbdError, message: String },
-    Read { cookie: u64, offset: u64, data: ReadData, df: bool },
-    BlockStatus { cookie: u64, extents: Vec<(u32, u32)> },
+    Ok {
+        cookie: u64,
+    },
+    Error {
+        cookie: u64,
+        error: NbdError,
+        message: String,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        data: ReadData,
+        df: bool,
+    },
+    /// One chunk per selected context: its id and descriptors.
+    BlockStatus {
+        cookie: u64,
+        chunks: Vec<(u32, Vec<(u32, u32)>)>,
+    },
 }
 
 fn command_name(c: &Command) -> &'static str {
@@ -315,12 +335,35 @@ async fn execute<B: Backend>(
             let flags = ZeroFlags { fua, may_trim: !no_hole, fast };
             backend.write_zeroes(offset, length, flags).await
         }
-        Command::BlockStatus { offset, length, req_one } => {
-            match backend.block_status(offset, length).await {
-                Ok(extents) => {
-                    return Reply::BlockStatus { cookie, extents: descriptors(&extents, length, req_one) };
+        Command::BlockStatus { offset, length, req_one, allocation, health } => {
+            let mut chunks = Vec::with_capacity(2);
+            let mut failed = None;
+            if allocation {
+                match backend.block_status(offset, length).await {
+                    Ok(extents) => {
+                        let runs = extents.iter().map(|e| {
+                            (
+                                e.length,
+                                if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 },
+                            )
+                        });
+                        chunks.push((BASE_ALLOCATION_ID, descriptors(runs, length, req_one)));
+                    }
+                    Err(e) => failed = Some(e),
                 }
-                Err(e) => Err(e),
+            }
+            if health && failed.is_none() {
+                match backend.health_status(offset, length).await {
+                    Ok(extents) => {
+                        let runs = extents.iter().map(|e| (e.length, e.flags()));
+                        chunks.push((MESHDISK_HEALTH_ID, descriptors(runs, length, req_one)));
+                    }
+                    Err(e) => failed = Some(e),
+                }
+            }
+            match failed {
+                None => return Reply::BlockStatus { cookie, chunks },
+                Some(e) => Err(e),
             }
         }
         Command::Disconnect => unreachable!("DISC is handled by the reader"),
@@ -341,20 +384,20 @@ async fn execute<B: Backend>(
     }
 }
 
-/// Turns extents into `base:allocation` descriptors: at least one, none
-/// longer than the request in total, one only with REQ_ONE.
-fn descriptors(extents: &[Extent], length: u32, req_one: bool) -> Vec<(u32, u32)> {
-    let mut out = Vec::with_capacity(extents.len().max(1));
+/// Turns one context's runs (length, status flags) into descriptors: at
+/// least one, none longer than the request in total, one only with
+/// REQ_ONE.
+fn descriptors(runs: impl Iterator<Item = (u64, u32)>, length: u32, req_one: bool) -> Vec<(u32, u32)> {
+    let mut out = Vec::with_capacity(runs.size_hint().0.max(1));
     let mut left = u64::from(length);
-    for e in extents {
+    for (run, flags) in runs {
         if left == 0 || (req_one && !out.is_empty()) {
             break;
         }
-        let n = e.length.min(left);
+        let n = run.min(left);
         if n == 0 {
             continue;
         }
-        let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
         out.push((n as u32, flags));
         left -= n;
     }
@@ -597,8 +640,11 @@ impl Encoder {
                     put_simple_reply(h, cookie, error.code())
                 }
             }
-            Reply::BlockStatus { cookie, extents } => {
-                put_block_status_chunk(h, cookie, BASE_ALLOCATION_ID, &extents)
+            Reply::BlockStatus { cookie, chunks } => {
+                let n = chunks.len();
+                for (i, (context, extents)) in chunks.iter().enumerate() {
+                    put_block_status_chunk(h, cookie, i + 1 == n, *context, extents);
+                }
             }
             Reply::Read { cookie, data, .. } if !self.structured => {
                 put_simple_reply(h, cookie, 0);
@@ -786,13 +832,211 @@ mod tests {
         drop(sending.await.unwrap());
     }
 
+    /// RAM with a made-up health map: the first 8 KiB degraded, the next
+    /// 4 KiB only in a local log, the rest whole.
+    struct Healthy(crate::backend::memory::MemoryBackend);
+
+    impl Backend for Healthy {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn features(&self) -> backend::Features {
+            backend::Features { health: true, ..self.0.features() }
+        }
+        async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
+            self.0.read(offset, length).await
+        }
+        async fn write(&self, offset: u64, data: Bytes, fua: bool) -> backend::Result<()> {
+            self.0.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> backend::Result<()> {
+            self.0.flush().await
+        }
+        async fn trim(&self, offset: u64, length: u32, fua: bool) -> backend::Result<()> {
+            self.0.trim(offset, length, fua).await
+        }
+        async fn write_zeroes(&self, offset: u64, length: u32, flags: ZeroFlags) -> backend::Result<()> {
+            self.0.write_zeroes(offset, length, flags).await
+        }
+        async fn block_status(&self, offset: u64, length: u32) -> backend::Result<Vec<backend::Extent>> {
+            self.0.block_status(offset, length).await
+        }
+        async fn cache(&self, offset: u64, length: u32) -> backend::Result<()> {
+            self.0.cache(offset, length).await
+        }
+        async fn health_status(
+            &self,
+            offset: u64,
+            length: u32,
+        ) -> backend::Result<Vec<backend::HealthExtent>> {
+            use backend::Redundancy::*;
+            let mut out = Vec::new();
+            let (mut at, end) = (offset, offset + u64::from(length));
+            for (upto, r, local) in [(8192, Degraded, false), (12288, Whole, true), (u64::MAX, Whole, false)]
+            {
+                if at < end && at < upto {
+                    let n = upto.min(end) - at;
+                    backend::push_health(&mut out, n, r, local);
+                    at += n;
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    /// Sends one option; returns its replies up to the final one, as
+    /// (reply type, data).
+    async fn haggle<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        rd: &mut R,
+        wr: &mut W,
+        option: u32,
+        data: &[u8],
+    ) -> Vec<(u32, Vec<u8>)> {
+        let mut b = BytesMut::new();
+        bytes::BufMut::put_u64(&mut b, IHAVEOPT);
+        bytes::BufMut::put_u32(&mut b, option);
+        bytes::BufMut::put_u32(&mut b, data.len() as u32);
+        b.extend_from_slice(data);
+        wr.write_all(&b).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            rd.read_exact(&mut h).await.unwrap();
+            assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            rd.read_exact(&mut d).await.unwrap();
+            out.push((kind, d));
+            if kind != REP_META_CONTEXT && kind != REP_INFO && kind != REP_SERVER {
+                return out;
+            }
+        }
+    }
+
+    fn meta_request(queries: &[&str]) -> Vec<u8> {
+        let mut d = 0u32.to_be_bytes().to_vec();
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    /// (id, name) of each context a LIST or SET replied with.
+    fn contexts(replies: &[(u32, Vec<u8>)]) -> Vec<(u32, String)> {
+        replies
+            .iter()
+            .filter(|(k, _)| *k == REP_META_CONTEXT)
+            .map(|(_, d)| {
+                (u32::from_be_bytes(d[..4].try_into().unwrap()), String::from_utf8(d[4..].to_vec()).unwrap())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn both_contexts_are_listed_selected_and_answered_one_chunk_each() {
+        let server = Server::new(
+            Arc::new(Healthy(crate::backend::memory::MemoryBackend::new(1 << 20))),
+            ServerConfig::default(),
+        );
+        let (client, conn) = tokio::io::duplex(256 * 1024);
+        let (srd, swr) = tokio::io::split(conn);
+        tokio::spawn(async move { server.serve_stream(srd, swr, "test").await });
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let mut greeting = [0u8; 18];
+        rd.read_exact(&mut greeting).await.unwrap();
+        wr.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).await.unwrap();
+        assert_eq!(haggle(&mut rd, &mut wr, OPT_STRUCTURED_REPLY, &[]).await, vec![(REP_ACK, vec![])]);
+
+        let listed = haggle(&mut rd, &mut wr, OPT_LIST_META_CONTEXT, &meta_request(&[])).await;
+        let names = vec![(0, BASE_ALLOCATION.to_string()), (0, MESHDISK_HEALTH.to_string())];
+        assert_eq!(contexts(&listed), names);
+        let listed = haggle(&mut rd, &mut wr, OPT_LIST_META_CONTEXT, &meta_request(&["meshdisk:"])).await;
+        assert_eq!(contexts(&listed), vec![(0, MESHDISK_HEALTH.to_string())]);
+        let set = haggle(
+            &mut rd,
+            &mut wr,
+            OPT_SET_META_CONTEXT,
+            &meta_request(&[MESHDISK_HEALTH, BASE_ALLOCATION]),
+        )
+        .await;
+        let ids = vec![
+            (BASE_ALLOCATION_ID, BASE_ALLOCATION.to_string()),
+            (MESHDISK_HEALTH_ID, MESHDISK_HEALTH.to_string()),
+        ];
+        assert_eq!(contexts(&set), ids);
+        assert_eq!(set.last().unwrap().0, REP_ACK);
+        let go = haggle(&mut rd, &mut wr, OPT_GO, &[0, 0, 0, 0, 0, 0]).await;
+        assert_eq!(go.last().unwrap().0, REP_ACK);
+
+        // Block status of 0..16 KiB, then the same with REQ_ONE.
+        let mut req = BytesMut::new();
+        RequestHeader { flags: 0, kind: CMD_BLOCK_STATUS, cookie: 1, offset: 0, length: 16384 }
+            .encode(&mut req);
+        RequestHeader {
+            flags: CMD_FLAG_REQ_ONE,
+            kind: CMD_BLOCK_STATUS,
+            cookie: 2,
+            offset: 0,
+            length: 16384,
+        }
+        .encode(&mut req);
+        wr.write_all(&req).await.unwrap();
+        // (cookie, chunk flags, context id, descriptors)
+        type Chunk = (u64, u16, u32, Vec<(u32, u32)>);
+        let mut chunks: Vec<Chunk> = Vec::new();
+        while chunks.len() < 4 {
+            let mut h = [0u8; 20];
+            rd.read_exact(&mut h).await.unwrap();
+            assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), STRUCTURED_REPLY_MAGIC);
+            assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_BLOCK_STATUS);
+            let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            rd.read_exact(&mut d).await.unwrap();
+            let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+            let extents = d[4..]
+                .chunks(8)
+                .map(|e| {
+                    (
+                        u32::from_be_bytes(e[..4].try_into().unwrap()),
+                        u32::from_be_bytes(e[4..].try_into().unwrap()),
+                    )
+                })
+                .collect();
+            chunks.push((
+                u64::from_be_bytes(h[8..16].try_into().unwrap()),
+                u16::from_be_bytes([h[4], h[5]]),
+                id,
+                extents,
+            ));
+        }
+        let of = |cookie| {
+            chunks.iter().filter(|c| c.0 == cookie).map(|c| (c.1, c.2, c.3.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            of(1),
+            vec![
+                (0, BASE_ALLOCATION_ID, vec![(16384, STATE_HOLE | STATE_ZERO)]),
+                (REPLY_FLAG_DONE, MESHDISK_HEALTH_ID, vec![(8192, 1), (4096, 8), (4096, 0)]),
+            ]
+        );
+        assert_eq!(
+            of(2),
+            vec![
+                (0, BASE_ALLOCATION_ID, vec![(16384, STATE_HOLE | STATE_ZERO)]),
+                (REPLY_FLAG_DONE, MESHDISK_HEALTH_ID, vec![(8192, 1)]),
+            ]
+        );
+    }
+
     #[test]
     fn descriptors_respect_request() {
-        let e = |length, hole| Extent { length, hole, zero: hole };
-        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, false), vec![(10, 3), (5, 0)]);
-        assert_eq!(descriptors(&[e(10, true), e(10, false)], 15, true), vec![(10, 3)]);
-        assert_eq!(descriptors(&[], 15, false), vec![(15, 0)]);
-        assert_eq!(descriptors(&[e(1 << 40, false)], 7, false), vec![(7, 0)]);
+        let d = |runs: &[(u64, u32)], length, req_one| descriptors(runs.iter().copied(), length, req_one);
+        assert_eq!(d(&[(10, 3), (10, 0)], 15, false), vec![(10, 3), (5, 0)]);
+        assert_eq!(d(&[(10, 3), (10, 0)], 15, true), vec![(10, 3)]);
+        assert_eq!(d(&[], 15, false), vec![(15, 0)]);
+        assert_eq!(d(&[(1 << 40, 0)], 7, false), vec![(7, 0)]);
+        assert_eq!(d(&[(0, 1), (4, 9), (8, 1)], 100, false), vec![(4, 9), (8, 1)]);
     }
 
     #[test]

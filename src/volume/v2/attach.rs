@@ -40,7 +40,7 @@ use super::root::{Freshness, RootKey, RootRecord, SegmentRef};
 use super::summary::Summary;
 use super::volume::{Config, Inner, LOCK_STRIPES, Volume};
 use crate::api::Durability;
-use crate::backend::{self, Backend, Extent, Features, ReadData, ZeroFlags};
+use crate::backend::{self, Backend, Extent, Features, HealthExtent, ReadData, ZeroFlags};
 use crate::client::Client;
 use crate::codec::key::VolumeKey;
 use crate::codec::segment::BLOCK_SIZE;
@@ -265,6 +265,7 @@ impl Volume {
                 checkpoint_parts: Default::default(),
                 recorded: Mutex::new(None),
                 holders: Default::default(),
+                segment_health: Default::default(),
                 peers: Default::default(),
                 log: log.clone(),
                 cache,
@@ -598,7 +599,8 @@ impl Backend for Volume {
     }
 
     fn features(&self) -> Features {
-        Features::all(self.inner.config.snapshot.is_some())
+        // Every range's redundancy: the `meshdisk:health` context.
+        Features { health: true, ..Features::all(self.inner.config.snapshot.is_some()) }
     }
 
     async fn read(&self, offset: u64, length: u32) -> backend::Result<ReadData> {
@@ -665,5 +667,9 @@ impl Backend for Volume {
 
     async fn cache(&self, _offset: u64, _length: u32) -> backend::Result<()> {
         Ok(())
+    }
+
+    async fn health_status(&self, offset: u64, length: u32) -> backend::Result<Vec<HealthExtent>> {
+        Box::pin(self.inner.health_map(offset, length)).await
     }
 }

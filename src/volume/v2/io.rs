@@ -264,7 +264,7 @@ impl Inner {
     /// under one hold of the lock, and the lookup goes on from where the
     /// extents so far end: a range over more pages than the cache holds
     /// completes, even while other reads evict pages.
-    async fn committed_extents(&self, first: u64, n: u64) -> backend::Result<Vec<Extent>> {
+    pub(super) async fn committed_extents(&self, first: u64, n: u64) -> backend::Result<Vec<Extent>> {
         let end = first + n;
         let mut out = Vec::new();
         let mut looked = self.map.lock().expect("map").lookup_range(first, n);

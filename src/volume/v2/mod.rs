@@ -35,6 +35,11 @@
 //! newest root it has seen ([`Freshness`](root::Freshness)) and refuses an
 //! older one.
 //!
+//! **Each range's redundancy is visible.** The [`health_map`] walks a
+//! range's blocks to the segments holding their newest versions and asks
+//! the directory how those segments stand: NBD's `meshdisk:health`
+//! context (`nbdinfo --map=meshdisk:health`).
+//!
 //! A small example, two writers one after the other:
 //!
 //! ```text
@@ -55,6 +60,7 @@ pub mod checkpoint_layout;
 mod commit;
 pub mod compaction;
 mod compactor;
+pub mod health_map;
 mod io;
 mod keeper;
 pub mod layout;

@@ -141,6 +141,8 @@ pub(super) struct Inner {
     pub(super) recorded: Mutex<Option<std::collections::BTreeSet<SegmentId>>>,
     /// Segment → holder peer id per shard (0: none), as committed.
     pub(super) holders: Mutex<std::collections::HashMap<SegmentId, Vec<u16>>>,
+    /// Segments' health as the directory said lately (the health map).
+    pub(super) segment_health: super::health_map::HealthCache,
     /// Peer id → address.
     pub(super) peers: Mutex<std::collections::HashMap<u16, PeerAddr>>,
     pub(super) log: LocalLog,
