@@ -501,6 +501,12 @@ pub struct AuditTally {
     /// Of those, answers that did not verify: the peer served bytes its
     /// own checks should have refused.
     pub lies: u64,
+    /// Failures in a row, each within a week of the one before.
+    #[serde(default)]
+    pub strikes: u64,
+    /// When the last failure was (the directory's clock, ms).
+    #[serde(default)]
+    pub last_failed_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

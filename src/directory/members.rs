@@ -120,6 +120,7 @@ impl<S: MetaStore> Directory<S> {
                     Txn::new()
                         .when(Compare::Absent(id_key.clone()))
                         .when(Compare::Absent(slot.clone()))
+                        .when(Compare::Absent(key("removed", name)))
                         .then(Op::Put { key: id_key.clone(), value: id.to_be_bytes().to_vec(), lease: None })
                         .then(Op::Put { key: slot, value: name.as_bytes().to_vec(), lease: None }),
                 )
@@ -127,6 +128,12 @@ impl<S: MetaStore> Directory<S> {
             if out.succeeded {
                 tracing::info!("peer {name} has peer id {id}");
                 return Ok(id);
+            }
+            if self.removed(name).await? {
+                return Err(Remote::new(
+                    ErrorKind::Refused,
+                    format!("peer {name} was removed from this cluster"),
+                ));
             }
         }
         Err(Remote::new(ErrorKind::Conflict, format!("peer {name}: peer ids kept changing; try again")))
@@ -189,9 +196,21 @@ impl<S: MetaStore> Directory<S> {
             _ => {}
         }
         let rec = PeerRecord { report, last_seen_ms: now };
-        self.meta
-            .txn(Txn::new().then(Op::Put { key: key("peers", node), value: enc(&rec), lease: None }))
+        // Not if it was removed since the check above.
+        let put = self
+            .meta
+            .txn(Txn::new().when(Compare::Absent(key("removed", node))).then(Op::Put {
+                key: key("peers", node),
+                value: enc(&rec),
+                lease: None,
+            }))
             .await?;
+        if !put.succeeded {
+            return Err(Remote::new(
+                ErrorKind::Refused,
+                format!("peer {node} was removed from this cluster"),
+            ));
+        }
         // Peers that joined before peer ids existed get theirs here.
         self.peer_id(node).await?;
         let peers = self

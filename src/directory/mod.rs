@@ -221,6 +221,8 @@ pub struct Directory<S: MetaStore> {
     suspects: heal::audit::Suspects,
     /// Wakes the audit worker (a suspect).
     audit_wake: tokio::sync::Notify,
+    /// Segments the last health scan sampled for audits.
+    audit_sample: heal::audit::Sample,
     /// Used space (percent of capacity) at or above which a peer sheds
     /// shards and gets no new ones.
     high_water: std::sync::atomic::AtomicU8,
@@ -360,6 +362,7 @@ impl<S: MetaStore> Directory<S> {
             repair_wake: tokio::sync::Notify::new(),
             suspects: Default::default(),
             audit_wake: tokio::sync::Notify::new(),
+            audit_sample: Default::default(),
             high_water: std::sync::atomic::AtomicU8::new(heal::drain::HIGH_WATER),
             client_load: Default::default(),
             commits: roots::CommitQueue::default(),

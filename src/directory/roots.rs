@@ -554,10 +554,9 @@ impl<S: MetaStore> Directory<S> {
         let known = self.peer_ids().await?;
         let mut open = Vec::new();
         for ((name, rec), c) in up.into_iter().zip(candidates) {
-            let id = match known.get(&name) {
-                Some(&id) => id,
-                None => self.peer_id(&name).await?,
-            };
+            // A peer without an id gets one at its next heartbeat (or was
+            // removed just now): not a candidate meanwhile.
+            let Some(&id) = known.get(&name) else { continue };
             if !exclude.contains(&id) {
                 let full = self.above_high_water(&rec.report);
                 open.push((PeerSlot { id, addr: PeerAddr { name, addr: rec.report.addr } }, c, full));

@@ -22,7 +22,8 @@
 //!   checks should have refused. The shard is forgotten;
 //! - an unreachable peer is not an outcome: heartbeats judge liveness.
 //!
-//! A peer with one lie, or [`STRIKES`] failed challenges, is marked: it is
+//! A peer with one lie, or [`STRIKES`] failed challenges close together
+//! ([`STRIKE_WINDOW`]), is marked: it is
 //! drained for failed audits ([`super::drain`]), so its shards count as
 //! lost and are rebuilt from the others, and it gets no new ones. Tallies
 //! are kept per peer under `audit/<name>` and shown by `meshdisk status`.
@@ -45,14 +46,35 @@ use crate::directory::meta::{MetaStore, Op, Txn};
 use crate::directory::schema::*;
 use crate::sys::worker::{Pacing, State, Status, Worker};
 
-/// Failed challenges (of any kind) after which a peer is drained.
+/// Failed challenges (of any kind), each within [`STRIKE_WINDOW`] of the
+/// one before, after which a peer is drained.
 pub const STRIKES: u64 = 3;
+
+/// Failures further apart than this start the strikes anew.
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Default time between two challenges (cluster-wide).
 pub const EVERY: Duration = Duration::from_secs(10);
 
 /// Readers' reports waiting for their challenge, at most.
 const SUSPECTS_KEPT: usize = 256;
+
+/// Records a health scan keeps, uniformly sampled, for audits.
+pub const SAMPLE: usize = 64;
+
+/// Reservoir sampling: offers the `seen`-th item (from 1) of a stream to
+/// `sample`, which keeps [`SAMPLE`] items, each of the stream equally
+/// likely.
+pub fn sample<T>(sample: &mut Vec<T>, seen: u64, item: T, mut random: impl FnMut() -> f64) {
+    if sample.len() < SAMPLE {
+        sample.push(item);
+        return;
+    }
+    let j = (random() * seen as f64) as u64;
+    if (j as usize) < SAMPLE {
+        sample[j as usize] = item;
+    }
+}
 
 /// How a challenge ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,17 +191,15 @@ impl<S: MetaStore> Directory<S> {
             let root = SegmentRoot(record.root);
             return Ok(Some(Challenge { key, holder: p.id, peer: p.addr.clone(), root, block: None }));
         }
-        // A random record: the first after a random key (volume ids are
-        // random, so this is near uniform), or the first of all.
-        let start = format!("segs/{:032x}", (self.random() * u128::MAX as f64) as u128).into_bytes();
-        let mut page = self.meta.list_range(b"segs/", Some(&start), 1).await?;
-        if page.is_empty() {
-            page = self.meta.list_range(b"segs/", None, 1).await?;
-        }
-        let Some(e) = page.pop() else { return Ok(None) };
-        let Some((volume, segment)) = parse_any_segment_key(&e.key) else {
-            return Err(internal(format!("a malformed segment key {:?}", e.key)));
+        // A random record: from the uniform sample the last health scan
+        // kept (repair scans every few seconds), read again now.
+        let picked = {
+            let sample = self.audit_sample.lock().expect("not poisoned");
+            let i = ((self.random() * sample.len() as f64) as usize).min(sample.len().saturating_sub(1));
+            sample.get(i).copied()
         };
+        let Some((volume, segment)) = picked else { return Ok(None) };
+        let Some(e) = self.meta.get(&segment_key(&volume, segment)).await? else { return Ok(None) };
         let record =
             SegmentRecord::decode(&e.value).map_err(|x| internal(format!("segment {segment}: {x}")))?;
         let holders: Vec<(usize, u16)> = record
@@ -226,14 +246,29 @@ impl<S: MetaStore> Directory<S> {
             Outcome::Unreachable(_) => return Ok(Some(outcome)),
         };
         let name = &c.peer.name;
+        // A failure counts only if the record still named the peer for
+        // that shard (a segment freed meanwhile is not the peer's fault).
+        let forgotten =
+            failed && self.forget_shard(&c.key, c.holder, &format!("failed an audit: {why}")).await?;
         let k = key("audit", name);
         let mut tally: AuditTally = match self.meta.get(&k).await? {
             Some(e) => dec("audit", &e.value)?,
             None => AuditTally::default(),
         };
+        let now = self.now();
         tally.audits += 1;
-        tally.failed += u64::from(failed);
-        tally.lies += u64::from(lie);
+        if forgotten {
+            tally.failed += 1;
+            tally.lies += u64::from(lie);
+            // Strikes are failures close together: years of rare honest
+            // losses do not add up to a drain.
+            if now.saturating_sub(tally.last_failed_ms) > STRIKE_WINDOW.as_millis() as u64 {
+                tally.strikes = 0;
+            }
+            tally.strikes += 1;
+            tally.last_failed_ms = now;
+        }
+        let failed = forgotten;
         // A removed peer's tally is not brought back.
         if self.meta.get(&peer_id_key(name)).await?.is_some() {
             self.meta.txn(Txn::new().then(Op::Put { key: k, value: enc(&tally), lease: None })).await?;
@@ -244,15 +279,10 @@ impl<S: MetaStore> Directory<S> {
                 c.key.index,
                 c.key.segment
             );
-            self.forget_shard(&c.key, c.holder, &format!("failed an audit: {why}")).await?;
-            if tally.lies > 0 || tally.failed >= STRIKES {
-                let drains = self.drains().await?;
-                if drains.get(name).is_none_or(|d| d.reason != DrainReason::Audits) {
-                    // Replaces an operator's drain: its shards are no
-                    // longer copied from it.
-                    self.meta.txn(Txn::new().then(Op::Delete { key: key("drain", name) })).await?;
-                    self.drain_peer(name, DrainReason::Audits, false).await?;
-                }
+            if tally.lies > 0 || tally.strikes >= STRIKES {
+                // Replaces an operator's drain: its shards are no longer
+                // copied from it.
+                self.drain_peer(name, DrainReason::Audits, false).await?;
             }
         }
         Ok(Some(outcome))
@@ -323,3 +353,41 @@ impl<S: MetaStore, A: Auditor> Worker for AuditWorker<S, A> {
 
 /// Suspects waiting, by shard and peer name.
 pub type Suspects = std::sync::Mutex<VecDeque<(SegmentShardKey, String)>>;
+
+/// Segments (volume id, segment id) sampled by the last scan.
+pub type Sample = std::sync::Mutex<Vec<([u8; VOLUME_ID_LEN], crate::codec::sequence::SegmentId)>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservoir_keeps_every_item_equally_likely() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let n = 640u64;
+        let mut hits = vec![0u32; n as usize];
+        for _ in 0..2000 {
+            let mut s = Vec::new();
+            for i in 0..n {
+                sample(&mut s, i + 1, i, &mut random);
+            }
+            assert_eq!(s.len(), SAMPLE);
+            for i in s {
+                hits[i as usize] += 1;
+            }
+        }
+        // Each item is kept with probability 64 / 640 = 0.1: 200 of 2000.
+        let (lo, hi) = (hits.iter().min().unwrap(), hits.iter().max().unwrap());
+        assert!(*lo > 120 && *hi < 290, "{lo}..{hi}");
+        // Early and late items alike.
+        let early: u32 = hits[..64].iter().sum();
+        let late: u32 = hits[n as usize - 64..].iter().sum();
+        assert!(early.abs_diff(late) < early / 5, "{early} vs {late}");
+    }
+}

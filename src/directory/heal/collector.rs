@@ -274,6 +274,7 @@ pub(in crate::directory) fn start<S: MetaStore, E: Eraser>(dir: &Arc<Directory<S
         waited: false,
         queued: 0,
         next_reconcile_ms: first,
+        next_leaving_ms: 0,
         orphans: Orphans::default(),
         totals: (0, 0, 0),
     };
@@ -294,6 +295,8 @@ pub struct Collector<S: MetaStore, E: Eraser> {
     queued: u64,
     /// When the next reconciliation is due (the directory's clock).
     next_reconcile_ms: u64,
+    /// When leaving peers may be reconciled again.
+    next_leaving_ms: u64,
     orphans: Orphans,
     /// Since the start: shards of dropped segments erased, orphans found,
     /// orphans erased.
@@ -309,12 +312,18 @@ impl<S: MetaStore, E: Eraser> Collector<S, E> {
         // Peers that are leaving (or shedding space) are reconciled every
         // pass: the copies moved off them go once their grace is over, so a
         // drain ends with the peer holding nothing.
-        let due = self.dir.now() >= self.next_reconcile_ms;
-        let leaving = if due { None } else { Some(self.dir.leaving_peers().await?) };
+        // (At most every half grace: a copy goes a grace after it was
+        // first seen, so listing them more often only costs.)
+        let now = self.dir.now();
+        let due = now >= self.next_reconcile_ms;
+        let leaving =
+            if due || now < self.next_leaving_ms { None } else { Some(self.dir.leaving_peers().await?) };
         if let Some(only) = leaving.as_ref().filter(|l| !l.is_empty()) {
             let r = self.dir.reconcile(&self.eraser, &mut self.orphans, Some(only)).await?;
             self.totals.1 += r.found;
             self.totals.2 += r.erased;
+            let half = (self.dir.timing.collect_grace / 2).max(self.period);
+            self.next_leaving_ms = now + half.as_millis() as u64;
         }
         if due {
             let r = self.dir.reconcile(&self.eraser, &mut self.orphans, None).await?;
@@ -606,9 +615,12 @@ impl<S: MetaStore> Directory<S> {
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
         let ids = self.peer_ids().await?;
-        // Every up peer counts as a holder (a copy is surplus once another
-        // up peer holds its index), though only `only`'s are listed.
-        let up_ids: HashSet<u16> = up.iter().filter_map(|p| ids.get(&p.name).copied()).collect();
+        // Every peer serving reads counts as a holder (a copy is surplus
+        // once another one holds its index), though only `only`'s are
+        // listed; one drained for failed audits does not (repair rebuilds
+        // its indices, maybe on the peer holding this copy).
+        let view = self.peer_view().await?;
+        let up_ids: HashSet<u16> = view.by_id.values().filter(|p| p.state.is_up()).map(|p| p.id).collect();
         let up: Vec<PeerAddr> = up.into_iter().filter(|p| only.is_none_or(|o| o.contains(&p.name))).collect();
         // Orphans seen in this pass, and the (peer, volume) listings that
         // completed: a sighting not renewed by a complete listing is
@@ -676,7 +688,15 @@ impl<S: MetaStore> Directory<S> {
                         // Read the record once more: a commit may have
                         // landed it before the floor rose, repair may
                         // have recorded this copy or lost the holder.
-                        let now_record = self.segment_record(&k).await?;
+                        let skey = segment_key(&k.volume, k.segment);
+                        let now_entry = self.meta.get(&skey).await?;
+                        let now_record = match &now_entry {
+                            Some(e) => Some(
+                                SegmentRecord::decode(&e.value)
+                                    .map_err(|e| internal(format!("segment {}: {e}", k.segment)))?,
+                            ),
+                            None => None,
+                        };
                         let still = match class {
                             ShardClass::Replaced => {
                                 now_record.as_ref().is_some_and(|r| {
@@ -687,6 +707,21 @@ impl<S: MetaStore> Directory<S> {
                         };
                         if !still {
                             continue;
+                        }
+                        // A repair may be storing this very index on this
+                        // very peer now (a move back onto it, a rebuild
+                        // picking it): rewriting the record unchanged, on
+                        // the revision just judged, makes that repair's
+                        // compare-and-set fail (it then erases what it
+                        // stored), and one that landed first makes this
+                        // write fail (the copy is live: kept).
+                        if let (ShardClass::Replaced, Some(e)) = (class, &now_entry) {
+                            let txn = Txn::new()
+                                .when(Compare::ModRevision(skey.clone(), e.mod_revision))
+                                .then(Op::Put { key: skey.clone(), value: e.value.clone(), lease: None });
+                            if !self.meta.txn(txn).await?.succeeded {
+                                continue;
+                            }
                         }
                         match eraser.erase(peer, k, epoch).await {
                             Ok(_) => {

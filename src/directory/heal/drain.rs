@@ -28,6 +28,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::api::*;
 use crate::directory::Directory;
+use crate::directory::heal::health::HolderState;
 use crate::directory::meta::{Compare, MetaStore, Op, Txn};
 use crate::directory::schema::*;
 
@@ -95,13 +96,22 @@ impl<S: MetaStore> Directory<S> {
             return Ok(DirResponse::Done);
         }
         let rec = DrainRecord { reason, since_ms: self.now() };
+        // A drain for failed audits replaces an operator's (in one write:
+        // never a moment without either); any other keeps the first.
+        let existing = self.meta.get(&k).await?;
+        let when = match &existing {
+            None => Compare::Absent(k.clone()),
+            Some(e)
+                if reason == DrainReason::Audits
+                    && dec::<DrainRecord>("drain", &e.value)?.reason != reason =>
+            {
+                Compare::ModRevision(k.clone(), e.mod_revision)
+            }
+            Some(_) => return Ok(DirResponse::Done),
+        };
         let out = self
             .meta
-            .txn(Txn::new().when(Compare::Absent(k.clone())).then(Op::Put {
-                key: k,
-                value: enc(&rec),
-                lease: None,
-            }))
+            .txn(Txn::new().when(when).then(Op::Put { key: k, value: enc(&rec), lease: None }))
             .await?;
         if out.succeeded {
             tracing::warn!("peer {peer}: draining ({})", reason.as_str());
@@ -115,11 +125,19 @@ impl<S: MetaStore> Directory<S> {
         let Some(id_entry) = self.meta.get(&peer_id_key(peer)).await? else {
             return Err(Remote::new(ErrorKind::NotFound, format!("no peer named {peer} in this cluster")));
         };
-        let ids = self.peer_ids().await?;
-        let id = ids[peer];
+        let id = u16::from_be_bytes(
+            id_entry
+                .value
+                .as_slice()
+                .try_into()
+                .map_err(|_| internal(format!("corrupt peer id of {peer}")))?,
+        );
         let view = self.peer_view().await?;
         let scan = self.scan_health(&view).await?;
-        if let Some(t) = scan.needed.get(&id).filter(|t| t.segments > 0) {
+        // A lost peer holds nothing anyone reaches: records naming it
+        // count those shards lost either way.
+        let lost = view.by_id.get(&id).is_some_and(|p| p.state == HolderState::Lost && p.drain.is_none());
+        if let Some(t) = scan.needed.get(&id).filter(|t| t.segments > 0 && !lost) {
             return Err(Remote::new(
                 ErrorKind::Conflict,
                 format!(

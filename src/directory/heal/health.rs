@@ -29,6 +29,9 @@
 //!   high-water mark) count as up; once nothing is to be rebuilt, their
 //!   shards are listed to move (copied from them, then recorded), so a
 //!   drain never lowers redundancy.
+//! - **Distrusted** holders (drained for failed audits) count as lost,
+//!   and their shards are rebuilt even when the threshold would tolerate
+//!   the loss, so no record keeps naming them.
 //! - **Unavailable** / **lost**: fewer than k shards up / not lost. Repair
 //!   needs k; it waits (unavailable) or cannot (lost).
 
@@ -48,6 +51,9 @@ pub enum HolderState {
     Down,
     /// Silent for longer, or left the cluster: its shards are gone.
     Lost,
+    /// Drained for failed audits: its shards count as lost, and are
+    /// rebuilt from the others whatever the threshold says.
+    Distrusted,
 }
 
 /// One holder: its state and failure domain.
@@ -116,12 +122,19 @@ pub fn assess(
     let mut readable = 0;
     let mut readable_alive = 0;
     let mut doubled = false;
+    let mut distrusted = Vec::new();
     for (i, &id) in record.peers.iter().enumerate() {
         if id == 0 {
             continue;
         }
         let view = holder(id);
-        let state = view.as_ref().map_or(HolderState::Lost, |v| v.state);
+        let state = match view.as_ref().map_or(HolderState::Lost, |v| v.state) {
+            HolderState::Distrusted => {
+                distrusted.push(i);
+                HolderState::Lost
+            }
+            s => s,
+        };
         if state.is_up() {
             readable += 1;
         }
@@ -175,6 +188,11 @@ pub fn assess(
         _ if alive < rules.threshold || doubled => missing(&|s| s.is_none()),
         _ => Vec::new(),
     };
+    if rebuild.is_empty() && !matches!(health, SegmentHealth::Lost | SegmentHealth::Unavailable) {
+        // Shards on a distrusted peer go even while the threshold
+        // tolerates their loss: else records name it for ever.
+        rebuild = distrusted;
+    }
     if rebuild.is_empty()
         && domain_misplaced
         && !matches!(health, SegmentHealth::Lost | SegmentHealth::Unavailable)
@@ -205,6 +223,18 @@ mod tests {
 
     fn record(peers: &[u16]) -> SegmentRecord {
         SegmentRecord { peers: peers.to_vec(), shard_blocks: 1, root: [0; 32] }
+    }
+
+    #[test]
+    fn a_distrusted_peers_shard_is_rebuilt_whatever_the_threshold() {
+        let distrusted = |id: u16| {
+            let state = if id == 2 { HolderState::Distrusted } else { HolderState::Up };
+            Some(HolderView { state, domain: format!("d{id}") })
+        };
+        let low = Rules { k: 4, m: 2, threshold: 4 };
+        let a = assess(&record(&[1, 2, 3, 4, 5, 6]), low, distrusted, no_free);
+        assert_eq!((a.health, a.up, a.alive), (SegmentHealth::Degraded, 5, 5));
+        assert_eq!(a.rebuild, vec![1]);
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl<S: MetaStore> Directory<S> {
             let drain = drains.get(&name).map(|d| d.reason);
             let state = match (self.state(&r, now), drain) {
                 // Not trusted: its shards are rebuilt from the others.
-                (_, Some(DrainReason::Audits)) => HolderState::Lost,
+                (_, Some(DrainReason::Audits)) => HolderState::Distrusted,
                 (PeerState::Up, Some(DrainReason::Operator)) => HolderState::Leaving,
                 (PeerState::Up, None) => HolderState::Up,
                 (PeerState::Down | PeerState::Failed, _) => HolderState::Down,
@@ -300,6 +300,8 @@ impl<S: MetaStore> Directory<S> {
             .map(|p| (p.id, p.used.saturating_sub(super::drain::low_water(p.capacity, self.high_water()))))
             .collect();
         let mut sheds: Vec<(u16, u64, RepairJob, Vec<u8>)> = Vec::new();
+        // A uniform sample of the records, for audits to challenge.
+        let (mut sample, mut seen) = (Vec::new(), 0u64);
         loop {
             let page = self.meta.list_range(b"segs/", after.as_deref(), PAGE).await?;
             let Some(last) = page.last() else { break };
@@ -315,6 +317,8 @@ impl<S: MetaStore> Directory<S> {
                 let record = SegmentRecord::decode(&e.value)
                     .map_err(|x| internal(format!("segment {segment} of volume {}: {x}", v.spec.name)))?;
                 let a = view.assess(&record, rules(&v.spec));
+                seen += 1;
+                super::audit::sample(&mut sample, seen, (volume, segment), || self.random());
                 let shard = shard_len(&v.spec, &record);
                 let bytes = shard * record.peers.len() as u64;
                 let mut named = HashSet::new();
@@ -382,6 +386,7 @@ impl<S: MetaStore> Directory<S> {
         }
         jobs.sort_by(|(a, ka), (b, kb)| a.urgency.cmp(&b.urgency).then_with(|| ka.cmp(kb)));
         scan.jobs = jobs.into_iter().map(|(j, _)| j).collect();
+        *self.audit_sample.lock().expect("not poisoned") = sample;
         Ok(scan)
     }
 
@@ -427,9 +432,17 @@ impl<S: MetaStore> Directory<S> {
                 .collect();
             open.sort_by_key(|p| p.id);
             // Peers above the high-water mark take a rebuilt shard only
-            // when too few others can (never a moved one: pointless).
+            // when too few others can. A moved one goes only where it
+            // leaves room below the low-water mark: a move must not make
+            // its target shed in turn.
             let roomy = open.iter().filter(|p| !p.above_high_water).count();
-            if roomy >= make.len() || a.rebuild.is_empty() {
+            if a.rebuild.is_empty() {
+                let low = |p: &PeerInfo| super::drain::low_water(p.capacity, self.high_water());
+                open.retain(|p| {
+                    let debit = debits.get(&p.id).copied().unwrap_or(0);
+                    !p.above_high_water && p.used.saturating_add(debit).saturating_add(shard_bytes) <= low(p)
+                });
+            } else if roomy >= make.len() {
                 open.retain(|p| !p.above_high_water);
             }
             open

@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use tokio::sync::Notify;
+
 use super::repair::*;
 use super::*;
 use crate::codec::segment::SegmentRoot;
@@ -108,6 +110,10 @@ async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_
     let err = f.ask("peer-1", Role::Peer, DirRequest::Heartbeat(report)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused);
     assert!(err.message.contains("was removed"), "{err}");
+    // Nothing gives it an id again (a heartbeat or placement that raced
+    // the removal).
+    assert_eq!(f.dir.peer_id("peer-1").await.unwrap_err().kind, ErrorKind::Refused);
+    assert!(!f.dir.peer_ids().await.unwrap().contains_key("peer-1"));
 }
 
 #[tokio::test]
@@ -186,16 +192,30 @@ impl Auditor for FakeAuditor {
 #[tokio::test]
 async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_rebuilt_from_others() {
     let f = peers_alone(8).await;
-    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    // Segment 1 on peers 1-4, segments 2..=16 on peers 5-8 (4 blocks a
+    // shard).
+    let mut segments = vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))];
+    segments.extend(
+        (2..=16).map(|n| (seg(1, n), SegmentRecord { shard_blocks: 4, ..record(&[5, 6, 7, 8], n as u8) })),
+    );
+    volume_with(&f, 2, 2, 4, segments).await;
     let auditor = FakeAuditor::default();
-    // Passing challenges land on the holders, one random block each.
-    for _ in 0..8 {
+    // Nothing sampled yet (no health scan): nothing to challenge.
+    assert_eq!(f.dir.audit_once(&auditor).await.unwrap(), None);
+    // Passing challenges land on random segments, holders and blocks.
+    f.status().await;
+    for _ in 0..64 {
         assert_eq!(f.dir.audit_once(&auditor).await.unwrap(), Some(Outcome::Passed));
     }
     let asked = auditor.asked.lock().unwrap().clone();
-    assert!(asked.iter().all(|(_, k, b)| k.segment == seg(1, 1) && *b == Some(0)), "{asked:?}");
+    let segs: HashSet<SegmentId> = asked.iter().map(|(_, k, _)| k.segment).collect();
+    let peers: HashSet<&String> = asked.iter().map(|(p, _, _)| p).collect();
+    let blocks: HashSet<Option<u32>> =
+        asked.iter().filter(|(_, k, _)| k.segment != seg(1, 1)).map(|(_, _, b)| *b).collect();
+    assert!(segs.len() >= 8 && peers.len() >= 6 && blocks.len() >= 3, "{segs:?} {peers:?} {blocks:?}");
+    assert!(blocks.iter().all(|b| b.is_some_and(|b| b < 4)));
     let tallies: u64 = f.status().await.peers.iter().map(|p| p.audits.audits).sum();
-    assert_eq!(tallies, 8);
+    assert_eq!(tallies, 64);
 
     // A reader's suspicion is challenged first, on the whole shard; an
     // honest loss forgets the shard and counts against the peer.
@@ -224,12 +244,51 @@ async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_re
     assert_eq!(s[&liar].audits.lies, 1);
     let rebuilder = FakeRebuilder::default();
     f.dir.repair_round(&rebuilder).await.unwrap();
-    let now = record_of(&f, seg(1, 1)).await;
     let liar_id = (liar.strip_prefix("peer-").unwrap().parse::<u16>().unwrap()) + 1;
-    assert!(!now.peers.contains(&liar_id) && !now.peers.contains(&0), "{now:?}");
+    for n in 1..=16 {
+        let now = record_of(&f, seg(1, n)).await;
+        assert!(!now.peers.contains(&liar_id) && !now.peers.contains(&0), "segment {n}: {now:?}");
+    }
     for c in rebuilder.calls() {
         assert!(c.sources.iter().all(|s| s.peer.name != liar), "{c:?}");
         assert_ne!(c.target, liar);
     }
     assert_eq!(f.status().await.verdict, Verdict::HealthOk);
+}
+
+#[tokio::test]
+async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_is_never_recorded() {
+    // Index 1 moved off peer-1 (id 2) to peer-4 (id 5) earlier: peer-1
+    // still holds the copy, an orphan past its grace. Now peer-4 is
+    // drained and the only peer to move it to is peer-1 (peer-5 is down).
+    let f = peers_alone(6).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
+    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
+        DirResponse::Volume(v) => v,
+        other => panic!("{other:?}"),
+    };
+    let copy = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 };
+    let peers = FakePeers::default();
+    peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);
+    let mut orphans = collector::Orphans::default();
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
+    pass(&f, GRACE + PEER_TIMEOUT, &[0, 1, 2, 3, 4]).await;
+    admin(&f, DirRequest::DrainPeer { peer: "peer-4".into(), cancel: false }).await.unwrap();
+
+    // The move starts (peer-1 stores the shard again), and waits.
+    let gate = Arc::new((Notify::new(), Notify::new()));
+    let rebuilder = FakeRebuilder { gate: Some(gate.clone()), ..Default::default() };
+    let (dir, rb) = (f.dir.clone(), rebuilder.clone());
+    let moving = tokio::spawn(async move { dir.repair_round(&rb).await });
+    gate.0.notified().await;
+    // Meanwhile the collector finds the copy due, and erases it.
+    let r = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
+    assert_eq!(r.erased, 1);
+    gate.1.notify_one();
+    let r = moving.await.unwrap().unwrap();
+    assert_eq!(rebuilder.calls()[0].target, "peer-1");
+    // The move lost the race: the record does not name peer-1 for a
+    // shard it no longer holds, and what the move stored is erased.
+    assert!(r.raced, "{r:?}");
+    assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![1, 5, 3, 4]);
 }

@@ -23,10 +23,10 @@ pub(super) struct Call {
 
 #[derive(Clone, Default)]
 pub(super) struct FakeRebuilder {
-    calls: Arc<Mutex<Vec<Call>>>,
-    erased: Arc<Mutex<Vec<(String, SegmentShardKey)>>>,
+    pub(super) calls: Arc<Mutex<Vec<Call>>>,
+    pub(super) erased: Arc<Mutex<Vec<(String, SegmentShardKey)>>>,
     /// When set: each rebuild says it started, then waits to proceed.
-    gate: Option<Arc<(Notify, Notify)>>,
+    pub(super) gate: Option<Arc<(Notify, Notify)>>,
 }
 
 impl Eraser for FakeRebuilder {
