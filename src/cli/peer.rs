@@ -40,6 +40,14 @@ pub struct PeerArgs {
     advertise: Option<SocketAddr>,
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     heartbeat: Duration,
+    /// Re-hash every shard stored here about this often (each pass starts
+    /// 0.9–1.25 × this after the last one started, spread over it).
+    #[arg(long, value_parser = parse_duration, default_value = "28d")]
+    scrub_every: Duration,
+    /// The most bytes per second a scrub reads (0: no cap; a pass asked
+    /// for with `meshdisk scrub start` runs at this rate).
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    scrub_rate: u64,
 }
 
 /// `meshdisk peer`: runs until SIGINT/SIGTERM.
@@ -57,6 +65,7 @@ pub async fn run(args: PeerArgs) -> Result<(), CliError> {
         listen: args.listen,
         advertise: args.advertise,
         heartbeat: args.heartbeat,
+        scrub: crate::peer::scrub::ScrubConfig { every: args.scrub_every, rate: args.scrub_rate },
     };
     let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::peer::run(config, stop).await?)

@@ -309,6 +309,7 @@ mod tests {
                     last_seen_ms: 99_600,
                     problem: None,
                     rtts: vec![],
+                    scrub: None,
                 },
                 PeerStatus {
                     name: "peer-2".into(),
@@ -321,6 +322,7 @@ mod tests {
                     last_seen_ms: 10_000,
                     problem: None,
                     rtts: vec![],
+                    scrub: None,
                 },
             ],
             volumes: vec![VolumeStatus {
@@ -366,6 +368,7 @@ mod tests {
             },
             repair: RepairProgress::default(),
             verdict: Verdict::Degraded,
+            scrub: Default::default(),
         };
         let text = status(&s);
         assert!(

@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! config/cluster              the cluster's name
+//! config/scrub                the peers' scrub directive: paused until
+//!                             when, a pass asked for when (heal/scrub.rs)
 //! nodes/<name>                every member that joined: role, when
 //! peers/<name>                a peer's last report and when it came
 //! hints/<name>                a client's measured round trips to peers
@@ -513,6 +515,14 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::ReportShardFaults { faults } => {
                 needs(&[Role::Peer])?;
                 self.shard_faults(&who.node, faults).await
+            }
+            DirRequest::SegmentRoots { shards } => {
+                needs(&[Role::Peer])?;
+                self.segment_roots(&shards).await
+            }
+            DirRequest::Scrub(cmd) => {
+                needs(&[Role::Admin])?;
+                self.scrub_command(cmd).await
             }
         }
     }

@@ -8,9 +8,13 @@
 //! identity.cred   this peer's credential (joined once, reused afterwards)
 //! store/          the shard store (data files and index; docs/formats.md)
 //! ```
+//!
+//! Beside serving, its workers: [`heartbeat`] (reports, round trips) and
+//! [`scrub`] (re-hashes every shard on a schedule, reports the bad ones).
 
 mod heartbeat;
 mod rebuild;
+pub mod scrub;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -86,6 +90,8 @@ pub struct PeerConfig {
     pub listen: SocketAddr,
     pub advertise: Option<SocketAddr>,
     pub heartbeat: Duration,
+    /// How often and how fast shards are re-hashed.
+    pub scrub: scrub::ScrubConfig,
 }
 
 /// The most shard keys one `List` answers.
@@ -316,9 +322,18 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     let workers = Runner::new(stop.clone());
     let (refused, refusal) = tokio::sync::oneshot::channel();
     let me = heartbeat::Identity { addr, failure_domain, capacity: config.capacity };
+    let scrubbing = Arc::new(scrub::ScrubShared::default());
+    workers.spawn(scrub::Scrub::new(
+        client.clone(),
+        store.clone(),
+        scrubbing.clone(),
+        client_calls.clone(),
+        config.scrub,
+    ));
     workers.spawn(heartbeat::Heartbeat::new(
         client,
         store,
+        scrubbing,
         (load, client_calls),
         me,
         cred.directory.clone(),
@@ -351,6 +366,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             heartbeat: Duration::from_secs(1),
+            scrub: Default::default(),
         }
     }
 

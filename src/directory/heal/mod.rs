@@ -8,6 +8,8 @@
 //!   compare-and-set;
 //! - [`faults`]: forgets from their records the shards their holders
 //!   found bad or that failed an audit, so repair rebuilds them;
+//! - [`scrub`]: the segment roots peers scrub against, the cluster's
+//!   scrub directive (`meshdisk scrub`) and the peers' progress added up;
 //! - [`collector`]: erases the shards of deleted volumes and dropped
 //!   segments, and reconciles the peers' shards with the records to erase
 //!   orphans.
@@ -22,3 +24,4 @@ pub mod collector;
 pub mod faults;
 pub mod health;
 pub mod repair;
+pub mod scrub;

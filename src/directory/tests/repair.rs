@@ -98,6 +98,7 @@ async fn heartbeat_alone(f: &Fixture, i: usize) {
         client_ops: 0,
         problem: None,
         rtts: vec![],
+        scrub: None,
     };
     f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
 }
