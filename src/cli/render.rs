@@ -151,7 +151,7 @@ pub fn scrub_line(s: &ClusterStatus) -> String {
         None => {}
     }
     if c.scrubbing > 0 {
-        let pct = if c.total == 0 { 100 } else { c.checked * 100 / c.total };
+        let pct = (c.checked * 100).checked_div(c.total).unwrap_or(100);
         parts.push(format!(
             "{pct}% of this pass on {} of {} peers at {}/s",
             c.scrubbing,

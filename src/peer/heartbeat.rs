@@ -67,8 +67,7 @@ impl Heartbeat {
     /// report is sent on `refused`, and the worker is done.
     pub(super) fn new(
         client: Client,
-        store: ShardStore,
-        scrub: Arc<ScrubShared>,
+        (store, scrub): (ShardStore, Arc<ScrubShared>),
         (load, client_calls): (Arc<AtomicU32>, Arc<AtomicU64>),
         me: Identity,
         directory: String,

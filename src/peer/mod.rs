@@ -332,8 +332,7 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     ));
     workers.spawn(heartbeat::Heartbeat::new(
         client,
-        store,
-        scrubbing,
+        (store, scrubbing),
         (load, client_calls),
         me,
         cred.directory.clone(),

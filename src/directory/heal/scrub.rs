@@ -42,7 +42,7 @@ impl<S: MetaStore> Directory<S> {
             ));
         }
         let mut out = Vec::with_capacity(shards.len());
-        let mut last: Option<((VolumeIdBytes, u64), Option<[u8; 32]>)> = None;
+        let mut last: Option<(SegmentOf, Option<[u8; 32]>)> = None;
         for s in shards {
             // A page of shards is in key order: shards of one segment are
             // neighbours, so one lookup serves them all.
@@ -112,7 +112,8 @@ impl<S: MetaStore> Directory<S> {
     }
 }
 
-type VolumeIdBytes = [u8; crate::codec::key::VOLUME_ID_LEN];
+/// A segment: its volume id and raw segment id.
+type SegmentOf = ([u8; crate::codec::key::VOLUME_ID_LEN], u64);
 
 /// Adds up the peers' scrub reports.
 fn summarize(peers: &[&ScrubReport], paused_until_ms: Option<u64>) -> ScrubSummary {
