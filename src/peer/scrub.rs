@@ -25,8 +25,9 @@
 //! worker also pauses [`TRANQUILITY`] times as long as the step took.
 //!
 //! **State** (cursor, pass start, bytes checked, passes, next start) lives
-//! in the store's index (table `scrub`), saved after every page: a restart
-//! resumes where the pass was.
+//! in the store's index (table `scrub`), saved when a pass starts or ends
+//! and every [`SAVE_EVERY`] within one: a restart resumes about where the
+//! pass was.
 //!
 //! **Control.** The directory's heartbeat answer carries a directive:
 //! paused for how long (a pause with a duration ends by itself), and when
@@ -59,6 +60,10 @@ const PAGE: usize = 64;
 const STEP_BYTES: u64 = 8 << 20;
 /// How long after a failed report the faults are reported again.
 const REPORT_RETRY: Duration = Duration::from_secs(5);
+/// A pass's progress is saved at most this often (each save is a durable
+/// index commit, an fsync the peer's puts would queue behind); a restart
+/// checks again at most what was checked since.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
 
 /// `meshdisk peer --scrub-every --scrub-rate`.
 #[derive(Clone, Copy, Debug)]
@@ -162,6 +167,8 @@ pub(super) struct Scrub {
     /// The directory could not give roots (logged once).
     roots_failing: bool,
     paused: bool,
+    /// When the pass's progress was last saved.
+    saved: Instant,
 }
 
 impl Scrub {
@@ -186,6 +193,7 @@ impl Scrub {
             rate: 0,
             roots_failing: false,
             paused: false,
+            saved: Instant::now(),
         }
     }
 
@@ -276,6 +284,7 @@ impl Scrub {
 
     fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
         self.store.save_scrub(&state)?;
+        self.saved = Instant::now();
         self.state = Some(state);
         Ok(())
     }
@@ -414,7 +423,11 @@ impl Scrub {
         let busy = calls != std::mem::replace(&mut self.calls, calls);
         let rest = rest(checked, begun.elapsed(), rate, busy);
         self.publish(&state);
-        self.save(state)?;
+        if self.saved.elapsed() >= SAVE_EVERY {
+            self.save(state)?;
+        } else {
+            self.state = Some(state);
+        }
         if rest.is_zero() {
             return Ok(State::Busy);
         }
