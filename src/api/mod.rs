@@ -88,6 +88,77 @@ pub struct PeerReport {
     pub problem: Option<String>,
     /// Round trips to the other peers it talks to.
     pub rtts: Vec<Rtt>,
+    /// How far its scrub is (`None`: not known yet).
+    #[serde(default)]
+    pub scrub: Option<ScrubReport>,
+}
+
+/// A peer's scrub (re-hashing every shard it holds, `peer/scrub.rs`), as
+/// it reports it every heartbeat. Times are Unix ms on the peer's clock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubReport {
+    /// When the running pass started; `None` between passes.
+    pub pass_started_ms: Option<u64>,
+    /// Bytes checked in the running pass, of `total` stored.
+    pub checked: u64,
+    pub total: u64,
+    /// Bytes checked per second over the last report interval.
+    pub rate: u64,
+    /// Passes finished.
+    pub passes: u64,
+    pub last_ended_ms: Option<u64>,
+    /// When the next pass starts.
+    pub next_ms: Option<u64>,
+    /// Bad shards found since the store was made (scrub and reads), and
+    /// those not yet acknowledged by the directory.
+    pub found: u64,
+    pub unreported: u64,
+    pub paused: bool,
+}
+
+/// What the directory tells every peer's scrub (`meshdisk scrub`), in
+/// each heartbeat answer; kept under `config/scrub`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubDirective {
+    /// Paused for this much longer (ms; `u64::MAX`: until resumed).
+    pub paused_for_ms: Option<u64>,
+    /// When a pass was last asked for (the directory's clock): a peer
+    /// starts one when this changes.
+    pub start_requested_ms: Option<u64>,
+}
+
+/// `meshdisk scrub pause|resume|start`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScrubCommand {
+    /// Pause every peer's scrub, for this long (ms) or until resumed.
+    Pause {
+        for_ms: Option<u64>,
+    },
+    Resume,
+    /// Start a pass now on every peer (and lift a pause).
+    Start,
+}
+
+/// The peers' scrubs together, for `meshdisk status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubSummary {
+    /// Peers that report a scrub, and those in a pass now.
+    pub peers: u64,
+    pub scrubbing: u64,
+    /// Bytes checked in the running passes, of those peers' bytes stored.
+    pub checked: u64,
+    pub total: u64,
+    /// Bytes checked per second, all peers.
+    pub rate: u64,
+    /// The soonest next pass of a peer between passes.
+    pub next_ms: Option<u64>,
+    /// The oldest end of a last finished pass (every peer has finished a
+    /// pass since), if every peer has finished one.
+    pub all_checked_ms: Option<u64>,
+    pub found: u64,
+    pub unreported: u64,
+    /// Paused until (the directory's clock; `u64::MAX`: until resumed).
+    pub paused_until_ms: Option<u64>,
 }
 
 /// What FLUSH waits for (see the README's volume section).
@@ -534,6 +605,8 @@ pub struct PeerStatus {
     pub above_high_water: bool,
     #[serde(default)]
     pub audits: AuditTally,
+    #[serde(default)]
+    pub scrub: Option<ScrubReport>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -570,6 +643,9 @@ pub struct ClusterStatus {
     /// From `health`, the peers' states and `repair`.
     #[serde(default)]
     pub verdict: Verdict,
+    /// The peers' scrubs.
+    #[serde(default)]
+    pub scrub: ScrubSummary,
 }
 
 /// A live segment as the directory records it: the peers holding its
@@ -960,6 +1036,14 @@ pub enum DirRequest {
         #[serde(with = "segment_ids")]
         ids: Vec<SegmentId>,
     },
+    /// A peer's scrub asks for the segment roots of the shards it is about
+    /// to check (`Roots`, in order; `None`: no live record, so the shard is
+    /// checked without). Peers only.
+    SegmentRoots {
+        shards: Vec<SegmentShardKey>,
+    },
+    /// `meshdisk scrub pause|resume|start` (admins).
+    Scrub(ScrubCommand),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -975,6 +1059,7 @@ pub enum DirResponse {
     Heartbeat {
         peers: Vec<PeerAddr>,
         peer_timeout_ms: u64,
+        scrub: ScrubDirective,
     },
     Status(Box<ClusterStatus>),
     Token {
@@ -998,6 +1083,7 @@ pub enum DirResponse {
     Snapshot(SnapshotInfo),
     Snapshots(Vec<SnapshotInfo>),
     SegmentHealth(Vec<Option<SegmentHealth>>),
+    Roots(Vec<Option<[u8; 32]>>),
 }
 
 /// Calls to a peer about the segment shards it holds. Shard bytes (header
@@ -1137,7 +1223,11 @@ mod tests {
             client_ops: 12,
             problem: None,
             rtts: vec![Rtt { node: "peer-2".into(), micros: 120 }],
+            scrub: Some(ScrubReport { pass_started_ms: Some(5), checked: 7, total: 9, ..Default::default() }),
         }));
+        roundtrip(DirRequest::SegmentRoots { shards: vec![segment, max] });
+        roundtrip(DirRequest::Scrub(ScrubCommand::Pause { for_ms: Some(3_600_000) }));
+        roundtrip(DirResponse::Roots(vec![Some([3; 32]), None]));
         let collector = crate::sys::worker::WorkerInfo {
             name: "collector".into(),
             state: "idle".into(),
@@ -1159,6 +1249,7 @@ mod tests {
             health: Health { segments: 3, whole: 1, critical: 2, ..Health::default() },
             repair: RepairProgress { queued: Tally { segments: 2, bytes: 1 << 20 }, ..Default::default() },
             verdict: Verdict::AtRisk,
+            scrub: ScrubSummary { peers: 3, checked: 5, total: 10, ..Default::default() },
         };
         roundtrip(DirResponse::Status(Box::new(status.clone())));
         // In JSON a worker reads as `WorkerInfo` itself does (queue and

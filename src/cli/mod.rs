@@ -20,6 +20,7 @@ pub mod passphrase;
 pub mod peer;
 pub mod render;
 pub mod repair;
+pub mod scrub;
 pub mod serve;
 pub mod snapshot;
 pub mod unlock;
@@ -75,6 +76,10 @@ pub enum Command {
     Status(admin::StatusArgs),
     /// What repair is doing; `--wait` follows it until full redundancy.
     Repair(repair::RepairArgs),
+    /// The peers' scrub (re-hashing every shard): status, pause, resume,
+    /// start a pass now.
+    #[command(subcommand)]
+    Scrub(scrub::ScrubAction),
     /// Create, list, inspect and delete volumes.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
@@ -109,6 +114,7 @@ pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
         Command::Token(admin::TokenCommand::Create(args)) => admin::token_create(args).await,
         Command::Status(args) => admin::status(args).await,
         Command::Repair(args) => repair::run(args).await,
+        Command::Scrub(action) => scrub::run(action).await,
         Command::Volume(cmd) => volume::run(cmd).await,
         Command::Demo(args) => demo::run(args.into(), stop_on_signals(Some(demo::STOP_GRACE))?).await,
         Command::Attach(args) => attach::attach(args).await,

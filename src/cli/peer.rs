@@ -48,6 +48,14 @@ pub struct PeerArgs {
     /// For tests of audits only: misbehave on purpose.
     #[arg(long, hide = true, value_enum)]
     fault: Option<crate::peer::Fault>,
+    /// Re-hash every shard stored here about this often (each pass starts
+    /// 0.9–1.25 × this after the last one started, spread over it).
+    #[arg(long, value_parser = parse_duration, default_value = "28d")]
+    scrub_every: Duration,
+    /// The most bytes per second a scrub reads (0: no cap; a pass asked
+    /// for with `meshdisk scrub start` runs at this rate).
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
+    scrub_rate: u64,
 }
 
 /// What an admin does to a peer.
@@ -177,6 +185,7 @@ pub async fn run(args: PeerArgs) -> Result<(), CliError> {
         advertise: args.advertise,
         heartbeat: args.heartbeat,
         fault: args.fault,
+        scrub: crate::peer::scrub::ScrubConfig { every: args.scrub_every, rate: args.scrub_rate },
     };
     let stop = stop_on_signals(Some(STOP_GRACE))?;
     Ok(crate::peer::run(config, stop).await?)

@@ -152,6 +152,49 @@ pub fn repair_line(r: &RepairProgress) -> String {
     line
 }
 
+/// A span for people: `45s`, `12m`, `5.0h`, `26.3d`.
+fn span(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs < 48 * 3600 { eta(secs) } else { format!("{:.1}d", secs as f64 / 86_400.0) }
+}
+
+/// "scrub: 43% of this pass on 3 of 6 peers at 12.0 MiB/s, next pass in
+/// 26.0d; 2 bad shards found, 0 not yet reported".
+pub fn scrub_line(s: &ClusterStatus) -> String {
+    let c = &s.scrub;
+    if c.peers == 0 {
+        return "scrub: no peer has reported its scrub yet".into();
+    }
+    let mut parts = Vec::new();
+    match c.paused_until_ms {
+        Some(u64::MAX) => parts.push("paused until resumed".to_string()),
+        Some(until) => parts.push(format!("paused for {} more", span(until.saturating_sub(s.now_ms)))),
+        None => {}
+    }
+    if c.scrubbing > 0 {
+        let pct = (c.checked * 100).checked_div(c.total).unwrap_or(100);
+        parts.push(format!(
+            "{pct}% of this pass on {} of {} peers at {}/s",
+            c.scrubbing,
+            c.peers,
+            human(c.rate)
+        ));
+    } else {
+        parts.push("idle".into());
+    }
+    if let Some(next) = c.next_ms {
+        parts.push(if next > s.now_ms {
+            format!("next pass in {}", span(next - s.now_ms))
+        } else {
+            "next pass due".into()
+        });
+    }
+    if let Some(all) = c.all_checked_ms {
+        parts.push(format!("every peer finished a pass in the last {}", span(s.now_ms.saturating_sub(all))));
+    }
+    format!("scrub: {}; {} bad shards found, {} not yet reported", parts.join(", "), c.found, c.unreported)
+}
+
 /// `meshdisk status`.
 pub fn status(s: &ClusterStatus) -> String {
     let up = s.peers.iter().filter(|p| p.state == PeerState::Up).count();
@@ -170,6 +213,8 @@ pub fn status(s: &ClusterStatus) -> String {
     );
     out.push_str(&format!("segments: {}\n", health_line(&s.health)));
     out.push_str(&repair_line(&s.repair));
+    out.push('\n');
+    out.push_str(&scrub_line(s));
     out.push('\n');
     // The directory's background workers, one line each: the collector's
     // queue of deleted volumes and dropped segments, and what it erased.
@@ -322,6 +367,47 @@ mod tests {
     use crate::api::*;
 
     #[test]
+    fn the_scrub_line_says_how_far_and_what_was_found() {
+        let day = 86_400_000;
+        let mut s = ClusterStatus {
+            cluster: "home".into(),
+            now_ms: 100 * day,
+            peer_timeout_ms: 5000,
+            peers: vec![],
+            volumes: vec![],
+            workers: vec![],
+            peer_lost_after_ms: 600_000,
+            health: Health::default(),
+            repair: RepairProgress::default(),
+            verdict: Verdict::HealthOk,
+            scrub: ScrubSummary::default(),
+        };
+        assert_eq!(scrub_line(&s), "scrub: no peer has reported its scrub yet");
+        s.scrub = ScrubSummary {
+            peers: 6,
+            scrubbing: 3,
+            checked: 43,
+            total: 100,
+            rate: 12 << 20,
+            next_ms: Some(126 * day),
+            all_checked_ms: Some(98 * day),
+            found: 2,
+            unreported: 0,
+            paused_until_ms: None,
+        };
+        assert_eq!(
+            scrub_line(&s),
+            "scrub: 43% of this pass on 3 of 6 peers at 12.0 MiB/s, next pass in 26.0d, every peer finished a pass in the last 2.0d; 2 bad shards found, 0 not yet reported"
+        );
+        s.scrub =
+            ScrubSummary { peers: 6, paused_until_ms: Some(100 * day + 3_600_000), ..Default::default() };
+        assert_eq!(
+            scrub_line(&s),
+            "scrub: paused for 60m more, idle; 0 bad shards found, 0 not yet reported"
+        );
+    }
+
+    #[test]
     fn renders_peers_and_volumes() {
         let s = ClusterStatus {
             cluster: "home".into(),
@@ -343,6 +429,7 @@ mod tests {
                     drain: None,
                     above_high_water: false,
                     audits: Default::default(),
+                    scrub: None,
                 },
                 PeerStatus {
                     name: "peer-2".into(),
@@ -359,6 +446,7 @@ mod tests {
                     drain: None,
                     above_high_water: false,
                     audits: Default::default(),
+                    scrub: None,
                 },
             ],
             volumes: vec![VolumeStatus {
@@ -404,6 +492,7 @@ mod tests {
             },
             repair: RepairProgress::default(),
             verdict: Verdict::Degraded,
+            scrub: Default::default(),
         };
         let text = status(&s);
         assert!(

@@ -220,7 +220,11 @@ impl<S: MetaStore> Directory<S> {
             .filter(|(n, r)| n != node && !matches!(self.state(r, now), PeerState::Down | PeerState::Lost))
             .map(|(name, r)| PeerAddr { name, addr: r.report.addr })
             .collect();
-        Ok(DirResponse::Heartbeat { peers, peer_timeout_ms: self.timing.peer_timeout.as_millis() as u64 })
+        Ok(DirResponse::Heartbeat {
+            peers,
+            peer_timeout_ms: self.timing.peer_timeout.as_millis() as u64,
+            scrub: self.scrub_directive().await?,
+        })
     }
 
     pub(super) async fn hints(&self, node: &str, rtts: Vec<Rtt>) -> Result<DirResponse, Remote> {
@@ -292,6 +296,7 @@ impl<S: MetaStore> Directory<S> {
                 last_seen_ms: r.last_seen_ms,
                 problem: r.report.problem,
                 rtts: r.report.rtts,
+                scrub: r.report.scrub,
                 name,
             })
             .collect();
@@ -308,6 +313,9 @@ impl<S: MetaStore> Directory<S> {
         let peers_down =
             peers.iter().any(|p: &PeerStatus| matches!(p.state, PeerState::Down | PeerState::Failed));
         let verdict = scan.health.verdict(peers_down, repair.queued.segments + repair.in_flight > 0);
+        let scrubs: Vec<&ScrubReport> =
+            peers.iter().filter(|p| p.state == PeerState::Up).filter_map(|p| p.scrub.as_ref()).collect();
+        let scrub = self.scrub_summary(&scrubs).await?;
         Ok(DirResponse::Status(Box::new(ClusterStatus {
             cluster: self.issuer.cluster.clone(),
             now_ms: now,
@@ -319,6 +327,7 @@ impl<S: MetaStore> Directory<S> {
             health: scan.health,
             repair,
             verdict,
+            scrub,
         })))
     }
 

@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! config/cluster              the cluster's name
+//! config/scrub                the peers' scrub directive: paused until
+//!                             when, a pass asked for when (heal/scrub.rs)
 //! nodes/<name>                every member that joined: role, when
 //! peers/<name>                a peer's last report and when it came
 //! hints/<name>                a client's measured round trips to peers
@@ -560,6 +562,14 @@ impl<S: MetaStore> Directory<S> {
             DirRequest::SegmentHealth { volume, ids } => {
                 needs(&[Role::Client, Role::Admin])?;
                 self.segment_health(&volume, &ids).await
+            }
+            DirRequest::SegmentRoots { shards } => {
+                needs(&[Role::Peer])?;
+                self.segment_roots(&shards).await
+            }
+            DirRequest::Scrub(cmd) => {
+                needs(&[Role::Admin])?;
+                self.scrub_command(cmd).await
             }
         }
     }

@@ -141,9 +141,10 @@ impl Fixture {
             client_ops: 0,
             problem: None,
             rtts: vec![],
+            scrub: None,
         };
         match self.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap() {
-            DirResponse::Heartbeat { peers, peer_timeout_ms } => {
+            DirResponse::Heartbeat { peers, peer_timeout_ms, .. } => {
                 assert_eq!(peer_timeout_ms, PEER_TIMEOUT.as_millis() as u64);
                 peers.into_iter().map(|p| p.name).collect()
             }
@@ -247,6 +248,7 @@ async fn placement_counts_free_space_and_a_full_cluster_is_full() {
             client_ops: 0,
             problem: None,
             rtts: vec![],
+            scrub: None,
         };
         f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
     }
@@ -270,6 +272,7 @@ async fn new_writes_leave_compactions_reserve_free_and_compaction_may_use_it() {
             client_ops: 0,
             problem: None,
             rtts: vec![],
+            scrub: None,
         };
         f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
     }
@@ -449,6 +452,7 @@ async fn requests_are_checked_against_the_callers_role() {
         client_ops: 0,
         problem: None,
         rtts: vec![],
+        scrub: None,
     };
     let err = f.client("client-1", DirRequest::Heartbeat(report)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused, "{err}");

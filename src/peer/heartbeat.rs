@@ -20,6 +20,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::fatal;
+use super::scrub::ScrubShared;
 use super::store::ShardStore;
 use crate::api::{DirRequest, DirResponse, PeerAddr, PeerReport, Rtt};
 use crate::client::{Client, ClientError};
@@ -38,6 +39,8 @@ pub(super) struct Identity {
 pub(super) struct Heartbeat {
     client: Client,
     store: ShardStore,
+    /// The scrub worker's report, and where its directive goes.
+    scrub: Arc<ScrubShared>,
     load: Arc<AtomicU32>,
     /// Calls from clients since the start, and its value and time at the
     /// last report.
@@ -65,7 +68,7 @@ impl Heartbeat {
     /// report is sent on `refused`, and the worker is done.
     pub(super) fn new(
         client: Client,
-        store: ShardStore,
+        (store, scrub): (ShardStore, Arc<ScrubShared>),
         (load, client_calls): (Arc<AtomicU32>, Arc<AtomicU64>),
         me: Identity,
         directory: String,
@@ -77,6 +80,7 @@ impl Heartbeat {
         Self {
             client,
             store,
+            scrub,
             load,
             last_calls: (client_calls.load(Ordering::Relaxed), Instant::now()),
             client_calls,
@@ -111,6 +115,7 @@ impl Heartbeat {
             client_ops,
             problem,
             rtts: self.rtts.clone(),
+            scrub: self.scrub.report(),
         }
     }
 }
@@ -138,7 +143,8 @@ impl Worker for Heartbeat {
     async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Self::Error> {
         let report = self.report();
         match self.client.directory(&DirRequest::Heartbeat(report)).await {
-            Ok(DirResponse::Heartbeat { peers, .. }) => {
+            Ok(DirResponse::Heartbeat { peers, scrub, .. }) => {
+                self.scrub.direct(scrub);
                 if self.failing.take().is_some() || !self.reached {
                     tracing::info!("reporting to the directory at {}", self.directory);
                 }

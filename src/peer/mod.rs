@@ -8,9 +8,13 @@
 //! identity.cred   this peer's credential (joined once, reused afterwards)
 //! store/          the shard store (data files and index; docs/formats.md)
 //! ```
+//!
+//! Beside serving, its workers: [`heartbeat`] (reports, round trips) and
+//! [`scrub`] (re-hashes every shard on a schedule, reports the bad ones).
 
 mod heartbeat;
 mod rebuild;
+pub mod scrub;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -88,6 +92,8 @@ pub struct PeerConfig {
     pub heartbeat: Duration,
     /// A fault to play, for tests only (`--fault`): never in production.
     pub fault: Option<Fault>,
+    /// How often and how fast shards are re-hashed.
+    pub scrub: scrub::ScrubConfig,
 }
 
 /// Test-only misbehaviour of a peer, for the tests of audits.
@@ -354,9 +360,17 @@ pub async fn run(config: PeerConfig, stop: CancellationToken) -> Result<(), Peer
     let workers = Runner::new(stop.clone());
     let (refused, refusal) = tokio::sync::oneshot::channel();
     let me = heartbeat::Identity { addr, failure_domain, capacity: config.capacity };
+    let scrubbing = Arc::new(scrub::ScrubShared::default());
+    workers.spawn(scrub::Scrub::new(
+        client.clone(),
+        store.clone(),
+        scrubbing.clone(),
+        client_calls.clone(),
+        config.scrub,
+    ));
     workers.spawn(heartbeat::Heartbeat::new(
         client,
-        store,
+        (store, scrubbing),
         (load, client_calls),
         me,
         cred.directory.clone(),
@@ -390,6 +404,7 @@ mod tests {
             advertise: None,
             heartbeat: Duration::from_secs(1),
             fault: None,
+            scrub: Default::default(),
         }
     }
 

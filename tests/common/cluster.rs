@@ -153,6 +153,8 @@ pub struct Cluster {
     /// Extra arguments every directory start gets.
     pub dir_args: Vec<String>,
     pub heartbeat: &'static str,
+    /// Extra arguments every peer start gets.
+    pub peer_args: Vec<String>,
 }
 
 impl Cluster {
@@ -170,7 +172,15 @@ impl Cluster {
         let mut dir_args: Vec<String> = dir_args.iter().map(|s| s.to_string()).collect();
         dir_args.extend(["--listen".to_string(), format!("{ip}:{port}")]);
         let directory = Self::spawn_directory(root.path(), name, &dir_args);
-        let mut c = Self { root, directory, dir_addr, peers: Vec::new(), dir_args, heartbeat: "200ms" };
+        let mut c = Self {
+            root,
+            directory,
+            dir_addr,
+            peers: Vec::new(),
+            dir_args,
+            heartbeat: "200ms",
+            peer_args: Vec::new(),
+        };
         c.directory.wait_for("directory listening on", Duration::from_secs(20));
         c
     }
@@ -235,7 +245,8 @@ impl Cluster {
         let mut cmd = Command::new(meshdisk_bin());
         cmd.args(["peer", "--directory", &self.dir_addr, "--capacity", capacity, "--listen", "127.0.0.1:0"])
             .args(["--failure-domain", domain, "--heartbeat", self.heartbeat, "--data"])
-            .arg(self.peer_dir(i));
+            .arg(self.peer_dir(i))
+            .args(&self.peer_args);
         if let Some(t) = token {
             cmd.args(["--join", t]);
         }

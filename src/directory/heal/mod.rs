@@ -12,6 +12,8 @@
 //!   those that fail, and drains peers that fail too often;
 //! - [`drain`]: peers leaving (drained, above the high-water mark,
 //!   distrusted) and removed; repair moves their shards;
+//! - [`scrub`]: the segment roots peers scrub against, the cluster's
+//!   scrub directive (`meshdisk scrub`) and the peers' progress added up;
 //! - [`collector`]: erases the shards of deleted volumes and dropped
 //!   segments, and reconciles the peers' shards with the records to erase
 //!   orphans.
@@ -27,3 +29,4 @@ pub mod drain;
 pub mod faults;
 pub mod health;
 pub mod repair;
+pub mod scrub;

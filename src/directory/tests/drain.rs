@@ -106,6 +106,7 @@ async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_
         client_ops: 0,
         problem: None,
         rtts: vec![],
+        scrub: None,
     };
     let err = f.ask("peer-1", Role::Peer, DirRequest::Heartbeat(report)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused);
@@ -146,6 +147,7 @@ async fn a_peer_above_the_high_water_mark_sheds_only_its_excess_and_gets_nothing
         client_ops: 0,
         problem: None,
         rtts: vec![],
+        scrub: None,
     };
     f.ask("peer-0", Role::Peer, DirRequest::Heartbeat(full)).await.unwrap();
     let s = f.status().await;

@@ -104,6 +104,7 @@ pub(super) async fn heartbeat_alone(f: &Fixture, i: usize) {
         client_ops: 0,
         problem: None,
         rtts: vec![],
+        scrub: None,
     };
     f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
 }
@@ -591,4 +592,71 @@ async fn a_shard_its_holder_reports_bad_is_forgotten_and_rebuilt_only_while_name
     report(1, vec![ShardFault { shard: SegmentShardKey { segment: seg(1, 9), ..key(1) }, ..fault(1) }])
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn scrubbing_peers_get_segment_roots_and_a_pause_that_ends_by_itself() {
+    let f = peers_alone(6).await;
+    volume_with(
+        &f,
+        2,
+        2,
+        4,
+        vec![(seg(1, 1), record(&[1, 2, 3, 4], 7)), (seg(1, 2), record(&[1, 2, 3, 4], 8))],
+    )
+    .await;
+    let DirResponse::Volume(v) =
+        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
+    else {
+        panic!("not a volume")
+    };
+    let key = |segment, index| SegmentShardKey { volume: v.spec.id, segment, index };
+    // Roots in order; a segment without a record has none.
+    let shards = vec![key(seg(1, 1), 0), key(seg(1, 1), 1), key(seg(1, 2), 0), key(seg(1, 9), 0)];
+    let asked = DirRequest::SegmentRoots { shards: shards.clone() };
+    let answer = f.ask(&peer_name(1), Role::Peer, asked).await.unwrap();
+    assert_eq!(answer, DirResponse::Roots(vec![Some([7; 32]), Some([7; 32]), Some([8; 32]), None]));
+    let err = f.ask("client-1", Role::Client, DirRequest::SegmentRoots { shards }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Refused, "only peers ask for roots");
+
+    // The directive every heartbeat answer carries.
+    let directive = || async {
+        let report = PeerReport {
+            addr: addr_of(1),
+            failure_domain: "x1".into(),
+            capacity: GIB,
+            used: 0,
+            load: 0,
+            client_ops: 0,
+            problem: None,
+            rtts: vec![],
+            scrub: None,
+        };
+        match f.ask(&peer_name(1), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap() {
+            DirResponse::Heartbeat { scrub, .. } => scrub,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(directive().await, ScrubDirective::default());
+    let scrub = |cmd| f.ask("admin", Role::Admin, DirRequest::Scrub(cmd));
+    assert_eq!(
+        f.ask(&peer_name(1), Role::Peer, DirRequest::Scrub(ScrubCommand::Resume)).await.unwrap_err().kind,
+        ErrorKind::Refused
+    );
+    scrub(ScrubCommand::Pause { for_ms: Some(60_000) }).await.unwrap();
+    assert_eq!(directive().await.paused_for_ms, Some(60_000));
+    assert!(f.status().await.scrub.paused_until_ms.is_some());
+    f.clock.advance(Duration::from_secs(45));
+    assert_eq!(directive().await.paused_for_ms, Some(15_000));
+    f.clock.advance(Duration::from_secs(15));
+    assert_eq!(directive().await.paused_for_ms, None, "the pause is over by itself");
+    assert_eq!(f.status().await.scrub.paused_until_ms, None);
+    // Paused until resumed; a start lifts the pause and is dated.
+    scrub(ScrubCommand::Pause { for_ms: None }).await.unwrap();
+    f.clock.advance(Duration::from_secs(86_400 * 365));
+    assert_eq!(directive().await.paused_for_ms, Some(u64::MAX));
+    scrub(ScrubCommand::Start).await.unwrap();
+    let d = directive().await;
+    assert_eq!(d.paused_for_ms, None);
+    assert_eq!(d.start_requested_ms, Some(f.dir.now()));
 }

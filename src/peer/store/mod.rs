@@ -9,7 +9,8 @@
 //! ...                     when one passes DATA_FILE_LIMIT
 //! index.redb              shard key → (data file, offset, length, the
 //!                         shard's root and outboard); per volume the
-//!                         newest fencing epoch; bytes used
+//!                         newest fencing epoch; bytes used; the scrub's
+//!                         progress and the bad shards not yet reported
 //! ```
 //!
 //! **Durability, written once** ([`ShardStore::put`] and the group commit
@@ -30,7 +31,8 @@
 //! **Trust**: every read checks what it returns against the root kept in
 //! the index entry ([`ShardStore::get_blocks`] reads only the blocks asked
 //! for and proves them with the outboard); a shard that fails is reported
-//! as corrupt, never returned. A store that hits an I/O error on a write or
+//! as corrupt, never returned, and recorded as a fault for the directory
+//! ([`scrub`](self::scrub)'s module docs). A store that hits an I/O error on a write or
 //! sync is poisoned: every later call fails, because what reached the disk
 //! is no longer known.
 //!
@@ -39,6 +41,7 @@
 //! writer whose volume lease was taken over cannot write any more.
 
 mod index;
+mod scrub;
 mod shards;
 
 use std::collections::HashMap;
@@ -55,6 +58,7 @@ use crate::codec::segment::{SegmentError, SegmentShardKey};
 use crate::sys::durable;
 use crate::sys::uring::{RegisteredFile, Uring};
 use index::{Location, SegmentEntry, SegmentIndexKey};
+pub use scrub::{Checked, Fault, ScrubState};
 
 /// A data file is closed and a new one started once it reaches this size.
 pub const DATA_FILE_LIMIT: u64 = 1 << 30;
@@ -118,6 +122,8 @@ struct Inner {
     charged: std::sync::atomic::AtomicU64,
     /// Written puts waiting for the group commit.
     commits: std::sync::Mutex<CommitQueue>,
+    /// Signalled when a bad shard is recorded (the scrub worker reports it).
+    faults: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -193,6 +199,8 @@ impl ShardStore {
         let (data_file, used) = {
             txn.open_table(SEGMENTS).map_err(|e| io(&e))?;
             txn.open_table(EPOCHS).map_err(|e| io(&e))?;
+            txn.open_table(scrub::SCRUB).map_err(|e| io(&e))?;
+            txn.open_table(scrub::SCRUB_FAULTS).map_err(|e| io(&e))?;
             let mut c = txn.open_table(COUNTERS).map_err(|e| io(&e))?;
             let used = c.get("used").map_err(|e| io(&e))?.map_or(0, |v| v.value());
             let current = c.get("data_file").map_err(|e| io(&e))?.map(|v| v.value());
@@ -222,6 +230,7 @@ impl ShardStore {
                 first_error: std::sync::Mutex::new(None),
                 charged: std::sync::atomic::AtomicU64::new(used),
                 commits: std::sync::Mutex::new(CommitQueue::default()),
+                faults: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -492,12 +501,18 @@ impl ShardStore {
 
     /// After a read of `loc` failed its check: a delete or replacement may
     /// have moved the shard while it was being read, so only a shard still
-    /// indexed there is corrupt (`Ok(())`: ask again).
+    /// indexed there is corrupt (`Ok(())`: ask again). A corrupt shard is
+    /// recorded as a fault, for the directory to have it rebuilt.
     fn recheck(&self, key: &SegmentShardKey, loc: Location, failure: StoreError) -> Result<(), StoreError> {
         match self.locate(key)? {
             None => Err(StoreError::NotFound(*key)),
             Some(now) if now != loc => Ok(()),
-            Some(_) => Err(failure),
+            Some(_) => {
+                if matches!(failure, StoreError::Corrupt { .. } | StoreError::Misplaced { .. }) {
+                    self.record_fault(key, loc, failure.to_string());
+                }
+                Err(failure)
+            }
         }
     }
 

@@ -1,0 +1,542 @@
+//! Scrub: the peer re-reads and re-hashes every shard it holds, on a
+//! schedule, so rot on its disk is found and repaired before a read needs
+//! the shard (after Garage's `block/repair.rs` ScrubWorker).
+//!
+//! A **pass** walks the store's shards in key order
+//! ([`ShardStore::list_all`]), a page at a time. Before checking a page it
+//! asks the directory for the pages' segment roots (`SegmentRoots`); each
+//! shard is read whole and checked ([`ShardStore::verify`]): its header
+//! names it, its own root is the index entry's, its payload hashes to it,
+//! and its header's roots make the segment's root (a shard whose segment
+//! has no live record is checked without). A bad shard is recorded in the
+//! store (durably) and reported to the directory (`ReportShardFaults`),
+//! which forgets it from its record so repair rebuilds it; it is reported
+//! again until acknowledged. Reads that hit a bad shard record it the same
+//! way, and this worker reports those too.
+//!
+//! **Schedule.** A pass starts a random 0.9–1.25 × `--scrub-every`
+//! (default 28 days) after the previous one started (the first one period
+//! after the store was made), and is spread over the period: its pace
+//! is the bytes left over the time left until 0.9 × the period after its
+//! start ([`pass_rate`]), never below [`FLOOR_RATE`] (a small store
+//! finishes in minutes, not weeks) nor above `--scrub-rate` (default
+//! 32 MiB/s; 0: no cap). A pass asked for (`meshdisk scrub start`) runs at
+//! the cap. Whenever clients called the peer since the last step, the
+//! worker also pauses [`TRANQUILITY`] times as long as the step took.
+//!
+//! **State** (cursor, pass start, bytes checked, passes, next start) lives
+//! in the store's index (table `scrub`), saved when a pass starts or ends
+//! and every [`SAVE_EVERY`] within one: a restart resumes about where the
+//! pass was.
+//!
+//! **Control.** The directory's heartbeat answer carries a directive:
+//! paused for how long (a pause with a duration ends by itself), and when
+//! a pass was last asked for. The worker reports its progress back in
+//! every heartbeat ([`ScrubReport`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{Checked, ScrubState, ShardStore, StoreError};
+use crate::api::{DirRequest, DirResponse, ScrubDirective, ScrubReport, ShardFault};
+use crate::client::Client;
+use crate::codec::segment::SegmentRoot;
+use crate::sys::clock::now_ms;
+use crate::sys::worker::{State, Status, Worker};
+
+/// The slowest pace of a pass, bytes per second: a small store finishes
+/// its pass in minutes and then rests until the next.
+pub const FLOOR_RATE: u64 = 256 << 10;
+/// After a step while clients were busy, pause this many times as long as
+/// the step took.
+pub const TRANQUILITY: u32 = 4;
+/// Shards listed per step, and the most bytes checked in one.
+const PAGE: usize = 64;
+const STEP_BYTES: u64 = 8 << 20;
+/// How long after a failed report the faults are reported again.
+const REPORT_RETRY: Duration = Duration::from_secs(5);
+/// A pass's progress is saved at most this often (each save is a durable
+/// index commit, an fsync the peer's puts would queue behind); a restart
+/// checks again at most what was checked since.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// `meshdisk peer --scrub-every --scrub-rate`.
+#[derive(Clone, Copy, Debug)]
+pub struct ScrubConfig {
+    /// A pass every this long (randomised 0.9–1.25 ×).
+    pub every: Duration,
+    /// The most bytes per second (0: no cap).
+    pub rate: u64,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        Self { every: Duration::from_secs(28 * 86_400), rate: 32 << 20 }
+    }
+}
+
+/// When the pass after one that started at `started_ms` starts: a
+/// `jitter` in [0, 1) picks 0.9–1.25 × `every` after it.
+pub fn next_start(started_ms: u64, every: Duration, jitter: f64) -> u64 {
+    let factor = 0.9 + 0.35 * jitter.clamp(0.0, 1.0);
+    started_ms.saturating_add((every.as_millis() as f64 * factor) as u64)
+}
+
+/// The pace of a pass, bytes per second: what is left (`total − checked`)
+/// over the time left until 0.9 × `every` after `started_ms` (the soonest
+/// the next pass may start), at least [`FLOOR_RATE`]; a pass asked for
+/// runs at the cap; never above `cap` (0: no cap, `u64::MAX`).
+pub fn pass_rate(
+    total: u64,
+    checked: u64,
+    started_ms: u64,
+    now_ms: u64,
+    every: Duration,
+    cap: u64,
+    requested: bool,
+) -> u64 {
+    let cap = if cap == 0 { u64::MAX } else { cap };
+    if requested {
+        return cap;
+    }
+    let deadline = started_ms.saturating_add(every.as_millis() as u64 * 9 / 10);
+    let left_ms = deadline.saturating_sub(now_ms).max(1000);
+    let left = total.saturating_sub(checked);
+    let rate = (u128::from(left) * 1000 / u128::from(left_ms)).min(u128::from(u64::MAX)) as u64;
+    rate.max(FLOOR_RATE).min(cap)
+}
+
+/// How long to rest after checking `bytes` in `took` at `rate` bytes per
+/// second, with clients `busy` meanwhile.
+pub fn rest(bytes: u64, took: Duration, rate: u64, busy: bool) -> Duration {
+    let paced = if rate == u64::MAX {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64).saturating_sub(took)
+    };
+    if busy { paced.max(took * TRANQUILITY) } else { paced }
+}
+
+/// What the heartbeat and the scrub worker share: the directory's last
+/// directive (and when it came), and the worker's last report.
+#[derive(Default)]
+pub(super) struct ScrubShared {
+    directive: Mutex<Option<(ScrubDirective, Instant)>>,
+    report: Mutex<Option<ScrubReport>>,
+    changed: Notify,
+}
+
+impl ScrubShared {
+    /// The heartbeat's answer said `d`.
+    pub(super) fn direct(&self, d: ScrubDirective) {
+        let mut now = self.directive.lock().expect("not poisoned");
+        let same = now.as_ref().is_some_and(|(old, _)| *old == d);
+        *now = Some((d, Instant::now()));
+        if !same {
+            self.changed.notify_one();
+        }
+    }
+
+    pub(super) fn report(&self) -> Option<ScrubReport> {
+        self.report.lock().expect("not poisoned").clone()
+    }
+}
+
+/// The scrub worker (see the module documentation).
+pub(super) struct Scrub {
+    client: Client,
+    store: ShardStore,
+    shared: Arc<ScrubShared>,
+    client_calls: Arc<AtomicU64>,
+    config: ScrubConfig,
+    state: Option<ScrubState>,
+    /// Not before then: the pace's rest, or the next pass.
+    resume_at: Option<Instant>,
+    /// Faults are reported again not before then.
+    report_at: Option<Instant>,
+    /// Client calls counted at the last step.
+    calls: u64,
+    /// Bytes checked since `meter.0`, and the rate last measured.
+    meter: (Instant, u64),
+    rate: u64,
+    /// The directory could not give roots (logged once).
+    roots_failing: bool,
+    paused: bool,
+    /// When the pass's progress was last saved.
+    saved: Instant,
+}
+
+impl Scrub {
+    pub(super) fn new(
+        client: Client,
+        store: ShardStore,
+        shared: Arc<ScrubShared>,
+        client_calls: Arc<AtomicU64>,
+        config: ScrubConfig,
+    ) -> Self {
+        Self {
+            client,
+            store,
+            shared,
+            calls: client_calls.load(Ordering::Relaxed),
+            client_calls,
+            config,
+            state: None,
+            resume_at: None,
+            report_at: None,
+            meter: (Instant::now(), 0),
+            rate: 0,
+            roots_failing: false,
+            paused: false,
+            saved: Instant::now(),
+        }
+    }
+
+    /// Reports the faults not yet acknowledged; false if that failed.
+    async fn report_faults(&mut self) -> Result<(), StoreError> {
+        if self.report_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let faults = tokio::task::spawn_blocking(move || store.pending_faults())
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })??;
+        if faults.is_empty() {
+            return Ok(());
+        }
+        let report = faults.iter().map(|f| ShardFault { shard: f.key, problem: f.problem.clone() }).collect();
+        match self.client.report_shard_faults(report).await {
+            Ok(()) => {
+                tracing::info!("reported {} bad shards to the directory", faults.len());
+                self.store.acknowledge_faults(&faults)?;
+                self.report_at = None;
+            }
+            Err(e) => {
+                if self.report_at.is_none() {
+                    tracing::warn!(
+                        "cannot report {} bad shards to the directory (retrying): {e}",
+                        faults.len()
+                    );
+                }
+                self.report_at = Some(Instant::now() + REPORT_RETRY);
+            }
+        }
+        Ok(())
+    }
+
+    /// The directive in force: paused until when (if paused), and the
+    /// newest pass asked for.
+    fn directive(&self) -> (Option<Instant>, Option<u64>) {
+        let d = self.shared.directive.lock().expect("not poisoned").clone();
+        let Some((d, at)) = d else { return (None, None) };
+        let paused = d.paused_for_ms.and_then(|ms| {
+            let until =
+                at.checked_add(Duration::from_millis(ms)).unwrap_or(at + Duration::from_secs(1 << 40));
+            (until > Instant::now()).then_some(until)
+        });
+        (paused, d.start_requested_ms)
+    }
+
+    /// The segment roots of a page, `None` each if the directory cannot
+    /// say now (the shards are then checked without).
+    async fn roots(&mut self, keys: &[crate::codec::segment::SegmentShardKey]) -> Vec<Option<SegmentRoot>> {
+        let asked = self.client.directory(&DirRequest::SegmentRoots { shards: keys.to_vec() }).await;
+        match asked {
+            Ok(DirResponse::Roots(r)) if r.len() == keys.len() => {
+                if std::mem::take(&mut self.roots_failing) {
+                    tracing::info!("scrub: the directory gives segment roots again");
+                }
+                r.into_iter().map(|r| r.map(SegmentRoot)).collect()
+            }
+            other => {
+                if !self.roots_failing {
+                    tracing::warn!(
+                        "scrub: no segment roots from the directory ({other:?}); checking shards without"
+                    );
+                    self.roots_failing = true;
+                }
+                vec![None; keys.len()]
+            }
+        }
+    }
+
+    fn publish(&mut self, state: &ScrubState) {
+        let unreported = self.store.pending_faults().map_or(0, |f| f.len() as u64);
+        let report = ScrubReport {
+            pass_started_ms: state.pass_started_ms,
+            checked: state.checked,
+            total: self.store.used().unwrap_or(0),
+            rate: if state.pass_started_ms.is_some() { self.rate } else { 0 },
+            passes: state.passes,
+            last_ended_ms: state.last_ended_ms,
+            next_ms: state.next_ms,
+            found: state.found,
+            unreported,
+            paused: self.paused,
+        };
+        *self.shared.report.lock().expect("not poisoned") = Some(report);
+    }
+
+    fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
+        self.store.save_scrub(&state)?;
+        self.saved = Instant::now();
+        self.state = Some(state);
+        Ok(())
+    }
+
+    /// Counts `bytes` checked for the rate.
+    fn meter(&mut self, bytes: u64) {
+        self.meter.1 += bytes;
+        let secs = self.meter.0.elapsed().as_secs_f64();
+        if secs >= 2.0 {
+            self.rate = (self.meter.1 as f64 / secs) as u64;
+            self.meter = (Instant::now(), 0);
+        }
+    }
+
+    /// One step: report faults; then, unless paused or resting, start or
+    /// finish a pass or check one page.
+    async fn step(&mut self) -> Result<State, StoreError> {
+        self.report_faults().await?;
+        let mut state = match self.state.take() {
+            Some(s) => s,
+            None => self.store.scrub_state()?,
+        };
+        // Faults found since (by reads) count in the report.
+        state.found = self.store.scrub_state()?.found;
+        let now = now_ms();
+        let (paused_until, requested) = self.directive();
+        // A pass asked for before this store knew of any (or before it was
+        // made) is not this store's to run.
+        if state.start_seen.is_none() || requested.is_none() {
+            if state.start_seen.is_none() && self.shared.directive.lock().expect("not poisoned").is_some() {
+                state.start_seen = Some(requested.unwrap_or(0));
+                self.store.save_scrub(&state)?;
+            }
+        } else if requested != state.start_seen {
+            tracing::info!("scrub: a pass was asked for; starting one now");
+            state.start_seen = requested;
+            state.pass_started_ms = Some(now);
+            state.requested = true;
+            state.cursor = None;
+            state.checked = 0;
+            self.resume_at = None;
+            self.store.save_scrub(&state)?;
+        }
+        self.paused = paused_until.is_some();
+        if self.paused || self.resume_at.is_some_and(|t| Instant::now() < t) {
+            self.publish(&state);
+            self.state = Some(state);
+            return Ok(State::Idle);
+        }
+        let Some(started) = state.pass_started_ms else {
+            let next = match state.next_ms {
+                Some(n) => n,
+                None => {
+                    // First scheduled one period after the store is made.
+                    let n = next_start(now, self.config.every, jitter());
+                    state.next_ms = Some(n);
+                    self.store.save_scrub(&state)?;
+                    n
+                }
+            };
+            if now < next {
+                self.resume_at = Some(Instant::now() + Duration::from_millis(next - now));
+                self.publish(&state);
+                self.state = Some(state);
+                return Ok(State::Idle);
+            }
+            tracing::info!("scrub: starting pass {}", state.passes + 1);
+            state.pass_started_ms = Some(now);
+            state.requested = false;
+            state.cursor = None;
+            state.checked = 0;
+            self.save(state)?;
+            return Ok(State::Busy);
+        };
+        let begun = Instant::now();
+        let store = self.store.clone();
+        let cursor = state.cursor;
+        let listed = tokio::task::spawn_blocking(move || store.list_all(cursor, PAGE))
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })??;
+        if listed.is_empty() {
+            state.passes += 1;
+            state.last_started_ms = Some(started);
+            state.last_ended_ms = Some(now);
+            state.next_ms = Some(next_start(started, self.config.every, jitter()).max(now));
+            tracing::info!(
+                "scrub: pass {} done, {} checked in {:.0?}",
+                state.passes,
+                crate::size::human(state.checked),
+                Duration::from_millis(now.saturating_sub(started))
+            );
+            state.pass_started_ms = None;
+            state.requested = false;
+            state.cursor = None;
+            state.checked = 0;
+            self.publish(&state);
+            self.save(state)?;
+            return Ok(State::Busy);
+        }
+        // A step checks at most STEP_BYTES (and at least one shard).
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for (key, len) in listed {
+            if !page.is_empty() && bytes + len > STEP_BYTES {
+                break;
+            }
+            bytes += len;
+            page.push(key);
+        }
+        let roots = self.roots(&page).await;
+        let mut checked = 0;
+        for (key, root) in page.iter().zip(roots) {
+            match self.store.verify(key, root).await? {
+                Checked::Sound(n) => checked += n,
+                Checked::Bad(n, why) => {
+                    tracing::warn!("scrub: shard {key:?} is bad: {why}");
+                    checked += n;
+                }
+                Checked::Gone => {}
+            }
+        }
+        state.cursor = page.last().copied();
+        state.checked += checked;
+        self.meter(checked);
+        let total = self.store.used()?;
+        let rate = pass_rate(
+            total,
+            state.checked,
+            started,
+            now,
+            self.config.every,
+            self.config.rate,
+            state.requested,
+        );
+        let calls = self.client_calls.load(Ordering::Relaxed);
+        let busy = calls != std::mem::replace(&mut self.calls, calls);
+        let rest = rest(checked, begun.elapsed(), rate, busy);
+        self.publish(&state);
+        if self.saved.elapsed() >= SAVE_EVERY {
+            self.save(state)?;
+        } else {
+            self.state = Some(state);
+        }
+        if rest.is_zero() {
+            return Ok(State::Busy);
+        }
+        self.resume_at = Some(Instant::now() + rest);
+        Ok(State::Idle)
+    }
+}
+
+/// A random number in [0, 1).
+fn jitter() -> f64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return 0.5;
+    }
+    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Worker for Scrub {
+    type Error = StoreError;
+
+    fn name(&self) -> String {
+        "scrub".into()
+    }
+
+    fn status(&self) -> Status {
+        let progress = self.state.as_ref().map(|s| match s.pass_started_ms {
+            Some(_) => format!("pass {}: {} checked", s.passes + 1, crate::size::human(s.checked)),
+            None => format!("{} passes done", s.passes),
+        });
+        Status { queue: None, progress }
+    }
+
+    async fn work(&mut self, _stop: &CancellationToken) -> Result<State, Self::Error> {
+        self.step().await
+    }
+
+    async fn wait_for_work(&mut self) -> State {
+        let (paused_until, _) = self.directive();
+        let until = match (paused_until, self.resume_at) {
+            (Some(p), _) => Some(p),
+            (None, r) => r,
+        };
+        let sleep = async {
+            match until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => self.resume_at = None,
+            () = self.shared.changed.notified() => {}
+            () = self.store.fault_recorded() => {}
+            // Faults that could not be reported are retried.
+            () = tokio::time::sleep(REPORT_RETRY), if self.report_at.is_some() => {}
+        }
+        State::Busy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 86_400_000;
+
+    #[test]
+    fn passes_start_0_9_to_1_25_periods_after_the_last() {
+        let every = Duration::from_secs(28 * 86_400);
+        assert_eq!(next_start(1000, every, 0.0), 1000 + 28 * DAY * 9 / 10);
+        assert_eq!(next_start(1000, every, 1.0), 1000 + 28 * DAY * 125 / 100);
+        let mid = next_start(0, every, 0.5);
+        assert_eq!(mid, 28 * DAY * 1075 / 1000);
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
+    }
+
+    #[test]
+    fn a_pass_is_spread_over_the_period_within_floor_and_cap() {
+        let every = Duration::from_secs(28 * 86_400);
+        let tib = 1u64 << 40;
+        // 1 TiB over 0.9 × 28 days: about 485 KiB/s.
+        let r = pass_rate(tib, 0, 0, 0, every, 32 << 20, false);
+        assert_eq!(r, tib * 1000 / (28 * DAY * 9 / 10));
+        // Halfway through the time with nothing done: twice as fast.
+        let half = pass_rate(tib, 0, 0, 28 * DAY * 9 / 20, every, 32 << 20, false);
+        assert!(half >= 2 * r - 1 && half <= 2 * r + 1, "{half} vs {r}");
+        // A small store runs at the floor; a late one at the cap at most.
+        assert_eq!(pass_rate(1 << 20, 0, 0, 0, every, 32 << 20, false), FLOOR_RATE);
+        assert_eq!(pass_rate(tib, 0, 0, 28 * DAY, every, 32 << 20, false), 32 << 20);
+        assert_eq!(pass_rate(tib, 0, 0, 28 * DAY, every, 0, false), tib);
+        // What was checked does not count again; a cap below the floor wins.
+        assert_eq!(pass_rate(tib, tib, 0, 0, every, 32 << 20, false), FLOOR_RATE);
+        assert_eq!(pass_rate(tib, 0, 0, 0, every, 1000, false), 1000);
+        // A pass asked for runs at the cap, or unpaced without one.
+        assert_eq!(pass_rate(tib, 0, 0, 0, every, 32 << 20, true), 32 << 20);
+        assert_eq!(pass_rate(tib, 0, 0, 0, every, 0, true), u64::MAX);
+    }
+
+    #[test]
+    fn rests_hold_the_pace_and_yield_to_clients() {
+        let mb = 1 << 20;
+        // 8 MiB at 4 MiB/s is 2 s; the step took 0.5 s of them.
+        assert_eq!(rest(8 * mb, Duration::from_millis(500), 4 * mb, false), Duration::from_millis(1500));
+        // Slower than the pace: no rest, unless clients were busy.
+        assert_eq!(rest(mb, Duration::from_secs(1), 4 * mb, false), Duration::ZERO);
+        assert_eq!(rest(mb, Duration::from_secs(1), 4 * mb, true), Duration::from_secs(4));
+        assert_eq!(rest(8 * mb, Duration::from_millis(100), u64::MAX, false), Duration::ZERO);
+        assert_eq!(rest(8 * mb, Duration::from_millis(100), u64::MAX, true), Duration::from_millis(400));
+    }
+}
