@@ -45,7 +45,8 @@ impl Setup {
     /// `peer_args`, and volume `vault` (k = 4, m = 2) holding `len` bytes
     /// of a known pattern, written over NBD and detached.
     fn new(name: &str, peer_args: &[&str], len: usize) -> (Self, Vec<u8>) {
-        let mut c = Cluster::start(name, &["--peer-timeout", "2s", "--lease-ttl", "4s"]);
+        let mut c =
+            Cluster::start(name, &["--peer-timeout", "2s", "--lease-ttl", "4s", "--audit-every", "0"]);
         c.peer_args = peer_args.iter().map(|s| s.to_string()).collect();
         let names = (0..PEERS).map(|i| c.add_peer("1G", &format!("disk{i}"))).collect();
         c.wait_all_up(PEERS);

@@ -219,6 +219,9 @@ pub struct Directory<S: MetaStore> {
     repair: std::sync::Mutex<RepairProgress>,
     /// Wakes the repair worker (a shard was forgotten, a drain started).
     repair_wake: tokio::sync::Notify,
+    /// Shards forgotten from a holder, and when (heal/faults.rs: repeats).
+    forgotten_at:
+        std::sync::Mutex<std::collections::HashMap<(crate::codec::segment::SegmentShardKey, u16), u64>>,
     /// Readers' reports of shards whose answers did not verify.
     suspects: heal::audit::Suspects,
     /// Wakes the audit worker (a suspect).
@@ -362,6 +365,7 @@ impl<S: MetaStore> Directory<S> {
             gc: tokio::sync::Notify::new(),
             repair: Default::default(),
             repair_wake: tokio::sync::Notify::new(),
+            forgotten_at: Default::default(),
             suspects: Default::default(),
             audit_wake: tokio::sync::Notify::new(),
             audit_sample: Default::default(),

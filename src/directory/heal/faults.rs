@@ -16,6 +16,16 @@
 //! A slot cleared by mistake (a false report) costs a rebuild, never
 //! data: the other shards still prove the segment, and the cleared holder
 //! is read no more.
+//!
+//! **Repeats.** A holder may report the same bad copy twice (its first
+//! answer was lost and it retried; it crashed before noting the answer;
+//! an audit found the copy first). By then repair may have rebuilt the
+//! shard on that very holder and named it again: forgetting once more
+//! would throw the good copy away. So a holder's report of a shard
+//! forgotten from it within [`REPEAT_WINDOW`] is taken as a repeat and
+//! ignored. The price: a rebuilt copy that rots within the hour is found
+//! by the next audit or scrub instead. (In memory: a directory restart
+//! forgets the window, and a repeat then costs one rebuild.)
 
 use crate::api::*;
 use crate::codec::segment::SegmentShardKey;
@@ -25,6 +35,12 @@ use crate::directory::schema::*;
 
 /// Tries at forgetting one shard while its record keeps changing.
 const TRIES: usize = 8;
+
+/// A holder's report of a shard forgotten from it less than this long ago
+/// is a repeat (its answer was lost and it reported again, or it reports
+/// what an audit already found), not news: the slot may name it again
+/// for a good copy rebuilt there meanwhile, which must not be forgotten.
+pub const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl<S: MetaStore> Directory<S> {
     /// Forgets shard `key` from its record if the record names `holder`
@@ -59,6 +75,7 @@ impl<S: MetaStore> Directory<S> {
                     hex::encode(key.volume),
                 );
                 self.repair.lock().expect("not poisoned").forgotten += 1;
+                self.forgotten_at.lock().expect("not poisoned").insert((*key, holder), self.now());
                 self.repair_wake.notify_one();
                 return Ok(true);
             }
@@ -78,7 +95,22 @@ impl<S: MetaStore> Directory<S> {
         let Some(&holder) = self.peer_ids().await?.get(node) else {
             return Err(Remote::new(ErrorKind::NotFound, format!("peer {node} has no peer id")));
         };
+        let now = self.now();
+        let window = REPEAT_WINDOW.as_millis() as u64;
         for f in faults {
+            let repeat = {
+                let mut recent = self.forgotten_at.lock().expect("not poisoned");
+                recent.retain(|_, at| now.saturating_sub(*at) < window);
+                recent.contains_key(&(f.shard, holder))
+            };
+            if repeat {
+                tracing::debug!(
+                    "{node} reports shard {} of segment {} again: forgotten already",
+                    f.shard.index,
+                    f.shard.segment
+                );
+                continue;
+            }
             self.forget_shard(&f.shard, holder, &format!("{node}: {}", f.problem)).await?;
         }
         Ok(DirResponse::Done)

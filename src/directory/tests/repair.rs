@@ -660,3 +660,53 @@ async fn scrubbing_peers_get_segment_roots_and_a_pause_that_ends_by_itself() {
     assert_eq!(d.paused_for_ms, None);
     assert_eq!(d.start_requested_ms, Some(f.dir.now()));
 }
+
+#[tokio::test]
+async fn a_repeated_report_does_not_forget_the_good_copy_rebuilt_on_the_same_peer() {
+    // Four peers, four shards: once peer-0 (id 1) loses index 0, it is the
+    // only peer holding no other shard of the segment, so repair rebuilds
+    // index 0 there.
+    let f = peers_alone(4).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    let DirResponse::Volume(v) =
+        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
+    else {
+        panic!("not a volume")
+    };
+    let fault = ShardFault {
+        shard: SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 0 },
+        problem: "hash mismatch".into(),
+    };
+    let report = || {
+        let (f, fault) = (&f, fault.clone());
+        async move {
+            f.ask(&peer_name(0), Role::Peer, DirRequest::ReportShardFaults { faults: vec![fault] }).await
+        }
+    };
+    report().await.unwrap();
+    assert_eq!(
+        ids_of(&f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap()),
+        vec![0, 2, 3, 4]
+    );
+    let rebuilder = FakeRebuilder::default();
+    assert_eq!(f.dir.repair_round(&rebuilder).await.unwrap().shards, 1);
+    assert_eq!(rebuilder.calls()[0].target, peer_name(0));
+    assert_eq!(
+        ids_of(&f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap()),
+        vec![1, 2, 3, 4]
+    );
+    // The same report again (its first answer was lost): a repeat.
+    report().await.unwrap();
+    assert_eq!(
+        ids_of(&f.segment_records("vol-1", vec![seg(1, 1)]).await[0].clone().unwrap()),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(f.status().await.repair.forgotten, 1);
+    // Past the window, a report is news again.
+    f.clock.advance(crate::directory::heal::faults::REPEAT_WINDOW);
+    for i in 0..4 {
+        heartbeat_alone(&f, i).await;
+    }
+    report().await.unwrap();
+    assert_eq!(f.status().await.repair.forgotten, 2);
+}
