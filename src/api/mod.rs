@@ -1134,7 +1134,25 @@ pub enum PeerRequest {
         limit: u32,
     },
     Ping,
+    /// Like `List`, with each shard's copy: an opaque token that changes
+    /// whenever the shard is stored again (`Copies`).
+    ListCopies {
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    },
+    /// Erase a shard, as `Delete` does, but only the copy `copy` (as
+    /// `ListCopies` named it): a copy stored since is kept (`Deleted`,
+    /// `existed: false`).
+    DeleteCopy {
+        shard: SegmentShardKey,
+        epoch: u64,
+        copy: CopyId,
+    },
 }
+
+/// Which stored copy of a shard (the peer's own token for it).
+pub type CopyId = [u8; 16];
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerResponse {
@@ -1155,6 +1173,7 @@ pub enum PeerResponse {
     Rebuilt {
         read: u64,
     },
+    Copies(Vec<(SegmentShardKey, CopyId)>),
 }
 
 /// A shard its holder found bad, and why.
@@ -1196,6 +1215,12 @@ mod tests {
         roundtrip(PeerRequest::GetBlocks { shard: segment, first: 17, count: 3 });
         roundtrip(PeerRequest::Delete { shard: segment, epoch: u64::MAX });
         roundtrip(PeerRequest::List { volume: [1; 16], after: Some(segment), limit: 100 });
+        roundtrip(PeerRequest::ListCopies { volume: [1; 16], after: None, limit: 7 });
+        roundtrip(PeerRequest::DeleteCopy { shard: segment, epoch: 3, copy: [9; 16] });
+        roundtrip(PeerResponse::Copies(vec![(segment, [1; 16])]));
+        roundtrip(DirRequest::DrainPeer { peer: "peer-3".into(), cancel: true });
+        roundtrip(DirRequest::RemovePeer { peer: "peer-3".into() });
+        roundtrip(DirRequest::SuspectShard { shard: segment, peer: "peer-1".into() });
         roundtrip(PeerResponse::Shards(vec![segment, segment]));
         roundtrip(PeerResponse::Blocks);
         roundtrip(PeerRequest::Rebuild {

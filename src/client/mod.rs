@@ -598,6 +598,35 @@ impl Client {
         }
     }
 
+    /// [`Self::list_shards`], with each shard's copy.
+    pub async fn list_copies(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<(SegmentShardKey, CopyId)>, ClientError> {
+        match self.peer_call(peer, &PeerRequest::ListCopies { volume, after, limit }, Vec::new()).await? {
+            (PeerResponse::Copies(c), _) => Ok(c),
+            (other, _) => Err(unexpected("list copies", other)),
+        }
+    }
+
+    /// Erases copy `copy` of a shard from `peer` (a copy stored since is
+    /// kept); whether it did.
+    pub async fn delete_copy(
+        &self,
+        peer: &PeerAddr,
+        shard: SegmentShardKey,
+        epoch: u64,
+        copy: CopyId,
+    ) -> Result<bool, ClientError> {
+        match self.peer_call(peer, &PeerRequest::DeleteCopy { shard, epoch, copy }, Vec::new()).await? {
+            (PeerResponse::Deleted { existed }, _) => Ok(existed),
+            (other, _) => Err(unexpected("delete copy", other)),
+        }
+    }
+
     /// Up to `limit` shards of `volume` on `peer`, in key order, after
     /// `after`.
     pub async fn list_shards(

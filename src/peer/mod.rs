@@ -206,6 +206,19 @@ impl PeerService {
             PeerRequest::Ping => {
                 (PeerResponse::Pong { load: self.load.load(Ordering::Relaxed) }, Bytes::new())
             }
+            PeerRequest::ListCopies { volume, after, limit } => {
+                let limit = limit.clamp(1, LIST_LIMIT) as usize;
+                let store = self.store.clone();
+                let page = tokio::task::spawn_blocking(move || store.list_copies(&volume, after, limit))
+                    .await
+                    .map_err(|e| Remote::new(ErrorKind::Internal, e.to_string()))?
+                    .map_err(remote)?;
+                (PeerResponse::Copies(page), Bytes::new())
+            }
+            PeerRequest::DeleteCopy { shard, epoch, copy } => {
+                let existed = self.store.delete_copy(&shard, epoch, copy).await.map_err(remote)?;
+                (PeerResponse::Deleted { existed }, Bytes::new())
+            }
         })
     }
 }
@@ -225,11 +238,14 @@ impl Handler for PeerService {
         let allowed = match &req {
             PeerRequest::Put { .. } => matches!(who.role, Role::Client | Role::Admin),
             PeerRequest::Rebuild { .. } => who.role == Role::Directory,
-            PeerRequest::Delete { .. } => matches!(who.role, Role::Client | Role::Admin | Role::Directory),
+            PeerRequest::Delete { .. } | PeerRequest::DeleteCopy { .. } => {
+                matches!(who.role, Role::Client | Role::Admin | Role::Directory)
+            }
             PeerRequest::Get(_)
             | PeerRequest::GetBlocks { .. }
             | PeerRequest::GetHeader(_)
             | PeerRequest::List { .. }
+            | PeerRequest::ListCopies { .. }
             | PeerRequest::Ping => true,
         };
         if !allowed {

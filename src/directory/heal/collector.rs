@@ -120,6 +120,33 @@ pub trait Eraser: Clone + Send + Sync + 'static {
         key: SegmentShardKey,
         epoch: u64,
     ) -> impl Future<Output = Result<bool, Self::Error>> + Send;
+
+    /// [`Self::shards`], with each shard's copy (`None`: this eraser
+    /// cannot tell copies apart).
+    fn copies(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<(SegmentShardKey, Option<CopyId>)>, Self::Error>> + Send {
+        async move { Ok(self.shards(peer, volume, after, limit).await?.into_iter().map(|k| (k, None)).collect()) }
+    }
+
+    /// [`Self::erase`], of that copy only when one is named: a copy
+    /// stored since is kept (`Ok(false)`).
+    fn erase_copy(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        epoch: u64,
+        copy: Option<CopyId>,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        async move {
+            let _ = copy;
+            self.erase(peer, key, epoch).await
+        }
+    }
 }
 
 impl Eraser for Client {
@@ -137,6 +164,34 @@ impl Eraser for Client {
 
     async fn erase(&self, peer: &PeerAddr, key: SegmentShardKey, epoch: u64) -> Result<bool, ClientError> {
         self.delete_shard(peer, key, epoch).await
+    }
+
+    async fn copies(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<(SegmentShardKey, Option<CopyId>)>, ClientError> {
+        Ok(self
+            .list_copies(peer, volume, after, limit)
+            .await?
+            .into_iter()
+            .map(|(k, c)| (k, Some(c)))
+            .collect())
+    }
+
+    async fn erase_copy(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        epoch: u64,
+        copy: Option<CopyId>,
+    ) -> Result<bool, ClientError> {
+        match copy {
+            Some(c) => self.delete_copy(peer, key, epoch, c).await,
+            None => self.delete_shard(peer, key, epoch).await,
+        }
     }
 }
 
@@ -245,7 +300,8 @@ pub struct ReconcilePass {
 /// restart only delays an erasure.
 #[derive(Debug, Default)]
 pub struct Orphans {
-    first_seen: HashMap<(String, SegmentShardKey), u64>,
+    /// When first seen, and which copy.
+    first_seen: HashMap<(String, SegmentShardKey), (u64, Option<CopyId>)>,
 }
 
 impl Orphans {
@@ -643,18 +699,18 @@ impl<S: MetaStore> Directory<S> {
                 let holder = ids.get(&peer.name).copied();
                 let mut after = None;
                 let complete = loop {
-                    let keys = match eraser.shards(peer, volume, after, PAGE).await {
-                        Ok(keys) => keys,
+                    let listed = match eraser.copies(peer, volume, after, PAGE).await {
+                        Ok(listed) => listed,
                         Err(e) => {
                             tracing::info!("reconciling {} on {}: {e}", v.spec.name, peer.name);
                             break false;
                         }
                     };
-                    let Some(&last) = keys.last() else { break true };
+                    let Some(&(last, _)) = listed.last() else { break true };
                     after = Some(last);
-                    pass.checked += keys.len() as u64;
+                    pass.checked += listed.len() as u64;
                     let mut due = Vec::new();
-                    for k in keys {
+                    for (k, copy) in listed {
                         let record = self.segment_record(&k).await?;
                         let dead =
                             record.is_none() && self.meta.get(&dead_key(&volume, k.segment)).await?.is_some();
@@ -662,13 +718,19 @@ impl<S: MetaStore> Directory<S> {
                         if !class.is_orphan() || !surplus(&k, class, record.as_ref(), &up_ids) {
                             continue;
                         }
-                        let at = *orphans.first_seen.entry((peer.name.clone(), k)).or_insert_with(|| {
+                        // A copy stored since the first sighting is new:
+                        // its grace starts again.
+                        let seen = orphans.first_seen.entry((peer.name.clone(), k)).or_insert_with(|| {
                             pass.found += 1;
-                            now
+                            (now, copy)
                         });
+                        if seen.1 != copy {
+                            *seen = (now, copy);
+                        }
+                        let at = seen.0;
                         seen_now.insert((peer.name.clone(), k));
                         if now >= at.saturating_add(grace) {
-                            due.push((k, class));
+                            due.push((k, class, copy));
                         }
                     }
                     if due.is_empty() {
@@ -677,14 +739,14 @@ impl<S: MetaStore> Directory<S> {
                     // No new record can name an unrecorded shard once the
                     // floor is above it; read the record again after.
                     let unrecorded =
-                        due.iter().filter(|(_, c)| *c != ShardClass::Replaced).map(|(k, _)| k.segment);
+                        due.iter().filter(|(_, c, _)| *c != ShardClass::Replaced).map(|(k, _, _)| k.segment);
                     if let Some(top) = unrecorded.max()
                         && !self.raise_floor(&volume, top).await?
                     {
                         break false; // the volume was deleted meanwhile
                     }
                     let Some(epoch) = self.erase_epoch(&volume).await? else { break false };
-                    for (k, class) in due {
+                    for (k, class, copy) in due {
                         // Read the record once more: a commit may have
                         // landed it before the floor rose, repair may
                         // have recorded this copy or lost the holder.
@@ -723,7 +785,9 @@ impl<S: MetaStore> Directory<S> {
                                 continue;
                             }
                         }
-                        match eraser.erase(peer, k, epoch).await {
+                        // Only the copy judged: one stored since (a repair
+                        // storing this index here again) is kept.
+                        match eraser.erase_copy(peer, k, epoch, copy).await {
                             Ok(_) => {
                                 pass.erased += 1;
                                 orphans.first_seen.remove(&(peer.name.clone(), k));

@@ -40,6 +40,7 @@
 //! the newest epoch it has seen per volume and refuses older ones, so a
 //! writer whose volume lease was taken over cannot write any more.
 
+mod copies;
 mod index;
 mod scrub;
 mod shards;
@@ -530,6 +531,17 @@ impl ShardStore {
     /// collection) holding fencing `epoch` on its volume; its space is
     /// returned at once. False if it was not there.
     pub async fn delete(&self, key: &SegmentShardKey, epoch: u64) -> Result<bool, StoreError> {
+        self.delete_if(key, epoch, None).await
+    }
+
+    /// [`Self::delete`], only if the shard is still at `expect` (when
+    /// given): a copy stored since is kept (`Ok(false)`).
+    async fn delete_if(
+        &self,
+        key: &SegmentShardKey,
+        epoch: u64,
+        expect: Option<Location>,
+    ) -> Result<bool, StoreError> {
         self.check()?;
         let _tail = self.inner.tail.lock().await;
         self.check()?;
@@ -538,6 +550,9 @@ impl ShardStore {
             return Err(StoreError::Fenced { got: epoch, newest });
         }
         let loc = self.locate(key)?;
+        if expect.is_some() && loc != expect {
+            return Ok(false);
+        }
         if loc.is_none() && epoch == newest {
             return Ok(false);
         }
