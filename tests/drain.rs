@@ -69,11 +69,30 @@ fn a_peer_drained_under_fio_verify_ends_empty_and_is_removed() {
     eprintln!("draining {name}, which holds shards of {holds} segments");
     assert!(fio.child.try_wait().unwrap().is_none(), "fio ended before the drain: pace it slower");
     let t = Instant::now();
+    let (ok, out, err) = s.c.cli(&["peer", "drain", &name, "--credential", cred]);
+    assert!(ok, "peer drain failed:\n{out}\n{err}");
+    // Redundancy never drops while it drains: nothing is ever missing.
+    let mut polls = 0;
+    loop {
+        let st = s.c.status();
+        let h = &st.health;
+        assert_eq!(
+            (h.below_threshold, h.critical, h.unavailable, h.lost, h.to_repair.segments),
+            (0, 0, 0, 0, 0),
+            "redundancy dropped during the drain: {h:#?}"
+        );
+        polls += 1;
+        if st.peers.iter().any(|p| p.name == name && p.needed.segments == 0) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(150), "the drain did not end in 150 s: {h:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (ok, out, err) =
         s.c.cli(&["peer", "drain", &name, "--wait", "--timeout", "150s", "--credential", cred]);
     assert!(ok, "peer drain --wait failed:\n{out}\n{err}");
     assert!(out.contains("is drained"), "{out}");
-    eprintln!("drained in {:.1} s:\n{out}", t.elapsed().as_secs_f64());
+    eprintln!("drained in {:.1} s ({polls} status polls):\n{out}", t.elapsed().as_secs_f64());
     let st = s.c.status();
     let p = st.peers.iter().find(|p| p.name == name).unwrap();
     assert_eq!(p.drain.as_ref().map(|d| d.reason), Some(DrainReason::Operator));
@@ -146,6 +165,7 @@ fn a_peer_that_drops_payloads_is_caught_by_audits_drained_and_its_shards_rebuilt
     nbdcopy_to(&file, &a.uri());
     s.detach(a);
     let liar_id = id_of(&s, "vm", &liar_name);
+    assert!(liar_id.is_some(), "no segment on the lying peer: nothing to catch");
     eprintln!("{liar_name} (id {liar_id:?}) lies; {} segments written", s.records("vm").0.len());
 
     let st =

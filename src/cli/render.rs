@@ -57,10 +57,10 @@ pub fn verdict_line(s: &ClusterStatus) -> String {
         why.push(format!("{} segments one lost peer from unreadable", h.critical));
     }
     let r = &s.repair;
-    if h.to_repair.segments > 0 || r.queued.segments + r.in_flight > 0 {
+    if h.to_repair.segments > 0 || r.queued.segments > 0 {
         let mut line = format!(
             "{} segments to repair ({} of shards to rebuild)",
-            h.to_repair.segments.max(r.queued.segments + r.in_flight),
+            h.to_repair.segments.max(r.queued.segments),
             human(h.to_repair.bytes.max(r.queued.bytes))
         );
         if r.rate > 0 {

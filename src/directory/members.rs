@@ -312,7 +312,9 @@ impl<S: MetaStore> Directory<S> {
         // longer degrades anything (it stays listed, as lost).
         let peers_down =
             peers.iter().any(|p: &PeerStatus| matches!(p.state, PeerState::Down | PeerState::Failed));
-        let verdict = scan.health.verdict(peers_down, repair.queued.segments + repair.in_flight > 0);
+        // Repairs in flight are still counted by the scan (their segments
+        // stay below threshold until recorded); moves are not repairs.
+        let verdict = scan.health.verdict(peers_down, repair.queued.segments > 0);
         let scrubs: Vec<&ScrubReport> =
             peers.iter().filter(|p| p.state == PeerState::Up).filter_map(|p| p.scrub.as_ref()).collect();
         let scrub = self.scrub_summary(&scrubs).await?;
