@@ -397,13 +397,20 @@ impl Scrub {
         let roots = self.roots(&page).await;
         let mut checked = 0;
         for (key, root) in page.iter().zip(roots) {
-            match self.store.verify(key, root).await? {
-                Checked::Sound(n) => checked += n,
-                Checked::Bad(n, why) => {
+            // One shard that cannot be checked must not stop the pass
+            // (it would retry this page for ever): it is skipped until
+            // the next pass. A poisoned store checks nothing: stop.
+            match self.store.verify(key, root).await {
+                Ok(Checked::Sound(n)) => checked += n,
+                Ok(Checked::Bad(n, why)) => {
                     tracing::warn!("scrub: shard {key:?} is bad: {why}");
                     checked += n;
                 }
-                Checked::Gone => {}
+                Ok(Checked::Gone) => {}
+                Err(e @ StoreError::Poisoned { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!("scrub: cannot check shard {key:?} (skipped until the next pass): {e}")
+                }
             }
         }
         state.cursor = page.last().copied();

@@ -175,6 +175,15 @@ impl ShardStore {
         }
     }
 
+    /// Records a bad shard as [`ShardStore::record_fault`] does, off the
+    /// async threads (the record is a durable commit: an fsync).
+    pub(super) async fn note_fault(&self, key: &SegmentShardKey, loc: Location, problem: String) {
+        let (me, key) = (self.clone(), *key);
+        if let Err(e) = tokio::task::spawn_blocking(move || me.record_fault(&key, loc, problem)).await {
+            tracing::warn!("shard {key:?} is bad, and recording that failed: {e}");
+        }
+    }
+
     /// Waits until a fault is recorded.
     pub async fn fault_recorded(&self) {
         self.inner.faults.notified().await;
@@ -269,7 +278,18 @@ impl ShardStore {
         self.check()?;
         let Some(entry) = self.entry(key)? else { return Ok(Checked::Gone) };
         let loc = entry.loc;
-        let bytes = self.read_location(loc, "a segment shard").await?;
+        let bytes = match self.read_location(loc, "a segment shard").await {
+            Ok(bytes) => bytes,
+            // Unreadable (a bad sector, a lost data file) is bad too,
+            // unless the shard moved meanwhile; never a reason to stop.
+            Err(e) => {
+                let problem = match e {
+                    StoreError::Io { message, .. } => format!("unreadable: {message}"),
+                    other => format!("unreadable: {other}"),
+                };
+                return self.found_bad(key, root, loc, 0, problem).await;
+            }
+        };
         let read = bytes.len() as u64;
         let own = entry.outboard.root();
         let key2 = *key;
@@ -296,12 +316,25 @@ impl ShardStore {
         .await
         .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
         let Some(problem) = problem else { return Ok(Checked::Sound(read)) };
-        // Still indexed at the bytes read? Else it moved: check it again.
+        self.found_bad(key, root, loc, read, problem).await
+    }
+
+    /// [`ShardStore::verify`] found the copy at `loc` bad after reading
+    /// `read` bytes of it: recorded if the shard is still indexed there,
+    /// else (it moved while it was read) checked again.
+    async fn found_bad(
+        &self,
+        key: &SegmentShardKey,
+        root: Option<SegmentRoot>,
+        loc: Location,
+        read: u64,
+        problem: String,
+    ) -> Result<Checked, StoreError> {
         match self.locate(key)? {
             None => Ok(Checked::Gone),
             Some(now) if now != loc => Box::pin(self.verify(key, root)).await,
             Some(_) => {
-                self.record_fault(key, loc, problem.clone());
+                self.note_fault(key, loc, problem.clone()).await;
                 Ok(Checked::Bad(read, problem))
             }
         }
