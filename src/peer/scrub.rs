@@ -42,8 +42,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Checked, ScrubState, ShardStore, StoreError};
-use crate::api::{DirRequest, DirResponse, ScrubDirective, ScrubReport, ShardFault};
+use super::store::{Checked, Fault, ScrubState, ShardStore, StoreError};
+use crate::api::{DirRequest, DirResponse, MAX_FAULTS_PER_CALL, ScrubDirective, ScrubReport, ShardFault};
 use crate::client::Client;
 use crate::codec::segment::SegmentRoot;
 use crate::sys::clock::now_ms;
@@ -197,35 +197,45 @@ impl Scrub {
         }
     }
 
-    /// Reports the faults not yet acknowledged; false if that failed.
+    /// Runs `f` on the store off the async threads (index commits fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(ShardStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store))
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })?
+    }
+
+    /// Reports the faults not yet acknowledged, [`MAX_FAULTS_PER_CALL`]
+    /// at a time (a report must fit one message), each call acknowledged
+    /// as it succeeds; on a failure the rest are retried later.
     async fn report_faults(&mut self) -> Result<(), StoreError> {
         if self.report_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
-        let store = self.store.clone();
-        let faults = tokio::task::spawn_blocking(move || store.pending_faults())
-            .await
-            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })??;
-        if faults.is_empty() {
-            return Ok(());
-        }
-        let report = faults.iter().map(|f| ShardFault { shard: f.key, problem: f.problem.clone() }).collect();
-        match self.client.report_shard_faults(report).await {
-            Ok(()) => {
-                tracing::info!("reported {} bad shards to the directory", faults.len());
-                self.store.acknowledge_faults(&faults)?;
-                self.report_at = None;
-            }
-            Err(e) => {
+        let faults = self.blocking(|s| s.pending_faults()).await?;
+        let mut reported = 0;
+        for (chunk, report) in fault_reports(&faults) {
+            if let Err(e) = self.client.report_shard_faults(report).await {
                 if self.report_at.is_none() {
                     tracing::warn!(
                         "cannot report {} bad shards to the directory (retrying): {e}",
-                        faults.len()
+                        faults.len() - reported
                     );
                 }
                 self.report_at = Some(Instant::now() + REPORT_RETRY);
+                return Ok(());
             }
+            reported += chunk.len();
+            let chunk = chunk.to_vec();
+            self.blocking(move |s| s.acknowledge_faults(&chunk)).await?;
         }
+        if reported > 0 {
+            tracing::info!("reported {reported} bad shards to the directory");
+        }
+        self.report_at = None;
         Ok(())
     }
 
@@ -443,6 +453,14 @@ impl Scrub {
     }
 }
 
+/// The reports of `faults`: at most [`MAX_FAULTS_PER_CALL`] a call, each
+/// with the faults it reports.
+fn fault_reports(faults: &[Fault]) -> impl Iterator<Item = (&[Fault], Vec<ShardFault>)> {
+    faults
+        .chunks(MAX_FAULTS_PER_CALL)
+        .map(|chunk| (chunk, chunk.iter().map(|f| ShardFault::new(f.key, &f.problem)).collect()))
+}
+
 /// A random number in [0, 1).
 fn jitter() -> f64 {
     let mut b = [0u8; 8];
@@ -533,6 +551,40 @@ mod tests {
         // A pass asked for runs at the cap, or unpaced without one.
         assert_eq!(pass_rate(tib, 0, 0, 0, every, 32 << 20, true), 32 << 20);
         assert_eq!(pass_rate(tib, 0, 0, 0, every, 0, true), u64::MAX);
+    }
+
+    #[test]
+    fn a_large_fault_backlog_is_reported_in_calls_that_fit_a_message() {
+        use crate::codec::segment::{SegmentId, SegmentShardKey};
+        use crate::transport::wire::{MAX_MESSAGE, encode};
+        // Long problems, cut on a character boundary ('é' is two bytes).
+        let problem = format!("x{}", "é".repeat(1000));
+        let faults: Vec<Fault> = (0..1000u64)
+            .map(|i| {
+                let key = SegmentShardKey { volume: [7; 16], segment: SegmentId::from_raw(i), index: 3 };
+                Fault::for_test(key, &problem)
+            })
+            .collect();
+        let mut reported = Vec::new();
+        for (chunk, report) in fault_reports(&faults) {
+            assert!(report.len() <= MAX_FAULTS_PER_CALL);
+            assert_eq!(
+                chunk.iter().map(|f| f.key).collect::<Vec<_>>(),
+                report.iter().map(|f| f.shard).collect::<Vec<_>>()
+            );
+            for f in &report {
+                assert!(
+                    f.problem.len() <= crate::api::MAX_FAULT_PROBLEM && f.problem.len() >= 199,
+                    "{}",
+                    f.problem.len()
+                );
+                assert!(problem.starts_with(&f.problem));
+            }
+            let frame = encode(&DirRequest::ReportShardFaults { faults: report.clone() }).unwrap();
+            assert!(frame.len() <= MAX_MESSAGE, "{} bytes", frame.len());
+            reported.extend(report.into_iter().map(|f| f.shard));
+        }
+        assert_eq!(reported, faults.iter().map(|f| f.key).collect::<Vec<_>>());
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub struct Fault {
     loc: Location,
 }
 
+#[cfg(test)]
+impl Fault {
+    /// A fault of a shard at some location, for tests elsewhere.
+    pub fn for_test(key: SegmentShardKey, problem: &str) -> Self {
+        Self { key, problem: problem.to_owned(), loc: Location { data_file: 1, offset: 0, len: 1 } }
+    }
+}
+
 /// What a full check of one shard found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Checked {
