@@ -275,12 +275,16 @@ impl Scrub {
         }
     }
 
-    fn publish(&mut self, state: &ScrubState) {
-        let unreported = self.store.pending_faults().map_or(0, |f| f.len() as u64);
+    async fn publish(&mut self, state: &ScrubState) {
+        // Off the async threads: dropping stale faults is an index commit.
+        let counts = self
+            .blocking(|s| Ok((s.pending_faults().map_or(0, |f| f.len() as u64), s.used().unwrap_or(0))))
+            .await;
+        let (unreported, total) = counts.unwrap_or((0, 0));
         let report = ScrubReport {
             pass_started_ms: state.pass_started_ms,
             checked: state.checked,
-            total: self.store.used().unwrap_or(0),
+            total,
             rate: if state.pass_started_ms.is_some() { self.rate } else { 0 },
             passes: state.passes,
             last_ended_ms: state.last_ended_ms,
@@ -292,8 +296,14 @@ impl Scrub {
         *self.shared.report.lock().expect("not poisoned") = Some(report);
     }
 
-    fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
-        self.store.save_scrub(&state)?;
+    /// Persists `state` (a durable index commit: off the async threads).
+    async fn persist(&self, state: &ScrubState) -> Result<(), StoreError> {
+        let state = state.clone();
+        self.blocking(move |s| s.save_scrub(&state)).await
+    }
+
+    async fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
+        self.persist(&state).await?;
         self.saved = Instant::now();
         self.state = Some(state);
         Ok(())
@@ -326,7 +336,7 @@ impl Scrub {
         if state.start_seen.is_none() || requested.is_none() {
             if state.start_seen.is_none() && self.shared.directive.lock().expect("not poisoned").is_some() {
                 state.start_seen = Some(requested.unwrap_or(0));
-                self.store.save_scrub(&state)?;
+                self.persist(&state).await?;
             }
         } else if requested != state.start_seen {
             tracing::info!("scrub: a pass was asked for; starting one now");
@@ -336,11 +346,11 @@ impl Scrub {
             state.cursor = None;
             state.checked = 0;
             self.resume_at = None;
-            self.store.save_scrub(&state)?;
+            self.persist(&state).await?;
         }
         self.paused = paused_until.is_some();
         if self.paused || self.resume_at.is_some_and(|t| Instant::now() < t) {
-            self.publish(&state);
+            self.publish(&state).await;
             self.state = Some(state);
             return Ok(State::Idle);
         }
@@ -351,13 +361,13 @@ impl Scrub {
                     // First scheduled one period after the store is made.
                     let n = next_start(now, self.config.every, jitter());
                     state.next_ms = Some(n);
-                    self.store.save_scrub(&state)?;
+                    self.persist(&state).await?;
                     n
                 }
             };
             if now < next {
                 self.resume_at = Some(Instant::now() + Duration::from_millis(next - now));
-                self.publish(&state);
+                self.publish(&state).await;
                 self.state = Some(state);
                 return Ok(State::Idle);
             }
@@ -366,7 +376,7 @@ impl Scrub {
             state.requested = false;
             state.cursor = None;
             state.checked = 0;
-            self.save(state)?;
+            self.save(state).await?;
             return Ok(State::Busy);
         };
         let begun = Instant::now();
@@ -390,8 +400,8 @@ impl Scrub {
             state.requested = false;
             state.cursor = None;
             state.checked = 0;
-            self.publish(&state);
-            self.save(state)?;
+            self.publish(&state).await;
+            self.save(state).await?;
             return Ok(State::Busy);
         }
         // A step checks at most STEP_BYTES (and at least one shard).
@@ -439,9 +449,9 @@ impl Scrub {
         let calls = self.client_calls.load(Ordering::Relaxed);
         let busy = calls != std::mem::replace(&mut self.calls, calls);
         let rest = rest(checked, begun.elapsed(), rate, busy);
-        self.publish(&state);
+        self.publish(&state).await;
         if self.saved.elapsed() >= SAVE_EVERY {
-            self.save(state)?;
+            self.save(state).await?;
         } else {
             self.state = Some(state);
         }
