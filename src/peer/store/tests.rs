@@ -384,6 +384,14 @@ async fn scrub_state_and_faults_survive_a_restart() {
     rot(&store, dir.path(), &keys[0], 1);
     assert!(store.get_blocks(&keys[0], 1, 1).await.is_err());
     blocks_match(&store, &seg.shards[0], 2, 2).await;
+    // Each found again, by the scrub and by reads: still one fault each.
+    assert!(matches!(store.verify(&keys[2], Some(wrong)).await.unwrap(), Checked::Bad(..)));
+    assert!(matches!(store.verify(&keys[1], None).await.unwrap(), Checked::Bad(..)));
+    assert!(matches!(store.get(&keys[1]).await, Err(StoreError::Corrupt { .. })));
+    assert!(store.get_blocks(&keys[0], 1, 1).await.is_err());
+    assert!(matches!(store.verify(&keys[0], None).await.unwrap(), Checked::Bad(..)));
+    assert_eq!(store.scrub_state().unwrap().found, 3);
+    assert_eq!(store.pending_faults().unwrap().len(), 3);
     let state = ScrubState {
         cursor: Some(keys[1]),
         pass_started_ms: Some(1000),
