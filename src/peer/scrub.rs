@@ -9,7 +9,8 @@
 //! names it, its own root is the index entry's, its payload hashes to it,
 //! and its header's roots make the segment's root (a shard whose segment
 //! has no live record is checked without). A bad shard is recorded in the
-//! store (durably) and reported to the directory (`ReportShardFaults`),
+//! store (durably) and reported to the directory (`ReportShardFaults`, at
+//! most `MAX_FAULTS_PER_CALL` a call),
 //! which forgets it from its record so repair rebuilds it; it is reported
 //! again until acknowledged. Reads that hit a bad shard record it the same
 //! way, and this worker reports those too.

@@ -7,7 +7,9 @@
 //! scrub ([`ShardStore::verify`]) or any read ([`ShardStore::get`],
 //! `get_blocks`, `get_header`) that fails its check and, on a second look,
 //! still finds the shard indexed at the bytes it read (so a shard deleted
-//! or replaced while it was read is never called bad). The record is
+//! or replaced while it was read is never called bad). A shard whose bytes
+//! cannot be read at all (a bad sector, a lost data file) is bad the same
+//! way: recorded, answered as bad, never a reason to stop. The record is
 //! durable before anyone is told, so a crash between finding and reporting
 //! loses nothing; it stays until the directory has acknowledged it
 //! ([`ShardStore::acknowledge_faults`]), or until the shard is replaced or
