@@ -791,6 +791,12 @@ pub const MAX_COMMIT_OPS: usize = 128;
 /// Most segments one `PlaceSegments` call places, and most records one
 /// `SegmentRecords` call returns.
 pub const MAX_SEGMENTS_PER_CALL: usize = 1024;
+/// Most shard faults one `ReportShardFaults` call carries (a peer with
+/// more reports them in several calls), each problem at most
+/// [`MAX_FAULT_PROBLEM`] bytes: so a report fits one message.
+pub const MAX_FAULTS_PER_CALL: usize = 128;
+/// Longest problem a [`ShardFault`] carries, in bytes.
+pub const MAX_FAULT_PROBLEM: usize = 200;
 
 /// One compare-and-set of a volume's root: the new root
 /// replaces `expected`, with the writer's lease at `epoch`, and the
@@ -1181,6 +1187,18 @@ pub enum PeerResponse {
 pub struct ShardFault {
     pub shard: SegmentShardKey,
     pub problem: String,
+}
+
+impl ShardFault {
+    /// Shard `shard` is bad because of `problem` (cut to
+    /// [`MAX_FAULT_PROBLEM`] bytes, on a character boundary).
+    pub fn new(shard: SegmentShardKey, problem: &str) -> Self {
+        let mut end = problem.len().min(MAX_FAULT_PROBLEM);
+        while !problem.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self { shard, problem: problem[..end].to_owned() }
+    }
 }
 
 /// Where a rebuilding peer finds shard `index` of the segment.

@@ -46,6 +46,7 @@ const GIB: u64 = 1 << 30;
 
 mod drain;
 mod repair;
+mod scrub;
 mod segment_health;
 
 struct Fixture {

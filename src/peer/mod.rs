@@ -133,7 +133,9 @@ fn remote(e: StoreError) -> Remote {
         StoreError::Full { .. } => ErrorKind::Full,
         StoreError::Fenced { .. } => ErrorKind::Fenced,
         StoreError::NotFound(_) => ErrorKind::NotFound,
-        StoreError::Corrupt { .. } | StoreError::Misplaced { .. } => ErrorKind::Corrupt,
+        StoreError::Corrupt { .. } | StoreError::Misplaced { .. } | StoreError::Unreadable { .. } => {
+            ErrorKind::Corrupt
+        }
         StoreError::BlockRange { .. } => ErrorKind::Invalid,
         StoreError::Poisoned { .. } => ErrorKind::Poisoned,
         StoreError::Io { .. } => ErrorKind::Internal,

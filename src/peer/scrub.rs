@@ -9,7 +9,8 @@
 //! names it, its own root is the index entry's, its payload hashes to it,
 //! and its header's roots make the segment's root (a shard whose segment
 //! has no live record is checked without). A bad shard is recorded in the
-//! store (durably) and reported to the directory (`ReportShardFaults`),
+//! store (durably) and reported to the directory (`ReportShardFaults`, at
+//! most `MAX_FAULTS_PER_CALL` a call),
 //! which forgets it from its record so repair rebuilds it; it is reported
 //! again until acknowledged. Reads that hit a bad shard record it the same
 //! way, and this worker reports those too.
@@ -42,8 +43,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Checked, ScrubState, ShardStore, StoreError};
-use crate::api::{DirRequest, DirResponse, ScrubDirective, ScrubReport, ShardFault};
+use super::store::{Checked, Fault, ScrubState, ShardStore, StoreError};
+use crate::api::{DirRequest, DirResponse, MAX_FAULTS_PER_CALL, ScrubDirective, ScrubReport, ShardFault};
 use crate::client::Client;
 use crate::codec::segment::SegmentRoot;
 use crate::sys::clock::now_ms;
@@ -197,35 +198,45 @@ impl Scrub {
         }
     }
 
-    /// Reports the faults not yet acknowledged; false if that failed.
+    /// Runs `f` on the store off the async threads (index commits fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(ShardStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store))
+            .await
+            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })?
+    }
+
+    /// Reports the faults not yet acknowledged, [`MAX_FAULTS_PER_CALL`]
+    /// at a time (a report must fit one message), each call acknowledged
+    /// as it succeeds; on a failure the rest are retried later.
     async fn report_faults(&mut self) -> Result<(), StoreError> {
         if self.report_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
-        let store = self.store.clone();
-        let faults = tokio::task::spawn_blocking(move || store.pending_faults())
-            .await
-            .map_err(|e| StoreError::Io { path: Default::default(), message: e.to_string() })??;
-        if faults.is_empty() {
-            return Ok(());
-        }
-        let report = faults.iter().map(|f| ShardFault { shard: f.key, problem: f.problem.clone() }).collect();
-        match self.client.report_shard_faults(report).await {
-            Ok(()) => {
-                tracing::info!("reported {} bad shards to the directory", faults.len());
-                self.store.acknowledge_faults(&faults)?;
-                self.report_at = None;
-            }
-            Err(e) => {
+        let faults = self.blocking(|s| s.pending_faults()).await?;
+        let mut reported = 0;
+        for (chunk, report) in fault_reports(&faults) {
+            if let Err(e) = self.client.report_shard_faults(report).await {
                 if self.report_at.is_none() {
                     tracing::warn!(
                         "cannot report {} bad shards to the directory (retrying): {e}",
-                        faults.len()
+                        faults.len() - reported
                     );
                 }
                 self.report_at = Some(Instant::now() + REPORT_RETRY);
+                return Ok(());
             }
+            reported += chunk.len();
+            let chunk = chunk.to_vec();
+            self.blocking(move |s| s.acknowledge_faults(&chunk)).await?;
         }
+        if reported > 0 {
+            tracing::info!("reported {reported} bad shards to the directory");
+        }
+        self.report_at = None;
         Ok(())
     }
 
@@ -265,12 +276,16 @@ impl Scrub {
         }
     }
 
-    fn publish(&mut self, state: &ScrubState) {
-        let unreported = self.store.pending_faults().map_or(0, |f| f.len() as u64);
+    async fn publish(&mut self, state: &ScrubState) {
+        // Off the async threads: dropping stale faults is an index commit.
+        let counts = self
+            .blocking(|s| Ok((s.pending_faults().map_or(0, |f| f.len() as u64), s.used().unwrap_or(0))))
+            .await;
+        let (unreported, total) = counts.unwrap_or((0, 0));
         let report = ScrubReport {
             pass_started_ms: state.pass_started_ms,
             checked: state.checked,
-            total: self.store.used().unwrap_or(0),
+            total,
             rate: if state.pass_started_ms.is_some() { self.rate } else { 0 },
             passes: state.passes,
             last_ended_ms: state.last_ended_ms,
@@ -282,8 +297,14 @@ impl Scrub {
         *self.shared.report.lock().expect("not poisoned") = Some(report);
     }
 
-    fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
-        self.store.save_scrub(&state)?;
+    /// Persists `state` (a durable index commit: off the async threads).
+    async fn persist(&self, state: &ScrubState) -> Result<(), StoreError> {
+        let state = state.clone();
+        self.blocking(move |s| s.save_scrub(&state)).await
+    }
+
+    async fn save(&mut self, state: ScrubState) -> Result<(), StoreError> {
+        self.persist(&state).await?;
         self.saved = Instant::now();
         self.state = Some(state);
         Ok(())
@@ -316,7 +337,7 @@ impl Scrub {
         if state.start_seen.is_none() || requested.is_none() {
             if state.start_seen.is_none() && self.shared.directive.lock().expect("not poisoned").is_some() {
                 state.start_seen = Some(requested.unwrap_or(0));
-                self.store.save_scrub(&state)?;
+                self.persist(&state).await?;
             }
         } else if requested != state.start_seen {
             tracing::info!("scrub: a pass was asked for; starting one now");
@@ -326,11 +347,11 @@ impl Scrub {
             state.cursor = None;
             state.checked = 0;
             self.resume_at = None;
-            self.store.save_scrub(&state)?;
+            self.persist(&state).await?;
         }
         self.paused = paused_until.is_some();
         if self.paused || self.resume_at.is_some_and(|t| Instant::now() < t) {
-            self.publish(&state);
+            self.publish(&state).await;
             self.state = Some(state);
             return Ok(State::Idle);
         }
@@ -341,13 +362,13 @@ impl Scrub {
                     // First scheduled one period after the store is made.
                     let n = next_start(now, self.config.every, jitter());
                     state.next_ms = Some(n);
-                    self.store.save_scrub(&state)?;
+                    self.persist(&state).await?;
                     n
                 }
             };
             if now < next {
                 self.resume_at = Some(Instant::now() + Duration::from_millis(next - now));
-                self.publish(&state);
+                self.publish(&state).await;
                 self.state = Some(state);
                 return Ok(State::Idle);
             }
@@ -356,7 +377,7 @@ impl Scrub {
             state.requested = false;
             state.cursor = None;
             state.checked = 0;
-            self.save(state)?;
+            self.save(state).await?;
             return Ok(State::Busy);
         };
         let begun = Instant::now();
@@ -380,8 +401,8 @@ impl Scrub {
             state.requested = false;
             state.cursor = None;
             state.checked = 0;
-            self.publish(&state);
-            self.save(state)?;
+            self.publish(&state).await;
+            self.save(state).await?;
             return Ok(State::Busy);
         }
         // A step checks at most STEP_BYTES (and at least one shard).
@@ -397,13 +418,20 @@ impl Scrub {
         let roots = self.roots(&page).await;
         let mut checked = 0;
         for (key, root) in page.iter().zip(roots) {
-            match self.store.verify(key, root).await? {
-                Checked::Sound(n) => checked += n,
-                Checked::Bad(n, why) => {
+            // One shard that cannot be checked must not stop the pass
+            // (it would retry this page for ever): it is skipped until
+            // the next pass. A poisoned store checks nothing: stop.
+            match self.store.verify(key, root).await {
+                Ok(Checked::Sound(n)) => checked += n,
+                Ok(Checked::Bad(n, why)) => {
                     tracing::warn!("scrub: shard {key:?} is bad: {why}");
                     checked += n;
                 }
-                Checked::Gone => {}
+                Ok(Checked::Gone) => {}
+                Err(e @ StoreError::Poisoned { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!("scrub: cannot check shard {key:?} (skipped until the next pass): {e}")
+                }
             }
         }
         state.cursor = page.last().copied();
@@ -422,9 +450,9 @@ impl Scrub {
         let calls = self.client_calls.load(Ordering::Relaxed);
         let busy = calls != std::mem::replace(&mut self.calls, calls);
         let rest = rest(checked, begun.elapsed(), rate, busy);
-        self.publish(&state);
+        self.publish(&state).await;
         if self.saved.elapsed() >= SAVE_EVERY {
-            self.save(state)?;
+            self.save(state).await?;
         } else {
             self.state = Some(state);
         }
@@ -434,6 +462,14 @@ impl Scrub {
         self.resume_at = Some(Instant::now() + rest);
         Ok(State::Idle)
     }
+}
+
+/// The reports of `faults`: at most [`MAX_FAULTS_PER_CALL`] a call, each
+/// with the faults it reports.
+fn fault_reports(faults: &[Fault]) -> impl Iterator<Item = (&[Fault], Vec<ShardFault>)> {
+    faults
+        .chunks(MAX_FAULTS_PER_CALL)
+        .map(|chunk| (chunk, chunk.iter().map(|f| ShardFault::new(f.key, &f.problem)).collect()))
 }
 
 /// A random number in [0, 1).
@@ -526,6 +562,40 @@ mod tests {
         // A pass asked for runs at the cap, or unpaced without one.
         assert_eq!(pass_rate(tib, 0, 0, 0, every, 32 << 20, true), 32 << 20);
         assert_eq!(pass_rate(tib, 0, 0, 0, every, 0, true), u64::MAX);
+    }
+
+    #[test]
+    fn a_large_fault_backlog_is_reported_in_calls_that_fit_a_message() {
+        use crate::codec::segment::{SegmentId, SegmentShardKey};
+        use crate::transport::wire::{MAX_MESSAGE, encode};
+        // Long problems, cut on a character boundary ('é' is two bytes).
+        let problem = format!("x{}", "é".repeat(1000));
+        let faults: Vec<Fault> = (0..1000u64)
+            .map(|i| {
+                let key = SegmentShardKey { volume: [7; 16], segment: SegmentId::from_raw(i), index: 3 };
+                Fault::for_test(key, &problem)
+            })
+            .collect();
+        let mut reported = Vec::new();
+        for (chunk, report) in fault_reports(&faults) {
+            assert!(report.len() <= MAX_FAULTS_PER_CALL);
+            assert_eq!(
+                chunk.iter().map(|f| f.key).collect::<Vec<_>>(),
+                report.iter().map(|f| f.shard).collect::<Vec<_>>()
+            );
+            for f in &report {
+                assert!(
+                    f.problem.len() <= crate::api::MAX_FAULT_PROBLEM && f.problem.len() >= 199,
+                    "{}",
+                    f.problem.len()
+                );
+                assert!(problem.starts_with(&f.problem));
+            }
+            let frame = encode(&DirRequest::ReportShardFaults { faults: report.clone() }).unwrap();
+            assert!(frame.len() <= MAX_MESSAGE, "{} bytes", frame.len());
+            reported.extend(report.into_iter().map(|f| f.shard));
+        }
+        assert_eq!(reported, faults.iter().map(|f| f.key).collect::<Vec<_>>());
     }
 
     #[test]

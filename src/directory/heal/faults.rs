@@ -92,6 +92,12 @@ impl<S: MetaStore> Directory<S> {
         node: &str,
         faults: Vec<ShardFault>,
     ) -> Result<DirResponse, Remote> {
+        if faults.len() > MAX_FAULTS_PER_CALL {
+            return Err(Remote::new(
+                ErrorKind::Invalid,
+                format!("at most {MAX_FAULTS_PER_CALL} shard faults per call, {} reported", faults.len()),
+            ));
+        }
         let Some(&holder) = self.peer_ids().await?.get(node) else {
             return Err(Remote::new(ErrorKind::NotFound, format!("peer {node} has no peer id")));
         };

@@ -10,11 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::api::*;
 use crate::codec::segment::SegmentShardKey;
 use crate::directory::Directory;
-use crate::directory::meta::{MetaStore, Op, Txn};
+use crate::directory::meta::{Compare, MetaStore, Op, Txn};
 use crate::directory::schema::*;
 
 /// The most shards one `SegmentRoots` call may name.
 pub const MAX_ROOTS_PER_CALL: usize = 1024;
+
+/// Tries at changing the directive while others change it.
+const TRIES: usize = 8;
 
 /// Where the directive is kept.
 const SCRUB_KEY: &[u8] = b"config/scrub";
@@ -68,28 +71,49 @@ impl<S: MetaStore> Directory<S> {
     }
 
     async fn scrub_config(&self) -> Result<ScrubConfig, Remote> {
-        Ok(self.get::<ScrubConfig>("scrub", SCRUB_KEY).await?.map(|(c, _)| c).unwrap_or_default())
+        Ok(self.scrub_config_entry().await?.0)
     }
 
-    /// `meshdisk scrub pause|resume|start`.
+    /// The directive as stored, and its revision (`None`: never set). A
+    /// value that does not decode is the default (warned about): a
+    /// damaged directive must not fail every heartbeat and status, and
+    /// the next `meshdisk scrub` command overwrites it.
+    async fn scrub_config_entry(&self) -> Result<(ScrubConfig, Option<u64>), Remote> {
+        let Some(entry) = self.meta.get(SCRUB_KEY).await? else { return Ok((ScrubConfig::default(), None)) };
+        let config = dec::<ScrubConfig>("scrub", &entry.value).unwrap_or_else(|e| {
+            tracing::warn!("{e}: taken as no directive (a `meshdisk scrub` command rewrites it)");
+            ScrubConfig::default()
+        });
+        Ok((config, Some(entry.mod_revision)))
+    }
+
+    /// `meshdisk scrub pause|resume|start`: a compare-and-set, so two
+    /// admins' commands at once both take effect (or one is told to retry).
     pub(in crate::directory) async fn scrub_command(&self, cmd: ScrubCommand) -> Result<DirResponse, Remote> {
-        let now = self.now();
-        let mut c = self.scrub_config().await?;
-        match cmd {
-            ScrubCommand::Pause { for_ms } => {
-                c.paused_until_ms = Some(for_ms.map_or(u64::MAX, |d| now.saturating_add(d)));
+        for _ in 0..TRIES {
+            let now = self.now();
+            let (mut c, revision) = self.scrub_config_entry().await?;
+            match cmd {
+                ScrubCommand::Pause { for_ms } => {
+                    c.paused_until_ms = Some(for_ms.map_or(u64::MAX, |d| now.saturating_add(d)));
+                }
+                ScrubCommand::Resume => c.paused_until_ms = None,
+                ScrubCommand::Start => {
+                    c.paused_until_ms = None;
+                    c.start_requested_ms = Some(now);
+                }
             }
-            ScrubCommand::Resume => c.paused_until_ms = None,
-            ScrubCommand::Start => {
-                c.paused_until_ms = None;
-                c.start_requested_ms = Some(now);
+            let unchanged = match revision {
+                Some(r) => Compare::ModRevision(SCRUB_KEY.to_vec(), r),
+                None => Compare::Absent(SCRUB_KEY.to_vec()),
+            };
+            let put = Op::Put { key: SCRUB_KEY.to_vec(), value: enc(&c), lease: None };
+            if self.meta.txn(Txn::new().when(unchanged).then(put)).await?.succeeded {
+                tracing::info!("scrub directive now {c:?}");
+                return Ok(DirResponse::Done);
             }
         }
-        tracing::info!("scrub directive now {c:?}");
-        self.meta
-            .txn(Txn::new().then(Op::Put { key: SCRUB_KEY.to_vec(), value: enc(&c), lease: None }))
-            .await?;
-        Ok(DirResponse::Done)
+        Err(Remote::new(ErrorKind::Conflict, "the scrub directive kept changing; try again"))
     }
 
     /// What a heartbeat answer tells the peer's scrub.

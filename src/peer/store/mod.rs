@@ -85,6 +85,12 @@ pub enum StoreError {
     Corrupt { key: SegmentShardKey, source: SegmentError },
     #[error("the index points shard {key:?} at the bytes of {found:?}")]
     Misplaced { key: SegmentShardKey, found: SegmentShardKey },
+    /// Reading a stored shard's bytes failed (a bad sector, a lost data
+    /// file): as bad as a corrupt copy, and as good a reason to read
+    /// around it. A failed read does not poison the store (it wrote
+    /// nothing); the shard is recorded as a fault instead.
+    #[error("stored shard {key:?} is unreadable: {message}")]
+    Unreadable { key: SegmentShardKey, message: String },
     #[error(
         "store at {path} is poisoned by an earlier I/O error ({first}); it serves nothing until restarted and checked"
     )]
@@ -500,17 +506,26 @@ impl ShardStore {
         Ok(self.entry(key)?.map(|e| e.loc))
     }
 
-    /// After a read of `loc` failed its check: a delete or replacement may
-    /// have moved the shard while it was being read, so only a shard still
-    /// indexed there is corrupt (`Ok(())`: ask again). A corrupt shard is
-    /// recorded as a fault, for the directory to have it rebuilt.
-    fn recheck(&self, key: &SegmentShardKey, loc: Location, failure: StoreError) -> Result<(), StoreError> {
+    /// After a read of `loc` failed its check (or failed outright): a
+    /// delete or replacement may have moved the shard while it was being
+    /// read, so only a shard still indexed there is bad (`Ok(())`: ask
+    /// again). A bad shard is recorded as a fault, for the directory to
+    /// have it rebuilt.
+    async fn recheck(
+        &self,
+        key: &SegmentShardKey,
+        loc: Location,
+        failure: StoreError,
+    ) -> Result<(), StoreError> {
         match self.locate(key)? {
             None => Err(StoreError::NotFound(*key)),
             Some(now) if now != loc => Ok(()),
             Some(_) => {
-                if matches!(failure, StoreError::Corrupt { .. } | StoreError::Misplaced { .. }) {
-                    self.record_fault(key, loc, failure.to_string());
+                if matches!(
+                    failure,
+                    StoreError::Corrupt { .. } | StoreError::Misplaced { .. } | StoreError::Unreadable { .. }
+                ) {
+                    self.note_fault(key, loc, failure.to_string()).await;
                 }
                 Err(failure)
             }
@@ -519,10 +534,23 @@ impl ShardStore {
 
     /// The bytes at a location, as stored (the caller verifies them).
     async fn read_location(&self, loc: Location, what: &str) -> Result<Vec<u8>, StoreError> {
-        let file = self.data_file(loc.data_file)?;
+        self.read_at(loc.data_file, loc.offset, loc.len as usize, what).await
+    }
+
+    /// `len` bytes at `offset` of data file `data_file`. A failure here
+    /// (the file missing, an I/O error) is the caller's to judge: it is
+    /// a fault of the shard read, not of the store.
+    async fn read_at(
+        &self,
+        data_file: u32,
+        offset: u64,
+        len: usize,
+        what: &str,
+    ) -> Result<Vec<u8>, StoreError> {
+        let file = self.data_file(data_file)?;
         self.inner
             .ring
-            .read_exact_at(&file, loc.offset, loc.len as usize)
+            .read_exact_at(&file, offset, len)
             .await
             .map_err(|e| self.io(format!("reading {what}: {e}")))
     }

@@ -7,7 +7,9 @@
 //! scrub ([`ShardStore::verify`]) or any read ([`ShardStore::get`],
 //! `get_blocks`, `get_header`) that fails its check and, on a second look,
 //! still finds the shard indexed at the bytes it read (so a shard deleted
-//! or replaced while it was read is never called bad). The record is
+//! or replaced while it was read is never called bad). A shard whose bytes
+//! cannot be read at all (a bad sector, a lost data file) is bad the same
+//! way: recorded, answered as bad, never a reason to stop. The record is
 //! durable before anyone is told, so a crash between finding and reporting
 //! loses nothing; it stays until the directory has acknowledged it
 //! ([`ShardStore::acknowledge_faults`]), or until the shard is replaced or
@@ -60,6 +62,14 @@ pub struct Fault {
     pub key: SegmentShardKey,
     pub problem: String,
     loc: Location,
+}
+
+#[cfg(test)]
+impl Fault {
+    /// A fault of a shard at some location, for tests elsewhere.
+    pub fn for_test(key: SegmentShardKey, problem: &str) -> Self {
+        Self { key, problem: problem.to_owned(), loc: Location { data_file: 1, offset: 0, len: 1 } }
+    }
 }
 
 /// What a full check of one shard found.
@@ -175,6 +185,15 @@ impl ShardStore {
         }
     }
 
+    /// Records a bad shard as [`ShardStore::record_fault`] does, off the
+    /// async threads (the record is a durable commit: an fsync).
+    pub(super) async fn note_fault(&self, key: &SegmentShardKey, loc: Location, problem: String) {
+        let (me, key) = (self.clone(), *key);
+        if let Err(e) = tokio::task::spawn_blocking(move || me.record_fault(&key, loc, problem)).await {
+            tracing::warn!("shard {key:?} is bad, and recording that failed: {e}");
+        }
+    }
+
     /// Waits until a fault is recorded.
     pub async fn fault_recorded(&self) {
         self.inner.faults.notified().await;
@@ -269,7 +288,18 @@ impl ShardStore {
         self.check()?;
         let Some(entry) = self.entry(key)? else { return Ok(Checked::Gone) };
         let loc = entry.loc;
-        let bytes = self.read_location(loc, "a segment shard").await?;
+        let bytes = match self.read_location(loc, "a segment shard").await {
+            Ok(bytes) => bytes,
+            // Unreadable (a bad sector, a lost data file) is bad too,
+            // unless the shard moved meanwhile; never a reason to stop.
+            Err(e) => {
+                let problem = match e {
+                    StoreError::Io { message, .. } => format!("unreadable: {message}"),
+                    other => format!("unreadable: {other}"),
+                };
+                return self.found_bad(key, root, loc, 0, problem).await;
+            }
+        };
         let read = bytes.len() as u64;
         let own = entry.outboard.root();
         let key2 = *key;
@@ -296,12 +326,25 @@ impl ShardStore {
         .await
         .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
         let Some(problem) = problem else { return Ok(Checked::Sound(read)) };
-        // Still indexed at the bytes read? Else it moved: check it again.
+        self.found_bad(key, root, loc, read, problem).await
+    }
+
+    /// [`ShardStore::verify`] found the copy at `loc` bad after reading
+    /// `read` bytes of it: recorded if the shard is still indexed there,
+    /// else (it moved while it was read) checked again.
+    async fn found_bad(
+        &self,
+        key: &SegmentShardKey,
+        root: Option<SegmentRoot>,
+        loc: Location,
+        read: u64,
+        problem: String,
+    ) -> Result<Checked, StoreError> {
         match self.locate(key)? {
             None => Ok(Checked::Gone),
             Some(now) if now != loc => Box::pin(self.verify(key, root)).await,
             Some(_) => {
-                self.record_fault(key, loc, problem.clone());
+                self.note_fault(key, loc, problem.clone()).await;
                 Ok(Checked::Bad(read, problem))
             }
         }

@@ -41,7 +41,13 @@ impl ShardStore {
         self.check()?;
         let entry = self.entry(key)?.ok_or(StoreError::NotFound(*key))?;
         let loc = entry.loc;
-        let bytes = self.read_location(loc, "a segment shard").await?;
+        let bytes = match self.read_location(loc, "a segment shard").await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.recheck(key, loc, unreadable(key, e)).await?;
+                return Box::pin(self.get(key)).await;
+            }
+        };
         let checked = match parse_segment_shard(&bytes) {
             Ok((header, _)) if SegmentShardKey::of(&header) != *key => {
                 Err(StoreError::Misplaced { key: *key, found: SegmentShardKey::of(&header) })
@@ -57,7 +63,7 @@ impl ShardStore {
             Err(source) => Err(StoreError::Corrupt { key: *key, source }),
         };
         if let Err(e) = checked {
-            self.recheck(key, loc, e)?;
+            self.recheck(key, loc, e).await?;
             return Box::pin(self.get(key)).await;
         }
         Ok(Bytes::from(bytes))
@@ -82,13 +88,14 @@ impl ShardStore {
             return Err(StoreError::BlockRange { first, count, blocks });
         };
         let at = entry.payload_offset().map_err(|e| self.io(e))? + u64::from(first) * BLOCK_SIZE as u64;
-        let file = self.data_file(entry.loc.data_file)?;
-        let bytes = self
-            .inner
-            .ring
-            .read_exact_at(&file, at, count as usize * BLOCK_SIZE)
-            .await
-            .map_err(|e| self.io(format!("reading segment shard blocks: {e}")))?;
+        let read = self.read_at(entry.loc.data_file, at, count as usize * BLOCK_SIZE, "segment shard blocks");
+        let bytes = match read.await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.recheck(key, entry.loc, unreadable(key, e)).await?;
+                return Box::pin(self.get_blocks(key, first, count)).await;
+            }
+        };
         let outboard = entry.outboard;
         let proved = if count <= 16 {
             prove_range(&bytes, &outboard, first..end)
@@ -101,7 +108,7 @@ impl ShardStore {
         match proved {
             Ok(proof) => Ok(Bytes::from(proof)),
             Err(source) => {
-                self.recheck(key, entry.loc, StoreError::Corrupt { key: *key, source })?;
+                self.recheck(key, entry.loc, StoreError::Corrupt { key: *key, source }).await?;
                 Box::pin(self.get_blocks(key, first, count)).await
             }
         }
@@ -116,13 +123,14 @@ impl ShardStore {
         let entry = self.entry(key)?.ok_or(StoreError::NotFound(*key))?;
         let at = entry.loc.offset;
         let len = entry.payload_offset().map_err(|e| self.io(e))? - at;
-        let file = self.data_file(entry.loc.data_file)?;
-        let bytes = self
-            .inner
-            .ring
-            .read_exact_at(&file, at, len as usize)
-            .await
-            .map_err(|e| self.io(format!("reading a segment shard header: {e}")))?;
+        let bytes = match self.read_at(entry.loc.data_file, at, len as usize, "a segment shard header").await
+        {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                self.recheck(key, entry.loc, unreadable(key, e)).await?;
+                return Box::pin(self.get_header(key)).await;
+            }
+        };
         let checked = match parse_header(&bytes) {
             Ok(header) if SegmentShardKey::of(&header) != *key => {
                 Err(StoreError::Misplaced { key: *key, found: SegmentShardKey::of(&header) })
@@ -135,9 +143,18 @@ impl ShardStore {
             Err(source) => Err(StoreError::Corrupt { key: *key, source }),
         };
         if let Err(e) = checked {
-            self.recheck(key, entry.loc, e)?;
+            self.recheck(key, entry.loc, e).await?;
             return Box::pin(self.get_header(key)).await;
         }
         Ok(Bytes::from(bytes))
     }
+}
+
+/// A failed read of shard `key`'s bytes, as the shard's fault.
+fn unreadable(key: &SegmentShardKey, e: StoreError) -> StoreError {
+    let message = match e {
+        StoreError::Io { message, .. } => message,
+        other => other.to_string(),
+    };
+    StoreError::Unreadable { key: *key, message }
 }

@@ -384,6 +384,14 @@ async fn scrub_state_and_faults_survive_a_restart() {
     rot(&store, dir.path(), &keys[0], 1);
     assert!(store.get_blocks(&keys[0], 1, 1).await.is_err());
     blocks_match(&store, &seg.shards[0], 2, 2).await;
+    // Each found again, by the scrub and by reads: still one fault each.
+    assert!(matches!(store.verify(&keys[2], Some(wrong)).await.unwrap(), Checked::Bad(..)));
+    assert!(matches!(store.verify(&keys[1], None).await.unwrap(), Checked::Bad(..)));
+    assert!(matches!(store.get(&keys[1]).await, Err(StoreError::Corrupt { .. })));
+    assert!(store.get_blocks(&keys[0], 1, 1).await.is_err());
+    assert!(matches!(store.verify(&keys[0], None).await.unwrap(), Checked::Bad(..)));
+    assert_eq!(store.scrub_state().unwrap().found, 3);
+    assert_eq!(store.pending_faults().unwrap().len(), 3);
     let state = ScrubState {
         cursor: Some(keys[1]),
         pass_started_ms: Some(1000),
@@ -421,4 +429,53 @@ async fn scrub_state_and_faults_survive_a_restart() {
     drop(store);
     let store = open(&ring, dir.path(), 1 << 20);
     assert_eq!(store.scrub_state().unwrap(), between);
+}
+
+#[tokio::test]
+async fn an_unreadable_shard_is_a_fault_not_a_stop() {
+    let ring = Uring::new(64).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // 4096-byte data files: each of these shards gets its own.
+    let store = open(&ring, dir.path(), 1 << 20);
+    let a = store.put(shard(1, 1, 0, 0xaa, 1), 1).await.unwrap();
+    let b = store.put(shard(1, 2, 0, 0xbb, 1), 1).await.unwrap();
+    let c = store.put(shard(1, 3, 0, 0xcc, 1), 1).await.unwrap();
+    let lost = store.locate(&b).unwrap().unwrap().data_file;
+    assert!(lost != store.locate(&a).unwrap().unwrap().data_file);
+    assert!(lost != store.locate(&c).unwrap().unwrap().data_file, "B's data file must not be the tail");
+    drop(store);
+    // B's data file is lost behind the store's back.
+    std::fs::remove_file(data_file_path(dir.path(), lost)).unwrap();
+
+    let store = open(&ring, dir.path(), 1 << 20);
+    match store.verify(&b, None).await.unwrap() {
+        Checked::Bad(0, why) => assert!(why.starts_with("unreadable"), "{why}"),
+        other => panic!("B: {other:?}"),
+    }
+    let pending: Vec<SegmentShardKey> = store.pending_faults().unwrap().iter().map(|f| f.key).collect();
+    assert_eq!(pending, [b]);
+    assert!(matches!(store.verify(&a, None).await.unwrap(), Checked::Sound(_)));
+    assert!(matches!(store.verify(&c, None).await.unwrap(), Checked::Sound(_)));
+    // A read of B answers that it is bad (so readers read around it) and
+    // does not poison the store.
+    store.acknowledge_faults(&store.pending_faults().unwrap()).unwrap();
+    let err = store.get(&b).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unreadable { key, .. } if key == b), "{err}");
+    assert_eq!(store.pending_faults().unwrap().iter().map(|f| f.key).collect::<Vec<_>>(), [b]);
+    store.acknowledge_faults(&store.pending_faults().unwrap()).unwrap();
+    let err = store.get_blocks(&b, 0, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
+    assert_eq!(store.pending_faults().unwrap().len(), 1);
+    store.acknowledge_faults(&store.pending_faults().unwrap()).unwrap();
+    let err = store.get_header(&b).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unreadable { .. }), "{err}");
+    assert_eq!(store.pending_faults().unwrap().len(), 1);
+    assert_eq!(store.get(&a).await.unwrap(), shard(1, 1, 0, 0xaa, 1));
+    store.put(shard(1, 4, 0, 0xdd, 1), 1).await.unwrap();
+    // Found four times, recorded anew after each acknowledgement.
+    assert_eq!(store.scrub_state().unwrap().found, 4);
+    // A rebuild replaces the lost copy: readable again, nothing to report.
+    store.put(shard(1, 2, 0, 0xbb, 1), 1).await.unwrap();
+    assert_eq!(store.get(&b).await.unwrap(), shard(1, 2, 0, 0xbb, 1));
+    assert!(store.pending_faults().unwrap().is_empty());
 }
