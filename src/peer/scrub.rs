@@ -53,6 +53,9 @@ use crate::sys::worker::{State, Status, Worker};
 /// The slowest pace of a pass, bytes per second: a small store finishes
 /// its pass in minutes and then rests until the next.
 pub const FLOOR_RATE: u64 = 256 << 10;
+/// Clients count as busy this long after their last call.
+const BUSY_FOR: Duration = Duration::from_secs(1);
+
 /// After a step while clients were busy, pause this many times as long as
 /// the step took.
 pub const TRANQUILITY: u32 = 4;
@@ -162,6 +165,8 @@ pub(super) struct Scrub {
     report_at: Option<Instant>,
     /// Client calls counted at the last step.
     calls: u64,
+    /// When clients' calls were last seen changing.
+    clients_seen: Option<Instant>,
     /// Bytes checked since `meter.0`, and the rate last measured.
     meter: (Instant, u64),
     rate: u64,
@@ -185,6 +190,7 @@ impl Scrub {
             store,
             shared,
             calls: client_calls.load(Ordering::Relaxed),
+            clients_seen: None,
             client_calls,
             config,
             state: None,
@@ -447,8 +453,14 @@ impl Scrub {
             self.config.rate,
             state.requested,
         );
+        // Busy: a client called within the last second, not only during
+        // this step (a step is a few milliseconds; clients' calls come in
+        // bursts, a destage every so often).
         let calls = self.client_calls.load(Ordering::Relaxed);
-        let busy = calls != std::mem::replace(&mut self.calls, calls);
+        if calls != std::mem::replace(&mut self.calls, calls) {
+            self.clients_seen = Some(Instant::now());
+        }
+        let busy = self.clients_seen.is_some_and(|t| t.elapsed() < BUSY_FOR);
         let rest = rest(checked, begun.elapsed(), rate, busy);
         self.publish(&state).await;
         if self.saved.elapsed() >= SAVE_EVERY {
