@@ -20,7 +20,10 @@
 //!   and rebuilt;
 //! - *lie*: the answer does not verify: the peer served bytes its own
 //!   checks should have refused. The shard is forgotten;
-//! - an unreachable peer is not an outcome: heartbeats judge liveness.
+//! - an unreachable peer is not an outcome: heartbeats judge liveness;
+//! - a failure another holder of the segment shares (one more challenge
+//!   is made on failure) is the segment's: its record's root is wrong, or
+//!   it was forged on every holder. No peer is blamed, nothing forgotten.
 //!
 //! A peer with one lie, or [`STRIKES`] failed challenges close together
 //! ([`STRIKE_WINDOW`]), is marked: it is
@@ -84,6 +87,10 @@ pub enum Outcome {
     Missing(String),
     /// The answer did not verify.
     Lie(String),
+    /// This holder failed, and another holder of the segment too: the
+    /// fault is the segment's (a wrong record, or forged everywhere), no
+    /// peer is blamed.
+    SegmentFault(String),
     /// No answer: not counted.
     Unreachable(String),
 }
@@ -141,6 +148,32 @@ struct Challenge {
     peer: PeerAddr,
     root: SegmentRoot,
     block: Option<u32>,
+    /// Another holder of the segment that is up (its index and address),
+    /// challenged when this one fails: if it fails too, the fault is the
+    /// segment's record, not the peers.
+    witness: Option<(u8, PeerAddr)>,
+}
+
+/// Another up holder of `record` than index `not`, at random.
+fn witness(
+    record: &SegmentRecord,
+    not: usize,
+    view: &super::repair::PeerView,
+    mut random: impl FnMut() -> f64,
+) -> Option<(u8, PeerAddr)> {
+    let others: Vec<(u8, PeerAddr)> = record
+        .peers
+        .iter()
+        .enumerate()
+        .filter(|&(i, id)| i != not && *id != record.peers[not])
+        .filter_map(|(i, id)| {
+            view.by_id.get(id).filter(|p| p.state.is_up()).map(|p| (i as u8, p.addr.clone()))
+        })
+        .collect();
+    if others.is_empty() {
+        return None;
+    }
+    Some(others[((random() * others.len() as f64) as usize).min(others.len() - 1)].clone())
 }
 
 impl<S: MetaStore> Directory<S> {
@@ -189,7 +222,15 @@ impl<S: MetaStore> Directory<S> {
                 continue;
             }
             let root = SegmentRoot(record.root);
-            return Ok(Some(Challenge { key, holder: p.id, peer: p.addr.clone(), root, block: None }));
+            let witness = witness(&record, usize::from(key.index), &view, || self.random());
+            return Ok(Some(Challenge {
+                key,
+                holder: p.id,
+                peer: p.addr.clone(),
+                root,
+                block: None,
+                witness,
+            }));
         }
         // A random record: from the uniform sample the last health scan
         // kept (repair scans every few seconds), read again now.
@@ -222,6 +263,7 @@ impl<S: MetaStore> Directory<S> {
             peer: view.by_id[&holder].addr.clone(),
             root: SegmentRoot(record.root),
             block: Some(block),
+            witness: witness(&record, index, &view, || self.random()),
         }))
     }
 
@@ -243,8 +285,24 @@ impl<S: MetaStore> Directory<S> {
             Outcome::Passed => (false, false, ""),
             Outcome::Missing(why) => (true, false, why.as_str()),
             Outcome::Lie(why) => (true, true, why.as_str()),
-            Outcome::Unreachable(_) => return Ok(Some(outcome)),
+            Outcome::Unreachable(_) | Outcome::SegmentFault(_) => return Ok(Some(outcome)),
         };
+        // A failure that another holder of the segment shares is the
+        // segment's (its record's root is wrong, or it was forged
+        // everywhere): no peer is blamed, no shard forgotten.
+        if failed && let Some((index, peer)) = &c.witness {
+            let key = SegmentShardKey { index: *index, ..c.key };
+            let other = auditor.challenge(peer, key, c.root, c.block.map(|_| 0)).await;
+            if matches!(other, Outcome::Missing(_) | Outcome::Lie(_)) {
+                tracing::warn!(
+                    "segment {} fails audits on {} and {} alike ({why}): its record may be wrong; no peer blamed",
+                    c.key.segment,
+                    c.peer.name,
+                    peer.name
+                );
+                return Ok(Some(Outcome::SegmentFault(why.to_owned())));
+            }
+        }
         let name = &c.peer.name;
         // A failure counts only if the record still named the peer for
         // that shard (a segment freed meanwhile is not the peer's fault).

@@ -13,6 +13,10 @@
 //! holder whose rebuild of that very index is in flight keeps it. A
 //! rebuild on the same holder replaces the bad copy in place.
 //!
+//! A slot is cleared only while at least k others stay named: below that
+//! nothing could rebuild it, and clearing would only drop the pointer to
+//! a copy that may read again (a wrong record, a disk back).
+//!
 //! A slot cleared by mistake (a false report) costs a rebuild, never
 //! data: the other shards still prove the segment, and the cleared holder
 //! is read no more.
@@ -52,6 +56,7 @@ impl<S: MetaStore> Directory<S> {
         why: &str,
     ) -> Result<bool, Remote> {
         let skey = segment_key(&key.volume, key.segment);
+        let Some(k) = self.volume_k(&key.volume).await? else { return Ok(false) };
         for _ in 0..TRIES {
             let Some(entry) = self.meta.get(&skey).await? else { return Ok(false) };
             let mut record = SegmentRecord::decode(&entry.value)
@@ -61,6 +66,20 @@ impl<S: MetaStore> Directory<S> {
                 return Ok(false);
             }
             *slot = 0;
+            // Only while repair can rebuild it from the others: a slot
+            // cleared with fewer than k left named gains nothing, and
+            // loses the pointer to a copy that may be readable again (a
+            // fault that is not the shard's: a wrong record, a disk back).
+            let named = record.peers.iter().filter(|&&p| p != 0).count();
+            if named < k {
+                tracing::warn!(
+                    "shard {} of segment {} (volume {}) on peer id {holder} is bad ({why}), but only {named} other shards are named: kept in the record, nothing could rebuild it",
+                    key.index,
+                    key.segment,
+                    hex::encode(key.volume),
+                );
+                return Ok(false);
+            }
             let value = record.encode().map_err(|e| internal(format!("segment {}: {e}", key.segment)))?;
             let txn = Txn::new().when(Compare::ModRevision(skey.clone(), entry.mod_revision)).then(Op::Put {
                 key: skey.clone(),

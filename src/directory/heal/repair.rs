@@ -273,6 +273,14 @@ impl<S: MetaStore> Directory<S> {
         Ok(view)
     }
 
+    /// The k of the volume with id `id`, if it exists.
+    pub(in crate::directory) async fn volume_k(
+        &self,
+        id: &[u8; VOLUME_ID_LEN],
+    ) -> Result<Option<usize>, Remote> {
+        Ok(self.volume_facts(id).await?.map(|v| usize::from(v.spec.k)))
+    }
+
     /// The volume with id `id`, if it exists.
     async fn volume_facts(&self, id: &[u8; VOLUME_ID_LEN]) -> Result<Option<VolumeFacts>, Remote> {
         let Some(name) = self.meta.get(&id_key(id)).await? else { return Ok(None) };

@@ -229,7 +229,10 @@ async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_re
     f.client("client-1", DirRequest::SuspectShard { shard: key, peer: "peer-2".into() }).await.unwrap();
     auditor.script.lock().unwrap().push_back(Outcome::Missing("no such shard".into()));
     assert!(matches!(f.dir.audit_once(&auditor).await.unwrap(), Some(Outcome::Missing(_))));
-    assert_eq!(auditor.asked.lock().unwrap().last().unwrap(), &("peer-2".to_owned(), key, None));
+    // (Then a witness, another holder, passed: the fault is the peer's.)
+    let asked = auditor.asked.lock().unwrap().clone();
+    assert_eq!(asked[asked.len() - 2], ("peer-2".to_owned(), key, None));
+    assert_ne!(asked[asked.len() - 1].0, "peer-2");
     assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![1, 2, 0, 4]);
     let p = &f.peer_status().await["peer-2"];
     assert_eq!((p.audits.failed, p.audits.lies), (1, 0));
@@ -293,4 +296,42 @@ async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_
     // shard it no longer holds, and what the move stored is erased.
     assert!(r.raced, "{r:?}");
     assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![1, 5, 3, 4]);
+}
+
+#[tokio::test]
+async fn a_failure_another_holder_shares_blames_no_peer_and_a_slot_is_forgotten_only_while_k_stay() {
+    let f = peers_alone(6).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
+    f.status().await;
+    // A segment forged on every holder (or a wrong root in its record):
+    // the challenged holder and the witness both fail.
+    let auditor = FakeAuditor::default();
+    auditor.script.lock().unwrap().extend([Outcome::Lie("no".into()), Outcome::Lie("no".into())]);
+    assert!(matches!(f.dir.audit_once(&auditor).await.unwrap(), Some(Outcome::SegmentFault(_))));
+    assert_eq!(auditor.asked.lock().unwrap().len(), 2, "the witness was challenged");
+    let asked = auditor.asked.lock().unwrap().clone();
+    let (a, b) = (&asked[0], &asked[1]);
+    assert!(a.0 != b.0 && a.1.index != b.1.index, "{a:?} {b:?}");
+    assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![1, 2, 3, 4]);
+    let s = f.status().await;
+    assert!(s.peers.iter().all(|p| p.audits.failed == 0 && p.drain.is_none()), "{:?}", s.peers);
+
+    // Holders report their shards bad one by one: forgotten while k = 2
+    // others stay named, then kept (nothing could rebuild it).
+    let DirResponse::Volume(v) =
+        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
+    else {
+        panic!("not a volume")
+    };
+    for (peer, index) in [(0, 0u8), (1, 1), (2, 2)] {
+        let fault = ShardFault {
+            shard: SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index },
+            problem: "hash mismatch".into(),
+        };
+        f.ask(&peer_name(peer), Role::Peer, DirRequest::ReportShardFaults { faults: vec![fault] })
+            .await
+            .unwrap();
+    }
+    assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![0, 0, 3, 4]);
+    assert_eq!(f.status().await.repair.forgotten, 2);
 }
