@@ -480,6 +480,12 @@ struct FakePeers {
     held: Arc<Mutex<HashMap<String, Vec<SegmentShardKey>>>>,
     erased: Arc<Mutex<Vec<(String, SegmentShardKey, u64)>>>,
     failing: Arc<Mutex<HashSet<String>>>,
+    /// Copies stored again (a shard put anew on that peer): its copy id
+    /// is how many times; a shard never stored again has copy 0.
+    stored_again: Arc<Mutex<HashMap<(String, SegmentShardKey), u8>>>,
+    /// Stored anew just before the next erase of it reaches the peer (a
+    /// repair's rebuild racing the collector).
+    store_before_erase: Arc<Mutex<Option<(String, SegmentShardKey)>>>,
 }
 
 #[derive(Debug)]
@@ -530,6 +536,52 @@ impl Eraser for FakePeers {
         }
         self.erased.lock().unwrap().push((peer.name.clone(), key, epoch));
         Ok(existed)
+    }
+
+    async fn copies(
+        &self,
+        peer: &PeerAddr,
+        volume: [u8; VOLUME_ID_LEN],
+        after: Option<SegmentShardKey>,
+        limit: u32,
+    ) -> Result<Vec<(SegmentShardKey, Option<CopyId>)>, Unreachable> {
+        let keys = self.shards(peer, volume, after, limit).await?;
+        Ok(keys.into_iter().map(|k| (k, Some(self.copy(&peer.name, k)))).collect())
+    }
+
+    async fn erase_copy(
+        &self,
+        peer: &PeerAddr,
+        key: SegmentShardKey,
+        epoch: u64,
+        copy: Option<CopyId>,
+    ) -> Result<bool, Unreachable> {
+        let race = self.store_before_erase.lock().unwrap().take_if(|r| *r == (peer.name.clone(), key));
+        if race.is_some() {
+            self.store_again(&peer.name, key);
+        }
+        if copy.is_some_and(|c| c != self.copy(&peer.name, key)) {
+            self.check(peer)?;
+            return Ok(false);
+        }
+        self.erase(peer, key, epoch).await
+    }
+}
+
+impl FakePeers {
+    fn copy(&self, peer: &str, key: SegmentShardKey) -> CopyId {
+        let n = self.stored_again.lock().unwrap().get(&(peer.to_owned(), key)).copied().unwrap_or(0);
+        [n; 16]
+    }
+
+    /// `peer` stores `key` anew (a rebuild onto it): a new copy.
+    fn store_again(&self, peer: &str, key: SegmentShardKey) {
+        *self.stored_again.lock().unwrap().entry((peer.to_owned(), key)).or_default() += 1;
+        let mut held = self.held.lock().unwrap();
+        let keys = held.entry(peer.to_owned()).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
     }
 }
 

@@ -788,7 +788,13 @@ impl<S: MetaStore> Directory<S> {
                         // Only the copy judged: one stored since (a repair
                         // storing this index here again) is kept.
                         match eraser.erase_copy(peer, k, epoch, copy).await {
-                            Ok(_) => {
+                            // Gone already, or stored anew since it was
+                            // listed: judged again from the next listing.
+                            Ok(false) => {
+                                orphans.first_seen.remove(&(peer.name.clone(), k));
+                                seen_now.remove(&(peer.name.clone(), k));
+                            }
+                            Ok(true) => {
                                 pass.erased += 1;
                                 orphans.first_seen.remove(&(peer.name.clone(), k));
                                 seen_now.remove(&(peer.name.clone(), k));

@@ -335,3 +335,37 @@ async fn a_failure_another_holder_shares_blames_no_peer_and_a_slot_is_forgotten_
     assert_eq!(record_of(&f, seg(1, 1)).await.peers, vec![0, 0, 3, 4]);
     assert_eq!(f.status().await.repair.forgotten, 2);
 }
+
+#[tokio::test]
+async fn the_collector_erases_only_the_copy_it_judged_and_a_copy_stored_since_starts_its_grace_anew() {
+    // Index 1 was moved off peer-1 (id 2) to peer-4 (id 5): peer-1's copy
+    // is a leftover, seen and then due.
+    let f = peers_alone(6).await;
+    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
+    let DirResponse::Volume(v) =
+        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
+    else {
+        panic!("not a volume")
+    };
+    let copy = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 };
+    let peers = FakePeers::default();
+    peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);
+    let mut orphans = collector::Orphans::default();
+    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
+    pass(&f, GRACE, &(0..6).collect::<Vec<_>>()).await;
+    // Between the listing and the erase, peer-1 stores index 1 anew (a
+    // repair's rebuild there, not yet recorded): the erase of the copy
+    // judged does not take the new one.
+    *peers.store_before_erase.lock().unwrap() = Some(("peer-1".into(), copy));
+    let r = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
+    assert_eq!(r.erased, 0, "the copy stored since is kept");
+    assert!(peers.held.lock().unwrap()["peer-1"].contains(&copy));
+    assert!(peers.store_before_erase.lock().unwrap().is_none(), "the race happened");
+    // Still an orphan if nothing records it, but its grace starts again.
+    let r = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
+    assert_eq!(r.erased, 0, "a new copy waits a grace of its own");
+    pass(&f, GRACE, &(0..6).collect::<Vec<_>>()).await;
+    let r = f.dir.reconcile(&peers, &mut orphans, None).await.unwrap();
+    assert_eq!(r.erased, 1);
+    assert!(!peers.held.lock().unwrap()["peer-1"].contains(&copy));
+}
