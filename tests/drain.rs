@@ -146,15 +146,10 @@ fn a_peer_that_drops_payloads_is_caught_by_audits_drained_and_its_shards_rebuilt
     let mut s =
         Setup::new("audit-liar", 6, &["--peer-timeout", "2s", "--lease-ttl", "4s", "--audit-every", "200ms"]);
     // The seventh peer lies.
-    let liar = s.c.peers.len();
-    let token = s.c.token("peer", "10m");
-    let mut cmd = s.c.peer_command(liar, Some(&token), "1G", &format!("disk{liar}"));
-    cmd.args(["--fault", "drop-payloads"]);
-    let mut p = Proc::spawn(&format!("peer{liar}-liar"), &mut cmd);
-    let line = p.wait_for(" listening on ", Duration::from_secs(20));
-    s.c.peers.push(p);
-    let liar_name = line.split_whitespace().nth(1).unwrap().to_owned();
-    s.names.push(liar_name.clone());
+    s.c.peer_args = vec!["--fault".into(), "drop-payloads".into()];
+    let liar = s.add_peer();
+    s.c.peer_args.clear();
+    let liar_name = s.names[liar].clone();
     s.c.wait_all_up(7);
 
     s.c.create_volume("vm", "16M", K as u8, M as u8);

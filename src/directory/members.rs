@@ -130,10 +130,7 @@ impl<S: MetaStore> Directory<S> {
                 return Ok(id);
             }
             if self.removed(name).await? {
-                return Err(Remote::new(
-                    ErrorKind::Refused,
-                    format!("peer {name} was removed from this cluster"),
-                ));
+                return Err(removed_error(name));
             }
         }
         Err(Remote::new(ErrorKind::Conflict, format!("peer {name}: peer ids kept changing; try again")))
@@ -178,14 +175,6 @@ impl<S: MetaStore> Directory<S> {
     }
 
     pub(super) async fn heartbeat(&self, node: &str, report: PeerReport) -> Result<DirResponse, Remote> {
-        if self.removed(node).await? {
-            return Err(Remote::new(
-                ErrorKind::Refused,
-                format!(
-                    "peer {node} was removed from this cluster (`meshdisk peer remove`): to lend this machine's space again, join anew with a fresh data folder and a new token"
-                ),
-            ));
-        }
         let was = self.get::<PeerRecord>("peer", &key("peers", node)).await?;
         let now = self.now();
         match &was {
@@ -196,7 +185,7 @@ impl<S: MetaStore> Directory<S> {
             _ => {}
         }
         let rec = PeerRecord { report, last_seen_ms: now };
-        // Not if it was removed since the check above.
+        // Not if it was removed (`peer remove`).
         let put = self
             .meta
             .txn(Txn::new().when(Compare::Absent(key("removed", node))).then(Op::Put {
@@ -206,10 +195,7 @@ impl<S: MetaStore> Directory<S> {
             }))
             .await?;
         if !put.succeeded {
-            return Err(Remote::new(
-                ErrorKind::Refused,
-                format!("peer {node} was removed from this cluster"),
-            ));
+            return Err(removed_error(node));
         }
         // Peers that joined before peer ids existed get theirs here.
         self.peer_id(node).await?;
@@ -345,6 +331,16 @@ impl<S: MetaStore> Directory<S> {
         tracing::info!("made a join token for a {} valid {ttl_secs} s", role.as_str());
         Ok(DirResponse::Token { token: t.reveal().to_owned(), expires_ms: now + ttl_secs * 1000 })
     }
+}
+
+/// A removed peer's calls are refused with this.
+fn removed_error(name: &str) -> Remote {
+    Remote::new(
+        ErrorKind::Refused,
+        format!(
+            "peer {name} was removed from this cluster (`meshdisk peer remove`): to lend this machine's space again, join anew with a fresh data folder and a new token"
+        ),
+    )
 }
 
 fn decode_peer_id(name: &str, value: &[u8]) -> Result<u16, Remote> {

@@ -574,26 +574,33 @@ impl<S: MetaStore> Directory<S> {
         let roomy: Vec<usize> = (0..open.len()).filter(|&i| !open[i].2).collect();
         for _ in 0..count {
             let need = shard_bytes.saturating_add(keep_free);
-            if roomy.len() < open.len() && roomy.len() >= n {
+            let preferred = if roomy.len() < open.len() && roomy.len() >= n {
                 let some: Vec<_> = roomy.iter().map(|&i| candidates[i].clone()).collect();
-                if let Ok(picked) = choose_at_least(&some, n, n, need, || self.random()) {
-                    let picked: Vec<usize> = picked.into_iter().map(|j| roomy[j]).collect();
-                    for &i in &picked {
-                        candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
-                    }
-                    placements.push(SegmentPlacement {
-                        peers: picked.iter().map(|&i| open[i].0.clone()).collect(),
-                    });
-                    continue;
+                choose_at_least(&some, n, n, need, || self.random())
+                    .ok()
+                    .map(|picked| picked.into_iter().map(|j| roomy[j]).collect::<Vec<usize>>())
+            } else {
+                None
+            };
+            let picked = match preferred {
+                Some(picked) => picked,
+                None => {
+                    // Too few peers up is an outage (it passes when they
+                    // return); enough up but too few with room is a full
+                    // cluster.
+                    let kind = if candidates.len() < quorum.min(n) {
+                        ErrorKind::Unavailable
+                    } else {
+                        ErrorKind::Full
+                    };
+                    choose_at_least(&candidates, n, quorum, need, || self.random()).map_err(|e| {
+                        Remote::new(
+                            kind,
+                            format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()),
+                        )
+                    })?
                 }
-            }
-            // Too few peers up is an outage (it passes when they return);
-            // enough up but too few with room is a full cluster.
-            let kind =
-                if candidates.len() < quorum.min(n) { ErrorKind::Unavailable } else { ErrorKind::Full };
-            let picked = choose_at_least(&candidates, n, quorum, need, || self.random()).map_err(|e| {
-                Remote::new(kind, format!("volume {volume}: {e} (not counting {} excluded)", exclude.len()))
-            })?;
+            };
             for &i in &picked {
                 candidates[i].free = candidates[i].free.saturating_sub(shard_bytes);
             }

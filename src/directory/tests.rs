@@ -73,6 +73,21 @@ fn addr_of(i: usize) -> std::net::SocketAddr {
     format!("127.0.0.1:{}", 7400 + i).parse().unwrap()
 }
 
+/// What peer `i` reports from failure domain `domain`: 1 GiB, empty, idle.
+fn report_of(i: usize, domain: &str) -> PeerReport {
+    PeerReport {
+        addr: addr_of(i),
+        failure_domain: domain.into(),
+        capacity: GIB,
+        used: 0,
+        load: 0,
+        client_ops: 0,
+        problem: None,
+        rtts: vec![],
+        scrub: None,
+    }
+}
+
 fn spec(name: &str, id: u8, k: u8, m: u8) -> VolumeSpec {
     VolumeSpec {
         name: name.into(),
@@ -133,17 +148,7 @@ impl Fixture {
     }
 
     async fn heartbeat(&self, i: usize) -> Vec<String> {
-        let report = PeerReport {
-            addr: addr_of(i),
-            failure_domain: format!("d{}", i / 2),
-            capacity: GIB,
-            used: 0,
-            load: 0,
-            client_ops: 0,
-            problem: None,
-            rtts: vec![],
-            scrub: None,
-        };
+        let report = report_of(i, &format!("d{}", i / 2));
         match self.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap() {
             DirResponse::Heartbeat { peers, peer_timeout_ms, .. } => {
                 assert_eq!(peer_timeout_ms, PEER_TIMEOUT.as_millis() as u64);
@@ -1514,6 +1519,14 @@ impl Fixture {
         let p = format!("{prefix}/{}/", hex::encode([id; VOLUME_ID_LEN])).into_bytes();
         let entries = self.meta.list(&p).await.unwrap();
         entries.iter().map(|e| super::schema::parse_segment_key(&p, &e.key).unwrap()).collect()
+    }
+
+    /// Volume `name`'s record.
+    async fn volume_record(&self, name: &str) -> VolumeRecord {
+        match self.client("client-1", DirRequest::Volume { volume: name.into() }).await.unwrap() {
+            DirResponse::Volume(v) => v,
+            other => panic!("{other:?}"),
+        }
     }
 
     async fn clone_volume(&self, spec: VolumeSpec, sealed: Vec<u8>) -> Result<VolumeRecord, Remote> {

@@ -217,7 +217,7 @@ impl<S: MetaStore> Directory<S> {
         loop {
             let Some((key, name)) = self.suspects.lock().expect("not poisoned").pop_front() else { break };
             let Some(p) = by_name(&name).filter(|p| p.state.is_up()) else { continue };
-            let Some(record) = self.record_of(&key).await? else { continue };
+            let Some(record) = self.segment_record(&key).await? else { continue };
             if record.peers.get(usize::from(key.index)) != Some(&p.id) {
                 continue;
             }
@@ -240,9 +240,8 @@ impl<S: MetaStore> Directory<S> {
             sample.get(i).copied()
         };
         let Some((volume, segment)) = picked else { return Ok(None) };
-        let Some(e) = self.meta.get(&segment_key(&volume, segment)).await? else { return Ok(None) };
-        let record =
-            SegmentRecord::decode(&e.value).map_err(|x| internal(format!("segment {segment}: {x}")))?;
+        let key = SegmentShardKey { volume, segment, index: 0 };
+        let Some(record) = self.segment_record(&key).await? else { return Ok(None) };
         let holders: Vec<(usize, u16)> = record
             .peers
             .iter()
@@ -265,13 +264,6 @@ impl<S: MetaStore> Directory<S> {
             block: Some(block),
             witness: witness(&record, index, &view, || self.random()),
         }))
-    }
-
-    async fn record_of(&self, key: &SegmentShardKey) -> Result<Option<SegmentRecord>, Remote> {
-        let Some(e) = self.meta.get(&segment_key(&key.volume, key.segment)).await? else { return Ok(None) };
-        Ok(Some(
-            SegmentRecord::decode(&e.value).map_err(|x| internal(format!("segment {}: {x}", key.segment)))?,
-        ))
     }
 
     /// Makes one challenge and acts on its outcome; what it was.

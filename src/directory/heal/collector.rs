@@ -788,16 +788,16 @@ impl<S: MetaStore> Directory<S> {
                         // Only the copy judged: one stored since (a repair
                         // storing this index here again) is kept.
                         match eraser.erase_copy(peer, k, epoch, copy).await {
-                            // Gone already, or stored anew since it was
-                            // listed: judged again from the next listing.
-                            Ok(false) => {
+                            // Not erased: gone already, or stored anew
+                            // since it was listed (judged again from the
+                            // next listing).
+                            Ok(erased) => {
                                 orphans.first_seen.remove(&(peer.name.clone(), k));
                                 seen_now.remove(&(peer.name.clone(), k));
-                            }
-                            Ok(true) => {
+                                if !erased {
+                                    continue;
+                                }
                                 pass.erased += 1;
-                                orphans.first_seen.remove(&(peer.name.clone(), k));
-                                seen_now.remove(&(peer.name.clone(), k));
                                 tracing::info!(
                                     "erased orphan shard {} of segment {} of volume {} from {} ({class:?})",
                                     k.index,
@@ -822,7 +822,10 @@ impl<S: MetaStore> Directory<S> {
     }
 
     /// The record of the segment `k` is a shard of, if it has one.
-    async fn segment_record(&self, k: &SegmentShardKey) -> Result<Option<SegmentRecord>, Remote> {
+    pub(in crate::directory) async fn segment_record(
+        &self,
+        k: &SegmentShardKey,
+    ) -> Result<Option<SegmentRecord>, Remote> {
         match self.meta.get(&segment_key(&k.volume, k.segment)).await? {
             Some(e) => Ok(Some(
                 SegmentRecord::decode(&e.value)

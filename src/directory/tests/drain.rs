@@ -75,10 +75,7 @@ async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_
 
     // The copies left on it are erased by a reconciliation of the leaving
     // peer alone, once seen for the grace (the new holders are up).
-    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
-        DirResponse::Volume(v) => v,
-        other => panic!("{other:?}"),
-    };
+    let v = f.volume_record("vol-1").await;
     let copies = vec![
         SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 },
         SegmentShardKey { volume: v.spec.id, segment: seg(1, 2), index: 0 },
@@ -97,17 +94,7 @@ async fn a_drained_peers_shards_are_copied_off_it_then_recorded_and_then_it_may_
     // Now it may go, and its heartbeats are refused from then on.
     admin(&f, DirRequest::RemovePeer { peer: "peer-1".into() }).await.unwrap();
     assert!(!f.peer_status().await.contains_key("peer-1"));
-    let report = PeerReport {
-        addr: addr_of(1),
-        failure_domain: "x1".into(),
-        capacity: GIB,
-        used: 0,
-        load: 0,
-        client_ops: 0,
-        problem: None,
-        rtts: vec![],
-        scrub: None,
-    };
+    let report = report_of(1, "x1");
     let err = f.ask("peer-1", Role::Peer, DirRequest::Heartbeat(report)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused);
     assert!(err.message.contains("was removed"), "{err}");
@@ -138,17 +125,7 @@ async fn a_peer_above_the_high_water_mark_sheds_only_its_excess_and_gets_nothing
     // full: 100% used, above 90%; the low-water mark (85%) is 3.4 shards,
     // so one shard moves.
     let shard = f.status().await.peers.iter().find(|p| p.name == "peer-0").unwrap().needed.bytes / 4;
-    let full = PeerReport {
-        addr: addr_of(0),
-        failure_domain: "x0".into(),
-        capacity: 4 * shard,
-        used: 4 * shard,
-        load: 0,
-        client_ops: 0,
-        problem: None,
-        rtts: vec![],
-        scrub: None,
-    };
+    let full = PeerReport { capacity: 4 * shard, used: 4 * shard, ..report_of(0, "x0") };
     f.ask("peer-0", Role::Peer, DirRequest::Heartbeat(full)).await.unwrap();
     let s = f.status().await;
     let p = s.peers.iter().find(|p| p.name == "peer-0").unwrap();
@@ -221,10 +198,7 @@ async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_re
 
     // A reader's suspicion is challenged first, on the whole shard; an
     // honest loss forgets the shard and counts against the peer.
-    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
-        DirResponse::Volume(v) => v,
-        other => panic!("{other:?}"),
-    };
+    let v = f.volume_record("vol-1").await;
     let key = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 2 };
     f.client("client-1", DirRequest::SuspectShard { shard: key, peer: "peer-2".into() }).await.unwrap();
     auditor.script.lock().unwrap().push_back(Outcome::Missing("no such shard".into()));
@@ -268,10 +242,7 @@ async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_
     // drained and the only peer to move it to is peer-1 (peer-5 is down).
     let f = peers_alone(6).await;
     volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
-    let v = match f.client("client-1", DirRequest::Volume { volume: "vol-1".into() }).await.unwrap() {
-        DirResponse::Volume(v) => v,
-        other => panic!("{other:?}"),
-    };
+    let v = f.volume_record("vol-1").await;
     let copy = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 };
     let peers = FakePeers::default();
     peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);
@@ -318,11 +289,7 @@ async fn a_failure_another_holder_shares_blames_no_peer_and_a_slot_is_forgotten_
 
     // Holders report their shards bad one by one: forgotten while k = 2
     // others stay named, then kept (nothing could rebuild it).
-    let DirResponse::Volume(v) =
-        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
-    else {
-        panic!("not a volume")
-    };
+    let v = f.volume_record("vol-1").await;
     for (peer, index) in [(0, 0u8), (1, 1), (2, 2)] {
         let fault = ShardFault {
             shard: SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index },
@@ -342,11 +309,7 @@ async fn the_collector_erases_only_the_copy_it_judged_and_a_copy_stored_since_st
     // is a leftover, seen and then due.
     let f = peers_alone(6).await;
     volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
-    let DirResponse::Volume(v) =
-        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
-    else {
-        panic!("not a volume")
-    };
+    let v = f.volume_record("vol-1").await;
     let copy = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 };
     let peers = FakePeers::default();
     peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);

@@ -95,17 +95,7 @@ pub(super) fn ids_of(r: &SegmentRecord) -> Vec<u16> {
 
 /// A heartbeat of peer-i from a failure domain of its own (`x<i>`).
 pub(super) async fn heartbeat_alone(f: &Fixture, i: usize) {
-    let report = PeerReport {
-        addr: addr_of(i),
-        failure_domain: format!("x{i}"),
-        capacity: GIB,
-        used: 0,
-        load: 0,
-        client_ops: 0,
-        problem: None,
-        rtts: vec![],
-        scrub: None,
-    };
+    let report = report_of(i, &format!("x{i}"));
     f.ask(&peer_name(i), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap();
 }
 
@@ -541,11 +531,7 @@ async fn attaches_report_their_clients_load_with_renewals_and_it_fades() {
 async fn a_shard_its_holder_reports_bad_is_forgotten_and_rebuilt_only_while_named() {
     let f = peers_alone(6).await;
     volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
-    let DirResponse::Volume(v) =
-        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
-    else {
-        panic!("not a volume")
-    };
+    let v = f.volume_record("vol-1").await;
     let key = |index: u8| SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index };
     let fault = |index: u8| ShardFault { shard: key(index), problem: "hash mismatch".into() };
     let report = |peer: usize, faults: Vec<ShardFault>| {
@@ -605,11 +591,7 @@ async fn scrubbing_peers_get_segment_roots_and_a_pause_that_ends_by_itself() {
         vec![(seg(1, 1), record(&[1, 2, 3, 4], 7)), (seg(1, 2), record(&[1, 2, 3, 4], 8))],
     )
     .await;
-    let DirResponse::Volume(v) =
-        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
-    else {
-        panic!("not a volume")
-    };
+    let v = f.volume_record("vol-1").await;
     let key = |segment, index| SegmentShardKey { volume: v.spec.id, segment, index };
     // Roots in order; a segment without a record has none.
     let shards = vec![key(seg(1, 1), 0), key(seg(1, 1), 1), key(seg(1, 2), 0), key(seg(1, 9), 0)];
@@ -621,17 +603,7 @@ async fn scrubbing_peers_get_segment_roots_and_a_pause_that_ends_by_itself() {
 
     // The directive every heartbeat answer carries.
     let directive = || async {
-        let report = PeerReport {
-            addr: addr_of(1),
-            failure_domain: "x1".into(),
-            capacity: GIB,
-            used: 0,
-            load: 0,
-            client_ops: 0,
-            problem: None,
-            rtts: vec![],
-            scrub: None,
-        };
+        let report = report_of(1, "x1");
         match f.ask(&peer_name(1), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap() {
             DirResponse::Heartbeat { scrub, .. } => scrub,
             other => panic!("{other:?}"),
@@ -668,11 +640,7 @@ async fn a_repeated_report_does_not_forget_the_good_copy_rebuilt_on_the_same_pee
     // index 0 there.
     let f = peers_alone(4).await;
     volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 2, 3, 4], 1))]).await;
-    let DirResponse::Volume(v) =
-        f.ask("client-1", Role::Client, DirRequest::Volume { volume: "vol-1".into() }).await.unwrap()
-    else {
-        panic!("not a volume")
-    };
+    let v = f.volume_record("vol-1").await;
     let fault = ShardFault {
         shard: SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 0 },
         problem: "hash mismatch".into(),

@@ -5,17 +5,7 @@ use super::*;
 
 /// The directive peer-0's heartbeat answer carries.
 async fn directive(f: &Fixture) -> ScrubDirective {
-    let report = PeerReport {
-        addr: addr_of(0),
-        failure_domain: "d0".into(),
-        capacity: GIB,
-        used: 0,
-        load: 0,
-        client_ops: 0,
-        problem: None,
-        rtts: vec![],
-        scrub: None,
-    };
+    let report = report_of(0, "d0");
     match f.ask(&peer_name(0), Role::Peer, DirRequest::Heartbeat(report)).await.unwrap() {
         DirResponse::Heartbeat { scrub, .. } => scrub,
         other => panic!("{other:?}"),

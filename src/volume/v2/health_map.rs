@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::map::{Extent, Target};
+use super::map::{Extent, Newest, Target, newest_runs};
 use super::volume::Inner;
 use crate::api::{MAX_SEGMENTS_PER_CALL, SegmentHealth};
 use crate::backend::{self, ErrorKind, HealthExtent, Redundancy, push_health};
@@ -71,31 +71,19 @@ pub fn redundancy(health: Option<SegmentHealth>) -> Redundancy {
 /// it). Adjacent runs with one holder are merged.
 pub fn holders(local: &[Extent], committed: &[Extent], first: u64, end: u64) -> Vec<(u64, Holder)> {
     let mut out: Vec<(u64, Holder)> = Vec::new();
-    let (mut li, mut ci) = (0, 0);
-    let mut a = first;
-    while a < end {
-        while local[li].start + local[li].len <= a {
-            li += 1;
-        }
-        while committed[ci].start + committed[ci].len <= a {
-            ci += 1;
-        }
-        let l = local[li].at(a - local[li].start);
-        let c = committed[ci].at(a - committed[ci].start);
-        let holder = match (l, c) {
-            (Some(l), c) if c.is_none_or(|c| l.sequence > c.sequence) => Holder::Local,
-            (_, Some(c)) => match c.target {
+    for (blocks, newest) in newest_runs(local, committed, first, end) {
+        let holder = match newest {
+            Newest::Local(_) => Holder::Local,
+            Newest::Committed(c) => match c.target {
                 Target::Zero => Holder::Nothing,
                 Target::Data { segment, .. } => Holder::Segment(segment),
             },
-            (_, None) => Holder::Nothing,
+            Newest::Never => Holder::Nothing,
         };
-        let run_end = (local[li].start + local[li].len).min(committed[ci].start + committed[ci].len).min(end);
         match out.last_mut() {
-            Some((n, h)) if *h == holder => *n += run_end - a,
-            _ => out.push((run_end - a, holder)),
+            Some((n, h)) if *h == holder => *n += blocks,
+            _ => out.push((blocks, holder)),
         }
-        a = run_end;
     }
     out
 }

@@ -22,7 +22,7 @@ use super::cache::NeedPage;
 use super::layout;
 use super::local::LocalBlock;
 use super::log::{LogError, NewRecord};
-use super::map::{Extent, Mapping, Target};
+use super::map::{Extent, Mapping, Newest, Target, newest_runs};
 use super::remote::{Located, SegmentIoError};
 use super::volume::Inner;
 use crate::backend::{self, ErrorKind, ReadData, ReadPiece};
@@ -633,28 +633,14 @@ impl Inner {
         let end = (offset + u64::from(length)).div_ceil(BLOCK);
         let local = self.local.lock().expect("local").lookup(first, end - first);
         let committed = self.committed_extents(first, end - first).await?;
+        let local: Vec<Extent> = local.into_iter().map(|(e, _)| e).collect();
         let mut out = Vec::new();
-        let mut a = first;
-        let (mut li, mut ci) = (0, 0);
-        while a < end {
-            while local[li].0.start + local[li].0.len <= a {
-                li += 1;
-            }
-            while committed[ci].start + committed[ci].len <= a {
-                ci += 1;
-            }
-            let l = local[li].0.at(a - local[li].0.start);
-            let c = committed[ci].at(a - committed[ci].start);
-            let zero = match (l, c) {
-                (Some(l), c) if c.is_none_or(|c| l.sequence >= c.sequence) => l.target == Target::Zero,
-                (_, Some(c)) => c.target == Target::Zero,
-                (_, None) => true,
+        for (blocks, newest) in newest_runs(&local, &committed, first, end) {
+            let zero = match newest {
+                Newest::Local(m) | Newest::Committed(m) => m.target == Target::Zero,
+                Newest::Never => true,
             };
-            let run_end =
-                (local[li].0.start + local[li].0.len).min(committed[ci].start + committed[ci].len).min(end);
-            let bytes = (run_end - a) * BLOCK;
-            backend::push_extent(&mut out, bytes, zero);
-            a = run_end;
+            backend::push_extent(&mut out, blocks * BLOCK, zero);
         }
         // Trim the first and last extents to the byte range asked for.
         let head = offset - first * BLOCK;

@@ -268,6 +268,47 @@ impl Extent {
     }
 }
 
+/// Where the newest version of a block is, by [`newest_runs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Newest {
+    /// The local log's (newer than the committed map's, or not in it).
+    Local(Mapping),
+    /// The committed map's.
+    Committed(Mapping),
+    /// Never written.
+    Never,
+}
+
+/// Blocks `first..end` in runs of (blocks, where the newest version of
+/// each is), from the local index's extents and the committed map's, each
+/// covering exactly that range. The local version wins when it is newer;
+/// at one sequence the commit carried it, and the committed one is named.
+/// Neighbouring runs are not merged.
+pub fn newest_runs(local: &[Extent], committed: &[Extent], first: u64, end: u64) -> Vec<(u64, Newest)> {
+    let mut out = Vec::new();
+    let (mut li, mut ci) = (0, 0);
+    let mut a = first;
+    while a < end {
+        while local[li].start + local[li].len <= a {
+            li += 1;
+        }
+        while committed[ci].start + committed[ci].len <= a {
+            ci += 1;
+        }
+        let l = local[li].at(a - local[li].start);
+        let c = committed[ci].at(a - committed[ci].start);
+        let newest = match (l, c) {
+            (Some(l), c) if c.is_none_or(|c| l.sequence > c.sequence) => Newest::Local(l),
+            (_, Some(c)) => Newest::Committed(c),
+            (_, None) => Newest::Never,
+        };
+        let run_end = (local[li].start + local[li].len).min(committed[ci].start + committed[ci].len).min(end);
+        out.push((run_end - a, newest));
+        a = run_end;
+    }
+    out
+}
+
 /// The runs of one 2^16-block range of addresses.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapPage {
