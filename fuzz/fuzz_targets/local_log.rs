@@ -11,7 +11,8 @@ use libfuzzer_sys::fuzz_target;
 use meshdisk::codec::key::VolumeKey;
 use meshdisk::codec::sequence::{SegmentId, Sequence};
 use meshdisk::volume::v2::log::{
-    Base, FILE_HEADER_LEN, LogKey, LogPos, NewRecord, decode_record, encode_file_header, encode_record, scan_file,
+    Base, FILE_HEADER_LEN, LogKey, LogPos, NewRecord, VERSION, VERSION_1, decode_record, encode_file_header,
+    encode_record, scan_file,
 };
 
 const VOL: [u8; 16] = [1; 16];
@@ -36,11 +37,13 @@ fuzz_target!(|data: &[u8]| {
     let key = key();
     // Any bytes, as a log file and as a record.
     let _ = scan_file(data, key, &VOL, 1);
-    let _ = decode_record(data, key, &VOL, LogPos { file: 1, offset: FILE_HEADER_LEN as u32 });
+    for version in [VERSION, VERSION_1] {
+        let _ = decode_record(data, key, &VOL, LogPos { file: 1, offset: FILE_HEADER_LEN as u32 }, version);
+    }
 
     // Records described by the input, in a file: they scan back.
     let Some((&flip, rest)) = data.split_first() else { return };
-    let mut file = encode_file_header(key, &VOL, 1).to_vec();
+    let mut file = encode_file_header(key, &VOL, 1, VERSION).to_vec();
     let mut want = Vec::new();
     let mut ends = Vec::new();
     let block = vec![rest.first().copied().unwrap_or(0); 4096 * 2];

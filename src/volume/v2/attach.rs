@@ -272,6 +272,7 @@ impl Volume {
                 io: SegmentIo::new(client.clone(), config.timing.clone()),
                 locks: (0..LOCK_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
                 readahead: Mutex::new(ReadAhead::new(blocks, READ_AHEAD_MIN, READ_AHEAD_MAX)),
+                ahead: super::ahead::FetchedAhead::new(super::ahead::AHEAD_MAX_BYTES),
                 prefetches: Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_FETCHES)),
                 prefetching: Mutex::new(Vec::new()),
                 commit_turn: tokio::sync::Mutex::new(()),

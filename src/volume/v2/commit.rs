@@ -151,8 +151,18 @@ impl Encoder {
     ) -> Result<Sealed, String> {
         let (geometry, area, summary) =
             p.finish(id, self.m, metadata, root_copy, &self.cipher).map_err(|e| e.to_string())?;
-        let encoded =
-            SegmentCodec::new(geometry).encode(&self.volume_id, id, &area).map_err(|e| e.to_string())?;
+        // The erasure code's tables and buffers are costly to make: each
+        // blocking thread keeps the last geometry's (full segments share one).
+        thread_local! {
+            static CODEC: std::cell::RefCell<Option<SegmentCodec>> = const { std::cell::RefCell::new(None) };
+        }
+        let encoded = CODEC.with_borrow_mut(|codec| {
+            if codec.as_ref().is_none_or(|c| c.geometry() != geometry) {
+                *codec = Some(SegmentCodec::new(geometry));
+            }
+            codec.as_mut().expect("made above").encode(&self.volume_id, id, &area)
+        });
+        let encoded = encoded.map_err(|e| e.to_string())?;
         Ok(Sealed { id, geometry, encoded, summary })
     }
 
@@ -508,7 +518,7 @@ impl Inner {
                 (self.io.clone(), spares.clone(), self.k, self.epoch.load(Ordering::Relaxed), s.id);
             let root = s.encoded.root;
             let encoded = std::mem::replace(&mut s.encoded, EncodedSegment { root, shards: Vec::new() });
-            puts.spawn(async move { (i, io.put(id, k, &encoded, &peers, spares, epoch).await) });
+            puts.spawn(async move { (i, io.put(id, k, encoded, &peers, spares, epoch).await) });
         }
         let mut records: Vec<Vec<u16>> = vec![Vec::new(); sealed.len()];
         while let Some(j) = puts.join_next().await {

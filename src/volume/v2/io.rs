@@ -39,6 +39,21 @@ pub(super) const READ_AHEAD_MAX: u64 = 1024;
 pub(super) const READ_AHEAD_FETCHES: usize = 4;
 /// One fetch ahead, in blocks (1 MiB: a data shard's worth by default).
 const FETCH_BLOCKS: u64 = 256;
+/// Reads of at least this many blocks (128 KiB) are streamed: what they
+/// fetch is not put in the block cache (bcache's "sequential cutoff"), so
+/// a scan does not push out the blocks read again.
+const STREAM_BLOCKS: u64 = 32;
+
+/// Where [`Inner::read_remote`] keeps what it fetched, besides the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    /// The block cache: a small read, likely read again.
+    Cache,
+    /// Memory, until the read it was fetched ahead of takes it.
+    Ahead,
+    /// Nowhere: a streamed read.
+    Nothing,
+}
 
 fn failed(kind: ErrorKind, op: &'static str, offset: u64, length: u64, why: impl ToString) -> backend::Error {
     backend::Error::failed(kind, op, offset, length, why.to_string())
@@ -83,16 +98,15 @@ impl Inner {
                 let seq = first.checked_add(i as u64).expect("the run was allocated");
                 self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
             }
-            let appended =
-                self.log.append(&[NewRecord::Write { address: a, sequence: first, ciphertext: &ct }]).await;
-            let pos = match appended {
-                Ok(p) => p[0],
+            let bytes = ct.len() as u64;
+            let pos = match self.log.append_write(a, first, ct).await {
+                Ok(p) => p,
                 Err(LogError::Full { .. }) if tokio::time::Instant::now() < deadline => {
                     // Others filled it since the check: give the sequences
                     // up (the commit watermark may pass them), make room,
                     // try again.
                     self.local.lock().expect("local").abandon(first);
-                    self.make_room(op, offset, length, ct.len() as u64, deadline).await?;
+                    self.make_room(op, offset, length, bytes, deadline).await?;
                     continue;
                 }
                 Err(e) => {
@@ -480,6 +494,7 @@ impl Inner {
         let mut remote: HashMap<SegmentId, Vec<(usize, u32)>> = HashMap::new();
         for (i, (src, seq)) in plan.iter().enumerate() {
             if let Source::Segment { segment, slot } = *src
+                && !self.ahead.contains(first + i as u64, *seq)
                 && !self.cache.contains(first + i as u64, *seq)
             {
                 remote.entry(segment).or_default().push((i, slot));
@@ -489,7 +504,7 @@ impl Inner {
             let Some(root) = self.map.lock().expect("map").root_of(segment) else {
                 continue;
             };
-            self.read_remote(segment, root, &wanted, first, &plan, None).await?;
+            self.read_remote(segment, root, &wanted, first, &plan, None, Keep::Ahead).await?;
         }
         Ok(())
     }
@@ -530,7 +545,7 @@ impl Inner {
                     }
                     Err(e) => return Err(log_failed("read", offset, length, e)),
                 },
-                Source::Segment { segment, slot } => match self.cache.get(a, *seq).await {
+                Source::Segment { segment, slot } => match self.fetched(a, *seq).await {
                     Some(ct) => {
                         buf.copy_from_slice(&ct);
                         self.lineage.by_sequence(*seq).decrypt_in_place(a, seq.raw(), buf);
@@ -553,7 +568,9 @@ impl Inner {
         }
         for ((segment, wanted), root) in remote.into_iter().zip(roots) {
             let root = root.expect("checked above");
-            if let Err(e) = self.read_remote(segment, root, &wanted, first, &plan, Some(&mut out)).await {
+            let keep = if n >= STREAM_BLOCKS { Keep::Nothing } else { Keep::Cache };
+            if let Err(e) = self.read_remote(segment, root, &wanted, first, &plan, Some(&mut out), keep).await
+            {
                 // Compaction may have moved the blocks and the segment
                 // gone since the lookup: read again from where they are.
                 if again < 4 && self.plan(first, n).await? != plan {
@@ -565,10 +582,20 @@ impl Inner {
         Ok(Bytes::from(out))
     }
 
+    /// The ciphertext of block `address` at `sequence` if this machine
+    /// has it: fetched ahead, or in the block cache.
+    async fn fetched(&self, address: u64, sequence: Sequence) -> Option<Bytes> {
+        match self.ahead.take(address, sequence) {
+            Some(ct) => Some(ct),
+            None => self.cache.get(address, sequence).await.map(Bytes::from),
+        }
+    }
+
     /// Reads `wanted` (index in the read, slot) of one segment from the
     /// peers in runs of consecutive slots, decrypts them into `out` (if
-    /// given: a fetch ahead only fills the cache) and keeps their
-    /// ciphertext in the block cache.
+    /// given: a fetch ahead only keeps them) and keeps their ciphertext
+    /// where `keep` says.
+    #[allow(clippy::too_many_arguments)]
     async fn read_remote(
         &self,
         segment: SegmentId,
@@ -577,6 +604,7 @@ impl Inner {
         first: u64,
         plan: &[(Source, Sequence)],
         mut out: Option<&mut [u8]>,
+        keep: Keep,
     ) -> backend::Result<()> {
         let (offset, length) = (first * BLOCK, plan.len() as u64 * BLOCK);
         let mut i = 0;
@@ -587,10 +615,11 @@ impl Inner {
                 j += 1;
             }
             let (start, end) = (wanted[i].1, wanted[j - 1].1 + 1);
-            let ct = self
-                .read_slots(segment, root, start, end)
-                .await
-                .map_err(|e| failed(e.kind(), "read", offset, length, e))?;
+            let ct = Bytes::from(
+                self.read_slots(segment, root, start, end)
+                    .await
+                    .map_err(|e| failed(e.kind(), "read", offset, length, e))?,
+            );
             for (n, &(idx, _)) in wanted[i..j].iter().enumerate() {
                 let block = &ct[n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE];
                 let a = first + idx as u64;
@@ -600,8 +629,16 @@ impl Inner {
                     buf.copy_from_slice(block);
                     self.lineage.by_sequence(seq).decrypt_in_place(a, seq.raw(), buf);
                 }
-                if let Err(e) = self.cache.put(a, seq, Bytes::copy_from_slice(block)).await {
-                    tracing::debug!("block cache: {e}");
+                match keep {
+                    Keep::Cache => {
+                        if let Err(e) =
+                            self.cache.put(a, seq, ct.slice(n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE)).await
+                        {
+                            tracing::debug!("block cache: {e}");
+                        }
+                    }
+                    Keep::Ahead => self.ahead.hold(a, seq, ct.slice(n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE)),
+                    Keep::Nothing => {}
                 }
             }
             i = j;

@@ -183,7 +183,9 @@ impl Packer {
         Self {
             k,
             max_data_blocks: k as u64 * u64::from(max_blocks_per_shard),
-            area: Vec::new(),
+            // The whole data area at once: growing it block by block would
+            // copy what is packed again and again.
+            area: Vec::with_capacity(k * max_blocks_per_shard as usize * BLOCK),
             entries: Vec::new(),
             slots: 0,
         }

@@ -59,7 +59,7 @@
 //! files or cut the log short (rollback); the root's freshness, not the log,
 //! guards against an old state.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::Read;
@@ -84,8 +84,13 @@ pub const FILE_MAGIC: [u8; 4] = *b"MDLG";
 pub const RECORD_MAGIC: [u8; 4] = *b"MDLR";
 /// The first bytes of the `meta` file.
 pub const META_MAGIC: [u8; 8] = *b"MDLGMETA";
-/// The log format version this code writes and reads.
-pub const VERSION: u16 = 1;
+/// The log format version this code writes. It reads [`VERSION_1`] files
+/// too (their block tags hash the block last), so an attach folder left by
+/// the previous version replays; new files are always this version.
+pub const VERSION: u16 = 2;
+/// The first format: block tags hash the record's position and header
+/// first, then the block (a misaligned blake3 input: about half as fast).
+pub const VERSION_1: u16 = 1;
 /// Bytes of a log file's header.
 pub const FILE_HEADER_LEN: usize = 64;
 /// Bytes of a record's header (fields and header tag).
@@ -350,6 +355,9 @@ fn header_tag(key: &LogKey, volume: &[u8; VOLUME_ID_LEN], pos: LogPos, head: &[u
     *h.finalize().as_bytes()
 }
 
+/// A block's tag. Version 2 hashes the block first, so blake3 sees it
+/// chunk-aligned and hashes its chunks in parallel; version 1 hashed it
+/// last, after 92 bytes of label, position and header.
 fn block_tag(
     key: &LogKey,
     volume: &[u8; VOLUME_ID_LEN],
@@ -357,12 +365,23 @@ fn block_tag(
     head: &[u8],
     index: u32,
     block: &[u8],
+    version: u16,
 ) -> [u8; 32] {
-    let mut h = key.hasher(b"blck", volume);
+    if version == VERSION_1 {
+        let mut h = key.hasher(b"blck", volume);
+        h.update(&pos_bytes(pos));
+        h.update(head);
+        h.update(&index.to_le_bytes());
+        h.update(block);
+        return *h.finalize().as_bytes();
+    }
+    let mut h = blake3::Hasher::new_keyed(&key.0);
+    h.update(block);
+    h.update(b"blck");
+    h.update(volume);
     h.update(&pos_bytes(pos));
     h.update(head);
     h.update(&index.to_le_bytes());
-    h.update(block);
     *h.finalize().as_bytes()
 }
 
@@ -380,13 +399,26 @@ pub fn encode_record(
     record: &NewRecord<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RecordHead, LogError> {
+    encode_record_as(key, volume, pos, mark, record, out, VERSION)
+}
+
+/// [`encode_record`] in format `version` (tests write older formats).
+pub fn encode_record_as(
+    key: &LogKey,
+    volume: &[u8; VOLUME_ID_LEN],
+    pos: LogPos,
+    mark: LogPos,
+    record: &NewRecord<'_>,
+    out: &mut Vec<u8>,
+    version: u16,
+) -> Result<RecordHead, LogError> {
     let head = record.head()?;
     let bytes = head_bytes(&head, mark);
     out.extend_from_slice(&bytes);
     out.extend_from_slice(&header_tag(key, volume, pos, &bytes));
     if let NewRecord::Write { ciphertext, .. } = record {
         for (i, block) in ciphertext.chunks_exact(BLOCK_SIZE).enumerate() {
-            out.extend_from_slice(&block_tag(key, volume, pos, &bytes, i as u32, block));
+            out.extend_from_slice(&block_tag(key, volume, pos, &bytes, i as u32, block, version));
             out.extend_from_slice(block);
         }
     }
@@ -459,13 +491,14 @@ fn decode_head(
 }
 
 /// Parses and checks the whole record at the start of `bytes`, written at
-/// `pos`: its head, its durable mark and its length. Every block tag is
-/// checked. Never panics, whatever the input.
+/// `pos` in a file of format `version`: its head, its durable mark and its
+/// length. Every block tag is checked. Never panics, whatever the input.
 pub fn decode_record(
     bytes: &[u8],
     key: &LogKey,
     volume: &[u8; VOLUME_ID_LEN],
     pos: LogPos,
+    version: u16,
 ) -> Result<(RecordHead, LogPos, usize), RecordFault> {
     let (head, mark, len) = decode_head(bytes, key, volume, pos)?;
     if bytes.len() < len {
@@ -473,7 +506,7 @@ pub fn decode_record(
     }
     let blocks = bytes[RECORD_HEADER_LEN..len].chunks_exact(BLOCK_ENTRY_LEN);
     for (i, entry) in blocks.enumerate() {
-        let tag = block_tag(key, volume, pos, &bytes[..HEAD_LEN], i as u32, &entry[32..]);
+        let tag = block_tag(key, volume, pos, &bytes[..HEAD_LEN], i as u32, &entry[32..], version);
         if !tags_equal(&entry[..32], tag) {
             return Err(RecordFault::Unreadable("a block fails its tag"));
         }
@@ -482,10 +515,15 @@ pub fn decode_record(
 }
 
 /// A log file's header.
-pub fn encode_file_header(key: &LogKey, volume: &[u8; VOLUME_ID_LEN], file: u32) -> [u8; FILE_HEADER_LEN] {
+pub fn encode_file_header(
+    key: &LogKey,
+    volume: &[u8; VOLUME_ID_LEN],
+    file: u32,
+    version: u16,
+) -> [u8; FILE_HEADER_LEN] {
     let mut b = [0u8; FILE_HEADER_LEN];
     b[..4].copy_from_slice(&FILE_MAGIC);
-    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[4..6].copy_from_slice(&version.to_le_bytes());
     b[8..24].copy_from_slice(volume);
     b[24..28].copy_from_slice(&file.to_le_bytes());
     let mut h = key.hasher(b"file", volume);
@@ -505,6 +543,9 @@ pub struct FileScan {
     pub bad: Option<(u32, &'static str)>,
     /// Valid records found after the bad spot (searched by magic).
     pub after_bad: Vec<(LogPos, RecordHead, LogPos)>,
+    /// The file's format version (from its header; [`VERSION`] when the
+    /// header is bad).
+    pub version: u16,
 }
 
 /// Reads log file number `file` from its bytes. An authentic record with an
@@ -521,14 +562,18 @@ pub fn scan_file(
         return Err((0, "log file larger than 4 GiB"));
     }
     let header = bytes.get(..FILE_HEADER_LEN);
-    if header != Some(&encode_file_header(key, volume, file)[..]) {
+    scan.version = VERSION;
+    if header == Some(&encode_file_header(key, volume, file, VERSION_1)[..]) {
+        scan.version = VERSION_1;
+    } else if header != Some(&encode_file_header(key, volume, file, VERSION)[..]) {
         scan.bad = Some((0, "bad log file header"));
         return Ok(scan);
     }
+    let version = scan.version;
     let mut at = FILE_HEADER_LEN;
     let record_at = |at: usize| {
         let pos = LogPos { file, offset: at as u32 };
-        decode_record(&bytes[at..], key, volume, pos).map(|(h, m, len)| (pos, h, m, len))
+        decode_record(&bytes[at..], key, volume, pos, version).map(|(h, m, len)| (pos, h, m, len))
     };
     while at < bytes.len() {
         match record_at(at) {
@@ -656,6 +701,8 @@ pub struct TornTail {
 
 struct LogFile {
     file: Arc<RegisteredFile>,
+    /// Its format version: appends go only to a [`VERSION`] file.
+    version: u16,
     /// Bytes reserved in it.
     end: u32,
     /// The highest sequence of its Write and Zero records.
@@ -708,7 +755,66 @@ struct Inner {
     progress: watch::Sender<u64>,
     sync_turn: tokio::sync::Mutex<()>,
     first_error: Mutex<Option<String>>,
+    recent: Mutex<Recent>,
     _lock: FolderLock,
+}
+
+/// At most this many bytes of recent Write records' ciphertext stay in
+/// memory ([`Recent`]); less when the log itself is small (an eighth).
+pub const RECENT_MAX_BYTES: usize = 128 << 20;
+
+/// The ciphertext of the newest Write records appended by this process,
+/// kept in memory: a commit packs them (and a read of a block not yet
+/// committed copies it) from here, without reading the file back or
+/// checking tags (these bytes never left the process). Oldest first out
+/// past the budget, and gone with their file at release; a record not here
+/// is read from its file, checked, as before.
+#[derive(Default)]
+struct Recent {
+    records: HashMap<LogPos, (RecordHead, Bytes)>,
+    order: VecDeque<LogPos>,
+    bytes: usize,
+    max: usize,
+}
+
+impl Recent {
+    fn keep(&mut self, pos: LogPos, head: RecordHead, data: Bytes) {
+        if data.len() > self.max {
+            return;
+        }
+        self.bytes += data.len();
+        if let Some((_, old)) = self.records.insert(pos, (head, data)) {
+            self.bytes -= old.len();
+        } else {
+            self.order.push_back(pos);
+        }
+        while self.bytes > self.max {
+            let Some(p) = self.order.pop_front() else { break };
+            if let Some((_, d)) = self.records.remove(&p) {
+                self.bytes -= d.len();
+            }
+        }
+    }
+
+    fn get(&self, pos: LogPos) -> Option<(RecordHead, Bytes)> {
+        self.records.get(&pos).cloned()
+    }
+
+    /// Drops what lived in the released files.
+    fn release(&mut self, files: &[u32]) {
+        let records = &mut self.records;
+        let mut freed = 0;
+        self.order.retain(|p| {
+            if !files.contains(&p.file) {
+                return true;
+            }
+            if let Some((_, d)) = records.remove(p) {
+                freed += d.len();
+            }
+            false
+        });
+        self.bytes -= freed;
+    }
 }
 
 impl fmt::Debug for LocalLog {
@@ -760,6 +866,7 @@ impl LocalLog {
         let mut opened = BTreeMap::new();
         let mut good: Vec<(LogPos, RecordHead)> = Vec::new();
         let mut ends = BTreeMap::new();
+        let mut versions = BTreeMap::new();
         let mut first_bad: Option<(LogPos, &'static str)> = None;
         let mut later: Vec<(LogPos, RecordHead, LogPos)> = Vec::new();
         for &n in &numbers {
@@ -774,6 +881,7 @@ impl LocalLog {
                 why: format!("an authentic record that makes no sense ({why})"),
             })?;
             ends.insert(n, (scan.end, len as u64));
+            versions.insert(n, scan.version);
             if first_bad.is_none() {
                 good.extend(scan.records.iter().map(|&(p, h, _)| (p, h)));
                 first_bad = scan.bad.map(|(offset, why)| (LogPos { file: n, offset }, why));
@@ -835,6 +943,7 @@ impl LocalLog {
                     n,
                     LogFile {
                         file: Arc::new(file),
+                        version: versions[&n],
                         end,
                         data_sequence: Sequence::ZERO,
                         in_flight: 0,
@@ -872,9 +981,11 @@ impl LocalLog {
             }
         }
         let mut created = false;
-        let current = match files.keys().next_back() {
-            Some(&n) => n,
-            None => {
+        // Appends go to the last file, unless it is of an older format:
+        // then to a new one.
+        let current = match files.iter().next_back() {
+            Some((&n, f)) if f.version == VERSION => n,
+            _ => {
                 let n = numbers.last().map_or(1, |n| n.saturating_add(1));
                 let path = file_path(&log_dir, n);
                 let file = create_file(ring, &log_dir, &key, volume, n)?;
@@ -883,6 +994,7 @@ impl LocalLog {
                     n,
                     LogFile {
                         file: Arc::new(file),
+                        version: VERSION,
                         end: FILE_HEADER_LEN as u32,
                         data_sequence: Sequence::ZERO,
                         in_flight: 0,
@@ -910,6 +1022,7 @@ impl LocalLog {
             used,
         };
         tail.durable = tail.end();
+        let recent_max = usize::try_from(config.max_bytes / 8).unwrap_or(usize::MAX).min(RECENT_MAX_BYTES);
         let log = LocalLog {
             inner: Arc::new(Inner {
                 log_dir,
@@ -921,6 +1034,7 @@ impl LocalLog {
                 progress: watch::Sender::new(0),
                 sync_turn: tokio::sync::Mutex::new(()),
                 first_error: Mutex::new(None),
+                recent: Mutex::new(Recent { max: recent_max, ..Recent::default() }),
                 _lock: lock,
             }),
         };
@@ -1022,6 +1136,23 @@ impl LocalLog {
         Ok(positions)
     }
 
+    /// Appends one Write record of `ciphertext` (whole blocks from
+    /// `address`, block i with sequence `sequence + i`) and keeps the
+    /// ciphertext in memory for the commit that carries it ([`Recent`]).
+    /// Not durable until [`LocalLog::sync`].
+    pub async fn append_write(
+        &self,
+        address: u64,
+        sequence: Sequence,
+        ciphertext: Vec<u8>,
+    ) -> Result<LogPos, LogError> {
+        let record = NewRecord::Write { address, sequence, ciphertext: &ciphertext };
+        let head = record.head()?;
+        let pos = self.append(&[record]).await?[0];
+        self.inner.recent.lock().expect("not poisoned").keep(pos, head, Bytes::from(ciphertext));
+        Ok(pos)
+    }
+
     /// Starts the next file (header written, not synced: the next sync
     /// syncs it and the folder).
     fn roll_over(&self, tail: &mut Tail) -> Result<(), LogError> {
@@ -1035,6 +1166,7 @@ impl LocalLog {
             n,
             LogFile {
                 file: Arc::new(file),
+                version: VERSION,
                 end: FILE_HEADER_LEN as u32,
                 data_sequence: Sequence::ZERO,
                 in_flight: 0,
@@ -1139,6 +1271,9 @@ impl LocalLog {
             }
             gone
         };
+        if !gone.is_empty() {
+            self.inner.recent.lock().expect("not poisoned").release(&gone);
+        }
         for &n in &gone {
             let path = file_path(&self.inner.log_dir, n);
             std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
@@ -1168,6 +1303,7 @@ impl LocalLog {
             tail.newest_committed = None;
             gone
         };
+        self.inner.recent.lock().expect("not poisoned").release(&gone);
         for &n in &gone {
             let path = file_path(&self.inner.log_dir, n);
             std::fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
@@ -1177,8 +1313,9 @@ impl LocalLog {
         self.sync().await
     }
 
-    fn file(&self, pos: LogPos) -> Result<Arc<RegisteredFile>, LogError> {
-        self.tail().files.get(&pos.file).map(|f| f.file.clone()).ok_or(LogError::Released(pos))
+    /// The file of `pos` and its format version.
+    fn file(&self, pos: LogPos) -> Result<(Arc<RegisteredFile>, u16), LogError> {
+        self.tail().files.get(&pos.file).map(|f| (f.file.clone(), f.version)).ok_or(LogError::Released(pos))
     }
 
     fn corrupt(&self, pos: LogPos, why: impl Into<String>) -> LogError {
@@ -1195,7 +1332,17 @@ impl LocalLog {
         if out.len() != BLOCK_SIZE {
             return Err(LogError::BadRecord("a block read needs a 4096-byte buffer"));
         }
-        let file = self.file(pos)?;
+        let recent = self.inner.recent.lock().expect("not poisoned").get(pos);
+        if let Some((RecordHead::Write { address, blocks, sequence }, data)) = recent {
+            if block >= blocks {
+                return Err(LogError::BadRecord("a block read past the end of its record"));
+            }
+            let at = block as usize * BLOCK_SIZE;
+            out.copy_from_slice(&data[at..at + BLOCK_SIZE]);
+            let sequence = sequence.checked_add(u64::from(block)).expect("validated");
+            return Ok((address + u64::from(block), sequence));
+        }
+        let (file, version) = self.file(pos)?;
         let ring = &self.inner.ring;
         let at = u64::from(pos.offset);
         let entry_at = at + (RECORD_HEADER_LEN + block as usize * BLOCK_ENTRY_LEN) as u64;
@@ -1225,8 +1372,15 @@ impl LocalLog {
         if block >= blocks {
             return Err(LogError::BadRecord("a block read past the end of its record"));
         }
-        let tag =
-            block_tag(&self.inner.key, &self.inner.volume, pos, &header[..HEAD_LEN], block, &entry[32..]);
+        let tag = block_tag(
+            &self.inner.key,
+            &self.inner.volume,
+            pos,
+            &header[..HEAD_LEN],
+            block,
+            &entry[32..],
+            version,
+        );
         if !tags_equal(&entry[..32], tag) {
             return Err(self.corrupt(pos, format!("block {block} fails its tag")));
         }
@@ -1237,8 +1391,11 @@ impl LocalLog {
 
     /// Reads the whole record at `pos`, checked: its head and, for a Write,
     /// its ciphertext (blocks back to back). What a commit uses.
-    pub async fn read_record(&self, pos: LogPos) -> Result<(RecordHead, Vec<u8>), LogError> {
-        let file = self.file(pos)?;
+    pub async fn read_record(&self, pos: LogPos) -> Result<(RecordHead, Bytes), LogError> {
+        if let Some(kept) = self.inner.recent.lock().expect("not poisoned").get(pos) {
+            return Ok(kept);
+        }
+        let (file, version) = self.file(pos)?;
         let ring = &self.inner.ring;
         let read_err = |e| io_err(&file_path(&self.inner.log_dir, pos.file), e);
         let at = u64::from(pos.offset);
@@ -1261,7 +1418,7 @@ impl LocalLog {
                 .map_err(read_err)?;
             bytes.extend_from_slice(&rest);
         }
-        let (head, _, _) = match decode_record(&bytes, key.0, key.1, pos) {
+        let (head, _, _) = match decode_record(&bytes, key.0, key.1, pos, version) {
             Ok(r) => r,
             Err(RecordFault::Unreadable(why) | RecordFault::Invalid(why)) => {
                 return Err(self.corrupt(pos, why));
@@ -1271,7 +1428,7 @@ impl LocalLog {
         for entry in bytes[RECORD_HEADER_LEN..].chunks_exact(BLOCK_ENTRY_LEN) {
             data.extend_from_slice(&entry[32..]);
         }
-        Ok((head, data))
+        Ok((head, Bytes::from(data)))
     }
 }
 
@@ -1316,17 +1473,17 @@ fn create_file(
         .create_new(true)
         .open(&path)
         .map_err(|e| io_err(&path, e))?;
-    if let Err(e) = f.write_all_at(&encode_file_header(key, volume, n), 0) {
+    if let Err(e) = f.write_all_at(&encode_file_header(key, volume, n, VERSION), 0) {
         let _ = std::fs::remove_file(&path);
         return Err(io_err(&path, e));
     }
     ring.register(f).map_err(|e| io_err(&path, e))
 }
 
-fn encode_meta(key: &LogKey, volume: &[u8; VOLUME_ID_LEN]) -> [u8; META_LEN] {
+pub(crate) fn encode_meta(key: &LogKey, volume: &[u8; VOLUME_ID_LEN], version: u16) -> [u8; META_LEN] {
     let mut b = [0u8; META_LEN];
     b[..8].copy_from_slice(&META_MAGIC);
-    b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..10].copy_from_slice(&version.to_le_bytes());
     b[16..32].copy_from_slice(volume);
     let mut h = key.hasher(b"meta", volume);
     h.update(&b[..32]);
@@ -1344,14 +1501,17 @@ fn check_meta(
     has_files: bool,
 ) -> Result<(), LogError> {
     let path = log_dir.join("meta");
-    let want = encode_meta(key, volume);
+    let want = encode_meta(key, volume, VERSION);
     match std::fs::read(&path) {
-        Ok(have) if have[..] == want[..] => Ok(()),
+        // A version 1 log's meta stays as it is: its files still replay.
+        Ok(have) if have[..] == want[..] || have[..] == encode_meta(key, volume, VERSION_1)[..] => Ok(()),
         Ok(have) if have.len() == META_LEN && have[..8] == META_MAGIC && have[16..32] != volume[..] => {
             Err(LogError::NotOurs(log_dir.to_owned()))
         }
         Ok(have)
-            if have.len() == META_LEN && have[..8] == META_MAGIC && have[8..10] == VERSION.to_le_bytes() =>
+            if have.len() == META_LEN
+                && have[..8] == META_MAGIC
+                && (have[8..10] == VERSION.to_le_bytes() || have[8..10] == VERSION_1.to_le_bytes()) =>
         {
             Err(LogError::WrongKey(log_dir.to_owned()))
         }

@@ -534,3 +534,88 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test]
+async fn a_version_1_log_replays_and_reads_back_and_new_records_go_to_a_new_file() {
+    // A folder the previous format left: meta, one file of version 1.
+    let ring = Uring::new(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let logkey = LogKey::derive(&key());
+    std::fs::create_dir_all(dir.path().join("log")).unwrap();
+    std::fs::write(dir.path().join("log").join("meta"), encode_meta(&logkey, &VOL, VERSION_1)).unwrap();
+    let old = blocks(0x3c, 3);
+    let mut file = encode_file_header(&logkey, &VOL, 1, VERSION_1).to_vec();
+    let records = [
+        NewRecord::Base(base(1)),
+        NewRecord::Write { address: 40, sequence: seq(101), ciphertext: &old },
+        NewRecord::Zero { address: 9, blocks: 2, sequence: seq(104) },
+    ];
+    let mut positions = Vec::new();
+    for r in &records {
+        let pos = LogPos { file: 1, offset: file.len() as u32 };
+        encode_record_as(&logkey, &VOL, pos, LogPos::default(), r, &mut file, VERSION_1).unwrap();
+        positions.push(pos);
+    }
+    // Version 2 tags do not check a version 1 file, nor the other way round.
+    let v1 = scan_file(&file, &logkey, &VOL, 1).unwrap();
+    assert_eq!((v1.version, v1.records.len(), v1.bad), (VERSION_1, 3, None));
+    let at = positions[1].offset as usize;
+    assert!(decode_record(&file[at..], &logkey, &VOL, positions[1], VERSION).is_err());
+    assert!(decode_record(&file[at..], &logkey, &VOL, positions[1], VERSION_1).is_ok());
+    std::fs::write(log_file(dir.path(), 1), &file).unwrap();
+
+    let (log, replay) = open(&ring, dir.path(), small()).await.unwrap();
+    assert_eq!(replay.records.iter().map(|r| r.0).collect::<Vec<_>>(), positions);
+    let mut out = vec![0u8; BLOCK_SIZE];
+    assert_eq!(log.read(positions[1], 2, &mut out).await.unwrap(), (42, seq(103)));
+    assert_eq!(out, old[2 * BLOCK_SIZE..]);
+    assert_eq!(&log.read_record(positions[1]).await.unwrap().1[..], &old[..]);
+    // New records go to a new file of this version, never into the old one.
+    let new = blocks(0x5a, 2);
+    let p = log.append_write(80, seq(110), new.clone()).await.unwrap();
+    assert_eq!(p.file, 2);
+    log.sync().await.unwrap();
+    drop(log);
+    let header = std::fs::read(log_file(dir.path(), 2)).unwrap();
+    assert_eq!(header[..FILE_HEADER_LEN], encode_file_header(&logkey, &VOL, 2, VERSION)[..]);
+
+    // Both replay, and both read back checked from their files.
+    let (log, replay) = open(&ring, dir.path(), small()).await.unwrap();
+    assert_eq!(replay.records.len(), 4);
+    assert_eq!(replay.highest_sequence, seq(111));
+    assert_eq!(&log.read_record(positions[1]).await.unwrap().1[..], &old[..]);
+    assert_eq!(&log.read_record(p).await.unwrap().1[..], &new[..]);
+    assert_eq!(log.read(p, 1, &mut out).await.unwrap(), (81, seq(111)));
+    assert_eq!(out, new[BLOCK_SIZE..]);
+}
+
+#[tokio::test]
+async fn recent_writes_are_read_from_memory_and_the_same_bytes_come_back_from_the_file() {
+    let ring = Uring::new(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(&ring, dir.path(), small()).await.unwrap();
+    let mut kept = Vec::new();
+    for i in 0..8u64 {
+        let data = blocks(i as u8, 1 + i as usize % 3);
+        kept.push((log.append_write(i * 10, seq(100 + i * 3), data.clone()).await.unwrap(), data));
+    }
+    log.sync().await.unwrap();
+    for (pos, data) in &kept {
+        assert_eq!(&log.read_record(*pos).await.unwrap().1[..], &data[..]);
+    }
+    // The file holds the same: a fresh open (nothing in memory) reads it.
+    drop(log);
+    let (log, replay) = open(&ring, dir.path(), small()).await.unwrap();
+    assert_eq!(replay.records.len(), kept.len());
+    let mut out = vec![0u8; BLOCK_SIZE];
+    for (i, (pos, data)) in kept.iter().enumerate() {
+        assert_eq!(&log.read_record(*pos).await.unwrap().1[..], &data[..]);
+        let last = (data.len() / BLOCK_SIZE - 1) as u32;
+        let (address, sequence) = log.read(*pos, last, &mut out).await.unwrap();
+        assert_eq!(
+            (address, sequence),
+            (i as u64 * 10 + u64::from(last), seq(100 + i as u64 * 3 + u64::from(last)))
+        );
+        assert_eq!(out, data[last as usize * BLOCK_SIZE..]);
+    }
+}

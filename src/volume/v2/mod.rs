@@ -52,6 +52,7 @@
 //!      are applied in
 //! ```
 
+mod ahead;
 mod attach;
 pub mod blocks;
 pub mod cache;

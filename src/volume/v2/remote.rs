@@ -241,7 +241,7 @@ impl SegmentIo {
         &self,
         segment: SegmentId,
         k: usize,
-        encoded: &EncodedSegment,
+        encoded: EncodedSegment,
         peers: &[Holder],
         mut spares: Vec<Holder>,
         epoch: u64,
@@ -249,7 +249,8 @@ impl SegmentIo {
         let n = encoded.shards.len();
         assert!(peers.len() <= n, "at most one peer per shard");
         let quorum = (k + 1).min(n);
-        let shards: Vec<Bytes> = encoded.shards.iter().map(|s| Bytes::copy_from_slice(s)).collect();
+        // Moved, not copied: each put holds a reference to its shard.
+        let shards: Vec<Bytes> = encoded.shards.into_iter().map(Bytes::from).collect();
         let mut puts = tokio::task::JoinSet::new();
         let spawn = |puts: &mut tokio::task::JoinSet<_>, i: usize, peer: Holder| {
             let (client, shard) = (self.client.clone(), shards[i].clone());

@@ -151,6 +151,8 @@ pub(super) struct Inner {
     pub(super) locks: Vec<tokio::sync::Mutex<()>>,
     /// Sequential readers, and what to fetch ahead of them.
     pub(super) readahead: Mutex<super::readahead::ReadAhead>,
+    /// What was fetched ahead and not yet read.
+    pub(super) ahead: super::ahead::FetchedAhead,
     /// Fetches ahead running at once (one permit each).
     pub(super) prefetches: Arc<tokio::sync::Semaphore>,
     /// Block ranges being fetched ahead: a read of them waits for the
