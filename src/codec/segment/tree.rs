@@ -41,11 +41,14 @@ pub struct ShardOutboard {
 }
 
 impl ShardOutboard {
-    /// Hashes a shard's payload (whole 4 KiB blocks) into its outboard.
+    /// Hashes a shard's payload (whole 4 KiB blocks) into its outboard:
+    /// what bao-tree's `PostOrderMemOutboard::create` makes, about half
+    /// again as fast ([`post_order`]).
     pub fn compute(payload: &[u8]) -> Result<Self, SegmentError> {
         let blocks = blocks_of(payload.len())?;
-        let ob = PostOrderMemOutboard::create(payload, CHUNK_GROUP);
-        Ok(Self { root: ShardRoot(*ob.root.as_bytes()), blocks, hashes: ob.data })
+        let mut hashes = Vec::with_capacity((blocks as usize - 1) * 64);
+        let root = post_order(payload, 0, true, &mut hashes);
+        Ok(Self { root: ShardRoot(root), blocks, hashes })
     }
 
     /// An outboard read back from storage; only its length is checked here
@@ -70,6 +73,39 @@ impl ShardOutboard {
     /// The hash pairs, `(blocks − 1) × 64` bytes.
     pub fn hashes(&self) -> &[u8] {
         &self.hashes
+    }
+}
+
+/// The blake3 tree of `data` (whole 4 KiB blocks, the first at block
+/// `first` of the shard), its parent pairs appended to `out` in post order
+/// (left subtree, right subtree, then this node's pair), as bao-tree lays
+/// an outboard out; returns the subtree's chaining value (the root hash if
+/// `root`). Each block is hashed alone at its offset (blake3's hazmat API),
+/// and the tree above is blake3's: a left subtree is the largest power of
+/// two of blocks below the whole.
+fn post_order(data: &[u8], first: u64, root: bool, out: &mut Vec<u8>) -> [u8; 32] {
+    use blake3::hazmat::{HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+    let blocks = data.len() / BLOCK_SIZE;
+    if blocks == 1 {
+        if root {
+            return *blake3::hash(data).as_bytes();
+        }
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(first * BLOCK_SIZE as u64);
+        h.update(data);
+        return h.finalize_non_root();
+    }
+    // The largest power of two at most blocks − 1.
+    let left = 1usize << (usize::BITS - 1 - (blocks - 1).leading_zeros());
+    let (l, r) = data.split_at(left * BLOCK_SIZE);
+    let lcv = post_order(l, first, false, out);
+    let rcv = post_order(r, first + left as u64, false, out);
+    out.extend_from_slice(&lcv);
+    out.extend_from_slice(&rcv);
+    if root {
+        *merge_subtrees_root(&lcv, &rcv, Mode::Hash).as_bytes()
+    } else {
+        merge_subtrees_non_root(&lcv, &rcv, Mode::Hash)
     }
 }
 
@@ -329,6 +365,19 @@ mod tests {
         ));
         assert!(matches!(ShardOutboard::compute(&[0; 100]), Err(SegmentError::BlocksPerShard(0))));
         assert!(matches!(ShardOutboard::compute(&[0; 4097]), Err(SegmentError::PayloadSize { .. })));
+    }
+
+    #[test]
+    fn the_outboard_is_bao_trees_for_every_size() {
+        let data: Vec<u8> = (0..300 * BLOCK_SIZE).map(|i| (i * 31 + i / 4093) as u8).collect();
+        for blocks in 1..=300usize {
+            let payload = &data[..blocks * BLOCK_SIZE];
+            let ours = ShardOutboard::compute(payload).unwrap();
+            let theirs = PostOrderMemOutboard::create(payload, CHUNK_GROUP);
+            assert_eq!(ours.root().0, *theirs.root.as_bytes(), "{blocks} blocks");
+            assert_eq!(ours.root().0, *blake3::hash(payload).as_bytes(), "{blocks} blocks");
+            assert_eq!(ours.hashes(), &theirs.data[..], "{blocks} blocks");
+        }
     }
 
     proptest! {

@@ -137,11 +137,39 @@ impl Inner {
     /// Holds a write while the local log is nearly full, committing to
     /// make room; refuses after the I/O timeout.
     async fn wait_for_room(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
+        self.hold_back_while_dirty().await;
         if self.log.used_bytes() < self.config.log_size / 10 * 9 {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.config.io_timeout;
         self.make_room(op, offset, length, 0, deadline).await
+    }
+
+    /// The dirty limit: while commits succeed, a writer waits (up to the I/O
+    /// timeout) while more than half the log's in-memory budget waits for
+    /// a commit. The queue then never outgrows what the log keeps in
+    /// memory, so commits pack from memory rather than reading the log
+    /// back, and a FLUSH never has more than that to carry. When commits
+    /// fail (peers away), writes go on filling the log to its end.
+    async fn hold_back_while_dirty(&self) {
+        let limit = self.log.recent_budget() / 2 / BLOCK;
+        let dirty = || {
+            self.local.lock().expect("local").queued_blocks() > limit
+                && self.commit_failure.lock().expect("failure").is_none()
+        };
+        if !dirty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.io_timeout;
+        let mut committed = self.committed.subscribe();
+        while dirty() && tokio::time::Instant::now() < deadline {
+            self.urgent.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.wake.notify_one();
+            tokio::select! {
+                _ = committed.changed() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+            }
+        }
     }
 
     /// Asks for commits (which release committed log files) until the log

@@ -35,6 +35,14 @@ pub enum Queued {
 }
 
 impl Queued {
+    /// Blocks it holds (a zeroed range counts as one).
+    fn blocks(&self) -> u64 {
+        match *self {
+            Queued::Write { blocks, .. } => blocks,
+            Queued::Zero { .. } => 1,
+        }
+    }
+
     fn first(&self) -> Sequence {
         match *self {
             Queued::Write { sequence, .. } | Queued::Zero { sequence, .. } => sequence,
@@ -78,6 +86,8 @@ pub struct LocalIndex {
     records: HashMap<u64, LogPos>,
     next_record: u64,
     queue: Vec<Queued>,
+    /// Blocks in `queue` (a zeroed range counts as one).
+    queue_blocks: u64,
     /// First sequences of the writes in flight (allocated, not inserted).
     in_flight: BTreeMap<Sequence, usize>,
 }
@@ -93,6 +103,7 @@ impl LocalIndex {
             records: HashMap::new(),
             next_record: 1,
             queue: Vec::new(),
+            queue_blocks: 0,
             in_flight: BTreeMap::new(),
         }
     }
@@ -133,6 +144,7 @@ impl LocalIndex {
         let q = Queued::Write { record, address, blocks, sequence };
         if !committed {
             self.queue.push(q);
+            self.queue_blocks += blocks;
         }
         self.abandon(sequence);
         Ok(())
@@ -149,6 +161,7 @@ impl LocalIndex {
         self.map.apply(&Entry::Zero { start: address, len: blocks, sequence })?;
         if !committed {
             self.queue.push(Queued::Zero { address, blocks, sequence });
+            self.queue_blocks += 1;
         }
         self.abandon(sequence);
         Ok(())
@@ -161,7 +174,7 @@ impl LocalIndex {
 
     /// Blocks waiting for a commit (a zeroed range counts as one).
     pub fn queued_blocks(&self) -> u64 {
-        self.queue.iter().map(|q| if let Queued::Write { blocks, .. } = q { *blocks } else { 1 }).sum()
+        self.queue_blocks
     }
 
     /// The oldest part of the queue, up to about `max_blocks` blocks (at
@@ -172,7 +185,7 @@ impl LocalIndex {
         let mut blocks = 0;
         let mut n = 0;
         for q in &self.queue {
-            let b = if let Queued::Write { blocks, .. } = q { *blocks } else { 1 };
+            let b = q.blocks();
             if n > 0 && blocks + b > max_blocks {
                 break;
             }
@@ -181,6 +194,7 @@ impl LocalIndex {
         }
         let rest = self.queue.split_off(n);
         let taken = std::mem::replace(&mut self.queue, rest);
+        self.queue_blocks -= blocks;
         let below = self
             .in_flight
             .keys()
@@ -198,6 +212,7 @@ impl LocalIndex {
 
     /// Puts back what a failed commit took, ahead of what came since.
     pub fn untake(&mut self, mut taken: Vec<Queued>) {
+        self.queue_blocks += taken.iter().map(Queued::blocks).sum::<u64>();
         taken.append(&mut self.queue);
         self.queue = taken;
     }

@@ -760,8 +760,8 @@ struct Inner {
 }
 
 /// At most this many bytes of recent Write records' ciphertext stay in
-/// memory ([`Recent`]); less when the log itself is small (an eighth).
-pub const RECENT_MAX_BYTES: usize = 128 << 20;
+/// memory ([`Recent`]); less when the log itself is small (a quarter).
+pub const RECENT_MAX_BYTES: usize = 256 << 20;
 
 /// The ciphertext of the newest Write records appended by this process,
 /// kept in memory: a commit packs them (and a read of a block not yet
@@ -1022,7 +1022,7 @@ impl LocalLog {
             used,
         };
         tail.durable = tail.end();
-        let recent_max = usize::try_from(config.max_bytes / 8).unwrap_or(usize::MAX).min(RECENT_MAX_BYTES);
+        let recent_max = usize::try_from(config.max_bytes / 4).unwrap_or(usize::MAX).min(RECENT_MAX_BYTES);
         let log = LocalLog {
             inner: Arc::new(Inner {
                 log_dir,
@@ -1039,6 +1039,13 @@ impl LocalLog {
             }),
         };
         Ok((log, replay))
+    }
+
+    /// Bytes of recent Write records kept in memory at most: writers are
+    /// held back while what waits for a commit nears it (see the engine's
+    /// dirty limit), so a commit packs from memory.
+    pub fn recent_budget(&self) -> u64 {
+        self.inner.recent.lock().expect("not poisoned").max as u64
     }
 
     /// The most blocks one Write record can carry (it must fit in a file).
