@@ -278,6 +278,7 @@ impl Volume {
                 commit_turn: tokio::sync::Mutex::new(()),
                 committed: watch::channel(Sequence::ZERO).0,
                 commit_failure: Mutex::new(None),
+                reserved: Mutex::new((SegmentId::from_raw(0), Sequence::ZERO)),
                 wake: Notify::new(),
                 compact_wake: Notify::new(),
                 space: Mutex::new(Default::default()),

@@ -61,6 +61,11 @@ use crate::sys::worker::{Pacing, State, Status, Worker};
 
 /// Segments one commit carries at most (the directory takes 100).
 const COMMIT_SEGMENTS: usize = 32;
+/// Sequences a synced Base reserves beyond what a commit needs (64 GiB of
+/// block writes), so most commits need no sync of the log first.
+const RESERVE_SEQUENCES: u64 = 1 << 24;
+/// Segment ids it reserves beyond the commit's.
+const RESERVE_SEGMENTS: u64 = 1 << 16;
 
 /// Why a commit failed.
 #[derive(Debug, thiserror::Error)]
@@ -439,17 +444,28 @@ impl Inner {
             let mut s = self.segment_ids.lock().expect("segment ids");
             (0..count).map(|_| s.next()).collect::<Result<_, _>>().map_err(io)?
         };
-        let floor = Base {
-            epoch: prev.epoch,
-            commit: prev.commit,
-            segment_floor: *ids.last().expect("a commit has a segment"),
-            sequence_floor: self.sequences.lock().expect("sequences").last(),
-        };
-        self.log.append(&[NewRecord::Base(floor)]).await.map_err(io)?;
-        // Synced before any of it leaves: after a power cut, every sequence
-        // and segment id that may be on a peer is still in the log, so a
-        // resumed epoch never reuses one (an XTS tweak would repeat).
-        self.log.sync().await.map_err(io)?;
+        // Every sequence and segment id that may leave the machine must be
+        // durable in the log first: after a power cut a resumed epoch then
+        // never reuses one (an XTS tweak would repeat). A synced Base
+        // reserves ahead, so most commits find theirs covered and need no
+        // sync; the log keeps that Base's file (later, unsynced Bases
+        // alone would not do).
+        let need =
+            (*ids.last().expect("a commit has a segment"), self.sequences.lock().expect("sequences").last());
+        let reserved = *self.reserved.lock().expect("reserved");
+        if need.0 > reserved.0 || need.1 > reserved.1 {
+            let floor = Base {
+                epoch: prev.epoch,
+                commit: prev.commit,
+                segment_floor: need.0.checked_add(RESERVE_SEGMENTS).unwrap_or(need.0),
+                sequence_floor: need.1.checked_add(RESERVE_SEQUENCES).unwrap_or(need.1),
+            };
+            let pos = self.log.append(&[NewRecord::Base(floor)]).await.map_err(io)?[0];
+            self.log.sync().await.map_err(io)?;
+            self.log.keep(pos);
+            let mut r = self.reserved.lock().expect("reserved");
+            *r = (r.0.max(floor.segment_floor), r.1.max(floor.sequence_floor));
+        }
         // Lay out, erasure-code and hash, off the async threads.
         let encoder = Encoder {
             k: self.k,

@@ -51,7 +51,8 @@
 //! and Zero record in them is at or below the committed sequence, except the
 //! file appended to, files with appends in flight, and the files holding the
 //! newest `Base` and the newest `Committed` record (the engine appends a
-//! Base after every commit, so that file is recent anyway). Deleting is not
+//! Base after every commit, so that file is recent anyway), and the file of
+//! the record the engine asked to [keep](LocalLog::keep). Deleting is not
 //! synced: a file that comes back after a crash holds only committed
 //! records, which replay harmlessly.
 //!
@@ -729,6 +730,8 @@ struct Tail {
     created_synced: u64,
     newest_base: Option<LogPos>,
     newest_committed: Option<LogPos>,
+    /// A record [`LocalLog::keep`] asked to keep: its file is not released.
+    kept: Option<LogPos>,
     used: u64,
 }
 
@@ -1018,6 +1021,7 @@ impl LocalLog {
             created: 0,
             created_synced: 0,
             newest_base: replay.base.map(|(p, _)| p),
+            kept: None,
             newest_committed,
             used,
         };
@@ -1039,6 +1043,14 @@ impl LocalLog {
             }),
         };
         Ok((log, replay))
+    }
+
+    /// Keeps the file holding the record at `pos` from [`Self::release`]
+    /// until another record is kept instead (or the log starts over): the
+    /// engine keeps its newest synced reservation of sequences and segment
+    /// ids, which later, unsynced records rely on.
+    pub fn keep(&self, pos: LogPos) {
+        self.tail().kept = Some(pos);
     }
 
     /// Bytes of recent Write records kept in memory at most: writers are
@@ -1262,8 +1274,12 @@ impl LocalLog {
         self.check()?;
         let gone: Vec<u32> = {
             let mut tail = self.tail();
-            let keep =
-                [Some(tail.current), tail.newest_base.map(|p| p.file), tail.newest_committed.map(|p| p.file)];
+            let keep = [
+                Some(tail.current),
+                tail.newest_base.map(|p| p.file),
+                tail.newest_committed.map(|p| p.file),
+                tail.kept.map(|p| p.file),
+            ];
             let gone: Vec<u32> = tail
                 .files
                 .iter()
@@ -1308,6 +1324,7 @@ impl LocalLog {
             }
             tail.newest_base = None;
             tail.newest_committed = None;
+            tail.kept = None;
             gone
         };
         self.inner.recent.lock().expect("not poisoned").release(&gone);

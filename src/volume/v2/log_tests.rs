@@ -619,3 +619,38 @@ async fn recent_writes_are_read_from_memory_and_the_same_bytes_come_back_from_th
         assert_eq!(out, data[last as usize * BLOCK_SIZE..]);
     }
 }
+
+#[tokio::test]
+async fn a_kept_record_outlives_newer_bases_and_commits_and_its_floors_replay() {
+    let ring = Uring::new(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = open(&ring, dir.path(), small()).await.unwrap();
+    // A reservation: a Base whose floors are far above what is used yet.
+    let reservation = Base { sequence_floor: seq(1 << 20), ..base(1) };
+    let kept = log.append(&[NewRecord::Base(reservation)]).await.unwrap()[0];
+    log.sync().await.unwrap();
+    log.keep(kept);
+    // Later writes, newer (unsynced) Bases with lower floors, all committed.
+    let data = blocks(9, 4);
+    for i in 0..12u64 {
+        log.append_write(i * 4, seq(1 + i * 4), data.clone()).await.unwrap();
+        log.append(&[NewRecord::Base(base(2 + i)), NewRecord::Committed { sequence: seq(4 + i * 4) }])
+            .await
+            .unwrap();
+    }
+    let last = log.append(&[NewRecord::Committed { sequence: seq(100) }]).await.unwrap()[0];
+    assert!(last.file > kept.file + 2, "{last}");
+    log.release(seq(100)).await.unwrap();
+    assert!(log_file(dir.path(), kept.file).exists(), "the kept record's file stays");
+    log.sync().await.unwrap();
+    drop(log);
+    // Its floor still counts at replay, above every record after it.
+    let (log, replay) = open(&ring, dir.path(), small()).await.unwrap();
+    assert_eq!(replay.highest_sequence, seq(1 << 20));
+    // Keeping another record lets the first one's file go.
+    let next = log.append(&[NewRecord::Base(base(50))]).await.unwrap()[0];
+    log.keep(next);
+    log.append(&[NewRecord::Committed { sequence: seq(100) }]).await.unwrap();
+    log.release(seq(100)).await.unwrap();
+    assert!(!log_file(dir.path(), kept.file).exists());
+}

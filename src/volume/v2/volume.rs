@@ -128,6 +128,10 @@ pub(super) struct Inner {
     pub(super) lease_doubt: Notify,
     pub(super) sequences: Mutex<Sequencer<Sequence>>,
     pub(super) segment_ids: Mutex<Sequencer<SegmentId>>,
+    /// The floors of the newest Base this attach synced before a commit:
+    /// every sequence and segment id up to them may leave the machine
+    /// without another sync (see `commit_packed`).
+    pub(super) reserved: Mutex<(SegmentId, Sequence)>,
     pub(super) local: Mutex<LocalIndex>,
     pub(super) map: Mutex<MapCache>,
     /// The committed root as this writer last made or loaded it.
