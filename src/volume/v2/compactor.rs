@@ -106,7 +106,7 @@ const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
 
 /// Bytes each peer keeps free for compaction (writes get ENOSPC first):
 /// one shard of each segment a round may write ([`reserve_segments`]).
-pub(super) fn reserve_bytes(k: usize, blocks_per_shard: u32) -> u64 {
+pub fn reserve_bytes(k: usize, blocks_per_shard: u32) -> u64 {
     let segment_blocks = k as u64 * u64::from(blocks_per_shard);
     reserve_segments(ROUND_BLOCKS, segment_blocks) * u64::from(blocks_per_shard) * BLOCK_SIZE as u64
 }
