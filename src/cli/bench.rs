@@ -53,6 +53,9 @@ pub struct BenchDirectoryArgs {
     /// Leave the volumes in place at the end (they are deleted otherwise).
     #[arg(long)]
     keep: bool,
+    /// Commits alone: without the compactor rounds each commit wakes.
+    #[arg(long)]
+    no_compactor: bool,
     #[arg(long)]
     json: bool,
 }
@@ -316,14 +319,20 @@ pub async fn directory(args: BenchDirectoryArgs) -> Result<(), CliError> {
             crate::api::MAX_COMMIT_SEGMENTS - 1
         )));
     }
-    let config = DirectoryBench { volumes: args.volumes, duration, segments: args.segments, clean: !args.keep };
+    let config = DirectoryBench {
+        volumes: args.volumes,
+        duration,
+        segments: args.segments,
+        clean: !args.keep,
+        compactor: !args.no_compactor,
+    };
     let credential = args.credential;
     let r = bench_directory::run(|| credential.client(), &config).await?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} volumes: {} commits in {:.1} s: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms (placement p50 {:.2} ms, compare-and-set p50 {:.2} ms p99 {:.2} ms), roots of {:.0} bytes on average, {:.2} CPU-s (this process)",
+            "{} volumes: {} commits in {:.1} s: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms (placement p50 {:.2} ms, compare-and-set p50 {:.2} ms p99 {:.2} ms), roots of {:.0} bytes on average, {} compactor rounds (p50 {:.2} ms), {:.2} CPU-s (this process)",
             r.volumes,
             r.commits,
             r.seconds,
@@ -334,6 +343,8 @@ pub async fn directory(args: BenchDirectoryArgs) -> Result<(), CliError> {
             r.cas_p50_ms,
             r.cas_p99_ms,
             r.mean_root_bytes,
+            r.compactor_rounds,
+            r.compactor_round_p50_ms,
             r.cpu_seconds
         );
     }

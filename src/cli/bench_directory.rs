@@ -22,6 +22,15 @@
 //! head carried by its last segment) and the list starts again. A lease
 //! keeper per volume renews the lease every third of its time to live.
 //!
+//! Every commit also wakes the attach's compactor (`compactor.rs`), whose
+//! round asks the directory for the volume's snapshots, its `volume info`
+//! (a walk of all its segment records, for the space its dropped segments
+//! still hold) and the records of the segments committed since the last
+//! round; rounds do not overlap, so at most one runs per volume and those
+//! woken meanwhile make one more. The benchmark runs those rounds too
+//! (none moves anything: no volume here is fragmented), unless
+//! `compactor` is off, which measures the commits alone.
+//!
 //! What is *not* done: nothing is put to the peers (the peers only need
 //! to be up, for placement), no log is synced and no segment is encoded
 //! between the placement and the compare-and-set. So this measures the
@@ -31,6 +40,7 @@
 //! answer. CPU time is this process's; `tools/bench directory` adds the
 //! directory's.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -63,6 +73,8 @@ pub struct DirectoryBench {
     pub segments: u32,
     /// Delete the volumes at the end (their records go to the collector).
     pub clean: bool,
+    /// Run the compactor's rounds that commits wake.
+    pub compactor: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -78,6 +90,9 @@ pub struct DirectoryResult {
     pub place_p50_ms: f64,
     pub cas_p50_ms: f64,
     pub cas_p99_ms: f64,
+    /// Compactor rounds run (each: snapshots, volume info, new records).
+    pub compactor_rounds: u64,
+    pub compactor_round_p50_ms: f64,
     /// Segment records committed, and the mean size of a sealed root.
     pub segments: u64,
     pub mean_root_bytes: f64,
@@ -107,6 +122,45 @@ struct Writer {
     /// Segments the volume holds (the attach's `recorded`).
     held: usize,
     keep_free: u64,
+    /// Wakes the compactor, with the segments committed since its round.
+    compactor: Arc<Wake>,
+}
+
+/// What a commit tells the compactor (the attach's `compact_wake` and its
+/// `recorded` segments the compactor has no capacity of yet).
+#[derive(Default)]
+struct Wake {
+    notify: tokio::sync::Notify,
+    committed: std::sync::Mutex<Vec<SegmentId>>,
+}
+
+/// The compactor of one volume: a round per wake, as `Compactor::round`
+/// asks the directory when no victim is due (`drop_unreached` lists the
+/// volume's segments once, at the first round; nothing is unreached).
+async fn compactor(
+    client: Client,
+    name: String,
+    wake: Arc<Wake>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Vec<Duration>, CliError> {
+    let mut rounds = Vec::new();
+    client.list_segments(&name).await?;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(rounds),
+            _ = wake.notify.notified() => {}
+            // The compactor's PERIOD.
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+        let started = Instant::now();
+        client.list_snapshots(&name).await?;
+        client.volume_info(&name).await?;
+        let new = std::mem::take(&mut *wake.committed.lock().expect("not poisoned"));
+        for chunk in new.chunks(crate::api::MAX_SEGMENTS_PER_CALL) {
+            client.segment_records(&name, chunk.to_vec()).await?;
+        }
+        rounds.push(started.elapsed());
+    }
 }
 
 impl Writer {
@@ -139,7 +193,8 @@ impl Writer {
             .place_segments(&self.name, self.epoch, count, u64::from(SHARD_SIZE), Vec::new(), self.keep_free)
             .await?;
         let placed = Instant::now();
-        let refs: Vec<SegmentRef> = ids.iter().map(|&id| SegmentRef { id, root: self.segment_root(id) }).collect();
+        let refs: Vec<SegmentRef> =
+            ids.iter().map(|&id| SegmentRef { id, root: self.segment_root(id) }).collect();
         let last = *refs.last().expect("a commit has a segment");
         let (checkpoint, since) = if checkpoint {
             // The head lies in the carrier after its data (a few blocks);
@@ -195,6 +250,8 @@ impl Writer {
         stats.root_bytes += root_bytes;
         self.held += count as usize;
         self.root = next;
+        self.compactor.committed.lock().expect("not poisoned").extend_from_slice(&ids);
+        self.compactor.notify.notify_one();
         Ok(())
     }
 }
@@ -259,7 +316,8 @@ pub async fn run(
         let c = client()?;
         // What `volume::lease::acquire` asks from a folder with no note.
         let lease = c.acquire_lease(&name, false, None).await?;
-        let ids = Sequencer::new(lease.epoch, SegmentId::ZERO).map_err(|e| CliError::Argument(e.to_string()))?;
+        let ids =
+            Sequencer::new(lease.epoch, SegmentId::ZERO).map_err(|e| CliError::Argument(e.to_string()))?;
         let root = RootRecord {
             volume_id: spec.id,
             epoch: 0,
@@ -270,7 +328,9 @@ pub async fn run(
             since: Vec::new(),
         };
         let keep_free = crate::volume::v2::reserve_bytes(usize::from(K), BLOCKS_PER_SHARD);
-        writers.push((Writer { client: c, name, epoch: lease.epoch, key, root, ids, held: 0, keep_free }, lease));
+        let compactor = Arc::new(Wake::default());
+        let w = Writer { client: c, name, epoch: lease.epoch, key, root, ids, held: 0, keep_free, compactor };
+        writers.push((w, lease));
     }
     let stop = tokio_util::sync::CancellationToken::new();
     let mut keepers = JoinSet::new();
@@ -286,6 +346,13 @@ pub async fn run(
                 c.renew_lease(&name, epoch, 0).await?;
             }
         });
+    }
+    let mut compactors = JoinSet::new();
+    if config.compactor {
+        for (w, _) in &writers {
+            let (c, name, wake, stop) = (w.client.clone(), w.name.clone(), w.compactor.clone(), stop.clone());
+            compactors.spawn(compactor(c, name, wake, stop));
+        }
     }
     let deadline = Instant::now() + config.duration;
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
@@ -319,6 +386,10 @@ pub async fn run(
     for r in keepers.join_all().await {
         r?;
     }
+    let mut rounds = Vec::new();
+    for r in compactors.join_all().await {
+        rounds.extend(r?);
+    }
     for w in &done {
         w.client.release_lease(&w.name, w.epoch).await?;
         if config.clean {
@@ -335,6 +406,8 @@ pub async fn run(
         place_p50_ms: percentile_ms(&mut all.place, 0.5),
         cas_p50_ms: percentile_ms(&mut all.cas, 0.5),
         cas_p99_ms: percentile_ms(&mut all.cas, 0.99),
+        compactor_rounds: rounds.len() as u64,
+        compactor_round_p50_ms: percentile_ms(&mut rounds, 0.5),
         segments: all.segments,
         mean_root_bytes: if all.commits == 0 { 0.0 } else { all.root_bytes as f64 / all.commits as f64 },
         cpu_seconds: cpu,
