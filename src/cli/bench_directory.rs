@@ -23,9 +23,9 @@
 //! keeper per volume renews the lease every third of its time to live.
 //!
 //! Every commit also wakes the attach's compactor (`compactor.rs`), whose
-//! round asks the directory for the volume's snapshots, its `volume info`
-//! (a walk of all its segment records, for the space its dropped segments
-//! still hold) and the records of the segments committed since the last
+//! round asks the directory for its inputs (`CompactionInputs`: the
+//! highest segment a snapshot reaches, the space dropped segments still
+//! hold) and for the records of the segments committed since the last
 //! round; rounds do not overlap, so at most one runs per volume and those
 //! woken meanwhile make one more. The benchmark runs those rounds too
 //! (none moves anything: no volume here is fragmented), unless
@@ -153,8 +153,7 @@ async fn compactor(
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
         let started = Instant::now();
-        client.list_snapshots(&name).await?;
-        client.volume_info(&name).await?;
+        client.compaction_inputs(&name).await?;
         let new = std::mem::take(&mut *wake.committed.lock().expect("not poisoned"));
         for chunk in new.chunks(crate::api::MAX_SEGMENTS_PER_CALL) {
             client.segment_records(&name, chunk.to_vec()).await?;
