@@ -48,6 +48,8 @@ fn bench_directory_commits_on_every_volume_and_cleans_up() {
     let volumes = c.status().volumes;
     assert_eq!(volumes.len(), 2);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    // The client's endpoint needs the runtime.
+    let _in_rt = rt.enter();
     let client = c.client();
     let committed: u64 = volumes
         .iter()

@@ -165,7 +165,7 @@ async fn compactor(
 impl Writer {
     /// The attach's `checkpoint_due` for a volume holding `held` segments.
     fn checkpoint_due(&self) -> usize {
-        (self.held / 8).max(16).min(CHECKPOINT_SEGMENTS)
+        (self.held / 8).clamp(16, CHECKPOINT_SEGMENTS)
     }
 
     /// A made-up segment root: unique per segment, as a hash would be.
