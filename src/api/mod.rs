@@ -1050,6 +1050,13 @@ pub enum DirRequest {
     },
     /// `meshdisk scrub pause|resume|start` (admins).
     Scrub(ScrubCommand),
+    /// What the attach's compactor weighs each round, without the walk of
+    /// every segment record that `VolumeInfo` makes: the highest segment
+    /// any snapshot of the volume reaches, and its dropped segments still
+    /// waiting for the collector (`CompactionInputs`).
+    CompactionInputs {
+        volume: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1090,6 +1097,12 @@ pub enum DirResponse {
     Snapshots(Vec<SnapshotInfo>),
     SegmentHealth(Vec<Option<SegmentHealth>>),
     Roots(Vec<Option<[u8; 32]>>),
+    CompactionInputs {
+        /// The highest segment id any snapshot reaches (none: no snapshot).
+        pinned_up_to: Option<u64>,
+        /// As `VolumeInfo::collecting` counts it.
+        collecting: Collecting,
+    },
 }
 
 /// Calls to a peer about the segment shards it holds. Shard bytes (header

@@ -2,7 +2,9 @@
 //! measuring is [`crate::codec::bench`]), `meshdisk bench cluster`
 //! (shard transfers to every peer; the measuring is [`bench_cluster`]) and
 //! `meshdisk bench compaction` (the compaction policy on a simulated
-//! volume; the simulator is [`crate::volume::v2::compaction::sim`]).
+//! volume; the simulator is [`crate::volume::v2::compaction::sim`]) and
+//! `meshdisk bench directory` (root commits from many volumes at once; the
+//! measuring is [`bench_directory`]).
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::cli::bench_cluster::{self, ClusterBench, Phase};
+use crate::cli::bench_directory::{self, DirectoryBench};
 use crate::cli::{CliError, CredentialArg};
 use crate::codec::bench::{self, BenchConfig};
 use crate::codec::{Geometry, SECTOR_SIZE};
@@ -28,6 +31,33 @@ pub enum BenchCommand {
     /// space held over live data, and write amplification, per workload
     /// and policy.
     Compaction(BenchCompactionArgs),
+    /// Root commits per second the directory sustains from many volumes
+    /// committing at once (placement and compare-and-set, as an attach
+    /// sends them; nothing is put to the peers).
+    Directory(BenchDirectoryArgs),
+}
+
+#[derive(Args)]
+pub struct BenchDirectoryArgs {
+    #[command(flatten)]
+    credential: CredentialArg,
+    /// Volumes created and committing at once, one commit in flight each.
+    #[arg(long, default_value_t = 16)]
+    volumes: usize,
+    /// Seconds to measure.
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Data segments per commit (1: a small write and a flush).
+    #[arg(long, default_value_t = 1)]
+    segments: u32,
+    /// Leave the volumes in place at the end (they are deleted otherwise).
+    #[arg(long)]
+    keep: bool,
+    /// Commits alone: without the compactor rounds each commit wakes.
+    #[arg(long)]
+    no_compactor: bool,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -272,6 +302,51 @@ pub fn compaction(args: &BenchCompactionArgs) -> Result<(), CliError> {
                 r.writes_per_second
             );
         }
+    }
+    Ok(())
+}
+
+/// `meshdisk bench directory`: one line, or one JSON object.
+pub async fn directory(args: BenchDirectoryArgs) -> Result<(), CliError> {
+    let duration = duration(args.seconds)?;
+    if !(1..=1024).contains(&args.volumes) {
+        return Err(CliError::Argument("--volumes must be 1 to 1024".into()));
+    }
+    // A checkpoint commit adds one segment.
+    if !(1..crate::api::MAX_COMMIT_SEGMENTS as u32).contains(&args.segments) {
+        return Err(CliError::Argument(format!(
+            "--segments must be 1 to {}",
+            crate::api::MAX_COMMIT_SEGMENTS - 1
+        )));
+    }
+    let config = DirectoryBench {
+        volumes: args.volumes,
+        duration,
+        segments: args.segments,
+        clean: !args.keep,
+        compactor: !args.no_compactor,
+    };
+    let credential = args.credential;
+    let r = bench_directory::run(|| credential.client(), &config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} volumes: {} commits in {:.1} s: {:.0} commits/s, p50 {:.2} ms, p99 {:.2} ms (placement p50 {:.2} ms, compare-and-set p50 {:.2} ms p99 {:.2} ms), roots of {:.0} bytes on average, {} compactor rounds (p50 {:.2} ms), {:.2} CPU-s (this process)",
+            r.volumes,
+            r.commits,
+            r.seconds,
+            r.commits_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.place_p50_ms,
+            r.cas_p50_ms,
+            r.cas_p99_ms,
+            r.mean_root_bytes,
+            r.compactor_rounds,
+            r.compactor_round_p50_ms,
+            r.cpu_seconds
+        );
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod attach;
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_directory;
 pub mod demo;
 pub mod directory;
 mod error;
@@ -124,6 +125,7 @@ pub async fn run(command: Command, threads: usize) -> Result<(), CliError> {
         Command::Bench(bench::BenchCommand::Codec(args)) => bench::codec(&args, threads),
         Command::Bench(bench::BenchCommand::Cluster(args)) => bench::cluster(args).await,
         Command::Bench(bench::BenchCommand::Compaction(args)) => bench::compaction(&args),
+        Command::Bench(bench::BenchCommand::Directory(args)) => bench::directory(args).await,
     }
 }
 

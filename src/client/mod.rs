@@ -385,6 +385,16 @@ impl Client {
     }
 
     /// The volume's snapshots, oldest first, with the space each pins.
+    /// The highest segment a snapshot of the volume reaches (none without
+    /// snapshots) and its dropped segments still collecting: what the
+    /// compactor weighs each round.
+    pub async fn compaction_inputs(&self, volume: &str) -> Result<(Option<u64>, Collecting), ClientError> {
+        match self.directory(&DirRequest::CompactionInputs { volume: volume.into() }).await? {
+            DirResponse::CompactionInputs { pinned_up_to, collecting } => Ok((pinned_up_to, collecting)),
+            other => Err(unexpected("compaction inputs", other)),
+        }
+    }
+
     pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ClientError> {
         match self.directory(&DirRequest::ListSnapshots { volume: volume.into() }).await? {
             DirResponse::Snapshots(s) => Ok(s),

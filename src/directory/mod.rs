@@ -571,6 +571,10 @@ impl<S: MetaStore> Directory<S> {
                 needs(&[Role::Peer])?;
                 self.segment_roots(&shards).await
             }
+            DirRequest::CompactionInputs { volume } => {
+                needs(&[Role::Client, Role::Admin])?;
+                self.compaction_inputs(&volume).await
+            }
             DirRequest::Scrub(cmd) => {
                 needs(&[Role::Admin])?;
                 self.scrub_command(cmd).await

@@ -1213,6 +1213,15 @@ impl Fixture {
             other => panic!("{other:?}"),
         }
     }
+
+    /// What the compactor asks each round: the highest segment a snapshot
+    /// reaches, and the dropped segments still collecting.
+    async fn compaction_inputs(&self, volume: &str) -> (Option<u64>, Collecting) {
+        match self.client("client-1", DirRequest::CompactionInputs { volume: volume.into() }).await.unwrap() {
+            DirResponse::CompactionInputs { pinned_up_to, collecting } => (pinned_up_to, collecting),
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -1276,6 +1285,8 @@ async fn dropped_segments_are_erased_after_the_grace_at_the_volumes_epoch_and_wa
     let shard_bytes = super::volumes::shard_len(&spec("x", 0, 2, 2), &record(&[1, 2, 3, 4], 0));
     assert_eq!(info.collecting.bytes, 7 * shard_bytes, "{:?}", info.collecting);
     assert_eq!(info.health.segments, 1);
+    // The compactor's own call counts them as `volume info` does.
+    assert_eq!(f.compaction_inputs("vol-1").await, (None, info.collecting));
 
     // Within the grace: nothing is erased (an attach may still be reading).
     f.clock.advance(GRACE - Duration::from_secs(1));
@@ -1305,6 +1316,7 @@ async fn dropped_segments_are_erased_after_the_grace_at_the_volumes_epoch_and_wa
     // back-pressure must not wait for a peer that is down).
     let info = f.volume_info("vol-1").await;
     assert_eq!((info.collecting.segments, info.collecting.bytes), (1, 0));
+    assert_eq!(f.compaction_inputs("vol-1").await, (None, info.collecting));
 
     // peer-3 is back: its shard goes, and so does the entry.
     f.heartbeat(3).await;
@@ -1312,6 +1324,7 @@ async fn dropped_segments_are_erased_after_the_grace_at_the_volumes_epoch_and_wa
     assert!(!peers.holds(3, shard(1, seg(1, 2), 0)));
     assert!(f.meta.list(b"dead/").await.unwrap().is_empty());
     assert_eq!(f.volume_info("vol-1").await.collecting, Collecting::default());
+    assert_eq!(f.compaction_inputs("vol-1").await, (None, Collecting::default()));
     // The live segment is untouched everywhere.
     for index in 0..4u8 {
         assert!(peers.holds(usize::from(index), shard(1, seg(1, 1), index)));
@@ -1630,10 +1643,15 @@ async fn two_overlapping_snapshots_count_what_each_reaches_and_what_only_it_keep
     f.leased_volume(1).await;
     let one = record_bytes();
     f.commit_root("client-1", commit_of(1, 1, None, &[1, 2, 3, 4], &[], seg(1, 4))).await.unwrap();
+    assert_eq!(f.compaction_inputs("vol-1").await.0, None, "no snapshot pins anything");
     f.snapshot("vol-1", "a").await.unwrap();
+    assert_eq!(f.compaction_inputs("vol-1").await.0, Some(seg(1, 4).raw()));
     f.clock.advance(Duration::from_secs(1));
     f.commit_root("client-1", commit_of(1, 1, Some((1, 1)), &[5, 6], &[seg(1, 1)], seg(1, 6))).await.unwrap();
     f.snapshot("vol-1", "b").await.unwrap();
+    // The compactor counts every segment up to the newest snapshot's
+    // highest as live.
+    assert_eq!(f.compaction_inputs("vol-1").await.0, Some(seg(1, 6).raw()));
     // Commit 3 drops 2 (both reach it) and 5 (only b: newer than a).
     let c = commit_of(1, 1, Some((1, 2)), &[], &[seg(1, 2), seg(1, 5)], seg(1, 6));
     f.commit_root("client-1", c).await.unwrap();

@@ -319,8 +319,32 @@ impl<S: MetaStore> Directory<S> {
                 }
             }
         }
+        let collecting = self.collecting(&record.spec, &view).await?;
+        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health, collecting })))
+    }
+
+    /// What the attach's compactor weighs each round (it asks after every
+    /// commit): the highest segment a snapshot reaches and the dropped
+    /// segments still collecting. Two key reads and a walk of the
+    /// volume's `dead/` records, where `volume info` walks all its records.
+    pub(super) async fn compaction_inputs(&self, volume: &str) -> Result<DirResponse, Remote> {
+        let record = self.volume(volume).await?;
+        let pins = self.snapshot_pins(&record.spec.id).await?.set.snapshots;
+        let pinned_up_to = pins.iter().map(|p| p.highest_segment).max();
+        let view = self.peer_view().await?;
+        let collecting = self.collecting(&record.spec, &view).await?;
+        Ok(DirResponse::CompactionInputs { pinned_up_to, collecting })
+    }
+
+    /// The volume's dropped segments the collector has not erased yet,
+    /// and the bytes of their shards on peers that are up.
+    async fn collecting(
+        &self,
+        spec: &VolumeSpec,
+        view: &super::heal::repair::PeerView,
+    ) -> Result<Collecting, Remote> {
         let mut collecting = Collecting::default();
-        let prefix = dead_prefix(&record.spec.id);
+        let prefix = dead_prefix(&spec.id);
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = self.meta.list_range(&prefix, after.as_deref(), PAGE).await?;
@@ -339,10 +363,10 @@ impl<S: MetaStore> Directory<S> {
                     .iter()
                     .filter(|&&p| p != 0 && view.by_id.get(&p).is_some_and(|p| p.state.is_up()))
                     .count() as u64;
-                collecting.bytes += shard_len(&record.spec, &dead.record) * up;
+                collecting.bytes += shard_len(spec, &dead.record) * up;
             }
         }
-        Ok(DirResponse::VolumeInfo(Box::new(VolumeInfo { record, lease, allocated, health, collecting })))
+        Ok(collecting)
     }
 
     pub(super) async fn delete_volume(&self, volume: &str) -> Result<DirResponse, Remote> {

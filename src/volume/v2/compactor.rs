@@ -106,7 +106,7 @@ const WAIT_FOR_COMPACTION: Duration = Duration::from_secs(5);
 
 /// Bytes each peer keeps free for compaction (writes get ENOSPC first):
 /// one shard of each segment a round may write ([`reserve_segments`]).
-pub(super) fn reserve_bytes(k: usize, blocks_per_shard: u32) -> u64 {
+pub fn reserve_bytes(k: usize, blocks_per_shard: u32) -> u64 {
     let segment_blocks = k as u64 * u64::from(blocks_per_shard);
     reserve_segments(ROUND_BLOCKS, segment_blocks) * u64::from(blocks_per_shard) * BLOCK_SIZE as u64
 }
@@ -448,12 +448,14 @@ impl Compactor {
     /// Also the blocks of dropped segments the directory has not erased
     /// yet (they take room on the peers until it does).
     async fn pins(&mut self) -> Result<(), String> {
-        let client = &self.inner.client;
-        let snapshots = client.list_snapshots(&self.inner.name).await.map_err(|e| e.to_string())?;
-        self.pinned_up_to = snapshots.iter().map(|s| SegmentId::from_raw(s.highest_segment)).max();
-        let info = client.volume_info(&self.inner.name).await.map_err(|e| e.to_string())?;
+        // One call that reads a few keys and the dropped records: a round
+        // runs after every commit, and `volume info` (which walks every
+        // record of the volume) cost the directory more than the commit.
+        let (pinned_up_to, collecting) =
+            self.inner.client.compaction_inputs(&self.inner.name).await.map_err(|e| e.to_string())?;
+        self.pinned_up_to = pinned_up_to.map(SegmentId::from_raw);
         let (k, m) = (self.inner.k as u64, self.inner.m as u64);
-        self.collecting = info.collecting.bytes * k / (k + m) / BLOCK_SIZE as u64;
+        self.collecting = collecting.bytes * k / (k + m) / BLOCK_SIZE as u64;
         Ok(())
     }
 

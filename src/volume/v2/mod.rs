@@ -77,6 +77,7 @@ pub mod summary;
 mod volume;
 
 pub use attach::AttachError;
+pub use compactor::reserve_bytes;
 pub use remote::Timing;
 pub use volume::{Config, Volume};
 
