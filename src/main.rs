@@ -11,6 +11,7 @@ use meshdisk::cli::bench::BenchCommand;
 use meshdisk::cli::{self, Cli, CliError, Command};
 
 fn main() -> ExitCode {
+    meshdisk::sys::keep_large_buffers();
     let cli = Cli::parse();
     let result = match cli.command {
         // Commands that need no async runtime (and log nothing).
