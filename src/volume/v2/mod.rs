@@ -78,7 +78,7 @@ mod volume;
 
 pub use attach::AttachError;
 pub use remote::Timing;
-pub use volume::{Config, Volume};
+pub use volume::{Config, TrafficReport, Volume};
 
 #[cfg(test)]
 mod blocks_tests;
