@@ -9,11 +9,12 @@
 //! SIGUSR1): QUIC headers, ACKs, proofs and the calls' framing included.
 //!
 //! Why the bound means something: a read that fetched its data shard whole
-//! would move over 1 MiB, 64 times the bound, and one such read among the
-//! 256 adds 4 KiB to the mean; a hedged read that also decodes from k = 4
-//! other shards moves about 5 × 4.6 KiB ≈ 23 KiB. And the attach's own
-//! counters pin the blocks down: exactly one 4 KiB block fetched per read,
-//! nothing fetched ahead.
+//! would move over 1 MiB, 64 times the bound; reads hedged to the other
+//! shards (decoding from k = 4 of them) move about 5 × 4.6 KiB ≈ 23 KiB
+//! each. A few such reads among the 256 would hide in the mean, so the
+//! attach's own counters pin the blocks down too: exactly one 4 KiB block
+//! fetched per read, nothing fetched ahead. And a 1 MiB read at the end
+//! shows the count sees bulk transfers (it moves more than its blocks).
 
 mod common;
 
