@@ -709,6 +709,44 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_network_count_keeps_the_bytes_of_closed_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(dir.path(), "home").unwrap();
+        let server_id = member(&ca, "peer-1", Role::Peer);
+        let client_id = member(&ca, "laptop", Role::Client);
+        let ep = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(server_config(&server_id, ClientAuth::Required).unwrap()),
+            client_config(&server_id).unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
+        let name = node_name("peer-1", Role::Peer, "home");
+        let pool = Pool::new(
+            endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap(),
+        );
+        assert_eq!(pool.network().await, Network::default());
+        let mib = vec![Bytes::from(vec![7u8; 1 << 20])];
+        let _: (String, Bytes) =
+            pool.call(addr, &name, &"a".to_string(), mib, Duration::from_secs(10)).await.unwrap();
+        // The payload both ways, and the handshake's certificates on top.
+        let first = pool.network().await;
+        assert!(first.sent > 1 << 20 && first.received > 1 << 20, "{first:?}");
+
+        // Closed, then replaced by the next call: its bytes stay counted.
+        let conn = pool.connect(addr, &name).await.unwrap();
+        conn.close(VarInt::from_u32(0), b"test");
+        let _: (String, Bytes) =
+            pool.call(addr, &name, &"b".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
+        assert!(pool.connect(addr, &name).await.unwrap().stable_id() != conn.stable_id(), "a new connection");
+        let after = pool.network().await;
+        assert!(after.sent > first.sent && after.received > first.received, "{first:?} then {after:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_caller_without_a_certificate_may_send_small_messages_and_no_payload() {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::create(dir.path(), "home").unwrap();
