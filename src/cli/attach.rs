@@ -2,6 +2,13 @@
 //! lease, replays its log and serves it over NBD; its state folder holds
 //! the log, the cache, the lease note and `attach.pid`, which is how
 //! `detach` (and a second attach of the same folder) finds it.
+//!
+//! SIGUSR1 asks a running attach what it has moved so far (as `dd` answers
+//! it with its progress): it logs its traffic line and writes it to
+//! `traffic.json` in the state folder (replaced whole, never half written):
+//! client requests served, bytes written and committed, moved by
+//! compaction, sent to the peers as shards, and the UDP bytes its QUIC
+//! connections sent and received (`network_sent`, `network_received`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,6 +112,10 @@ fn default_state_dir(volume: &str) -> PathBuf {
 /// whatever the cluster does (the writes not yet on the peers stay in the
 /// local log).
 pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
+    // Listened for before anything else: SIGUSR1's default action would
+    // end the process.
+    let usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .map_err(CliError::io("listening for SIGUSR1"))?;
     let c = a.credential.client()?;
     // VOLUME@SNAPSHOT serves a snapshot, read-only, from its own folder.
     let (name, snapshot) = match crate::cli::snapshot::split(&a.name) {
@@ -133,6 +144,7 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     let volume = Volume::open(c, &name, &key, config).await?;
     drop(key);
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).map_err(CliError::io(pidfile.display()))?;
+    tokio::spawn(report_traffic(usr1, volume.clone(), state.join("traffic.json")));
     let spec = &volume.record().spec;
     match &snapshot {
         Some(snap) => info!(
@@ -186,6 +198,22 @@ pub async fn attach(a: AttachArgs) -> Result<(), CliError> {
     served?;
     info!("volume {} detached: everything is on the peers and the lease is released", a.name);
     Ok(())
+}
+
+/// On each SIGUSR1: the attach's traffic so far, logged and written to
+/// `path` (through a temporary file and a rename: a reader sees the old
+/// report or the new one, never part of one).
+async fn report_traffic(mut usr1: tokio::signal::unix::Signal, volume: Volume, path: PathBuf) {
+    while usr1.recv().await.is_some() {
+        let t = volume.traffic().await;
+        info!("SIGUSR1: this attach so far: {}", t.summary());
+        let json = serde_json::to_string_pretty(&t).expect("plain numbers serialize");
+        let tmp = path.with_extension("json.tmp");
+        let written = std::fs::write(&tmp, json + "\n").and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::warn!("writing {}: {e}", path.display());
+        }
+    }
 }
 
 /// The process exists and is not a zombie.

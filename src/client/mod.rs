@@ -18,6 +18,7 @@ use crate::codec::segment::{
 };
 use crate::membership::ca::{Role, node_name};
 use crate::membership::credential::{Credential, CredentialError};
+pub use crate::transport::rpc::Network;
 use crate::transport::rpc::{Pool, RpcError, endpoint};
 use crate::transport::tls::{TlsError, client_config};
 
@@ -686,6 +687,13 @@ impl Client {
     /// packets, sent packets).
     pub async fn path_stats(&self) -> Vec<(String, u16, u64, u64)> {
         self.inner.pool.path_stats().await
+    }
+
+    /// The UDP bytes this client's connections (to the directory and to
+    /// every peer) sent and received, those closed since included: what it
+    /// really moved over the network.
+    pub async fn network(&self) -> Network {
+        self.inner.pool.network().await
     }
 
     /// Pings every peer at once (each within `timeout`); the round trips of

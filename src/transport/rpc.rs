@@ -213,6 +213,36 @@ pub struct Pool {
     /// [`RETRY_AFTER`] later, so a dead node costs its callers one connect
     /// timeout, not one each.
     failed: std::sync::Mutex<HashMap<(SocketAddr, String), (std::time::Instant, String)>>,
+    /// UDP bytes of the connections no longer in `conns` (closed and
+    /// forgotten), so [`Pool::network`] counts every connection this pool
+    /// ever made. Changed only under the `conns` lock.
+    retired: std::sync::Mutex<Network>,
+}
+
+/// UDP bytes a pool's QUIC connections sent and received: every byte on
+/// the wire except the IP and UDP headers (QUIC headers, handshakes,
+/// ACKs, keep-alives, retransmissions, the calls' framing and payloads).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Network {
+    fn of(c: &Connection) -> Self {
+        let s = c.stats();
+        Self { sent: s.udp_tx.bytes, received: s.udp_rx.bytes }
+    }
+
+    fn add(&mut self, o: Network) {
+        self.sent += o.sent;
+        self.received += o.received;
+    }
+
+    /// Both ways.
+    pub fn total(&self) -> u64 {
+        self.sent + self.received
+    }
 }
 
 /// How long a node whose connect failed is taken as unreachable.
@@ -225,6 +255,7 @@ impl Pool {
             conns: Default::default(),
             connect_timeout: Duration::from_secs(5),
             failed: Default::default(),
+            retired: Default::default(),
         }
     }
 
@@ -299,7 +330,22 @@ impl Pool {
         let mut conns = self.conns.lock().await;
         if conns.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             conns.remove(key);
+            // A forgotten connection is closed: its counts are final.
+            if let Some(c) = cell.get() {
+                self.retired.lock().expect("retired").add(Network::of(c));
+            }
         }
+    }
+
+    /// The UDP bytes of every connection this pool made, open or closed
+    /// since (a connect that never completed is not counted).
+    pub async fn network(&self) -> Network {
+        let conns = self.conns.lock().await;
+        let mut total = *self.retired.lock().expect("retired");
+        for c in conns.values().filter_map(|cell| cell.get()) {
+            total.add(Network::of(c));
+        }
+        total
     }
 
     /// One call to `name` at `addr`, within `timeout` (connecting included).
@@ -659,6 +705,44 @@ mod tests {
         let (resp, _): (String, Bytes) =
             pool.call(addr, &name, &"again".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
         assert_eq!(resp, "again from laptop");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_network_count_keeps_the_bytes_of_closed_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::create(dir.path(), "home").unwrap();
+        let server_id = member(&ca, "peer-1", Role::Peer);
+        let client_id = member(&ca, "laptop", Role::Client);
+        let ep = endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(server_config(&server_id, ClientAuth::Required).unwrap()),
+            client_config(&server_id).unwrap(),
+        )
+        .unwrap();
+        let addr = ep.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
+        let name = node_name("peer-1", Role::Peer, "home");
+        let pool = Pool::new(
+            endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap(),
+        );
+        assert_eq!(pool.network().await, Network::default());
+        let mib = vec![Bytes::from(vec![7u8; 1 << 20])];
+        let _: (String, Bytes) =
+            pool.call(addr, &name, &"a".to_string(), mib, Duration::from_secs(10)).await.unwrap();
+        // The payload both ways, and the handshake's certificates on top.
+        let first = pool.network().await;
+        assert!(first.sent > 1 << 20 && first.received > 1 << 20, "{first:?}");
+
+        // Closed, then replaced by the next call: its bytes stay counted.
+        let conn = pool.connect(addr, &name).await.unwrap();
+        conn.close(VarInt::from_u32(0), b"test");
+        let _: (String, Bytes) =
+            pool.call(addr, &name, &"b".to_string(), vec![], Duration::from_secs(10)).await.unwrap();
+        assert!(pool.connect(addr, &name).await.unwrap().stable_id() != conn.stable_id(), "a new connection");
+        let after = pool.network().await;
+        assert!(after.sent > first.sent && after.received > first.received, "{first:?} then {after:?}");
         stop.cancel();
     }
 

@@ -364,7 +364,8 @@ impl Volume {
         // Bounded: a commit in flight may wait on peers that are gone; the
         // log keeps what it was sending.
         inner.workers.join_within(crate::sys::worker::STOP_WAIT).await;
-        tracing::info!("volume {}: this attach: {}", inner.name, inner.traffic.summary());
+        let traffic = inner.traffic.report(inner.client.network().await);
+        tracing::info!("volume {}: this attach: {}", inner.name, traffic.summary());
         let left = inner.local.lock().expect("local").queued();
         let why = match flushed {
             Ok(Ok(())) if left == 0 => None,

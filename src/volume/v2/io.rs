@@ -648,6 +648,9 @@ impl Inner {
                     .await
                     .map_err(|e| failed(e.kind(), "read", offset, length, e))?,
             );
+            let counter =
+                if keep == Keep::Ahead { &self.traffic.fetched_ahead } else { &self.traffic.fetched };
+            counter.fetch_add(ct.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for (n, &(idx, _)) in wanted[i..j].iter().enumerate() {
                 let block = &ct[n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE];
                 let a = first + idx as u64;

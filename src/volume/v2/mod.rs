@@ -79,7 +79,7 @@ mod volume;
 pub use attach::AttachError;
 pub use compactor::reserve_bytes;
 pub use remote::Timing;
-pub use volume::{Config, Volume};
+pub use volume::{Config, TrafficReport, Volume};
 
 #[cfg(test)]
 mod blocks_tests;

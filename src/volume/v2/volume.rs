@@ -34,7 +34,7 @@ use super::remote::{SegmentIo, Timing};
 use super::root::{RootKey, RootRecord};
 use crate::api::{Durability, PeerAddr, VolumeRecord};
 use crate::backend::{self, ErrorKind};
-use crate::client::Client;
+use crate::client::{Client, Network};
 use crate::codec::sequence::{SegmentId, Sequence, Sequencer};
 use crate::codec::xts::SectorCipher;
 use crate::sys::worker::{Runner, WorkerInfo};
@@ -212,18 +212,69 @@ pub(super) struct Traffic {
     pub(super) written: AtomicU64,
     pub(super) moved: AtomicU64,
     pub(super) sent: AtomicU64,
+    /// Bytes of data blocks read from the peers for clients' reads (not
+    /// in the block cache nor fetched ahead), and fetched ahead.
+    pub(super) fetched: AtomicU64,
+    pub(super) fetched_ahead: AtomicU64,
+}
+
+/// What an attach has moved so far: its counters, and the network bytes of
+/// its client (every QUIC connection to the directory and the peers, the
+/// closed ones included). Written to `traffic.json` in the state folder on
+/// SIGUSR1 and logged at detach.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TrafficReport {
+    /// Clients' reads, writes, trims and zeroes served.
+    pub requests: u64,
+    /// Bytes of blocks written by clients and committed.
+    pub written: u64,
+    /// Bytes of blocks compaction moved.
+    pub moved: u64,
+    /// Bytes of shards put on peers (metadata and parity included).
+    pub sent: u64,
+    /// Bytes of data blocks read from the peers because a client's read
+    /// missed the block cache (the blocks alone: no proofs, metadata or
+    /// framing).
+    pub fetched: u64,
+    /// Bytes of data blocks read from the peers ahead of a sequential
+    /// reader.
+    pub fetched_ahead: u64,
+    /// UDP payload bytes sent over the network (QUIC headers, ACKs,
+    /// keep-alives, retransmissions, the calls' framing and payloads).
+    pub network_sent: u64,
+    /// UDP payload bytes received.
+    pub network_received: u64,
 }
 
 impl Traffic {
-    pub(super) fn summary(&self) -> String {
-        let (w, m, s) = (
-            self.written.load(Ordering::Relaxed),
-            self.moved.load(Ordering::Relaxed),
-            self.sent.load(Ordering::Relaxed),
-        );
+    pub(super) fn report(&self, network: Network) -> TrafficReport {
+        TrafficReport {
+            requests: self.requests.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+            moved: self.moved.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            fetched: self.fetched.load(Ordering::Relaxed),
+            fetched_ahead: self.fetched_ahead.load(Ordering::Relaxed),
+            network_sent: network.sent,
+            network_received: network.received,
+        }
+    }
+}
+
+impl TrafficReport {
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let (w, m, s) = (self.written, self.moved, self.sent);
         format!(
-            "{w} bytes written, {m} moved by compaction, {s} sent to the peers ({:.3} sent per byte written)",
-            if w == 0 { 0.0 } else { s as f64 / w as f64 }
+            "{w} bytes written, {m} moved by compaction, {s} sent to the peers ({:.3} sent per byte written); \
+             {} client requests, {} bytes of blocks fetched for them and {} ahead; \
+             network: {} bytes sent, {} received (UDP payloads of every QUIC connection)",
+            if w == 0 { 0.0 } else { s as f64 / w as f64 },
+            self.requests,
+            self.fetched,
+            self.fetched_ahead,
+            self.network_sent,
+            self.network_received,
         )
     }
 }
@@ -271,6 +322,11 @@ impl Volume {
 
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Relaxed)
+    }
+
+    /// What this attach has moved so far, over the network included.
+    pub async fn traffic(&self) -> TrafficReport {
+        self.inner.traffic.report(self.inner.client.network().await)
     }
 
     /// The volume's background workers and their state, for status.
