@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! <folder>/LOCK                  flock(LOCK_EX|LOCK_NB) for the log's life; holds our pid
-//! <folder>/log/meta              magic, version, volume id, key check (written once)
+//! <folder>/log/meta              magic, version, volume id, key check (written once; version 1 rewritten as 2)
 //! <folder>/log/00000001.log      file header, then records back to back
 //! <folder>/log/00000002.log      the next file, started when a record does not fit
 //! ```
@@ -1527,8 +1527,15 @@ fn check_meta(
     let path = log_dir.join("meta");
     let want = encode_meta(key, volume, VERSION);
     match std::fs::read(&path) {
-        // A version 1 log's meta stays as it is: its files still replay.
-        Ok(have) if have[..] == want[..] || have[..] == encode_meta(key, volume, VERSION_1)[..] => Ok(()),
+        Ok(have) if have[..] == want[..] => Ok(()),
+        // A version 1 log: its files still replay, but what is appended
+        // from now on goes to version 2 files, which the previous binary
+        // would take for a torn tail and delete (synced writes with them).
+        // The meta says version 2 first (durably, before any such file),
+        // so that binary refuses the folder instead.
+        Ok(have) if have[..] == encode_meta(key, volume, VERSION_1)[..] => {
+            durable::replace(&path, &want, 0o644).map_err(|e| io_err(&path, e))
+        }
         Ok(have) if have.len() == META_LEN && have[..8] == META_MAGIC && have[16..32] != volume[..] => {
             Err(LogError::NotOurs(log_dir.to_owned()))
         }

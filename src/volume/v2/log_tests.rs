@@ -654,3 +654,43 @@ async fn a_kept_record_outlives_newer_bases_and_commits_and_its_floors_replay() 
     log.release(seq(100)).await.unwrap();
     assert!(!log_file(dir.path(), kept.file).exists());
 }
+
+/// Review 16: a folder upgraded from format 1 keeps its version-1 meta
+/// while it gains version-2 files. The previous binary accepts that meta,
+/// then finds a file header it does not know (it compares against its own
+/// version-1 header), calls it a torn tail with no witness after it, and
+/// deletes that file and every later one: synced (flushed, for a volume of
+/// local durability) writes silently gone on a downgrade. Once a folder
+/// holds a version-2 file its meta must not claim version 1, so that an
+/// older binary refuses the folder ("another format version") instead.
+#[tokio::test]
+async fn a_folder_with_version_2_files_does_not_claim_version_1() {
+    let ring = Uring::new(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let logkey = LogKey::derive(&key());
+    std::fs::create_dir_all(dir.path().join("log")).unwrap();
+    std::fs::write(dir.path().join("log").join("meta"), encode_meta(&logkey, &VOL, VERSION_1)).unwrap();
+    let mut file = encode_file_header(&logkey, &VOL, 1, VERSION_1).to_vec();
+    let pos = LogPos { file: 1, offset: file.len() as u32 };
+    encode_record_as(&logkey, &VOL, pos, LogPos::default(), &NewRecord::Base(base(1)), &mut file, VERSION_1)
+        .unwrap();
+    std::fs::write(log_file(dir.path(), 1), &file).unwrap();
+
+    let (log, _) = open(&ring, dir.path(), small()).await.unwrap();
+    let p = log.append_write(80, seq(110), blocks(0x5a, 2)).await.unwrap();
+    log.sync().await.unwrap(); // a flush: this write is acknowledged durable
+    drop(log);
+    assert_eq!(p.file, 2);
+    // What the previous binary checks: its meta and its own file header.
+    let header = std::fs::read(log_file(dir.path(), 2)).unwrap();
+    let v1_reader_takes_file_2 =
+        header[..FILE_HEADER_LEN] == encode_file_header(&logkey, &VOL, 2, VERSION_1)[..];
+    assert!(!v1_reader_takes_file_2, "file 2 is version 2: a version-1 reader calls it a torn tail");
+    let meta = std::fs::read(dir.path().join("log").join("meta")).unwrap();
+    assert_ne!(
+        meta[..],
+        encode_meta(&logkey, &VOL, VERSION_1)[..],
+        "the meta still says version 1 while version-2 files hold synced writes: the previous binary would \
+         open this folder and cut them"
+    );
+}
