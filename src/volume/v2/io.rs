@@ -81,6 +81,9 @@ impl Inner {
     async fn write_locked(&self, op: &'static str, address: u64, plain: &[u8]) -> backend::Result<()> {
         let n = (plain.len() / BLOCK_SIZE) as u64;
         let (offset, length) = (address * BLOCK, plain.len() as u64);
+        // Held back first: the fence and the lease are checked after the
+        // wait, which may be long.
+        self.hold_back_while_dirty(op, offset, length).await;
         self.check_fenced(op, offset, length)?;
         self.wait_for_lease(op, offset, length).await?;
         self.wait_for_room(op, offset, length).await?;
@@ -137,7 +140,6 @@ impl Inner {
     /// Holds a write while the local log is nearly full, committing to
     /// make room; refuses after the I/O timeout.
     async fn wait_for_room(&self, op: &'static str, offset: u64, length: u64) -> backend::Result<()> {
-        self.hold_back_while_dirty().await;
         if self.log.used_bytes() < self.config.log_size / 10 * 9 {
             return Ok(());
         }
@@ -151,11 +153,14 @@ impl Inner {
     /// memory, so commits pack from memory rather than reading the log
     /// back, and a FLUSH never has more than that to carry. When commits
     /// fail (peers away), writes go on filling the log to its end.
-    async fn hold_back_while_dirty(&self) {
+    /// A fenced volume (whose commits stop without failing) holds nobody
+    /// back: the write is refused right after.
+    async fn hold_back_while_dirty(&self, op: &'static str, offset: u64, length: u64) {
         let limit = self.log.recent_budget() / 2 / BLOCK;
         let dirty = || {
             self.local.lock().expect("local").queued_blocks() > limit
                 && self.commit_failure.lock().expect("failure").is_none()
+                && self.check_fenced(op, offset, length).is_ok()
         };
         if !dirty() {
             return;
@@ -283,6 +288,9 @@ impl Inner {
         }
         let n = end_full - first_full;
         let _guards = self.lock(first_full, n).await;
+        // Held back first: the fence and the lease are checked after the
+        // wait, which may be long.
+        self.hold_back_while_dirty(op, offset, length).await;
         self.check_fenced(op, offset, length)?;
         self.wait_for_lease(op, offset, length).await?;
         self.wait_for_room(op, offset, length).await?;
@@ -668,7 +676,9 @@ impl Inner {
                             tracing::debug!("block cache: {e}");
                         }
                     }
-                    Keep::Ahead => self.ahead.hold(a, seq, ct.slice(n * BLOCK_SIZE..(n + 1) * BLOCK_SIZE)),
+                    // A copy: a slice would keep the whole fetched run alive
+                    // while counting 4 KiB of it against the budget.
+                    Keep::Ahead => self.ahead.hold(a, seq, Bytes::copy_from_slice(block)),
                     Keep::Nothing => {}
                 }
             }
