@@ -32,8 +32,10 @@
 //! checkpoint. A summary changes them only where it wins over what the
 //! base held, which needs the base page; so each page the overlay touches
 //! keeps a *delta* (its merged page's blocks per segment minus its base
-//! page's), recomputed from scratch when the page is next loaded
-//! ([`settle`](MapCache::settle)). Counts are exact once no page is
+//! page's), recomputed from scratch when the page is next loaded or when
+//! the counts are asked for ([`settle`](MapCache::settle), once per
+//! compactor round, however many commits came since; never per commit).
+//! Counts are exact once no page is
 //! unsettled, and [`live_blocks`](MapCache::live_blocks) says `None` until
 //! then.
 //!
@@ -325,10 +327,11 @@ impl MapCache {
         }
         self.highest_segment = self.highest_segment.max(summary.segment);
         self.recent.insert(summary.segment, (summary.clone(), root));
-        let ready: Vec<u64> = self.unsettled.iter().copied().filter(|&p| self.base_ready(p)).collect();
-        for page in ready {
-            self.settle_page(page);
-        }
+        // Pages are settled when live counts are asked for ([`Self::settle`],
+        // the compactor's round), not here: settling re-merges the whole
+        // page, which after random writes holds tens of thousands of
+        // extents, and a commit of a few random blocks touches every page.
+        // Doing it per commit made small commits cost 30 ms of CPU per page.
         Ok(())
     }
 
