@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let pos = LogPos { file: 1, offset: file.len() as u32 };
         let mark = LogPos { file: 1, offset: (b as u32) % (pos.offset + 1) };
-        let head = encode_record(key, &VOL, pos, mark, &record, &mut file).expect("a valid record");
+        let head = encode_record(key, &VOL, pos, mark, &record, &mut file, VERSION).expect("a valid record");
         want.push((pos, head, mark));
         ends.push(file.len());
     }

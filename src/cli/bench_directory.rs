@@ -317,15 +317,7 @@ pub async fn run(
         let lease = c.acquire_lease(&name, false, None).await?;
         let ids =
             Sequencer::new(lease.epoch, SegmentId::ZERO).map_err(|e| CliError::Argument(e.to_string()))?;
-        let root = RootRecord {
-            volume_id: spec.id,
-            epoch: 0,
-            commit: 0,
-            highest_sequence: Sequence::ZERO,
-            highest_segment: SegmentId::ZERO,
-            checkpoint: None,
-            since: Vec::new(),
-        };
+        let root = RootRecord::empty(spec.id);
         let keep_free = crate::volume::v2::reserve_bytes(usize::from(K), BLOCKS_PER_SHARD);
         let compactor = Arc::new(Wake::default());
         let w = Writer { client: c, name, epoch: lease.epoch, key, root, ids, held: 0, keep_free, compactor };

@@ -174,6 +174,19 @@ pub enum RootError {
 }
 
 impl RootRecord {
+    /// The root of a volume nothing was committed to yet.
+    pub fn empty(volume_id: [u8; VOLUME_ID_LEN]) -> Self {
+        Self {
+            volume_id,
+            epoch: 0,
+            commit: 0,
+            highest_sequence: Sequence::ZERO,
+            highest_segment: SegmentId::ZERO,
+            checkpoint: None,
+            since: Vec::new(),
+        }
+    }
+
     /// Checks what the parser checks about the fields.
     pub fn validate(&self) -> Result<(), RootError> {
         if self.epoch > MAX_EPOCH {

@@ -449,17 +449,7 @@ async fn requests_are_checked_against_the_callers_role() {
     let f = Fixture::with_peers(1).await;
     let err = f.ask("peer-0", Role::Peer, DirRequest::Status).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused, "{err}");
-    let report = PeerReport {
-        addr: addr_of(9),
-        failure_domain: String::new(),
-        capacity: 0,
-        used: 0,
-        load: 0,
-        client_ops: 0,
-        problem: None,
-        rtts: vec![],
-        scrub: None,
-    };
+    let report = PeerReport { capacity: 0, ..report_of(9, "") };
     let err = f.client("client-1", DirRequest::Heartbeat(report)).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Refused, "{err}");
     let anonymous = Caller { name: None, ..caller("x", Role::Client) };

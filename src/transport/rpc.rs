@@ -632,23 +632,18 @@ mod tests {
         }
     }
 
-    /// Answers with the caller's node name and the payload reversed.
-    struct Echo;
-
-    impl Handler for Echo {
-        type Request = String;
-        type Response = String;
-
-        async fn handle(&self, caller: Caller, req: String, payload: Bytes) -> (String, Bytes) {
-            let who = caller.name.map_or("nobody".into(), |n| n.node);
-            let mut back = payload.to_vec();
-            back.reverse();
-            (format!("{req} from {who}"), Bytes::from(back))
-        }
+    /// An [`Echo`] server, peer-1 of cluster "home", and a pool calling it
+    /// as the client "laptop".
+    struct EchoPeer {
+        _dir: tempfile::TempDir,
+        client_id: Identity,
+        addr: SocketAddr,
+        name: String,
+        pool: Pool,
+        stop: CancellationToken,
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn calls_carry_payloads_and_a_malformed_call_closes_only_its_connection() {
+    fn echo_peer() -> EchoPeer {
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::create(dir.path(), "home").unwrap();
         let server_id = member(&ca, "peer-1", Role::Peer);
@@ -666,6 +661,27 @@ mod tests {
         let pool = Pool::new(
             endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap(),
         );
+        EchoPeer { _dir: dir, client_id, addr, name, pool, stop }
+    }
+
+    /// Answers with the caller's node name and the payload reversed.
+    struct Echo;
+
+    impl Handler for Echo {
+        type Request = String;
+        type Response = String;
+
+        async fn handle(&self, caller: Caller, req: String, payload: Bytes) -> (String, Bytes) {
+            let who = caller.name.map_or("nobody".into(), |n| n.node);
+            let mut back = payload.to_vec();
+            back.reverse();
+            (format!("{req} from {who}"), Bytes::from(back))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_carry_payloads_and_a_malformed_call_closes_only_its_connection() {
+        let EchoPeer { _dir, client_id, addr, name, pool, stop } = echo_peer();
 
         // A payload in pieces arrives whole; the answer's payload too.
         let payload =
@@ -710,23 +726,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_network_count_keeps_the_bytes_of_closed_connections() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = ClusterCa::create(dir.path(), "home").unwrap();
-        let server_id = member(&ca, "peer-1", Role::Peer);
-        let client_id = member(&ca, "laptop", Role::Client);
-        let ep = endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            Some(server_config(&server_id, ClientAuth::Required).unwrap()),
-            client_config(&server_id).unwrap(),
-        )
-        .unwrap();
-        let addr = ep.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        tokio::spawn(serve(ep, Arc::new(Echo), stop.clone()));
-        let name = node_name("peer-1", Role::Peer, "home");
-        let pool = Pool::new(
-            endpoint("127.0.0.1:0".parse().unwrap(), None, client_config(&client_id).unwrap()).unwrap(),
-        );
+        let EchoPeer { _dir, addr, name, pool, stop, .. } = echo_peer();
         assert_eq!(pool.network().await, Network::default());
         let mib = vec![Bytes::from(vec![7u8; 1 << 20])];
         let _: (String, Bytes) =

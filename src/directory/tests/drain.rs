@@ -235,11 +235,10 @@ async fn audits_forget_what_fails_and_drain_a_peer_that_lies_whose_shards_are_re
     assert_eq!(f.status().await.verdict, Verdict::HealthOk);
 }
 
-#[tokio::test]
-async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_is_never_recorded() {
-    // Index 1 moved off peer-1 (id 2) to peer-4 (id 5) earlier: peer-1
-    // still holds the copy, an orphan past its grace. Now peer-4 is
-    // drained and the only peer to move it to is peer-1 (peer-5 is down).
+/// Six peers and a segment whose index 1 was moved off peer-1 (id 2) to
+/// peer-4 (id 5): peer-1 still holds that copy, which the collector has
+/// found once (its grace started).
+async fn a_leftover_copy_on_peer_1() -> (Fixture, SegmentShardKey, FakePeers, collector::Orphans) {
     let f = peers_alone(6).await;
     volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
     let v = f.volume_record("vol-1").await;
@@ -248,6 +247,15 @@ async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_
     peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);
     let mut orphans = collector::Orphans::default();
     assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
+    (f, copy, peers, orphans)
+}
+
+#[tokio::test]
+async fn a_copy_the_collector_erases_while_a_move_stores_that_index_on_its_peer_is_never_recorded() {
+    // Index 1 moved off peer-1 (id 2) to peer-4 (id 5) earlier: peer-1
+    // still holds the copy, an orphan past its grace. Now peer-4 is
+    // drained and the only peer to move it to is peer-1 (peer-5 is down).
+    let (f, _, peers, mut orphans) = a_leftover_copy_on_peer_1().await;
     pass(&f, GRACE + PEER_TIMEOUT, &[0, 1, 2, 3, 4]).await;
     admin(&f, DirRequest::DrainPeer { peer: "peer-4".into(), cancel: false }).await.unwrap();
 
@@ -307,14 +315,7 @@ async fn a_failure_another_holder_shares_blames_no_peer_and_a_slot_is_forgotten_
 async fn the_collector_erases_only_the_copy_it_judged_and_a_copy_stored_since_starts_its_grace_anew() {
     // Index 1 was moved off peer-1 (id 2) to peer-4 (id 5): peer-1's copy
     // is a leftover, seen and then due.
-    let f = peers_alone(6).await;
-    volume_with(&f, 2, 2, 4, vec![(seg(1, 1), record(&[1, 5, 3, 4], 1))]).await;
-    let v = f.volume_record("vol-1").await;
-    let copy = SegmentShardKey { volume: v.spec.id, segment: seg(1, 1), index: 1 };
-    let peers = FakePeers::default();
-    peers.held.lock().unwrap().insert("peer-1".into(), vec![copy]);
-    let mut orphans = collector::Orphans::default();
-    assert_eq!(f.dir.reconcile(&peers, &mut orphans, None).await.unwrap().found, 1);
+    let (f, copy, peers, mut orphans) = a_leftover_copy_on_peer_1().await;
     pass(&f, GRACE, &(0..6).collect::<Vec<_>>()).await;
     // Between the listing and the erase, peer-1 stores index 1 anew (a
     // repair's rebuild there, not yet recorded): the erase of the copy

@@ -215,15 +215,7 @@ impl Volume {
                 Some(snap) => Some(client.snapshot_root(name, snap).await.map_err(VolumeError::from)?),
             };
             let root = match root_state {
-                None => RootRecord {
-                    volume_id: spec.id,
-                    epoch: 0,
-                    commit: 0,
-                    highest_sequence: Sequence::ZERO,
-                    highest_segment: SegmentId::ZERO,
-                    checkpoint: None,
-                    since: Vec::new(),
-                },
+                None => RootRecord::empty(spec.id),
                 Some(state) => RootRecord::open(&state.sealed, &root_key, &spec.id)
                     .map_err(|e| AttachError::Root { volume: name.into(), why: e.to_string() })?,
             };

@@ -368,21 +368,18 @@ fn block_tag(
     block: &[u8],
     version: u16,
 ) -> [u8; 32] {
-    if version == VERSION_1 {
-        let mut h = key.hasher(b"blck", volume);
-        h.update(&pos_bytes(pos));
-        h.update(head);
-        h.update(&index.to_le_bytes());
-        h.update(block);
-        return *h.finalize().as_bytes();
-    }
     let mut h = blake3::Hasher::new_keyed(&key.0);
-    h.update(block);
+    if version != VERSION_1 {
+        h.update(block);
+    }
     h.update(b"blck");
     h.update(volume);
     h.update(&pos_bytes(pos));
     h.update(head);
     h.update(&index.to_le_bytes());
+    if version == VERSION_1 {
+        h.update(block);
+    }
     *h.finalize().as_bytes()
 }
 
@@ -391,20 +388,9 @@ fn tags_equal(a: &[u8], b: [u8; 32]) -> bool {
     <[u8; 32]>::try_from(a).is_ok_and(|a| blake3::Hash::from_bytes(a) == blake3::Hash::from_bytes(b))
 }
 
-/// Appends the encoding of `record` at `pos` with durable mark `mark`.
+/// Appends the encoding of `record` at `pos` with durable mark `mark`, in
+/// format `version` (this code appends [`VERSION`]; tests write older ones).
 pub fn encode_record(
-    key: &LogKey,
-    volume: &[u8; VOLUME_ID_LEN],
-    pos: LogPos,
-    mark: LogPos,
-    record: &NewRecord<'_>,
-    out: &mut Vec<u8>,
-) -> Result<RecordHead, LogError> {
-    encode_record_as(key, volume, pos, mark, record, out, VERSION)
-}
-
-/// [`encode_record`] in format `version` (tests write older formats).
-pub fn encode_record_as(
     key: &LogKey,
     volume: &[u8; VOLUME_ID_LEN],
     pos: LogPos,
@@ -759,6 +745,8 @@ struct Inner {
     sync_turn: tokio::sync::Mutex<()>,
     first_error: Mutex<Option<String>>,
     recent: Mutex<Recent>,
+    /// `recent`'s budget, fixed at open.
+    recent_max: usize,
     _lock: FolderLock,
 }
 
@@ -1039,6 +1027,7 @@ impl LocalLog {
                 sync_turn: tokio::sync::Mutex::new(()),
                 first_error: Mutex::new(None),
                 recent: Mutex::new(Recent { max: recent_max, ..Recent::default() }),
+                recent_max,
                 _lock: lock,
             }),
         };
@@ -1057,7 +1046,7 @@ impl LocalLog {
     /// held back while what waits for a commit nears it (see the engine's
     /// dirty limit), so a commit packs from memory.
     pub fn recent_budget(&self) -> u64 {
-        self.inner.recent.lock().expect("not poisoned").max as u64
+        self.inner.recent_max as u64
     }
 
     /// The most blocks one Write record can carry (it must fit in a file).
@@ -1143,7 +1132,7 @@ impl LocalLog {
         let mut positions = Vec::with_capacity(records.len());
         for r in records {
             let pos = LogPos { file: start.file, offset: start.offset + buf.len() as u32 };
-            encode_record(&self.inner.key, &self.inner.volume, pos, mark, r, &mut buf)?;
+            encode_record(&self.inner.key, &self.inner.volume, pos, mark, r, &mut buf, VERSION)?;
             positions.push(pos);
         }
         let written = self.inner.ring.write_all_at(&file, u64::from(start.offset), Bytes::from(buf), 0).await;

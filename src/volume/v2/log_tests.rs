@@ -553,7 +553,7 @@ async fn a_version_1_log_replays_and_reads_back_and_new_records_go_to_a_new_file
     let mut positions = Vec::new();
     for r in &records {
         let pos = LogPos { file: 1, offset: file.len() as u32 };
-        encode_record_as(&logkey, &VOL, pos, LogPos::default(), r, &mut file, VERSION_1).unwrap();
+        encode_record(&logkey, &VOL, pos, LogPos::default(), r, &mut file, VERSION_1).unwrap();
         positions.push(pos);
     }
     // Version 2 tags do not check a version 1 file, nor the other way round.
@@ -672,7 +672,7 @@ async fn a_folder_with_version_2_files_does_not_claim_version_1() {
     std::fs::write(dir.path().join("log").join("meta"), encode_meta(&logkey, &VOL, VERSION_1)).unwrap();
     let mut file = encode_file_header(&logkey, &VOL, 1, VERSION_1).to_vec();
     let pos = LogPos { file: 1, offset: file.len() as u32 };
-    encode_record_as(&logkey, &VOL, pos, LogPos::default(), &NewRecord::Base(base(1)), &mut file, VERSION_1)
+    encode_record(&logkey, &VOL, pos, LogPos::default(), &NewRecord::Base(base(1)), &mut file, VERSION_1)
         .unwrap();
     std::fs::write(log_file(dir.path(), 1), &file).unwrap();
 
