@@ -29,15 +29,16 @@
 //! [`checkpoint`](MapCache::checkpoint) writes it.
 //!
 //! **Live counts.** The index carries each segment's live blocks at the
-//! checkpoint. A summary changes them only where it wins over what the
-//! base held, which needs the base page; so each page the overlay touches
-//! keeps a *delta* (its merged page's blocks per segment minus its base
-//! page's), recomputed from scratch when the page is next loaded or when
-//! the counts are asked for ([`settle`](MapCache::settle), once per
-//! compactor round, however many commits came since; never per commit).
-//! Counts are exact once no page is
-//! unsettled, and [`live_blocks`](MapCache::live_blocks) says `None` until
-//! then.
+//! checkpoint. Each page the overlay touches keeps a *delta* (its merged
+//! page's blocks per segment minus its base page's). When a summary
+//! comes in and the page's base is at hand, each entry's part in the page
+//! moves counts as it lands: the blocks it wins over the merged page
+//! (base and overlay, only the runs under the entry) leave their segments
+//! for its own. A page whose base is not at hand is marked unsettled, and
+//! its delta is recomputed from a whole merge when the page is next
+//! loaded or when the counts are asked for ([`settle`](MapCache::settle),
+//! the compactor's round). Counts are exact once no page is unsettled,
+//! and [`live_blocks`](MapCache::live_blocks) says `None` until then.
 //!
 //! **Checkpointing** rewrites only the pages the overlay touches: each is
 //! its base page with the overlay's entries applied. Pages come in one at
@@ -314,11 +315,20 @@ impl MapCache {
     /// root is `root`): all of it, or none if an entry reaches past the
     /// volume's end. Re-applying one is a no-op.
     pub fn apply_summary(&mut self, summary: &Summary, root: SegmentRoot) -> Result<(), MapError> {
-        summary.apply_to(&mut self.overlay)?;
         for entry in summary.entries() {
-            let (first, last) =
-                (MapPage::index_of(entry.start()), MapPage::index_of(entry.start() + entry.len() - 1));
-            self.unsettled.extend(first..=last);
+            self.overlay.check(&entry)?;
+        }
+        for entry in summary.entries() {
+            let (start, end) = (entry.start(), entry.start() + entry.len());
+            for page in MapPage::index_of(start)..=MapPage::index_of(end - 1) {
+                let (lo, hi) = ((page * PAGE_BLOCKS).max(start), ((page + 1) * PAGE_BLOCKS).min(end));
+                if self.unsettled.contains(&page) || !self.base_ready(page) {
+                    self.unsettled.insert(page);
+                } else {
+                    self.count_overwrite(page, &entry, lo, hi);
+                }
+            }
+            self.overlay.apply(&entry)?;
             let top = match entry {
                 Entry::Data { sequence, len, .. } => sequence.checked_add(len - 1).unwrap_or(sequence),
                 Entry::Zero { sequence, .. } => sequence,
@@ -327,12 +337,46 @@ impl MapCache {
         }
         self.highest_segment = self.highest_segment.max(summary.segment);
         self.recent.insert(summary.segment, (summary.clone(), root));
-        // Pages are settled when live counts are asked for ([`Self::settle`],
-        // the compactor's round), not here: settling re-merges the whole
-        // page, which after random writes holds tens of thousands of
-        // extents, and a commit of a few random blocks touches every page.
-        // Doing it per commit made small commits cost 30 ms of CPU per page.
         Ok(())
+    }
+
+    /// Moves live blocks for `entry`'s part `lo..hi` in `page` (settled,
+    /// its base at hand), before the overlay takes it: the blocks it wins
+    /// over the merged page leave their segments for its own. Only the
+    /// runs within `lo..hi` are looked at, so a commit of a few random
+    /// blocks costs a few lookups, however many runs the page holds (a
+    /// whole-page merge here made small commits cost 30 ms of CPU each).
+    fn count_overwrite(&mut self, page: u64, entry: &Entry, lo: u64, hi: u64) {
+        let mut scratch = BlockMap::new(super::map::ADDRESS_LIMIT);
+        let base = self.clean.get(&page).map(|(p, _)| p.extents(lo, hi)).unwrap_or_default();
+        let recent = self.overlay.page(page).map(|p| p.extents(lo, hi)).unwrap_or_default();
+        for e in base.iter().chain(&recent) {
+            scratch
+                .apply(&e.entry().expect("page extents are written"))
+                .expect("page extents are valid entries");
+        }
+        let whole = Extent { start: entry.start(), len: entry.len(), first: Some(entry.first()) };
+        let part = Extent { start: lo, len: hi - lo, first: whole.at(lo - entry.start()) };
+        let part = part.entry().expect("a slice of an entry is an entry");
+        let applied = scratch.apply(&part).expect("a slice of a valid entry is valid");
+        let mut moved: Vec<(SegmentId, i64)> =
+            applied.released.iter().map(|&(s, n)| (s, -(n as i64))).collect();
+        if let (Entry::Data { segment, .. }, true) = (part, applied.won > 0) {
+            moved.push((segment, applied.won as i64));
+        }
+        let delta = self.deltas.entry(page).or_default();
+        for &(s, n) in &moved {
+            let d = delta.entry(s).or_default();
+            *d += n;
+            if *d == 0 {
+                delta.remove(&s);
+            }
+            let l = self.live.entry(s).or_default();
+            *l += n;
+            if *l == 0 {
+                self.live.remove(&s);
+            }
+        }
     }
 
     /// The page `page` with the overlay applied, and its delta (blocks per

@@ -188,6 +188,8 @@ enum Op {
     CheckpointWhileApplying(Vec<Piece>),
     Evict(u64),
     Settle,
+    /// An earlier summary again (an attach replaying what it applied).
+    Reapply(proptest::sample::Index),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -199,6 +201,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => proptest::collection::vec(piece(), 1..3).prop_map(Op::CheckpointWhileApplying),
         1 => (0..PAGES).prop_map(Op::Evict),
         1 => Just(Op::Settle),
+        1 => any::<proptest::sample::Index>().prop_map(Op::Reapply),
     ]
 }
 
@@ -228,7 +231,7 @@ proptest! {
     #[test]
     fn the_paged_map_agrees_with_the_model(
         ops in proptest::collection::vec(op(), 1..40),
-        capacity in 1..4usize,
+        capacity in 1..6usize,
     ) {
         let mut store = Store::default();
         let mut model = BlockMap::new(BLOCKS);
@@ -296,8 +299,18 @@ proptest! {
                 }
                 Op::Evict(p) => cache.evict(p),
                 Op::Settle => resolve(&mut cache, &store, MapCache::settle),
+                Op::Reapply(i) => {
+                    if let Some(s) = since.get(i.index(since.len().max(1))) {
+                        cache.apply_summary(s, fake_root(s.segment)).unwrap();
+                    }
+                }
             }
             prop_assert!(cache.loaded_pages() <= cache.capacity());
+            // Counts kept as summaries land are exact whenever the cache
+            // says they are, not only after a settle.
+            if let Some(live) = cache.segments() {
+                prop_assert_eq!(live, model.segments().collect::<HashMap<_, _>>());
+            }
         }
         check(&mut cache, &store, &model)?;
         // What the map needs: live blocks, the pages, the summaries since
