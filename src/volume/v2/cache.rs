@@ -157,11 +157,12 @@ pub struct MapCache {
     /// segment's root.
     recent: BTreeMap<SegmentId, (Summary, SegmentRoot)>,
     overlay: BlockMap,
-    /// Settled pages' deltas.
+    /// Each page the overlay touches: its delta, exact while the page is
+    /// settled (an unsettled page's is replaced when it is settled).
     deltas: HashMap<u64, Delta>,
     /// Pages the overlay changed since they were last settled.
     unsettled: BTreeSet<u64>,
-    /// Live blocks per segment: the index's plus every settled delta.
+    /// Live blocks per segment: the index's plus every page's delta.
     live: HashMap<SegmentId, i64>,
     highest_sequence: Sequence,
     highest_segment: SegmentId,

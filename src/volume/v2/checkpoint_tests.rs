@@ -17,6 +17,12 @@ use super::root::{SegmentRef, SegmentRoot};
 use super::summary::{Summary, SummaryEntry};
 use crate::codec::sequence::{SegmentId, Sequence};
 
+/// `n` cases, or as many as `PROPTEST_CASES` says (`with_cases` alone
+/// ignores it).
+fn cases(n: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(n)
+}
+
 /// Four pages; entries land around the page boundaries.
 const PAGES: u64 = 4;
 const BLOCKS: u64 = PAGES * PAGE_BLOCKS;
@@ -190,6 +196,13 @@ enum Op {
     Settle,
     /// An earlier summary again (an attach replaying what it applied).
     Reapply(proptest::sample::Index),
+    /// Any summary ever applied again, one a checkpoint covers included
+    /// (the root of an attach may name a segment the checkpoint it
+    /// found already folded in).
+    ReapplyAny(proptest::sample::Index),
+    /// A summary whose last entry reaches past the volume's end: refused
+    /// whole, nothing of it applied or counted.
+    ApplyPastEnd(Vec<Piece>),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -202,6 +215,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PAGES).prop_map(Op::Evict),
         1 => Just(Op::Settle),
         1 => any::<proptest::sample::Index>().prop_map(Op::Reapply),
+        1 => any::<proptest::sample::Index>().prop_map(Op::ReapplyAny),
+        1 => proptest::collection::vec(piece(), 0..3).prop_map(Op::ApplyPastEnd),
     ]
 }
 
@@ -226,12 +241,14 @@ fn check(cache: &mut MapCache, store: &Store, model: &BlockMap) -> Result<(), Te
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(cases(48)))]
 
     #[test]
     fn the_paged_map_agrees_with_the_model(
         ops in proptest::collection::vec(op(), 1..40),
         capacity in 1..6usize,
+        attach_capacity in 1..6usize,
+        attach_loads in proptest::collection::vec(0..PAGES, 0..6),
     ) {
         let mut store = Store::default();
         let mut model = BlockMap::new(BLOCKS);
@@ -239,6 +256,8 @@ proptest! {
         let mut next_segment = 0u64;
         // Summaries since the last installed checkpoint, for an attach.
         let mut since: Vec<Summary> = Vec::new();
+        // Every summary ever applied.
+        let mut all: Vec<Summary> = Vec::new();
         let mut last_index = CheckpointIndex::empty(BLOCKS);
         let mut new_summary = |pieces: &[Piece]| {
             next_segment += 1;
@@ -250,6 +269,7 @@ proptest! {
                     let s = new_summary(&pieces);
                     s.apply_to(&mut model).unwrap();
                     cache.apply_summary(&s, fake_root(s.segment)).unwrap();
+                    all.push(s.clone());
                     since.push(s);
                 }
                 Op::Lookup(a) => {
@@ -291,6 +311,7 @@ proptest! {
                     if !applied {
                         cache.apply_summary(&late, fake_root(late.segment)).unwrap();
                     }
+                    all.push(late.clone());
                     since.push(late);
                     let index = store.write(&pending);
                     since.retain(|s| !pending.covers().contains(&s.segment));
@@ -303,6 +324,24 @@ proptest! {
                     if let Some(s) = since.get(i.index(since.len().max(1))) {
                         cache.apply_summary(s, fake_root(s.segment)).unwrap();
                     }
+                }
+                Op::ReapplyAny(i) => {
+                    if let Some(s) = all.get(i.index(all.len().max(1))) {
+                        cache.apply_summary(s, fake_root(s.segment)).unwrap();
+                        // The root names it again until a checkpoint covers it.
+                        if !since.iter().any(|x| x.segment == s.segment) {
+                            since.push(s.clone());
+                        }
+                    }
+                }
+                Op::ApplyPastEnd(mut pieces) => {
+                    let before = cache.segments();
+                    pieces.push(Piece::Data { start: BLOCKS - 3, len: 5, counter: 60, epoch: 3 });
+                    let s = new_summary(&pieces);
+                    prop_assert!(s.apply_to(&mut BlockMap::new(BLOCKS)).is_err());
+                    prop_assert!(cache.apply_summary(&s, fake_root(s.segment)).is_err());
+                    prop_assert!(!cache.is_recent(s.segment));
+                    prop_assert_eq!(cache.segments(), before);
                 }
             }
             prop_assert!(cache.loaded_pages() <= cache.capacity());
@@ -323,11 +362,27 @@ proptest! {
             prop_assert!(cache.is_recent(s.segment));
         }
 
-        // An attach: the last checkpoint, the summaries since, one page.
-        let mut attach = MapCache::new(last_index, 1);
-        for s in &since {
-            attach.apply_summary(s, fake_root(s.segment)).unwrap();
+        // An attach: the last checkpoint, some of its pages loaded, the
+        // summaries since; its counts exact whenever it says they are.
+        let mut partial = checkpoint_model(&store, &last_index);
+        let mut attach = MapCache::new(last_index, attach_capacity);
+        for &p in &attach_loads {
+            resolve(&mut attach, &store, |c| c.lookup(p * PAGE_BLOCKS));
         }
+        for (i, s) in since.iter().enumerate() {
+            s.apply_to(&mut partial).unwrap();
+            attach.apply_summary(s, fake_root(s.segment)).unwrap();
+            if let Some(live) = attach.segments() {
+                prop_assert_eq!(live, partial.segments().collect::<HashMap<_, _>>());
+            }
+            if let Some(&p) = attach_loads.get(i) {
+                resolve(&mut attach, &store, |c| c.lookup(p * PAGE_BLOCKS + 50));
+                if let Some(live) = attach.segments() {
+                    prop_assert_eq!(live, partial.segments().collect::<HashMap<_, _>>());
+                }
+            }
+        }
+        prop_assert_eq!(&partial, &model);
         check(&mut attach, &store, &model)?;
 
         // A checkpoint now covers everything: a cache on it alone agrees.
@@ -422,6 +477,17 @@ proptest! {
             prop_assert!(h.assemble(&[]).is_err());
         }
     }
+}
+
+/// The map a checkpoint holds, every page read from `store`.
+fn checkpoint_model(store: &Store, index: &CheckpointIndex) -> BlockMap {
+    let pages = index.pages.keys().map(|&p| {
+        let fetch = index.fetch(p).unwrap();
+        index.open_page(p, &store.serve(&fetch)).unwrap()
+    });
+    let map = BlockMap::from_pages(BLOCKS, pages.collect::<Vec<_>>()).unwrap();
+    assert_eq!(index.live_counts(), map.segments().collect::<HashMap<_, _>>());
+    map
 }
 
 /// The root the tests' segments have (any fixed function of the id).
@@ -618,7 +684,7 @@ fn resolve_live<T>(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(cases(96)))]
 
     /// Invariant 10 and "a move never outranks a later write": whatever
     /// the interleaving of user writes, stale gathers, moves, checkpoints
@@ -645,7 +711,10 @@ proptest! {
         // summaries; and that checkpoint.
         let mut since: Vec<Summary> = Vec::new();
         let mut last_index = CheckpointIndex::empty(BLOCKS);
+        // The whole map, for the live counts.
+        let mut model = BlockMap::new(BLOCKS);
         let commit = |cache: &mut MapCache,
+                          model: &mut BlockMap,
                           contents: &mut HashMap<SegmentId, Vec<(u64, Sequence)>>,
                           known: &mut BTreeSet<SegmentId>,
                           since: &mut Vec<Summary>,
@@ -660,6 +729,7 @@ proptest! {
             }
             contents.insert(s.segment, slots);
             known.insert(s.segment);
+            s.apply_to(model).unwrap();
             cache.apply_summary(&s, fake_root(s.segment)).unwrap();
             since.push(s);
         };
@@ -687,7 +757,7 @@ proptest! {
                             counter += len;
                         }
                     }
-                    commit(&mut cache, &mut contents, &mut known, &mut since, Summary { segment, slots: slot, entries });
+                    commit(&mut cache, &mut model, &mut contents, &mut known, &mut since, Summary { segment, slots: slot, entries });
                 }
                 RaceOp::Gather(pick) => {
                     // As `Compactor::victims` and `Inner::live_in`.
@@ -736,7 +806,7 @@ proptest! {
                         .collect();
                     let s = Summary { segment, slots: gathered.len() as u32, entries };
                     gathered.clear();
-                    commit(&mut cache, &mut contents, &mut known, &mut since, s);
+                    commit(&mut cache, &mut model, &mut contents, &mut known, &mut since, s);
                 }
                 RaceOp::Checkpoint => {
                     let pending = resolve_live(&mut cache, &store, &dropped, MapCache::checkpoint)?;
@@ -760,6 +830,11 @@ proptest! {
                     }
                 }
                 RaceOp::Evict(p) => cache.evict(p),
+            }
+            // Counts kept as summaries land (the victims' choice reads
+            // them unsettled) are exact whenever the cache gives them.
+            if let Some(live) = cache.segments() {
+                prop_assert_eq!(live, model.segments().collect::<HashMap<_, _>>());
             }
         }
         // An attach now: the root's segments since are all there.
