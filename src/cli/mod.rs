@@ -55,7 +55,7 @@ pub struct Cli {
     /// 1 runs everything on one thread (no cross-thread wake-ups, which
     /// can be faster on very small machines). Disk I/O has its own thread.
     /// For `bench codec`: threads of the all-cores stages.
-    #[arg(long, global = true, default_value_t = 0)]
+    #[arg(long, global = true, env = "MESHDISK_THREADS", default_value_t = 0)]
     pub threads: usize,
     #[command(subcommand)]
     pub command: Command,

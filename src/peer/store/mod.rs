@@ -348,6 +348,7 @@ impl ShardStore {
                 std::mem::take(&mut q.pending)
             };
             let mut batch = batch;
+            let started = std::time::Instant::now();
             let mut synced: Vec<u32> = Vec::new();
             let mut failed = self.check().err().map(|e| e.to_string());
             for p in &batch {
@@ -359,6 +360,7 @@ impl ShardStore {
                     Err(e) => failed = Some(format!("syncing a data file: {e}")),
                 }
             }
+            let data_synced = started.elapsed();
             let entries: Vec<(SegmentShardKey, u64, Location, Vec<u8>)> =
                 batch.iter_mut().map(|p| (p.key, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
             let results = match failed {
@@ -370,6 +372,11 @@ impl ShardStore {
                         .unwrap_or_else(|e| Err(format!("index commit task: {e}")))
                 }
             };
+            tracing::debug!(
+                "group commit of {} puts: data synced {data_synced:.0?}, indexed {:.0?}",
+                batch.len(),
+                started.elapsed()
+            );
             let charged = &self.inner.charged;
             match results {
                 Ok(olds) => {

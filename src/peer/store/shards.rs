@@ -7,6 +7,10 @@ use bytes::Bytes;
 use super::{ShardStore, StoreError};
 use crate::codec::segment::*;
 
+/// Shards up to this size are hashed on the async thread that received
+/// them (a thread hop costs more than hashing 64 KiB).
+const INLINE_HASH_BYTES: usize = 64 << 10;
+
 impl ShardStore {
     /// Stores one segment shard (header + payload, as `encode_segment`
     /// makes it), durably, for a writer holding fencing `epoch` on its
@@ -17,20 +21,29 @@ impl ShardStore {
     /// committed with the entry (no entry without its outboard).
     pub async fn put(&self, shard: Bytes, epoch: u64) -> Result<SegmentShardKey, StoreError> {
         self.check()?;
+        let started = std::time::Instant::now();
         let bytes = shard.clone();
-        // Hashing up to 16 MiB: off the async threads.
-        let checked = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
+        let check = move || -> Result<_, SegmentError> {
             let (header, payload) = parse_segment_shard(&bytes)?;
             let outboard = ShardOutboard::compute(payload)?;
             if outboard.root() != header.own_root() {
                 return Err(SegmentError::ShardRootMismatch { index: header.index });
             }
             Ok((SegmentShardKey::of(&header), super::index::SegmentEntry::tail(&outboard)))
-        })
-        .await
-        .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?;
+        };
+        // A small shard (a FLUSH's short segment) is hashed here, in tens
+        // of microseconds; hashing up to 16 MiB goes off the async threads.
+        let checked = if shard.len() <= INLINE_HASH_BYTES {
+            check()
+        } else {
+            tokio::task::spawn_blocking(check)
+                .await
+                .map_err(|e| self.io(format!("hashing a segment shard: {e}")))?
+        };
         let (key, tail) = checked?;
+        let hashed = started.elapsed();
         self.append(key, shard, epoch, tail).await?;
+        tracing::debug!("put {key:?}: hashed {hashed:.0?}, stored {:.0?}", started.elapsed());
         Ok(key)
     }
 

@@ -46,8 +46,11 @@
 //! so even a one-page cache gets there. The writer places the
 //! [`PendingCheckpoint`]'s blobs, [`finish`](PendingCheckpoint::finish)es
 //! the index, commits, then [`install`](MapCache::install)s it: the
-//! summaries it covers leave the overlay, and pages the checkpoint did not
-//! rewrite stay cached.
+//! summaries it covers leave the overlay, pages the checkpoint did not
+//! rewrite stay cached, and the pages it rewrote stay loaded as merged
+//! (each checked against the hash the new index records), so the commits
+//! after a checkpoint neither fetch them back nor fall back to whole-page
+//! merges for their live counts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -78,6 +81,9 @@ struct Staging {
     covers: BTreeSet<SegmentId>,
     /// Page → its merged blob (`None`: now empty) and its delta.
     staged: BTreeMap<u64, (Option<PageBlob>, Delta)>,
+    /// The merged pages themselves, kept loaded once the checkpoint is
+    /// installed (they are its pages).
+    pages: Vec<MapPage>,
 }
 
 /// The checkpoint [`MapCache::checkpoint`] made: pages to write, and what
@@ -169,6 +175,10 @@ pub struct MapCache {
     staging: Option<Staging>,
     /// What the last pending checkpoint covers, until it is installed.
     pending_covers: Option<BTreeSet<SegmentId>>,
+    /// The pages the last pending checkpoint wrote, decoded, until it is
+    /// installed: they stay loaded, so the commits after a checkpoint do
+    /// not fetch back what this attach just wrote.
+    pending_pages: Vec<MapPage>,
 }
 
 impl MapCache {
@@ -191,6 +201,7 @@ impl MapCache {
             live,
             staging: None,
             pending_covers: None,
+            pending_pages: Vec::new(),
         }
     }
 
@@ -237,6 +248,16 @@ impl MapCache {
     /// checkpoint's (forged, altered, another checkpoint's).
     pub fn insert_page(&mut self, page: u64, bytes: &[u8]) -> Result<(), CheckpointError> {
         let decoded = self.index.open_page(page, bytes)?;
+        self.keep_loaded(page, decoded);
+        if self.unsettled.contains(&page) {
+            self.settle_page(page);
+        }
+        Ok(())
+    }
+
+    /// Keeps `decoded` (checked to be the index's page `page`) loaded,
+    /// evicting the least recently used beyond the capacity.
+    fn keep_loaded(&mut self, page: u64, decoded: MapPage) {
         self.evict(page);
         while self.clean.len() >= self.capacity {
             let Some((_, oldest)) = self.lru.pop_first() else { break };
@@ -245,10 +266,6 @@ impl MapCache {
         self.tick += 1;
         self.clean.insert(page, (decoded, self.tick));
         self.lru.insert(self.tick, page);
-        if self.unsettled.contains(&page) {
-            self.settle_page(page);
-        }
-        Ok(())
     }
 
     /// The base page `page` (`None`: empty in the checkpoint), marked used.
@@ -475,6 +492,7 @@ impl MapCache {
             highest_segment: self.highest_segment,
             covers: self.recent.keys().copied().collect(),
             staged: BTreeMap::new(),
+            pages: Vec::new(),
         });
         let dirty: Vec<u64> = self.overlay.pages().map(MapPage::index).collect();
         for page in dirty {
@@ -488,6 +506,9 @@ impl MapCache {
             let (merged, delta) = self.merged(page);
             let blob = (!merged.is_empty()).then(|| PageBlob::of(&merged));
             staging.staged.insert(page, (blob, delta));
+            if !merged.is_empty() {
+                staging.pages.push(merged);
+            }
         }
         let mut live: HashMap<SegmentId, i64> =
             self.index.live.iter().map(|(s, n)| (*s, *n as i64)).collect();
@@ -512,6 +533,7 @@ impl MapCache {
             .map(|(&p, r)| (p, *r, self.index.segments[&r.range.segment]))
             .collect();
         self.pending_covers = Some(staging.covers.clone());
+        self.pending_pages = staging.pages;
         Ok(PendingCheckpoint {
             blobs: staging.staged.into_values().filter_map(|(b, _)| b).collect(),
             volume_blocks: self.index.volume_blocks,
@@ -527,6 +549,7 @@ impl MapCache {
     pub fn abandon_checkpoint(&mut self) {
         self.staging = None;
         self.pending_covers = None;
+        self.pending_pages.clear();
     }
 
     /// Switches to a committed checkpoint: the summaries it covers leave
@@ -557,6 +580,17 @@ impl MapCache {
         self.overlay = BlockMap::new(self.index.volume_blocks);
         self.deltas.clear();
         self.unsettled.clear();
+        // The pages this attach merged for the checkpoint are its pages
+        // (checked: the index records their hash), so they stay loaded,
+        // up to the capacity.
+        let made = std::mem::take(&mut self.pending_pages);
+        for page in made.into_iter().take(self.capacity) {
+            let i = page.index();
+            let theirs = self.index.pages.get(&i).map(|r| r.hash);
+            if theirs.is_some() && theirs == Some(PageBlob::of(&page).hash) {
+                self.keep_loaded(i, page);
+            }
+        }
         let recent = std::mem::take(&mut self.recent);
         for (summary, root) in recent.values() {
             // It applied once to a map of this very size, so it applies again.

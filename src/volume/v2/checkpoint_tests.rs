@@ -870,3 +870,50 @@ proptest! {
         }
     }
 }
+
+/// The pages a checkpoint rewrote stay loaded once it is installed (up
+/// to the capacity): the next commits neither fetch them back nor wait for
+/// a whole-page merge to know their live counts.
+#[test]
+fn an_installed_checkpoint_keeps_the_pages_it_wrote_loaded() {
+    let mut store = Store::default();
+    let mut cache = MapCache::new(CheckpointIndex::empty(BLOCKS), PAGES as usize);
+    let pieces: Vec<Piece> = (0..PAGES)
+        .map(|p| Piece::Data { start: p * PAGE_BLOCKS + 5, len: 10, counter: 10 + p, epoch: 1 })
+        .collect();
+    let first = summary(SegmentId::new(2, 1).unwrap(), &pieces);
+    cache.apply_summary(&first, fake_root(first.segment)).unwrap();
+    let pending = cache.checkpoint().expect("no base page to fetch");
+    let index = store.write(&pending);
+    cache.install(index).unwrap();
+    assert_eq!(cache.loaded_pages(), PAGES as usize);
+    // A later summary over every page: its counts are exact at once.
+    let later: Vec<Piece> = (0..PAGES)
+        .map(|p| Piece::Data { start: p * PAGE_BLOCKS + 8, len: 4, counter: 100 + p, epoch: 1 })
+        .collect();
+    let second = summary(SegmentId::new(2, 2).unwrap(), &later);
+    cache.apply_summary(&second, fake_root(second.segment)).unwrap();
+    let live = cache.segments().expect("counted as the summary landed");
+    assert_eq!(live[&first.segment], PAGES * 6);
+    assert_eq!(live[&second.segment], PAGES * 4);
+    for p in 0..PAGES {
+        assert!(cache.lookup(p * PAGE_BLOCKS + 5).is_ok(), "page {p} was fetched again");
+    }
+    // A smaller cache keeps what fits and fetches the rest.
+    let mut small = MapCache::new(CheckpointIndex::empty(BLOCKS), 1);
+    small.apply_summary(&first, fake_root(first.segment)).unwrap();
+    let pending = small.checkpoint().expect("no base page to fetch");
+    small.install(store.write(&pending)).unwrap();
+    assert_eq!(small.loaded_pages(), 1);
+    check(
+        &mut small,
+        &store,
+        &BlockMap::from_pages(BLOCKS, [])
+            .map(|mut m| {
+                first.apply_to(&mut m).unwrap();
+                m
+            })
+            .unwrap(),
+    )
+    .unwrap();
+}
