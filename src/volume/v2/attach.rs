@@ -259,6 +259,7 @@ impl Volume {
                 holders: Default::default(),
                 segment_health: Default::default(),
                 peers: Default::default(),
+                placed_ahead: Default::default(),
                 log: log.clone(),
                 cache,
                 io: SegmentIo::new(client.clone(), config.timing.clone()),

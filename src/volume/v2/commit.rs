@@ -36,7 +36,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -412,7 +412,7 @@ impl Inner {
         watermark: Option<Sequence>,
     ) -> Result<(), CommitError> {
         let prev = self.root.lock().expect("root").clone();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         // A checkpoint when the root's list would grow past the setting: the
         // new root then names only this commit's segments.
         let mut checkpoint = None;
@@ -493,26 +493,43 @@ impl Inner {
             Some(_) => super::compactor::reserve_bytes(self.k, self.blocks_per_shard),
             None => 0,
         };
-        let placements = self
-            .client
-            .place_segments(
-                &self.name,
-                self.epoch.load(Ordering::Relaxed),
-                sealed.len() as u32,
-                shard_bytes,
-                Vec::new(),
-                keep_free,
-            )
-            .await
-            .map_err(|e| match e.kind() {
-                Some(ErrorKind::Fenced) => CommitError::Fenced(e.to_string()),
-                // Too few peers with room: ENOSPC for the client, as a
-                // full disk would be.
-                Some(ErrorKind::Full) => {
-                    CommitError::Failed(backend::ErrorKind::Full, format!("placing segments: {e}"))
+        let epoch = self.epoch.load(Ordering::Relaxed);
+        let small = sealed.len() == 1 && shard_bytes <= super::placed::SMALL_SHARD_BYTES;
+        let kept = small
+            .then(|| self.placed_ahead.lock().expect("placed").take(Instant::now(), epoch, keep_free))
+            .flatten();
+        let placements = match kept {
+            Some(p) => vec![p],
+            None => {
+                let ask = |count: u32, bytes: u64| {
+                    self.client.place_segments(&self.name, epoch, count, bytes, Vec::new(), keep_free)
+                };
+                let asked_at = Instant::now();
+                let got = match small {
+                    // Asked with the room of AHEAD segments, a nearly full
+                    // cluster may refuse what it has room for once.
+                    true => match ask(super::placed::AHEAD, super::placed::SMALL_SHARD_BYTES).await {
+                        Err(e) if e.kind() == Some(ErrorKind::Full) => ask(1, shard_bytes).await,
+                        r => r,
+                    },
+                    false => ask(sealed.len() as u32, shard_bytes).await,
+                };
+                let mut got = got.map_err(|e| match e.kind() {
+                    Some(ErrorKind::Fenced) => CommitError::Fenced(e.to_string()),
+                    // Too few peers with room: ENOSPC for the client, as a
+                    // full disk would be.
+                    Some(ErrorKind::Full) => {
+                        CommitError::Failed(backend::ErrorKind::Full, format!("placing segments: {e}"))
+                    }
+                    _ => unavailable(format!("placing segments: {e}")),
+                })?;
+                if small && got.len() > 1 {
+                    let rest = got.split_off(1);
+                    self.placed_ahead.lock().expect("placed").keep(asked_at, epoch, keep_free, rest);
                 }
-                _ => unavailable(format!("placing segments: {e}")),
-            })?;
+                got
+            }
+        };
         if placements.len() != sealed.len() {
             return Err(unavailable("the directory placed fewer segments than asked"));
         }
@@ -539,6 +556,10 @@ impl Inner {
         let mut records: Vec<Vec<u16>> = vec![Vec::new(); sealed.len()];
         while let Some(j) = puts.join_next().await {
             let (i, r) = j.map_err(io)?;
+            if r.as_ref().map_or(true, |h| h.iter().any(Option::is_none)) {
+                // The cluster changed (a peer failed or was slow): ask again.
+                self.placed_ahead.lock().expect("placed").forget();
+            }
             let holders = r.map_err(|e| match e.kind() {
                 backend::ErrorKind::Fenced => CommitError::Fenced(e.to_string()),
                 k => CommitError::Failed(k, e.to_string()),

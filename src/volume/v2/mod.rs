@@ -69,6 +69,7 @@ pub mod lineage;
 pub mod local;
 pub mod log;
 pub mod map;
+mod placed;
 mod readahead;
 mod reader;
 pub mod remote;

@@ -149,6 +149,8 @@ pub(super) struct Inner {
     pub(super) segment_health: super::health_map::HealthCache,
     /// Peer id → address.
     pub(super) peers: Mutex<std::collections::HashMap<u16, PeerAddr>>,
+    /// Placements asked for ahead, for small commits.
+    pub(super) placed_ahead: Mutex<super::placed::PlacedAhead>,
     pub(super) log: LocalLog,
     pub(super) cache: BlockCache,
     pub(super) io: SegmentIo,
