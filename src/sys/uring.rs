@@ -124,12 +124,26 @@ pub struct RegisteredFile {
     slot: u32,
     ring: Uring,
     /// A descriptor of the same file for reads the page cache answers at
-    /// once ([`Uring::read_exact_at`]); `None` if it could not be made.
+    /// once ([`Uring::read_exact_at`]); `None` if it could not be made or
+    /// the process holds [`CACHED_FDS_MAX`] of them already.
     cached: Option<OwnedFd>,
 }
 
+/// Second descriptors kept at most in the process: registered files use
+/// none of their own (the ring holds them), so a peer with many data
+/// files must not run out of descriptors because of this fast path.
+const CACHED_FDS_MAX: usize = 256;
+static CACHED_FDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Reads up to this size try the page cache first; larger ones (whole
+/// shards, log records of MiBs) go to the ring, off the async threads.
+const CACHED_READ_MAX: usize = 128 << 10;
+
 impl Drop for RegisteredFile {
     fn drop(&mut self) {
+        if self.cached.take().is_some() {
+            CACHED_FDS.fetch_sub(1, Ordering::Relaxed);
+        }
         self.ring.send(Msg::Unregister(self.slot));
     }
 }
@@ -179,7 +193,12 @@ impl Uring {
     /// Puts `file` in the fixed-file table. Blocks briefly (one syscall on
     /// the driver thread), so it may be called from async code at startup.
     pub fn register(&self, file: File) -> io::Result<RegisteredFile> {
-        let cached = file.try_clone().ok().map(OwnedFd::from);
+        let cached = (CACHED_FDS.fetch_add(1, Ordering::Relaxed) < CACHED_FDS_MAX)
+            .then(|| file.try_clone().ok().map(OwnedFd::from))
+            .flatten();
+        if cached.is_none() {
+            CACHED_FDS.fetch_sub(1, Ordering::Relaxed);
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.send(Msg::Register(file.into(), tx));
         let slot = rx.recv().map_err(|_| io::Error::other("io_uring driver has stopped"))??;
@@ -203,14 +222,15 @@ impl Uring {
 
     /// Reads exactly `len` bytes; bytes past the end of the file read as zeroes.
     ///
-    /// What the page cache holds is copied at once, on the caller's thread
-    /// (`preadv2` with `RWF_NOWAIT`, which never waits for the disk); only
-    /// the rest goes through the ring. A small read of cached bytes (a peer
-    /// serving one block, a block cache hit) costs a copy instead of two
-    /// thread hand-offs.
+    /// For a small read (up to 128 KiB), what the page cache holds is
+    /// copied at once on the caller's thread (`preadv2` with `RWF_NOWAIT`,
+    /// which returns at the first page not cached rather than wait for its
+    /// I/O); only the rest goes through the ring. A small read of cached
+    /// bytes (a peer serving one block, a block cache hit) then costs a
+    /// copy instead of two thread hand-offs.
     pub async fn read_exact_at(&self, file: &RegisteredFile, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut buf = Vec::with_capacity(len);
-        if let Some(fd) = &file.cached {
+        if let Some(fd) = file.cached.as_ref().filter(|_| len <= CACHED_READ_MAX) {
             read_cached(fd, offset, &mut buf, len);
         }
         while buf.len() < len {
@@ -486,7 +506,7 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
-    use super::Uring;
+    use super::{Uring, read_cached};
 
     /// Drops the file's clean pages from the page cache (after a sync).
     fn uncache(file: &std::fs::File, offset: i64, len: i64) {
@@ -500,7 +520,11 @@ mod tests {
     /// range, none of it, or only its start, and zeroes past the end.
     #[tokio::test]
     async fn reads_are_exact_cached_uncached_and_half_cached() {
-        let dir = tempfile::tempdir().unwrap();
+        // On the disk (not a tmpfs /tmp, where dropping cached pages does
+        // nothing), so both paths are taken.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+        std::fs::create_dir_all(&target).unwrap();
+        let dir = tempfile::tempdir_in(&target).unwrap();
         let path = dir.path().join("f");
         let bytes: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
@@ -511,8 +535,16 @@ mod tests {
         // Cached (just written).
         assert_eq!(ring.read_exact_at(&reg, 0, bytes.len()).await.unwrap(), bytes);
         assert_eq!(ring.read_exact_at(&reg, 4000, 300).await.unwrap(), bytes[4000..4300]);
+        // The fast path itself: all of it while cached, nothing once dropped.
+        let fd = std::os::fd::OwnedFd::from(file.try_clone().unwrap());
+        let mut direct = Vec::with_capacity(3 * 4096);
+        read_cached(&fd, 4096, &mut direct, 3 * 4096);
+        assert_eq!(direct, bytes[4096..4 * 4096], "cached bytes are copied at once");
         // Not cached.
         uncache(&file, 0, 0);
+        let mut none = Vec::with_capacity(4096);
+        read_cached(&fd, 4096, &mut none, 4096);
+        assert!(none.is_empty(), "a page not cached is left to the ring");
         assert_eq!(ring.read_exact_at(&reg, 4096, 2 * 4096).await.unwrap(), bytes[4096..3 * 4096]);
         // Only the start cached: page 0 read back in, the rest dropped.
         uncache(&file, 0, 0);

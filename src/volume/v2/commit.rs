@@ -494,7 +494,11 @@ impl Inner {
             None => 0,
         };
         let epoch = self.epoch.load(Ordering::Relaxed);
-        let small = sealed.len() == 1 && shard_bytes <= super::placed::SMALL_SHARD_BYTES;
+        // New writes only: the compactor's commits (no watermark, no
+        // reserve kept free) ask every time and leave the kept set alone.
+        let small =
+            watermark.is_some() && sealed.len() == 1 && shard_bytes <= super::placed::SMALL_SHARD_BYTES;
+        let width = self.k + self.m;
         let kept = small
             .then(|| self.placed_ahead.lock().expect("placed").take(Instant::now(), epoch, keep_free))
             .flatten();
@@ -507,9 +511,13 @@ impl Inner {
                 let asked_at = Instant::now();
                 let got = match small {
                     // Asked with the room of AHEAD segments, a nearly full
-                    // cluster may refuse what it has room for once.
+                    // cluster may refuse, or place on fewer than k + m
+                    // peers, what it has room for once: then ask for one.
                     true => match ask(super::placed::AHEAD, super::placed::SMALL_SHARD_BYTES).await {
                         Err(e) if e.kind() == Some(ErrorKind::Full) => ask(1, shard_bytes).await,
+                        Ok(got) if got.first().is_none_or(|p| p.peers.len() < width) => {
+                            ask(1, shard_bytes).await
+                        }
                         r => r,
                     },
                     false => ask(sealed.len() as u32, shard_bytes).await,
@@ -524,7 +532,10 @@ impl Inner {
                     _ => unavailable(format!("placing segments: {e}")),
                 })?;
                 if small && got.len() > 1 {
-                    let rest = got.split_off(1);
+                    let mut rest = got.split_off(1);
+                    // Only full placements are kept (a narrow one stores
+                    // the segment below its redundancy until repair).
+                    rest.retain(|p| p.peers.len() == width);
                     self.placed_ahead.lock().expect("placed").keep(asked_at, epoch, keep_free, rest);
                 }
                 got
@@ -556,8 +567,10 @@ impl Inner {
         let mut records: Vec<Vec<u16>> = vec![Vec::new(); sealed.len()];
         while let Some(j) = puts.join_next().await {
             let (i, r) = j.map_err(io)?;
-            if r.as_ref().map_or(true, |h| h.iter().any(Option::is_none)) {
-                // The cluster changed (a peer failed or was slow): ask again.
+            let named = placements[i].peers.len();
+            if r.as_ref().map_or(true, |h| h.iter().take(named).any(Option::is_none)) {
+                // A peer the placement named failed or was slow: the
+                // cluster changed, so ask again.
                 self.placed_ahead.lock().expect("placed").forget();
             }
             let holders = r.map_err(|e| match e.kind() {

@@ -8,7 +8,10 @@
 //! small commits, each used once, for at most [`FRESH_FOR`]: a peer that
 //! went down or started draining is out of new placements within that.
 //! Large commits ask every time (one call per many MiB costs nothing
-//! worth saving, and their placement follows the cluster exactly).
+//! worth saving, and their placement follows the cluster exactly), and so
+//! do the compactor's (they leave no reserve free). Only placements on
+//! all k + m peers are kept: a narrower one (a nearly full or degraded
+//! cluster) is asked for again, at the segment's real size.
 //!
 //! Nothing here is trusted for safety: fencing is the root's
 //! compare-and-set and the peers' epoch check, and a put that fails goes
