@@ -878,20 +878,21 @@ proptest! {
 fn an_installed_checkpoint_keeps_the_pages_it_wrote_loaded() {
     let mut store = Store::default();
     let mut cache = MapCache::new(CheckpointIndex::empty(BLOCKS), PAGES as usize);
-    let pieces: Vec<Piece> = (0..PAGES)
-        .map(|p| Piece::Data { start: p * PAGE_BLOCKS + 5, len: 10, counter: 10 + p, epoch: 1 })
-        .collect();
-    let first = summary(SegmentId::new(2, 1).unwrap(), &pieces);
+    // Segment `id`: `len` blocks at `off` in every page.
+    let on_every_page = |id: u64, off: u64, len: u64| {
+        let pieces: Vec<Piece> = (0..PAGES)
+            .map(|p| Piece::Data { start: p * PAGE_BLOCKS + off, len, counter: id * 100 + p, epoch: 1 })
+            .collect();
+        summary(SegmentId::new(2, id).unwrap(), &pieces)
+    };
+    let first = on_every_page(1, 5, 10);
     cache.apply_summary(&first, fake_root(first.segment)).unwrap();
     let pending = cache.checkpoint().expect("no base page to fetch");
     let index = store.write(&pending);
     cache.install(index).unwrap();
     assert_eq!(cache.loaded_pages(), PAGES as usize);
     // A later summary over every page: its counts are exact at once.
-    let later: Vec<Piece> = (0..PAGES)
-        .map(|p| Piece::Data { start: p * PAGE_BLOCKS + 8, len: 4, counter: 100 + p, epoch: 1 })
-        .collect();
-    let second = summary(SegmentId::new(2, 2).unwrap(), &later);
+    let second = on_every_page(2, 8, 4);
     cache.apply_summary(&second, fake_root(second.segment)).unwrap();
     let live = cache.segments().expect("counted as the summary landed");
     assert_eq!(live[&first.segment], PAGES * 6);
