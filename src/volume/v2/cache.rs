@@ -81,9 +81,9 @@ struct Staging {
     covers: BTreeSet<SegmentId>,
     /// Page → its merged blob (`None`: now empty) and its delta.
     staged: BTreeMap<u64, (Option<PageBlob>, Delta)>,
-    /// The merged pages themselves, kept loaded once the checkpoint is
-    /// installed (they are its pages).
-    pages: Vec<MapPage>,
+    /// The merged pages themselves with their blobs' hashes, kept loaded
+    /// once the checkpoint is installed (they are its pages).
+    pages: Vec<(MapPage, [u8; 32])>,
 }
 
 /// The checkpoint [`MapCache::checkpoint`] made: pages to write, and what
@@ -178,7 +178,7 @@ pub struct MapCache {
     /// The pages the last pending checkpoint wrote, decoded, until it is
     /// installed: they stay loaded, so the commits after a checkpoint do
     /// not fetch back what this attach just wrote.
-    pending_pages: Vec<MapPage>,
+    pending_pages: Vec<(MapPage, [u8; 32])>,
 }
 
 impl MapCache {
@@ -505,10 +505,10 @@ impl MapCache {
             }
             let (merged, delta) = self.merged(page);
             let blob = (!merged.is_empty()).then(|| PageBlob::of(&merged));
-            staging.staged.insert(page, (blob, delta));
-            if !merged.is_empty() {
-                staging.pages.push(merged);
+            if let Some(b) = &blob {
+                staging.pages.push((merged, b.hash));
             }
+            staging.staged.insert(page, (blob, delta));
         }
         let mut live: HashMap<SegmentId, i64> =
             self.index.live.iter().map(|(s, n)| (*s, *n as i64)).collect();
@@ -584,10 +584,9 @@ impl MapCache {
         // (checked: the index records their hash), so they stay loaded,
         // up to the capacity.
         let made = std::mem::take(&mut self.pending_pages);
-        for page in made.into_iter().take(self.capacity) {
+        for (page, hash) in made.into_iter().take(self.capacity) {
             let i = page.index();
-            let theirs = self.index.pages.get(&i).map(|r| r.hash);
-            if theirs.is_some() && theirs == Some(PageBlob::of(&page).hash) {
+            if self.index.pages.get(&i).is_some_and(|r| r.hash == hash) {
                 self.keep_loaded(i, page);
             }
         }
