@@ -64,32 +64,48 @@ impl SegmentCodec {
             return Err(SegmentError::DataAreaSize { expected: g.data_area_len(), actual: data_area.len() });
         }
         let hlen = header_len(g);
-        let data: Vec<&[u8]> = data_area.chunks_exact(g.shard_len()).collect();
+        let data = data_area
+            .chunks_exact(g.shard_len())
+            .map(|d| {
+                let mut s = Vec::with_capacity(hlen + d.len());
+                s.resize(hlen, 0);
+                s.extend_from_slice(d);
+                s
+            })
+            .collect();
+        self.encode_shards(volume_id, segment, data)
+    }
+
+    /// [`Self::encode`] of a data area already cut into its k data shards,
+    /// each with [`header_len`] bytes of room in front of its payload (what
+    /// a packer that places each block in its shard makes): the headers
+    /// are written into that room, so the payloads are not copied.
+    pub fn encode_shards(
+        &mut self,
+        volume_id: &VolumeId,
+        segment: SegmentId,
+        mut data: Vec<Vec<u8>>,
+    ) -> Result<EncodedSegment, SegmentError> {
+        let g = self.geometry;
+        let hlen = header_len(g);
+        let len = data.iter().map(|d| d.len().saturating_sub(hlen)).sum();
+        if data.len() != g.k() || data.iter().any(|d| d.len() != hlen + g.shard_len()) {
+            return Err(SegmentError::DataAreaSize { expected: g.data_area_len(), actual: len });
+        }
         let mut parity = vec![vec![0u8; hlen + g.shard_len()]; g.m()];
         {
-            let mut payloads: Vec<&mut [u8]> = parity.iter_mut().map(|s| &mut s[hlen..]).collect();
-            self.erasure.encode(&data, &mut payloads)?;
+            let payloads: Vec<&[u8]> = data.iter().map(|d| &d[hlen..]).collect();
+            let mut out: Vec<&mut [u8]> = parity.iter_mut().map(|s| &mut s[hlen..]).collect();
+            self.erasure.encode(&payloads, &mut out)?;
         }
-        let roots: Vec<ShardRoot> = data
-            .iter()
-            .map(|d| ShardRoot::of(d))
-            .chain(parity.iter().map(|p| ShardRoot::of(&p[hlen..])))
-            .collect();
+        let roots: Vec<ShardRoot> = data.iter().chain(&parity).map(|s| ShardRoot::of(&s[hlen..])).collect();
         let mut header = SegmentShardHeader { volume_id: *volume_id, segment, geometry: g, index: 0, roots };
-        let mut shards = Vec::with_capacity(g.shards());
-        for (i, d) in data.iter().enumerate() {
+        for (i, s) in data.iter_mut().chain(parity.iter_mut()).enumerate() {
             header.index = i as u8;
-            let mut s = vec![0u8; hlen];
-            header.encode_into(&mut s);
-            s.extend_from_slice(d);
-            shards.push(s);
+            header.encode_into(&mut s[..hlen]);
         }
-        for (i, mut p) in parity.into_iter().enumerate() {
-            header.index = (g.k() + i) as u8;
-            header.encode_into(&mut p[..hlen]);
-            shards.push(p);
-        }
-        Ok(EncodedSegment { root: header.segment_root(), shards })
+        data.append(&mut parity);
+        Ok(EncodedSegment { root: header.segment_root(), shards: data })
     }
 
     /// Rebuilds the missing shards of a segment from the ones at hand.
@@ -204,6 +220,35 @@ mod tests {
         let area = pattern(g.data_area_len(), seed);
         let e = encode_segment(g, &VOLUME, SegmentId::from_raw(seed), &area).unwrap();
         (g, area, e)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// A packer's data shards (header room, then payload) encode to the
+        /// same shards as the data area they cut, and a wrong size is an
+        /// error, never a panic.
+        #[test]
+        fn encoding_data_shards_in_place_makes_the_same_shards(
+            k in 1usize..6, m in 1usize..4, blocks in 1u32..5, seed in any::<u64>(), bad in 0usize..3,
+        ) {
+            let (g, area, e) = encoded(k, m, blocks, seed);
+            let hlen = header_len(g);
+            let data: Vec<Vec<u8>> = area
+                .chunks_exact(g.shard_len())
+                .map(|d| [vec![0xee; hlen], d.to_vec()].concat())
+                .collect();
+            let mut codec = SegmentCodec::new(g);
+            let laid = codec.encode_shards(&VOLUME, SegmentId::from_raw(seed), data.clone()).unwrap();
+            prop_assert_eq!(laid.root, e.root);
+            prop_assert_eq!(laid.shards, e.shards);
+            let mut wrong = data;
+            match bad {
+                0 => { wrong[0].pop(); }
+                1 => { wrong.pop(); }
+                _ => { wrong[k - 1].push(0); }
+            }
+            prop_assert!(codec.encode_shards(&VOLUME, SegmentId::from_raw(seed), wrong).is_err());
+        }
     }
 
     #[test]

@@ -44,7 +44,8 @@ use super::key::VOLUME_ID_LEN;
 
 pub use code::{EncodedSegment, Rebuilt, SegmentCodec, encode_segment, rebuild};
 pub use header::{
-    SegmentShardHeader, parse_header, parse_segment_shard, segment_root, verify_header, verify_shard,
+    SegmentShardHeader, header_len, parse_header, parse_segment_shard, segment_root, verify_header,
+    verify_shard,
 };
 pub use tree::{ShardOutboard, prove, prove_range, verify_blocks};
 

@@ -109,8 +109,14 @@ struct CheckpointPlan {
 impl CheckpointPlan {
     /// Lays `pending` out after `packers`' segments, in segments of k ×
     /// `blocks_per_shard` blocks.
-    fn new(pending: PendingCheckpoint, k: usize, blocks_per_shard: u32, packers: &[Packer]) -> Self {
-        let room = u32::try_from(Packer::new(k, blocks_per_shard).metadata_room()).unwrap_or(u32::MAX);
+    fn new(
+        pending: PendingCheckpoint,
+        k: usize,
+        m: usize,
+        blocks_per_shard: u32,
+        packers: &[Packer],
+    ) -> Self {
+        let room = u32::try_from(Packer::new(k, m, blocks_per_shard).metadata_room()).unwrap_or(u32::MAX);
         let data_room = packers.last().map(|p| u32::try_from(p.metadata_room()).unwrap_or(u32::MAX));
         let blobs: Vec<u32> = pending.blobs.iter().map(PageBlob::blocks).collect();
         // The page segments come first, then the index's length is known.
@@ -155,7 +161,7 @@ impl Encoder {
         root_copy: &[u8],
     ) -> Result<Sealed, String> {
         let (geometry, area, summary) =
-            p.finish(id, self.m, metadata, root_copy, &self.cipher).map_err(|e| e.to_string())?;
+            p.finish(id, metadata, root_copy, &self.cipher).map_err(|e| e.to_string())?;
         // The erasure code's tables and buffers are costly to make: each
         // blocking thread keeps the last geometry's (full segments share one).
         thread_local! {
@@ -165,14 +171,14 @@ impl Encoder {
             if codec.as_ref().is_none_or(|c| c.geometry() != geometry) {
                 *codec = Some(SegmentCodec::new(geometry));
             }
-            codec.as_mut().expect("made above").encode(&self.volume_id, id, &area)
+            codec.as_mut().expect("made above").encode_shards(&self.volume_id, id, area)
         });
         let encoded = encoded.map_err(|e| e.to_string())?;
         Ok(Sealed { id, geometry, encoded, summary })
     }
 
     fn empty(&self) -> Packer {
-        Packer::new(self.k, self.blocks_per_shard)
+        Packer::new(self.k, self.m, self.blocks_per_shard)
     }
 
     /// The copy of the commit's root that its last segment, `carrier`,
@@ -696,7 +702,7 @@ impl Inner {
         if let Some(s) = prev.since.iter().find(|s| !pending.covers().contains(&s.id)) {
             return Err(format!("the map has not applied segment {} yet", s.id));
         }
-        let plan = CheckpointPlan::new(pending, self.k, self.blocks_per_shard, packers);
+        let plan = CheckpointPlan::new(pending, self.k, self.m, self.blocks_per_shard, packers);
         if packers.len() + plan.layout.extra_segments() > MAX_COMMIT_SEGMENTS {
             return Err(format!(
                 "it takes {} segments besides the commit's {}, more than a commit carries ({MAX_COMMIT_SEGMENTS})",
@@ -730,12 +736,15 @@ impl Inner {
             Current::Write { address, .. } | Current::Zero { address, .. } => address,
         });
         let mut out = Vec::new();
-        let mut p = Packer::new(self.k, self.blocks_per_shard);
+        let mut p = Packer::new(self.k, self.m, self.blocks_per_shard);
         for (c, pos) in currents {
             match c {
                 Current::Zero { address, blocks, sequence } => {
                     if !p.fits_zero(0) {
-                        out.push(std::mem::replace(&mut p, Packer::new(self.k, self.blocks_per_shard)));
+                        out.push(std::mem::replace(
+                            &mut p,
+                            Packer::new(self.k, self.m, self.blocks_per_shard),
+                        ));
                     }
                     p.push_zero(address, blocks, sequence);
                 }
@@ -744,13 +753,16 @@ impl Inner {
                     let (_, data) = self.log.read_record(pos).await.map_err(io)?;
                     for i in 0..blocks {
                         if !p.fits_block(0) {
-                            out.push(std::mem::replace(&mut p, Packer::new(self.k, self.blocks_per_shard)));
+                            out.push(std::mem::replace(
+                                &mut p,
+                                Packer::new(self.k, self.m, self.blocks_per_shard),
+                            ));
                         }
                         let b = (u64::from(first) + i) as usize;
                         p.push_block(PackedBlock {
                             address: address + i,
                             sequence: sequence.checked_add(i).expect("a record's sequences fit"),
-                            data: &data[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE],
+                            data: data.block(b),
                         });
                     }
                 }
@@ -1001,7 +1013,7 @@ mod tests {
         let data = vec![1u8; BLOCK_SIZE];
         let mut packers = Vec::new();
         for i in 0..3u64 {
-            let mut p = Packer::new(2, 2);
+            let mut p = Packer::new(2, 1, 2);
             p.push_block(PackedBlock { address: 10 * i, sequence: seq(100 + i), data: &data });
             packers.push(p);
         }
@@ -1063,9 +1075,9 @@ mod tests {
         // The commit's own data: one block, so its segment has room for a
         // one-block head.
         let data = vec![5u8; BLOCK_SIZE];
-        let mut p = Packer::new(2, 2);
+        let mut p = Packer::new(2, 1, 2);
         p.push_block(PackedBlock { address: 9, sequence: seq(5000), data: &data });
-        let plan = CheckpointPlan::new(pending, 2, 2, std::slice::from_ref(&p));
+        let plan = CheckpointPlan::new(pending, 2, 1, 2, std::slice::from_ref(&p));
         assert!(plan.layout.continuations.len() > 1, "{:?}", plan.layout);
         assert!(plan.layout.head_with_data, "{:?}", plan.layout);
         let count = 1 + plan.layout.extra_segments();

@@ -298,10 +298,10 @@ impl Inner {
         // Address order, as the committer packs: sequential reads stay so.
         blocks.sort_by_key(|(l, _)| l.address);
         let mut packers = Vec::new();
-        let mut p = Packer::new(self.k, self.blocks_per_shard);
+        let mut p = Packer::new(self.k, self.m, self.blocks_per_shard);
         for (l, data) in &blocks {
             if !p.fits_block(0) {
-                packers.push(std::mem::replace(&mut p, Packer::new(self.k, self.blocks_per_shard)));
+                packers.push(std::mem::replace(&mut p, Packer::new(self.k, self.m, self.blocks_per_shard)));
             }
             p.push_block(PackedBlock { address: l.address, sequence: l.sequence, data });
         }

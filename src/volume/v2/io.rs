@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::cache::NeedPage;
 use super::layout;
 use super::local::LocalBlock;
-use super::log::{LogError, NewRecord};
+use super::log::{LogError, NewRecord, WriteRecord};
 use super::map::{Extent, Mapping, Newest, Target, newest_runs};
 use super::remote::{Located, SegmentIoError};
 use super::volume::Inner;
@@ -96,13 +96,14 @@ impl Inner {
                 self.begin(count).map_err(|why| failed(ErrorKind::Fenced, op, offset, length, why))?;
             let a = address + done;
             let src = &plain[done as usize * BLOCK_SIZE..(done + count) as usize * BLOCK_SIZE];
-            let mut ct = src.to_vec();
-            for (i, b) in ct.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            // Each block is encrypted where the log writes it from.
+            let mut record = WriteRecord::with_capacity(count as usize);
+            for (i, b) in src.chunks_exact(BLOCK_SIZE).enumerate() {
                 let seq = first.checked_add(i as u64).expect("the run was allocated");
-                self.cipher.encrypt_in_place(a + i as u64, seq.raw(), b);
+                record.push_block(b, |ct| self.cipher.encrypt_in_place(a + i as u64, seq.raw(), ct));
             }
-            let bytes = ct.len() as u64;
-            let pos = match self.log.append_write(a, first, ct).await {
+            let bytes = src.len() as u64;
+            let pos = match self.log.append_write(a, first, record).await {
                 Ok(p) => p,
                 Err(LogError::Full { .. }) if tokio::time::Instant::now() < deadline => {
                     // Others filled it since the check: give the sequences

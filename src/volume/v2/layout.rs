@@ -28,7 +28,7 @@
 use super::map::ADDRESS_LIMIT;
 use super::reader::{BLOCK, Reader, is_block_padding};
 use super::summary::{self, Summary, SummaryEntry};
-use crate::codec::segment::{SegmentError, SegmentGeometry};
+use crate::codec::segment::{SegmentError, SegmentGeometry, header_len};
 use crate::codec::sequence::{SegmentId, Sequence};
 use crate::codec::xts::SectorCipher;
 
@@ -169,26 +169,59 @@ pub struct PackedBlock<'a> {
 
 /// Gathers a commit's blocks and zero ranges into one segment, counting
 /// as it goes whether the next one still fits in `max_blocks_per_shard`.
+///
+/// Blocks go straight to their place in a full segment's data shards, each
+/// behind room for its shard header, so a full segment is erasure-coded
+/// and sent from where it was packed; a shorter one (fewer rows) is laid
+/// out again at [`Packer::finish`].
 #[derive(Debug)]
 pub struct Packer {
     k: usize,
+    m: usize,
+    max_blocks_per_shard: u32,
     max_data_blocks: u64,
-    area: Vec<u8>,
+    /// Bytes in front of each data shard's payload: the shard header's.
+    room: usize,
+    /// The data shards filled so far, slot s in shard s / max blocks per
+    /// shard.
+    shards: Vec<Vec<u8>>,
     entries: Vec<SummaryEntry>,
     slots: u32,
 }
 
 impl Packer {
-    pub fn new(k: usize, max_blocks_per_shard: u32) -> Self {
+    /// A packer for segments of `k` data and `m` parity shards of at most
+    /// `max_blocks_per_shard` blocks (a geometry the volume was made with).
+    pub fn new(k: usize, m: usize, max_blocks_per_shard: u32) -> Self {
+        let g =
+            SegmentGeometry::new(k, m, max_blocks_per_shard).expect("a volume's segment geometry is valid");
         Self {
             k,
+            m,
+            max_blocks_per_shard,
             max_data_blocks: k as u64 * u64::from(max_blocks_per_shard),
-            // The whole data area at once: growing it block by block would
-            // copy what is packed again and again.
-            area: Vec::with_capacity(k * max_blocks_per_shard as usize * BLOCK),
+            room: header_len(g),
+            shards: Vec::new(),
             entries: Vec::new(),
             slots: 0,
         }
+    }
+
+    /// Appends block `data` at `slot` of a full-size segment.
+    fn place(&mut self, slot: u32, data: &[u8]) {
+        let shard = (slot / self.max_blocks_per_shard) as usize;
+        while self.shards.len() <= shard {
+            // Each shard whole at once: growing it block by block would
+            // copy what is packed again and again.
+            let mut s = Vec::with_capacity(self.room + self.max_blocks_per_shard as usize * BLOCK);
+            s.resize(self.room, 0);
+            self.shards.push(s);
+        }
+        debug_assert_eq!(
+            self.shards[shard].len(),
+            self.room + (slot % self.max_blocks_per_shard) as usize * BLOCK
+        );
+        self.shards[shard].extend_from_slice(data);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -245,7 +278,7 @@ impl Packer {
     pub fn push_block(&mut self, b: PackedBlock<'_>) {
         debug_assert_eq!(b.data.len(), BLOCK);
         let slot = self.slots;
-        self.area.extend_from_slice(b.data);
+        self.place(slot, b.data);
         self.slots += 1;
         if let Some(SummaryEntry::Data { start, len, slot: first, sequence }) = self.entries.last_mut()
             && *start + *len == b.address
@@ -272,16 +305,17 @@ impl Packer {
 
     /// Lays the segment out: data slots, `metadata` blocks (plaintext,
     /// whole blocks: encrypted here), the summary, the trailer; as few
-    /// shard rows as that takes. Returns the geometry, the data area and
-    /// the summary.
+    /// shard rows as that takes. Returns the geometry, the k data shards
+    /// (each with [`header_len`] bytes of room in front of its payload, for
+    /// [`crate::codec::segment::SegmentCodec::encode_shards`]) and the
+    /// summary.
     pub fn finish(
-        self,
+        mut self,
         segment: SegmentId,
-        m: usize,
         metadata: &[u8],
         root_copy: &[u8],
         cipher: &SectorCipher,
-    ) -> Result<(SegmentGeometry, Vec<u8>, Summary), LayoutError> {
+    ) -> Result<(SegmentGeometry, Vec<Vec<u8>>, Summary), LayoutError> {
         assert!(metadata.len().is_multiple_of(BLOCK), "metadata comes in whole blocks");
         if root_copy.len() > MAX_ROOT_COPY {
             return Err(LayoutError::Trailer {
@@ -293,25 +327,26 @@ impl Packer {
             });
         }
         let metadata_blocks = (metadata.len() / BLOCK) as u64;
-        let summary = Summary { segment, slots: self.slots, entries: self.entries };
+        let entries = std::mem::take(&mut self.entries);
+        let summary = Summary { segment, slots: self.slots, entries };
         summary.validate()?;
         let encoded = summary.encode();
         let summary_blocks = encoded.len().div_ceil(BLOCK) as u64;
         let used = u64::from(self.slots) + metadata_blocks + summary_blocks + 1;
         let bps = used.div_ceil(self.k as u64).max(1);
-        let g = SegmentGeometry::new(self.k, m, u32::try_from(bps).unwrap_or(u32::MAX))?;
+        let g = SegmentGeometry::new(self.k, self.m, u32::try_from(bps).unwrap_or(u32::MAX))?;
         let total = g.data_blocks();
         // Zero blocks between the metadata and the summary pad out the last
         // row; the summary ends right before the trailer.
         let summary_slot = (total - 1 - summary_blocks) as u32;
         let metadata_blocks = summary_slot - self.slots;
-        let mut area = self.area;
-        area.reserve(g.data_area_len() - area.len());
         let meta_first = self.slots;
-        area.extend_from_slice(metadata);
-        area.resize(summary_slot as usize * BLOCK, 0);
-        area.extend_from_slice(&encoded);
-        area.resize((total as usize - 1) * BLOCK, 0);
+        // Everything after the data slots, sealed together.
+        let mut tail = Vec::with_capacity((total as usize - meta_first as usize) * BLOCK);
+        tail.extend_from_slice(metadata);
+        tail.resize((summary_slot - meta_first) as usize * BLOCK, 0);
+        tail.extend_from_slice(&encoded);
+        tail.resize((total as usize - 1 - meta_first as usize) * BLOCK, 0);
         let trailer = Trailer {
             segment,
             data_slots: self.slots,
@@ -320,10 +355,34 @@ impl Packer {
             summary_len: encoded.len() as u32,
             root_copy_len: root_copy.len() as u16,
         };
-        area.extend_from_slice(&trailer.encode(root_copy));
-        seal_metadata(cipher, segment, meta_first, &mut area[meta_first as usize * BLOCK..]);
-        debug_assert_eq!(area.len(), g.data_area_len());
-        Ok((g, area, summary))
+        tail.extend_from_slice(&trailer.encode(root_copy));
+        seal_metadata(cipher, segment, meta_first, &mut tail);
+        let shards = if g.blocks_per_shard() == self.max_blocks_per_shard {
+            for (i, block) in tail.chunks_exact(BLOCK).enumerate() {
+                self.place(meta_first + i as u32, block);
+            }
+            self.shards
+        } else {
+            // Fewer rows than a full segment: the slots move to their
+            // places in the shorter shards.
+            let shard_len = g.shard_len();
+            let mut area: Vec<u8> = Vec::with_capacity(g.data_area_len());
+            for s in &self.shards {
+                area.extend_from_slice(&s[self.room..]);
+            }
+            area.extend_from_slice(&tail);
+            area.chunks_exact(shard_len)
+                .map(|d| {
+                    let mut s = Vec::with_capacity(self.room + shard_len);
+                    s.resize(self.room, 0);
+                    s.extend_from_slice(d);
+                    s
+                })
+                .collect()
+        };
+        debug_assert_eq!(shards.len(), self.k);
+        debug_assert!(shards.iter().all(|s| s.len() == self.room + g.shard_len()));
+        Ok((g, shards, summary))
     }
 }
 
@@ -356,11 +415,20 @@ mod tests {
         Sequence::new(e, c).unwrap()
     }
 
+    /// The data area the shards hold (each shard's payload, after the
+    /// header's room), shard-major.
+    fn flat(g: SegmentGeometry, shards: &[Vec<u8>]) -> Vec<u8> {
+        let room = header_len(g);
+        assert_eq!(shards.len(), g.k());
+        assert!(shards.iter().all(|s| s.len() == room + g.shard_len()));
+        shards.iter().flat_map(|s| s[room..].iter().copied()).collect()
+    }
+
     #[test]
     fn a_packed_segment_reads_back_from_its_trailer() {
         let key = test_key();
         let cipher = SectorCipher::new(&key);
-        let mut p = Packer::new(4, 256);
+        let mut p = Packer::new(4, 2, 256);
         let blocks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; BLOCK]).collect();
         for (i, b) in blocks.iter().enumerate() {
             assert!(p.fits_block(0));
@@ -374,7 +442,8 @@ mod tests {
         // The last segment of a commit: its trailer carries a root copy
         // (opaque here; the codec seals and opens it).
         let copy: Vec<u8> = (0..300).map(|i| i as u8 | 1).collect();
-        let (g, area, summary) = p.finish(segment, 2, &[], &copy, &cipher).unwrap();
+        let (g, shards, summary) = p.finish(segment, &[], &copy, &cipher).unwrap();
+        let area = flat(g, &shards);
         // 10 data + 1 summary + 1 trailer = 12 blocks: 3 rows of 4.
         assert_eq!(g.blocks_per_shard(), 3);
         assert_eq!(summary.entries.len(), 7, "{:?}", summary.entries);
@@ -402,15 +471,15 @@ mod tests {
         bent[32..34].copy_from_slice(&(MAX_ROOT_COPY as u16 + 1).to_le_bytes());
         assert!(Trailer::decode(&bent, segment, g).is_err());
         // A copy longer than the trailer block can hold is refused.
-        let mut p = Packer::new(4, 256);
+        let mut p = Packer::new(4, 2, 256);
         p.push_zero(0, 1, seq(2, 1));
-        let err = p.finish(segment, 2, &[], &vec![1; MAX_ROOT_COPY + 1], &cipher).unwrap_err();
+        let err = p.finish(segment, &[], &vec![1; MAX_ROOT_COPY + 1], &cipher).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
     #[test]
     fn a_full_packer_says_so_before_it_overflows() {
-        let mut p = Packer::new(2, 4);
+        let mut p = Packer::new(2, 1, 4);
         let b = vec![1u8; BLOCK];
         let mut n = 0;
         while p.fits_block(0) {
@@ -420,17 +489,17 @@ mod tests {
         // 8 blocks: data + one summary block + the trailer.
         assert_eq!(n, 6);
         let key = test_key();
-        let (g, area, _) =
-            p.finish(SegmentId::new(1, 1).unwrap(), 1, &[], &[], &SectorCipher::new(&key)).unwrap();
+        let (g, shards, _) =
+            p.finish(SegmentId::new(1, 1).unwrap(), &[], &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 4);
-        assert_eq!(area.len(), g.data_area_len());
+        assert_eq!(flat(g, &shards).len(), g.data_area_len());
     }
 
     #[test]
     fn metadata_fills_the_room_a_packer_reports() {
         let key = test_key();
         let cipher = SectorCipher::new(&key);
-        let mut p = Packer::new(4, 4);
+        let mut p = Packer::new(4, 2, 4);
         assert_eq!(p.metadata_room(), 14, "16 blocks less a summary block and the trailer");
         let b = vec![9u8; BLOCK];
         for i in 0..3 {
@@ -441,7 +510,8 @@ mod tests {
         // the data slots, sealed with the metadata tweak.
         let meta: Vec<u8> = (0..11 * BLOCK).map(|i| (i / BLOCK) as u8).collect();
         let segment = SegmentId::new(1, 9).unwrap();
-        let (g, area, _) = p.finish(segment, 2, &meta, &[], &cipher).unwrap();
+        let (g, shards, _) = p.finish(segment, &meta, &[], &cipher).unwrap();
+        let area = flat(g, &shards);
         assert_eq!(g.blocks_per_shard(), 4);
         let mut back = area[3 * BLOCK..14 * BLOCK].to_vec();
         assert_ne!(back, meta);
@@ -449,13 +519,59 @@ mod tests {
         assert_eq!(back, meta);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Full segments (blocks placed where they stay) and shorter ones
+        /// (laid out again) read back the same way: the data blocks in
+        /// push order from slot 0, the metadata after them, the summary
+        /// and the trailer at the end.
+        #[test]
+        fn packed_shards_hold_the_blocks_in_slot_order(
+            k in 1usize..5, m in 1usize..3, max_bps in 1u32..6, fill in 0.0f64..1.0, meta_share in 0.0f64..1.0,
+        ) {
+            let key = test_key();
+            let cipher = SectorCipher::new(&key);
+            let mut p = Packer::new(k, m, max_bps);
+            let room = p.metadata_room();
+            let want = ((room as f64) * fill) as u64;
+            let mut pushed = Vec::new();
+            while (pushed.len() as u64) < want && p.fits_block(0) {
+                let i = pushed.len() as u64;
+                let b: Vec<u8> = (0..BLOCK).map(|j| (j as u64 * 7 + i * 13) as u8).collect();
+                // Every other block scattered: more summary entries.
+                let address = if i.is_multiple_of(2) { 100 + i } else { 10_000 * (i + 1) };
+                p.push_block(PackedBlock { address, sequence: seq(1, 1 + i), data: &b });
+                pushed.push(b);
+            }
+            let meta_blocks = ((p.metadata_room() as f64) * meta_share) as usize;
+            let meta: Vec<u8> = (0..meta_blocks * BLOCK).map(|i| (i / BLOCK + 1) as u8).collect();
+            let segment = SegmentId::new(1, 7).unwrap();
+            let (g, shards, summary) = p.finish(segment, &meta, &[3; 40], &cipher).unwrap();
+            let area = flat(g, &shards);
+            proptest::prop_assert_eq!(&area[..pushed.len() * BLOCK], &pushed.concat()[..]);
+            let last = g.data_blocks() as u32 - 1;
+            let mut t = area[last as usize * BLOCK..].to_vec();
+            open_metadata(&cipher, segment, last, &mut t);
+            let trailer = Trailer::decode(&t, segment, g).unwrap();
+            proptest::prop_assert_eq!(trailer.data_slots as usize, pushed.len());
+            proptest::prop_assert_eq!(trailer.root_copy(&t), Some(&[3u8; 40][..]));
+            let mut s = area[trailer.summary_slot as usize * BLOCK..last as usize * BLOCK].to_vec();
+            open_metadata(&cipher, segment, trailer.summary_slot, &mut s);
+            proptest::prop_assert_eq!(decode_summary(&trailer, &s).unwrap(), summary);
+            let first = pushed.len();
+            let mut back = area[first * BLOCK..(first + meta_blocks) * BLOCK].to_vec();
+            open_metadata(&cipher, segment, first as u32, &mut back);
+            proptest::prop_assert_eq!(back, meta);
+        }
+    }
+
     #[test]
     fn a_trims_only_segment_is_one_row() {
-        let mut p = Packer::new(4, 256);
+        let mut p = Packer::new(4, 2, 256);
         p.push_zero(0, 1 << 20, seq(1, 5));
         let key = test_key();
         let (g, _, summary) =
-            p.finish(SegmentId::new(1, 1).unwrap(), 2, &[], &[], &SectorCipher::new(&key)).unwrap();
+            p.finish(SegmentId::new(1, 1).unwrap(), &[], &[], &SectorCipher::new(&key)).unwrap();
         assert_eq!(g.blocks_per_shard(), 1);
         assert_eq!(summary.slots, 0);
     }

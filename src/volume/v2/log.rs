@@ -276,6 +276,91 @@ impl NewRecord<'_> {
     }
 }
 
+/// A Write record built in the layout it is written in: room for the
+/// header, then each block behind room for its tag. The writer encrypts
+/// each block straight into its place; the log fills in the header and
+/// the tags once it knows the record's position, writes these bytes and
+/// keeps them for the commit, so the ciphertext is never copied again.
+#[derive(Debug)]
+pub struct WriteRecord {
+    buf: Vec<u8>,
+}
+
+impl WriteRecord {
+    /// An empty record with room for `blocks` blocks.
+    pub fn with_capacity(blocks: usize) -> Self {
+        let mut buf = Vec::with_capacity(RECORD_HEADER_LEN + blocks * BLOCK_ENTRY_LEN);
+        buf.resize(RECORD_HEADER_LEN, 0);
+        Self { buf }
+    }
+
+    /// A record of `ciphertext` (whole blocks), copied.
+    pub fn from_ciphertext(ciphertext: &[u8]) -> Self {
+        let mut r = Self::with_capacity(ciphertext.len() / BLOCK_SIZE);
+        for block in ciphertext.chunks(BLOCK_SIZE) {
+            r.push_block(block, |_| {});
+        }
+        r
+    }
+
+    /// Appends `plain` (one block), then lets `seal` turn it into
+    /// ciphertext in place (while it is still in the CPU's cache).
+    pub fn push_block(&mut self, plain: &[u8], seal: impl FnOnce(&mut [u8])) {
+        self.buf.extend_from_slice(&[0u8; 32]);
+        let at = self.buf.len();
+        self.buf.extend_from_slice(plain);
+        seal(&mut self.buf[at..]);
+    }
+
+    /// Blocks pushed (a short last one counts as one; `append_write`
+    /// refuses it).
+    pub fn blocks(&self) -> usize {
+        (self.buf.len() - RECORD_HEADER_LEN).div_ceil(BLOCK_ENTRY_LEN)
+    }
+
+    fn head(&self, address: u64, sequence: Sequence) -> Result<RecordHead, LogError> {
+        let body = self.buf.len() - RECORD_HEADER_LEN;
+        if body == 0 || !body.is_multiple_of(BLOCK_ENTRY_LEN) {
+            return Err(LogError::BadRecord("write ciphertext must be whole 4 KiB blocks"));
+        }
+        let blocks = u32::try_from(body / BLOCK_ENTRY_LEN)
+            .map_err(|_| LogError::BadRecord("write of too many blocks"))?;
+        let head = RecordHead::Write { address, blocks, sequence };
+        validate(&head).map_err(LogError::BadRecord)?;
+        Ok(head)
+    }
+}
+
+/// A Write record's ciphertext as the log holds it: the encoded record,
+/// each block behind its tag (empty for other records).
+#[derive(Clone, Debug, Default)]
+pub struct RecordBlocks {
+    record: Bytes,
+}
+
+impl RecordBlocks {
+    /// Blocks in the record.
+    pub fn len(&self) -> usize {
+        self.record.len().saturating_sub(RECORD_HEADER_LEN) / BLOCK_ENTRY_LEN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Block `i`'s ciphertext.
+    pub fn block(&self, i: usize) -> &[u8] {
+        assert!(i < self.len(), "block {i} of a record of {}", self.len());
+        let at = RECORD_HEADER_LEN + i * BLOCK_ENTRY_LEN + 32;
+        &self.record[at..at + BLOCK_SIZE]
+    }
+
+    /// The ciphertext, blocks back to back (a copy).
+    pub fn ciphertext(&self) -> Vec<u8> {
+        (0..self.len()).flat_map(|i| self.block(i).iter().copied()).collect()
+    }
+}
+
 /// Checks what a record claims: ranges that fit and sequences that fit
 /// their epoch.
 fn validate(head: &RecordHead) -> Result<(), &'static str> {
@@ -410,6 +495,26 @@ pub fn encode_record(
         }
     }
     Ok(head)
+}
+
+/// Fills in the header and block tags of a Write record laid out in
+/// `buf` ([`WriteRecord`]) at `pos` with durable mark `mark`: the bytes
+/// [`encode_record`] makes of the same blocks.
+fn seal_write(
+    key: &LogKey,
+    volume: &[u8; VOLUME_ID_LEN],
+    pos: LogPos,
+    mark: LogPos,
+    head: &RecordHead,
+    buf: &mut [u8],
+) {
+    let bytes = head_bytes(head, mark);
+    buf[..HEAD_LEN].copy_from_slice(&bytes);
+    buf[HEAD_LEN..RECORD_HEADER_LEN].copy_from_slice(&header_tag(key, volume, pos, &bytes));
+    for (i, entry) in buf[RECORD_HEADER_LEN..].chunks_exact_mut(BLOCK_ENTRY_LEN).enumerate() {
+        let tag = block_tag(key, volume, pos, &bytes, i as u32, &entry[32..], VERSION);
+        entry[..32].copy_from_slice(&tag);
+    }
 }
 
 /// Why the bytes at a position are not a record.
@@ -754,10 +859,11 @@ struct Inner {
 /// memory ([`Recent`]); less when the log itself is small (a quarter).
 pub const RECENT_MAX_BYTES: usize = 256 << 20;
 
-/// The ciphertext of the newest Write records appended by this process,
-/// kept in memory: a commit packs them (and a read of a block not yet
-/// committed copies it) from here, without reading the file back or
-/// checking tags (these bytes never left the process). Oldest first out
+/// The newest Write records appended by this process, kept in memory as
+/// written (header, then each block behind its tag): a commit packs them
+/// (and a read of a block not yet committed copies it) from here, without
+/// reading the file back or checking tags (these bytes never left the
+/// process). Oldest first out
 /// past the budget, and gone with their file at release; a record not here
 /// is read from its file, checked, as before.
 #[derive(Default)]
@@ -1086,13 +1192,34 @@ impl LocalLog {
         for r in records {
             heads.push(r.head()?);
         }
+        let encode = |start: LogPos, mark: LogPos, total: usize| {
+            let mut buf = Vec::with_capacity(total);
+            let mut positions = Vec::with_capacity(records.len());
+            for r in records {
+                let pos = LogPos { file: start.file, offset: start.offset + buf.len() as u32 };
+                encode_record(&self.inner.key, &self.inner.volume, pos, mark, r, &mut buf, VERSION)?;
+                positions.push(pos);
+            }
+            Ok((buf, positions))
+        };
+        Ok(self.append_encoded(&heads, encode).await?.0)
+    }
+
+    /// Reserves the room of `heads` at the tail, has `encode` make their
+    /// bytes (given the first record's position, the durable mark and the
+    /// total length), writes them; the positions and the bytes written.
+    async fn append_encoded(
+        &self,
+        heads: &[RecordHead],
+        encode: impl FnOnce(LogPos, LogPos, usize) -> Result<(Vec<u8>, Vec<LogPos>), LogError>,
+    ) -> Result<(Vec<LogPos>, Bytes), LogError> {
         let total: usize = heads.iter().map(RecordHead::encoded_len).sum();
         let room = self.inner.config.file_bytes as usize - FILE_HEADER_LEN;
         if total > room {
             return Err(LogError::TooBig { bytes: total as u64, max: room as u64 });
         }
         if total == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Bytes::new()));
         }
         let carries_data = heads.iter().any(|h| h.data_sequence().is_some());
         let (file, start, mark) = {
@@ -1113,7 +1240,7 @@ impl LocalLog {
             tail.used += total as u64;
             tail.in_flight.insert(start);
             let mut at = start.offset;
-            for h in &heads {
+            for h in heads {
                 let pos = LogPos { file: start.file, offset: at };
                 match h {
                     RecordHead::Base(_) => tail.newest_base = Some(pos),
@@ -1128,36 +1255,42 @@ impl LocalLog {
         // write fails, the guard poisons the log (a hole that a later sync
         // would vouch for must never exist).
         let mut pending = Pending { log: self, start, done: false };
-        let mut buf = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(records.len());
-        for r in records {
-            let pos = LogPos { file: start.file, offset: start.offset + buf.len() as u32 };
-            encode_record(&self.inner.key, &self.inner.volume, pos, mark, r, &mut buf, VERSION)?;
-            positions.push(pos);
-        }
-        let written = self.inner.ring.write_all_at(&file, u64::from(start.offset), Bytes::from(buf), 0).await;
+        let (buf, positions) = encode(start, mark, total)?;
+        debug_assert_eq!(buf.len(), total);
+        let bytes = Bytes::from(buf);
+        let written = self.inner.ring.write_all_at(&file, u64::from(start.offset), bytes.clone(), 0).await;
         if let Err(e) = written {
             return Err(self.poison("appending to the log", e));
         }
         pending.done = true;
         self.finish(start, true);
-        Ok(positions)
+        Ok((positions, bytes))
     }
 
-    /// Appends one Write record of `ciphertext` (whole blocks from
-    /// `address`, block i with sequence `sequence + i`) and keeps the
-    /// ciphertext in memory for the commit that carries it ([`Recent`]).
-    /// Not durable until [`LocalLog::sync`].
+    /// Appends one Write record (`record`'s blocks from `address`, block i
+    /// with sequence `sequence + i`) and keeps its bytes in memory for the
+    /// commit that carries it ([`Recent`]). Not durable until
+    /// [`LocalLog::sync`].
     pub async fn append_write(
         &self,
         address: u64,
         sequence: Sequence,
-        ciphertext: Vec<u8>,
+        record: WriteRecord,
     ) -> Result<LogPos, LogError> {
-        let record = NewRecord::Write { address, sequence, ciphertext: &ciphertext };
-        let head = record.head()?;
-        let pos = self.append(&[record]).await?[0];
-        self.inner.recent.lock().expect("not poisoned").keep(pos, head, Bytes::from(ciphertext));
+        self.check()?;
+        let head = record.head(address, sequence)?;
+        let mut buf = Some(record.buf);
+        let encode = |start: LogPos, mark: LogPos, total: usize| {
+            let mut buf = buf.take().expect("encoded once");
+            if buf.len() != total {
+                return Err(LogError::BadRecord("a write record's length changed"));
+            }
+            seal_write(&self.inner.key, &self.inner.volume, start, mark, &head, &mut buf);
+            Ok((buf, vec![start]))
+        };
+        let (positions, bytes) = self.append_encoded(&[head], encode).await?;
+        let pos = positions[0];
+        self.inner.recent.lock().expect("not poisoned").keep(pos, head, bytes);
         Ok(pos)
     }
 
@@ -1350,8 +1483,7 @@ impl LocalLog {
             if block >= blocks {
                 return Err(LogError::BadRecord("a block read past the end of its record"));
             }
-            let at = block as usize * BLOCK_SIZE;
-            out.copy_from_slice(&data[at..at + BLOCK_SIZE]);
+            out.copy_from_slice(RecordBlocks { record: data }.block(block as usize));
             let sequence = sequence.checked_add(u64::from(block)).expect("validated");
             return Ok((address + u64::from(block), sequence));
         }
@@ -1403,10 +1535,10 @@ impl LocalLog {
     }
 
     /// Reads the whole record at `pos`, checked: its head and, for a Write,
-    /// its ciphertext (blocks back to back). What a commit uses.
-    pub async fn read_record(&self, pos: LogPos) -> Result<(RecordHead, Bytes), LogError> {
-        if let Some(kept) = self.inner.recent.lock().expect("not poisoned").get(pos) {
-            return Ok(kept);
+    /// its blocks. What a commit uses.
+    pub async fn read_record(&self, pos: LogPos) -> Result<(RecordHead, RecordBlocks), LogError> {
+        if let Some((head, record)) = self.inner.recent.lock().expect("not poisoned").get(pos) {
+            return Ok((head, RecordBlocks { record }));
         }
         let (file, version) = self.file(pos)?;
         let ring = &self.inner.ring;
@@ -1437,11 +1569,7 @@ impl LocalLog {
                 return Err(self.corrupt(pos, why));
             }
         };
-        let mut data = Vec::with_capacity(len / BLOCK_ENTRY_LEN * BLOCK_SIZE);
-        for entry in bytes[RECORD_HEADER_LEN..].chunks_exact(BLOCK_ENTRY_LEN) {
-            data.extend_from_slice(&entry[32..]);
-        }
-        Ok((head, Bytes::from(data)))
+        Ok((head, RecordBlocks { record: Bytes::from(bytes) }))
     }
 }
 

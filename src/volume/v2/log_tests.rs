@@ -95,8 +95,8 @@ async fn records_replay_after_a_clean_close_and_read_back_checked() {
     assert!(matches!(log.read(pos[2], 0, &mut out).await, Err(LogError::BadRecord(_))));
     let (head, whole) = log.read_record(pos[1]).await.unwrap();
     assert_eq!(head, RecordHead::Write { address: 40, blocks: 3, sequence: seq(101) });
-    assert_eq!(whole, data);
-    assert_eq!(log.read_record(pos[2]).await.unwrap().1, Vec::<u8>::new());
+    assert_eq!(whole.ciphertext(), data);
+    assert!(log.read_record(pos[2]).await.unwrap().1.is_empty());
 
     // Appending goes on after the replayed records.
     let next = log.append(&[NewRecord::Committed { sequence: seq(105) }]).await.unwrap();
@@ -415,7 +415,7 @@ async fn concurrent_appends_get_disjoint_regions_and_all_replay() {
     for (pos, address, data) in &all {
         let (head, bytes) = log.read_record(*pos).await.unwrap();
         assert!(matches!(head, RecordHead::Write { address: a, .. } if a == *address));
-        assert_eq!(&bytes, data);
+        assert_eq!(&bytes.ciphertext(), data);
     }
     drop(log);
     let (_, replay) =
@@ -569,10 +569,10 @@ async fn a_version_1_log_replays_and_reads_back_and_new_records_go_to_a_new_file
     let mut out = vec![0u8; BLOCK_SIZE];
     assert_eq!(log.read(positions[1], 2, &mut out).await.unwrap(), (42, seq(103)));
     assert_eq!(out, old[2 * BLOCK_SIZE..]);
-    assert_eq!(&log.read_record(positions[1]).await.unwrap().1[..], &old[..]);
+    assert_eq!(&log.read_record(positions[1]).await.unwrap().1.ciphertext()[..], &old[..]);
     // New records go to a new file of this version, never into the old one.
     let new = blocks(0x5a, 2);
-    let p = log.append_write(80, seq(110), new.clone()).await.unwrap();
+    let p = log.append_write(80, seq(110), WriteRecord::from_ciphertext(&new)).await.unwrap();
     assert_eq!(p.file, 2);
     log.sync().await.unwrap();
     drop(log);
@@ -583,8 +583,8 @@ async fn a_version_1_log_replays_and_reads_back_and_new_records_go_to_a_new_file
     let (log, replay) = open(&ring, dir.path(), small()).await.unwrap();
     assert_eq!(replay.records.len(), 4);
     assert_eq!(replay.highest_sequence, seq(111));
-    assert_eq!(&log.read_record(positions[1]).await.unwrap().1[..], &old[..]);
-    assert_eq!(&log.read_record(p).await.unwrap().1[..], &new[..]);
+    assert_eq!(&log.read_record(positions[1]).await.unwrap().1.ciphertext()[..], &old[..]);
+    assert_eq!(&log.read_record(p).await.unwrap().1.ciphertext()[..], &new[..]);
     assert_eq!(log.read(p, 1, &mut out).await.unwrap(), (81, seq(111)));
     assert_eq!(out, new[BLOCK_SIZE..]);
 }
@@ -597,11 +597,14 @@ async fn recent_writes_are_read_from_memory_and_the_same_bytes_come_back_from_th
     let mut kept = Vec::new();
     for i in 0..8u64 {
         let data = blocks(i as u8, 1 + i as usize % 3);
-        kept.push((log.append_write(i * 10, seq(100 + i * 3), data.clone()).await.unwrap(), data));
+        kept.push((
+            log.append_write(i * 10, seq(100 + i * 3), WriteRecord::from_ciphertext(&data)).await.unwrap(),
+            data,
+        ));
     }
     log.sync().await.unwrap();
     for (pos, data) in &kept {
-        assert_eq!(&log.read_record(*pos).await.unwrap().1[..], &data[..]);
+        assert_eq!(&log.read_record(*pos).await.unwrap().1.ciphertext()[..], &data[..]);
     }
     // The file holds the same: a fresh open (nothing in memory) reads it.
     drop(log);
@@ -609,7 +612,7 @@ async fn recent_writes_are_read_from_memory_and_the_same_bytes_come_back_from_th
     assert_eq!(replay.records.len(), kept.len());
     let mut out = vec![0u8; BLOCK_SIZE];
     for (i, (pos, data)) in kept.iter().enumerate() {
-        assert_eq!(&log.read_record(*pos).await.unwrap().1[..], &data[..]);
+        assert_eq!(&log.read_record(*pos).await.unwrap().1.ciphertext()[..], &data[..]);
         let last = (data.len() / BLOCK_SIZE - 1) as u32;
         let (address, sequence) = log.read(*pos, last, &mut out).await.unwrap();
         assert_eq!(
@@ -633,7 +636,7 @@ async fn a_kept_record_outlives_newer_bases_and_commits_and_its_floors_replay() 
     // Later writes, newer (unsynced) Bases with lower floors, all committed.
     let data = blocks(9, 4);
     for i in 0..12u64 {
-        log.append_write(i * 4, seq(1 + i * 4), data.clone()).await.unwrap();
+        log.append_write(i * 4, seq(1 + i * 4), WriteRecord::from_ciphertext(&data)).await.unwrap();
         log.append(&[NewRecord::Base(base(2 + i)), NewRecord::Committed { sequence: seq(4 + i * 4) }])
             .await
             .unwrap();
@@ -677,7 +680,7 @@ async fn a_folder_with_version_2_files_does_not_claim_version_1() {
     std::fs::write(log_file(dir.path(), 1), &file).unwrap();
 
     let (log, _) = open(&ring, dir.path(), small()).await.unwrap();
-    let p = log.append_write(80, seq(110), blocks(0x5a, 2)).await.unwrap();
+    let p = log.append_write(80, seq(110), WriteRecord::from_ciphertext(&blocks(0x5a, 2))).await.unwrap();
     log.sync().await.unwrap(); // a flush: this write is acknowledged durable
     drop(log);
     assert_eq!(p.file, 2);
@@ -693,4 +696,38 @@ async fn a_folder_with_version_2_files_does_not_claim_version_1() {
         "the meta still says version 1 while version-2 files hold synced writes: the previous binary would \
          open this folder and cut them"
     );
+}
+
+#[tokio::test]
+async fn a_write_record_built_in_place_is_byte_for_byte_the_record_encode_record_makes() {
+    let ring = Uring::new(16).unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (la, _) = open(&ring, a.path(), small()).await.unwrap();
+    let (lb, _) = open(&ring, b.path(), small()).await.unwrap();
+    // Enough records to roll over to further files (64 KiB each).
+    for i in 0..12u64 {
+        let data = blocks(i as u8 + 1, 1 + i as usize % 5);
+        let (address, sequence) = (i * 7, seq(10 + i * 5));
+        let pa = la.append(&[NewRecord::Write { address, sequence, ciphertext: &data }]).await.unwrap()[0];
+        let pb = lb.append_write(address, sequence, WriteRecord::from_ciphertext(&data)).await.unwrap();
+        assert_eq!(pa, pb);
+        // What each keeps for the commit is the same ciphertext.
+        assert_eq!(lb.read_record(pb).await.unwrap().1.ciphertext(), data);
+    }
+    la.sync().await.unwrap();
+    lb.sync().await.unwrap();
+    let mut files = 0;
+    for n in 0..16 {
+        let (fa, fb) = (log_file(a.path(), n), log_file(b.path(), n));
+        assert_eq!(fa.exists(), fb.exists(), "file {n}");
+        if fa.exists() {
+            assert_eq!(std::fs::read(&fa).unwrap(), std::fs::read(&fb).unwrap(), "file {n}");
+            files += 1;
+        }
+    }
+    assert!(files >= 3, "the records rolled over into {files} files");
+    // A record of a partial block is refused whole.
+    let mut short = WriteRecord::with_capacity(1);
+    short.push_block(&[1u8; 100], |_| {});
+    assert!(matches!(lb.append_write(0, seq(900), short).await, Err(LogError::BadRecord(_))));
 }
