@@ -81,8 +81,9 @@ struct Staging {
     covers: BTreeSet<SegmentId>,
     /// Page → its merged blob (`None`: now empty) and its delta.
     staged: BTreeMap<u64, (Option<PageBlob>, Delta)>,
-    /// The merged pages themselves with their blobs' hashes, kept loaded
-    /// once the checkpoint is installed (they are its pages).
+    /// The first merged pages (up to the capacity) with their blobs'
+    /// hashes, kept loaded once the checkpoint is installed (they are its
+    /// pages).
     pages: Vec<(MapPage, [u8; 32])>,
 }
 
@@ -175,9 +176,10 @@ pub struct MapCache {
     staging: Option<Staging>,
     /// What the last pending checkpoint covers, until it is installed.
     pending_covers: Option<BTreeSet<SegmentId>>,
-    /// The pages the last pending checkpoint wrote, decoded, until it is
-    /// installed: they stay loaded, so the commits after a checkpoint do
-    /// not fetch back what this attach just wrote.
+    /// The pages the last pending checkpoint wrote (the first, up to the
+    /// capacity), decoded, until it is installed: they stay loaded, so the
+    /// commits after a checkpoint do not fetch back what this attach just
+    /// wrote.
     pending_pages: Vec<(MapPage, [u8; 32])>,
 }
 
@@ -505,7 +507,10 @@ impl MapCache {
             }
             let (merged, delta) = self.merged(page);
             let blob = (!merged.is_empty()).then(|| PageBlob::of(&merged));
-            if let Some(b) = &blob {
+            // Only the first `capacity` stay loaded at install: the rest
+            // are not kept decoded (a checkpoint may rewrite far more pages
+            // than the cache holds).
+            if let Some(b) = blob.as_ref().filter(|_| staging.pages.len() < self.capacity) {
                 staging.pages.push((merged, b.hash));
             }
             staging.staged.insert(page, (blob, delta));

@@ -192,6 +192,14 @@ enum Op {
     Checkpoint,
     /// A checkpoint during which another summary is applied.
     CheckpointWhileApplying(Vec<Piece>),
+    /// A checkpoint made, then another summary applied before it is
+    /// installed (on top of the pages it keeps loaded).
+    CheckpointThenApply(Vec<Piece>),
+    /// A checkpoint made (abandoned or not), a summary applied, then the
+    /// checkpoint of another attach of the same root installed instead,
+    /// which includes that summary: the pages this cache merged without
+    /// it must not stay loaded as that checkpoint's.
+    InstallAnother(Vec<Piece>, bool),
     Evict(u64),
     Settle,
     /// An earlier summary again (an attach replaying what it applied).
@@ -212,6 +220,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (address(), 1..300u64).prop_map(|(a, l)| Op::Range(a, l.min(BLOCKS - a))),
         1 => Just(Op::Checkpoint),
         1 => proptest::collection::vec(piece(), 1..3).prop_map(Op::CheckpointWhileApplying),
+        1 => proptest::collection::vec(piece(), 1..3).prop_map(Op::CheckpointThenApply),
+        1 => (proptest::collection::vec(piece(), 1..3), any::<bool>())
+            .prop_map(|(p, abandon)| Op::InstallAnother(p, abandon)),
         1 => (0..PAGES).prop_map(Op::Evict),
         1 => Just(Op::Settle),
         1 => any::<proptest::sample::Index>().prop_map(Op::Reapply),
@@ -316,6 +327,48 @@ proptest! {
                     let index = store.write(&pending);
                     since.retain(|s| !pending.covers().contains(&s.segment));
                     cache.install(index.clone()).unwrap();
+                    last_index = index;
+                }
+                Op::CheckpointThenApply(pieces) => {
+                    let pending = resolve(&mut cache, &store, MapCache::checkpoint);
+                    let late = new_summary(&pieces);
+                    late.apply_to(&mut model).unwrap();
+                    cache.apply_summary(&late, fake_root(late.segment)).unwrap();
+                    all.push(late.clone());
+                    since.push(late);
+                    let index = store.write(&pending);
+                    since.retain(|s| !pending.covers().contains(&s.segment));
+                    cache.install(index.clone()).unwrap();
+                    last_index = index;
+                }
+                Op::InstallAnother(pieces, abandon) => {
+                    let _ours = resolve(&mut cache, &store, MapCache::checkpoint);
+                    let late = new_summary(&pieces);
+                    late.apply_to(&mut model).unwrap();
+                    cache.apply_summary(&late, fake_root(late.segment)).unwrap();
+                    all.push(late.clone());
+                    since.push(late);
+                    if abandon {
+                        cache.abandon_checkpoint();
+                    }
+                    // Another attach of the same root: the last checkpoint
+                    // and the summaries since, `late` included.
+                    let mut other = MapCache::new(last_index.clone(), 1);
+                    for s in &since {
+                        other.apply_summary(s, fake_root(s.segment)).unwrap();
+                    }
+                    let pending = resolve(&mut other, &store, MapCache::checkpoint);
+                    let index = store.write(&pending);
+                    cache.install(index.clone()).unwrap();
+                    // Applying a summary twice is harmless: what the cache
+                    // still holds apart, the root may name again.
+                    for s in &since {
+                        prop_assert!(
+                            pending.covers().contains(&s.segment) || cache.is_recent(s.segment),
+                            "summary {} neither in the checkpoint nor kept", s.segment
+                        );
+                    }
+                    since.retain(|s| cache.is_recent(s.segment));
                     last_index = index;
                 }
                 Op::Evict(p) => cache.evict(p),
@@ -900,6 +953,17 @@ fn an_installed_checkpoint_keeps_the_pages_it_wrote_loaded() {
     for p in 0..PAGES {
         assert!(cache.lookup(p * PAGE_BLOCKS + 5).is_ok(), "page {p} was fetched again");
     }
+    // A summary landing between a checkpoint and its install goes on top
+    // of the kept pages, counted at once too.
+    let third = on_every_page(3, 0, 6);
+    let pending = cache.checkpoint().expect("every page loaded");
+    cache.apply_summary(&third, fake_root(third.segment)).unwrap();
+    cache.install(store.write(&pending)).unwrap();
+    let live = cache.segments().expect("counted as the install re-applied it");
+    assert_eq!(live[&first.segment], PAGES * 5);
+    assert_eq!(live[&second.segment], PAGES * 4);
+    assert_eq!(live[&third.segment], PAGES * 6);
+    assert!(cache.is_recent(third.segment) && !cache.is_recent(second.segment));
     // A smaller cache keeps what fits and fetches the rest.
     let mut small = MapCache::new(CheckpointIndex::empty(BLOCKS), 1);
     small.apply_summary(&first, fake_root(first.segment)).unwrap();
