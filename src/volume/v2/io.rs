@@ -564,11 +564,22 @@ impl Inner {
             self.wait_for_fetches(first, n).await;
         }
         let plan = self.plan(first, n).await?;
-        let mut out = vec![0u8; length as usize];
+        // Filled block by block in order: only the blocks read as zeroes or
+        // into place are zeroed first.
+        let mut out: Vec<u8> = Vec::with_capacity(length as usize);
         let mut remote: HashMap<SegmentId, Vec<(usize, u32)>> = HashMap::new();
         for (i, (src, seq)) in plan.iter().enumerate() {
             let a = first + i as u64;
-            let buf = &mut out[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            debug_assert_eq!(out.len(), i * BLOCK_SIZE);
+            if let Source::Segment { .. } = src
+                && let Some(ct) = self.fetched(a, *seq).await
+            {
+                out.extend_from_slice(&ct);
+                self.lineage.by_sequence(*seq).decrypt_in_place(a, seq.raw(), &mut out[i * BLOCK_SIZE..]);
+                continue;
+            }
+            out.resize((i + 1) * BLOCK_SIZE, 0);
+            let buf = &mut out[i * BLOCK_SIZE..];
             match *src {
                 Source::Zero => {}
                 Source::Log { pos, block } => match self.log.read(pos, block, buf).await {
@@ -582,13 +593,8 @@ impl Inner {
                     }
                     Err(e) => return Err(log_failed("read", offset, length, e)),
                 },
-                Source::Segment { segment, slot } => match self.fetched(a, *seq).await {
-                    Some(ct) => {
-                        buf.copy_from_slice(&ct);
-                        self.lineage.by_sequence(*seq).decrypt_in_place(a, seq.raw(), buf);
-                    }
-                    None => remote.entry(segment).or_default().push((i, slot)),
-                },
+                // Not fetched ahead (checked above): from its segment below.
+                Source::Segment { segment, slot } => remote.entry(segment).or_default().push((i, slot)),
             }
         }
         let remote: Vec<(SegmentId, Vec<(usize, u32)>)> = remote.into_iter().collect();

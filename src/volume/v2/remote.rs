@@ -414,6 +414,10 @@ impl SegmentIo {
             let shard_end = ((shard as u32 + 1) * bps).min(end);
             let (from, count) = (at % bps, shard_end - at);
             let blocks = self.shard_blocks(seg, &header, shard, from, count).await?;
+            if at == first && shard_end == end {
+                // All from one shard: its blocks as they came.
+                return Ok(blocks);
+            }
             out.extend_from_slice(&blocks);
             at = shard_end;
         }
