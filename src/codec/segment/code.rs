@@ -229,7 +229,7 @@ mod tests {
         /// error, never a panic.
         #[test]
         fn encoding_data_shards_in_place_makes_the_same_shards(
-            k in 1usize..6, m in 1usize..4, blocks in 1u32..5, seed in any::<u64>(), bad in 0usize..3,
+            k in 1usize..6, m in 1usize..4, blocks in 1u32..5, seed in any::<u64>(), bad in 0usize..5,
         ) {
             let (g, area, e) = encoded(k, m, blocks, seed);
             let hlen = header_len(g);
@@ -245,7 +245,10 @@ mod tests {
             match bad {
                 0 => { wrong[0].pop(); }
                 1 => { wrong.pop(); }
-                _ => { wrong[k - 1].push(0); }
+                2 => { wrong[k - 1].push(0); }
+                // Shorter than the header's room: no payload to slice.
+                3 => { wrong[k - 1].truncate(hlen / 2); }
+                _ => { wrong[0].clear(); }
             }
             prop_assert!(codec.encode_shards(&VOLUME, SegmentId::from_raw(seed), wrong).is_err());
         }

@@ -284,6 +284,12 @@ impl NewRecord<'_> {
 #[derive(Debug)]
 pub struct WriteRecord {
     buf: Vec<u8>,
+    /// Blocks pushed.
+    pushed: usize,
+    /// A push was not one whole block: the tags would not sit where
+    /// [`encode_record`] puts them (even if the lengths add up to whole
+    /// entries), so `append_write` refuses the record.
+    ragged: bool,
 }
 
 impl WriteRecord {
@@ -291,7 +297,7 @@ impl WriteRecord {
     pub fn with_capacity(blocks: usize) -> Self {
         let mut buf = Vec::with_capacity(RECORD_HEADER_LEN + blocks * BLOCK_ENTRY_LEN);
         buf.resize(RECORD_HEADER_LEN, 0);
-        Self { buf }
+        Self { buf, pushed: 0, ragged: false }
     }
 
     /// A record of `ciphertext` (whole blocks), copied.
@@ -306,25 +312,27 @@ impl WriteRecord {
     /// Appends `plain` (one block), then lets `seal` turn it into
     /// ciphertext in place (while it is still in the CPU's cache).
     pub fn push_block(&mut self, plain: &[u8], seal: impl FnOnce(&mut [u8])) {
+        self.ragged |= plain.len() != BLOCK_SIZE;
+        self.pushed += 1;
         self.buf.extend_from_slice(&[0u8; 32]);
         let at = self.buf.len();
         self.buf.extend_from_slice(plain);
         seal(&mut self.buf[at..]);
     }
 
-    /// Blocks pushed (a short last one counts as one; `append_write`
-    /// refuses it).
+    /// Blocks pushed (one that is not a whole block counts as one;
+    /// `append_write` refuses the record).
     pub fn blocks(&self) -> usize {
-        (self.buf.len() - RECORD_HEADER_LEN).div_ceil(BLOCK_ENTRY_LEN)
+        self.pushed
     }
 
     fn head(&self, address: u64, sequence: Sequence) -> Result<RecordHead, LogError> {
-        let body = self.buf.len() - RECORD_HEADER_LEN;
-        if body == 0 || !body.is_multiple_of(BLOCK_ENTRY_LEN) {
+        if self.pushed == 0 || self.ragged {
             return Err(LogError::BadRecord("write ciphertext must be whole 4 KiB blocks"));
         }
-        let blocks = u32::try_from(body / BLOCK_ENTRY_LEN)
-            .map_err(|_| LogError::BadRecord("write of too many blocks"))?;
+        debug_assert_eq!(self.buf.len(), RECORD_HEADER_LEN + self.pushed * BLOCK_ENTRY_LEN);
+        let blocks =
+            u32::try_from(self.pushed).map_err(|_| LogError::BadRecord("write of too many blocks"))?;
         let head = RecordHead::Write { address, blocks, sequence };
         validate(&head).map_err(LogError::BadRecord)?;
         Ok(head)
