@@ -63,17 +63,7 @@ impl SegmentCodec {
         if data_area.len() != g.data_area_len() {
             return Err(SegmentError::DataAreaSize { expected: g.data_area_len(), actual: data_area.len() });
         }
-        let hlen = header_len(g);
-        let data = data_area
-            .chunks_exact(g.shard_len())
-            .map(|d| {
-                let mut s = Vec::with_capacity(hlen + d.len());
-                s.resize(hlen, 0);
-                s.extend_from_slice(d);
-                s
-            })
-            .collect();
-        self.encode_shards(volume_id, segment, data)
+        self.encode_shards(volume_id, segment, data_shards(g, data_area))
     }
 
     /// [`Self::encode`] of a data area already cut into its k data shards,
@@ -182,6 +172,22 @@ impl SegmentCodec {
         }
         Ok(Rebuilt { shards: out, refused })
     }
+}
+
+/// `data_area` (k × blocks per shard × 4 KiB) cut into its k data shards,
+/// each copied behind [`header_len`] bytes of room for its header: what
+/// [`SegmentCodec::encode_shards`] takes.
+pub fn data_shards(g: SegmentGeometry, data_area: &[u8]) -> Vec<Vec<u8>> {
+    let hlen = header_len(g);
+    data_area
+        .chunks_exact(g.shard_len())
+        .map(|d| {
+            let mut s = Vec::with_capacity(hlen + d.len());
+            s.resize(hlen, 0);
+            s.extend_from_slice(d);
+            s
+        })
+        .collect()
 }
 
 /// [`SegmentCodec::encode`] with a codec made for this one segment.

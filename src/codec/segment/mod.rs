@@ -42,7 +42,7 @@ use std::fmt;
 use super::erasure::{ErasureError, GeometryError, MAX_DATA_SHARDS, MAX_PARITY_SHARDS, MAX_SHARD_SIZE};
 use super::key::VOLUME_ID_LEN;
 
-pub use code::{EncodedSegment, Rebuilt, SegmentCodec, encode_segment, rebuild};
+pub use code::{EncodedSegment, Rebuilt, SegmentCodec, data_shards, encode_segment, rebuild};
 pub use header::{
     SegmentShardHeader, header_len, parse_header, parse_segment_shard, segment_root, verify_header,
     verify_shard,

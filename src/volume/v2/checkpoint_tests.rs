@@ -41,6 +41,20 @@ struct Store {
 }
 
 impl Store {
+    /// Writes `pending`, drops the summaries it covers from `since` and
+    /// installs it in `cache`; its index.
+    fn land(
+        &mut self,
+        pending: &super::cache::PendingCheckpoint,
+        since: &mut Vec<Summary>,
+        cache: &mut MapCache,
+    ) -> CheckpointIndex {
+        let index = self.write(pending);
+        since.retain(|s| !pending.covers().contains(&s.segment));
+        cache.install(index.clone()).unwrap();
+        index
+    }
+
     /// Writes the blobs of a checkpoint into one new segment, returns the
     /// index, after a round trip through a head with continuations.
     fn write(&mut self, pending: &super::cache::PendingCheckpoint) -> CheckpointIndex {
@@ -302,10 +316,7 @@ proptest! {
                 }
                 Op::Checkpoint => {
                     let pending = resolve(&mut cache, &store, MapCache::checkpoint);
-                    let index = store.write(&pending);
-                    since.retain(|s| !pending.covers().contains(&s.segment));
-                    cache.install(index.clone()).unwrap();
-                    last_index = index;
+                    last_index = store.land(&pending, &mut since, &mut cache);
                 }
                 Op::CheckpointWhileApplying(pieces) => {
                     let late = new_summary(&pieces);
@@ -324,10 +335,7 @@ proptest! {
                     }
                     all.push(late.clone());
                     since.push(late);
-                    let index = store.write(&pending);
-                    since.retain(|s| !pending.covers().contains(&s.segment));
-                    cache.install(index.clone()).unwrap();
-                    last_index = index;
+                    last_index = store.land(&pending, &mut since, &mut cache);
                 }
                 Op::CheckpointThenApply(pieces) => {
                     let pending = resolve(&mut cache, &store, MapCache::checkpoint);
@@ -336,10 +344,7 @@ proptest! {
                     cache.apply_summary(&late, fake_root(late.segment)).unwrap();
                     all.push(late.clone());
                     since.push(late);
-                    let index = store.write(&pending);
-                    since.retain(|s| !pending.covers().contains(&s.segment));
-                    cache.install(index.clone()).unwrap();
-                    last_index = index;
+                    last_index = store.land(&pending, &mut since, &mut cache);
                 }
                 Op::InstallAnother(pieces, abandon) => {
                     let _ours = resolve(&mut cache, &store, MapCache::checkpoint);
@@ -863,10 +868,8 @@ proptest! {
                 }
                 RaceOp::Checkpoint => {
                     let pending = resolve_live(&mut cache, &store, &dropped, MapCache::checkpoint)?;
-                    let index = store.write(&pending);
+                    let index = store.land(&pending, &mut since, &mut cache);
                     known.extend(index.pages.values().map(|r| r.range.segment));
-                    since.retain(|s| !pending.covers().contains(&s.segment));
-                    cache.install(index.clone()).unwrap();
                     last_index = index;
                 }
                 RaceOp::Drop => {

@@ -28,7 +28,7 @@
 use super::map::ADDRESS_LIMIT;
 use super::reader::{BLOCK, Reader, is_block_padding};
 use super::summary::{self, Summary, SummaryEntry};
-use crate::codec::segment::{SegmentError, SegmentGeometry, header_len};
+use crate::codec::segment::{SegmentError, SegmentGeometry, data_shards, header_len};
 use crate::codec::sequence::{SegmentId, Sequence};
 use crate::codec::xts::SectorCipher;
 
@@ -365,20 +365,12 @@ impl Packer {
         } else {
             // Fewer rows than a full segment: the slots move to their
             // places in the shorter shards.
-            let shard_len = g.shard_len();
             let mut area: Vec<u8> = Vec::with_capacity(g.data_area_len());
             for s in &self.shards {
                 area.extend_from_slice(&s[self.room..]);
             }
             area.extend_from_slice(&tail);
-            area.chunks_exact(shard_len)
-                .map(|d| {
-                    let mut s = Vec::with_capacity(self.room + shard_len);
-                    s.resize(self.room, 0);
-                    s.extend_from_slice(d);
-                    s
-                })
-                .collect()
+            data_shards(g, &area)
         };
         debug_assert_eq!(shards.len(), self.k);
         debug_assert!(shards.iter().all(|s| s.len() == self.room + g.shard_len()));

@@ -493,34 +493,36 @@ pub fn encode_record(
     version: u16,
 ) -> Result<RecordHead, LogError> {
     let head = record.head()?;
-    let bytes = head_bytes(&head, mark);
-    out.extend_from_slice(&bytes);
-    out.extend_from_slice(&header_tag(key, volume, pos, &bytes));
+    let at = out.len();
+    out.resize(at + RECORD_HEADER_LEN, 0);
     if let NewRecord::Write { ciphertext, .. } = record {
-        for (i, block) in ciphertext.chunks_exact(BLOCK_SIZE).enumerate() {
-            out.extend_from_slice(&block_tag(key, volume, pos, &bytes, i as u32, block, version));
+        for block in ciphertext.chunks_exact(BLOCK_SIZE) {
+            out.extend_from_slice(&[0u8; 32]);
             out.extend_from_slice(block);
         }
     }
+    seal_record(key, volume, pos, mark, &head, &mut out[at..], version);
     Ok(head)
 }
 
-/// Fills in the header and block tags of a Write record laid out in
-/// `buf` ([`WriteRecord`]) at `pos` with durable mark `mark`: the bytes
-/// [`encode_record`] makes of the same blocks.
-fn seal_write(
+/// Fills in the header and block tags of a record laid out in `buf` (its
+/// header's room, then each block behind room for its tag, as
+/// [`WriteRecord`] builds it) at `pos` with durable mark `mark`, in format
+/// `version`.
+fn seal_record(
     key: &LogKey,
     volume: &[u8; VOLUME_ID_LEN],
     pos: LogPos,
     mark: LogPos,
     head: &RecordHead,
     buf: &mut [u8],
+    version: u16,
 ) {
     let bytes = head_bytes(head, mark);
     buf[..HEAD_LEN].copy_from_slice(&bytes);
     buf[HEAD_LEN..RECORD_HEADER_LEN].copy_from_slice(&header_tag(key, volume, pos, &bytes));
     for (i, entry) in buf[RECORD_HEADER_LEN..].chunks_exact_mut(BLOCK_ENTRY_LEN).enumerate() {
-        let tag = block_tag(key, volume, pos, &bytes, i as u32, &entry[32..], VERSION);
+        let tag = block_tag(key, volume, pos, &bytes, i as u32, &entry[32..], version);
         entry[..32].copy_from_slice(&tag);
     }
 }
@@ -1293,7 +1295,7 @@ impl LocalLog {
             if buf.len() != total {
                 return Err(LogError::BadRecord("a write record's length changed"));
             }
-            seal_write(&self.inner.key, &self.inner.volume, start, mark, &head, &mut buf);
+            seal_record(&self.inner.key, &self.inner.volume, start, mark, &head, &mut buf, VERSION);
             Ok((buf, vec![start]))
         };
         let (positions, bytes) = self.append_encoded(&[head], encode).await?;
