@@ -15,15 +15,18 @@
 //!
 //! **Durability, written once** ([`ShardStore::put`] and the group commit
 //! behind it): verify the shard (its payload hashes to its header's own
-//! root), compute its outboard, append it to the current data file through
-//! the io_uring driver, `fdatasync` the file, then commit the index entry
-//! (redb commits are durable); only then is the put acknowledged. Puts that
-//! arrive together share one `fdatasync` and one index commit (group
-//! commit): a put queues its entry once its bytes are written, and one
-//! committer task at a time syncs every data file the queued entries touch,
-//! commits them all in one redb transaction, and answers each. A crash
-//! before the index commit leaves unindexed bytes in a data file and
-//! nothing else: no shard in it was acknowledged.
+//! root), compute its outboard, append it to the current data file,
+//! `fdatasync` the file, then commit the index entry (redb commits are
+//! durable); only then is the put acknowledged. Puts that arrive together
+//! share one `fdatasync` and one index commit (group commit): a put claims
+//! its range of the data file, a big shard is written there through the
+//! io_uring driver, and the put is queued; one committer thread at a time
+//! writes the queued small shards (a FLUSH's, on the thread that goes on to
+//! sync them: no hand-off to the ring and back on the QD1 path), syncs
+//! every data file the queued entries touch, commits them all in one redb
+//! transaction, and answers each. A crash before the index commit leaves
+//! unindexed bytes in a data file and nothing else: no shard in it was
+//! acknowledged.
 //!
 //! **Deleting** removes the index entry and punches a hole over the shard's
 //! bytes, so the space returns to the filesystem at once.
@@ -63,6 +66,12 @@ pub use scrub::{Checked, Fault, ScrubState};
 
 /// A data file is closed and a new one started once it reaches this size.
 pub const DATA_FILE_LIMIT: u64 = 1 << 30;
+
+/// Shards up to this size (a FLUSH's short segments) are written by the
+/// committer itself, on the thread that then syncs and indexes them;
+/// bigger ones are written through the ring by their put while the
+/// committer syncs and indexes others.
+const COMMITTER_WRITES_BYTES: usize = 64 << 10;
 
 /// Segment shards: key → location ‖ shard root ‖ outboard.
 const SEGMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("segments");
@@ -149,6 +158,9 @@ struct Pending {
     /// outboard.
     tail: Vec<u8>,
     file: Arc<RegisteredFile>,
+    /// The shard's bytes when the committer is to write them (a small
+    /// shard); `None` once its put has written them.
+    unwritten: Option<Bytes>,
     /// The replaced location, `Err(newest epoch)` if fenced meanwhile; the
     /// outer error is a failed sync or commit.
     done: tokio::sync::oneshot::Sender<Result<Result<Option<Location>, u64>, String>>,
@@ -275,7 +287,8 @@ impl ShardStore {
 
     /// The durability sequence: admit, claim a range of the data file
     /// tail, write, queue for the group commit (sync then index entry
-    /// `location ‖ tail`), answer.
+    /// `location ‖ tail`), answer. A small shard is queued unwritten and
+    /// the committer writes it before the sync.
     async fn append(
         &self,
         key: SegmentShardKey,
@@ -304,21 +317,29 @@ impl ShardStore {
         // Until the committer takes it over, the in-flight count is ours to
         // give back, also when this future is dropped.
         let mut inflight = InflightGuard { store: self, len };
-        let written = self.inner.ring.write_all_at(&file, loc.offset, shard, 0).await;
-        if let Err(e) = written {
-            return Err(self.poison("writing a shard", e));
-        }
+        let unwritten = if shard.len() <= COMMITTER_WRITES_BYTES {
+            Some(shard)
+        } else {
+            let written = self.inner.ring.write_all_at(&file, loc.offset, shard, 0).await;
+            if let Err(e) = written {
+                return Err(self.poison("writing a shard", e));
+            }
+            None
+        };
         inflight.len = 0;
         let (done, answer) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.inner.commits.lock().expect("not poisoned");
-            q.pending.push(Pending { key, epoch, loc, tail: entry_tail, file, done });
+            q.pending.push(Pending { key, epoch, loc, tail: entry_tail, file, unwritten, done });
             !std::mem::replace(&mut q.committing, true)
         };
         if start {
-            // Its own task: a caller giving up must not stop the commits of
-            // the others.
-            tokio::spawn(self.clone().commit_loop());
+            // A thread of its own: a caller giving up must not stop the
+            // commits of the others, and the writes, syncs and the index
+            // commit of a batch run one after the other on it without a
+            // hand-off between them.
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.commit_loop());
         }
         let committed = answer.await.unwrap_or_else(|_| Err("the committer stopped".into()));
         match committed {
@@ -334,28 +355,44 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Syncs and commits what is queued, batch after batch, until the queue
-    /// is empty.
-    async fn commit_loop(self) {
+    /// Takes what is queued for the group commit, or ends the committer's
+    /// turn when nothing is.
+    fn next_batch(&self) -> Option<Vec<Pending>> {
+        let mut q = self.inner.commits.lock().expect("not poisoned");
+        if q.pending.is_empty() {
+            q.committing = false;
+            return None;
+        }
+        Some(std::mem::take(&mut q.pending))
+    }
+
+    /// Writes (the small shards), syncs and commits what is queued, batch
+    /// after batch, until the queue is empty. Runs on a blocking thread.
+    ///
+    /// The next batch is taken before a batch is answered, and the last
+    /// one is answered only once this handle on the store is gone: a put
+    /// answered last must not find the store still open here (whoever drops
+    /// the last handle after its put closes the index, and may open it again).
+    fn commit_loop(self) {
         use std::sync::atomic::Ordering;
+        let Some(mut batch) = self.next_batch() else { return };
         loop {
-            let batch = {
-                let mut q = self.inner.commits.lock().expect("not poisoned");
-                if q.pending.is_empty() {
-                    q.committing = false;
-                    return;
-                }
-                std::mem::take(&mut q.pending)
-            };
-            let mut batch = batch;
             let started = std::time::Instant::now();
-            let mut synced: Vec<u32> = Vec::new();
             let mut failed = self.check().err().map(|e| e.to_string());
+            // Every shard is written before any data file is synced: a sync
+            // covers only what was written before it.
+            for p in &batch {
+                let Some(bytes) = p.unwritten.as_ref().filter(|_| failed.is_none()) else { continue };
+                if let Err(e) = p.file.write_all_at_blocking(p.loc.offset, bytes) {
+                    failed = Some(format!("writing a shard: {e}"));
+                }
+            }
+            let mut synced: Vec<u32> = Vec::new();
             for p in &batch {
                 if failed.is_some() || synced.contains(&p.loc.data_file) {
                     continue;
                 }
-                match self.inner.ring.fsync(&p.file, true).await {
+                match p.file.sync_blocking(true) {
                     Ok(()) => synced.push(p.loc.data_file),
                     Err(e) => failed = Some(format!("syncing a data file: {e}")),
                 }
@@ -365,38 +402,48 @@ impl ShardStore {
                 batch.iter_mut().map(|p| (p.key, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
             let results = match failed {
                 Some(e) => Err(e),
-                None => {
-                    let me = self.clone();
-                    tokio::task::spawn_blocking(move || me.commit_puts(&entries))
-                        .await
-                        .unwrap_or_else(|e| Err(format!("index commit task: {e}")))
-                }
+                None => self.commit_puts(&entries),
             };
             tracing::debug!(
-                "group commit of {} puts: data synced {data_synced:.0?}, indexed {:.0?}",
+                "group commit of {} puts: data written and synced {data_synced:.0?}, indexed {:.0?}",
                 batch.len(),
                 started.elapsed()
             );
+            // The bytes each put gives back, then the answers.
             let charged = &self.inner.charged;
-            match results {
-                Ok(olds) => {
-                    for (p, old) in batch.into_iter().zip(olds) {
+            let answers: Vec<_> = match results {
+                Ok(olds) => batch
+                    .into_iter()
+                    .zip(olds)
+                    .map(|(p, old)| {
                         let freed = match &old {
                             Ok(Some(replaced)) => replaced.len,
                             Ok(None) => 0,
                             Err(_fenced) => p.loc.len,
                         };
                         charged.fetch_sub(u64::from(freed), Ordering::SeqCst);
-                        let _ = p.done.send(Ok(old));
-                    }
-                }
-                Err(e) => {
-                    for p in batch {
+                        (p.done, Ok(old))
+                    })
+                    .collect(),
+                Err(e) => batch
+                    .into_iter()
+                    .map(|p| {
                         charged.fetch_sub(u64::from(p.loc.len), Ordering::SeqCst);
-                        let _ = p.done.send(Err(e.clone()));
-                    }
+                        (p.done, Err(e.clone()))
+                    })
+                    .collect(),
+            };
+            let Some(next) = self.next_batch() else {
+                drop(self);
+                for (done, answer) in answers {
+                    let _ = done.send(answer);
                 }
+                return;
+            };
+            for (done, answer) in answers {
+                let _ = done.send(answer);
             }
+            batch = next;
         }
     }
 

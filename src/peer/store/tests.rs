@@ -156,6 +156,43 @@ async fn concurrent_puts_round() {
     });
 }
 
+/// Small shards (written by the committer) and big ones (written by their
+/// put through the ring) put at once, across data files, land byte for
+/// byte, are counted once and are all there after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_and_big_shards_put_at_once_land_across_data_files() {
+    let ring = Uring::new(64).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // 1 to 17 blocks: both sides of COMMITTER_WRITES_BYTES (16 blocks and a header).
+    let blocks = |i: u64| (i % 17) as u32 + 1;
+    assert!(shard(1, 0, 0, 0, 15).len() <= COMMITTER_WRITES_BYTES);
+    assert!(shard(1, 0, 0, 0, 16).len() > COMMITTER_WRITES_BYTES);
+    let store = ShardStore::open_with_data_file_limit(&ring, dir.path(), 1 << 30, 256 << 10).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..96u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let s = shard(2, i, (i % 6) as u8, i as u8, blocks(i));
+            (store.put(s.clone(), 1).await.unwrap(), s)
+        });
+    }
+    let kept = tasks.join_all().await;
+    let total: u64 = kept.iter().map(|(_, s)| s.len() as u64).sum();
+    assert_eq!(store.used().unwrap(), total);
+    for (key, s) in &kept {
+        assert_eq!(&store.get(key).await.unwrap(), s);
+    }
+    let files = std::fs::read_dir(dir.path().join("data")).unwrap().count();
+    assert!(files >= 4, "{files} data files");
+    drop(store);
+    let store = ShardStore::open_with_data_file_limit(&ring, dir.path(), 1 << 30, 256 << 10).unwrap();
+    assert_eq!(store.used().unwrap(), total);
+    for (key, s) in &kept {
+        assert_eq!(&store.get(key).await.unwrap(), s);
+    }
+    assert_eq!(list(&store, 2).len(), kept.len());
+}
+
 #[tokio::test]
 async fn full_stores_and_older_epochs_are_refused_clearly() {
     let ring = Uring::new(64).unwrap();
