@@ -96,3 +96,48 @@ async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
     }
     assert_eq!(store.list(&[9; 16], None, usize::MAX).unwrap().len(), acked.len());
 }
+
+/// A put whose caller gave up once it was queued (a client that timed
+/// out): the group committer writes its shard, and when that write fails
+/// the store is poisoned all the same, with nobody left to hear of it.
+/// The first failed write must stop the store before any later batch is
+/// written, synced and acknowledged.
+#[tokio::test]
+async fn a_failed_write_poisons_the_store_when_its_put_was_dropped() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("store");
+    let files = data.join("data");
+    let Some(_disk) = SmallDisk::mount(&files, "64k") else { return };
+    let ring = Uring::new(64).unwrap();
+    let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for stripe in 0..16 {
+        // One poll takes the put as far as the commit queue (its shard,
+        // small, is the committer's to write); then the caller gives up.
+        // Once a write has failed, a put is refused at once instead.
+        let mut put = std::pin::pin!(store.put(shard(stripe, stripe as u8), 1));
+        match put.as_mut().poll(&mut cx) {
+            std::task::Poll::Pending | std::task::Poll::Ready(Err(StoreError::Poisoned { .. })) => {}
+            std::task::Poll::Ready(other) => panic!("a put waits for its group commit: {other:?}"),
+        }
+    }
+    // A 64 KiB disk cannot hold 16 shards of 16 KiB: one of those writes
+    // failed, and the store says so from then on.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match store.used() {
+            Err(StoreError::Poisoned { first, .. }) => {
+                assert!(first.contains("No space left"), "{first}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Ok(used) => {
+                panic!("a write failed (the disk is full) yet the store is not poisoned: {used} bytes used")
+            }
+        }
+    }
+    assert!(matches!(store.put(shard(99, 0), 1).await, Err(StoreError::Poisoned { .. })));
+}

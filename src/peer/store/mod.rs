@@ -378,7 +378,8 @@ impl ShardStore {
         let Some(mut batch) = self.next_batch() else { return };
         loop {
             let started = std::time::Instant::now();
-            let mut failed = self.check().err().map(|e| e.to_string());
+            let poisoned = self.check().err();
+            let mut failed = poisoned.as_ref().map(|e| e.to_string());
             // Every shard is written before any data file is synced: a sync
             // covers only what was written before it.
             for p in &batch {
@@ -402,8 +403,15 @@ impl ShardStore {
                 batch.iter_mut().map(|p| (p.key, p.epoch, p.loc, std::mem::take(&mut p.tail))).collect();
             let results = match failed {
                 Some(e) => Err(e),
-                None => self.commit_puts(&entries),
+                None => self.commit_puts(&entries).map_err(|e| format!("committing the index: {e}")),
             };
+            // The first failed write, sync or commit poisons the store here,
+            // before the next batch is taken: the puts of this one may all
+            // have been given up, and a later batch must not be written,
+            // synced and acknowledged past the failure.
+            if let (Err(e), None) = (&results, &poisoned) {
+                self.poison("group commit", e);
+            }
             tracing::debug!(
                 "group commit of {} puts: data written and synced {data_synced:.0?}, indexed {:.0?}",
                 batch.len(),
