@@ -257,9 +257,15 @@ fn rss_bytes(pid: u32) -> u64 {
 
 #[test]
 fn bytes_in_flight_per_connection_are_bounded() {
-    // A client that floods 1 MiB READs and does not read the replies: the
+    // A client that floods 64 KiB READs and does not read the replies: the
     // server holds at most 64 MiB of them in flight (the reply buffers),
     // then stops reading requests. Unbounded, this would cost 1 GiB.
+    // The flood's 16,384 request headers (448 KiB) are more than the
+    // connection's read buffer (`READ_BUFFER`, 256 KiB: 9,362 headers) and
+    // the socket's buffers hold besides the ~1,000 the budget lets run, so
+    // a server that stopped reading leaves the sender blocked. (With 1,024
+    // requests, all of them fit the read buffer and the sender could
+    // finish whether or not the server went on.)
     let s = Served::memory("256M");
     let mut c = RawClient::handshake(&s.socket, false);
     let data = pattern(7, MIB as usize);
@@ -268,12 +274,13 @@ fn bytes_in_flight_per_connection_are_bounded() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_bytes(s.pid());
-    let n = 1024u64;
+    let n = 16 * 1024u64;
+    let len = 64 * 1024u32;
     // Sent from another thread: once the server stops reading, this blocks.
     let mut sender = RawClient { s: c.s.try_clone().unwrap(), size: 0, tflags: 0, structured: false };
     let flood = std::thread::spawn(move || {
         for i in 0..n {
-            sender.request(0, 0, 10_000 + i, (i % 64) << 20, MIB, &[]);
+            sender.request(0, 0, 10_000 + i, (i % 64) << 20, len, &[]);
         }
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -281,12 +288,12 @@ fn bytes_in_flight_per_connection_are_bounded() {
     let grown = rss_bytes(s.pid()).saturating_sub(before);
     assert!(grown < 112 << 20, "server memory grew by {} MiB with replies unread", grown >> 20);
     // Every reply still arrives, intact, once the client reads.
+    let mut b = vec![0; len as usize];
     for _ in 0..n {
         let (err, cookie) = c.simple_reply();
         assert_eq!(err, 0);
-        let mut b = vec![0; MIB as usize];
         std::io::Read::read_exact(&mut c.s, &mut b).unwrap();
-        assert!(cookie >= 10_000 && b == data);
+        assert!(cookie >= 10_000 && b[..] == data[..len as usize]);
     }
     flood.join().unwrap();
 }

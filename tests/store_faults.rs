@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bytes::Bytes;
@@ -30,10 +30,10 @@ fn shard(n: u64, fill: u8) -> Bytes {
 }
 
 /// A tmpfs of `size` at `dir`, unmounted on drop.
-struct SmallDisk<'a>(&'a Path);
+struct SmallDisk(PathBuf);
 
-impl<'a> SmallDisk<'a> {
-    fn mount(dir: &'a Path, size: &str) -> Option<Self> {
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
         std::fs::create_dir_all(dir).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -41,7 +41,7 @@ impl<'a> SmallDisk<'a> {
             .status()
             .is_ok_and(|s| s.success());
         if ok {
-            return Some(Self(dir));
+            return Some(Self(dir.to_owned()));
         }
         let msg = "cannot mount a tmpfs (the shard-store fault test needs root)";
         if common::require_e2e() {
@@ -52,21 +52,26 @@ impl<'a> SmallDisk<'a> {
     }
 }
 
-impl Drop for SmallDisk<'_> {
+impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0).status();
+        let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// A store in `data` whose data files live on a 64 KiB disk (the index
+/// stays on the big one); `None` where the disk cannot be mounted.
+fn store_on_a_small_disk(data: &Path) -> Option<(SmallDisk, Uring, ShardStore)> {
+    let disk = SmallDisk::mount(&data.join("data"), "64k")?;
+    let ring = Uring::new(64).unwrap();
+    let store = ShardStore::open(&ring, data, 1 << 30).unwrap();
+    Some((disk, ring, store))
 }
 
 #[tokio::test]
 async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("store");
-    // The data files live on a 64 KiB disk; the index stays on the big one.
-    let files = data.join("data");
-    let Some(_disk) = SmallDisk::mount(&files, "64k") else { return };
-    let ring = Uring::new(64).unwrap();
-    let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
+    let Some((_disk, ring, store)) = store_on_a_small_disk(&data) else { return };
     let mut acked = Vec::new();
     let mut failure = None;
     for stripe in 0..16 {
@@ -106,10 +111,7 @@ async fn a_full_disk_poisons_the_store_and_loses_nothing_acknowledged() {
 async fn a_failed_write_poisons_the_store_when_its_put_was_dropped() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("store");
-    let files = data.join("data");
-    let Some(_disk) = SmallDisk::mount(&files, "64k") else { return };
-    let ring = Uring::new(64).unwrap();
-    let store = ShardStore::open(&ring, &data, 1 << 30).unwrap();
+    let Some((_disk, _ring, store)) = store_on_a_small_disk(&data) else { return };
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     for stripe in 0..16 {
         // One poll takes the put as far as the commit queue (its shard,
